@@ -1,0 +1,288 @@
+//! The agent's control state machine: which hub to dial and when (capped
+//! exponential backoff with jitter, rotating through the hub list), and the
+//! target dial of every flow the hub opens, with its timeout.
+//!
+//! One tunnel at a time: ownership is per agent, so holding tunnels to two
+//! hubs would make them take the agent from each other.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::backoff::Backoff;
+use crate::frame::{Cid, ErrorCode};
+use crate::rng::Rng;
+
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub agent_id: String,
+    pub hubs: Vec<String>,
+    /// connector name → target `host:port`
+    pub connectors: BTreeMap<String, String>,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    /// Dial plus WebSocket handshake plus WELCOME, per attempt.
+    pub hub_connect_timeout: Duration,
+    pub target_connect_timeout: Duration,
+    /// Target dials in progress at once.
+    pub max_pending_dials: usize,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            agent_id: "agent".into(),
+            hubs: Vec::new(),
+            connectors: BTreeMap::new(),
+            backoff_base: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(30),
+            hub_connect_timeout: Duration::from_secs(10),
+            target_connect_timeout: Duration::from_secs(5),
+            max_pending_dials: 1024,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentOutput {
+    /// Dial this hub; report with `hub_established` or `hub_lost`.
+    DialHub { attempt: u64, url: String },
+    /// Abandon the hub attempt or tunnel (timed out).
+    AbortHub { attempt: u64, reason: String },
+    /// Connect to the target of flow `cid`; report with `target_connected` / `target_failed`.
+    DialTarget { cid: Cid, target: String },
+    /// Reset the flow on the tunnel (and abort its dial if one is running).
+    ResetFlow {
+        cid: Cid,
+        code: ErrorCode,
+        reason: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HubLinkState {
+    Dialing { attempt: u64 },
+    Connected { attempt: u64 },
+    Backoff,
+    Stopped,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    HubDeadline,
+    Reconnect,
+    Dial(Cid),
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AgentCounters {
+    pub hub_attempts: u64,
+    pub hub_failures: u64,
+    pub target_dials: u64,
+    pub target_failures: u64,
+    pub target_timeouts: u64,
+    pub unknown_connector: u64,
+}
+
+#[derive(Debug)]
+pub struct Agent {
+    cfg: AgentConfig,
+    state: HubLinkState,
+    hub_index: usize,
+    next_attempt: u64,
+    backoff: Backoff,
+    rng: Rng,
+    dials: BTreeMap<Cid, Instant>,
+    timers: BTreeMap<Timer, Instant>,
+    out: VecDeque<AgentOutput>,
+    pub counters: AgentCounters,
+}
+
+impl Agent {
+    /// Starts dialing the first hub at once.
+    pub fn new(now: Instant, cfg: AgentConfig, seed: u64) -> Self {
+        let backoff = Backoff::new(cfg.backoff_base, cfg.backoff_max);
+        let mut a = Agent {
+            cfg,
+            state: HubLinkState::Backoff,
+            hub_index: 0,
+            next_attempt: 1,
+            backoff,
+            rng: Rng::new(seed),
+            dials: BTreeMap::new(),
+            timers: BTreeMap::new(),
+            out: VecDeque::new(),
+            counters: AgentCounters::default(),
+        };
+        a.dial_hub(now);
+        a
+    }
+
+    pub fn state(&self) -> &HubLinkState {
+        &self.state
+    }
+
+    pub fn connectors(&self) -> Vec<String> {
+        self.cfg.connectors.keys().cloned().collect()
+    }
+
+    pub fn agent_id(&self) -> &str {
+        &self.cfg.agent_id
+    }
+
+    pub fn pending_dials(&self) -> usize {
+        self.dials.len()
+    }
+
+    fn dial_hub(&mut self, now: Instant) {
+        if self.cfg.hubs.is_empty() {
+            self.state = HubLinkState::Stopped;
+            return;
+        }
+        let attempt = self.next_attempt;
+        self.next_attempt += 1;
+        self.counters.hub_attempts += 1;
+        self.state = HubLinkState::Dialing { attempt };
+        self.timers
+            .insert(Timer::HubDeadline, now + self.cfg.hub_connect_timeout);
+        let url = self.cfg.hubs[self.hub_index % self.cfg.hubs.len()].clone();
+        self.out.push_back(AgentOutput::DialHub { attempt, url });
+    }
+
+    /// The tunnel of `attempt` got its WELCOME.
+    pub fn hub_established(&mut self, _now: Instant, attempt: u64) {
+        if self.state == (HubLinkState::Dialing { attempt }) {
+            self.state = HubLinkState::Connected { attempt };
+            self.timers.remove(&Timer::HubDeadline);
+            self.backoff.reset();
+        }
+    }
+
+    /// The dial of `attempt` failed, or its tunnel ended. Every flow of the
+    /// tunnel is gone with it; the next hub in the list is tried after a backoff.
+    pub fn hub_lost(&mut self, now: Instant, attempt: u64) {
+        let ours = matches!(self.state, HubLinkState::Dialing { attempt: a } | HubLinkState::Connected { attempt: a } if a == attempt);
+        if !ours {
+            return;
+        }
+        self.counters.hub_failures += 1;
+        self.timers.remove(&Timer::HubDeadline);
+        for cid in std::mem::take(&mut self.dials).into_keys() {
+            self.timers.remove(&Timer::Dial(cid));
+        }
+        self.hub_index = (self.hub_index + 1) % self.cfg.hubs.len().max(1);
+        self.state = HubLinkState::Backoff;
+        let delay = self.backoff.next_delay(&mut self.rng);
+        self.timers.insert(Timer::Reconnect, now + delay);
+    }
+
+    /// Stop for good (shutdown).
+    pub fn stop(&mut self) {
+        self.state = HubLinkState::Stopped;
+        self.timers.clear();
+        self.dials.clear();
+    }
+
+    /// The hub opened flow `cid` for `connector`.
+    pub fn flow_opened(&mut self, now: Instant, cid: Cid, connector: &str) {
+        let Some(target) = self.cfg.connectors.get(connector).cloned() else {
+            self.counters.unknown_connector += 1;
+            self.out.push_back(AgentOutput::ResetFlow {
+                cid,
+                code: ErrorCode::UnknownConnector,
+                reason: format!(
+                    "agent `{}` does not serve connector `{connector}`",
+                    self.cfg.agent_id
+                ),
+            });
+            return;
+        };
+        if self.dials.len() >= self.cfg.max_pending_dials {
+            self.out.push_back(AgentOutput::ResetFlow {
+                cid,
+                code: ErrorCode::LimitExceeded,
+                reason: format!(
+                    "{} target dials already in progress",
+                    self.cfg.max_pending_dials
+                ),
+            });
+            return;
+        }
+        self.counters.target_dials += 1;
+        let deadline = now + self.cfg.target_connect_timeout;
+        self.dials.insert(cid, deadline);
+        self.timers.insert(Timer::Dial(cid), deadline);
+        self.out.push_back(AgentOutput::DialTarget { cid, target });
+    }
+
+    pub fn target_connected(&mut self, _now: Instant, cid: Cid) -> bool {
+        self.timers.remove(&Timer::Dial(cid));
+        self.dials.remove(&cid).is_some()
+    }
+
+    pub fn target_failed(&mut self, _now: Instant, cid: Cid, reason: &str) {
+        self.timers.remove(&Timer::Dial(cid));
+        if self.dials.remove(&cid).is_some() {
+            self.counters.target_failures += 1;
+            self.out.push_back(AgentOutput::ResetFlow {
+                cid,
+                code: ErrorCode::TargetUnreachable,
+                reason: format!("target unreachable: {reason}"),
+            });
+        }
+    }
+
+    /// The flow ended before its dial finished (hub reset it).
+    pub fn flow_gone(&mut self, cid: Cid) {
+        self.timers.remove(&Timer::Dial(cid));
+        self.dials.remove(&cid);
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let due: Vec<Timer> = self
+            .timers
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(t, _)| *t)
+            .collect();
+        for t in due {
+            self.timers.remove(&t);
+            match t {
+                Timer::HubDeadline => {
+                    if let HubLinkState::Dialing { attempt } = self.state {
+                        self.out.push_back(AgentOutput::AbortHub {
+                            attempt,
+                            reason: format!("no WELCOME within {:?}", self.cfg.hub_connect_timeout),
+                        });
+                        self.hub_lost(now, attempt);
+                    }
+                }
+                Timer::Reconnect => {
+                    if self.state == HubLinkState::Backoff {
+                        self.dial_hub(now);
+                    }
+                }
+                Timer::Dial(cid) => {
+                    if self.dials.remove(&cid).is_some() {
+                        self.counters.target_timeouts += 1;
+                        self.out.push_back(AgentOutput::ResetFlow {
+                            cid,
+                            code: ErrorCode::ConnectTimeout,
+                            reason: format!(
+                                "target connect timed out after {:?}",
+                                self.cfg.target_connect_timeout
+                            ),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.values().min().copied()
+    }
+
+    pub fn poll_output(&mut self) -> Option<AgentOutput> {
+        self.out.pop_front()
+    }
+}

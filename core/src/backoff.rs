@@ -1,0 +1,81 @@
+//! Capped exponential backoff with jitter, for reconnecting tunnels and mesh
+//! links. Jitter spreads reconnects so that many agents do not all return at
+//! the same instant when a hub restarts.
+
+use std::time::Duration;
+
+use crate::rng::Rng;
+
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Backoff {
+            base: base.max(Duration::from_millis(1)),
+            max: max.max(base),
+            attempt: 0,
+        }
+    }
+
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    /// The delay before the next attempt: uniform in `[d/2, d]` where
+    /// `d = min(max, base · 2^attempt)`.
+    pub fn next_delay(&mut self, rng: &mut Rng) -> Duration {
+        let exp = self.attempt.min(30);
+        self.attempt = self.attempt.saturating_add(1);
+        let d = self.base.saturating_mul(1u32 << exp).min(self.max);
+        let half = d / 2;
+        let span = (d - half).as_micros() as u64;
+        half + Duration::from_micros(if span == 0 { 0 } else { rng.below(span + 1) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grows_then_caps_and_stays_in_range() {
+        let mut rng = Rng::new(7);
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+        let mut last_cap = Duration::ZERO;
+        for i in 0..20u32 {
+            let d = b.next_delay(&mut rng);
+            let cap = Duration::from_millis(100)
+                .saturating_mul(1 << i.min(30))
+                .min(Duration::from_secs(5));
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "attempt {i}: {d:?} outside [{:?}, {cap:?}]",
+                cap / 2
+            );
+            assert!(cap >= last_cap);
+            last_cap = cap;
+        }
+        assert_eq!(last_cap, Duration::from_secs(5));
+        b.reset();
+        assert!(b.next_delay(&mut rng) <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn jitter_differs_between_seeds() {
+        let mut a = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        let mut b = a.clone();
+        let (mut ra, mut rb) = (Rng::new(1), Rng::new(2));
+        let da: Vec<_> = (0..5).map(|_| a.next_delay(&mut ra)).collect();
+        let db: Vec<_> = (0..5).map(|_| b.next_delay(&mut rb)).collect();
+        assert_ne!(da, db);
+    }
+}

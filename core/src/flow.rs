@@ -1,0 +1,264 @@
+//! One flow's protocol state: sequence numbers and half-close per direction,
+//! reset with a reason, and the per-flow credit window.
+//!
+//! Credit: each side advertises a receive window (bytes). A sender may have at
+//! most that many bytes sent and not yet granted back; the receiver grants more
+//! (CREDIT frames) as its consumer drains what it delivered. A sender that
+//! exceeds the window has broken the protocol and the flow is reset.
+
+use crate::frame::{Cid, ErrorCode, Seq};
+
+/// Errors that end one flow (never the link).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FlowError {
+    #[error("sequence gap on flow {cid}: expected seq {expected}, got {got}")]
+    SequenceGap { cid: Cid, expected: Seq, got: Seq },
+    #[error("credit overrun on flow {cid}: {len} bytes sent with {window} bytes of window left")]
+    CreditOverrun { cid: Cid, len: usize, window: u64 },
+    #[error("DATA after FIN on flow {cid}")]
+    DataAfterFin { cid: Cid },
+    #[error("FIN on flow {cid} announces {announced} DATA frames, {received} were received")]
+    FinMismatch {
+        cid: Cid,
+        announced: Seq,
+        received: Seq,
+    },
+    #[error("credit grant on flow {cid} overflows the window ({window} + {grant})")]
+    CreditOverflow { cid: Cid, window: u64, grant: u32 },
+}
+
+impl FlowError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            FlowError::SequenceGap { .. } | FlowError::FinMismatch { .. } => ErrorCode::SequenceGap,
+            FlowError::CreditOverrun { .. } | FlowError::CreditOverflow { .. } => {
+                ErrorCode::CreditOverrun
+            }
+            FlowError::DataAfterFin { .. } => ErrorCode::ProtocolError,
+        }
+    }
+}
+
+/// Misuse of a flow by the local caller (the runtime), as opposed to a peer error.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    #[error("flow {0} is not open")]
+    UnknownFlow(Cid),
+    #[error("flow {cid}: {len} bytes exceed the send window of {window} bytes")]
+    NoCredit { cid: Cid, len: usize, window: u64 },
+    #[error("flow {0} already sent FIN")]
+    AfterFin(Cid),
+    #[error("the link is not established")]
+    NotEstablished,
+    #[error("the send queue is full ({0} frames)")]
+    QueueFull(usize),
+}
+
+/// What to do with a received DATA frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecvVerdict {
+    /// Deliver the payload to the consumer.
+    Deliver,
+    /// Already seen: drop and count.
+    Duplicate,
+}
+
+/// Largest window a grant may build up to: one u32 of outstanding bytes.
+pub const MAX_WINDOW: u64 = u32::MAX as u64;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Flow {
+    pub cid: Cid,
+    /// Next seq this side sends.
+    send_seq: Seq,
+    /// Bytes this side may still send before it needs more credit.
+    send_credit: u64,
+    fin_sent: bool,
+    /// Next seq expected from the peer.
+    recv_seq: Seq,
+    /// Bytes the peer may still send before it needs more credit.
+    recv_window: u64,
+    /// Bytes delivered to the consumer and drained, not yet granted back.
+    recv_ungranted: u64,
+    /// Our advertised window: grants are batched to a quarter of it.
+    local_window: u32,
+    fin_received: bool,
+    /// Set once the flow is reset; no more frames either way.
+    reset: Option<ErrorCode>,
+}
+
+impl Flow {
+    /// `local_window`: what we let the peer send; `peer_window`: what the peer
+    /// lets us send.
+    pub fn new(cid: Cid, local_window: u32, peer_window: u32) -> Self {
+        Flow {
+            cid,
+            send_seq: 0,
+            send_credit: u64::from(peer_window),
+            fin_sent: false,
+            recv_seq: 0,
+            recv_window: u64::from(local_window),
+            recv_ungranted: 0,
+            local_window,
+            fin_received: false,
+            reset: None,
+        }
+    }
+
+    pub fn send_credit(&self) -> u64 {
+        if self.fin_sent || self.reset.is_some() {
+            0
+        } else {
+            self.send_credit
+        }
+    }
+
+    pub fn recv_window(&self) -> u64 {
+        self.recv_window
+    }
+
+    pub fn fin_sent(&self) -> bool {
+        self.fin_sent
+    }
+
+    pub fn fin_received(&self) -> bool {
+        self.fin_received
+    }
+
+    pub fn is_reset(&self) -> Option<ErrorCode> {
+        self.reset
+    }
+
+    /// Both directions finished in order: the flow can be forgotten.
+    pub fn is_done(&self) -> bool {
+        self.reset.is_some() || (self.fin_sent && self.fin_received)
+    }
+
+    pub fn sent_frames(&self) -> Seq {
+        self.send_seq
+    }
+
+    pub fn received_frames(&self) -> Seq {
+        self.recv_seq
+    }
+
+    /// Account for sending `len` bytes; returns the seq of the DATA frame.
+    pub fn on_send_data(&mut self, len: usize) -> Result<Seq, SendError> {
+        if self.fin_sent {
+            return Err(SendError::AfterFin(self.cid));
+        }
+        if self.reset.is_some() {
+            return Err(SendError::UnknownFlow(self.cid));
+        }
+        if len as u64 > self.send_credit {
+            return Err(SendError::NoCredit {
+                cid: self.cid,
+                len,
+                window: self.send_credit,
+            });
+        }
+        self.send_credit -= len as u64;
+        let seq = self.send_seq;
+        self.send_seq += 1;
+        Ok(seq)
+    }
+
+    /// Account for sending FIN; returns the number of DATA frames sent.
+    pub fn on_send_fin(&mut self) -> Result<Seq, SendError> {
+        if self.fin_sent {
+            return Err(SendError::AfterFin(self.cid));
+        }
+        if self.reset.is_some() {
+            return Err(SendError::UnknownFlow(self.cid));
+        }
+        self.fin_sent = true;
+        Ok(self.send_seq)
+    }
+
+    /// A DATA frame arrived from the peer.
+    pub fn on_recv_data(&mut self, seq: Seq, len: usize) -> Result<RecvVerdict, FlowError> {
+        if seq < self.recv_seq {
+            return Ok(RecvVerdict::Duplicate);
+        }
+        if self.fin_received {
+            return Err(FlowError::DataAfterFin { cid: self.cid });
+        }
+        if seq > self.recv_seq {
+            return Err(FlowError::SequenceGap {
+                cid: self.cid,
+                expected: self.recv_seq,
+                got: seq,
+            });
+        }
+        if len as u64 > self.recv_window {
+            return Err(FlowError::CreditOverrun {
+                cid: self.cid,
+                len,
+                window: self.recv_window,
+            });
+        }
+        self.recv_window -= len as u64;
+        self.recv_seq += 1;
+        Ok(RecvVerdict::Deliver)
+    }
+
+    /// FIN arrived; `seq` (when the peer sent it) must equal the DATA count.
+    pub fn on_recv_fin(&mut self, seq: Option<Seq>) -> Result<RecvVerdict, FlowError> {
+        if self.fin_received {
+            return Ok(RecvVerdict::Duplicate);
+        }
+        if let Some(announced) = seq
+            && announced != self.recv_seq
+        {
+            return Err(FlowError::FinMismatch {
+                cid: self.cid,
+                announced,
+                received: self.recv_seq,
+            });
+        }
+        self.fin_received = true;
+        Ok(RecvVerdict::Deliver)
+    }
+
+    /// The peer granted more send window.
+    pub fn on_recv_credit(&mut self, grant: u32) -> Result<(), FlowError> {
+        let next = self.send_credit + u64::from(grant);
+        if next > MAX_WINDOW {
+            return Err(FlowError::CreditOverflow {
+                cid: self.cid,
+                window: self.send_credit,
+                grant,
+            });
+        }
+        self.send_credit = next;
+        Ok(())
+    }
+
+    /// The local consumer drained `n` delivered bytes. Returns a grant to send
+    /// to the peer once enough has built up (a quarter of the window), so a
+    /// busy flow sends one CREDIT per several DATA frames, not one each.
+    pub fn on_consumed(&mut self, n: usize) -> Option<u32> {
+        if self.reset.is_some() || self.fin_received {
+            return None;
+        }
+        self.recv_ungranted += n as u64;
+        let threshold = (u64::from(self.local_window) / 4).max(1);
+        if self.recv_ungranted >= threshold {
+            let grant = self
+                .recv_ungranted
+                .min(MAX_WINDOW - self.recv_window.min(MAX_WINDOW));
+            self.recv_ungranted -= grant;
+            self.recv_window += grant;
+            if grant > 0 {
+                return Some(grant as u32);
+            }
+        }
+        None
+    }
+
+    pub fn on_reset(&mut self, code: ErrorCode) {
+        if self.reset.is_none() {
+            self.reset = Some(code);
+        }
+    }
+}

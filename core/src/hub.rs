@@ -1,0 +1,718 @@
+//! The hub's control state machine: which agent tunnels it holds and under
+//! which epoch, their leases, the registry's health, and where each new
+//! client connection goes.
+//!
+//! It performs no I/O. Registry calls leave as [`HubOutput::Registry`] with an
+//! id, and their results come back through [`Hub::registry_reply`]; the hub
+//! times them out itself. Tunnels and client connections are named by ids the
+//! runtime chooses.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::frame::{Epoch, ErrorCode};
+use crate::registry::{RegistryError, RegistryOp, RegistryReply};
+use crate::rng::Rng;
+use crate::routing::{LocalCandidate, Mode, RemoteView, Route, pick_local, route_remote};
+
+pub type TunnelId = u64;
+pub type ClientId = u64;
+pub type OpId = u64;
+
+#[derive(Clone, Debug)]
+pub struct HubConfig {
+    pub replica_id: String,
+    pub mode: Mode,
+    /// Ownership and connector lease in the registry.
+    pub lease: Duration,
+    /// How often an owner renews (well inside `lease`).
+    pub renew_interval: Duration,
+    /// A registry call that takes longer fails, and marks the registry unhealthy.
+    pub registry_timeout: Duration,
+    /// How often to probe the registry while it is unhealthy, and sweep lapsed entries.
+    pub health_interval: Duration,
+    pub max_agents: usize,
+    /// Client connections waiting for a registry answer.
+    pub max_pending_routes: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            replica_id: "hub".into(),
+            mode: Mode::Off,
+            lease: Duration::from_secs(15),
+            renew_interval: Duration::from_secs(5),
+            registry_timeout: Duration::from_millis(500),
+            health_interval: Duration::from_secs(1),
+            max_agents: 1024,
+            max_pending_routes: 4096,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HubOutput {
+    Registry {
+        op: OpId,
+        call: RegistryOp,
+    },
+    /// Send WELCOME on the tunnel: it is owned under `epoch`.
+    AcceptTunnel {
+        tunnel: TunnelId,
+        epoch: Epoch,
+    },
+    /// Close the tunnel with this reason (refused, superseded, ownership lost).
+    CloseTunnel {
+        tunnel: TunnelId,
+        code: ErrorCode,
+        reason: String,
+    },
+    /// Where the client connection goes.
+    Route {
+        client: ClientId,
+        route: Route,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum AgentState {
+    Claiming { op: OpId },
+    Owned { epoch: Epoch },
+}
+
+#[derive(Clone, Debug)]
+struct AgentTunnel {
+    agent_id: String,
+    connectors: Vec<String>,
+    state: AgentState,
+    open_flows: usize,
+}
+
+#[derive(Clone, Debug)]
+enum Pending {
+    Claim { tunnel: TunnelId, agent_id: String },
+    Renew { tunnel: TunnelId, epoch: Epoch },
+    Route { client: ClientId, connector: String },
+    Other,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    Renew(TunnelId),
+    OpDeadline(OpId),
+    Health,
+}
+
+/// Counters for `/metrics`, as plain data.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HubCounters {
+    pub tunnels_accepted: u64,
+    pub tunnels_refused: u64,
+    pub tunnels_superseded: u64,
+    pub ownership_lost: u64,
+    /// Mesh opens or frames refused for a stale epoch.
+    pub epoch_mismatch: u64,
+    pub routes: BTreeMap<&'static str, u64>,
+    pub refusals: BTreeMap<&'static str, u64>,
+    /// Shadow mode: what active mode would have done, by route kind.
+    pub shadow_would: BTreeMap<&'static str, u64>,
+    pub registry_errors: u64,
+    pub registry_timeouts: u64,
+}
+
+#[derive(Debug)]
+pub struct Hub {
+    cfg: HubConfig,
+    agents: BTreeMap<TunnelId, AgentTunnel>,
+    /// agent id → tunnel that owns it here
+    by_agent: BTreeMap<String, TunnelId>,
+    pending: BTreeMap<OpId, Pending>,
+    timers: BTreeSet<(Instant, Timer)>,
+    timer_at: BTreeMap<Timer, Instant>,
+    next_op: OpId,
+    registry_healthy: bool,
+    registry_last_error: Option<String>,
+    mesh_up: BTreeSet<String>,
+    draining: bool,
+    rng: Rng,
+    out: VecDeque<HubOutput>,
+    pub counters: HubCounters,
+}
+
+impl Hub {
+    pub fn new(now: Instant, cfg: HubConfig, seed: u64) -> Self {
+        let mut hub = Hub {
+            cfg,
+            agents: BTreeMap::new(),
+            by_agent: BTreeMap::new(),
+            pending: BTreeMap::new(),
+            timers: BTreeSet::new(),
+            timer_at: BTreeMap::new(),
+            next_op: 1,
+            registry_healthy: true,
+            registry_last_error: None,
+            mesh_up: BTreeSet::new(),
+            draining: false,
+            rng: Rng::new(seed),
+            out: VecDeque::new(),
+            counters: HubCounters::default(),
+        };
+        hub.set_timer(Timer::Health, now + hub.cfg.health_interval);
+        hub
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.cfg.mode
+    }
+
+    pub fn replica_id(&self) -> &str {
+        &self.cfg.replica_id
+    }
+
+    pub fn registry_healthy(&self) -> bool {
+        self.registry_healthy
+    }
+
+    pub fn registry_last_error(&self) -> Option<&str> {
+        self.registry_last_error.as_deref()
+    }
+
+    pub fn agent_count(&self) -> usize {
+        self.by_agent.len()
+    }
+
+    pub fn pending_ops(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Agents held here, with their epoch and connectors (for `/readyz`, metrics).
+    pub fn agents(&self) -> impl Iterator<Item = (&str, Epoch, &[String])> + '_ {
+        self.agents.values().filter_map(|a| match a.state {
+            AgentState::Owned { epoch } => {
+                Some((a.agent_id.as_str(), epoch, a.connectors.as_slice()))
+            }
+            AgentState::Claiming { .. } => None,
+        })
+    }
+
+    /// The tunnel that owns `agent_id` here, with its epoch.
+    pub fn owned_tunnel(&self, agent_id: &str) -> Option<(TunnelId, Epoch)> {
+        let t = *self.by_agent.get(agent_id)?;
+        match self.agents.get(&t)?.state {
+            AgentState::Owned { epoch } => Some((t, epoch)),
+            AgentState::Claiming { .. } => None,
+        }
+    }
+
+    /// Readiness: the reasons this hub is degraded (empty means ready).
+    /// `configured_peers` is how many mesh peers this hub expects.
+    pub fn readiness(&self, configured_peers: usize) -> Vec<String> {
+        let mut reasons = Vec::new();
+        if self.draining {
+            reasons.push("draining".to_string());
+        }
+        if self.cfg.mode == Mode::Active {
+            if !self.registry_healthy {
+                reasons.push(format!(
+                    "registry unhealthy: {}",
+                    self.registry_last_error.as_deref().unwrap_or("no answer")
+                ));
+            }
+            if configured_peers > 0 && self.mesh_up.is_empty() {
+                reasons.push("no mesh peer link is established".to_string());
+            }
+        }
+        reasons
+    }
+
+    fn op(&mut self, now: Instant, call: RegistryOp, pending: Pending) -> OpId {
+        let op = self.next_op;
+        self.next_op += 1;
+        self.pending.insert(op, pending);
+        self.set_timer(Timer::OpDeadline(op), now + self.cfg.registry_timeout);
+        self.out.push_back(HubOutput::Registry { op, call });
+        op
+    }
+
+    fn set_timer(&mut self, t: Timer, at: Instant) {
+        if let Some(old) = self.timer_at.insert(t, at) {
+            self.timers.remove(&(old, t));
+        }
+        self.timers.insert((at, t));
+    }
+
+    fn clear_timer(&mut self, t: Timer) {
+        if let Some(old) = self.timer_at.remove(&t) {
+            self.timers.remove(&(old, t));
+        }
+    }
+
+    /// An agent's HELLO arrived on `tunnel`. `scope`, from its token, limits
+    /// the connectors it may announce (`None`: any).
+    pub fn tunnel_hello(
+        &mut self,
+        now: Instant,
+        tunnel: TunnelId,
+        agent_id: &str,
+        connectors: &[String],
+        scope: Option<&[String]>,
+    ) {
+        let refuse = |hub: &mut Hub, code, reason: String| {
+            hub.counters.tunnels_refused += 1;
+            hub.out.push_back(HubOutput::CloseTunnel {
+                tunnel,
+                code,
+                reason,
+            });
+        };
+        if self.draining {
+            return refuse(self, ErrorCode::Shutdown, "hub is draining".into());
+        }
+        if let Some(scope) = scope
+            && let Some(bad) = connectors.iter().find(|c| !scope.contains(c))
+        {
+            return refuse(
+                self,
+                ErrorCode::Refused,
+                format!("connector `{bad}` is outside the token's scope"),
+            );
+        }
+        if self.agents.len() >= self.cfg.max_agents && !self.by_agent.contains_key(agent_id) {
+            return refuse(
+                self,
+                ErrorCode::LimitExceeded,
+                format!("hub agent limit of {} reached", self.cfg.max_agents),
+            );
+        }
+        let op = self.op(
+            now,
+            RegistryOp::Claim {
+                agent_id: agent_id.to_string(),
+                replica_id: self.cfg.replica_id.clone(),
+                lease: self.cfg.lease,
+            },
+            Pending::Claim {
+                tunnel,
+                agent_id: agent_id.to_string(),
+            },
+        );
+        self.agents.insert(
+            tunnel,
+            AgentTunnel {
+                agent_id: agent_id.to_string(),
+                connectors: connectors.to_vec(),
+                state: AgentState::Claiming { op },
+                open_flows: 0,
+            },
+        );
+    }
+
+    /// The tunnel's socket is gone. Releases ownership if it held it.
+    pub fn tunnel_closed(&mut self, now: Instant, tunnel: TunnelId) {
+        let Some(a) = self.agents.remove(&tunnel) else {
+            return;
+        };
+        self.clear_timer(Timer::Renew(tunnel));
+        if self.by_agent.get(&a.agent_id) == Some(&tunnel) {
+            self.by_agent.remove(&a.agent_id);
+            if let AgentState::Owned { epoch } = a.state {
+                self.op(
+                    now,
+                    RegistryOp::Release {
+                        agent_id: a.agent_id,
+                        replica_id: self.cfg.replica_id.clone(),
+                        epoch,
+                    },
+                    Pending::Other,
+                );
+            }
+        }
+    }
+
+    pub fn flow_started(&mut self, tunnel: TunnelId) {
+        if let Some(a) = self.agents.get_mut(&tunnel) {
+            a.open_flows += 1;
+        }
+    }
+
+    pub fn flow_ended(&mut self, tunnel: TunnelId) {
+        if let Some(a) = self.agents.get_mut(&tunnel) {
+            a.open_flows = a.open_flows.saturating_sub(1);
+        }
+    }
+
+    pub fn mesh_link_up(&mut self, replica_id: &str, up: bool) {
+        if up {
+            self.mesh_up.insert(replica_id.to_string());
+        } else {
+            self.mesh_up.remove(replica_id);
+        }
+    }
+
+    pub fn mesh_links_up(&self) -> usize {
+        self.mesh_up.len()
+    }
+
+    /// Stop taking tunnels and flows (graceful drain).
+    pub fn drain(&mut self) {
+        self.draining = true;
+    }
+
+    /// Owner side of the mesh: may a flow for `agent_id` under `epoch` be
+    /// served here? Returns the tunnel, or the refusal (counted when stale).
+    pub fn check_mesh_open(
+        &mut self,
+        agent_id: &str,
+        epoch: Epoch,
+    ) -> Result<TunnelId, (ErrorCode, String)> {
+        if self.draining {
+            return Err((ErrorCode::Shutdown, "owner hub is draining".into()));
+        }
+        match self.owned_tunnel(agent_id) {
+            Some((t, current)) if current == epoch => Ok(t),
+            Some((_, current)) => {
+                self.counters.epoch_mismatch += 1;
+                Err((
+                    ErrorCode::StaleEpoch,
+                    format!(
+                        "agent `{agent_id}`: epoch {} is stale, current is {}",
+                        epoch.0, current.0
+                    ),
+                ))
+            }
+            None => {
+                self.counters.epoch_mismatch += 1;
+                Err((
+                    ErrorCode::StaleEpoch,
+                    format!(
+                        "agent `{agent_id}` is not owned by {} (epoch {})",
+                        self.cfg.replica_id, epoch.0
+                    ),
+                ))
+            }
+        }
+    }
+
+    /// A stale-epoch frame was refused elsewhere (mesh link); count it.
+    pub fn count_epoch_mismatch(&mut self) {
+        self.counters.epoch_mismatch += 1;
+    }
+
+    /// A client connected to a listener for `connector`.
+    pub fn client_connected(&mut self, now: Instant, client: ClientId, connector: &str) {
+        if self.draining {
+            return self.route(
+                client,
+                Route::Refuse {
+                    code: ErrorCode::Shutdown,
+                    reason: "hub is draining".into(),
+                },
+            );
+        }
+        let local: Vec<LocalCandidate> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| {
+                matches!(a.state, AgentState::Owned { .. })
+                    && a.connectors.iter().any(|c| c == connector)
+            })
+            .map(|(t, a)| LocalCandidate {
+                tunnel: *t,
+                agent_id: a.agent_id.clone(),
+                open_flows: a.open_flows,
+            })
+            .collect();
+        if let Some(c) = pick_local(&local) {
+            let route = Route::Local {
+                tunnel: c.tunnel,
+                agent_id: c.agent_id.clone(),
+            };
+            if self.cfg.mode == Mode::Shadow {
+                *self.counters.shadow_would.entry("local").or_default() += 1;
+            }
+            return self.route(client, route);
+        }
+        match self.cfg.mode {
+            Mode::Off => self.route(
+                client,
+                Route::Refuse {
+                    code: ErrorCode::NoAgent,
+                    reason: format!("connector `{connector}`: no agent connected"),
+                },
+            ),
+            Mode::Active if !self.registry_healthy => {
+                let why = self
+                    .registry_last_error
+                    .clone()
+                    .unwrap_or_else(|| "no answer".into());
+                let route = route_remote(
+                    connector,
+                    &self.cfg.replica_id,
+                    RemoteView::Unavailable(&why),
+                    |_| false,
+                    &mut self.rng,
+                );
+                self.route(client, route)
+            }
+            Mode::Shadow | Mode::Active => {
+                if self.pending.len() >= self.cfg.max_pending_routes {
+                    return self.route(
+                        client,
+                        Route::Refuse {
+                            code: ErrorCode::LimitExceeded,
+                            reason: format!(
+                                "{} connections already wait for the registry",
+                                self.cfg.max_pending_routes
+                            ),
+                        },
+                    );
+                }
+                self.op(
+                    now,
+                    RegistryOp::ListAgents {
+                        connector: connector.to_string(),
+                    },
+                    Pending::Route {
+                        client,
+                        connector: connector.to_string(),
+                    },
+                );
+            }
+        }
+    }
+
+    fn route(&mut self, client: ClientId, route: Route) {
+        *self.counters.routes.entry(route.kind()).or_default() += 1;
+        if let Route::Refuse { code, .. } = &route {
+            *self.counters.refusals.entry(code.as_str()).or_default() += 1;
+        }
+        self.out.push_back(HubOutput::Route { client, route });
+    }
+
+    pub fn registry_reply(
+        &mut self,
+        now: Instant,
+        op: OpId,
+        result: Result<RegistryReply, RegistryError>,
+    ) {
+        let Some(pending) = self.pending.remove(&op) else {
+            return; // timed out already
+        };
+        self.clear_timer(Timer::OpDeadline(op));
+        match &result {
+            Ok(_) => {
+                self.registry_healthy = true;
+                self.registry_last_error = None;
+            }
+            Err(e) => {
+                self.counters.registry_errors += 1;
+                self.registry_healthy = false;
+                self.registry_last_error = Some(e.to_string());
+            }
+        }
+        self.complete(now, pending, result);
+    }
+
+    fn complete(
+        &mut self,
+        now: Instant,
+        pending: Pending,
+        result: Result<RegistryReply, RegistryError>,
+    ) {
+        match (pending, result) {
+            (Pending::Claim { tunnel, agent_id }, Ok(RegistryReply::Claimed(epoch))) => {
+                self.claimed(now, tunnel, &agent_id, epoch)
+            }
+            (Pending::Claim { tunnel, .. }, other) => {
+                let why = match other {
+                    Err(e) => e.to_string(),
+                    Ok(r) => format!("unexpected registry reply {r:?}"),
+                };
+                if self.agents.remove(&tunnel).is_some() {
+                    self.counters.tunnels_refused += 1;
+                    self.out.push_back(HubOutput::CloseTunnel {
+                        tunnel,
+                        code: ErrorCode::RegistryUnavailable,
+                        reason: format!("cannot claim ownership: {why}"),
+                    });
+                }
+            }
+            (Pending::Renew { tunnel, epoch }, Ok(RegistryReply::Lost { current })) => {
+                let still_ours = matches!(self.agents.get(&tunnel), Some(a) if a.state == AgentState::Owned { epoch });
+                if still_ours {
+                    self.counters.ownership_lost += 1;
+                    self.counters.epoch_mismatch += 1;
+                    let who = current.map_or("nobody (lease lapsed)".to_string(), |o| {
+                        format!("{} at epoch {}", o.replica_id, o.epoch.0)
+                    });
+                    let agent = self.agents[&tunnel].agent_id.clone();
+                    self.out.push_back(HubOutput::CloseTunnel {
+                        tunnel,
+                        code: ErrorCode::StaleEpoch,
+                        reason: format!(
+                            "ownership of agent `{agent}` (epoch {}) lost to {who}",
+                            epoch.0
+                        ),
+                    });
+                    self.forget_tunnel(tunnel);
+                }
+            }
+            // Renewed, or an error (kept; local flows go on, retried next interval).
+            (Pending::Renew { .. }, _) => {}
+            (Pending::Route { client, connector }, result) => {
+                let view_agents;
+                let err;
+                let view = match &result {
+                    Ok(RegistryReply::Agents(a)) => {
+                        view_agents = a.clone();
+                        RemoteView::Agents(&view_agents)
+                    }
+                    Ok(other) => {
+                        err = format!("unexpected registry reply {other:?}");
+                        RemoteView::Unavailable(&err)
+                    }
+                    Err(e) => {
+                        err = e.to_string();
+                        RemoteView::Unavailable(&err)
+                    }
+                };
+                let mesh_up = self.mesh_up.clone();
+                let route = route_remote(
+                    &connector,
+                    &self.cfg.replica_id,
+                    view,
+                    |r| mesh_up.contains(r),
+                    &mut self.rng,
+                );
+                if self.cfg.mode == Mode::Shadow {
+                    *self.counters.shadow_would.entry(route.kind()).or_default() += 1;
+                    self.route(client, Route::Refuse {
+                        code: ErrorCode::NoAgent,
+                        reason: format!(
+                            "connector `{connector}`: no local agent (shadow mode serves locally only; active would {})",
+                            match &route {
+                                Route::Mesh { replica_id, .. } => format!("forward to {replica_id}"),
+                                Route::Refuse { reason, .. } => format!("refuse: {reason}"),
+                                Route::Local { .. } => "serve locally".into(),
+                            }
+                        ),
+                    });
+                } else {
+                    self.route(client, route);
+                }
+            }
+            (Pending::Other, _) => {}
+        }
+    }
+
+    fn claimed(&mut self, now: Instant, tunnel: TunnelId, agent_id: &str, epoch: Epoch) {
+        let Some(a) = self.agents.get_mut(&tunnel) else {
+            // The tunnel closed while claiming: give the ownership back.
+            let call = RegistryOp::Release {
+                agent_id: agent_id.to_string(),
+                replica_id: self.cfg.replica_id.clone(),
+                epoch,
+            };
+            self.op(now, call, Pending::Other);
+            return;
+        };
+        a.state = AgentState::Owned { epoch };
+        let agent_id = a.agent_id.clone();
+        let connectors = a.connectors.clone();
+        if let Some(old) = self.by_agent.insert(agent_id.clone(), tunnel)
+            && old != tunnel
+        {
+            self.counters.tunnels_superseded += 1;
+            self.out.push_back(HubOutput::CloseTunnel {
+                tunnel: old,
+                code: ErrorCode::StaleEpoch,
+                reason: format!("agent `{agent_id}` reconnected (epoch {})", epoch.0),
+            });
+            self.agents.remove(&old);
+            self.clear_timer(Timer::Renew(old));
+        }
+        self.counters.tunnels_accepted += 1;
+        self.out
+            .push_back(HubOutput::AcceptTunnel { tunnel, epoch });
+        self.op(
+            now,
+            RegistryOp::AddConnectors {
+                agent_id,
+                connectors,
+                lease: self.cfg.lease,
+            },
+            Pending::Other,
+        );
+        self.set_timer(Timer::Renew(tunnel), now + self.cfg.renew_interval);
+    }
+
+    fn forget_tunnel(&mut self, tunnel: TunnelId) {
+        if let Some(a) = self.agents.remove(&tunnel)
+            && self.by_agent.get(&a.agent_id) == Some(&tunnel)
+        {
+            self.by_agent.remove(&a.agent_id);
+        }
+        self.clear_timer(Timer::Renew(tunnel));
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(&(at, t)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.timers.pop_first();
+            self.timer_at.remove(&t);
+            match t {
+                Timer::OpDeadline(op) => {
+                    if let Some(p) = self.pending.remove(&op) {
+                        self.counters.registry_timeouts += 1;
+                        let e = RegistryError::Timeout(self.cfg.registry_timeout);
+                        self.registry_healthy = false;
+                        self.registry_last_error = Some(e.to_string());
+                        self.complete(now, p, Err(e));
+                    }
+                }
+                Timer::Renew(tunnel) => {
+                    if let Some(a) = self.agents.get(&tunnel)
+                        && let AgentState::Owned { epoch } = a.state
+                    {
+                        let call = RegistryOp::Renew {
+                            agent_id: a.agent_id.clone(),
+                            replica_id: self.cfg.replica_id.clone(),
+                            epoch,
+                            lease: self.cfg.lease,
+                        };
+                        let connectors = RegistryOp::AddConnectors {
+                            agent_id: a.agent_id.clone(),
+                            connectors: a.connectors.clone(),
+                            lease: self.cfg.lease,
+                        };
+                        self.op(now, call, Pending::Renew { tunnel, epoch });
+                        self.op(now, connectors, Pending::Other);
+                        self.set_timer(Timer::Renew(tunnel), now + self.cfg.renew_interval);
+                    }
+                }
+                Timer::Health => {
+                    if self.cfg.mode != Mode::Off {
+                        let call = if self.registry_healthy {
+                            RegistryOp::Sweep
+                        } else {
+                            RegistryOp::Health
+                        };
+                        self.op(now, call, Pending::Other);
+                    }
+                    self.set_timer(Timer::Health, now + self.cfg.health_interval);
+                }
+            }
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.timers.first().map(|(at, _)| *at)
+    }
+
+    pub fn poll_output(&mut self) -> Option<HubOutput> {
+        self.out.pop_front()
+    }
+}

@@ -1,0 +1,29 @@
+//! # nowconnect-core
+//!
+//! The sans-IO heart of NowConnect: frames and their two codecs, flows with
+//! sequence numbers and per-flow credit, duplicate suppression, epoch fencing,
+//! the mesh link, the routing decision, and the hub and agent state machines.
+//!
+//! Nothing here touches a socket, a clock or a thread. Every state machine
+//! takes `now` as a parameter, reports what to do through `poll_*` methods,
+//! and says when it next wants to be woken (`poll_timeout`). Runtimes
+//! (`nowconnect-tokio`, `nowconnect-async-std`) and the simulator drive it.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod backoff;
+pub mod codec;
+pub mod dedup;
+pub mod flow;
+pub mod frame;
+pub mod hub;
+pub mod mesh_link;
+pub mod mux;
+pub mod registry;
+pub mod rng;
+pub mod routing;
+pub mod timer;
+pub mod tunnel;
+
+pub use codec::{Codec, CodecError, WsMessage};
+pub use frame::{Cid, Epoch, ErrorCode, Frame, FrameType, Limits, MeshHeader, Seq};

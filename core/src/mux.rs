@@ -1,0 +1,377 @@
+//! The flows multiplexed on one link (a tunnel or a mesh link): flow table,
+//! credit, duplicate suppression, and what a peer's flow frames do to them.
+//!
+//! [`crate::tunnel::Tunnel`] and [`crate::mesh_link::MeshLink`] both own a
+//! `FlowMux` and translate between their wire frames and [`FlowFrame`].
+
+use std::collections::{BTreeMap, VecDeque};
+
+use bytes::Bytes;
+
+use crate::dedup::DedupLru;
+use crate::flow::{Flow, FlowError, RecvVerdict, SendError};
+use crate::frame::{Cid, ErrorCode, Limits, Seq};
+
+/// A flow-level frame, independent of tunnel or mesh framing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FlowFrame {
+    Data {
+        cid: Cid,
+        seq: Seq,
+        payload: Bytes,
+    },
+    Fin {
+        cid: Cid,
+        seq: Option<Seq>,
+    },
+    Rst {
+        cid: Cid,
+        code: ErrorCode,
+        reason: String,
+    },
+    Credit {
+        cid: Cid,
+        bytes: u32,
+    },
+}
+
+impl FlowFrame {
+    pub fn cid(&self) -> Cid {
+        match self {
+            FlowFrame::Data { cid, .. }
+            | FlowFrame::Fin { cid, .. }
+            | FlowFrame::Rst { cid, .. }
+            | FlowFrame::Credit { cid, .. } => *cid,
+        }
+    }
+}
+
+/// What the local consumer of a flow (a client socket, a target socket, a
+/// bridged flow on another link) must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FlowEvent {
+    /// Write these bytes, then report them with `consumed`.
+    Data { cid: Cid, payload: Bytes },
+    /// The peer finished sending: shut down the write half.
+    Fin { cid: Cid },
+    /// The flow is over with an error: close the socket now.
+    Reset {
+        cid: Cid,
+        code: ErrorCode,
+        reason: String,
+    },
+    /// The send window grew; `credit` bytes may be sent now.
+    Writable { cid: Cid, credit: u64 },
+    /// Both directions finished in order; the flow is forgotten.
+    Closed { cid: Cid },
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MuxStats {
+    pub flows_opened: u64,
+    pub flows_closed: u64,
+    pub flows_reset_local: u64,
+    pub flows_reset_remote: u64,
+    pub protocol_violations: u64,
+    pub duplicates_dropped: u64,
+    pub late_frames_ignored: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub open_refused_limit: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OpenError {
+    #[error("flow {0} already exists")]
+    Exists(Cid),
+    #[error("flow limit of {0} reached")]
+    TooMany(usize),
+}
+
+#[derive(Clone, Debug)]
+pub struct MuxConfig {
+    pub limits: Limits,
+    pub local_window: u32,
+    pub max_flows: usize,
+    pub dedup_capacity: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct FlowMux {
+    cfg: MuxConfig,
+    peer_window: u32,
+    flows: BTreeMap<Cid, Flow>,
+    closed: DedupLru,
+    frames: VecDeque<FlowFrame>,
+    events: VecDeque<FlowEvent>,
+    pub stats: MuxStats,
+}
+
+impl FlowMux {
+    pub fn new(cfg: MuxConfig) -> Self {
+        let closed = DedupLru::new(cfg.dedup_capacity);
+        FlowMux {
+            cfg,
+            peer_window: 0,
+            flows: BTreeMap::new(),
+            closed,
+            frames: VecDeque::new(),
+            events: VecDeque::new(),
+            stats: MuxStats::default(),
+        }
+    }
+
+    /// The peer's advertised per-flow window, learned at the handshake.
+    pub fn set_peer_window(&mut self, window: u32) {
+        self.peer_window = window;
+    }
+
+    pub fn local_window(&self) -> u32 {
+        self.cfg.local_window
+    }
+
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    pub fn contains(&self, cid: Cid) -> bool {
+        self.flows.contains_key(&cid)
+    }
+
+    pub fn flow(&self, cid: Cid) -> Option<&Flow> {
+        self.flows.get(&cid)
+    }
+
+    pub fn cids(&self) -> impl Iterator<Item = Cid> + '_ {
+        self.flows.keys().copied()
+    }
+
+    pub fn dedup(&self) -> &DedupLru {
+        &self.closed
+    }
+
+    pub fn open(&mut self, cid: Cid) -> Result<(), OpenError> {
+        if self.flows.contains_key(&cid) {
+            return Err(OpenError::Exists(cid));
+        }
+        if self.flows.len() >= self.cfg.max_flows {
+            self.stats.open_refused_limit += 1;
+            return Err(OpenError::TooMany(self.cfg.max_flows));
+        }
+        self.flows
+            .insert(cid, Flow::new(cid, self.cfg.local_window, self.peer_window));
+        self.stats.flows_opened += 1;
+        Ok(())
+    }
+
+    /// Bytes the local side may send on `cid` now.
+    pub fn send_credit(&self, cid: Cid) -> u64 {
+        self.flows.get(&cid).map_or(0, Flow::send_credit)
+    }
+
+    /// Queue `payload` as one or more DATA frames. All or nothing: if the
+    /// window cannot take the whole payload, nothing is sent.
+    pub fn send_data(&mut self, cid: Cid, mut payload: Bytes) -> Result<(), SendError> {
+        let flow = self
+            .flows
+            .get_mut(&cid)
+            .ok_or(SendError::UnknownFlow(cid))?;
+        if flow.fin_sent() {
+            return Err(SendError::AfterFin(cid));
+        }
+        if payload.len() as u64 > flow.send_credit() {
+            return Err(SendError::NoCredit {
+                cid,
+                len: payload.len(),
+                window: flow.send_credit(),
+            });
+        }
+        let max = self.cfg.limits.max_payload().max(1);
+        while !payload.is_empty() {
+            let chunk = payload.split_to(payload.len().min(max));
+            let seq = flow.on_send_data(chunk.len())?;
+            self.stats.bytes_out += chunk.len() as u64;
+            self.frames.push_back(FlowFrame::Data {
+                cid,
+                seq,
+                payload: chunk,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn send_fin(&mut self, cid: Cid) -> Result<(), SendError> {
+        let flow = self
+            .flows
+            .get_mut(&cid)
+            .ok_or(SendError::UnknownFlow(cid))?;
+        let seq = flow.on_send_fin()?;
+        self.frames.push_back(FlowFrame::Fin {
+            cid,
+            seq: Some(seq),
+        });
+        self.finish_if_done(cid);
+        Ok(())
+    }
+
+    /// The local side aborts the flow: RST to the peer, forget the flow.
+    /// Returns whether the flow existed.
+    pub fn reset(&mut self, cid: Cid, code: ErrorCode, reason: &str) -> bool {
+        let Some(flow) = self.flows.remove(&cid) else {
+            return false;
+        };
+        self.closed.record(cid, flow.received_frames());
+        self.stats.flows_reset_local += 1;
+        self.frames.push_back(FlowFrame::Rst {
+            cid,
+            code,
+            reason: crate::frame::truncate_reason(reason, &self.cfg.limits),
+        });
+        true
+    }
+
+    /// Drop a flow without telling the peer (it was refused in another way).
+    pub fn forget(&mut self, cid: Cid) {
+        if let Some(flow) = self.flows.remove(&cid) {
+            self.closed.record(cid, flow.received_frames());
+        }
+    }
+
+    /// The consumer drained `n` bytes of `cid`; grant credit back when due.
+    pub fn consumed(&mut self, cid: Cid, n: usize) {
+        if let Some(flow) = self.flows.get_mut(&cid)
+            && let Some(bytes) = flow.on_consumed(n)
+        {
+            self.frames.push_back(FlowFrame::Credit { cid, bytes });
+        }
+    }
+
+    /// The link is gone: every flow ends with `code`; nothing is sent.
+    pub fn fail_all(&mut self, code: ErrorCode, reason: &str) {
+        let flows = std::mem::take(&mut self.flows);
+        for (cid, flow) in flows {
+            self.closed.record(cid, flow.received_frames());
+            self.stats.flows_reset_local += 1;
+            self.events.push_back(FlowEvent::Reset {
+                cid,
+                code,
+                reason: reason.to_string(),
+            });
+        }
+        self.frames.clear();
+    }
+
+    /// A flow frame from the peer.
+    pub fn on_frame(&mut self, frame: FlowFrame) {
+        let cid = frame.cid();
+        let Some(flow) = self.flows.get_mut(&cid) else {
+            self.on_frame_unknown_flow(frame);
+            return;
+        };
+        let result = match frame {
+            FlowFrame::Data { seq, payload, .. } => match flow.on_recv_data(seq, payload.len()) {
+                Ok(RecvVerdict::Deliver) => {
+                    self.stats.bytes_in += payload.len() as u64;
+                    if !payload.is_empty() {
+                        self.events.push_back(FlowEvent::Data { cid, payload });
+                    }
+                    Ok(())
+                }
+                Ok(RecvVerdict::Duplicate) => {
+                    self.stats.duplicates_dropped += 1;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+            FlowFrame::Fin { seq, .. } => match flow.on_recv_fin(seq) {
+                Ok(RecvVerdict::Deliver) => {
+                    self.events.push_back(FlowEvent::Fin { cid });
+                    self.finish_if_done(cid);
+                    Ok(())
+                }
+                Ok(RecvVerdict::Duplicate) => {
+                    self.stats.duplicates_dropped += 1;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+            FlowFrame::Credit { bytes, .. } => match flow.on_recv_credit(bytes) {
+                Ok(()) => {
+                    let credit = flow.send_credit();
+                    if credit > 0 {
+                        self.events.push_back(FlowEvent::Writable { cid, credit });
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+            FlowFrame::Rst { code, reason, .. } => {
+                let flow = self.flows.remove(&cid).expect("flow present");
+                self.closed.record(cid, flow.received_frames());
+                self.stats.flows_reset_remote += 1;
+                self.events
+                    .push_back(FlowEvent::Reset { cid, code, reason });
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            self.violation(cid, e);
+        }
+    }
+
+    fn on_frame_unknown_flow(&mut self, frame: FlowFrame) {
+        let cid = frame.cid();
+        match frame {
+            FlowFrame::Data { seq, .. } if self.closed.is_duplicate(cid, seq) => {
+                self.stats.duplicates_dropped += 1;
+            }
+            // A frame that crossed our RST or FIN on the wire: normal, ignore.
+            _ if self.closed.contains(cid) => self.stats.late_frames_ignored += 1,
+            // Never answer an RST with an RST.
+            FlowFrame::Rst { .. } => self.stats.late_frames_ignored += 1,
+            _ => {
+                self.stats.protocol_violations += 1;
+                self.closed.record(cid, 0);
+                self.frames.push_back(FlowFrame::Rst {
+                    cid,
+                    code: ErrorCode::ProtocolError,
+                    reason: format!("unknown flow {cid}"),
+                });
+            }
+        }
+    }
+
+    /// The peer broke the protocol on one flow: reset that flow only.
+    fn violation(&mut self, cid: Cid, e: FlowError) {
+        self.stats.protocol_violations += 1;
+        let reason = e.to_string();
+        if self.reset(cid, e.code(), &reason) {
+            self.events.push_back(FlowEvent::Reset {
+                cid,
+                code: e.code(),
+                reason,
+            });
+        }
+    }
+
+    fn finish_if_done(&mut self, cid: Cid) {
+        if self.flows.get(&cid).is_some_and(Flow::is_done) {
+            let flow = self.flows.remove(&cid).expect("flow present");
+            self.closed.record(cid, flow.received_frames());
+            self.stats.flows_closed += 1;
+            self.events.push_back(FlowEvent::Closed { cid });
+        }
+    }
+
+    pub fn poll_frame(&mut self) -> Option<FlowFrame> {
+        self.frames.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<FlowEvent> {
+        self.events.pop_front()
+    }
+}

@@ -1,0 +1,573 @@
+//! The agent tunnel: one WebSocket between an agent and a hub, either side.
+//!
+//! Handshake: the agent sends HELLO (always v1 JSON, so any hub understands
+//! it) listing the codecs it speaks; the hub's owner logic decides, then
+//! [`Tunnel::accept`] sends WELCOME (v1 JSON) naming the codec both sides send
+//! with from then on. Incoming text messages are always decoded as v1 and
+//! binary ones as v2, so a v1-only agent keeps working.
+//!
+//! Drive it the sans-IO way: feed [`Tunnel::handle_message`] and the local
+//! calls, then drain [`Tunnel::poll_transmit`] (to the socket) and
+//! [`Tunnel::poll_event`] (to the owner), and re-arm one timer from
+//! [`Tunnel::poll_timeout`].
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::codec::{self, Codec, CodecError, WsMessage};
+use crate::flow::SendError;
+use crate::frame::{Cid, Epoch, ErrorCode, Frame, FrameType, Limits};
+use crate::mux::{FlowEvent, FlowFrame, FlowMux, MuxConfig, OpenError};
+use crate::timer::{TimerTable, Timers};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Hub,
+    Agent,
+}
+
+#[derive(Clone, Debug)]
+pub struct TunnelConfig {
+    pub limits: Limits,
+    /// Our per-flow receive window in bytes.
+    pub window: u32,
+    /// Codecs we send with, best first.
+    pub codecs: Vec<Codec>,
+    pub ping_interval: Duration,
+    /// No frame at all from the peer for this long closes the tunnel.
+    pub idle_timeout: Duration,
+    /// HELLO / WELCOME must arrive within this.
+    pub handshake_timeout: Duration,
+    pub max_flows: usize,
+    pub dedup_capacity: usize,
+}
+
+/// Default per-flow receive window: 256 KiB.
+pub const DEFAULT_WINDOW: u32 = 256 * 1024;
+
+impl Default for TunnelConfig {
+    fn default() -> Self {
+        TunnelConfig {
+            limits: Limits::default(),
+            window: DEFAULT_WINDOW,
+            codecs: vec![Codec::V2, Codec::V1],
+            ping_interval: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(45),
+            handshake_timeout: Duration::from_secs(10),
+            max_flows: 4096,
+            dedup_capacity: 4096,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TunnelState {
+    /// Hub: waiting for HELLO.
+    AwaitHello,
+    /// Hub: HELLO received, waiting for the owner to accept or refuse.
+    AwaitAccept,
+    /// Agent: HELLO sent, waiting for WELCOME.
+    AwaitWelcome,
+    Established {
+        epoch: Epoch,
+    },
+    Closed {
+        code: ErrorCode,
+        reason: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TunnelEvent {
+    /// Hub side: the agent introduced itself. Call `accept` or `close`.
+    Hello {
+        agent_id: String,
+        connectors: Vec<String>,
+    },
+    /// Both sides: the tunnel is ready under `epoch`.
+    Established {
+        epoch: Epoch,
+        codec: Codec,
+    },
+    /// Agent side: the hub opened a flow; dial the connector's target.
+    Open {
+        cid: Cid,
+        connector: String,
+    },
+    Flow(FlowEvent),
+    /// A keepalive round trip completed.
+    Rtt(Duration),
+    /// The tunnel is over: send a WebSocket close with this reason, then drop
+    /// the socket once `poll_transmit` is empty.
+    Closed {
+        code: ErrorCode,
+        reason: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TunnelTimer {
+    Handshake,
+    Ping,
+    Idle,
+}
+
+impl TimerTable for TunnelTimer {
+    const ALL: &'static [Self] = &[TunnelTimer::Handshake, TunnelTimer::Ping, TunnelTimer::Idle];
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TunnelStats {
+    pub frames_in: BTreeMap<FrameType, u64>,
+    pub frames_out: BTreeMap<FrameType, u64>,
+    pub decode_errors: u64,
+    pub unexpected_frames: u64,
+}
+
+#[derive(Debug)]
+pub struct Tunnel {
+    role: Role,
+    cfg: TunnelConfig,
+    state: TunnelState,
+    codec: Codec,
+    mux: FlowMux,
+    next_cid: Cid,
+    transmit: VecDeque<WsMessage>,
+    events: VecDeque<TunnelEvent>,
+    timers: Timers<TunnelTimer>,
+    ping_nonce: u64,
+    ping_outstanding: Option<(u64, Instant)>,
+    peer_codecs: Vec<String>,
+    last_rtt: Option<Duration>,
+    pub stats: TunnelStats,
+}
+
+impl Tunnel {
+    fn new(role: Role, now: Instant, cfg: TunnelConfig) -> Self {
+        let mux = FlowMux::new(MuxConfig {
+            limits: cfg.limits,
+            local_window: cfg.window,
+            max_flows: cfg.max_flows,
+            dedup_capacity: cfg.dedup_capacity,
+        });
+        let mut timers = Timers::default();
+        timers.set(TunnelTimer::Handshake, now + cfg.handshake_timeout);
+        let state = match role {
+            Role::Hub => TunnelState::AwaitHello,
+            Role::Agent => TunnelState::AwaitWelcome,
+        };
+        Tunnel {
+            role,
+            cfg,
+            state,
+            codec: Codec::V1,
+            mux,
+            next_cid: 1,
+            transmit: VecDeque::new(),
+            events: VecDeque::new(),
+            timers,
+            ping_nonce: 0,
+            ping_outstanding: None,
+            peer_codecs: Vec::new(),
+            last_rtt: None,
+            stats: TunnelStats::default(),
+        }
+    }
+
+    /// The hub side of a freshly upgraded WebSocket.
+    pub fn hub(now: Instant, cfg: TunnelConfig) -> Self {
+        Tunnel::new(Role::Hub, now, cfg)
+    }
+
+    /// The agent side of a freshly connected WebSocket: sends HELLO.
+    pub fn agent(now: Instant, cfg: TunnelConfig, agent_id: &str, connectors: &[String]) -> Self {
+        let mut t = Tunnel::new(Role::Agent, now, cfg);
+        let hello = Frame::Hello {
+            agent_id: agent_id.to_string(),
+            connectors: connectors.to_vec(),
+            codecs: t
+                .cfg
+                .codecs
+                .iter()
+                .map(|c| c.as_str().to_string())
+                .collect(),
+            window: t.cfg.window,
+        };
+        t.send_with(Codec::V1, &hello);
+        t
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    pub fn state(&self) -> &TunnelState {
+        &self.state
+    }
+
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    pub fn is_established(&self) -> bool {
+        matches!(self.state, TunnelState::Established { .. })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, TunnelState::Closed { .. })
+    }
+
+    pub fn flow_count(&self) -> usize {
+        self.mux.len()
+    }
+
+    pub fn mux(&self) -> &FlowMux {
+        &self.mux
+    }
+
+    pub fn last_rtt(&self) -> Option<Duration> {
+        self.last_rtt
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.cfg.limits
+    }
+
+    /// One WebSocket message from the peer.
+    pub fn handle_message(&mut self, now: Instant, msg: &WsMessage) {
+        if self.is_closed() {
+            return;
+        }
+        let frame = match codec::decode(msg, &self.cfg.limits) {
+            Ok(f) => f,
+            Err(e) => {
+                self.stats.decode_errors += 1;
+                let code = match e {
+                    CodecError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+                    _ => ErrorCode::ProtocolError,
+                };
+                self.close(code, &format!("malformed frame: {e}"));
+                return;
+            }
+        };
+        *self.stats.frames_in.entry(frame.frame_type()).or_default() += 1;
+        self.timers
+            .set(TunnelTimer::Idle, now + self.cfg.idle_timeout);
+        self.handle_frame(now, frame);
+    }
+
+    fn handle_frame(&mut self, now: Instant, frame: Frame) {
+        match (&self.state, frame) {
+            (
+                TunnelState::AwaitHello,
+                Frame::Hello {
+                    agent_id,
+                    connectors,
+                    codecs,
+                    window,
+                },
+            ) if self.role == Role::Hub => {
+                self.mux.set_peer_window(effective_window(window));
+                self.peer_codecs = codecs;
+                self.state = TunnelState::AwaitAccept;
+                self.events.push_back(TunnelEvent::Hello {
+                    agent_id,
+                    connectors,
+                });
+            }
+            (
+                TunnelState::AwaitWelcome,
+                Frame::Welcome {
+                    epoch,
+                    codec,
+                    window,
+                    ..
+                },
+            ) if self.role == Role::Agent => {
+                let Some(c) = Codec::from_name(&codec).filter(|c| self.cfg.codecs.contains(c))
+                else {
+                    self.close(
+                        ErrorCode::ProtocolError,
+                        &format!("WELCOME names codec `{codec}` that this agent did not offer"),
+                    );
+                    return;
+                };
+                self.codec = c;
+                self.mux.set_peer_window(effective_window(window));
+                self.establish(now, epoch);
+            }
+            (TunnelState::Established { .. }, frame) => self.handle_established(now, frame),
+            (state, frame) => {
+                self.stats.unexpected_frames += 1;
+                let reason = format!(
+                    "unexpected {} in state {}",
+                    frame.frame_type().as_str(),
+                    state_name(state)
+                );
+                self.close(ErrorCode::ProtocolError, &reason);
+            }
+        }
+    }
+
+    fn handle_established(&mut self, now: Instant, frame: Frame) {
+        match frame {
+            Frame::Open { cid, connector } if self.role == Role::Agent => {
+                match self.mux.open(cid) {
+                    Ok(()) => self.events.push_back(TunnelEvent::Open { cid, connector }),
+                    Err(OpenError::TooMany(n)) => {
+                        self.send_frame(&Frame::Rst {
+                            cid,
+                            code: ErrorCode::LimitExceeded,
+                            reason: format!("agent flow limit of {n} reached"),
+                        });
+                    }
+                    Err(OpenError::Exists(_)) => {
+                        self.stats.unexpected_frames += 1;
+                        self.mux.reset(
+                            cid,
+                            ErrorCode::ProtocolError,
+                            "OPEN for a flow that is already open",
+                        );
+                        self.events.push_back(TunnelEvent::Flow(FlowEvent::Reset {
+                            cid,
+                            code: ErrorCode::ProtocolError,
+                            reason: "hub reopened a live flow".into(),
+                        }));
+                    }
+                }
+            }
+            Frame::Data { cid, seq, payload } => {
+                self.mux.on_frame(FlowFrame::Data { cid, seq, payload })
+            }
+            Frame::Fin { cid, seq } => self.mux.on_frame(FlowFrame::Fin { cid, seq }),
+            Frame::Rst { cid, code, reason } => {
+                self.mux.on_frame(FlowFrame::Rst { cid, code, reason })
+            }
+            Frame::Credit { cid, bytes } => self.mux.on_frame(FlowFrame::Credit { cid, bytes }),
+            Frame::Ping { nonce } => self.send_frame(&Frame::Pong { nonce }),
+            Frame::Pong { nonce } => {
+                if let Some((n, sent)) = self.ping_outstanding
+                    && n == nonce
+                {
+                    self.ping_outstanding = None;
+                    let rtt = now.saturating_duration_since(sent);
+                    self.last_rtt = Some(rtt);
+                    self.events.push_back(TunnelEvent::Rtt(rtt));
+                }
+            }
+            other => {
+                self.stats.unexpected_frames += 1;
+                let reason = format!(
+                    "unexpected {} on an established tunnel",
+                    other.frame_type().as_str()
+                );
+                self.close(ErrorCode::ProtocolError, &reason);
+            }
+        }
+        self.pump();
+    }
+
+    fn establish(&mut self, now: Instant, epoch: Epoch) {
+        self.state = TunnelState::Established { epoch };
+        self.timers.clear(TunnelTimer::Handshake);
+        self.timers
+            .set(TunnelTimer::Ping, now + self.cfg.ping_interval);
+        self.timers
+            .set(TunnelTimer::Idle, now + self.cfg.idle_timeout);
+        self.events.push_back(TunnelEvent::Established {
+            epoch,
+            codec: self.codec,
+        });
+    }
+
+    /// Hub side: accept the agent under `epoch` (after the ownership claim).
+    pub fn accept(&mut self, now: Instant, epoch: Epoch) {
+        if self.state != TunnelState::AwaitAccept {
+            return;
+        }
+        let codec = self
+            .cfg
+            .codecs
+            .iter()
+            .copied()
+            .find(|c| self.peer_codecs.iter().any(|p| p == c.as_str()))
+            .unwrap_or(Codec::V1);
+        let welcome = Frame::Welcome {
+            epoch,
+            codec: codec.as_str().to_string(),
+            window: self.cfg.window,
+            max_frame: self.cfg.limits.max_frame as u32,
+        };
+        self.send_with(Codec::V1, &welcome);
+        self.codec = codec;
+        self.establish(now, epoch);
+    }
+
+    /// Hub side: open a new flow to `connector` on this agent.
+    pub fn open_flow(&mut self, connector: &str) -> Result<Cid, SendError> {
+        if !self.is_established() || self.role != Role::Hub {
+            return Err(SendError::NotEstablished);
+        }
+        let cid = self.next_cid;
+        self.mux
+            .open(cid)
+            .map_err(|_| SendError::QueueFull(self.cfg.max_flows))?;
+        self.next_cid += 1;
+        self.send_frame(&Frame::Open {
+            cid,
+            connector: connector.to_string(),
+        });
+        Ok(cid)
+    }
+
+    /// Bytes that may be sent on `cid` now.
+    pub fn send_credit(&self, cid: Cid) -> u64 {
+        if self.is_established() {
+            self.mux.send_credit(cid)
+        } else {
+            0
+        }
+    }
+
+    pub fn send_data(&mut self, cid: Cid, payload: Bytes) -> Result<(), SendError> {
+        if !self.is_established() {
+            return Err(SendError::NotEstablished);
+        }
+        self.mux.send_data(cid, payload)?;
+        self.pump();
+        Ok(())
+    }
+
+    pub fn send_fin(&mut self, cid: Cid) -> Result<(), SendError> {
+        if !self.is_established() {
+            return Err(SendError::NotEstablished);
+        }
+        self.mux.send_fin(cid)?;
+        self.pump();
+        Ok(())
+    }
+
+    /// Abort a flow locally (socket error, target unreachable, ...).
+    pub fn reset_flow(&mut self, cid: Cid, code: ErrorCode, reason: &str) {
+        if self.mux.reset(cid, code, reason) {
+            self.pump();
+        }
+    }
+
+    /// The consumer of `cid` drained `n` bytes.
+    pub fn consumed(&mut self, cid: Cid, n: usize) {
+        self.mux.consumed(cid, n);
+        self.pump();
+    }
+
+    /// Close the whole tunnel locally: every flow ends with `LinkLost`.
+    pub fn close(&mut self, code: ErrorCode, reason: &str) {
+        if self.is_closed() {
+            return;
+        }
+        self.mux.fail_all(ErrorCode::LinkLost, reason);
+        self.state = TunnelState::Closed {
+            code,
+            reason: reason.to_string(),
+        };
+        self.timers.clear_all();
+        self.pump();
+        self.events.push_back(TunnelEvent::Closed {
+            code,
+            reason: reason.to_string(),
+        });
+    }
+
+    /// The socket is gone (read error, EOF, close frame from the peer).
+    pub fn on_disconnected(&mut self, reason: &str) {
+        self.close(ErrorCode::LinkLost, reason);
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for t in self.timers.expired(now) {
+            match t {
+                TunnelTimer::Handshake => self.close(ErrorCode::IdleTimeout, "handshake timed out"),
+                TunnelTimer::Idle => self.close(
+                    ErrorCode::IdleTimeout,
+                    &format!("no frame from the peer for {:?}", self.cfg.idle_timeout),
+                ),
+                TunnelTimer::Ping => {
+                    self.ping_nonce += 1;
+                    self.ping_outstanding = Some((self.ping_nonce, now));
+                    self.send_frame(&Frame::Ping {
+                        nonce: self.ping_nonce,
+                    });
+                    self.timers
+                        .set(TunnelTimer::Ping, now + self.cfg.ping_interval);
+                }
+            }
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<(Instant, TunnelTimer)> {
+        self.timers.next()
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<WsMessage> {
+        self.transmit.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<TunnelEvent> {
+        if let Some(e) = self.mux.poll_event() {
+            return Some(TunnelEvent::Flow(e));
+        }
+        self.events.pop_front()
+    }
+
+    /// Move the mux's frames onto the wire.
+    fn pump(&mut self) {
+        while let Some(ff) = self.mux.poll_frame() {
+            let frame = match ff {
+                FlowFrame::Data { cid, seq, payload } => Frame::Data { cid, seq, payload },
+                FlowFrame::Fin { cid, seq } => Frame::Fin { cid, seq },
+                FlowFrame::Rst { cid, code, reason } => Frame::Rst { cid, code, reason },
+                FlowFrame::Credit { cid, bytes } => Frame::Credit { cid, bytes },
+            };
+            self.send_frame(&frame);
+        }
+    }
+
+    fn send_frame(&mut self, frame: &Frame) {
+        self.send_with(self.codec, frame);
+    }
+
+    fn send_with(&mut self, codec: Codec, frame: &Frame) {
+        match codec.encode(frame, &self.cfg.limits) {
+            Ok(msg) => {
+                *self.stats.frames_out.entry(frame.frame_type()).or_default() += 1;
+                self.transmit.push_back(msg);
+            }
+            // Only reachable if local code built an invalid frame; fail loudly
+            // in tests, close the tunnel in production rather than send garbage.
+            Err(e) => {
+                debug_assert!(false, "encoding a local frame failed: {e}");
+                self.close(ErrorCode::Internal, &format!("cannot encode frame: {e}"));
+            }
+        }
+    }
+}
+
+/// A peer that advertises no window gets the protocol default.
+pub fn effective_window(window: u32) -> u32 {
+    if window == 0 { DEFAULT_WINDOW } else { window }
+}
+
+fn state_name(s: &TunnelState) -> &'static str {
+    match s {
+        TunnelState::AwaitHello => "await-hello",
+        TunnelState::AwaitAccept => "await-accept",
+        TunnelState::AwaitWelcome => "await-welcome",
+        TunnelState::Established { .. } => "established",
+        TunnelState::Closed { .. } => "closed",
+    }
+}
