@@ -1,0 +1,78 @@
+//! The core stays sans-IO: no async runtime, socket, Redis or WebSocket crate
+//! in its normal dependency tree, and no clock reads, global RNG or threads in
+//! its source. This test fails the suite if either creeps in.
+
+use std::path::Path;
+use std::process::Command;
+
+const FORBIDDEN_CRATES: &[&str] = &[
+    "tokio",
+    "async-std",
+    "async-io",
+    "smol",
+    "mio",
+    "redis",
+    "tungstenite",
+    "tokio-tungstenite",
+    "async-tungstenite",
+    "rand",
+    "getrandom",
+];
+
+#[test]
+fn normal_dependency_tree_has_no_io_crates() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["tree", "-p", "nowconnect-core", "-e", "normal", "--prefix", "none", "--offline"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run cargo tree");
+    assert!(out.status.success(), "cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
+    let tree = String::from_utf8(out.stdout).unwrap();
+    assert!(tree.contains("nowconnect-core"), "unexpected cargo tree output:\n{tree}");
+    let names: Vec<&str> = tree.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    for bad in FORBIDDEN_CRATES {
+        assert!(
+            !names.contains(bad),
+            "nowconnect-core depends on `{bad}`; the core must stay sans-IO:\n{tree}"
+        );
+    }
+}
+
+#[test]
+fn core_source_reads_no_clock_and_spawns_nothing() {
+    let forbidden = [
+        "Instant::now",
+        "SystemTime::now",
+        "thread::spawn",
+        "thread_rng",
+        "HashMap",
+        "HashSet",
+        "std::net",
+        "std::fs",
+        "unsafe ",
+    ];
+    let mut offenders = Vec::new();
+    visit(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut |path, text| {
+        for (i, line) in text.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or("");
+            for f in forbidden {
+                if code.contains(f) {
+                    offenders.push(format!("{}:{}: {}", path.display(), i + 1, line.trim()));
+                }
+            }
+        }
+    });
+    assert!(offenders.is_empty(), "impure core code:\n{}", offenders.join("\n"));
+}
+
+fn visit(dir: &Path, f: &mut dyn FnMut(&Path, &str)) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            visit(&p, f);
+        } else if p.extension().is_some_and(|x| x == "rs") {
+            f(&p, &std::fs::read_to_string(&p).unwrap());
+        }
+    }
+}

@@ -1,0 +1,618 @@
+//! Edge cases of the tunnel, mesh link, hub and agent state machines.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use nowconnect_core::agent::{Agent, AgentConfig, AgentOutput};
+use nowconnect_core::hub::{Hub, HubConfig, HubOutput};
+use nowconnect_core::mesh_link::{LinkState, MeshEvent, MeshLink, MeshLinkConfig};
+use nowconnect_core::mux::FlowEvent;
+use nowconnect_core::registry::{MemoryRegistry, RegistryError, RegistryOp, RegistryReply};
+use nowconnect_core::rng::Rng;
+use nowconnect_core::routing::{Mode, Route};
+use nowconnect_core::tunnel::{Tunnel, TunnelConfig, TunnelEvent};
+use nowconnect_core::{Codec, Epoch, ErrorCode, Frame, Limits, WsMessage};
+
+mod common;
+use common::origin;
+
+fn v1(f: &Frame) -> WsMessage {
+    Codec::V1.encode(f, &Limits::default()).unwrap()
+}
+
+fn v2(f: &Frame) -> WsMessage {
+    Codec::V2.encode(f, &Limits::default()).unwrap()
+}
+
+fn events(t: &mut Tunnel) -> Vec<TunnelEvent> {
+    std::iter::from_fn(|| t.poll_event()).collect()
+}
+
+fn transmits(t: &mut Tunnel) -> Vec<Frame> {
+    std::iter::from_fn(|| t.poll_transmit())
+        .map(|m| nowconnect_core::codec::decode(&m, &Limits::default()).unwrap())
+        .collect()
+}
+
+fn hello(codecs: &[&str]) -> Frame {
+    Frame::Hello {
+        agent_id: "a1".into(),
+        connectors: vec!["ldap".into()],
+        codecs: codecs.iter().map(|s| s.to_string()).collect(),
+        window: 0,
+    }
+}
+
+/// A hub tunnel after HELLO and accept, with `flows` flows opened.
+fn hub_tunnel(codecs: &[&str], flows: usize) -> (Tunnel, Vec<u64>) {
+    let now = origin();
+    let mut t = Tunnel::hub(now, TunnelConfig::default());
+    t.handle_message(now, &v1(&hello(codecs)));
+    assert!(matches!(events(&mut t)[..], [TunnelEvent::Hello { .. }]));
+    t.accept(now, Epoch(3));
+    let cids = (0..flows).map(|_| t.open_flow("ldap").unwrap()).collect();
+    transmits(&mut t);
+    events(&mut t);
+    (t, cids)
+}
+
+#[test]
+fn v1_only_agent_gets_v1() {
+    let (mut t, cids) = hub_tunnel(&[], 1);
+    assert_eq!(t.codec(), Codec::V1);
+    t.send_data(cids[0], Bytes::from_static(b"x")).unwrap();
+    assert!(matches!(t.poll_transmit(), Some(WsMessage::Text(_))));
+    let (t2, _) = hub_tunnel(&["v2", "v1"], 0);
+    assert_eq!(t2.codec(), Codec::V2);
+}
+
+#[test]
+fn frames_before_hello_and_second_hello_close_the_tunnel() {
+    let now = origin();
+    let mut t = Tunnel::hub(now, TunnelConfig::default());
+    t.handle_message(
+        now,
+        &v1(&Frame::Data {
+            cid: 1,
+            seq: 0,
+            payload: Bytes::from_static(b"x"),
+        }),
+    );
+    match events(&mut t).last() {
+        Some(TunnelEvent::Closed { code, reason }) => {
+            assert_eq!(*code, ErrorCode::ProtocolError);
+            assert!(reason.contains("unexpected DATA in state await-hello"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let (mut t, _) = hub_tunnel(&["v2"], 0);
+    t.handle_message(now, &v1(&hello(&[])));
+    assert!(matches!(events(&mut t).last(), Some(TunnelEvent::Closed { code: ErrorCode::ProtocolError, reason }) if reason.contains("HELLO")));
+}
+
+#[test]
+fn malformed_frame_closes_with_a_precise_reason() {
+    let (mut t, _) = hub_tunnel(&["v2"], 1);
+    t.handle_message(origin(), &WsMessage::Text(r#"{"type":"DATA","cid":1,"seq":0,"b64":"!!"}"#.into()));
+    match events(&mut t).as_slice() {
+        [TunnelEvent::Flow(FlowEvent::Reset { code: ErrorCode::LinkLost, .. }), TunnelEvent::Closed { reason, .. }] => {
+            assert!(reason.contains("malformed frame") && reason.contains("base64"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    let (mut t, _) = hub_tunnel(&["v2"], 0);
+    t.handle_message(origin(), &WsMessage::Binary(Bytes::from(vec![4u8; 2 * 1024 * 1024])));
+    assert!(matches!(events(&mut t).last(), Some(TunnelEvent::Closed { code: ErrorCode::FrameTooLarge, .. })));
+}
+
+#[test]
+fn protocol_errors_reset_only_the_offending_flow() {
+    let (mut t, cids) = hub_tunnel(&["v2"], 3);
+    let now = origin();
+    // DATA for a cid that never existed: RST back, tunnel stays up.
+    t.handle_message(
+        now,
+        &v2(&Frame::Data {
+            cid: 99,
+            seq: 0,
+            payload: Bytes::from_static(b"x"),
+        }),
+    );
+    assert!(matches!(&transmits(&mut t)[..], [Frame::Rst { cid: 99, code: ErrorCode::ProtocolError, .. }]));
+    // Sequence gap on flow 0.
+    t.handle_message(
+        now,
+        &v2(&Frame::Data {
+            cid: cids[0],
+            seq: 5,
+            payload: Bytes::from_static(b"x"),
+        }),
+    );
+    // Credit overrun on flow 1: more than the 256 KiB window in one frame.
+    t.handle_message(
+        now,
+        &v2(&Frame::Data {
+            cid: cids[1],
+            seq: 0,
+            payload: Bytes::from(vec![0u8; 300 * 1024]),
+        }),
+    );
+    let ev = events(&mut t);
+    assert!(ev.contains(&TunnelEvent::Flow(FlowEvent::Reset {
+        cid: cids[0],
+        code: ErrorCode::SequenceGap,
+        reason: format!("sequence gap on flow {}: expected seq 0, got 5", cids[0]),
+    })));
+    assert!(ev.iter().any(|e| matches!(e, TunnelEvent::Flow(FlowEvent::Reset { cid, code: ErrorCode::CreditOverrun, .. }) if *cid == cids[1])));
+    let sent = transmits(&mut t);
+    assert_eq!(sent.iter().filter(|f| matches!(f, Frame::Rst { .. })).count(), 2);
+    // Flow 2 is untouched and the tunnel is up.
+    assert!(t.is_established());
+    t.handle_message(
+        now,
+        &v2(&Frame::Data {
+            cid: cids[2],
+            seq: 0,
+            payload: Bytes::from_static(b"ok"),
+        }),
+    );
+    assert_eq!(
+        events(&mut t),
+        vec![TunnelEvent::Flow(FlowEvent::Data {
+            cid: cids[2],
+            payload: Bytes::from_static(b"ok")
+        })]
+    );
+    assert_eq!(t.mux().stats.protocol_violations, 3);
+}
+
+#[test]
+fn duplicate_seq_is_dropped_and_counted() {
+    let (mut t, cids) = hub_tunnel(&["v2"], 1);
+    let d = v2(&Frame::Data {
+        cid: cids[0],
+        seq: 0,
+        payload: Bytes::from_static(b"a"),
+    });
+    t.handle_message(origin(), &d);
+    t.handle_message(origin(), &d);
+    assert_eq!(events(&mut t).len(), 1);
+    assert_eq!(t.mux().stats.duplicates_dropped, 1);
+}
+
+#[test]
+fn sender_cannot_exceed_the_peer_window() {
+    let (mut t, cids) = hub_tunnel(&["v2"], 1);
+    let w = t.send_credit(cids[0]);
+    assert_eq!(w, 256 * 1024);
+    assert!(t.send_data(cids[0], Bytes::from(vec![0u8; w as usize + 1])).is_err());
+    t.send_data(cids[0], Bytes::from(vec![0u8; w as usize])).unwrap();
+    assert_eq!(t.send_credit(cids[0]), 0);
+    t.handle_message(origin(), &v2(&Frame::Credit { cid: cids[0], bytes: 1000 }));
+    assert_eq!(
+        events(&mut t),
+        vec![TunnelEvent::Flow(FlowEvent::Writable {
+            cid: cids[0],
+            credit: 1000
+        })]
+    );
+}
+
+#[test]
+fn agent_flow_limit_refuses_opens_with_a_reason() {
+    let now = origin();
+    let cfg = TunnelConfig {
+        max_flows: 2,
+        ..TunnelConfig::default()
+    };
+    let mut t = Tunnel::agent(now, cfg, "a1", &["ldap".into()]);
+    transmits(&mut t);
+    t.handle_message(
+        now,
+        &v1(&Frame::Welcome {
+            epoch: Epoch(1),
+            codec: "v2".into(),
+            window: 0,
+            max_frame: 0,
+        }),
+    );
+    for cid in 1..=3 {
+        t.handle_message(
+            now,
+            &v2(&Frame::Open {
+                cid,
+                connector: "ldap".into(),
+            }),
+        );
+    }
+    let opens = events(&mut t).into_iter().filter(|e| matches!(e, TunnelEvent::Open { .. })).count();
+    assert_eq!(opens, 2);
+    assert!(matches!(&transmits(&mut t)[..], [Frame::Rst { cid: 3, code: ErrorCode::LimitExceeded, .. }]));
+}
+
+#[test]
+fn handshake_timeout_closes() {
+    let now = origin();
+    let mut t = Tunnel::hub(now, TunnelConfig::default());
+    let (at, _) = t.poll_timeout().unwrap();
+    t.handle_timeout(at - Duration::from_millis(1));
+    assert!(!t.is_closed(), "fired early");
+    t.handle_timeout(at);
+    assert!(t.is_closed());
+}
+
+// ---- mesh link ----
+
+fn mesh_pair(cfg: MeshLinkConfig) -> (MeshLink, MeshLink) {
+    let now = origin();
+    let mut a = MeshLink::outbound(now, cfg.clone(), "hub-b", Rng::new(1));
+    assert_eq!(a.poll_event(), Some(MeshEvent::Connect));
+    a.on_connected(now, Codec::V2);
+    let mut b = MeshLink::inbound(now, cfg, "hub-a", Codec::V2, Rng::new(2));
+    shuttle(&mut a, &mut b);
+    while a.poll_event().is_some() {}
+    while b.poll_event().is_some() {}
+    assert_eq!((a.state(), b.state()), (LinkState::Established, LinkState::Established));
+    (a, b)
+}
+
+fn shuttle(a: &mut MeshLink, b: &mut MeshLink) {
+    let now = origin();
+    loop {
+        let mut moved = false;
+        while let Some(m) = a.poll_transmit() {
+            b.handle_message(now, &m);
+            moved = true;
+        }
+        while let Some(m) = b.poll_transmit() {
+            a.handle_message(now, &m);
+            moved = true;
+        }
+        if !moved {
+            break;
+        }
+    }
+}
+
+#[test]
+fn mesh_link_backs_off_with_growing_capped_delays_and_reconnects() {
+    let now = origin();
+    let cfg = MeshLinkConfig {
+        backoff_base: Duration::from_millis(100),
+        backoff_max: Duration::from_secs(2),
+        ..MeshLinkConfig::default()
+    };
+    let mut l = MeshLink::outbound(now, cfg, "hub-b", Rng::new(9));
+    assert_eq!(l.poll_event(), Some(MeshEvent::Connect));
+    let mut t = now;
+    let mut delays = Vec::new();
+    for _ in 0..8 {
+        l.on_disconnected(t, "connection refused");
+        assert_eq!(l.state(), LinkState::Backoff);
+        let (at, _) = l.poll_timeout().unwrap();
+        delays.push(at - t);
+        t = at;
+        l.handle_timeout(t);
+        assert_eq!(l.state(), LinkState::Connecting);
+        while let Some(e) = l.poll_event() {
+            if e == MeshEvent::Connect {
+                break;
+            }
+        }
+    }
+    assert!(delays[0] <= Duration::from_millis(100));
+    assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
+    assert!(delays[7] >= Duration::from_secs(1), "{delays:?}");
+    assert_eq!(l.stats.reconnects, 8);
+    l.close("shutdown");
+    assert_eq!(l.state(), LinkState::Closed);
+    assert!(l.poll_timeout().is_none());
+}
+
+#[test]
+fn mesh_send_queue_and_inflight_caps_refuse_and_count() {
+    let cfg = MeshLinkConfig {
+        send_queue_depth: 4,
+        max_inflight_bytes: 10_000,
+        ..MeshLinkConfig::default()
+    };
+    let (mut a, _b) = mesh_pair(cfg);
+    let cid = a.open_flow("ldap", "agent-1", Epoch(1)).unwrap();
+    for _ in 0..4 {
+        a.send_data(cid, Bytes::from(vec![1u8; 100])).unwrap();
+    }
+    assert!(a.send_data(cid, Bytes::from(vec![1u8; 100])).is_err());
+    assert_eq!(a.stats.backpressure.get("queue_full"), Some(&1));
+    assert_eq!(a.send_credit(cid), 0);
+    // Control frames go first.
+    let first = nowconnect_core::codec::decode(&a.poll_transmit().unwrap(), &Limits::default()).unwrap();
+    assert!(matches!(first, Frame::MOpen { .. }));
+    while a.poll_transmit().is_some() {}
+    // Draining the queue wakes the blocked flow.
+    let woke = std::iter::from_fn(|| a.poll_event()).any(|e| matches!(e, MeshEvent::Flow(FlowEvent::Writable { .. })));
+    assert!(woke);
+    // Inflight cap: 400 bytes outstanding, so 9,700 more would exceed 10,000.
+    assert!(a.send_data(cid, Bytes::from(vec![1u8; 9_700])).is_err());
+    assert_eq!(a.stats.backpressure.get("inflight_cap"), Some(&1));
+    assert_eq!(a.inflight_bytes(), 400);
+    assert_eq!(a.send_credit(cid), 9_600);
+}
+
+#[test]
+fn mesh_link_loss_resets_only_its_flows_and_rtt_is_measured() {
+    let (mut a, mut b) = mesh_pair(MeshLinkConfig::default());
+    let now = origin();
+    let (at, _) = a.poll_timeout().unwrap();
+    a.handle_timeout(at);
+    shuttle(&mut a, &mut b);
+    assert!(std::iter::from_fn(|| a.poll_event()).any(|e| matches!(e, MeshEvent::Rtt(_))));
+    let c1 = a.open_flow("ldap", "agent-1", Epoch(1)).unwrap();
+    let c2 = a.open_flow("ldap", "agent-1", Epoch(1)).unwrap();
+    a.on_disconnected(now, "peer closed");
+    let resets: Vec<_> = std::iter::from_fn(|| a.poll_event())
+        .filter_map(|e| match e {
+            MeshEvent::Flow(FlowEvent::Reset { cid, code, .. }) => Some((cid, code)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(resets, vec![(c1, ErrorCode::LinkLost), (c2, ErrorCode::LinkLost)]);
+}
+
+#[test]
+fn mesh_open_with_wrong_parity_is_refused() {
+    let (mut a, mut b) = mesh_pair(MeshLinkConfig::default());
+    // b is the acceptor: its flows are even. Forge an odd cid from b's side.
+    let h = nowconnect_core::MeshHeader {
+        cid: 2,
+        connector: "ldap".into(),
+        agent_id: "x".into(),
+        seq: 0,
+        epoch: Epoch(1),
+    };
+    b.handle_message(origin(), &v2(&Frame::MOpen { h }));
+    let ack = nowconnect_core::codec::decode(&b.poll_transmit().unwrap(), &Limits::default()).unwrap();
+    assert!(matches!(ack, Frame::MOpenAck { ok: false, code: ErrorCode::ProtocolError, .. }));
+    let _ = &mut a;
+}
+
+// ---- hub ----
+
+fn run_registry(hub: &mut Hub, reg: &mut MemoryRegistry, now: std::time::Instant) -> Vec<HubOutput> {
+    let mut other = Vec::new();
+    while let Some(o) = hub.poll_output() {
+        match o {
+            HubOutput::Registry { op, call } => {
+                let r = reg.apply(now, &call);
+                hub.registry_reply(now, op, r);
+            }
+            o => other.push(o),
+        }
+    }
+    other
+}
+
+fn hub(mode: Mode) -> Hub {
+    Hub::new(
+        origin(),
+        HubConfig {
+            replica_id: "hub-a".into(),
+            mode,
+            ..HubConfig::default()
+        },
+        7,
+    )
+}
+
+#[test]
+fn hub_claims_then_accepts_and_routes_to_least_loaded_agent() {
+    let now = origin();
+    let mut reg = MemoryRegistry::new();
+    let mut h = hub(Mode::Off);
+    h.tunnel_hello(now, 1, "a1", &["ldap".into()], None);
+    h.tunnel_hello(now, 2, "a2", &["ldap".into()], None);
+    let out = run_registry(&mut h, &mut reg, now);
+    assert_eq!(
+        out,
+        vec![
+            HubOutput::AcceptTunnel { tunnel: 1, epoch: Epoch(1) },
+            HubOutput::AcceptTunnel { tunnel: 2, epoch: Epoch(1) }
+        ]
+    );
+    h.flow_started(1);
+    h.client_connected(now, 10, "ldap");
+    assert_eq!(
+        h.poll_output(),
+        Some(HubOutput::Route {
+            client: 10,
+            route: Route::Local {
+                tunnel: 2,
+                agent_id: "a2".into()
+            }
+        })
+    );
+    h.client_connected(now, 11, "nope");
+    assert!(matches!(h.poll_output(), Some(HubOutput::Route { route: Route::Refuse { code: ErrorCode::NoAgent, .. }, .. })));
+}
+
+#[test]
+fn hub_refuses_connectors_outside_the_token_scope() {
+    let now = origin();
+    let mut h = hub(Mode::Off);
+    h.tunnel_hello(now, 1, "a1", &["ldap".into(), "ssh".into()], Some(&["ldap".to_string()]));
+    match h.poll_output() {
+        Some(HubOutput::CloseTunnel { tunnel: 1, code: ErrorCode::Refused, reason }) => {
+            assert!(reason.contains("`ssh` is outside the token's scope"))
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.counters.tunnels_refused, 1);
+}
+
+#[test]
+fn hub_that_lost_ownership_closes_the_tunnel_and_counts_it() {
+    let now = origin();
+    let mut reg = MemoryRegistry::new();
+    let mut h = hub(Mode::Active);
+    h.tunnel_hello(now, 1, "a1", &["ldap".into()], None);
+    run_registry(&mut h, &mut reg, now);
+    // Another hub claims the agent.
+    reg.apply(
+        now,
+        &RegistryOp::Claim {
+            agent_id: "a1".into(),
+            replica_id: "hub-b".into(),
+            lease: Duration::from_secs(15),
+        },
+    )
+    .unwrap();
+    let t = now + Duration::from_secs(5);
+    h.handle_timeout(t);
+    let out = run_registry(&mut h, &mut reg, t);
+    match &out[..] {
+        [HubOutput::CloseTunnel { tunnel: 1, code: ErrorCode::StaleEpoch, reason }] => {
+            assert!(reason.contains("lost to hub-b at epoch 2"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(h.counters.epoch_mismatch, 1);
+    // A mesh open under the old epoch is refused.
+    assert!(matches!(h.check_mesh_open("a1", Epoch(1)), Err((ErrorCode::StaleEpoch, _))));
+}
+
+#[test]
+fn active_hub_routes_across_the_mesh_and_shadow_only_counts() {
+    let now = origin();
+    let mut reg = MemoryRegistry::new();
+    for (agent, owner) in [("a9", "hub-b")] {
+        reg.apply(
+            now,
+            &RegistryOp::Claim {
+                agent_id: agent.into(),
+                replica_id: owner.into(),
+                lease: Duration::from_secs(15),
+            },
+        )
+        .unwrap();
+        reg.apply(
+            now,
+            &RegistryOp::AddConnectors {
+                agent_id: agent.into(),
+                connectors: vec!["ldap".into()],
+                lease: Duration::from_secs(15),
+            },
+        )
+        .unwrap();
+    }
+    let mut active = hub(Mode::Active);
+    active.client_connected(now, 1, "ldap");
+    let out = run_registry(&mut active, &mut reg, now);
+    assert!(matches!(&out[..], [HubOutput::Route { route: Route::Refuse { code: ErrorCode::MeshUnavailable, .. }, .. }]));
+    active.mesh_link_up("hub-b", true);
+    active.client_connected(now, 2, "ldap");
+    let out = run_registry(&mut active, &mut reg, now);
+    assert_eq!(
+        out,
+        vec![HubOutput::Route {
+            client: 2,
+            route: Route::Mesh {
+                replica_id: "hub-b".into(),
+                agent_id: "a9".into(),
+                epoch: Epoch(1)
+            }
+        }]
+    );
+    let mut shadow = hub(Mode::Shadow);
+    shadow.mesh_link_up("hub-b", true);
+    shadow.client_connected(now, 3, "ldap");
+    let out = run_registry(&mut shadow, &mut reg, now);
+    match &out[..] {
+        [HubOutput::Route { route: Route::Refuse { code: ErrorCode::NoAgent, reason }, .. }] => {
+            assert!(reason.contains("active would forward to hub-b"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(shadow.counters.shadow_would.get("mesh"), Some(&1));
+}
+
+#[test]
+fn registry_timeout_degrades_readiness_and_refuses_remote_at_once() {
+    let now = origin();
+    let mut h = hub(Mode::Active);
+    h.client_connected(now, 1, "ldap");
+    let Some(HubOutput::Registry { op, .. }) = h.poll_output() else {
+        panic!()
+    };
+    let _ = op; // never answered
+    let t = now + Duration::from_secs(1);
+    h.handle_timeout(t);
+    assert!(matches!(h.poll_output(), Some(HubOutput::Route { route: Route::Refuse { code: ErrorCode::RegistryUnavailable, .. }, .. })));
+    assert!(!h.registry_healthy());
+    let reasons = h.readiness(1);
+    assert!(reasons.iter().any(|r| r.contains("registry unhealthy")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("no mesh peer")), "{reasons:?}");
+    // While unhealthy, a remote route is refused without waiting.
+    h.client_connected(t, 2, "ldap");
+    let out: Vec<_> = std::iter::from_fn(|| h.poll_output()).collect();
+    assert!(out.iter().any(|o| matches!(o, HubOutput::Route { client: 2, route: Route::Refuse { code: ErrorCode::RegistryUnavailable, .. } })));
+    // A health probe that succeeds restores it.
+    let t2 = t + Duration::from_secs(2);
+    h.handle_timeout(t2);
+    let mut reg = MemoryRegistry::new();
+    run_registry(&mut h, &mut reg, t2);
+    assert!(h.registry_healthy());
+    let e = RegistryError::Unavailable("connection refused".into());
+    assert!(e.to_string().contains("connection refused"));
+    let _ = RegistryReply::Healthy;
+}
+
+// ---- agent ----
+
+#[test]
+fn agent_rotates_hubs_with_backoff_and_times_out_target_dials() {
+    let now = origin();
+    let mut connectors = BTreeMap::new();
+    connectors.insert("ldap".to_string(), "127.0.0.1:389".to_string());
+    let cfg = AgentConfig {
+        agent_id: "a1".into(),
+        hubs: vec!["ws://h1/tunnel".into(), "ws://h2/tunnel".into()],
+        connectors,
+        ..AgentConfig::default()
+    };
+    let mut a = Agent::new(now, cfg, 3);
+    assert_eq!(
+        a.poll_output(),
+        Some(AgentOutput::DialHub {
+            attempt: 1,
+            url: "ws://h1/tunnel".into()
+        })
+    );
+    a.hub_lost(now, 1);
+    let at = a.poll_timeout().unwrap();
+    assert!(at > now && at <= now + Duration::from_millis(200));
+    a.handle_timeout(at);
+    assert_eq!(
+        a.poll_output(),
+        Some(AgentOutput::DialHub {
+            attempt: 2,
+            url: "ws://h2/tunnel".into()
+        })
+    );
+    a.hub_established(at, 2);
+    a.flow_opened(at, 5, "ldap");
+    assert_eq!(
+        a.poll_output(),
+        Some(AgentOutput::DialTarget {
+            cid: 5,
+            target: "127.0.0.1:389".into()
+        })
+    );
+    a.flow_opened(at, 6, "ssh");
+    assert!(matches!(a.poll_output(), Some(AgentOutput::ResetFlow { cid: 6, code: ErrorCode::UnknownConnector, .. })));
+    a.flow_opened(at, 7, "ldap");
+    a.poll_output();
+    a.target_failed(at, 7, "connection refused");
+    assert!(matches!(a.poll_output(), Some(AgentOutput::ResetFlow { cid: 7, code: ErrorCode::TargetUnreachable, reason }) if reason.contains("connection refused")));
+    a.handle_timeout(at + Duration::from_secs(5));
+    assert!(matches!(a.poll_output(), Some(AgentOutput::ResetFlow { cid: 5, code: ErrorCode::ConnectTimeout, .. })));
+}

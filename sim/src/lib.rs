@@ -1,0 +1,12 @@
+//! # nowconnect-sim
+//!
+//! Deterministic simulation of NowConnect's core state machines: no sockets,
+//! no real time. A [`Pair`] joins two endpoints (tunnel or mesh link sides)
+//! by two in-memory FIFO wires and a virtual clock that jumps to the next
+//! deadline; tests decide which message is delivered when, and may inject
+//! faults (duplicates, stalls, disconnects) between steps.
+#![forbid(unsafe_code)]
+
+pub mod pair;
+
+pub use pair::{Dir, Endpoint, Pair, VirtualClock};
