@@ -22,8 +22,14 @@ fn frames() -> (Frame, Vec<Frame>) {
         epoch: Epoch(3),
     };
     let small = vec![
-        Frame::Credit { cid: 42, bytes: 65536 },
-        Frame::Fin { cid: 42, seq: Some(9) },
+        Frame::Credit {
+            cid: 42,
+            bytes: 65536,
+        },
+        Frame::Fin {
+            cid: 42,
+            seq: Some(9),
+        },
         Frame::Ping { nonce: 1 },
         Frame::MCredit { h, bytes: 65536 },
     ];
@@ -38,16 +44,30 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(16384));
     let enc2 = v2::encode(&data, &limits).unwrap();
     let enc1 = v1::encode(&data, &limits).unwrap();
-    g.bench_function("v2_encode", |b| b.iter(|| v2::encode(black_box(&data), &limits).unwrap()));
-    g.bench_function("v2_decode", |b| b.iter(|| v2::decode(black_box(&enc2), &limits).unwrap()));
-    g.bench_function("v1_encode", |b| b.iter(|| v1::encode(black_box(&data), &limits).unwrap()));
-    g.bench_function("v1_decode", |b| b.iter(|| v1::decode(black_box(&enc1), &limits).unwrap()));
+    g.bench_function("v2_encode", |b| {
+        b.iter(|| v2::encode(black_box(&data), &limits).unwrap())
+    });
+    g.bench_function("v2_decode", |b| {
+        b.iter(|| v2::decode(black_box(&enc2), &limits).unwrap())
+    });
+    g.bench_function("v1_encode", |b| {
+        b.iter(|| v1::encode(black_box(&data), &limits).unwrap())
+    });
+    g.bench_function("v1_decode", |b| {
+        b.iter(|| v1::decode(black_box(&enc1), &limits).unwrap())
+    });
     g.finish();
 
     let mut g = c.benchmark_group("small_frames");
     g.throughput(Throughput::Elements(small.len() as u64));
-    let enc2: Vec<Bytes> = small.iter().map(|f| v2::encode(f, &limits).unwrap()).collect();
-    let enc1: Vec<String> = small.iter().map(|f| v1::encode(f, &limits).unwrap()).collect();
+    let enc2: Vec<Bytes> = small
+        .iter()
+        .map(|f| v2::encode(f, &limits).unwrap())
+        .collect();
+    let enc1: Vec<String> = small
+        .iter()
+        .map(|f| v1::encode(f, &limits).unwrap())
+        .collect();
     g.bench_function("v2_encode", |b| {
         b.iter(|| {
             for f in &small {

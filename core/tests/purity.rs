@@ -23,14 +23,33 @@ const FORBIDDEN_CRATES: &[&str] = &[
 fn normal_dependency_tree_has_no_io_crates() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
-        .args(["tree", "-p", "nowconnect-core", "-e", "normal", "--prefix", "none", "--offline"])
+        .args([
+            "tree",
+            "-p",
+            "nowconnect-core",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+            "--offline",
+        ])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("run cargo tree");
-    assert!(out.status.success(), "cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "cargo tree failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let tree = String::from_utf8(out.stdout).unwrap();
-    assert!(tree.contains("nowconnect-core"), "unexpected cargo tree output:\n{tree}");
-    let names: Vec<&str> = tree.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert!(
+        tree.contains("nowconnect-core"),
+        "unexpected cargo tree output:\n{tree}"
+    );
+    let names: Vec<&str> = tree
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
     for bad in FORBIDDEN_CRATES {
         assert!(
             !names.contains(bad),
@@ -53,17 +72,24 @@ fn core_source_reads_no_clock_and_spawns_nothing() {
         "unsafe ",
     ];
     let mut offenders = Vec::new();
-    visit(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"), &mut |path, text| {
-        for (i, line) in text.lines().enumerate() {
-            let code = line.split("//").next().unwrap_or("");
-            for f in forbidden {
-                if code.contains(f) {
-                    offenders.push(format!("{}:{}: {}", path.display(), i + 1, line.trim()));
+    visit(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut |path, text| {
+            for (i, line) in text.lines().enumerate() {
+                let code = line.split("//").next().unwrap_or("");
+                for f in forbidden {
+                    if code.contains(f) {
+                        offenders.push(format!("{}:{}: {}", path.display(), i + 1, line.trim()));
+                    }
                 }
             }
-        }
-    });
-    assert!(offenders.is_empty(), "impure core code:\n{}", offenders.join("\n"));
+        },
+    );
+    assert!(
+        offenders.is_empty(),
+        "impure core code:\n{}",
+        offenders.join("\n")
+    );
 }
 
 fn visit(dir: &Path, f: &mut dyn FnMut(&Path, &str)) {

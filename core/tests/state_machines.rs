@@ -82,28 +82,54 @@ fn frames_before_hello_and_second_hello_close_the_tunnel() {
     match events(&mut t).last() {
         Some(TunnelEvent::Closed { code, reason }) => {
             assert_eq!(*code, ErrorCode::ProtocolError);
-            assert!(reason.contains("unexpected DATA in state await-hello"), "{reason}");
+            assert!(
+                reason.contains("unexpected DATA in state await-hello"),
+                "{reason}"
+            );
         }
         other => panic!("{other:?}"),
     }
     let (mut t, _) = hub_tunnel(&["v2"], 0);
     t.handle_message(now, &v1(&hello(&[])));
-    assert!(matches!(events(&mut t).last(), Some(TunnelEvent::Closed { code: ErrorCode::ProtocolError, reason }) if reason.contains("HELLO")));
+    assert!(
+        matches!(events(&mut t).last(), Some(TunnelEvent::Closed { code: ErrorCode::ProtocolError, reason }) if reason.contains("HELLO"))
+    );
 }
 
 #[test]
 fn malformed_frame_closes_with_a_precise_reason() {
     let (mut t, _) = hub_tunnel(&["v2"], 1);
-    t.handle_message(origin(), &WsMessage::Text(r#"{"type":"DATA","cid":1,"seq":0,"b64":"!!"}"#.into()));
+    t.handle_message(
+        origin(),
+        &WsMessage::Text(r#"{"type":"DATA","cid":1,"seq":0,"b64":"!!"}"#.into()),
+    );
     match events(&mut t).as_slice() {
-        [TunnelEvent::Flow(FlowEvent::Reset { code: ErrorCode::LinkLost, .. }), TunnelEvent::Closed { reason, .. }] => {
-            assert!(reason.contains("malformed frame") && reason.contains("base64"), "{reason}")
+        [
+            TunnelEvent::Flow(FlowEvent::Reset {
+                code: ErrorCode::LinkLost,
+                ..
+            }),
+            TunnelEvent::Closed { reason, .. },
+        ] => {
+            assert!(
+                reason.contains("malformed frame") && reason.contains("base64"),
+                "{reason}"
+            )
         }
         other => panic!("{other:?}"),
     }
     let (mut t, _) = hub_tunnel(&["v2"], 0);
-    t.handle_message(origin(), &WsMessage::Binary(Bytes::from(vec![4u8; 2 * 1024 * 1024])));
-    assert!(matches!(events(&mut t).last(), Some(TunnelEvent::Closed { code: ErrorCode::FrameTooLarge, .. })));
+    t.handle_message(
+        origin(),
+        &WsMessage::Binary(Bytes::from(vec![4u8; 2 * 1024 * 1024])),
+    );
+    assert!(matches!(
+        events(&mut t).last(),
+        Some(TunnelEvent::Closed {
+            code: ErrorCode::FrameTooLarge,
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -119,7 +145,14 @@ fn protocol_errors_reset_only_the_offending_flow() {
             payload: Bytes::from_static(b"x"),
         }),
     );
-    assert!(matches!(&transmits(&mut t)[..], [Frame::Rst { cid: 99, code: ErrorCode::ProtocolError, .. }]));
+    assert!(matches!(
+        &transmits(&mut t)[..],
+        [Frame::Rst {
+            cid: 99,
+            code: ErrorCode::ProtocolError,
+            ..
+        }]
+    ));
     // Sequence gap on flow 0.
     t.handle_message(
         now,
@@ -146,7 +179,12 @@ fn protocol_errors_reset_only_the_offending_flow() {
     })));
     assert!(ev.iter().any(|e| matches!(e, TunnelEvent::Flow(FlowEvent::Reset { cid, code: ErrorCode::CreditOverrun, .. }) if *cid == cids[1])));
     let sent = transmits(&mut t);
-    assert_eq!(sent.iter().filter(|f| matches!(f, Frame::Rst { .. })).count(), 2);
+    assert_eq!(
+        sent.iter()
+            .filter(|f| matches!(f, Frame::Rst { .. }))
+            .count(),
+        2
+    );
     // Flow 2 is untouched and the tunnel is up.
     assert!(t.is_established());
     t.handle_message(
@@ -186,10 +224,20 @@ fn sender_cannot_exceed_the_peer_window() {
     let (mut t, cids) = hub_tunnel(&["v2"], 1);
     let w = t.send_credit(cids[0]);
     assert_eq!(w, 256 * 1024);
-    assert!(t.send_data(cids[0], Bytes::from(vec![0u8; w as usize + 1])).is_err());
-    t.send_data(cids[0], Bytes::from(vec![0u8; w as usize])).unwrap();
+    assert!(
+        t.send_data(cids[0], Bytes::from(vec![0u8; w as usize + 1]))
+            .is_err()
+    );
+    t.send_data(cids[0], Bytes::from(vec![0u8; w as usize]))
+        .unwrap();
     assert_eq!(t.send_credit(cids[0]), 0);
-    t.handle_message(origin(), &v2(&Frame::Credit { cid: cids[0], bytes: 1000 }));
+    t.handle_message(
+        origin(),
+        &v2(&Frame::Credit {
+            cid: cids[0],
+            bytes: 1000,
+        }),
+    );
     assert_eq!(
         events(&mut t),
         vec![TunnelEvent::Flow(FlowEvent::Writable {
@@ -226,9 +274,19 @@ fn agent_flow_limit_refuses_opens_with_a_reason() {
             }),
         );
     }
-    let opens = events(&mut t).into_iter().filter(|e| matches!(e, TunnelEvent::Open { .. })).count();
+    let opens = events(&mut t)
+        .into_iter()
+        .filter(|e| matches!(e, TunnelEvent::Open { .. }))
+        .count();
     assert_eq!(opens, 2);
-    assert!(matches!(&transmits(&mut t)[..], [Frame::Rst { cid: 3, code: ErrorCode::LimitExceeded, .. }]));
+    assert!(matches!(
+        &transmits(&mut t)[..],
+        [Frame::Rst {
+            cid: 3,
+            code: ErrorCode::LimitExceeded,
+            ..
+        }]
+    ));
 }
 
 #[test]
@@ -253,7 +311,10 @@ fn mesh_pair(cfg: MeshLinkConfig) -> (MeshLink, MeshLink) {
     shuttle(&mut a, &mut b);
     while a.poll_event().is_some() {}
     while b.poll_event().is_some() {}
-    assert_eq!((a.state(), b.state()), (LinkState::Established, LinkState::Established));
+    assert_eq!(
+        (a.state(), b.state()),
+        (LinkState::Established, LinkState::Established)
+    );
     (a, b)
 }
 
@@ -326,11 +387,13 @@ fn mesh_send_queue_and_inflight_caps_refuse_and_count() {
     assert_eq!(a.stats.backpressure.get("queue_full"), Some(&1));
     assert_eq!(a.send_credit(cid), 0);
     // Control frames go first.
-    let first = nowconnect_core::codec::decode(&a.poll_transmit().unwrap(), &Limits::default()).unwrap();
+    let first =
+        nowconnect_core::codec::decode(&a.poll_transmit().unwrap(), &Limits::default()).unwrap();
     assert!(matches!(first, Frame::MOpen { .. }));
     while a.poll_transmit().is_some() {}
     // Draining the queue wakes the blocked flow.
-    let woke = std::iter::from_fn(|| a.poll_event()).any(|e| matches!(e, MeshEvent::Flow(FlowEvent::Writable { .. })));
+    let woke = std::iter::from_fn(|| a.poll_event())
+        .any(|e| matches!(e, MeshEvent::Flow(FlowEvent::Writable { .. })));
     assert!(woke);
     // Inflight cap: 400 bytes outstanding, so 9,700 more would exceed 10,000.
     assert!(a.send_data(cid, Bytes::from(vec![1u8; 9_700])).is_err());
@@ -356,7 +419,10 @@ fn mesh_link_loss_resets_only_its_flows_and_rtt_is_measured() {
             _ => None,
         })
         .collect();
-    assert_eq!(resets, vec![(c1, ErrorCode::LinkLost), (c2, ErrorCode::LinkLost)]);
+    assert_eq!(
+        resets,
+        vec![(c1, ErrorCode::LinkLost), (c2, ErrorCode::LinkLost)]
+    );
 }
 
 #[test]
@@ -371,14 +437,26 @@ fn mesh_open_with_wrong_parity_is_refused() {
         epoch: Epoch(1),
     };
     b.handle_message(origin(), &v2(&Frame::MOpen { h }));
-    let ack = nowconnect_core::codec::decode(&b.poll_transmit().unwrap(), &Limits::default()).unwrap();
-    assert!(matches!(ack, Frame::MOpenAck { ok: false, code: ErrorCode::ProtocolError, .. }));
+    let ack =
+        nowconnect_core::codec::decode(&b.poll_transmit().unwrap(), &Limits::default()).unwrap();
+    assert!(matches!(
+        ack,
+        Frame::MOpenAck {
+            ok: false,
+            code: ErrorCode::ProtocolError,
+            ..
+        }
+    ));
     let _ = &mut a;
 }
 
 // ---- hub ----
 
-fn run_registry(hub: &mut Hub, reg: &mut MemoryRegistry, now: std::time::Instant) -> Vec<HubOutput> {
+fn run_registry(
+    hub: &mut Hub,
+    reg: &mut MemoryRegistry,
+    now: std::time::Instant,
+) -> Vec<HubOutput> {
     let mut other = Vec::new();
     while let Some(o) = hub.poll_output() {
         match o {
@@ -415,8 +493,14 @@ fn hub_claims_then_accepts_and_routes_to_least_loaded_agent() {
     assert_eq!(
         out,
         vec![
-            HubOutput::AcceptTunnel { tunnel: 1, epoch: Epoch(1) },
-            HubOutput::AcceptTunnel { tunnel: 2, epoch: Epoch(1) }
+            HubOutput::AcceptTunnel {
+                tunnel: 1,
+                epoch: Epoch(1)
+            },
+            HubOutput::AcceptTunnel {
+                tunnel: 2,
+                epoch: Epoch(1)
+            }
         ]
     );
     h.flow_started(1);
@@ -432,16 +516,35 @@ fn hub_claims_then_accepts_and_routes_to_least_loaded_agent() {
         })
     );
     h.client_connected(now, 11, "nope");
-    assert!(matches!(h.poll_output(), Some(HubOutput::Route { route: Route::Refuse { code: ErrorCode::NoAgent, .. }, .. })));
+    assert!(matches!(
+        h.poll_output(),
+        Some(HubOutput::Route {
+            route: Route::Refuse {
+                code: ErrorCode::NoAgent,
+                ..
+            },
+            ..
+        })
+    ));
 }
 
 #[test]
 fn hub_refuses_connectors_outside_the_token_scope() {
     let now = origin();
     let mut h = hub(Mode::Off);
-    h.tunnel_hello(now, 1, "a1", &["ldap".into(), "ssh".into()], Some(&["ldap".to_string()]));
+    h.tunnel_hello(
+        now,
+        1,
+        "a1",
+        &["ldap".into(), "ssh".into()],
+        Some(&["ldap".to_string()]),
+    );
     match h.poll_output() {
-        Some(HubOutput::CloseTunnel { tunnel: 1, code: ErrorCode::Refused, reason }) => {
+        Some(HubOutput::CloseTunnel {
+            tunnel: 1,
+            code: ErrorCode::Refused,
+            reason,
+        }) => {
             assert!(reason.contains("`ssh` is outside the token's scope"))
         }
         other => panic!("{other:?}"),
@@ -470,14 +573,23 @@ fn hub_that_lost_ownership_closes_the_tunnel_and_counts_it() {
     h.handle_timeout(t);
     let out = run_registry(&mut h, &mut reg, t);
     match &out[..] {
-        [HubOutput::CloseTunnel { tunnel: 1, code: ErrorCode::StaleEpoch, reason }] => {
+        [
+            HubOutput::CloseTunnel {
+                tunnel: 1,
+                code: ErrorCode::StaleEpoch,
+                reason,
+            },
+        ] => {
             assert!(reason.contains("lost to hub-b at epoch 2"), "{reason}")
         }
         other => panic!("{other:?}"),
     }
     assert_eq!(h.counters.epoch_mismatch, 1);
     // A mesh open under the old epoch is refused.
-    assert!(matches!(h.check_mesh_open("a1", Epoch(1)), Err((ErrorCode::StaleEpoch, _))));
+    assert!(matches!(
+        h.check_mesh_open("a1", Epoch(1)),
+        Err((ErrorCode::StaleEpoch, _))
+    ));
 }
 
 #[test]
@@ -507,7 +619,16 @@ fn active_hub_routes_across_the_mesh_and_shadow_only_counts() {
     let mut active = hub(Mode::Active);
     active.client_connected(now, 1, "ldap");
     let out = run_registry(&mut active, &mut reg, now);
-    assert!(matches!(&out[..], [HubOutput::Route { route: Route::Refuse { code: ErrorCode::MeshUnavailable, .. }, .. }]));
+    assert!(matches!(
+        &out[..],
+        [HubOutput::Route {
+            route: Route::Refuse {
+                code: ErrorCode::MeshUnavailable,
+                ..
+            },
+            ..
+        }]
+    ));
     active.mesh_link_up("hub-b", true);
     active.client_connected(now, 2, "ldap");
     let out = run_registry(&mut active, &mut reg, now);
@@ -527,7 +648,16 @@ fn active_hub_routes_across_the_mesh_and_shadow_only_counts() {
     shadow.client_connected(now, 3, "ldap");
     let out = run_registry(&mut shadow, &mut reg, now);
     match &out[..] {
-        [HubOutput::Route { route: Route::Refuse { code: ErrorCode::NoAgent, reason }, .. }] => {
+        [
+            HubOutput::Route {
+                route:
+                    Route::Refuse {
+                        code: ErrorCode::NoAgent,
+                        reason,
+                    },
+                ..
+            },
+        ] => {
             assert!(reason.contains("active would forward to hub-b"), "{reason}")
         }
         other => panic!("{other:?}"),
@@ -546,15 +676,39 @@ fn registry_timeout_degrades_readiness_and_refuses_remote_at_once() {
     let _ = op; // never answered
     let t = now + Duration::from_secs(1);
     h.handle_timeout(t);
-    assert!(matches!(h.poll_output(), Some(HubOutput::Route { route: Route::Refuse { code: ErrorCode::RegistryUnavailable, .. }, .. })));
+    assert!(matches!(
+        h.poll_output(),
+        Some(HubOutput::Route {
+            route: Route::Refuse {
+                code: ErrorCode::RegistryUnavailable,
+                ..
+            },
+            ..
+        })
+    ));
     assert!(!h.registry_healthy());
     let reasons = h.readiness(1);
-    assert!(reasons.iter().any(|r| r.contains("registry unhealthy")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("no mesh peer")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("registry unhealthy")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("no mesh peer")),
+        "{reasons:?}"
+    );
     // While unhealthy, a remote route is refused without waiting.
     h.client_connected(t, 2, "ldap");
     let out: Vec<_> = std::iter::from_fn(|| h.poll_output()).collect();
-    assert!(out.iter().any(|o| matches!(o, HubOutput::Route { client: 2, route: Route::Refuse { code: ErrorCode::RegistryUnavailable, .. } })));
+    assert!(out.iter().any(|o| matches!(
+        o,
+        HubOutput::Route {
+            client: 2,
+            route: Route::Refuse {
+                code: ErrorCode::RegistryUnavailable,
+                ..
+            }
+        }
+    )));
     // A health probe that succeeds restores it.
     let t2 = t + Duration::from_secs(2);
     h.handle_timeout(t2);
@@ -608,11 +762,27 @@ fn agent_rotates_hubs_with_backoff_and_times_out_target_dials() {
         })
     );
     a.flow_opened(at, 6, "ssh");
-    assert!(matches!(a.poll_output(), Some(AgentOutput::ResetFlow { cid: 6, code: ErrorCode::UnknownConnector, .. })));
+    assert!(matches!(
+        a.poll_output(),
+        Some(AgentOutput::ResetFlow {
+            cid: 6,
+            code: ErrorCode::UnknownConnector,
+            ..
+        })
+    ));
     a.flow_opened(at, 7, "ldap");
     a.poll_output();
     a.target_failed(at, 7, "connection refused");
-    assert!(matches!(a.poll_output(), Some(AgentOutput::ResetFlow { cid: 7, code: ErrorCode::TargetUnreachable, reason }) if reason.contains("connection refused")));
+    assert!(
+        matches!(a.poll_output(), Some(AgentOutput::ResetFlow { cid: 7, code: ErrorCode::TargetUnreachable, reason }) if reason.contains("connection refused"))
+    );
     a.handle_timeout(at + Duration::from_secs(5));
-    assert!(matches!(a.poll_output(), Some(AgentOutput::ResetFlow { cid: 5, code: ErrorCode::ConnectTimeout, .. })));
+    assert!(matches!(
+        a.poll_output(),
+        Some(AgentOutput::ResetFlow {
+            cid: 5,
+            code: ErrorCode::ConnectTimeout,
+            ..
+        })
+    ));
 }

@@ -25,14 +25,33 @@ fn origin() -> Instant {
 #[derive(Clone, Debug)]
 enum Op {
     /// Send `len` bytes on flow `flow` from the hub (true) or the agent side.
-    Send { flow: usize, from_hub: bool, len: usize },
+    Send {
+        flow: usize,
+        from_hub: bool,
+        len: usize,
+    },
     /// The receiving consumer drains up to `n` bytes.
-    Consume { flow: usize, at_hub: bool, n: usize },
-    Fin { flow: usize, from_hub: bool },
-    Reset { flow: usize, from_hub: bool },
-    Deliver { to_agent: bool, count: usize },
+    Consume {
+        flow: usize,
+        at_hub: bool,
+        n: usize,
+    },
+    Fin {
+        flow: usize,
+        from_hub: bool,
+    },
+    Reset {
+        flow: usize,
+        from_hub: bool,
+    },
+    Deliver {
+        to_agent: bool,
+        count: usize,
+    },
     /// Duplicate the DATA message at the head of a wire.
-    DuplicateHead { to_agent: bool },
+    DuplicateHead {
+        to_agent: bool,
+    },
 }
 
 fn op(flows: usize) -> impl Strategy<Value = Op> {
@@ -81,7 +100,10 @@ fn drain_events(p: &mut Pair<Tunnel, Tunnel>, m: &mut Model) {
 }
 
 fn flow_of(m: &Model, cid: u64) -> usize {
-    m.hub_cids.iter().position(|c| *c == cid).expect("known cid")
+    m.hub_cids
+        .iter()
+        .position(|c| *c == cid)
+        .expect("known cid")
 }
 
 fn on_event(m: &mut Model, at_hub: bool, e: TunnelEvent) {
@@ -92,7 +114,11 @@ fn on_event(m: &mut Model, at_hub: bool, e: TunnelEvent) {
         TunnelEvent::Flow(fe) => match fe {
             FlowEvent::Data { cid, payload } => {
                 let f = flow_of(m, cid);
-                let half = if at_hub { &mut m.halves[f].1 } else { &mut m.halves[f].0 };
+                let half = if at_hub {
+                    &mut m.halves[f].1
+                } else {
+                    &mut m.halves[f].0
+                };
                 assert!(!half.fin_seen, "data after FIN delivered on flow {f}");
                 half.delivered.extend_from_slice(&payload);
                 half.unconsumed += payload.len();
@@ -103,13 +129,23 @@ fn on_event(m: &mut Model, at_hub: bool, e: TunnelEvent) {
             }
             FlowEvent::Fin { cid } => {
                 let f = flow_of(m, cid);
-                let half = if at_hub { &mut m.halves[f].1 } else { &mut m.halves[f].0 };
-                assert_eq!(half.delivered, half.sent, "flow {f}: FIN delivered with a gap");
+                let half = if at_hub {
+                    &mut m.halves[f].1
+                } else {
+                    &mut m.halves[f].0
+                };
+                assert_eq!(
+                    half.delivered, half.sent,
+                    "flow {f}: FIN delivered with a gap"
+                );
                 half.fin_seen = true;
             }
             FlowEvent::Reset { cid, code, reason } => {
                 let f = flow_of(m, cid);
-                assert!(!reason.is_empty() || code == ErrorCode::Normal, "reset without a reason");
+                assert!(
+                    !reason.is_empty() || code == ErrorCode::Normal,
+                    "reset without a reason"
+                );
                 m.reset[f].get_or_insert(code);
             }
             FlowEvent::Writable { .. } | FlowEvent::Closed { .. } => {}
@@ -151,7 +187,11 @@ fn established_pair(flows: usize, window: u32) -> (Pair<Tunnel, Tunnel>, Model) 
 
 fn apply(p: &mut Pair<Tunnel, Tunnel>, m: &mut Model, op: &Op) {
     match *op {
-        Op::Send { flow, from_hub, len } => {
+        Op::Send {
+            flow,
+            from_hub,
+            len,
+        } => {
             let cid = m.hub_cids[flow];
             if !from_hub && !m.agent_open.contains_key(&cid) {
                 return;
@@ -164,14 +204,25 @@ fn apply(p: &mut Pair<Tunnel, Tunnel>, m: &mut Model, op: &Op) {
             }
             m.sent_counter = m.sent_counter.wrapping_add(1);
             let base = m.sent_counter;
-            let bytes: Vec<u8> = (0..len).map(|i| base.wrapping_add((i % 251) as u8)).collect();
-            t.send_data(cid, Bytes::from(bytes.clone())).expect("within credit");
-            let half = if from_hub { &mut m.halves[flow].0 } else { &mut m.halves[flow].1 };
+            let bytes: Vec<u8> = (0..len)
+                .map(|i| base.wrapping_add((i % 251) as u8))
+                .collect();
+            t.send_data(cid, Bytes::from(bytes.clone()))
+                .expect("within credit");
+            let half = if from_hub {
+                &mut m.halves[flow].0
+            } else {
+                &mut m.halves[flow].1
+            };
             half.sent.extend_from_slice(&bytes);
         }
         Op::Consume { flow, at_hub, n } => {
             let cid = m.hub_cids[flow];
-            let half = if at_hub { &mut m.halves[flow].1 } else { &mut m.halves[flow].0 };
+            let half = if at_hub {
+                &mut m.halves[flow].1
+            } else {
+                &mut m.halves[flow].0
+            };
             let n = n.min(half.unconsumed);
             if n == 0 {
                 return;
@@ -187,7 +238,11 @@ fn apply(p: &mut Pair<Tunnel, Tunnel>, m: &mut Model, op: &Op) {
             }
             let t = if from_hub { &mut p.a } else { &mut p.b };
             if t.mux().contains(cid) && t.send_fin(cid).is_ok() {
-                let half = if from_hub { &mut m.halves[flow].0 } else { &mut m.halves[flow].1 };
+                let half = if from_hub {
+                    &mut m.halves[flow].0
+                } else {
+                    &mut m.halves[flow].1
+                };
                 half.fin_sent = true;
             }
         }
@@ -230,18 +285,38 @@ fn finish(p: &mut Pair<Tunnel, Tunnel>, m: &mut Model) {
         let mut progressed = false;
         for flow in 0..m.hub_cids.len() {
             for at_hub in [true, false] {
-                let half = if at_hub { &m.halves[flow].1 } else { &m.halves[flow].0 };
+                let half = if at_hub {
+                    &m.halves[flow].1
+                } else {
+                    &m.halves[flow].0
+                };
                 if half.unconsumed > 0 {
-                    apply(p, m, &Op::Consume { flow, at_hub, n: usize::MAX });
+                    apply(
+                        p,
+                        m,
+                        &Op::Consume {
+                            flow,
+                            at_hub,
+                            n: usize::MAX,
+                        },
+                    );
                     progressed = true;
                 }
             }
             for from_hub in [true, false] {
-                let half = if from_hub { &m.halves[flow].0 } else { &m.halves[flow].1 };
+                let half = if from_hub {
+                    &m.halves[flow].0
+                } else {
+                    &m.halves[flow].1
+                };
                 if !half.fin_sent && m.reset[flow].is_none() {
                     let before = half.fin_sent;
                     apply(p, m, &Op::Fin { flow, from_hub });
-                    let half = if from_hub { &m.halves[flow].0 } else { &m.halves[flow].1 };
+                    let half = if from_hub {
+                        &m.halves[flow].0
+                    } else {
+                        &m.halves[flow].1
+                    };
                     progressed |= half.fin_sent != before;
                 }
             }
@@ -360,7 +435,9 @@ fn established_mesh() -> (Pair<MeshLink, MeshLink>, u64, Epoch) {
     p.collect();
     assert!(p.run_until_idle(100));
     match p.b.poll_event() {
-        Some(MeshEvent::Open { cid: c, epoch: e, .. }) => {
+        Some(MeshEvent::Open {
+            cid: c, epoch: e, ..
+        }) => {
             assert_eq!((c, e), (cid, epoch));
             p.b.accept_open(c);
         }

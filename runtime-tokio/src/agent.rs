@@ -1,0 +1,372 @@
+//! The agent process: follows the core [`Agent`]'s outputs (dial a hub, dial
+//! a target, reset a flow), drives one [`Tunnel`] at a time, and pipes each
+//! flow to its target socket.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use nowconnect_core::agent::{Agent, AgentConfig as CoreAgentConfig, AgentOutput, HubLinkState};
+use nowconnect_core::tunnel::{Tunnel, TunnelConfig, TunnelEvent};
+use nowconnect_core::{Cid, Codec, ErrorCode, Limits, WsMessage};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+
+use crate::config::AgentConfig;
+use crate::driver::{FlowEnd, TunnelCmd, TunnelDriver, run_flow_socket};
+use crate::metrics::Metrics;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+enum Internal {
+    HubConnected { attempt: u64, ws: Box<Ws> },
+    HubFailed { attempt: u64, reason: String },
+    TargetConnected { cid: Cid, stream: TcpStream },
+    TargetFailed { cid: Cid, reason: String },
+}
+
+struct Connection {
+    attempt: u64,
+    driver: TunnelDriver,
+    writer: JoinHandle<()>,
+}
+
+pub struct AgentRuntime {
+    cfg: AgentConfig,
+    connector: Option<Connector>,
+    metrics: Arc<Metrics>,
+}
+
+impl AgentRuntime {
+    pub fn new(cfg: AgentConfig) -> Result<Self, String> {
+        let connector = match &cfg.raw.tls {
+            Some(tls) => Some(Connector::Rustls(Arc::new(crate::tls::client_config(
+                &tls.ca_bundle,
+            )?))),
+            None => None,
+        };
+        Ok(AgentRuntime {
+            cfg,
+            connector,
+            metrics: Arc::new(Metrics::new()),
+        })
+    }
+
+    fn tunnel_config(&self) -> TunnelConfig {
+        let r = &self.cfg.raw;
+        TunnelConfig {
+            limits: Limits {
+                max_frame: r.max_frame_bytes as usize,
+                ..Limits::default()
+            },
+            window: r.window_bytes,
+            codecs: if r.v1_only {
+                vec![Codec::V1]
+            } else {
+                vec![Codec::V2, Codec::V1]
+            },
+            ..TunnelConfig::default()
+        }
+    }
+
+    /// Run until `stop` turns true.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let r = &self.cfg.raw;
+        let core_cfg = CoreAgentConfig {
+            agent_id: r.agent_id.clone(),
+            hubs: r.hubs.clone(),
+            connectors: r
+                .connectors
+                .iter()
+                .map(|c| (c.name.clone(), c.target.clone()))
+                .collect(),
+            backoff_max: Duration::from_secs(r.reconnect_backoff_max_sec),
+            target_connect_timeout: Duration::from_secs(r.connect_timeout_sec),
+            ..CoreAgentConfig::default()
+        };
+        let connectors: Vec<String> = core_cfg.connectors.keys().cloned().collect();
+        let mut agent = Agent::new(Instant::now(), core_cfg, rand::random());
+        let (itx, mut irx) = mpsc::unbounded_channel::<Internal>();
+        let mut conn: Option<Connection> = None;
+        let mut ws_in: Option<SplitStream<Ws>> = None;
+        let mut cmd_rx: Option<mpsc::UnboundedReceiver<TunnelCmd>> = None;
+        let mut hub_dial: Option<(u64, JoinHandle<()>)> = None;
+        let mut dials: BTreeMap<Cid, JoinHandle<()>> = BTreeMap::new();
+        let mut waiting: BTreeMap<Cid, FlowEnd> = BTreeMap::new();
+        loop {
+            // Perform what the agent core asked for.
+            while let Some(out) = agent.poll_output() {
+                match out {
+                    AgentOutput::DialHub { attempt, url } => {
+                        tracing::info!(attempt, %url, "connecting to hub");
+                        let itx = itx.clone();
+                        let token = self.cfg.token.clone();
+                        let connector = self.connector.clone();
+                        let max = r.max_frame_bytes as usize + 1024;
+                        let task = tokio::spawn(async move {
+                            let msg = match connect_hub(&url, &token, connector, max).await {
+                                Ok(ws) => Internal::HubConnected {
+                                    attempt,
+                                    ws: Box::new(ws),
+                                },
+                                Err(reason) => Internal::HubFailed { attempt, reason },
+                            };
+                            let _ = itx.send(msg);
+                        });
+                        hub_dial = Some((attempt, task));
+                    }
+                    AgentOutput::AbortHub { attempt, reason } => {
+                        tracing::warn!(attempt, %reason, "hub attempt abandoned");
+                        if let Some((a, t)) = hub_dial.take() {
+                            if a == attempt {
+                                t.abort();
+                            } else {
+                                hub_dial = Some((a, t));
+                            }
+                        }
+                        if conn.as_ref().is_some_and(|c| c.attempt == attempt)
+                            && let Some(c) = conn.as_mut()
+                        {
+                            c.driver.tunnel.close(ErrorCode::IdleTimeout, &reason);
+                        }
+                    }
+                    AgentOutput::DialTarget { cid, target } => {
+                        let itx = itx.clone();
+                        dials.insert(
+                            cid,
+                            tokio::spawn(async move {
+                                let msg = match TcpStream::connect(&target).await {
+                                    Ok(stream) => Internal::TargetConnected { cid, stream },
+                                    Err(e) => Internal::TargetFailed {
+                                        cid,
+                                        reason: format!("{target}: {e}"),
+                                    },
+                                };
+                                let _ = itx.send(msg);
+                            }),
+                        );
+                    }
+                    AgentOutput::ResetFlow { cid, code, reason } => {
+                        tracing::warn!(cid, %code, %reason, "flow reset");
+                        if let Some(t) = dials.remove(&cid) {
+                            t.abort();
+                        }
+                        waiting.remove(&cid);
+                        if let Some(c) = conn.as_mut() {
+                            c.driver
+                                .on_cmd(Instant::now(), TunnelCmd::Reset { cid, code, reason });
+                        }
+                    }
+                }
+            }
+            let agent_deadline = agent.poll_timeout();
+            let tunnel_deadline = conn
+                .as_ref()
+                .and_then(|c| c.driver.tunnel.poll_timeout().map(|(at, _)| at));
+            let deadline = match (agent_deadline, tunnel_deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let timer = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = stop.wait_for(|v| *v) => {
+                    if let Some(c) = conn.as_mut() {
+                        c.driver.tunnel.close(ErrorCode::Shutdown, "agent shutting down");
+                        c.driver.drain();
+                        c.driver.flush();
+                    }
+                    agent.stop();
+                    break;
+                }
+                Some(m) = irx.recv() => {
+                    let now = Instant::now();
+                    match m {
+                        Internal::HubConnected { attempt, ws } => {
+                            if agent.state() != &(HubLinkState::Dialing { attempt }) {
+                                continue;
+                            }
+                            let (sink, stream) = (*ws).split();
+                            let (out_tx, out_rx) = mpsc::unbounded_channel();
+                            let (ctx, crx) = mpsc::unbounded_channel();
+                            let tunnel = Tunnel::agent(now, self.tunnel_config(), &r.agent_id, &connectors);
+                            let mut driver = TunnelDriver::new(tunnel, out_tx, ctx, self.metrics.clone());
+                            driver.flush();
+                            conn = Some(Connection { attempt, driver, writer: tokio::spawn(write_ws(sink, out_rx)) });
+                            ws_in = Some(stream);
+                            cmd_rx = Some(crx);
+                        }
+                        Internal::HubFailed { attempt, reason } => {
+                            tracing::warn!(attempt, %reason, "hub connection failed");
+                            agent.hub_lost(now, attempt);
+                        }
+                        Internal::TargetConnected { cid, stream } => {
+                            dials.remove(&cid);
+                            if agent.target_connected(now, cid) && let Some(end) = waiting.remove(&cid) {
+                                tokio::spawn(run_flow_socket(stream, end, self.metrics.clone(), "down", "up"));
+                            }
+                        }
+                        Internal::TargetFailed { cid, reason } => {
+                            dials.remove(&cid);
+                            agent.target_failed(now, cid, &reason);
+                        }
+                    }
+                }
+                msg = async { ws_in.as_mut().expect("guarded").next().await }, if ws_in.is_some() => {
+                    let c = conn.as_mut().expect("connection with its stream");
+                    let now = Instant::now();
+                    match msg {
+                        Some(Ok(Message::Binary(b))) => c.driver.tunnel.handle_message(now, &WsMessage::Binary(b)),
+                        Some(Ok(Message::Text(t))) => c.driver.tunnel.handle_message(now, &WsMessage::Text(t.as_str().to_owned())),
+                        Some(Ok(Message::Close(f))) => {
+                            let why = f.map(|f| f.reason.to_string()).unwrap_or_default();
+                            c.driver.tunnel.on_disconnected(&format!("hub closed the tunnel: {why}"));
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => c.driver.tunnel.on_disconnected(&format!("tunnel read error: {e}")),
+                        None => c.driver.tunnel.on_disconnected("tunnel closed by the hub"),
+                    }
+                }
+                cmd = async { cmd_rx.as_mut().expect("guarded").recv().await }, if cmd_rx.is_some() => {
+                    let c = conn.as_mut().expect("connection with its commands");
+                    let now = Instant::now();
+                    if let Some(cmd) = cmd {
+                        c.driver.on_cmd(now, cmd);
+                        for _ in 0..256 {
+                            match cmd_rx.as_mut().expect("guarded").try_recv() {
+                                Ok(cmd) => c.driver.on_cmd(now, cmd),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                }
+                _ = timer => {
+                    let now = Instant::now();
+                    agent.handle_timeout(now);
+                    if let Some(c) = conn.as_mut() {
+                        c.driver.tunnel.handle_timeout(now);
+                    }
+                }
+            }
+            let mut lost = None;
+            if let Some(c) = conn.as_mut() {
+                let now = Instant::now();
+                for ev in c.driver.drain() {
+                    match ev {
+                        TunnelEvent::Established { epoch, codec } => {
+                            tracing::info!(
+                                epoch = epoch.0,
+                                codec = codec.as_str(),
+                                "tunnel established"
+                            );
+                            agent.hub_established(now, c.attempt);
+                        }
+                        TunnelEvent::Open { cid, connector } => {
+                            let end = c.driver.attach_flow(cid, &connector);
+                            waiting.insert(cid, end);
+                            agent.flow_opened(now, cid, &connector);
+                        }
+                        TunnelEvent::Closed { code, reason } => {
+                            tracing::warn!(%code, %reason, "tunnel closed");
+                            lost = Some(c.attempt);
+                        }
+                        TunnelEvent::Hello { .. } | TunnelEvent::Flow(_) | TunnelEvent::Rtt(_) => {}
+                    }
+                }
+                c.driver.drain();
+                c.driver.flush();
+                c.driver.report();
+            }
+            if let Some(attempt) = lost {
+                let c = conn.take().expect("connection");
+                drop(c.driver);
+                ws_in = None;
+                cmd_rx = None;
+                waiting.clear();
+                for (_, t) in std::mem::take(&mut dials) {
+                    t.abort();
+                }
+                let _ = tokio::time::timeout(Duration::from_millis(500), c.writer).await;
+                agent.hub_lost(Instant::now(), attempt);
+            }
+        }
+        if let Some(c) = conn.take() {
+            drop(c.driver);
+            let _ = tokio::time::timeout(Duration::from_secs(2), c.writer).await;
+        }
+    }
+}
+
+async fn write_ws(mut sink: SplitSink<Ws, Message>, mut rx: mpsc::UnboundedReceiver<WsMessage>) {
+    while let Some(m) = rx.recv().await {
+        let mut batch = vec![m];
+        while batch.len() < 64 {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        for m in batch {
+            let msg = match m {
+                WsMessage::Text(s) => Message::Text(s.into()),
+                WsMessage::Binary(b) => Message::Binary(b),
+            };
+            if sink.feed(msg).await.is_err() {
+                return;
+            }
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+async fn connect_hub(
+    url: &str,
+    token: &str,
+    connector: Option<Connector>,
+    max: usize,
+) -> Result<Ws, String> {
+    let mut req = url
+        .into_client_request()
+        .map_err(|e| format!("bad hub URL `{url}`: {e}"))?;
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {token}")
+            .parse()
+            .map_err(|_| "token has characters not allowed in a header".to_string())?,
+    );
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max));
+    let (ws, _) =
+        tokio_tungstenite::connect_async_tls_with_config(req, Some(config), true, connector)
+            .await
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                    let body = resp
+                        .body()
+                        .as_ref()
+                        .map(|b| String::from_utf8_lossy(b).trim().to_string())
+                        .unwrap_or_default();
+                    format!(
+                        "{url}: hub refused the tunnel: HTTP {} {body}",
+                        resp.status()
+                    )
+                }
+                e => format!("{url}: {e}"),
+            })?;
+    Ok(ws)
+}

@@ -1,0 +1,641 @@
+//! Hub (`cloud.yaml`) and agent (`premise.yaml`) configuration: parsed with
+//! serde-saphyr, unknown keys refused, every value validated at start. Every
+//! error names the file, the key path and the reason.
+//!
+//! `docs/configuration.md` documents each key and its default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nowconnect_core::Limits;
+use nowconnect_core::routing::Mode;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {key}: {reason}")]
+pub struct ConfigError {
+    pub file: String,
+    pub key: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    pub fn new(file: &Path, key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.display().to_string(),
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Parse YAML into `T`, naming the key path of any error.
+pub fn parse_yaml<T: for<'de> Deserialize<'de>>(file: &Path, text: &str) -> Result<T, ConfigError> {
+    let mut path = String::new();
+    let res: Result<T, serde_saphyr::Error> =
+        serde_saphyr::with_deserializer_from_str(text, |de| {
+            serde_path_to_error::deserialize::<_, T>(de).map_err(|e| {
+                path = e.path().to_string();
+                <serde_saphyr::Error as serde::de::Error>::custom(e.into_inner().to_string())
+            })
+        });
+    res.map_err(|e| {
+        let key = if path.is_empty() || path == "." {
+            "(document)".to_string()
+        } else {
+            path.clone()
+        };
+        // Keep the first line of the parser's message: the rest is a snippet.
+        let reason = e
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or("invalid YAML")
+            .to_string();
+        ConfigError::new(file, key, reason)
+    })
+}
+
+pub fn read_file(file: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(file)
+        .map_err(|e| ConfigError::new(file, "(file)", format!("cannot read: {e}")))
+}
+
+// ---------------------------------------------------------------- hub
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubFile {
+    pub http: HttpConfig,
+    pub tunnel: TunnelSection,
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub ha: HaConfig,
+    #[serde(default)]
+    pub limits: HubLimits,
+    #[serde(default = "default_grace")]
+    pub shutdown_grace_sec: u64,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+fn default_grace() -> u64 {
+    10
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    pub bind: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelSection {
+    pub jwt: JwtConfig,
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: u32,
+    #[serde(default = "default_window")]
+    pub window_bytes: u32,
+    #[serde(default = "default_ping")]
+    pub ping_interval_sec: u64,
+    #[serde(default = "default_idle")]
+    pub idle_timeout_sec: u64,
+    #[serde(default = "default_handshake")]
+    pub handshake_timeout_sec: u64,
+    #[serde(default = "default_flows")]
+    pub max_flows_per_agent: usize,
+}
+
+fn default_max_frame() -> u32 {
+    1024 * 1024
+}
+fn default_window() -> u32 {
+    256 * 1024
+}
+fn default_ping() -> u64 {
+    15
+}
+fn default_idle() -> u64 {
+    45
+}
+fn default_handshake() -> u64 {
+    10
+}
+fn default_flows() -> usize {
+    4096
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    #[serde(default = "default_audience")]
+    pub audience: String,
+    #[serde(default)]
+    pub issuer: Option<String>,
+    #[serde(default)]
+    pub hs256_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    pub public_key_file: Option<PathBuf>,
+    /// Allowed algorithms; default: HS256 with a secret, RS256 and ES256 with a public key.
+    #[serde(default)]
+    pub algorithms: Option<Vec<String>>,
+    #[serde(default = "default_leeway")]
+    pub leeway_sec: u64,
+}
+
+fn default_audience() -> String {
+    "nowconnect".into()
+}
+fn default_leeway() -> u64 {
+    30
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub bind: String,
+    pub connector: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubLimits {
+    #[serde(default = "default_max_agents")]
+    pub max_agents: usize,
+    #[serde(default = "default_max_clients")]
+    pub max_client_connections: usize,
+}
+
+impl Default for HubLimits {
+    fn default() -> Self {
+        HubLimits {
+            max_agents: default_max_agents(),
+            max_client_connections: default_max_clients(),
+        }
+    }
+}
+
+fn default_max_agents() -> usize {
+    1024
+}
+fn default_max_clients() -> usize {
+    20_000
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` (default) or `json`.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// A tracing filter such as `info` or `nowconnect=debug`; `RUST_LOG` overrides.
+    #[serde(default)]
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaConfig {
+    #[serde(default)]
+    pub enabled: bool,
+    #[serde(default = "default_mode")]
+    pub mode: String,
+    #[serde(default)]
+    pub replica_id: Option<String>,
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    #[serde(default)]
+    pub mesh: MeshConfig,
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        HaConfig {
+            enabled: false,
+            mode: default_mode(),
+            replica_id: None,
+            redis_url: None,
+            mesh: MeshConfig::default(),
+        }
+    }
+}
+
+fn default_mode() -> String {
+    "off".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshConfig {
+    #[serde(default)]
+    pub listen: Option<String>,
+    #[serde(default)]
+    pub peers: Vec<String>,
+    #[serde(default = "default_true")]
+    pub require_mtls: bool,
+    #[serde(default)]
+    pub tls: Option<MeshTls>,
+    #[serde(default = "default_queue")]
+    pub send_queue_depth: usize,
+    #[serde(default = "default_inflight")]
+    pub per_link_max_inflight_bytes: u64,
+    #[serde(default = "default_backoff")]
+    pub connect_backoff_max_sec: u64,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            listen: None,
+            peers: Vec::new(),
+            require_mtls: true,
+            tls: None,
+            send_queue_depth: default_queue(),
+            per_link_max_inflight_bytes: default_inflight(),
+            connect_backoff_max_sec: default_backoff(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_queue() -> usize {
+    1000
+}
+fn default_inflight() -> u64 {
+    8 * 1024 * 1024
+}
+fn default_backoff() -> u64 {
+    30
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshTls {
+    pub ca_bundle: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+}
+
+/// The validated hub configuration.
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    pub file: PathBuf,
+    pub raw: HubFile,
+    pub http_bind: SocketAddr,
+    pub listeners: Vec<(String, SocketAddr, String)>,
+    pub mode: Mode,
+    pub replica_id: String,
+    pub limits: Limits,
+}
+
+impl HubConfig {
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text = read_file(file)?;
+        Self::parse(file, &text)
+    }
+
+    pub fn parse(file: &Path, text: &str) -> Result<Self, ConfigError> {
+        let raw: HubFile = parse_yaml(file, text)?;
+        let err = |key: &str, reason: String| ConfigError::new(file, key, reason);
+        let http_bind = parse_addr(&raw.http.bind).map_err(|r| err("http.bind", r))?;
+        let mut listeners = Vec::new();
+        for (i, l) in raw.listeners.iter().enumerate() {
+            let key = |k: &str| format!("listeners[{i}].{k}");
+            check_name(&l.name).map_err(|r| err(&key("name"), r))?;
+            check_name(&l.connector).map_err(|r| err(&key("connector"), r))?;
+            let addr = parse_addr(&l.bind).map_err(|r| err(&key("bind"), r))?;
+            if listeners.iter().any(|(n, _, _)| n == &l.name) {
+                return Err(err(
+                    &key("name"),
+                    format!("duplicate listener name `{}`", l.name),
+                ));
+            }
+            if addr.port() != 0 && listeners.iter().any(|(_, a, _)| *a == addr) {
+                return Err(err(
+                    &key("bind"),
+                    format!("{addr} is already used by another listener"),
+                ));
+            }
+            listeners.push((l.name.clone(), addr, l.connector.clone()));
+        }
+        let jwt = &raw.tunnel.jwt;
+        match (&jwt.hs256_secret_file, &jwt.public_key_file) {
+            (None, None) => {
+                return Err(err(
+                    "tunnel.jwt",
+                    "one of `hs256_secret_file` or `public_key_file` is required".into(),
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "tunnel.jwt",
+                    "set only one of `hs256_secret_file` and `public_key_file`".into(),
+                ));
+            }
+            (Some(p), None) => {
+                check_readable(p).map_err(|r| err("tunnel.jwt.hs256_secret_file", r))?
+            }
+            (None, Some(p)) => {
+                check_readable(p).map_err(|r| err("tunnel.jwt.public_key_file", r))?
+            }
+        }
+        if jwt.audience.is_empty() {
+            return Err(err("tunnel.jwt.audience", "must not be empty".into()));
+        }
+        if let Some(algs) = &jwt.algorithms {
+            if algs.is_empty() {
+                return Err(err(
+                    "tunnel.jwt.algorithms",
+                    "must list at least one algorithm".into(),
+                ));
+            }
+            for a in algs {
+                if ![
+                    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384",
+                ]
+                .contains(&a.as_str())
+                {
+                    return Err(err(
+                        "tunnel.jwt.algorithms",
+                        format!("unsupported algorithm `{a}`"),
+                    ));
+                }
+            }
+        }
+        let t = &raw.tunnel;
+        if !(1024..=16 * 1024 * 1024).contains(&t.max_frame_bytes) {
+            return Err(err(
+                "tunnel.max_frame_bytes",
+                "must be between 1024 and 16777216".into(),
+            ));
+        }
+        if t.window_bytes < 1024 {
+            return Err(err("tunnel.window_bytes", "must be at least 1024".into()));
+        }
+        if t.ping_interval_sec == 0 || t.idle_timeout_sec <= t.ping_interval_sec {
+            return Err(err(
+                "tunnel.idle_timeout_sec",
+                format!(
+                    "must be greater than ping_interval_sec ({}), and ping_interval_sec must be > 0",
+                    t.ping_interval_sec
+                ),
+            ));
+        }
+        if t.handshake_timeout_sec == 0 {
+            return Err(err("tunnel.handshake_timeout_sec", "must be > 0".into()));
+        }
+        if t.max_flows_per_agent == 0 {
+            return Err(err("tunnel.max_flows_per_agent", "must be > 0".into()));
+        }
+        if raw.limits.max_agents == 0 {
+            return Err(err("limits.max_agents", "must be > 0".into()));
+        }
+        let mode = Mode::from_name(&raw.ha.mode).ok_or_else(|| {
+            err(
+                "ha.mode",
+                format!("`{}` is not one of off, shadow, active", raw.ha.mode),
+            )
+        })?;
+        let mode = if raw.ha.enabled { mode } else { Mode::Off };
+        let replica_id = match &raw.ha.replica_id {
+            Some(r) => {
+                check_name(r).map_err(|e| err("ha.replica_id", e))?;
+                r.clone()
+            }
+            None if raw.ha.enabled => {
+                return Err(err(
+                    "ha.replica_id",
+                    "required when ha.enabled is true".into(),
+                ));
+            }
+            None => "hub".into(),
+        };
+        let m = &raw.ha.mesh;
+        if let Some(l) = &m.listen {
+            parse_addr(l).map_err(|r| err("ha.mesh.listen", r))?;
+        }
+        for (i, p) in m.peers.iter().enumerate() {
+            if !(p.starts_with("wss://") || p.starts_with("ws://")) {
+                return Err(err(
+                    &format!("ha.mesh.peers[{i}]"),
+                    format!("`{p}` is not a ws:// or wss:// URL"),
+                ));
+            }
+        }
+        if m.send_queue_depth == 0 {
+            return Err(err("ha.mesh.send_queue_depth", "must be > 0".into()));
+        }
+        if m.per_link_max_inflight_bytes < u64::from(t.window_bytes) {
+            return Err(err(
+                "ha.mesh.per_link_max_inflight_bytes",
+                format!("must be at least tunnel.window_bytes ({})", t.window_bytes),
+            ));
+        }
+        if m.connect_backoff_max_sec == 0 {
+            return Err(err("ha.mesh.connect_backoff_max_sec", "must be > 0".into()));
+        }
+        if let Some(tls) = &m.tls {
+            check_readable(&tls.ca_bundle).map_err(|r| err("ha.mesh.tls.ca_bundle", r))?;
+            check_readable(&tls.cert_file).map_err(|r| err("ha.mesh.tls.cert_file", r))?;
+            check_readable(&tls.key_file).map_err(|r| err("ha.mesh.tls.key_file", r))?;
+        }
+        if let Some(f) = &raw.log.format
+            && f != "text"
+            && f != "json"
+        {
+            return Err(err("log.format", format!("`{f}` is not one of text, json")));
+        }
+        let limits = Limits {
+            max_frame: t.max_frame_bytes as usize,
+            ..Limits::default()
+        };
+        Ok(HubConfig {
+            file: file.to_path_buf(),
+            http_bind,
+            listeners,
+            mode,
+            replica_id,
+            limits,
+            raw,
+        })
+    }
+
+    pub fn tunnel_config(&self) -> nowconnect_core::tunnel::TunnelConfig {
+        let t = &self.raw.tunnel;
+        nowconnect_core::tunnel::TunnelConfig {
+            limits: self.limits,
+            window: t.window_bytes,
+            ping_interval: Duration::from_secs(t.ping_interval_sec),
+            idle_timeout: Duration::from_secs(t.idle_timeout_sec),
+            handshake_timeout: Duration::from_secs(t.handshake_timeout_sec),
+            max_flows: t.max_flows_per_agent,
+            dedup_capacity: t.max_flows_per_agent,
+            ..Default::default()
+        }
+    }
+}
+
+// ---------------------------------------------------------------- agent
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentFile {
+    pub agent_id: String,
+    pub hubs: Vec<String>,
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    #[serde(default)]
+    pub tls: Option<AgentTls>,
+    pub connectors: Vec<ConnectorConfig>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_sec: u64,
+    #[serde(default = "default_backoff")]
+    pub reconnect_backoff_max_sec: u64,
+    #[serde(default = "default_window")]
+    pub window_bytes: u32,
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: u32,
+    /// Use only the v1 JSON codec (for hubs that predate v2).
+    #[serde(default)]
+    pub v1_only: bool,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+fn default_connect_timeout() -> u64 {
+    5
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentTls {
+    pub ca_bundle: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorConfig {
+    pub name: String,
+    pub target: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub file: PathBuf,
+    pub raw: AgentFile,
+    pub token: String,
+}
+
+impl AgentConfig {
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text = read_file(file)?;
+        Self::parse(file, &text, std::env::var("NC_TOKEN").ok())
+    }
+
+    pub fn parse(file: &Path, text: &str, env_token: Option<String>) -> Result<Self, ConfigError> {
+        let raw: AgentFile = parse_yaml(file, text)?;
+        let err = |key: &str, reason: String| ConfigError::new(file, key, reason);
+        check_name(&raw.agent_id).map_err(|r| err("agent_id", r))?;
+        if raw.hubs.is_empty() {
+            return Err(err("hubs", "list at least one hub tunnel URL".into()));
+        }
+        for (i, h) in raw.hubs.iter().enumerate() {
+            if !(h.starts_with("ws://") || h.starts_with("wss://")) {
+                return Err(err(
+                    &format!("hubs[{i}]"),
+                    format!("`{h}` is not a ws:// or wss:// URL"),
+                ));
+            }
+        }
+        if raw.connectors.is_empty() {
+            return Err(err("connectors", "list at least one connector".into()));
+        }
+        for (i, c) in raw.connectors.iter().enumerate() {
+            check_name(&c.name).map_err(|r| err(&format!("connectors[{i}].name"), r))?;
+            check_target(&c.target).map_err(|r| err(&format!("connectors[{i}].target"), r))?;
+            if raw.connectors[..i].iter().any(|o| o.name == c.name) {
+                return Err(err(
+                    &format!("connectors[{i}].name"),
+                    format!("duplicate connector `{}`", c.name),
+                ));
+            }
+        }
+        if raw.connect_timeout_sec == 0 {
+            return Err(err("connect_timeout_sec", "must be > 0".into()));
+        }
+        if raw.window_bytes < 1024 {
+            return Err(err("window_bytes", "must be at least 1024".into()));
+        }
+        if let Some(tls) = &raw.tls {
+            check_readable(&tls.ca_bundle).map_err(|r| err("tls.ca_bundle", r))?;
+        }
+        let token = match (&raw.token_file, env_token) {
+            (Some(p), _) => std::fs::read_to_string(p)
+                .map_err(|e| err("token_file", format!("cannot read {}: {e}", p.display())))?
+                .trim()
+                .to_string(),
+            (None, Some(t)) => t.trim().to_string(),
+            (None, None) => {
+                return Err(err(
+                    "token_file",
+                    "no token: set token_file or NC_TOKEN in the environment".into(),
+                ));
+            }
+        };
+        if token.is_empty() {
+            return Err(err("token_file", "the token is empty".into()));
+        }
+        Ok(AgentConfig {
+            file: file.to_path_buf(),
+            raw,
+            token,
+        })
+    }
+}
+
+// ---------------------------------------------------------------- helpers
+
+fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("`{s}` is not an address like 127.0.0.1:8080 or [::1]:389"))
+}
+
+fn check_name(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > 255 {
+        return Err("must be 1 to 255 bytes".into());
+    }
+    if !s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
+    {
+        return Err(format!(
+            "`{s}` may contain only letters, digits, `-`, `_`, `.` and `:`"
+        ));
+    }
+    Ok(())
+}
+
+fn check_target(s: &str) -> Result<(), String> {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("`{s}` is not host:port"));
+    };
+    if host.is_empty() {
+        return Err(format!("`{s}` has no host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("`{s}` has no valid port")),
+    }
+}
+
+fn check_readable(p: &Path) -> Result<(), String> {
+    std::fs::metadata(p)
+        .map(|_| ())
+        .map_err(|e| format!("cannot read {}: {e}", p.display()))
+}

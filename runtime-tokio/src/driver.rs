@@ -1,0 +1,415 @@
+//! Driving a core [`Tunnel`] and piping its flows to TCP sockets.
+//!
+//! One task per tunnel owns the `Tunnel` and a [`TunnelDriver`]. One task per
+//! flow socket runs [`run_flow_socket`]: its reader half sends what it reads
+//! as [`TunnelCmd::Data`], at most [`CHUNKS_IN_FLIGHT`] chunks ahead of what
+//! the core has accepted (the core's per-flow credit is the real bound; this
+//! only keeps the adapter's own buffer small); its writer half writes
+//! [`FlowMsg::Data`] and reports [`TunnelCmd::Consumed`] once written, which is
+//! what grants the peer more credit. No protocol decision is made here.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use nowconnect_core::flow::SendError;
+use nowconnect_core::mux::FlowEvent;
+use nowconnect_core::tunnel::{Tunnel, TunnelEvent};
+use nowconnect_core::{Cid, Epoch, ErrorCode, WsMessage};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::metrics::{Metrics, labels};
+
+/// Largest read from a flow socket.
+pub const READ_CHUNK: usize = 64 * 1024;
+/// Chunks a flow's reader may have handed over and the core not yet taken.
+pub const CHUNKS_IN_FLIGHT: usize = 2;
+
+pub enum TunnelCmd {
+    /// Hub: ownership claimed; send WELCOME.
+    Accept {
+        epoch: Epoch,
+    },
+    Close {
+        code: ErrorCode,
+        reason: String,
+    },
+    /// Hub: open a flow to this connector.
+    OpenFlow {
+        connector: String,
+        reply: oneshot::Sender<Result<FlowEnd, String>>,
+    },
+    Data {
+        cid: Cid,
+        payload: Bytes,
+    },
+    Fin {
+        cid: Cid,
+    },
+    Reset {
+        cid: Cid,
+        code: ErrorCode,
+        reason: String,
+    },
+    Consumed {
+        cid: Cid,
+        n: usize,
+    },
+}
+
+/// What a flow's socket task receives from the tunnel.
+#[derive(Debug)]
+pub enum FlowMsg {
+    Data(Bytes),
+    Fin,
+    Reset { code: ErrorCode, reason: String },
+}
+
+/// The socket side's handle on one flow.
+pub struct FlowEnd {
+    pub cid: Cid,
+    pub connector: String,
+    pub rx: mpsc::UnboundedReceiver<FlowMsg>,
+    pub permits: Arc<Semaphore>,
+    pub cmd: mpsc::UnboundedSender<TunnelCmd>,
+}
+
+struct FlowSlot {
+    tx: mpsc::UnboundedSender<FlowMsg>,
+    permits: Arc<Semaphore>,
+    pending: VecDeque<Bytes>,
+    fin_pending: bool,
+    connector: String,
+}
+
+pub struct TunnelDriver {
+    pub tunnel: Tunnel,
+    flows: BTreeMap<Cid, FlowSlot>,
+    out: mpsc::UnboundedSender<WsMessage>,
+    cmd_tx: mpsc::UnboundedSender<TunnelCmd>,
+    metrics: Arc<Metrics>,
+    reported: nowconnect_core::tunnel::TunnelStats,
+    reported_dups: u64,
+    reported_violations: u64,
+}
+
+impl TunnelDriver {
+    pub fn new(
+        tunnel: Tunnel,
+        out: mpsc::UnboundedSender<WsMessage>,
+        cmd_tx: mpsc::UnboundedSender<TunnelCmd>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        TunnelDriver {
+            tunnel,
+            flows: BTreeMap::new(),
+            out,
+            cmd_tx,
+            metrics,
+            reported: Default::default(),
+            reported_dups: 0,
+            reported_violations: 0,
+        }
+    }
+
+    pub fn flow_count(&self) -> usize {
+        self.flows.len()
+    }
+
+    /// Register a flow the core already knows (opened here or by the peer).
+    pub fn attach_flow(&mut self, cid: Cid, connector: &str) -> FlowEnd {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let permits = Arc::new(Semaphore::new(CHUNKS_IN_FLIGHT));
+        self.flows.insert(
+            cid,
+            FlowSlot {
+                tx,
+                permits: permits.clone(),
+                pending: VecDeque::new(),
+                fin_pending: false,
+                connector: connector.to_string(),
+            },
+        );
+        self.metrics
+            .flows_active
+            .get_or_create(&labels(&[("connector", connector)]))
+            .inc();
+        FlowEnd {
+            cid,
+            connector: connector.to_string(),
+            rx,
+            permits,
+            cmd: self.cmd_tx.clone(),
+        }
+    }
+
+    fn detach(&mut self, cid: Cid) -> Option<FlowSlot> {
+        let slot = self.flows.remove(&cid)?;
+        self.metrics
+            .flows_active
+            .get_or_create(&labels(&[("connector", &slot.connector)]))
+            .dec();
+        // Wake a reader waiting for a permit so it notices the flow is over.
+        slot.permits.close();
+        Some(slot)
+    }
+
+    /// Apply a command; `Accept`, `Close` and `OpenFlow` are handled here too.
+    pub fn on_cmd(&mut self, now: Instant, cmd: TunnelCmd) {
+        match cmd {
+            TunnelCmd::Accept { epoch } => self.tunnel.accept(now, epoch),
+            TunnelCmd::Close { code, reason } => self.tunnel.close(code, &reason),
+            TunnelCmd::OpenFlow { connector, reply } => {
+                let res = match self.tunnel.open_flow(&connector) {
+                    Ok(cid) => Ok(self.attach_flow(cid, &connector)),
+                    Err(SendError::QueueFull(n)) => Err(format!("agent flow limit of {n} reached")),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(Ok(end)) = reply.send(res) {
+                    // The client went away while we opened: abort the flow.
+                    self.on_cmd(
+                        now,
+                        TunnelCmd::Reset {
+                            cid: end.cid,
+                            code: ErrorCode::ConnectionReset,
+                            reason: "client closed before the flow opened".into(),
+                        },
+                    );
+                }
+            }
+            TunnelCmd::Data { cid, payload } => {
+                if let Some(slot) = self.flows.get_mut(&cid) {
+                    slot.pending.push_back(payload);
+                    self.push_pending(cid);
+                }
+            }
+            TunnelCmd::Fin { cid } => {
+                if let Some(slot) = self.flows.get_mut(&cid) {
+                    slot.fin_pending = true;
+                    self.push_pending(cid);
+                }
+            }
+            TunnelCmd::Reset { cid, code, reason } => {
+                if self.detach(cid).is_some() {
+                    self.tunnel.reset_flow(cid, code, &reason);
+                    self.metrics
+                        .flow_resets
+                        .get_or_create(&labels(&[("code", code.as_str())]))
+                        .inc();
+                }
+            }
+            TunnelCmd::Consumed { cid, n } => self.tunnel.consumed(cid, n),
+        }
+    }
+
+    /// Hand queued chunks to the core as far as its credit allows; release a
+    /// reader permit per chunk fully taken; send FIN once all data is in.
+    fn push_pending(&mut self, cid: Cid) {
+        let Some(slot) = self.flows.get_mut(&cid) else {
+            return;
+        };
+        while let Some(front) = slot.pending.front_mut() {
+            let credit = self.tunnel.send_credit(cid) as usize;
+            if credit == 0 {
+                return;
+            }
+            let take = credit.min(front.len());
+            let chunk = front.split_to(take);
+            if let Err(e) = self.tunnel.send_data(cid, chunk) {
+                tracing::warn!(cid, error = %e, "send on flow failed");
+                return;
+            }
+            if front.is_empty() {
+                slot.pending.pop_front();
+                slot.permits.add_permits(1);
+            }
+        }
+        if slot.fin_pending {
+            slot.fin_pending = false;
+            let _ = self.tunnel.send_fin(cid);
+        }
+    }
+
+    /// Dispatch flow events to their sockets; return the tunnel-level events.
+    pub fn drain(&mut self) -> Vec<TunnelEvent> {
+        let mut rest = Vec::new();
+        while let Some(ev) = self.tunnel.poll_event() {
+            match ev {
+                TunnelEvent::Flow(fe) => self.on_flow_event(fe),
+                TunnelEvent::Rtt(d) => {
+                    self.metrics.tunnel_rtt.observe(d.as_secs_f64());
+                }
+                other => rest.push(other),
+            }
+        }
+        rest
+    }
+
+    fn on_flow_event(&mut self, fe: FlowEvent) {
+        match fe {
+            FlowEvent::Data { cid, payload } => {
+                if let Some(slot) = self.flows.get(&cid) {
+                    let _ = slot.tx.send(FlowMsg::Data(payload));
+                }
+            }
+            FlowEvent::Fin { cid } => {
+                if let Some(slot) = self.flows.get(&cid) {
+                    let _ = slot.tx.send(FlowMsg::Fin);
+                }
+            }
+            FlowEvent::Reset { cid, code, reason } => {
+                if let Some(slot) = self.detach(cid) {
+                    self.metrics
+                        .flow_resets
+                        .get_or_create(&labels(&[("code", code.as_str())]))
+                        .inc();
+                    let _ = slot.tx.send(FlowMsg::Reset { code, reason });
+                }
+            }
+            FlowEvent::Writable { cid, .. } => self.push_pending(cid),
+            FlowEvent::Closed { cid } => {
+                self.detach(cid);
+            }
+        }
+    }
+
+    /// Move everything the core wants sent to the socket writer.
+    pub fn flush(&mut self) {
+        while let Some(m) = self.tunnel.poll_transmit() {
+            let _ = self.out.send(m);
+        }
+    }
+
+    /// Add the core's counters since the last call to the metrics.
+    pub fn report(&mut self) {
+        let s = &self.tunnel.stats;
+        for (dir, now, before) in [
+            ("in", &s.frames_in, &mut self.reported.frames_in),
+            ("out", &s.frames_out, &mut self.reported.frames_out),
+        ] {
+            for (t, n) in now {
+                let old = before.entry(*t).or_default();
+                if *n > *old {
+                    self.metrics
+                        .tunnel_frames
+                        .get_or_create(&labels(&[("dir", dir), ("type", t.as_str())]))
+                        .inc_by(*n - *old);
+                    *old = *n;
+                }
+            }
+        }
+        let mux = &self.tunnel.mux().stats;
+        if mux.duplicates_dropped > self.reported_dups {
+            self.metrics
+                .cid_dedup_dropped
+                .inc_by(mux.duplicates_dropped - self.reported_dups);
+            self.reported_dups = mux.duplicates_dropped;
+        }
+        let violations = mux.protocol_violations + s.decode_errors + s.unexpected_frames;
+        if violations > self.reported_violations {
+            self.metrics
+                .protocol_errors
+                .inc_by(violations - self.reported_violations);
+            self.reported_violations = violations;
+        }
+    }
+}
+
+/// Pipe one TCP socket and one flow until both directions end or either side
+/// resets. `up` names the byte direction of what is read from this socket.
+pub async fn run_flow_socket(
+    stream: TcpStream,
+    end: FlowEnd,
+    metrics: Arc<Metrics>,
+    up: &'static str,
+    down: &'static str,
+) {
+    let _ = stream.set_nodelay(true);
+    let (mut rd, mut wr) = stream.into_split();
+    let FlowEnd {
+        cid,
+        connector: _,
+        mut rx,
+        permits,
+        cmd,
+    } = end;
+    let reader_cmd = cmd.clone();
+    let reader_metrics = metrics.clone();
+    let reader = tokio::spawn(async move {
+        let bytes_up = reader_metrics
+            .bytes
+            .get_or_create(&labels(&[("dir", up)]))
+            .clone();
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        loop {
+            match permits.acquire().await {
+                Ok(p) => p.forget(),
+                Err(_) => return, // flow over
+            }
+            if buf.capacity() < READ_CHUNK / 4 {
+                buf.reserve(READ_CHUNK);
+            }
+            match rd.read_buf(&mut buf).await {
+                Ok(0) => {
+                    let _ = reader_cmd.send(TunnelCmd::Fin { cid });
+                    return;
+                }
+                Ok(n) => {
+                    bytes_up.inc_by(n as u64);
+                    let payload = buf.split().freeze();
+                    if reader_cmd.send(TunnelCmd::Data { cid, payload }).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = reader_cmd.send(TunnelCmd::Reset {
+                        cid,
+                        code: ErrorCode::ConnectionReset,
+                        reason: format!("read error: {e}"),
+                    });
+                    return;
+                }
+            }
+        }
+    });
+    let bytes_down = metrics
+        .bytes
+        .get_or_create(&labels(&[("dir", down)]))
+        .clone();
+    let mut reset = false;
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            FlowMsg::Data(b) => {
+                let n = b.len();
+                if let Err(e) = wr.write_all(&b).await {
+                    let _ = cmd.send(TunnelCmd::Reset {
+                        cid,
+                        code: ErrorCode::ConnectionReset,
+                        reason: format!("write error: {e}"),
+                    });
+                    reset = true;
+                    break;
+                }
+                bytes_down.inc_by(n as u64);
+                let _ = cmd.send(TunnelCmd::Consumed { cid, n });
+            }
+            FlowMsg::Fin => {
+                let _ = wr.shutdown().await;
+            }
+            FlowMsg::Reset { code, reason } => {
+                tracing::debug!(cid, %code, %reason, "flow reset");
+                reset = true;
+                break;
+            }
+        }
+    }
+    if reset {
+        reader.abort();
+        // Dropping both halves closes the socket at once.
+        return;
+    }
+    let _ = reader.await;
+}

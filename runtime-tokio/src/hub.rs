@@ -1,0 +1,656 @@
+//! The hub process: HTTP (`/tunnel`, `/healthz`, `/readyz`, `/metrics`),
+//! one task per agent tunnel, one accept loop per listener, one task per
+//! client connection, and the control loop around the core [`Hub`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use futures_util::{SinkExt, StreamExt};
+use nowconnect_core::hub::{Hub, HubConfig as CoreHubConfig, HubOutput, TunnelId};
+use nowconnect_core::registry::MemoryRegistry;
+use nowconnect_core::routing::Route;
+use nowconnect_core::tunnel::{Tunnel, TunnelEvent};
+use nowconnect_core::{ErrorCode, WsMessage};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
+
+use crate::config::HubConfig;
+use crate::driver::{FlowEnd, TunnelCmd, TunnelDriver, run_flow_socket};
+use crate::jwt::Verifier;
+use crate::metrics::{Metrics, labels};
+
+/// The control state shared by all tasks (not on the data path).
+struct Control {
+    hub: Hub,
+    registry: MemoryRegistry,
+    tunnels: BTreeMap<TunnelId, mpsc::UnboundedSender<TunnelCmd>>,
+    routes: BTreeMap<u64, oneshot::Sender<Route>>,
+}
+
+pub struct Shared {
+    cfg: HubConfig,
+    metrics: Arc<Metrics>,
+    verifier: Verifier,
+    control: Mutex<Control>,
+    control_wake: Notify,
+    next_id: AtomicU64,
+    active_clients: AtomicUsize,
+    draining: watch::Sender<bool>,
+}
+
+/// A running hub: its bound addresses and a way to stop it.
+pub struct HubHandle {
+    pub http_addr: SocketAddr,
+    pub listener_addrs: Vec<(String, SocketAddr)>,
+    shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl HubHandle {
+    /// Graceful stop: refuse new work, let flows finish up to the grace
+    /// period, then close everything.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.done.await;
+    }
+
+    pub fn active_clients(&self) -> usize {
+        self.shared.active_clients.load(Ordering::Relaxed)
+    }
+
+    pub fn wait(self) -> tokio::task::JoinHandle<()> {
+        // Keep the stop sender alive as long as the hub runs.
+        let stop = self.stop;
+        tokio::spawn(async move {
+            let _ = self.done.await;
+            drop(stop);
+        })
+    }
+}
+
+impl Shared {
+    fn now() -> Instant {
+        Instant::now()
+    }
+
+    fn id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Run `f` on the control state, then perform every output it caused.
+    fn with_control<R>(&self, f: impl FnOnce(&mut Control, Instant) -> R) -> R {
+        let now = Self::now();
+        let mut c = self.control.lock().expect("control lock");
+        let r = f(&mut c, now);
+        self.pump(&mut c, now);
+        drop(c);
+        self.control_wake.notify_one();
+        r
+    }
+
+    fn pump(&self, c: &mut Control, now: Instant) {
+        while let Some(out) = c.hub.poll_output() {
+            match out {
+                HubOutput::Registry { op, call } => {
+                    let r = c.registry.apply(now, &call);
+                    if r.is_err() {
+                        self.metrics.registry_errors.inc();
+                    }
+                    c.hub.registry_reply(now, op, r);
+                }
+                HubOutput::AcceptTunnel { tunnel, epoch } => {
+                    if let Some(tx) = c.tunnels.get(&tunnel) {
+                        let _ = tx.send(TunnelCmd::Accept { epoch });
+                    }
+                }
+                HubOutput::CloseTunnel {
+                    tunnel,
+                    code,
+                    reason,
+                } => {
+                    tracing::warn!(target: "nowconnect::security", tunnel, %code, %reason, "closing agent tunnel");
+                    if let Some(tx) = c.tunnels.get(&tunnel) {
+                        let _ = tx.send(TunnelCmd::Close { code, reason });
+                    }
+                }
+                HubOutput::Route { client, route } => {
+                    if let Some(tx) = c.routes.remove(&client) {
+                        let _ = tx.send(route);
+                    }
+                }
+            }
+        }
+        self.metrics
+            .agents_connected
+            .set(c.hub.agent_count() as i64);
+        self.metrics
+            .registry_healthy
+            .set(i64::from(c.hub.registry_healthy()));
+        for (kind, n) in &c.hub.counters.shadow_would {
+            let g = self
+                .metrics
+                .shadow_would_route
+                .get_or_create(&labels(&[("route", kind)]));
+            let cur = g.get();
+            if *n > cur {
+                g.inc_by(*n - cur);
+            }
+        }
+        let mismatches = c.hub.counters.epoch_mismatch;
+        let cur = self.metrics.owner_epoch_mismatch.get();
+        if mismatches > cur {
+            self.metrics.owner_epoch_mismatch.inc_by(mismatches - cur);
+        }
+    }
+
+    fn readiness(&self) -> Vec<String> {
+        let c = self.control.lock().expect("control lock");
+        c.hub.readiness(self.cfg.raw.ha.mesh.peers.len())
+    }
+}
+
+/// Start a hub: bind every socket (failing fast with the address that could
+/// not be bound), then serve until `shutdown` is called.
+pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
+    let metrics = Arc::new(Metrics::new());
+    let verifier = Verifier::from_config(&cfg.raw.tunnel.jwt)
+        .map_err(|e| format!("{}: tunnel.jwt: {e}", cfg.file.display()))?;
+    let now = Instant::now();
+    let core_cfg = CoreHubConfig {
+        replica_id: cfg.replica_id.clone(),
+        mode: cfg.mode,
+        max_agents: cfg.raw.limits.max_agents,
+        ..CoreHubConfig::default()
+    };
+    let seed = rand::random::<u64>();
+    let (draining, _) = watch::channel(false);
+    let shared = Arc::new(Shared {
+        metrics,
+        verifier,
+        control: Mutex::new(Control {
+            hub: Hub::new(now, core_cfg, seed),
+            registry: MemoryRegistry::new(),
+            tunnels: BTreeMap::new(),
+            routes: BTreeMap::new(),
+        }),
+        control_wake: Notify::new(),
+        next_id: AtomicU64::new(1),
+        active_clients: AtomicUsize::new(0),
+        draining,
+        cfg,
+    });
+
+    let http = TcpListener::bind(shared.cfg.http_bind)
+        .await
+        .map_err(|e| format!("http.bind {}: {e}", shared.cfg.http_bind))?;
+    let http_addr = http.local_addr().map_err(|e| e.to_string())?;
+    let mut listeners = Vec::new();
+    for (name, addr, connector) in &shared.cfg.listeners {
+        let l = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("listener `{name}` bind {addr}: {e}"))?;
+        let bound = l.local_addr().map_err(|e| e.to_string())?;
+        listeners.push((name.clone(), bound, connector.clone(), l));
+    }
+    let listener_addrs = listeners
+        .iter()
+        .map(|(n, a, _, _)| (n.clone(), *a))
+        .collect();
+
+    let (stop, mut stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(control_timer(shared.clone())));
+    for (name, _, connector, l) in listeners {
+        tasks.push(tokio::spawn(accept_loop(
+            shared.clone(),
+            name,
+            connector,
+            l,
+        )));
+    }
+    let app = Router::new()
+        .route("/tunnel", get(tunnel_handler))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_handler))
+        .with_state(shared.clone());
+    let mut http_stop = stop_rx.clone();
+    let server = tokio::spawn(async move {
+        let r = axum::serve(
+            http,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = http_stop.wait_for(|v| *v).await;
+        })
+        .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "http server failed");
+        }
+    });
+
+    let s2 = shared.clone();
+    let done = tokio::spawn(async move {
+        let _ = stop_rx.wait_for(|v| *v).await;
+        drain(&s2).await;
+        for t in tasks {
+            t.abort();
+        }
+        // Close every tunnel (its flows end with `shutdown`).
+        let tunnels: Vec<_> = s2
+            .control
+            .lock()
+            .expect("control lock")
+            .tunnels
+            .values()
+            .cloned()
+            .collect();
+        for tx in tunnels {
+            let _ = tx.send(TunnelCmd::Close {
+                code: ErrorCode::Shutdown,
+                reason: "hub shutting down".into(),
+            });
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    });
+    Ok(HubHandle {
+        http_addr,
+        listener_addrs,
+        shared,
+        stop,
+        done,
+    })
+}
+
+/// Stop taking new flows and tunnels; wait for open client flows to end, up
+/// to the grace period.
+async fn drain(shared: &Arc<Shared>) {
+    let _ = shared.draining.send(true);
+    shared.with_control(|c, _| c.hub.drain());
+    let grace = Duration::from_secs(shared.cfg.raw.shutdown_grace_sec);
+    let deadline = tokio::time::Instant::now() + grace;
+    let open = shared.active_clients.load(Ordering::Relaxed);
+    tracing::info!(open_flows = open, grace_sec = grace.as_secs(), "draining");
+    while shared.active_clients.load(Ordering::Relaxed) > 0
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = shared.active_clients.load(Ordering::Relaxed);
+    if left > 0 {
+        tracing::warn!(open_flows = left, "grace period over; closing open flows");
+    }
+}
+
+async fn control_timer(shared: Arc<Shared>) {
+    loop {
+        let deadline = shared
+            .control
+            .lock()
+            .expect("control lock")
+            .hub
+            .poll_timeout();
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sleep => shared.with_control(|c, now| c.hub.handle_timeout(now)),
+            _ = shared.control_wake.notified() => {}
+        }
+    }
+}
+
+// ---------------------------------------------------------------- HTTP
+
+async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
+    let reasons = shared.readiness();
+    if reasons.is_empty() {
+        (
+            StatusCode::OK,
+            axum::Json(serde_json::json!({"status": "ready"})),
+        )
+            .into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({"status": "degraded", "reasons": reasons})),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics_handler(State(shared): State<Arc<Shared>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        shared.metrics.render(),
+    )
+        .into_response()
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    v.strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))
+        .map(str::trim)
+}
+
+async fn tunnel_handler(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let refuse = |label: &'static str, detail: String| {
+        shared
+            .metrics
+            .auth_failures
+            .get_or_create(&labels(&[("reason", label)]))
+            .inc();
+        tracing::warn!(target: "nowconnect::security", %peer, reason = label, %detail, "tunnel refused before upgrade");
+        (StatusCode::UNAUTHORIZED, format!("{label}: {detail}\n")).into_response()
+    };
+    if *shared.draining.borrow() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "hub is draining\n").into_response();
+    }
+    let Some(token) = bearer(&headers) else {
+        return refuse("missing_token", "no `Authorization: Bearer` header".into());
+    };
+    let identity = match shared.verifier.verify(token) {
+        Ok(id) => id,
+        Err(e) => return refuse(e.label, e.detail),
+    };
+    let max = shared.cfg.limits.max_frame;
+    ws.max_message_size(max + 1024)
+        .max_frame_size(max + 1024)
+        .on_upgrade(move |socket| run_tunnel(shared, socket, identity, peer))
+}
+
+// ---------------------------------------------------------------- tunnels
+
+async fn run_tunnel(
+    shared: Arc<Shared>,
+    socket: WebSocket,
+    identity: crate::jwt::AgentIdentity,
+    peer: SocketAddr,
+) {
+    let tunnel_id = shared.id();
+    let (mut sink, mut stream) = socket.split();
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<WsMessage>();
+    let writer = tokio::spawn(async move {
+        while let Some(m) = out_rx.recv().await {
+            let mut batch = vec![m];
+            while batch.len() < 64 {
+                match out_rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            for m in batch {
+                let msg = match m {
+                    WsMessage::Text(s) => Message::Text(s.into()),
+                    WsMessage::Binary(b) => Message::Binary(b),
+                };
+                if sink.feed(msg).await.is_err() {
+                    return;
+                }
+            }
+            if sink.flush().await.is_err() {
+                return;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel();
+    shared
+        .control
+        .lock()
+        .expect("control lock")
+        .tunnels
+        .insert(tunnel_id, cmd_tx.clone());
+    let tunnel = Tunnel::hub(Instant::now(), shared.cfg.tunnel_config());
+    let mut d = TunnelDriver::new(tunnel, out_tx, cmd_tx, shared.metrics.clone());
+    let mut agent_id = identity.agent_id.clone();
+    let mut report_at = tokio::time::Instant::now() + Duration::from_secs(1);
+    tracing::info!(tunnel = tunnel_id, %peer, agent = %identity.agent_id, "agent tunnel connected");
+    loop {
+        let deadline = d
+            .tunnel
+            .poll_timeout()
+            .map(|(at, _)| tokio::time::Instant::from_std(at));
+        let timer = async {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at.min(report_at)).await,
+                None => tokio::time::sleep_until(report_at).await,
+            }
+        };
+        tokio::select! {
+            msg = stream.next() => {
+                let now = Instant::now();
+                match msg {
+                    Some(Ok(Message::Binary(b))) => d.tunnel.handle_message(now, &WsMessage::Binary(b)),
+                    Some(Ok(Message::Text(t))) => d.tunnel.handle_message(now, &WsMessage::Text(t.as_str().to_owned())),
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                    Some(Ok(Message::Close(f))) => {
+                        let why = f.map(|f| f.reason.to_string()).unwrap_or_default();
+                        d.tunnel.on_disconnected(&format!("agent closed the tunnel {why}"));
+                    }
+                    Some(Err(e)) => d.tunnel.on_disconnected(&format!("tunnel read error: {e}")),
+                    None => d.tunnel.on_disconnected("tunnel closed by the agent"),
+                }
+            }
+            cmd = cmd_rx.recv() => {
+                let now = Instant::now();
+                if let Some(cmd) = cmd {
+                    d.on_cmd(now, cmd);
+                    for _ in 0..256 {
+                        match cmd_rx.try_recv() {
+                            Ok(c) => d.on_cmd(now, c),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            _ = timer => {
+                let now = Instant::now();
+                d.tunnel.handle_timeout(now);
+                if tokio::time::Instant::now() >= report_at {
+                    d.report();
+                    report_at = tokio::time::Instant::now() + Duration::from_secs(1);
+                }
+            }
+        }
+        let mut closed = None;
+        for ev in d.drain() {
+            match ev {
+                TunnelEvent::Hello {
+                    agent_id: hello_id,
+                    connectors,
+                } => {
+                    if hello_id != identity.agent_id {
+                        let reason = format!(
+                            "HELLO names agent `{hello_id}` but the token is for `{}`",
+                            identity.agent_id
+                        );
+                        shared
+                            .metrics
+                            .auth_failures
+                            .get_or_create(&labels(&[("reason", "agent_mismatch")]))
+                            .inc();
+                        tracing::warn!(target: "nowconnect::security", tunnel = tunnel_id, %reason, "tunnel refused");
+                        d.tunnel.close(ErrorCode::Refused, &reason);
+                        continue;
+                    }
+                    agent_id = hello_id.clone();
+                    let scope = identity.scope.clone();
+                    shared.with_control(|c, now| {
+                        c.hub
+                            .tunnel_hello(now, tunnel_id, &hello_id, &connectors, scope.as_deref())
+                    });
+                }
+                TunnelEvent::Established { epoch, codec } => {
+                    shared
+                        .metrics
+                        .tunnels
+                        .get_or_create(&labels(&[("result", "accepted")]))
+                        .inc();
+                    tracing::info!(tunnel = tunnel_id, agent = %agent_id, epoch = epoch.0, codec = codec.as_str(), "agent tunnel established");
+                }
+                TunnelEvent::Closed { code, reason } => closed = Some((code, reason)),
+                TunnelEvent::Open { .. } | TunnelEvent::Flow(_) | TunnelEvent::Rtt(_) => {}
+            }
+        }
+        // Dispatch again: closing produced flow resets.
+        d.drain();
+        d.flush();
+        if let Some((code, reason)) = closed {
+            let result = if matches!(code, ErrorCode::LinkLost | ErrorCode::Shutdown) {
+                "closed"
+            } else {
+                "refused"
+            };
+            shared
+                .metrics
+                .tunnels
+                .get_or_create(&labels(&[("result", result)]))
+                .inc();
+            tracing::info!(tunnel = tunnel_id, agent = %agent_id, %code, %reason, "agent tunnel closed");
+            break;
+        }
+    }
+    d.report();
+    drop(d);
+    shared.with_control(|c, now| {
+        c.tunnels.remove(&tunnel_id);
+        c.hub.tunnel_closed(now, tunnel_id);
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+}
+
+// ---------------------------------------------------------------- clients
+
+async fn accept_loop(shared: Arc<Shared>, name: String, connector: String, listener: TcpListener) {
+    tracing::info!(listener = %name, addr = ?listener.local_addr().ok(), %connector, "listening");
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: back off, do not spin.
+                tracing::warn!(listener = %name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if *shared.draining.borrow() {
+            refuse_client(&shared, "shutdown");
+            continue;
+        }
+        if shared.active_clients.load(Ordering::Relaxed)
+            >= shared.cfg.raw.limits.max_client_connections
+        {
+            refuse_client(&shared, "limit_exceeded");
+            tracing::warn!(listener = %name, %peer, "client connection limit reached");
+            continue;
+        }
+        tokio::spawn(serve_client(
+            shared.clone(),
+            connector.clone(),
+            stream,
+            peer,
+        ));
+    }
+}
+
+fn refuse_client(shared: &Shared, reason: &str) {
+    shared
+        .metrics
+        .client_connections_refused
+        .get_or_create(&labels(&[("reason", reason)]))
+        .inc();
+}
+
+struct ActiveGuard<'a>(&'a AtomicUsize);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve_client(shared: Arc<Shared>, connector: String, stream: TcpStream, peer: SocketAddr) {
+    shared.active_clients.fetch_add(1, Ordering::Relaxed);
+    let _guard = ActiveGuard(&shared.active_clients);
+    let client = shared.id();
+    let (tx, rx) = oneshot::channel();
+    shared.with_control(|c, now| {
+        c.routes.insert(client, tx);
+        c.hub.client_connected(now, client, &connector);
+    });
+    let Ok(route) = rx.await else {
+        return;
+    };
+    let (tunnel, agent_id) = match route {
+        Route::Local { tunnel, agent_id } => (tunnel, agent_id),
+        Route::Mesh { replica_id, .. } => {
+            refuse_client(&shared, ErrorCode::MeshUnavailable.as_str());
+            tracing::warn!(%peer, %connector, owner = %replica_id, "cross-replica flow refused: no mesh in this build");
+            return;
+        }
+        Route::Refuse { code, reason } => {
+            refuse_client(&shared, code.as_str());
+            tracing::warn!(%peer, %connector, %code, %reason, "client connection refused");
+            return;
+        }
+    };
+    let cmd = shared
+        .control
+        .lock()
+        .expect("control lock")
+        .tunnels
+        .get(&tunnel)
+        .cloned();
+    let (rtx, rrx) = oneshot::channel();
+    if let Some(cmd) = &cmd {
+        let _ = cmd.send(TunnelCmd::OpenFlow {
+            connector: connector.clone(),
+            reply: rtx,
+        });
+    }
+    let end: FlowEnd = match rrx.await {
+        Ok(Ok(end)) => end,
+        Ok(Err(reason)) => {
+            refuse_client(&shared, ErrorCode::LimitExceeded.as_str());
+            tracing::warn!(%peer, %connector, agent = %agent_id, %reason, "client connection refused");
+            return;
+        }
+        Err(_) => {
+            refuse_client(&shared, ErrorCode::LinkLost.as_str());
+            tracing::warn!(%peer, %connector, agent = %agent_id, "client connection refused: the agent tunnel went away");
+            return;
+        }
+    };
+    tracing::debug!(%peer, %connector, agent = %agent_id, cid = end.cid, "flow opened");
+    shared.with_control(|c, _| c.hub.flow_started(tunnel));
+    shared
+        .metrics
+        .flows
+        .get_or_create(&labels(&[("connector", &connector), ("route", "local")]))
+        .inc();
+    run_flow_socket(stream, end, shared.metrics.clone(), "up", "down").await;
+    shared.with_control(|c, _| c.hub.flow_ended(tunnel));
+}

@@ -1,0 +1,225 @@
+//! Prometheus metrics (prometheus-client). Every metric name of DESIGN.md is
+//! registered here, plus the flow, byte, agent and registry figures an
+//! operator needs; `docs/operations.md` lists them.
+//!
+//! prometheus-client appends `_total` to counter names on export.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+pub type Labels = Vec<(String, String)>;
+
+pub fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+pub struct Metrics {
+    registry: Registry,
+    // mesh (DESIGN.md names)
+    pub mesh_links: Family<Labels, Gauge>,
+    pub mesh_frames: Family<Labels, Counter>,
+    pub mesh_rtt: Histogram,
+    pub owner_epoch_mismatch: Counter,
+    pub cid_dedup_dropped: Counter,
+    pub mesh_backpressure_drops: Family<Labels, Counter>,
+    pub mesh_link_reconnects: Counter,
+    pub mesh_link_errors: Counter,
+    pub mesh_link_queue_frames: Family<Labels, Gauge>,
+    pub mesh_link_inflight_bytes: Family<Labels, Gauge>,
+    // tunnels and agents
+    pub agents_connected: Gauge,
+    pub tunnels: Family<Labels, Counter>,
+    pub tunnel_frames: Family<Labels, Counter>,
+    pub tunnel_rtt: Histogram,
+    pub auth_failures: Family<Labels, Counter>,
+    pub protocol_errors: Counter,
+    // flows
+    pub flows_active: Family<Labels, Gauge>,
+    pub flows: Family<Labels, Counter>,
+    pub flow_resets: Family<Labels, Counter>,
+    pub bytes: Family<Labels, Counter>,
+    pub client_connections_refused: Family<Labels, Counter>,
+    // registry and routing
+    pub registry_healthy: Gauge,
+    pub registry_errors: Counter,
+    pub shadow_would_route: Family<Labels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Metrics {
+            mesh_links: Family::default(),
+            mesh_frames: Family::default(),
+            mesh_rtt: Histogram::new([
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5,
+            ]),
+            owner_epoch_mismatch: Counter::default(),
+            cid_dedup_dropped: Counter::default(),
+            mesh_backpressure_drops: Family::default(),
+            mesh_link_reconnects: Counter::default(),
+            mesh_link_errors: Counter::default(),
+            mesh_link_queue_frames: Family::default(),
+            mesh_link_inflight_bytes: Family::default(),
+            agents_connected: Gauge::default(),
+            tunnels: Family::default(),
+            tunnel_frames: Family::default(),
+            tunnel_rtt: Histogram::new([
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
+            ]),
+            auth_failures: Family::default(),
+            protocol_errors: Counter::default(),
+            flows_active: Family::default(),
+            flows: Family::default(),
+            flow_resets: Family::default(),
+            bytes: Family::default(),
+            client_connections_refused: Family::default(),
+            registry_healthy: Gauge::default(),
+            registry_errors: Counter::default(),
+            shadow_would_route: Family::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "nowconnect_mesh_links",
+            "Mesh links by peer and state (1 = in that state)",
+            m.mesh_links.clone(),
+        );
+        r.register(
+            "nowconnect_mesh_frames",
+            "Mesh frames by direction and type",
+            m.mesh_frames.clone(),
+        );
+        r.register(
+            "nowconnect_mesh_rtt_seconds",
+            "Mesh link round-trip time from ping/pong",
+            m.mesh_rtt.clone(),
+        );
+        r.register(
+            "nowconnect_owner_epoch_mismatch",
+            "Opens, frames or renewals refused for a stale ownership epoch",
+            m.owner_epoch_mismatch.clone(),
+        );
+        r.register(
+            "nowconnect_cid_dedup_dropped",
+            "Duplicate DATA frames dropped",
+            m.cid_dedup_dropped.clone(),
+        );
+        r.register(
+            "nowconnect_mesh_backpressure_drops",
+            "Mesh sends refused for backpressure, by peer and reason (the flow waits; nothing is lost)",
+            m.mesh_backpressure_drops.clone(),
+        );
+        r.register(
+            "nowconnect_mesh_link_reconnects",
+            "Mesh link reconnect attempts",
+            m.mesh_link_reconnects.clone(),
+        );
+        r.register(
+            "nowconnect_mesh_link_errors",
+            "Mesh link failures",
+            m.mesh_link_errors.clone(),
+        );
+        r.register(
+            "nowconnect_mesh_link_queue_frames",
+            "Frames queued on a mesh link",
+            m.mesh_link_queue_frames.clone(),
+        );
+        r.register(
+            "nowconnect_mesh_link_inflight_bytes",
+            "Bytes sent on a mesh link and not yet credited back",
+            m.mesh_link_inflight_bytes.clone(),
+        );
+        r.register(
+            "nowconnect_agents_connected",
+            "Agent tunnels owned by this hub",
+            m.agents_connected.clone(),
+        );
+        r.register(
+            "nowconnect_tunnels",
+            "Agent tunnels by result (accepted, refused, closed)",
+            m.tunnels.clone(),
+        );
+        r.register(
+            "nowconnect_tunnel_frames",
+            "Tunnel frames by direction and type",
+            m.tunnel_frames.clone(),
+        );
+        r.register(
+            "nowconnect_tunnel_rtt_seconds",
+            "Tunnel keepalive round-trip time",
+            m.tunnel_rtt.clone(),
+        );
+        r.register(
+            "nowconnect_tunnel_auth_failures",
+            "Refused /tunnel requests by reason",
+            m.auth_failures.clone(),
+        );
+        r.register(
+            "nowconnect_protocol_errors",
+            "Protocol violations by peers (flow or link closed)",
+            m.protocol_errors.clone(),
+        );
+        r.register(
+            "nowconnect_flows_active",
+            "Open flows by connector",
+            m.flows_active.clone(),
+        );
+        r.register(
+            "nowconnect_flows",
+            "Flows started by connector and route",
+            m.flows.clone(),
+        );
+        r.register(
+            "nowconnect_flow_resets",
+            "Flows ended by reset, by code",
+            m.flow_resets.clone(),
+        );
+        r.register(
+            "nowconnect_bytes",
+            "Flow payload bytes by direction (up: client to target)",
+            m.bytes.clone(),
+        );
+        r.register(
+            "nowconnect_client_connections_refused",
+            "Client connections refused by reason",
+            m.client_connections_refused.clone(),
+        );
+        r.register(
+            "nowconnect_registry_healthy",
+            "1 when the registry answers",
+            m.registry_healthy.clone(),
+        );
+        r.register(
+            "nowconnect_registry_errors",
+            "Registry calls that failed or timed out",
+            m.registry_errors.clone(),
+        );
+        r.register(
+            "nowconnect_shadow_would_route",
+            "Shadow mode: the route active mode would have taken",
+            m.shadow_would_route.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut s, &self.registry);
+        s
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
