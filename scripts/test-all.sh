@@ -29,5 +29,8 @@ echo "==> rustfmt"
 cargo fmt --all --check
 echo "==> clippy (-D warnings)"
 cargo clippy --workspace --all-targets --release -- -D warnings
+echo "==> building the binary under test"
+cargo build --release -p nowconnect-tokio --bin nowconnect --target-dir target/e2e
+export NOWCONNECT_BIN="$PWD/target/e2e/release/nowconnect"
 echo "==> tests"
 cargo test --workspace --release

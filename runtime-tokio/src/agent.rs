@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::config::AgentConfig;
-use crate::driver::{FlowEnd, TunnelCmd, TunnelDriver, run_flow_socket};
+use crate::driver::{FlowEnd, Outgoing, TunnelCmd, TunnelDriver, run_flow_socket};
 use crate::metrics::Metrics;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -166,6 +166,11 @@ impl AgentRuntime {
                     }
                 }
             }
+            // Send what those outputs queued (RSTs) before waiting again.
+            if let Some(c) = conn.as_mut() {
+                c.driver.drain();
+                c.driver.flush();
+            }
             let agent_deadline = agent.poll_timeout();
             let tunnel_deadline = conn
                 .as_ref()
@@ -185,7 +190,7 @@ impl AgentRuntime {
                     if let Some(c) = conn.as_mut() {
                         c.driver.tunnel.close(ErrorCode::Shutdown, "agent shutting down");
                         c.driver.drain();
-                        c.driver.flush();
+                        c.driver.close_socket(ErrorCode::Shutdown, "agent shutting down");
                     }
                     agent.stop();
                     break;
@@ -279,7 +284,7 @@ impl AgentRuntime {
                         }
                         TunnelEvent::Closed { code, reason } => {
                             tracing::warn!(%code, %reason, "tunnel closed");
-                            lost = Some(c.attempt);
+                            lost = Some((c.attempt, code, reason));
                         }
                         TunnelEvent::Hello { .. } | TunnelEvent::Flow(_) | TunnelEvent::Rtt(_) => {}
                     }
@@ -288,8 +293,9 @@ impl AgentRuntime {
                 c.driver.flush();
                 c.driver.report();
             }
-            if let Some(attempt) = lost {
-                let c = conn.take().expect("connection");
+            if let Some((attempt, code, reason)) = lost {
+                let mut c = conn.take().expect("connection");
+                c.driver.close_socket(code, &reason);
                 drop(c.driver);
                 ws_in = None;
                 cmd_rx = None;
@@ -308,7 +314,7 @@ impl AgentRuntime {
     }
 }
 
-async fn write_ws(mut sink: SplitSink<Ws, Message>, mut rx: mpsc::UnboundedReceiver<WsMessage>) {
+async fn write_ws(mut sink: SplitSink<Ws, Message>, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
     while let Some(m) = rx.recv().await {
         let mut batch = vec![m];
         while batch.len() < 64 {
@@ -319,8 +325,16 @@ async fn write_ws(mut sink: SplitSink<Ws, Message>, mut rx: mpsc::UnboundedRecei
         }
         for m in batch {
             let msg = match m {
-                WsMessage::Text(s) => Message::Text(s.into()),
-                WsMessage::Binary(b) => Message::Binary(b),
+                Outgoing::Frame(WsMessage::Text(s)) => Message::Text(s.into()),
+                Outgoing::Frame(WsMessage::Binary(b)) => Message::Binary(b),
+                Outgoing::Close { code, reason } => {
+                    let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                        code: Outgoing::close_code(code).into(),
+                        reason: Outgoing::close_reason(&reason).into(),
+                    };
+                    let _ = sink.send(Message::Close(Some(frame))).await;
+                    return;
+                }
             };
             if sink.feed(msg).await.is_err() {
                 return;

@@ -60,6 +60,40 @@ pub enum TunnelCmd {
     },
 }
 
+/// What the WebSocket writer task sends.
+#[derive(Debug)]
+pub enum Outgoing {
+    Frame(WsMessage),
+    /// A close frame carrying the reason, then the end of the socket.
+    Close {
+        code: ErrorCode,
+        reason: String,
+    },
+}
+
+impl Outgoing {
+    /// The WebSocket close code for a tunnel-level error (RFC 6455 §7.4.1).
+    pub fn close_code(code: ErrorCode) -> u16 {
+        match code {
+            ErrorCode::Normal | ErrorCode::LinkLost | ErrorCode::IdleTimeout => 1000,
+            ErrorCode::Shutdown => 1001,
+            ErrorCode::ProtocolError | ErrorCode::SequenceGap | ErrorCode::CreditOverrun => 1002,
+            ErrorCode::FrameTooLarge => 1009,
+            ErrorCode::Internal => 1011,
+            _ => 1008,
+        }
+    }
+
+    /// Close reasons are limited to 123 bytes by the protocol.
+    pub fn close_reason(reason: &str) -> String {
+        let mut end = reason.len().min(123);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason[..end].to_string()
+    }
+}
+
 /// What a flow's socket task receives from the tunnel.
 #[derive(Debug)]
 pub enum FlowMsg {
@@ -88,7 +122,7 @@ struct FlowSlot {
 pub struct TunnelDriver {
     pub tunnel: Tunnel,
     flows: BTreeMap<Cid, FlowSlot>,
-    out: mpsc::UnboundedSender<WsMessage>,
+    out: mpsc::UnboundedSender<Outgoing>,
     cmd_tx: mpsc::UnboundedSender<TunnelCmd>,
     metrics: Arc<Metrics>,
     reported: nowconnect_core::tunnel::TunnelStats,
@@ -99,7 +133,7 @@ pub struct TunnelDriver {
 impl TunnelDriver {
     pub fn new(
         tunnel: Tunnel,
-        out: mpsc::UnboundedSender<WsMessage>,
+        out: mpsc::UnboundedSender<Outgoing>,
         cmd_tx: mpsc::UnboundedSender<TunnelCmd>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -279,8 +313,17 @@ impl TunnelDriver {
     /// Move everything the core wants sent to the socket writer.
     pub fn flush(&mut self) {
         while let Some(m) = self.tunnel.poll_transmit() {
-            let _ = self.out.send(m);
+            let _ = self.out.send(Outgoing::Frame(m));
         }
+    }
+
+    /// Flush, then ask the writer to send a close frame with `reason`.
+    pub fn close_socket(&mut self, code: ErrorCode, reason: &str) {
+        self.flush();
+        let _ = self.out.send(Outgoing::Close {
+            code,
+            reason: reason.to_string(),
+        });
     }
 
     /// Add the core's counters since the last call to the metrics.

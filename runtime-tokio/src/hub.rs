@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::config::HubConfig;
-use crate::driver::{FlowEnd, TunnelCmd, TunnelDriver, run_flow_socket};
+use crate::driver::{FlowEnd, Outgoing, TunnelCmd, TunnelDriver, run_flow_socket};
 use crate::jwt::Verifier;
 use crate::metrics::{Metrics, labels};
 
@@ -224,7 +224,8 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
         .with_state(shared.clone());
-    let mut http_stop = stop_rx.clone();
+    // HTTP stays up while draining so /readyz reports it; it stops after.
+    let (http_stop_tx, mut http_stop) = watch::channel(false);
     let server = tokio::spawn(async move {
         let r = axum::serve(
             http,
@@ -261,6 +262,7 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
                 reason: "hub shutting down".into(),
             });
         }
+        let _ = http_stop_tx.send(true);
         let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     });
     Ok(HubHandle {
@@ -391,7 +393,7 @@ async fn run_tunnel(
 ) {
     let tunnel_id = shared.id();
     let (mut sink, mut stream) = socket.split();
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<WsMessage>();
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outgoing>();
     let writer = tokio::spawn(async move {
         while let Some(m) = out_rx.recv().await {
             let mut batch = vec![m];
@@ -403,8 +405,16 @@ async fn run_tunnel(
             }
             for m in batch {
                 let msg = match m {
-                    WsMessage::Text(s) => Message::Text(s.into()),
-                    WsMessage::Binary(b) => Message::Binary(b),
+                    Outgoing::Frame(WsMessage::Text(s)) => Message::Text(s.into()),
+                    Outgoing::Frame(WsMessage::Binary(b)) => Message::Binary(b),
+                    Outgoing::Close { code, reason } => {
+                        let frame = axum::extract::ws::CloseFrame {
+                            code: Outgoing::close_code(code),
+                            reason: Outgoing::close_reason(&reason).into(),
+                        };
+                        let _ = sink.send(Message::Close(Some(frame))).await;
+                        return;
+                    }
                 };
                 if sink.feed(msg).await.is_err() {
                     return;
@@ -530,6 +540,7 @@ async fn run_tunnel(
                 .get_or_create(&labels(&[("result", result)]))
                 .inc();
             tracing::info!(tunnel = tunnel_id, agent = %agent_id, %code, %reason, "agent tunnel closed");
+            d.close_socket(code, &reason);
             break;
         }
     }

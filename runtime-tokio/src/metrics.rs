@@ -207,6 +207,21 @@ impl Metrics {
             "Shadow mode: the route active mode would have taken",
             m.shadow_would_route.clone(),
         );
+        // Series that exist without any peer or traffic, so dashboards and
+        // alerts see zeros instead of gaps. Per-peer series appear with peers.
+        for dir in ["in", "out"] {
+            for t in nowconnect_core::FrameType::ALL
+                .iter()
+                .filter(|t| t.is_mesh())
+            {
+                let _ = m
+                    .mesh_frames
+                    .get_or_create(&labels(&[("dir", dir), ("type", t.as_str())]));
+            }
+        }
+        for dir in ["up", "down"] {
+            let _ = m.bytes.get_or_create(&labels(&[("dir", dir)]));
+        }
         Metrics { registry, ..m }
     }
 

@@ -1,0 +1,444 @@
+//! # nowconnect-tests
+//!
+//! The harness of the end-to-end tests: it starts real `nowconnect` hub and
+//! agent processes, a real OpenLDAP `slapd` and real `redis-server`s on
+//! ephemeral loopback ports, and kills every process it started when the
+//! handle drops (also when a test fails). Every wait is bounded in time.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub mod ldap;
+
+/// The `nowconnect` binary under test: `$NOWCONNECT_BIN` if set, else built
+/// once (release) into `target/e2e`. A target directory of its own keeps
+/// the binary's feature set from flip-flopping with the test build's.
+pub fn bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("NOWCONNECT_BIN") {
+            return PathBuf::from(p);
+        }
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root")
+            .to_path_buf();
+        let target = workspace.join("target").join("e2e");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let st = Command::new(cargo)
+            .args([
+                "build",
+                "-q",
+                "--release",
+                "-p",
+                "nowconnect-tokio",
+                "--bin",
+                "nowconnect",
+                "--target-dir",
+            ])
+            .arg(&target)
+            .current_dir(&workspace)
+            .status()
+            .expect("run cargo build");
+        assert!(st.success(), "building the nowconnect binary failed");
+        let p = target.join("release").join("nowconnect");
+        assert!(p.exists(), "{} missing after build", p.display());
+        p
+    })
+    .clone()
+}
+
+/// A free loopback port (bound and released; the OS does not reuse it at once).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn wait_port(addr: SocketAddr, within: Duration) -> bool {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    pub stdout_lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    log: PathBuf,
+}
+
+impl Proc {
+    /// Spawn with stderr to a log file and stdout collected line by line.
+    pub fn spawn(name: &str, mut cmd: Command, log_dir: &Path) -> Proc {
+        let log = log_dir.join(format!("{name}.log"));
+        let err = std::fs::File::create(&log).expect("log file");
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::from(err))
+            .stdin(Stdio::null());
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {name}: {e}"));
+        let out = child.stdout.take().expect("stdout");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let l2 = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                l2.lock().unwrap().push(line);
+            }
+        });
+        Proc {
+            name: name.into(),
+            child: Some(child),
+            stdout_lines: lines,
+            log,
+        }
+    }
+
+    /// Wait for a stdout line starting with `prefix`; return it.
+    pub fn wait_line(&self, prefix: &str, within: Duration) -> String {
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if let Some(l) = self
+                .stdout_lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.starts_with(prefix))
+            {
+                return l.clone();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "{}: no line `{prefix}…` within {within:?}; log:\n{}",
+            self.name,
+            self.log_text()
+        );
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait up to `within` for exit; returns the exit status.
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.as_mut()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let end = Instant::now() + within;
+        while Instant::now() < end {
+            if let Ok(Some(st)) = c.try_wait() {
+                self.child = None;
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut()?.try_wait().ok().flatten()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A running hub process.
+pub struct HubProc {
+    pub proc: Proc,
+    pub http: SocketAddr,
+    pub listeners: Vec<(String, SocketAddr)>,
+}
+
+impl HubProc {
+    pub fn start(dir: &Path, name: &str, yaml: &str) -> HubProc {
+        let cfg = dir.join(format!("{name}.yaml"));
+        std::fs::write(&cfg, yaml).unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.args(["hub", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "info");
+        let proc = Proc::spawn(name, cmd, dir);
+        let line = proc.wait_line("nowconnect hub ready", Duration::from_secs(20));
+        // nowconnect hub ready http=127.0.0.1:1234 listeners=l1=127.0.0.1:389,...
+        let mut http = None;
+        let mut listeners = Vec::new();
+        for part in line.split_whitespace() {
+            if let Some(h) = part.strip_prefix("http=") {
+                http = Some(h.parse().unwrap());
+            } else if let Some(ls) = part.strip_prefix("listeners=") {
+                for l in ls.split(',').filter(|s| !s.is_empty()) {
+                    let (n, a) = l.split_once('=').unwrap();
+                    listeners.push((n.to_string(), a.parse().unwrap()));
+                }
+            }
+        }
+        HubProc {
+            proc,
+            http: http.expect("http address in the ready line"),
+            listeners,
+        }
+    }
+
+    pub fn listener(&self, name: &str) -> SocketAddr {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("listener")
+            .1
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.http, path)
+    }
+
+    /// The value of one metric sample, e.g. `nowconnect_agents_connected`
+    /// or `nowconnect_tunnel_auth_failures_total{reason="expired"}`.
+    pub fn metric(&self, sample: &str) -> f64 {
+        metric_value(&self.get("/metrics").1, sample)
+    }
+}
+
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, v) = l.rsplit_once(' ')?;
+            (name == sample).then(|| v.parse().ok())?
+        })
+        .unwrap_or(0.0)
+}
+
+/// A minimal HTTP/1.1 GET (the tests need no HTTP client dependency).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect http");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    // Chunked bodies: good enough to search in; strip nothing.
+    (status, body)
+}
+
+/// A running agent process.
+pub struct AgentProc {
+    pub proc: Proc,
+}
+
+impl AgentProc {
+    pub fn start(dir: &Path, name: &str, yaml: &str, token: &str) -> AgentProc {
+        let cfg = dir.join(format!("{name}.yaml"));
+        std::fs::write(&cfg, yaml).unwrap();
+        let mut cmd = Command::new(bin());
+        cmd.args(["agent", "--config"])
+            .arg(&cfg)
+            .env("NC_TOKEN", token)
+            .env("RUST_LOG", "info");
+        let proc = Proc::spawn(name, cmd, dir);
+        proc.wait_line("nowconnect agent started", Duration::from_secs(20));
+        AgentProc { proc }
+    }
+}
+
+/// A temporary directory with a shared HS256 secret.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub secret: String,
+    pub secret_file: PathBuf,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("nowconnect-e2e-")
+            .tempdir()
+            .unwrap();
+        let secret: String = (0..32)
+            .map(|_| format!("{:02x}", rand::random::<u8>()))
+            .collect();
+        let secret_file = dir.path().join("jwt.secret");
+        std::fs::write(&secret_file, &secret).unwrap();
+        Env {
+            dir,
+            secret,
+            secret_file,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn token(&self, agent_id: &str, connectors: Option<Vec<String>>) -> String {
+        nowconnect_tokio::jwt::mint(
+            self.secret.as_bytes(),
+            agent_id,
+            connectors,
+            Duration::from_secs(3600),
+        )
+        .unwrap()
+    }
+
+    /// A hub config with the given listeners (`name`, `connector`) on free ports.
+    pub fn hub_yaml(&self, listeners: &[(&str, &str)], extra: &str) -> String {
+        let mut y = format!(
+            "http:\n  bind: 127.0.0.1:0\ntunnel:\n  jwt:\n    hs256_secret_file: {}\nshutdown_grace_sec: 3\nlisteners:\n",
+            self.secret_file.display()
+        );
+        for (name, connector) in listeners {
+            y += &format!("  - {{ name: {name}, bind: '127.0.0.1:0', connector: {connector} }}\n");
+        }
+        y + extra
+    }
+
+    pub fn agent_yaml(
+        &self,
+        agent_id: &str,
+        hubs: &[SocketAddr],
+        connectors: &[(&str, SocketAddr)],
+        extra: &str,
+    ) -> String {
+        let hubs: Vec<String> = hubs.iter().map(|h| format!("'ws://{h}/tunnel'")).collect();
+        let mut y = format!(
+            "agent_id: {agent_id}\nhubs: [{}]\nreconnect_backoff_max_sec: 2\nconnectors:\n",
+            hubs.join(", ")
+        );
+        for (name, target) in connectors {
+            y += &format!("  - {{ name: {name}, target: '{target}' }}\n");
+        }
+        y + extra
+    }
+}
+
+impl Default for Env {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Wait until `f` holds, polling; false on timeout.
+pub fn eventually(within: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + within;
+    while Instant::now() < end {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    false
+}
+
+/// A TCP echo server on loopback (one thread per connection), for tests.
+pub fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut r = s.try_clone().unwrap();
+                let mut w = s;
+                let _ = std::io::copy(&mut r, &mut w);
+                let _ = w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    addr
+}
+
+/// A server that writes an endless stream to every connection.
+pub fn source_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let buf = vec![7u8; 64 * 1024];
+                while s.write_all(&buf).is_ok() {}
+            });
+        }
+    });
+    addr
+}
+
+/// Send `data` through `addr` (an echo path) while reading the echo
+/// concurrently; returns the SHA-256 of what came back.
+pub fn echo_roundtrip(
+    addr: SocketAddr,
+    data: std::sync::Arc<Vec<u8>>,
+) -> std::io::Result<[u8; 32]> {
+    use sha2::Digest;
+    let s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut w = s.try_clone()?;
+    let writer = std::thread::spawn(move || -> std::io::Result<()> {
+        for chunk in data.chunks(256 * 1024) {
+            w.write_all(chunk)?;
+        }
+        w.shutdown(std::net::Shutdown::Write)
+    });
+    let mut r = s;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    writer.join().expect("writer thread")?;
+    Ok(h.finalize().into())
+}
+
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).into()
+}
+
+pub fn random_bytes(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rand::Rng::fill(&mut rand::rng(), &mut v[..]);
+    v
+}

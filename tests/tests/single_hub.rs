@@ -1,0 +1,580 @@
+//! One hub, real processes, real sockets: LDAP through the tunnel, bulk
+//! integrity, per-flow isolation, bad tokens, dead targets, restarts,
+//! configuration errors.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nowconnect_tests::ldap::{self, ADMIN_DN, ADMIN_PW, SUFFIX, Slapd};
+use nowconnect_tests::*;
+
+/// Hub + agent serving `connectors`; waits until the agent is attached.
+fn cluster(
+    env: &Env,
+    connectors: &[(&str, SocketAddr)],
+    agent_extra: &str,
+) -> (HubProc, AgentProc) {
+    let listeners: Vec<(&str, &str)> = connectors.iter().map(|(n, _)| (*n, *n)).collect();
+    let hub = HubProc::start(env.path(), "hub", &env.hub_yaml(&listeners, ""));
+    let agent_yaml = env.agent_yaml("agent-1", &[hub.http], connectors, agent_extra);
+    let agent = AgentProc::start(
+        env.path(),
+        "agent",
+        &agent_yaml,
+        &env.token("agent-1", None),
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || hub
+            .metric("nowconnect_agents_connected")
+            == 1.0),
+        "agent did not attach; hub log:\n{}\nagent log:\n{}",
+        hub.proc.log_text(),
+        agent.proc.log_text()
+    );
+    (hub, agent)
+}
+
+#[test]
+fn ldap_through_the_tunnel_answers_like_slapd_directly() {
+    let env = Env::new();
+    let slapd = Slapd::start(env.path());
+    let (hub, _agent) = cluster(&env, &[("ldap", slapd.addr)], "");
+    let via = hub.listener("ldap");
+
+    for filter in [
+        "(objectClass=*)",
+        "(uid=alice)",
+        "(mail=*@example.com)",
+        "(uid=nobody)",
+    ] {
+        let direct = ldap::search(slapd.addr, filter);
+        let tunneled = ldap::search(via, filter);
+        assert_eq!(direct.0, 0, "direct search failed: {}", direct.1);
+        assert_eq!(
+            tunneled, direct,
+            "search {filter} differs through the tunnel"
+        );
+    }
+    let direct = ldap::ldap_tool(
+        "ldapwhoami",
+        &[
+            "-x",
+            "-H",
+            &format!("ldap://{}", slapd.addr),
+            "-D",
+            ADMIN_DN,
+            "-w",
+            ADMIN_PW,
+        ],
+    );
+    let tunneled = ldap::ldap_tool(
+        "ldapwhoami",
+        &[
+            "-x",
+            "-H",
+            &format!("ldap://{via}"),
+            "-D",
+            ADMIN_DN,
+            "-w",
+            ADMIN_PW,
+        ],
+    );
+    assert_eq!(tunneled.0, 0, "{tunneled:?}");
+    assert_eq!(tunneled.1, direct.1);
+    assert!(tunneled.1.contains("dn:cn=admin,dc=example,dc=com"));
+    // A wrong password still gives LDAP result 49 (invalid credentials).
+    let bad = ldap::ldap_tool(
+        "ldapwhoami",
+        &[
+            "-x",
+            "-H",
+            &format!("ldap://{via}"),
+            "-D",
+            ADMIN_DN,
+            "-w",
+            "wrong",
+        ],
+    );
+    assert_eq!(bad.0, 49, "{bad:?}");
+    assert!(bad.2.contains("Invalid credentials"), "{bad:?}");
+
+    // The ldap3 client: bind as a user, search, compare with direct.
+    let entries = |addr: SocketAddr| {
+        let mut c = ldap3::LdapConn::new(&format!("ldap://{addr}")).unwrap();
+        c.simple_bind(&format!("uid=alice,ou=people,{SUFFIX}"), "alice-pw")
+            .unwrap()
+            .success()
+            .unwrap();
+        let (rs, _) = c
+            .search(
+                SUFFIX,
+                ldap3::Scope::Subtree,
+                "(objectClass=inetOrgPerson)",
+                vec!["uid", "mail"],
+            )
+            .unwrap()
+            .success()
+            .unwrap();
+        let mut v: Vec<String> = rs
+            .into_iter()
+            .map(|e| {
+                let e = ldap3::SearchEntry::construct(e);
+                let attrs: std::collections::BTreeMap<_, _> = e.attrs.into_iter().collect();
+                format!("{} {attrs:?}", e.dn)
+            })
+            .collect();
+        v.sort();
+        let bad = c
+            .simple_bind(&format!("uid=alice,ou=people,{SUFFIX}"), "nope")
+            .unwrap();
+        assert_eq!(bad.rc, 49);
+        let _ = c.unbind();
+        v
+    };
+    let d = entries(slapd.addr);
+    assert_eq!(d.len(), 2);
+    assert_eq!(entries(via), d);
+    assert!(hub.metric("nowconnect_flows_total{connector=\"ldap\",route=\"local\"}") >= 7.0);
+}
+
+#[test]
+fn bulk_data_arrives_intact_and_a_slow_reader_stalls_only_its_flow() {
+    let env = Env::new();
+    let echo = echo_server();
+    let source = source_server();
+    let (hub, _agent) = cluster(&env, &[("echo", echo), ("source", source)], "");
+    let via = hub.listener("echo");
+
+    // 64 MiB each way through one flow.
+    let big = Arc::new(random_bytes(64 * 1024 * 1024));
+    let want = sha256(&big);
+    assert_eq!(
+        echo_roundtrip(via, big).unwrap(),
+        want,
+        "64 MiB echo corrupted"
+    );
+
+    // A flow whose client never reads: the source target keeps sending.
+    let mut stalled = TcpStream::connect(hub.listener("source")).unwrap();
+    let mut first = [0u8; 1];
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stalled.read_exact(&mut first).unwrap();
+
+    // 200 concurrent flows of 1 MiB each, while the stalled flow stays stalled.
+    let start = Instant::now();
+    let handles: Vec<_> = (0..200)
+        .map(|_| {
+            let data = Arc::new(random_bytes(1024 * 1024));
+            let want = sha256(&data);
+            std::thread::spawn(move || (echo_roundtrip(via, data), want))
+        })
+        .collect();
+    for h in handles {
+        let (got, want) = h.join().unwrap();
+        assert_eq!(
+            got.expect("flow failed"),
+            want,
+            "a 1 MiB flow was corrupted"
+        );
+    }
+    eprintln!(
+        "200 × 1 MiB echoed in {:?} beside a stalled flow",
+        start.elapsed()
+    );
+    // The stalled flow is still open (credit held it, nothing was dropped).
+    stalled
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    assert!(
+        stalled.read(&mut buf).unwrap() > 0,
+        "stalled flow lost its data"
+    );
+    assert_eq!(hub.metric("nowconnect_protocol_errors_total"), 0.0);
+}
+
+/// Send a WebSocket upgrade request to /tunnel; return the status line and body.
+fn upgrade(hub: &HubProc, token: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(hub.http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "GET /tunnel HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{auth}\r\n",
+        hub.http
+    )
+    .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).unwrap_or(0);
+    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+fn jwt(secret: &[u8], claims: serde_json::Value, alg: jsonwebtoken::Algorithm) -> String {
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(alg),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .unwrap()
+}
+
+#[test]
+fn bad_tokens_are_refused_before_upgrade_and_counted() {
+    use base64::Engine as _;
+    let env = Env::new();
+    let hub = HubProc::start(env.path(), "hub", &env.hub_yaml(&[("ldap", "ldap")], ""));
+    let now = nowconnect_tokio::jwt::unix_now();
+    let good = serde_json::json!({"sub": "a1", "aud": "nowconnect", "exp": now + 600});
+    let s = env.secret.as_bytes();
+    let hs = jsonwebtoken::Algorithm::HS256;
+    let none = {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        format!(
+            "{}.{}.",
+            b64.encode(br#"{"alg":"none","typ":"JWT"}"#),
+            b64.encode(good.to_string())
+        )
+    };
+    let cases: Vec<(&str, Option<String>)> = vec![
+        ("missing_token", None),
+        (
+            "bad_signature",
+            Some(jwt(b"another-secret-of-enough-length", good.clone(), hs)),
+        ),
+        ("malformed", Some(none)),
+        (
+            "wrong_audience",
+            Some(jwt(
+                s,
+                serde_json::json!({"sub": "a1", "aud": "other", "exp": now + 600}),
+                hs,
+            )),
+        ),
+        (
+            "expired",
+            Some(jwt(
+                s,
+                serde_json::json!({"sub": "a1", "aud": "nowconnect", "exp": now - 3600}),
+                hs,
+            )),
+        ),
+        (
+            "not_yet_valid",
+            Some(jwt(
+                s,
+                serde_json::json!({"sub": "a1", "aud": "nowconnect", "exp": now + 7200, "nbf": now + 3600}),
+                hs,
+            )),
+        ),
+        (
+            "algorithm_not_allowed",
+            Some(jwt(s, good.clone(), jsonwebtoken::Algorithm::HS512)),
+        ),
+        (
+            "missing_claim",
+            Some(jwt(
+                s,
+                serde_json::json!({"aud": "nowconnect", "exp": now + 600}),
+                hs,
+            )),
+        ),
+    ];
+    for (label, token) in &cases {
+        let (status, text) = upgrade(&hub, token.as_deref());
+        assert_eq!(status, 401, "{label}: {text}");
+        assert!(
+            text.contains(label),
+            "{label}: the refusal does not name the reason: {text}"
+        );
+        let m = format!("nowconnect_tunnel_auth_failures_total{{reason=\"{label}\"}}");
+        assert_eq!(hub.metric(&m), 1.0, "{m}");
+    }
+    // A valid token upgrades.
+    let (status, _) = upgrade(&hub, Some(&jwt(s, good, hs)));
+    assert_eq!(status, 101);
+    let log = hub.proc.log_text();
+    assert!(
+        log.contains("nowconnect::security"),
+        "security events are not logged at the stable target"
+    );
+    assert!(!log.contains(&env.secret), "the secret leaked into the log");
+}
+
+#[test]
+fn connectors_outside_the_token_scope_and_wrong_agent_ids_are_refused() {
+    let env = Env::new();
+    let echo = echo_server();
+    let hub = HubProc::start(env.path(), "hub", &env.hub_yaml(&[("echo", "echo")], ""));
+    let yaml = env.agent_yaml("agent-1", &[hub.http], &[("echo", echo)], "");
+    let scoped = env.token("agent-1", Some(vec!["ldap".into()]));
+    let agent = AgentProc::start(env.path(), "scoped", &yaml, &scoped);
+    assert!(
+        eventually(Duration::from_secs(10), || agent
+            .proc
+            .log_text()
+            .contains("outside the token's scope")),
+        "{}",
+        agent.proc.log_text()
+    );
+    assert_eq!(hub.metric("nowconnect_agents_connected"), 0.0);
+    drop(agent);
+    let other = env.token("agent-2", None);
+    let agent = AgentProc::start(env.path(), "mismatch", &yaml, &other);
+    assert!(eventually(Duration::from_secs(10), || hub.metric(
+        "nowconnect_tunnel_auth_failures_total{reason=\"agent_mismatch\"}"
+    ) >= 1.0));
+    drop(agent);
+}
+
+#[test]
+fn an_unreachable_target_closes_the_client_within_a_second() {
+    let env = Env::new();
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (hub, agent) = cluster(&env, &[("dead", dead)], "");
+    for _ in 0..3 {
+        let mut c = TcpStream::connect(hub.listener("dead")).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let start = Instant::now();
+        let mut buf = [0u8; 16];
+        let r = c.read(&mut buf);
+        let took = start.elapsed();
+        assert!(
+            matches!(r, Ok(0) | Err(_)),
+            "client got data from a dead target: {r:?}"
+        );
+        assert!(
+            took < Duration::from_secs(1),
+            "client closed only after {took:?}"
+        );
+    }
+    assert!(eventually(Duration::from_secs(5), || hub.metric(
+        "nowconnect_flow_resets_total{code=\"target_unreachable\"}"
+    ) >= 3.0));
+    assert!(
+        agent.proc.log_text().contains("Connection refused"),
+        "{}",
+        agent.proc.log_text()
+    );
+}
+
+#[test]
+fn the_agent_comes_back_after_the_hub_is_killed_and_restarted() {
+    let env = Env::new();
+    let echo = echo_server();
+    let http_port = free_port();
+    let yaml = env.hub_yaml(&[("echo", "echo")], "").replace(
+        "bind: 127.0.0.1:0\ntunnel",
+        &format!("bind: 127.0.0.1:{http_port}\ntunnel"),
+    );
+    let mut hub = HubProc::start(env.path(), "hub1", &yaml);
+    let agent_yaml = env.agent_yaml("agent-1", &[hub.http], &[("echo", echo)], "");
+    let agent = AgentProc::start(
+        env.path(),
+        "agent",
+        &agent_yaml,
+        &env.token("agent-1", None),
+    );
+    assert!(eventually(Duration::from_secs(15), || hub
+        .metric("nowconnect_agents_connected")
+        == 1.0));
+    let data = Arc::new(random_bytes(100_000));
+    assert_eq!(
+        echo_roundtrip(hub.listener("echo"), data.clone()).unwrap(),
+        sha256(&data)
+    );
+
+    hub.proc.kill();
+    let hub2 = HubProc::start(env.path(), "hub2", &yaml);
+    let start = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(20), || hub2
+            .metric("nowconnect_agents_connected")
+            == 1.0),
+        "agent did not come back: {}",
+        agent.proc.log_text()
+    );
+    eprintln!(
+        "agent re-attached {:?} after the new hub started",
+        start.elapsed()
+    );
+    assert_eq!(
+        echo_roundtrip(hub2.listener("echo"), data.clone()).unwrap(),
+        sha256(&data)
+    );
+}
+
+#[test]
+fn sigterm_drains_open_flows_then_exits() {
+    let env = Env::new();
+    let echo = echo_server();
+    let (mut hub, _agent) = cluster(&env, &[("echo", echo)], "");
+    let mut c = TcpStream::connect(hub.listener("echo")).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"before").unwrap();
+    let mut buf = [0u8; 6];
+    c.read_exact(&mut buf).unwrap();
+    let pid = hub.proc.pid();
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    // New connections are refused while draining; the open flow still works.
+    assert!(eventually(Duration::from_secs(5), || hub.get("/readyz").0
+        == 503
+        || hub.proc.try_wait().is_some()));
+    c.write_all(b"during").unwrap();
+    c.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"during");
+    drop(c);
+    let st = hub
+        .proc
+        .terminate(Duration::from_secs(10))
+        .expect("hub exits after the flow ended");
+    assert!(st.success(), "{st:?}");
+}
+
+#[test]
+fn a_v1_only_agent_is_served() {
+    let env = Env::new();
+    let slapd = Slapd::start(env.path());
+    let (hub, _agent) = cluster(&env, &[("ldap", slapd.addr)], "v1_only: true\n");
+    let direct = ldap::search(slapd.addr, "(uid=bob)");
+    assert_eq!(ldap::search(hub.listener("ldap"), "(uid=bob)"), direct);
+    assert!(
+        hub.metric("nowconnect_tunnel_frames_total{dir=\"in\",type=\"DATA\"}") >= 1.0
+            || eventually(Duration::from_secs(2), || hub
+                .metric("nowconnect_tunnel_frames_total{dir=\"in\",type=\"DATA\"}")
+                >= 1.0)
+    );
+}
+
+#[test]
+fn configuration_errors_name_file_key_and_reason() {
+    let env = Env::new();
+    let cases = [
+        (env.hub_yaml(&[], "bogus_key: 1\n"), "bogus_key"),
+        (
+            env.hub_yaml(&[("l", "c")], "")
+                .replace("bind: '127.0.0.1:0'", "bind: 'nowhere'"),
+            "listeners[0].bind",
+        ),
+        (
+            env.hub_yaml(
+                &[],
+                "ha:\n  enabled: true\n  mode: sideways\n  replica_id: a\n",
+            ),
+            "ha.mode",
+        ),
+        (
+            env.hub_yaml(&[], "")
+                .replace("hs256_secret_file", "hs256_secret_fil"),
+            "tunnel.jwt",
+        ),
+    ];
+    for (i, (yaml, key)) in cases.iter().enumerate() {
+        let f = env.path().join(format!("bad{i}.yaml"));
+        std::fs::write(&f, yaml).unwrap();
+        let out = Command::new(bin())
+            .args(["hub", "--config"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "case {i} started");
+        assert!(
+            err.contains(&f.display().to_string()),
+            "case {i}: no file in `{err}`"
+        );
+        assert!(err.contains(key), "case {i}: no key `{key}` in `{err}`");
+    }
+    // NC_CONFIG works for the path.
+    let f = env.path().join("bad0.yaml");
+    let out = Command::new(bin())
+        .arg("hub")
+        .env("NC_CONFIG", &f)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bogus_key"));
+}
+
+#[test]
+fn metrics_expose_every_design_name_and_health_endpoints_answer() {
+    let env = Env::new();
+    let hub = HubProc::start(env.path(), "hub", &env.hub_yaml(&[], ""));
+    let (status, body) = hub.get("/metrics");
+    assert_eq!(status, 200);
+    // Per-peer mesh series (links, backpressure, queue, inflight) appear once
+    // a peer is configured; the HA tests check them.
+    for name in [
+        "nowconnect_mesh_frames_total",
+        "nowconnect_mesh_rtt_seconds",
+        "nowconnect_owner_epoch_mismatch_total",
+        "nowconnect_cid_dedup_dropped_total",
+        "nowconnect_mesh_link_reconnects_total",
+        "nowconnect_mesh_link_errors_total",
+        "nowconnect_agents_connected",
+        "nowconnect_registry_healthy",
+        "nowconnect_bytes_total",
+    ] {
+        let family = name.trim_end_matches("_total");
+        assert!(
+            body.contains(&format!("# TYPE {family} ")),
+            "missing {name} in:\n{body}"
+        );
+    }
+    assert_eq!(hub.get("/healthz"), (200, "ok".into()));
+    let (status, body) = hub.get("/readyz");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"ready\""));
+}
+
+#[test]
+fn token_subcommand_mints_a_token_the_hub_accepts() {
+    let env = Env::new();
+    let out = Command::new(bin())
+        .args(["token", "--secret-file"])
+        .arg(&env.secret_file)
+        .args([
+            "--agent-id",
+            "agent-7",
+            "--connectors",
+            "ldap,ssh",
+            "--ttl",
+            "1h",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let hub = HubProc::start(env.path(), "hub", &env.hub_yaml(&[], ""));
+    assert_eq!(upgrade(&hub, Some(&token)).0, 101);
+    let v = nowconnect_tokio::jwt::Verifier::from_config(&nowconnect_tokio::config::JwtConfig {
+        audience: "nowconnect".into(),
+        issuer: None,
+        hs256_secret_file: Some(env.secret_file.clone()),
+        public_key_file: None,
+        algorithms: None,
+        leeway_sec: 0,
+    })
+    .unwrap();
+    let id = v.verify(&token).unwrap();
+    assert_eq!(id.agent_id, "agent-7");
+    assert_eq!(id.scope, Some(vec!["ldap".to_string(), "ssh".to_string()]));
+}
