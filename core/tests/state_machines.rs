@@ -596,7 +596,8 @@ fn hub_that_lost_ownership_closes_the_tunnel_and_counts_it() {
 fn active_hub_routes_across_the_mesh_and_shadow_only_counts() {
     let now = origin();
     let mut reg = MemoryRegistry::new();
-    for (agent, owner) in [("a9", "hub-b")] {
+    {
+        let (agent, owner) = ("a9", "hub-b");
         reg.apply(
             now,
             &RegistryOp::Claim {

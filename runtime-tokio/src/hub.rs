@@ -227,6 +227,10 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
     // HTTP stays up while draining so /readyz reports it; it stops after.
     let (http_stop_tx, mut http_stop) = watch::channel(false);
     let server = tokio::spawn(async move {
+        // Tunnel frames are small and latency-bound: no Nagle delay.
+        let http = axum::serve::ListenerExt::tap_io(http, |tcp: &mut TcpStream| {
+            let _ = tcp.set_nodelay(true);
+        });
         let r = axum::serve(
             http,
             app.into_make_service_with_connect_info::<SocketAddr>(),

@@ -73,7 +73,6 @@ struct Half {
     unconsumed: usize,
     fin_sent: bool,
     fin_seen: bool,
-    reset: Option<ErrorCode>,
 }
 
 #[derive(Default, Debug)]

@@ -376,6 +376,7 @@ pub fn echo_server() -> SocketAddr {
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {
         for s in l.incoming().map_while(Result::ok) {
+            let _ = s.set_nodelay(true);
             std::thread::spawn(move || {
                 let mut r = s.try_clone().unwrap();
                 let mut w = s;
