@@ -210,6 +210,18 @@ pub struct HaConfig {
     pub redis_url: Option<String>,
     #[serde(default)]
     pub mesh: MeshConfig,
+    /// Ownership lease in the registry.
+    #[serde(default = "default_lease")]
+    pub lease_sec: u64,
+    /// How often an owner renews its leases.
+    #[serde(default = "default_renew")]
+    pub renew_interval_sec: u64,
+    /// A registry call slower than this fails and marks the registry unhealthy.
+    #[serde(default = "default_registry_timeout")]
+    pub registry_timeout_ms: u64,
+    /// Prefix of every Redis key.
+    #[serde(default = "default_prefix")]
+    pub registry_prefix: String,
 }
 
 impl Default for HaConfig {
@@ -220,8 +232,25 @@ impl Default for HaConfig {
             replica_id: None,
             redis_url: None,
             mesh: MeshConfig::default(),
+            lease_sec: default_lease(),
+            renew_interval_sec: default_renew(),
+            registry_timeout_ms: default_registry_timeout(),
+            registry_prefix: default_prefix(),
         }
     }
+}
+
+fn default_lease() -> u64 {
+    15
+}
+fn default_renew() -> u64 {
+    5
+}
+fn default_registry_timeout() -> u64 {
+    500
+}
+fn default_prefix() -> String {
+    "nowconnect:".into()
 }
 
 fn default_mode() -> String {
@@ -416,6 +445,29 @@ impl HubConfig {
             }
             None => "hub".into(),
         };
+        let ha = &raw.ha;
+        if ha.renew_interval_sec == 0 || ha.lease_sec <= ha.renew_interval_sec {
+            return Err(err(
+                "ha.lease_sec",
+                format!(
+                    "must be greater than ha.renew_interval_sec ({}), which must be > 0",
+                    ha.renew_interval_sec
+                ),
+            ));
+        }
+        if ha.registry_timeout_ms == 0 {
+            return Err(err("ha.registry_timeout_ms", "must be > 0".into()));
+        }
+        if let Some(url) = &ha.redis_url
+            && !(url.starts_with("redis://")
+                || url.starts_with("rediss://")
+                || url.starts_with("redis+unix://"))
+        {
+            return Err(err(
+                "ha.redis_url",
+                format!("`{url}` is not a redis:// URL"),
+            ));
+        }
         let m = &raw.ha.mesh;
         if let Some(l) = &m.listen {
             parse_addr(l).map_err(|r| err("ha.mesh.listen", r))?;

@@ -28,10 +28,16 @@ use crate::driver::{FlowEnd, Outgoing, TunnelCmd, TunnelDriver, run_flow_socket}
 use crate::jwt::Verifier;
 use crate::metrics::{Metrics, labels};
 
+/// Where registry calls go: in-process, or Redis (asynchronous).
+enum Registry {
+    Memory(MemoryRegistry),
+    Redis(Arc<crate::registry::RedisRegistry>),
+}
+
 /// The control state shared by all tasks (not on the data path).
 struct Control {
     hub: Hub,
-    registry: MemoryRegistry,
+    registry: Registry,
     tunnels: BTreeMap<TunnelId, mpsc::UnboundedSender<TunnelCmd>>,
     routes: BTreeMap<u64, oneshot::Sender<Route>>,
 }
@@ -88,7 +94,7 @@ impl Shared {
     }
 
     /// Run `f` on the control state, then perform every output it caused.
-    fn with_control<R>(&self, f: impl FnOnce(&mut Control, Instant) -> R) -> R {
+    fn with_control<R>(self: &Arc<Self>, f: impl FnOnce(&mut Control, Instant) -> R) -> R {
         let now = Self::now();
         let mut c = self.control.lock().expect("control lock");
         let r = f(&mut c, now);
@@ -98,16 +104,27 @@ impl Shared {
         r
     }
 
-    fn pump(&self, c: &mut Control, now: Instant) {
+    fn pump(self: &Arc<Self>, c: &mut Control, now: Instant) {
         while let Some(out) = c.hub.poll_output() {
             match out {
-                HubOutput::Registry { op, call } => {
-                    let r = c.registry.apply(now, &call);
-                    if r.is_err() {
-                        self.metrics.registry_errors.inc();
+                HubOutput::Registry { op, call } => match &mut c.registry {
+                    Registry::Memory(m) => {
+                        let r = m.apply(now, &call);
+                        c.hub.registry_reply(now, op, r);
                     }
-                    c.hub.registry_reply(now, op, r);
-                }
+                    Registry::Redis(redis) => {
+                        let redis = redis.clone();
+                        let shared = self.clone();
+                        tokio::spawn(async move {
+                            let r = redis.apply(&call).await;
+                            if let Err(e) = &r {
+                                shared.metrics.registry_errors.inc();
+                                tracing::warn!(op = call.name(), error = %e, "registry call failed");
+                            }
+                            shared.with_control(|c, now| c.hub.registry_reply(now, op, r));
+                        });
+                    }
+                },
                 HubOutput::AcceptTunnel { tunnel, epoch } => {
                     if let Some(tx) = c.tunnels.get(&tunnel) {
                         let _ = tx.send(TunnelCmd::Accept { epoch });
@@ -166,11 +183,23 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
     let verifier = Verifier::from_config(&cfg.raw.tunnel.jwt)
         .map_err(|e| format!("{}: tunnel.jwt: {e}", cfg.file.display()))?;
     let now = Instant::now();
+    let ha = &cfg.raw.ha;
     let core_cfg = CoreHubConfig {
         replica_id: cfg.replica_id.clone(),
         mode: cfg.mode,
         max_agents: cfg.raw.limits.max_agents,
+        lease: Duration::from_secs(ha.lease_sec),
+        renew_interval: Duration::from_secs(ha.renew_interval_sec),
+        registry_timeout: Duration::from_millis(ha.registry_timeout_ms),
         ..CoreHubConfig::default()
+    };
+    let registry = match (&ha.redis_url, ha.enabled) {
+        (Some(url), true) => Registry::Redis(Arc::new(crate::registry::RedisRegistry::new(
+            url,
+            &ha.registry_prefix,
+            Duration::from_millis(ha.registry_timeout_ms),
+        )?)),
+        _ => Registry::Memory(MemoryRegistry::new()),
     };
     let seed = rand::random::<u64>();
     let (draining, _) = watch::channel(false);
@@ -179,7 +208,7 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
         verifier,
         control: Mutex::new(Control {
             hub: Hub::new(now, core_cfg, seed),
-            registry: MemoryRegistry::new(),
+            registry,
             tunnels: BTreeMap::new(),
             routes: BTreeMap::new(),
         }),

@@ -13,4 +13,5 @@ pub mod jwt;
 pub mod logging;
 pub mod metrics;
 pub mod quickstart;
+pub mod registry;
 pub mod tls;

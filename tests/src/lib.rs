@@ -443,3 +443,58 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
     rand::Rng::fill(&mut rand::rng(), &mut v[..]);
     v
 }
+
+/// A real `redis-server` on an ephemeral loopback port, no persistence.
+pub struct RedisProc {
+    pub proc: Proc,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl RedisProc {
+    pub fn start(dir: &Path) -> RedisProc {
+        Self::start_on(dir, free_port())
+    }
+
+    pub fn start_on(dir: &Path, port: u16) -> RedisProc {
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .current_dir(dir);
+        let proc = Proc::spawn(&format!("redis-{port}"), cmd, dir);
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        assert!(
+            wait_port(addr, Duration::from_secs(10)),
+            "redis-server did not listen: {}",
+            proc.log_text()
+        );
+        RedisProc {
+            proc,
+            port,
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// SIGKILL the server (a crash, not a shutdown).
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Start again on the same port (empty: no persistence).
+    pub fn restart(&mut self) {
+        self.proc.kill();
+        *self = RedisProc::start_on(&self.dir.clone(), self.port);
+    }
+}

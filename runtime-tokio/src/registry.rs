@@ -1,0 +1,287 @@
+//! The Redis registry: performs the core's [`RegistryOp`]s with atomic Lua
+//! scripts over a `redis` ConnectionManager (reconnects by itself, created
+//! lazily so a hub starts while Redis is down and reports itself degraded).
+//!
+//! Key layout (prefix `nowconnect:` by default), documented in
+//! `docs/registry.md`:
+//! - `{p}agent:{id}:epoch`      counter, never expires
+//! - `{p}agent:{id}:owner`      "replica|epoch", PX lease
+//! - `{p}agent:{id}:connectors` set of connector names, PX lease
+//! - `{p}connector:{name}`      zset agent id → lease expiry (ms, Redis TIME)
+//! - `{p}connectors`            set of connector names ever announced
+//! - `{p}replicas`              zset replica id → lease expiry (ms)
+//! - `{p}replica:{id}:url`      mesh URL, PX lease
+//!
+//! Epochs: a claim takes `max(INCR, server time in ms)`, so epochs keep
+//! growing even if Redis loses its data (restart without persistence,
+//! failover to an empty replica), as long as the server clock does not step
+//! back by more than the time since the last claim.
+
+use std::time::Duration;
+
+use nowconnect_core::Epoch;
+use nowconnect_core::registry::{AgentRecord, Owner, RegistryError, RegistryOp, RegistryReply};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Script};
+
+const NOW_MS: &str = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)";
+
+pub struct RedisRegistry {
+    conn: ConnectionManager,
+    prefix: String,
+    claim: Script,
+    renew: Script,
+    release: Script,
+    add_connectors: Script,
+    list_agents: Script,
+    announce: Script,
+    list_replicas: Script,
+    sweep: Script,
+}
+
+impl RedisRegistry {
+    /// Connects lazily: the first call opens the connection.
+    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, String> {
+        let client = redis::Client::open(url).map_err(|e| format!("redis_url `{url}`: {e}"))?;
+        let cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, cfg)
+            .map_err(|e| format!("redis: {e}"))?;
+        Ok(RedisRegistry {
+            conn,
+            prefix: prefix.to_string(),
+            claim: Script::new(&format!(
+                "{NOW_MS}
+                 local e = redis.call('INCR', KEYS[1])
+                 if e < now then e = now redis.call('SET', KEYS[1], e) end
+                 redis.call('SET', KEYS[2], ARGV[1] .. '|' .. e, 'PX', ARGV[2])
+                 return e"
+            )),
+            renew: Script::new(
+                "local v = redis.call('GET', KEYS[1])
+                 if v == ARGV[1] .. '|' .. ARGV[2] then
+                   redis.call('PEXPIRE', KEYS[1], ARGV[3])
+                   return ''
+                 end
+                 if v then return v end
+                 return '-'",
+            ),
+            release: Script::new(&format!(
+                "local v = redis.call('GET', KEYS[1])
+                 if v ~= ARGV[1] .. '|' .. ARGV[2] then return 0 end
+                 redis.call('DEL', KEYS[1])
+                 for _, c in ipairs(redis.call('SMEMBERS', KEYS[2])) do
+                   redis.call('ZREM', '{p}connector:' .. c, ARGV[3])
+                 end
+                 redis.call('DEL', KEYS[2])
+                 return 1",
+                p = prefix
+            )),
+            add_connectors: Script::new(&format!(
+                "{NOW_MS}
+                 for i = 3, #ARGV do
+                   redis.call('ZADD', '{p}connector:' .. ARGV[i], now + tonumber(ARGV[2]), ARGV[1])
+                   redis.call('SADD', KEYS[1], ARGV[i])
+                   redis.call('SADD', KEYS[2], ARGV[i])
+                 end
+                 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+                 return 1",
+                p = prefix
+            )),
+            list_agents: Script::new(&format!(
+                "{NOW_MS}
+                 local out = {{}}
+                 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
+                   table.insert(out, id)
+                   table.insert(out, redis.call('GET', '{p}agent:' .. id .. ':owner') or '')
+                 end
+                 return out",
+                p = prefix
+            )),
+            announce: Script::new(&format!(
+                "{NOW_MS}
+                 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+                 redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+                 return 1"
+            )),
+            list_replicas: Script::new(&format!(
+                "{NOW_MS}
+                 local out = {{}}
+                 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
+                   local url = redis.call('GET', '{p}replica:' .. id .. ':url')
+                   if url then table.insert(out, id) table.insert(out, url) end
+                 end
+                 return out",
+                p = prefix
+            )),
+            sweep: Script::new(&format!(
+                "{NOW_MS}
+                 local n = 0
+                 for _, c in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+                   n = n + redis.call('ZREMRANGEBYSCORE', '{p}connector:' .. c, '-inf', now)
+                 end
+                 n = n + redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+                 return n",
+                p = prefix
+            )),
+        })
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        let mut k = self.prefix.clone();
+        k.push_str(&parts.join(":"));
+        k
+    }
+
+    pub async fn apply(&self, op: &RegistryOp) -> Result<RegistryReply, RegistryError> {
+        self.apply_inner(op)
+            .await
+            .map_err(|e| RegistryError::Unavailable(format!("redis {}: {e}", op.name())))
+    }
+
+    async fn apply_inner(&self, op: &RegistryOp) -> redis::RedisResult<RegistryReply> {
+        let mut c = self.conn.clone();
+        Ok(match op {
+            RegistryOp::Claim {
+                agent_id,
+                replica_id,
+                lease,
+            } => {
+                let e: u64 = self
+                    .claim
+                    .key(self.key(&["agent", agent_id, "epoch"]))
+                    .key(self.key(&["agent", agent_id, "owner"]))
+                    .arg(replica_id)
+                    .arg(lease.as_millis() as u64)
+                    .invoke_async(&mut c)
+                    .await?;
+                RegistryReply::Claimed(Epoch(e))
+            }
+            RegistryOp::Renew {
+                agent_id,
+                replica_id,
+                epoch,
+                lease,
+            } => {
+                let v: String = self
+                    .renew
+                    .key(self.key(&["agent", agent_id, "owner"]))
+                    .arg(replica_id)
+                    .arg(epoch.0)
+                    .arg(lease.as_millis() as u64)
+                    .invoke_async(&mut c)
+                    .await?;
+                match v.as_str() {
+                    "" => RegistryReply::Renewed,
+                    "-" => RegistryReply::Lost { current: None },
+                    other => RegistryReply::Lost {
+                        current: parse_owner(other),
+                    },
+                }
+            }
+            RegistryOp::Release {
+                agent_id,
+                replica_id,
+                epoch,
+            } => {
+                let _: i64 = self
+                    .release
+                    .key(self.key(&["agent", agent_id, "owner"]))
+                    .key(self.key(&["agent", agent_id, "connectors"]))
+                    .arg(replica_id)
+                    .arg(epoch.0)
+                    .arg(agent_id)
+                    .invoke_async(&mut c)
+                    .await?;
+                RegistryReply::Released
+            }
+            RegistryOp::AddConnectors {
+                agent_id,
+                connectors,
+                lease,
+            } => {
+                let mut inv = self.add_connectors.prepare_invoke();
+                inv.key(self.key(&["agent", agent_id, "connectors"]))
+                    .key(self.key(&["connectors"]))
+                    .arg(agent_id)
+                    .arg(lease.as_millis() as u64);
+                for name in connectors {
+                    inv.arg(name);
+                }
+                let _: i64 = inv.invoke_async(&mut c).await?;
+                RegistryReply::Done
+            }
+            RegistryOp::ListAgents { connector } => {
+                let flat: Vec<String> = self
+                    .list_agents
+                    .key(self.key(&["connector", connector]))
+                    .invoke_async(&mut c)
+                    .await?;
+                RegistryReply::Agents(
+                    flat.chunks(2)
+                        .map(|p| AgentRecord {
+                            agent_id: p[0].clone(),
+                            owner: p.get(1).and_then(|o| parse_owner(o)),
+                        })
+                        .collect(),
+                )
+            }
+            RegistryOp::GetOwner { agent_id } => {
+                let v: Option<String> = c.get(self.key(&["agent", agent_id, "owner"])).await?;
+                RegistryReply::Owner(v.as_deref().and_then(parse_owner))
+            }
+            RegistryOp::AnnounceReplica {
+                replica_id,
+                mesh_url,
+                lease,
+            } => {
+                let _: i64 = self
+                    .announce
+                    .key(self.key(&["replicas"]))
+                    .key(self.key(&["replica", replica_id, "url"]))
+                    .arg(replica_id)
+                    .arg(mesh_url)
+                    .arg(lease.as_millis() as u64)
+                    .invoke_async(&mut c)
+                    .await?;
+                RegistryReply::Done
+            }
+            RegistryOp::ListReplicas => {
+                let flat: Vec<String> = self
+                    .list_replicas
+                    .key(self.key(&["replicas"]))
+                    .invoke_async(&mut c)
+                    .await?;
+                RegistryReply::Replicas(
+                    flat.chunks(2)
+                        .map(|p| (p[0].clone(), p[1].clone()))
+                        .collect(),
+                )
+            }
+            RegistryOp::Sweep => {
+                let n: u64 = self
+                    .sweep
+                    .key(self.key(&["connectors"]))
+                    .key(self.key(&["replicas"]))
+                    .invoke_async(&mut c)
+                    .await?;
+                RegistryReply::Swept(n)
+            }
+            RegistryOp::Health => {
+                let _: String = redis::cmd("PING").query_async(&mut c).await?;
+                RegistryReply::Healthy
+            }
+        })
+    }
+}
+
+fn parse_owner(v: &str) -> Option<Owner> {
+    let (replica, epoch) = v.rsplit_once('|')?;
+    Some(Owner {
+        replica_id: replica.to_string(),
+        epoch: Epoch(epoch.parse().ok()?),
+    })
+}

@@ -1,0 +1,211 @@
+//! The Redis registry against a real redis-server: atomic claims, epochs that
+//! only grow (also across data loss), fenced renewals and releases, connector
+//! membership, leases and the sweeper, replica announcements.
+
+use std::time::Duration;
+
+use nowconnect_core::Epoch;
+use nowconnect_core::registry::{AgentRecord, Owner, RegistryOp, RegistryReply};
+use nowconnect_tests::{Env, RedisProc};
+use nowconnect_tokio::registry::RedisRegistry;
+
+fn claim(agent: &str, replica: &str, lease_ms: u64) -> RegistryOp {
+    RegistryOp::Claim {
+        agent_id: agent.into(),
+        replica_id: replica.into(),
+        lease: Duration::from_millis(lease_ms),
+    }
+}
+
+async fn epoch_of(r: &RedisRegistry, op: RegistryOp) -> Epoch {
+    match r.apply(&op).await.unwrap() {
+        RegistryReply::Claimed(e) => e,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn claims_renewals_releases_and_membership() {
+    let env = Env::new();
+    let redis = RedisProc::start(env.path());
+    let r = RedisRegistry::new(&redis.url(), "t:", Duration::from_secs(2)).unwrap();
+
+    let e1 = epoch_of(&r, claim("a1", "hub-a", 10_000)).await;
+    let e2 = epoch_of(&r, claim("a1", "hub-b", 10_000)).await;
+    assert!(e2 > e1, "{e2:?} !> {e1:?}");
+
+    // The old owner's renewal is refused and names the new owner.
+    let renew_a = RegistryOp::Renew {
+        agent_id: "a1".into(),
+        replica_id: "hub-a".into(),
+        epoch: e1,
+        lease: Duration::from_secs(10),
+    };
+    assert_eq!(
+        r.apply(&renew_a).await.unwrap(),
+        RegistryReply::Lost {
+            current: Some(Owner {
+                replica_id: "hub-b".into(),
+                epoch: e2
+            })
+        }
+    );
+    let renew_b = RegistryOp::Renew {
+        agent_id: "a1".into(),
+        replica_id: "hub-b".into(),
+        epoch: e2,
+        lease: Duration::from_secs(10),
+    };
+    assert_eq!(r.apply(&renew_b).await.unwrap(), RegistryReply::Renewed);
+
+    // Connectors and listing with owners.
+    r.apply(&RegistryOp::AddConnectors {
+        agent_id: "a1".into(),
+        connectors: vec!["ldap".into(), "ssh".into()],
+        lease: Duration::from_secs(10),
+    })
+    .await
+    .unwrap();
+    let agents = r
+        .apply(&RegistryOp::ListAgents {
+            connector: "ldap".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        agents,
+        RegistryReply::Agents(vec![AgentRecord {
+            agent_id: "a1".into(),
+            owner: Some(Owner {
+                replica_id: "hub-b".into(),
+                epoch: e2
+            })
+        }])
+    );
+
+    // A stale release changes nothing; the owner's release removes it all.
+    r.apply(&RegistryOp::Release {
+        agent_id: "a1".into(),
+        replica_id: "hub-a".into(),
+        epoch: e1,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        r.apply(&RegistryOp::GetOwner {
+            agent_id: "a1".into()
+        })
+        .await
+        .unwrap(),
+        RegistryReply::Owner(Some(Owner {
+            replica_id: "hub-b".into(),
+            epoch: e2
+        }))
+    );
+    r.apply(&RegistryOp::Release {
+        agent_id: "a1".into(),
+        replica_id: "hub-b".into(),
+        epoch: e2,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        r.apply(&RegistryOp::GetOwner {
+            agent_id: "a1".into()
+        })
+        .await
+        .unwrap(),
+        RegistryReply::Owner(None)
+    );
+    assert_eq!(
+        r.apply(&RegistryOp::ListAgents {
+            connector: "ssh".into()
+        })
+        .await
+        .unwrap(),
+        RegistryReply::Agents(vec![])
+    );
+    assert_eq!(
+        r.apply(&RegistryOp::Health).await.unwrap(),
+        RegistryReply::Healthy
+    );
+}
+
+#[tokio::test]
+async fn leases_lapse_and_the_sweeper_prunes() {
+    let env = Env::new();
+    let redis = RedisProc::start(env.path());
+    let r = RedisRegistry::new(&redis.url(), "t:", Duration::from_secs(2)).unwrap();
+    let e = epoch_of(&r, claim("a1", "hub-a", 300)).await;
+    r.apply(&RegistryOp::AddConnectors {
+        agent_id: "a1".into(),
+        connectors: vec!["ldap".into()],
+        lease: Duration::from_millis(300),
+    })
+    .await
+    .unwrap();
+    r.apply(&RegistryOp::AnnounceReplica {
+        replica_id: "hub-a".into(),
+        mesh_url: "wss://a/mesh".into(),
+        lease: Duration::from_millis(300),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        r.apply(&RegistryOp::ListReplicas).await.unwrap(),
+        RegistryReply::Replicas(vec![("hub-a".into(), "wss://a/mesh".into())])
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Lapsed entries are invisible at once and removed by the sweeper.
+    assert_eq!(
+        r.apply(&RegistryOp::ListAgents {
+            connector: "ldap".into()
+        })
+        .await
+        .unwrap(),
+        RegistryReply::Agents(vec![])
+    );
+    assert_eq!(
+        r.apply(&RegistryOp::ListReplicas).await.unwrap(),
+        RegistryReply::Replicas(vec![])
+    );
+    assert_eq!(
+        r.apply(&RegistryOp::Sweep).await.unwrap(),
+        RegistryReply::Swept(2)
+    );
+    let renew = RegistryOp::Renew {
+        agent_id: "a1".into(),
+        replica_id: "hub-a".into(),
+        epoch: e,
+        lease: Duration::from_secs(1),
+    };
+    assert_eq!(
+        r.apply(&renew).await.unwrap(),
+        RegistryReply::Lost { current: None }
+    );
+}
+
+#[tokio::test]
+async fn epochs_keep_growing_when_redis_loses_its_data_and_errors_are_reported() {
+    let env = Env::new();
+    let mut redis = RedisProc::start(env.path());
+    let r = RedisRegistry::new(&redis.url(), "t:", Duration::from_millis(500)).unwrap();
+    let before = epoch_of(&r, claim("a1", "hub-a", 10_000)).await;
+    redis.kill();
+    let err = r.apply(&claim("a1", "hub-b", 10_000)).await.unwrap_err();
+    assert!(err.to_string().contains("redis claim"), "{err}");
+    redis.restart(); // empty: no persistence
+    let mut after = None;
+    for _ in 0..40 {
+        if let Ok(RegistryReply::Claimed(e)) = r.apply(&claim("a1", "hub-b", 10_000)).await {
+            after = Some(e);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = after.expect("registry did not recover after redis restarted");
+    assert!(
+        after > before,
+        "epoch went back after data loss: {after:?} <= {before:?}"
+    );
+}
