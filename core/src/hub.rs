@@ -91,9 +91,24 @@ struct AgentTunnel {
 
 #[derive(Clone, Debug)]
 enum Pending {
-    Claim { tunnel: TunnelId, agent_id: String },
-    Renew { tunnel: TunnelId, epoch: Epoch },
-    Route { client: ClientId, connector: String },
+    Claim {
+        tunnel: TunnelId,
+        agent_id: String,
+    },
+    Renew {
+        tunnel: TunnelId,
+        epoch: Epoch,
+    },
+    /// Ownership vanished (lease lapsed while the registry was away, or the
+    /// registry lost its data) while the tunnel is still here: claim again.
+    Reclaim {
+        tunnel: TunnelId,
+        old: Epoch,
+    },
+    Route {
+        client: ClientId,
+        connector: String,
+    },
     Other,
 }
 
@@ -111,6 +126,7 @@ pub struct HubCounters {
     pub tunnels_refused: u64,
     pub tunnels_superseded: u64,
     pub ownership_lost: u64,
+    pub ownership_reclaimed: u64,
     /// Mesh opens or frames refused for a stale epoch.
     pub epoch_mismatch: u64,
     pub routes: BTreeMap<&'static str, u64>,
@@ -538,12 +554,56 @@ impl Hub {
                     });
                 }
             }
-            (Pending::Renew { tunnel, epoch }, Ok(RegistryReply::Lost { current })) => {
+            (Pending::Renew { tunnel, epoch }, Ok(RegistryReply::Lost { current: None })) => {
+                if let Some(a) = self.agents.get(&tunnel)
+                    && a.state == (AgentState::Owned { epoch })
+                {
+                    let call = RegistryOp::Claim {
+                        agent_id: a.agent_id.clone(),
+                        replica_id: self.cfg.replica_id.clone(),
+                        lease: self.cfg.lease,
+                    };
+                    self.op(now, call, Pending::Reclaim { tunnel, old: epoch });
+                }
+            }
+            (Pending::Reclaim { tunnel, old }, Ok(RegistryReply::Claimed(epoch))) => {
+                match self.agents.get_mut(&tunnel) {
+                    Some(a) if a.state == (AgentState::Owned { epoch: old }) => {
+                        a.state = AgentState::Owned { epoch };
+                        self.counters.ownership_reclaimed += 1;
+                        let call = RegistryOp::AddConnectors {
+                            agent_id: a.agent_id.clone(),
+                            connectors: a.connectors.clone(),
+                            lease: self.cfg.lease,
+                        };
+                        self.op(now, call, Pending::Other);
+                    }
+                    Some(a) => {
+                        // The tunnel changed meanwhile; give the new claim back.
+                        let call = RegistryOp::Release {
+                            agent_id: a.agent_id.clone(),
+                            replica_id: self.cfg.replica_id.clone(),
+                            epoch,
+                        };
+                        self.op(now, call, Pending::Other);
+                    }
+                    None => {}
+                }
+            }
+            // Failed reclaim: the renewal timer tries again.
+            (Pending::Reclaim { .. }, _) => {}
+            (
+                Pending::Renew { tunnel, epoch },
+                Ok(RegistryReply::Lost {
+                    current: Some(owner),
+                }),
+            ) => {
+                let current = Some(owner);
                 let still_ours = matches!(self.agents.get(&tunnel), Some(a) if a.state == AgentState::Owned { epoch });
                 if still_ours {
                     self.counters.ownership_lost += 1;
                     self.counters.epoch_mismatch += 1;
-                    let who = current.map_or("nobody (lease lapsed)".to_string(), |o| {
+                    let who = current.map_or(String::new(), |o| {
                         format!("{} at epoch {}", o.replica_id, o.epoch.0)
                     });
                     let agent = self.agents[&tunnel].agent_id.clone();

@@ -787,3 +787,29 @@ fn agent_rotates_hubs_with_backoff_and_times_out_target_dials() {
         })
     ));
 }
+
+#[test]
+fn an_owner_whose_record_vanished_reclaims_instead_of_dropping_the_agent() {
+    let now = origin();
+    let mut reg = MemoryRegistry::new();
+    let mut h = hub(Mode::Active);
+    h.tunnel_hello(now, 1, "a1", &["ldap".into()], None);
+    run_registry(&mut h, &mut reg, now);
+    assert_eq!(h.owned_tunnel("a1"), Some((1, Epoch(1))));
+    // The registry forgets everything (restart without persistence): the
+    // lease lapses and a sweep removes it.
+    let later = now + Duration::from_secs(16);
+    reg.apply(later, &RegistryOp::Sweep).unwrap();
+    h.handle_timeout(later);
+    let out = run_registry(&mut h, &mut reg, later);
+    assert!(
+        out.iter()
+            .all(|o| !matches!(o, HubOutput::CloseTunnel { .. })),
+        "{out:?}"
+    );
+    let (t, e) = h.owned_tunnel("a1").unwrap();
+    assert_eq!(t, 1);
+    assert!(e > Epoch(1));
+    assert_eq!(h.counters.ownership_reclaimed, 1);
+    assert_eq!(h.counters.ownership_lost, 0);
+}
