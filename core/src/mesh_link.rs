@@ -826,3 +826,21 @@ impl MeshLink {
         self.events.pop_front()
     }
 }
+
+impl crate::mux::FlowLink for MeshLink {
+    fn send_credit(&self, cid: Cid) -> u64 {
+        MeshLink::send_credit(self, cid)
+    }
+    fn send_data(&mut self, cid: Cid, payload: Bytes) -> Result<(), SendError> {
+        MeshLink::send_data(self, cid, payload)
+    }
+    fn send_fin(&mut self, cid: Cid) -> Result<(), SendError> {
+        MeshLink::send_fin(self, cid)
+    }
+    fn reset_flow(&mut self, cid: Cid, code: ErrorCode, reason: &str) {
+        MeshLink::reset_flow(self, cid, code, reason)
+    }
+    fn consumed(&mut self, cid: Cid, n: usize) {
+        MeshLink::consumed(self, cid, n)
+    }
+}

@@ -46,6 +46,18 @@ impl FlowFrame {
     }
 }
 
+/// The flow operations a link (tunnel or mesh link) offers its runtime, so
+/// that one piece of runtime code can pipe sockets to flows on either.
+pub trait FlowLink {
+    /// Bytes that may be sent on `cid` now.
+    fn send_credit(&self, cid: Cid) -> u64;
+    fn send_data(&mut self, cid: Cid, payload: Bytes) -> Result<(), crate::flow::SendError>;
+    fn send_fin(&mut self, cid: Cid) -> Result<(), crate::flow::SendError>;
+    fn reset_flow(&mut self, cid: Cid, code: ErrorCode, reason: &str);
+    /// The consumer of `cid` drained `n` delivered bytes.
+    fn consumed(&mut self, cid: Cid, n: usize);
+}
+
 /// What the local consumer of a flow (a client socket, a target socket, a
 /// bridged flow on another link) must do.
 #[derive(Clone, Debug, PartialEq, Eq)]

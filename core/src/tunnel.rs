@@ -571,3 +571,21 @@ fn state_name(s: &TunnelState) -> &'static str {
         TunnelState::Closed { .. } => "closed",
     }
 }
+
+impl crate::mux::FlowLink for Tunnel {
+    fn send_credit(&self, cid: Cid) -> u64 {
+        Tunnel::send_credit(self, cid)
+    }
+    fn send_data(&mut self, cid: Cid, payload: Bytes) -> Result<(), SendError> {
+        Tunnel::send_data(self, cid, payload)
+    }
+    fn send_fin(&mut self, cid: Cid) -> Result<(), SendError> {
+        Tunnel::send_fin(self, cid)
+    }
+    fn reset_flow(&mut self, cid: Cid, code: ErrorCode, reason: &str) {
+        Tunnel::reset_flow(self, cid, code, reason)
+    }
+    fn consumed(&mut self, cid: Cid, n: usize) {
+        Tunnel::consumed(self, cid, n)
+    }
+}

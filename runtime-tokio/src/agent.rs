@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::config::AgentConfig;
-use crate::driver::{FlowEnd, Outgoing, TunnelCmd, TunnelDriver, run_flow_socket};
+use crate::driver::{FlowEnd, LinkCmd, Outgoing, TunnelDriver, run_flow_socket};
 use crate::metrics::Metrics;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -96,7 +96,7 @@ impl AgentRuntime {
         let (itx, mut irx) = mpsc::unbounded_channel::<Internal>();
         let mut conn: Option<Connection> = None;
         let mut ws_in: Option<SplitStream<Ws>> = None;
-        let mut cmd_rx: Option<mpsc::UnboundedReceiver<TunnelCmd>> = None;
+        let mut cmd_rx: Option<mpsc::UnboundedReceiver<LinkCmd>> = None;
         let mut hub_dial: Option<(u64, JoinHandle<()>)> = None;
         let mut dials: BTreeMap<Cid, JoinHandle<()>> = BTreeMap::new();
         let mut waiting: BTreeMap<Cid, FlowEnd> = BTreeMap::new();
@@ -161,7 +161,7 @@ impl AgentRuntime {
                         waiting.remove(&cid);
                         if let Some(c) = conn.as_mut() {
                             c.driver
-                                .on_cmd(Instant::now(), TunnelCmd::Reset { cid, code, reason });
+                                .on_cmd(Instant::now(), LinkCmd::Reset { cid, code, reason });
                         }
                     }
                 }

@@ -1,11 +1,12 @@
-//! Driving a core [`Tunnel`] and piping its flows to TCP sockets.
+//! Driving a core link ([`Tunnel`] or mesh link) and piping its flows to TCP
+//! sockets or to flows on another link.
 //!
-//! One task per tunnel owns the `Tunnel` and a [`TunnelDriver`]. One task per
+//! One task per link owns the core link and a [`FlowPipes`]. One task per
 //! flow socket runs [`run_flow_socket`]: its reader half sends what it reads
-//! as [`TunnelCmd::Data`], at most [`CHUNKS_IN_FLIGHT`] chunks ahead of what
+//! as [`LinkCmd::Data`], at most [`CHUNKS_IN_FLIGHT`] chunks ahead of what
 //! the core has accepted (the core's per-flow credit is the real bound; this
 //! only keeps the adapter's own buffer small); its writer half writes
-//! [`FlowMsg::Data`] and reports [`TunnelCmd::Consumed`] once written, which is
+//! [`FlowMsg::Data`] and reports [`LinkCmd::Consumed`] once written, which is
 //! what grants the peer more credit. No protocol decision is made here.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -14,7 +15,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use nowconnect_core::flow::SendError;
-use nowconnect_core::mux::FlowEvent;
+use nowconnect_core::mux::{FlowEvent, FlowLink};
 use nowconnect_core::tunnel::{Tunnel, TunnelEvent};
 use nowconnect_core::{Cid, Epoch, ErrorCode, WsMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,7 +29,8 @@ pub const READ_CHUNK: usize = 64 * 1024;
 /// Chunks a flow's reader may have handed over and the core not yet taken.
 pub const CHUNKS_IN_FLIGHT: usize = 2;
 
-pub enum TunnelCmd {
+/// Commands to a link task (tunnel or mesh link) from flow tasks and the control.
+pub enum LinkCmd {
     /// Hub: ownership claimed; send WELCOME.
     Accept {
         epoch: Epoch,
@@ -40,6 +42,13 @@ pub enum TunnelCmd {
     /// Hub: open a flow to this connector.
     OpenFlow {
         connector: String,
+        reply: oneshot::Sender<Result<FlowEnd, String>>,
+    },
+    /// Mesh origin: open a flow to `agent_id`'s `connector` under `epoch`.
+    OpenMeshFlow {
+        connector: String,
+        agent_id: String,
+        epoch: Epoch,
         reply: oneshot::Sender<Result<FlowEnd, String>>,
     },
     Data {
@@ -108,7 +117,7 @@ pub struct FlowEnd {
     pub connector: String,
     pub rx: mpsc::UnboundedReceiver<FlowMsg>,
     pub permits: Arc<Semaphore>,
-    pub cmd: mpsc::UnboundedSender<TunnelCmd>,
+    pub cmd: mpsc::UnboundedSender<LinkCmd>,
 }
 
 struct FlowSlot {
@@ -119,42 +128,34 @@ struct FlowSlot {
     connector: String,
 }
 
-pub struct TunnelDriver {
-    pub tunnel: Tunnel,
+/// The flows of one link as the runtime sees them: a channel to each flow's
+/// socket task, the chunks it handed over that the core has not taken yet,
+/// and the reader permits.
+pub struct FlowPipes {
     flows: BTreeMap<Cid, FlowSlot>,
-    out: mpsc::UnboundedSender<Outgoing>,
-    cmd_tx: mpsc::UnboundedSender<TunnelCmd>,
+    cmd_tx: mpsc::UnboundedSender<LinkCmd>,
     metrics: Arc<Metrics>,
-    reported: nowconnect_core::tunnel::TunnelStats,
-    reported_dups: u64,
-    reported_violations: u64,
 }
 
-impl TunnelDriver {
-    pub fn new(
-        tunnel: Tunnel,
-        out: mpsc::UnboundedSender<Outgoing>,
-        cmd_tx: mpsc::UnboundedSender<TunnelCmd>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        TunnelDriver {
-            tunnel,
+impl FlowPipes {
+    pub fn new(cmd_tx: mpsc::UnboundedSender<LinkCmd>, metrics: Arc<Metrics>) -> Self {
+        FlowPipes {
             flows: BTreeMap::new(),
-            out,
             cmd_tx,
             metrics,
-            reported: Default::default(),
-            reported_dups: 0,
-            reported_violations: 0,
         }
     }
 
-    pub fn flow_count(&self) -> usize {
+    pub fn len(&self) -> usize {
         self.flows.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
     /// Register a flow the core already knows (opened here or by the peer).
-    pub fn attach_flow(&mut self, cid: Cid, connector: &str) -> FlowEnd {
+    pub fn attach(&mut self, cid: Cid, connector: &str) -> FlowEnd {
         let (tx, rx) = mpsc::unbounded_channel();
         let permits = Arc::new(Semaphore::new(CHUNKS_IN_FLIGHT));
         self.flows.insert(
@@ -191,68 +192,51 @@ impl TunnelDriver {
         Some(slot)
     }
 
-    /// Apply a command; `Accept`, `Close` and `OpenFlow` are handled here too.
-    pub fn on_cmd(&mut self, now: Instant, cmd: TunnelCmd) {
+    /// A flow-level command (`Data`, `Fin`, `Reset`, `Consumed`); returns the
+    /// command back when it is not one.
+    pub fn on_cmd(&mut self, link: &mut impl FlowLink, cmd: LinkCmd) -> Option<LinkCmd> {
         match cmd {
-            TunnelCmd::Accept { epoch } => self.tunnel.accept(now, epoch),
-            TunnelCmd::Close { code, reason } => self.tunnel.close(code, &reason),
-            TunnelCmd::OpenFlow { connector, reply } => {
-                let res = match self.tunnel.open_flow(&connector) {
-                    Ok(cid) => Ok(self.attach_flow(cid, &connector)),
-                    Err(SendError::QueueFull(n)) => Err(format!("agent flow limit of {n} reached")),
-                    Err(e) => Err(e.to_string()),
-                };
-                if let Err(Ok(end)) = reply.send(res) {
-                    // The client went away while we opened: abort the flow.
-                    self.on_cmd(
-                        now,
-                        TunnelCmd::Reset {
-                            cid: end.cid,
-                            code: ErrorCode::ConnectionReset,
-                            reason: "client closed before the flow opened".into(),
-                        },
-                    );
-                }
-            }
-            TunnelCmd::Data { cid, payload } => {
+            LinkCmd::Data { cid, payload } => {
                 if let Some(slot) = self.flows.get_mut(&cid) {
                     slot.pending.push_back(payload);
-                    self.push_pending(cid);
+                    self.push_pending(link, cid);
                 }
             }
-            TunnelCmd::Fin { cid } => {
+            LinkCmd::Fin { cid } => {
                 if let Some(slot) = self.flows.get_mut(&cid) {
                     slot.fin_pending = true;
-                    self.push_pending(cid);
+                    self.push_pending(link, cid);
                 }
             }
-            TunnelCmd::Reset { cid, code, reason } => {
+            LinkCmd::Reset { cid, code, reason } => {
                 if self.detach(cid).is_some() {
-                    self.tunnel.reset_flow(cid, code, &reason);
+                    link.reset_flow(cid, code, &reason);
                     self.metrics
                         .flow_resets
                         .get_or_create(&labels(&[("code", code.as_str())]))
                         .inc();
                 }
             }
-            TunnelCmd::Consumed { cid, n } => self.tunnel.consumed(cid, n),
+            LinkCmd::Consumed { cid, n } => link.consumed(cid, n),
+            other => return Some(other),
         }
+        None
     }
 
     /// Hand queued chunks to the core as far as its credit allows; release a
     /// reader permit per chunk fully taken; send FIN once all data is in.
-    fn push_pending(&mut self, cid: Cid) {
+    fn push_pending(&mut self, link: &mut impl FlowLink, cid: Cid) {
         let Some(slot) = self.flows.get_mut(&cid) else {
             return;
         };
         while let Some(front) = slot.pending.front_mut() {
-            let credit = self.tunnel.send_credit(cid) as usize;
+            let credit = link.send_credit(cid) as usize;
             if credit == 0 {
                 return;
             }
             let take = credit.min(front.len());
             let chunk = front.split_to(take);
-            if let Err(e) = self.tunnel.send_data(cid, chunk) {
+            if let Err(e) = link.send_data(cid, chunk) {
                 tracing::warn!(cid, error = %e, "send on flow failed");
                 return;
             }
@@ -263,26 +247,11 @@ impl TunnelDriver {
         }
         if slot.fin_pending {
             slot.fin_pending = false;
-            let _ = self.tunnel.send_fin(cid);
+            let _ = link.send_fin(cid);
         }
     }
 
-    /// Dispatch flow events to their sockets; return the tunnel-level events.
-    pub fn drain(&mut self) -> Vec<TunnelEvent> {
-        let mut rest = Vec::new();
-        while let Some(ev) = self.tunnel.poll_event() {
-            match ev {
-                TunnelEvent::Flow(fe) => self.on_flow_event(fe),
-                TunnelEvent::Rtt(d) => {
-                    self.metrics.tunnel_rtt.observe(d.as_secs_f64());
-                }
-                other => rest.push(other),
-            }
-        }
-        rest
-    }
-
-    fn on_flow_event(&mut self, fe: FlowEvent) {
+    pub fn on_event(&mut self, link: &mut impl FlowLink, fe: FlowEvent) {
         match fe {
             FlowEvent::Data { cid, payload } => {
                 if let Some(slot) = self.flows.get(&cid) {
@@ -303,11 +272,96 @@ impl TunnelDriver {
                     let _ = slot.tx.send(FlowMsg::Reset { code, reason });
                 }
             }
-            FlowEvent::Writable { cid, .. } => self.push_pending(cid),
+            FlowEvent::Writable { cid, .. } => self.push_pending(link, cid),
             FlowEvent::Closed { cid } => {
                 self.detach(cid);
             }
         }
+    }
+}
+
+/// A tunnel's core state machine with its flow pipes and socket writer.
+pub struct TunnelDriver {
+    pub tunnel: Tunnel,
+    pub pipes: FlowPipes,
+    out: mpsc::UnboundedSender<Outgoing>,
+    metrics: Arc<Metrics>,
+    reported: nowconnect_core::tunnel::TunnelStats,
+    reported_dups: u64,
+    reported_violations: u64,
+}
+
+impl TunnelDriver {
+    pub fn new(
+        tunnel: Tunnel,
+        out: mpsc::UnboundedSender<Outgoing>,
+        cmd_tx: mpsc::UnboundedSender<LinkCmd>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        TunnelDriver {
+            tunnel,
+            pipes: FlowPipes::new(cmd_tx, metrics.clone()),
+            out,
+            metrics,
+            reported: Default::default(),
+            reported_dups: 0,
+            reported_violations: 0,
+        }
+    }
+
+    pub fn attach_flow(&mut self, cid: Cid, connector: &str) -> FlowEnd {
+        self.pipes.attach(cid, connector)
+    }
+
+    /// Apply a command; `Accept`, `Close` and `OpenFlow` are handled here too.
+    pub fn on_cmd(&mut self, now: Instant, cmd: LinkCmd) {
+        let Some(cmd) = self.pipes.on_cmd(&mut self.tunnel, cmd) else {
+            return;
+        };
+        match cmd {
+            LinkCmd::Accept { epoch } => self.tunnel.accept(now, epoch),
+            LinkCmd::Close { code, reason } => self.tunnel.close(code, &reason),
+            LinkCmd::OpenFlow { connector, reply } => {
+                let res = match self.tunnel.open_flow(&connector) {
+                    Ok(cid) => Ok(self.pipes.attach(cid, &connector)),
+                    Err(SendError::QueueFull(n)) => Err(format!("agent flow limit of {n} reached")),
+                    Err(e) => Err(e.to_string()),
+                };
+                if let Err(Ok(end)) = reply.send(res) {
+                    // The client went away while we opened: abort the flow.
+                    self.on_cmd(
+                        now,
+                        LinkCmd::Reset {
+                            cid: end.cid,
+                            code: ErrorCode::ConnectionReset,
+                            reason: "client closed before the flow opened".into(),
+                        },
+                    );
+                }
+            }
+            LinkCmd::OpenMeshFlow { reply, .. } => {
+                let _ = reply.send(Err("not a mesh link".into()));
+            }
+            LinkCmd::Data { .. }
+            | LinkCmd::Fin { .. }
+            | LinkCmd::Reset { .. }
+            | LinkCmd::Consumed { .. } => {}
+        }
+    }
+
+    /// Dispatch flow events to their sockets; return the tunnel-level events.
+    pub fn drain(&mut self) -> Vec<TunnelEvent> {
+        let mut rest = Vec::new();
+        while let Some(ev) = self.tunnel.poll_event() {
+            match ev {
+                TunnelEvent::Flow(fe) => self.pipes.on_event(&mut self.tunnel, fe),
+                TunnelEvent::Rtt(d) => {
+                    self.metrics.tunnel_rtt.observe(d.as_secs_f64());
+                }
+                other => rest.push(other),
+            }
+        }
+        rest
     }
 
     /// Move everything the core wants sent to the socket writer.
@@ -397,18 +451,18 @@ pub async fn run_flow_socket(
             }
             match rd.read_buf(&mut buf).await {
                 Ok(0) => {
-                    let _ = reader_cmd.send(TunnelCmd::Fin { cid });
+                    let _ = reader_cmd.send(LinkCmd::Fin { cid });
                     return;
                 }
                 Ok(n) => {
                     bytes_up.inc_by(n as u64);
                     let payload = buf.split().freeze();
-                    if reader_cmd.send(TunnelCmd::Data { cid, payload }).is_err() {
+                    if reader_cmd.send(LinkCmd::Data { cid, payload }).is_err() {
                         return;
                     }
                 }
                 Err(e) => {
-                    let _ = reader_cmd.send(TunnelCmd::Reset {
+                    let _ = reader_cmd.send(LinkCmd::Reset {
                         cid,
                         code: ErrorCode::ConnectionReset,
                         reason: format!("read error: {e}"),
@@ -428,7 +482,7 @@ pub async fn run_flow_socket(
             FlowMsg::Data(b) => {
                 let n = b.len();
                 if let Err(e) = wr.write_all(&b).await {
-                    let _ = cmd.send(TunnelCmd::Reset {
+                    let _ = cmd.send(LinkCmd::Reset {
                         cid,
                         code: ErrorCode::ConnectionReset,
                         reason: format!("write error: {e}"),
@@ -437,7 +491,7 @@ pub async fn run_flow_socket(
                     break;
                 }
                 bytes_down.inc_by(n as u64);
-                let _ = cmd.send(TunnelCmd::Consumed { cid, n });
+                let _ = cmd.send(LinkCmd::Consumed { cid, n });
             }
             FlowMsg::Fin => {
                 let _ = wr.shutdown().await;

@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 use crate::config::HubConfig;
-use crate::driver::{FlowEnd, Outgoing, TunnelCmd, TunnelDriver, run_flow_socket};
+use crate::driver::{FlowEnd, LinkCmd, Outgoing, TunnelDriver, run_flow_socket};
 use crate::jwt::Verifier;
 use crate::metrics::{Metrics, labels};
 
@@ -38,7 +38,7 @@ enum Registry {
 struct Control {
     hub: Hub,
     registry: Registry,
-    tunnels: BTreeMap<TunnelId, mpsc::UnboundedSender<TunnelCmd>>,
+    tunnels: BTreeMap<TunnelId, mpsc::UnboundedSender<LinkCmd>>,
     routes: BTreeMap<u64, oneshot::Sender<Route>>,
 }
 
@@ -127,7 +127,7 @@ impl Shared {
                 },
                 HubOutput::AcceptTunnel { tunnel, epoch } => {
                     if let Some(tx) = c.tunnels.get(&tunnel) {
-                        let _ = tx.send(TunnelCmd::Accept { epoch });
+                        let _ = tx.send(LinkCmd::Accept { epoch });
                     }
                 }
                 HubOutput::CloseTunnel {
@@ -137,7 +137,7 @@ impl Shared {
                 } => {
                     tracing::warn!(target: "nowconnect::security", tunnel, %code, %reason, "closing agent tunnel");
                     if let Some(tx) = c.tunnels.get(&tunnel) {
-                        let _ = tx.send(TunnelCmd::Close { code, reason });
+                        let _ = tx.send(LinkCmd::Close { code, reason });
                     }
                 }
                 HubOutput::Route { client, route } => {
@@ -290,7 +290,7 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
             .cloned()
             .collect();
         for tx in tunnels {
-            let _ = tx.send(TunnelCmd::Close {
+            let _ = tx.send(LinkCmd::Close {
                 code: ErrorCode::Shutdown,
                 reason: "hub shutting down".into(),
             });
@@ -670,7 +670,7 @@ async fn serve_client(shared: Arc<Shared>, connector: String, stream: TcpStream,
         .cloned();
     let (rtx, rrx) = oneshot::channel();
     if let Some(cmd) = &cmd {
-        let _ = cmd.send(TunnelCmd::OpenFlow {
+        let _ = cmd.send(LinkCmd::OpenFlow {
             connector: connector.clone(),
             reply: rtx,
         });
