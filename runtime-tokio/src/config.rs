@@ -492,6 +492,22 @@ impl HubConfig {
         if m.connect_backoff_max_sec == 0 {
             return Err(err("ha.mesh.connect_backoff_max_sec", "must be > 0".into()));
         }
+        let mesh_used = mode != Mode::Off && (m.listen.is_some() || !m.peers.is_empty());
+        if mesh_used && m.require_mtls && m.tls.is_none() {
+            return Err(err(
+                "ha.mesh.tls",
+                "required when ha.mesh.require_mtls is true".into(),
+            ));
+        }
+        if let Some(i) = m.peers.iter().position(|p| p.starts_with("wss://"))
+            && mesh_used
+            && m.tls.is_none()
+        {
+            return Err(err(
+                &format!("ha.mesh.peers[{i}]"),
+                "wss:// peers need ha.mesh.tls".into(),
+            ));
+        }
         if let Some(tls) = &m.tls {
             check_readable(&tls.ca_bundle).map_err(|r| err("ha.mesh.tls.ca_bundle", r))?;
             check_readable(&tls.cert_file).map_err(|r| err("ha.mesh.tls.cert_file", r))?;

@@ -51,11 +51,13 @@ pub struct Shared {
     next_id: AtomicU64,
     active_clients: AtomicUsize,
     draining: watch::Sender<bool>,
+    mesh_links: Mutex<crate::mesh::MeshLinks>,
 }
 
 /// A running hub: its bound addresses and a way to stop it.
 pub struct HubHandle {
     pub http_addr: SocketAddr,
+    pub mesh_addr: Option<SocketAddr>,
     pub listener_addrs: Vec<(String, SocketAddr)>,
     shared: Arc<Shared>,
     stop: watch::Sender<bool>,
@@ -85,6 +87,48 @@ impl HubHandle {
 }
 
 impl Shared {
+    pub fn cfg(&self) -> &HubConfig {
+        &self.cfg
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Owner side of the mesh: the tunnel to serve a flow for `agent_id`
+    /// under `epoch`, or the refusal.
+    pub fn check_mesh_open(
+        self: &Arc<Self>,
+        agent_id: &str,
+        epoch: nowconnect_core::Epoch,
+    ) -> Result<mpsc::UnboundedSender<LinkCmd>, (ErrorCode, String)> {
+        self.with_control(|c, _| {
+            let tunnel = c.hub.check_mesh_open(agent_id, epoch)?;
+            c.tunnels.get(&tunnel).cloned().ok_or((
+                ErrorCode::LinkLost,
+                "the agent tunnel went away".to_string(),
+            ))
+        })
+    }
+
+    pub fn count_epoch_mismatch(self: &Arc<Self>) {
+        self.with_control(|c, _| c.hub.count_epoch_mismatch());
+    }
+
+    /// A mesh link to `replica` came up (`Some(sender)`) or went down.
+    pub fn mesh_link_state(
+        self: &Arc<Self>,
+        replica: &str,
+        link: u64,
+        sender: Option<mpsc::UnboundedSender<LinkCmd>>,
+    ) {
+        let up = {
+            let mut links = self.mesh_links.lock().expect("mesh links lock");
+            links.set(replica, link, sender)
+        };
+        self.with_control(|c, _| c.hub.mesh_link_up(replica, up));
+    }
+
     fn now() -> Instant {
         Instant::now()
     }
@@ -216,6 +260,7 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
         next_id: AtomicU64::new(1),
         active_clients: AtomicUsize::new(0),
         draining,
+        mesh_links: Mutex::new(Default::default()),
         cfg,
     });
 
@@ -236,9 +281,34 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
         .map(|(n, a, _, _)| (n.clone(), *a))
         .collect();
 
+    let mut mesh_addr = None;
     let (stop, mut stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(control_timer(shared.clone())));
+    if shared.cfg.mode != nowconnect_core::routing::Mode::Off {
+        let mesh = &shared.cfg.raw.ha.mesh;
+        let tls = crate::mesh::tls_configs(mesh)
+            .map_err(|e| format!("{}: {e}", shared.cfg.file.display()))?;
+        if let Some(addr) = &mesh.listen {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("ha.mesh.listen {addr}: {e}"))?;
+            let bound = l.local_addr().map_err(|e| e.to_string())?;
+            mesh_addr = Some(bound);
+            tasks.push(tokio::spawn(crate::mesh::serve(
+                shared.clone(),
+                l,
+                tls.server.clone(),
+            )));
+        }
+        for peer in &mesh.peers {
+            tasks.push(tokio::spawn(crate::mesh::dial_peer(
+                shared.clone(),
+                peer.clone(),
+                tls.client.clone(),
+            )));
+        }
+    }
     for (name, _, connector, l) in listeners {
         tasks.push(tokio::spawn(accept_loop(
             shared.clone(),
@@ -300,6 +370,7 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
     });
     Ok(HubHandle {
         http_addr,
+        mesh_addr,
         listener_addrs,
         shared,
         stop,
@@ -648,12 +719,43 @@ async fn serve_client(shared: Arc<Shared>, connector: String, stream: TcpStream,
     let Ok(route) = rx.await else {
         return;
     };
-    let (tunnel, agent_id) = match route {
-        Route::Local { tunnel, agent_id } => (tunnel, agent_id),
-        Route::Mesh { replica_id, .. } => {
-            refuse_client(&shared, ErrorCode::MeshUnavailable.as_str());
-            tracing::warn!(%peer, %connector, owner = %replica_id, "cross-replica flow refused: no mesh in this build");
-            return;
+    let (tunnel, agent_id, route_kind, cmd, open) = match route {
+        Route::Local { tunnel, agent_id } => {
+            let cmd = shared
+                .control
+                .lock()
+                .expect("control lock")
+                .tunnels
+                .get(&tunnel)
+                .cloned();
+            let open: Box<dyn FnOnce(oneshot::Sender<Result<FlowEnd, String>>) -> LinkCmd + Send> =
+                Box::new({
+                    let connector = connector.clone();
+                    move |reply| LinkCmd::OpenFlow { connector, reply }
+                });
+            (Some(tunnel), agent_id, "local", cmd, open)
+        }
+        Route::Mesh {
+            replica_id,
+            agent_id,
+            epoch,
+        } => {
+            let cmd = shared
+                .mesh_links
+                .lock()
+                .expect("mesh links lock")
+                .sender(&replica_id);
+            let open: Box<dyn FnOnce(oneshot::Sender<Result<FlowEnd, String>>) -> LinkCmd + Send> =
+                Box::new({
+                    let (connector, agent_id) = (connector.clone(), agent_id.clone());
+                    move |reply| LinkCmd::OpenMeshFlow {
+                        connector,
+                        agent_id,
+                        epoch,
+                        reply,
+                    }
+                });
+            (None, format!("{agent_id}@{replica_id}"), "mesh", cmd, open)
         }
         Route::Refuse { code, reason } => {
             refuse_client(&shared, code.as_str());
@@ -661,19 +763,9 @@ async fn serve_client(shared: Arc<Shared>, connector: String, stream: TcpStream,
             return;
         }
     };
-    let cmd = shared
-        .control
-        .lock()
-        .expect("control lock")
-        .tunnels
-        .get(&tunnel)
-        .cloned();
     let (rtx, rrx) = oneshot::channel();
     if let Some(cmd) = &cmd {
-        let _ = cmd.send(LinkCmd::OpenFlow {
-            connector: connector.clone(),
-            reply: rtx,
-        });
+        let _ = cmd.send(open(rtx));
     }
     let end: FlowEnd = match rrx.await {
         Ok(Ok(end)) => end,
@@ -684,17 +776,21 @@ async fn serve_client(shared: Arc<Shared>, connector: String, stream: TcpStream,
         }
         Err(_) => {
             refuse_client(&shared, ErrorCode::LinkLost.as_str());
-            tracing::warn!(%peer, %connector, agent = %agent_id, "client connection refused: the agent tunnel went away");
+            tracing::warn!(%peer, %connector, agent = %agent_id, "client connection refused: the link to the agent went away");
             return;
         }
     };
     tracing::debug!(%peer, %connector, agent = %agent_id, cid = end.cid, "flow opened");
-    shared.with_control(|c, _| c.hub.flow_started(tunnel));
+    if let Some(t) = tunnel {
+        shared.with_control(|c, _| c.hub.flow_started(t));
+    }
     shared
         .metrics
         .flows
-        .get_or_create(&labels(&[("connector", &connector), ("route", "local")]))
+        .get_or_create(&labels(&[("connector", &connector), ("route", route_kind)]))
         .inc();
     run_flow_socket(stream, end, shared.metrics.clone(), "up", "down").await;
-    shared.with_control(|c, _| c.hub.flow_ended(tunnel));
+    if let Some(t) = tunnel {
+        shared.with_control(|c, _| c.hub.flow_ended(t));
+    }
 }

@@ -11,6 +11,7 @@ pub mod driver;
 pub mod hub;
 pub mod jwt;
 pub mod logging;
+pub mod mesh;
 pub mod metrics;
 pub mod quickstart;
 pub mod registry;

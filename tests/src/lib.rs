@@ -175,6 +175,7 @@ impl Drop for Proc {
 pub struct HubProc {
     pub proc: Proc,
     pub http: SocketAddr,
+    pub mesh: Option<SocketAddr>,
     pub listeners: Vec<(String, SocketAddr)>,
 }
 
@@ -190,10 +191,13 @@ impl HubProc {
         let line = proc.wait_line("nowconnect hub ready", Duration::from_secs(20));
         // nowconnect hub ready http=127.0.0.1:1234 listeners=l1=127.0.0.1:389,...
         let mut http = None;
+        let mut mesh = None;
         let mut listeners = Vec::new();
         for part in line.split_whitespace() {
             if let Some(h) = part.strip_prefix("http=") {
                 http = Some(h.parse().unwrap());
+            } else if let Some(m) = part.strip_prefix("mesh=") {
+                mesh = Some(m.parse().unwrap());
             } else if let Some(ls) = part.strip_prefix("listeners=") {
                 for l in ls.split(',').filter(|s| !s.is_empty()) {
                     let (n, a) = l.split_once('=').unwrap();
@@ -204,6 +208,7 @@ impl HubProc {
         HubProc {
             proc,
             http: http.expect("http address in the ready line"),
+            mesh,
             listeners,
         }
     }
@@ -496,5 +501,69 @@ impl RedisProc {
     pub fn restart(&mut self) {
         self.proc.kill();
         *self = RedisProc::start_on(&self.dir.clone(), self.port);
+    }
+}
+
+/// Test certificates made with rcgen: a CA and leaf certificates valid for
+/// `localhost` and `127.0.0.1`, usable as TLS server and client.
+pub mod pki {
+    use std::path::{Path, PathBuf};
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+
+    pub struct Ca {
+        issuer: Issuer<'static, KeyPair>,
+        pub pem: String,
+    }
+
+    pub struct Leaf {
+        pub ca: PathBuf,
+        pub cert: PathBuf,
+        pub key: PathBuf,
+    }
+
+    impl Ca {
+        pub fn new(name: &str) -> Ca {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(DnType::CommonName, name);
+            p.key_usages = vec![
+                KeyUsagePurpose::KeyCertSign,
+                KeyUsagePurpose::CrlSign,
+                KeyUsagePurpose::DigitalSignature,
+            ];
+            let cert = p.self_signed(&key).unwrap();
+            Ca {
+                pem: cert.pem(),
+                issuer: Issuer::new(p, key),
+            }
+        }
+
+        /// Write `ca-<id>.pem`, `<name>.crt` and `<name>.key` into `dir`.
+        pub fn issue(&self, dir: &Path, name: &str) -> Leaf {
+            let key = KeyPair::generate().unwrap();
+            let mut p =
+                CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+                    .unwrap();
+            p.distinguished_name.push(DnType::CommonName, name);
+            p.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let cert = p.signed_by(&key, &self.issuer).unwrap();
+            let leaf = Leaf {
+                ca: dir.join(format!("ca-for-{name}.pem")),
+                cert: dir.join(format!("{name}.crt")),
+                key: dir.join(format!("{name}.key")),
+            };
+            std::fs::write(&leaf.ca, &self.pem).unwrap();
+            std::fs::write(&leaf.cert, cert.pem()).unwrap();
+            std::fs::write(&leaf.key, key.serialize_pem()).unwrap();
+            leaf
+        }
     }
 }

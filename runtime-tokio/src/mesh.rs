@@ -1,0 +1,642 @@
+//! The hub mesh: a TLS listener serving `/mesh` (client certificates required
+//! when `require_mtls`), one outbound link per configured peer, each driven by
+//! a core [`MeshLink`] (which owns backoff, queues, caps, credit, epochs and
+//! RTT). Origin side: a client routed to another replica gets a mesh flow.
+//! Owner side: an `M_OPEN` whose epoch is current is bridged to a flow on the
+//! agent's tunnel.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::{SinkExt, StreamExt};
+use nowconnect_core::mesh_link::{LinkState, MeshEvent, MeshLink, MeshLinkConfig};
+use nowconnect_core::rng::Rng;
+use nowconnect_core::{Codec, ErrorCode, WsMessage};
+use rustls_pki_types::PrivateKeyDer;
+use rustls_pki_types::pem::PemObject;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::config::{MeshConfig, MeshTls};
+use crate::driver::{FlowEnd, FlowMsg, FlowPipes, LinkCmd, Outgoing};
+use crate::hub::Shared;
+use crate::metrics::labels;
+
+/// The transport under a mesh WebSocket: TCP, or TLS over TCP.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+pub type BoxIo = Box<dyn Io>;
+type Ws = WebSocketStream<BoxIo>;
+
+/// Established links by peer replica id (a peer may have an inbound and an
+/// outbound link at once; either can carry flows).
+#[derive(Default)]
+pub struct MeshLinks {
+    by_replica: BTreeMap<String, BTreeMap<u64, mpsc::UnboundedSender<LinkCmd>>>,
+}
+
+impl MeshLinks {
+    /// Record a link's state; returns whether any link to `replica` is up.
+    pub fn set(
+        &mut self,
+        replica: &str,
+        link: u64,
+        sender: Option<mpsc::UnboundedSender<LinkCmd>>,
+    ) -> bool {
+        let links = self.by_replica.entry(replica.to_string()).or_default();
+        match sender {
+            Some(tx) => {
+                links.insert(link, tx);
+            }
+            None => {
+                links.remove(&link);
+            }
+        }
+        let up = !links.is_empty();
+        if !up {
+            self.by_replica.remove(replica);
+        }
+        up
+    }
+
+    pub fn sender(&self, replica: &str) -> Option<mpsc::UnboundedSender<LinkCmd>> {
+        self.by_replica.get(replica)?.values().next().cloned()
+    }
+}
+
+pub struct MeshTlsConfigs {
+    pub server: Option<Arc<rustls::ServerConfig>>,
+    pub client: Option<Arc<rustls::ClientConfig>>,
+}
+
+pub fn tls_configs(mesh: &MeshConfig) -> Result<MeshTlsConfigs, String> {
+    let Some(MeshTls {
+        ca_bundle,
+        cert_file,
+        key_file,
+    }) = &mesh.tls
+    else {
+        return Ok(MeshTlsConfigs {
+            server: None,
+            client: None,
+        });
+    };
+    let certs = crate::tls::load_certs(cert_file)?;
+    let key = || {
+        PrivateKeyDer::from_pem_file(key_file).map_err(|e| format!("{}: {e}", key_file.display()))
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    for c in crate::tls::load_certs(ca_bundle)? {
+        roots
+            .add(c)
+            .map_err(|e| format!("{}: {e}", ca_bundle.display()))?;
+    }
+    let roots = Arc::new(roots);
+    let builder = rustls::ServerConfig::builder();
+    let server = if mesh.require_mtls {
+        let verifier = rustls::server::WebPkiClientVerifier::builder(roots.clone())
+            .build()
+            .map_err(|e| format!("ha.mesh.tls.ca_bundle: {e}"))?;
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    }
+    .with_single_cert(certs.clone(), key()?)
+    .map_err(|e| format!("ha.mesh.tls: {e}"))?;
+    let client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(certs, key()?)
+        .map_err(|e| format!("ha.mesh.tls: {e}"))?;
+    Ok(MeshTlsConfigs {
+        server: Some(Arc::new(server)),
+        client: Some(Arc::new(client)),
+    })
+}
+
+fn ws_config(shared: &Shared) -> WebSocketConfig {
+    let max = shared.cfg().limits.max_frame + 1024;
+    WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+}
+
+pub fn link_config(shared: &Shared) -> MeshLinkConfig {
+    let cfg = shared.cfg();
+    let m = &cfg.raw.ha.mesh;
+    MeshLinkConfig {
+        limits: cfg.limits,
+        window: cfg.raw.tunnel.window_bytes,
+        send_queue_depth: m.send_queue_depth,
+        max_inflight_bytes: m.per_link_max_inflight_bytes,
+        backoff_max: std::time::Duration::from_secs(m.connect_backoff_max_sec),
+        ..MeshLinkConfig::default()
+    }
+}
+
+/// Accept mesh connections until the task is aborted.
+pub async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) {
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    loop {
+        let Ok((tcp, peer)) = listener.accept().await else {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            let res = match acceptor {
+                Some(a) => match a.accept(tcp).await {
+                    Ok(tls) => accept_ws(&shared, Box::new(tls)).await,
+                    Err(e) => Err(format!("TLS handshake failed: {e}")),
+                },
+                None => accept_ws(&shared, Box::new(tcp)).await,
+            };
+            if let Err(reason) = res {
+                shared.metrics().mesh_link_errors.inc();
+                tracing::warn!(target: "nowconnect::security", %peer, %reason, "mesh peer refused");
+            }
+        });
+    }
+}
+
+async fn accept_ws(shared: &Arc<Shared>, stream: BoxIo) -> Result<(), String> {
+    let mut chosen = None;
+    let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        if req.uri().path() != "/mesh" {
+            let mut e = ErrorResponse::new(Some("not found".into()));
+            *e.status_mut() = StatusCode::NOT_FOUND;
+            return Err(e);
+        }
+        let offered: Vec<&str> = req
+            .headers()
+            .get_all("sec-websocket-protocol")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(',').map(str::trim))
+            .collect();
+        let Some(codec) = [Codec::V2, Codec::V1]
+            .into_iter()
+            .find(|c| offered.contains(&c.mesh_subprotocol()))
+        else {
+            let mut e = ErrorResponse::new(Some("no supported mesh subprotocol".into()));
+            *e.status_mut() = StatusCode::BAD_REQUEST;
+            return Err(e);
+        };
+        resp.headers_mut().insert(
+            "sec-websocket-protocol",
+            HeaderValue::from_static(codec.mesh_subprotocol()),
+        );
+        chosen = Some(codec);
+        Ok(resp)
+    };
+    let ws =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config(shared)))
+            .await
+            .map_err(|e| format!("mesh WebSocket handshake failed: {e}"))?;
+    let codec = chosen.unwrap_or(Codec::V2);
+    let link = MeshLink::inbound(
+        Instant::now(),
+        link_config(shared),
+        &shared.cfg().replica_id,
+        codec,
+        Rng::new(rand::random()),
+    );
+    run_link(shared.clone(), link, "inbound".into(), Some(ws), None).await;
+    Ok(())
+}
+
+/// Keep an outbound link to `url` up for the life of the hub.
+pub async fn dial_peer(shared: Arc<Shared>, url: String, tls: Option<Arc<rustls::ClientConfig>>) {
+    let link = MeshLink::outbound(
+        Instant::now(),
+        link_config(&shared),
+        &shared.cfg().replica_id,
+        Rng::new(rand::random()),
+    );
+    run_link(shared, link, url.clone(), None, Some((url, tls))).await;
+}
+
+/// TCP (+ TLS with our client certificate for `wss://`), then the WebSocket
+/// handshake offering both mesh subprotocols.
+async fn connect(
+    url: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    cfg: WebSocketConfig,
+) -> Result<(Ws, Codec), String> {
+    let mut req = url
+        .into_client_request()
+        .map_err(|e| format!("{url}: {e}"))?;
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_static("nowconnect.mesh.v2, nowconnect.mesh.v1"),
+    );
+    let uri = req.uri().clone();
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("{url}: no host"))?
+        .trim_matches(|c| c == '[' || c == ']')
+        .to_string();
+    let secure = uri.scheme_str() == Some("wss");
+    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+    let tcp = TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let io: BoxIo = if secure {
+        let cfg = tls.ok_or_else(|| format!("{url}: wss:// needs ha.mesh.tls"))?;
+        let name = rustls_pki_types::ServerName::try_from(host.clone())
+            .map_err(|e| format!("{url}: {e}"))?;
+        let stream = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("{url}: TLS: {e}"))?;
+        Box::new(stream)
+    } else {
+        Box::new(tcp)
+    };
+    let (ws, resp) = tokio_tungstenite::client_async_with_config(req, io, Some(cfg))
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let codec = resp
+        .headers()
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok())
+        .and_then(Codec::from_mesh_subprotocol)
+        .ok_or_else(|| format!("{url}: the peer chose no mesh subprotocol"))?;
+    Ok((ws, codec))
+}
+
+type DialResult = Result<(Ws, Codec), String>;
+
+/// Drive one mesh link: its socket(s), its commands, its timers.
+async fn run_link(
+    shared: Arc<Shared>,
+    mut link: MeshLink,
+    mut label: String,
+    first: Option<Ws>,
+    dial: Option<(String, Option<Arc<rustls::ClientConfig>>)>,
+) {
+    let metrics = shared.metrics().clone();
+    let link_id = rand::random::<u64>();
+    let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel();
+    let mut pipes = FlowPipes::new(cmd_tx.clone(), metrics.clone());
+    let (dial_tx, mut dial_rx) = mpsc::unbounded_channel::<DialResult>();
+    let mut out: Option<mpsc::UnboundedSender<Outgoing>> = None;
+    let mut ws_in: Option<futures_util::stream::SplitStream<Ws>> = None;
+    let mut peer_replica: Option<String> = None;
+    let mut reporter = MeshReporter::default();
+    let attach = |ws: Ws,
+                  out: &mut Option<mpsc::UnboundedSender<Outgoing>>,
+                  ws_in: &mut Option<futures_util::stream::SplitStream<Ws>>| {
+        let (sink, stream) = ws.split();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(write_ws(sink, rx));
+        *out = Some(tx);
+        *ws_in = Some(stream);
+    };
+    if let Some(ws) = first {
+        attach(ws, &mut out, &mut ws_in);
+    }
+    loop {
+        while let Some(ev) = link.poll_event() {
+            match ev {
+                MeshEvent::Connect => {
+                    if let Some((url, tls)) = &dial {
+                        let (url, tls, tx, cfg) = (
+                            url.clone(),
+                            tls.clone(),
+                            dial_tx.clone(),
+                            ws_config(&shared),
+                        );
+                        tokio::spawn(async move {
+                            let _ = tx.send(connect(&url, tls, cfg).await);
+                        });
+                    }
+                }
+                MeshEvent::Established { peer_replica: p } => {
+                    tracing::info!(peer = %p, link = %label, "mesh link established");
+                    if dial.is_none() {
+                        label = p.clone();
+                    }
+                    shared.mesh_link_state(&p, link_id, Some(cmd_tx.clone()));
+                    peer_replica = Some(p);
+                }
+                MeshEvent::Open {
+                    cid,
+                    connector,
+                    agent_id,
+                    epoch,
+                } => match shared.check_mesh_open(&agent_id, epoch) {
+                    Ok(tunnel_cmd) => {
+                        link.accept_open(cid);
+                        let mesh_end = pipes.attach(cid, &connector);
+                        tokio::spawn(bridge(mesh_end, tunnel_cmd, connector));
+                    }
+                    Err((code, reason)) => {
+                        tracing::warn!(target: "nowconnect::security", %agent_id, epoch = epoch.0, %code, %reason, "mesh open refused");
+                        link.refuse_open(cid, code, &reason);
+                    }
+                },
+                MeshEvent::OpenAccepted { .. } => {}
+                MeshEvent::Flow(fe) => pipes.on_event(&mut link, fe),
+                MeshEvent::StaleEpoch { cid, got, expected } => {
+                    tracing::warn!(target: "nowconnect::security", cid, got = got.0, expected = expected.0, "stale-epoch mesh frame refused");
+                    shared.count_epoch_mismatch();
+                }
+                MeshEvent::Rtt(d) => metrics.mesh_rtt.observe(d.as_secs_f64()),
+                MeshEvent::Down { reason } => {
+                    tracing::warn!(link = %label, %reason, "mesh link down");
+                    if let Some(o) = out.take() {
+                        let _ = o.send(Outgoing::Close {
+                            code: ErrorCode::LinkLost,
+                            reason: reason.clone(),
+                        });
+                    }
+                    ws_in = None;
+                    if let Some(p) = peer_replica.take() {
+                        shared.mesh_link_state(&p, link_id, None);
+                    }
+                }
+            }
+        }
+        if let Some(o) = &out {
+            while let Some(m) = link.poll_transmit() {
+                let _ = o.send(Outgoing::Frame(m));
+            }
+        }
+        reporter.report(&metrics, &label, &link);
+        if link.state() == LinkState::Closed {
+            break;
+        }
+        let deadline = link.poll_timeout().map(|(at, _)| at);
+        let timer = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            Some(r) = dial_rx.recv() => {
+                let now = Instant::now();
+                match r {
+                    Ok((ws, codec)) if link.state() == LinkState::Connecting => {
+                        attach(ws, &mut out, &mut ws_in);
+                        link.on_connected(now, codec);
+                    }
+                    Ok(_) => {}
+                    Err(e) => link.on_disconnected(now, &e),
+                }
+            }
+            msg = async { ws_in.as_mut().expect("guarded").next().await }, if ws_in.is_some() => {
+                let now = Instant::now();
+                match msg {
+                    Some(Ok(Message::Binary(b))) => link.handle_message(now, &WsMessage::Binary(b)),
+                    Some(Ok(Message::Text(t))) => link.handle_message(now, &WsMessage::Text(t.as_str().to_owned())),
+                    Some(Ok(Message::Close(f))) => {
+                        let why = f.map(|f| f.reason.to_string()).unwrap_or_default();
+                        link.on_disconnected(now, &format!("peer closed the mesh link: {why}"));
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => link.on_disconnected(now, &format!("mesh read error: {e}")),
+                    None => link.on_disconnected(now, "mesh link closed by the peer"),
+                }
+            }
+            Some(cmd) = cmd_rx.recv() => {
+                let mut next = Some(cmd);
+                let mut budget = 256;
+                while let Some(cmd) = next.take() {
+                    if let Some(cmd) = pipes.on_cmd(&mut link, cmd) {
+                        match cmd {
+                            LinkCmd::OpenMeshFlow { connector, agent_id, epoch, reply } => {
+                                let res = link
+                                    .open_flow(&connector, &agent_id, epoch)
+                                    .map(|cid| pipes.attach(cid, &connector))
+                                    .map_err(|e| e.to_string());
+                                if let Err(Ok(end)) = reply.send(res) {
+                                    let _ = pipes.on_cmd(&mut link, LinkCmd::Reset { cid: end.cid, code: ErrorCode::ConnectionReset, reason: "client went away".into() });
+                                }
+                            }
+                            LinkCmd::Close { reason, .. } => link.close(&reason),
+                            LinkCmd::OpenFlow { reply, .. } => {
+                                let _ = reply.send(Err("not an agent tunnel".into()));
+                            }
+                            _ => {}
+                        }
+                    }
+                    budget -= 1;
+                    if budget > 0 {
+                        next = cmd_rx.try_recv().ok();
+                    }
+                }
+            }
+            _ = timer => link.handle_timeout(Instant::now()),
+        }
+    }
+    if let Some(p) = peer_replica {
+        shared.mesh_link_state(&p, link_id, None);
+    }
+}
+
+async fn write_ws(
+    mut sink: futures_util::stream::SplitSink<Ws, Message>,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+) {
+    while let Some(m) = rx.recv().await {
+        let mut batch = vec![m];
+        while batch.len() < 64 {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        for m in batch {
+            let msg = match m {
+                Outgoing::Frame(WsMessage::Text(s)) => Message::Text(s.into()),
+                Outgoing::Frame(WsMessage::Binary(b)) => Message::Binary(b),
+                Outgoing::Close { code, reason } => {
+                    let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                        code: Outgoing::close_code(code).into(),
+                        reason: Outgoing::close_reason(&reason).into(),
+                    };
+                    let _ = sink.send(Message::Close(Some(frame))).await;
+                    return;
+                }
+            };
+            if sink.feed(msg).await.is_err() {
+                return;
+            }
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = sink.close().await;
+}
+
+/// Owner side: join a mesh flow to a new flow on the agent's tunnel.
+async fn bridge(mesh: FlowEnd, tunnel_cmd: mpsc::UnboundedSender<LinkCmd>, connector: String) {
+    let (tx, rx) = oneshot::channel();
+    let _ = tunnel_cmd.send(LinkCmd::OpenFlow {
+        connector: connector.clone(),
+        reply: tx,
+    });
+    let tunnel = match rx.await {
+        Ok(Ok(end)) => end,
+        Ok(Err(reason)) => {
+            let _ = mesh.cmd.send(LinkCmd::Reset {
+                cid: mesh.cid,
+                code: ErrorCode::LimitExceeded,
+                reason,
+            });
+            return;
+        }
+        Err(_) => {
+            let _ = mesh.cmd.send(LinkCmd::Reset {
+                cid: mesh.cid,
+                code: ErrorCode::LinkLost,
+                reason: "the agent tunnel went away".into(),
+            });
+            return;
+        }
+    };
+    let FlowEnd {
+        cid: mcid,
+        rx: mrx,
+        permits: mpermits,
+        cmd: mcmd,
+        ..
+    } = mesh;
+    let FlowEnd {
+        cid: tcid,
+        rx: trx,
+        permits: tpermits,
+        cmd: tcmd,
+        ..
+    } = tunnel;
+    let up = tokio::spawn(pipe(mrx, mcid, mcmd.clone(), tcid, tcmd.clone(), tpermits));
+    let down = tokio::spawn(pipe(trx, tcid, tcmd, mcid, mcmd, mpermits));
+    let _ = tokio::join!(up, down);
+}
+
+/// Move one direction of a bridged flow: what arrives on `from` goes to `to`,
+/// at most the chunks `to_permits` allows ahead; `from` is credited once the
+/// bytes are handed over.
+async fn pipe(
+    mut rx: mpsc::UnboundedReceiver<FlowMsg>,
+    from: u64,
+    from_cmd: mpsc::UnboundedSender<LinkCmd>,
+    to: u64,
+    to_cmd: mpsc::UnboundedSender<LinkCmd>,
+    to_permits: Arc<tokio::sync::Semaphore>,
+) {
+    while let Some(msg) = rx.recv().await {
+        match msg {
+            FlowMsg::Data(b) => {
+                let n = b.len();
+                match to_permits.acquire().await {
+                    Ok(p) => p.forget(),
+                    Err(_) => return,
+                }
+                if to_cmd
+                    .send(LinkCmd::Data {
+                        cid: to,
+                        payload: b,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+                let _ = from_cmd.send(LinkCmd::Consumed { cid: from, n });
+            }
+            FlowMsg::Fin => {
+                let _ = to_cmd.send(LinkCmd::Fin { cid: to });
+            }
+            FlowMsg::Reset { code, reason } => {
+                let _ = to_cmd.send(LinkCmd::Reset {
+                    cid: to,
+                    code,
+                    reason,
+                });
+                return;
+            }
+        }
+    }
+}
+
+/// Exports one link's core counters as metric deltas.
+#[derive(Default)]
+struct MeshReporter {
+    frames_in: BTreeMap<nowconnect_core::FrameType, u64>,
+    frames_out: BTreeMap<nowconnect_core::FrameType, u64>,
+    backpressure: BTreeMap<&'static str, u64>,
+    reconnects: u64,
+    errors: u64,
+    dups: u64,
+}
+
+impl MeshReporter {
+    fn report(&mut self, m: &crate::metrics::Metrics, peer: &str, link: &MeshLink) {
+        let s = &link.stats;
+        for (dir, now, before) in [
+            ("in", &s.frames_in, &mut self.frames_in),
+            ("out", &s.frames_out, &mut self.frames_out),
+        ] {
+            for (t, n) in now {
+                let old = before.entry(*t).or_default();
+                if *n > *old {
+                    m.mesh_frames
+                        .get_or_create(&labels(&[("dir", dir), ("type", t.as_str())]))
+                        .inc_by(*n - *old);
+                    *old = *n;
+                }
+            }
+        }
+        for (reason, n) in &s.backpressure {
+            let old = self.backpressure.entry(reason).or_default();
+            if *n > *old {
+                m.mesh_backpressure_drops
+                    .get_or_create(&labels(&[("peer", peer), ("reason", reason)]))
+                    .inc_by(*n - *old);
+                *old = *n;
+            }
+        }
+        if s.reconnects > self.reconnects {
+            m.mesh_link_reconnects
+                .inc_by(s.reconnects - self.reconnects);
+            self.reconnects = s.reconnects;
+        }
+        if s.errors > self.errors {
+            m.mesh_link_errors.inc_by(s.errors - self.errors);
+            self.errors = s.errors;
+        }
+        let dups = link.mux().stats.duplicates_dropped;
+        if dups > self.dups {
+            m.cid_dedup_dropped.inc_by(dups - self.dups);
+            self.dups = dups;
+        }
+        for st in LinkState::ALL {
+            m.mesh_links
+                .get_or_create(&labels(&[("peer", peer), ("state", st.as_str())]))
+                .set(i64::from(st == link.state()));
+        }
+        m.mesh_link_queue_frames
+            .get_or_create(&labels(&[("peer", peer)]))
+            .set(link.queue_len() as i64);
+        m.mesh_link_inflight_bytes
+            .get_or_create(&labels(&[("peer", peer)]))
+            .set(link.inflight_bytes() as i64);
+    }
+}

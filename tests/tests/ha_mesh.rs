@@ -1,0 +1,242 @@
+//! Two and three hubs joined by the mTLS mesh, sharing a real redis-server:
+//! cross-replica LDAP, shadow mode, certificate checks.
+
+use std::time::Duration;
+
+use nowconnect_tests::ldap::{self, Slapd};
+use nowconnect_tests::pki::{Ca, Leaf};
+use nowconnect_tests::*;
+
+fn hub_yaml(
+    env: &Env,
+    replica: &str,
+    mode: &str,
+    redis: &RedisProc,
+    mesh_port: u16,
+    peers: &[u16],
+    leaf: &Leaf,
+) -> String {
+    let peers: Vec<String> = peers
+        .iter()
+        .map(|p| format!("'wss://127.0.0.1:{p}/mesh'"))
+        .collect();
+    env.hub_yaml(
+        &[("ldap", "ldap")],
+        &format!(
+            "ha:\n  enabled: true\n  mode: {mode}\n  replica_id: {replica}\n  redis_url: {}\n  lease_sec: 3\n  renew_interval_sec: 1\n  registry_timeout_ms: 300\n  mesh:\n    listen: 127.0.0.1:{mesh_port}\n    peers: [{}]\n    require_mtls: true\n    connect_backoff_max_sec: 1\n    tls: {{ ca_bundle: {}, cert_file: {}, key_file: {} }}\n",
+            redis.url(),
+            peers.join(", "),
+            leaf.ca.display(),
+            leaf.cert.display(),
+            leaf.key.display()
+        ),
+    )
+}
+
+fn established(h: &HubProc, peer_port: u16) -> bool {
+    h.metric(&format!(
+        "nowconnect_mesh_links{{peer=\"wss://127.0.0.1:{peer_port}/mesh\",state=\"established\"}}"
+    )) == 1.0
+}
+
+#[test]
+fn ldap_reaches_an_agent_on_another_hub_through_the_mesh() {
+    let env = Env::new();
+    let redis = RedisProc::start(env.path());
+    let slapd = Slapd::start(env.path());
+    let ca = Ca::new("mesh CA");
+    let (pa, pb) = (free_port(), free_port());
+    let a = HubProc::start(
+        env.path(),
+        "hub-a",
+        &hub_yaml(
+            &env,
+            "hub-a",
+            "active",
+            &redis,
+            pa,
+            &[pb],
+            &ca.issue(env.path(), "hub-a"),
+        ),
+    );
+    let b = HubProc::start(
+        env.path(),
+        "hub-b",
+        &hub_yaml(
+            &env,
+            "hub-b",
+            "active",
+            &redis,
+            pb,
+            &[pa],
+            &ca.issue(env.path(), "hub-b"),
+        ),
+    );
+    let _agent = AgentProc::start(
+        env.path(),
+        "agent",
+        &env.agent_yaml("agent-1", &[a.http], &[("ldap", slapd.addr)], ""),
+        &env.token("agent-1", None),
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || a
+            .metric("nowconnect_agents_connected")
+            == 1.0
+            && established(&b, pa)
+            && established(&a, pb)),
+        "hub-a:\n{}\nhub-b:\n{}",
+        a.proc.log_text(),
+        b.proc.log_text()
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || b.get("/readyz").0 == 200),
+        "{:?}",
+        b.get("/readyz")
+    );
+
+    for filter in ["(objectClass=*)", "(uid=alice)"] {
+        let direct = ldap::search(slapd.addr, filter);
+        assert_eq!(direct.0, 0);
+        assert_eq!(
+            ldap::search(b.listener("ldap"), filter),
+            direct,
+            "search {filter} through hub-b differs"
+        );
+    }
+    let bad = ldap::ldap_tool(
+        "ldapwhoami",
+        &[
+            "-x",
+            "-H",
+            &format!("ldap://{}", b.listener("ldap")),
+            "-D",
+            ldap::ADMIN_DN,
+            "-w",
+            "wrong",
+        ],
+    );
+    assert_eq!(bad.0, 49, "{bad:?}");
+    assert!(b.metric("nowconnect_flows_total{connector=\"ldap\",route=\"mesh\"}") >= 3.0);
+    assert!(b.metric("nowconnect_mesh_frames_total{dir=\"out\",type=\"M_OPEN\"}") >= 3.0);
+    assert!(a.metric("nowconnect_mesh_frames_total{dir=\"in\",type=\"M_DATA\"}") >= 3.0);
+    assert!(b.metric("nowconnect_mesh_frames_total{dir=\"in\",type=\"M_DATA\"}") >= 3.0);
+}
+
+#[test]
+fn shadow_mode_serves_locally_and_counts_what_active_would_route() {
+    let env = Env::new();
+    let redis = RedisProc::start(env.path());
+    let echo = echo_server();
+    let ca = Ca::new("mesh CA");
+    let (pa, pb) = (free_port(), free_port());
+    let a = HubProc::start(
+        env.path(),
+        "hub-a",
+        &hub_yaml(
+            &env,
+            "hub-a",
+            "shadow",
+            &redis,
+            pa,
+            &[pb],
+            &ca.issue(env.path(), "hub-a"),
+        ),
+    );
+    let b = HubProc::start(
+        env.path(),
+        "hub-b",
+        &hub_yaml(
+            &env,
+            "hub-b",
+            "shadow",
+            &redis,
+            pb,
+            &[pa],
+            &ca.issue(env.path(), "hub-b"),
+        ),
+    );
+    let _agent = AgentProc::start(
+        env.path(),
+        "agent",
+        &env.agent_yaml("agent-1", &[a.http], &[("ldap", echo)], ""),
+        &env.token("agent-1", None),
+    );
+    assert!(eventually(Duration::from_secs(15), || a
+        .metric("nowconnect_agents_connected")
+        == 1.0
+        && established(&b, pa)));
+    // hub-b has no local agent: shadow serves locally only, so it refuses...
+    let mut c = std::net::TcpStream::connect(b.listener("ldap")).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 1];
+    assert!(matches!(
+        std::io::Read::read(&mut c, &mut buf),
+        Ok(0) | Err(_)
+    ));
+    // ...and counts that active mode would have used the mesh.
+    assert!(eventually(Duration::from_secs(5), || b
+        .metric("nowconnect_shadow_would_route_total{route=\"mesh\"}")
+        >= 1.0));
+    assert!(
+        b.proc.log_text().contains("active would forward to hub-a"),
+        "{}",
+        b.proc.log_text()
+    );
+    // hub-a serves its own agent as usual.
+    let data = std::sync::Arc::new(random_bytes(10_000));
+    assert_eq!(
+        echo_roundtrip(a.listener("ldap"), data.clone()).unwrap(),
+        sha256(&data)
+    );
+}
+
+#[test]
+fn a_mesh_peer_with_a_certificate_from_another_ca_is_refused() {
+    let env = Env::new();
+    let redis = RedisProc::start(env.path());
+    let good = Ca::new("mesh CA");
+    let rogue = Ca::new("rogue CA");
+    let (pa, pc) = (free_port(), free_port());
+    let a = HubProc::start(
+        env.path(),
+        "hub-a",
+        &hub_yaml(
+            &env,
+            "hub-a",
+            "active",
+            &redis,
+            pa,
+            &[],
+            &good.issue(env.path(), "hub-a"),
+        ),
+    );
+    let c = HubProc::start(
+        env.path(),
+        "hub-c",
+        &hub_yaml(
+            &env,
+            "hub-c",
+            "active",
+            &redis,
+            pc,
+            &[pa],
+            &rogue.issue(env.path(), "hub-c"),
+        ),
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || a
+            .proc
+            .log_text()
+            .contains("mesh peer refused")),
+        "{}",
+        a.proc.log_text()
+    );
+    assert!(a.metric("nowconnect_mesh_link_errors_total") >= 1.0);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!established(&c, pa));
+    assert_eq!(
+        c.get("/readyz").0,
+        503,
+        "hub-c must not be ready without a mesh peer"
+    );
+}
