@@ -699,6 +699,36 @@ fn refuse_client(shared: &Shared, reason: &str) {
         .inc();
 }
 
+/// How a client's flow is opened: on a local agent tunnel or over the mesh.
+enum OpenRequest {
+    Tunnel {
+        connector: String,
+    },
+    Mesh {
+        connector: String,
+        agent_id: String,
+        epoch: nowconnect_core::Epoch,
+    },
+}
+
+impl OpenRequest {
+    fn into_cmd(self, reply: oneshot::Sender<Result<FlowEnd, String>>) -> LinkCmd {
+        match self {
+            OpenRequest::Tunnel { connector } => LinkCmd::OpenFlow { connector, reply },
+            OpenRequest::Mesh {
+                connector,
+                agent_id,
+                epoch,
+            } => LinkCmd::OpenMeshFlow {
+                connector,
+                agent_id,
+                epoch,
+                reply,
+            },
+        }
+    }
+}
+
 struct ActiveGuard<'a>(&'a AtomicUsize);
 
 impl Drop for ActiveGuard<'_> {
@@ -728,11 +758,9 @@ async fn serve_client(shared: Arc<Shared>, connector: String, stream: TcpStream,
                 .tunnels
                 .get(&tunnel)
                 .cloned();
-            let open: Box<dyn FnOnce(oneshot::Sender<Result<FlowEnd, String>>) -> LinkCmd + Send> =
-                Box::new({
-                    let connector = connector.clone();
-                    move |reply| LinkCmd::OpenFlow { connector, reply }
-                });
+            let open = OpenRequest::Tunnel {
+                connector: connector.clone(),
+            };
             (Some(tunnel), agent_id, "local", cmd, open)
         }
         Route::Mesh {
@@ -745,16 +773,11 @@ async fn serve_client(shared: Arc<Shared>, connector: String, stream: TcpStream,
                 .lock()
                 .expect("mesh links lock")
                 .sender(&replica_id);
-            let open: Box<dyn FnOnce(oneshot::Sender<Result<FlowEnd, String>>) -> LinkCmd + Send> =
-                Box::new({
-                    let (connector, agent_id) = (connector.clone(), agent_id.clone());
-                    move |reply| LinkCmd::OpenMeshFlow {
-                        connector,
-                        agent_id,
-                        epoch,
-                        reply,
-                    }
-                });
+            let open = OpenRequest::Mesh {
+                connector: connector.clone(),
+                agent_id: agent_id.clone(),
+                epoch,
+            };
             (None, format!("{agent_id}@{replica_id}"), "mesh", cmd, open)
         }
         Route::Refuse { code, reason } => {
@@ -765,7 +788,7 @@ async fn serve_client(shared: Arc<Shared>, connector: String, stream: TcpStream,
     };
     let (rtx, rrx) = oneshot::channel();
     if let Some(cmd) = &cmd {
-        let _ = cmd.send(open(rtx));
+        let _ = cmd.send(open.into_cmd(rtx));
     }
     let end: FlowEnd = match rrx.await {
         Ok(Ok(end)) => end,

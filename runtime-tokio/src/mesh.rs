@@ -172,6 +172,8 @@ pub async fn serve(
     }
 }
 
+// The handshake callback's error type is tungstenite's `ErrorResponse`.
+#[allow(clippy::result_large_err)]
 async fn accept_ws(shared: &Arc<Shared>, stream: BoxIo) -> Result<(), String> {
     let mut chosen = None;
     let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {

@@ -240,3 +240,181 @@ fn a_mesh_peer_with_a_certificate_from_another_ca_is_refused() {
         "hub-c must not be ready without a mesh peer"
     );
 }
+
+#[test]
+fn when_the_owner_hub_is_killed_the_agent_moves_and_new_flows_work_again() {
+    let env = Env::new();
+    let redis = RedisProc::start(env.path());
+    let echo = echo_server();
+    let ca = Ca::new("mesh CA");
+    let (pa, pb) = (free_port(), free_port());
+    let mut a = HubProc::start(
+        env.path(),
+        "hub-a",
+        &hub_yaml(
+            &env,
+            "hub-a",
+            "active",
+            &redis,
+            pa,
+            &[pb],
+            &ca.issue(env.path(), "hub-a"),
+        ),
+    );
+    let b = HubProc::start(
+        env.path(),
+        "hub-b",
+        &hub_yaml(
+            &env,
+            "hub-b",
+            "active",
+            &redis,
+            pb,
+            &[pa],
+            &ca.issue(env.path(), "hub-b"),
+        ),
+    );
+    let agent_yaml = env.agent_yaml("agent-1", &[a.http, b.http], &[("ldap", echo)], "");
+    let agent = AgentProc::start(
+        env.path(),
+        "agent",
+        &agent_yaml,
+        &env.token("agent-1", None),
+    );
+    assert!(eventually(Duration::from_secs(15), || a
+        .metric("nowconnect_agents_connected")
+        == 1.0
+        && established(&b, pa)));
+    let data = std::sync::Arc::new(random_bytes(50_000));
+    let want = sha256(&data);
+    // Through the mesh first.
+    assert_eq!(
+        echo_roundtrip(b.listener("ldap"), data.clone()).unwrap(),
+        want
+    );
+
+    a.proc.kill();
+    let killed = std::time::Instant::now();
+    let mut recovered = None;
+    while killed.elapsed() < Duration::from_secs(15) {
+        if matches!(echo_roundtrip(b.listener("ldap"), data.clone()), Ok(h) if h == want) {
+            recovered = Some(killed.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let recovered =
+        recovered.unwrap_or_else(|| panic!("no recovery; agent log:\n{}", agent.proc.log_text()));
+    eprintln!("time to recovery after SIGKILL of the owner hub: {recovered:?}");
+    assert_eq!(b.metric("nowconnect_agents_connected"), 1.0);
+    // The new claim carries a higher epoch than the dead owner's.
+    let log = agent.proc.log_text();
+    let epochs: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("tunnel established"))
+        .filter_map(|l| {
+            l.split("epoch=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert_eq!(epochs.len(), 2, "{log}");
+    assert!(epochs[1] > epochs[0], "{epochs:?}");
+}
+
+#[test]
+fn redis_down_refuses_cross_replica_at_once_keeps_local_flows_and_recovers() {
+    let env = Env::new();
+    let mut redis = RedisProc::start(env.path());
+    let echo = echo_server();
+    let ca = Ca::new("mesh CA");
+    let (pa, pb) = (free_port(), free_port());
+    let a = HubProc::start(
+        env.path(),
+        "hub-a",
+        &hub_yaml(
+            &env,
+            "hub-a",
+            "active",
+            &redis,
+            pa,
+            &[pb],
+            &ca.issue(env.path(), "hub-a"),
+        ),
+    );
+    let b = HubProc::start(
+        env.path(),
+        "hub-b",
+        &hub_yaml(
+            &env,
+            "hub-b",
+            "active",
+            &redis,
+            pb,
+            &[pa],
+            &ca.issue(env.path(), "hub-b"),
+        ),
+    );
+    let _agent = AgentProc::start(
+        env.path(),
+        "agent",
+        &env.agent_yaml("agent-1", &[a.http], &[("ldap", echo)], ""),
+        &env.token("agent-1", None),
+    );
+    assert!(eventually(Duration::from_secs(15), || a
+        .metric("nowconnect_agents_connected")
+        == 1.0
+        && established(&b, pa)));
+    let data = std::sync::Arc::new(random_bytes(50_000));
+    let want = sha256(&data);
+    assert_eq!(
+        echo_roundtrip(b.listener("ldap"), data.clone()).unwrap(),
+        want
+    );
+
+    redis.kill();
+    assert!(eventually(Duration::from_secs(5), || a.get("/readyz").0
+        == 503
+        && b.get("/readyz").0 == 503));
+    // A's own agent keeps serving A's clients.
+    assert_eq!(
+        echo_roundtrip(a.listener("ldap"), data.clone()).unwrap(),
+        want
+    );
+    // B refuses the cross-replica flow within a second, with a logged reason.
+    let start = std::time::Instant::now();
+    let mut c = std::net::TcpStream::connect(b.listener("ldap")).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 1];
+    assert!(matches!(
+        std::io::Read::read(&mut c, &mut buf),
+        Ok(0) | Err(_)
+    ));
+    assert!(
+        start.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(b.proc.log_text().contains("registry is unavailable"));
+
+    redis.restart();
+    assert!(
+        eventually(Duration::from_secs(15), || a.get("/readyz").0 == 200
+            && b.get("/readyz").0 == 200),
+        "{:?} {:?}",
+        a.get("/readyz"),
+        b.get("/readyz")
+    );
+    // Cross-replica flows work again once A re-announced its agent.
+    assert!(
+        eventually(
+            Duration::from_secs(10),
+            || matches!(echo_roundtrip(b.listener("ldap"), data.clone()), Ok(h) if h == want)
+        ),
+        "{}",
+        b.proc.log_text()
+    );
+}
