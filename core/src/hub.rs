@@ -34,6 +34,9 @@ pub struct HubConfig {
     pub max_agents: usize,
     /// Client connections waiting for a registry answer.
     pub max_pending_routes: usize,
+    /// The URL other hubs dial for this hub's mesh; announced in the
+    /// registry when set, so peers find each other without configuration.
+    pub mesh_url: Option<String>,
 }
 
 impl Default for HubConfig {
@@ -47,6 +50,7 @@ impl Default for HubConfig {
             health_interval: Duration::from_secs(1),
             max_agents: 1024,
             max_pending_routes: 4096,
+            mesh_url: None,
         }
     }
 }
@@ -73,6 +77,8 @@ pub enum HubOutput {
         client: ClientId,
         route: Route,
     },
+    /// The other replicas announced in the registry: (replica id, mesh URL).
+    Peers(Vec<(String, String)>),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -109,6 +115,7 @@ enum Pending {
         client: ClientId,
         connector: String,
     },
+    Replicas,
     Other,
 }
 
@@ -117,6 +124,7 @@ enum Timer {
     Renew(TunnelId),
     OpDeadline(OpId),
     Health,
+    Discovery,
 }
 
 /// Counters for `/metrics`, as plain data.
@@ -175,6 +183,9 @@ impl Hub {
             counters: HubCounters::default(),
         };
         hub.set_timer(Timer::Health, now + hub.cfg.health_interval);
+        if hub.cfg.mode != Mode::Off {
+            hub.set_timer(Timer::Discovery, now);
+        }
         hub
     }
 
@@ -662,7 +673,14 @@ impl Hub {
                     self.route(client, route);
                 }
             }
-            (Pending::Other, _) => {}
+            (Pending::Replicas, Ok(RegistryReply::Replicas(list))) => {
+                let peers = list
+                    .into_iter()
+                    .filter(|(r, _)| *r != self.cfg.replica_id)
+                    .collect();
+                self.out.push_back(HubOutput::Peers(peers));
+            }
+            (Pending::Replicas, _) | (Pending::Other, _) => {}
         }
     }
 
@@ -752,6 +770,18 @@ impl Hub {
                         self.op(now, connectors, Pending::Other);
                         self.set_timer(Timer::Renew(tunnel), now + self.cfg.renew_interval);
                     }
+                }
+                Timer::Discovery => {
+                    if let Some(url) = self.cfg.mesh_url.clone() {
+                        let call = RegistryOp::AnnounceReplica {
+                            replica_id: self.cfg.replica_id.clone(),
+                            mesh_url: url,
+                            lease: self.cfg.lease,
+                        };
+                        self.op(now, call, Pending::Other);
+                    }
+                    self.op(now, RegistryOp::ListReplicas, Pending::Replicas);
+                    self.set_timer(Timer::Discovery, now + self.cfg.renew_interval);
                 }
                 Timer::Health => {
                     if self.cfg.mode != Mode::Off {

@@ -457,17 +457,10 @@ fn run_registry(
     reg: &mut MemoryRegistry,
     now: std::time::Instant,
 ) -> Vec<HubOutput> {
-    let mut other = Vec::new();
-    while let Some(o) = hub.poll_output() {
-        match o {
-            HubOutput::Registry { op, call } => {
-                let r = reg.apply(now, &call);
-                hub.registry_reply(now, op, r);
-            }
-            o => other.push(o),
-        }
-    }
-    other
+    run_registry_keep_peers(hub, reg, now)
+        .into_iter()
+        .filter(|o| !matches!(o, HubOutput::Peers(_)))
+        .collect()
 }
 
 fn hub(mode: Mode) -> Hub {
@@ -677,16 +670,20 @@ fn registry_timeout_degrades_readiness_and_refuses_remote_at_once() {
     let _ = op; // never answered
     let t = now + Duration::from_secs(1);
     h.handle_timeout(t);
-    assert!(matches!(
-        h.poll_output(),
-        Some(HubOutput::Route {
-            route: Route::Refuse {
-                code: ErrorCode::RegistryUnavailable,
-                ..
-            },
-            ..
-        })
-    ));
+    let out: Vec<_> = std::iter::from_fn(|| h.poll_output()).collect();
+    assert!(
+        out.iter().any(|o| matches!(
+            o,
+            HubOutput::Route {
+                client: 1,
+                route: Route::Refuse {
+                    code: ErrorCode::RegistryUnavailable,
+                    ..
+                }
+            }
+        )),
+        "{out:?}"
+    );
     assert!(!h.registry_healthy());
     let reasons = h.readiness(1);
     assert!(
@@ -812,4 +809,62 @@ fn an_owner_whose_record_vanished_reclaims_instead_of_dropping_the_agent() {
     assert!(e > Epoch(1));
     assert_eq!(h.counters.ownership_reclaimed, 1);
     assert_eq!(h.counters.ownership_lost, 0);
+}
+
+#[test]
+fn hubs_announce_their_mesh_url_and_learn_each_other() {
+    let now = origin();
+    let mut reg = MemoryRegistry::new();
+    let mk = |id: &str| {
+        Hub::new(
+            now,
+            HubConfig {
+                replica_id: id.into(),
+                mode: Mode::Active,
+                mesh_url: Some(format!("wss://{id}:9400/mesh")),
+                ..HubConfig::default()
+            },
+            1,
+        )
+    };
+    let (mut a, mut b) = (mk("hub-a"), mk("hub-b"));
+    a.handle_timeout(now);
+    run_registry(&mut a, &mut reg, now);
+    b.handle_timeout(now);
+    let out = run_registry_keep_peers(&mut b, &mut reg, now);
+    assert!(
+        out.contains(&HubOutput::Peers(vec![(
+            "hub-a".into(),
+            "wss://hub-a:9400/mesh".into()
+        )])),
+        "{out:?}"
+    );
+    let t = now + Duration::from_secs(5);
+    a.handle_timeout(t);
+    let out = run_registry_keep_peers(&mut a, &mut reg, t);
+    assert!(
+        out.contains(&HubOutput::Peers(vec![(
+            "hub-b".into(),
+            "wss://hub-b:9400/mesh".into()
+        )])),
+        "{out:?}"
+    );
+}
+
+fn run_registry_keep_peers(
+    hub: &mut Hub,
+    reg: &mut MemoryRegistry,
+    now: std::time::Instant,
+) -> Vec<HubOutput> {
+    let mut other = Vec::new();
+    while let Some(o) = hub.poll_output() {
+        match o {
+            HubOutput::Registry { op, call } => {
+                let r = reg.apply(now, &call);
+                hub.registry_reply(now, op, r);
+            }
+            o => other.push(o),
+        }
+    }
+    other
 }

@@ -274,11 +274,16 @@ pub struct MeshConfig {
     pub per_link_max_inflight_bytes: u64,
     #[serde(default = "default_backoff")]
     pub connect_backoff_max_sec: u64,
+    /// The URL other hubs dial to reach this hub's mesh; announced in the
+    /// registry so hubs find each other without listing peers.
+    #[serde(default)]
+    pub advertise_url: Option<String>,
 }
 
 impl Default for MeshConfig {
     fn default() -> Self {
         MeshConfig {
+            advertise_url: None,
             listen: None,
             peers: Vec::new(),
             require_mtls: true,
@@ -479,6 +484,17 @@ impl HubConfig {
                     format!("`{p}` is not a ws:// or wss:// URL"),
                 ));
             }
+        }
+        if let Some(u) = &m.advertise_url
+            && !(u.starts_with("wss://") || u.starts_with("ws://"))
+        {
+            return Err(err(
+                "ha.mesh.advertise_url",
+                format!("`{u}` is not a ws:// or wss:// URL"),
+            ));
+        }
+        if m.advertise_url.is_some() && m.listen.is_none() {
+            return Err(err("ha.mesh.advertise_url", "needs ha.mesh.listen".into()));
         }
         if m.send_queue_depth == 0 {
             return Err(err("ha.mesh.send_queue_depth", "must be > 0".into()));

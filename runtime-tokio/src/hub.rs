@@ -52,6 +52,9 @@ pub struct Shared {
     active_clients: AtomicUsize,
     draining: watch::Sender<bool>,
     mesh_links: Mutex<crate::mesh::MeshLinks>,
+    /// Mesh URLs with an outbound link task (static peers and discovered ones).
+    mesh_dialed: Mutex<std::collections::BTreeSet<String>>,
+    mesh_client_tls: std::sync::OnceLock<Option<Arc<rustls::ClientConfig>>>,
 }
 
 /// A running hub: its bound addresses and a way to stop it.
@@ -129,6 +132,27 @@ impl Shared {
         self.with_control(|c, _| c.hub.mesh_link_up(replica, up));
     }
 
+    /// Start an outbound mesh link to `url` unless one exists already.
+    fn dial_once(self: &Arc<Self>, replica: &str, url: &str) {
+        let Some(tls) = self.mesh_client_tls.get() else {
+            return; // mesh not started (mode off)
+        };
+        if !self
+            .mesh_dialed
+            .lock()
+            .expect("mesh dialed lock")
+            .insert(url.to_string())
+        {
+            return;
+        }
+        tracing::info!(peer = %replica, %url, "mesh peer discovered");
+        tokio::spawn(crate::mesh::dial_peer(
+            self.clone(),
+            url.to_string(),
+            tls.clone(),
+        ));
+    }
+
     fn now() -> Instant {
         Instant::now()
     }
@@ -189,6 +213,11 @@ impl Shared {
                         let _ = tx.send(route);
                     }
                 }
+                HubOutput::Peers(peers) => {
+                    for (replica, url) in peers {
+                        self.dial_once(&replica, &url);
+                    }
+                }
             }
         }
         self.metrics
@@ -216,7 +245,8 @@ impl Shared {
 
     fn readiness(&self) -> Vec<String> {
         let c = self.control.lock().expect("control lock");
-        c.hub.readiness(self.cfg.raw.ha.mesh.peers.len())
+        let known_peers = self.mesh_dialed.lock().expect("mesh dialed lock").len();
+        c.hub.readiness(known_peers)
     }
 }
 
@@ -235,6 +265,7 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
         lease: Duration::from_secs(ha.lease_sec),
         renew_interval: Duration::from_secs(ha.renew_interval_sec),
         registry_timeout: Duration::from_millis(ha.registry_timeout_ms),
+        mesh_url: ha.mesh.advertise_url.clone(),
         ..CoreHubConfig::default()
     };
     let registry = match (&ha.redis_url, ha.enabled) {
@@ -261,6 +292,8 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
         active_clients: AtomicUsize::new(0),
         draining,
         mesh_links: Mutex::new(Default::default()),
+        mesh_dialed: Mutex::new(Default::default()),
+        mesh_client_tls: std::sync::OnceLock::new(),
         cfg,
     });
 
@@ -301,12 +334,9 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
                 tls.server.clone(),
             )));
         }
+        let _ = shared.mesh_client_tls.set(tls.client.clone());
         for peer in &mesh.peers {
-            tasks.push(tokio::spawn(crate::mesh::dial_peer(
-                shared.clone(),
-                peer.clone(),
-                tls.client.clone(),
-            )));
+            shared.dial_once("(configured)", peer);
         }
     }
     for (name, _, connector, l) in listeners {

@@ -418,3 +418,64 @@ fn redis_down_refuses_cross_replica_at_once_keeps_local_flows_and_recovers() {
         b.proc.log_text()
     );
 }
+
+#[test]
+fn three_hubs_with_one_started_later_join_by_discovery_alone() {
+    let env = Env::new();
+    let redis = RedisProc::start(env.path());
+    let echo = echo_server();
+    let ca = Ca::new("mesh CA");
+    let ports = [free_port(), free_port(), free_port()];
+    let yaml = |i: usize| {
+        let name = ["hub-a", "hub-b", "hub-c"][i];
+        // No peers listed: each hub only announces where it can be reached.
+        hub_yaml(
+            &env,
+            name,
+            "active",
+            &redis,
+            ports[i],
+            &[],
+            &ca.issue(env.path(), name),
+        )
+        .replace(
+            "    require_mtls: true\n",
+            &format!(
+                "    require_mtls: true\n    advertise_url: 'wss://127.0.0.1:{}/mesh'\n",
+                ports[i]
+            ),
+        )
+    };
+    let a = HubProc::start(env.path(), "hub-a", &yaml(0));
+    let b = HubProc::start(env.path(), "hub-b", &yaml(1));
+    let _agent = AgentProc::start(
+        env.path(),
+        "agent",
+        &env.agent_yaml("agent-1", &[a.http], &[("ldap", echo)], ""),
+        &env.token("agent-1", None),
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || established(&a, ports[1])
+            && established(&b, ports[0])),
+        "{}",
+        a.proc.log_text()
+    );
+    let c = HubProc::start(env.path(), "hub-c", &yaml(2));
+    assert!(
+        eventually(Duration::from_secs(15), || established(&c, ports[0])
+            && established(&c, ports[1])
+            && established(&a, ports[2])
+            && established(&b, ports[2])),
+        "{}",
+        c.proc.log_text()
+    );
+    let data = std::sync::Arc::new(random_bytes(100_000));
+    assert!(eventually(Duration::from_secs(5), || a
+        .metric("nowconnect_agents_connected")
+        == 1.0));
+    assert_eq!(
+        echo_roundtrip(c.listener("ldap"), data.clone()).unwrap(),
+        sha256(&data)
+    );
+    assert!(c.proc.log_text().contains("mesh peer discovered"));
+}
