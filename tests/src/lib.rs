@@ -567,3 +567,48 @@ pub mod pki {
         }
     }
 }
+
+/// A TCP proxy on loopback whose connections can be cut at once, to sever a
+/// link between two processes without killing either.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    pub fn start(to: SocketAddr) -> Proxy {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let c2 = conns.clone();
+        std::thread::spawn(move || {
+            for inbound in l.incoming().map_while(Result::ok) {
+                let Ok(outbound) = TcpStream::connect(to) else {
+                    continue;
+                };
+                {
+                    let mut c = c2.lock().unwrap();
+                    c.push(inbound.try_clone().unwrap());
+                    c.push(outbound.try_clone().unwrap());
+                }
+                for (mut r, mut w) in [
+                    (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                    (outbound, inbound),
+                ] {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut r, &mut w);
+                        let _ = w.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Proxy { addr, conns }
+    }
+
+    /// Close every connection through the proxy (new ones are still proxied).
+    pub fn cut(&self) {
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}

@@ -479,3 +479,98 @@ fn three_hubs_with_one_started_later_join_by_discovery_alone() {
     );
     assert!(c.proc.log_text().contains("mesh peer discovered"));
 }
+
+#[test]
+fn a_severed_mesh_link_resets_only_its_flows_and_comes_back() {
+    use std::io::{Read, Write};
+    let env = Env::new();
+    let redis = RedisProc::start(env.path());
+    let (echo_a, echo_b) = (echo_server(), echo_server());
+    let ca = Ca::new("mesh CA");
+    let (pa, pb) = (free_port(), free_port());
+    let proxy = Proxy::start(format!("127.0.0.1:{pa}").parse().unwrap());
+    // B reaches A only through the proxy; A does not dial B.
+    let a = HubProc::start(
+        env.path(),
+        "hub-a",
+        &hub_yaml(
+            &env,
+            "hub-a",
+            "active",
+            &redis,
+            pa,
+            &[],
+            &ca.issue(env.path(), "hub-a"),
+        ),
+    );
+    let b_yaml = hub_yaml(
+        &env,
+        "hub-b",
+        "active",
+        &redis,
+        pb,
+        &[proxy.addr.port()],
+        &ca.issue(env.path(), "hub-b"),
+    )
+    .replace(
+        "listeners:\n",
+        "listeners:\n  - { name: local, bind: '127.0.0.1:0', connector: local }\n",
+    );
+    let b = HubProc::start(env.path(), "hub-b", &b_yaml);
+    let _agent_a = AgentProc::start(
+        env.path(),
+        "agent-a",
+        &env.agent_yaml("agent-a", &[a.http], &[("ldap", echo_a)], ""),
+        &env.token("agent-a", None),
+    );
+    let _agent_b = AgentProc::start(
+        env.path(),
+        "agent-b",
+        &env.agent_yaml("agent-b", &[b.http], &[("local", echo_b)], ""),
+        &env.token("agent-b", None),
+    );
+    let via_proxy = |h: &HubProc| established(h, proxy.addr.port());
+    assert!(eventually(Duration::from_secs(15), || via_proxy(&b)
+        && a.metric("nowconnect_agents_connected") == 1.0
+        && b.metric("nowconnect_agents_connected") == 1.0));
+
+    let ping = |s: &mut std::net::TcpStream, msg: &[u8]| -> std::io::Result<()> {
+        s.write_all(msg)?;
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back)?;
+        assert_eq!(back, msg);
+        Ok(())
+    };
+    let mut over_mesh = std::net::TcpStream::connect(b.listener("ldap")).unwrap();
+    let mut local = std::net::TcpStream::connect(b.listener("local")).unwrap();
+    for s in [&mut over_mesh, &mut local] {
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    }
+    ping(&mut over_mesh, b"mesh-1").unwrap();
+    ping(&mut local, b"local-1").unwrap();
+
+    proxy.cut();
+    // The flow on the severed link ends; the local flow on the same hub does not.
+    let mut buf = [0u8; 16];
+    let ended = over_mesh
+        .write_all(b"x")
+        .and_then(|_| over_mesh.read(&mut buf))
+        .map_or(true, |n| n == 0);
+    assert!(ended, "a flow on the severed mesh link survived");
+    ping(&mut local, b"local-2").unwrap();
+    assert!(eventually(Duration::from_secs(5), || b
+        .metric("nowconnect_flow_resets_total{code=\"link_lost\"}")
+        >= 1.0));
+    // The link comes back by itself and new mesh flows work.
+    let data = std::sync::Arc::new(random_bytes(20_000));
+    assert!(
+        eventually(
+            Duration::from_secs(10),
+            || matches!(echo_roundtrip(b.listener("ldap"), data.clone()), Ok(h) if h == sha256(&data))
+        ),
+        "{}",
+        b.proc.log_text()
+    );
+    assert!(b.metric("nowconnect_mesh_link_reconnects_total") >= 1.0);
+    ping(&mut local, b"local-3").unwrap();
+}
