@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
+use futures_util::stream::SplitStream;
 use nowconnect_core::agent::{Agent, AgentConfig as CoreAgentConfig, AgentOutput, HubLinkState};
 use nowconnect_core::tunnel::{Tunnel, TunnelConfig, TunnelEvent};
 use nowconnect_core::{Cid, Codec, ErrorCode, Limits, WsMessage};
@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::config::AgentConfig;
-use crate::driver::{FlowEnd, LinkCmd, Outgoing, TunnelDriver, run_flow_socket};
+use crate::driver::{FlowEnd, LinkCmd, TunnelDriver, run_flow_socket, write_ws};
 use crate::metrics::Metrics;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -208,7 +208,7 @@ impl AgentRuntime {
                             let tunnel = Tunnel::agent(now, self.tunnel_config(), &r.agent_id, &connectors);
                             let mut driver = TunnelDriver::new(tunnel, out_tx, ctx, self.metrics.clone());
                             driver.flush();
-                            conn = Some(Connection { attempt, driver, writer: tokio::spawn(write_ws(sink, out_rx)) });
+                            conn = Some(Connection { attempt, driver, writer: tokio::spawn(write_ws::<Message, _>(sink, out_rx)) });
                             ws_in = Some(stream);
                             cmd_rx = Some(crx);
                         }
@@ -312,39 +312,6 @@ impl AgentRuntime {
             let _ = tokio::time::timeout(Duration::from_secs(2), c.writer).await;
         }
     }
-}
-
-async fn write_ws(mut sink: SplitSink<Ws, Message>, mut rx: mpsc::UnboundedReceiver<Outgoing>) {
-    while let Some(m) = rx.recv().await {
-        let mut batch = vec![m];
-        while batch.len() < 64 {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
-        for m in batch {
-            let msg = match m {
-                Outgoing::Frame(WsMessage::Text(s)) => Message::Text(s.into()),
-                Outgoing::Frame(WsMessage::Binary(b)) => Message::Binary(b),
-                Outgoing::Close { code, reason } => {
-                    let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
-                        code: Outgoing::close_code(code).into(),
-                        reason: Outgoing::close_reason(&reason).into(),
-                    };
-                    let _ = sink.send(Message::Close(Some(frame))).await;
-                    return;
-                }
-            };
-            if sink.feed(msg).await.is_err() {
-                return;
-            }
-        }
-        if sink.flush().await.is_err() {
-            return;
-        }
-    }
-    let _ = sink.close().await;
 }
 
 async fn connect_hub(

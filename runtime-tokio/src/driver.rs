@@ -103,6 +103,80 @@ impl Outgoing {
     }
 }
 
+/// The two WebSocket message types the runtime writes (axum's on the hub's
+/// `/tunnel`, tungstenite's elsewhere), so one writer loop serves all links.
+pub trait WsOut: Sized {
+    fn frame(m: WsMessage) -> Self;
+    fn close(code: u16, reason: String) -> Self;
+}
+
+impl WsOut for tokio_tungstenite::tungstenite::Message {
+    fn frame(m: WsMessage) -> Self {
+        match m {
+            WsMessage::Text(s) => Self::Text(s.into()),
+            WsMessage::Binary(b) => Self::Binary(b),
+        }
+    }
+    fn close(code: u16, reason: String) -> Self {
+        Self::Close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: code.into(),
+            reason: reason.into(),
+        }))
+    }
+}
+
+impl WsOut for axum::extract::ws::Message {
+    fn frame(m: WsMessage) -> Self {
+        match m {
+            WsMessage::Text(s) => Self::Text(s.into()),
+            WsMessage::Binary(b) => Self::Binary(b),
+        }
+    }
+    fn close(code: u16, reason: String) -> Self {
+        Self::Close(Some(axum::extract::ws::CloseFrame {
+            code,
+            reason: reason.into(),
+        }))
+    }
+}
+
+/// The writer task of a link: sends what the link task queued, in batches
+/// flushed once; a `Close` sends the close frame and ends the socket.
+pub async fn write_ws<M, S>(mut sink: S, mut rx: mpsc::UnboundedReceiver<Outgoing>)
+where
+    M: WsOut,
+    S: futures_util::Sink<M> + Unpin,
+{
+    use futures_util::SinkExt;
+    while let Some(m) = rx.recv().await {
+        let mut batch = vec![m];
+        while batch.len() < 64 {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        for m in batch {
+            let msg = match m {
+                Outgoing::Frame(f) => M::frame(f),
+                Outgoing::Close { code, reason } => {
+                    let close =
+                        M::close(Outgoing::close_code(code), Outgoing::close_reason(&reason));
+                    let _ = sink.send(close).await;
+                    return;
+                }
+            };
+            if sink.feed(msg).await.is_err() {
+                return;
+            }
+        }
+        if sink.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = sink.close().await;
+}
+
 /// What a flow's socket task receives from the tunnel.
 #[derive(Debug)]
 pub enum FlowMsg {

@@ -14,7 +14,7 @@ use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use nowconnect_core::hub::{Hub, HubConfig as CoreHubConfig, HubOutput, TunnelId};
 use nowconnect_core::registry::MemoryRegistry;
 use nowconnect_core::routing::Route;
@@ -526,40 +526,9 @@ async fn run_tunnel(
     peer: SocketAddr,
 ) {
     let tunnel_id = shared.id();
-    let (mut sink, mut stream) = socket.split();
-    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Outgoing>();
-    let writer = tokio::spawn(async move {
-        while let Some(m) = out_rx.recv().await {
-            let mut batch = vec![m];
-            while batch.len() < 64 {
-                match out_rx.try_recv() {
-                    Ok(m) => batch.push(m),
-                    Err(_) => break,
-                }
-            }
-            for m in batch {
-                let msg = match m {
-                    Outgoing::Frame(WsMessage::Text(s)) => Message::Text(s.into()),
-                    Outgoing::Frame(WsMessage::Binary(b)) => Message::Binary(b),
-                    Outgoing::Close { code, reason } => {
-                        let frame = axum::extract::ws::CloseFrame {
-                            code: Outgoing::close_code(code),
-                            reason: Outgoing::close_reason(&reason).into(),
-                        };
-                        let _ = sink.send(Message::Close(Some(frame))).await;
-                        return;
-                    }
-                };
-                if sink.feed(msg).await.is_err() {
-                    return;
-                }
-            }
-            if sink.flush().await.is_err() {
-                return;
-            }
-        }
-        let _ = sink.close().await;
-    });
+    let (sink, mut stream) = socket.split();
+    let (out_tx, out_rx) = mpsc::unbounded_channel::<Outgoing>();
+    let writer = tokio::spawn(crate::driver::write_ws::<Message, _>(sink, out_rx));
     let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel();
     shared
         .control

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::StreamExt;
 use nowconnect_core::mesh_link::{LinkState, MeshEvent, MeshLink, MeshLinkConfig};
 use nowconnect_core::rng::Rng;
 use nowconnect_core::{Codec, ErrorCode, WsMessage};
@@ -305,7 +305,7 @@ async fn run_link(
                   ws_in: &mut Option<futures_util::stream::SplitStream<Ws>>| {
         let (sink, stream) = ws.split();
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_ws(sink, rx));
+        tokio::spawn(crate::driver::write_ws::<Message, _>(sink, rx));
         *out = Some(tx);
         *ws_in = Some(stream);
     };
@@ -450,42 +450,6 @@ async fn run_link(
     if let Some(p) = peer_replica {
         shared.mesh_link_state(&p, link_id, None);
     }
-}
-
-async fn write_ws(
-    mut sink: futures_util::stream::SplitSink<Ws, Message>,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-) {
-    while let Some(m) = rx.recv().await {
-        let mut batch = vec![m];
-        while batch.len() < 64 {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
-        for m in batch {
-            let msg = match m {
-                Outgoing::Frame(WsMessage::Text(s)) => Message::Text(s.into()),
-                Outgoing::Frame(WsMessage::Binary(b)) => Message::Binary(b),
-                Outgoing::Close { code, reason } => {
-                    let frame = tokio_tungstenite::tungstenite::protocol::CloseFrame {
-                        code: Outgoing::close_code(code).into(),
-                        reason: Outgoing::close_reason(&reason).into(),
-                    };
-                    let _ = sink.send(Message::Close(Some(frame))).await;
-                    return;
-                }
-            };
-            if sink.feed(msg).await.is_err() {
-                return;
-            }
-        }
-        if sink.flush().await.is_err() {
-            return;
-        }
-    }
-    let _ = sink.close().await;
 }
 
 /// Owner side: join a mesh flow to a new flow on the agent's tunnel.

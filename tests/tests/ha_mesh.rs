@@ -33,6 +33,38 @@ fn hub_yaml(
     )
 }
 
+/// Two hubs meshed with each other (each lists the other as a peer).
+fn meshed_pair(env: &Env, mode: &str, redis: &RedisProc, ca: &Ca) -> (HubProc, HubProc, u16, u16) {
+    let (pa, pb) = (free_port(), free_port());
+    let a = HubProc::start(
+        env.path(),
+        "hub-a",
+        &hub_yaml(
+            env,
+            "hub-a",
+            mode,
+            redis,
+            pa,
+            &[pb],
+            &ca.issue(env.path(), "hub-a"),
+        ),
+    );
+    let b = HubProc::start(
+        env.path(),
+        "hub-b",
+        &hub_yaml(
+            env,
+            "hub-b",
+            mode,
+            redis,
+            pb,
+            &[pa],
+            &ca.issue(env.path(), "hub-b"),
+        ),
+    );
+    (a, b, pa, pb)
+}
+
 fn established(h: &HubProc, peer_port: u16) -> bool {
     h.metric(&format!(
         "nowconnect_mesh_links{{peer=\"wss://127.0.0.1:{peer_port}/mesh\",state=\"established\"}}"
@@ -45,33 +77,7 @@ fn ldap_reaches_an_agent_on_another_hub_through_the_mesh() {
     let redis = RedisProc::start(env.path());
     let slapd = Slapd::start(env.path());
     let ca = Ca::new("mesh CA");
-    let (pa, pb) = (free_port(), free_port());
-    let a = HubProc::start(
-        env.path(),
-        "hub-a",
-        &hub_yaml(
-            &env,
-            "hub-a",
-            "active",
-            &redis,
-            pa,
-            &[pb],
-            &ca.issue(env.path(), "hub-a"),
-        ),
-    );
-    let b = HubProc::start(
-        env.path(),
-        "hub-b",
-        &hub_yaml(
-            &env,
-            "hub-b",
-            "active",
-            &redis,
-            pb,
-            &[pa],
-            &ca.issue(env.path(), "hub-b"),
-        ),
-    );
+    let (a, b, pa, pb) = meshed_pair(&env, "active", &redis, &ca);
     let _agent = AgentProc::start(
         env.path(),
         "agent",
@@ -128,33 +134,7 @@ fn shadow_mode_serves_locally_and_counts_what_active_would_route() {
     let redis = RedisProc::start(env.path());
     let echo = echo_server();
     let ca = Ca::new("mesh CA");
-    let (pa, pb) = (free_port(), free_port());
-    let a = HubProc::start(
-        env.path(),
-        "hub-a",
-        &hub_yaml(
-            &env,
-            "hub-a",
-            "shadow",
-            &redis,
-            pa,
-            &[pb],
-            &ca.issue(env.path(), "hub-a"),
-        ),
-    );
-    let b = HubProc::start(
-        env.path(),
-        "hub-b",
-        &hub_yaml(
-            &env,
-            "hub-b",
-            "shadow",
-            &redis,
-            pb,
-            &[pa],
-            &ca.issue(env.path(), "hub-b"),
-        ),
-    );
+    let (a, b, pa, _) = meshed_pair(&env, "shadow", &redis, &ca);
     let _agent = AgentProc::start(
         env.path(),
         "agent",
@@ -247,33 +227,7 @@ fn when_the_owner_hub_is_killed_the_agent_moves_and_new_flows_work_again() {
     let redis = RedisProc::start(env.path());
     let echo = echo_server();
     let ca = Ca::new("mesh CA");
-    let (pa, pb) = (free_port(), free_port());
-    let mut a = HubProc::start(
-        env.path(),
-        "hub-a",
-        &hub_yaml(
-            &env,
-            "hub-a",
-            "active",
-            &redis,
-            pa,
-            &[pb],
-            &ca.issue(env.path(), "hub-a"),
-        ),
-    );
-    let b = HubProc::start(
-        env.path(),
-        "hub-b",
-        &hub_yaml(
-            &env,
-            "hub-b",
-            "active",
-            &redis,
-            pb,
-            &[pa],
-            &ca.issue(env.path(), "hub-b"),
-        ),
-    );
+    let (mut a, b, pa, _) = meshed_pair(&env, "active", &redis, &ca);
     let agent_yaml = env.agent_yaml("agent-1", &[a.http, b.http], &[("ldap", echo)], "");
     let agent = AgentProc::start(
         env.path(),
@@ -331,33 +285,7 @@ fn redis_down_refuses_cross_replica_at_once_keeps_local_flows_and_recovers() {
     let mut redis = RedisProc::start(env.path());
     let echo = echo_server();
     let ca = Ca::new("mesh CA");
-    let (pa, pb) = (free_port(), free_port());
-    let a = HubProc::start(
-        env.path(),
-        "hub-a",
-        &hub_yaml(
-            &env,
-            "hub-a",
-            "active",
-            &redis,
-            pa,
-            &[pb],
-            &ca.issue(env.path(), "hub-a"),
-        ),
-    );
-    let b = HubProc::start(
-        env.path(),
-        "hub-b",
-        &hub_yaml(
-            &env,
-            "hub-b",
-            "active",
-            &redis,
-            pb,
-            &[pa],
-            &ca.issue(env.path(), "hub-b"),
-        ),
-    );
+    let (a, b, pa, _) = meshed_pair(&env, "active", &redis, &ca);
     let _agent = AgentProc::start(
         env.path(),
         "agent",

@@ -142,7 +142,7 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
                 .parse()
                 .ok()
         })
-        .last()
+        .next_back()
         .expect("epoch in the hub log");
 
     // A peer with no client certificate: the TLS handshake is refused.
