@@ -7,6 +7,7 @@
 //! faults (duplicates, stalls, disconnects) between steps.
 #![forbid(unsafe_code)]
 
+pub mod fuzz;
 pub mod pair;
 
 pub use pair::{Dir, Endpoint, Pair, VirtualClock};
