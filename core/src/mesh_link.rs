@@ -42,6 +42,9 @@ pub struct MeshLinkConfig {
     pub max_flows: usize,
     pub dedup_capacity: usize,
     pub codec: Codec,
+    /// Test-only (see [`crate::mux::PlantedBug`]).
+    #[doc(hidden)]
+    pub planted_bug: crate::mux::PlantedBug,
 }
 
 impl Default for MeshLinkConfig {
@@ -59,6 +62,7 @@ impl Default for MeshLinkConfig {
             max_flows: 8192,
             dedup_capacity: 8192,
             codec: Codec::V2,
+            planted_bug: crate::mux::PlantedBug::None,
         }
     }
 }
@@ -197,6 +201,7 @@ impl MeshLink {
             local_window: cfg.window,
             max_flows: cfg.max_flows,
             dedup_capacity: cfg.dedup_capacity,
+            planted_bug: cfg.planted_bug,
         });
         MeshLink {
             backoff: Backoff::new(cfg.backoff_base, cfg.backoff_max),

@@ -106,6 +106,20 @@ pub struct MuxConfig {
     pub local_window: u32,
     pub max_flows: usize,
     pub dedup_capacity: usize,
+    /// Test-only: a deliberate bug the simulation must catch (never set in
+    /// production; the runtimes do not expose it).
+    #[doc(hidden)]
+    pub planted_bug: PlantedBug,
+}
+
+/// Deliberate bugs for proving that the simulation catches them.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PlantedBug {
+    #[default]
+    None,
+    /// Count every CREDIT grant twice: the sender overruns the window.
+    DoubleCreditGrant,
 }
 
 #[derive(Clone, Debug)]
@@ -311,7 +325,13 @@ impl FlowMux {
                 }
                 Err(e) => Err(e),
             },
-            FlowFrame::Credit { bytes, .. } => match flow.on_recv_credit(bytes) {
+            FlowFrame::Credit { bytes, .. } => match flow.on_recv_credit(bytes).and_then(|()| {
+                if self.cfg.planted_bug == PlantedBug::DoubleCreditGrant {
+                    flow.on_recv_credit(bytes)
+                } else {
+                    Ok(())
+                }
+            }) {
                 Ok(()) => {
                     let credit = flow.send_credit();
                     if credit > 0 {

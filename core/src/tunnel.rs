@@ -42,6 +42,9 @@ pub struct TunnelConfig {
     pub handshake_timeout: Duration,
     pub max_flows: usize,
     pub dedup_capacity: usize,
+    /// Test-only (see [`crate::mux::PlantedBug`]).
+    #[doc(hidden)]
+    pub planted_bug: crate::mux::PlantedBug,
 }
 
 /// Default per-flow receive window: 256 KiB.
@@ -58,6 +61,7 @@ impl Default for TunnelConfig {
             handshake_timeout: Duration::from_secs(10),
             max_flows: 4096,
             dedup_capacity: 4096,
+            planted_bug: crate::mux::PlantedBug::None,
         }
     }
 }
@@ -154,6 +158,7 @@ impl Tunnel {
             local_window: cfg.window,
             max_flows: cfg.max_flows,
             dedup_capacity: cfg.dedup_capacity,
+            planted_bug: cfg.planted_bug,
         });
         let mut timers = Timers::default();
         timers.set(TunnelTimer::Handshake, now + cfg.handshake_timeout);
