@@ -612,3 +612,24 @@ impl Proxy {
         }
     }
 }
+
+/// A server that greets every connection with `banner` + "\n", then echoes.
+pub fn banner_server(banner: &str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let banner = format!("{banner}\n");
+    std::thread::spawn(move || {
+        for s in l.incoming().map_while(Result::ok) {
+            let banner = banner.clone();
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                if w.write_all(banner.as_bytes()).is_err() {
+                    return;
+                }
+                let mut r = s;
+                let _ = std::io::copy(&mut r, &mut w);
+            });
+        }
+    });
+    addr
+}

@@ -578,3 +578,72 @@ fn token_subcommand_mints_a_token_the_hub_accepts() {
     assert_eq!(id.agent_id, "agent-7");
     assert_eq!(id.scope, Some(vec!["ldap".to_string(), "ssh".to_string()]));
 }
+
+/// Read the greeting line of a banner target through the tunnel.
+fn greeting(s: &mut TcpStream) -> String {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while s.read_exact(&mut b).is_ok() && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    String::from_utf8(line).unwrap()
+}
+
+#[test]
+fn flows_spread_over_agents_and_a_leaving_agent_takes_only_its_own() {
+    let env = Env::new();
+    let hub = HubProc::start(env.path(), "hub", &env.hub_yaml(&[("svc", "svc")], ""));
+    let mut agents = Vec::new();
+    for name in ["agent-1", "agent-2"] {
+        let target = banner_server(name);
+        let yaml = env.agent_yaml(name, &[hub.http], &[("svc", target)], "");
+        agents.push(AgentProc::start(
+            env.path(),
+            name,
+            &yaml,
+            &env.token(name, None),
+        ));
+    }
+    assert!(eventually(Duration::from_secs(15), || hub
+        .metric("nowconnect_agents_connected")
+        == 2.0));
+    // Ten open flows: the least-loaded choice splits them evenly.
+    let mut conns: Vec<(String, TcpStream)> = (0..10)
+        .map(|_| {
+            let mut s = TcpStream::connect(hub.listener("svc")).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            (greeting(&mut s), s)
+        })
+        .collect();
+    let on_1 = conns.iter().filter(|(g, _)| g == "agent-1").count();
+    assert_eq!(
+        on_1,
+        5,
+        "flows per agent: {:?}",
+        conns.iter().map(|(g, _)| g.clone()).collect::<Vec<_>>()
+    );
+
+    // agent-1 goes away: its flows end, agent-2's flows keep working.
+    agents[0].proc.kill();
+    for (who, s) in conns.iter_mut() {
+        let mut buf = [0u8; 4];
+        if who == "agent-1" {
+            let gone = s
+                .write_all(b"ping")
+                .and_then(|_| s.read(&mut buf))
+                .map_or(true, |n| n == 0);
+            assert!(gone, "a flow of the departed agent survived");
+        } else {
+            s.write_all(b"ping").unwrap();
+            s.read_exact(&mut buf).unwrap();
+            assert_eq!(&buf, b"ping");
+        }
+    }
+    assert!(eventually(Duration::from_secs(5), || hub
+        .metric("nowconnect_agents_connected")
+        == 1.0));
+    // New flows go to the agent that is left.
+    let mut s = TcpStream::connect(hub.listener("svc")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(greeting(&mut s), "agent-2");
+}
