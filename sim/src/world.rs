@@ -654,17 +654,7 @@ impl World {
         let mut moved = false;
         let links: Vec<u64> = self.hub_tunnels.keys().copied().collect();
         for link in links {
-            let mut out = Vec::new();
-            let mut evs = Vec::new();
-            {
-                let t = self.hub_tunnels.get_mut(&link).expect("link");
-                while let Some(m) = t.poll_transmit() {
-                    out.push(m);
-                }
-                while let Some(e) = t.poll_event() {
-                    evs.push(e);
-                }
-            }
+            let (out, evs) = drain(self.hub_tunnels.get_mut(&link).expect("link"));
             moved |= !out.is_empty() || !evs.is_empty();
             for m in out {
                 self.send(link, false, m);
@@ -787,17 +777,7 @@ impl World {
             else {
                 continue;
             };
-            let mut out = Vec::new();
-            let mut evs = Vec::new();
-            {
-                let t = &mut self.agents[i].link.as_mut().expect("link").2;
-                while let Some(m) = t.poll_transmit() {
-                    out.push(m);
-                }
-                while let Some(e) = t.poll_event() {
-                    evs.push(e);
-                }
-            }
+            let (out, evs) = drain(&mut self.agents[i].link.as_mut().expect("link").2);
             moved |= !out.is_empty() || !evs.is_empty();
             for m in out {
                 self.send(link, true, m);
@@ -954,4 +934,12 @@ impl World {
     pub fn next_client_id(&self) -> u64 {
         self.next_client
     }
+}
+
+/// Everything a tunnel wants sent and everything it has to report.
+fn drain(t: &mut Tunnel) -> (Vec<WsMessage>, Vec<TunnelEvent>) {
+    (
+        std::iter::from_fn(|| t.poll_transmit()).collect(),
+        std::iter::from_fn(|| t.poll_event()).collect(),
+    )
 }

@@ -633,3 +633,18 @@ pub fn banner_server(banner: &str) -> SocketAddr {
     });
     addr
 }
+
+/// The `epoch=` values of the log lines containing `marker`, in order.
+pub fn epochs_in_log(log: &str, marker: &str) -> Vec<u64> {
+    log.lines()
+        .filter(|l| l.contains(marker))
+        .filter_map(|l| {
+            l.split("epoch=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect()
+}

@@ -263,18 +263,7 @@ fn when_the_owner_hub_is_killed_the_agent_moves_and_new_flows_work_again() {
     assert_eq!(b.metric("nowconnect_agents_connected"), 1.0);
     // The new claim carries a higher epoch than the dead owner's.
     let log = agent.proc.log_text();
-    let epochs: Vec<u64> = log
-        .lines()
-        .filter(|l| l.contains("tunnel established"))
-        .filter_map(|l| {
-            l.split("epoch=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
+    let epochs = epochs_in_log(&log, "tunnel established");
     assert_eq!(epochs.len(), 2, "{log}");
     assert!(epochs[1] > epochs[0], "{epochs:?}");
 }

@@ -131,18 +131,8 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
     assert!(attached.await.unwrap());
     // The agent's current epoch, from the hub's log.
     let log = hub.proc.log_text();
-    let epoch: u64 = log
-        .lines()
-        .filter(|l| l.contains("agent tunnel established"))
-        .filter_map(|l| {
-            l.split("epoch=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        })
-        .next_back()
+    let epoch = *epochs_in_log(&log, "agent tunnel established")
+        .last()
         .expect("epoch in the hub log");
 
     // A peer with no client certificate: the TLS handshake is refused.
