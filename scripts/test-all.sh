@@ -33,4 +33,6 @@ echo "==> building the binary under test"
 cargo build --release -p nowconnect-tokio --bin nowconnect --target-dir target/e2e
 export NOWCONNECT_BIN="$PWD/target/e2e/release/nowconnect"
 echo "==> tests"
-cargo test --workspace --release
+cargo test --workspace --release -- --skip ci_seed_budget
+echo "==> simulation seed budget (prints what it exercised)"
+cargo test --release -p nowconnect-sim --test world -- ci_seed_budget --nocapture
