@@ -848,4 +848,11 @@ impl crate::mux::FlowLink for MeshLink {
     fn consumed(&mut self, cid: Cid, n: usize) {
         MeshLink::consumed(self, cid, n)
     }
+    fn note_blocked(&mut self, cid: Cid) {
+        // Only a link cap needs remembering: a flow without credit is woken
+        // by the peer's M_CREDIT anyway.
+        if self.mux.send_credit(cid) > 0 {
+            self.blocked.insert(cid);
+        }
+    }
 }

@@ -56,6 +56,11 @@ pub trait FlowLink {
     fn reset_flow(&mut self, cid: Cid, code: ErrorCode, reason: &str);
     /// The consumer of `cid` drained `n` delivered bytes.
     fn consumed(&mut self, cid: Cid, n: usize);
+    /// The runtime has data for `cid` but `send_credit` is 0: ask for a
+    /// `Writable` event when it may send again. Flow credit always produces
+    /// one when a grant arrives; links with caps of their own (the mesh)
+    /// must remember the flow.
+    fn note_blocked(&mut self, _cid: Cid) {}
 }
 
 /// What the local consumer of a flow (a client socket, a target socket, a

@@ -306,6 +306,7 @@ impl FlowPipes {
         while let Some(front) = slot.pending.front_mut() {
             let credit = link.send_credit(cid) as usize;
             if credit == 0 {
+                link.note_blocked(cid);
                 return;
             }
             let take = credit.min(front.len());
