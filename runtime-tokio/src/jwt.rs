@@ -100,10 +100,13 @@ impl Verifier {
         let mut validation = Validation::new(algs[0]);
         validation.algorithms = algs;
         validation.set_audience(&[cfg.audience.as_str()]);
+        // A configured issuer must be present, not only match when present.
         if let Some(iss) = &cfg.issuer {
             validation.set_issuer(&[iss.as_str()]);
+            validation.set_required_spec_claims(&["exp", "aud", "iss"]);
+        } else {
+            validation.set_required_spec_claims(&["exp", "aud"]);
         }
-        validation.set_required_spec_claims(&["exp", "aud"]);
         validation.validate_nbf = true;
         validation.leeway = cfg.leeway_sec;
         Ok(Verifier { key, validation })

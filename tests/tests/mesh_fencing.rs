@@ -135,6 +135,26 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
         .last()
         .expect("epoch in the hub log");
 
+    // Plaintext to the TLS port: the handshake fails, the connection closes,
+    // the hub says why and keeps serving.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut plain = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        plain
+            .write_all(b"GET /mesh HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let r = tokio::time::timeout(Duration::from_secs(5), plain.read(&mut buf))
+            .await
+            .expect("closed within 5 s");
+        assert!(
+            !matches!(&r, Ok(n) if *n > 0 && buf[..*n].starts_with(b"HTTP")),
+            "plaintext got an HTTP answer: {r:?}"
+        );
+    }
     // A peer with no client certificate: the TLS handshake is refused.
     let no_cert = mesh_connect(port, client_tls(&ca.issue(env.path(), "nocert"), false)).await;
     let refused = match no_cert {
@@ -233,6 +253,7 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
         } => {}
         other => panic!("{other:?}"),
     }
+    assert!(hub.proc.log_text().contains("TLS handshake failed"));
     // Both refusals were counted.
     assert!(metric("nowconnect_owner_epoch_mismatch_total").await >= 2.0);
     assert!(hub.proc.log_text().contains("mesh open refused"));

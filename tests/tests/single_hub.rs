@@ -647,3 +647,44 @@ fn flows_spread_over_agents_and_a_leaving_agent_takes_only_its_own() {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert_eq!(greeting(&mut s), "agent-2");
 }
+
+#[test]
+fn a_token_from_another_issuer_is_refused_when_an_issuer_is_required() {
+    let env = Env::new();
+    let yaml = env.hub_yaml(&[], "").replace(
+        "    hs256_secret_file:",
+        "    issuer: corp-idp\n    hs256_secret_file:",
+    );
+    let hub = HubProc::start(env.path(), "hub", &yaml);
+    let now = nowconnect_tokio::jwt::unix_now();
+    let s = env.secret.as_bytes();
+    let hs = jsonwebtoken::Algorithm::HS256;
+    let other = jwt(
+        s,
+        serde_json::json!({"sub": "a1", "aud": "nowconnect", "iss": "someone-else", "exp": now + 600}),
+        hs,
+    );
+    let (status, text) = upgrade(&hub, Some(&other));
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("wrong_issuer"), "{text}");
+    assert_eq!(
+        hub.metric("nowconnect_tunnel_auth_failures_total{reason=\"wrong_issuer\"}"),
+        1.0
+    );
+    let none = jwt(
+        s,
+        serde_json::json!({"sub": "a1", "aud": "nowconnect", "exp": now + 600}),
+        hs,
+    );
+    assert_eq!(
+        upgrade(&hub, Some(&none)).0,
+        401,
+        "a token without `iss` must be refused too"
+    );
+    let right = jwt(
+        s,
+        serde_json::json!({"sub": "a1", "aud": "nowconnect", "iss": "corp-idp", "exp": now + 600}),
+        hs,
+    );
+    assert_eq!(upgrade(&hub, Some(&right)).0, 101);
+}
