@@ -688,3 +688,60 @@ fn a_token_from_another_issuer_is_refused_when_an_issuer_is_required() {
     );
     assert_eq!(upgrade(&hub, Some(&right)).0, 101);
 }
+
+#[test]
+fn a_websocket_ping_flood_does_not_disturb_other_flows() {
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let env = Env::new();
+    let echo = echo_server();
+    let (hub, _agent) = cluster(&env, &[("echo", echo)], "");
+    let data = Arc::new(random_bytes(200_000));
+    let want = sha256(&data);
+    let url = format!("ws://{}/tunnel", hub.http);
+    let token = env.token("flooder", None);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        use futures_util::{SinkExt, StreamExt};
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        ws.send(Message::Text(
+            r#"{"type":"HELLO","agent_id":"flooder","connectors":["other"]}"#.into(),
+        ))
+        .await
+        .unwrap();
+        // 20,000 pings as fast as the socket takes them, without reading.
+        for i in 0u32..20_000 {
+            if ws
+                .feed(Message::Ping(i.to_le_bytes().to_vec().into()))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        let _ = ws.flush().await;
+        // Meanwhile the real agent's flows work.
+        let (d, w) = (data.clone(), want);
+        let listener = hub.listener("echo");
+        let ok = tokio::task::spawn_blocking(move || echo_roundtrip(listener, d).map(|h| h == w))
+            .await
+            .unwrap();
+        assert!(ok.unwrap(), "a flow was disturbed by the ping flood");
+        // The flooder gets its pongs and stays bounded in what it is owed.
+        let mut pongs = 0;
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
+            if matches!(m, Message::Pong(_)) {
+                pongs += 1;
+            }
+        }
+        eprintln!("pongs received: {pongs}");
+    });
+    assert_eq!(hub.get("/healthz").0, 200);
+    assert_eq!(
+        echo_roundtrip(hub.listener("echo"), data.clone()).unwrap(),
+        want
+    );
+}
