@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use crate::metrics::{Metrics, labels};
+use crate::metrics::{Metrics, add_delta, add_frame_deltas, labels};
 
 /// Largest read from a flow socket.
 pub const READ_CHUNK: usize = 64 * 1024;
@@ -457,36 +457,31 @@ impl TunnelDriver {
 
     /// Add the core's counters since the last call to the metrics.
     pub fn report(&mut self) {
-        let s = &self.tunnel.stats;
-        for (dir, now, before) in [
-            ("in", &s.frames_in, &mut self.reported.frames_in),
-            ("out", &s.frames_out, &mut self.reported.frames_out),
-        ] {
-            for (t, n) in now {
-                let old = before.entry(*t).or_default();
-                if *n > *old {
-                    self.metrics
-                        .tunnel_frames
-                        .get_or_create(&labels(&[("dir", dir), ("type", t.as_str())]))
-                        .inc_by(*n - *old);
-                    *old = *n;
-                }
-            }
-        }
+        let (s, m) = (&self.tunnel.stats, &self.metrics);
+        add_frame_deltas(
+            &m.tunnel_frames,
+            "in",
+            &s.frames_in,
+            &mut self.reported.frames_in,
+        );
+        add_frame_deltas(
+            &m.tunnel_frames,
+            "out",
+            &s.frames_out,
+            &mut self.reported.frames_out,
+        );
         let mux = &self.tunnel.mux().stats;
-        if mux.duplicates_dropped > self.reported_dups {
-            self.metrics
-                .cid_dedup_dropped
-                .inc_by(mux.duplicates_dropped - self.reported_dups);
-            self.reported_dups = mux.duplicates_dropped;
-        }
+        add_delta(
+            &m.cid_dedup_dropped,
+            mux.duplicates_dropped,
+            &mut self.reported_dups,
+        );
         let violations = mux.protocol_violations + s.decode_errors + s.unexpected_frames;
-        if violations > self.reported_violations {
-            self.metrics
-                .protocol_errors
-                .inc_by(violations - self.reported_violations);
-            self.reported_violations = violations;
-        }
+        add_delta(
+            &m.protocol_errors,
+            violations,
+            &mut self.reported_violations,
+        );
     }
 }
 

@@ -62,7 +62,6 @@ pub struct HubHandle {
     pub http_addr: SocketAddr,
     pub mesh_addr: Option<SocketAddr>,
     pub listener_addrs: Vec<(String, SocketAddr)>,
-    shared: Arc<Shared>,
     stop: watch::Sender<bool>,
     done: tokio::task::JoinHandle<()>,
 }
@@ -73,19 +72,6 @@ impl HubHandle {
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.done.await;
-    }
-
-    pub fn active_clients(&self) -> usize {
-        self.shared.active_clients.load(Ordering::Relaxed)
-    }
-
-    pub fn wait(self) -> tokio::task::JoinHandle<()> {
-        // Keep the stop sender alive as long as the hub runs.
-        let stop = self.stop;
-        tokio::spawn(async move {
-            let _ = self.done.await;
-            drop(stop);
-        })
     }
 }
 
@@ -402,7 +388,6 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
         http_addr,
         mesh_addr,
         listener_addrs,
-        shared,
         stop,
         done,
     })

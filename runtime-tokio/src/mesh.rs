@@ -28,7 +28,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use crate::config::{MeshConfig, MeshTls};
 use crate::driver::{FlowEnd, FlowMsg, FlowPipes, LinkCmd, Outgoing};
 use crate::hub::Shared;
-use crate::metrics::labels;
+use crate::metrics::{add_delta, add_frame_deltas, labels};
 
 /// The transport under a mesh WebSocket: TCP, or TLS over TCP.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -556,43 +556,21 @@ struct MeshReporter {
 impl MeshReporter {
     fn report(&mut self, m: &crate::metrics::Metrics, peer: &str, link: &MeshLink) {
         let s = &link.stats;
-        for (dir, now, before) in [
-            ("in", &s.frames_in, &mut self.frames_in),
-            ("out", &s.frames_out, &mut self.frames_out),
-        ] {
-            for (t, n) in now {
-                let old = before.entry(*t).or_default();
-                if *n > *old {
-                    m.mesh_frames
-                        .get_or_create(&labels(&[("dir", dir), ("type", t.as_str())]))
-                        .inc_by(*n - *old);
-                    *old = *n;
-                }
-            }
-        }
+        add_frame_deltas(&m.mesh_frames, "in", &s.frames_in, &mut self.frames_in);
+        add_frame_deltas(&m.mesh_frames, "out", &s.frames_out, &mut self.frames_out);
         for (reason, n) in &s.backpressure {
-            let old = self.backpressure.entry(reason).or_default();
-            if *n > *old {
-                m.mesh_backpressure_drops
-                    .get_or_create(&labels(&[("peer", peer), ("reason", reason)]))
-                    .inc_by(*n - *old);
-                *old = *n;
-            }
+            let c = m
+                .mesh_backpressure_drops
+                .get_or_create(&labels(&[("peer", peer), ("reason", reason)]));
+            add_delta(&c, *n, self.backpressure.entry(reason).or_default());
         }
-        if s.reconnects > self.reconnects {
-            m.mesh_link_reconnects
-                .inc_by(s.reconnects - self.reconnects);
-            self.reconnects = s.reconnects;
-        }
-        if s.errors > self.errors {
-            m.mesh_link_errors.inc_by(s.errors - self.errors);
-            self.errors = s.errors;
-        }
-        let dups = link.mux().stats.duplicates_dropped;
-        if dups > self.dups {
-            m.cid_dedup_dropped.inc_by(dups - self.dups);
-            self.dups = dups;
-        }
+        add_delta(&m.mesh_link_reconnects, s.reconnects, &mut self.reconnects);
+        add_delta(&m.mesh_link_errors, s.errors, &mut self.errors);
+        add_delta(
+            &m.cid_dedup_dropped,
+            link.mux().stats.duplicates_dropped,
+            &mut self.dups,
+        );
         for st in LinkState::ALL {
             m.mesh_links
                 .get_or_create(&labels(&[("peer", peer), ("state", st.as_str())]))

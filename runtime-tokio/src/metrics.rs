@@ -20,6 +20,28 @@ pub fn labels(pairs: &[(&str, &str)]) -> Labels {
         .collect()
 }
 
+/// Add to `counter` what a growing core count gained since it was last
+/// reported; `reported` remembers the count.
+pub fn add_delta(counter: &Counter, now: u64, reported: &mut u64) {
+    if now > *reported {
+        counter.inc_by(now - *reported);
+        *reported = now;
+    }
+}
+
+/// [`add_delta`] for a core count per frame type, into `family{dir, type}`.
+pub fn add_frame_deltas(
+    family: &Family<Labels, Counter>,
+    dir: &str,
+    now: &std::collections::BTreeMap<nowconnect_core::FrameType, u64>,
+    reported: &mut std::collections::BTreeMap<nowconnect_core::FrameType, u64>,
+) {
+    for (t, n) in now {
+        let c = family.get_or_create(&labels(&[("dir", dir), ("type", t.as_str())]));
+        add_delta(&c, *n, reported.entry(*t).or_default());
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     // mesh (DESIGN.md names)

@@ -122,3 +122,12 @@ pub fn search(addr: SocketAddr, filter: &str) -> (i32, String) {
     );
     (code, format!("{out}{err}"))
 }
+
+/// `ldapwhoami` as the admin with `password`; returns (exit code, stdout, stderr).
+pub fn whoami(addr: SocketAddr, password: &str) -> (i32, String, String) {
+    let url = format!("ldap://{addr}");
+    ldap_tool(
+        "ldapwhoami",
+        &["-x", "-H", &url, "-D", ADMIN_DN, "-w", password],
+    )
+}

@@ -109,18 +109,7 @@ fn ldap_reaches_an_agent_on_another_hub_through_the_mesh() {
             "search {filter} through hub-b differs"
         );
     }
-    let bad = ldap::ldap_tool(
-        "ldapwhoami",
-        &[
-            "-x",
-            "-H",
-            &format!("ldap://{}", b.listener("ldap")),
-            "-D",
-            ldap::ADMIN_DN,
-            "-w",
-            "wrong",
-        ],
-    );
+    let bad = ldap::whoami(b.listener("ldap"), "wrong");
     assert_eq!(bad.0, 49, "{bad:?}");
     assert!(b.metric("nowconnect_flows_total{connector=\"ldap\",route=\"mesh\"}") >= 3.0);
     assert!(b.metric("nowconnect_mesh_frames_total{dir=\"out\",type=\"M_OPEN\"}") >= 3.0);

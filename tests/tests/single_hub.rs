@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nowconnect_tests::ldap::{self, ADMIN_DN, ADMIN_PW, SUFFIX, Slapd};
+use nowconnect_tests::ldap::{self, ADMIN_PW, SUFFIX, Slapd};
 use nowconnect_tests::*;
 
 /// Hub + agent serving `connectors`; waits until the agent is attached.
@@ -58,46 +58,13 @@ fn ldap_through_the_tunnel_answers_like_slapd_directly() {
             "search {filter} differs through the tunnel"
         );
     }
-    let direct = ldap::ldap_tool(
-        "ldapwhoami",
-        &[
-            "-x",
-            "-H",
-            &format!("ldap://{}", slapd.addr),
-            "-D",
-            ADMIN_DN,
-            "-w",
-            ADMIN_PW,
-        ],
-    );
-    let tunneled = ldap::ldap_tool(
-        "ldapwhoami",
-        &[
-            "-x",
-            "-H",
-            &format!("ldap://{via}"),
-            "-D",
-            ADMIN_DN,
-            "-w",
-            ADMIN_PW,
-        ],
-    );
+    let direct = ldap::whoami(slapd.addr, ADMIN_PW);
+    let tunneled = ldap::whoami(via, ADMIN_PW);
     assert_eq!(tunneled.0, 0, "{tunneled:?}");
     assert_eq!(tunneled.1, direct.1);
     assert!(tunneled.1.contains("dn:cn=admin,dc=example,dc=com"));
     // A wrong password still gives LDAP result 49 (invalid credentials).
-    let bad = ldap::ldap_tool(
-        "ldapwhoami",
-        &[
-            "-x",
-            "-H",
-            &format!("ldap://{via}"),
-            "-D",
-            ADMIN_DN,
-            "-w",
-            "wrong",
-        ],
-    );
+    let bad = ldap::whoami(via, "wrong");
     assert_eq!(bad.0, 49, "{bad:?}");
     assert!(bad.2.contains("Invalid credentials"), "{bad:?}");
 
