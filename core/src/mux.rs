@@ -125,6 +125,9 @@ pub enum PlantedBug {
     None,
     /// Count every CREDIT grant twice: the sender overruns the window.
     DoubleCreditGrant,
+    /// The owner hub accepts a mesh open for an agent it holds whatever the
+    /// open's epoch: a stale origin's flow reaches the agent's tunnel.
+    AcceptStaleEpoch,
 }
 
 #[derive(Clone, Debug)]

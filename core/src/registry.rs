@@ -125,11 +125,31 @@ struct AgentEntry {
 pub struct MemoryRegistry {
     agents: BTreeMap<String, AgentEntry>,
     replicas: BTreeMap<String, (String, Instant)>,
+    /// When set, a claim takes `max(counter + 1, server time in ms)` like the
+    /// Redis registry, server time being milliseconds since this instant.
+    server_clock: Option<Instant>,
 }
 
 impl MemoryRegistry {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A registry whose epochs follow a server clock (milliseconds since
+    /// `origin`) as the Redis one does, so they keep growing across
+    /// [`MemoryRegistry::lose_data`].
+    pub fn with_server_clock(origin: Instant) -> Self {
+        MemoryRegistry {
+            server_clock: Some(origin),
+            ..Self::default()
+        }
+    }
+
+    /// Forget every key, as a Redis restarted without persistence or failed
+    /// over to an empty replica would. The server clock survives.
+    pub fn lose_data(&mut self) {
+        self.agents.clear();
+        self.replicas.clear();
     }
 
     pub fn apply(&mut self, now: Instant, op: &RegistryOp) -> Result<RegistryReply, RegistryError> {
@@ -139,8 +159,11 @@ impl MemoryRegistry {
                 replica_id,
                 lease,
             } => {
+                let floor = self
+                    .server_clock
+                    .map_or(0, |o| now.saturating_duration_since(o).as_millis() as u64);
                 let e = self.entry(agent_id);
-                e.last_epoch += 1;
+                e.last_epoch = (e.last_epoch + 1).max(floor);
                 let epoch = Epoch(e.last_epoch);
                 e.owner = Some((replica_id.clone(), epoch, now + *lease));
                 RegistryReply::Claimed(epoch)

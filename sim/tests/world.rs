@@ -24,8 +24,9 @@ fn run(seed: u64) -> Result<Outcome, String> {
         .map_err(|v| v.0)?;
     if w.open_clients() > 0 {
         return Err(format!(
-            "{} flows neither completed nor reset 6 s after healing",
-            w.open_clients()
+            "{} flows neither completed nor reset 6 s after healing: {:?}",
+            w.open_clients(),
+            w.client_summary(0)
         ));
     }
     let first = w.next_client_id();
@@ -35,7 +36,9 @@ fn run(seed: u64) -> Result<Outcome, String> {
     let (ok, all) = w.completed_since(first);
     if ok != all {
         return Err(format!(
-            "liveness: only {ok} of {all} new flows completed within 10 s after healing"
+            "liveness: only {ok} of {all} new flows completed within 10 s after healing: {:?}\n{}",
+            w.client_summary(first),
+            w.describe()
         ));
     }
     Ok(w.outcome.clone())
@@ -53,52 +56,66 @@ fn ci_seed_budget() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
-    let mut total = Outcome::default();
+    let mut t = Outcome::default();
     for seed in 0..n {
-        let o = check(seed);
-        total.events += o.events;
-        total.flows_started += o.flows_started;
-        total.flows_completed += o.flows_completed;
-        total.tunnel_resets += o.tunnel_resets;
-        total.target_refusals += o.target_refusals;
-        total.client_resets += o.client_resets;
-        total.half_closes += o.half_closes;
-        total.slow_readers += o.slow_readers;
-        total.bytes_echoed += o.bytes_echoed;
-        for (k, v) in o.flows_reset {
-            *total.flows_reset.entry(k).or_default() += v;
-        }
-        for (k, v) in o.flows_refused {
-            *total.flows_refused.entry(k).or_default() += v;
-        }
+        t.add(&check(seed));
     }
     println!(
-        "simulated {n} seeds: {} events; faults: {} tunnel resets, {} target refusals, {} client resets, {} half-closes, {} slow readers",
-        total.events,
-        total.tunnel_resets,
-        total.target_refusals,
-        total.client_resets,
-        total.half_closes,
-        total.slow_readers
+        "simulated {n} seeds ({} hubs in all): {} events",
+        t.hubs, t.events
     );
     println!(
-        "flows: {} started, {} completed, reset {:?}, refused {:?}; {} bytes echoed",
-        total.flows_started,
-        total.flows_completed,
-        total.flows_reset,
-        total.flows_refused,
-        total.bytes_echoed
+        "faults: {} tunnel resets, {} mesh resets, {} partitions, {} hub crashes, {} agent restarts, \
+         {} Redis outages, {} Redis failovers, {} slow Redis replies, {} malformed frames, \
+         {} target refusals, {} client resets, {} half-closes, {} slow readers",
+        t.tunnel_resets,
+        t.mesh_resets,
+        t.partitions,
+        t.hub_crashes,
+        t.agent_restarts,
+        t.redis_outages,
+        t.redis_failovers,
+        t.redis_slow_replies,
+        t.malformed_frames,
+        t.target_refusals,
+        t.client_resets,
+        t.half_closes,
+        t.slow_readers
+    );
+    println!(
+        "flows: {} started, {} completed, {} across the mesh, {} stale-epoch opens refused; \
+         reset {:?}; refused {:?}; {} bytes echoed",
+        t.flows_started,
+        t.flows_completed,
+        t.flows_via_mesh,
+        t.stale_epoch_refusals,
+        t.flows_reset,
+        t.flows_refused,
+        t.bytes_echoed
     );
     // The run must exercise what it claims.
+    let exercised = [
+        ("completed flows", t.flows_completed),
+        ("flows across the mesh", t.flows_via_mesh),
+        ("tunnel resets", t.tunnel_resets),
+        ("mesh resets", t.mesh_resets),
+        ("partitions", t.partitions),
+        ("hub crashes", t.hub_crashes),
+        ("agent restarts", t.agent_restarts),
+        ("Redis outages", t.redis_outages),
+        ("Redis failovers", t.redis_failovers),
+        ("slow Redis replies", t.redis_slow_replies),
+        ("malformed frames", t.malformed_frames),
+        ("target refusals", t.target_refusals),
+        ("client resets", t.client_resets),
+    ];
+    for (what, n) in exercised {
+        assert!(n > 0, "the seed budget injected no {what}");
+    }
     assert!(
-        total.flows_completed > 0
-            && total.tunnel_resets > 0
-            && total.target_refusals > 0
-            && total.client_resets > 0
-    );
-    assert!(
-        total.flows_reset.contains_key("link_lost")
-            && total.flows_reset.contains_key("target_unreachable")
+        t.flows_reset.contains_key("link_lost") && t.flows_reset.contains_key("target_unreachable"),
+        "{:?}",
+        t.flows_reset
     );
 }
 
@@ -124,6 +141,27 @@ fn a_planted_credit_bug_is_caught_within_the_ci_budget() {
         caught.expect("the simulation did not catch a sender that overruns the credit window");
     println!("planted bug caught at seed {seed}: {why}");
     assert!(why.contains("credit_overrun"), "{why}");
+}
+
+#[test]
+fn a_planted_stale_epoch_acceptance_is_caught_within_the_ci_budget() {
+    use nowconnect_core::mux::PlantedBug;
+    let start = origin();
+    let caught = (0..200).find_map(|seed| {
+        let mut w = World::with_bug(
+            seed,
+            start,
+            1 + (seed % 3) as usize,
+            PlantedBug::AcceptStaleEpoch,
+        );
+        w.start_clients(40, Duration::from_millis(1500));
+        let r = w.run_until(start + Duration::from_secs(4));
+        r.err().map(|v| (seed, v.0))
+    });
+    let (seed, why) = caught
+        .expect("the simulation did not catch an owner that serves mesh opens under a stale epoch");
+    println!("planted bug caught at seed {seed}: {why}");
+    assert!(why.contains("stale epoch"), "{why}");
 }
 
 #[test]
