@@ -184,6 +184,17 @@ impl Agent {
 
     /// The hub opened flow `cid` for `connector`.
     pub fn flow_opened(&mut self, now: Instant, cid: Cid, connector: &str) {
+        // A flow id is opened once; should it come again, the flow is reset
+        // and any dial still running for it is abandoned with it.
+        if self.dials.remove(&cid).is_some() {
+            self.timers.remove(&Timer::Dial(cid));
+            self.out.push_back(AgentOutput::ResetFlow {
+                cid,
+                code: ErrorCode::ProtocolError,
+                reason: format!("flow {cid} opened twice"),
+            });
+            return;
+        }
         let Some(target) = self.cfg.connectors.get(connector).cloned() else {
             self.counters.unknown_connector += 1;
             self.out.push_back(AgentOutput::ResetFlow {

@@ -213,6 +213,11 @@ impl Hub {
         self.by_agent.len()
     }
 
+    /// Tunnels held: owned ones and ones waiting for their claim.
+    pub fn tunnel_count(&self) -> usize {
+        self.agents.len()
+    }
+
     pub fn pending_ops(&self) -> usize {
         self.pending.len()
     }
@@ -315,6 +320,27 @@ impl Hub {
                 ErrorCode::LimitExceeded,
                 format!("hub agent limit of {} reached", self.cfg.max_agents),
             );
+        }
+        // One claim per agent at a time: a newer connection supersedes an
+        // older one still waiting for its claim (its reply is then released).
+        let claiming: Vec<TunnelId> = self
+            .agents
+            .iter()
+            .filter(|(t, a)| {
+                **t != tunnel
+                    && a.agent_id == agent_id
+                    && matches!(a.state, AgentState::Claiming { .. })
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        for old in claiming {
+            self.agents.remove(&old);
+            self.counters.tunnels_superseded += 1;
+            self.out.push_back(HubOutput::CloseTunnel {
+                tunnel: old,
+                code: ErrorCode::StaleEpoch,
+                reason: format!("agent `{agent_id}` connected again before this claim finished"),
+            });
         }
         let op = self.op(
             now,
@@ -692,7 +718,7 @@ impl Hub {
     }
 
     fn claimed(&mut self, now: Instant, tunnel: TunnelId, agent_id: &str, epoch: Epoch) {
-        let Some(a) = self.agents.get_mut(&tunnel) else {
+        if !self.agents.contains_key(&tunnel) {
             // The tunnel closed while claiming: give the ownership back.
             let call = RegistryOp::Release {
                 agent_id: agent_id.to_string(),
@@ -701,7 +727,26 @@ impl Hub {
             };
             self.op(now, call, Pending::Other);
             return;
-        };
+        }
+        if !self.by_agent.contains_key(agent_id) && self.by_agent.len() >= self.cfg.max_agents {
+            // The limit held at HELLO (this agent was here then), but the
+            // agent's other tunnel left while others filled the hub.
+            self.agents.remove(&tunnel);
+            self.counters.tunnels_refused += 1;
+            self.out.push_back(HubOutput::CloseTunnel {
+                tunnel,
+                code: ErrorCode::LimitExceeded,
+                reason: format!("hub agent limit of {} reached", self.cfg.max_agents),
+            });
+            let call = RegistryOp::Release {
+                agent_id: agent_id.to_string(),
+                replica_id: self.cfg.replica_id.clone(),
+                epoch,
+            };
+            self.op(now, call, Pending::Other);
+            return;
+        }
+        let a = self.agents.get_mut(&tunnel).expect("checked above");
         a.state = AgentState::Owned { epoch };
         let agent_id = a.agent_id.clone();
         let connectors = a.connectors.clone();

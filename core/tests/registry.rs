@@ -100,3 +100,22 @@ fn sweep_prunes_lapsed_leases_but_epochs_keep_growing() {
     );
     assert!(claim(&mut r, later, "a1", "hub-b") > e1);
 }
+
+#[test]
+fn with_a_server_clock_epochs_keep_growing_across_data_loss() {
+    let t0 = common::origin();
+    let mut r = MemoryRegistry::with_server_clock(t0);
+    let a = claim(&mut r, t0 + Duration::from_millis(5), "a1", "hub-a");
+    let b = claim(&mut r, t0 + Duration::from_millis(5), "a1", "hub-b");
+    assert!(b > a, "{b:?} after {a:?}");
+    r.lose_data();
+    assert_eq!(r.last_epoch("a1"), Epoch(0), "the data is gone");
+    let c = claim(&mut r, t0 + Duration::from_millis(40), "a1", "hub-a");
+    assert!(c > b, "epoch {c:?} after data loss is not above {b:?}");
+    // Without a server clock an empty registry would start over: the case
+    // the Redis registry guards against with max(INCR, server time).
+    let mut plain = MemoryRegistry::new();
+    let d = claim(&mut plain, t0, "a1", "hub-a");
+    plain.lose_data();
+    assert_eq!(claim(&mut plain, t0, "a1", "hub-a"), d);
+}

@@ -912,3 +912,69 @@ fn a_flow_held_back_by_a_mesh_link_cap_is_woken_when_room_returns() {
     assert!(woke, "flow 2 was never told it may send again");
     assert!(a.send_credit(c2) > 0);
 }
+
+/// One claim per agent at a time: a newer connection supersedes an older one
+/// still claiming, so an agent cannot pile up tunnels on a hub.
+#[test]
+fn a_second_hello_while_claiming_supersedes_the_first() {
+    let now = origin();
+    let mut reg = MemoryRegistry::new();
+    let mut h = hub(Mode::Off);
+    h.tunnel_hello(now, 1, "a1", &["ldap".into()], None);
+    h.tunnel_hello(now, 2, "a1", &["ldap".into()], None);
+    assert_eq!(h.tunnel_count(), 1);
+    let out = run_registry(&mut h, &mut reg, now);
+    assert!(
+        out.iter().any(|o| matches!(
+            o,
+            HubOutput::CloseTunnel {
+                tunnel: 1,
+                code: ErrorCode::StaleEpoch,
+                ..
+            }
+        )),
+        "{out:?}"
+    );
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, HubOutput::AcceptTunnel { tunnel: 2, .. })),
+        "{out:?}"
+    );
+    assert_eq!(h.owned_tunnel("a1").map(|(t, _)| t), Some(2));
+}
+
+/// Found by the `agent` fuzz target: a flow id opened twice left its first
+/// dial registered after the flow was reset.
+#[test]
+fn a_flow_opened_twice_is_reset_and_its_dial_abandoned() {
+    let now = origin();
+    let mut connectors = std::collections::BTreeMap::new();
+    connectors.insert("ldap".to_string(), "ldap:389".to_string());
+    let mut a = Agent::new(
+        now,
+        AgentConfig {
+            agent_id: "a1".into(),
+            hubs: vec!["wss://h1/tunnel".into()],
+            connectors,
+            ..AgentConfig::default()
+        },
+        1,
+    );
+    while a.poll_output().is_some() {}
+    a.flow_opened(now, 3, "ldap");
+    assert!(matches!(
+        a.poll_output(),
+        Some(AgentOutput::DialTarget { cid: 3, .. })
+    ));
+    a.flow_opened(now, 3, "ldap");
+    assert!(matches!(
+        a.poll_output(),
+        Some(AgentOutput::ResetFlow {
+            cid: 3,
+            code: ErrorCode::ProtocolError,
+            ..
+        })
+    ));
+    assert_eq!(a.pending_dials(), 0);
+    assert!(!a.target_connected(now, 3), "the abandoned dial is gone");
+}

@@ -47,3 +47,310 @@ pub fn drive_tunnels(origin: Instant, data: &[u8]) {
         );
     }
 }
+
+/// Reads the fuzzer's bytes one decision at a time; zeros once they run out.
+struct Input<'a> {
+    data: &'a [u8],
+    pos: usize,
+}
+
+impl Input<'_> {
+    fn byte(&mut self) -> u8 {
+        let b = self.data.get(self.pos).copied().unwrap_or(0);
+        self.pos += 1;
+        b
+    }
+
+    fn more(&self) -> bool {
+        self.pos < self.data.len()
+    }
+}
+
+/// The hub's control state machine fed an arbitrary sequence of events
+/// (HELLOs, closes, clients, registry replies to real or made-up calls,
+/// time, mesh opens, drain). Panics if the hub breaks one of its promises:
+/// it accepts only tunnels that said HELLO and are open, routes clients only
+/// to tunnels it accepted and still holds, never exceeds its agent limit,
+/// and never asks to be woken in the past.
+pub fn drive_hub(origin: Instant, data: &[u8]) {
+    use nowconnect_core::hub::{Hub, HubConfig, HubOutput};
+    use nowconnect_core::registry::{AgentRecord, Owner, RegistryError, RegistryReply};
+    use nowconnect_core::routing::{Mode, Route};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    let mut input = Input { data, pos: 0 };
+    let mode = match input.byte() % 3 {
+        0 => Mode::Off,
+        1 => Mode::Shadow,
+        _ => Mode::Active,
+    };
+    let cfg = HubConfig {
+        replica_id: "hub-a".into(),
+        mode,
+        max_agents: 4,
+        max_pending_routes: 8,
+        ..HubConfig::default()
+    };
+    let max_agents = cfg.max_agents;
+    let mut hub = Hub::new(origin, cfg, u64::from(input.byte()));
+    let mut now = origin;
+    let mut open: BTreeSet<u64> = BTreeSet::new(); // tunnels that said HELLO, not closed
+    let mut accepted: BTreeSet<u64> = BTreeSet::new();
+    let mut pending: Vec<u64> = Vec::new();
+    let mut next_client = 1;
+    let agent = |b: u8| format!("a{}", b % 6);
+    let connectors = |b: u8| -> Vec<String> {
+        ["ldap", "pg", "echo"]
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| b & (1 << i) != 0)
+            .map(|(_, c)| c.to_string())
+            .collect()
+    };
+    while input.more() {
+        match input.byte() % 11 {
+            0 => {
+                let t = u64::from(input.byte() % 8);
+                let (a, c, s) = (input.byte(), input.byte(), input.byte());
+                let scope = connectors(s);
+                if open.insert(t) {
+                    hub.tunnel_hello(
+                        now,
+                        t,
+                        &agent(a),
+                        &connectors(c),
+                        (s & 0x80 != 0).then_some(&scope[..]),
+                    );
+                }
+            }
+            1 => {
+                let t = u64::from(input.byte() % 8);
+                open.remove(&t);
+                accepted.remove(&t);
+                hub.tunnel_closed(now, t);
+            }
+            2 => {
+                let c = connectors(input.byte() | 1);
+                hub.client_connected(now, next_client, c.last().map_or("ldap", |s| s));
+                next_client += 1;
+            }
+            3 | 10 => {
+                let pick = usize::from(input.byte());
+                let op = if pending.is_empty() || pick == 255 {
+                    u64::from(input.byte())
+                } else {
+                    pending.remove(pick % pending.len())
+                };
+                let (k, v) = (input.byte(), input.byte());
+                let owner = Owner {
+                    replica_id: if v & 1 == 0 { "hub-a" } else { "hub-b" }.into(),
+                    epoch: Epoch(u64::from(v >> 1)),
+                };
+                let reply = match k % 12 {
+                    0 => Ok(RegistryReply::Claimed(Epoch(u64::from(v)))),
+                    1 => Ok(RegistryReply::Renewed),
+                    2 => Ok(RegistryReply::Lost { current: None }),
+                    3 => Ok(RegistryReply::Lost {
+                        current: Some(owner),
+                    }),
+                    4 => Ok(RegistryReply::Released),
+                    5 => Ok(RegistryReply::Done),
+                    6 => Ok(RegistryReply::Agents(vec![AgentRecord {
+                        agent_id: agent(v),
+                        owner: (v & 0x80 != 0).then_some(owner),
+                    }])),
+                    7 => Ok(RegistryReply::Owner(Some(owner))),
+                    8 => Ok(RegistryReply::Replicas(vec![(
+                        "hub-b".into(),
+                        "wss://b/mesh".into(),
+                    )])),
+                    9 => Ok(RegistryReply::Healthy),
+                    10 => Err(RegistryError::Unavailable("down".into())),
+                    _ => Err(RegistryError::Timeout(Duration::from_millis(500))),
+                };
+                hub.registry_reply(now, op, reply);
+            }
+            4 => {
+                now += Duration::from_millis(u64::from(input.byte()) * 40);
+                hub.handle_timeout(now);
+                if let Some(at) = hub.poll_timeout() {
+                    assert!(at >= now, "the hub asks to be woken in the past");
+                }
+            }
+            5 => hub.flow_started(u64::from(input.byte() % 8)),
+            6 => hub.flow_ended(u64::from(input.byte() % 8)),
+            7 => {
+                let (a, e) = (input.byte(), input.byte());
+                if let Ok(t) = hub.check_mesh_open(&agent(a), Epoch(u64::from(e))) {
+                    assert!(
+                        accepted.contains(&t),
+                        "mesh open served by tunnel {t}, not accepted"
+                    );
+                }
+            }
+            8 => {
+                let b = input.byte();
+                hub.mesh_link_up(if b & 1 == 0 { "hub-b" } else { "hub-c" }, b & 2 != 0);
+            }
+            _ => {
+                if input.byte() == 0xd7 {
+                    hub.drain();
+                }
+            }
+        }
+        while let Some(o) = hub.poll_output() {
+            match o {
+                HubOutput::Registry { op, .. } => pending.push(op),
+                HubOutput::AcceptTunnel { tunnel, .. } => {
+                    assert!(
+                        open.contains(&tunnel),
+                        "accepted tunnel {tunnel} that is not open"
+                    );
+                    accepted.insert(tunnel);
+                }
+                HubOutput::CloseTunnel { tunnel, .. } => {
+                    accepted.remove(&tunnel);
+                }
+                HubOutput::Route {
+                    route: Route::Local { tunnel, .. },
+                    ..
+                } => assert!(
+                    accepted.contains(&tunnel),
+                    "routed to tunnel {tunnel} not accepted"
+                ),
+                HubOutput::Route { .. } | HubOutput::Peers(_) => {}
+            }
+        }
+        assert!(hub.agent_count() <= max_agents, "agent limit exceeded");
+        // Tunnels: at most one owned and one claiming per agent.
+        let mut per_agent: BTreeMap<&str, usize> = BTreeMap::new();
+        for (a, _, _) in hub.agents() {
+            *per_agent.entry(a).or_default() += 1;
+        }
+        assert!(
+            per_agent.len() <= max_agents,
+            "more owned agents than the limit"
+        );
+        assert!(
+            hub.tunnel_count() <= 2 * max_agents,
+            "{} tunnels held for at most {max_agents} agents",
+            hub.tunnel_count()
+        );
+    }
+}
+
+/// The agent's control state machine fed an arbitrary sequence of events
+/// (hub attempts succeeding or failing, flows opened for known and unknown
+/// connectors, target dials finishing, time). Panics if it dials a target for
+/// a flow it was not asked to open, holds more dials than its limit, or asks
+/// to be woken in the past.
+pub fn drive_agent(origin: Instant, data: &[u8]) {
+    use nowconnect_core::agent::{Agent, AgentConfig, AgentOutput};
+    use std::collections::{BTreeMap, BTreeSet};
+
+    let mut input = Input { data, pos: 0 };
+    let mut connectors = BTreeMap::new();
+    connectors.insert("ldap".to_string(), "ldap:389".to_string());
+    let cfg = AgentConfig {
+        agent_id: "a1".into(),
+        hubs: vec!["wss://h1/tunnel".into(), "wss://h2/tunnel".into()],
+        connectors,
+        max_pending_dials: 4,
+        ..AgentConfig::default()
+    };
+    let hubs = cfg.hubs.clone();
+    let mut agent = Agent::new(origin, cfg, u64::from(input.byte()));
+    let mut now = origin;
+    let mut attempts: Vec<u64> = Vec::new();
+    let mut opened: BTreeSet<u64> = BTreeSet::new();
+    let mut dialing: BTreeSet<u64> = BTreeSet::new();
+    while input.more() {
+        let pick = |v: &[u64], b: u8| v.get(usize::from(b) % v.len().max(1)).copied();
+        match input.byte() % 8 {
+            0 => {
+                now += Duration::from_millis(u64::from(input.byte()) * 50);
+                agent.handle_timeout(now);
+                if let Some(at) = agent.poll_timeout() {
+                    assert!(at >= now, "the agent asks to be woken in the past");
+                }
+            }
+            1 => {
+                let b = input.byte();
+                agent.hub_established(now, pick(&attempts, b).unwrap_or(u64::from(b)));
+            }
+            2 => {
+                let b = input.byte();
+                agent.hub_lost(now, pick(&attempts, b).unwrap_or(u64::from(b)));
+            }
+            3 => {
+                let (c, k) = (u64::from(input.byte() % 16), input.byte());
+                opened.insert(c);
+                agent.flow_opened(now, c, if k & 1 == 0 { "ldap" } else { "nope" });
+            }
+            4 => {
+                let c = u64::from(input.byte() % 16);
+                if agent.target_connected(now, c) {
+                    assert!(dialing.remove(&c), "target {c} connected without a dial");
+                }
+            }
+            5 => {
+                let c = u64::from(input.byte() % 16);
+                dialing.remove(&c);
+                agent.target_failed(now, c, "refused");
+            }
+            6 => {
+                let c = u64::from(input.byte() % 16);
+                dialing.remove(&c);
+                opened.remove(&c);
+                agent.flow_gone(c);
+            }
+            _ => {
+                let _ = input.byte();
+            }
+        }
+        while let Some(o) = agent.poll_output() {
+            match o {
+                AgentOutput::DialHub { attempt, url } => {
+                    assert!(hubs.contains(&url), "dialed an unknown hub {url}");
+                    attempts.push(attempt);
+                }
+                AgentOutput::DialTarget { cid, .. } => {
+                    assert!(
+                        opened.contains(&cid),
+                        "dialed a target for flow {cid} never opened"
+                    );
+                    dialing.insert(cid);
+                }
+                AgentOutput::ResetFlow { cid, .. } => {
+                    dialing.remove(&cid);
+                }
+                AgentOutput::AbortHub { .. } => {}
+            }
+        }
+        assert!(
+            agent.pending_dials() <= 4,
+            "more target dials than the limit"
+        );
+    }
+}
+
+/// A simulated cluster whose chaos is chosen by the fuzzer's bytes (see
+/// `World::from_fuzz_bytes`): every invariant must hold through the chaos,
+/// and after healing every flow must end.
+pub fn drive_world(origin: Instant, data: &[u8]) {
+    let mut w = crate::world::World::from_fuzz_bytes(origin, data);
+    w.start_clients(8, Duration::from_millis(500));
+    if let Err(v) = w.run_until(origin + Duration::from_secs(2)) {
+        panic!("invariant broken: {}", v.0);
+    }
+    w.heal();
+    if let Err(v) = w.run_until(origin + Duration::from_secs(10)) {
+        panic!("invariant broken after healing: {}", v.0);
+    }
+    assert_eq!(
+        w.open_clients(),
+        0,
+        "flows still open 8 s after healing: {:?}",
+        w.client_summary(0)
+    );
+}

@@ -1,16 +1,42 @@
-//! Replays `fuzz/corpus/tunnel` through the fuzz target's own driver.
+//! Replays the committed seeds of `fuzz/corpus/<target>` through each fuzz
+//! target's own driver, so the normal suite checks what the fuzzers check.
 
 use std::path::Path;
+use std::time::Instant;
 
-#[test]
-fn tunnel_seeds_keep_state_bounded() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/tunnel");
+fn replay(target: &str, drive: fn(Instant, &[u8])) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target);
     let mut n = 0;
     for e in std::fs::read_dir(&dir).unwrap() {
-        let data = std::fs::read(e.unwrap().path()).unwrap();
+        let path = e.unwrap().path();
+        let data = std::fs::read(&path).unwrap();
         #[allow(clippy::disallowed_methods)]
-        nowconnect_sim::fuzz::drive_tunnels(std::time::Instant::now(), &data);
+        let origin = Instant::now();
+        let r = std::panic::catch_unwind(|| drive(origin, &data));
+        assert!(r.is_ok(), "{target}: seed {} fails", path.display());
         n += 1;
     }
     assert!(n > 0, "empty corpus {}", dir.display());
+}
+
+#[test]
+fn tunnel_seeds_keep_state_bounded() {
+    replay("tunnel", nowconnect_sim::fuzz::drive_tunnels);
+}
+
+#[test]
+fn hub_seeds_keep_the_hub_consistent() {
+    replay("hub", nowconnect_sim::fuzz::drive_hub);
+}
+
+#[test]
+fn agent_seeds_keep_the_agent_consistent() {
+    replay("agent", nowconnect_sim::fuzz::drive_agent);
+}
+
+#[test]
+fn world_seeds_hold_every_invariant() {
+    replay("world", nowconnect_sim::fuzz::drive_world);
 }

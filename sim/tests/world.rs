@@ -1,5 +1,6 @@
 //! Seeded runs of the simulated world. A failure prints the command that
-//! replays it. `NC_SIM_SEEDS=N` runs N seeds (soak); `NC_SIM_SEED=S` replays one.
+//! replays it. `NC_SIM_SEEDS=N` runs N seeds (soak; from `NC_SIM_FIRST_SEED`,
+//! default 0); `NC_SIM_SEED=S` replays one.
 
 use std::time::{Duration, Instant};
 
@@ -56,8 +57,12 @@ fn ci_seed_budget() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(200);
+    let first: u64 = std::env::var("NC_SIM_FIRST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let mut t = Outcome::default();
-    for seed in 0..n {
+    for seed in first..first + n {
         t.add(&check(seed));
     }
     println!(
