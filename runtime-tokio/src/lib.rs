@@ -6,13 +6,10 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
-pub mod config;
 pub mod driver;
 pub mod hub;
-pub mod jwt;
-pub mod logging;
 pub mod mesh;
-pub mod metrics;
 pub mod quickstart;
 pub mod registry;
-pub mod tls;
+
+pub use nowconnect_shared::{config, jwt, logging, metrics, tls};
