@@ -617,6 +617,46 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// The core agent's settings from this file (both runtimes use this).
+    pub fn core_config(&self) -> nowconnect_core::agent::AgentConfig {
+        let r = &self.raw;
+        nowconnect_core::agent::AgentConfig {
+            agent_id: r.agent_id.clone(),
+            hubs: r.hubs.clone(),
+            connectors: r
+                .connectors
+                .iter()
+                .map(|c| (c.name.clone(), c.target.clone()))
+                .collect(),
+            backoff_max: Duration::from_secs(r.reconnect_backoff_max_sec),
+            target_connect_timeout: Duration::from_secs(r.connect_timeout_sec),
+            ..nowconnect_core::agent::AgentConfig::default()
+        }
+    }
+
+    /// The agent side's tunnel settings.
+    pub fn tunnel_config(&self) -> nowconnect_core::tunnel::TunnelConfig {
+        let r = &self.raw;
+        nowconnect_core::tunnel::TunnelConfig {
+            limits: Limits {
+                max_frame: r.max_frame_bytes as usize,
+                ..Limits::default()
+            },
+            window: r.window_bytes,
+            codecs: if r.v1_only {
+                vec![nowconnect_core::Codec::V1]
+            } else {
+                vec![nowconnect_core::Codec::V2, nowconnect_core::Codec::V1]
+            },
+            ..nowconnect_core::tunnel::TunnelConfig::default()
+        }
+    }
+
+    /// Largest WebSocket message to accept from a hub.
+    pub fn max_message(&self) -> usize {
+        self.raw.max_frame_bytes as usize + 1024
+    }
+
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
         let text = read_file(file)?;
         Self::parse(file, &text, std::env::var("NC_TOKEN").ok())

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod driver;
 pub mod jwt;
 pub mod logging;
 pub mod metrics;

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::SplitStream;
-use nowconnect_core::agent::{Agent, AgentConfig as CoreAgentConfig, AgentOutput, HubLinkState};
-use nowconnect_core::tunnel::{Tunnel, TunnelConfig, TunnelEvent};
-use nowconnect_core::{Cid, Codec, ErrorCode, Limits, WsMessage};
+use nowconnect_core::agent::{Agent, AgentOutput, HubLinkState};
+use nowconnect_core::tunnel::{Tunnel, TunnelEvent};
+use nowconnect_core::{Cid, ErrorCode, WsMessage};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -20,7 +20,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::config::AgentConfig;
-use crate::driver::{FlowEnd, LinkCmd, TunnelDriver, run_flow_socket, write_ws};
+use crate::driver::{FlowEnd, LinkCmd, TunnelDriver};
+use crate::io::{pipe_tcp, write_tungstenite};
 use crate::metrics::Metrics;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -59,44 +60,16 @@ impl AgentRuntime {
         })
     }
 
-    fn tunnel_config(&self) -> TunnelConfig {
-        let r = &self.cfg.raw;
-        TunnelConfig {
-            limits: Limits {
-                max_frame: r.max_frame_bytes as usize,
-                ..Limits::default()
-            },
-            window: r.window_bytes,
-            codecs: if r.v1_only {
-                vec![Codec::V1]
-            } else {
-                vec![Codec::V2, Codec::V1]
-            },
-            ..TunnelConfig::default()
-        }
-    }
-
     /// Run until `stop` turns true.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let r = &self.cfg.raw;
-        let core_cfg = CoreAgentConfig {
-            agent_id: r.agent_id.clone(),
-            hubs: r.hubs.clone(),
-            connectors: r
-                .connectors
-                .iter()
-                .map(|c| (c.name.clone(), c.target.clone()))
-                .collect(),
-            backoff_max: Duration::from_secs(r.reconnect_backoff_max_sec),
-            target_connect_timeout: Duration::from_secs(r.connect_timeout_sec),
-            ..CoreAgentConfig::default()
-        };
+        let core_cfg = self.cfg.core_config();
         let connectors: Vec<String> = core_cfg.connectors.keys().cloned().collect();
         let mut agent = Agent::new(Instant::now(), core_cfg, rand::random());
         let (itx, mut irx) = mpsc::unbounded_channel::<Internal>();
         let mut conn: Option<Connection> = None;
         let mut ws_in: Option<SplitStream<Ws>> = None;
-        let mut cmd_rx: Option<mpsc::UnboundedReceiver<LinkCmd>> = None;
+        let mut cmd_rx: Option<async_channel::Receiver<LinkCmd>> = None;
         let mut hub_dial: Option<(u64, JoinHandle<()>)> = None;
         let mut dials: BTreeMap<Cid, JoinHandle<()>> = BTreeMap::new();
         let mut waiting: BTreeMap<Cid, FlowEnd> = BTreeMap::new();
@@ -109,7 +82,7 @@ impl AgentRuntime {
                         let itx = itx.clone();
                         let token = self.cfg.token.clone();
                         let connector = self.connector.clone();
-                        let max = r.max_frame_bytes as usize + 1024;
+                        let max = self.cfg.max_message();
                         let task = tokio::spawn(async move {
                             let msg = match connect_hub(&url, &token, connector, max).await {
                                 Ok(ws) => Internal::HubConnected {
@@ -203,12 +176,12 @@ impl AgentRuntime {
                                 continue;
                             }
                             let (sink, stream) = (*ws).split();
-                            let (out_tx, out_rx) = mpsc::unbounded_channel();
-                            let (ctx, crx) = mpsc::unbounded_channel();
-                            let tunnel = Tunnel::agent(now, self.tunnel_config(), &r.agent_id, &connectors);
+                            let (out_tx, out_rx) = async_channel::unbounded();
+                            let (ctx, crx) = async_channel::unbounded();
+                            let tunnel = Tunnel::agent(now, self.cfg.tunnel_config(), &r.agent_id, &connectors);
                             let mut driver = TunnelDriver::new(tunnel, out_tx, ctx, self.metrics.clone());
                             driver.flush();
-                            conn = Some(Connection { attempt, driver, writer: tokio::spawn(write_ws::<Message, _>(sink, out_rx)) });
+                            conn = Some(Connection { attempt, driver, writer: tokio::spawn(write_tungstenite(sink, out_rx)) });
                             ws_in = Some(stream);
                             cmd_rx = Some(crx);
                         }
@@ -219,7 +192,7 @@ impl AgentRuntime {
                         Internal::TargetConnected { cid, stream } => {
                             dials.remove(&cid);
                             if agent.target_connected(now, cid) && let Some(end) = waiting.remove(&cid) {
-                                tokio::spawn(run_flow_socket(stream, end, self.metrics.clone(), "down", "up"));
+                                tokio::spawn(pipe_tcp(stream, end, self.metrics.clone(), "down", "up"));
                             }
                         }
                         Internal::TargetFailed { cid, reason } => {
@@ -246,7 +219,7 @@ impl AgentRuntime {
                 cmd = async { cmd_rx.as_mut().expect("guarded").recv().await }, if cmd_rx.is_some() => {
                     let c = conn.as_mut().expect("connection with its commands");
                     let now = Instant::now();
-                    if let Some(cmd) = cmd {
+                    if let Ok(cmd) = cmd {
                         c.driver.on_cmd(now, cmd);
                         for _ in 0..256 {
                             match cmd_rx.as_mut().expect("guarded").try_recv() {

@@ -21,10 +21,10 @@ use nowconnect_core::routing::Route;
 use nowconnect_core::tunnel::{Tunnel, TunnelEvent};
 use nowconnect_core::{ErrorCode, WsMessage};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{Notify, oneshot, watch};
 
 use crate::config::HubConfig;
-use crate::driver::{FlowEnd, LinkCmd, Outgoing, TunnelDriver, run_flow_socket};
+use crate::driver::{FlowEnd, LinkCmd, Outgoing, TunnelDriver};
 use crate::jwt::Verifier;
 use crate::metrics::{Metrics, labels};
 
@@ -38,7 +38,7 @@ enum Registry {
 struct Control {
     hub: Hub,
     registry: Registry,
-    tunnels: BTreeMap<TunnelId, mpsc::UnboundedSender<LinkCmd>>,
+    tunnels: BTreeMap<TunnelId, async_channel::Sender<LinkCmd>>,
     routes: BTreeMap<u64, oneshot::Sender<Route>>,
 }
 
@@ -90,7 +90,7 @@ impl Shared {
         self: &Arc<Self>,
         agent_id: &str,
         epoch: nowconnect_core::Epoch,
-    ) -> Result<mpsc::UnboundedSender<LinkCmd>, (ErrorCode, String)> {
+    ) -> Result<async_channel::Sender<LinkCmd>, (ErrorCode, String)> {
         self.with_control(|c, _| {
             let tunnel = c.hub.check_mesh_open(agent_id, epoch)?;
             c.tunnels.get(&tunnel).cloned().ok_or((
@@ -109,7 +109,7 @@ impl Shared {
         self: &Arc<Self>,
         replica: &str,
         link: u64,
-        sender: Option<mpsc::UnboundedSender<LinkCmd>>,
+        sender: Option<async_channel::Sender<LinkCmd>>,
     ) {
         let up = {
             let mut links = self.mesh_links.lock().expect("mesh links lock");
@@ -181,7 +181,7 @@ impl Shared {
                 },
                 HubOutput::AcceptTunnel { tunnel, epoch } => {
                     if let Some(tx) = c.tunnels.get(&tunnel) {
-                        let _ = tx.send(LinkCmd::Accept { epoch });
+                        let _ = tx.try_send(LinkCmd::Accept { epoch });
                     }
                 }
                 HubOutput::CloseTunnel {
@@ -191,7 +191,7 @@ impl Shared {
                 } => {
                     tracing::warn!(target: "nowconnect::security", tunnel, %code, %reason, "closing agent tunnel");
                     if let Some(tx) = c.tunnels.get(&tunnel) {
-                        let _ = tx.send(LinkCmd::Close { code, reason });
+                        let _ = tx.try_send(LinkCmd::Close { code, reason });
                     }
                 }
                 HubOutput::Route { client, route } => {
@@ -376,7 +376,7 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
             .cloned()
             .collect();
         for tx in tunnels {
-            let _ = tx.send(LinkCmd::Close {
+            let _ = tx.try_send(LinkCmd::Close {
                 code: ErrorCode::Shutdown,
                 reason: "hub shutting down".into(),
             });
@@ -512,9 +512,9 @@ async fn run_tunnel(
 ) {
     let tunnel_id = shared.id();
     let (sink, mut stream) = socket.split();
-    let (out_tx, out_rx) = mpsc::unbounded_channel::<Outgoing>();
-    let writer = tokio::spawn(crate::driver::write_ws::<Message, _>(sink, out_rx));
-    let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel();
+    let (out_tx, out_rx) = async_channel::unbounded::<Outgoing>();
+    let writer = tokio::spawn(crate::io::write_axum(sink, out_rx));
+    let (cmd_tx, cmd_rx) = async_channel::unbounded();
     shared
         .control
         .lock()
@@ -554,7 +554,7 @@ async fn run_tunnel(
             }
             cmd = cmd_rx.recv() => {
                 let now = Instant::now();
-                if let Some(cmd) = cmd {
+                if let Ok(cmd) = cmd {
                     d.on_cmd(now, cmd);
                     for _ in 0..256 {
                         match cmd_rx.try_recv() {
@@ -696,7 +696,7 @@ enum OpenRequest {
 }
 
 impl OpenRequest {
-    fn into_cmd(self, reply: oneshot::Sender<Result<FlowEnd, String>>) -> LinkCmd {
+    fn into_cmd(self, reply: crate::driver::Reply<Result<FlowEnd, String>>) -> LinkCmd {
         match self {
             OpenRequest::Tunnel { connector } => LinkCmd::OpenFlow { connector, reply },
             OpenRequest::Mesh {
@@ -770,11 +770,11 @@ async fn serve_client(shared: Arc<Shared>, connector: String, stream: TcpStream,
             return;
         }
     };
-    let (rtx, rrx) = oneshot::channel();
+    let (rtx, rrx) = crate::driver::reply_channel();
     if let Some(cmd) = &cmd {
-        let _ = cmd.send(open.into_cmd(rtx));
+        let _ = cmd.try_send(open.into_cmd(rtx));
     }
-    let end: FlowEnd = match rrx.await {
+    let end: FlowEnd = match rrx.recv().await {
         Ok(Ok(end)) => end,
         Ok(Err(reason)) => {
             refuse_client(&shared, ErrorCode::LimitExceeded.as_str());
@@ -796,7 +796,7 @@ async fn serve_client(shared: Arc<Shared>, connector: String, stream: TcpStream,
         .flows
         .get_or_create(&labels(&[("connector", &connector), ("route", route_kind)]))
         .inc();
-    run_flow_socket(stream, end, shared.metrics.clone(), "up", "down").await;
+    crate::io::pipe_tcp(stream, end, shared.metrics.clone(), "up", "down").await;
     if let Some(t) = tunnel {
         shared.with_control(|c, _| c.hub.flow_ended(t));
     }

@@ -6,10 +6,10 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
-pub mod driver;
 pub mod hub;
+pub mod io;
 pub mod mesh;
 pub mod quickstart;
 pub mod registry;
 
-pub use nowconnect_shared::{config, jwt, logging, metrics, tls};
+pub use nowconnect_shared::{config, driver, jwt, logging, metrics, tls};

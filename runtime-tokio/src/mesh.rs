@@ -17,7 +17,7 @@ use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::config::{MeshConfig, MeshTls};
-use crate::driver::{FlowEnd, FlowMsg, FlowPipes, LinkCmd, Outgoing};
+use crate::driver::{FlowPipes, LinkCmd, Outgoing};
 use crate::hub::Shared;
 use crate::metrics::{add_delta, add_frame_deltas, labels};
 
@@ -40,7 +40,7 @@ type Ws = WebSocketStream<BoxIo>;
 /// outbound link at once; either can carry flows).
 #[derive(Default)]
 pub struct MeshLinks {
-    by_replica: BTreeMap<String, BTreeMap<u64, mpsc::UnboundedSender<LinkCmd>>>,
+    by_replica: BTreeMap<String, BTreeMap<u64, async_channel::Sender<LinkCmd>>>,
 }
 
 impl MeshLinks {
@@ -49,7 +49,7 @@ impl MeshLinks {
         &mut self,
         replica: &str,
         link: u64,
-        sender: Option<mpsc::UnboundedSender<LinkCmd>>,
+        sender: Option<async_channel::Sender<LinkCmd>>,
     ) -> bool {
         let links = self.by_replica.entry(replica.to_string()).or_default();
         match sender {
@@ -67,7 +67,7 @@ impl MeshLinks {
         up
     }
 
-    pub fn sender(&self, replica: &str) -> Option<mpsc::UnboundedSender<LinkCmd>> {
+    pub fn sender(&self, replica: &str) -> Option<async_channel::Sender<LinkCmd>> {
         self.by_replica.get(replica)?.values().next().cloned()
     }
 }
@@ -293,19 +293,19 @@ async fn run_link(
 ) {
     let metrics = shared.metrics().clone();
     let link_id = rand::random::<u64>();
-    let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel();
+    let (cmd_tx, cmd_rx) = async_channel::unbounded();
     let mut pipes = FlowPipes::new(cmd_tx.clone(), metrics.clone());
     let (dial_tx, mut dial_rx) = mpsc::unbounded_channel::<DialResult>();
-    let mut out: Option<mpsc::UnboundedSender<Outgoing>> = None;
+    let mut out: Option<async_channel::Sender<Outgoing>> = None;
     let mut ws_in: Option<futures_util::stream::SplitStream<Ws>> = None;
     let mut peer_replica: Option<String> = None;
     let mut reporter = MeshReporter::default();
     let attach = |ws: Ws,
-                  out: &mut Option<mpsc::UnboundedSender<Outgoing>>,
+                  out: &mut Option<async_channel::Sender<Outgoing>>,
                   ws_in: &mut Option<futures_util::stream::SplitStream<Ws>>| {
         let (sink, stream) = ws.split();
-        let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(crate::driver::write_ws::<Message, _>(sink, rx));
+        let (tx, rx) = async_channel::unbounded();
+        tokio::spawn(crate::io::write_tungstenite(sink, rx));
         *out = Some(tx);
         *ws_in = Some(stream);
     };
@@ -345,7 +345,7 @@ async fn run_link(
                     Ok(tunnel_cmd) => {
                         link.accept_open(cid);
                         let mesh_end = pipes.attach(cid, &connector);
-                        tokio::spawn(bridge(mesh_end, tunnel_cmd, connector));
+                        tokio::spawn(crate::driver::bridge(mesh_end, tunnel_cmd, connector));
                     }
                     Err((code, reason)) => {
                         tracing::warn!(target: "nowconnect::security", %agent_id, epoch = epoch.0, %code, %reason, "mesh open refused");
@@ -362,7 +362,7 @@ async fn run_link(
                 MeshEvent::Down { reason } => {
                     tracing::warn!(link = %label, %reason, "mesh link down");
                     if let Some(o) = out.take() {
-                        let _ = o.send(Outgoing::Close {
+                        let _ = o.try_send(Outgoing::Close {
                             code: ErrorCode::LinkLost,
                             reason: reason.clone(),
                         });
@@ -376,7 +376,7 @@ async fn run_link(
         }
         if let Some(o) = &out {
             while let Some(m) = link.poll_transmit() {
-                let _ = o.send(Outgoing::Frame(m));
+                let _ = o.try_send(Outgoing::Frame(m));
             }
         }
         reporter.report(&metrics, &label, &link);
@@ -416,7 +416,7 @@ async fn run_link(
                     None => link.on_disconnected(now, "mesh link closed by the peer"),
                 }
             }
-            Some(cmd) = cmd_rx.recv() => {
+            Ok(cmd) = cmd_rx.recv() => {
                 let mut next = Some(cmd);
                 let mut budget = 256;
                 while let Some(cmd) = next.take() {
@@ -427,13 +427,13 @@ async fn run_link(
                                     .open_flow(&connector, &agent_id, epoch)
                                     .map(|cid| pipes.attach(cid, &connector))
                                     .map_err(|e| e.to_string());
-                                if let Err(Ok(end)) = reply.send(res) {
+                                if let Err(async_channel::TrySendError::Closed(Ok(end))) = reply.try_send(res) {
                                     let _ = pipes.on_cmd(&mut link, LinkCmd::Reset { cid: end.cid, code: ErrorCode::ConnectionReset, reason: "client went away".into() });
                                 }
                             }
                             LinkCmd::Close { reason, .. } => link.close(&reason),
                             LinkCmd::OpenFlow { reply, .. } => {
-                                let _ = reply.send(Err("not an agent tunnel".into()));
+                                let _ = reply.try_send(Err("not an agent tunnel".into()));
                             }
                             _ => {}
                         }
@@ -449,96 +449,6 @@ async fn run_link(
     }
     if let Some(p) = peer_replica {
         shared.mesh_link_state(&p, link_id, None);
-    }
-}
-
-/// Owner side: join a mesh flow to a new flow on the agent's tunnel.
-async fn bridge(mesh: FlowEnd, tunnel_cmd: mpsc::UnboundedSender<LinkCmd>, connector: String) {
-    let (tx, rx) = oneshot::channel();
-    let _ = tunnel_cmd.send(LinkCmd::OpenFlow {
-        connector: connector.clone(),
-        reply: tx,
-    });
-    let tunnel = match rx.await {
-        Ok(Ok(end)) => end,
-        Ok(Err(reason)) => {
-            let _ = mesh.cmd.send(LinkCmd::Reset {
-                cid: mesh.cid,
-                code: ErrorCode::LimitExceeded,
-                reason,
-            });
-            return;
-        }
-        Err(_) => {
-            let _ = mesh.cmd.send(LinkCmd::Reset {
-                cid: mesh.cid,
-                code: ErrorCode::LinkLost,
-                reason: "the agent tunnel went away".into(),
-            });
-            return;
-        }
-    };
-    let FlowEnd {
-        cid: mcid,
-        rx: mrx,
-        permits: mpermits,
-        cmd: mcmd,
-        ..
-    } = mesh;
-    let FlowEnd {
-        cid: tcid,
-        rx: trx,
-        permits: tpermits,
-        cmd: tcmd,
-        ..
-    } = tunnel;
-    let up = tokio::spawn(pipe(mrx, mcid, mcmd.clone(), tcid, tcmd.clone(), tpermits));
-    let down = tokio::spawn(pipe(trx, tcid, tcmd, mcid, mcmd, mpermits));
-    let _ = tokio::join!(up, down);
-}
-
-/// Move one direction of a bridged flow: what arrives on `from` goes to `to`,
-/// at most the chunks `to_permits` allows ahead; `from` is credited once the
-/// bytes are handed over.
-async fn pipe(
-    mut rx: mpsc::UnboundedReceiver<FlowMsg>,
-    from: u64,
-    from_cmd: mpsc::UnboundedSender<LinkCmd>,
-    to: u64,
-    to_cmd: mpsc::UnboundedSender<LinkCmd>,
-    to_permits: Arc<tokio::sync::Semaphore>,
-) {
-    while let Some(msg) = rx.recv().await {
-        match msg {
-            FlowMsg::Data(b) => {
-                let n = b.len();
-                match to_permits.acquire().await {
-                    Ok(p) => p.forget(),
-                    Err(_) => return,
-                }
-                if to_cmd
-                    .send(LinkCmd::Data {
-                        cid: to,
-                        payload: b,
-                    })
-                    .is_err()
-                {
-                    return;
-                }
-                let _ = from_cmd.send(LinkCmd::Consumed { cid: from, n });
-            }
-            FlowMsg::Fin => {
-                let _ = to_cmd.send(LinkCmd::Fin { cid: to });
-            }
-            FlowMsg::Reset { code, reason } => {
-                let _ = to_cmd.send(LinkCmd::Reset {
-                    cid: to,
-                    code,
-                    reason,
-                });
-                return;
-            }
-        }
     }
 }
 

@@ -8,19 +8,23 @@
 //! only keeps the adapter's own buffer small); its writer half writes
 //! [`FlowMsg::Data`] and reports [`LinkCmd::Consumed`] once written, which is
 //! what grants the peer more credit. No protocol decision is made here.
+//!
+//! Nothing here depends on an async runtime: channels are `async-channel`,
+//! sockets are `futures-io` halves, and the two concurrent halves of a flow
+//! socket are joined with `futures-util` rather than spawned, so the tokio
+//! and async-std adapters drive flows with the very same code.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
+use async_channel::{Receiver, Sender};
 use bytes::{Bytes, BytesMut};
+use futures_util::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use nowconnect_core::flow::SendError;
 use nowconnect_core::mux::{FlowEvent, FlowLink};
 use nowconnect_core::tunnel::{Tunnel, TunnelEvent};
 use nowconnect_core::{Cid, Epoch, ErrorCode, WsMessage};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::metrics::{Metrics, add_delta, add_frame_deltas, labels};
 
@@ -28,6 +32,45 @@ use crate::metrics::{Metrics, add_delta, add_frame_deltas, labels};
 pub const READ_CHUNK: usize = 64 * 1024;
 /// Chunks a flow's reader may have handed over and the core not yet taken.
 pub const CHUNKS_IN_FLIGHT: usize = 2;
+
+/// Where the answer to an open goes (a one-shot channel).
+pub type Reply<T> = Sender<T>;
+
+/// A one-shot channel for an open's answer.
+pub fn reply_channel<T>() -> (Reply<T>, Receiver<T>) {
+    async_channel::bounded(1)
+}
+
+/// Reader permits of one flow: a token per chunk the reader may hand over
+/// ahead of the core. Closing the channel tells the reader the flow is over.
+#[derive(Clone)]
+pub struct Permits {
+    give: Sender<()>,
+    take: Receiver<()>,
+}
+
+impl Permits {
+    pub fn new(n: usize) -> Self {
+        let (give, take) = async_channel::bounded(n.max(1));
+        for _ in 0..n {
+            let _ = give.try_send(());
+        }
+        Permits { give, take }
+    }
+
+    /// Wait for a permit; `false` once the flow is over.
+    pub async fn acquire(&self) -> bool {
+        self.take.recv().await.is_ok()
+    }
+
+    pub fn release(&self) {
+        let _ = self.give.try_send(());
+    }
+
+    pub fn close(&self) {
+        self.give.close();
+    }
+}
 
 /// Commands to a link task (tunnel or mesh link) from flow tasks and the control.
 pub enum LinkCmd {
@@ -42,14 +85,14 @@ pub enum LinkCmd {
     /// Hub: open a flow to this connector.
     OpenFlow {
         connector: String,
-        reply: oneshot::Sender<Result<FlowEnd, String>>,
+        reply: Reply<Result<FlowEnd, String>>,
     },
     /// Mesh origin: open a flow to `agent_id`'s `connector` under `epoch`.
     OpenMeshFlow {
         connector: String,
         agent_id: String,
         epoch: Epoch,
-        reply: oneshot::Sender<Result<FlowEnd, String>>,
+        reply: Reply<Result<FlowEnd, String>>,
     },
     Data {
         cid: Cid,
@@ -103,52 +146,35 @@ impl Outgoing {
     }
 }
 
-/// The two WebSocket message types the runtime writes (axum's on the hub's
-/// `/tunnel`, tungstenite's elsewhere), so one writer loop serves all links.
+/// A WebSocket message type a runtime writes (axum's, tungstenite's or
+/// async-tungstenite's), so one writer loop serves every link. Adapters
+/// implement it on a local wrapper or use [`write_ws_with`].
 pub trait WsOut: Sized {
     fn frame(m: WsMessage) -> Self;
     fn close(code: u16, reason: String) -> Self;
 }
 
-impl WsOut for tokio_tungstenite::tungstenite::Message {
-    fn frame(m: WsMessage) -> Self {
-        match m {
-            WsMessage::Text(s) => Self::Text(s.into()),
-            WsMessage::Binary(b) => Self::Binary(b),
-        }
-    }
-    fn close(code: u16, reason: String) -> Self {
-        Self::Close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
-            code: code.into(),
-            reason: reason.into(),
-        }))
-    }
-}
-
-impl WsOut for axum::extract::ws::Message {
-    fn frame(m: WsMessage) -> Self {
-        match m {
-            WsMessage::Text(s) => Self::Text(s.into()),
-            WsMessage::Binary(b) => Self::Binary(b),
-        }
-    }
-    fn close(code: u16, reason: String) -> Self {
-        Self::Close(Some(axum::extract::ws::CloseFrame {
-            code,
-            reason: reason.into(),
-        }))
-    }
-}
-
 /// The writer task of a link: sends what the link task queued, in batches
 /// flushed once; a `Close` sends the close frame and ends the socket.
-pub async fn write_ws<M, S>(mut sink: S, mut rx: mpsc::UnboundedReceiver<Outgoing>)
+pub async fn write_ws<M, S>(sink: S, rx: Receiver<Outgoing>)
 where
     M: WsOut,
     S: futures_util::Sink<M> + Unpin,
 {
+    write_ws_with(sink, rx, M::frame, M::close).await
+}
+
+/// [`write_ws`] with the message constructors given as functions.
+pub async fn write_ws_with<M, S>(
+    mut sink: S,
+    rx: Receiver<Outgoing>,
+    frame: fn(WsMessage) -> M,
+    close: fn(u16, String) -> M,
+) where
+    S: futures_util::Sink<M> + Unpin,
+{
     use futures_util::SinkExt;
-    while let Some(m) = rx.recv().await {
+    while let Ok(m) = rx.recv().await {
         let mut batch = vec![m];
         while batch.len() < 64 {
             match rx.try_recv() {
@@ -158,10 +184,9 @@ where
         }
         for m in batch {
             let msg = match m {
-                Outgoing::Frame(f) => M::frame(f),
+                Outgoing::Frame(f) => frame(f),
                 Outgoing::Close { code, reason } => {
-                    let close =
-                        M::close(Outgoing::close_code(code), Outgoing::close_reason(&reason));
+                    let close = close(Outgoing::close_code(code), Outgoing::close_reason(&reason));
                     let _ = sink.send(close).await;
                     return;
                 }
@@ -189,14 +214,14 @@ pub enum FlowMsg {
 pub struct FlowEnd {
     pub cid: Cid,
     pub connector: String,
-    pub rx: mpsc::UnboundedReceiver<FlowMsg>,
-    pub permits: Arc<Semaphore>,
-    pub cmd: mpsc::UnboundedSender<LinkCmd>,
+    pub rx: Receiver<FlowMsg>,
+    pub permits: Permits,
+    pub cmd: Sender<LinkCmd>,
 }
 
 struct FlowSlot {
-    tx: mpsc::UnboundedSender<FlowMsg>,
-    permits: Arc<Semaphore>,
+    tx: Sender<FlowMsg>,
+    permits: Permits,
     pending: VecDeque<Bytes>,
     fin_pending: bool,
     connector: String,
@@ -207,12 +232,12 @@ struct FlowSlot {
 /// and the reader permits.
 pub struct FlowPipes {
     flows: BTreeMap<Cid, FlowSlot>,
-    cmd_tx: mpsc::UnboundedSender<LinkCmd>,
+    cmd_tx: Sender<LinkCmd>,
     metrics: Arc<Metrics>,
 }
 
 impl FlowPipes {
-    pub fn new(cmd_tx: mpsc::UnboundedSender<LinkCmd>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(cmd_tx: Sender<LinkCmd>, metrics: Arc<Metrics>) -> Self {
         FlowPipes {
             flows: BTreeMap::new(),
             cmd_tx,
@@ -230,8 +255,8 @@ impl FlowPipes {
 
     /// Register a flow the core already knows (opened here or by the peer).
     pub fn attach(&mut self, cid: Cid, connector: &str) -> FlowEnd {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let permits = Arc::new(Semaphore::new(CHUNKS_IN_FLIGHT));
+        let (tx, rx) = async_channel::unbounded();
+        let permits = Permits::new(CHUNKS_IN_FLIGHT);
         self.flows.insert(
             cid,
             FlowSlot {
@@ -317,7 +342,7 @@ impl FlowPipes {
             }
             if front.is_empty() {
                 slot.pending.pop_front();
-                slot.permits.add_permits(1);
+                slot.permits.release();
             }
         }
         if slot.fin_pending {
@@ -330,12 +355,12 @@ impl FlowPipes {
         match fe {
             FlowEvent::Data { cid, payload } => {
                 if let Some(slot) = self.flows.get(&cid) {
-                    let _ = slot.tx.send(FlowMsg::Data(payload));
+                    let _ = slot.tx.try_send(FlowMsg::Data(payload));
                 }
             }
             FlowEvent::Fin { cid } => {
                 if let Some(slot) = self.flows.get(&cid) {
-                    let _ = slot.tx.send(FlowMsg::Fin);
+                    let _ = slot.tx.try_send(FlowMsg::Fin);
                 }
             }
             FlowEvent::Reset { cid, code, reason } => {
@@ -344,7 +369,7 @@ impl FlowPipes {
                         .flow_resets
                         .get_or_create(&labels(&[("code", code.as_str())]))
                         .inc();
-                    let _ = slot.tx.send(FlowMsg::Reset { code, reason });
+                    let _ = slot.tx.try_send(FlowMsg::Reset { code, reason });
                 }
             }
             FlowEvent::Writable { cid, .. } => self.push_pending(link, cid),
@@ -359,7 +384,7 @@ impl FlowPipes {
 pub struct TunnelDriver {
     pub tunnel: Tunnel,
     pub pipes: FlowPipes,
-    out: mpsc::UnboundedSender<Outgoing>,
+    out: Sender<Outgoing>,
     metrics: Arc<Metrics>,
     reported: nowconnect_core::tunnel::TunnelStats,
     reported_dups: u64,
@@ -369,8 +394,8 @@ pub struct TunnelDriver {
 impl TunnelDriver {
     pub fn new(
         tunnel: Tunnel,
-        out: mpsc::UnboundedSender<Outgoing>,
-        cmd_tx: mpsc::UnboundedSender<LinkCmd>,
+        out: Sender<Outgoing>,
+        cmd_tx: Sender<LinkCmd>,
         metrics: Arc<Metrics>,
     ) -> Self {
         TunnelDriver {
@@ -402,7 +427,7 @@ impl TunnelDriver {
                     Err(SendError::QueueFull(n)) => Err(format!("agent flow limit of {n} reached")),
                     Err(e) => Err(e.to_string()),
                 };
-                if let Err(Ok(end)) = reply.send(res) {
+                if let Err(async_channel::TrySendError::Closed(Ok(end))) = reply.try_send(res) {
                     // The client went away while we opened: abort the flow.
                     self.on_cmd(
                         now,
@@ -415,7 +440,7 @@ impl TunnelDriver {
                 }
             }
             LinkCmd::OpenMeshFlow { reply, .. } => {
-                let _ = reply.send(Err("not a mesh link".into()));
+                let _ = reply.try_send(Err("not a mesh link".into()));
             }
             LinkCmd::Data { .. }
             | LinkCmd::Fin { .. }
@@ -442,14 +467,14 @@ impl TunnelDriver {
     /// Move everything the core wants sent to the socket writer.
     pub fn flush(&mut self) {
         while let Some(m) = self.tunnel.poll_transmit() {
-            let _ = self.out.send(Outgoing::Frame(m));
+            let _ = self.out.try_send(Outgoing::Frame(m));
         }
     }
 
     /// Flush, then ask the writer to send a close frame with `reason`.
     pub fn close_socket(&mut self, code: ErrorCode, reason: &str) {
         self.flush();
-        let _ = self.out.send(Outgoing::Close {
+        let _ = self.out.try_send(Outgoing::Close {
             code,
             reason: reason.to_string(),
         });
@@ -485,98 +510,227 @@ impl TunnelDriver {
     }
 }
 
-/// Pipe one TCP socket and one flow until both directions end or either side
-/// resets. `up` names the byte direction of what is read from this socket.
-pub async fn run_flow_socket(
-    stream: TcpStream,
+/// Owner side of the mesh: join a mesh flow to a new flow on the agent's
+/// tunnel, one direction each way, until both end or either resets.
+pub async fn bridge(mesh: FlowEnd, tunnel_cmd: Sender<LinkCmd>, connector: String) {
+    let (tx, rx) = reply_channel();
+    let _ = tunnel_cmd.try_send(LinkCmd::OpenFlow {
+        connector: connector.clone(),
+        reply: tx,
+    });
+    let tunnel = match rx.recv().await {
+        Ok(Ok(end)) => end,
+        Ok(Err(reason)) => {
+            let _ = mesh.cmd.try_send(LinkCmd::Reset {
+                cid: mesh.cid,
+                code: ErrorCode::LimitExceeded,
+                reason,
+            });
+            return;
+        }
+        Err(_) => {
+            let _ = mesh.cmd.try_send(LinkCmd::Reset {
+                cid: mesh.cid,
+                code: ErrorCode::LinkLost,
+                reason: "the agent tunnel went away".into(),
+            });
+            return;
+        }
+    };
+    let FlowEnd {
+        cid: mcid,
+        rx: mrx,
+        permits: mpermits,
+        cmd: mcmd,
+        ..
+    } = mesh;
+    let FlowEnd {
+        cid: tcid,
+        rx: trx,
+        permits: tpermits,
+        cmd: tcmd,
+        ..
+    } = tunnel;
+    futures_util::future::join(
+        pipe(mrx, mcid, mcmd.clone(), tcid, tcmd.clone(), tpermits),
+        pipe(trx, tcid, tcmd, mcid, mcmd, mpermits),
+    )
+    .await;
+}
+
+/// Move one direction of a bridged flow: what arrives on `from` goes to `to`,
+/// at most the chunks `to_permits` allows ahead; `from` is credited once the
+/// bytes are handed over.
+async fn pipe(
+    rx: Receiver<FlowMsg>,
+    from: Cid,
+    from_cmd: Sender<LinkCmd>,
+    to: Cid,
+    to_cmd: Sender<LinkCmd>,
+    to_permits: Permits,
+) {
+    while let Ok(msg) = rx.recv().await {
+        match msg {
+            FlowMsg::Data(b) => {
+                let n = b.len();
+                if !to_permits.acquire().await {
+                    return;
+                }
+                if to_cmd
+                    .try_send(LinkCmd::Data {
+                        cid: to,
+                        payload: b,
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+                let _ = from_cmd.try_send(LinkCmd::Consumed { cid: from, n });
+            }
+            FlowMsg::Fin => {
+                let _ = to_cmd.try_send(LinkCmd::Fin { cid: to });
+            }
+            FlowMsg::Reset { code, reason } => {
+                let _ = to_cmd.try_send(LinkCmd::Reset {
+                    cid: to,
+                    code,
+                    reason,
+                });
+                return;
+            }
+        }
+    }
+}
+
+/// Pipe one socket (its read and write halves) and one flow until both
+/// directions end or either side resets. `up` names the byte direction of
+/// what is read from this socket. The halves run concurrently in this one
+/// future; a reset drops the reader at once.
+pub async fn run_flow_socket<R, W>(
+    rd: R,
+    wr: W,
     end: FlowEnd,
     metrics: Arc<Metrics>,
     up: &'static str,
     down: &'static str,
-) {
-    let _ = stream.set_nodelay(true);
-    let (mut rd, mut wr) = stream.into_split();
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    use futures_util::future::{Either, select};
     let FlowEnd {
         cid,
         connector: _,
-        mut rx,
+        rx,
         permits,
         cmd,
     } = end;
-    let reader_cmd = cmd.clone();
-    let reader_metrics = metrics.clone();
-    let reader = tokio::spawn(async move {
-        let bytes_up = reader_metrics
-            .bytes
-            .get_or_create(&labels(&[("dir", up)]))
-            .clone();
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
-        loop {
-            match permits.acquire().await {
-                Ok(p) => p.forget(),
-                Err(_) => return, // flow over
-            }
-            if buf.capacity() < READ_CHUNK / 4 {
-                buf.reserve(READ_CHUNK);
-            }
-            match rd.read_buf(&mut buf).await {
-                Ok(0) => {
-                    let _ = reader_cmd.send(LinkCmd::Fin { cid });
-                    return;
-                }
-                Ok(n) => {
-                    bytes_up.inc_by(n as u64);
-                    let payload = buf.split().freeze();
-                    if reader_cmd.send(LinkCmd::Data { cid, payload }).is_err() {
-                        return;
-                    }
-                }
-                Err(e) => {
-                    let _ = reader_cmd.send(LinkCmd::Reset {
-                        cid,
-                        code: ErrorCode::ConnectionReset,
-                        reason: format!("read error: {e}"),
-                    });
-                    return;
-                }
+    let reader = std::pin::pin!(read_half(
+        rd,
+        cid,
+        permits,
+        cmd.clone(),
+        metrics.clone(),
+        up
+    ));
+    let writer = std::pin::pin!(write_half(wr, cid, rx, cmd, metrics, down));
+    match select(reader, writer).await {
+        // Reader done (EOF sent as FIN, or error): the other direction goes on.
+        Either::Left(((), writer)) => {
+            writer.await;
+        }
+        // Writer done: a reset drops the reader (and closes the socket) now;
+        // a clean end still lets the reader finish its direction.
+        Either::Right((reset, reader)) => {
+            if !reset {
+                reader.await;
             }
         }
-    });
+    }
+}
+
+async fn read_half<R: AsyncRead + Unpin>(
+    mut rd: R,
+    cid: Cid,
+    permits: Permits,
+    cmd: Sender<LinkCmd>,
+    metrics: Arc<Metrics>,
+    up: &'static str,
+) {
+    let bytes_up = metrics.bytes.get_or_create(&labels(&[("dir", up)])).clone();
+    // Only bytes read are ever initialised anew: after a split the rest of
+    // the buffer stays initialised for the next read.
+    let mut buf = BytesMut::new();
+    loop {
+        if !permits.acquire().await {
+            return; // flow over
+        }
+        if buf.len() < READ_CHUNK {
+            if buf.capacity() < READ_CHUNK {
+                buf.reserve(READ_CHUNK);
+            }
+            buf.resize(READ_CHUNK, 0);
+        }
+        match rd.read(&mut buf[..]).await {
+            Ok(0) => {
+                let _ = cmd.try_send(LinkCmd::Fin { cid });
+                return;
+            }
+            Ok(n) => {
+                bytes_up.inc_by(n as u64);
+                let payload = buf.split_to(n).freeze();
+                if cmd.try_send(LinkCmd::Data { cid, payload }).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = cmd.try_send(LinkCmd::Reset {
+                    cid,
+                    code: ErrorCode::ConnectionReset,
+                    reason: format!("read error: {e}"),
+                });
+                return;
+            }
+        }
+    }
+}
+
+/// Returns whether the flow ended with a reset.
+async fn write_half<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    cid: Cid,
+    rx: Receiver<FlowMsg>,
+    cmd: Sender<LinkCmd>,
+    metrics: Arc<Metrics>,
+    down: &'static str,
+) -> bool {
     let bytes_down = metrics
         .bytes
         .get_or_create(&labels(&[("dir", down)]))
         .clone();
-    let mut reset = false;
-    while let Some(msg) = rx.recv().await {
+    while let Ok(msg) = rx.recv().await {
         match msg {
             FlowMsg::Data(b) => {
                 let n = b.len();
                 if let Err(e) = wr.write_all(&b).await {
-                    let _ = cmd.send(LinkCmd::Reset {
+                    let _ = cmd.try_send(LinkCmd::Reset {
                         cid,
                         code: ErrorCode::ConnectionReset,
                         reason: format!("write error: {e}"),
                     });
-                    reset = true;
-                    break;
+                    return true;
                 }
                 bytes_down.inc_by(n as u64);
-                let _ = cmd.send(LinkCmd::Consumed { cid, n });
+                let _ = cmd.try_send(LinkCmd::Consumed { cid, n });
             }
             FlowMsg::Fin => {
-                let _ = wr.shutdown().await;
+                let _ = wr.close().await;
             }
             FlowMsg::Reset { code, reason } => {
                 tracing::debug!(cid, %code, %reason, "flow reset");
-                reset = true;
-                break;
+                return true;
             }
         }
     }
-    if reset {
-        reader.abort();
-        // Dropping both halves closes the socket at once.
-        return;
-    }
-    let _ = reader.await;
+    false
 }
