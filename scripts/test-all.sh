@@ -29,9 +29,11 @@ echo "==> rustfmt"
 cargo fmt --all --check
 echo "==> clippy (-D warnings)"
 cargo clippy --workspace --all-targets --release -- -D warnings
-echo "==> building the binary under test"
+echo "==> building the binaries under test (tokio and async-std runtimes)"
 cargo build --release -p nowconnect-tokio --bin nowconnect --target-dir target/e2e
+cargo build --release -p nowconnect-async-std --bin nowconnect-async-std --target-dir target/e2e
 export NOWCONNECT_BIN="$PWD/target/e2e/release/nowconnect"
+export NOWCONNECT_ASYNC_STD_BIN="$PWD/target/e2e/release/nowconnect-async-std"
 echo "==> tests"
 cargo test --workspace --release -- --skip ci_seed_budget
 echo "==> simulation seed budget (prints what it exercised)"

@@ -19,37 +19,77 @@ pub mod ldap;
 /// the binary's feature set from flip-flopping with the test build's.
 pub fn bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| built("NOWCONNECT_BIN", "nowconnect-tokio", "nowconnect"))
+        .clone()
+}
+
+/// The `nowconnect-async-std` binary under test (`$NOWCONNECT_ASYNC_STD_BIN`,
+/// else built like [`bin`]).
+pub fn bin_async_std() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        if let Ok(p) = std::env::var("NOWCONNECT_BIN") {
-            return PathBuf::from(p);
-        }
-        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("workspace root")
-            .to_path_buf();
-        let target = workspace.join("target").join("e2e");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args([
-                "build",
-                "-q",
-                "--release",
-                "-p",
-                "nowconnect-tokio",
-                "--bin",
-                "nowconnect",
-                "--target-dir",
-            ])
-            .arg(&target)
-            .current_dir(&workspace)
-            .status()
-            .expect("run cargo build");
-        assert!(st.success(), "building the nowconnect binary failed");
-        let p = target.join("release").join("nowconnect");
-        assert!(p.exists(), "{} missing after build", p.display());
-        p
+        built(
+            "NOWCONNECT_ASYNC_STD_BIN",
+            "nowconnect-async-std",
+            "nowconnect-async-std",
+        )
     })
     .clone()
+}
+
+fn built(env: &str, package: &str, name: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(env) {
+        return PathBuf::from(p);
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf();
+    let target = workspace.join("target").join("e2e");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let st = Command::new(cargo)
+        .args([
+            "build",
+            "-q",
+            "--release",
+            "-p",
+            package,
+            "--bin",
+            name,
+            "--target-dir",
+        ])
+        .arg(&target)
+        .current_dir(&workspace)
+        .status()
+        .expect("run cargo build");
+    assert!(st.success(), "building the {name} binary failed");
+    let p = target.join("release").join(name);
+    assert!(p.exists(), "{} missing after build", p.display());
+    p
+}
+
+/// The runtime a process under test runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Runtime {
+    Tokio,
+    AsyncStd,
+}
+
+impl Runtime {
+    pub fn name(self) -> &'static str {
+        match self {
+            Runtime::Tokio => "tokio",
+            Runtime::AsyncStd => "async-std",
+        }
+    }
+
+    /// The binary that runs an agent on this runtime.
+    pub fn agent_bin(self) -> PathBuf {
+        match self {
+            Runtime::Tokio => bin(),
+            Runtime::AsyncStd => bin_async_std(),
+        }
+    }
 }
 
 /// A free loopback port (bound and released; the OS does not reuse it at once).
@@ -274,9 +314,14 @@ pub struct AgentProc {
 
 impl AgentProc {
     pub fn start(dir: &Path, name: &str, yaml: &str, token: &str) -> AgentProc {
+        Self::start_on(Runtime::Tokio, dir, name, yaml, token)
+    }
+
+    /// An agent on the given runtime (same configuration and CLI on each).
+    pub fn start_on(rt: Runtime, dir: &Path, name: &str, yaml: &str, token: &str) -> AgentProc {
         let cfg = dir.join(format!("{name}.yaml"));
         std::fs::write(&cfg, yaml).unwrap();
-        let mut cmd = Command::new(bin());
+        let mut cmd = Command::new(rt.agent_bin());
         cmd.args(["agent", "--config"])
             .arg(&cfg)
             .env("NC_TOKEN", token)
@@ -647,4 +692,79 @@ pub fn epochs_in_log(log: &str, marker: &str) -> Vec<u64> {
                 .ok()
         })
         .collect()
+}
+
+// ---- HA clusters: two hubs, Redis, mTLS mesh
+
+/// A hub of an HA cluster: Redis registry, mTLS mesh on `mesh_port`, the
+/// peers' mesh ports, an `ldap` listener.
+pub fn mesh_hub_yaml(
+    env: &Env,
+    replica: &str,
+    mode: &str,
+    redis: &RedisProc,
+    mesh_port: u16,
+    peers: &[u16],
+    leaf: &pki::Leaf,
+) -> String {
+    let peers: Vec<String> = peers
+        .iter()
+        .map(|p| format!("'wss://127.0.0.1:{p}/mesh'"))
+        .collect();
+    env.hub_yaml(
+        &[("ldap", "ldap")],
+        &format!(
+            "ha:\n  enabled: true\n  mode: {mode}\n  replica_id: {replica}\n  redis_url: {}\n  lease_sec: 3\n  renew_interval_sec: 1\n  registry_timeout_ms: 300\n  mesh:\n    listen: 127.0.0.1:{mesh_port}\n    peers: [{}]\n    require_mtls: true\n    connect_backoff_max_sec: 1\n    tls: {{ ca_bundle: {}, cert_file: {}, key_file: {} }}\n",
+            redis.url(),
+            peers.join(", "),
+            leaf.ca.display(),
+            leaf.cert.display(),
+            leaf.key.display()
+        ),
+    )
+}
+
+/// Two hubs meshed with each other (each lists the other as a peer);
+/// returns them with their mesh ports.
+pub fn meshed_pair(
+    env: &Env,
+    mode: &str,
+    redis: &RedisProc,
+    ca: &pki::Ca,
+) -> (HubProc, HubProc, u16, u16) {
+    let (pa, pb) = (free_port(), free_port());
+    let a = HubProc::start(
+        env.path(),
+        "hub-a",
+        &mesh_hub_yaml(
+            env,
+            "hub-a",
+            mode,
+            redis,
+            pa,
+            &[pb],
+            &ca.issue(env.path(), "hub-a"),
+        ),
+    );
+    let b = HubProc::start(
+        env.path(),
+        "hub-b",
+        &mesh_hub_yaml(
+            env,
+            "hub-b",
+            mode,
+            redis,
+            pb,
+            &[pa],
+            &ca.issue(env.path(), "hub-b"),
+        ),
+    );
+    (a, b, pa, pb)
+}
+
+/// Whether `h`'s mesh link to the hub on `peer_port` is established.
+pub fn mesh_established(h: &HubProc, peer_port: u16) -> bool {
+    h.metric(&format!(
+        "nowconnect_mesh_links{{peer=\"wss://127.0.0.1:{peer_port}/mesh\",state=\"established\"}}"
+    )) == 1.0
 }

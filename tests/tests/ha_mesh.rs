@@ -4,72 +4,8 @@
 use std::time::Duration;
 
 use nowconnect_tests::ldap::{self, Slapd};
-use nowconnect_tests::pki::{Ca, Leaf};
+use nowconnect_tests::pki::Ca;
 use nowconnect_tests::*;
-
-fn hub_yaml(
-    env: &Env,
-    replica: &str,
-    mode: &str,
-    redis: &RedisProc,
-    mesh_port: u16,
-    peers: &[u16],
-    leaf: &Leaf,
-) -> String {
-    let peers: Vec<String> = peers
-        .iter()
-        .map(|p| format!("'wss://127.0.0.1:{p}/mesh'"))
-        .collect();
-    env.hub_yaml(
-        &[("ldap", "ldap")],
-        &format!(
-            "ha:\n  enabled: true\n  mode: {mode}\n  replica_id: {replica}\n  redis_url: {}\n  lease_sec: 3\n  renew_interval_sec: 1\n  registry_timeout_ms: 300\n  mesh:\n    listen: 127.0.0.1:{mesh_port}\n    peers: [{}]\n    require_mtls: true\n    connect_backoff_max_sec: 1\n    tls: {{ ca_bundle: {}, cert_file: {}, key_file: {} }}\n",
-            redis.url(),
-            peers.join(", "),
-            leaf.ca.display(),
-            leaf.cert.display(),
-            leaf.key.display()
-        ),
-    )
-}
-
-/// Two hubs meshed with each other (each lists the other as a peer).
-fn meshed_pair(env: &Env, mode: &str, redis: &RedisProc, ca: &Ca) -> (HubProc, HubProc, u16, u16) {
-    let (pa, pb) = (free_port(), free_port());
-    let a = HubProc::start(
-        env.path(),
-        "hub-a",
-        &hub_yaml(
-            env,
-            "hub-a",
-            mode,
-            redis,
-            pa,
-            &[pb],
-            &ca.issue(env.path(), "hub-a"),
-        ),
-    );
-    let b = HubProc::start(
-        env.path(),
-        "hub-b",
-        &hub_yaml(
-            env,
-            "hub-b",
-            mode,
-            redis,
-            pb,
-            &[pa],
-            &ca.issue(env.path(), "hub-b"),
-        ),
-    );
-    (a, b, pa, pb)
-}
-
-fn established(h: &HubProc, peer_port: u16) -> bool {
-    h.metric(&format!(
-        "nowconnect_mesh_links{{peer=\"wss://127.0.0.1:{peer_port}/mesh\",state=\"established\"}}"
-    )) == 1.0
-}
 
 #[test]
 fn ldap_reaches_an_agent_on_another_hub_through_the_mesh() {
@@ -88,8 +24,8 @@ fn ldap_reaches_an_agent_on_another_hub_through_the_mesh() {
         eventually(Duration::from_secs(15), || a
             .metric("nowconnect_agents_connected")
             == 1.0
-            && established(&b, pa)
-            && established(&a, pb)),
+            && mesh_established(&b, pa)
+            && mesh_established(&a, pb)),
         "hub-a:\n{}\nhub-b:\n{}",
         a.proc.log_text(),
         b.proc.log_text()
@@ -133,7 +69,7 @@ fn shadow_mode_serves_locally_and_counts_what_active_would_route() {
     assert!(eventually(Duration::from_secs(15), || a
         .metric("nowconnect_agents_connected")
         == 1.0
-        && established(&b, pa)));
+        && mesh_established(&b, pa)));
     // hub-b has no local agent: shadow serves locally only, so it refuses...
     let mut c = std::net::TcpStream::connect(b.listener("ldap")).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -169,7 +105,7 @@ fn a_mesh_peer_with_a_certificate_from_another_ca_is_refused() {
     let a = HubProc::start(
         env.path(),
         "hub-a",
-        &hub_yaml(
+        &mesh_hub_yaml(
             &env,
             "hub-a",
             "active",
@@ -182,7 +118,7 @@ fn a_mesh_peer_with_a_certificate_from_another_ca_is_refused() {
     let c = HubProc::start(
         env.path(),
         "hub-c",
-        &hub_yaml(
+        &mesh_hub_yaml(
             &env,
             "hub-c",
             "active",
@@ -202,7 +138,7 @@ fn a_mesh_peer_with_a_certificate_from_another_ca_is_refused() {
     );
     assert!(a.metric("nowconnect_mesh_link_errors_total") >= 1.0);
     std::thread::sleep(Duration::from_millis(500));
-    assert!(!established(&c, pa));
+    assert!(!mesh_established(&c, pa));
     assert_eq!(
         c.get("/readyz").0,
         503,
@@ -227,7 +163,7 @@ fn when_the_owner_hub_is_killed_the_agent_moves_and_new_flows_work_again() {
     assert!(eventually(Duration::from_secs(15), || a
         .metric("nowconnect_agents_connected")
         == 1.0
-        && established(&b, pa)));
+        && mesh_established(&b, pa)));
     let data = std::sync::Arc::new(random_bytes(50_000));
     let want = sha256(&data);
     // Through the mesh first.
@@ -273,7 +209,7 @@ fn redis_down_refuses_cross_replica_at_once_keeps_local_flows_and_recovers() {
     assert!(eventually(Duration::from_secs(15), || a
         .metric("nowconnect_agents_connected")
         == 1.0
-        && established(&b, pa)));
+        && mesh_established(&b, pa)));
     let data = std::sync::Arc::new(random_bytes(50_000));
     let want = sha256(&data);
     assert_eq!(
@@ -335,7 +271,7 @@ fn three_hubs_with_one_started_later_join_by_discovery_alone() {
     let yaml = |i: usize| {
         let name = ["hub-a", "hub-b", "hub-c"][i];
         // No peers listed: each hub only announces where it can be reached.
-        hub_yaml(
+        mesh_hub_yaml(
             &env,
             name,
             "active",
@@ -361,17 +297,17 @@ fn three_hubs_with_one_started_later_join_by_discovery_alone() {
         &env.token("agent-1", None),
     );
     assert!(
-        eventually(Duration::from_secs(15), || established(&a, ports[1])
-            && established(&b, ports[0])),
+        eventually(Duration::from_secs(15), || mesh_established(&a, ports[1])
+            && mesh_established(&b, ports[0])),
         "{}",
         a.proc.log_text()
     );
     let c = HubProc::start(env.path(), "hub-c", &yaml(2));
     assert!(
-        eventually(Duration::from_secs(15), || established(&c, ports[0])
-            && established(&c, ports[1])
-            && established(&a, ports[2])
-            && established(&b, ports[2])),
+        eventually(Duration::from_secs(15), || mesh_established(&c, ports[0])
+            && mesh_established(&c, ports[1])
+            && mesh_established(&a, ports[2])
+            && mesh_established(&b, ports[2])),
         "{}",
         c.proc.log_text()
     );
@@ -399,7 +335,7 @@ fn a_severed_mesh_link_resets_only_its_flows_and_comes_back() {
     let a = HubProc::start(
         env.path(),
         "hub-a",
-        &hub_yaml(
+        &mesh_hub_yaml(
             &env,
             "hub-a",
             "active",
@@ -409,7 +345,7 @@ fn a_severed_mesh_link_resets_only_its_flows_and_comes_back() {
             &ca.issue(env.path(), "hub-a"),
         ),
     );
-    let b_yaml = hub_yaml(
+    let b_yaml = mesh_hub_yaml(
         &env,
         "hub-b",
         "active",
@@ -435,7 +371,7 @@ fn a_severed_mesh_link_resets_only_its_flows_and_comes_back() {
         &env.agent_yaml("agent-b", &[b.http], &[("local", echo_b)], ""),
         &env.token("agent-b", None),
     );
-    let via_proxy = |h: &HubProc| established(h, proxy.addr.port());
+    let via_proxy = |h: &HubProc| mesh_established(h, proxy.addr.port());
     assert!(eventually(Duration::from_secs(15), || via_proxy(&b)
         && a.metric("nowconnect_agents_connected") == 1.0
         && b.metric("nowconnect_agents_connected") == 1.0));

@@ -2,14 +2,17 @@
 //! direct loopback connection, measured in the same run:
 //! bulk throughput (client → sink) and 1 KiB echo latency.
 //!
-//!   cargo run --release -p nowconnect-tests --bin tunnel-bench -- [--bytes N] [--echoes N]
+//! Each runtime's agent (tokio and async-std by default) serves connectors
+//! of its own on the same hub, so both are measured side by side.
+//!
+//!   cargo run --release -p nowconnect-tests --bin tunnel-bench -- [--bytes N] [--echoes N] [--agents tokio,async-std]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use nowconnect_tests::{AgentProc, Env, HubProc, echo_server, eventually};
+use nowconnect_tests::{AgentProc, Env, HubProc, Runtime, echo_server, eventually};
 
 /// Reads until EOF, then answers with the byte count (8 bytes, LE).
 fn sink_server() -> SocketAddr {
@@ -81,6 +84,7 @@ fn main() {
     let mut bytes: u64 = 2 * 1024 * 1024 * 1024;
     let mut echoes = 20_000;
     let mut window: u32 = 256 * 1024;
+    let mut runtimes = vec![Runtime::Tokio, Runtime::AsyncStd];
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < args.len() {
@@ -88,6 +92,16 @@ fn main() {
             "--bytes" => bytes = args[i + 1].parse().expect("--bytes N"),
             "--echoes" => echoes = args[i + 1].parse().expect("--echoes N"),
             "--window" => window = args[i + 1].parse().expect("--window BYTES"),
+            "--agents" => {
+                runtimes = args[i + 1]
+                    .split(',')
+                    .map(|r| match r {
+                        "tokio" => Runtime::Tokio,
+                        "async-std" => Runtime::AsyncStd,
+                        other => panic!("--agents: unknown runtime {other}"),
+                    })
+                    .collect()
+            }
             other => panic!("unknown argument {other}"),
         }
         i += 2;
@@ -95,66 +109,103 @@ fn main() {
     let env = Env::new();
     let sink = sink_server();
     let echo = echo_server();
+    // One agent per runtime, each serving connectors of its own, on one hub.
+    let names: Vec<(String, String)> = runtimes
+        .iter()
+        .map(|r| (format!("sink-{}", r.name()), format!("echo-{}", r.name())))
+        .collect();
+    let listeners: Vec<(&str, &str)> = names
+        .iter()
+        .flat_map(|(s, e)| [(s.as_str(), s.as_str()), (e.as_str(), e.as_str())])
+        .collect();
     let hub = HubProc::start(
         env.path(),
         "hub",
-        &env.hub_yaml(
-            &[("sink", "sink"), ("echo", "echo")],
-            "log:\n  level: warn\n",
-        )
-        .replace("tunnel:\n", &format!("tunnel:\n  window_bytes: {window}\n")),
+        &env.hub_yaml(&listeners, "log:\n  level: warn\n")
+            .replace("tunnel:\n", &format!("tunnel:\n  window_bytes: {window}\n")),
     );
-    let agent_yaml = env.agent_yaml(
-        "bench",
-        &[hub.http],
-        &[("sink", sink), ("echo", echo)],
-        "log:\n  level: warn\n",
-    ) + &format!("window_bytes: {window}\n");
-    let _agent = AgentProc::start(env.path(), "agent", &agent_yaml, &env.token("bench", None));
+    let mut agents = Vec::new();
+    for (rt, (s, e)) in runtimes.iter().zip(&names) {
+        let id = format!("bench-{}", rt.name());
+        let yaml = env.agent_yaml(
+            &id,
+            &[hub.http],
+            &[(s.as_str(), sink), (e.as_str(), echo)],
+            "log:\n  level: warn\n",
+        ) + &format!("window_bytes: {window}\n");
+        agents.push(AgentProc::start_on(
+            *rt,
+            env.path(),
+            &id,
+            &yaml,
+            &env.token(&id, None),
+        ));
+    }
     assert!(eventually(Duration::from_secs(15), || hub
         .metric("nowconnect_agents_connected")
-        == 1.0));
+        == runtimes.len() as f64));
 
-    // Warm up both paths, then alternate direct and tunnel runs.
+    // Warm up every path, then alternate direct and tunnel runs.
     throughput(sink, bytes / 8);
-    throughput(hub.listener("sink"), bytes / 8);
+    for (s, _) in &names {
+        throughput(hub.listener(s), bytes / 8);
+    }
     let mut direct = Vec::new();
-    let mut tunnel = Vec::new();
+    let mut tunnel: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for _ in 0..3 {
         direct.push(throughput(sink, bytes));
-        tunnel.push(throughput(hub.listener("sink"), bytes));
+        for (k, (s, _)) in names.iter().enumerate() {
+            tunnel[k].push(throughput(hub.listener(s), bytes));
+        }
     }
     let med = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         v[v.len() / 2]
     };
-    let (d, t) = (med(&mut direct), med(&mut tunnel));
-    println!("per-flow window: {window} bytes");
+    let d = med(&mut direct);
+    println!(
+        "per-flow window: {window} bytes; hub on tokio; agents: {}",
+        runtimes
+            .iter()
+            .map(|r| r.name())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!(
         "## one-flow throughput ({} MiB per run, median of 3)",
         bytes >> 20
     );
-    println!("direct loopback : {:>8.1} MiB/s", d / 1048576.0);
-    println!("through the hub : {:>8.1} MiB/s", t / 1048576.0);
-    println!("ratio           : {:>8.3}x", t / d);
+    println!(
+        "direct loopback              : {:>8.1} MiB/s",
+        d / 1048576.0
+    );
+    for (k, rt) in runtimes.iter().enumerate() {
+        let t = med(&mut tunnel[k]);
+        println!(
+            "through the hub, {:<9} agent: {:>8.1} MiB/s  ratio {:.3}x",
+            rt.name(),
+            t / 1048576.0,
+            t / d
+        );
+    }
 
     let hd = echo_latency(echo, echoes);
-    let ht = echo_latency(hub.listener("echo"), echoes);
     println!("## 1 KiB echo latency ({echoes} round trips, µs)");
-    println!("path     p50      p90      p99      max");
-    for (name, h) in [("direct", &hd), ("tunnel", &ht)] {
+    println!("path               p50      p90      p99      max   added p50  added p99");
+    let row = |name: &str, h: &Histogram<u64>| {
         println!(
-            "{name:<6} {:>7.1}  {:>7.1}  {:>7.1}  {:>7.1}",
+            "{name:<16} {:>7.1}  {:>7.1}  {:>7.1}  {:>7.1}  {:>9.1}  {:>9.1}",
             us(h.value_at_quantile(0.5)),
             us(h.value_at_quantile(0.9)),
             us(h.value_at_quantile(0.99)),
-            us(h.max())
+            us(h.max()),
+            us(h.value_at_quantile(0.5)) - us(hd.value_at_quantile(0.5)),
+            us(h.value_at_quantile(0.99)) - us(hd.value_at_quantile(0.99)),
         );
+    };
+    row("direct", &hd);
+    for (rt, (_, e)) in runtimes.iter().zip(&names) {
+        let ht = echo_latency(hub.listener(e), echoes);
+        row(&format!("{} agent", rt.name()), &ht);
     }
-    println!(
-        "added  {:>7.1}  {:>7.1}  {:>7.1}",
-        us(ht.value_at_quantile(0.5)).max(0.0) - us(hd.value_at_quantile(0.5)),
-        us(ht.value_at_quantile(0.9)) - us(hd.value_at_quantile(0.9)),
-        us(ht.value_at_quantile(0.99)) - us(hd.value_at_quantile(0.99))
-    );
 }

@@ -1,0 +1,71 @@
+//! The `nowconnect-async-std` binary: the agent on the async-std runtime,
+//! with the same configuration file, CLI, logs and behaviour as
+//! `nowconnect agent`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use nowconnect_shared::config::AgentConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "nowconnect-async-std",
+    version,
+    about = "NowConnect on the async-std runtime (agent)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a premise agent.
+    Agent {
+        /// Agent configuration (premise.yaml).
+        #[arg(long, env = "NC_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    nowconnect_shared::tls::install_provider();
+    let cli = Cli::parse();
+    match async_std::task::block_on(run(cli.cmd)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cmd: Cmd) -> Result<(), String> {
+    match cmd {
+        Cmd::Agent { config } => {
+            let cfg = AgentConfig::load(&config).map_err(|e| e.to_string())?;
+            nowconnect_shared::logging::init(
+                cfg.raw.log.format.as_deref(),
+                cfg.raw.log.level.as_deref(),
+            );
+            let mut signals =
+                async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
+                    .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+            let rt = nowconnect_async_std::agent::AgentRuntime::new(cfg)?;
+            let (stop_tx, stop_rx) = nowconnect_async_std::agent::AgentRuntime::stopper();
+            let task = async_std::task::spawn(rt.run(stop_rx));
+            println!("nowconnect agent started");
+            let sig = match signals.next().await {
+                Some(Ok(async_signal::Signal::Term)) => "SIGTERM",
+                _ => "SIGINT",
+            };
+            tracing::info!(signal = sig, "shutting down");
+            let _ = stop_tx.try_send(());
+            let _ = async_std::future::timeout(Duration::from_secs(5), task).await;
+            Ok(())
+        }
+    }
+}

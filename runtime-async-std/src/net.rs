@@ -1,0 +1,170 @@
+//! async-std sockets for the shared driver: WebSocket dialing (plain or
+//! rustls through futures-rustls), the WebSocket writer, TCP flow sockets.
+
+use std::sync::Arc;
+
+use async_std::net::TcpStream;
+use async_tungstenite::WebSocketStream;
+use async_tungstenite::tungstenite::client::IntoClientRequest;
+use async_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use async_tungstenite::tungstenite::{Error as WsError, Message};
+use futures_util::io::{AsyncRead, AsyncWrite};
+use nowconnect_core::WsMessage;
+use nowconnect_shared::driver::{FlowEnd, Outgoing, run_flow_socket, write_ws_with};
+use nowconnect_shared::metrics::Metrics;
+use rustls_pki_types::ServerName;
+
+/// A byte stream a WebSocket runs over: plain TCP or TLS.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+pub type Ws = WebSocketStream<Box<dyn Io>>;
+
+/// Dial a `ws://` or `wss://` URL with `Authorization: Bearer <token>`.
+/// TLS uses `tls` (its own roots) for `wss://`.
+pub async fn connect_ws(
+    url: &str,
+    token: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    max_message: usize,
+) -> Result<Ws, String> {
+    let mut req = url
+        .into_client_request()
+        .map_err(|e| format!("bad hub URL `{url}`: {e}"))?;
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {token}")
+            .parse()
+            .map_err(|_| "token has characters not allowed in a header".to_string())?,
+    );
+    let uri = req.uri().clone();
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("bad hub URL `{url}`: no host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let secure = uri.scheme_str() == Some("wss");
+    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+    let tcp = TcpStream::connect((host.as_str(), port))
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let io: Box<dyn Io> = if secure {
+        let cfg = match tls {
+            Some(c) => c,
+            None => Arc::new(public_roots()),
+        };
+        let name = ServerName::try_from(host.clone())
+            .map_err(|e| format!("{url}: bad TLS server name `{host}`: {e}"))?;
+        let stream = futures_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("{url}: TLS: {e}"))?;
+        Box::new(stream)
+    } else {
+        Box::new(tcp)
+    };
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message));
+    let (ws, _) = async_tungstenite::client_async_with_config(req, io, Some(config))
+        .await
+        .map_err(|e| match e {
+            WsError::Http(resp) => {
+                let body = resp
+                    .body()
+                    .as_ref()
+                    .map(|b| String::from_utf8_lossy(b).trim().to_string())
+                    .unwrap_or_default();
+                format!(
+                    "{url}: hub refused the tunnel: HTTP {} {body}",
+                    resp.status()
+                )
+            }
+            e => format!("{url}: {e}"),
+        })?;
+    Ok(ws)
+}
+
+/// A client config trusting the public web PKI (Mozilla's roots), for
+/// `wss://` hubs when no `tls.ca_bundle` is configured.
+fn public_roots() -> rustls::ClientConfig {
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+/// A received WebSocket message as the core sees it (`None`: not a frame).
+pub fn to_core(m: Message) -> Option<WsMessage> {
+    match m {
+        Message::Binary(b) => Some(WsMessage::Binary(b)),
+        Message::Text(t) => Some(WsMessage::Text(t.as_str().to_owned())),
+        _ => None,
+    }
+}
+
+/// The writer loop of a link's WebSocket.
+pub async fn write_ws<S>(sink: S, rx: async_channel::Receiver<Outgoing>)
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    write_ws_with(
+        sink,
+        rx,
+        |m| match m {
+            WsMessage::Text(s) => Message::Text(s.into()),
+            WsMessage::Binary(b) => Message::Binary(b),
+        },
+        |code, reason| {
+            Message::Close(Some(CloseFrame {
+                code: code.into(),
+                reason: reason.into(),
+            }))
+        },
+    )
+    .await
+}
+
+/// Pipe a TCP socket to a flow (see [`run_flow_socket`]).
+pub async fn pipe_tcp(
+    stream: TcpStream,
+    end: FlowEnd,
+    metrics: Arc<Metrics>,
+    up: &'static str,
+    down: &'static str,
+) {
+    let _ = stream.set_nodelay(true);
+    run_flow_socket(stream.clone(), WriteHalf(stream), end, metrics, up, down).await
+}
+
+/// The write side of a TCP socket whose `close` shuts down only the write
+/// direction (a FIN to the peer), so a half-closed flow keeps reading.
+struct WriteHalf(TcpStream);
+
+impl AsyncWrite for WriteHalf {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_close(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(self.0.shutdown(std::net::Shutdown::Write))
+    }
+}
