@@ -5,21 +5,37 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Real redis-server, slapd and the OpenLDAP clients are used by the tests.
-need_cmds=(redis-server slapd ldapsearch ldapwhoami)
+# Real redis-server, slapd and the OpenLDAP clients are used by the tests;
+# promtool (Debian's prometheus package) checks the shipped alert rules.
+need_cmds=(redis-server slapd ldapsearch ldapwhoami promtool)
+pkg_of() {
+  case "$1" in
+    redis-server) echo redis-server ;;
+    slapd) echo slapd ;;
+    ldapsearch|ldapwhoami) echo ldap-utils ;;
+    promtool) echo prometheus ;;
+  esac
+}
 missing=()
 for c in "${need_cmds[@]}"; do
   command -v "$c" >/dev/null 2>&1 || [ -x "/usr/sbin/$c" ] || missing+=("$c")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
+  pkgs=$(for c in "${missing[@]}"; do pkg_of "$c"; done | sort -u | tr '\n' ' ')
   if [ "$(id -u)" -eq 0 ]; then
-    echo "==> installing system packages for: ${missing[*]}"
+    echo "==> installing system packages for: ${missing[*]} ($pkgs)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq redis-server slapd ldap-utils >/dev/null
+    base=$(echo "$pkgs" | tr ' ' '\n' | { grep -vx prometheus || true; } | tr '\n' ' ')
+    # shellcheck disable=SC2086
+    if [ -n "${base// /}" ]; then apt-get install -y -qq $base >/dev/null; fi
+    # prometheus only for promtool: its recommends (exporters, a web UI) are not needed.
+    if echo "$pkgs" | grep -qw prometheus; then
+      apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    fi
   else
     echo "error: missing ${missing[*]}; run this script as root, or install them with:" >&2
-    echo "  sudo apt-get update && sudo apt-get install -y redis-server slapd ldap-utils" >&2
+    echo "  sudo apt-get update && sudo apt-get install -y $pkgs" >&2
     exit 1
   fi
 fi

@@ -26,6 +26,14 @@ use crate::rng::Rng;
 use crate::timer::{TimerTable, Timers};
 use crate::tunnel::effective_window;
 
+/// Why a mesh link refused or held back a send (`MeshStats::backpressure`).
+pub const BACKPRESSURE_REASONS: [&str; 4] = [
+    "queue_full",
+    "control_queue_full",
+    "flow_limit",
+    "inflight_cap",
+];
+
 #[derive(Clone, Debug)]
 pub struct MeshLinkConfig {
     pub limits: Limits,
@@ -708,6 +716,7 @@ impl MeshLink {
     }
 
     fn bump_backpressure(&mut self, reason: &'static str) {
+        debug_assert!(BACKPRESSURE_REASONS.contains(&reason), "{reason}");
         *self.stats.backpressure.entry(reason).or_default() += 1;
     }
 

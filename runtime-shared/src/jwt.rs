@@ -39,6 +39,21 @@ pub struct AgentIdentity {
     pub scope: Option<Vec<String>>,
 }
 
+/// Every label an [`AuthError`] (or the hub's checks around it) can carry,
+/// so the metric series exist from the start.
+pub const AUTH_FAILURE_LABELS: &[&str] = &[
+    "missing_token",
+    "malformed",
+    "algorithm_not_allowed",
+    "bad_signature",
+    "expired",
+    "not_yet_valid",
+    "wrong_audience",
+    "wrong_issuer",
+    "missing_claim",
+    "agent_mismatch",
+];
+
 /// A refused token: a stable label for metrics and a detail for the log.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{label}: {detail}")]

@@ -75,6 +75,38 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Create the series whose label values are known in advance, at zero,
+    /// so dashboards and alerts see values rather than gaps: refusals and
+    /// resets by code, authentication failures by reason, tunnel results,
+    /// and flows per configured connector and route.
+    pub fn init_known_series(&self, connectors: &[String]) {
+        for code in nowconnect_core::ErrorCode::ALL {
+            let c = code.as_str();
+            let _ = self
+                .client_connections_refused
+                .get_or_create(&labels(&[("reason", c)]));
+            let _ = self.flow_resets.get_or_create(&labels(&[("code", c)]));
+        }
+        for reason in crate::jwt::AUTH_FAILURE_LABELS {
+            let _ = self
+                .auth_failures
+                .get_or_create(&labels(&[("reason", reason)]));
+        }
+        for result in ["accepted", "refused", "closed"] {
+            let _ = self.tunnels.get_or_create(&labels(&[("result", result)]));
+        }
+        for c in connectors {
+            let _ = self
+                .flows_active
+                .get_or_create(&labels(&[("connector", c)]));
+            for route in ["local", "mesh"] {
+                let _ = self
+                    .flows
+                    .get_or_create(&labels(&[("connector", c), ("route", route)]));
+            }
+        }
+    }
+
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let m = Metrics {

@@ -240,6 +240,8 @@ impl Shared {
 /// not be bound), then serve until `shutdown` is called.
 pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
     let metrics = Arc::new(Metrics::new());
+    let connectors: Vec<String> = cfg.listeners.iter().map(|(_, _, c)| c.clone()).collect();
+    metrics.init_known_series(&connectors);
     let verifier = Verifier::from_config(&cfg.raw.tunnel.jwt)
         .map_err(|e| format!("{}: tunnel.jwt: {e}", cfg.file.display()))?;
     let now = Instant::now();

@@ -468,11 +468,12 @@ impl MeshReporter {
         let s = &link.stats;
         add_frame_deltas(&m.mesh_frames, "in", &s.frames_in, &mut self.frames_in);
         add_frame_deltas(&m.mesh_frames, "out", &s.frames_out, &mut self.frames_out);
-        for (reason, n) in &s.backpressure {
+        for reason in nowconnect_core::mesh_link::BACKPRESSURE_REASONS {
             let c = m
                 .mesh_backpressure_drops
                 .get_or_create(&labels(&[("peer", peer), ("reason", reason)]));
-            add_delta(&c, *n, self.backpressure.entry(reason).or_default());
+            let n = s.backpressure.get(reason).copied().unwrap_or(0);
+            add_delta(&c, n, self.backpressure.entry(reason).or_default());
         }
         add_delta(&m.mesh_link_reconnects, s.reconnects, &mut self.reconnects);
         add_delta(&m.mesh_link_errors, s.errors, &mut self.errors);
