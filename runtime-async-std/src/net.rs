@@ -10,7 +10,9 @@ use async_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use async_tungstenite::tungstenite::{Error as WsError, Message};
 use futures_util::io::{AsyncRead, AsyncWrite};
 use nowconnect_core::WsMessage;
-use nowconnect_shared::driver::{FlowEnd, Outgoing, run_flow_socket, write_ws_with};
+use nowconnect_shared::driver::{
+    AdaptiveReader, FlowEnd, Outgoing, run_flow_socket, write_ws_with,
+};
 use nowconnect_shared::metrics::Metrics;
 use rustls_pki_types::ServerName;
 
@@ -138,7 +140,15 @@ pub async fn pipe_tcp(
     down: &'static str,
 ) {
     let _ = stream.set_nodelay(true);
-    run_flow_socket(stream.clone(), WriteHalf(stream), end, metrics, up, down).await
+    run_flow_socket(
+        AdaptiveReader::new(stream.clone()),
+        WriteHalf(stream),
+        end,
+        metrics,
+        up,
+        down,
+    )
+    .await
 }
 
 /// The write side of a TCP socket whose `close` shuts down only the write

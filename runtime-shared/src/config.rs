@@ -585,6 +585,10 @@ pub struct AgentFile {
     pub window_bytes: u32,
     #[serde(default = "default_max_frame")]
     pub max_frame_bytes: u32,
+    /// Flows open at once on the tunnel; further opens are refused with
+    /// `limit_exceeded`.
+    #[serde(default = "default_agent_max_flows")]
+    pub max_flows: usize,
     /// Use only the v1 JSON codec (for hubs that predate v2).
     #[serde(default)]
     pub v1_only: bool,
@@ -594,6 +598,10 @@ pub struct AgentFile {
 
 fn default_connect_timeout() -> u64 {
     5
+}
+
+fn default_agent_max_flows() -> usize {
+    nowconnect_core::tunnel::TunnelConfig::default().max_flows
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -643,6 +651,8 @@ impl AgentConfig {
                 ..Limits::default()
             },
             window: r.window_bytes,
+            max_flows: r.max_flows,
+            dedup_capacity: r.max_flows,
             codecs: if r.v1_only {
                 vec![nowconnect_core::Codec::V1]
             } else {
@@ -695,6 +705,9 @@ impl AgentConfig {
         }
         if raw.window_bytes < 1024 {
             return Err(err("window_bytes", "must be at least 1024".into()));
+        }
+        if raw.max_flows == 0 {
+            return Err(err("max_flows", "must be > 0".into()));
         }
         if let Some(tls) = &raw.tls {
             check_readable(&tls.ca_bundle).map_err(|r| err("tls.ca_bundle", r))?;

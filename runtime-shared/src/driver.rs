@@ -614,7 +614,7 @@ pub async fn run_flow_socket<R, W>(
     up: &'static str,
     down: &'static str,
 ) where
-    R: AsyncRead + Unpin,
+    R: ChunkReader,
     W: AsyncWrite + Unpin,
 {
     use futures_util::future::{Either, select};
@@ -649,7 +649,7 @@ pub async fn run_flow_socket<R, W>(
     }
 }
 
-async fn read_half<R: AsyncRead + Unpin>(
+async fn read_half<R: ChunkReader>(
     mut rd: R,
     cid: Cid,
     permits: Permits,
@@ -658,27 +658,17 @@ async fn read_half<R: AsyncRead + Unpin>(
     up: &'static str,
 ) {
     let bytes_up = metrics.bytes.get_or_create(&labels(&[("dir", up)])).clone();
-    // Only bytes read are ever initialised anew: after a split the rest of
-    // the buffer stays initialised for the next read.
-    let mut buf = BytesMut::new();
     loop {
         if !permits.acquire().await {
             return; // flow over
         }
-        if buf.len() < READ_CHUNK {
-            if buf.capacity() < READ_CHUNK {
-                buf.reserve(READ_CHUNK);
-            }
-            buf.resize(READ_CHUNK, 0);
-        }
-        match rd.read(&mut buf[..]).await {
-            Ok(0) => {
+        match rd.read_chunk().await {
+            Ok(None) => {
                 let _ = cmd.try_send(LinkCmd::Fin { cid });
                 return;
             }
-            Ok(n) => {
-                bytes_up.inc_by(n as u64);
-                let payload = buf.split_to(n).freeze();
+            Ok(Some(payload)) => {
+                bytes_up.inc_by(payload.len() as u64);
                 if cmd.try_send(LinkCmd::Data { cid, payload }).is_err() {
                     return;
                 }
@@ -692,6 +682,50 @@ async fn read_half<R: AsyncRead + Unpin>(
                 return;
             }
         }
+    }
+}
+
+/// The read side of a flow socket: the next chunk read, `None` at EOF.
+/// Adapters implement it so that an idle flow holds no read buffer: memory
+/// is taken only for bytes that arrive.
+pub trait ChunkReader {
+    fn read_chunk(&mut self) -> impl std::future::Future<Output = std::io::Result<Option<Bytes>>>;
+}
+
+/// A [`ChunkReader`] over any `futures-io` reader. `futures-io` reads into
+/// initialised memory, so the buffer grows with the traffic: 4 KiB at
+/// first (all an idle flow holds), doubling while reads fill it, up to
+/// [`READ_CHUNK`], and halving again when they do not.
+pub struct AdaptiveReader<R> {
+    inner: R,
+    size: usize,
+}
+
+impl<R> AdaptiveReader<R> {
+    pub const MIN: usize = 4 * 1024;
+
+    pub fn new(inner: R) -> Self {
+        AdaptiveReader {
+            inner,
+            size: Self::MIN,
+        }
+    }
+}
+
+impl<R: AsyncRead + Unpin> ChunkReader for AdaptiveReader<R> {
+    async fn read_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
+        let mut buf = BytesMut::zeroed(self.size);
+        let n = self.inner.read(&mut buf[..]).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if n == self.size {
+            self.size = (self.size * 2).min(READ_CHUNK);
+        } else if n < self.size / 4 {
+            self.size = (self.size / 2).max(Self::MIN);
+        }
+        buf.truncate(n);
+        Ok(Some(buf.freeze()))
     }
 }
 

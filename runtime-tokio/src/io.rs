@@ -3,11 +3,15 @@
 
 use std::sync::Arc;
 
+use bytes::{Bytes, BytesMut};
 use nowconnect_core::WsMessage;
-use nowconnect_shared::driver::{FlowEnd, Outgoing, run_flow_socket, write_ws_with};
+use nowconnect_shared::driver::{
+    ChunkReader, FlowEnd, Outgoing, READ_CHUNK, run_flow_socket, write_ws_with,
+};
 use nowconnect_shared::metrics::Metrics;
 use tokio::net::TcpStream;
-use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+use tokio::net::tcp::OwnedReadHalf;
+use tokio_util::compat::TokioAsyncWriteCompatExt;
 
 /// Pipe a TCP socket to a flow (see [`run_flow_socket`]).
 pub async fn pipe_tcp(
@@ -19,9 +23,28 @@ pub async fn pipe_tcp(
 ) {
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
-    run_flow_socket(rd.compat(), wr.compat_write(), end, metrics, up, down).await
+    run_flow_socket(TokioReader(rd), wr.compat_write(), end, metrics, up, down).await
 }
 
+/// Waits until the socket is readable, then reads with `try_read_buf` into
+/// uninitialised capacity: an idle flow holds no buffer at all, a busy one
+/// reads up to [`READ_CHUNK`] at a time without zeroing memory first.
+struct TokioReader(OwnedReadHalf);
+
+impl ChunkReader for TokioReader {
+    async fn read_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
+        loop {
+            self.0.readable().await?;
+            let mut buf = BytesMut::with_capacity(READ_CHUNK);
+            match self.0.try_read_buf(&mut buf) {
+                Ok(0) => return Ok(None),
+                Ok(_) => return Ok(Some(buf.freeze())),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
 type Tung = tokio_tungstenite::tungstenite::Message;
 
 /// The writer loop for a tokio-tungstenite WebSocket.
