@@ -89,6 +89,14 @@ fn default_grace() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
     pub bind: String,
+    /// A client must send a complete request head within this (slowloris);
+    /// it also bounds idle keep-alive connections.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_sec: u64,
+}
+
+fn default_header_timeout() -> u64 {
+    10
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -338,6 +346,9 @@ impl HubConfig {
         let raw: HubFile = parse_yaml(file, text)?;
         let err = |key: &str, reason: String| ConfigError::new(file, key, reason);
         let http_bind = parse_addr(&raw.http.bind).map_err(|r| err("http.bind", r))?;
+        if raw.http.header_timeout_sec == 0 {
+            return Err(err("http.header_timeout_sec", "must be > 0".into()));
+        }
         let mut listeners = Vec::new();
         for (i, l) in raw.listeners.iter().enumerate() {
             let key = |k: &str| format!("listeners[{i}].{k}");

@@ -342,24 +342,9 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
         .route("/metrics", get(metrics_handler))
         .with_state(shared.clone());
     // HTTP stays up while draining so /readyz reports it; it stops after.
-    let (http_stop_tx, mut http_stop) = watch::channel(false);
-    let server = tokio::spawn(async move {
-        // Tunnel frames are small and latency-bound: no Nagle delay.
-        let http = axum::serve::ListenerExt::tap_io(http, |tcp: &mut TcpStream| {
-            let _ = tcp.set_nodelay(true);
-        });
-        let r = axum::serve(
-            http,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
-            let _ = http_stop.wait_for(|v| *v).await;
-        })
-        .await;
-        if let Err(e) = r {
-            tracing::error!(error = %e, "http server failed");
-        }
-    });
+    let (http_stop_tx, http_stop) = watch::channel(false);
+    let header_timeout = Duration::from_secs(shared.cfg.raw.http.header_timeout_sec);
+    let server = tokio::spawn(serve_http(http, app, http_stop, header_timeout));
 
     let s2 = shared.clone();
     let done = tokio::spawn(async move {
@@ -413,6 +398,88 @@ async fn drain(shared: &Arc<Shared>) {
     if left > 0 {
         tracing::warn!(open_flows = left, "grace period over; closing open flows");
     }
+}
+
+/// The HTTP server of `/tunnel`, `/healthz`, `/readyz` and `/metrics`: hyper
+/// with a timer, so a client must send its request head within
+/// `header_timeout` (no slowloris), a connection that sends nothing is
+/// closed after the same time, and each connection serves one request.
+/// Stops accepting when `stop` turns true and lets requests in progress end.
+async fn serve_http(
+    listener: TcpListener,
+    app: Router,
+    mut stop: watch::Receiver<bool>,
+    header_timeout: Duration,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::service::TowerToHyperService;
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let builder = Arc::new(builder);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = async { let _ = stop.wait_for(|v| *v).await; } => return,
+        };
+        // Tunnel frames are small and latency-bound: no Nagle delay.
+        let _ = tcp.set_nodelay(true);
+        let svc = TowerToHyperService::new(
+            app.clone()
+                .layer(axum::middleware::map_response(close_unless_upgrade))
+                .layer(axum::Extension(axum::extract::ConnectInfo(peer))),
+        );
+        let builder = builder.clone();
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            // hyper's header timer starts with the first byte: a connection
+            // that sends nothing gets the same deadline here.
+            let mut first = [0u8; 1];
+            if tokio::time::timeout(header_timeout, tcp.peek(&mut first))
+                .await
+                .is_err()
+            {
+                tracing::debug!(%peer, "http connection sent nothing; closed");
+                return;
+            }
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "http connection ended");
+                    }
+                }
+                _ = async { let _ = stop.wait_for(|v| *v).await; } => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+}
+
+/// One request per connection (health checks, scrapes, one WebSocket
+/// upgrade): every response but a `101` closes its connection, so no idle
+/// keep-alive connection is held open.
+async fn close_unless_upgrade(mut r: Response) -> Response {
+    if r.status() != StatusCode::SWITCHING_PROTOCOLS {
+        r.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    r
 }
 
 async fn control_timer(shared: Arc<Shared>) {

@@ -712,3 +712,62 @@ fn a_websocket_ping_flood_does_not_disturb_other_flows() {
         want
     );
 }
+
+/// Slowloris on the HTTP port: a connection that never completes its request
+/// head, or sends nothing at all, is closed after `http.header_timeout_sec`,
+/// while other requests are served meanwhile.
+#[test]
+fn slow_or_silent_http_clients_are_closed_after_the_header_timeout() {
+    let env = Env::new();
+    let yaml = env.hub_yaml(&[], "").replace(
+        "bind: 127.0.0.1:0\ntunnel",
+        "bind: 127.0.0.1:0\n  header_timeout_sec: 1\ntunnel",
+    );
+    let hub = HubProc::start(env.path(), "hub", &yaml);
+    let mut slow = TcpStream::connect(hub.http).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: hub\r\nX-Slow: ")
+        .unwrap();
+    let silent = TcpStream::connect(hub.http).unwrap();
+    let start = Instant::now();
+    // Served meanwhile.
+    assert_eq!(hub.get("/healthz"), (200, "ok".into()));
+    for (name, mut s) in [("partial head", slow), ("silent", silent)] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = Vec::new();
+        let r = s.read_to_end(&mut buf);
+        let took = start.elapsed();
+        assert!(
+            r.is_ok() || matches!(r, Err(ref e) if e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{name}: {r:?}"
+        );
+        assert!(
+            took < Duration::from_secs(5),
+            "{name}: connection held for {took:?}"
+        );
+        assert!(
+            !String::from_utf8_lossy(&buf).contains("200 OK"),
+            "{name}: got a response to an incomplete request"
+        );
+    }
+}
+
+/// After a response (other than a WebSocket upgrade) the hub closes the
+/// connection: no idle keep-alive connection is held.
+#[test]
+fn http_connections_end_after_one_response() {
+    let env = Env::new();
+    let hub = HubProc::start(env.path(), "hub", &env.hub_yaml(&[], ""));
+    let mut s = TcpStream::connect(hub.http).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: hub\r\n\r\n")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)
+        .expect("the hub closes after the response");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+}
