@@ -282,6 +282,10 @@ pub struct MeshConfig {
     pub per_link_max_inflight_bytes: u64,
     #[serde(default = "default_backoff")]
     pub connect_backoff_max_sec: u64,
+    /// An accepted mesh connection must finish its TLS and WebSocket
+    /// handshakes within this.
+    #[serde(default = "default_mesh_handshake")]
+    pub handshake_timeout_sec: u64,
     /// The URL other hubs dial to reach this hub's mesh; announced in the
     /// registry so hubs find each other without listing peers.
     #[serde(default)]
@@ -298,6 +302,7 @@ impl Default for MeshConfig {
             tls: None,
             send_queue_depth: default_queue(),
             per_link_max_inflight_bytes: default_inflight(),
+            handshake_timeout_sec: default_mesh_handshake(),
             connect_backoff_max_sec: default_backoff(),
         }
     }
@@ -516,6 +521,9 @@ impl HubConfig {
                 format!("must be at least tunnel.window_bytes ({})", t.window_bytes),
             ));
         }
+        if m.handshake_timeout_sec == 0 {
+            return Err(err("ha.mesh.handshake_timeout_sec", "must be > 0".into()));
+        }
         if m.connect_backoff_max_sec == 0 {
             return Err(err("ha.mesh.connect_backoff_max_sec", "must be > 0".into()));
         }
@@ -605,6 +613,10 @@ pub struct AgentFile {
     pub v1_only: bool,
     #[serde(default)]
     pub log: LogConfig,
+}
+
+fn default_mesh_handshake() -> u64 {
+    10
 }
 
 fn default_connect_timeout() -> u64 {

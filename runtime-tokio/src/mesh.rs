@@ -156,13 +156,15 @@ pub async fn serve(
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
         let acceptor = acceptor.clone();
+        let hs = std::time::Duration::from_secs(shared.cfg().raw.ha.mesh.handshake_timeout_sec);
         tokio::spawn(async move {
             let res = match acceptor {
-                Some(a) => match a.accept(tcp).await {
-                    Ok(tls) => accept_ws(&shared, Box::new(tls)).await,
-                    Err(e) => Err(format!("TLS handshake failed: {e}")),
+                Some(a) => match tokio::time::timeout(hs, a.accept(tcp)).await {
+                    Ok(Ok(tls)) => accept_ws(&shared, Box::new(tls), hs).await,
+                    Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
+                    Err(_) => Err(format!("TLS handshake not completed within {hs:?}")),
                 },
-                None => accept_ws(&shared, Box::new(tcp)).await,
+                None => accept_ws(&shared, Box::new(tcp), hs).await,
             };
             if let Err(reason) = res {
                 shared.metrics().mesh_link_errors.inc();
@@ -174,7 +176,11 @@ pub async fn serve(
 
 // The handshake callback's error type is tungstenite's `ErrorResponse`.
 #[allow(clippy::result_large_err)]
-async fn accept_ws(shared: &Arc<Shared>, stream: BoxIo) -> Result<(), String> {
+async fn accept_ws(
+    shared: &Arc<Shared>,
+    stream: BoxIo,
+    hs: std::time::Duration,
+) -> Result<(), String> {
     let mut chosen = None;
     let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         if req.uri().path() != "/mesh" {
@@ -204,10 +210,13 @@ async fn accept_ws(shared: &Arc<Shared>, stream: BoxIo) -> Result<(), String> {
         chosen = Some(codec);
         Ok(resp)
     };
-    let ws =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config(shared)))
-            .await
-            .map_err(|e| format!("mesh WebSocket handshake failed: {e}"))?;
+    let ws = tokio::time::timeout(
+        hs,
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config(shared))),
+    )
+    .await
+    .map_err(|_| format!("mesh WebSocket handshake not completed within {hs:?}"))?
+    .map_err(|e| format!("mesh WebSocket handshake failed: {e}"))?;
     let codec = chosen.unwrap_or(Codec::V2);
     let link = MeshLink::inbound(
         Instant::now(),

@@ -93,7 +93,7 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
     let yaml = env.hub_yaml(
         &[("echo", "echo")],
         &format!(
-            "ha:\n  enabled: true\n  mode: active\n  replica_id: hub-a\n  redis_url: {}\n  lease_sec: 3\n  renew_interval_sec: 1\n  mesh:\n    listen: 127.0.0.1:{port}\n    require_mtls: true\n    tls: {{ ca_bundle: {}, cert_file: {}, key_file: {} }}\n",
+            "ha:\n  enabled: true\n  mode: active\n  replica_id: hub-a\n  redis_url: {}\n  lease_sec: 3\n  renew_interval_sec: 1\n  mesh:\n    listen: 127.0.0.1:{port}\n    require_mtls: true\n    handshake_timeout_sec: 1\n    tls: {{ ca_bundle: {}, cert_file: {}, key_file: {} }}\n",
             redis.url(),
             leaf_a.ca.display(),
             leaf_a.cert.display(),
@@ -153,6 +153,30 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
         assert!(
             !matches!(&r, Ok(n) if *n > 0 && buf[..*n].starts_with(b"HTTP")),
             "plaintext got an HTTP answer: {r:?}"
+        );
+    }
+    // A connection that never starts its TLS handshake is closed after
+    // `ha.mesh.handshake_timeout_sec` (1 s here), and logged.
+    {
+        use tokio::io::AsyncReadExt;
+        let mut silent = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let start = std::time::Instant::now();
+        let mut buf = [0u8; 16];
+        let r = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf))
+            .await
+            .expect("a silent mesh connection is closed within 5 s");
+        assert!(matches!(r, Ok(0) | Err(_)), "{r:?}");
+        assert!(
+            start.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            start.elapsed()
+        );
+        let log = hub.proc.log_text();
+        assert!(
+            log.contains("TLS handshake not completed within 1s"),
+            "{log}"
         );
     }
     // A peer with no client certificate: the TLS handshake is refused.
