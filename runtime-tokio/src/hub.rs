@@ -45,7 +45,9 @@ struct Control {
 pub struct Shared {
     cfg: HubConfig,
     metrics: Arc<Metrics>,
-    verifier: Verifier,
+    /// Replaced whole on reload; read per `/tunnel` request, never held
+    /// across an await.
+    verifier: std::sync::RwLock<Arc<Verifier>>,
     control: Mutex<Control>,
     control_wake: Notify,
     next_id: AtomicU64,
@@ -64,9 +66,24 @@ pub struct HubHandle {
     pub listener_addrs: Vec<(String, SocketAddr)>,
     stop: watch::Sender<bool>,
     done: tokio::task::JoinHandle<()>,
+    shared: Arc<Shared>,
 }
 
 impl HubHandle {
+    /// Re-read the configuration file and apply what can change without a
+    /// restart: the JWT verification settings (`tunnel.jwt`: secret or
+    /// public key file, algorithms, audience, issuer, leeway). Established
+    /// tunnels are not touched; new `/tunnel` requests use the new keys. On
+    /// any error the running configuration stays and the error says why.
+    pub fn reload(&self) -> Result<String, String> {
+        let file = &self.shared.cfg.file;
+        let cfg = HubConfig::load(file).map_err(|e| e.to_string())?;
+        let v = Verifier::from_config(&cfg.raw.tunnel.jwt)
+            .map_err(|e| format!("{}: tunnel.jwt: {e}", file.display()))?;
+        *self.shared.verifier.write().expect("verifier lock") = Arc::new(v);
+        Ok(format!("{}: tunnel.jwt reloaded", file.display()))
+    }
+
     /// Graceful stop: refuse new work, let flows finish up to the grace
     /// period, then close everything.
     pub async fn shutdown(self) {
@@ -268,7 +285,7 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
     let (draining, _) = watch::channel(false);
     let shared = Arc::new(Shared {
         metrics,
-        verifier,
+        verifier: std::sync::RwLock::new(Arc::new(verifier)),
         control: Mutex::new(Control {
             hub: Hub::new(now, core_cfg, seed),
             registry,
@@ -377,6 +394,7 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
         listener_addrs,
         stop,
         done,
+        shared,
     })
 }
 
@@ -561,7 +579,8 @@ async fn tunnel_handler(
     let Some(token) = bearer(&headers) else {
         return refuse("missing_token", "no `Authorization: Bearer` header".into());
     };
-    let identity = match shared.verifier.verify(token) {
+    let verifier = shared.verifier.read().expect("verifier lock").clone();
+    let identity = match verifier.verify(token) {
         Ok(id) => id,
         Err(e) => return refuse(e.label, e.detail),
     };

@@ -116,7 +116,27 @@ async fn run(cmd: Cmd) -> Result<(), String> {
                 hub.http_addr,
                 listeners.join(",")
             );
-            let sig = shutdown_signal().await;
+            // SIGHUP re-reads the configuration file (JWT verification keys).
+            #[cfg(unix)]
+            let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+                .map_err(|e| format!("cannot install the SIGHUP handler: {e}"))?;
+            let shutdown = shutdown_signal();
+            tokio::pin!(shutdown);
+            let sig = loop {
+                #[cfg(unix)]
+                tokio::select! {
+                    s = &mut shutdown => break s,
+                    _ = hup.recv() => match hub.reload() {
+                        Ok(what) => tracing::info!(%what, "configuration reloaded"),
+                        Err(error) => tracing::warn!(
+                            %error,
+                            "configuration reload failed; the running configuration stays"
+                        ),
+                    },
+                }
+                #[cfg(not(unix))]
+                break (&mut shutdown).await;
+            };
             tracing::info!(signal = sig, "shutting down");
             hub.shutdown().await;
             Ok(())

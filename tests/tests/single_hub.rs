@@ -771,3 +771,71 @@ fn http_connections_end_after_one_response() {
         "{text}"
     );
 }
+
+/// SIGHUP re-reads `tunnel.jwt`: tokens signed with the new secret are
+/// accepted, the old secret's are refused, the established tunnel and its
+/// flows are untouched; a bad new secret keeps the running one and says why.
+#[test]
+fn sighup_rotates_the_jwt_secret_without_dropping_tunnels() {
+    let env = Env::new();
+    let echo = echo_server();
+    let (hub, agent) = cluster(&env, &[("echo", echo)], "");
+    let now = nowconnect_tokio::jwt::unix_now();
+    let claims = serde_json::json!({"sub": "a2", "aud": "nowconnect", "exp": now + 600});
+    let hs = jsonwebtoken::Algorithm::HS256;
+    let old_token = jwt(env.secret.as_bytes(), claims.clone(), hs);
+    let new_secret = "a-brand-new-secret-for-rotation-0123456789";
+    let new_token = jwt(new_secret.as_bytes(), claims, hs);
+    assert_eq!(upgrade(&hub, Some(&old_token)).0, 101);
+    assert_eq!(upgrade(&hub, Some(&new_token)).0, 401);
+
+    let hup = |hub: &HubProc| {
+        let st = Command::new("kill")
+            .args(["-HUP", &hub.proc.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    std::fs::write(&env.secret_file, new_secret).unwrap();
+    hup(&hub);
+    assert!(
+        eventually(Duration::from_secs(5), || hub
+            .proc
+            .log_text()
+            .contains("configuration reloaded")),
+        "{}",
+        hub.proc.log_text()
+    );
+    assert_eq!(upgrade(&hub, Some(&new_token)).0, 101);
+    let (status, body) = upgrade(&hub, Some(&old_token));
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("bad_signature"), "{body}");
+    // The agent attached with the old secret keeps its tunnel and flows.
+    assert_eq!(hub.metric("nowconnect_agents_connected"), 1.0);
+    let data = Arc::new(random_bytes(200_000));
+    assert_eq!(
+        echo_roundtrip(hub.listener("echo"), data.clone()).unwrap(),
+        sha256(&data)
+    );
+    assert_eq!(
+        agent.proc.log_text().matches("tunnel established").count(),
+        1
+    );
+
+    // A secret too short to be valid: the reload is refused, with the reason,
+    // and the running secret stays.
+    std::fs::write(&env.secret_file, "short").unwrap();
+    hup(&hub);
+    assert!(
+        eventually(Duration::from_secs(5), || hub
+            .proc
+            .log_text()
+            .contains("configuration reload failed")),
+        "{}",
+        hub.proc.log_text()
+    );
+    let log = hub.proc.log_text();
+    assert!(log.contains("tunnel.jwt"), "{log}");
+    assert!(!log.contains(new_secret), "the secret must never be logged");
+    assert_eq!(upgrade(&hub, Some(&new_token)).0, 101);
+}
