@@ -118,7 +118,10 @@ impl AgentRuntime {
                     AgentOutput::DialHub { attempt, url } => {
                         tracing::info!(attempt, %url, "connecting to hub");
                         let itx = itx.clone();
-                        let token = self.cfg.token.clone();
+                        let token = self.cfg.current_token().unwrap_or_else(|error| {
+                            tracing::warn!(%error, "using the token read at start");
+                            self.cfg.token.clone()
+                        });
                         let tls = self.tls.clone();
                         let max = self.cfg.max_message();
                         let t = task::spawn(async move {

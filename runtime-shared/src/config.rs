@@ -685,6 +685,24 @@ impl AgentConfig {
         }
     }
 
+    /// The token to present on the next hub connection: `token_file` read
+    /// again (so a rotated token is picked up without a restart), else the
+    /// token given at start. An unreadable or empty file is an error; the
+    /// caller then uses the token read at start.
+    pub fn current_token(&self) -> Result<String, String> {
+        let Some(p) = &self.raw.token_file else {
+            return Ok(self.token.clone());
+        };
+        let t = std::fs::read_to_string(p)
+            .map_err(|e| format!("token_file {}: {e}", p.display()))?
+            .trim()
+            .to_string();
+        if t.is_empty() {
+            return Err(format!("token_file {}: empty", p.display()));
+        }
+        Ok(t)
+    }
+
     /// Largest WebSocket message to accept from a hub.
     pub fn max_message(&self) -> usize {
         self.raw.max_frame_bytes as usize + 1024

@@ -80,7 +80,10 @@ impl AgentRuntime {
                     AgentOutput::DialHub { attempt, url } => {
                         tracing::info!(attempt, %url, "connecting to hub");
                         let itx = itx.clone();
-                        let token = self.cfg.token.clone();
+                        let token = self.cfg.current_token().unwrap_or_else(|error| {
+                            tracing::warn!(%error, "using the token read at start");
+                            self.cfg.token.clone()
+                        });
                         let connector = self.connector.clone();
                         let max = self.cfg.max_message();
                         let task = tokio::spawn(async move {

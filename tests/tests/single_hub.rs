@@ -839,3 +839,62 @@ fn sighup_rotates_the_jwt_secret_without_dropping_tunnels() {
     assert!(!log.contains(new_secret), "the secret must never be logged");
     assert_eq!(upgrade(&hub, Some(&new_token)).0, 101);
 }
+
+/// Secret rotation without restarting agents: the agent re-reads its
+/// `token_file` on every hub connection, so a token written there before the
+/// hub switches secrets (SIGHUP or restart) is the one it presents when it
+/// next connects.
+#[test]
+fn an_agent_picks_up_a_rotated_token_file_when_it_reconnects() {
+    let env = Env::new();
+    let echo = echo_server();
+    let http_port = free_port();
+    let yaml = env.hub_yaml(&[("echo", "echo")], "").replace(
+        "bind: 127.0.0.1:0\ntunnel",
+        &format!("bind: 127.0.0.1:{http_port}\ntunnel"),
+    );
+    let mut hub = HubProc::start(env.path(), "hub1", &yaml);
+    let token_file = env.path().join("agent.token");
+    std::fs::write(&token_file, env.token("agent-1", None)).unwrap();
+    let agent_yaml = env.agent_yaml(
+        "agent-1",
+        &[hub.http],
+        &[("echo", echo)],
+        &format!("token_file: {}\n", token_file.display()),
+    );
+    let agent = AgentProc::start(env.path(), "agent", &agent_yaml, "unused-env-token");
+    assert!(eventually(Duration::from_secs(15), || hub
+        .metric("nowconnect_agents_connected")
+        == 1.0));
+
+    // Rotate: the agent's new token first, then the hub's secret.
+    let new_secret = "rotated-secret-for-the-whole-fleet-0123456789";
+    let new_token = nowconnect_tokio::jwt::mint(
+        new_secret.as_bytes(),
+        "agent-1",
+        None,
+        Duration::from_secs(600),
+    )
+    .unwrap();
+    std::fs::write(&token_file, &new_token).unwrap();
+    std::fs::write(&env.secret_file, new_secret).unwrap();
+    // The hub restarts with the new secret; the agent reconnects by itself.
+    hub.proc.kill();
+    let hub2 = HubProc::start(env.path(), "hub2", &yaml);
+    assert!(
+        eventually(Duration::from_secs(20), || hub2
+            .metric("nowconnect_agents_connected")
+            == 1.0),
+        "agent did not come back with the rotated token: {}",
+        agent.proc.log_text()
+    );
+    assert_eq!(
+        hub2.metric("nowconnect_tunnel_auth_failures_total{reason=\"bad_signature\"}"),
+        0.0
+    );
+    let data = Arc::new(random_bytes(100_000));
+    assert_eq!(
+        echo_roundtrip(hub2.listener("echo"), data.clone()).unwrap(),
+        sha256(&data)
+    );
+}
