@@ -898,3 +898,50 @@ fn an_agent_picks_up_a_rotated_token_file_when_it_reconnects() {
         sha256(&data)
     );
 }
+
+/// `log.format: json`: one JSON object per line; security events carry the
+/// stable target `nowconnect::security` with the reason and the peer, and
+/// never the token.
+#[test]
+fn json_logs_carry_security_events_at_a_stable_target_without_secrets() {
+    let env = Env::new();
+    let hub = HubProc::start(
+        env.path(),
+        "hub",
+        &env.hub_yaml(&[], "log:\n  format: json\n"),
+    );
+    let now = nowconnect_tokio::jwt::unix_now();
+    let expired = jwt(
+        env.secret.as_bytes(),
+        serde_json::json!({"sub": "a1", "aud": "nowconnect", "exp": now - 3600}),
+        jsonwebtoken::Algorithm::HS256,
+    );
+    assert_eq!(upgrade(&hub, Some(&expired)).0, 401);
+    assert!(eventually(Duration::from_secs(5), || hub
+        .proc
+        .log_text()
+        .contains("nowconnect::security")));
+    let log = hub.proc.log_text();
+    let mut security = 0;
+    for line in log.lines().filter(|l| l.starts_with('{')) {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
+        if v["target"] == "nowconnect::security" {
+            security += 1;
+            assert_eq!(v["reason"], "expired", "{line}");
+            assert!(
+                v["peer"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("127.0.0.1:")),
+                "{line}"
+            );
+        }
+    }
+    assert_eq!(security, 1, "{log}");
+    assert!(!log.contains(&expired), "a token reached the log");
+    assert!(!log.contains(&env.secret), "the secret reached the log");
+}
