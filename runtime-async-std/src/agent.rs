@@ -14,10 +14,10 @@ use async_std::task::{self, JoinHandle};
 use async_tungstenite::tungstenite::Message;
 use futures_util::StreamExt;
 use nowconnect_core::agent::{Agent, AgentOutput, HubLinkState};
-use nowconnect_core::tunnel::{Tunnel, TunnelEvent};
+use nowconnect_core::tunnel::Tunnel;
 use nowconnect_core::{Cid, ErrorCode};
 use nowconnect_shared::config::AgentConfig;
-use nowconnect_shared::driver::{FlowEnd, LinkCmd, TunnelDriver};
+use nowconnect_shared::driver::{FlowEnd, LinkCmd, TunnelDriver, agent_tunnel_step};
 use nowconnect_shared::metrics::Metrics;
 
 use crate::net::{Ws, connect_ws, pipe_tcp, to_core, write_ws};
@@ -285,35 +285,16 @@ impl AgentRuntime {
                     }
                 }
             }
-            let mut lost = None;
-            if let Some(c) = conn.as_mut() {
-                let now = Instant::now();
-                for ev in c.driver.drain() {
-                    match ev {
-                        TunnelEvent::Established { epoch, codec } => {
-                            tracing::info!(
-                                epoch = epoch.0,
-                                codec = codec.as_str(),
-                                "tunnel established"
-                            );
-                            agent.hub_established(now, c.attempt);
-                        }
-                        TunnelEvent::Open { cid, connector } => {
-                            let end = c.driver.attach_flow(cid, &connector);
-                            waiting.insert(cid, end);
-                            agent.flow_opened(now, cid, &connector);
-                        }
-                        TunnelEvent::Closed { code, reason } => {
-                            tracing::warn!(%code, %reason, "tunnel closed");
-                            lost = Some((c.attempt, code, reason));
-                        }
-                        TunnelEvent::Hello { .. } | TunnelEvent::Flow(_) | TunnelEvent::Rtt(_) => {}
-                    }
-                }
-                c.driver.drain();
-                c.driver.flush();
-                c.driver.report();
-            }
+            let lost = conn.as_mut().and_then(|c| {
+                agent_tunnel_step(
+                    &mut c.driver,
+                    &mut agent,
+                    c.attempt,
+                    &mut waiting,
+                    Instant::now(),
+                )
+                .map(|(code, reason)| (c.attempt, code, reason))
+            });
             if let Some((attempt, code, reason)) = lost {
                 let mut c = conn.take().expect("connection");
                 c.driver.close_socket(code, &reason);

@@ -74,15 +74,7 @@ pub async fn connect_ws(
         .await
         .map_err(|e| match e {
             WsError::Http(resp) => {
-                let body = resp
-                    .body()
-                    .as_ref()
-                    .map(|b| String::from_utf8_lossy(b).trim().to_string())
-                    .unwrap_or_default();
-                format!(
-                    "{url}: hub refused the tunnel: HTTP {} {body}",
-                    resp.status()
-                )
+                nowconnect_shared::driver::hub_refusal(url, resp.status(), resp.body().as_deref())
             }
             e => format!("{url}: {e}"),
         })?;

@@ -602,6 +602,55 @@ async fn pipe(
     }
 }
 
+/// The agent's step after every wake-up, the same on every runtime: hand
+/// the tunnel's events to the core [`Agent`](nowconnect_core::agent::Agent)
+/// (established, flows opened: their ends wait in `waiting` for the target
+/// dial), send what the core queued, export its counters. Returns the
+/// tunnel's close (code, reason) when it ended.
+pub fn agent_tunnel_step(
+    driver: &mut TunnelDriver,
+    agent: &mut nowconnect_core::agent::Agent,
+    attempt: u64,
+    waiting: &mut BTreeMap<Cid, FlowEnd>,
+    now: Instant,
+) -> Option<(ErrorCode, String)> {
+    let mut lost = None;
+    for ev in driver.drain() {
+        match ev {
+            TunnelEvent::Established { epoch, codec } => {
+                tracing::info!(
+                    epoch = epoch.0,
+                    codec = codec.as_str(),
+                    "tunnel established"
+                );
+                agent.hub_established(now, attempt);
+            }
+            TunnelEvent::Open { cid, connector } => {
+                let end = driver.attach_flow(cid, &connector);
+                waiting.insert(cid, end);
+                agent.flow_opened(now, cid, &connector);
+            }
+            TunnelEvent::Closed { code, reason } => {
+                tracing::warn!(%code, %reason, "tunnel closed");
+                lost = Some((code, reason));
+            }
+            TunnelEvent::Hello { .. } | TunnelEvent::Flow(_) | TunnelEvent::Rtt(_) => {}
+        }
+    }
+    driver.drain();
+    driver.flush();
+    driver.report();
+    lost
+}
+
+/// How a hub's refusal of the tunnel upgrade reads in the agent's log.
+pub fn hub_refusal(url: &str, status: impl std::fmt::Display, body: Option<&[u8]>) -> String {
+    let body = body
+        .map(|b| String::from_utf8_lossy(b).trim().to_string())
+        .unwrap_or_default();
+    format!("{url}: hub refused the tunnel: HTTP {status} {body}")
+}
+
 /// Pipe one socket (its read and write halves) and one flow until both
 /// directions end or either side resets. `up` names the byte direction of
 /// what is read from this socket. The halves run concurrently in this one

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use futures_util::stream::SplitStream;
 use nowconnect_core::agent::{Agent, AgentOutput, HubLinkState};
-use nowconnect_core::tunnel::{Tunnel, TunnelEvent};
+use nowconnect_core::tunnel::Tunnel;
 use nowconnect_core::{Cid, ErrorCode, WsMessage};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::config::AgentConfig;
-use crate::driver::{FlowEnd, LinkCmd, TunnelDriver};
+use crate::driver::{FlowEnd, LinkCmd, TunnelDriver, agent_tunnel_step};
 use crate::io::{pipe_tcp, write_tungstenite};
 use crate::metrics::Metrics;
 
@@ -240,35 +240,16 @@ impl AgentRuntime {
                     }
                 }
             }
-            let mut lost = None;
-            if let Some(c) = conn.as_mut() {
-                let now = Instant::now();
-                for ev in c.driver.drain() {
-                    match ev {
-                        TunnelEvent::Established { epoch, codec } => {
-                            tracing::info!(
-                                epoch = epoch.0,
-                                codec = codec.as_str(),
-                                "tunnel established"
-                            );
-                            agent.hub_established(now, c.attempt);
-                        }
-                        TunnelEvent::Open { cid, connector } => {
-                            let end = c.driver.attach_flow(cid, &connector);
-                            waiting.insert(cid, end);
-                            agent.flow_opened(now, cid, &connector);
-                        }
-                        TunnelEvent::Closed { code, reason } => {
-                            tracing::warn!(%code, %reason, "tunnel closed");
-                            lost = Some((c.attempt, code, reason));
-                        }
-                        TunnelEvent::Hello { .. } | TunnelEvent::Flow(_) | TunnelEvent::Rtt(_) => {}
-                    }
-                }
-                c.driver.drain();
-                c.driver.flush();
-                c.driver.report();
-            }
+            let lost = conn.as_mut().and_then(|c| {
+                agent_tunnel_step(
+                    &mut c.driver,
+                    &mut agent,
+                    c.attempt,
+                    &mut waiting,
+                    Instant::now(),
+                )
+                .map(|(code, reason)| (c.attempt, code, reason))
+            });
             if let Some((attempt, code, reason)) = lost {
                 let mut c = conn.take().expect("connection");
                 c.driver.close_socket(code, &reason);
@@ -313,15 +294,7 @@ async fn connect_hub(
             .await
             .map_err(|e| match e {
                 tokio_tungstenite::tungstenite::Error::Http(resp) => {
-                    let body = resp
-                        .body()
-                        .as_ref()
-                        .map(|b| String::from_utf8_lossy(b).trim().to_string())
-                        .unwrap_or_default();
-                    format!(
-                        "{url}: hub refused the tunnel: HTTP {} {body}",
-                        resp.status()
-                    )
+                    crate::driver::hub_refusal(url, resp.status(), resp.body().as_deref())
                 }
                 e => format!("{url}: {e}"),
             })?;
