@@ -4,7 +4,6 @@
 //! socket with the shared flow pipes. Same configuration, behaviour, metrics
 //! and logs as the tokio agent.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,11 +12,13 @@ use async_std::net::TcpStream;
 use async_std::task::{self, JoinHandle};
 use async_tungstenite::tungstenite::Message;
 use futures_util::StreamExt;
-use nowconnect_core::agent::{Agent, AgentOutput, HubLinkState};
+use nowconnect_core::agent::{Agent, HubLinkState};
 use nowconnect_core::tunnel::Tunnel;
 use nowconnect_core::{Cid, ErrorCode};
 use nowconnect_shared::config::AgentConfig;
-use nowconnect_shared::driver::{FlowEnd, LinkCmd, TunnelDriver, agent_tunnel_step};
+use nowconnect_shared::driver::{
+    AgentDials, AgentTasks, LinkCmd, TunnelDriver, agent_outputs, agent_tunnel_step,
+};
 use nowconnect_shared::metrics::Metrics;
 
 use crate::net::{Ws, connect_ws, pipe_tcp, to_core, write_ws};
@@ -74,7 +75,58 @@ fn cancel<T: Send + 'static>(t: JoinHandle<T>) {
     });
 }
 
+/// Hub and target dials as async-std tasks reporting into the agent's channel.
+struct Tasks {
+    itx: Sender<Internal>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    max: usize,
+}
+
+impl AgentTasks for Tasks {
+    type Task = JoinHandle<()>;
+
+    fn dial_hub(&self, attempt: u64, url: String, token: String) -> JoinHandle<()> {
+        let (itx, tls, max) = (self.itx.clone(), self.tls.clone(), self.max);
+        task::spawn(async move {
+            let msg = match connect_ws(&url, &token, tls, max).await {
+                Ok(ws) => Internal::HubConnected {
+                    attempt,
+                    ws: Box::new(ws),
+                },
+                Err(reason) => Internal::HubFailed { attempt, reason },
+            };
+            let _ = itx.try_send(msg);
+        })
+    }
+
+    fn dial_target(&self, cid: Cid, target: String) -> JoinHandle<()> {
+        let itx = self.itx.clone();
+        task::spawn(async move {
+            let msg = match TcpStream::connect(target.as_str()).await {
+                Ok(stream) => Internal::TargetConnected { cid, stream },
+                Err(e) => Internal::TargetFailed {
+                    cid,
+                    reason: format!("{target}: {e}"),
+                },
+            };
+            let _ = itx.try_send(msg);
+        })
+    }
+
+    fn cancel(&self, t: JoinHandle<()>) {
+        cancel(t);
+    }
+}
+
 impl AgentRuntime {
+    /// The token for the next hub connection (see `AgentConfig::current_token`).
+    fn token(&self) -> String {
+        self.cfg.current_token().unwrap_or_else(|error| {
+            tracing::warn!(%error, "using the token read at start");
+            self.cfg.token.clone()
+        })
+    }
+
     pub fn new(cfg: AgentConfig) -> Result<Self, String> {
         let tls = match &cfg.raw.tls {
             Some(t) => Some(Arc::new(nowconnect_shared::tls::client_config(
@@ -109,77 +161,20 @@ impl AgentRuntime {
             });
         }
         let mut conn: Option<Connection> = None;
-        let mut hub_dial: Option<(u64, JoinHandle<()>)> = None;
-        let mut dials: BTreeMap<Cid, JoinHandle<()>> = BTreeMap::new();
-        let mut waiting: BTreeMap<Cid, FlowEnd> = BTreeMap::new();
+        let tasks = Tasks {
+            itx: itx.clone(),
+            tls: self.tls.clone(),
+            max: self.cfg.max_message(),
+        };
+        let mut dials: AgentDials<JoinHandle<()>> = AgentDials::default();
         loop {
-            while let Some(out) = agent.poll_output() {
-                match out {
-                    AgentOutput::DialHub { attempt, url } => {
-                        tracing::info!(attempt, %url, "connecting to hub");
-                        let itx = itx.clone();
-                        let token = self.cfg.current_token().unwrap_or_else(|error| {
-                            tracing::warn!(%error, "using the token read at start");
-                            self.cfg.token.clone()
-                        });
-                        let tls = self.tls.clone();
-                        let max = self.cfg.max_message();
-                        let t = task::spawn(async move {
-                            let msg = match connect_ws(&url, &token, tls, max).await {
-                                Ok(ws) => Internal::HubConnected {
-                                    attempt,
-                                    ws: Box::new(ws),
-                                },
-                                Err(reason) => Internal::HubFailed { attempt, reason },
-                            };
-                            let _ = itx.try_send(msg);
-                        });
-                        hub_dial = Some((attempt, t));
-                    }
-                    AgentOutput::AbortHub { attempt, reason } => {
-                        tracing::warn!(attempt, %reason, "hub attempt abandoned");
-                        if let Some((a, t)) = hub_dial.take() {
-                            if a == attempt {
-                                cancel(t);
-                            } else {
-                                hub_dial = Some((a, t));
-                            }
-                        }
-                        if let Some(c) = conn.as_mut().filter(|c| c.attempt == attempt) {
-                            c.driver.tunnel.close(ErrorCode::IdleTimeout, &reason);
-                        }
-                    }
-                    AgentOutput::DialTarget { cid, target } => {
-                        let itx = itx.clone();
-                        let t = task::spawn(async move {
-                            let msg = match TcpStream::connect(target.as_str()).await {
-                                Ok(stream) => Internal::TargetConnected { cid, stream },
-                                Err(e) => Internal::TargetFailed {
-                                    cid,
-                                    reason: format!("{target}: {e}"),
-                                },
-                            };
-                            let _ = itx.try_send(msg);
-                        });
-                        dials.insert(cid, t);
-                    }
-                    AgentOutput::ResetFlow { cid, code, reason } => {
-                        tracing::warn!(cid, %code, %reason, "flow reset");
-                        if let Some(t) = dials.remove(&cid) {
-                            cancel(t);
-                        }
-                        waiting.remove(&cid);
-                        if let Some(c) = conn.as_mut() {
-                            c.driver
-                                .on_cmd(Instant::now(), LinkCmd::Reset { cid, code, reason });
-                        }
-                    }
-                }
-            }
-            if let Some(c) = conn.as_mut() {
-                c.driver.drain();
-                c.driver.flush();
-            }
+            agent_outputs(
+                &tasks,
+                &mut agent,
+                &mut dials,
+                conn.as_mut().map(|c| (c.attempt, &mut c.driver)),
+                || self.token(),
+            );
             let deadline = [
                 agent.poll_timeout(),
                 conn.as_ref()
@@ -256,15 +251,15 @@ impl AgentRuntime {
                     }
                 }
                 Wake::Internal(Internal::TargetConnected { cid, stream }) => {
-                    dials.remove(&cid);
+                    dials.targets.remove(&cid);
                     if agent.target_connected(now, cid)
-                        && let Some(end) = waiting.remove(&cid)
+                        && let Some(end) = dials.waiting.remove(&cid)
                     {
                         task::spawn(pipe_tcp(stream, end, self.metrics.clone(), "down", "up"));
                     }
                 }
                 Wake::Internal(Internal::TargetFailed { cid, reason }) => {
-                    dials.remove(&cid);
+                    dials.targets.remove(&cid);
                     agent.target_failed(now, cid, &reason);
                 }
                 Wake::Cmd(cmd) => {
@@ -290,7 +285,7 @@ impl AgentRuntime {
                     &mut c.driver,
                     &mut agent,
                     c.attempt,
-                    &mut waiting,
+                    &mut dials.waiting,
                     Instant::now(),
                 )
                 .map(|(code, reason)| (c.attempt, code, reason))
@@ -300,8 +295,8 @@ impl AgentRuntime {
                 c.driver.close_socket(code, &reason);
                 drop(c.driver);
                 cancel(c.reader);
-                waiting.clear();
-                for (_, t) in std::mem::take(&mut dials) {
+                dials.waiting.clear();
+                for (_, t) in std::mem::take(&mut dials.targets) {
                     cancel(t);
                 }
                 let _ = async_std::future::timeout(Duration::from_millis(500), c.writer).await;

@@ -602,6 +602,90 @@ async fn pipe(
     }
 }
 
+/// What an agent runtime must do for the core agent: start a hub dial or a
+/// target dial as a task that reports back into the runtime's own event
+/// channel, and cancel such a task. Everything else of the agent's loop is
+/// [`agent_outputs`] and [`agent_tunnel_step`], shared.
+pub trait AgentTasks {
+    type Task;
+    /// Dial `url` with `token`; report the WebSocket (or the failure) for `attempt`.
+    fn dial_hub(&self, attempt: u64, url: String, token: String) -> Self::Task;
+    /// Connect to `target`; report the stream (or the failure) for `cid`.
+    fn dial_target(&self, cid: Cid, target: String) -> Self::Task;
+    fn cancel(&self, task: Self::Task);
+}
+
+/// The dials an agent has running and the flow ends waiting for them.
+pub struct AgentDials<T> {
+    pub hub: Option<(u64, T)>,
+    pub targets: BTreeMap<Cid, T>,
+    pub waiting: BTreeMap<Cid, FlowEnd>,
+}
+
+impl<T> Default for AgentDials<T> {
+    fn default() -> Self {
+        AgentDials {
+            hub: None,
+            targets: BTreeMap::new(),
+            waiting: BTreeMap::new(),
+        }
+    }
+}
+
+/// Carry out what the core agent asked for; `conn` is the current tunnel
+/// (with the dial attempt it belongs to), if any. `token` gives the token
+/// for a new hub connection.
+pub fn agent_outputs<R: AgentTasks>(
+    rt: &R,
+    agent: &mut nowconnect_core::agent::Agent,
+    dials: &mut AgentDials<R::Task>,
+    mut conn: Option<(u64, &mut TunnelDriver)>,
+    token: impl Fn() -> String,
+) {
+    use nowconnect_core::agent::AgentOutput;
+    while let Some(out) = agent.poll_output() {
+        match out {
+            AgentOutput::DialHub { attempt, url } => {
+                tracing::info!(attempt, %url, "connecting to hub");
+                dials.hub = Some((attempt, rt.dial_hub(attempt, url, token())));
+            }
+            AgentOutput::AbortHub { attempt, reason } => {
+                tracing::warn!(attempt, %reason, "hub attempt abandoned");
+                if let Some((a, t)) = dials.hub.take() {
+                    if a == attempt {
+                        rt.cancel(t);
+                    } else {
+                        dials.hub = Some((a, t));
+                    }
+                }
+                if let Some((a, d)) = conn.as_mut()
+                    && *a == attempt
+                {
+                    d.tunnel.close(ErrorCode::IdleTimeout, &reason);
+                }
+            }
+            AgentOutput::DialTarget { cid, target } => {
+                dials.targets.insert(cid, rt.dial_target(cid, target));
+            }
+            AgentOutput::ResetFlow { cid, code, reason } => {
+                tracing::warn!(cid, %code, %reason, "flow reset");
+                if let Some(t) = dials.targets.remove(&cid) {
+                    rt.cancel(t);
+                }
+                dials.waiting.remove(&cid);
+                if let Some((_, d)) = conn.as_mut() {
+                    d.on_cmd(Instant::now(), LinkCmd::Reset { cid, code, reason });
+                }
+            }
+        }
+    }
+    // Send what those outputs queued (RSTs) before waiting again.
+    if let Some((_, d)) = conn {
+        d.drain();
+        d.flush();
+    }
+}
+
 /// The agent's step after every wake-up, the same on every runtime: hand
 /// the tunnel's events to the core [`Agent`](nowconnect_core::agent::Agent)
 /// (established, flows opened: their ends wait in `waiting` for the target

@@ -2,13 +2,12 @@
 //! a target, reset a flow), drives one [`Tunnel`] at a time, and pipes each
 //! flow to its target socket.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use futures_util::stream::SplitStream;
-use nowconnect_core::agent::{Agent, AgentOutput, HubLinkState};
+use nowconnect_core::agent::{Agent, HubLinkState};
 use nowconnect_core::tunnel::Tunnel;
 use nowconnect_core::{Cid, ErrorCode, WsMessage};
 use tokio::net::TcpStream;
@@ -20,7 +19,9 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::config::AgentConfig;
-use crate::driver::{FlowEnd, LinkCmd, TunnelDriver, agent_tunnel_step};
+use crate::driver::{
+    AgentDials, AgentTasks, LinkCmd, TunnelDriver, agent_outputs, agent_tunnel_step,
+};
 use crate::io::{pipe_tcp, write_tungstenite};
 use crate::metrics::Metrics;
 
@@ -45,7 +46,58 @@ pub struct AgentRuntime {
     metrics: Arc<Metrics>,
 }
 
+/// Hub and target dials as tokio tasks reporting into the agent's channel.
+struct Tasks {
+    itx: mpsc::UnboundedSender<Internal>,
+    connector: Option<Connector>,
+    max: usize,
+}
+
+impl AgentTasks for Tasks {
+    type Task = JoinHandle<()>;
+
+    fn dial_hub(&self, attempt: u64, url: String, token: String) -> JoinHandle<()> {
+        let (itx, connector, max) = (self.itx.clone(), self.connector.clone(), self.max);
+        tokio::spawn(async move {
+            let msg = match connect_hub(&url, &token, connector, max).await {
+                Ok(ws) => Internal::HubConnected {
+                    attempt,
+                    ws: Box::new(ws),
+                },
+                Err(reason) => Internal::HubFailed { attempt, reason },
+            };
+            let _ = itx.send(msg);
+        })
+    }
+
+    fn dial_target(&self, cid: Cid, target: String) -> JoinHandle<()> {
+        let itx = self.itx.clone();
+        tokio::spawn(async move {
+            let msg = match TcpStream::connect(&target).await {
+                Ok(stream) => Internal::TargetConnected { cid, stream },
+                Err(e) => Internal::TargetFailed {
+                    cid,
+                    reason: format!("{target}: {e}"),
+                },
+            };
+            let _ = itx.send(msg);
+        })
+    }
+
+    fn cancel(&self, task: JoinHandle<()>) {
+        task.abort();
+    }
+}
+
 impl AgentRuntime {
+    /// The token for the next hub connection (see `AgentConfig::current_token`).
+    fn token(&self) -> String {
+        self.cfg.current_token().unwrap_or_else(|error| {
+            tracing::warn!(%error, "using the token read at start");
+            self.cfg.token.clone()
+        })
+    }
+
     pub fn new(cfg: AgentConfig) -> Result<Self, String> {
         let connector = match &cfg.raw.tls {
             Some(tls) => Some(Connector::Rustls(Arc::new(crate::tls::client_config(
@@ -70,83 +122,21 @@ impl AgentRuntime {
         let mut conn: Option<Connection> = None;
         let mut ws_in: Option<SplitStream<Ws>> = None;
         let mut cmd_rx: Option<async_channel::Receiver<LinkCmd>> = None;
-        let mut hub_dial: Option<(u64, JoinHandle<()>)> = None;
-        let mut dials: BTreeMap<Cid, JoinHandle<()>> = BTreeMap::new();
-        let mut waiting: BTreeMap<Cid, FlowEnd> = BTreeMap::new();
+        let tasks = Tasks {
+            itx: itx.clone(),
+            connector: self.connector.clone(),
+            max: self.cfg.max_message(),
+        };
+        let mut dials: AgentDials<JoinHandle<()>> = AgentDials::default();
         loop {
             // Perform what the agent core asked for.
-            while let Some(out) = agent.poll_output() {
-                match out {
-                    AgentOutput::DialHub { attempt, url } => {
-                        tracing::info!(attempt, %url, "connecting to hub");
-                        let itx = itx.clone();
-                        let token = self.cfg.current_token().unwrap_or_else(|error| {
-                            tracing::warn!(%error, "using the token read at start");
-                            self.cfg.token.clone()
-                        });
-                        let connector = self.connector.clone();
-                        let max = self.cfg.max_message();
-                        let task = tokio::spawn(async move {
-                            let msg = match connect_hub(&url, &token, connector, max).await {
-                                Ok(ws) => Internal::HubConnected {
-                                    attempt,
-                                    ws: Box::new(ws),
-                                },
-                                Err(reason) => Internal::HubFailed { attempt, reason },
-                            };
-                            let _ = itx.send(msg);
-                        });
-                        hub_dial = Some((attempt, task));
-                    }
-                    AgentOutput::AbortHub { attempt, reason } => {
-                        tracing::warn!(attempt, %reason, "hub attempt abandoned");
-                        if let Some((a, t)) = hub_dial.take() {
-                            if a == attempt {
-                                t.abort();
-                            } else {
-                                hub_dial = Some((a, t));
-                            }
-                        }
-                        if conn.as_ref().is_some_and(|c| c.attempt == attempt)
-                            && let Some(c) = conn.as_mut()
-                        {
-                            c.driver.tunnel.close(ErrorCode::IdleTimeout, &reason);
-                        }
-                    }
-                    AgentOutput::DialTarget { cid, target } => {
-                        let itx = itx.clone();
-                        dials.insert(
-                            cid,
-                            tokio::spawn(async move {
-                                let msg = match TcpStream::connect(&target).await {
-                                    Ok(stream) => Internal::TargetConnected { cid, stream },
-                                    Err(e) => Internal::TargetFailed {
-                                        cid,
-                                        reason: format!("{target}: {e}"),
-                                    },
-                                };
-                                let _ = itx.send(msg);
-                            }),
-                        );
-                    }
-                    AgentOutput::ResetFlow { cid, code, reason } => {
-                        tracing::warn!(cid, %code, %reason, "flow reset");
-                        if let Some(t) = dials.remove(&cid) {
-                            t.abort();
-                        }
-                        waiting.remove(&cid);
-                        if let Some(c) = conn.as_mut() {
-                            c.driver
-                                .on_cmd(Instant::now(), LinkCmd::Reset { cid, code, reason });
-                        }
-                    }
-                }
-            }
-            // Send what those outputs queued (RSTs) before waiting again.
-            if let Some(c) = conn.as_mut() {
-                c.driver.drain();
-                c.driver.flush();
-            }
+            agent_outputs(
+                &tasks,
+                &mut agent,
+                &mut dials,
+                conn.as_mut().map(|c| (c.attempt, &mut c.driver)),
+                || self.token(),
+            );
             let agent_deadline = agent.poll_timeout();
             let tunnel_deadline = conn
                 .as_ref()
@@ -193,13 +183,13 @@ impl AgentRuntime {
                             agent.hub_lost(now, attempt);
                         }
                         Internal::TargetConnected { cid, stream } => {
-                            dials.remove(&cid);
-                            if agent.target_connected(now, cid) && let Some(end) = waiting.remove(&cid) {
+                            dials.targets.remove(&cid);
+                            if agent.target_connected(now, cid) && let Some(end) = dials.waiting.remove(&cid) {
                                 tokio::spawn(pipe_tcp(stream, end, self.metrics.clone(), "down", "up"));
                             }
                         }
                         Internal::TargetFailed { cid, reason } => {
-                            dials.remove(&cid);
+                            dials.targets.remove(&cid);
                             agent.target_failed(now, cid, &reason);
                         }
                     }
@@ -245,7 +235,7 @@ impl AgentRuntime {
                     &mut c.driver,
                     &mut agent,
                     c.attempt,
-                    &mut waiting,
+                    &mut dials.waiting,
                     Instant::now(),
                 )
                 .map(|(code, reason)| (c.attempt, code, reason))
@@ -256,8 +246,8 @@ impl AgentRuntime {
                 drop(c.driver);
                 ws_in = None;
                 cmd_rx = None;
-                waiting.clear();
-                for (_, t) in std::mem::take(&mut dials) {
+                dials.waiting.clear();
+                for (_, t) in std::mem::take(&mut dials.targets) {
                     t.abort();
                 }
                 let _ = tokio::time::timeout(Duration::from_millis(500), c.writer).await;
