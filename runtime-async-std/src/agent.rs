@@ -119,14 +119,6 @@ impl AgentTasks for Tasks {
 }
 
 impl AgentRuntime {
-    /// The token for the next hub connection (see `AgentConfig::current_token`).
-    fn token(&self) -> String {
-        self.cfg.current_token().unwrap_or_else(|error| {
-            tracing::warn!(%error, "using the token read at start");
-            self.cfg.token.clone()
-        })
-    }
-
     pub fn new(cfg: AgentConfig) -> Result<Self, String> {
         let tls = match &cfg.raw.tls {
             Some(t) => Some(Arc::new(nowconnect_shared::tls::client_config(
@@ -173,7 +165,7 @@ impl AgentRuntime {
                 &mut agent,
                 &mut dials,
                 conn.as_mut().map(|c| (c.attempt, &mut c.driver)),
-                || self.token(),
+                || self.cfg.dial_token(),
             );
             let deadline = [
                 agent.poll_timeout(),

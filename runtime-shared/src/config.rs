@@ -703,6 +703,15 @@ impl AgentConfig {
         Ok(t)
     }
 
+    /// [`AgentConfig::current_token`], or (with a warning naming the
+    /// problem) the token read at start.
+    pub fn dial_token(&self) -> String {
+        self.current_token().unwrap_or_else(|error| {
+            tracing::warn!(%error, "using the token read at start");
+            self.token.clone()
+        })
+    }
+
     /// Largest WebSocket message to accept from a hub.
     pub fn max_message(&self) -> usize {
         self.raw.max_frame_bytes as usize + 1024

@@ -90,14 +90,6 @@ impl AgentTasks for Tasks {
 }
 
 impl AgentRuntime {
-    /// The token for the next hub connection (see `AgentConfig::current_token`).
-    fn token(&self) -> String {
-        self.cfg.current_token().unwrap_or_else(|error| {
-            tracing::warn!(%error, "using the token read at start");
-            self.cfg.token.clone()
-        })
-    }
-
     pub fn new(cfg: AgentConfig) -> Result<Self, String> {
         let connector = match &cfg.raw.tls {
             Some(tls) => Some(Connector::Rustls(Arc::new(crate::tls::client_config(
@@ -135,7 +127,7 @@ impl AgentRuntime {
                 &mut agent,
                 &mut dials,
                 conn.as_mut().map(|c| (c.attempt, &mut c.driver)),
-                || self.token(),
+                || self.cfg.dial_token(),
             );
             let agent_deadline = agent.poll_timeout();
             let tunnel_deadline = conn
