@@ -21,7 +21,8 @@ use nowconnect_shared::driver::{
 };
 use nowconnect_shared::metrics::Metrics;
 
-use crate::net::{Ws, connect_ws, pipe_tcp, to_core, write_ws};
+use crate::net::{Ws, connect_ws, pipe_tcp, to_core};
+use nowconnect_shared::tung::write_ws;
 
 enum Internal {
     HubConnected {

@@ -5,14 +5,10 @@ use std::sync::Arc;
 
 use async_std::net::TcpStream;
 use async_tungstenite::WebSocketStream;
-use async_tungstenite::tungstenite::client::IntoClientRequest;
-use async_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use async_tungstenite::tungstenite::{Error as WsError, Message};
 use futures_util::io::{AsyncRead, AsyncWrite};
 use nowconnect_core::WsMessage;
-use nowconnect_shared::driver::{
-    AdaptiveReader, FlowEnd, Outgoing, run_flow_socket, write_ws_with,
-};
+use nowconnect_shared::driver::{AdaptiveReader, FlowEnd, run_flow_socket};
 use nowconnect_shared::metrics::Metrics;
 use rustls_pki_types::ServerName;
 
@@ -30,15 +26,7 @@ pub async fn connect_ws(
     tls: Option<Arc<rustls::ClientConfig>>,
     max_message: usize,
 ) -> Result<Ws, String> {
-    let mut req = url
-        .into_client_request()
-        .map_err(|e| format!("bad hub URL `{url}`: {e}"))?;
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {token}")
-            .parse()
-            .map_err(|_| "token has characters not allowed in a header".to_string())?,
-    );
+    let req = nowconnect_shared::tung::hub_request(url, token)?;
     let uri = req.uri().clone();
     let host = uri
         .host()
@@ -67,9 +55,7 @@ pub async fn connect_ws(
     } else {
         Box::new(tcp)
     };
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(max_message))
-        .max_frame_size(Some(max_message));
+    let config = nowconnect_shared::tung::ws_config(max_message);
     let (ws, _) = async_tungstenite::client_async_with_config(req, io, Some(config))
         .await
         .map_err(|e| match e {
@@ -99,28 +85,6 @@ pub fn to_core(m: Message) -> Option<WsMessage> {
         Message::Text(t) => Some(WsMessage::Text(t.as_str().to_owned())),
         _ => None,
     }
-}
-
-/// The writer loop of a link's WebSocket.
-pub async fn write_ws<S>(sink: S, rx: async_channel::Receiver<Outgoing>)
-where
-    S: futures_util::Sink<Message> + Unpin,
-{
-    write_ws_with(
-        sink,
-        rx,
-        |m| match m {
-            WsMessage::Text(s) => Message::Text(s.into()),
-            WsMessage::Binary(b) => Message::Binary(b),
-        },
-        |code, reason| {
-            Message::Close(Some(CloseFrame {
-                code: code.into(),
-                reason: reason.into(),
-            }))
-        },
-    )
-    .await
 }
 
 /// Pipe a TCP socket to a flow (see [`run_flow_socket`]).

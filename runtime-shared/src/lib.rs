@@ -13,3 +13,4 @@ pub mod jwt;
 pub mod logging;
 pub mod metrics;
 pub mod tls;
+pub mod tung;

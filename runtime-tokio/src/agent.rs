@@ -14,15 +14,13 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::config::AgentConfig;
 use crate::driver::{
     AgentDials, AgentTasks, LinkCmd, TunnelDriver, agent_outputs, agent_tunnel_step,
 };
-use crate::io::{pipe_tcp, write_tungstenite};
+use crate::io::pipe_tcp;
 use crate::metrics::Metrics;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -166,7 +164,7 @@ impl AgentRuntime {
                             let tunnel = Tunnel::agent(now, self.cfg.tunnel_config(), &r.agent_id, &connectors);
                             let mut driver = TunnelDriver::new(tunnel, out_tx, ctx, self.metrics.clone());
                             driver.flush();
-                            conn = Some(Connection { attempt, driver, writer: tokio::spawn(write_tungstenite(sink, out_rx)) });
+                            conn = Some(Connection { attempt, driver, writer: tokio::spawn(nowconnect_shared::tung::write_ws(sink, out_rx)) });
                             ws_in = Some(stream);
                             cmd_rx = Some(crx);
                         }
@@ -259,18 +257,8 @@ async fn connect_hub(
     connector: Option<Connector>,
     max: usize,
 ) -> Result<Ws, String> {
-    let mut req = url
-        .into_client_request()
-        .map_err(|e| format!("bad hub URL `{url}`: {e}"))?;
-    req.headers_mut().insert(
-        "authorization",
-        format!("Bearer {token}")
-            .parse()
-            .map_err(|_| "token has characters not allowed in a header".to_string())?,
-    );
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max));
+    let req = nowconnect_shared::tung::hub_request(url, token)?;
+    let config = nowconnect_shared::tung::ws_config(max);
     let (ws, _) =
         tokio_tungstenite::connect_async_tls_with_config(req, Some(config), true, connector)
             .await

@@ -45,30 +45,6 @@ impl ChunkReader for TokioReader {
         }
     }
 }
-type Tung = tokio_tungstenite::tungstenite::Message;
-
-/// The writer loop for a tokio-tungstenite WebSocket.
-pub async fn write_tungstenite<S>(sink: S, rx: async_channel::Receiver<Outgoing>)
-where
-    S: futures_util::Sink<Tung> + Unpin,
-{
-    write_ws_with(
-        sink,
-        rx,
-        |m| match m {
-            WsMessage::Text(s) => Tung::Text(s.into()),
-            WsMessage::Binary(b) => Tung::Binary(b),
-        },
-        |code, reason| {
-            Tung::Close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
-                code: code.into(),
-                reason: reason.into(),
-            }))
-        },
-    )
-    .await
-}
-
 type Axum = axum::extract::ws::Message;
 
 /// The writer loop for the hub's axum WebSocket (`/tunnel`).

@@ -122,10 +122,7 @@ pub fn tls_configs(mesh: &MeshConfig) -> Result<MeshTlsConfigs, String> {
 }
 
 fn ws_config(shared: &Shared) -> WebSocketConfig {
-    let max = shared.cfg().limits.max_frame + 1024;
-    WebSocketConfig::default()
-        .max_message_size(Some(max))
-        .max_frame_size(Some(max))
+    nowconnect_shared::tung::ws_config(shared.cfg().limits.max_frame + 1024)
 }
 
 pub fn link_config(shared: &Shared) -> MeshLinkConfig {
@@ -314,7 +311,7 @@ async fn run_link(
                   ws_in: &mut Option<futures_util::stream::SplitStream<Ws>>| {
         let (sink, stream) = ws.split();
         let (tx, rx) = async_channel::unbounded();
-        tokio::spawn(crate::io::write_tungstenite(sink, rx));
+        tokio::spawn(nowconnect_shared::tung::write_ws(sink, rx));
         *out = Some(tx);
         *ws_in = Some(stream);
     };

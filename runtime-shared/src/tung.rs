@@ -1,0 +1,55 @@
+//! tungstenite, the WebSocket library under both runtimes' client and mesh
+//! sockets (tokio-tungstenite and async-tungstenite share its message type):
+//! the request an agent dials a hub with, and the link writer.
+
+use async_channel::Receiver;
+use nowconnect_core::WsMessage;
+use tungstenite::Message;
+use tungstenite::client::IntoClientRequest;
+use tungstenite::handshake::client::Request;
+use tungstenite::protocol::{CloseFrame, WebSocketConfig};
+
+use crate::driver::{Outgoing, write_ws_with};
+
+/// The upgrade request for a hub's `/tunnel`, carrying the agent's token.
+pub fn hub_request(url: &str, token: &str) -> Result<Request, String> {
+    let mut req = url
+        .into_client_request()
+        .map_err(|e| format!("bad hub URL `{url}`: {e}"))?;
+    req.headers_mut().insert(
+        "authorization",
+        format!("Bearer {token}")
+            .parse()
+            .map_err(|_| "token has characters not allowed in a header".to_string())?,
+    );
+    Ok(req)
+}
+
+/// Message and frame size limits for a link whose largest message is `max`.
+pub fn ws_config(max: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(max))
+        .max_frame_size(Some(max))
+}
+
+/// The writer loop of a tungstenite WebSocket.
+pub async fn write_ws<S>(sink: S, rx: Receiver<Outgoing>)
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    write_ws_with(
+        sink,
+        rx,
+        |m| match m {
+            WsMessage::Text(s) => Message::Text(s.into()),
+            WsMessage::Binary(b) => Message::Binary(b),
+        },
+        |code, reason| {
+            Message::Close(Some(CloseFrame {
+                code: code.into(),
+                reason: reason.into(),
+            }))
+        },
+    )
+    .await
+}
