@@ -2,10 +2,14 @@
 //! exponential backoff with jitter, rotating through the hub list), and the
 //! target dial of every flow the hub opens, with its timeout.
 //!
-//! One tunnel at a time: ownership is per agent, so holding tunnels to two
-//! hubs would make them take the agent from each other.
+//! One current tunnel at a time: ownership is per agent, so holding two
+//! claiming tunnels would make hubs take the agent from each other. The
+//! exception is a hub that is shutting down: after its DRAIN the agent
+//! dials the next hub at once and keeps the draining tunnel (no longer
+//! current) for the flows it carries until that hub closes it. Flows are
+//! therefore named by (tunnel attempt, cid): cids are per tunnel.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::backoff::Backoff;
@@ -48,10 +52,16 @@ pub enum AgentOutput {
     DialHub { attempt: u64, url: String },
     /// Abandon the hub attempt or tunnel (timed out).
     AbortHub { attempt: u64, reason: String },
-    /// Connect to the target of flow `cid`; report with `target_connected` / `target_failed`.
-    DialTarget { cid: Cid, target: String },
-    /// Reset the flow on the tunnel (and abort its dial if one is running).
+    /// Connect to the target of flow `cid` of tunnel `attempt`; report with
+    /// `target_connected` / `target_failed`.
+    DialTarget {
+        attempt: u64,
+        cid: Cid,
+        target: String,
+    },
+    /// Reset the flow on tunnel `attempt` (and abort its dial if one is running).
     ResetFlow {
+        attempt: u64,
         cid: Cid,
         code: ErrorCode,
         reason: String,
@@ -70,7 +80,7 @@ pub enum HubLinkState {
 enum Timer {
     HubDeadline,
     Reconnect,
-    Dial(Cid),
+    Dial(u64, Cid),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -81,6 +91,8 @@ pub struct AgentCounters {
     pub target_failures: u64,
     pub target_timeouts: u64,
     pub unknown_connector: u64,
+    /// Hubs that said DRAIN (shutting down) while this agent was on them.
+    pub hub_drains: u64,
 }
 
 #[derive(Debug)]
@@ -91,7 +103,10 @@ pub struct Agent {
     next_attempt: u64,
     backoff: Backoff,
     rng: Rng,
-    dials: BTreeMap<Cid, Instant>,
+    /// Target dials in progress, by (tunnel attempt, cid).
+    dials: BTreeMap<(u64, Cid), Instant>,
+    /// Tunnels whose hub said DRAIN: still carrying flows, no longer current.
+    draining: BTreeSet<u64>,
     timers: BTreeMap<Timer, Instant>,
     out: VecDeque<AgentOutput>,
     pub counters: AgentCounters,
@@ -109,6 +124,7 @@ impl Agent {
             backoff,
             rng: Rng::new(seed),
             dials: BTreeMap::new(),
+            draining: BTreeSet::new(),
             timers: BTreeMap::new(),
             out: VecDeque::new(),
             counters: AgentCounters::default(),
@@ -160,19 +176,53 @@ impl Agent {
     /// The dial of `attempt` failed, or its tunnel ended. Every flow of the
     /// tunnel is gone with it; the next hub in the list is tried after a backoff.
     pub fn hub_lost(&mut self, now: Instant, attempt: u64) {
+        if self.draining.remove(&attempt) {
+            // A draining tunnel ended: only its own flows go with it.
+            self.forget_dials(attempt);
+            return;
+        }
         let ours = matches!(self.state, HubLinkState::Dialing { attempt: a } | HubLinkState::Connected { attempt: a } if a == attempt);
         if !ours {
             return;
         }
         self.counters.hub_failures += 1;
         self.timers.remove(&Timer::HubDeadline);
-        for cid in std::mem::take(&mut self.dials).into_keys() {
-            self.timers.remove(&Timer::Dial(cid));
-        }
+        self.forget_dials(attempt);
         self.hub_index = (self.hub_index + 1) % self.cfg.hubs.len().max(1);
         self.state = HubLinkState::Backoff;
         let delay = self.backoff.next_delay(&mut self.rng);
         self.timers.insert(Timer::Reconnect, now + delay);
+    }
+
+    fn forget_dials(&mut self, attempt: u64) {
+        let gone: Vec<(u64, Cid)> = self
+            .dials
+            .range((attempt, 0)..=(attempt, Cid::MAX))
+            .map(|(k, _)| *k)
+            .collect();
+        for (a, cid) in gone {
+            self.dials.remove(&(a, cid));
+            self.timers.remove(&Timer::Dial(a, cid));
+        }
+    }
+
+    /// The hub of tunnel `attempt` said DRAIN: it is shutting down. If that
+    /// is the current tunnel, it becomes a draining one (its flows go on, and
+    /// it may still get new ones until the agent is owned elsewhere) and the
+    /// next hub is dialed at once, without backoff.
+    pub fn hub_draining(&mut self, now: Instant, attempt: u64) {
+        if self.state != (HubLinkState::Connected { attempt }) {
+            return;
+        }
+        self.counters.hub_drains += 1;
+        self.draining.insert(attempt);
+        self.hub_index = (self.hub_index + 1) % self.cfg.hubs.len().max(1);
+        self.dial_hub(now);
+    }
+
+    /// Tunnels still open after their hub said DRAIN.
+    pub fn draining_tunnels(&self) -> impl Iterator<Item = u64> + '_ {
+        self.draining.iter().copied()
     }
 
     /// Stop for good (shutdown).
@@ -180,15 +230,17 @@ impl Agent {
         self.state = HubLinkState::Stopped;
         self.timers.clear();
         self.dials.clear();
+        self.draining.clear();
     }
 
-    /// The hub opened flow `cid` for `connector`.
-    pub fn flow_opened(&mut self, now: Instant, cid: Cid, connector: &str) {
+    /// The hub of tunnel `attempt` opened flow `cid` for `connector`.
+    pub fn flow_opened(&mut self, now: Instant, attempt: u64, cid: Cid, connector: &str) {
         // A flow id is opened once; should it come again, the flow is reset
         // and any dial still running for it is abandoned with it.
-        if self.dials.remove(&cid).is_some() {
-            self.timers.remove(&Timer::Dial(cid));
+        if self.dials.remove(&(attempt, cid)).is_some() {
+            self.timers.remove(&Timer::Dial(attempt, cid));
             self.out.push_back(AgentOutput::ResetFlow {
+                attempt,
                 cid,
                 code: ErrorCode::ProtocolError,
                 reason: format!("flow {cid} opened twice"),
@@ -198,6 +250,7 @@ impl Agent {
         let Some(target) = self.cfg.connectors.get(connector).cloned() else {
             self.counters.unknown_connector += 1;
             self.out.push_back(AgentOutput::ResetFlow {
+                attempt,
                 cid,
                 code: ErrorCode::UnknownConnector,
                 reason: format!(
@@ -209,6 +262,7 @@ impl Agent {
         };
         if self.dials.len() >= self.cfg.max_pending_dials {
             self.out.push_back(AgentOutput::ResetFlow {
+                attempt,
                 cid,
                 code: ErrorCode::LimitExceeded,
                 reason: format!(
@@ -220,21 +274,26 @@ impl Agent {
         }
         self.counters.target_dials += 1;
         let deadline = now + self.cfg.target_connect_timeout;
-        self.dials.insert(cid, deadline);
-        self.timers.insert(Timer::Dial(cid), deadline);
-        self.out.push_back(AgentOutput::DialTarget { cid, target });
+        self.dials.insert((attempt, cid), deadline);
+        self.timers.insert(Timer::Dial(attempt, cid), deadline);
+        self.out.push_back(AgentOutput::DialTarget {
+            attempt,
+            cid,
+            target,
+        });
     }
 
-    pub fn target_connected(&mut self, _now: Instant, cid: Cid) -> bool {
-        self.timers.remove(&Timer::Dial(cid));
-        self.dials.remove(&cid).is_some()
+    pub fn target_connected(&mut self, _now: Instant, attempt: u64, cid: Cid) -> bool {
+        self.timers.remove(&Timer::Dial(attempt, cid));
+        self.dials.remove(&(attempt, cid)).is_some()
     }
 
-    pub fn target_failed(&mut self, _now: Instant, cid: Cid, reason: &str) {
-        self.timers.remove(&Timer::Dial(cid));
-        if self.dials.remove(&cid).is_some() {
+    pub fn target_failed(&mut self, _now: Instant, attempt: u64, cid: Cid, reason: &str) {
+        self.timers.remove(&Timer::Dial(attempt, cid));
+        if self.dials.remove(&(attempt, cid)).is_some() {
             self.counters.target_failures += 1;
             self.out.push_back(AgentOutput::ResetFlow {
+                attempt,
                 cid,
                 code: ErrorCode::TargetUnreachable,
                 reason: format!("target unreachable: {reason}"),
@@ -243,9 +302,9 @@ impl Agent {
     }
 
     /// The flow ended before its dial finished (hub reset it).
-    pub fn flow_gone(&mut self, cid: Cid) {
-        self.timers.remove(&Timer::Dial(cid));
-        self.dials.remove(&cid);
+    pub fn flow_gone(&mut self, attempt: u64, cid: Cid) {
+        self.timers.remove(&Timer::Dial(attempt, cid));
+        self.dials.remove(&(attempt, cid));
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -272,10 +331,11 @@ impl Agent {
                         self.dial_hub(now);
                     }
                 }
-                Timer::Dial(cid) => {
-                    if self.dials.remove(&cid).is_some() {
+                Timer::Dial(attempt, cid) => {
+                    if self.dials.remove(&(attempt, cid)).is_some() {
                         self.counters.target_timeouts += 1;
                         self.out.push_back(AgentOutput::ResetFlow {
+                            attempt,
                             cid,
                             code: ErrorCode::ConnectTimeout,
                             reason: format!(

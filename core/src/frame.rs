@@ -187,6 +187,10 @@ pub enum Frame {
     Pong {
         nonce: u64,
     },
+    /// Hub → agent: this hub is shutting down. Open a tunnel to another hub
+    /// now and keep this one only for the flows it carries; the hub still
+    /// opens flows on it until the agent is owned elsewhere.
+    Drain,
 
     /// Mesh, both directions, first frame: the sender's replica id and its
     /// per-flow receive window.
@@ -241,6 +245,7 @@ pub enum FrameType {
     Credit,
     Ping,
     Pong,
+    Drain,
     MHello,
     MOpen,
     MOpenAck,
@@ -253,7 +258,7 @@ pub enum FrameType {
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 18] = [
+    pub const ALL: [FrameType; 19] = [
         FrameType::Hello,
         FrameType::Welcome,
         FrameType::Open,
@@ -263,6 +268,7 @@ impl FrameType {
         FrameType::Credit,
         FrameType::Ping,
         FrameType::Pong,
+        FrameType::Drain,
         FrameType::MHello,
         FrameType::MOpen,
         FrameType::MOpenAck,
@@ -286,6 +292,7 @@ impl FrameType {
             FrameType::Credit => "CREDIT",
             FrameType::Ping => "PING",
             FrameType::Pong => "PONG",
+            FrameType::Drain => "DRAIN",
             FrameType::MHello => "M_HELLO",
             FrameType::MOpen => "M_OPEN",
             FrameType::MOpenAck => "M_OPEN_ACK",
@@ -314,6 +321,7 @@ impl FrameType {
             FrameType::Credit => 0x07,
             FrameType::Ping => 0x08,
             FrameType::Pong => 0x09,
+            FrameType::Drain => 0x0a,
             FrameType::MHello => 0x10,
             FrameType::MOpen => 0x11,
             FrameType::MOpenAck => 0x12,
@@ -348,6 +356,7 @@ impl Frame {
             Frame::Credit { .. } => FrameType::Credit,
             Frame::Ping { .. } => FrameType::Ping,
             Frame::Pong { .. } => FrameType::Pong,
+            Frame::Drain => FrameType::Drain,
             Frame::MHello { .. } => FrameType::MHello,
             Frame::MOpen { .. } => FrameType::MOpen,
             Frame::MOpenAck { .. } => FrameType::MOpenAck,

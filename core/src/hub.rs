@@ -83,12 +83,25 @@ pub enum HubOutput {
     },
     /// The other replicas announced in the registry: (replica id, mesh URL).
     Peers(Vec<(String, String)>),
+    /// Send DRAIN on the tunnel: this hub is shutting down, the agent should
+    /// move to another hub now and keep this tunnel for its flows.
+    DrainTunnel {
+        tunnel: TunnelId,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum AgentState {
-    Claiming { op: OpId },
-    Owned { epoch: Epoch },
+    Claiming {
+        op: OpId,
+    },
+    Owned {
+        epoch: Epoch,
+    },
+    /// Draining hub only: the agent moved to another hub (which now owns it)
+    /// and this tunnel stays up for the flows it still carries. Takes no new
+    /// flows and is not renewed.
+    Superseded,
 }
 
 #[derive(Clone, Debug)]
@@ -228,7 +241,7 @@ impl Hub {
             AgentState::Owned { epoch } => {
                 Some((a.agent_id.as_str(), epoch, a.connectors.as_slice()))
             }
-            AgentState::Claiming { .. } => None,
+            AgentState::Claiming { .. } | AgentState::Superseded => None,
         })
     }
 
@@ -237,7 +250,7 @@ impl Hub {
         let t = *self.by_agent.get(agent_id)?;
         match self.agents.get(&t)?.state {
             AgentState::Owned { epoch } => Some((t, epoch)),
-            AgentState::Claiming { .. } => None,
+            AgentState::Claiming { .. } | AgentState::Superseded => None,
         }
     }
 
@@ -411,9 +424,32 @@ impl Hub {
         self.mesh_up.len()
     }
 
-    /// Stop taking tunnels and flows (graceful drain).
+    /// Graceful drain (shutdown): refuse new tunnels, report `draining` on
+    /// readiness, and tell every agent here to move to another hub (DRAIN).
+    /// Until an agent is owned elsewhere, its flows (local clients and mesh
+    /// opens under its current epoch) are still served on its tunnel here;
+    /// when a renewal finds the new owner, the tunnel is kept for the flows
+    /// it carries but takes no new ones. The runtime stops its listeners and
+    /// closes the tunnels when the flows are done or the grace period ends.
     pub fn drain(&mut self) {
+        if self.draining {
+            return;
+        }
         self.draining = true;
+        for (&tunnel, a) in &self.agents {
+            if matches!(a.state, AgentState::Owned { .. }) {
+                self.out.push_back(HubOutput::DrainTunnel { tunnel });
+            }
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// Flows open on this hub's tunnels (local and mesh-bridged).
+    pub fn open_tunnel_flows(&self) -> usize {
+        self.agents.values().map(|a| a.open_flows).sum()
     }
 
     /// Owner side of the mesh: may a flow for `agent_id` under `epoch` be
@@ -423,9 +459,6 @@ impl Hub {
         agent_id: &str,
         epoch: Epoch,
     ) -> Result<TunnelId, (ErrorCode, String)> {
-        if self.draining {
-            return Err((ErrorCode::Shutdown, "owner hub is draining".into()));
-        }
         match self.owned_tunnel(agent_id) {
             Some((t, current)) if current == epoch => Ok(t),
             Some((t, _)) if self.cfg.planted_bug == crate::mux::PlantedBug::AcceptStaleEpoch => {
@@ -460,16 +493,10 @@ impl Hub {
     }
 
     /// A client connected to a listener for `connector`.
+    /// While draining this still routes (local tunnels until their agents
+    /// are owned elsewhere, then the mesh): the runtime decides when its
+    /// listeners stop taking clients.
     pub fn client_connected(&mut self, now: Instant, client: ClientId, connector: &str) {
-        if self.draining {
-            return self.route(
-                client,
-                Route::Refuse {
-                    code: ErrorCode::Shutdown,
-                    reason: "hub is draining".into(),
-                },
-            );
-        }
         let local: Vec<LocalCandidate> = self
             .agents
             .iter()
@@ -644,7 +671,17 @@ impl Hub {
             ) => {
                 let current = Some(owner);
                 let still_ours = matches!(self.agents.get(&tunnel), Some(a) if a.state == AgentState::Owned { epoch });
-                if still_ours {
+                if still_ours && self.draining {
+                    // The agent moved as asked (DRAIN); its old tunnel keeps
+                    // the flows it carries until the drain closes it.
+                    if let Some(a) = self.agents.get_mut(&tunnel) {
+                        a.state = AgentState::Superseded;
+                        if self.by_agent.get(&a.agent_id) == Some(&tunnel) {
+                            self.by_agent.remove(&a.agent_id);
+                        }
+                    }
+                    self.clear_timer(Timer::Renew(tunnel));
+                } else if still_ours {
                     self.counters.ownership_lost += 1;
                     self.counters.epoch_mismatch += 1;
                     let who = current.map_or(String::new(), |o| {

@@ -103,6 +103,9 @@ pub enum TunnelEvent {
     Flow(FlowEvent),
     /// A keepalive round trip completed.
     Rtt(Duration),
+    /// Agent side: the hub is shutting down (DRAIN). Open a tunnel to
+    /// another hub now; this one keeps carrying its flows.
+    Drain,
     /// The tunnel is over: send a WebSocket close with this reason, then drop
     /// the socket once `poll_transmit` is empty.
     Closed {
@@ -146,6 +149,7 @@ pub struct Tunnel {
     timers: Timers<TunnelTimer>,
     ping_nonce: u64,
     ping_outstanding: Option<(u64, Instant)>,
+    drain_seen: bool,
     peer_codecs: Vec<String>,
     last_rtt: Option<Duration>,
     pub stats: TunnelStats,
@@ -178,6 +182,7 @@ impl Tunnel {
             timers,
             ping_nonce: 0,
             ping_outstanding: None,
+            drain_seen: false,
             peer_codecs: Vec::new(),
             last_rtt: None,
             stats: TunnelStats::default(),
@@ -355,6 +360,13 @@ impl Tunnel {
             }
             Frame::Credit { cid, bytes } => self.mux.on_frame(FlowFrame::Credit { cid, bytes }),
             Frame::Ping { nonce } => self.send_frame(&Frame::Pong { nonce }),
+            // A repeated DRAIN changes nothing.
+            Frame::Drain if self.role == Role::Agent => {
+                if !self.drain_seen {
+                    self.drain_seen = true;
+                    self.events.push_back(TunnelEvent::Drain);
+                }
+            }
             Frame::Pong { nonce } => {
                 if let Some((n, sent)) = self.ping_outstanding
                     && n == nonce
@@ -411,6 +423,23 @@ impl Tunnel {
         self.send_with(Codec::V1, &welcome);
         self.codec = codec;
         self.establish(now, epoch);
+    }
+
+    /// Hub side: tell the agent this hub is shutting down (DRAIN), so it
+    /// moves to another hub at once and keeps this tunnel only for its
+    /// flows. v1 has no DRAIN frame: returns false and sends nothing (a v1
+    /// agent moves when the tunnel closes).
+    pub fn send_drain(&mut self) -> bool {
+        if self.role != Role::Hub || !self.is_established() || self.codec != Codec::V2 {
+            return false;
+        }
+        self.send_frame(&Frame::Drain);
+        true
+    }
+
+    /// Agent side: whether the hub sent DRAIN on this tunnel.
+    pub fn drain_seen(&self) -> bool {
+        self.drain_seen
     }
 
     /// Hub side: open a new flow to `connector` on this agent.

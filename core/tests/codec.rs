@@ -72,6 +72,7 @@ pub fn frame() -> impl Strategy<Value = Frame> {
         (any::<u64>(), any::<u32>()).prop_map(|(cid, bytes)| Frame::Credit { cid, bytes }),
         any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
         any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
+        Just(Frame::Drain),
         (name(), any::<u32>())
             .prop_map(|(replica_id, window)| Frame::MHello { replica_id, window }),
         header().prop_map(|h| Frame::MOpen { h }),

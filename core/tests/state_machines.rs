@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use nowconnect_core::agent::{Agent, AgentConfig, AgentOutput};
+use nowconnect_core::agent::{Agent, AgentConfig, AgentOutput, HubLinkState};
 use nowconnect_core::hub::{Hub, HubConfig, HubOutput};
 use nowconnect_core::mesh_link::{LinkState, MeshEvent, MeshLink, MeshLinkConfig};
 use nowconnect_core::mux::FlowEvent;
@@ -751,15 +751,16 @@ fn agent_rotates_hubs_with_backoff_and_times_out_target_dials() {
         })
     );
     a.hub_established(at, 2);
-    a.flow_opened(at, 5, "ldap");
+    a.flow_opened(at, 2, 5, "ldap");
     assert_eq!(
         a.poll_output(),
         Some(AgentOutput::DialTarget {
+            attempt: 2,
             cid: 5,
             target: "127.0.0.1:389".into()
         })
     );
-    a.flow_opened(at, 6, "ssh");
+    a.flow_opened(at, 2, 6, "ssh");
     assert!(matches!(
         a.poll_output(),
         Some(AgentOutput::ResetFlow {
@@ -768,11 +769,11 @@ fn agent_rotates_hubs_with_backoff_and_times_out_target_dials() {
             ..
         })
     ));
-    a.flow_opened(at, 7, "ldap");
+    a.flow_opened(at, 2, 7, "ldap");
     a.poll_output();
-    a.target_failed(at, 7, "connection refused");
+    a.target_failed(at, 2, 7, "connection refused");
     assert!(
-        matches!(a.poll_output(), Some(AgentOutput::ResetFlow { cid: 7, code: ErrorCode::TargetUnreachable, reason }) if reason.contains("connection refused"))
+        matches!(a.poll_output(), Some(AgentOutput::ResetFlow { attempt: 2, cid: 7, code: ErrorCode::TargetUnreachable, reason }) if reason.contains("connection refused"))
     );
     a.handle_timeout(at + Duration::from_secs(5));
     assert!(matches!(
@@ -961,12 +962,12 @@ fn a_flow_opened_twice_is_reset_and_its_dial_abandoned() {
         1,
     );
     while a.poll_output().is_some() {}
-    a.flow_opened(now, 3, "ldap");
+    a.flow_opened(now, 1, 3, "ldap");
     assert!(matches!(
         a.poll_output(),
         Some(AgentOutput::DialTarget { cid: 3, .. })
     ));
-    a.flow_opened(now, 3, "ldap");
+    a.flow_opened(now, 1, 3, "ldap");
     assert!(matches!(
         a.poll_output(),
         Some(AgentOutput::ResetFlow {
@@ -976,5 +977,181 @@ fn a_flow_opened_twice_is_reset_and_its_dial_abandoned() {
         })
     ));
     assert_eq!(a.pending_dials(), 0);
-    assert!(!a.target_connected(now, 3), "the abandoned dial is gone");
+    assert!(!a.target_connected(now, 1, 3), "the abandoned dial is gone");
+}
+
+/// DRAIN: the agent dials the next hub at once, keeps the draining tunnel's
+/// flows (cids are per tunnel, so the same cid may live on both), and losing
+/// the draining tunnel does not disturb the current one.
+#[test]
+fn a_drained_agent_moves_at_once_and_keeps_the_old_tunnels_flows() {
+    let now = origin();
+    let mut connectors = std::collections::BTreeMap::new();
+    connectors.insert("ldap".to_string(), "ldap:389".to_string());
+    let mut a = Agent::new(
+        now,
+        AgentConfig {
+            agent_id: "a1".into(),
+            hubs: vec!["wss://h1/tunnel".into(), "wss://h2/tunnel".into()],
+            connectors,
+            ..AgentConfig::default()
+        },
+        1,
+    );
+    while a.poll_output().is_some() {}
+    a.hub_established(now, 1);
+    a.flow_opened(now, 1, 7, "ldap");
+    assert!(matches!(
+        a.poll_output(),
+        Some(AgentOutput::DialTarget {
+            attempt: 1,
+            cid: 7,
+            ..
+        })
+    ));
+    // DRAIN on a tunnel that is not the current one changes nothing.
+    a.hub_draining(now, 9);
+    assert_eq!(a.poll_output(), None);
+    a.hub_draining(now, 1);
+    assert_eq!(
+        a.poll_output(),
+        Some(AgentOutput::DialHub {
+            attempt: 2,
+            url: "wss://h2/tunnel".into()
+        }),
+        "the next hub is dialed at once, without backoff"
+    );
+    assert_eq!(a.draining_tunnels().collect::<Vec<_>>(), vec![1]);
+    assert_eq!(a.counters.hub_drains, 1);
+    // The old hub may still open flows until the agent is owned elsewhere.
+    a.flow_opened(now, 1, 8, "ldap");
+    assert!(matches!(
+        a.poll_output(),
+        Some(AgentOutput::DialTarget {
+            attempt: 1,
+            cid: 8,
+            ..
+        })
+    ));
+    a.hub_established(now, 2);
+    assert_eq!(a.state(), &HubLinkState::Connected { attempt: 2 });
+    // The same cid on the new tunnel is a different flow.
+    a.flow_opened(now, 2, 7, "ldap");
+    assert!(matches!(
+        a.poll_output(),
+        Some(AgentOutput::DialTarget {
+            attempt: 2,
+            cid: 7,
+            ..
+        })
+    ));
+    assert_eq!(a.pending_dials(), 3);
+    assert!(a.target_connected(now, 1, 7));
+    // The old hub closes its tunnel: only its flows go.
+    a.hub_lost(now, 1);
+    assert_eq!(a.state(), &HubLinkState::Connected { attempt: 2 });
+    assert_eq!(a.draining_tunnels().count(), 0);
+    assert_eq!(a.pending_dials(), 1);
+    assert!(
+        !a.target_connected(now, 1, 8),
+        "the old tunnel's dial is gone"
+    );
+    assert!(a.target_connected(now, 2, 7));
+    assert_eq!(a.counters.hub_failures, 0, "a drain is not a failure");
+}
+
+/// A draining hub tells its agents to move, keeps serving their flows (local
+/// and mesh) while it still owns them, and when a renewal finds the agent
+/// owned elsewhere keeps the tunnel for its flows instead of closing it.
+#[test]
+fn a_draining_hub_hands_its_agents_over_without_cutting_flows() {
+    let now = origin();
+    let mut reg = MemoryRegistry::new();
+    let mut h = hub(Mode::Active);
+    h.tunnel_hello(now, 1, "a1", &["ldap".into()], None);
+    run_registry(&mut h, &mut reg, now);
+    let (_, epoch) = h.owned_tunnel("a1").expect("owned");
+    while h.poll_output().is_some() {}
+    h.drain();
+    assert_eq!(h.poll_output(), Some(HubOutput::DrainTunnel { tunnel: 1 }));
+    assert!(h.readiness(0).contains(&"draining".to_string()));
+    // New tunnels are refused; flows are still served until the move.
+    h.tunnel_hello(now, 2, "a2", &["ldap".into()], None);
+    assert!(matches!(
+        h.poll_output(),
+        Some(HubOutput::CloseTunnel {
+            tunnel: 2,
+            code: ErrorCode::Shutdown,
+            ..
+        })
+    ));
+    assert_eq!(h.check_mesh_open("a1", epoch), Ok(1));
+    h.client_connected(now, 10, "ldap");
+    assert!(matches!(
+        h.poll_output(),
+        Some(HubOutput::Route {
+            client: 10,
+            route: Route::Local { tunnel: 1, .. }
+        })
+    ));
+    h.flow_started(1);
+    // The agent is claimed by another hub; the renewal finds out.
+    reg.apply(
+        now,
+        &RegistryOp::Claim {
+            agent_id: "a1".into(),
+            replica_id: "hub-b".into(),
+            lease: Duration::from_secs(15),
+        },
+    )
+    .unwrap();
+    let later = now + Duration::from_secs(6);
+    h.handle_timeout(later);
+    for o in run_registry(&mut h, &mut reg, later) {
+        assert!(
+            !matches!(o, HubOutput::CloseTunnel { .. }),
+            "a draining hub closed a tunnel that still carries a flow: {o:?}"
+        );
+    }
+    assert_eq!(h.owned_tunnel("a1"), None, "no new flows on the old tunnel");
+    assert_eq!(h.open_tunnel_flows(), 1);
+    assert_eq!(h.counters.ownership_lost, 0);
+    assert!(h.check_mesh_open("a1", epoch).is_err());
+}
+
+#[test]
+fn drain_is_sent_on_v2_tunnels_only_and_reaches_the_agent_once() {
+    let now = origin();
+    let (mut v1_tunnel, _) = hub_tunnel(&[], 0);
+    assert!(!v1_tunnel.send_drain(), "v1 has no DRAIN frame");
+    assert!(transmits(&mut v1_tunnel).is_empty());
+    let (mut hub_side, _) = hub_tunnel(&["v2"], 0);
+    assert!(hub_side.send_drain());
+    let sent: Vec<WsMessage> = std::iter::from_fn(|| hub_side.poll_transmit()).collect();
+    assert_eq!(sent.len(), 1);
+    assert!(matches!(sent[0], WsMessage::Binary(_)), "DRAIN goes in v2");
+    // The agent side: establish, then receive DRAIN twice.
+    let mut agent = Tunnel::agent(now, TunnelConfig::default(), "a1", &["ldap".into()]);
+    transmits(&mut agent);
+    agent.handle_message(
+        now,
+        &v1(&Frame::Welcome {
+            epoch: Epoch(3),
+            codec: "v2".into(),
+            window: 0,
+            max_frame: 1 << 20,
+        }),
+    );
+    events(&mut agent);
+    agent.handle_message(now, &sent[0]);
+    agent.handle_message(now, &sent[0]);
+    let evs = events(&mut agent);
+    assert!(matches!(evs[..], [TunnelEvent::Drain]), "{evs:?}");
+    assert!(agent.drain_seen() && !agent.is_closed());
+    // DRAIN is hub → agent only.
+    let (mut hub_side, _) = hub_tunnel(&["v2"], 0);
+    hub_side.handle_message(now, &sent[0]);
+    assert!(
+        matches!(events(&mut hub_side).last(), Some(TunnelEvent::Closed { code: ErrorCode::ProtocolError, reason }) if reason.contains("DRAIN")),
+    );
 }

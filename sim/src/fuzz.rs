@@ -211,6 +211,12 @@ pub fn drive_hub(origin: Instant, data: &[u8]) {
                 HubOutput::CloseTunnel { tunnel, .. } => {
                     accepted.remove(&tunnel);
                 }
+                HubOutput::DrainTunnel { tunnel } => {
+                    assert!(
+                        accepted.contains(&tunnel),
+                        "DRAIN for tunnel {tunnel} that is not accepted"
+                    );
+                }
                 HubOutput::Route {
                     route: Route::Local { tunnel, .. },
                     ..
@@ -245,7 +251,7 @@ pub fn drive_hub(origin: Instant, data: &[u8]) {
 /// a flow it was not asked to open, holds more dials than its limit, or asks
 /// to be woken in the past.
 pub fn drive_agent(origin: Instant, data: &[u8]) {
-    use nowconnect_core::agent::{Agent, AgentConfig, AgentOutput};
+    use nowconnect_core::agent::{Agent, AgentConfig, AgentOutput, HubLinkState};
     use std::collections::{BTreeMap, BTreeSet};
 
     let mut input = Input { data, pos: 0 };
@@ -262,8 +268,8 @@ pub fn drive_agent(origin: Instant, data: &[u8]) {
     let mut agent = Agent::new(origin, cfg, u64::from(input.byte()));
     let mut now = origin;
     let mut attempts: Vec<u64> = Vec::new();
-    let mut opened: BTreeSet<u64> = BTreeSet::new();
-    let mut dialing: BTreeSet<u64> = BTreeSet::new();
+    let mut opened: BTreeSet<(u64, u64)> = BTreeSet::new();
+    let mut dialing: BTreeSet<(u64, u64)> = BTreeSet::new();
     while input.more() {
         let pick = |v: &[u64], b: u8| v.get(usize::from(b) % v.len().max(1)).copied();
         match input.byte() % 8 {
@@ -283,29 +289,50 @@ pub fn drive_agent(origin: Instant, data: &[u8]) {
                 agent.hub_lost(now, pick(&attempts, b).unwrap_or(u64::from(b)));
             }
             3 => {
-                let (c, k) = (u64::from(input.byte() % 16), input.byte());
-                opened.insert(c);
-                agent.flow_opened(now, c, if k & 1 == 0 { "ldap" } else { "nope" });
+                let (a, c, k) = (input.byte(), u64::from(input.byte() % 16), input.byte());
+                let a = pick(&attempts, a).unwrap_or(0);
+                opened.insert((a, c));
+                agent.flow_opened(now, a, c, if k & 1 == 0 { "ldap" } else { "nope" });
             }
             4 => {
-                let c = u64::from(input.byte() % 16);
-                if agent.target_connected(now, c) {
-                    assert!(dialing.remove(&c), "target {c} connected without a dial");
+                let (a, c) = (input.byte(), u64::from(input.byte() % 16));
+                let a = pick(&attempts, a).unwrap_or(0);
+                if agent.target_connected(now, a, c) {
+                    assert!(
+                        dialing.remove(&(a, c)),
+                        "target {a}/{c} connected without a dial"
+                    );
                 }
             }
             5 => {
-                let c = u64::from(input.byte() % 16);
-                dialing.remove(&c);
-                agent.target_failed(now, c, "refused");
+                let (a, c) = (input.byte(), u64::from(input.byte() % 16));
+                let a = pick(&attempts, a).unwrap_or(0);
+                dialing.remove(&(a, c));
+                agent.target_failed(now, a, c, "refused");
             }
             6 => {
-                let c = u64::from(input.byte() % 16);
-                dialing.remove(&c);
-                opened.remove(&c);
-                agent.flow_gone(c);
+                let (a, c) = (input.byte(), u64::from(input.byte() % 16));
+                let a = pick(&attempts, a).unwrap_or(0);
+                dialing.remove(&(a, c));
+                opened.remove(&(a, c));
+                agent.flow_gone(a, c);
             }
             _ => {
-                let _ = input.byte();
+                let b = input.byte();
+                if let Some(a) = pick(&attempts, b) {
+                    let was_current = agent.state() == &HubLinkState::Connected { attempt: a };
+                    agent.hub_draining(now, a);
+                    if was_current {
+                        assert!(
+                            agent.draining_tunnels().any(|d| d == a),
+                            "a drained tunnel is not kept for its flows"
+                        );
+                        assert!(
+                            matches!(agent.state(), HubLinkState::Dialing { .. }),
+                            "DRAIN did not start a dial to the next hub"
+                        );
+                    }
+                }
             }
         }
         while let Some(o) = agent.poll_output() {
@@ -314,15 +341,15 @@ pub fn drive_agent(origin: Instant, data: &[u8]) {
                     assert!(hubs.contains(&url), "dialed an unknown hub {url}");
                     attempts.push(attempt);
                 }
-                AgentOutput::DialTarget { cid, .. } => {
+                AgentOutput::DialTarget { attempt, cid, .. } => {
                     assert!(
-                        opened.contains(&cid),
-                        "dialed a target for flow {cid} never opened"
+                        opened.contains(&(attempt, cid)),
+                        "dialed a target for flow {attempt}/{cid} never opened"
                     );
-                    dialing.insert(cid);
+                    dialing.insert((attempt, cid));
                 }
-                AgentOutput::ResetFlow { cid, .. } => {
-                    dialing.remove(&cid);
+                AgentOutput::ResetFlow { attempt, cid, .. } => {
+                    dialing.remove(&(attempt, cid));
                 }
                 AgentOutput::AbortHub { .. } => {}
             }

@@ -812,13 +812,14 @@ impl World {
                 if !self.targets.contains_key(&(ep, cid)) {
                     return;
                 }
+                let attempt = self.eps.get(&ep).map_or(0, |e| e.attempt);
                 if !ok {
                     self.agents[i]
                         .agent
-                        .target_failed(now, cid, "connection refused");
+                        .target_failed(now, attempt, cid, "connection refused");
                     return;
                 }
-                if self.agents[i].agent.target_connected(now, cid) {
+                if self.agents[i].agent.target_connected(now, attempt, cid) {
                     let t = self.targets.get_mut(&(ep, cid)).expect("target");
                     t.connected = true;
                     // What arrived before the connect is written now.
@@ -1463,6 +1464,11 @@ impl World {
             }
             HubOutput::Route { client, route } => self.route(h, client, route),
             HubOutput::Peers(_) => {} // the sim's mesh is configured, not discovered
+            HubOutput::DrainTunnel { tunnel } => {
+                if let Some(Link::Tunnel(t)) = self.eps.get_mut(&tunnel).map(|e| &mut e.link) {
+                    t.send_drain();
+                }
+            }
         }
     }
 
@@ -1566,7 +1572,10 @@ impl World {
                 self.hubs[h].hub.tunnel_closed(now, ep);
                 self.remove_ep(ep);
             }
-            TunnelEvent::Established { .. } | TunnelEvent::Open { .. } | TunnelEvent::Rtt(_) => {}
+            TunnelEvent::Established { .. }
+            | TunnelEvent::Open { .. }
+            | TunnelEvent::Rtt(_)
+            | TunnelEvent::Drain => {}
         }
     }
 
@@ -1768,7 +1777,9 @@ impl World {
                             self.schedule(d, Event::TargetDialDone { ep, cid, ok });
                         }
                     }
-                    AgentOutput::ResetFlow { cid, code, reason } => {
+                    AgentOutput::ResetFlow {
+                        cid, code, reason, ..
+                    } => {
                         if let Some(ep) = ep {
                             self.targets.remove(&(ep, cid));
                             if let Some(l) = self.flow_link(ep) {
@@ -1792,7 +1803,9 @@ impl World {
             }
             TunnelEvent::Open { cid, connector } if current => {
                 self.targets.insert((ep, cid), Target::default());
-                self.agents[i].agent.flow_opened(now, cid, &connector);
+                self.agents[i]
+                    .agent
+                    .flow_opened(now, attempt, cid, &connector);
             }
             TunnelEvent::Flow(fe) => match fe {
                 FlowEvent::Data { cid, payload } => {
@@ -1819,7 +1832,7 @@ impl World {
                 FlowEvent::Reset { cid, .. } | FlowEvent::Closed { cid } => {
                     self.targets.remove(&(ep, cid));
                     if current {
-                        self.agents[i].agent.flow_gone(cid);
+                        self.agents[i].agent.flow_gone(attempt, cid);
                     }
                 }
             },

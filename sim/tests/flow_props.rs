@@ -150,7 +150,10 @@ fn on_event(m: &mut Model, at_hub: bool, e: TunnelEvent) {
             FlowEvent::Writable { .. } | FlowEvent::Closed { .. } => {}
         },
         TunnelEvent::Closed { code, reason } => panic!("tunnel closed: {code} {reason}"),
-        TunnelEvent::Hello { .. } | TunnelEvent::Established { .. } | TunnelEvent::Rtt(_) => {}
+        TunnelEvent::Hello { .. }
+        | TunnelEvent::Established { .. }
+        | TunnelEvent::Rtt(_)
+        | TunnelEvent::Drain => {}
     }
 }
 

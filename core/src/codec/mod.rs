@@ -228,6 +228,7 @@ pub(crate) fn validate(frame: &Frame, limits: &Limits) -> Result<(), CodecError>
         | Frame::Credit { .. }
         | Frame::Ping { .. }
         | Frame::Pong { .. }
+        | Frame::Drain
         | Frame::MPing { .. }
         | Frame::MPong { .. } => {}
     }

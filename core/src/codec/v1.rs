@@ -137,6 +137,7 @@ fn to_raw(frame: &Frame) -> Raw<'_> {
         | Frame::Pong { nonce }
         | Frame::MPing { nonce }
         | Frame::MPong { nonce } => r.nonce = Some(*nonce),
+        Frame::Drain => {}
         Frame::MHello { replica_id, window } => {
             r.replica_id = Some(Cow::Borrowed(replica_id));
             r.window = Some(u64::from(*window));
@@ -235,6 +236,7 @@ pub fn decode(msg: &str, limits: &Limits) -> Result<Frame, CodecError> {
         FrameType::Pong => Frame::Pong {
             nonce: f.u64("nonce", raw.nonce)?,
         },
+        FrameType::Drain => Frame::Drain,
         FrameType::MPing => Frame::MPing {
             nonce: f.u64("nonce", raw.nonce)?,
         },

@@ -90,6 +90,7 @@ pub fn encode_into(frame: &Frame, limits: &Limits, buf: &mut BytesMut) -> Result
         | Frame::Pong { nonce }
         | Frame::MPing { nonce }
         | Frame::MPong { nonce } => buf.put_u64_le(*nonce),
+        Frame::Drain => {}
         Frame::MHello { replica_id, window } => {
             put_str(buf, replica_id);
             buf.put_u32_le(*window);
@@ -224,6 +225,7 @@ pub fn decode(msg: &Bytes, limits: &Limits) -> Result<Frame, CodecError> {
         FrameType::Pong => Frame::Pong {
             nonce: r.u64("nonce")?,
         },
+        FrameType::Drain => Frame::Drain,
         FrameType::MPing => Frame::MPing {
             nonce: r.u64("nonce")?,
         },
