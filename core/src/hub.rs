@@ -27,6 +27,10 @@ pub struct HubConfig {
     pub lease: Duration,
     /// How often an owner renews (well inside `lease`).
     pub renew_interval: Duration,
+    /// While draining: how often to look whether each agent told to move
+    /// (DRAIN) is owned elsewhere yet, so its old tunnel stops taking flows
+    /// and closes once idle.
+    pub drain_check_interval: Duration,
     /// A registry call that takes longer fails, and marks the registry unhealthy.
     pub registry_timeout: Duration,
     /// How often to probe the registry while it is unhealthy, and sweep lapsed entries.
@@ -49,6 +53,7 @@ impl Default for HubConfig {
             mode: Mode::Off,
             lease: Duration::from_secs(15),
             renew_interval: Duration::from_secs(5),
+            drain_check_interval: Duration::from_millis(100),
             registry_timeout: Duration::from_millis(500),
             health_interval: Duration::from_secs(1),
             max_agents: 1024,
@@ -268,8 +273,13 @@ impl Hub {
                     self.registry_last_error.as_deref().unwrap_or("no answer")
                 ));
             }
-            if configured_peers > 0 && self.mesh_up.is_empty() {
-                reasons.push("no mesh peer link is established".to_string());
+            // Isolated from its peers a hub can still serve the agents it
+            // holds: in a two-hub cluster the survivor of a restart must stay
+            // ready (its peer's agents move to it).
+            if configured_peers > 0 && self.mesh_up.is_empty() && self.agent_count() == 0 {
+                reasons.push(
+                    "no mesh peer link is established and no agent is connected here".to_string(),
+                );
             }
         }
         reasons
@@ -410,6 +420,7 @@ impl Hub {
         if let Some(a) = self.agents.get_mut(&tunnel) {
             a.open_flows = a.open_flows.saturating_sub(1);
         }
+        self.close_if_moved_and_idle(tunnel);
     }
 
     pub fn mesh_link_up(&mut self, replica_id: &str, up: bool) {
@@ -431,15 +442,53 @@ impl Hub {
     /// when a renewal finds the new owner, the tunnel is kept for the flows
     /// it carries but takes no new ones. The runtime stops its listeners and
     /// closes the tunnels when the flows are done or the grace period ends.
-    pub fn drain(&mut self) {
+    pub fn drain(&mut self, now: Instant) {
         if self.draining {
             return;
         }
         self.draining = true;
-        for (&tunnel, a) in &self.agents {
-            if matches!(a.state, AgentState::Owned { .. }) {
-                self.out.push_back(HubOutput::DrainTunnel { tunnel });
+        let owned: Vec<TunnelId> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| matches!(a.state, AgentState::Owned { .. }))
+            .map(|(t, _)| *t)
+            .collect();
+        for tunnel in owned {
+            self.out.push_back(HubOutput::DrainTunnel { tunnel });
+            if self.cfg.mode != Mode::Off {
+                // Renew often now: the renewal is what finds the new owner.
+                self.set_timer(Timer::Renew(tunnel), now + self.cfg.drain_check_interval);
             }
+        }
+    }
+
+    /// While draining: agents told to move that no other hub owns yet (as
+    /// far as this hub knows). Without a registry (mode `off`) a move is
+    /// never seen, so this is 0.
+    pub fn moves_pending(&self) -> usize {
+        if !self.draining || self.cfg.mode == Mode::Off {
+            return 0;
+        }
+        self.agents
+            .values()
+            .filter(|a| matches!(a.state, AgentState::Owned { .. }))
+            .count()
+    }
+
+    /// A superseded tunnel (draining hub, agent owned elsewhere) with no
+    /// flows left is closed.
+    fn close_if_moved_and_idle(&mut self, tunnel: TunnelId) {
+        let Some(a) = self.agents.get(&tunnel) else {
+            return;
+        };
+        if a.state == AgentState::Superseded && a.open_flows == 0 {
+            let agent = a.agent_id.clone();
+            self.forget_tunnel(tunnel);
+            self.out.push_back(HubOutput::CloseTunnel {
+                tunnel,
+                code: ErrorCode::Shutdown,
+                reason: format!("hub draining: agent `{agent}` moved to another hub"),
+            });
         }
     }
 
@@ -681,6 +730,7 @@ impl Hub {
                         }
                     }
                     self.clear_timer(Timer::Renew(tunnel));
+                    self.close_if_moved_and_idle(tunnel);
                 } else if still_ours {
                     self.counters.ownership_lost += 1;
                     self.counters.epoch_mismatch += 1;
@@ -857,7 +907,12 @@ impl Hub {
                         };
                         self.op(now, call, Pending::Renew { tunnel, epoch });
                         self.op(now, connectors, Pending::Other);
-                        self.set_timer(Timer::Renew(tunnel), now + self.cfg.renew_interval);
+                        let every = if self.draining {
+                            self.cfg.drain_check_interval
+                        } else {
+                            self.cfg.renew_interval
+                        };
+                        self.set_timer(Timer::Renew(tunnel), now + every);
                     }
                 }
                 Timer::Discovery => {

@@ -1072,8 +1072,9 @@ fn a_draining_hub_hands_its_agents_over_without_cutting_flows() {
     run_registry(&mut h, &mut reg, now);
     let (_, epoch) = h.owned_tunnel("a1").expect("owned");
     while h.poll_output().is_some() {}
-    h.drain();
+    h.drain(now);
     assert_eq!(h.poll_output(), Some(HubOutput::DrainTunnel { tunnel: 1 }));
+    assert_eq!(h.moves_pending(), 1);
     assert!(h.readiness(0).contains(&"draining".to_string()));
     // New tunnels are refused; flows are still served until the move.
     h.tunnel_hello(now, 2, "a2", &["ldap".into()], None);
@@ -1105,7 +1106,8 @@ fn a_draining_hub_hands_its_agents_over_without_cutting_flows() {
         },
     )
     .unwrap();
-    let later = now + Duration::from_secs(6);
+    // Draining renews every drain_check_interval (100 ms), not every 5 s.
+    let later = now + Duration::from_millis(100);
     h.handle_timeout(later);
     for o in run_registry(&mut h, &mut reg, later) {
         assert!(
@@ -1114,9 +1116,20 @@ fn a_draining_hub_hands_its_agents_over_without_cutting_flows() {
         );
     }
     assert_eq!(h.owned_tunnel("a1"), None, "no new flows on the old tunnel");
+    assert_eq!(h.moves_pending(), 0);
     assert_eq!(h.open_tunnel_flows(), 1);
     assert_eq!(h.counters.ownership_lost, 0);
     assert!(h.check_mesh_open("a1", epoch).is_err());
+    // Its last flow ends: the old tunnel is closed.
+    h.flow_ended(1);
+    assert!(matches!(
+        h.poll_output(),
+        Some(HubOutput::CloseTunnel {
+            tunnel: 1,
+            code: ErrorCode::Shutdown,
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -1154,4 +1167,21 @@ fn drain_is_sent_on_v2_tunnels_only_and_reaches_the_agent_once() {
     assert!(
         matches!(events(&mut hub_side).last(), Some(TunnelEvent::Closed { code: ErrorCode::ProtocolError, reason }) if reason.contains("DRAIN")),
     );
+}
+
+/// Without a mesh link a hub is degraded only if it holds no agent itself:
+/// the survivor of a two-hub rolling restart stays ready.
+#[test]
+fn a_hub_without_mesh_links_is_ready_while_it_holds_agents() {
+    let now = origin();
+    let mut reg = MemoryRegistry::new();
+    let mut h = hub(Mode::Active);
+    let reasons = h.readiness(1);
+    assert!(
+        reasons.iter().any(|r| r.contains("no mesh peer link")),
+        "{reasons:?}"
+    );
+    h.tunnel_hello(now, 1, "a1", &["ldap".into()], None);
+    run_registry(&mut h, &mut reg, now);
+    assert_eq!(h.readiness(1), Vec::<String>::new());
 }

@@ -1,6 +1,7 @@
 //! The agent process on async-std: follows the core [`Agent`]'s outputs
-//! (dial a hub, dial a target, reset a flow), drives one [`Tunnel`] at a time
-//! through the shared [`TunnelDriver`], and pipes each flow to its target
+//! (dial a hub, dial a target, reset a flow), drives its current [`Tunnel`]
+//! (and, after a hub's DRAIN, the draining one beside it) through the shared
+//! [`TunnelDriver`], and pipes each flow to its target
 //! socket with the shared flow pipes. Same configuration, behaviour, metrics
 //! and logs as the tokio agent.
 
@@ -17,7 +18,8 @@ use nowconnect_core::tunnel::Tunnel;
 use nowconnect_core::{Cid, ErrorCode};
 use nowconnect_shared::config::AgentConfig;
 use nowconnect_shared::driver::{
-    AgentDials, AgentTasks, LinkCmd, TunnelDriver, agent_outputs, agent_tunnel_step,
+    AgentDials, AgentFlow, AgentTasks, LinkCmd, TunnelDriver, TunnelStep, agent_outputs,
+    agent_tunnel_step,
 };
 use nowconnect_shared::metrics::Metrics;
 
@@ -39,11 +41,11 @@ enum Internal {
         msg: Option<Result<Message, String>>,
     },
     TargetConnected {
-        cid: Cid,
+        flow: AgentFlow,
         stream: TcpStream,
     },
     TargetFailed {
-        cid: Cid,
+        flow: AgentFlow,
         reason: String,
     },
     Stop,
@@ -51,7 +53,8 @@ enum Internal {
 
 enum Wake {
     Internal(Internal),
-    Cmd(LinkCmd),
+    /// A flow command for the tunnel of this attempt.
+    Cmd(u64, LinkCmd),
     Timer,
 }
 
@@ -100,13 +103,14 @@ impl AgentTasks for Tasks {
         })
     }
 
-    fn dial_target(&self, cid: Cid, target: String) -> JoinHandle<()> {
+    fn dial_target(&self, attempt: u64, cid: Cid, target: String) -> JoinHandle<()> {
         let itx = self.itx.clone();
+        let flow = (attempt, cid);
         task::spawn(async move {
             let msg = match TcpStream::connect(target.as_str()).await {
-                Ok(stream) => Internal::TargetConnected { cid, stream },
+                Ok(stream) => Internal::TargetConnected { flow, stream },
                 Err(e) => Internal::TargetFailed {
-                    cid,
+                    flow,
                     reason: format!("{target}: {e}"),
                 },
             };
@@ -153,7 +157,10 @@ impl AgentRuntime {
                 let _ = itx.try_send(Internal::Stop);
             });
         }
+        // The current tunnel, and the one whose hub said DRAIN (kept for its
+        // flows until that hub closes it).
         let mut conn: Option<Connection> = None;
+        let mut old: Option<Connection> = None;
         let tasks = Tasks {
             itx: itx.clone(),
             tls: self.tls.clone(),
@@ -161,26 +168,26 @@ impl AgentRuntime {
         };
         let mut dials: AgentDials<JoinHandle<()>> = AgentDials::default();
         loop {
-            agent_outputs(
-                &tasks,
-                &mut agent,
-                &mut dials,
-                conn.as_mut().map(|c| (c.attempt, &mut c.driver)),
-                || self.cfg.dial_token(),
-            );
-            let deadline = [
-                agent.poll_timeout(),
-                conn.as_ref()
-                    .and_then(|c| c.driver.tunnel.poll_timeout().map(|(at, _)| at)),
-            ]
-            .into_iter()
-            .flatten()
-            .min();
-            let wake = next_wake(&irx, conn.as_ref().map(|c| &c.cmd_rx), deadline).await;
+            let conns = [conn.as_mut(), old.as_mut()]
+                .into_iter()
+                .flatten()
+                .map(|c| (c.attempt, &mut c.driver))
+                .collect();
+            agent_outputs(&tasks, &mut agent, &mut dials, conns, || {
+                self.cfg.dial_token()
+            });
+            let deadline = [&conn, &old]
+                .into_iter()
+                .flatten()
+                .filter_map(|c| c.driver.tunnel.poll_timeout().map(|(at, _)| at))
+                .chain(agent.poll_timeout())
+                .min();
+            let cmds = [&conn, &old].map(|c| c.as_ref().map(|c| (c.attempt, &c.cmd_rx)));
+            let wake = next_wake(&irx, cmds, deadline).await;
             let now = Instant::now();
             match wake {
                 Wake::Internal(Internal::Stop) => {
-                    if let Some(c) = conn.as_mut() {
+                    for c in [conn.as_mut(), old.as_mut()].into_iter().flatten() {
                         c.driver
                             .tunnel
                             .close(ErrorCode::Shutdown, "agent shutting down");
@@ -225,7 +232,11 @@ impl AgentRuntime {
                     agent.hub_lost(now, attempt);
                 }
                 Wake::Internal(Internal::Ws { attempt, msg }) => {
-                    let Some(c) = conn.as_mut().filter(|c| c.attempt == attempt) else {
+                    let Some(c) = [conn.as_mut(), old.as_mut()]
+                        .into_iter()
+                        .flatten()
+                        .find(|c| c.attempt == attempt)
+                    else {
                         continue;
                     };
                     let t = &mut c.driver.tunnel;
@@ -243,20 +254,24 @@ impl AgentRuntime {
                         None => t.on_disconnected("tunnel closed by the hub"),
                     }
                 }
-                Wake::Internal(Internal::TargetConnected { cid, stream }) => {
-                    dials.targets.remove(&cid);
-                    if agent.target_connected(now, cid)
-                        && let Some(end) = dials.waiting.remove(&cid)
+                Wake::Internal(Internal::TargetConnected { flow, stream }) => {
+                    dials.targets.remove(&flow);
+                    if agent.target_connected(now, flow.0, flow.1)
+                        && let Some(end) = dials.waiting.remove(&flow)
                     {
                         task::spawn(pipe_tcp(stream, end, self.metrics.clone(), "down", "up"));
                     }
                 }
-                Wake::Internal(Internal::TargetFailed { cid, reason }) => {
-                    dials.targets.remove(&cid);
-                    agent.target_failed(now, cid, &reason);
+                Wake::Internal(Internal::TargetFailed { flow, reason }) => {
+                    dials.targets.remove(&flow);
+                    agent.target_failed(now, flow.0, flow.1, &reason);
                 }
-                Wake::Cmd(cmd) => {
-                    if let Some(c) = conn.as_mut() {
+                Wake::Cmd(attempt, cmd) => {
+                    if let Some(c) = [conn.as_mut(), old.as_mut()]
+                        .into_iter()
+                        .flatten()
+                        .find(|c| c.attempt == attempt)
+                    {
                         c.driver.on_cmd(now, cmd);
                         for _ in 0..256 {
                             match c.cmd_rx.try_recv() {
@@ -268,35 +283,50 @@ impl AgentRuntime {
                 }
                 Wake::Timer => {
                     agent.handle_timeout(now);
-                    if let Some(c) = conn.as_mut() {
+                    for c in [conn.as_mut(), old.as_mut()].into_iter().flatten() {
                         c.driver.tunnel.handle_timeout(now);
                     }
                 }
             }
-            let lost = conn.as_mut().and_then(|c| {
-                agent_tunnel_step(
+            if let Some(c) = old.as_mut()
+                && let TunnelStep::Lost(code, reason) = agent_tunnel_step(
                     &mut c.driver,
                     &mut agent,
                     c.attempt,
                     &mut dials.waiting,
                     Instant::now(),
                 )
-                .map(|(code, reason)| (c.attempt, code, reason))
-            });
-            if let Some((attempt, code, reason)) = lost {
-                let mut c = conn.take().expect("connection");
-                c.driver.close_socket(code, &reason);
-                drop(c.driver);
-                cancel(c.reader);
-                dials.waiting.clear();
-                for (_, t) in std::mem::take(&mut dials.targets) {
-                    cancel(t);
+            {
+                let c = old.take().expect("draining connection");
+                end_connection(c, code, &reason, &mut agent, &mut dials);
+            }
+            let Some(c) = conn.as_mut() else { continue };
+            match agent_tunnel_step(
+                &mut c.driver,
+                &mut agent,
+                c.attempt,
+                &mut dials.waiting,
+                Instant::now(),
+            ) {
+                TunnelStep::Running => {}
+                TunnelStep::Lost(code, reason) => {
+                    let c = conn.take().expect("connection");
+                    end_connection(c, code, &reason, &mut agent, &mut dials);
                 }
-                let _ = async_std::future::timeout(Duration::from_millis(500), c.writer).await;
-                agent.hub_lost(Instant::now(), attempt);
+                TunnelStep::Draining => {
+                    // One draining tunnel at a time: a second drain in a row
+                    // ends the older one (its hub is about to close it anyway).
+                    if let Some(mut prev) = old.take() {
+                        let why = "a newer hub is draining too";
+                        prev.driver.tunnel.close(ErrorCode::Shutdown, why);
+                        prev.driver.drain();
+                        end_connection(prev, ErrorCode::Shutdown, why, &mut agent, &mut dials);
+                    }
+                    old = conn.take();
+                }
             }
         }
-        if let Some(c) = conn.take() {
+        for c in [conn.take(), old.take()].into_iter().flatten() {
             drop(c.driver);
             cancel(c.reader);
             let _ = async_std::future::timeout(Duration::from_secs(2), c.writer).await;
@@ -304,11 +334,28 @@ impl AgentRuntime {
     }
 }
 
+/// A tunnel ended: close its socket (the writer task sends the close and
+/// ends), stop its reader, cancel its target dials, tell the core.
+fn end_connection(
+    mut c: Connection,
+    code: ErrorCode,
+    reason: &str,
+    agent: &mut Agent,
+    dials: &mut AgentDials<JoinHandle<()>>,
+) {
+    c.driver.close_socket(code, reason);
+    cancel(c.reader);
+    for t in dials.forget_tunnel(c.attempt) {
+        cancel(t);
+    }
+    agent.hub_lost(Instant::now(), c.attempt);
+}
+
 /// Wait for the next thing to do: an internal event, a flow command, or the
 /// earliest core deadline.
 async fn next_wake(
     irx: &Receiver<Internal>,
-    cmd_rx: Option<&Receiver<LinkCmd>>,
+    cmds: [Option<(u64, &Receiver<LinkCmd>)>; 2],
     deadline: Option<Instant>,
 ) -> Wake {
     use futures_lite::future::{or, pending};
@@ -318,15 +365,7 @@ async fn next_wake(
             Err(_) => Wake::Internal(Internal::Stop),
         }
     };
-    let cmd = async {
-        match cmd_rx {
-            Some(r) => match r.recv().await {
-                Ok(c) => Wake::Cmd(c),
-                Err(_) => pending().await,
-            },
-            None => pending().await,
-        }
-    };
+    let [current, draining] = cmds;
     let timer = async {
         match deadline {
             Some(d) => {
@@ -336,5 +375,19 @@ async fn next_wake(
             None => pending().await,
         }
     };
-    or(internal, or(cmd, timer)).await
+    or(
+        internal,
+        or(next_cmd(current), or(next_cmd(draining), timer)),
+    )
+    .await
+}
+
+async fn next_cmd(rx: Option<(u64, &Receiver<LinkCmd>)>) -> Wake {
+    match rx {
+        Some((attempt, r)) => match r.recv().await {
+            Ok(c) => Wake::Cmd(attempt, c),
+            Err(_) => futures_lite::future::pending().await,
+        },
+        None => futures_lite::future::pending().await,
+    }
 }

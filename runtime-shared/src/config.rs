@@ -77,6 +77,11 @@ pub struct HubFile {
     pub limits: HubLimits,
     #[serde(default = "default_grace")]
     pub shutdown_grace_sec: u64,
+    /// After SIGTERM the listeners keep taking clients this long (while
+    /// `/readyz` already says `draining`), so load balancers stop sending
+    /// before connections are refused. Part of the grace period.
+    #[serde(default)]
+    pub shutdown_delay_sec: u64,
     #[serde(default)]
     pub log: LogConfig,
 }
@@ -351,6 +356,15 @@ impl HubConfig {
         let raw: HubFile = parse_yaml(file, text)?;
         let err = |key: &str, reason: String| ConfigError::new(file, key, reason);
         let http_bind = parse_addr(&raw.http.bind).map_err(|r| err("http.bind", r))?;
+        if raw.shutdown_delay_sec > raw.shutdown_grace_sec {
+            return Err(err(
+                "shutdown_delay_sec",
+                format!(
+                    "{} is longer than shutdown_grace_sec ({}): the delay is part of the grace period",
+                    raw.shutdown_delay_sec, raw.shutdown_grace_sec
+                ),
+            ));
+        }
         if raw.http.header_timeout_sec == 0 {
             return Err(err("http.header_timeout_sec", "must be > 0".into()));
         }

@@ -82,6 +82,8 @@ pub enum LinkCmd {
         code: ErrorCode,
         reason: String,
     },
+    /// Hub: this hub is draining; send DRAIN (v2 tunnels).
+    Drain,
     /// Hub: open a flow to this connector.
     OpenFlow {
         connector: String,
@@ -421,6 +423,13 @@ impl TunnelDriver {
         match cmd {
             LinkCmd::Accept { epoch } => self.tunnel.accept(now, epoch),
             LinkCmd::Close { code, reason } => self.tunnel.close(code, &reason),
+            LinkCmd::Drain => {
+                if !self.tunnel.send_drain() {
+                    tracing::info!(
+                        "v1 agent: no DRAIN frame; it moves when the drain closes its tunnel"
+                    );
+                }
+            }
             LinkCmd::OpenFlow { connector, reply } => {
                 let res = match self.tunnel.open_flow(&connector) {
                     Ok(cid) => Ok(self.pipes.attach(cid, &connector)),
@@ -610,16 +619,20 @@ pub trait AgentTasks {
     type Task;
     /// Dial `url` with `token`; report the WebSocket (or the failure) for `attempt`.
     fn dial_hub(&self, attempt: u64, url: String, token: String) -> Self::Task;
-    /// Connect to `target`; report the stream (or the failure) for `cid`.
-    fn dial_target(&self, cid: Cid, target: String) -> Self::Task;
+    /// Connect to `target`; report the stream (or the failure) for flow
+    /// `cid` of tunnel `attempt`.
+    fn dial_target(&self, attempt: u64, cid: Cid, target: String) -> Self::Task;
     fn cancel(&self, task: Self::Task);
 }
+
+/// A flow of the agent: cids are per tunnel, so (tunnel attempt, cid).
+pub type AgentFlow = (u64, Cid);
 
 /// The dials an agent has running and the flow ends waiting for them.
 pub struct AgentDials<T> {
     pub hub: Option<(u64, T)>,
-    pub targets: BTreeMap<Cid, T>,
-    pub waiting: BTreeMap<Cid, FlowEnd>,
+    pub targets: BTreeMap<AgentFlow, T>,
+    pub waiting: BTreeMap<AgentFlow, FlowEnd>,
 }
 
 impl<T> Default for AgentDials<T> {
@@ -632,14 +645,30 @@ impl<T> Default for AgentDials<T> {
     }
 }
 
-/// Carry out what the core agent asked for; `conn` is the current tunnel
-/// (with the dial attempt it belongs to), if any. `token` gives the token
-/// for a new hub connection.
+impl<T> AgentDials<T> {
+    /// Tunnel `attempt` is gone: drop its waiting flows and return its
+    /// running target dials (to cancel).
+    pub fn forget_tunnel(&mut self, attempt: u64) -> Vec<T> {
+        let range = (attempt, 0)..=(attempt, Cid::MAX);
+        let cids: Vec<AgentFlow> = self.waiting.range(range.clone()).map(|(k, _)| *k).collect();
+        for k in cids {
+            self.waiting.remove(&k);
+        }
+        let cids: Vec<AgentFlow> = self.targets.range(range).map(|(k, _)| *k).collect();
+        cids.into_iter()
+            .filter_map(|k| self.targets.remove(&k))
+            .collect()
+    }
+}
+
+/// Carry out what the core agent asked for; `conns` are the agent's open
+/// tunnels (the current one and a draining one), each with the dial attempt
+/// it belongs to. `token` gives the token for a new hub connection.
 pub fn agent_outputs<R: AgentTasks>(
     rt: &R,
     agent: &mut nowconnect_core::agent::Agent,
     dials: &mut AgentDials<R::Task>,
-    mut conn: Option<(u64, &mut TunnelDriver)>,
+    mut conns: Vec<(u64, &mut TunnelDriver)>,
     token: impl Fn() -> String,
 ) {
     use nowconnect_core::agent::AgentOutput;
@@ -647,6 +676,9 @@ pub fn agent_outputs<R: AgentTasks>(
         match out {
             AgentOutput::DialHub { attempt, url } => {
                 tracing::info!(attempt, %url, "connecting to hub");
+                if let Some((_, t)) = dials.hub.take() {
+                    rt.cancel(t);
+                }
                 dials.hub = Some((attempt, rt.dial_hub(attempt, url, token())));
             }
             AgentOutput::AbortHub { attempt, reason } => {
@@ -658,65 +690,96 @@ pub fn agent_outputs<R: AgentTasks>(
                         dials.hub = Some((a, t));
                     }
                 }
-                if let Some((a, d)) = conn.as_mut()
-                    && *a == attempt
-                {
+                if let Some((_, d)) = conns.iter_mut().find(|(a, _)| *a == attempt) {
                     d.tunnel.close(ErrorCode::IdleTimeout, &reason);
                 }
             }
-            AgentOutput::DialTarget { cid, target } => {
-                dials.targets.insert(cid, rt.dial_target(cid, target));
+            AgentOutput::DialTarget {
+                attempt,
+                cid,
+                target,
+            } => {
+                dials
+                    .targets
+                    .insert((attempt, cid), rt.dial_target(attempt, cid, target));
             }
-            AgentOutput::ResetFlow { cid, code, reason } => {
-                tracing::warn!(cid, %code, %reason, "flow reset");
-                if let Some(t) = dials.targets.remove(&cid) {
+            AgentOutput::ResetFlow {
+                attempt,
+                cid,
+                code,
+                reason,
+            } => {
+                tracing::warn!(attempt, cid, %code, %reason, "flow reset");
+                if let Some(t) = dials.targets.remove(&(attempt, cid)) {
                     rt.cancel(t);
                 }
-                dials.waiting.remove(&cid);
-                if let Some((_, d)) = conn.as_mut() {
+                dials.waiting.remove(&(attempt, cid));
+                if let Some((_, d)) = conns.iter_mut().find(|(a, _)| *a == attempt) {
                     d.on_cmd(Instant::now(), LinkCmd::Reset { cid, code, reason });
                 }
             }
         }
     }
     // Send what those outputs queued (RSTs) before waiting again.
-    if let Some((_, d)) = conn {
+    for (_, d) in conns {
         d.drain();
         d.flush();
     }
 }
 
+/// What became of a tunnel in one [`agent_tunnel_step`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum TunnelStep {
+    Running,
+    /// The hub said DRAIN: this tunnel is now a draining one (the core agent
+    /// is already dialing the next hub).
+    Draining,
+    /// The tunnel ended with this close.
+    Lost(ErrorCode, String),
+}
+
 /// The agent's step after every wake-up, the same on every runtime: hand
 /// the tunnel's events to the core [`Agent`](nowconnect_core::agent::Agent)
-/// (established, flows opened: their ends wait in `waiting` for the target
-/// dial), send what the core queued, export its counters. Returns the
-/// tunnel's close (code, reason) when it ended.
+/// (established, DRAIN, flows opened: their ends wait in `waiting` for the
+/// target dial), send what the core queued, export its counters.
 pub fn agent_tunnel_step(
     driver: &mut TunnelDriver,
     agent: &mut nowconnect_core::agent::Agent,
     attempt: u64,
-    waiting: &mut BTreeMap<Cid, FlowEnd>,
+    waiting: &mut BTreeMap<AgentFlow, FlowEnd>,
     now: Instant,
-) -> Option<(ErrorCode, String)> {
-    let mut lost = None;
+) -> TunnelStep {
+    let mut step = TunnelStep::Running;
     for ev in driver.drain() {
         match ev {
             TunnelEvent::Established { epoch, codec } => {
                 tracing::info!(
+                    attempt,
                     epoch = epoch.0,
                     codec = codec.as_str(),
                     "tunnel established"
                 );
                 agent.hub_established(now, attempt);
             }
+            TunnelEvent::Drain => {
+                tracing::info!(
+                    attempt,
+                    open_flows = driver.tunnel.flow_count(),
+                    "hub is draining: moving to the next hub, this tunnel keeps its flows"
+                );
+                agent.hub_draining(now, attempt);
+                if step == TunnelStep::Running {
+                    step = TunnelStep::Draining;
+                }
+            }
             TunnelEvent::Open { cid, connector } => {
                 let end = driver.attach_flow(cid, &connector);
-                waiting.insert(cid, end);
-                agent.flow_opened(now, cid, &connector);
+                waiting.insert((attempt, cid), end);
+                agent.flow_opened(now, attempt, cid, &connector);
             }
             TunnelEvent::Closed { code, reason } => {
-                tracing::warn!(%code, %reason, "tunnel closed");
-                lost = Some((code, reason));
+                tracing::warn!(attempt, %code, %reason, "tunnel closed");
+                step = TunnelStep::Lost(code, reason);
             }
             TunnelEvent::Hello { .. } | TunnelEvent::Flow(_) | TunnelEvent::Rtt(_) => {}
         }
@@ -724,7 +787,7 @@ pub fn agent_tunnel_step(
     driver.drain();
     driver.flush();
     driver.report();
-    lost
+    step
 }
 
 /// How a hub's refusal of the tunnel upgrade reads in the agent's log.

@@ -1,9 +1,10 @@
 //! The agent process: follows the core [`Agent`]'s outputs (dial a hub, dial
-//! a target, reset a flow), drives one [`Tunnel`] at a time, and pipes each
-//! flow to its target socket.
+//! a target, reset a flow), drives its current [`Tunnel`] (and, after a
+//! hub's DRAIN, the draining one beside it), and pipes each flow to its
+//! target socket.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures_util::StreamExt;
 use futures_util::stream::SplitStream;
@@ -18,7 +19,8 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::config::AgentConfig;
 use crate::driver::{
-    AgentDials, AgentTasks, LinkCmd, TunnelDriver, agent_outputs, agent_tunnel_step,
+    AgentDials, AgentFlow, AgentTasks, LinkCmd, TunnelDriver, TunnelStep, agent_outputs,
+    agent_tunnel_step,
 };
 use crate::io::pipe_tcp;
 use crate::metrics::Metrics;
@@ -28,14 +30,75 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 enum Internal {
     HubConnected { attempt: u64, ws: Box<Ws> },
     HubFailed { attempt: u64, reason: String },
-    TargetConnected { cid: Cid, stream: TcpStream },
-    TargetFailed { cid: Cid, reason: String },
+    TargetConnected { flow: AgentFlow, stream: TcpStream },
+    TargetFailed { flow: AgentFlow, reason: String },
 }
 
+/// One tunnel of the agent: the current one, or one whose hub said DRAIN.
 struct Connection {
     attempt: u64,
     driver: TunnelDriver,
-    writer: JoinHandle<()>,
+    ws_in: SplitStream<Ws>,
+    cmd_rx: async_channel::Receiver<LinkCmd>,
+}
+
+type WsRead = Option<Result<Message, tokio_tungstenite::tungstenite::Error>>;
+
+enum Input {
+    Ws(WsRead),
+    Cmd(Result<LinkCmd, async_channel::RecvError>),
+}
+
+impl Connection {
+    /// The next frame from the hub or command from a flow.
+    async fn input(&mut self) -> Input {
+        tokio::select! {
+            m = self.ws_in.next() => Input::Ws(m),
+            c = self.cmd_rx.recv() => Input::Cmd(c),
+        }
+    }
+
+    fn on_input(&mut self, input: Input) {
+        match input {
+            Input::Ws(m) => self.on_ws(m),
+            Input::Cmd(c) => self.on_cmds(c),
+        }
+    }
+
+    fn on_ws(&mut self, msg: WsRead) {
+        let now = Instant::now();
+        let t = &mut self.driver.tunnel;
+        match msg {
+            Some(Ok(Message::Binary(b))) => t.handle_message(now, &WsMessage::Binary(b)),
+            Some(Ok(Message::Text(x))) => {
+                t.handle_message(now, &WsMessage::Text(x.as_str().to_owned()))
+            }
+            Some(Ok(Message::Close(f))) => {
+                let why = f.map(|f| f.reason.to_string()).unwrap_or_default();
+                t.on_disconnected(&format!("hub closed the tunnel: {why}"));
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => t.on_disconnected(&format!("tunnel read error: {e}")),
+            None => t.on_disconnected("tunnel closed by the hub"),
+        }
+    }
+
+    fn on_cmds(&mut self, first: Result<LinkCmd, async_channel::RecvError>) {
+        let now = Instant::now();
+        if let Ok(cmd) = first {
+            self.driver.on_cmd(now, cmd);
+            for _ in 0..256 {
+                match self.cmd_rx.try_recv() {
+                    Ok(cmd) => self.driver.on_cmd(now, cmd),
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.driver.tunnel.poll_timeout().map(|(at, _)| at)
+    }
 }
 
 pub struct AgentRuntime {
@@ -68,13 +131,14 @@ impl AgentTasks for Tasks {
         })
     }
 
-    fn dial_target(&self, cid: Cid, target: String) -> JoinHandle<()> {
+    fn dial_target(&self, attempt: u64, cid: Cid, target: String) -> JoinHandle<()> {
         let itx = self.itx.clone();
+        let flow = (attempt, cid);
         tokio::spawn(async move {
             let msg = match TcpStream::connect(&target).await {
-                Ok(stream) => Internal::TargetConnected { cid, stream },
+                Ok(stream) => Internal::TargetConnected { flow, stream },
                 Err(e) => Internal::TargetFailed {
-                    cid,
+                    flow,
                     reason: format!("{target}: {e}"),
                 },
             };
@@ -109,9 +173,10 @@ impl AgentRuntime {
         let connectors: Vec<String> = core_cfg.connectors.keys().cloned().collect();
         let mut agent = Agent::new(Instant::now(), core_cfg, rand::random());
         let (itx, mut irx) = mpsc::unbounded_channel::<Internal>();
+        // The current tunnel, and the one whose hub said DRAIN (kept for its
+        // flows until that hub closes it).
         let mut conn: Option<Connection> = None;
-        let mut ws_in: Option<SplitStream<Ws>> = None;
-        let mut cmd_rx: Option<async_channel::Receiver<LinkCmd>> = None;
+        let mut old: Option<Connection> = None;
         let tasks = Tasks {
             itx: itx.clone(),
             connector: self.connector.clone(),
@@ -120,21 +185,22 @@ impl AgentRuntime {
         let mut dials: AgentDials<JoinHandle<()>> = AgentDials::default();
         loop {
             // Perform what the agent core asked for.
-            agent_outputs(
-                &tasks,
-                &mut agent,
-                &mut dials,
-                conn.as_mut().map(|c| (c.attempt, &mut c.driver)),
-                || self.cfg.dial_token(),
-            );
-            let agent_deadline = agent.poll_timeout();
-            let tunnel_deadline = conn
-                .as_ref()
-                .and_then(|c| c.driver.tunnel.poll_timeout().map(|(at, _)| at));
-            let deadline = match (agent_deadline, tunnel_deadline) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let conns = [conn.as_mut(), old.as_mut()]
+                .into_iter()
+                .flatten()
+                .map(|c| (c.attempt, &mut c.driver))
+                .collect();
+            agent_outputs(&tasks, &mut agent, &mut dials, conns, || {
+                self.cfg.dial_token()
+            });
+            let deadline = [
+                agent.poll_timeout(),
+                conn.as_ref().and_then(Connection::deadline),
+                old.as_ref().and_then(Connection::deadline),
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             let timer = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d.into()).await,
@@ -143,7 +209,7 @@ impl AgentRuntime {
             };
             tokio::select! {
                 _ = stop.wait_for(|v| *v) => {
-                    if let Some(c) = conn.as_mut() {
+                    for c in [conn.as_mut(), old.as_mut()].into_iter().flatten() {
                         c.driver.tunnel.close(ErrorCode::Shutdown, "agent shutting down");
                         c.driver.drain();
                         c.driver.close_socket(ErrorCode::Shutdown, "agent shutting down");
@@ -158,96 +224,100 @@ impl AgentRuntime {
                             if agent.state() != &(HubLinkState::Dialing { attempt }) {
                                 continue;
                             }
-                            let (sink, stream) = (*ws).split();
+                            let (sink, ws_in) = (*ws).split();
                             let (out_tx, out_rx) = async_channel::unbounded();
-                            let (ctx, crx) = async_channel::unbounded();
+                            let (ctx, cmd_rx) = async_channel::unbounded();
                             let tunnel = Tunnel::agent(now, self.cfg.tunnel_config(), &r.agent_id, &connectors);
                             let mut driver = TunnelDriver::new(tunnel, out_tx, ctx, self.metrics.clone());
                             driver.flush();
-                            conn = Some(Connection { attempt, driver, writer: tokio::spawn(nowconnect_shared::tung::write_ws(sink, out_rx)) });
-                            ws_in = Some(stream);
-                            cmd_rx = Some(crx);
+                            tokio::spawn(nowconnect_shared::tung::write_ws(sink, out_rx));
+                            conn = Some(Connection { attempt, driver, ws_in, cmd_rx });
                         }
                         Internal::HubFailed { attempt, reason } => {
                             tracing::warn!(attempt, %reason, "hub connection failed");
                             agent.hub_lost(now, attempt);
                         }
-                        Internal::TargetConnected { cid, stream } => {
-                            dials.targets.remove(&cid);
-                            if agent.target_connected(now, cid) && let Some(end) = dials.waiting.remove(&cid) {
+                        Internal::TargetConnected { flow, stream } => {
+                            dials.targets.remove(&flow);
+                            if agent.target_connected(now, flow.0, flow.1) && let Some(end) = dials.waiting.remove(&flow) {
                                 tokio::spawn(pipe_tcp(stream, end, self.metrics.clone(), "down", "up"));
                             }
                         }
-                        Internal::TargetFailed { cid, reason } => {
-                            dials.targets.remove(&cid);
-                            agent.target_failed(now, cid, &reason);
+                        Internal::TargetFailed { flow, reason } => {
+                            dials.targets.remove(&flow);
+                            agent.target_failed(now, flow.0, flow.1, &reason);
                         }
                     }
                 }
-                msg = async { ws_in.as_mut().expect("guarded").next().await }, if ws_in.is_some() => {
-                    let c = conn.as_mut().expect("connection with its stream");
-                    let now = Instant::now();
-                    match msg {
-                        Some(Ok(Message::Binary(b))) => c.driver.tunnel.handle_message(now, &WsMessage::Binary(b)),
-                        Some(Ok(Message::Text(t))) => c.driver.tunnel.handle_message(now, &WsMessage::Text(t.as_str().to_owned())),
-                        Some(Ok(Message::Close(f))) => {
-                            let why = f.map(|f| f.reason.to_string()).unwrap_or_default();
-                            c.driver.tunnel.on_disconnected(&format!("hub closed the tunnel: {why}"));
-                        }
-                        Some(Ok(_)) => {}
-                        Some(Err(e)) => c.driver.tunnel.on_disconnected(&format!("tunnel read error: {e}")),
-                        None => c.driver.tunnel.on_disconnected("tunnel closed by the hub"),
-                    }
+                input = async { conn.as_mut().expect("guarded").input().await }, if conn.is_some() => {
+                    conn.as_mut().expect("guarded").on_input(input);
                 }
-                cmd = async { cmd_rx.as_mut().expect("guarded").recv().await }, if cmd_rx.is_some() => {
-                    let c = conn.as_mut().expect("connection with its commands");
-                    let now = Instant::now();
-                    if let Ok(cmd) = cmd {
-                        c.driver.on_cmd(now, cmd);
-                        for _ in 0..256 {
-                            match cmd_rx.as_mut().expect("guarded").try_recv() {
-                                Ok(cmd) => c.driver.on_cmd(now, cmd),
-                                Err(_) => break,
-                            }
-                        }
-                    }
+                input = async { old.as_mut().expect("guarded").input().await }, if old.is_some() => {
+                    old.as_mut().expect("guarded").on_input(input);
                 }
                 _ = timer => {
                     let now = Instant::now();
                     agent.handle_timeout(now);
-                    if let Some(c) = conn.as_mut() {
+                    for c in [conn.as_mut(), old.as_mut()].into_iter().flatten() {
                         c.driver.tunnel.handle_timeout(now);
                     }
                 }
             }
-            let lost = conn.as_mut().and_then(|c| {
-                agent_tunnel_step(
+            if let Some(c) = old.as_mut()
+                && let TunnelStep::Lost(code, reason) = agent_tunnel_step(
                     &mut c.driver,
                     &mut agent,
                     c.attempt,
                     &mut dials.waiting,
                     Instant::now(),
                 )
-                .map(|(code, reason)| (c.attempt, code, reason))
-            });
-            if let Some((attempt, code, reason)) = lost {
-                let mut c = conn.take().expect("connection");
-                c.driver.close_socket(code, &reason);
-                drop(c.driver);
-                ws_in = None;
-                cmd_rx = None;
-                dials.waiting.clear();
-                for (_, t) in std::mem::take(&mut dials.targets) {
-                    t.abort();
+            {
+                let c = old.take().expect("draining connection");
+                self.end_connection(c, code, &reason, &mut agent, &mut dials);
+            }
+            let Some(c) = conn.as_mut() else { continue };
+            match agent_tunnel_step(
+                &mut c.driver,
+                &mut agent,
+                c.attempt,
+                &mut dials.waiting,
+                Instant::now(),
+            ) {
+                TunnelStep::Running => {}
+                TunnelStep::Lost(code, reason) => {
+                    let c = conn.take().expect("connection");
+                    self.end_connection(c, code, &reason, &mut agent, &mut dials);
                 }
-                let _ = tokio::time::timeout(Duration::from_millis(500), c.writer).await;
-                agent.hub_lost(Instant::now(), attempt);
+                TunnelStep::Draining => {
+                    // One draining tunnel at a time: a second drain in a row
+                    // ends the older one (its hub is about to close it anyway).
+                    if let Some(mut prev) = old.take() {
+                        let why = "a newer hub is draining too";
+                        prev.driver.tunnel.close(ErrorCode::Shutdown, why);
+                        prev.driver.drain();
+                        self.end_connection(prev, ErrorCode::Shutdown, why, &mut agent, &mut dials);
+                    }
+                    old = conn.take();
+                }
             }
         }
-        if let Some(c) = conn.take() {
-            drop(c.driver);
-            let _ = tokio::time::timeout(Duration::from_secs(2), c.writer).await;
+    }
+
+    /// A tunnel ended: close its socket (the writer task sends the close and
+    /// ends), cancel its target dials, tell the core.
+    fn end_connection(
+        &self,
+        mut c: Connection,
+        code: ErrorCode,
+        reason: &str,
+        agent: &mut Agent,
+        dials: &mut AgentDials<JoinHandle<()>>,
+    ) {
+        c.driver.close_socket(code, reason);
+        for t in dials.forget_tunnel(c.attempt) {
+            t.abort();
         }
+        agent.hub_lost(Instant::now(), c.attempt);
     }
 }
 

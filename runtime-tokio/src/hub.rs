@@ -107,14 +107,21 @@ impl Shared {
         self: &Arc<Self>,
         agent_id: &str,
         epoch: nowconnect_core::Epoch,
-    ) -> Result<async_channel::Sender<LinkCmd>, (ErrorCode, String)> {
+    ) -> Result<(u64, async_channel::Sender<LinkCmd>), (ErrorCode, String)> {
         self.with_control(|c, _| {
             let tunnel = c.hub.check_mesh_open(agent_id, epoch)?;
-            c.tunnels.get(&tunnel).cloned().ok_or((
+            let tx = c.tunnels.get(&tunnel).cloned().ok_or((
                 ErrorCode::LinkLost,
                 "the agent tunnel went away".to_string(),
-            ))
+            ))?;
+            c.hub.flow_started(tunnel);
+            Ok((tunnel, tx))
         })
+    }
+
+    /// A flow counted by `check_mesh_open` (or a client's) ended.
+    pub fn flow_ended(self: &Arc<Self>, tunnel: u64) {
+        self.with_control(|c, _| c.hub.flow_ended(tunnel));
     }
 
     pub fn count_epoch_mismatch(self: &Arc<Self>) {
@@ -219,6 +226,11 @@ impl Shared {
                 HubOutput::Peers(peers) => {
                     for (replica, url) in peers {
                         self.dial_once(&replica, &url);
+                    }
+                }
+                HubOutput::DrainTunnel { tunnel } => {
+                    if let Some(tx) = c.tunnels.get(&tunnel) {
+                        let _ = tx.try_send(LinkCmd::Drain);
                     }
                 }
             }
@@ -344,8 +356,9 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
             shared.dial_once("(configured)", peer);
         }
     }
+    let mut listener_tasks = Vec::new();
     for (name, _, connector, l) in listeners {
-        tasks.push(tokio::spawn(accept_loop(
+        listener_tasks.push(tokio::spawn(accept_loop(
             shared.clone(),
             name,
             connector,
@@ -366,7 +379,7 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
     let s2 = shared.clone();
     let done = tokio::spawn(async move {
         let _ = stop_rx.wait_for(|v| *v).await;
-        drain(&s2).await;
+        drain(&s2, listener_tasks).await;
         for t in tasks {
             t.abort();
         }
@@ -398,24 +411,62 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
     })
 }
 
-/// Stop taking new flows and tunnels; wait for open client flows to end, up
-/// to the grace period.
-async fn drain(shared: &Arc<Shared>) {
+/// Graceful drain: `/readyz` says `draining` and new tunnels are refused at
+/// once; every agent is told to move (DRAIN) and claims itself on another
+/// hub, while its flows here go on. Listeners keep taking clients for
+/// `shutdown_delay_sec`, then close. Returns when no client flow, no tunnel
+/// flow and no pending agent move is left, or when the grace period ends.
+async fn drain(shared: &Arc<Shared>, listeners: Vec<tokio::task::JoinHandle<()>>) {
     let _ = shared.draining.send(true);
-    shared.with_control(|c, _| c.hub.drain());
-    let grace = Duration::from_secs(shared.cfg.raw.shutdown_grace_sec);
-    let deadline = tokio::time::Instant::now() + grace;
-    let open = shared.active_clients.load(Ordering::Relaxed);
-    tracing::info!(open_flows = open, grace_sec = grace.as_secs(), "draining");
-    while shared.active_clients.load(Ordering::Relaxed) > 0
-        && tokio::time::Instant::now() < deadline
-    {
+    shared.with_control(|c, now| c.hub.drain(now));
+    let raw = &shared.cfg.raw;
+    let start = tokio::time::Instant::now();
+    let deadline = start + Duration::from_secs(raw.shutdown_grace_sec);
+    let (clients, flows, moves) = drain_state(shared);
+    tracing::info!(
+        open_client_flows = clients,
+        open_tunnel_flows = flows,
+        agents_to_move = moves,
+        delay_sec = raw.shutdown_delay_sec,
+        grace_sec = raw.shutdown_grace_sec,
+        "draining"
+    );
+    tokio::time::sleep_until(start + Duration::from_secs(raw.shutdown_delay_sec)).await;
+    for l in listeners {
+        l.abort();
+    }
+    tracing::info!("listeners closed");
+    loop {
+        let (clients, flows, moves) = drain_state(shared);
+        if clients == 0 && flows == 0 && moves == 0 {
+            tracing::info!(
+                elapsed_ms = start.elapsed().as_millis() as u64,
+                "drained: no flow left and every agent moved"
+            );
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                open_client_flows = clients,
+                open_tunnel_flows = flows,
+                agents_not_moved = moves,
+                "grace period over; closing what is left"
+            );
+            return;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let left = shared.active_clients.load(Ordering::Relaxed);
-    if left > 0 {
-        tracing::warn!(open_flows = left, "grace period over; closing open flows");
-    }
+}
+
+/// (client flows, flows on this hub's tunnels, agents told to move that
+/// are not owned elsewhere yet).
+fn drain_state(shared: &Shared) -> (usize, usize, usize) {
+    let c = shared.control.lock().expect("control lock");
+    (
+        shared.active_clients.load(Ordering::Relaxed),
+        c.hub.open_tunnel_flows(),
+        c.hub.moves_pending(),
+    )
 }
 
 /// The HTTP server of `/tunnel`, `/healthz`, `/readyz` and `/metrics`: hyper
@@ -698,7 +749,10 @@ async fn run_tunnel(
                     tracing::info!(tunnel = tunnel_id, agent = %agent_id, epoch = epoch.0, codec = codec.as_str(), "agent tunnel established");
                 }
                 TunnelEvent::Closed { code, reason } => closed = Some((code, reason)),
-                TunnelEvent::Open { .. } | TunnelEvent::Flow(_) | TunnelEvent::Rtt(_) => {}
+                TunnelEvent::Open { .. }
+                | TunnelEvent::Flow(_)
+                | TunnelEvent::Rtt(_)
+                | TunnelEvent::Drain => {}
             }
         }
         // Dispatch again: closing produced flow resets.
@@ -743,10 +797,6 @@ async fn accept_loop(shared: Arc<Shared>, name: String, connector: String, liste
                 continue;
             }
         };
-        if *shared.draining.borrow() {
-            refuse_client(&shared, "shutdown");
-            continue;
-        }
         if shared.active_clients.load(Ordering::Relaxed)
             >= shared.cfg.raw.limits.max_client_connections
         {
@@ -886,6 +936,6 @@ async fn serve_client(shared: Arc<Shared>, connector: String, stream: TcpStream,
         .inc();
     crate::io::pipe_tcp(stream, end, shared.metrics.clone(), "up", "down").await;
     if let Some(t) = tunnel {
-        shared.with_control(|c, _| c.hub.flow_ended(t));
+        shared.flow_ended(t);
     }
 }

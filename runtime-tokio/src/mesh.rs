@@ -348,10 +348,14 @@ async fn run_link(
                     agent_id,
                     epoch,
                 } => match shared.check_mesh_open(&agent_id, epoch) {
-                    Ok(tunnel_cmd) => {
+                    Ok((tunnel, tunnel_cmd)) => {
                         link.accept_open(cid);
                         let mesh_end = pipes.attach(cid, &connector);
-                        tokio::spawn(crate::driver::bridge(mesh_end, tunnel_cmd, connector));
+                        let shared = shared.clone();
+                        tokio::spawn(async move {
+                            crate::driver::bridge(mesh_end, tunnel_cmd, connector).await;
+                            shared.flow_ended(tunnel);
+                        });
                     }
                     Err((code, reason)) => {
                         tracing::warn!(target: "nowconnect::security", %agent_id, epoch = epoch.0, %code, %reason, "mesh open refused");

@@ -194,7 +194,7 @@ pub fn drive_hub(origin: Instant, data: &[u8]) {
             }
             _ => {
                 if input.byte() == 0xd7 {
-                    hub.drain();
+                    hub.drain(now);
                 }
             }
         }
