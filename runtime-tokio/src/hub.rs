@@ -219,8 +219,22 @@ impl Shared {
                     }
                 }
                 HubOutput::Route { client, route } => {
-                    if let Some(tx) = c.routes.remove(&client) {
-                        let _ = tx.send(route);
+                    // A local flow counts on its tunnel from the routing
+                    // decision on, so a draining hub never closes a tunnel
+                    // a flow is being opened on; `serve_client` ends it.
+                    let local = match &route {
+                        Route::Local { tunnel, .. } => Some(*tunnel),
+                        _ => None,
+                    };
+                    if let Some(t) = local {
+                        c.hub.flow_started(t);
+                    }
+                    let delivered = match c.routes.remove(&client) {
+                        Some(tx) => tx.send(route).is_ok(),
+                        None => false,
+                    };
+                    if let (Some(t), false) = (local, delivered) {
+                        c.hub.flow_ended(t);
                     }
                 }
                 HubOutput::Peers(peers) => {
@@ -908,6 +922,8 @@ async fn serve_client(shared: Arc<Shared>, connector: String, stream: TcpStream,
             return;
         }
     };
+    // Counted on its tunnel since the routing decision (see `pump`).
+    let _counted = tunnel.map(|t| TunnelFlowGuard(shared.clone(), t));
     let (rtx, rrx) = crate::driver::reply_channel();
     if let Some(cmd) = &cmd {
         let _ = cmd.try_send(open.into_cmd(rtx));
@@ -926,16 +942,19 @@ async fn serve_client(shared: Arc<Shared>, connector: String, stream: TcpStream,
         }
     };
     tracing::debug!(%peer, %connector, agent = %agent_id, cid = end.cid, "flow opened");
-    if let Some(t) = tunnel {
-        shared.with_control(|c, _| c.hub.flow_started(t));
-    }
     shared
         .metrics
         .flows
         .get_or_create(&labels(&[("connector", &connector), ("route", route_kind)]))
         .inc();
     crate::io::pipe_tcp(stream, end, shared.metrics.clone(), "up", "down").await;
-    if let Some(t) = tunnel {
-        shared.flow_ended(t);
+}
+
+/// Ends a local flow's count on its tunnel however the client ends.
+struct TunnelFlowGuard(Arc<Shared>, u64);
+
+impl Drop for TunnelFlowGuard {
+    fn drop(&mut self) {
+        self.0.flow_ended(self.1);
     }
 }

@@ -33,6 +33,7 @@ for_each_runtime!(
     ldap_reaches_the_agent_across_the_mesh,
     the_agent_moves_when_its_owner_hub_dies,
     a_redis_outage_keeps_local_flows,
+    a_rolling_restart_under_load_loses_no_connection,
 );
 
 fn attached(hub: &HubProc, agent: &AgentProc, rt: Runtime) {
@@ -269,5 +270,292 @@ fn a_redis_outage_keeps_local_flows(rt: Runtime) {
         1,
         "the agent had to reconnect: {}",
         agent.proc.log_text()
+    );
+}
+
+/// A hub of the rolling-restart cluster on fixed ports (so it comes back
+/// where agents and peers expect it), with a 1 s listener delay on SIGTERM.
+struct FixedHub {
+    name: &'static str,
+    yaml: String,
+    http: SocketAddr,
+    ldap: SocketAddr,
+}
+
+impl FixedHub {
+    fn new(
+        env: &Env,
+        name: &'static str,
+        redis: &RedisProc,
+        mesh: (u16, u16),
+        ca: &Ca,
+    ) -> FixedHub {
+        let (http, ldap) = (free_port(), free_port());
+        let yaml = mesh_hub_yaml(
+            env,
+            name,
+            "active",
+            redis,
+            mesh.0,
+            &[mesh.1],
+            &ca.issue(env.path(), name),
+        )
+        .replacen(
+            "  bind: 127.0.0.1:0\n",
+            &format!("  bind: 127.0.0.1:{http}\n"),
+            1,
+        )
+        .replacen(
+            "bind: '127.0.0.1:0'",
+            &format!("bind: '127.0.0.1:{ldap}'"),
+            1,
+        )
+        .replacen(
+            "shutdown_grace_sec: 3\n",
+            "shutdown_grace_sec: 10\nshutdown_delay_sec: 1\n",
+            1,
+        );
+        FixedHub {
+            name,
+            yaml,
+            http: format!("127.0.0.1:{http}").parse().unwrap(),
+            ldap: format!("127.0.0.1:{ldap}").parse().unwrap(),
+        }
+    }
+
+    fn start(&self, env: &Env, run: usize) -> HubProc {
+        let h = HubProc::start(env.path(), &format!("{}-{run}", self.name), &self.yaml);
+        assert_eq!(h.http, self.http);
+        h
+    }
+
+    fn ready(&self) -> bool {
+        let Ok(mut s) = TcpStream::connect_timeout(&self.http, Duration::from_millis(200)) else {
+            return false;
+        };
+        use std::io::Write;
+        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+        let _ = write!(
+            s,
+            "GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        );
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        buf.starts_with(b"HTTP/1.1 200")
+    }
+}
+
+/// One short connection: 1 KiB echoed back exactly, then a clean close.
+fn one_exchange(addr: SocketAddr, data: &[u8]) -> Result<(), String> {
+    use std::io::Write;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(data).map_err(|e| format!("write: {e}"))?;
+    let mut got = vec![0u8; data.len()];
+    s.read_exact(&mut got)
+        .map_err(|e| format!("read {addr}: {e}"))?;
+    if got != data {
+        return Err("echo differs".into());
+    }
+    s.shutdown(std::net::Shutdown::Write)
+        .map_err(|e| e.to_string())?;
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)
+        .map_err(|e| format!("close {addr}: {e}"))?;
+    if rest.is_empty() {
+        Ok(())
+    } else {
+        Err("bytes after the echo".into())
+    }
+}
+
+/// A slow flow through `addr` (about 2 s): started before a hub's SIGTERM,
+/// it must finish intact through the drain.
+fn slow_flow(addr: SocketAddr) -> std::thread::JoinHandle<Result<(), String>> {
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let data = random_bytes(2 << 20);
+        let mut s = TcpStream::connect(addr).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let chunks: Vec<Vec<u8>> = data.chunks(64 << 10).map(<[u8]>::to_vec).collect();
+        let writer = std::thread::spawn(move || -> std::io::Result<()> {
+            for c in chunks {
+                w.write_all(&c)?;
+                std::thread::sleep(Duration::from_millis(60));
+            }
+            w.shutdown(std::net::Shutdown::Write)
+        });
+        let mut got = Vec::new();
+        s.read_to_end(&mut got)
+            .map_err(|e| format!("slow flow read: {e}"))?;
+        writer
+            .join()
+            .unwrap()
+            .map_err(|e| format!("slow flow write: {e}"))?;
+        if sha256(&got) == sha256(&data) {
+            Ok(())
+        } else {
+            Err(format!(
+                "slow flow got {} of {} bytes",
+                got.len(),
+                data.len()
+            ))
+        }
+    })
+}
+
+/// Two hubs restarted one after the other (SIGTERM, exit, start again)
+/// while clients keep connecting to whichever hub `/readyz` says is ready,
+/// as a load balancer would: every connection succeeds, flows in progress
+/// finish through the drain, and each hub exits as soon as its agent moved
+/// and its flows ended.
+fn a_rolling_restart_under_load_loses_no_connection(rt: Runtime) {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let env = Env::new();
+    let redis = RedisProc::start(env.path());
+    let echo = echo_server();
+    let ca = Ca::new("mesh CA");
+    let (pa, pb) = (free_port(), free_port());
+    let hubs = [
+        FixedHub::new(&env, "hub-a", &redis, (pa, pb), &ca),
+        FixedHub::new(&env, "hub-b", &redis, (pb, pa), &ca),
+    ];
+    let mut procs = [Some(hubs[0].start(&env, 0)), Some(hubs[1].start(&env, 0))];
+    let agent = AgentProc::start_on(
+        rt,
+        env.path(),
+        "agent",
+        &env.agent_yaml(
+            "agent-1",
+            &[hubs[0].http, hubs[1].http],
+            &[("ldap", echo)],
+            "",
+        ),
+        &env.token("agent-1", None),
+    );
+    attached(procs[0].as_ref().unwrap(), &agent, rt);
+    assert!(eventually(Duration::from_secs(15), || hubs
+        .iter()
+        .all(FixedHub::ready)));
+
+    // The load balancer: a list of ready hubs, refreshed every 50 ms.
+    let hubs = Arc::new(hubs);
+    let stop = Arc::new(AtomicBool::new(false));
+    let ready: Arc<Mutex<Vec<SocketAddr>>> =
+        Arc::new(Mutex::new(hubs.iter().map(|h| h.ldap).collect()));
+    let lb = {
+        let (hubs, stop, ready) = (hubs.clone(), stop.clone(), ready.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let now: Vec<SocketAddr> =
+                    hubs.iter().filter(|h| h.ready()).map(|h| h.ldap).collect();
+                *ready.lock().unwrap() = now;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failures: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let t0 = Instant::now();
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let (stop, ready, ok, failures) =
+                (stop.clone(), ready.clone(), ok.clone(), failures.clone());
+            std::thread::spawn(move || {
+                let data = random_bytes(1024);
+                let mut i = w;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let pick = {
+                        let r = ready.lock().unwrap();
+                        (!r.is_empty()).then(|| r[i % r.len()])
+                    };
+                    let res = match pick {
+                        Some(addr) => one_exchange(addr, &data),
+                        None => Err("no hub is ready".into()),
+                    };
+                    match res {
+                        Ok(()) => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("{:?}: {e}", t0.elapsed())),
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            })
+        })
+        .collect();
+
+    std::thread::sleep(Duration::from_millis(500));
+    for (i, run) in [(0usize, 1usize), (1, 1)] {
+        let h = &hubs[i];
+        let slow = slow_flow(h.ldap);
+        std::thread::sleep(Duration::from_millis(300));
+        let before = ok.load(Ordering::Relaxed);
+        let mut p = procs[i].take().unwrap();
+        let started = Instant::now();
+        let status = p.proc.terminate(Duration::from_secs(15));
+        let took = started.elapsed();
+        let log = p.proc.log_text();
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{} did not exit cleanly ({status:?}); log:\n{log}",
+            h.name
+        );
+        assert!(
+            log.contains("drained: no flow left and every agent moved"),
+            "{} waited out its grace period ({took:?}); log:\n{log}\nagent log:\n{}",
+            h.name,
+            agent.proc.log_text()
+        );
+        slow.join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("flow through draining {}: {e}", h.name));
+        eprintln!(
+            "{}: drained and exited in {took:?}; {} connections meanwhile",
+            h.name,
+            ok.load(Ordering::Relaxed) - before
+        );
+        procs[i] = Some(h.start(&env, run));
+        assert!(
+            eventually(Duration::from_secs(15), || h.ready()),
+            "{} not ready after restart",
+            h.name
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().unwrap();
+    }
+    lb.join().unwrap();
+    let failures = failures.lock().unwrap();
+    let ok = ok.load(Ordering::Relaxed);
+    eprintln!(
+        "{} agent: {ok} connections through the rolling restart, {} failed",
+        rt.name(),
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} of {} connections failed: {:?}\nagent log:\n{}",
+        failures.len(),
+        ok + failures.len(),
+        &failures[..failures.len().min(10)],
+        agent.proc.log_text()
+    );
+    assert!(ok > 200, "too little load to mean anything: {ok}");
+    let alog = agent.proc.log_text();
+    assert_eq!(
+        alog.matches("hub is draining: moving to the next hub")
+            .count(),
+        2,
+        "{alog}"
     );
 }

@@ -398,10 +398,19 @@ fn sigterm_drains_open_flows_then_exits() {
         .args(["-TERM", &pid.to_string()])
         .status()
         .unwrap();
-    // New connections are refused while draining; the open flow still works.
-    assert!(eventually(Duration::from_secs(5), || hub.get("/readyz").0
-        == 503
-        || hub.proc.try_wait().is_some()));
+    // New connections are refused while draining (the listener is closed:
+    // shutdown_delay_sec is 0); the open flow still works.
+    let listener = hub.listener("echo");
+    assert!(eventually(Duration::from_secs(5), || hub.get("/readyz").0 == 503));
+    assert!(
+        eventually(Duration::from_secs(5), || TcpStream::connect(listener)
+            .is_err()),
+        "the listener still takes connections while draining"
+    );
+    assert!(
+        hub.proc.try_wait().is_none(),
+        "the hub left before its flow ended"
+    );
     c.write_all(b"during").unwrap();
     c.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"during");
@@ -449,6 +458,10 @@ fn configuration_errors_name_file_key_and_reason() {
             env.hub_yaml(&[], "")
                 .replace("hs256_secret_file", "hs256_secret_fil"),
             "tunnel.jwt",
+        ),
+        (
+            env.hub_yaml(&[], "shutdown_delay_sec: 5\n"),
+            "shutdown_delay_sec",
         ),
     ];
     for (i, (yaml, key)) in cases.iter().enumerate() {
