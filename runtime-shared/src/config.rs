@@ -83,7 +83,31 @@ pub struct HubFile {
     #[serde(default)]
     pub shutdown_delay_sec: u64,
     #[serde(default)]
+    pub reload: ReloadConfig,
+    #[serde(default)]
     pub log: LogConfig,
+}
+
+/// What makes the hub re-read its configuration besides SIGHUP.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadConfig {
+    /// Check the configuration file, the JWT key files and the mesh
+    /// certificate files this often; any change reloads. 0: SIGHUP only.
+    #[serde(default = "default_watch")]
+    pub watch_interval_sec: u64,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            watch_interval_sec: default_watch(),
+        }
+    }
+}
+
+fn default_watch() -> u64 {
+    5
 }
 
 fn default_grace() -> u64 {

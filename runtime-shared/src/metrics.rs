@@ -72,6 +72,8 @@ pub struct Metrics {
     pub registry_healthy: Gauge,
     pub registry_errors: Counter,
     pub shadow_would_route: Family<Labels, Counter>,
+    // operations
+    pub config_reloads: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -94,6 +96,11 @@ impl Metrics {
         }
         for result in ["accepted", "refused", "closed"] {
             let _ = self.tunnels.get_or_create(&labels(&[("result", result)]));
+        }
+        for result in ["ok", "error"] {
+            let _ = self
+                .config_reloads
+                .get_or_create(&labels(&[("result", result)]));
         }
         for c in connectors {
             let _ = self
@@ -129,6 +136,7 @@ impl Metrics {
                 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
             ]),
             auth_failures: Family::default(),
+            config_reloads: Family::default(),
             protocol_errors: Counter::default(),
             flows_active: Family::default(),
             flows: Family::default(),
@@ -215,6 +223,11 @@ impl Metrics {
             "nowconnect_tunnel_auth_failures",
             "Refused /tunnel requests by reason",
             m.auth_failures.clone(),
+        );
+        r.register(
+            "nowconnect_config_reloads",
+            "Configuration reloads (SIGHUP or a watched file changed) by result",
+            m.config_reloads.clone(),
         );
         r.register(
             "nowconnect_protocol_errors",

@@ -56,7 +56,12 @@ pub struct Shared {
     mesh_links: Mutex<crate::mesh::MeshLinks>,
     /// Mesh URLs with an outbound link task (static peers and discovered ones).
     mesh_dialed: Mutex<std::collections::BTreeSet<String>>,
-    mesh_client_tls: std::sync::OnceLock<Option<Arc<rustls::ClientConfig>>>,
+    /// Mesh TLS (server and client sides), replaced whole on reload: new
+    /// links use the new certificates, established links keep theirs.
+    mesh_tls: std::sync::RwLock<crate::mesh::MeshTlsConfigs>,
+    mesh_started: std::sync::atomic::AtomicBool,
+    /// The files whose change triggers a reload (config, keys, certificates).
+    watched: Mutex<Vec<std::path::PathBuf>>,
 }
 
 /// A running hub: its bound addresses and a way to stop it.
@@ -71,17 +76,9 @@ pub struct HubHandle {
 
 impl HubHandle {
     /// Re-read the configuration file and apply what can change without a
-    /// restart: the JWT verification settings (`tunnel.jwt`: secret or
-    /// public key file, algorithms, audience, issuer, leeway). Established
-    /// tunnels are not touched; new `/tunnel` requests use the new keys. On
-    /// any error the running configuration stays and the error says why.
+    /// restart (see [`Shared::reload`]).
     pub fn reload(&self) -> Result<String, String> {
-        let file = &self.shared.cfg.file;
-        let cfg = HubConfig::load(file).map_err(|e| e.to_string())?;
-        let v = Verifier::from_config(&cfg.raw.tunnel.jwt)
-            .map_err(|e| format!("{}: tunnel.jwt: {e}", file.display()))?;
-        *self.shared.verifier.write().expect("verifier lock") = Arc::new(v);
-        Ok(format!("{}: tunnel.jwt reloaded", file.display()))
+        self.shared.reload()
     }
 
     /// Graceful stop: refuse new work, let flows finish up to the grace
@@ -95,6 +92,56 @@ impl HubHandle {
 impl Shared {
     pub fn cfg(&self) -> &HubConfig {
         &self.cfg
+    }
+
+    /// Re-read the configuration file and apply what can change without a
+    /// restart: the JWT verification settings (`tunnel.jwt`: secret or public
+    /// key file, algorithms, audience, issuer, leeway) and, with the mesh on,
+    /// its certificate, key and CA bundle (`ha.mesh.tls`). Established
+    /// tunnels and mesh links are not touched; new `/tunnel` requests and new
+    /// mesh connections use the new settings. Everything is checked before
+    /// anything is applied: on any error the running configuration stays
+    /// whole and the error names the file, key and reason. Counted in
+    /// `nowconnect_config_reloads_total{result}`.
+    pub fn reload(&self) -> Result<String, String> {
+        let res = self.try_reload();
+        let result = if res.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .config_reloads
+            .get_or_create(&labels(&[("result", result)]))
+            .inc();
+        res
+    }
+
+    fn try_reload(&self) -> Result<String, String> {
+        let file = &self.cfg.file;
+        let cfg = HubConfig::load(file).map_err(|e| e.to_string())?;
+        let v = Verifier::from_config(&cfg.raw.tunnel.jwt)
+            .map_err(|e| format!("{}: tunnel.jwt: {e}", file.display()))?;
+        let mesh = if self.mesh_started.load(Ordering::Relaxed) {
+            Some(
+                crate::mesh::tls_configs(&cfg.raw.ha.mesh)
+                    .map_err(|e| format!("{}: ha.mesh.tls: {e}", file.display()))?,
+            )
+        } else {
+            None
+        };
+        *self.verifier.write().expect("verifier lock") = Arc::new(v);
+        let mut what = format!("{}: tunnel.jwt", file.display());
+        if let Some(m) = mesh {
+            *self.mesh_tls.write().expect("mesh tls lock") = m;
+            what += ", ha.mesh.tls";
+        }
+        *self.watched.lock().expect("watched lock") = watched_files(&cfg);
+        Ok(what + " reloaded")
+    }
+
+    pub fn mesh_server_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.mesh_tls.read().expect("mesh tls lock").server.clone()
+    }
+
+    pub fn mesh_client_tls(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.mesh_tls.read().expect("mesh tls lock").client.clone()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -144,9 +191,9 @@ impl Shared {
 
     /// Start an outbound mesh link to `url` unless one exists already.
     fn dial_once(self: &Arc<Self>, replica: &str, url: &str) {
-        let Some(tls) = self.mesh_client_tls.get() else {
+        if !self.mesh_started.load(Ordering::Relaxed) {
             return; // mesh not started (mode off)
-        };
+        }
         if !self
             .mesh_dialed
             .lock()
@@ -156,11 +203,7 @@ impl Shared {
             return;
         }
         tracing::info!(peer = %replica, %url, "mesh peer discovered");
-        tokio::spawn(crate::mesh::dial_peer(
-            self.clone(),
-            url.to_string(),
-            tls.clone(),
-        ));
+        tokio::spawn(crate::mesh::dial_peer(self.clone(), url.to_string()));
     }
 
     fn now() -> Instant {
@@ -324,7 +367,9 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
         draining,
         mesh_links: Mutex::new(Default::default()),
         mesh_dialed: Mutex::new(Default::default()),
-        mesh_client_tls: std::sync::OnceLock::new(),
+        mesh_tls: std::sync::RwLock::new(crate::mesh::MeshTlsConfigs::default()),
+        mesh_started: std::sync::atomic::AtomicBool::new(false),
+        watched: Mutex::new(watched_files(&cfg)),
         cfg,
     });
 
@@ -359,16 +404,19 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
                 .map_err(|e| format!("ha.mesh.listen {addr}: {e}"))?;
             let bound = l.local_addr().map_err(|e| e.to_string())?;
             mesh_addr = Some(bound);
-            tasks.push(tokio::spawn(crate::mesh::serve(
-                shared.clone(),
-                l,
-                tls.server.clone(),
-            )));
+            tasks.push(tokio::spawn(crate::mesh::serve(shared.clone(), l)));
         }
-        let _ = shared.mesh_client_tls.set(tls.client.clone());
+        *shared.mesh_tls.write().expect("mesh tls lock") = tls;
+        shared.mesh_started.store(true, Ordering::Relaxed);
         for peer in &mesh.peers {
             shared.dial_once("(configured)", peer);
         }
+    }
+    if shared.cfg.raw.reload.watch_interval_sec > 0 {
+        tasks.push(tokio::spawn(watch_files(
+            shared.clone(),
+            Duration::from_secs(shared.cfg.raw.reload.watch_interval_sec),
+        )));
     }
     let mut listener_tasks = Vec::new();
     for (name, _, connector, l) in listeners {
@@ -423,6 +471,55 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
         done,
         shared,
     })
+}
+
+/// The files a reload reads: the configuration file, the JWT key files and
+/// the mesh TLS files.
+fn watched_files(cfg: &HubConfig) -> Vec<std::path::PathBuf> {
+    let jwt = &cfg.raw.tunnel.jwt;
+    let mut files = vec![cfg.file.clone()];
+    files.extend(jwt.hs256_secret_file.iter().cloned());
+    files.extend(jwt.public_key_file.iter().cloned());
+    if let Some(t) = &cfg.raw.ha.mesh.tls {
+        files.extend([t.ca_bundle.clone(), t.cert_file.clone(), t.key_file.clone()]);
+    }
+    files
+}
+
+/// What the watched files hold now (a missing file counts as a state too).
+fn fingerprint(files: &[std::path::PathBuf]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for f in files {
+        f.hash(&mut h);
+        std::fs::read(f).ok().hash(&mut h);
+    }
+    h.finish()
+}
+
+/// Reload when a watched file changes (checked every `every`). A failed
+/// reload is retried only after the files change again.
+async fn watch_files(shared: Arc<Shared>, every: Duration) {
+    let files = shared.watched.lock().expect("watched lock").clone();
+    let mut last = fingerprint(&files);
+    loop {
+        tokio::time::sleep(every).await;
+        let files = shared.watched.lock().expect("watched lock").clone();
+        let now = fingerprint(&files);
+        if now == last {
+            continue;
+        }
+        match shared.reload() {
+            Ok(what) => tracing::info!(%what, "a watched file changed; configuration reloaded"),
+            Err(error) => tracing::warn!(
+                %error,
+                "a watched file changed but the reload failed; the running configuration stays"
+            ),
+        }
+        // The set may have changed with the reload.
+        let files = shared.watched.lock().expect("watched lock").clone();
+        last = fingerprint(&files);
+    }
 }
 
 /// Graceful drain: `/readyz` says `draining` and new tunnels are refused at

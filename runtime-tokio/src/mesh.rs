@@ -72,6 +72,7 @@ impl MeshLinks {
     }
 }
 
+#[derive(Clone, Default)]
 pub struct MeshTlsConfigs {
     pub server: Option<Arc<rustls::ServerConfig>>,
     pub client: Option<Arc<rustls::ClientConfig>>,
@@ -139,12 +140,7 @@ pub fn link_config(shared: &Shared) -> MeshLinkConfig {
 }
 
 /// Accept mesh connections until the task is aborted.
-pub async fn serve(
-    shared: Arc<Shared>,
-    listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
-) {
-    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     loop {
         let Ok((tcp, peer)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -152,7 +148,10 @@ pub async fn serve(
         };
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
-        let acceptor = acceptor.clone();
+        // The current certificates (reloadable), per connection.
+        let acceptor = shared
+            .mesh_server_tls()
+            .map(tokio_rustls::TlsAcceptor::from);
         let hs = std::time::Duration::from_secs(shared.cfg().raw.ha.mesh.handshake_timeout_sec);
         tokio::spawn(async move {
             let res = match acceptor {
@@ -227,14 +226,14 @@ async fn accept_ws(
 }
 
 /// Keep an outbound link to `url` up for the life of the hub.
-pub async fn dial_peer(shared: Arc<Shared>, url: String, tls: Option<Arc<rustls::ClientConfig>>) {
+pub async fn dial_peer(shared: Arc<Shared>, url: String) {
     let link = MeshLink::outbound(
         Instant::now(),
         link_config(&shared),
         &shared.cfg().replica_id,
         Rng::new(rand::random()),
     );
-    run_link(shared, link, url.clone(), None, Some((url, tls))).await;
+    run_link(shared, link, url.clone(), None, Some(url)).await;
 }
 
 /// TCP (+ TLS with our client certificate for `wss://`), then the WebSocket
@@ -295,7 +294,7 @@ async fn run_link(
     mut link: MeshLink,
     mut label: String,
     first: Option<Ws>,
-    dial: Option<(String, Option<Arc<rustls::ClientConfig>>)>,
+    dial: Option<String>,
 ) {
     let metrics = shared.metrics().clone();
     let link_id = rand::random::<u64>();
@@ -322,10 +321,11 @@ async fn run_link(
         while let Some(ev) = link.poll_event() {
             match ev {
                 MeshEvent::Connect => {
-                    if let Some((url, tls)) = &dial {
+                    if let Some(url) = &dial {
+                        // The current client certificate (reloadable), per dial.
                         let (url, tls, tx, cfg) = (
                             url.clone(),
-                            tls.clone(),
+                            shared.mesh_client_tls(),
                             dial_tx.clone(),
                             ws_config(&shared),
                         );
