@@ -1185,3 +1185,69 @@ fn a_hub_without_mesh_links_is_ready_while_it_holds_agents() {
     run_registry(&mut h, &mut reg, now);
     assert_eq!(h.readiness(1), Vec::<String>::new());
 }
+
+#[test]
+fn hub_agent_limit_and_agent_dial_limit_refuse_at_the_edge() {
+    let now = origin();
+    let mut reg = MemoryRegistry::new();
+    let mut h = Hub::new(
+        now,
+        HubConfig {
+            replica_id: "hub-a".into(),
+            max_agents: 2,
+            ..HubConfig::default()
+        },
+        7,
+    );
+    for (t, a) in [(1, "a1"), (2, "a2"), (3, "a3")] {
+        h.tunnel_hello(now, t, a, &["ldap".into()], None);
+    }
+    let out = run_registry(&mut h, &mut reg, now);
+    let refused: Vec<_> = out
+        .iter()
+        .filter(|o| matches!(o, HubOutput::CloseTunnel { code: ErrorCode::LimitExceeded, reason, .. } if reason.contains("limit of 2")))
+        .collect();
+    assert_eq!(refused.len(), 1, "{out:?}");
+    assert_eq!(h.agent_count(), 2);
+
+    let mut connectors = BTreeMap::new();
+    connectors.insert("ldap".to_string(), "ldap:389".to_string());
+    let mut a = Agent::new(
+        now,
+        AgentConfig {
+            agent_id: "a1".into(),
+            hubs: vec!["wss://h1/tunnel".into()],
+            connectors,
+            max_pending_dials: 2,
+            ..AgentConfig::default()
+        },
+        1,
+    );
+    while a.poll_output().is_some() {}
+    for cid in 1..=3 {
+        a.flow_opened(now, 1, cid, "ldap");
+    }
+    let out: Vec<_> = std::iter::from_fn(|| a.poll_output()).collect();
+    assert!(
+        matches!(
+            out[..],
+            [
+                AgentOutput::DialTarget { cid: 1, .. },
+                AgentOutput::DialTarget { cid: 2, .. },
+                AgentOutput::ResetFlow {
+                    cid: 3,
+                    code: ErrorCode::LimitExceeded,
+                    ..
+                },
+            ]
+        ),
+        "{out:?}"
+    );
+    // A dial finishing makes room again.
+    assert!(a.target_connected(now, 1, 1));
+    a.flow_opened(now, 1, 4, "ldap");
+    assert!(matches!(
+        a.poll_output(),
+        Some(AgentOutput::DialTarget { cid: 4, .. })
+    ));
+}

@@ -144,6 +144,14 @@ pub struct TunnelSection {
     pub handshake_timeout_sec: u64,
     #[serde(default = "default_flows")]
     pub max_flows_per_agent: usize,
+    /// Connectors one agent may announce in its HELLO; a longer list closes
+    /// the tunnel with the reason.
+    #[serde(default = "default_max_connectors")]
+    pub max_connectors_per_agent: usize,
+}
+
+fn default_max_connectors() -> usize {
+    nowconnect_core::Limits::default().max_connectors
 }
 
 fn default_max_frame() -> u32 {
@@ -205,6 +213,15 @@ pub struct HubLimits {
     pub max_agents: usize,
     #[serde(default = "default_max_clients")]
     pub max_client_connections: usize,
+    /// Client connections waiting for a registry answer (HA modes) at once;
+    /// more are refused with `limit_exceeded`.
+    #[serde(default = "default_max_pending_routes")]
+    pub max_pending_routes: usize,
+    /// A client flow with no byte in either direction for this long is
+    /// closed (`idle_timeout`). 0: no limit (LDAP clients may pool idle
+    /// connections for a long time).
+    #[serde(default)]
+    pub client_idle_timeout_sec: u64,
 }
 
 impl Default for HubLimits {
@@ -212,8 +229,14 @@ impl Default for HubLimits {
         HubLimits {
             max_agents: default_max_agents(),
             max_client_connections: default_max_clients(),
+            max_pending_routes: default_max_pending_routes(),
+            client_idle_timeout_sec: 0,
         }
     }
+}
+
+fn default_max_pending_routes() -> usize {
+    4096
 }
 
 fn default_max_agents() -> usize {
@@ -315,6 +338,10 @@ pub struct MeshConfig {
     /// handshakes within this.
     #[serde(default = "default_mesh_handshake")]
     pub handshake_timeout_sec: u64,
+    /// Inbound mesh connections (handshaking or established) at once; more
+    /// are closed before the TLS handshake.
+    #[serde(default = "default_mesh_max_links")]
+    pub max_inbound_links: usize,
     /// The URL other hubs dial to reach this hub's mesh; announced in the
     /// registry so hubs find each other without listing peers.
     #[serde(default)]
@@ -332,9 +359,14 @@ impl Default for MeshConfig {
             send_queue_depth: default_queue(),
             per_link_max_inflight_bytes: default_inflight(),
             handshake_timeout_sec: default_mesh_handshake(),
+            max_inbound_links: default_mesh_max_links(),
             connect_backoff_max_sec: default_backoff(),
         }
     }
+}
+
+fn default_mesh_max_links() -> usize {
+    64
 }
 
 fn default_true() -> bool {
@@ -484,6 +516,18 @@ impl HubConfig {
         if raw.limits.max_agents == 0 {
             return Err(err("limits.max_agents", "must be > 0".into()));
         }
+        if raw.limits.max_pending_routes == 0 {
+            return Err(err("limits.max_pending_routes", "must be > 0".into()));
+        }
+        if !(1..=1024).contains(&t.max_connectors_per_agent) {
+            return Err(err(
+                "tunnel.max_connectors_per_agent",
+                "must be between 1 and 1024".into(),
+            ));
+        }
+        if raw.ha.mesh.max_inbound_links == 0 {
+            return Err(err("ha.mesh.max_inbound_links", "must be > 0".into()));
+        }
         let mode = Mode::from_name(&raw.ha.mode).ok_or_else(|| {
             err(
                 "ha.mode",
@@ -594,6 +638,7 @@ impl HubConfig {
         }
         let limits = Limits {
             max_frame: t.max_frame_bytes as usize,
+            max_connectors: t.max_connectors_per_agent,
             ..Limits::default()
         };
         Ok(HubConfig {
@@ -646,6 +691,10 @@ pub struct AgentFile {
     /// `limit_exceeded`.
     #[serde(default = "default_agent_max_flows")]
     pub max_flows: usize,
+    /// Target dials in progress at once; further opens are refused with
+    /// `limit_exceeded`.
+    #[serde(default = "default_agent_max_dials")]
+    pub max_pending_dials: usize,
     /// Use only the v1 JSON codec (for hubs that predate v2).
     #[serde(default)]
     pub v1_only: bool,
@@ -659,6 +708,10 @@ fn default_mesh_handshake() -> u64 {
 
 fn default_connect_timeout() -> u64 {
     5
+}
+
+fn default_agent_max_dials() -> usize {
+    nowconnect_core::agent::AgentConfig::default().max_pending_dials
 }
 
 fn default_agent_max_flows() -> usize {
@@ -699,6 +752,7 @@ impl AgentConfig {
                 .collect(),
             backoff_max: Duration::from_secs(r.reconnect_backoff_max_sec),
             target_connect_timeout: Duration::from_secs(r.connect_timeout_sec),
+            max_pending_dials: r.max_pending_dials,
             ..nowconnect_core::agent::AgentConfig::default()
         }
     }
@@ -709,6 +763,8 @@ impl AgentConfig {
         nowconnect_core::tunnel::TunnelConfig {
             limits: Limits {
                 max_frame: r.max_frame_bytes as usize,
+                // The agent announces what it serves; the hub's limit decides.
+                max_connectors: r.connectors.len().max(Limits::default().max_connectors),
                 ..Limits::default()
             },
             window: r.window_bytes,
@@ -793,6 +849,9 @@ impl AgentConfig {
         }
         if raw.window_bytes < 1024 {
             return Err(err("window_bytes", "must be at least 1024".into()));
+        }
+        if raw.max_pending_dials == 0 {
+            return Err(err("max_pending_dials", "must be > 0".into()));
         }
         if raw.max_flows == 0 {
             return Err(err("max_flows", "must be > 0".into()));

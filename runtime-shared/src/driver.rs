@@ -964,3 +964,79 @@ async fn write_half<W: AsyncWrite + Unpin>(
     }
     false
 }
+
+/// When a flow socket last moved a byte, for idle timeouts: shared by an
+/// [`ActiveReader`] and an [`ActiveWriter`] over the two halves of one socket.
+#[derive(Clone)]
+pub struct Activity {
+    origin: Instant,
+    last_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Activity {
+            origin: Instant::now(),
+            last_ms: Arc::default(),
+        }
+    }
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = self.origin.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// How long since the last byte (or since creation).
+    pub fn idle(&self) -> std::time::Duration {
+        let last = self.last_ms.load(std::sync::atomic::Ordering::Relaxed);
+        self.origin
+            .elapsed()
+            .saturating_sub(std::time::Duration::from_millis(last))
+    }
+}
+
+/// A [`ChunkReader`] that records activity.
+pub struct ActiveReader<R>(pub R, pub Activity);
+
+impl<R: ChunkReader> ChunkReader for ActiveReader<R> {
+    async fn read_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
+        let r = self.0.read_chunk().await;
+        self.1.touch();
+        r
+    }
+}
+
+/// An `AsyncWrite` that records activity.
+pub struct ActiveWriter<W>(pub W, pub Activity);
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for ActiveWriter<W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.0).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &r
+            && *n > 0
+        {
+            self.1.touch();
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_close(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_close(cx)
+    }
+}

@@ -336,6 +336,7 @@ pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
         replica_id: cfg.replica_id.clone(),
         mode: cfg.mode,
         max_agents: cfg.raw.limits.max_agents,
+        max_pending_routes: cfg.raw.limits.max_pending_routes,
         lease: Duration::from_secs(ha.lease_sec),
         renew_interval: Duration::from_secs(ha.renew_interval_sec),
         registry_timeout: Duration::from_millis(ha.registry_timeout_ms),
@@ -1044,7 +1045,11 @@ async fn serve_client(shared: Arc<Shared>, connector: String, stream: TcpStream,
         .flows
         .get_or_create(&labels(&[("connector", &connector), ("route", route_kind)]))
         .inc();
-    crate::io::pipe_tcp(stream, end, shared.metrics.clone(), "up", "down").await;
+    let idle = match shared.cfg.raw.limits.client_idle_timeout_sec {
+        0 => None,
+        s => Some(Duration::from_secs(s)),
+    };
+    crate::io::pipe_client(stream, end, shared.metrics.clone(), idle).await;
 }
 
 /// Ends a local flow's count on its tunnel however the client ends.

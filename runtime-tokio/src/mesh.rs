@@ -141,11 +141,22 @@ pub fn link_config(shared: &Shared) -> MeshLinkConfig {
 
 /// Accept mesh connections until the task is aborted.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let inbound = Arc::new(AtomicUsize::new(0));
+    let max = shared.cfg().raw.ha.mesh.max_inbound_links;
     loop {
         let Ok((tcp, peer)) = listener.accept().await else {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             continue;
         };
+        if inbound.load(Ordering::Relaxed) >= max {
+            shared.metrics().mesh_link_errors.inc();
+            tracing::warn!(target: "nowconnect::security", %peer, limit = max, "mesh peer refused: inbound link limit reached (ha.mesh.max_inbound_links)");
+            drop(tcp);
+            continue;
+        }
+        inbound.fetch_add(1, Ordering::Relaxed);
+        let slot = InboundSlot(inbound.clone());
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
         // The current certificates (reloadable), per connection.
@@ -166,7 +177,18 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
                 shared.metrics().mesh_link_errors.inc();
                 tracing::warn!(target: "nowconnect::security", %peer, %reason, "mesh peer refused");
             }
+            drop(slot);
         });
+    }
+}
+
+/// One inbound mesh connection counted against `ha.mesh.max_inbound_links`
+/// for as long as it lives.
+struct InboundSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for InboundSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

@@ -3,6 +3,7 @@
 //! that never answers) while other flows keep working; then all of them go
 //! away and the hub is back to zero. Prints the hub's RSS per idle flow.
 
+use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::sync::Arc;
@@ -112,4 +113,188 @@ fn ten_thousand_idle_connections_on_a_listener_leave_other_flows_alone() {
     );
     assert_eq!(echo_roundtrip(hub.listener("echo"), data).unwrap(), want);
     assert_eq!(hub.metric("nowconnect_protocol_errors_total"), 0.0);
+}
+
+/// `limits.client_idle_timeout_sec`: a client flow that moves no byte for
+/// that long is reset (`idle_timeout`) and closed; a flow that keeps
+/// talking is not.
+#[test]
+fn an_idle_client_flow_is_closed_and_a_busy_one_is_not() {
+    use std::io::{Read, Write};
+    let env = Env::new();
+    let echo = echo_server();
+    let hub = HubProc::start(
+        env.path(),
+        "hub",
+        &env.hub_yaml(
+            &[("echo", "echo")],
+            "limits:\n  client_idle_timeout_sec: 1\n",
+        ),
+    );
+    let _agent = AgentProc::start(
+        env.path(),
+        "agent",
+        &env.agent_yaml("agent-1", &[hub.http], &[("echo", echo)], ""),
+        &env.token("agent-1", None),
+    );
+    assert!(eventually(Duration::from_secs(15), || hub
+        .metric("nowconnect_agents_connected")
+        == 1.0));
+    let open = || {
+        let mut s = TcpStream::connect(hub.listener("echo")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"hi").unwrap();
+        let mut b = [0u8; 2];
+        s.read_exact(&mut b).unwrap();
+        s
+    };
+    let mut idle = open();
+    let mut busy = open();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(2500) {
+        busy.write_all(b"ok").unwrap();
+        let mut b = [0u8; 2];
+        busy.read_exact(&mut b).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let mut b = [0u8; 1];
+    let closed = matches!(idle.read(&mut b), Ok(0) | Err(_));
+    assert!(closed, "the idle flow is still open after 2.5 s");
+    busy.write_all(b"still").unwrap();
+    let mut b = [0u8; 5];
+    busy.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"still");
+    assert!(hub.metric("nowconnect_flow_resets_total{code=\"idle_timeout\"}") >= 1.0);
+}
+
+/// `tunnel.max_connectors_per_agent`: a HELLO announcing more connectors
+/// closes the tunnel with the reason, which the agent logs.
+#[test]
+fn an_agent_announcing_too_many_connectors_is_refused_with_the_reason() {
+    let env = Env::new();
+    let echo = echo_server();
+    let hub = HubProc::start(
+        env.path(),
+        "hub",
+        &env.hub_yaml(&[("a", "a")], "")
+            .replace("tunnel:\n", "tunnel:\n  max_connectors_per_agent: 2\n"),
+    );
+    let agent = AgentProc::start(
+        env.path(),
+        "agent",
+        &env.agent_yaml(
+            "agent-1",
+            &[hub.http],
+            &[("a", echo), ("b", echo), ("c", echo)],
+            "",
+        ),
+        &env.token("agent-1", None),
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || agent
+            .proc
+            .log_text()
+            .contains("3 entries, at most 2")),
+        "agent log:\n{}\nhub log:\n{}",
+        agent.proc.log_text(),
+        hub.proc.log_text()
+    );
+    assert_eq!(hub.metric("nowconnect_agents_connected"), 0.0);
+    assert_eq!(hub.get("/healthz").0, 200);
+}
+
+/// `limits.max_pending_routes`: with the registry stalled (Redis stopped
+/// with SIGSTOP), client connections that need a registry answer beyond the
+/// limit are refused at once with `limit_exceeded`, not queued.
+#[test]
+fn clients_beyond_the_pending_route_limit_are_refused_at_once() {
+    let env = Env::new();
+    let redis = RedisProc::start(env.path());
+    let hub = HubProc::start(
+        env.path(),
+        "hub",
+        &env.hub_yaml(
+            &[("ldap", "ldap")],
+            &format!(
+                "ha:\n  enabled: true\n  mode: active\n  replica_id: hub-a\n  redis_url: {}\n  registry_timeout_ms: 2000\n  mesh:\n    require_mtls: false\nlimits:\n  max_pending_routes: 2\n",
+                redis.url()
+            ),
+        ),
+    );
+    let stop = |sig: &str| {
+        assert!(
+            Command::new("kill")
+                .args([sig, &redis.proc.pid().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    stop("-STOP");
+    let refused =
+        || hub.metric("nowconnect_client_connections_refused_total{reason=\"limit_exceeded\"}");
+    let before = refused();
+    let clients: Vec<TcpStream> = (0..6)
+        .map(|_| TcpStream::connect(hub.listener("ldap")).unwrap())
+        .collect();
+    let ok = eventually(Duration::from_secs(1), || refused() - before >= 4.0);
+    stop("-CONT");
+    assert!(
+        ok,
+        "refused: {}; log:\n{}",
+        refused() - before,
+        hub.proc.log_text()
+    );
+    drop(clients);
+}
+
+/// `ha.mesh.max_inbound_links`: connections beyond the limit are closed
+/// before any handshake and counted; once one ends there is room again.
+#[test]
+fn mesh_connections_beyond_the_inbound_limit_are_refused() {
+    let env = Env::new();
+    let redis = RedisProc::start(env.path());
+    let port = free_port();
+    let hub = HubProc::start(
+        env.path(),
+        "hub",
+        &env.hub_yaml(
+            &[],
+            &format!(
+                "ha:\n  enabled: true\n  mode: active\n  replica_id: hub-a\n  redis_url: {}\n  mesh:\n    listen: 127.0.0.1:{port}\n    require_mtls: false\n    handshake_timeout_sec: 5\n    max_inbound_links: 2\n",
+                redis.url()
+            ),
+        ),
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // Two connections that have not finished a handshake hold both slots.
+    let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let errors = hub.metric("nowconnect_mesh_link_errors_total");
+    let third = TcpStream::connect(addr).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert!(
+        matches!((&third).read(&mut b), Ok(0) | Err(_)),
+        "the third connection was not closed"
+    );
+    assert!(eventually(Duration::from_secs(2), || hub
+        .metric("nowconnect_mesh_link_errors_total")
+        > errors));
+    assert!(
+        hub.proc.log_text().contains("inbound link limit reached"),
+        "{}",
+        hub.proc.log_text()
+    );
+    drop(held);
+    // Room again: a new connection is kept (until its handshake timeout).
+    assert!(eventually(Duration::from_secs(3), || {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut b = [0u8; 1];
+        matches!((&s).read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut)
+    }));
 }
