@@ -115,6 +115,9 @@ struct AgentTunnel {
     connectors: Vec<String>,
     state: AgentState,
     open_flows: usize,
+    /// Whether the agent understands DRAIN (v2); a v1 agent moves only when
+    /// its tunnel closes, so a drain does not wait for it.
+    can_drain: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -384,6 +387,7 @@ impl Hub {
                 connectors: connectors.to_vec(),
                 state: AgentState::Claiming { op },
                 open_flows: 0,
+                can_drain: true,
             },
         );
     }
@@ -450,7 +454,7 @@ impl Hub {
         let owned: Vec<TunnelId> = self
             .agents
             .iter()
-            .filter(|(_, a)| matches!(a.state, AgentState::Owned { .. }))
+            .filter(|(_, a)| matches!(a.state, AgentState::Owned { .. }) && a.can_drain)
             .map(|(t, _)| *t)
             .collect();
         for tunnel in owned {
@@ -471,8 +475,16 @@ impl Hub {
         }
         self.agents
             .values()
-            .filter(|a| matches!(a.state, AgentState::Owned { .. }))
+            .filter(|a| matches!(a.state, AgentState::Owned { .. }) && a.can_drain)
             .count()
+    }
+
+    /// The tunnel speaks a codec without DRAIN (v1): a drain neither tells
+    /// its agent to move nor waits for it to.
+    pub fn tunnel_cannot_drain(&mut self, tunnel: TunnelId) {
+        if let Some(a) = self.agents.get_mut(&tunnel) {
+            a.can_drain = false;
+        }
     }
 
     /// A superseded tunnel (draining hub, agent owned elsewhere) with no

@@ -1251,3 +1251,19 @@ fn hub_agent_limit_and_agent_dial_limit_refuse_at_the_edge() {
         Some(AgentOutput::DialTarget { cid: 4, .. })
     ));
 }
+
+#[test]
+fn a_drain_does_not_wait_for_v1_agents() {
+    let now = origin();
+    let mut reg = MemoryRegistry::new();
+    let mut h = hub(Mode::Active);
+    h.tunnel_hello(now, 1, "a1", &["ldap".into()], None);
+    h.tunnel_hello(now, 2, "a2", &["ldap".into()], None);
+    run_registry(&mut h, &mut reg, now);
+    h.tunnel_cannot_drain(2);
+    while h.poll_output().is_some() {}
+    h.drain(now);
+    let out: Vec<_> = std::iter::from_fn(|| h.poll_output()).collect();
+    assert_eq!(out, vec![HubOutput::DrainTunnel { tunnel: 1 }]);
+    assert_eq!(h.moves_pending(), 1);
+}

@@ -853,6 +853,9 @@ async fn run_tunnel(
                     });
                 }
                 TunnelEvent::Established { epoch, codec } => {
+                    if codec != nowconnect_core::Codec::V2 {
+                        shared.with_control(|c, _| c.hub.tunnel_cannot_drain(tunnel_id));
+                    }
                     shared
                         .metrics
                         .tunnels

@@ -41,6 +41,9 @@ pub struct FaultProfile {
     pub partition: f64,
     /// Per tick: a hub crashes (and restarts after a while).
     pub hub_crash: f64,
+    /// Per tick: a hub drains (SIGTERM): tells its agents to move, exits
+    /// after a grace period, restarts after a while.
+    pub hub_drain: f64,
     /// Per tick: an agent process restarts.
     pub agent_restart: f64,
     /// Per tick: Redis goes down for a while.
@@ -75,6 +78,7 @@ impl FaultProfile {
         let mesh_reset = pick(0.02);
         let partition = pick(0.02);
         let hub_crash = pick(0.005);
+        let hub_drain = pick(0.005);
         let agent_restart = pick(0.005);
         let redis_outage = pick(0.005);
         let redis_failover = pick(0.005);
@@ -92,6 +96,7 @@ impl FaultProfile {
             mesh_reset,
             partition,
             hub_crash,
+            hub_drain,
             agent_restart,
             redis_outage,
             redis_failover,
@@ -112,6 +117,7 @@ impl FaultProfile {
             mesh_reset: 0.0,
             partition: 0.0,
             hub_crash: 0.0,
+            hub_drain: 0.0,
             agent_restart: 0.0,
             redis_outage: 0.0,
             redis_failover: 0.0,
@@ -140,6 +146,7 @@ pub struct Outcome {
     pub mesh_resets: u64,
     pub partitions: u64,
     pub hub_crashes: u64,
+    pub hub_drains: u64,
     pub agent_restarts: u64,
     pub redis_outages: u64,
     pub redis_failovers: u64,
@@ -173,6 +180,7 @@ impl Outcome {
         self.mesh_resets += o.mesh_resets;
         self.partitions += o.partitions;
         self.hub_crashes += o.hub_crashes;
+        self.hub_drains += o.hub_drains;
         self.agent_restarts += o.agent_restarts;
         self.redis_outages += o.redis_outages;
         self.redis_failovers += o.redis_failovers;
@@ -207,6 +215,7 @@ enum Node {
 enum Event {
     /// A message (or, with `None`, the connection's end) reaches `to`.
     Deliver {
+        from: EpId,
         to: EpId,
         msg: Option<WsMessage>,
     },
@@ -244,6 +253,11 @@ enum Event {
     },
     HubRestart {
         hub: usize,
+    },
+    /// A draining hub's grace period is over: it exits.
+    HubDrainEnd {
+        hub: usize,
+        incarnation: u64,
     },
     ChaosTick,
 }
@@ -328,6 +342,8 @@ struct SimAgent {
     cfg: AgentConfig,
     incarnation: u64,
     ep: Option<EpId>,
+    /// The tunnel whose hub said DRAIN, kept for its flows.
+    draining: Option<EpId>,
 }
 
 pub struct World {
@@ -517,6 +533,7 @@ impl World {
                 cfg,
                 incarnation: 0,
                 ep: None,
+                draining: None,
             });
         }
         w.schedule(TICK, Event::ChaosTick);
@@ -717,11 +734,16 @@ impl World {
     fn handle(&mut self, ev: Event) {
         let now = self.now;
         match ev {
-            Event::Deliver { to, msg } => {
+            Event::Deliver { from, to, msg } => {
                 self.trace(1, to, u64::from(msg.is_some()));
                 let Some(e) = self.eps.get_mut(&to) else {
                     return;
                 };
+                // Bytes of an earlier connection (an outbound mesh link
+                // reconnects on the same endpoint) never reach a later one.
+                if e.peer != Some(from) {
+                    return;
+                }
                 match (&mut e.link, msg) {
                     (Link::Tunnel(t), Some(m)) => t.handle_message(now, &m),
                     (Link::Mesh(l), Some(m)) => l.handle_message(now, &m),
@@ -883,6 +905,12 @@ impl World {
                 h.hub = Hub::new(now, h.cfg.clone(), seed);
                 self.start_mesh_links(hub);
             }
+            Event::HubDrainEnd { hub, incarnation } => {
+                if self.hubs[hub].alive && self.hubs[hub].incarnation == incarnation {
+                    self.trace(16, hub as u64, 0);
+                    self.stop_hub(hub, "drain_grace_over");
+                }
+            }
             Event::ChaosTick => {
                 self.chaos_tick();
                 self.schedule(TICK, Event::ChaosTick);
@@ -896,7 +924,7 @@ impl World {
         if self.rng.below(30) == 0 {
             self.replica = self.registry.clone();
         }
-        let rolls: [bool; 7] = match &mut self.chaos {
+        let rolls: [bool; 8] = match &mut self.chaos {
             Chaos::Seeded => {
                 let f = self.faults.clone();
                 [
@@ -907,6 +935,7 @@ impl World {
                     self.chance(f.agent_restart),
                     self.chance(f.redis_outage),
                     self.chance(f.redis_failover),
+                    self.chance(f.hub_drain),
                 ]
             }
             Chaos::Bytes { data, pos } => {
@@ -914,14 +943,26 @@ impl World {
                     return;
                 };
                 *pos += 1;
-                let mut r = [false; 7];
+                let mut r = [false; 8];
                 if let Some(slot) = r.get_mut(usize::from(b & 0x0f)) {
                     *slot = true;
                 }
                 r
             }
         };
-        let [tunnel, mesh, partition, crash, restart, outage, failover] = rolls;
+        let [
+            tunnel,
+            mesh,
+            partition,
+            crash,
+            restart,
+            outage,
+            failover,
+            drain,
+        ] = rolls;
+        if drain {
+            self.drain_hub();
+        }
         if tunnel
             && self
                 .cut_random(|e| matches!(e.node, Node::Hub(_)) && matches!(e.link, Link::Tunnel(_)))
@@ -1032,6 +1073,38 @@ impl World {
         self.trace(14, h as u64, 0);
         self.log(format_args!("hub {h} crashes"));
         self.outcome.hub_crashes += 1;
+        self.stop_hub(h, "hub_crash");
+    }
+
+    /// A hub gets SIGTERM: it drains (its agents are told to move, its flows
+    /// go on) and exits when the grace period (0.3–1.5 s) is over.
+    fn drain_hub(&mut self) {
+        let live: Vec<usize> = (0..self.hubs.len())
+            .filter(|h| self.hubs[*h].alive && !self.hubs[*h].hub.is_draining())
+            .collect();
+        if live.is_empty() {
+            return;
+        }
+        let h = live[self.rng.below(live.len() as u64) as usize];
+        self.trace(17, h as u64, 0);
+        self.log(format_args!("hub {h} drains"));
+        self.outcome.hub_drains += 1;
+        let now = self.now;
+        self.hubs[h].hub.drain(now);
+        let grace = Duration::from_millis(300 + self.rng.below(1200));
+        let incarnation = self.hubs[h].incarnation;
+        self.schedule(
+            grace,
+            Event::HubDrainEnd {
+                hub: h,
+                incarnation,
+            },
+        );
+    }
+
+    /// Hub `h` is gone (crash, or exit after a drain): its connections end,
+    /// its clients with it (counted as `why`); it restarts after a while.
+    fn stop_hub(&mut self, h: usize, why: &'static str) {
         let hub = &mut self.hubs[h];
         hub.alive = false;
         hub.incarnation += 1;
@@ -1048,7 +1121,7 @@ impl World {
             if c.hub == h && c.state != ClientState::Done {
                 c.state = ClientState::Done;
                 c.ended = Some(ErrorCode::ConnectionReset);
-                *self.outcome.flows_reset.entry("hub_crash").or_default() += 1;
+                *self.outcome.flows_reset.entry(why).or_default() += 1;
             }
         }
         let d = Duration::from_millis(200 + self.rng.below(1800));
@@ -1062,7 +1135,10 @@ impl World {
         let i = self.rng.below(self.agents.len() as u64) as usize;
         self.trace(15, i as u64, 0);
         self.outcome.agent_restarts += 1;
-        if let Some(ep) = self.agents[i].ep.take() {
+        for ep in [self.agents[i].ep.take(), self.agents[i].draining.take()]
+            .into_iter()
+            .flatten()
+        {
             self.remove_ep(ep);
         }
         let seed = self.rng.next_u64();
@@ -1121,7 +1197,7 @@ impl World {
         }
         let at = at.max(self.last_delivery.get(&from).copied().unwrap_or(self.now));
         self.last_delivery.insert(from, at);
-        self.schedule_at(at, Event::Deliver { to, msg });
+        self.schedule_at(at, Event::Deliver { from, to, msg });
     }
 
     /// A registry call from hub `hub` reaches Redis (or does not).
@@ -1590,6 +1666,12 @@ impl World {
     }
 
     fn mesh_event(&mut self, h: usize, ep: EpId, me: MeshEvent) {
+        if matches!(
+            me,
+            MeshEvent::Established { .. } | MeshEvent::Down { .. } | MeshEvent::Connect
+        ) {
+            self.log(format_args!("hub {h} mesh ep {ep}: {me:?}"));
+        }
         match me {
             MeshEvent::Connect => {
                 let d = self.latency() * 2;
@@ -1743,7 +1825,6 @@ impl World {
         for i in 0..self.agents.len() {
             while let Some(o) = self.agents[i].agent.poll_output() {
                 moved = true;
-                let ep = self.agents[i].ep;
                 match o {
                     AgentOutput::DialHub { attempt, url } => {
                         let hub = url
@@ -1767,20 +1848,23 @@ impl World {
                             self.disconnect(ep, "hub attempt timed out");
                         }
                     }
-                    AgentOutput::DialTarget { cid, .. } => {
+                    AgentOutput::DialTarget { attempt, cid, .. } => {
                         let ok = !self.chance(self.faults.target_refuse);
                         if !ok {
                             self.outcome.target_refusals += 1;
                         }
                         let d = self.latency();
-                        if let Some(ep) = ep {
+                        if let Some(ep) = self.agent_ep(i, attempt) {
                             self.schedule(d, Event::TargetDialDone { ep, cid, ok });
                         }
                     }
                     AgentOutput::ResetFlow {
-                        cid, code, reason, ..
+                        attempt,
+                        cid,
+                        code,
+                        reason,
                     } => {
-                        if let Some(ep) = ep {
+                        if let Some(ep) = self.agent_ep(i, attempt) {
                             self.targets.remove(&(ep, cid));
                             if let Some(l) = self.flow_link(ep) {
                                 l.reset_flow(cid, code, &reason);
@@ -1793,15 +1877,38 @@ impl World {
         moved
     }
 
+    /// Agent `i`'s tunnel endpoint of `attempt` (current or draining).
+    fn agent_ep(&self, i: usize, attempt: u64) -> Option<EpId> {
+        [self.agents[i].ep, self.agents[i].draining]
+            .into_iter()
+            .flatten()
+            .find(|ep| self.eps.get(ep).is_some_and(|e| e.attempt == attempt))
+    }
+
     fn agent_tunnel_event(&mut self, i: usize, ep: EpId, e: TunnelEvent) {
         let now = self.now;
         let attempt = self.eps.get(&ep).map_or(0, |e| e.attempt);
         let current = self.agents[i].ep == Some(ep);
+        let draining = self.agents[i].draining == Some(ep);
         match e {
+            TunnelEvent::Drain if current => {
+                // As the runtimes do: one draining tunnel at a time; a newer
+                // drain ends the older one.
+                if let Some(old) = self.agents[i].draining.take() {
+                    if let Some(Link::Tunnel(t)) = self.eps.get_mut(&old).map(|e| &mut e.link) {
+                        t.close(ErrorCode::Shutdown, "a newer hub is draining too");
+                    }
+                    let old_attempt = self.eps.get(&old).map_or(0, |e| e.attempt);
+                    self.agents[i].agent.hub_lost(now, old_attempt);
+                }
+                self.agents[i].agent.hub_draining(now, attempt);
+                self.agents[i].draining = Some(ep);
+                self.agents[i].ep = None;
+            }
             TunnelEvent::Established { .. } if current => {
                 self.agents[i].agent.hub_established(now, attempt)
             }
-            TunnelEvent::Open { cid, connector } if current => {
+            TunnelEvent::Open { cid, connector } if current || draining => {
                 self.targets.insert((ep, cid), Target::default());
                 self.agents[i]
                     .agent
@@ -1831,7 +1938,7 @@ impl World {
                 FlowEvent::Writable { cid, .. } => self.echo(ep, cid),
                 FlowEvent::Reset { cid, .. } | FlowEvent::Closed { cid } => {
                     self.targets.remove(&(ep, cid));
-                    if current {
+                    if current || draining {
                         self.agents[i].agent.flow_gone(attempt, cid);
                     }
                 }
@@ -1839,6 +1946,10 @@ impl World {
             TunnelEvent::Closed { .. } => {
                 if current {
                     self.agents[i].ep = None;
+                    self.agents[i].agent.hub_lost(now, attempt);
+                }
+                if draining {
+                    self.agents[i].draining = None;
                     self.agents[i].agent.hub_lost(now, attempt);
                 }
                 self.remove_ep(ep);
@@ -1960,6 +2071,12 @@ impl World {
         };
         self.partitions.clear();
         self.redis_down_until = None;
+        // A drain in progress ends now (the hub exits and comes back).
+        for h in 0..self.hubs.len() {
+            if self.hubs[h].alive && self.hubs[h].hub.is_draining() {
+                self.stop_hub(h, "drain_grace_over");
+            }
+        }
         for h in 0..self.hubs.len() {
             if !self.hubs[h].alive {
                 self.schedule(Duration::ZERO, Event::HubRestart { hub: h });

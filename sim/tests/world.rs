@@ -70,13 +70,14 @@ fn ci_seed_budget() {
         t.hubs, t.events
     );
     println!(
-        "faults: {} tunnel resets, {} mesh resets, {} partitions, {} hub crashes, {} agent restarts, \
+        "faults: {} tunnel resets, {} mesh resets, {} partitions, {} hub crashes, {} hub drains, {} agent restarts, \
          {} Redis outages, {} Redis failovers, {} slow Redis replies, {} malformed frames, \
          {} target refusals, {} client resets, {} half-closes, {} slow readers",
         t.tunnel_resets,
         t.mesh_resets,
         t.partitions,
         t.hub_crashes,
+        t.hub_drains,
         t.agent_restarts,
         t.redis_outages,
         t.redis_failovers,
@@ -106,6 +107,7 @@ fn ci_seed_budget() {
         ("mesh resets", t.mesh_resets),
         ("partitions", t.partitions),
         ("hub crashes", t.hub_crashes),
+        ("hub drains", t.hub_drains),
         ("agent restarts", t.agent_restarts),
         ("Redis outages", t.redis_outages),
         ("Redis failovers", t.redis_failovers),
