@@ -92,13 +92,25 @@ impl Runtime {
     }
 }
 
-/// A free loopback port (bound and released; the OS does not reuse it at once).
+/// A free loopback port for a process to bind later. Drawn from 20000–32767,
+/// below Linux's ephemeral range (32768–60999), so the many outbound
+/// connections of concurrent tests can never take it between the draw and
+/// the bind; never handed out twice by one test process; checked bindable.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap();
+    for _ in 0..1000 {
+        let port = 20000 + (rand::random::<u16>() % 12768);
+        if given.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port in 20000-32767")
 }
 
 pub fn wait_port(addr: SocketAddr, within: Duration) -> bool {
