@@ -19,6 +19,10 @@ pub type TunnelId = u64;
 pub type ClientId = u64;
 pub type OpId = u64;
 
+/// How often a client's registry lookup is repeated while the registry names
+/// this hub as the owner of an agent whose claim reply has not arrived yet.
+const MAX_ROUTE_RETRIES: u8 = 8;
+
 #[derive(Clone, Debug)]
 pub struct HubConfig {
     pub replica_id: String,
@@ -139,6 +143,8 @@ enum Pending {
     Route {
         client: ClientId,
         connector: String,
+        /// Lookups repeated because a claim here was still landing.
+        retries: u8,
     },
     Replicas,
     Other,
@@ -558,27 +564,7 @@ impl Hub {
     /// are owned elsewhere, then the mesh): the runtime decides when its
     /// listeners stop taking clients.
     pub fn client_connected(&mut self, now: Instant, client: ClientId, connector: &str) {
-        let local: Vec<LocalCandidate> = self
-            .agents
-            .iter()
-            .filter(|(_, a)| {
-                matches!(a.state, AgentState::Owned { .. })
-                    && a.connectors.iter().any(|c| c == connector)
-            })
-            .map(|(t, a)| LocalCandidate {
-                tunnel: *t,
-                agent_id: a.agent_id.clone(),
-                open_flows: a.open_flows,
-            })
-            .collect();
-        if let Some(c) = pick_local(&local) {
-            let route = Route::Local {
-                tunnel: c.tunnel,
-                agent_id: c.agent_id.clone(),
-            };
-            if self.cfg.mode == Mode::Shadow {
-                *self.counters.shadow_would.entry("local").or_default() += 1;
-            }
+        if let Some(route) = self.local_route(connector) {
             return self.route(client, route);
         }
         match self.cfg.mode {
@@ -616,18 +602,49 @@ impl Hub {
                         },
                     );
                 }
-                self.op(
-                    now,
-                    RegistryOp::ListAgents {
-                        connector: connector.to_string(),
-                    },
-                    Pending::Route {
-                        client,
-                        connector: connector.to_string(),
-                    },
-                );
+                self.lookup(now, client, connector, 0);
             }
         }
+    }
+
+    /// Ask the registry who serves `connector` for `client`.
+    fn lookup(&mut self, now: Instant, client: ClientId, connector: &str, retries: u8) {
+        self.op(
+            now,
+            RegistryOp::ListAgents {
+                connector: connector.to_string(),
+            },
+            Pending::Route {
+                client,
+                connector: connector.to_string(),
+                retries,
+            },
+        );
+    }
+
+    /// The least-loaded agent owned here for `connector`, if any.
+    fn local_route(&mut self, connector: &str) -> Option<Route> {
+        let local: Vec<LocalCandidate> = self
+            .agents
+            .iter()
+            .filter(|(_, a)| {
+                matches!(a.state, AgentState::Owned { .. })
+                    && a.connectors.iter().any(|c| c == connector)
+            })
+            .map(|(t, a)| LocalCandidate {
+                tunnel: *t,
+                agent_id: a.agent_id.clone(),
+                open_flows: a.open_flows,
+            })
+            .collect();
+        let c = pick_local(&local)?;
+        if self.cfg.mode == Mode::Shadow {
+            *self.counters.shadow_would.entry("local").or_default() += 1;
+        }
+        Some(Route::Local {
+            tunnel: c.tunnel,
+            agent_id: c.agent_id.clone(),
+        })
     }
 
     fn route(&mut self, client: ClientId, route: Route) {
@@ -763,7 +780,31 @@ impl Hub {
             }
             // Renewed, or an error (kept; local flows go on, retried next interval).
             (Pending::Renew { .. }, _) => {}
-            (Pending::Route { client, connector }, result) => {
+            (
+                Pending::Route {
+                    client,
+                    connector,
+                    retries,
+                },
+                result,
+            ) => {
+                // A local claim may have landed while the lookup was out.
+                if let Some(route) = self.local_route(&connector) {
+                    return self.route(client, route);
+                }
+                // The registry already names this hub as an owner whose
+                // claim reply is still on its way: ask again (bounded).
+                if let Ok(RegistryReply::Agents(list)) = &result
+                    && retries < MAX_ROUTE_RETRIES
+                    && list.iter().any(|a| {
+                        a.owner
+                            .as_ref()
+                            .is_some_and(|o| o.replica_id == self.cfg.replica_id)
+                            && self.claiming(&a.agent_id)
+                    })
+                {
+                    return self.lookup(now, client, &connector, retries + 1);
+                }
                 let view_agents;
                 let err;
                 let view = match &result {
@@ -814,6 +855,13 @@ impl Hub {
             }
             (Pending::Replicas, _) | (Pending::Other, _) => {}
         }
+    }
+
+    /// Whether a tunnel of `agent_id` here is waiting for its claim.
+    fn claiming(&self, agent_id: &str) -> bool {
+        self.agents
+            .values()
+            .any(|a| a.agent_id == agent_id && matches!(a.state, AgentState::Claiming { .. }))
     }
 
     fn claimed(&mut self, now: Instant, tunnel: TunnelId, agent_id: &str, epoch: Epoch) {

@@ -1267,3 +1267,65 @@ fn a_drain_does_not_wait_for_v1_agents() {
     assert_eq!(out, vec![HubOutput::DrainTunnel { tunnel: 1 }]);
     assert_eq!(h.moves_pending(), 1);
 }
+
+/// A client looks up the registry while this hub's claim of the agent has
+/// landed in Redis but its reply has not arrived: the registry names this
+/// hub, which has no owned tunnel yet. The lookup is repeated instead of the
+/// client being refused, and the client is served locally once the claim
+/// reply is in.
+#[test]
+fn a_lookup_racing_a_local_claim_is_repeated_not_refused() {
+    let now = origin();
+    let mut reg = MemoryRegistry::new();
+    let mut h = hub(Mode::Active);
+    while h.poll_output().is_some() {}
+    h.tunnel_hello(now, 1, "a1", &["ldap".into()], None);
+    let Some(HubOutput::Registry { op: claim_op, call }) = h.poll_output() else {
+        panic!("claim expected")
+    };
+    let claim_reply = reg.apply(now, &call);
+    // Connectors are added after the claim; the registry already lists a1.
+    reg.apply(
+        now,
+        &RegistryOp::AddConnectors {
+            agent_id: "a1".into(),
+            connectors: vec!["ldap".into()],
+            lease: Duration::from_secs(15),
+        },
+    )
+    .unwrap();
+    h.client_connected(now, 9, "ldap");
+    let Some(HubOutput::Registry { op, call }) = h.poll_output() else {
+        panic!("lookup expected")
+    };
+    let r = reg.apply(now, &call);
+    h.registry_reply(now, op, r);
+    let Some(HubOutput::Registry {
+        op: retry,
+        call: retry_call,
+    }) = h.poll_output()
+    else {
+        panic!("the lookup is repeated, not refused")
+    };
+    assert!(matches!(retry_call, RegistryOp::ListAgents { .. }));
+    h.registry_reply(now, claim_op, claim_reply);
+    let out: Vec<_> = std::iter::from_fn(|| h.poll_output()).collect();
+    assert!(
+        out.iter()
+            .any(|o| matches!(o, HubOutput::AcceptTunnel { tunnel: 1, .. })),
+        "{out:?}"
+    );
+    let r = reg.apply(now, &retry_call);
+    h.registry_reply(now, retry, r);
+    let out: Vec<_> = std::iter::from_fn(|| h.poll_output()).collect();
+    assert!(
+        out.iter().any(|o| matches!(
+            o,
+            HubOutput::Route {
+                client: 9,
+                route: Route::Local { tunnel: 1, .. }
+            }
+        )),
+        "{out:?}"
+    );
+}
