@@ -9,6 +9,7 @@ pub mod agent;
 pub mod hub;
 pub mod io;
 pub mod mesh;
+pub mod perf;
 pub mod quickstart;
 pub mod registry;
 

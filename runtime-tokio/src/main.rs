@@ -46,6 +46,9 @@ enum Cmd {
         #[arg(long, default_value = "15m")]
         ttl: humantime::Duration,
     },
+    /// Load a listener and compare with a direct target (LDAP or raw TCP).
+    #[command(subcommand)]
+    Perf(Box<PerfCmd>),
     /// Run a hub, an agent and a demo target on loopback, nothing to configure.
     Quickstart {
         /// Run the self-check, then exit (0 when the tunnel works).
@@ -55,6 +58,269 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         listen_port: u16,
     },
+}
+
+#[derive(Subcommand)]
+enum PerfCmd {
+    /// Bind + search through an LDAP listener (ldap3 client); exit code 3
+    /// when an assertion (--p99-max, --error-budget) fails.
+    Ldap {
+        /// The listener under test, e.g. ldap://127.0.0.1:389.
+        #[arg(long)]
+        url: String,
+        /// The same directory reached directly, measured in the same run.
+        #[arg(long)]
+        direct: Option<String>,
+        #[arg(long)]
+        bind_dn: String,
+        /// The bind password (prefer --password-file or NC_PERF_PASSWORD).
+        #[arg(long, env = "NC_PERF_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
+        #[arg(long)]
+        password_file: Option<PathBuf>,
+        /// Search base.
+        #[arg(long)]
+        base: String,
+        #[arg(long, default_value = "(objectClass=*)")]
+        filter: String,
+        /// Concurrent clients, one connection each.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// How long to run (ignored with --requests).
+        #[arg(long, default_value = "10s")]
+        duration: humantime::Duration,
+        /// Stop after this many requests instead.
+        #[arg(long)]
+        requests: Option<u64>,
+        /// Target requests per second over all clients (open loop); default:
+        /// as fast as the clients go.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Fail (exit 3) when p99 latency is above this, e.g. 5ms.
+        #[arg(long)]
+        p99_max: Option<humantime::Duration>,
+        /// Fail (exit 3) when more than this percentage of requests fail.
+        #[arg(long)]
+        error_budget: Option<f64>,
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+        /// Latency-by-percentile plot.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+        /// No progress lines on stderr.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Throughput (one flow and N flows), echo latency and connection rate
+    /// through a listener in front of an echo service, and the same against
+    /// the echo service directly in the same run.
+    Tcp {
+        /// The listener under test.
+        #[arg(long)]
+        through: std::net::SocketAddr,
+        /// The echo service itself.
+        #[arg(long)]
+        direct: Option<std::net::SocketAddr>,
+        /// Bytes per throughput run (split over the flows in the N-flow run).
+        #[arg(long, default_value_t = 256 * 1024 * 1024)]
+        bytes: u64,
+        #[arg(long, default_value_t = 8)]
+        flows: usize,
+        /// Sequential echo round trips for the latency figures.
+        #[arg(long, default_value_t = 5000)]
+        echoes: u64,
+        #[arg(long, default_value_t = 1024)]
+        echo_size: usize,
+        /// New connections per second to open (0: skip the rate test).
+        #[arg(long, default_value_t = 0.0)]
+        conn_rate: f64,
+        #[arg(long, default_value = "5s")]
+        conn_duration: humantime::Duration,
+        #[arg(long)]
+        json: Option<PathBuf>,
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+        #[arg(long)]
+        svg: Option<PathBuf>,
+    },
+}
+
+async fn perf(cmd: PerfCmd) -> Result<ExitCode, String> {
+    use nowconnect_tokio::perf;
+    match cmd {
+        PerfCmd::Ldap {
+            url,
+            direct,
+            bind_dn,
+            password,
+            password_file,
+            base,
+            filter,
+            concurrency,
+            duration,
+            requests,
+            rate,
+            p99_max,
+            error_budget,
+            json,
+            markdown,
+            svg,
+            quiet,
+        } => {
+            let password = match (password, password_file) {
+                (_, Some(f)) => std::fs::read_to_string(&f)
+                    .map_err(|e| format!("--password-file {}: {e}", f.display()))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_string(),
+                (Some(p), None) => p,
+                (None, None) => {
+                    return Err("give the bind password with --password-file, NC_PERF_PASSWORD or --password".into());
+                }
+            };
+            if concurrency == 0 {
+                return Err("--concurrency must be at least 1".into());
+            }
+            if let Some(b) = error_budget
+                && !(0.0..=100.0).contains(&b)
+            {
+                return Err(format!(
+                    "--error-budget {b}: a percentage between 0 and 100"
+                ));
+            }
+            let args = perf::LdapArgs {
+                url,
+                direct,
+                bind_dn,
+                password,
+                base,
+                filter,
+                concurrency,
+                duration: duration.into(),
+                requests,
+                rate,
+                p99_max: p99_max.map(Into::into),
+                error_budget: error_budget.map(|b| b / 100.0),
+                json,
+                markdown,
+                svg,
+                quiet,
+            };
+            let r = perf::perf_ldap(&args).await?;
+            let l = &r.through.latency;
+            println!(
+                "through {}: {} requests, {} errors, {:.0} req/s, p50 {} µs, p99 {} µs, max {} µs",
+                r.through.url,
+                r.through.requests,
+                r.through.errors,
+                r.through.throughput_rps,
+                l.p50_us,
+                l.p99_us,
+                l.max_us
+            );
+            if let Some(d) = &r.direct {
+                println!(
+                    "direct {}: {} requests, {} errors, {:.0} req/s, p50 {} µs, p99 {} µs; through/direct {:.2}x",
+                    d.url,
+                    d.requests,
+                    d.errors,
+                    d.throughput_rps,
+                    d.latency.p50_us,
+                    d.latency.p99_us,
+                    r.throughput_ratio.unwrap_or(0.0)
+                );
+            }
+            for a in &r.assertions {
+                println!(
+                    "assertion {}: {} (limit {}): {}",
+                    a.name,
+                    a.measured,
+                    a.limit,
+                    if a.passed { "pass" } else { "FAIL" }
+                );
+            }
+            Ok(if r.passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(perf::EXIT_ASSERTION)
+            })
+        }
+        PerfCmd::Tcp {
+            through,
+            direct,
+            bytes,
+            flows,
+            echoes,
+            echo_size,
+            conn_rate,
+            conn_duration,
+            json,
+            markdown,
+            svg,
+        } => {
+            if flows == 0 || echo_size == 0 || bytes == 0 {
+                return Err("--flows, --echo-size and --bytes must be at least 1".into());
+            }
+            let args = perf::TcpArgs {
+                through,
+                direct,
+                bytes,
+                flows,
+                echoes,
+                echo_size,
+                conn_rate,
+                conn_duration: conn_duration.into(),
+                json,
+                markdown,
+                svg,
+            };
+            let r = perf::perf_tcp(&args).await?;
+            let t = &r.through;
+            println!(
+                "through {}: 1 flow {:.0} MiB/s, {} flows {:.0} MiB/s, echo p50 {} µs p99 {} µs, {:.0} conn/s ({} errors)",
+                t.addr,
+                t.one_flow_mib_s,
+                r.flows,
+                t.n_flows_mib_s,
+                t.echo.p50_us,
+                t.echo.p99_us,
+                t.conn_rate_achieved,
+                t.conn_errors
+            );
+            if let Some(d) = &r.direct {
+                println!(
+                    "direct {}: 1 flow {:.0} MiB/s, {} flows {:.0} MiB/s, echo p50 {} µs p99 {} µs, {:.0} conn/s ({} errors)",
+                    d.addr,
+                    d.one_flow_mib_s,
+                    r.flows,
+                    d.n_flows_mib_s,
+                    d.echo.p50_us,
+                    d.echo.p99_us,
+                    d.conn_rate_achieved,
+                    d.conn_errors
+                );
+                println!(
+                    "through/direct: 1 flow {:.3}x, {} flows {:.3}x; added echo p50 {} µs, p99 {} µs",
+                    r.one_flow_ratio.unwrap_or(0.0),
+                    r.flows,
+                    r.n_flows_ratio.unwrap_or(0.0),
+                    r.added_echo_p50_us.unwrap_or(0),
+                    r.added_echo_p99_us.unwrap_or(0)
+                );
+            }
+            let failed_conns = t.conn_errors > 0;
+            Ok(if failed_conns {
+                eprintln!(
+                    "error: {} connections failed through {}",
+                    t.conn_errors, t.addr
+                );
+                ExitCode::from(perf::EXIT_ASSERTION)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -70,6 +336,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Cmd::Perf(p) = cli.cmd {
+        return match rt.block_on(perf(*p)) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match rt.block_on(run(cli.cmd)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -172,5 +447,9 @@ async fn run(cmd: Cmd) -> Result<(), String> {
             nowconnect_tokio::logging::init(None, Some("warn"));
             nowconnect_tokio::quickstart::run(check, listen_port).await
         }
+        Cmd::Perf(p) => match perf(*p).await? {
+            c if c == ExitCode::SUCCESS => Ok(()),
+            _ => Err("a perf assertion failed".into()),
+        },
     }
 }

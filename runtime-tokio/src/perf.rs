@@ -1,0 +1,819 @@
+//! `nowconnect perf`: load runners that measure a listener the way an
+//! operator would, with the same measurement against a direct target in the
+//! same run so the report is a ratio, not a guess.
+//!
+//! - `perf ldap`: bind + search with the ldap3 client; concurrency, duration
+//!   or request count, optional target rate (open loop: latency counts from
+//!   when a request was due, so a stall is not hidden); p50..max latency
+//!   (hdrhistogram), throughput, errors; `--p99-max` and `--error-budget`
+//!   set the exit code; JSON, Markdown and an SVG latency plot.
+//! - `perf tcp`: against an echo service: one-flow and N-flow throughput,
+//!   echo latency, and a connection rate.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Exit code when an assertion (`--p99-max`, `--error-budget`) fails.
+pub const EXIT_ASSERTION: u8 = 3;
+
+/// Latency summary in microseconds.
+#[derive(Clone, Debug, Serialize)]
+pub struct Latency {
+    pub count: u64,
+    pub mean_us: f64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p95_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+impl Latency {
+    pub fn of(h: &Histogram<u64>) -> Latency {
+        Latency {
+            count: h.len(),
+            mean_us: (h.mean() * 10.0).round() / 10.0,
+            p50_us: h.value_at_quantile(0.50),
+            p90_us: h.value_at_quantile(0.90),
+            p95_us: h.value_at_quantile(0.95),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+        }
+    }
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs .. 10 min, 3 significant digits.
+    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
+}
+
+fn us(d: Duration) -> u64 {
+    (d.as_micros() as u64).max(1)
+}
+
+/// Percentile curve points (percentile, µs) for the SVG plot.
+fn curve(h: &Histogram<u64>) -> Vec<(f64, u64)> {
+    [
+        0.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99, 100.0,
+    ]
+    .iter()
+    .map(|p| (*p, h.value_at_quantile(p / 100.0)))
+    .collect()
+}
+
+// ---------------------------------------------------------------- ldap
+
+#[derive(Clone, Debug)]
+pub struct LdapArgs {
+    pub url: String,
+    pub direct: Option<String>,
+    pub bind_dn: String,
+    pub password: String,
+    pub base: String,
+    pub filter: String,
+    pub concurrency: usize,
+    pub duration: Duration,
+    pub requests: Option<u64>,
+    pub rate: Option<f64>,
+    pub p99_max: Option<Duration>,
+    /// Largest allowed error fraction (0.001 = 0.1 %).
+    pub error_budget: Option<f64>,
+    pub json: Option<PathBuf>,
+    pub markdown: Option<PathBuf>,
+    pub svg: Option<PathBuf>,
+    pub quiet: bool,
+}
+
+/// One run of the LDAP load against one URL.
+#[derive(Clone, Debug, Serialize)]
+pub struct LdapRun {
+    pub url: String,
+    pub concurrency: usize,
+    pub elapsed_s: f64,
+    pub requests: u64,
+    pub errors: u64,
+    pub error_rate: f64,
+    pub throughput_rps: f64,
+    pub latency: Latency,
+    /// The first few distinct error messages.
+    pub error_samples: Vec<String>,
+    #[serde(skip)]
+    pub curve: Vec<(f64, u64)>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LdapReport {
+    pub kind: &'static str,
+    pub operation: &'static str,
+    pub through: LdapRun,
+    pub direct: Option<LdapRun>,
+    /// through throughput / direct throughput.
+    pub throughput_ratio: Option<f64>,
+    /// through p99 − direct p99, µs.
+    pub added_p99_us: Option<i64>,
+    pub assertions: Vec<Assertion>,
+    pub passed: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Assertion {
+    pub name: String,
+    pub limit: String,
+    pub measured: String,
+    pub passed: bool,
+}
+
+struct Shared {
+    next: AtomicU64,
+    stop: AtomicBool,
+    ok: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// One bind + search on `ldap`; errors as text.
+async fn bind_search(ldap: &mut ldap3::Ldap, a: &LdapArgs) -> Result<(), String> {
+    ldap.simple_bind(&a.bind_dn, &a.password)
+        .await
+        .map_err(|e| format!("bind: {e}"))?
+        .success()
+        .map_err(|e| format!("bind: {e}"))?;
+    let (entries, _) = ldap
+        .search(&a.base, ldap3::Scope::Subtree, &a.filter, vec!["dn"])
+        .await
+        .map_err(|e| format!("search: {e}"))?
+        .success()
+        .map_err(|e| format!("search: {e}"))?;
+    if entries.is_empty() {
+        return Err(format!("search: no entry matches `{}`", a.filter));
+    }
+    Ok(())
+}
+
+async fn connect_ldap(url: &str) -> Result<ldap3::Ldap, String> {
+    let settings = ldap3::LdapConnSettings::new().set_conn_timeout(Duration::from_secs(5));
+    let (conn, ldap) = ldap3::LdapConnAsync::with_settings(settings, url)
+        .await
+        .map_err(|e| format!("connect {url}: {e}"))?;
+    ldap3::drive!(conn);
+    Ok(ldap)
+}
+
+/// Run the LDAP load against `url` with the settings of `a`.
+pub async fn run_ldap(url: &str, a: &LdapArgs, label: &str) -> Result<LdapRun, String> {
+    // Fail fast with a clear message when nothing answers at all.
+    let mut probe = connect_ldap(url).await?;
+    bind_search(&mut probe, a)
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let _ = probe.unbind().await;
+
+    let shared = Arc::new(Shared {
+        next: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+        ok: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+    });
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..a.concurrency.max(1) {
+        let (a, url, shared) = (a.clone(), url.to_string(), shared.clone());
+        workers.push(tokio::spawn(async move {
+            let mut h = histogram();
+            let mut samples: Vec<String> = Vec::new();
+            let mut ldap = None;
+            loop {
+                if shared.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let i = shared.next.fetch_add(1, Ordering::Relaxed);
+                if a.requests.is_some_and(|n| i >= n) {
+                    break;
+                }
+                // Open loop: request i is due at start + i / rate.
+                let due = match a.rate {
+                    Some(r) if r > 0.0 => {
+                        let due = start + Duration::from_secs_f64(i as f64 / r);
+                        tokio::time::sleep_until(due.into()).await;
+                        due
+                    }
+                    _ => Instant::now(),
+                };
+                if shared.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                let res = async {
+                    if ldap.is_none() {
+                        ldap = Some(connect_ldap(&url).await?);
+                    }
+                    bind_search(ldap.as_mut().expect("connected"), &a).await
+                }
+                .await;
+                match res {
+                    Ok(()) => {
+                        let _ = h.record(us(due.elapsed()));
+                        shared.ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        shared.errors.fetch_add(1, Ordering::Relaxed);
+                        if samples.len() < 5 && !samples.contains(&e) {
+                            samples.push(e);
+                        }
+                        // Start over on a fresh connection.
+                        if let Some(mut l) = ldap.take() {
+                            let _ = l.unbind().await;
+                        }
+                    }
+                }
+            }
+            if let Some(mut l) = ldap.take() {
+                let _ = l.unbind().await;
+            }
+            (h, samples)
+        }));
+    }
+    // Progress, and the clock for duration-bound runs.
+    let progress = {
+        let (shared, quiet, label) = (shared.clone(), a.quiet, label.to_string());
+        let (duration, requests) = (a.duration, a.requests);
+        tokio::spawn(async move {
+            let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let mut last = 0;
+            let mut tick = 0u64;
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                tick += 1;
+                let (ok, err) = (
+                    shared.ok.load(Ordering::Relaxed),
+                    shared.errors.load(Ordering::Relaxed),
+                );
+                if requests.is_none() && start.elapsed() >= duration {
+                    shared.stop.store(true, Ordering::Relaxed);
+                }
+                if !quiet && (tty || tick.is_multiple_of(5)) {
+                    let total = match requests {
+                        Some(n) => format!("{}/{n} requests", ok + err),
+                        None => format!("{}s/{}s", start.elapsed().as_secs(), duration.as_secs()),
+                    };
+                    let line = format!(
+                        "perf ldap [{label}] {total}: {ok} ok, {err} errors, {} req/s",
+                        (ok + err).saturating_sub(last)
+                    );
+                    if tty {
+                        eprint!("\r{line}   ");
+                    } else {
+                        eprintln!("{line}");
+                    }
+                }
+                last = ok + err;
+                if shared.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+        })
+    };
+    let mut h = histogram();
+    let mut samples = Vec::new();
+    for w in workers {
+        let (wh, ws) = w.await.map_err(|e| format!("worker: {e}"))?;
+        h.add(&wh).map_err(|e| format!("histogram: {e}"))?;
+        for s in ws {
+            if samples.len() < 5 && !samples.contains(&s) {
+                samples.push(s);
+            }
+        }
+    }
+    let elapsed = start.elapsed();
+    shared.stop.store(true, Ordering::Relaxed);
+    progress.abort();
+    if !a.quiet && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!();
+    }
+    let ok = shared.ok.load(Ordering::Relaxed);
+    let errors = shared.errors.load(Ordering::Relaxed);
+    let requests = ok + errors;
+    Ok(LdapRun {
+        url: url.to_string(),
+        concurrency: a.concurrency,
+        elapsed_s: elapsed.as_secs_f64(),
+        requests,
+        errors,
+        error_rate: if requests == 0 {
+            0.0
+        } else {
+            errors as f64 / requests as f64
+        },
+        throughput_rps: ok as f64 / elapsed.as_secs_f64().max(1e-9),
+        latency: Latency::of(&h),
+        error_samples: samples,
+        curve: curve(&h),
+    })
+}
+
+/// `nowconnect perf ldap`: returns the report; the caller prints it and
+/// picks the exit code from `passed`.
+pub async fn perf_ldap(a: &LdapArgs) -> Result<LdapReport, String> {
+    let through = run_ldap(&a.url, a, "through").await?;
+    let direct = match &a.direct {
+        Some(d) => Some(run_ldap(d, a, "direct").await?),
+        None => None,
+    };
+    let mut assertions = Vec::new();
+    if let Some(max) = a.p99_max {
+        let got = Duration::from_micros(through.latency.p99_us);
+        assertions.push(Assertion {
+            name: "p99".into(),
+            limit: format!("<= {max:?}"),
+            measured: format!("{got:?}"),
+            passed: got <= max,
+        });
+    }
+    if let Some(budget) = a.error_budget {
+        assertions.push(Assertion {
+            name: "error rate".into(),
+            limit: format!("<= {:.4} %", budget * 100.0),
+            measured: format!(
+                "{:.4} % ({} of {})",
+                through.error_rate * 100.0,
+                through.errors,
+                through.requests
+            ),
+            passed: through.error_rate <= budget,
+        });
+    }
+    let passed = assertions.iter().all(|x| x.passed);
+    let throughput_ratio = direct
+        .as_ref()
+        .map(|d| through.throughput_rps / d.throughput_rps.max(1e-9));
+    let added_p99_us = direct
+        .as_ref()
+        .map(|d| through.latency.p99_us as i64 - d.latency.p99_us as i64);
+    let report = LdapReport {
+        kind: "ldap",
+        operation: "bind + search",
+        through,
+        direct,
+        throughput_ratio,
+        added_p99_us,
+        assertions,
+        passed,
+    };
+    write_outputs(
+        &report,
+        a.json.as_ref(),
+        a.markdown.as_ref(),
+        a.svg.as_ref(),
+        ldap_markdown,
+        |r| {
+            let mut series = vec![("through".to_string(), r.through.curve.clone())];
+            if let Some(d) = &r.direct {
+                series.push(("direct".to_string(), d.curve.clone()));
+            }
+            series
+        },
+    )?;
+    Ok(report)
+}
+
+fn ldap_markdown(r: &LdapReport, svg: Option<&str>) -> String {
+    let mut s = format!(
+        "## LDAP load ({})\n\n{} concurrent clients, filter and base as given; latency is \
+         from when each request was due.\n\n\
+         | target | requests | errors | throughput (req/s) | p50 | p90 | p95 | p99 | p99.9 | max |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n",
+        r.operation, r.through.concurrency
+    );
+    let row = |name: &str, x: &LdapRun| {
+        format!(
+            "| {name} `{}` | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} |\n",
+            x.url,
+            x.requests,
+            x.errors,
+            x.throughput_rps,
+            fmt_us(x.latency.p50_us),
+            fmt_us(x.latency.p90_us),
+            fmt_us(x.latency.p95_us),
+            fmt_us(x.latency.p99_us),
+            fmt_us(x.latency.p999_us),
+            fmt_us(x.latency.max_us)
+        )
+    };
+    s += &row("through", &r.through);
+    if let Some(d) = &r.direct {
+        s += &row("direct", d);
+    }
+    if let Some(ratio) = r.throughput_ratio {
+        s += &format!("\nThroughput through / direct: **{ratio:.2}×**");
+        if let Some(p) = r.added_p99_us {
+            s += &format!("; added p99: **{} µs**", p);
+        }
+        s += "\n";
+    }
+    if !r.assertions.is_empty() {
+        s += "\n| assertion | limit | measured | result |\n|---|---|---|---|\n";
+        for x in &r.assertions {
+            s += &format!(
+                "| {} | {} | {} | {} |\n",
+                x.name,
+                x.limit,
+                x.measured,
+                if x.passed { "pass" } else { "FAIL" }
+            );
+        }
+    }
+    for e in &r.through.error_samples {
+        s += &format!("\nerror: `{e}`");
+    }
+    if let Some(svg) = svg {
+        s += &format!("\n\n![latency distribution]({svg})\n");
+    }
+    s
+}
+
+fn fmt_us(v: u64) -> String {
+    if v >= 10_000 {
+        format!("{:.1} ms", v as f64 / 1000.0)
+    } else {
+        format!("{v} µs")
+    }
+}
+
+/// Write the JSON, the Markdown (linking the SVG when there is one) and the
+/// SVG of a report.
+fn write_outputs<R: Serialize>(
+    report: &R,
+    json: Option<&PathBuf>,
+    markdown: Option<&PathBuf>,
+    svg: Option<&PathBuf>,
+    md: impl Fn(&R, Option<&str>) -> String,
+    series: impl Fn(&R) -> Vec<(String, Vec<(f64, u64)>)>,
+) -> Result<(), String> {
+    let write = |p: &PathBuf, text: String| {
+        std::fs::write(p, text).map_err(|e| format!("{}: {e}", p.display()))
+    };
+    if let Some(p) = json {
+        let text = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
+        write(p, text + "\n")?;
+    }
+    if let Some(p) = svg {
+        write(p, latency_svg(&series(report)))?;
+    }
+    if let Some(p) = markdown {
+        let name = svg
+            .and_then(|s| s.file_name())
+            .map(|n| n.to_string_lossy().to_string());
+        write(p, md(report, name.as_deref()))?;
+    }
+    Ok(())
+}
+
+/// A latency-by-percentile plot (x: percentile on a log scale of 1/(1-p),
+/// y: latency), one line per series.
+pub fn latency_svg(series: &[(String, Vec<(f64, u64)>)]) -> String {
+    let (w, h, left, bottom, top, right) = (720.0, 400.0, 70.0, 50.0, 30.0, 20.0);
+    let max_us = series
+        .iter()
+        .flat_map(|(_, pts)| pts.iter().map(|p| p.1))
+        .max()
+        .unwrap_or(1)
+        .max(1) as f64;
+    // x: 0 → 0, 90 → 1, 99 → 2, 99.9 → 3, 99.99 → 4, 100 → 4.3
+    let xv = |p: f64| {
+        if p >= 100.0 {
+            4.3
+        } else {
+            (1.0 / (1.0 - p / 100.0)).log10()
+        }
+    };
+    let x = |p: f64| left + xv(p) / 4.3 * (w - left - right);
+    let y = |v: u64| h - bottom - (v as f64 / max_us) * (h - bottom - top);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" \
+         font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"18\" text-anchor=\"middle\">Latency by percentile</text>\n",
+        w / 2.0
+    );
+    // Axes and grid.
+    s += &format!(
+        "<line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n\
+         <line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\" stroke=\"black\"/>\n",
+        h - bottom,
+        w - right,
+        h - bottom,
+        h - bottom
+    );
+    for p in [0.0, 90.0, 99.0, 99.9, 99.99] {
+        s += &format!(
+            "<line x1=\"{0:.1}\" y1=\"{top}\" x2=\"{0:.1}\" y2=\"{1}\" stroke=\"#ddd\"/>\
+             <text x=\"{0:.1}\" y=\"{2}\" text-anchor=\"middle\">p{p}</text>\n",
+            x(p),
+            h - bottom,
+            h - bottom + 18.0
+        );
+    }
+    for i in 0..=4 {
+        let v = (max_us * i as f64 / 4.0) as u64;
+        s += &format!(
+            "<line x1=\"{left}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"#eee\"/>\
+             <text x=\"{2}\" y=\"{3:.1}\" text-anchor=\"end\">{4}</text>\n",
+            y(v),
+            w - right,
+            left - 6.0,
+            y(v) + 4.0,
+            fmt_us(v)
+        );
+    }
+    let colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"];
+    for (i, (name, pts)) in series.iter().enumerate() {
+        let c = colors[i % colors.len()];
+        let path: Vec<String> = pts
+            .iter()
+            .map(|(p, v)| format!("{:.1},{:.1}", x(*p), y(*v)))
+            .collect();
+        s += &format!(
+            "<polyline fill=\"none\" stroke=\"{c}\" stroke-width=\"2\" points=\"{}\"/>\n\
+             <text x=\"{}\" y=\"{}\" fill=\"{c}\">{name}</text>\n",
+            path.join(" "),
+            left + 10.0,
+            top + 16.0 * (i as f64 + 1.0)
+        );
+    }
+    s += "</svg>\n";
+    s
+}
+
+// ---------------------------------------------------------------- tcp
+
+#[derive(Clone, Debug)]
+pub struct TcpArgs {
+    pub through: SocketAddr,
+    pub direct: Option<SocketAddr>,
+    pub bytes: u64,
+    pub flows: usize,
+    pub echoes: u64,
+    pub echo_size: usize,
+    pub conn_rate: f64,
+    pub conn_duration: Duration,
+    pub json: Option<PathBuf>,
+    pub markdown: Option<PathBuf>,
+    pub svg: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TcpRun {
+    pub addr: String,
+    /// MiB/s of echoed bytes through one flow.
+    pub one_flow_mib_s: f64,
+    /// MiB/s over `flows` concurrent flows.
+    pub n_flows_mib_s: f64,
+    pub echo: Latency,
+    /// Connections per second achieved, each a connect + 16-byte echo + close.
+    pub conn_rate_achieved: f64,
+    pub conn_errors: u64,
+    pub conn_latency: Latency,
+    #[serde(skip)]
+    pub curve: Vec<(f64, u64)>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TcpReport {
+    pub kind: &'static str,
+    pub bytes_per_run: u64,
+    pub flows: usize,
+    pub echo_size: usize,
+    pub conn_rate_target: f64,
+    pub through: TcpRun,
+    pub direct: Option<TcpRun>,
+    pub one_flow_ratio: Option<f64>,
+    pub n_flows_ratio: Option<f64>,
+    pub added_echo_p50_us: Option<i64>,
+    pub added_echo_p99_us: Option<i64>,
+}
+
+/// Send `n` bytes on one connection while reading the echo back.
+async fn pump(addr: SocketAddr, n: u64) -> Result<(), String> {
+    let s = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let _ = s.set_nodelay(true);
+    let (mut r, mut w) = s.into_split();
+    let writer = tokio::spawn(async move {
+        let buf = vec![0x5au8; 256 * 1024];
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(buf.len() as u64) as usize;
+            w.write_all(&buf[..k]).await?;
+            left -= k as u64;
+        }
+        w.shutdown().await
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    loop {
+        let k = r
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("read {addr}: {e}"))?;
+        if k == 0 {
+            break;
+        }
+        got += k as u64;
+    }
+    writer
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("write {addr}: {e}"))?;
+    if got != n {
+        return Err(format!("{addr}: {got} of {n} bytes came back"));
+    }
+    Ok(())
+}
+
+async fn throughput(addr: SocketAddr, total: u64, flows: usize) -> Result<f64, String> {
+    let start = Instant::now();
+    let per = total / flows as u64;
+    let tasks: Vec<_> = (0..flows).map(|_| tokio::spawn(pump(addr, per))).collect();
+    for t in tasks {
+        t.await.map_err(|e| e.to_string())??;
+    }
+    Ok((per * flows as u64) as f64 / (1024.0 * 1024.0) / start.elapsed().as_secs_f64())
+}
+
+async fn echo_latency(addr: SocketAddr, n: u64, size: usize) -> Result<Histogram<u64>, String> {
+    let mut s = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let _ = s.set_nodelay(true);
+    let msg = vec![0x42u8; size];
+    let mut back = vec![0u8; size];
+    let mut h = histogram();
+    for _ in 0..n {
+        let t = Instant::now();
+        s.write_all(&msg)
+            .await
+            .map_err(|e| format!("write {addr}: {e}"))?;
+        s.read_exact(&mut back)
+            .await
+            .map_err(|e| format!("read {addr}: {e}"))?;
+        let _ = h.record(us(t.elapsed()));
+    }
+    Ok(h)
+}
+
+/// Open connections at `rate` per second for `duration` (open loop), each
+/// a connect, a 16-byte echo and a close; returns (achieved rate, errors,
+/// latency).
+async fn conn_rate(addr: SocketAddr, rate: f64, duration: Duration) -> (f64, u64, Histogram<u64>) {
+    let start = Instant::now();
+    let n = (rate * duration.as_secs_f64()).ceil() as u64;
+    let mut tasks = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let due = start + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        tasks.push(tokio::spawn(async move {
+            let one = async {
+                let mut s = TcpStream::connect(addr).await?;
+                let _ = s.set_nodelay(true);
+                s.write_all(b"0123456789abcdef").await?;
+                let mut b = [0u8; 16];
+                s.read_exact(&mut b).await?;
+                s.shutdown().await?;
+                std::io::Result::Ok(())
+            };
+            match tokio::time::timeout(Duration::from_secs(10), one).await {
+                Ok(Ok(())) => Ok(us(due.elapsed())),
+                _ => Err(()),
+            }
+        }));
+    }
+    let mut h = histogram();
+    let mut errors = 0;
+    for t in tasks {
+        match t.await {
+            Ok(Ok(v)) => {
+                let _ = h.record(v);
+            }
+            _ => errors += 1,
+        }
+    }
+    let achieved = h.len() as f64 / start.elapsed().as_secs_f64();
+    (achieved, errors, h)
+}
+
+async fn run_tcp(addr: SocketAddr, a: &TcpArgs) -> Result<TcpRun, String> {
+    let one = throughput(addr, a.bytes, 1).await?;
+    let many = throughput(addr, a.bytes, a.flows.max(1)).await?;
+    let echo = echo_latency(addr, a.echoes, a.echo_size).await?;
+    let (rate, conn_errors, ch) = if a.conn_rate > 0.0 {
+        conn_rate(addr, a.conn_rate, a.conn_duration).await
+    } else {
+        (0.0, 0, histogram())
+    };
+    Ok(TcpRun {
+        addr: addr.to_string(),
+        one_flow_mib_s: one,
+        n_flows_mib_s: many,
+        echo: Latency::of(&echo),
+        conn_rate_achieved: rate,
+        conn_errors,
+        conn_latency: Latency::of(&ch),
+        curve: curve(&echo),
+    })
+}
+
+/// `nowconnect perf tcp`: the direct target first, then the listener, in one
+/// run.
+pub async fn perf_tcp(a: &TcpArgs) -> Result<TcpReport, String> {
+    let direct = match a.direct {
+        Some(d) => Some(run_tcp(d, a).await?),
+        None => None,
+    };
+    let through = run_tcp(a.through, a).await?;
+    let ratio = |f: fn(&TcpRun) -> f64| direct.as_ref().map(|d| f(&through) / f(d).max(1e-9));
+    let added = |f: fn(&Latency) -> u64| {
+        direct
+            .as_ref()
+            .map(|d| f(&through.echo) as i64 - f(&d.echo) as i64)
+    };
+    let report = TcpReport {
+        kind: "tcp",
+        bytes_per_run: a.bytes,
+        flows: a.flows,
+        echo_size: a.echo_size,
+        conn_rate_target: a.conn_rate,
+        one_flow_ratio: ratio(|r| r.one_flow_mib_s),
+        n_flows_ratio: ratio(|r| r.n_flows_mib_s),
+        added_echo_p50_us: added(|l| l.p50_us),
+        added_echo_p99_us: added(|l| l.p99_us),
+        through,
+        direct,
+    };
+    write_outputs(
+        &report,
+        a.json.as_ref(),
+        a.markdown.as_ref(),
+        a.svg.as_ref(),
+        tcp_markdown,
+        |r| {
+            let mut series = vec![("through (echo)".to_string(), r.through.curve.clone())];
+            if let Some(d) = &r.direct {
+                series.push(("direct (echo)".to_string(), d.curve.clone()));
+            }
+            series
+        },
+    )?;
+    Ok(report)
+}
+
+fn tcp_markdown(r: &TcpReport, svg: Option<&str>) -> String {
+    let mut s = format!(
+        "## TCP ({} MiB per throughput run, {} flows, {}-byte echoes, {} connections/s)\n\n\
+         | target | 1 flow MiB/s | {} flows MiB/s | echo p50 | echo p99 | echo max | conn/s achieved | conn errors | conn p99 |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+        r.bytes_per_run / (1024 * 1024),
+        r.flows,
+        r.echo_size,
+        r.conn_rate_target,
+        r.flows
+    );
+    let row = |name: &str, x: &TcpRun| {
+        format!(
+            "| {name} `{}` | {:.0} | {:.0} | {} | {} | {} | {:.0} | {} | {} |\n",
+            x.addr,
+            x.one_flow_mib_s,
+            x.n_flows_mib_s,
+            fmt_us(x.echo.p50_us),
+            fmt_us(x.echo.p99_us),
+            fmt_us(x.echo.max_us),
+            x.conn_rate_achieved,
+            x.conn_errors,
+            fmt_us(x.conn_latency.p99_us)
+        )
+    };
+    s += &row("through", &r.through);
+    if let Some(d) = &r.direct {
+        s += &row("direct", d);
+    }
+    if let (Some(one), Some(many)) = (r.one_flow_ratio, r.n_flows_ratio) {
+        s += &format!(
+            "\nThrough / direct: one flow **{one:.3}×**, {} flows **{many:.3}×**; added echo p50 {} µs, p99 {} µs.\n",
+            r.flows,
+            r.added_echo_p50_us.unwrap_or(0),
+            r.added_echo_p99_us.unwrap_or(0)
+        );
+    }
+    if let Some(svg) = svg {
+        s += &format!("\n![echo latency distribution]({svg})\n");
+    }
+    s
+}
