@@ -194,7 +194,7 @@ fn perf_ldap_error_budget_fails_when_the_directory_goes_away_mid_run() {
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert!(r["through"]["errors"].as_u64().unwrap() > 0, "{r}");
     assert!(
-        r["through"]["error_samples"].as_array().unwrap().len() > 0,
+        !r["through"]["error_samples"].as_array().unwrap().is_empty(),
         "{r}"
     );
 }
