@@ -18,8 +18,8 @@ use nowconnect_core::tunnel::Tunnel;
 use nowconnect_core::{Cid, ErrorCode};
 use nowconnect_shared::config::AgentConfig;
 use nowconnect_shared::driver::{
-    AgentDials, AgentFlow, AgentTasks, LinkCmd, TunnelDriver, TunnelStep, agent_outputs,
-    agent_tunnel_step,
+    AgentConn, AgentDials, AgentFlow, AgentTasks, LinkCmd, TunnelDriver, agent_outputs,
+    agent_tunnels_step,
 };
 use nowconnect_shared::metrics::Metrics;
 
@@ -288,43 +288,7 @@ impl AgentRuntime {
                     }
                 }
             }
-            if let Some(c) = old.as_mut()
-                && let TunnelStep::Lost(code, reason) = agent_tunnel_step(
-                    &mut c.driver,
-                    &mut agent,
-                    c.attempt,
-                    &mut dials.waiting,
-                    Instant::now(),
-                )
-            {
-                let c = old.take().expect("draining connection");
-                end_connection(c, code, &reason, &mut agent, &mut dials);
-            }
-            let Some(c) = conn.as_mut() else { continue };
-            match agent_tunnel_step(
-                &mut c.driver,
-                &mut agent,
-                c.attempt,
-                &mut dials.waiting,
-                Instant::now(),
-            ) {
-                TunnelStep::Running => {}
-                TunnelStep::Lost(code, reason) => {
-                    let c = conn.take().expect("connection");
-                    end_connection(c, code, &reason, &mut agent, &mut dials);
-                }
-                TunnelStep::Draining => {
-                    // One draining tunnel at a time: a second drain in a row
-                    // ends the older one (its hub is about to close it anyway).
-                    if let Some(mut prev) = old.take() {
-                        let why = "a newer hub is draining too";
-                        prev.driver.tunnel.close(ErrorCode::Shutdown, why);
-                        prev.driver.drain();
-                        end_connection(prev, ErrorCode::Shutdown, why, &mut agent, &mut dials);
-                    }
-                    old = conn.take();
-                }
-            }
+            agent_tunnels_step(&tasks, &mut conn, &mut old, &mut agent, &mut dials);
         }
         for c in [conn.take(), old.take()].into_iter().flatten() {
             drop(c.driver);
@@ -334,21 +298,19 @@ impl AgentRuntime {
     }
 }
 
-/// A tunnel ended: close its socket (the writer task sends the close and
-/// ends), stop its reader, cancel its target dials, tell the core.
-fn end_connection(
-    mut c: Connection,
-    code: ErrorCode,
-    reason: &str,
-    agent: &mut Agent,
-    dials: &mut AgentDials<JoinHandle<()>>,
-) {
-    c.driver.close_socket(code, reason);
-    cancel(c.reader);
-    for t in dials.forget_tunnel(c.attempt) {
-        cancel(t);
+impl AgentConn for Connection {
+    fn attempt(&self) -> u64 {
+        self.attempt
     }
-    agent.hub_lost(Instant::now(), c.attempt);
+
+    fn driver(&mut self) -> &mut TunnelDriver {
+        &mut self.driver
+    }
+
+    /// Stop the task that reads this tunnel's socket.
+    fn finish(self) {
+        cancel(self.reader);
+    }
 }
 
 /// Wait for the next thing to do: an internal event, a flow command, or the

@@ -790,6 +790,86 @@ pub fn agent_tunnel_step(
     step
 }
 
+/// One tunnel of an agent runtime (its socket halves are the runtime's).
+pub trait AgentConn {
+    fn attempt(&self) -> u64;
+    fn driver(&mut self) -> &mut TunnelDriver;
+    /// The tunnel is over: stop what the runtime runs for it (its reader).
+    fn finish(self);
+}
+
+/// The agent's step over its tunnels after every wake-up, the same on every
+/// runtime: [`agent_tunnel_step`] for the draining tunnel and the current
+/// one; a lost tunnel is ended (socket closed, its dials cancelled, the core
+/// told); a current tunnel whose hub said DRAIN becomes the draining one
+/// (one at a time: a second drain in a row ends the older one).
+pub fn agent_tunnels_step<R: AgentTasks, C: AgentConn>(
+    rt: &R,
+    conn: &mut Option<C>,
+    old: &mut Option<C>,
+    agent: &mut nowconnect_core::agent::Agent,
+    dials: &mut AgentDials<R::Task>,
+) {
+    if let Some(c) = old.as_mut() {
+        let attempt = c.attempt();
+        if let TunnelStep::Lost(code, reason) = agent_tunnel_step(
+            c.driver(),
+            agent,
+            attempt,
+            &mut dials.waiting,
+            Instant::now(),
+        ) {
+            let c = old.take().expect("draining tunnel");
+            end_agent_conn(rt, c, code, &reason, agent, dials);
+        }
+    }
+    let Some(c) = conn.as_mut() else {
+        return;
+    };
+    let attempt = c.attempt();
+    match agent_tunnel_step(
+        c.driver(),
+        agent,
+        attempt,
+        &mut dials.waiting,
+        Instant::now(),
+    ) {
+        TunnelStep::Running => {}
+        TunnelStep::Lost(code, reason) => {
+            let c = conn.take().expect("current tunnel");
+            end_agent_conn(rt, c, code, &reason, agent, dials);
+        }
+        TunnelStep::Draining => {
+            if let Some(mut prev) = old.take() {
+                let why = "a newer hub is draining too";
+                prev.driver().tunnel.close(ErrorCode::Shutdown, why);
+                prev.driver().drain();
+                end_agent_conn(rt, prev, ErrorCode::Shutdown, why, agent, dials);
+            }
+            *old = conn.take();
+        }
+    }
+}
+
+/// A tunnel ended: close its socket (the writer task sends the close and
+/// ends), cancel its target dials, tell the core.
+fn end_agent_conn<R: AgentTasks, C: AgentConn>(
+    rt: &R,
+    mut c: C,
+    code: ErrorCode,
+    reason: &str,
+    agent: &mut nowconnect_core::agent::Agent,
+    dials: &mut AgentDials<R::Task>,
+) {
+    let attempt = c.attempt();
+    c.driver().close_socket(code, reason);
+    for t in dials.forget_tunnel(attempt) {
+        rt.cancel(t);
+    }
+    c.finish();
+    agent.hub_lost(Instant::now(), attempt);
+}
+
 /// How a hub's refusal of the tunnel upgrade reads in the agent's log.
 pub fn hub_refusal(url: &str, status: impl std::fmt::Display, body: Option<&[u8]>) -> String {
     let body = body

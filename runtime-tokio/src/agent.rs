@@ -19,8 +19,8 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::config::AgentConfig;
 use crate::driver::{
-    AgentDials, AgentFlow, AgentTasks, LinkCmd, TunnelDriver, TunnelStep, agent_outputs,
-    agent_tunnel_step,
+    AgentConn, AgentDials, AgentFlow, AgentTasks, LinkCmd, TunnelDriver, agent_outputs,
+    agent_tunnels_step,
 };
 use crate::io::pipe_tcp;
 use crate::metrics::Metrics;
@@ -263,62 +263,22 @@ impl AgentRuntime {
                     }
                 }
             }
-            if let Some(c) = old.as_mut()
-                && let TunnelStep::Lost(code, reason) = agent_tunnel_step(
-                    &mut c.driver,
-                    &mut agent,
-                    c.attempt,
-                    &mut dials.waiting,
-                    Instant::now(),
-                )
-            {
-                let c = old.take().expect("draining connection");
-                self.end_connection(c, code, &reason, &mut agent, &mut dials);
-            }
-            let Some(c) = conn.as_mut() else { continue };
-            match agent_tunnel_step(
-                &mut c.driver,
-                &mut agent,
-                c.attempt,
-                &mut dials.waiting,
-                Instant::now(),
-            ) {
-                TunnelStep::Running => {}
-                TunnelStep::Lost(code, reason) => {
-                    let c = conn.take().expect("connection");
-                    self.end_connection(c, code, &reason, &mut agent, &mut dials);
-                }
-                TunnelStep::Draining => {
-                    // One draining tunnel at a time: a second drain in a row
-                    // ends the older one (its hub is about to close it anyway).
-                    if let Some(mut prev) = old.take() {
-                        let why = "a newer hub is draining too";
-                        prev.driver.tunnel.close(ErrorCode::Shutdown, why);
-                        prev.driver.drain();
-                        self.end_connection(prev, ErrorCode::Shutdown, why, &mut agent, &mut dials);
-                    }
-                    old = conn.take();
-                }
-            }
+            agent_tunnels_step(&tasks, &mut conn, &mut old, &mut agent, &mut dials);
         }
+    }
+}
+
+impl AgentConn for Connection {
+    fn attempt(&self) -> u64 {
+        self.attempt
     }
 
-    /// A tunnel ended: close its socket (the writer task sends the close and
-    /// ends), cancel its target dials, tell the core.
-    fn end_connection(
-        &self,
-        mut c: Connection,
-        code: ErrorCode,
-        reason: &str,
-        agent: &mut Agent,
-        dials: &mut AgentDials<JoinHandle<()>>,
-    ) {
-        c.driver.close_socket(code, reason);
-        for t in dials.forget_tunnel(c.attempt) {
-            t.abort();
-        }
-        agent.hub_lost(Instant::now(), c.attempt);
+    fn driver(&mut self) -> &mut TunnelDriver {
+        &mut self.driver
     }
+
+    /// The reader is this connection's own stream; dropping it is enough.
+    fn finish(self) {}
 }
 
 async fn connect_hub(
