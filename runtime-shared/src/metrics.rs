@@ -119,8 +119,11 @@ impl Metrics {
         let m = Metrics {
             mesh_links: Family::default(),
             mesh_frames: Family::default(),
+            // Fine below 1 ms (loopback and LAN meshes), coarse above; 20 ms
+            // (the original SLO, used by the alert) is a bucket bound.
             mesh_rtt: Histogram::new([
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5,
+                0.00005, 0.0001, 0.00015, 0.0002, 0.0003, 0.0005, 0.00075, 0.001, 0.0025, 0.005,
+                0.01, 0.02, 0.05, 0.1, 0.5,
             ]),
             owner_epoch_mismatch: Counter::default(),
             cid_dedup_dropped: Counter::default(),
