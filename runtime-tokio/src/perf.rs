@@ -115,6 +115,8 @@ pub struct LdapRun {
 pub struct LdapReport {
     pub kind: &'static str,
     pub operation: &'static str,
+    /// Target rate (open loop), if one was set.
+    pub rate: Option<f64>,
     pub through: LdapRun,
     pub direct: Option<LdapRun>,
     /// through throughput / direct throughput.
@@ -360,6 +362,7 @@ pub async fn perf_ldap(a: &LdapArgs) -> Result<LdapReport, String> {
     let report = LdapReport {
         kind: "ldap",
         operation: "bind + search",
+        rate: a.rate,
         through,
         direct,
         throughput_ratio,
@@ -385,9 +388,16 @@ pub async fn perf_ldap(a: &LdapArgs) -> Result<LdapReport, String> {
 }
 
 fn ldap_markdown(r: &LdapReport, svg: Option<&str>) -> String {
+    let pacing = match r.rate {
+        Some(rate) => {
+            format!("open loop at {rate} requests/s; latency counts from when each request was due")
+        }
+        None => "closed loop: each client sends its next request when the previous one is \
+                 answered"
+            .to_string(),
+    };
     let mut s = format!(
-        "## LDAP load ({})\n\n{} concurrent clients, filter and base as given; latency is \
-         from when each request was due.\n\n\
+        "## LDAP load ({})\n\n{} concurrent clients, one connection each; {pacing}.\n\n\
          | target | requests | errors | throughput (req/s) | p50 | p90 | p95 | p99 | p99.9 | max |\n\
          |---|---|---|---|---|---|---|---|---|---|\n",
         r.operation, r.through.concurrency
