@@ -73,7 +73,7 @@ pub struct AgentRuntime {
 }
 
 /// Cancel a task without waiting for it.
-fn cancel<T: Send + 'static>(t: JoinHandle<T>) {
+pub fn cancel<T: Send + 'static>(t: JoinHandle<T>) {
     task::spawn(async move {
         t.cancel().await;
     });

@@ -10,4 +10,5 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod hub;
 pub mod net;

@@ -1,6 +1,6 @@
-//! The `nowconnect-async-std` binary: the agent on the async-std runtime,
-//! with the same configuration file, CLI, logs and behaviour as
-//! `nowconnect agent`.
+//! The `nowconnect-async-std` binary: the hub and the agent on the
+//! async-std runtime, with the same configuration files, CLI, endpoints,
+//! metrics, logs and signals as `nowconnect hub` and `nowconnect agent`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,13 +8,13 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
-use nowconnect_shared::config::AgentConfig;
+use nowconnect_shared::config::{AgentConfig, HubConfig};
 
 #[derive(Parser)]
 #[command(
     name = "nowconnect-async-std",
     version,
-    about = "NowConnect on the async-std runtime (agent)"
+    about = "NowConnect on the async-std runtime (hub and agent)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -23,6 +23,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run a cloud hub.
+    Hub {
+        /// Hub configuration (cloud.yaml).
+        #[arg(long, env = "NC_CONFIG")]
+        config: PathBuf,
+    },
     /// Run a premise agent.
     Agent {
         /// Agent configuration (premise.yaml).
@@ -45,6 +51,36 @@ fn main() -> ExitCode {
 
 async fn run(cmd: Cmd) -> Result<(), String> {
     match cmd {
+        Cmd::Hub { config } => {
+            let cfg = HubConfig::load(&config).map_err(|e| e.to_string())?;
+            nowconnect_shared::logging::init(
+                cfg.raw.log.format.as_deref(),
+                cfg.raw.log.level.as_deref(),
+            );
+            use async_signal::Signal;
+            let mut signals = async_signal::Signals::new([Signal::Term, Signal::Int, Signal::Hup])
+                .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+            let hub = nowconnect_async_std::hub::start(cfg).await?;
+            // One line on stdout that operators and tests can wait for.
+            println!("{}", hub.ready_line());
+            let sig = loop {
+                match signals.next().await {
+                    // SIGHUP re-reads the configuration file.
+                    Some(Ok(Signal::Hup)) => match hub.reload() {
+                        Ok(what) => tracing::info!(%what, "configuration reloaded"),
+                        Err(error) => tracing::warn!(
+                            %error,
+                            "configuration reload failed; the running configuration stays"
+                        ),
+                    },
+                    Some(Ok(Signal::Term)) => break "SIGTERM",
+                    _ => break "SIGINT",
+                }
+            };
+            tracing::info!(signal = sig, "shutting down");
+            hub.shutdown().await;
+            Ok(())
+        }
         Cmd::Agent { config } => {
             let cfg = AgentConfig::load(&config).map_err(|e| e.to_string())?;
             nowconnect_shared::logging::init(

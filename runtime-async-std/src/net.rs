@@ -8,7 +8,7 @@ use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::{Error as WsError, Message};
 use futures_util::io::{AsyncRead, AsyncWrite};
 use nowconnect_core::WsMessage;
-use nowconnect_shared::driver::{AdaptiveReader, FlowEnd, run_flow_socket};
+use nowconnect_shared::driver::{AdaptiveReader, FlowEnd, run_client_socket, run_flow_socket};
 use nowconnect_shared::metrics::Metrics;
 use rustls_pki_types::ServerName;
 
@@ -103,6 +103,25 @@ pub async fn pipe_tcp(
         metrics,
         up,
         down,
+    )
+    .await
+}
+
+/// Pipe a hub client's socket to its flow (see [`run_client_socket`]).
+pub async fn pipe_client(
+    stream: TcpStream,
+    end: FlowEnd,
+    metrics: Arc<Metrics>,
+    idle: Option<std::time::Duration>,
+) {
+    let _ = stream.set_nodelay(true);
+    run_client_socket(
+        AdaptiveReader::new(stream.clone()),
+        WriteHalf(stream),
+        end,
+        metrics,
+        idle,
+        async_std::task::sleep,
     )
     .await
 }

@@ -925,6 +925,68 @@ pub async fn run_flow_socket<R, W>(
     }
 }
 
+/// [`run_flow_socket`] for a hub client: with `idle` set, a flow that moves
+/// no byte in either direction for that long is reset with `idle_timeout`
+/// and its socket closed. `sleep` is the runtime's timer.
+pub async fn run_client_socket<R, W, S, F>(
+    rd: R,
+    wr: W,
+    end: FlowEnd,
+    metrics: Arc<Metrics>,
+    idle: Option<std::time::Duration>,
+    sleep: S,
+) where
+    R: ChunkReader,
+    W: AsyncWrite + Unpin,
+    S: Fn(std::time::Duration) -> F,
+    F: std::future::Future<Output = ()>,
+{
+    let Some(limit) = idle else {
+        return run_flow_socket(rd, wr, end, metrics, "up", "down").await;
+    };
+    let (cid, cmd) = (end.cid, end.cmd.clone());
+    let activity = Activity::default();
+    let flow = run_flow_socket(
+        ActiveReader(rd, activity.clone()),
+        ActiveWriter(wr, activity.clone()),
+        end,
+        metrics,
+        "up",
+        "down",
+    );
+    let watch = async {
+        loop {
+            let idle = activity.idle();
+            if idle >= limit {
+                return;
+            }
+            sleep(limit - idle).await;
+        }
+    };
+    if futures_lite::future::or(
+        async {
+            flow.await;
+            false
+        },
+        async {
+            watch.await;
+            true
+        },
+    )
+    .await
+    {
+        tracing::info!(cid, idle_sec = limit.as_secs(), "client flow idle; closed");
+        let _ = cmd.try_send(LinkCmd::Reset {
+            cid,
+            code: ErrorCode::IdleTimeout,
+            reason: format!(
+                "no bytes either way for {}s (limits.client_idle_timeout_sec)",
+                limit.as_secs()
+            ),
+        });
+    }
+}
+
 async fn read_half<R: ChunkReader>(
     mut rd: R,
     cid: Cid,

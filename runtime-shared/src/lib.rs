@@ -2,15 +2,23 @@
 //!
 //! The runtime-neutral half of every NowConnect adapter, written once:
 //! configuration files and their errors, JWT verification and issuing,
-//! Prometheus metric names, logging setup and TLS material loading. Nothing
-//! here depends on an async runtime; the tokio and async-std adapters both
-//! build on it.
+//! Prometheus metric names, logging setup and TLS material loading, and the
+//! hub itself (control loop, tunnels, clients, mesh, drain, reload) over a
+//! small runtime trait ([`hub::HubRt`]). Nothing here depends on an async
+//! runtime; the tokio and async-std adapters both build on it. The Redis
+//! registry is compiled in with the feature naming the adapter's runtime
+//! (`redis-tokio`, `redis-smol`).
 #![forbid(unsafe_code)]
 
 pub mod config;
 pub mod driver;
+pub mod http;
+pub mod hub;
 pub mod jwt;
 pub mod logging;
+pub mod mesh;
 pub mod metrics;
+#[cfg(any(feature = "redis-tokio", feature = "redis-smol"))]
+pub mod registry;
 pub mod tls;
 pub mod tung;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use nowconnect_core::WsMessage;
 use nowconnect_shared::driver::{
-    ChunkReader, FlowEnd, Outgoing, READ_CHUNK, run_flow_socket, write_ws_with,
+    ChunkReader, FlowEnd, Outgoing, READ_CHUNK, run_client_socket, run_flow_socket, write_ws_with,
 };
 use nowconnect_shared::metrics::Metrics;
 use tokio::net::TcpStream;
@@ -26,51 +26,24 @@ pub async fn pipe_tcp(
     run_flow_socket(TokioReader(rd), wr.compat_write(), end, metrics, up, down).await
 }
 
-/// Like [`pipe_tcp`], for a hub client: with `idle` set, a flow that moves
-/// no byte in either direction for that long is reset with `idle_timeout`
-/// and its socket closed.
+/// Like [`pipe_tcp`], for a hub client (see [`run_client_socket`]).
 pub async fn pipe_client(
     stream: TcpStream,
     end: FlowEnd,
     metrics: Arc<Metrics>,
     idle: Option<std::time::Duration>,
 ) {
-    let Some(limit) = idle else {
-        return pipe_tcp(stream, end, metrics, "up", "down").await;
-    };
-    use nowconnect_shared::driver::{ActiveReader, ActiveWriter, Activity, LinkCmd};
     let _ = stream.set_nodelay(true);
-    let (cid, cmd) = (end.cid, end.cmd.clone());
-    let activity = Activity::default();
     let (rd, wr) = stream.into_split();
-    let flow = run_flow_socket(
-        ActiveReader(TokioReader(rd), activity.clone()),
-        ActiveWriter(wr.compat_write(), activity.clone()),
+    run_client_socket(
+        TokioReader(rd),
+        wr.compat_write(),
         end,
         metrics,
-        "up",
-        "down",
-    );
-    let watch = async {
-        loop {
-            let idle = activity.idle();
-            if idle >= limit {
-                return;
-            }
-            tokio::time::sleep(limit - idle).await;
-        }
-    };
-    tokio::select! {
-        () = flow => {}
-        () = watch => {
-            tracing::info!(cid, idle_sec = limit.as_secs(), "client flow idle; closed");
-            let _ = cmd.try_send(LinkCmd::Reset {
-                cid,
-                code: nowconnect_core::ErrorCode::IdleTimeout,
-                reason: format!("no bytes either way for {}s (limits.client_idle_timeout_sec)", limit.as_secs()),
-            });
-        }
-    }
+        idle,
+        tokio::time::sleep,
+    )
+    .await
 }
 
 /// Waits until the socket is readable, then reads with `try_read_buf` into

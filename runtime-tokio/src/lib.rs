@@ -8,9 +8,7 @@
 pub mod agent;
 pub mod hub;
 pub mod io;
-pub mod mesh;
 pub mod perf;
 pub mod quickstart;
-pub mod registry;
 
-pub use nowconnect_shared::{config, driver, jwt, logging, metrics, tls};
+pub use nowconnect_shared::{config, driver, jwt, logging, metrics, registry, tls};

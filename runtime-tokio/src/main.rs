@@ -373,17 +373,8 @@ async fn run(cmd: Cmd) -> Result<ExitCode, String> {
                 cfg.raw.log.level.as_deref(),
             );
             let hub = nowconnect_tokio::hub::start(cfg).await?;
-            let listeners: Vec<String> = hub
-                .listener_addrs
-                .iter()
-                .map(|(n, a)| format!("{n}={a}"))
-                .collect();
             // One line on stdout that operators and tests can wait for.
-            println!(
-                "nowconnect hub ready http={} listeners={}",
-                hub.http_addr,
-                listeners.join(",")
-            );
+            println!("{}", hub.ready_line());
             // SIGHUP re-reads the configuration file (JWT verification keys).
             #[cfg(unix)]
             let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())

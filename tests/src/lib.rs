@@ -83,8 +83,8 @@ impl Runtime {
         }
     }
 
-    /// The binary that runs an agent on this runtime.
-    pub fn agent_bin(self) -> PathBuf {
+    /// The binary that runs a hub or an agent on this runtime.
+    pub fn bin(self) -> PathBuf {
         match self {
             Runtime::Tokio => bin(),
             Runtime::AsyncStd => bin_async_std(),
@@ -233,9 +233,15 @@ pub struct HubProc {
 
 impl HubProc {
     pub fn start(dir: &Path, name: &str, yaml: &str) -> HubProc {
+        Self::start_on(Runtime::Tokio, dir, name, yaml)
+    }
+
+    /// A hub on the given runtime (same configuration, CLI and endpoints on
+    /// each).
+    pub fn start_on(rt: Runtime, dir: &Path, name: &str, yaml: &str) -> HubProc {
         let cfg = dir.join(format!("{name}.yaml"));
         std::fs::write(&cfg, yaml).unwrap();
-        let mut cmd = Command::new(bin());
+        let mut cmd = Command::new(rt.bin());
         cmd.args(["hub", "--config"])
             .arg(&cfg)
             .env("RUST_LOG", "info");
@@ -333,7 +339,7 @@ impl AgentProc {
     pub fn start_on(rt: Runtime, dir: &Path, name: &str, yaml: &str, token: &str) -> AgentProc {
         let cfg = dir.join(format!("{name}.yaml"));
         std::fs::write(&cfg, yaml).unwrap();
-        let mut cmd = Command::new(rt.agent_bin());
+        let mut cmd = Command::new(rt.bin());
         cmd.args(["agent", "--config"])
             .arg(&cfg)
             .env("NC_TOKEN", token)
@@ -744,8 +750,20 @@ pub fn meshed_pair(
     redis: &RedisProc,
     ca: &pki::Ca,
 ) -> (HubProc, HubProc, u16, u16) {
+    meshed_pair_on([Runtime::Tokio; 2], env, mode, redis, ca)
+}
+
+/// [`meshed_pair`] with hub-a and hub-b on the given runtimes.
+pub fn meshed_pair_on(
+    rts: [Runtime; 2],
+    env: &Env,
+    mode: &str,
+    redis: &RedisProc,
+    ca: &pki::Ca,
+) -> (HubProc, HubProc, u16, u16) {
     let (pa, pb) = (free_port(), free_port());
-    let a = HubProc::start(
+    let a = HubProc::start_on(
+        rts[0],
         env.path(),
         "hub-a",
         &mesh_hub_yaml(
@@ -758,7 +776,8 @@ pub fn meshed_pair(
             &ca.issue(env.path(), "hub-a"),
         ),
     );
-    let b = HubProc::start(
+    let b = HubProc::start_on(
+        rts[1],
         env.path(),
         "hub-b",
         &mesh_hub_yaml(

@@ -1,8 +1,13 @@
 //! The runtime conformance suite: the same scenarios, each run once per
-//! runtime of the process under test (`tokio_agent::*`, `async_std_agent::*`).
-//! Hubs run on tokio, so every async-std case is also a mixed deployment: an
-//! async-std agent attached to a tokio hub (and, in the HA cases, reached
-//! through a tokio mesh).
+//! deployment of the processes under test:
+//! - `tokio::*`: hubs and agent on tokio;
+//! - `async_std::*`: hubs and agent on async-std;
+//! - `mixed::*`: hub-a on tokio, hub-b on async-std, an async-std agent
+//!   (attached to the tokio hub, reached from the async-std hub through the
+//!   mesh);
+//! - `mixed_reverse::*`: hub-a on async-std, hub-b on tokio, a tokio agent.
+//!
+//! Single-hub scenarios use hub-a (a restarted hub comes back as hub-b).
 
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
@@ -13,14 +18,30 @@ use nowconnect_tests::ldap::{self, ADMIN_PW, Slapd};
 use nowconnect_tests::pki::Ca;
 use nowconnect_tests::*;
 
-/// One `#[test]` per scenario and runtime.
+/// Where each process of a scenario runs.
+#[derive(Clone, Copy, Debug)]
+struct Deploy {
+    /// hub-a, hub-b.
+    hubs: [Runtime; 2],
+    agent: Runtime,
+}
+
+use Runtime::{AsyncStd, Tokio};
+
+/// One `#[test]` per scenario and deployment.
 macro_rules! for_each_runtime {
     ($($scenario:ident),* $(,)?) => {
-        mod tokio_agent {
-            $( #[test] fn $scenario() { super::$scenario(super::Runtime::Tokio) } )*
+        mod tokio {
+            $( #[test] fn $scenario() { super::$scenario(super::Deploy { hubs: [super::Tokio; 2], agent: super::Tokio }) } )*
         }
-        mod async_std_agent {
-            $( #[test] fn $scenario() { super::$scenario(super::Runtime::AsyncStd) } )*
+        mod async_std {
+            $( #[test] fn $scenario() { super::$scenario(super::Deploy { hubs: [super::AsyncStd; 2], agent: super::AsyncStd }) } )*
+        }
+        mod mixed {
+            $( #[test] fn $scenario() { super::$scenario(super::Deploy { hubs: [super::Tokio, super::AsyncStd], agent: super::AsyncStd }) } )*
+        }
+        mod mixed_reverse {
+            $( #[test] fn $scenario() { super::$scenario(super::Deploy { hubs: [super::AsyncStd, super::Tokio], agent: super::Tokio }) } )*
         }
     };
 }
@@ -36,37 +57,36 @@ for_each_runtime!(
     a_rolling_restart_under_load_loses_no_connection,
 );
 
-fn attached(hub: &HubProc, agent: &AgentProc, rt: Runtime) {
+fn attached(hub: &HubProc, agent: &AgentProc, d: Deploy) {
     assert!(
         eventually(Duration::from_secs(15), || hub
             .metric("nowconnect_agents_connected")
             == 1.0),
-        "{} agent did not attach; hub log:\n{}\nagent log:\n{}",
-        rt.name(),
+        "{d:?}: the agent did not attach; hub log:\n{}\nagent log:\n{}",
         hub.proc.log_text(),
         agent.proc.log_text()
     );
 }
 
-/// One hub, one agent on `rt` serving `connectors`.
-fn single(env: &Env, rt: Runtime, connectors: &[(&str, SocketAddr)]) -> (HubProc, AgentProc) {
+/// One hub (hub-a's runtime), one agent serving `connectors`.
+fn single(env: &Env, d: Deploy, connectors: &[(&str, SocketAddr)]) -> (HubProc, AgentProc) {
     let listeners: Vec<(&str, &str)> = connectors.iter().map(|(n, _)| (*n, *n)).collect();
-    let hub = HubProc::start(env.path(), "hub", &env.hub_yaml(&listeners, ""));
+    let hub = HubProc::start_on(d.hubs[0], env.path(), "hub", &env.hub_yaml(&listeners, ""));
     let agent = AgentProc::start_on(
-        rt,
+        d.agent,
         env.path(),
         "agent",
         &env.agent_yaml("agent-1", &[hub.http], connectors, ""),
         &env.token("agent-1", None),
     );
-    attached(&hub, &agent, rt);
+    attached(&hub, &agent, d);
     (hub, agent)
 }
 
-fn ldap_answers_like_slapd_directly(rt: Runtime) {
+fn ldap_answers_like_slapd_directly(d: Deploy) {
     let env = Env::new();
     let slapd = Slapd::start(env.path());
-    let (hub, _agent) = single(&env, rt, &[("ldap", slapd.addr)]);
+    let (hub, _agent) = single(&env, d, &[("ldap", slapd.addr)]);
     let via = hub.listener("ldap");
     for filter in ["(objectClass=*)", "(uid=alice)", "(uid=nobody)"] {
         let direct = ldap::search(slapd.addr, filter);
@@ -80,10 +100,10 @@ fn ldap_answers_like_slapd_directly(rt: Runtime) {
     assert_eq!(ldap::whoami(via, "wrong").0, 49, "invalid credentials");
 }
 
-fn bulk_data_arrives_intact(rt: Runtime) {
+fn bulk_data_arrives_intact(d: Deploy) {
     let env = Env::new();
     let echo = echo_server();
-    let (hub, _agent) = single(&env, rt, &[("echo", echo)]);
+    let (hub, _agent) = single(&env, d, &[("echo", echo)]);
     let via = hub.listener("echo");
     let big = Arc::new(random_bytes(32 * 1024 * 1024));
     let want = sha256(&big);
@@ -110,10 +130,10 @@ fn bulk_data_arrives_intact(rt: Runtime) {
     assert_eq!(hub.metric("nowconnect_protocol_errors_total"), 0.0);
 }
 
-fn an_unreachable_target_closes_the_client_at_once(rt: Runtime) {
+fn an_unreachable_target_closes_the_client_at_once(d: Deploy) {
     let env = Env::new();
     let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let (hub, agent) = single(&env, rt, &[("dead", dead)]);
+    let (hub, agent) = single(&env, d, &[("dead", dead)]);
     let mut c = TcpStream::connect(hub.listener("dead")).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let start = Instant::now();
@@ -138,7 +158,7 @@ fn an_unreachable_target_closes_the_client_at_once(rt: Runtime) {
     );
 }
 
-fn the_agent_comes_back_after_a_hub_restart(rt: Runtime) {
+fn the_agent_comes_back_after_a_hub_restart(d: Deploy) {
     let env = Env::new();
     let echo = echo_server();
     let http_port = free_port();
@@ -146,18 +166,18 @@ fn the_agent_comes_back_after_a_hub_restart(rt: Runtime) {
         "bind: 127.0.0.1:0\ntunnel",
         &format!("bind: 127.0.0.1:{http_port}\ntunnel"),
     );
-    let mut hub = HubProc::start(env.path(), "hub1", &yaml);
+    let mut hub = HubProc::start_on(d.hubs[0], env.path(), "hub1", &yaml);
     let agent = AgentProc::start_on(
-        rt,
+        d.agent,
         env.path(),
         "agent",
         &env.agent_yaml("agent-1", &[hub.http], &[("echo", echo)], ""),
         &env.token("agent-1", None),
     );
-    attached(&hub, &agent, rt);
+    attached(&hub, &agent, d);
     hub.proc.kill();
-    let hub2 = HubProc::start(env.path(), "hub2", &yaml);
-    attached(&hub2, &agent, rt);
+    let hub2 = HubProc::start_on(d.hubs[1], env.path(), "hub2", &yaml);
+    attached(&hub2, &agent, d);
     let data = Arc::new(random_bytes(100_000));
     assert_eq!(
         echo_roundtrip(hub2.listener("echo"), data.clone()).unwrap(),
@@ -165,20 +185,20 @@ fn the_agent_comes_back_after_a_hub_restart(rt: Runtime) {
     );
 }
 
-fn ldap_reaches_the_agent_across_the_mesh(rt: Runtime) {
+fn ldap_reaches_the_agent_across_the_mesh(d: Deploy) {
     let env = Env::new();
     let redis = RedisProc::start(env.path());
     let slapd = Slapd::start(env.path());
     let ca = Ca::new("mesh CA");
-    let (a, b, pa, pb) = meshed_pair(&env, "active", &redis, &ca);
+    let (a, b, pa, pb) = meshed_pair_on(d.hubs, &env, "active", &redis, &ca);
     let agent = AgentProc::start_on(
-        rt,
+        d.agent,
         env.path(),
         "agent",
         &env.agent_yaml("agent-1", &[a.http], &[("ldap", slapd.addr)], ""),
         &env.token("agent-1", None),
     );
-    attached(&a, &agent, rt);
+    attached(&a, &agent, d);
     assert!(
         eventually(Duration::from_secs(15), || mesh_established(&b, pa)
             && mesh_established(&a, pb)),
@@ -198,20 +218,20 @@ fn ldap_reaches_the_agent_across_the_mesh(rt: Runtime) {
     assert!(b.metric("nowconnect_flows_total{connector=\"ldap\",route=\"mesh\"}") >= 1.0);
 }
 
-fn the_agent_moves_when_its_owner_hub_dies(rt: Runtime) {
+fn the_agent_moves_when_its_owner_hub_dies(d: Deploy) {
     let env = Env::new();
     let redis = RedisProc::start(env.path());
     let echo = echo_server();
     let ca = Ca::new("mesh CA");
-    let (mut a, b, pa, _) = meshed_pair(&env, "active", &redis, &ca);
+    let (mut a, b, pa, _) = meshed_pair_on(d.hubs, &env, "active", &redis, &ca);
     let agent = AgentProc::start_on(
-        rt,
+        d.agent,
         env.path(),
         "agent",
         &env.agent_yaml("agent-1", &[a.http, b.http], &[("ldap", echo)], ""),
         &env.token("agent-1", None),
     );
-    attached(&a, &agent, rt);
+    attached(&a, &agent, d);
     assert!(eventually(Duration::from_secs(15), || mesh_established(
         &b, pa
     )));
@@ -235,20 +255,20 @@ fn the_agent_moves_when_its_owner_hub_dies(rt: Runtime) {
     assert!(epochs[1] > epochs[0], "{epochs:?}");
 }
 
-fn a_redis_outage_keeps_local_flows(rt: Runtime) {
+fn a_redis_outage_keeps_local_flows(d: Deploy) {
     let env = Env::new();
     let mut redis = RedisProc::start(env.path());
     let echo = echo_server();
     let ca = Ca::new("mesh CA");
-    let (a, _b, _, _) = meshed_pair(&env, "active", &redis, &ca);
+    let (a, _b, _, _) = meshed_pair_on(d.hubs, &env, "active", &redis, &ca);
     let agent = AgentProc::start_on(
-        rt,
+        d.agent,
         env.path(),
         "agent",
         &env.agent_yaml("agent-1", &[a.http], &[("ldap", echo)], ""),
         &env.token("agent-1", None),
     );
-    attached(&a, &agent, rt);
+    attached(&a, &agent, d);
     let data = Arc::new(random_bytes(200_000));
     let want = sha256(&data);
     redis.kill();
@@ -323,8 +343,8 @@ impl FixedHub {
         }
     }
 
-    fn start(&self, env: &Env, run: usize) -> HubProc {
-        let h = HubProc::start(env.path(), &format!("{}-{run}", self.name), &self.yaml);
+    fn start(&self, rt: Runtime, env: &Env, run: usize) -> HubProc {
+        let h = HubProc::start_on(rt, env.path(), &format!("{}-{run}", self.name), &self.yaml);
         assert_eq!(h.http, self.http);
         h
     }
@@ -411,7 +431,7 @@ fn slow_flow(addr: SocketAddr) -> std::thread::JoinHandle<Result<(), String>> {
 /// as a load balancer would: every connection succeeds, flows in progress
 /// finish through the drain, and each hub exits as soon as its agent moved
 /// and its flows ended.
-fn a_rolling_restart_under_load_loses_no_connection(rt: Runtime) {
+fn a_rolling_restart_under_load_loses_no_connection(d: Deploy) {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let env = Env::new();
@@ -423,9 +443,12 @@ fn a_rolling_restart_under_load_loses_no_connection(rt: Runtime) {
         FixedHub::new(&env, "hub-a", &redis, (pa, pb), &ca),
         FixedHub::new(&env, "hub-b", &redis, (pb, pa), &ca),
     ];
-    let mut procs = [Some(hubs[0].start(&env, 0)), Some(hubs[1].start(&env, 0))];
+    let mut procs = [
+        Some(hubs[0].start(d.hubs[0], &env, 0)),
+        Some(hubs[1].start(d.hubs[1], &env, 0)),
+    ];
     let agent = AgentProc::start_on(
-        rt,
+        d.agent,
         env.path(),
         "agent",
         &env.agent_yaml(
@@ -436,7 +459,7 @@ fn a_rolling_restart_under_load_loses_no_connection(rt: Runtime) {
         ),
         &env.token("agent-1", None),
     );
-    attached(procs[0].as_ref().unwrap(), &agent, rt);
+    attached(procs[0].as_ref().unwrap(), &agent, d);
     assert!(eventually(Duration::from_secs(15), || hubs
         .iter()
         .all(FixedHub::ready)));
@@ -522,7 +545,7 @@ fn a_rolling_restart_under_load_loses_no_connection(rt: Runtime) {
             h.name,
             ok.load(Ordering::Relaxed) - before
         );
-        procs[i] = Some(h.start(&env, run));
+        procs[i] = Some(h.start(d.hubs[i], &env, run));
         assert!(
             eventually(Duration::from_secs(15), || h.ready()),
             "{} not ready after restart",
@@ -538,8 +561,7 @@ fn a_rolling_restart_under_load_loses_no_connection(rt: Runtime) {
     let failures = failures.lock().unwrap();
     let ok = ok.load(Ordering::Relaxed);
     eprintln!(
-        "{} agent: {ok} connections through the rolling restart, {} failed",
-        rt.name(),
+        "{d:?}: {ok} connections through the rolling restart, {} failed",
         failures.len()
     );
     assert!(

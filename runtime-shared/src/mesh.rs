@@ -1,56 +1,57 @@
-//! The hub mesh: a TLS listener serving `/mesh` (client certificates required
-//! when `require_mtls`), one outbound link per configured peer, each driven by
-//! a core [`MeshLink`] (which owns backoff, queues, caps, credit, epochs and
-//! RTT). Origin side: a client routed to another replica gets a mesh flow.
-//! Owner side: an `M_OPEN` whose epoch is current is bridged to a flow on the
-//! agent's tunnel.
+//! The hub mesh, written once for every runtime: a TLS listener serving
+//! `/mesh` (client certificates required when `require_mtls`), one outbound
+//! link per peer, each driven by a core [`MeshLink`] (which owns backoff,
+//! queues, caps, credit, epochs and RTT). Origin side: a client routed to
+//! another replica gets a mesh flow. Owner side: an `M_OPEN` whose epoch is
+//! current is bridged to a flow on the agent's tunnel. The adapter only
+//! dials and accepts the TLS + WebSocket connections ([`HubRt`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use async_channel::Sender;
+use futures_lite::future::race;
+use futures_util::{Sink, Stream, StreamExt};
 use nowconnect_core::mesh_link::{LinkState, MeshEvent, MeshLink, MeshLinkConfig};
 use nowconnect_core::rng::Rng;
 use nowconnect_core::{Codec, ErrorCode, WsMessage};
 use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tungstenite::Message;
+use tungstenite::client::IntoClientRequest;
+use tungstenite::handshake::client::Request as ClientRequest;
+use tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tungstenite::http::{HeaderValue, StatusCode};
+use tungstenite::protocol::WebSocketConfig;
 
 use crate::config::{MeshConfig, MeshTls};
 use crate::driver::{FlowPipes, LinkCmd, Outgoing};
-use crate::hub::Shared;
-use crate::metrics::{add_delta, add_frame_deltas, labels};
+use crate::hub::{HubRt, Shared};
+use crate::metrics::{Metrics, add_delta, add_frame_deltas, labels};
 
-/// The transport under a mesh WebSocket: TCP, or TLS over TCP.
-pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-pub type BoxIo = Box<dyn Io>;
-type Ws = WebSocketStream<BoxIo>;
+/// A mesh WebSocket of any runtime (tokio-tungstenite and async-tungstenite
+/// share tungstenite's message type).
+pub trait MeshWs:
+    Stream<Item = Result<Message, tungstenite::Error>> + Sink<Message> + Send + Unpin + 'static
+{
+}
+impl<T> MeshWs for T where
+    T: Stream<Item = Result<Message, tungstenite::Error>> + Sink<Message> + Send + Unpin + 'static
+{
+}
 
 /// Established links by peer replica id (a peer may have an inbound and an
 /// outbound link at once; either can carry flows).
 #[derive(Default)]
 pub struct MeshLinks {
-    by_replica: BTreeMap<String, BTreeMap<u64, async_channel::Sender<LinkCmd>>>,
+    by_replica: BTreeMap<String, BTreeMap<u64, Sender<LinkCmd>>>,
 }
 
 impl MeshLinks {
     /// Record a link's state; returns whether any link to `replica` is up.
-    pub fn set(
-        &mut self,
-        replica: &str,
-        link: u64,
-        sender: Option<async_channel::Sender<LinkCmd>>,
-    ) -> bool {
+    pub fn set(&mut self, replica: &str, link: u64, sender: Option<Sender<LinkCmd>>) -> bool {
         let links = self.by_replica.entry(replica.to_string()).or_default();
         match sender {
             Some(tx) => {
@@ -67,7 +68,7 @@ impl MeshLinks {
         up
     }
 
-    pub fn sender(&self, replica: &str) -> Option<async_channel::Sender<LinkCmd>> {
+    pub fn sender(&self, replica: &str) -> Option<Sender<LinkCmd>> {
         self.by_replica.get(replica)?.values().next().cloned()
     }
 }
@@ -85,10 +86,7 @@ pub fn tls_configs(mesh: &MeshConfig) -> Result<MeshTlsConfigs, String> {
         key_file,
     }) = &mesh.tls
     else {
-        return Ok(MeshTlsConfigs {
-            server: None,
-            client: None,
-        });
+        return Ok(MeshTlsConfigs::default());
     };
     let certs = crate::tls::load_certs(cert_file)?;
     let key = || {
@@ -122,11 +120,11 @@ pub fn tls_configs(mesh: &MeshConfig) -> Result<MeshTlsConfigs, String> {
     })
 }
 
-fn ws_config(shared: &Shared) -> WebSocketConfig {
-    nowconnect_shared::tung::ws_config(shared.cfg().limits.max_frame + 1024)
+fn ws_config<R: HubRt>(shared: &Shared<R>) -> WebSocketConfig {
+    crate::tung::ws_config(shared.max_ws_message())
 }
 
-pub fn link_config(shared: &Shared) -> MeshLinkConfig {
+fn link_config<R: HubRt>(shared: &Shared<R>) -> MeshLinkConfig {
     let cfg = shared.cfg();
     let m = &cfg.raw.ha.mesh;
     MeshLinkConfig {
@@ -134,19 +132,98 @@ pub fn link_config(shared: &Shared) -> MeshLinkConfig {
         window: cfg.raw.tunnel.window_bytes,
         send_queue_depth: m.send_queue_depth,
         max_inflight_bytes: m.per_link_max_inflight_bytes,
-        backoff_max: std::time::Duration::from_secs(m.connect_backoff_max_sec),
+        backoff_max: Duration::from_secs(m.connect_backoff_max_sec),
         ..MeshLinkConfig::default()
     }
 }
 
+/// The server side of the `/mesh` WebSocket handshake: the path must be
+/// `/mesh` (404) and the client must offer a mesh subprotocol (400); the
+/// newest offered is chosen and answered.
+// The handshake callback's error type is tungstenite's `ErrorResponse`.
+#[allow(clippy::result_large_err)]
+pub fn choose_codec(req: &Request, mut resp: Response) -> Result<(Response, Codec), ErrorResponse> {
+    if req.uri().path() != "/mesh" {
+        let mut e = ErrorResponse::new(Some("not found".into()));
+        *e.status_mut() = StatusCode::NOT_FOUND;
+        return Err(e);
+    }
+    let offered: Vec<&str> = req
+        .headers()
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(',').map(str::trim))
+        .collect();
+    let Some(codec) = [Codec::V2, Codec::V1]
+        .into_iter()
+        .find(|c| offered.contains(&c.mesh_subprotocol()))
+    else {
+        let mut e = ErrorResponse::new(Some("no supported mesh subprotocol".into()));
+        *e.status_mut() = StatusCode::BAD_REQUEST;
+        return Err(e);
+    };
+    resp.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_static(codec.mesh_subprotocol()),
+    );
+    Ok((resp, codec))
+}
+
+/// Where a mesh dial goes.
+pub struct MeshDial {
+    pub request: ClientRequest,
+    pub host: String,
+    pub port: u16,
+    /// `wss://`: TLS with the hub's client certificate.
+    pub secure: bool,
+}
+
+/// The client side of the `/mesh` handshake: the request offering both mesh
+/// subprotocols, and where to connect.
+pub fn mesh_dial(url: &str) -> Result<MeshDial, String> {
+    let mut request = url
+        .into_client_request()
+        .map_err(|e| format!("{url}: {e}"))?;
+    request.headers_mut().insert(
+        "sec-websocket-protocol",
+        HeaderValue::from_static("nowconnect.mesh.v2, nowconnect.mesh.v1"),
+    );
+    let uri = request.uri().clone();
+    let host = uri
+        .host()
+        .ok_or_else(|| format!("{url}: no host"))?
+        .trim_matches(|c| c == '[' || c == ']')
+        .to_string();
+    let secure = uri.scheme_str() == Some("wss");
+    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+    Ok(MeshDial {
+        request,
+        host,
+        port,
+        secure,
+    })
+}
+
+/// The codec the peer chose in its handshake response.
+pub fn chosen_codec(
+    url: &str,
+    resp: &tungstenite::handshake::client::Response,
+) -> Result<Codec, String> {
+    resp.headers()
+        .get("sec-websocket-protocol")
+        .and_then(|v| v.to_str().ok())
+        .and_then(Codec::from_mesh_subprotocol)
+        .ok_or_else(|| format!("{url}: the peer chose no mesh subprotocol"))
+}
+
 /// Accept mesh connections until the task is aborted.
-pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+pub async fn serve<R: HubRt>(shared: Arc<Shared<R>>, listener: R::Listener) {
     let inbound = Arc::new(AtomicUsize::new(0));
     let max = shared.cfg().raw.ha.mesh.max_inbound_links;
     loop {
-        let Ok((tcp, peer)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let Ok((tcp, peer)) = R::accept(&listener).await else {
+            shared.rt().sleep(Duration::from_millis(100)).await;
             continue;
         };
         if inbound.load(Ordering::Relaxed) >= max {
@@ -157,25 +234,28 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
         }
         inbound.fetch_add(1, Ordering::Relaxed);
         let slot = InboundSlot(inbound.clone());
-        let _ = tcp.set_nodelay(true);
-        let shared = shared.clone();
         // The current certificates (reloadable), per connection.
-        let acceptor = shared
-            .mesh_server_tls()
-            .map(tokio_rustls::TlsAcceptor::from);
-        let hs = std::time::Duration::from_secs(shared.cfg().raw.ha.mesh.handshake_timeout_sec);
-        tokio::spawn(async move {
-            let res = match acceptor {
-                Some(a) => match tokio::time::timeout(hs, a.accept(tcp)).await {
-                    Ok(Ok(tls)) => accept_ws(&shared, Box::new(tls), hs).await,
-                    Ok(Err(e)) => Err(format!("TLS handshake failed: {e}")),
-                    Err(_) => Err(format!("TLS handshake not completed within {hs:?}")),
-                },
-                None => accept_ws(&shared, Box::new(tcp), hs).await,
-            };
-            if let Err(reason) = res {
-                shared.metrics().mesh_link_errors.inc();
-                tracing::warn!(target: "nowconnect::security", %peer, %reason, "mesh peer refused");
+        let hs = Duration::from_secs(shared.cfg().raw.ha.mesh.handshake_timeout_sec);
+        let accept = shared
+            .rt()
+            .mesh_accept(tcp, shared.mesh_server_tls(), hs, ws_config(&shared));
+        let shared2 = shared.clone();
+        shared.rt().spawn(async move {
+            match accept.await {
+                Ok((ws, codec)) => {
+                    let link = MeshLink::inbound(
+                        Instant::now(),
+                        link_config(&shared2),
+                        &shared2.cfg().replica_id,
+                        codec,
+                        Rng::new(rand::random()),
+                    );
+                    run_link(shared2, link, "inbound".into(), Some(ws), None).await;
+                }
+                Err(reason) => {
+                    shared2.metrics().mesh_link_errors.inc();
+                    tracing::warn!(target: "nowconnect::security", %peer, %reason, "mesh peer refused");
+                }
             }
             drop(slot);
         });
@@ -184,71 +264,16 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
 
 /// One inbound mesh connection counted against `ha.mesh.max_inbound_links`
 /// for as long as it lives.
-struct InboundSlot(Arc<std::sync::atomic::AtomicUsize>);
+struct InboundSlot(Arc<AtomicUsize>);
 
 impl Drop for InboundSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-// The handshake callback's error type is tungstenite's `ErrorResponse`.
-#[allow(clippy::result_large_err)]
-async fn accept_ws(
-    shared: &Arc<Shared>,
-    stream: BoxIo,
-    hs: std::time::Duration,
-) -> Result<(), String> {
-    let mut chosen = None;
-    let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
-        if req.uri().path() != "/mesh" {
-            let mut e = ErrorResponse::new(Some("not found".into()));
-            *e.status_mut() = StatusCode::NOT_FOUND;
-            return Err(e);
-        }
-        let offered: Vec<&str> = req
-            .headers()
-            .get_all("sec-websocket-protocol")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(',').map(str::trim))
-            .collect();
-        let Some(codec) = [Codec::V2, Codec::V1]
-            .into_iter()
-            .find(|c| offered.contains(&c.mesh_subprotocol()))
-        else {
-            let mut e = ErrorResponse::new(Some("no supported mesh subprotocol".into()));
-            *e.status_mut() = StatusCode::BAD_REQUEST;
-            return Err(e);
-        };
-        resp.headers_mut().insert(
-            "sec-websocket-protocol",
-            HeaderValue::from_static(codec.mesh_subprotocol()),
-        );
-        chosen = Some(codec);
-        Ok(resp)
-    };
-    let ws = tokio::time::timeout(
-        hs,
-        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config(shared))),
-    )
-    .await
-    .map_err(|_| format!("mesh WebSocket handshake not completed within {hs:?}"))?
-    .map_err(|e| format!("mesh WebSocket handshake failed: {e}"))?;
-    let codec = chosen.unwrap_or(Codec::V2);
-    let link = MeshLink::inbound(
-        Instant::now(),
-        link_config(shared),
-        &shared.cfg().replica_id,
-        codec,
-        Rng::new(rand::random()),
-    );
-    run_link(shared.clone(), link, "inbound".into(), Some(ws), None).await;
-    Ok(())
-}
-
 /// Keep an outbound link to `url` up for the life of the hub.
-pub async fn dial_peer(shared: Arc<Shared>, url: String) {
+pub async fn dial_peer<R: HubRt>(shared: Arc<Shared<R>>, url: String) {
     let link = MeshLink::outbound(
         Instant::now(),
         link_config(&shared),
@@ -258,86 +283,43 @@ pub async fn dial_peer(shared: Arc<Shared>, url: String) {
     run_link(shared, link, url.clone(), None, Some(url)).await;
 }
 
-/// TCP (+ TLS with our client certificate for `wss://`), then the WebSocket
-/// handshake offering both mesh subprotocols.
-async fn connect(
-    url: &str,
-    tls: Option<Arc<rustls::ClientConfig>>,
-    cfg: WebSocketConfig,
-) -> Result<(Ws, Codec), String> {
-    let mut req = url
-        .into_client_request()
-        .map_err(|e| format!("{url}: {e}"))?;
-    req.headers_mut().insert(
-        "sec-websocket-protocol",
-        HeaderValue::from_static("nowconnect.mesh.v2, nowconnect.mesh.v1"),
-    );
-    let uri = req.uri().clone();
-    let host = uri
-        .host()
-        .ok_or_else(|| format!("{url}: no host"))?
-        .trim_matches(|c| c == '[' || c == ']')
-        .to_string();
-    let secure = uri.scheme_str() == Some("wss");
-    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
-    let tcp = TcpStream::connect((host.as_str(), port))
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    let io: BoxIo = if secure {
-        let cfg = tls.ok_or_else(|| format!("{url}: wss:// needs ha.mesh.tls"))?;
-        let name = rustls_pki_types::ServerName::try_from(host.clone())
-            .map_err(|e| format!("{url}: {e}"))?;
-        let stream = tokio_rustls::TlsConnector::from(cfg)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("{url}: TLS: {e}"))?;
-        Box::new(stream)
-    } else {
-        Box::new(tcp)
-    };
-    let (ws, resp) = tokio_tungstenite::client_async_with_config(req, io, Some(cfg))
-        .await
-        .map_err(|e| format!("{url}: {e}"))?;
-    let codec = resp
-        .headers()
-        .get("sec-websocket-protocol")
-        .and_then(|v| v.to_str().ok())
-        .and_then(Codec::from_mesh_subprotocol)
-        .ok_or_else(|| format!("{url}: the peer chose no mesh subprotocol"))?;
-    Ok((ws, codec))
-}
-
-type DialResult = Result<(Ws, Codec), String>;
+type DialResult<W> = Result<(W, Codec), String>;
 
 /// Drive one mesh link: its socket(s), its commands, its timers.
-async fn run_link(
-    shared: Arc<Shared>,
+async fn run_link<R: HubRt>(
+    shared: Arc<Shared<R>>,
     mut link: MeshLink,
     mut label: String,
-    first: Option<Ws>,
+    first: Option<R::MeshWs>,
     dial: Option<String>,
 ) {
     let metrics = shared.metrics().clone();
     let link_id = rand::random::<u64>();
     let (cmd_tx, cmd_rx) = async_channel::unbounded();
     let mut pipes = FlowPipes::new(cmd_tx.clone(), metrics.clone());
-    let (dial_tx, mut dial_rx) = mpsc::unbounded_channel::<DialResult>();
-    let mut out: Option<async_channel::Sender<Outgoing>> = None;
-    let mut ws_in: Option<futures_util::stream::SplitStream<Ws>> = None;
+    let (dial_tx, dial_rx) = async_channel::unbounded::<DialResult<R::MeshWs>>();
+    let mut out: Option<Sender<Outgoing>> = None;
+    let mut ws_in: Option<futures_util::stream::SplitStream<R::MeshWs>> = None;
     let mut peer_replica: Option<String> = None;
     let mut reporter = MeshReporter::default();
-    let attach = |ws: Ws,
-                  out: &mut Option<async_channel::Sender<Outgoing>>,
-                  ws_in: &mut Option<futures_util::stream::SplitStream<Ws>>| {
-        let (sink, stream) = ws.split();
-        let (tx, rx) = async_channel::unbounded();
-        tokio::spawn(nowconnect_shared::tung::write_ws(sink, rx));
-        *out = Some(tx);
-        *ws_in = Some(stream);
-    };
+    let attach =
+        |ws: R::MeshWs,
+         out: &mut Option<Sender<Outgoing>>,
+         ws_in: &mut Option<futures_util::stream::SplitStream<R::MeshWs>>| {
+            let (sink, stream) = ws.split();
+            let (tx, rx) = async_channel::unbounded();
+            shared.rt().spawn(crate::tung::write_ws(sink, rx));
+            *out = Some(tx);
+            *ws_in = Some(stream);
+        };
     if let Some(ws) = first {
         attach(ws, &mut out, &mut ws_in);
+    }
+    enum Wake<W> {
+        Dialed(DialResult<W>),
+        In(Option<Result<Message, tungstenite::Error>>),
+        Cmd(LinkCmd),
+        Timer,
     }
     loop {
         while let Some(ev) = link.poll_event() {
@@ -345,14 +327,14 @@ async fn run_link(
                 MeshEvent::Connect => {
                     if let Some(url) = &dial {
                         // The current client certificate (reloadable), per dial.
-                        let (url, tls, tx, cfg) = (
+                        let connect = shared.rt().mesh_connect(
                             url.clone(),
                             shared.mesh_client_tls(),
-                            dial_tx.clone(),
                             ws_config(&shared),
                         );
-                        tokio::spawn(async move {
-                            let _ = tx.send(connect(&url, tls, cfg).await);
+                        let tx = dial_tx.clone();
+                        shared.rt().spawn(async move {
+                            let _ = tx.try_send(connect.await);
                         });
                     }
                 }
@@ -373,10 +355,10 @@ async fn run_link(
                     Ok((tunnel, tunnel_cmd)) => {
                         link.accept_open(cid);
                         let mesh_end = pipes.attach(cid, &connector);
-                        let shared = shared.clone();
-                        tokio::spawn(async move {
+                        let shared2 = shared.clone();
+                        shared.rt().spawn(async move {
                             crate::driver::bridge(mesh_end, tunnel_cmd, connector).await;
-                            shared.flow_ended(tunnel);
+                            shared2.flow_ended(tunnel);
                         });
                     }
                     Err((code, reason)) => {
@@ -418,49 +400,85 @@ async fn run_link(
         let deadline = link.poll_timeout().map(|(at, _)| at);
         let timer = async {
             match deadline {
-                Some(d) => tokio::time::sleep_until(d.into()).await,
-                None => std::future::pending().await,
+                Some(d) => {
+                    shared
+                        .rt()
+                        .sleep(d.saturating_duration_since(Instant::now()))
+                        .await;
+                    Wake::Timer
+                }
+                None => futures_lite::future::pending().await,
             }
         };
-        tokio::select! {
-            Some(r) = dial_rx.recv() => {
-                let now = Instant::now();
-                match r {
-                    Ok((ws, codec)) if link.state() == LinkState::Connecting => {
-                        attach(ws, &mut out, &mut ws_in);
-                        link.on_connected(now, codec);
-                    }
-                    Ok(_) => {}
-                    Err(e) => link.on_disconnected(now, &e),
-                }
+        let dialed = async {
+            match dial_rx.recv().await {
+                Ok(r) => Wake::Dialed(r),
+                Err(_) => futures_lite::future::pending().await,
             }
-            msg = async { ws_in.as_mut().expect("guarded").next().await }, if ws_in.is_some() => {
-                let now = Instant::now();
-                match msg {
-                    Some(Ok(Message::Binary(b))) => link.handle_message(now, &WsMessage::Binary(b)),
-                    Some(Ok(Message::Text(t))) => link.handle_message(now, &WsMessage::Text(t.as_str().to_owned())),
-                    Some(Ok(Message::Close(f))) => {
-                        let why = f.map(|f| f.reason.to_string()).unwrap_or_default();
-                        link.on_disconnected(now, &format!("peer closed the mesh link: {why}"));
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => link.on_disconnected(now, &format!("mesh read error: {e}")),
-                    None => link.on_disconnected(now, "mesh link closed by the peer"),
-                }
+        };
+        let incoming = async {
+            match ws_in.as_mut() {
+                Some(s) => Wake::In(s.next().await),
+                None => futures_lite::future::pending().await,
             }
-            Ok(cmd) = cmd_rx.recv() => {
+        };
+        let cmd = async {
+            match cmd_rx.recv().await {
+                Ok(c) => Wake::Cmd(c),
+                Err(_) => futures_lite::future::pending().await,
+            }
+        };
+        let wake = race(race(incoming, cmd), race(dialed, timer)).await;
+        let now = Instant::now();
+        match wake {
+            Wake::Dialed(r) => match r {
+                Ok((ws, codec)) if link.state() == LinkState::Connecting => {
+                    attach(ws, &mut out, &mut ws_in);
+                    link.on_connected(now, codec);
+                }
+                Ok(_) => {}
+                Err(e) => link.on_disconnected(now, &e),
+            },
+            Wake::In(msg) => match msg {
+                Some(Ok(Message::Binary(b))) => link.handle_message(now, &WsMessage::Binary(b)),
+                Some(Ok(Message::Text(t))) => {
+                    link.handle_message(now, &WsMessage::Text(t.as_str().to_owned()))
+                }
+                Some(Ok(Message::Close(f))) => {
+                    let why = f.map(|f| f.reason.to_string()).unwrap_or_default();
+                    link.on_disconnected(now, &format!("peer closed the mesh link: {why}"));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => link.on_disconnected(now, &format!("mesh read error: {e}")),
+                None => link.on_disconnected(now, "mesh link closed by the peer"),
+            },
+            Wake::Cmd(cmd) => {
                 let mut next = Some(cmd);
                 let mut budget = 256;
                 while let Some(cmd) = next.take() {
                     if let Some(cmd) = pipes.on_cmd(&mut link, cmd) {
                         match cmd {
-                            LinkCmd::OpenMeshFlow { connector, agent_id, epoch, reply } => {
+                            LinkCmd::OpenMeshFlow {
+                                connector,
+                                agent_id,
+                                epoch,
+                                reply,
+                            } => {
                                 let res = link
                                     .open_flow(&connector, &agent_id, epoch)
                                     .map(|cid| pipes.attach(cid, &connector))
                                     .map_err(|e| e.to_string());
-                                if let Err(async_channel::TrySendError::Closed(Ok(end))) = reply.try_send(res) {
-                                    let _ = pipes.on_cmd(&mut link, LinkCmd::Reset { cid: end.cid, code: ErrorCode::ConnectionReset, reason: "client went away".into() });
+                                if let Err(async_channel::TrySendError::Closed(Ok(end))) =
+                                    reply.try_send(res)
+                                {
+                                    let _ = pipes.on_cmd(
+                                        &mut link,
+                                        LinkCmd::Reset {
+                                            cid: end.cid,
+                                            code: ErrorCode::ConnectionReset,
+                                            reason: "client went away".into(),
+                                        },
+                                    );
                                 }
                             }
                             LinkCmd::Close { reason, .. } => link.close(&reason),
@@ -476,7 +494,7 @@ async fn run_link(
                     }
                 }
             }
-            _ = timer => link.handle_timeout(Instant::now()),
+            Wake::Timer => link.handle_timeout(now),
         }
     }
     if let Some(p) = peer_replica {
@@ -496,7 +514,7 @@ struct MeshReporter {
 }
 
 impl MeshReporter {
-    fn report(&mut self, m: &crate::metrics::Metrics, peer: &str, link: &MeshLink) {
+    fn report(&mut self, m: &Metrics, peer: &str, link: &MeshLink) {
         let s = &link.stats;
         add_frame_deltas(&m.mesh_frames, "in", &s.frames_in, &mut self.frames_in);
         add_frame_deltas(&m.mesh_frames, "out", &s.frames_out, &mut self.frames_out);

@@ -1,4 +1,4 @@
-//! The Redis registry: performs the core's [`RegistryOp`]s with atomic Lua
+//! The Redis registry (with feature `redis-tokio` or `redis-smol`): performs the core's [`RegistryOp`]s with atomic Lua
 //! scripts over a `redis` ConnectionManager (reconnects by itself, created
 //! lazily so a hub starts while Redis is down and reports itself degraded).
 //!
@@ -40,6 +40,20 @@ pub struct RedisRegistry {
 }
 
 impl RedisRegistry {
+    /// The registry a hub configuration asks for: Redis when `ha.enabled`
+    /// and `ha.redis_url` are set, else `None` (in-process).
+    pub fn for_config(cfg: &crate::config::HubConfig) -> Result<Option<Self>, String> {
+        let ha = &cfg.raw.ha;
+        match (&ha.redis_url, ha.enabled) {
+            (Some(url), true) => Ok(Some(Self::new(
+                url,
+                &ha.registry_prefix,
+                Duration::from_millis(ha.registry_timeout_ms),
+            )?)),
+            _ => Ok(None),
+        }
+    }
+
     /// Connects lazily: the first call opens the connection.
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, String> {
         let client = redis::Client::open(url).map_err(|e| format!("redis_url `{url}`: {e}"))?;
@@ -128,6 +142,18 @@ impl RedisRegistry {
                 p = prefix
             )),
         })
+    }
+
+    /// One call on `registry` (or the error that there is none), as a
+    /// future that owns what it needs.
+    pub async fn call(
+        registry: Option<std::sync::Arc<Self>>,
+        op: RegistryOp,
+    ) -> Result<RegistryReply, RegistryError> {
+        match registry {
+            Some(r) => r.apply(&op).await,
+            None => Err(RegistryError::Unavailable("no registry configured".into())),
+        }
     }
 
     fn key(&self, parts: &[&str]) -> String {

@@ -1,0 +1,240 @@
+//! The hub on async-std: the shared hub ([`nowconnect_shared::hub`]) over
+//! async-std tasks, timers and sockets, futures-rustls and async-tungstenite
+//! for the mesh, the Redis registry on redis' smol runtime (async-std and
+//! smol share the async-io reactor), and the shared HTTP endpoints
+//! ([`nowconnect_shared::http`]) instead of a hyper stack.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_std::net::{TcpListener, TcpStream};
+use async_std::task::{self, JoinHandle};
+use async_tungstenite::WebSocketStream;
+use async_tungstenite::tungstenite::Message;
+use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use futures_util::StreamExt;
+use nowconnect_core::registry::{RegistryError, RegistryOp, RegistryReply};
+use nowconnect_core::{Codec, WsMessage};
+use nowconnect_shared::config::HubConfig;
+use nowconnect_shared::driver::{FlowEnd, Outgoing};
+use nowconnect_shared::hub::{HubRt, WsIn};
+use nowconnect_shared::metrics::Metrics;
+use nowconnect_shared::registry::RedisRegistry;
+use nowconnect_shared::tung::write_ws;
+
+use crate::net::Io;
+
+/// The async-std side of a hub.
+pub struct AsyncStdRt {
+    redis: Option<Arc<RedisRegistry>>,
+}
+
+pub type Shared = nowconnect_shared::hub::Shared<AsyncStdRt>;
+pub type HubHandle = nowconnect_shared::hub::HubHandle<AsyncStdRt>;
+
+/// Start a hub on async-std (see [`nowconnect_shared::hub::start`]).
+pub async fn start(cfg: HubConfig) -> Result<HubHandle, String> {
+    let redis = RedisRegistry::for_config(&cfg)?.map(Arc::new);
+    let with_redis = redis.is_some();
+    nowconnect_shared::hub::start(cfg, AsyncStdRt { redis }, with_redis).await
+}
+
+/// Run `f` within `d`, or say what did not finish in time.
+async fn within<T>(d: Duration, what: &str, f: impl Future<Output = T>) -> Result<T, String> {
+    async_std::future::timeout(d, f)
+        .await
+        .map_err(|_| format!("{what} not completed within {d:?}"))
+}
+
+impl HubRt for AsyncStdRt {
+    type Task = JoinHandle<()>;
+    type Listener = TcpListener;
+    type Stream = TcpStream;
+    type MeshWs = WebSocketStream<Box<dyn Io>>;
+
+    fn spawn<F: Future<Output = ()> + Send + 'static>(&self, f: F) -> Self::Task {
+        task::spawn(f)
+    }
+
+    fn abort(&self, t: Self::Task) {
+        crate::agent::cancel(t);
+    }
+
+    fn sleep(&self, d: Duration) -> impl Future<Output = ()> + Send + 'static {
+        task::sleep(d)
+    }
+
+    async fn bind(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
+        TcpListener::bind(addr).await
+    }
+
+    fn local_addr(l: &TcpListener) -> std::io::Result<SocketAddr> {
+        l.local_addr()
+    }
+
+    async fn accept(l: &TcpListener) -> std::io::Result<(TcpStream, SocketAddr)> {
+        l.accept().await
+    }
+
+    fn pipe_client(
+        &self,
+        stream: TcpStream,
+        end: FlowEnd,
+        metrics: Arc<Metrics>,
+        idle: Option<Duration>,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        crate::net::pipe_client(stream, end, metrics, idle)
+    }
+
+    fn registry_apply(
+        &self,
+        op: RegistryOp,
+    ) -> impl Future<Output = Result<RegistryReply, RegistryError>> + Send + 'static {
+        RedisRegistry::call(self.redis.clone(), op)
+    }
+
+    fn mesh_connect(
+        &self,
+        url: String,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        cfg: WebSocketConfig,
+    ) -> impl Future<Output = Result<(Self::MeshWs, Codec), String>> + Send + 'static {
+        mesh_connect_impl(url, tls, cfg)
+    }
+
+    fn mesh_accept(
+        &self,
+        tcp: TcpStream,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        within_: Duration,
+        cfg: WebSocketConfig,
+    ) -> impl Future<Output = Result<(Self::MeshWs, Codec), String>> + Send + 'static {
+        mesh_accept_impl(tcp, tls, within_, cfg)
+    }
+
+    async fn serve_http(shared: Arc<Shared>, l: TcpListener, stop: async_channel::Receiver<()>) {
+        {
+            loop {
+                let accepted = futures_lite::future::or(async { Some(l.accept().await) }, async {
+                    let _ = stop.recv().await;
+                    None
+                })
+                .await;
+                let (tcp, peer) = match accepted {
+                    None => return,
+                    Some(Ok(x)) => x,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "http accept failed");
+                        task::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                // Tunnel frames are small and latency-bound: no Nagle delay.
+                let _ = tcp.set_nodelay(true);
+                task::spawn(nowconnect_shared::http::serve_connection(
+                    shared.clone(),
+                    tcp,
+                    peer,
+                    move |shared, tcp, rest, identity| {
+                        run_tunnel(shared, tcp, rest, identity, peer)
+                    },
+                ));
+            }
+        }
+    }
+}
+
+/// An upgraded `/tunnel` connection: the WebSocket over the socket (with any
+/// bytes the agent sent after its request head), its writer task, and the
+/// shared tunnel loop.
+async fn run_tunnel(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    rest: Vec<u8>,
+    identity: nowconnect_shared::jwt::AgentIdentity,
+    peer: SocketAddr,
+) {
+    let cfg = nowconnect_shared::tung::ws_config(shared.max_ws_message());
+    let ws = WebSocketStream::from_partially_read(tcp, rest, Role::Server, Some(cfg)).await;
+    let (sink, stream) = ws.split();
+    let (out_tx, out_rx) = async_channel::unbounded::<Outgoing>();
+    let writer = task::spawn(write_ws(sink, out_rx));
+    let stream = stream.map(|m| match m {
+        Ok(Message::Binary(b)) => WsIn::Frame(WsMessage::Binary(b)),
+        Ok(Message::Text(t)) => WsIn::Frame(WsMessage::Text(t.as_str().to_owned())),
+        Ok(Message::Close(f)) => WsIn::Closed(f.map(|f| f.reason.to_string()).unwrap_or_default()),
+        Ok(_) => WsIn::Other,
+        Err(e) => WsIn::Failed(e.to_string()),
+    });
+    shared
+        .run_tunnel(stream, out_tx, writer, identity, peer)
+        .await;
+}
+
+#[allow(clippy::result_large_err)] // tungstenite's handshake callback error
+async fn mesh_connect_impl(
+    url: String,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    cfg: WebSocketConfig,
+) -> Result<(WebSocketStream<Box<dyn Io>>, Codec), String> {
+    let dial = nowconnect_shared::mesh::mesh_dial(&url)?;
+    let tcp = TcpStream::connect((dial.host.as_str(), dial.port))
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let io: Box<dyn Io> = if dial.secure {
+        let cfg = tls.ok_or_else(|| format!("{url}: wss:// needs ha.mesh.tls"))?;
+        let name = rustls_pki_types::ServerName::try_from(dial.host.clone())
+            .map_err(|e| format!("{url}: {e}"))?;
+        let stream = futures_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("{url}: TLS: {e}"))?;
+        Box::new(stream)
+    } else {
+        Box::new(tcp)
+    };
+    let (ws, resp) = async_tungstenite::client_async_with_config(dial.request, io, Some(cfg))
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let codec = nowconnect_shared::mesh::chosen_codec(&url, &resp)?;
+    Ok((ws, codec))
+}
+
+#[allow(clippy::result_large_err)] // tungstenite's handshake callback error
+async fn mesh_accept_impl(
+    tcp: TcpStream,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    within_: Duration,
+    cfg: WebSocketConfig,
+) -> Result<(WebSocketStream<Box<dyn Io>>, Codec), String> {
+    let _ = tcp.set_nodelay(true);
+    let io: Box<dyn Io> = match tls {
+        Some(t) => Box::new(
+            within(
+                within_,
+                "TLS handshake",
+                futures_rustls::TlsAcceptor::from(t).accept(tcp),
+            )
+            .await?
+            .map_err(|e| format!("TLS handshake failed: {e}"))?,
+        ),
+        None => Box::new(tcp),
+    };
+    let mut chosen = None;
+    let callback = |req: &_, resp| {
+        nowconnect_shared::mesh::choose_codec(req, resp).map(|(resp, codec)| {
+            chosen = Some(codec);
+            resp
+        })
+    };
+    let ws = within(
+        within_,
+        "mesh WebSocket handshake",
+        async_tungstenite::accept_hdr_async_with_config(io, callback, Some(cfg)),
+    )
+    .await?
+    .map_err(|e| format!("mesh WebSocket handshake failed: {e}"))?;
+    Ok((ws, chosen.unwrap_or(Codec::V2)))
+}

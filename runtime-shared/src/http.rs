@@ -1,0 +1,212 @@
+//! The hub's HTTP endpoints over any `futures-io` socket, for runtimes
+//! without a hyper stack (the tokio adapter serves the same routes with
+//! axum): `/healthz`, `/readyz`, `/metrics` and the `/tunnel` upgrade.
+//!
+//! One request per connection: the head must arrive within
+//! `http.header_timeout_sec` (no slowloris), every response but a `101`
+//! carries `Connection: close` and ends its connection. The request head is
+//! parsed with `httparse`; the WebSocket accept key is tungstenite's.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures_util::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::hub::{HubRt, Shared};
+use crate::jwt::AgentIdentity;
+
+/// Largest request head taken.
+pub const MAX_HEAD: usize = 16 * 1024;
+
+/// A parsed request head, and the bytes read after it.
+pub struct Head {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub rest: Vec<u8>,
+}
+
+impl Head {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn has_token(&self, name: &str, token: &str) -> bool {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .flat_map(|(_, v)| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+}
+
+/// Read one request head (`Err`: the reason the connection is dropped).
+pub async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> Result<Head, String> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    loop {
+        let n = s.read(&mut chunk).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("connection closed before a full request head".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                return Ok(Head {
+                    method: req.method.unwrap_or_default().to_string(),
+                    path: req.path.unwrap_or_default().to_string(),
+                    headers: req
+                        .headers
+                        .iter()
+                        .map(|h| {
+                            (
+                                h.name.to_string(),
+                                String::from_utf8_lossy(h.value).into_owned(),
+                            )
+                        })
+                        .collect(),
+                    rest: buf[len..].to_vec(),
+                });
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD => {}
+            Ok(httparse::Status::Partial) => return Err("request head too large".into()),
+            Err(e) => return Err(format!("bad request head: {e}")),
+        }
+    }
+}
+
+/// A complete response that closes the connection.
+pub fn response(status: u16, content_type: &str, body: &str) -> Vec<u8> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        503 => "Service Unavailable",
+        _ => "",
+    };
+    format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// What to do with a request.
+pub enum Answer {
+    /// Write these bytes and close.
+    Respond(Vec<u8>),
+    /// Write these bytes (`101`), then run the agent tunnel on the socket.
+    Upgrade {
+        response: Vec<u8>,
+        identity: AgentIdentity,
+    },
+}
+
+/// Route one request the way the tokio hub's axum router does.
+pub fn answer<R: HubRt>(shared: &Shared<R>, head: &Head, peer: SocketAddr) -> Answer {
+    const TEXT: &str = "text/plain; charset=utf-8";
+    let path = head.path.split('?').next().unwrap_or_default();
+    if !matches!(path, "/tunnel" | "/healthz" | "/readyz" | "/metrics") {
+        return Answer::Respond(response(404, TEXT, ""));
+    }
+    if head.method != "GET" {
+        return Answer::Respond(response(405, TEXT, ""));
+    }
+    match path {
+        "/healthz" => Answer::Respond(response(200, TEXT, "ok")),
+        "/readyz" => {
+            let (status, body) = shared.readyz();
+            Answer::Respond(response(status, "application/json", &body))
+        }
+        "/metrics" => Answer::Respond(response(
+            200,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            &shared.metrics().render(),
+        )),
+        _ => {
+            let key = head.header("sec-websocket-key");
+            let upgrade = head.has_token("upgrade", "websocket")
+                && head.has_token("connection", "upgrade")
+                && head.header("sec-websocket-version") == Some("13");
+            let Some(key) = key.filter(|_| upgrade) else {
+                return Answer::Respond(response(
+                    400,
+                    TEXT,
+                    "a WebSocket upgrade (version 13) is required\n",
+                ));
+            };
+            match shared.authorize_tunnel(head.header("authorization"), peer) {
+                Err((status, body)) => Answer::Respond(response(status, TEXT, &body)),
+                Ok(identity) => Answer::Upgrade {
+                    response: format!(
+                        "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\nsec-websocket-accept: {}\r\n\r\n",
+                        tungstenite::handshake::derive_accept_key(key.as_bytes())
+                    )
+                    .into_bytes(),
+                    identity,
+                },
+            }
+        }
+    }
+}
+
+/// Serve one HTTP connection: read the head (bounded by the header timeout,
+/// which also covers a connection that sends nothing), answer it, and on a
+/// `/tunnel` upgrade hand the socket and any bytes read past the head to
+/// `upgrade`.
+pub async fn serve_connection<R, S, U, F>(
+    shared: Arc<Shared<R>>,
+    mut stream: S,
+    peer: SocketAddr,
+    upgrade: U,
+) where
+    R: HubRt,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    U: FnOnce(Arc<Shared<R>>, S, Vec<u8>, AgentIdentity) -> F,
+    F: std::future::Future<Output = ()> + Send,
+{
+    let within = std::time::Duration::from_secs(shared.cfg().raw.http.header_timeout_sec);
+    let timeout = shared.rt().sleep(within);
+    let head = futures_lite::future::race(async { Some(read_head(&mut stream).await) }, async {
+        timeout.await;
+        None
+    })
+    .await;
+    let head = match head {
+        Some(Ok(h)) => h,
+        Some(Err(reason)) => {
+            tracing::debug!(%peer, %reason, "http connection ended");
+            if reason.starts_with("bad request") || reason.contains("too large") {
+                let _ = stream
+                    .write_all(&response(400, "text/plain; charset=utf-8", ""))
+                    .await;
+                let _ = stream.close().await;
+            }
+            return;
+        }
+        None => {
+            tracing::debug!(%peer, "http request head not received in time; closed");
+            return;
+        }
+    };
+    match answer(&shared, &head, peer) {
+        Answer::Respond(bytes) => {
+            let _ = stream.write_all(&bytes).await;
+            let _ = stream.flush().await;
+            let _ = stream.close().await;
+        }
+        Answer::Upgrade { response, identity } => {
+            if stream.write_all(&response).await.is_err() || stream.flush().await.is_err() {
+                return;
+            }
+            upgrade(shared, stream, head.rest, identity).await;
+        }
+    }
+}

@@ -1,0 +1,1100 @@
+//! The hub process, written once for every runtime: the control loop around
+//! the core [`Hub`], one task per agent tunnel, one accept loop per
+//! listener, one task per client connection, graceful drain, configuration
+//! reload and the file watcher. An adapter supplies what only it can do
+//! through [`HubRt`]: spawn and sleep, bind and accept TCP, dial and accept
+//! mesh WebSockets, pipe a client socket, call Redis, and serve HTTP.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use async_channel::{Receiver, Sender};
+use futures_lite::StreamExt;
+use futures_lite::future::race;
+use nowconnect_core::hub::{Hub, HubConfig as CoreHubConfig, HubOutput, TunnelId};
+use nowconnect_core::registry::{MemoryRegistry, RegistryError, RegistryOp, RegistryReply};
+use nowconnect_core::routing::{Mode, Route};
+use nowconnect_core::tunnel::{Tunnel, TunnelEvent};
+use nowconnect_core::{Codec, Epoch, ErrorCode, WsMessage};
+use tungstenite::protocol::WebSocketConfig;
+
+use crate::config::HubConfig;
+use crate::driver::{FlowEnd, LinkCmd, Outgoing, Reply, TunnelDriver, reply_channel};
+use crate::jwt::{AgentIdentity, Verifier};
+use crate::mesh::{MeshLinks, MeshTlsConfigs, MeshWs};
+use crate::metrics::{Metrics, labels};
+
+/// What a hub needs from its async runtime. Everything else is shared.
+pub trait HubRt: Send + Sync + Sized + 'static {
+    /// A spawned task; dropping it does not stop it.
+    type Task: Send + 'static;
+    type Listener: Send + Sync + 'static;
+    /// An accepted TCP connection.
+    type Stream: Send + 'static;
+    /// A mesh WebSocket (dialed or accepted).
+    type MeshWs: MeshWs;
+
+    fn spawn<F: Future<Output = ()> + Send + 'static>(&self, f: F) -> Self::Task;
+    /// Stop a task at its next await point.
+    fn abort(&self, t: Self::Task);
+    fn sleep(&self, d: Duration) -> impl Future<Output = ()> + Send + 'static;
+
+    fn bind(
+        &self,
+        addr: SocketAddr,
+    ) -> impl Future<Output = std::io::Result<Self::Listener>> + Send;
+    fn local_addr(l: &Self::Listener) -> std::io::Result<SocketAddr>;
+    fn accept(
+        l: &Self::Listener,
+    ) -> impl Future<Output = std::io::Result<(Self::Stream, SocketAddr)>> + Send + '_;
+
+    /// Pipe a client socket to its flow (with `idle`, reset a flow that
+    /// moves no byte for that long).
+    fn pipe_client(
+        &self,
+        stream: Self::Stream,
+        end: FlowEnd,
+        metrics: Arc<Metrics>,
+        idle: Option<Duration>,
+    ) -> impl Future<Output = ()> + Send + 'static;
+
+    /// Perform one registry call on Redis.
+    fn registry_apply(
+        &self,
+        op: RegistryOp,
+    ) -> impl Future<Output = Result<RegistryReply, RegistryError>> + Send + 'static;
+
+    /// Dial a peer's `/mesh` (TLS with `tls` for `wss://`), offering both
+    /// mesh subprotocols; the codec is the one the peer chose.
+    fn mesh_connect(
+        &self,
+        url: String,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        cfg: WebSocketConfig,
+    ) -> impl Future<Output = Result<(Self::MeshWs, Codec), String>> + Send + 'static;
+
+    /// Accept one mesh connection: TLS with `tls` when set, then the
+    /// WebSocket handshake of `/mesh` (see [`crate::mesh::choose_codec`]),
+    /// all within `within`.
+    fn mesh_accept(
+        &self,
+        tcp: Self::Stream,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        within: Duration,
+        cfg: WebSocketConfig,
+    ) -> impl Future<Output = Result<(Self::MeshWs, Codec), String>> + Send + 'static;
+
+    /// Serve `/tunnel`, `/healthz`, `/readyz` and `/metrics` on `l` until
+    /// `stop` fires, then let requests in progress end.
+    fn serve_http(
+        shared: Arc<Shared<Self>>,
+        l: Self::Listener,
+        stop: Receiver<()>,
+    ) -> impl Future<Output = ()> + Send + 'static;
+}
+
+/// A WebSocket message from an agent tunnel, as the hub loop needs it.
+pub enum WsIn {
+    Frame(WsMessage),
+    /// Ping, pong and the like.
+    Other,
+    /// The agent sent a close frame (its reason).
+    Closed(String),
+    Failed(String),
+}
+
+/// The control state shared by all tasks (not on the data path).
+struct Control {
+    hub: Hub,
+    /// In-process registry; `None`: Redis through the runtime.
+    memory: Option<MemoryRegistry>,
+    tunnels: BTreeMap<TunnelId, Sender<LinkCmd>>,
+    routes: BTreeMap<u64, Sender<Route>>,
+}
+
+pub struct Shared<R: HubRt> {
+    rt: R,
+    cfg: HubConfig,
+    metrics: Arc<Metrics>,
+    /// Replaced whole on reload; read per `/tunnel` request, never held
+    /// across an await.
+    verifier: RwLock<Arc<Verifier>>,
+    control: Mutex<Control>,
+    /// Wakes the control timer when the core's deadline may have moved.
+    control_wake: (Sender<()>, Receiver<()>),
+    next_id: AtomicU64,
+    active_clients: AtomicUsize,
+    draining: AtomicBool,
+    mesh_links: Mutex<MeshLinks>,
+    /// Mesh URLs with an outbound link task (static peers and discovered ones).
+    mesh_dialed: Mutex<std::collections::BTreeSet<String>>,
+    /// Mesh TLS (server and client sides), replaced whole on reload: new
+    /// links use the new certificates, established links keep theirs.
+    mesh_tls: RwLock<MeshTlsConfigs>,
+    mesh_started: AtomicBool,
+    /// The files whose change triggers a reload (config, keys, certificates).
+    watched: Mutex<Vec<PathBuf>>,
+}
+
+/// A running hub: its bound addresses and a way to stop it.
+pub struct HubHandle<R: HubRt> {
+    pub http_addr: SocketAddr,
+    pub mesh_addr: Option<SocketAddr>,
+    pub listener_addrs: Vec<(String, SocketAddr)>,
+    stop: Sender<()>,
+    done: Receiver<()>,
+    shared: Arc<Shared<R>>,
+}
+
+impl<R: HubRt> HubHandle<R> {
+    /// Re-read the configuration file and apply what can change without a
+    /// restart (see [`Shared::reload`]).
+    pub fn reload(&self) -> Result<String, String> {
+        self.shared.reload()
+    }
+
+    /// The one line on stdout that operators and tests wait for:
+    /// `nowconnect hub ready http=… [mesh=…] listeners=name=addr,…`.
+    pub fn ready_line(&self) -> String {
+        let listeners: Vec<String> = self
+            .listener_addrs
+            .iter()
+            .map(|(n, a)| format!("{n}={a}"))
+            .collect();
+        let mesh = self
+            .mesh_addr
+            .map(|m| format!(" mesh={m}"))
+            .unwrap_or_default();
+        format!(
+            "nowconnect hub ready http={}{mesh} listeners={}",
+            self.http_addr,
+            listeners.join(",")
+        )
+    }
+
+    pub fn shared(&self) -> &Arc<Shared<R>> {
+        &self.shared
+    }
+
+    /// Graceful stop: drain (see [`Shared::drain`]), then close every
+    /// tunnel and the HTTP server.
+    pub async fn shutdown(self) {
+        let _ = self.stop.try_send(());
+        let _ = self.done.recv().await;
+    }
+}
+
+impl<R: HubRt> Shared<R> {
+    pub fn cfg(&self) -> &HubConfig {
+        &self.cfg
+    }
+
+    pub fn rt(&self) -> &R {
+        &self.rt
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// Re-read the configuration file and apply what can change without a
+    /// restart: the JWT verification settings (`tunnel.jwt`: secret or public
+    /// key file, algorithms, audience, issuer, leeway) and, with the mesh on,
+    /// its certificate, key and CA bundle (`ha.mesh.tls`). Established
+    /// tunnels and mesh links are not touched; new `/tunnel` requests and new
+    /// mesh connections use the new settings. Everything is checked before
+    /// anything is applied: on any error the running configuration stays
+    /// whole and the error names the file, key and reason. Counted in
+    /// `nowconnect_config_reloads_total{result}`.
+    pub fn reload(&self) -> Result<String, String> {
+        let res = self.try_reload();
+        let result = if res.is_ok() { "ok" } else { "error" };
+        self.metrics
+            .config_reloads
+            .get_or_create(&labels(&[("result", result)]))
+            .inc();
+        res
+    }
+
+    fn try_reload(&self) -> Result<String, String> {
+        let file = &self.cfg.file;
+        let cfg = HubConfig::load(file).map_err(|e| e.to_string())?;
+        let v = Verifier::from_config(&cfg.raw.tunnel.jwt)
+            .map_err(|e| format!("{}: tunnel.jwt: {e}", file.display()))?;
+        let mesh = if self.mesh_started.load(Ordering::Relaxed) {
+            Some(
+                crate::mesh::tls_configs(&cfg.raw.ha.mesh)
+                    .map_err(|e| format!("{}: ha.mesh.tls: {e}", file.display()))?,
+            )
+        } else {
+            None
+        };
+        *self.verifier.write().expect("verifier lock") = Arc::new(v);
+        let mut what = format!("{}: tunnel.jwt", file.display());
+        if let Some(m) = mesh {
+            *self.mesh_tls.write().expect("mesh tls lock") = m;
+            what += ", ha.mesh.tls";
+        }
+        *self.watched.lock().expect("watched lock") = watched_files(&cfg);
+        Ok(what + " reloaded")
+    }
+
+    pub fn mesh_server_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
+        self.mesh_tls.read().expect("mesh tls lock").server.clone()
+    }
+
+    pub fn mesh_client_tls(&self) -> Option<Arc<rustls::ClientConfig>> {
+        self.mesh_tls.read().expect("mesh tls lock").client.clone()
+    }
+
+    /// Owner side of the mesh: the tunnel to serve a flow for `agent_id`
+    /// under `epoch`, or the refusal.
+    pub fn check_mesh_open(
+        self: &Arc<Self>,
+        agent_id: &str,
+        epoch: Epoch,
+    ) -> Result<(u64, Sender<LinkCmd>), (ErrorCode, String)> {
+        self.with_control(|c, _| {
+            let tunnel = c.hub.check_mesh_open(agent_id, epoch)?;
+            let tx = c.tunnels.get(&tunnel).cloned().ok_or((
+                ErrorCode::LinkLost,
+                "the agent tunnel went away".to_string(),
+            ))?;
+            c.hub.flow_started(tunnel);
+            Ok((tunnel, tx))
+        })
+    }
+
+    /// A flow counted by `check_mesh_open` (or a client's) ended.
+    pub fn flow_ended(self: &Arc<Self>, tunnel: u64) {
+        self.with_control(|c, _| c.hub.flow_ended(tunnel));
+    }
+
+    pub fn count_epoch_mismatch(self: &Arc<Self>) {
+        self.with_control(|c, _| c.hub.count_epoch_mismatch());
+    }
+
+    /// A mesh link to `replica` came up (`Some(sender)`) or went down.
+    pub fn mesh_link_state(
+        self: &Arc<Self>,
+        replica: &str,
+        link: u64,
+        sender: Option<Sender<LinkCmd>>,
+    ) {
+        let up = {
+            let mut links = self.mesh_links.lock().expect("mesh links lock");
+            links.set(replica, link, sender)
+        };
+        self.with_control(|c, _| c.hub.mesh_link_up(replica, up));
+    }
+
+    /// Start an outbound mesh link to `url` unless one exists already.
+    fn dial_once(self: &Arc<Self>, replica: &str, url: &str) {
+        if !self.mesh_started.load(Ordering::Relaxed) {
+            return; // mesh not started (mode off)
+        }
+        if !self
+            .mesh_dialed
+            .lock()
+            .expect("mesh dialed lock")
+            .insert(url.to_string())
+        {
+            return;
+        }
+        tracing::info!(peer = %replica, %url, "mesh peer discovered");
+        self.rt
+            .spawn(crate::mesh::dial_peer(self.clone(), url.to_string()));
+    }
+
+    fn id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Run `f` on the control state, then perform every output it caused.
+    fn with_control<T>(self: &Arc<Self>, f: impl FnOnce(&mut Control, Instant) -> T) -> T {
+        let now = Instant::now();
+        let mut c = self.control.lock().expect("control lock");
+        let r = f(&mut c, now);
+        self.pump(&mut c, now);
+        drop(c);
+        let _ = self.control_wake.0.try_send(());
+        r
+    }
+
+    fn pump(self: &Arc<Self>, c: &mut Control, now: Instant) {
+        while let Some(out) = c.hub.poll_output() {
+            match out {
+                HubOutput::Registry { op, call } => match &mut c.memory {
+                    Some(m) => {
+                        let r = m.apply(now, &call);
+                        c.hub.registry_reply(now, op, r);
+                    }
+                    None => {
+                        let shared = self.clone();
+                        let name = call.name();
+                        let reply = self.rt.registry_apply(call);
+                        self.rt.spawn(async move {
+                            let r = reply.await;
+                            if let Err(e) = &r {
+                                shared.metrics.registry_errors.inc();
+                                tracing::warn!(op = name, error = %e, "registry call failed");
+                            }
+                            shared.with_control(|c, now| c.hub.registry_reply(now, op, r));
+                        });
+                    }
+                },
+                HubOutput::AcceptTunnel { tunnel, epoch } => {
+                    if let Some(tx) = c.tunnels.get(&tunnel) {
+                        let _ = tx.try_send(LinkCmd::Accept { epoch });
+                    }
+                }
+                HubOutput::CloseTunnel {
+                    tunnel,
+                    code,
+                    reason,
+                } => {
+                    tracing::warn!(target: "nowconnect::security", tunnel, %code, %reason, "closing agent tunnel");
+                    if let Some(tx) = c.tunnels.get(&tunnel) {
+                        let _ = tx.try_send(LinkCmd::Close { code, reason });
+                    }
+                }
+                HubOutput::Route { client, route } => {
+                    // A local flow counts on its tunnel from the routing
+                    // decision on, so a draining hub never closes a tunnel
+                    // a flow is being opened on; `serve_client` ends it.
+                    let local = match &route {
+                        Route::Local { tunnel, .. } => Some(*tunnel),
+                        _ => None,
+                    };
+                    if let Some(t) = local {
+                        c.hub.flow_started(t);
+                    }
+                    let delivered = match c.routes.remove(&client) {
+                        Some(tx) => tx.try_send(route).is_ok(),
+                        None => false,
+                    };
+                    if let (Some(t), false) = (local, delivered) {
+                        c.hub.flow_ended(t);
+                    }
+                }
+                HubOutput::Peers(peers) => {
+                    for (replica, url) in peers {
+                        self.dial_once(&replica, &url);
+                    }
+                }
+                HubOutput::DrainTunnel { tunnel } => {
+                    if let Some(tx) = c.tunnels.get(&tunnel) {
+                        let _ = tx.try_send(LinkCmd::Drain);
+                    }
+                }
+            }
+        }
+        self.metrics
+            .agents_connected
+            .set(c.hub.agent_count() as i64);
+        self.metrics
+            .registry_healthy
+            .set(i64::from(c.hub.registry_healthy()));
+        for (kind, n) in &c.hub.counters.shadow_would {
+            let g = self
+                .metrics
+                .shadow_would_route
+                .get_or_create(&labels(&[("route", kind)]));
+            let cur = g.get();
+            if *n > cur {
+                g.inc_by(*n - cur);
+            }
+        }
+        let mismatches = c.hub.counters.epoch_mismatch;
+        let cur = self.metrics.owner_epoch_mismatch.get();
+        if mismatches > cur {
+            self.metrics.owner_epoch_mismatch.inc_by(mismatches - cur);
+        }
+    }
+
+    /// `/readyz`: the status code and the JSON body.
+    pub fn readyz(&self) -> (u16, String) {
+        let reasons = {
+            let c = self.control.lock().expect("control lock");
+            let known_peers = self.mesh_dialed.lock().expect("mesh dialed lock").len();
+            c.hub.readiness(known_peers)
+        };
+        if reasons.is_empty() {
+            (200, serde_json::json!({"status": "ready"}).to_string())
+        } else {
+            (
+                503,
+                serde_json::json!({"status": "degraded", "reasons": reasons}).to_string(),
+            )
+        }
+    }
+
+    /// `/tunnel` before the upgrade: the agent's identity, or the status and
+    /// body of the refusal (counted and logged as a security event).
+    pub fn authorize_tunnel(
+        &self,
+        authorization: Option<&str>,
+        peer: SocketAddr,
+    ) -> Result<AgentIdentity, (u16, String)> {
+        let refuse = |label: &'static str, detail: String| {
+            self.metrics
+                .auth_failures
+                .get_or_create(&labels(&[("reason", label)]))
+                .inc();
+            tracing::warn!(target: "nowconnect::security", %peer, reason = label, %detail, "tunnel refused before upgrade");
+            (401, format!("{label}: {detail}\n"))
+        };
+        if self.is_draining() {
+            return Err((503, "hub is draining\n".into()));
+        }
+        let Some(token) = authorization.and_then(bearer) else {
+            return Err(refuse(
+                "missing_token",
+                "no `Authorization: Bearer` header".into(),
+            ));
+        };
+        let verifier = self.verifier.read().expect("verifier lock").clone();
+        verifier
+            .verify(token)
+            .map_err(|e| refuse(e.label, e.detail))
+    }
+
+    /// The largest WebSocket message or frame a tunnel takes.
+    pub fn max_ws_message(&self) -> usize {
+        self.cfg.limits.max_frame + 1024
+    }
+
+    /// Drive one agent tunnel until it closes: `stream` is what the agent
+    /// sends, `out` feeds the socket's writer task, `writer` is that task
+    /// (given up to 2 s to flush the close at the end).
+    pub async fn run_tunnel<S, W>(
+        self: Arc<Self>,
+        mut stream: S,
+        out: Sender<Outgoing>,
+        writer: W,
+        identity: AgentIdentity,
+        peer: SocketAddr,
+    ) where
+        S: futures_lite::Stream<Item = WsIn> + Unpin + Send,
+        W: Future<Output = ()> + Send,
+    {
+        let shared = self;
+        let tunnel_id = shared.id();
+        let (cmd_tx, cmd_rx) = async_channel::unbounded();
+        shared
+            .control
+            .lock()
+            .expect("control lock")
+            .tunnels
+            .insert(tunnel_id, cmd_tx.clone());
+        let tunnel = Tunnel::hub(Instant::now(), shared.cfg.tunnel_config());
+        let mut d = TunnelDriver::new(tunnel, out, cmd_tx, shared.metrics.clone());
+        let mut agent_id = identity.agent_id.clone();
+        let mut report_at = Instant::now() + Duration::from_secs(1);
+        tracing::info!(tunnel = tunnel_id, %peer, agent = %identity.agent_id, "agent tunnel connected");
+        enum Wake {
+            In(Option<WsIn>),
+            Cmd(LinkCmd),
+            Timer,
+        }
+        loop {
+            let deadline = d
+                .tunnel
+                .poll_timeout()
+                .map_or(report_at, |(at, _)| at.min(report_at));
+            let sleep = shared
+                .rt
+                .sleep(deadline.saturating_duration_since(Instant::now()));
+            let wake = race(
+                async { Wake::In(stream.next().await) },
+                race(
+                    async {
+                        match cmd_rx.recv().await {
+                            Ok(c) => Wake::Cmd(c),
+                            // Never: the driver holds a sender.
+                            Err(_) => futures_lite::future::pending().await,
+                        }
+                    },
+                    async {
+                        sleep.await;
+                        Wake::Timer
+                    },
+                ),
+            )
+            .await;
+            let now = Instant::now();
+            match wake {
+                Wake::In(Some(WsIn::Frame(m))) => d.tunnel.handle_message(now, &m),
+                Wake::In(Some(WsIn::Other)) => {}
+                Wake::In(Some(WsIn::Closed(why))) => {
+                    d.tunnel
+                        .on_disconnected(&format!("agent closed the tunnel {why}"));
+                }
+                Wake::In(Some(WsIn::Failed(e))) => {
+                    d.tunnel.on_disconnected(&format!("tunnel read error: {e}"))
+                }
+                Wake::In(None) => d.tunnel.on_disconnected("tunnel closed by the agent"),
+                Wake::Cmd(cmd) => {
+                    d.on_cmd(now, cmd);
+                    for _ in 0..256 {
+                        match cmd_rx.try_recv() {
+                            Ok(c) => d.on_cmd(now, c),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Wake::Timer => {
+                    d.tunnel.handle_timeout(now);
+                    if Instant::now() >= report_at {
+                        d.report();
+                        report_at = Instant::now() + Duration::from_secs(1);
+                    }
+                }
+            }
+            let mut closed = None;
+            for ev in d.drain() {
+                match ev {
+                    TunnelEvent::Hello {
+                        agent_id: hello_id,
+                        connectors,
+                    } => {
+                        if hello_id != identity.agent_id {
+                            let reason = format!(
+                                "HELLO names agent `{hello_id}` but the token is for `{}`",
+                                identity.agent_id
+                            );
+                            shared
+                                .metrics
+                                .auth_failures
+                                .get_or_create(&labels(&[("reason", "agent_mismatch")]))
+                                .inc();
+                            tracing::warn!(target: "nowconnect::security", tunnel = tunnel_id, %reason, "tunnel refused");
+                            d.tunnel.close(ErrorCode::Refused, &reason);
+                            continue;
+                        }
+                        agent_id = hello_id.clone();
+                        let scope = identity.scope.clone();
+                        shared.with_control(|c, now| {
+                            c.hub.tunnel_hello(
+                                now,
+                                tunnel_id,
+                                &hello_id,
+                                &connectors,
+                                scope.as_deref(),
+                            )
+                        });
+                    }
+                    TunnelEvent::Established { epoch, codec } => {
+                        if codec != Codec::V2 {
+                            shared.with_control(|c, _| c.hub.tunnel_cannot_drain(tunnel_id));
+                        }
+                        shared
+                            .metrics
+                            .tunnels
+                            .get_or_create(&labels(&[("result", "accepted")]))
+                            .inc();
+                        tracing::info!(tunnel = tunnel_id, agent = %agent_id, epoch = epoch.0, codec = codec.as_str(), "agent tunnel established");
+                    }
+                    TunnelEvent::Closed { code, reason } => closed = Some((code, reason)),
+                    TunnelEvent::Open { .. }
+                    | TunnelEvent::Flow(_)
+                    | TunnelEvent::Rtt(_)
+                    | TunnelEvent::Drain => {}
+                }
+            }
+            // Dispatch again: closing produced flow resets.
+            d.drain();
+            d.flush();
+            if let Some((code, reason)) = closed {
+                let result = if matches!(code, ErrorCode::LinkLost | ErrorCode::Shutdown) {
+                    "closed"
+                } else {
+                    "refused"
+                };
+                shared
+                    .metrics
+                    .tunnels
+                    .get_or_create(&labels(&[("result", result)]))
+                    .inc();
+                tracing::info!(tunnel = tunnel_id, agent = %agent_id, %code, %reason, "agent tunnel closed");
+                d.close_socket(code, &reason);
+                break;
+            }
+        }
+        d.report();
+        drop(d);
+        shared.with_control(|c, now| {
+            c.tunnels.remove(&tunnel_id);
+            c.hub.tunnel_closed(now, tunnel_id);
+        });
+        let grace = shared.rt.sleep(Duration::from_secs(2));
+        race(writer, grace).await;
+    }
+
+    fn refuse_client(&self, reason: &str) {
+        self.metrics
+            .client_connections_refused
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc();
+    }
+
+    async fn accept_loop(self: Arc<Self>, name: String, connector: String, listener: R::Listener) {
+        tracing::info!(listener = %name, addr = ?R::local_addr(&listener).ok(), %connector, "listening");
+        loop {
+            let (stream, peer) = match R::accept(&listener).await {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, do not spin.
+                    tracing::warn!(listener = %name, error = %e, "accept failed");
+                    self.rt.sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            if self.active_clients.load(Ordering::Relaxed)
+                >= self.cfg.raw.limits.max_client_connections
+            {
+                self.refuse_client("limit_exceeded");
+                tracing::warn!(listener = %name, %peer, "client connection limit reached");
+                continue;
+            }
+            self.rt
+                .spawn(self.clone().serve_client(connector.clone(), stream, peer));
+        }
+    }
+
+    async fn serve_client(self: Arc<Self>, connector: String, stream: R::Stream, peer: SocketAddr) {
+        let shared = self;
+        shared.active_clients.fetch_add(1, Ordering::Relaxed);
+        let _guard = ActiveGuard(&shared.active_clients);
+        let client = shared.id();
+        let (tx, rx) = async_channel::bounded(1);
+        shared.with_control(|c, now| {
+            c.routes.insert(client, tx);
+            c.hub.client_connected(now, client, &connector);
+        });
+        let Ok(route) = rx.recv().await else {
+            return;
+        };
+        let (tunnel, agent_id, route_kind, cmd, open) = match route {
+            Route::Local { tunnel, agent_id } => {
+                let cmd = shared
+                    .control
+                    .lock()
+                    .expect("control lock")
+                    .tunnels
+                    .get(&tunnel)
+                    .cloned();
+                let open = OpenRequest::Tunnel {
+                    connector: connector.clone(),
+                };
+                (Some(tunnel), agent_id, "local", cmd, open)
+            }
+            Route::Mesh {
+                replica_id,
+                agent_id,
+                epoch,
+            } => {
+                let cmd = shared
+                    .mesh_links
+                    .lock()
+                    .expect("mesh links lock")
+                    .sender(&replica_id);
+                let open = OpenRequest::Mesh {
+                    connector: connector.clone(),
+                    agent_id: agent_id.clone(),
+                    epoch,
+                };
+                (None, format!("{agent_id}@{replica_id}"), "mesh", cmd, open)
+            }
+            Route::Refuse { code, reason } => {
+                shared.refuse_client(code.as_str());
+                tracing::warn!(%peer, %connector, %code, %reason, "client connection refused");
+                return;
+            }
+        };
+        // Counted on its tunnel since the routing decision (see `pump`).
+        let _counted = tunnel.map(|t| TunnelFlowGuard(shared.clone(), t));
+        let (rtx, rrx) = reply_channel();
+        if let Some(cmd) = &cmd {
+            let _ = cmd.try_send(open.into_cmd(rtx));
+        }
+        let end: FlowEnd = match rrx.recv().await {
+            Ok(Ok(end)) => end,
+            Ok(Err(reason)) => {
+                shared.refuse_client(ErrorCode::LimitExceeded.as_str());
+                tracing::warn!(%peer, %connector, agent = %agent_id, %reason, "client connection refused");
+                return;
+            }
+            Err(_) => {
+                shared.refuse_client(ErrorCode::LinkLost.as_str());
+                tracing::warn!(%peer, %connector, agent = %agent_id, "client connection refused: the link to the agent went away");
+                return;
+            }
+        };
+        tracing::debug!(%peer, %connector, agent = %agent_id, cid = end.cid, "flow opened");
+        shared
+            .metrics
+            .flows
+            .get_or_create(&labels(&[("connector", &connector), ("route", route_kind)]))
+            .inc();
+        let idle = match shared.cfg.raw.limits.client_idle_timeout_sec {
+            0 => None,
+            s => Some(Duration::from_secs(s)),
+        };
+        shared
+            .rt
+            .pipe_client(stream, end, shared.metrics.clone(), idle)
+            .await;
+    }
+
+    async fn control_timer(self: Arc<Self>) {
+        loop {
+            let deadline = self
+                .control
+                .lock()
+                .expect("control lock")
+                .hub
+                .poll_timeout();
+            let timer = async {
+                match deadline {
+                    Some(d) => {
+                        self.rt
+                            .sleep(d.saturating_duration_since(Instant::now()))
+                            .await;
+                        true
+                    }
+                    None => futures_lite::future::pending().await,
+                }
+            };
+            let woken = async {
+                let _ = self.control_wake.1.recv().await;
+                false
+            };
+            if race(timer, woken).await {
+                self.with_control(|c, now| c.hub.handle_timeout(now));
+            }
+        }
+    }
+
+    /// Reload when a watched file changes (checked every `every`). A failed
+    /// reload is retried only after the files change again.
+    async fn watch_files(self: Arc<Self>, every: Duration) {
+        let files = self.watched.lock().expect("watched lock").clone();
+        let mut last = fingerprint(&files);
+        loop {
+            self.rt.sleep(every).await;
+            let files = self.watched.lock().expect("watched lock").clone();
+            let now = fingerprint(&files);
+            if now == last {
+                continue;
+            }
+            match self.reload() {
+                Ok(what) => tracing::info!(%what, "a watched file changed; configuration reloaded"),
+                Err(error) => tracing::warn!(
+                    %error,
+                    "a watched file changed but the reload failed; the running configuration stays"
+                ),
+            }
+            // The set may have changed with the reload.
+            let files = self.watched.lock().expect("watched lock").clone();
+            last = fingerprint(&files);
+        }
+    }
+
+    /// Graceful drain: `/readyz` says `draining` and new tunnels are refused
+    /// at once; every agent is told to move (DRAIN) and claims itself on
+    /// another hub, while its flows here go on. Listeners keep taking
+    /// clients for `shutdown_delay_sec`, then close. Returns when no client
+    /// flow, no tunnel flow and no pending agent move is left, or when the
+    /// grace period ends.
+    async fn drain(self: &Arc<Self>, listeners: Vec<R::Task>) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.with_control(|c, now| c.hub.drain(now));
+        let raw = &self.cfg.raw;
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(raw.shutdown_grace_sec);
+        let (clients, flows, moves) = self.drain_state();
+        tracing::info!(
+            open_client_flows = clients,
+            open_tunnel_flows = flows,
+            agents_to_move = moves,
+            delay_sec = raw.shutdown_delay_sec,
+            grace_sec = raw.shutdown_grace_sec,
+            "draining"
+        );
+        self.rt
+            .sleep(Duration::from_secs(raw.shutdown_delay_sec))
+            .await;
+        for l in listeners {
+            self.rt.abort(l);
+        }
+        tracing::info!("listeners closed");
+        loop {
+            let (clients, flows, moves) = self.drain_state();
+            if clients == 0 && flows == 0 && moves == 0 {
+                tracing::info!(
+                    elapsed_ms = start.elapsed().as_millis() as u64,
+                    "drained: no flow left and every agent moved"
+                );
+                return;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    open_client_flows = clients,
+                    open_tunnel_flows = flows,
+                    agents_not_moved = moves,
+                    "grace period over; closing what is left"
+                );
+                return;
+            }
+            self.rt.sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// (client flows, flows on this hub's tunnels, agents told to move that
+    /// are not owned elsewhere yet).
+    fn drain_state(&self) -> (usize, usize, usize) {
+        let c = self.control.lock().expect("control lock");
+        (
+            self.active_clients.load(Ordering::Relaxed),
+            c.hub.open_tunnel_flows(),
+            c.hub.moves_pending(),
+        )
+    }
+}
+
+/// `Authorization: Bearer <token>` → the token.
+pub fn bearer(v: &str) -> Option<&str> {
+    v.strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))
+        .map(str::trim)
+}
+
+/// Start a hub: bind every socket (failing fast with the address that could
+/// not be bound), then serve until [`HubHandle::shutdown`].
+pub async fn start<R: HubRt>(cfg: HubConfig, rt: R, redis: bool) -> Result<HubHandle<R>, String> {
+    let metrics = Arc::new(Metrics::new());
+    let connectors: Vec<String> = cfg.listeners.iter().map(|(_, _, c)| c.clone()).collect();
+    metrics.init_known_series(&connectors);
+    let verifier = Verifier::from_config(&cfg.raw.tunnel.jwt)
+        .map_err(|e| format!("{}: tunnel.jwt: {e}", cfg.file.display()))?;
+    let now = Instant::now();
+    let ha = &cfg.raw.ha;
+    let core_cfg = CoreHubConfig {
+        replica_id: cfg.replica_id.clone(),
+        mode: cfg.mode,
+        max_agents: cfg.raw.limits.max_agents,
+        max_pending_routes: cfg.raw.limits.max_pending_routes,
+        lease: Duration::from_secs(ha.lease_sec),
+        renew_interval: Duration::from_secs(ha.renew_interval_sec),
+        registry_timeout: Duration::from_millis(ha.registry_timeout_ms),
+        mesh_url: ha.mesh.advertise_url.clone(),
+        ..CoreHubConfig::default()
+    };
+    let seed = rand::random::<u64>();
+    let shared = Arc::new(Shared {
+        rt,
+        metrics,
+        verifier: RwLock::new(Arc::new(verifier)),
+        control: Mutex::new(Control {
+            hub: Hub::new(now, core_cfg, seed),
+            memory: (!redis).then(MemoryRegistry::new),
+            tunnels: BTreeMap::new(),
+            routes: BTreeMap::new(),
+        }),
+        control_wake: async_channel::bounded(1),
+        next_id: AtomicU64::new(1),
+        active_clients: AtomicUsize::new(0),
+        draining: AtomicBool::new(false),
+        mesh_links: Mutex::new(Default::default()),
+        mesh_dialed: Mutex::new(Default::default()),
+        mesh_tls: RwLock::new(MeshTlsConfigs::default()),
+        mesh_started: AtomicBool::new(false),
+        watched: Mutex::new(watched_files(&cfg)),
+        cfg,
+    });
+    let rt = &shared.rt;
+
+    let http = rt
+        .bind(shared.cfg.http_bind)
+        .await
+        .map_err(|e| format!("http.bind {}: {e}", shared.cfg.http_bind))?;
+    let http_addr = R::local_addr(&http).map_err(|e| e.to_string())?;
+    let mut listeners = Vec::new();
+    for (name, addr, connector) in &shared.cfg.listeners {
+        let l = rt
+            .bind(*addr)
+            .await
+            .map_err(|e| format!("listener `{name}` bind {addr}: {e}"))?;
+        let bound = R::local_addr(&l).map_err(|e| e.to_string())?;
+        listeners.push((name.clone(), bound, connector.clone(), l));
+    }
+    let listener_addrs = listeners
+        .iter()
+        .map(|(n, a, _, _)| (n.clone(), *a))
+        .collect();
+
+    let mut mesh_addr = None;
+    let mut tasks = vec![rt.spawn(shared.clone().control_timer())];
+    if shared.cfg.mode != Mode::Off {
+        let mesh = &shared.cfg.raw.ha.mesh;
+        let tls = crate::mesh::tls_configs(mesh)
+            .map_err(|e| format!("{}: {e}", shared.cfg.file.display()))?;
+        if let Some(addr) = &mesh.listen {
+            let sock = std::net::ToSocketAddrs::to_socket_addrs(addr.as_str())
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| format!("ha.mesh.listen `{addr}`: not an address"))?;
+            let l = rt
+                .bind(sock)
+                .await
+                .map_err(|e| format!("ha.mesh.listen {addr}: {e}"))?;
+            mesh_addr = Some(R::local_addr(&l).map_err(|e| e.to_string())?);
+            tasks.push(rt.spawn(crate::mesh::serve(shared.clone(), l)));
+        }
+        *shared.mesh_tls.write().expect("mesh tls lock") = tls;
+        shared.mesh_started.store(true, Ordering::Relaxed);
+        for peer in &mesh.peers {
+            shared.dial_once("(configured)", peer);
+        }
+    }
+    if shared.cfg.raw.reload.watch_interval_sec > 0 {
+        let every = Duration::from_secs(shared.cfg.raw.reload.watch_interval_sec);
+        tasks.push(rt.spawn(shared.clone().watch_files(every)));
+    }
+    let mut listener_tasks = Vec::new();
+    for (name, _, connector, l) in listeners {
+        listener_tasks.push(rt.spawn(shared.clone().accept_loop(name, connector, l)));
+    }
+    // HTTP stays up while draining so /readyz reports it; it stops after.
+    let (http_stop_tx, http_stop) = async_channel::bounded::<()>(1);
+    let (http_done_tx, http_done) = async_channel::bounded::<()>(1);
+    let server = R::serve_http(shared.clone(), http, http_stop);
+    rt.spawn(async move {
+        server.await;
+        drop(http_done_tx);
+    });
+
+    let (stop, stop_rx) = async_channel::bounded::<()>(1);
+    let (done_tx, done) = async_channel::bounded::<()>(1);
+    let s2 = shared.clone();
+    rt.spawn(async move {
+        let _ = stop_rx.recv().await;
+        s2.drain(listener_tasks).await;
+        for t in tasks {
+            s2.rt.abort(t);
+        }
+        // Close every tunnel (its flows end with `shutdown`).
+        let tunnels: Vec<_> = s2
+            .control
+            .lock()
+            .expect("control lock")
+            .tunnels
+            .values()
+            .cloned()
+            .collect();
+        for tx in tunnels {
+            let _ = tx.try_send(LinkCmd::Close {
+                code: ErrorCode::Shutdown,
+                reason: "hub shutting down".into(),
+            });
+        }
+        drop(http_stop_tx);
+        race(
+            async {
+                let _ = http_done.recv().await;
+            },
+            s2.rt.sleep(Duration::from_secs(2)),
+        )
+        .await;
+        drop(done_tx);
+    });
+    Ok(HubHandle {
+        http_addr,
+        mesh_addr,
+        listener_addrs,
+        stop,
+        done,
+        shared,
+    })
+}
+
+/// The files a reload reads: the configuration file, the JWT key files and
+/// the mesh TLS files.
+fn watched_files(cfg: &HubConfig) -> Vec<PathBuf> {
+    let jwt = &cfg.raw.tunnel.jwt;
+    let mut files = vec![cfg.file.clone()];
+    files.extend(jwt.hs256_secret_file.iter().cloned());
+    files.extend(jwt.public_key_file.iter().cloned());
+    if let Some(t) = &cfg.raw.ha.mesh.tls {
+        files.extend([t.ca_bundle.clone(), t.cert_file.clone(), t.key_file.clone()]);
+    }
+    files
+}
+
+/// What the watched files hold now (a missing file counts as a state too).
+fn fingerprint(files: &[PathBuf]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for f in files {
+        f.hash(&mut h);
+        std::fs::read(f).ok().hash(&mut h);
+    }
+    h.finish()
+}
+
+/// How a client's flow is opened: on a local agent tunnel or over the mesh.
+enum OpenRequest {
+    Tunnel {
+        connector: String,
+    },
+    Mesh {
+        connector: String,
+        agent_id: String,
+        epoch: Epoch,
+    },
+}
+
+impl OpenRequest {
+    fn into_cmd(self, reply: Reply<Result<FlowEnd, String>>) -> LinkCmd {
+        match self {
+            OpenRequest::Tunnel { connector } => LinkCmd::OpenFlow { connector, reply },
+            OpenRequest::Mesh {
+                connector,
+                agent_id,
+                epoch,
+            } => LinkCmd::OpenMeshFlow {
+                connector,
+                agent_id,
+                epoch,
+                reply,
+            },
+        }
+    }
+}
+
+struct ActiveGuard<'a>(&'a AtomicUsize);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Ends a local flow's count on its tunnel however the client ends.
+struct TunnelFlowGuard<R: HubRt>(Arc<Shared<R>>, u64);
+
+impl<R: HubRt> Drop for TunnelFlowGuard<R> {
+    fn drop(&mut self) {
+        self.0.flow_ended(self.1);
+    }
+}
