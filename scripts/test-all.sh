@@ -52,5 +52,9 @@ export NOWCONNECT_BIN="$PWD/target/e2e/release/nowconnect"
 export NOWCONNECT_ASYNC_STD_BIN="$PWD/target/e2e/release/nowconnect-async-std"
 echo "==> tests"
 cargo test --workspace --release -- --skip ci_seed_budget
+echo "==> the hub suites again, every hub on the async-std runtime"
+NOWCONNECT_HUB_RUNTIME=async-std cargo test --release -p nowconnect-tests \
+  --test single_hub --test ha_mesh --test ha_registry --test mesh_fencing \
+  --test limits --test observability --test perf
 echo "==> simulation seed budget (prints what it exercised)"
 cargo test --release -p nowconnect-sim --test world -- ci_seed_budget --nocapture

@@ -92,6 +92,18 @@ impl Runtime {
     }
 }
 
+/// The runtime of the hubs the hub suites start:
+/// `$NOWCONNECT_HUB_RUNTIME` (`tokio`, the default, or `async-std`), so
+/// the whole hub suite runs once per runtime (`scripts/test-all.sh` does
+/// both). The conformance suite names its runtimes itself.
+pub fn hub_runtime() -> Runtime {
+    match std::env::var("NOWCONNECT_HUB_RUNTIME").as_deref() {
+        Err(_) | Ok("") | Ok("tokio") => Runtime::Tokio,
+        Ok("async-std") => Runtime::AsyncStd,
+        Ok(other) => panic!("NOWCONNECT_HUB_RUNTIME={other}: use tokio or async-std"),
+    }
+}
+
 /// A free loopback port for a process to bind later. Drawn from 20000–32767,
 /// below Linux's ephemeral range (32768–60999), so the many outbound
 /// connections of concurrent tests can never take it between the draw and
@@ -232,8 +244,9 @@ pub struct HubProc {
 }
 
 impl HubProc {
+    /// A hub on [`hub_runtime`].
     pub fn start(dir: &Path, name: &str, yaml: &str) -> HubProc {
-        Self::start_on(Runtime::Tokio, dir, name, yaml)
+        Self::start_on(hub_runtime(), dir, name, yaml)
     }
 
     /// A hub on the given runtime (same configuration, CLI and endpoints on
