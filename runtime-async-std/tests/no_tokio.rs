@@ -104,11 +104,18 @@ fn tokio_runtime_in(package: &str) -> Vec<String> {
 fn the_async_std_adapter_has_no_tokio_runtime_in_its_tree() {
     // The check sees a tokio runtime where there is one (so it can fail).
     let tokio = tokio_runtime_in("nowconnect-tokio");
-    for expected in ["tokio feature `rt`", "tokio feature `net`", "tokio-tungstenite"] {
+    for expected in [
+        "tokio feature `rt`",
+        "tokio feature `net`",
+        "tokio-tungstenite",
+    ] {
         assert!(tokio.iter().any(|f| f == expected), "{tokio:?}");
     }
     let found = tokio_runtime_in("nowconnect-async-std");
-    assert!(found.is_empty(), "nowconnect-async-std depends on {found:?}");
+    assert!(
+        found.is_empty(),
+        "nowconnect-async-std depends on {found:?}"
+    );
     // It does run on async-std's reactor, and Redis on smol's (the same one).
     let names = normal_tree("nowconnect-async-std");
     for rt in ["async-std", "async-io", "smol", "redis"] {

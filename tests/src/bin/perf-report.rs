@@ -1,14 +1,16 @@
 //! The end-to-end benchmark behind `docs/performance.md`: starts the real
-//! pieces (OpenLDAP `slapd`, `redis-server`, two meshed hubs with mTLS, an
-//! agent, an echo service), runs `nowconnect perf ldap` and `nowconnect perf
+//! pieces (OpenLDAP `slapd`, an echo service and, per runtime, its own
+//! `redis-server`, two meshed hubs with mTLS and an agent, all on that
+//! runtime), runs `nowconnect perf ldap` and `nowconnect perf
 //! tcp` on the local route (the agent's own hub), the cross-replica route
 //! (the other hub, through the mesh) and the direct baseline in the same
 //! run, reads the mesh RTT from the hubs' metrics, and writes the section
 //! between the `perf-report` markers of the Markdown file given.
 //!
 //!   NOWCONNECT_BIN=target/e2e/release/nowconnect \
+//!   NOWCONNECT_ASYNC_STD_BIN=target/e2e/release/nowconnect-async-std \
 //!   cargo run --release -p nowconnect-tests --bin perf-report -- \
-//!       [--out docs/performance.md] [--ldap-secs 60] [--clients 64] \
+//!       [--runtimes tokio,async-std] [--out docs/performance.md] [--ldap-secs 60] [--clients 64] \
 //!       [--conn-rate 1000] [--conn-secs 30] [--bytes 268435456]
 
 use std::path::{Path, PathBuf};
@@ -35,6 +37,7 @@ struct Opts {
     conn_secs: u64,
     bytes: u64,
     idle_secs: u64,
+    runtimes: Vec<Runtime>,
 }
 
 fn opts() -> Opts {
@@ -46,6 +49,7 @@ fn opts() -> Opts {
         conn_secs: 30,
         bytes: 256 << 20,
         idle_secs: 30,
+        runtimes: vec![Runtime::Tokio, Runtime::AsyncStd],
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -63,6 +67,16 @@ fn opts() -> Opts {
             "--conn-secs" => o.conn_secs = n(),
             "--bytes" => o.bytes = n(),
             "--idle-secs" => o.idle_secs = n(),
+            "--runtimes" => {
+                o.runtimes = v
+                    .split(',')
+                    .map(|r| match r {
+                        "tokio" => Runtime::Tokio,
+                        "async-std" => Runtime::AsyncStd,
+                        other => panic!("--runtimes: unknown runtime {other}"),
+                    })
+                    .collect()
+            }
             other => panic!("unknown argument {other}"),
         }
         i += 2;
@@ -184,13 +198,31 @@ fn fmt_rtt(r: Option<(f64, u64)>) -> String {
     })
 }
 
-fn main() {
-    let o = opts();
-    let env = Env::new();
-    let dir = env.path().to_path_buf();
-    let slapd = Slapd::start(&dir);
-    let redis = RedisProc::start(&dir);
-    let echo = echo_server();
+/// One runtime's figures (hubs and agent on that runtime).
+struct RunResult {
+    rt: Runtime,
+    ldap_local: (serde_json::Value, String),
+    ldap_mesh: (serde_json::Value, String),
+    tcp_local: (serde_json::Value, String),
+    tcp_mesh: (serde_json::Value, String),
+    idle_rtt: Option<(f64, u64)>,
+    loaded_rtt: Option<(f64, u64)>,
+}
+
+/// Start a cluster on `rt` (its own Redis, two meshed hubs, an agent on
+/// hub-a) and run every measurement against it; the cluster is stopped on
+/// return.
+fn run_on(
+    o: &Opts,
+    env: &Env,
+    slapd: &Slapd,
+    echo: std::net::SocketAddr,
+    rt: Runtime,
+) -> RunResult {
+    let dir = env.path().join(rt.name());
+    std::fs::create_dir_all(&dir).unwrap();
+    let dir = dir.as_path();
+    let redis = RedisProc::start(dir);
     let ca = Ca::new("bench mesh CA");
     let (pa, pb) = (free_port(), free_port());
     let with_echo = |y: String| {
@@ -200,34 +232,37 @@ fn main() {
             1,
         )
     };
-    let a = HubProc::start(
-        &dir,
+    let a = HubProc::start_on(
+        rt,
+        dir,
         "hub-a",
         &with_echo(mesh_hub_yaml(
-            &env,
+            env,
             "hub-a",
             "active",
             &redis,
             pa,
             &[pb],
-            &ca.issue(&dir, "hub-a"),
+            &ca.issue(dir, "hub-a"),
         )),
     );
-    let b = HubProc::start(
-        &dir,
+    let b = HubProc::start_on(
+        rt,
+        dir,
         "hub-b",
         &with_echo(mesh_hub_yaml(
-            &env,
+            env,
             "hub-b",
             "active",
             &redis,
             pb,
             &[pa],
-            &ca.issue(&dir, "hub-b"),
+            &ca.issue(dir, "hub-b"),
         )),
     );
-    let _agent = AgentProc::start(
-        &dir,
+    let _agent = AgentProc::start_on(
+        rt,
+        dir,
         "agent",
         &env.agent_yaml(
             "agent-1",
@@ -243,10 +278,15 @@ fn main() {
             == 1.0
             && mesh_established(&a, pb)
             && mesh_established(&b, pa)),
-        "cluster did not come up"
+        "{} cluster did not come up",
+        rt.name()
     );
     // Mesh RTT on the idle cluster first (pings every 5 s on each link).
-    eprintln!("perf-report: idle mesh RTT for {} s", o.idle_secs);
+    eprintln!(
+        "perf-report: {}: idle mesh RTT for {} s",
+        rt.name(),
+        o.idle_secs
+    );
     let before = mesh_rtt_window(&[&a, &b], &[]);
     std::thread::sleep(Duration::from_secs(o.idle_secs));
     let idle_rtt = quantile(&mesh_rtt_window(&[&a, &b], &before), 0.95);
@@ -255,7 +295,7 @@ fn main() {
     std::fs::write(&pw, ADMIN_PW).unwrap();
     let ldap = |name: &str, listener: std::net::SocketAddr| {
         perf(
-            &dir,
+            dir,
             name,
             &[
                 "ldap".into(),
@@ -283,7 +323,7 @@ fn main() {
     };
     let tcp = |name: &str, listener: std::net::SocketAddr| {
         perf(
-            &dir,
+            dir,
             name,
             &[
                 "tcp".into(),
@@ -304,42 +344,51 @@ fn main() {
             ],
         )
     };
-    let (ldap_local, ldap_local_md) = ldap("ldap-local", a.listener("ldap"));
-    let (ldap_mesh, ldap_mesh_md) = ldap("ldap-cross-replica", b.listener("ldap"));
-    let (tcp_local, tcp_local_md) = tcp("tcp-local", a.listener("echo"));
-    let (tcp_mesh, tcp_mesh_md) = tcp("tcp-cross-replica", b.listener("echo"));
+    let ldap_local = ldap("ldap-local", a.listener("ldap"));
+    let ldap_mesh = ldap("ldap-cross-replica", b.listener("ldap"));
+    let tcp_local = tcp("tcp-local", a.listener("echo"));
+    let tcp_mesh = tcp("tcp-cross-replica", b.listener("echo"));
     let loaded_rtt = quantile(&mesh_rtt_window(&[&a, &b], &loaded_from), 0.95);
+    RunResult {
+        rt,
+        ldap_local,
+        ldap_mesh,
+        tcp_local,
+        tcp_mesh,
+        idle_rtt,
+        loaded_rtt,
+    }
+}
+
+fn main() {
+    let o = opts();
+    let env = Env::new();
+    let slapd = Slapd::start(env.path());
+    let echo = echo_server();
+    let runs: Vec<RunResult> = o
+        .runtimes
+        .iter()
+        .map(|rt| run_on(&o, &env, &slapd, echo, *rt))
+        .collect();
 
     let f = |v: &serde_json::Value| v.as_f64().unwrap_or(f64::NAN);
     let target = |ok: bool| if ok { "met" } else { "**not met**" };
-    let ldap_ratio = f(&ldap_local["throughput_ratio"]);
-    let one_local = f(&tcp_local["one_flow_ratio"]);
-    let one_mesh = f(&tcp_mesh["one_flow_ratio"]);
-    let p99_local = f(&tcp_local["added_echo_p99_us"]);
-    let p99_mesh = f(&tcp_mesh["added_echo_p99_us"]);
-    let conn_ok = tcp_local["through"]["conn_errors"] == 0
-        && f(&tcp_local["through"]["conn_rate_achieved"]) >= 0.95 * o.conn_rate as f64;
+    let names: Vec<&str> = runs.iter().map(|r| r.rt.name()).collect();
     let mut s = format!(
-        "{START}\n\n## End to end: LDAP and TCP through the tunnel, local and across the mesh\n\n\
-         Generated by `tests/src/bin/perf-report.rs`, which starts real `slapd`, `redis-server`, \
-         two hubs meshed over mTLS, one agent (attached to hub-a) and an echo service, and runs \
-         `nowconnect perf` against each route and the direct target in the same run:\n\n\
-         ```\nNOWCONNECT_BIN=target/e2e/release/nowconnect cargo run --release -p nowconnect-tests \
-         --bin perf-report -- --ldap-secs {} --clients {} --conn-rate {} --conn-secs {} --bytes {} --idle-secs {}\n```\n\n\
+        "{START}\n\n## End to end: LDAP and TCP through the tunnel, local and across the mesh, per runtime\n\n\
+         Generated by `tests/src/bin/perf-report.rs`, which starts real `slapd`, an echo service and, \
+         for each runtime in turn ({}), its own `redis-server`, two hubs meshed over mTLS and one \
+         agent (attached to hub-a), all on that runtime, and runs `nowconnect perf` against each \
+         route and the direct target in the same run:\n\n\
+         ```\ncargo build --release -p nowconnect-tokio --bin nowconnect --target-dir target/e2e\n\
+         cargo build --release -p nowconnect-async-std --bin nowconnect-async-std --target-dir target/e2e\n\
+         NOWCONNECT_BIN=target/e2e/release/nowconnect NOWCONNECT_ASYNC_STD_BIN=target/e2e/release/nowconnect-async-std \\\n  \
+         cargo run --release -p nowconnect-tests --bin perf-report -- --runtimes {} --ldap-secs {} --clients {} \
+         --conn-rate {} --conn-secs {} --bytes {} --idle-secs {}\n```\n\n\
          Hardware: {}. Everything (clients, hubs, agent, slapd, echo) shares these cores, so the \
-         ratios, measured in one run, are what to compare.\n\n\
-         | target | measured | result |\n|---|---|---|\n\
-         | LDAP bind+search, {} clients, {} s, local route ≥ 0.8× direct | {:.2}× ({} errors) | {} |\n\
-         | LDAP, cross-replica route | {:.2}× ({} errors) | (no target) |\n\
-         | one-flow echo throughput through one hub, vs the same echo service direct | {:.3}× | {} |\n\
-         | one-flow echo throughput across the mesh, vs the same echo service direct | {:.3}× | {} |\n\
-         | added echo p99 (1 KiB) ≤ 300 µs local | {:.0} µs | {} |\n\
-         | added echo p99 ≤ 600 µs cross-replica | {:.0} µs | {} |\n\
-         | {} new connections/s for {} s, no errors (local) | {:.0}/s, {} errors | {} |\n\
-         | mesh RTT p95 ≤ 1 ms, idle cluster ({} s) | {} | {} |\n\
-         | mesh RTT p95 during the benchmark load (no target) | {} | |\n\n\
-         Mesh RTT is read from the hubs' `nowconnect_mesh_rtt_seconds` histograms (both \
-         links, a ping every 5 s each), so the figure is the histogram bucket bound.\n\n",
+         ratios, measured in one run, are what to compare.\n\n",
+        names.join(", "),
+        names.join(","),
         o.ldap_secs,
         o.clients,
         o.conn_rate,
@@ -347,44 +396,119 @@ fn main() {
         o.bytes,
         o.idle_secs,
         hardware(),
-        o.clients,
-        o.ldap_secs,
-        ldap_ratio,
-        ldap_local["through"]["errors"],
-        target(ldap_ratio >= 0.8 && ldap_local["through"]["errors"] == 0),
-        f(&ldap_mesh["throughput_ratio"]),
-        ldap_mesh["through"]["errors"],
-        one_local,
-        ECHO_BASELINE,
-        one_mesh,
-        ECHO_BASELINE,
-        p99_local,
-        target(p99_local <= 300.0),
-        p99_mesh,
-        target(p99_mesh <= 600.0),
-        o.conn_rate,
-        o.conn_secs,
-        f(&tcp_local["through"]["conn_rate_achieved"]),
-        tcp_local["through"]["conn_errors"],
-        target(conn_ok),
-        o.idle_secs,
-        fmt_rtt(idle_rtt),
-        target(idle_rtt.is_some_and(|(le, _)| le <= 0.001)),
-        fmt_rtt(loaded_rtt),
     );
-    for (title, md) in [
-        ("LDAP, local route (hub-a)", ldap_local_md),
+    s += &format!(
+        "| target | {} |\n|---|{}\n",
+        names.join(" | "),
+        "---|".repeat(names.len())
+    );
+    type Row<'a> = (String, Box<dyn Fn(&RunResult) -> String + 'a>);
+    let rows: Vec<Row> = vec![
         (
-            "LDAP, cross-replica route (hub-b → mesh → hub-a)",
-            ldap_mesh_md,
+            format!(
+                "LDAP bind+search, {} clients, {} s, local route ≥ 0.8× direct",
+                o.clients, o.ldap_secs
+            ),
+            Box::new(|r: &RunResult| {
+                let (v, _) = &r.ldap_local;
+                let ratio = f(&v["throughput_ratio"]);
+                format!(
+                    "{ratio:.2}× ({} errors): {}",
+                    v["through"]["errors"],
+                    target(ratio >= 0.8 && v["through"]["errors"] == 0)
+                )
+            }),
         ),
-        ("TCP, local route (hub-a)", tcp_local_md),
         (
-            "TCP, cross-replica route (hub-b → mesh → hub-a)",
-            tcp_mesh_md,
+            "LDAP, cross-replica route (no target)".into(),
+            Box::new(|r: &RunResult| {
+                let (v, _) = &r.ldap_mesh;
+                format!(
+                    "{:.2}× ({} errors)",
+                    f(&v["throughput_ratio"]),
+                    v["through"]["errors"]
+                )
+            }),
         ),
-    ] {
-        s += &format!("### {title}\n\n{}\n\n", md.replacen("## ", "#### ", 1));
+        (
+            format!("one-flow echo throughput through one hub ({ECHO_BASELINE})"),
+            Box::new(|r: &RunResult| format!("{:.3}×", f(&r.tcp_local.0["one_flow_ratio"]))),
+        ),
+        (
+            "one-flow echo throughput across the mesh (same baseline)".into(),
+            Box::new(|r: &RunResult| format!("{:.3}×", f(&r.tcp_mesh.0["one_flow_ratio"]))),
+        ),
+        (
+            "added echo p99 (1 KiB) ≤ 300 µs local".into(),
+            Box::new(|r: &RunResult| {
+                let p = f(&r.tcp_local.0["added_echo_p99_us"]);
+                format!("{p:.0} µs: {}", target(p <= 300.0))
+            }),
+        ),
+        (
+            "added echo p99 ≤ 600 µs cross-replica".into(),
+            Box::new(|r: &RunResult| {
+                let p = f(&r.tcp_mesh.0["added_echo_p99_us"]);
+                format!("{p:.0} µs: {}", target(p <= 600.0))
+            }),
+        ),
+        (
+            format!(
+                "{} new connections/s for {} s, no errors (local)",
+                o.conn_rate, o.conn_secs
+            ),
+            Box::new(|r: &RunResult| {
+                let t = &r.tcp_local.0["through"];
+                let ok = t["conn_errors"] == 0
+                    && f(&t["conn_rate_achieved"]) >= 0.95 * o.conn_rate as f64;
+                format!(
+                    "{:.0}/s, {} errors: {}",
+                    f(&t["conn_rate_achieved"]),
+                    t["conn_errors"],
+                    target(ok)
+                )
+            }),
+        ),
+        (
+            format!("mesh RTT p95 ≤ 1 ms, idle cluster ({} s)", o.idle_secs),
+            Box::new(|r: &RunResult| {
+                format!(
+                    "{}: {}",
+                    fmt_rtt(r.idle_rtt),
+                    target(r.idle_rtt.is_some_and(|(le, _)| le <= 0.001))
+                )
+            }),
+        ),
+        (
+            "mesh RTT p95 during the benchmark load (no target)".into(),
+            Box::new(|r: &RunResult| fmt_rtt(r.loaded_rtt)),
+        ),
+    ];
+    for (title, cell) in &rows {
+        let cells: Vec<String> = runs.iter().map(cell).collect();
+        s += &format!("| {title} | {} |\n", cells.join(" | "));
+    }
+    s += "\nMesh RTT is read from the hubs' `nowconnect_mesh_rtt_seconds` histograms (both \
+          links, a ping every 5 s each), so the figure is the histogram bucket bound.\n\n";
+    for r in &runs {
+        for (title, md) in [
+            ("LDAP, local route (hub-a)", &r.ldap_local.1),
+            (
+                "LDAP, cross-replica route (hub-b → mesh → hub-a)",
+                &r.ldap_mesh.1,
+            ),
+            ("TCP, local route (hub-a)", &r.tcp_local.1),
+            (
+                "TCP, cross-replica route (hub-b → mesh → hub-a)",
+                &r.tcp_mesh.1,
+            ),
+        ] {
+            s += &format!(
+                "### {}: {title}\n\n{}\n\n",
+                r.rt.name(),
+                md.replacen("## ", "#### ", 1)
+            );
+        }
     }
     s += END;
     let doc = std::fs::read_to_string(&o.out).unwrap_or_default();

@@ -2,10 +2,11 @@
 //! direct loopback connection, measured in the same run:
 //! bulk throughput (client → sink) and 1 KiB echo latency.
 //!
-//! Each runtime's agent (tokio and async-std by default) serves connectors
-//! of its own on the same hub, so both are measured side by side.
+//! Each runtime (tokio and async-std by default) gets a hub and an agent of
+//! its own, both on that runtime, so the runtimes are measured side by side
+//! in one process, alternating with the direct runs.
 //!
-//!   cargo run --release -p nowconnect-tests --bin tunnel-bench -- [--bytes N] [--echoes N] [--agents tokio,async-std]
+//!   cargo run --release -p nowconnect-tests --bin tunnel-bench -- [--bytes N] [--echoes N] [--runtimes tokio,async-std]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -92,13 +93,13 @@ fn main() {
             "--bytes" => bytes = args[i + 1].parse().expect("--bytes N"),
             "--echoes" => echoes = args[i + 1].parse().expect("--echoes N"),
             "--window" => window = args[i + 1].parse().expect("--window BYTES"),
-            "--agents" => {
+            "--runtimes" | "--agents" => {
                 runtimes = args[i + 1]
                     .split(',')
                     .map(|r| match r {
                         "tokio" => Runtime::Tokio,
                         "async-std" => Runtime::AsyncStd,
-                        other => panic!("--agents: unknown runtime {other}"),
+                        other => panic!("--runtimes: unknown runtime {other}"),
                     })
                     .collect()
             }
@@ -109,23 +110,21 @@ fn main() {
     let env = Env::new();
     let sink = sink_server();
     let echo = echo_server();
-    // One agent per runtime, each serving connectors of its own, on one hub.
+    // One hub and one agent per runtime, each pair on its runtime.
     let names: Vec<(String, String)> = runtimes
         .iter()
         .map(|r| (format!("sink-{}", r.name()), format!("echo-{}", r.name())))
         .collect();
-    let listeners: Vec<(&str, &str)> = names
-        .iter()
-        .flat_map(|(s, e)| [(s.as_str(), s.as_str()), (e.as_str(), e.as_str())])
-        .collect();
-    let hub = HubProc::start(
-        env.path(),
-        "hub",
-        &env.hub_yaml(&listeners, "log:\n  level: warn\n")
-            .replace("tunnel:\n", &format!("tunnel:\n  window_bytes: {window}\n")),
-    );
+    let mut hubs = Vec::new();
     let mut agents = Vec::new();
     for (rt, (s, e)) in runtimes.iter().zip(&names) {
+        let hub = HubProc::start_on(
+            *rt,
+            env.path(),
+            &format!("hub-{}", rt.name()),
+            &env.hub_yaml(&[(s, s), (e, e)], "log:\n  level: warn\n")
+                .replace("tunnel:\n", &format!("tunnel:\n  window_bytes: {window}\n")),
+        );
         let id = format!("bench-{}", rt.name());
         let yaml = env.agent_yaml(
             &id,
@@ -140,22 +139,28 @@ fn main() {
             &yaml,
             &env.token(&id, None),
         ));
+        assert!(eventually(Duration::from_secs(15), || hub
+            .metric("nowconnect_agents_connected")
+            == 1.0));
+        hubs.push(hub);
     }
-    assert!(eventually(Duration::from_secs(15), || hub
-        .metric("nowconnect_agents_connected")
-        == runtimes.len() as f64));
+    let listener = |name: &str| {
+        hubs.iter()
+            .find_map(|h| h.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a))
+            .expect("listener")
+    };
 
     // Warm up every path, then alternate direct and tunnel runs.
     throughput(sink, bytes / 8);
     for (s, _) in &names {
-        throughput(hub.listener(s), bytes / 8);
+        throughput(listener(s), bytes / 8);
     }
     let mut direct = Vec::new();
     let mut tunnel: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     for _ in 0..3 {
         direct.push(throughput(sink, bytes));
         for (k, (s, _)) in names.iter().enumerate() {
-            tunnel[k].push(throughput(hub.listener(s), bytes));
+            tunnel[k].push(throughput(listener(s), bytes));
         }
     }
     let med = |v: &mut Vec<f64>| {
@@ -164,7 +169,7 @@ fn main() {
     };
     let d = med(&mut direct);
     println!(
-        "per-flow window: {window} bytes; hub on tokio; agents: {}",
+        "per-flow window: {window} bytes; hub and agent on: {}",
         runtimes
             .iter()
             .map(|r| r.name())
@@ -182,7 +187,7 @@ fn main() {
     for (k, rt) in runtimes.iter().enumerate() {
         let t = med(&mut tunnel[k]);
         println!(
-            "through the hub, {:<9} agent: {:>8.1} MiB/s  ratio {:.3}x",
+            "through the hub, {:<9}      : {:>8.1} MiB/s  ratio {:.3}x",
             rt.name(),
             t / 1048576.0,
             t / d
@@ -205,7 +210,7 @@ fn main() {
     };
     row("direct", &hd);
     for (rt, (_, e)) in runtimes.iter().zip(&names) {
-        let ht = echo_latency(hub.listener(e), echoes);
-        row(&format!("{} agent", rt.name()), &ht);
+        let ht = echo_latency(listener(e), echoes);
+        row(rt.name(), &ht);
     }
 }
