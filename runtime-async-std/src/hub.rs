@@ -21,7 +21,6 @@ use nowconnect_shared::driver::{FlowEnd, Outgoing};
 use nowconnect_shared::hub::{HubRt, WsIn};
 use nowconnect_shared::metrics::Metrics;
 use nowconnect_shared::registry::RedisRegistry;
-use nowconnect_shared::tung::write_ws;
 
 use crate::net::Io;
 
@@ -159,7 +158,7 @@ async fn run_tunnel(
     let ws = WebSocketStream::from_partially_read(tcp, rest, Role::Server, Some(cfg)).await;
     let (sink, stream) = ws.split();
     let (out_tx, out_rx) = async_channel::unbounded::<Outgoing>();
-    let writer = task::spawn(write_ws(sink, out_rx));
+    let writer = nowconnect_shared::tung::inline_writer(sink, out_rx);
     let stream = stream.map(|m| match m {
         Ok(Message::Binary(b)) => WsIn::Frame(WsMessage::Binary(b)),
         Ok(Message::Text(t)) => WsIn::Frame(WsMessage::Text(t.as_str().to_owned())),

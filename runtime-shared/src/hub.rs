@@ -24,7 +24,7 @@ use nowconnect_core::{Codec, Epoch, ErrorCode, WsMessage};
 use tungstenite::protocol::WebSocketConfig;
 
 use crate::config::HubConfig;
-use crate::driver::{FlowEnd, LinkCmd, Outgoing, Reply, TunnelDriver, reply_channel};
+use crate::driver::{FlowEnd, InlineWriter, LinkCmd, Outgoing, Reply, TunnelDriver, reply_channel};
 use crate::jwt::{AgentIdentity, Verifier};
 use crate::mesh::{MeshLinks, MeshTlsConfigs, MeshWs};
 use crate::metrics::{Metrics, labels};
@@ -474,18 +474,19 @@ impl<R: HubRt> Shared<R> {
     }
 
     /// Drive one agent tunnel until it closes: `stream` is what the agent
-    /// sends, `out` feeds the socket's writer task, `writer` is that task
-    /// (given up to 2 s to flush the close at the end).
-    pub async fn run_tunnel<S, W>(
+    /// sends; `out` is the queue `writer` writes to the socket, from this
+    /// task (given up to 2 s to flush the close at the end).
+    pub async fn run_tunnel<S, K, M>(
         self: Arc<Self>,
         mut stream: S,
         out: Sender<Outgoing>,
-        writer: W,
+        mut writer: InlineWriter<K, M>,
         identity: AgentIdentity,
         peer: SocketAddr,
     ) where
         S: futures_lite::Stream<Item = WsIn> + Unpin + Send,
-        W: Future<Output = ()> + Send,
+        K: futures_util::Sink<M> + Unpin + Send,
+        M: Send,
     {
         let shared = self;
         let tunnel_id = shared.id();
@@ -505,6 +506,7 @@ impl<R: HubRt> Shared<R> {
             In(Option<WsIn>),
             Cmd(LinkCmd),
             Timer,
+            Written,
         }
         loop {
             let deadline = d
@@ -515,7 +517,13 @@ impl<R: HubRt> Shared<R> {
                 .rt
                 .sleep(deadline.saturating_duration_since(Instant::now()));
             let wake = race(
-                async { Wake::In(stream.next().await) },
+                race(async { Wake::In(stream.next().await) }, async {
+                    if writer.is_idle() {
+                        futures_lite::future::pending::<()>().await;
+                    }
+                    writer.write().await;
+                    Wake::Written
+                }),
                 race(
                     async {
                         match cmd_rx.recv().await {
@@ -559,6 +567,7 @@ impl<R: HubRt> Shared<R> {
                         report_at = Instant::now() + Duration::from_secs(1);
                     }
                 }
+                Wake::Written => {}
             }
             let mut closed = None;
             for ev in d.drain() {
@@ -614,6 +623,8 @@ impl<R: HubRt> Shared<R> {
             // Dispatch again: closing produced flow resets.
             d.drain();
             d.flush();
+            // Out in this same wake-up, as far as the socket takes it.
+            writer.write_now().await;
             if let Some((code, reason)) = closed {
                 let result = if matches!(code, ErrorCode::LinkLost | ErrorCode::Shutdown) {
                     "closed"
@@ -637,7 +648,7 @@ impl<R: HubRt> Shared<R> {
             c.hub.tunnel_closed(now, tunnel_id);
         });
         let grace = shared.rt.sleep(Duration::from_secs(2));
-        race(writer, grace).await;
+        race(writer.write(), grace).await;
     }
 
     fn refuse_client(&self, reason: &str) {

@@ -9,7 +9,7 @@ use tungstenite::client::IntoClientRequest;
 use tungstenite::handshake::client::Request;
 use tungstenite::protocol::{CloseFrame, WebSocketConfig};
 
-use crate::driver::{Outgoing, write_ws_with};
+use crate::driver::{InlineWriter, Outgoing, write_ws_with};
 
 /// The upgrade request for a hub's `/tunnel`, carrying the agent's token.
 pub fn hub_request(url: &str, token: &str) -> Result<Request, String> {
@@ -32,24 +32,34 @@ pub fn ws_config(max: usize) -> WebSocketConfig {
         .max_frame_size(Some(max))
 }
 
+/// A frame as a tungstenite message.
+pub fn frame_message(m: WsMessage) -> Message {
+    match m {
+        WsMessage::Text(s) => Message::Text(s.into()),
+        WsMessage::Binary(b) => Message::Binary(b),
+    }
+}
+
+/// A close frame as a tungstenite message.
+pub fn close_message(code: u16, reason: String) -> Message {
+    Message::Close(Some(CloseFrame {
+        code: code.into(),
+        reason: reason.into(),
+    }))
+}
+
 /// The writer loop of a tungstenite WebSocket.
 pub async fn write_ws<S>(sink: S, rx: Receiver<Outgoing>)
 where
     S: futures_util::Sink<Message> + Unpin,
 {
-    write_ws_with(
-        sink,
-        rx,
-        |m| match m {
-            WsMessage::Text(s) => Message::Text(s.into()),
-            WsMessage::Binary(b) => Message::Binary(b),
-        },
-        |code, reason| {
-            Message::Close(Some(CloseFrame {
-                code: code.into(),
-                reason: reason.into(),
-            }))
-        },
-    )
-    .await
+    write_ws_with(sink, rx, frame_message, close_message).await
+}
+
+/// A tungstenite WebSocket written by the link task itself.
+pub fn inline_writer<S>(sink: S, rx: Receiver<Outgoing>) -> InlineWriter<S, Message>
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    InlineWriter::new(sink, rx, frame_message, close_message)
 }

@@ -257,7 +257,7 @@ async fn tunnel_handler(
         .on_upgrade(move |socket: WebSocket| async move {
             let (sink, stream) = socket.split();
             let (out_tx, out_rx) = async_channel::unbounded::<Outgoing>();
-            let writer = tokio::spawn(crate::io::write_axum(sink, out_rx));
+            let writer = crate::io::axum_writer(sink, out_rx);
             let stream = stream.map(|m| match m {
                 Ok(Message::Binary(b)) => WsIn::Frame(WsMessage::Binary(b)),
                 Ok(Message::Text(t)) => WsIn::Frame(WsMessage::Text(t.as_str().to_owned())),
@@ -267,9 +267,6 @@ async fn tunnel_handler(
                 Ok(_) => WsIn::Other,
                 Err(e) => WsIn::Failed(e.to_string()),
             });
-            let writer = async move {
-                let _ = writer.await;
-            };
             shared
                 .run_tunnel(stream, out_tx, writer, identity, peer)
                 .await;

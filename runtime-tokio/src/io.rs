@@ -6,7 +6,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use nowconnect_core::WsMessage;
 use nowconnect_shared::driver::{
-    ChunkReader, FlowEnd, Outgoing, READ_CHUNK, run_client_socket, run_flow_socket, write_ws_with,
+    ChunkReader, FlowEnd, InlineWriter, Outgoing, ReadSize, run_client_socket, run_flow_socket,
 };
 use nowconnect_shared::metrics::Metrics;
 use tokio::net::TcpStream;
@@ -23,7 +23,15 @@ pub async fn pipe_tcp(
 ) {
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
-    run_flow_socket(TokioReader(rd), wr.compat_write(), end, metrics, up, down).await
+    run_flow_socket(
+        TokioReader::new(rd),
+        wr.compat_write(),
+        end,
+        metrics,
+        up,
+        down,
+    )
+    .await
 }
 
 /// Like [`pipe_tcp`], for a hub client (see [`run_client_socket`]).
@@ -36,7 +44,7 @@ pub async fn pipe_client(
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
     run_client_socket(
-        TokioReader(rd),
+        TokioReader::new(rd),
         wr.compat_write(),
         end,
         metrics,
@@ -48,17 +56,27 @@ pub async fn pipe_client(
 
 /// Waits until the socket is readable, then reads with `try_read_buf` into
 /// uninitialised capacity: an idle flow holds no buffer at all, a busy one
-/// reads up to [`READ_CHUNK`] at a time without zeroing memory first.
-struct TokioReader(OwnedReadHalf);
+/// reads up to [`ReadSize`] at a time (at most `READ_CHUNK`) without
+/// zeroing memory first.
+struct TokioReader(OwnedReadHalf, ReadSize);
+
+impl TokioReader {
+    fn new(half: OwnedReadHalf) -> Self {
+        TokioReader(half, ReadSize::default())
+    }
+}
 
 impl ChunkReader for TokioReader {
     async fn read_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
         loop {
             self.0.readable().await?;
-            let mut buf = BytesMut::with_capacity(READ_CHUNK);
+            let mut buf = BytesMut::with_capacity(self.1.get());
             match self.0.try_read_buf(&mut buf) {
                 Ok(0) => return Ok(None),
-                Ok(_) => return Ok(Some(buf.freeze())),
+                Ok(n) => {
+                    self.1.update(n);
+                    return Ok(Some(buf.freeze()));
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),
             }
@@ -67,24 +85,24 @@ impl ChunkReader for TokioReader {
 }
 type Axum = axum::extract::ws::Message;
 
-/// The writer loop for the hub's axum WebSocket (`/tunnel`).
-pub async fn write_axum<S>(sink: S, rx: async_channel::Receiver<Outgoing>)
+fn axum_frame(m: WsMessage) -> Axum {
+    match m {
+        WsMessage::Text(s) => Axum::Text(s.into()),
+        WsMessage::Binary(b) => Axum::Binary(b),
+    }
+}
+
+fn axum_close(code: u16, reason: String) -> Axum {
+    Axum::Close(Some(axum::extract::ws::CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}
+
+/// The hub's axum WebSocket (`/tunnel`), written by its tunnel task.
+pub fn axum_writer<S>(sink: S, rx: async_channel::Receiver<Outgoing>) -> InlineWriter<S, Axum>
 where
     S: futures_util::Sink<Axum> + Unpin,
 {
-    write_ws_with(
-        sink,
-        rx,
-        |m| match m {
-            WsMessage::Text(s) => Axum::Text(s.into()),
-            WsMessage::Binary(b) => Axum::Binary(b),
-        },
-        |code, reason| {
-            Axum::Close(Some(axum::extract::ws::CloseFrame {
-                code,
-                reason: reason.into(),
-            }))
-        },
-    )
-    .await
+    InlineWriter::new(sink, rx, axum_frame, axum_close)
 }
