@@ -8,7 +8,9 @@ use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::{Error as WsError, Message};
 use futures_util::io::{AsyncRead, AsyncWrite};
 use nowconnect_core::WsMessage;
-use nowconnect_shared::driver::{AdaptiveReader, FlowEnd, run_client_socket, run_flow_socket};
+use nowconnect_shared::driver::{
+    ChunkReader, FlowEnd, ReadSize, run_client_socket, run_flow_socket,
+};
 use nowconnect_shared::metrics::Metrics;
 use rustls_pki_types::ServerName;
 
@@ -97,7 +99,7 @@ pub async fn pipe_tcp(
 ) {
     let _ = stream.set_nodelay(true);
     run_flow_socket(
-        AdaptiveReader::new(stream.clone()),
+        PeekReader::new(stream.clone()),
         WriteHalf(stream),
         end,
         metrics,
@@ -116,7 +118,7 @@ pub async fn pipe_client(
 ) {
     let _ = stream.set_nodelay(true);
     run_client_socket(
-        AdaptiveReader::new(stream.clone()),
+        PeekReader::new(stream.clone()),
         WriteHalf(stream),
         end,
         metrics,
@@ -124,6 +126,35 @@ pub async fn pipe_client(
         async_std::task::sleep,
     )
     .await
+}
+
+/// The read side of a flow socket: waits for data with a one-byte `peek`,
+/// so an idle flow holds no read buffer, then reads what is there into a
+/// buffer of [`ReadSize`] (up to 256 KiB for a bulk flow).
+struct PeekReader(TcpStream, ReadSize);
+
+impl PeekReader {
+    fn new(stream: TcpStream) -> Self {
+        PeekReader(stream, ReadSize::default())
+    }
+}
+
+impl ChunkReader for PeekReader {
+    async fn read_chunk(&mut self) -> std::io::Result<Option<bytes::Bytes>> {
+        use futures_util::io::AsyncReadExt;
+        let mut probe = [0u8; 1];
+        if self.0.peek(&mut probe).await? == 0 {
+            return Ok(None);
+        }
+        let mut buf = bytes::BytesMut::zeroed(self.1.get());
+        let n = self.0.read(&mut buf[..]).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        self.1.update(n);
+        buf.truncate(n);
+        Ok(Some(buf.freeze()))
+    }
 }
 
 /// The write side of a TCP socket whose `close` shuts down only the write

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_channel::{Receiver, Sender};
-use bytes::{Bytes, BytesMut};
-use futures_util::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use bytes::Bytes;
+use futures_util::io::{AsyncWrite, AsyncWriteExt};
 use nowconnect_core::flow::SendError;
 use nowconnect_core::mux::{FlowEvent, FlowLink};
 use nowconnect_core::tunnel::{Tunnel, TunnelEvent};
@@ -1068,6 +1068,24 @@ pub async fn run_client_socket<R, W, S, F>(
     let Some(limit) = idle else {
         return run_flow_socket(rd, wr, end, metrics, "up", "down").await;
     };
+    // Boxed: only flows with an idle timeout pay for its larger state (a
+    // client task lives as long as its flow, idle or not).
+    Box::pin(idle_flow(rd, wr, end, metrics, limit, sleep)).await
+}
+
+async fn idle_flow<R, W, S, F>(
+    rd: R,
+    wr: W,
+    end: FlowEnd,
+    metrics: Arc<Metrics>,
+    limit: std::time::Duration,
+    sleep: S,
+) where
+    R: ChunkReader,
+    W: AsyncWrite + Unpin,
+    S: Fn(std::time::Duration) -> F,
+    F: std::future::Future<Output = ()>,
+{
     let (cid, cmd) = (end.cid, end.cmd.clone());
     let activity = Activity::default();
     let flow = run_flow_socket(
@@ -1152,37 +1170,6 @@ async fn read_half<R: ChunkReader>(
 /// is taken only for bytes that arrive.
 pub trait ChunkReader {
     fn read_chunk(&mut self) -> impl std::future::Future<Output = std::io::Result<Option<Bytes>>>;
-}
-
-/// A [`ChunkReader`] over any `futures-io` reader. `futures-io` reads into
-/// initialised memory, so the buffer grows with the traffic: 4 KiB at
-/// first (all an idle flow holds), doubling while reads fill it, up to
-/// [`READ_CHUNK`], and halving again when they do not.
-pub struct AdaptiveReader<R> {
-    inner: R,
-    size: ReadSize,
-}
-
-impl<R> AdaptiveReader<R> {
-    pub fn new(inner: R) -> Self {
-        AdaptiveReader {
-            inner,
-            size: ReadSize::default(),
-        }
-    }
-}
-
-impl<R: AsyncRead + Unpin> ChunkReader for AdaptiveReader<R> {
-    async fn read_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
-        let mut buf = BytesMut::zeroed(self.size.get());
-        let n = self.inner.read(&mut buf[..]).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        self.size.update(n);
-        buf.truncate(n);
-        Ok(Some(buf.freeze()))
-    }
 }
 
 /// How much a flow socket reads at a time: starts at [`ReadSize::MIN`],
