@@ -284,6 +284,8 @@ pub async fn dial_peer<R: HubRt>(shared: Arc<Shared<R>>, url: String) {
 }
 
 type DialResult<W> = Result<(W, Codec), String>;
+type MeshWriter<W> =
+    crate::driver::InlineWriter<futures_util::stream::SplitSink<W, Message>, Message>;
 
 /// Drive one mesh link: its socket(s), its commands, its timers.
 async fn run_link<R: HubRt>(
@@ -300,26 +302,38 @@ async fn run_link<R: HubRt>(
     let (dial_tx, dial_rx) = async_channel::unbounded::<DialResult<R::MeshWs>>();
     let mut out: Option<Sender<Outgoing>> = None;
     let mut ws_in: Option<futures_util::stream::SplitStream<R::MeshWs>> = None;
+    // The socket is written by this task (no writer task hop per frame).
+    let mut writer: Option<MeshWriter<R::MeshWs>> = None;
     let mut peer_replica: Option<String> = None;
     let mut reporter = MeshReporter::default();
-    let attach =
-        |ws: R::MeshWs,
-         out: &mut Option<Sender<Outgoing>>,
-         ws_in: &mut Option<futures_util::stream::SplitStream<R::MeshWs>>| {
-            let (sink, stream) = ws.split();
-            let (tx, rx) = async_channel::unbounded();
-            shared.rt().spawn(crate::tung::write_ws(sink, rx));
-            *out = Some(tx);
-            *ws_in = Some(stream);
-        };
+    let attach = |ws: R::MeshWs,
+                  out: &mut Option<Sender<Outgoing>>,
+                  ws_in: &mut Option<futures_util::stream::SplitStream<R::MeshWs>>,
+                  writer: &mut Option<MeshWriter<R::MeshWs>>| {
+        let (sink, stream) = ws.split();
+        let (tx, rx) = async_channel::unbounded();
+        *writer = Some(crate::tung::inline_writer(sink, rx));
+        *out = Some(tx);
+        *ws_in = Some(stream);
+    };
+    // A socket that is given up still gets its close frame out (2 s at most).
+    let finish = |w: Option<MeshWriter<R::MeshWs>>| {
+        if let Some(mut w) = w {
+            let grace = shared.rt().sleep(Duration::from_secs(2));
+            shared.rt().spawn(async move {
+                race(w.write(), grace).await;
+            });
+        }
+    };
     if let Some(ws) = first {
-        attach(ws, &mut out, &mut ws_in);
+        attach(ws, &mut out, &mut ws_in, &mut writer);
     }
     enum Wake<W> {
         Dialed(DialResult<W>),
         In(Option<Result<Message, tungstenite::Error>>),
         Cmd(LinkCmd),
         Timer,
+        Written,
     }
     loop {
         while let Some(ev) = link.poll_event() {
@@ -382,6 +396,7 @@ async fn run_link<R: HubRt>(
                         });
                     }
                     ws_in = None;
+                    finish(writer.take());
                     if let Some(p) = peer_replica.take() {
                         shared.mesh_link_state(&p, link_id, None);
                     }
@@ -392,6 +407,10 @@ async fn run_link<R: HubRt>(
             while let Some(m) = link.poll_transmit() {
                 let _ = o.try_send(Outgoing::Frame(m));
             }
+        }
+        if let Some(w) = writer.as_mut() {
+            // Out in this same wake-up, as far as the socket takes it.
+            w.write_now().await;
         }
         reporter.report(&metrics, &label, &link);
         if link.state() == LinkState::Closed {
@@ -428,12 +447,21 @@ async fn run_link<R: HubRt>(
                 Err(_) => futures_lite::future::pending().await,
             }
         };
-        let wake = race(race(incoming, cmd), race(dialed, timer)).await;
+        let written = async {
+            match writer.as_mut() {
+                Some(w) if !w.is_idle() => {
+                    w.write().await;
+                    Wake::Written
+                }
+                _ => futures_lite::future::pending().await,
+            }
+        };
+        let wake = race(race(incoming, cmd), race(race(dialed, timer), written)).await;
         let now = Instant::now();
         match wake {
             Wake::Dialed(r) => match r {
                 Ok((ws, codec)) if link.state() == LinkState::Connecting => {
-                    attach(ws, &mut out, &mut ws_in);
+                    attach(ws, &mut out, &mut ws_in, &mut writer);
                     link.on_connected(now, codec);
                 }
                 Ok(_) => {}
@@ -495,8 +523,10 @@ async fn run_link<R: HubRt>(
                 }
             }
             Wake::Timer => link.handle_timeout(now),
+            Wake::Written => {}
         }
     }
+    finish(writer.take());
     if let Some(p) = peer_replica {
         shared.mesh_link_state(&p, link_id, None);
     }
