@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures_util::StreamExt;
-use futures_util::stream::SplitStream;
+use futures_util::stream::{SplitSink, SplitStream};
 use nowconnect_core::agent::{Agent, HubLinkState};
 use nowconnect_core::tunnel::Tunnel;
 use nowconnect_core::{Cid, ErrorCode, WsMessage};
@@ -19,8 +19,8 @@ use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 
 use crate::config::AgentConfig;
 use crate::driver::{
-    AgentConn, AgentDials, AgentFlow, AgentTasks, LinkCmd, TunnelDriver, agent_outputs,
-    agent_tunnels_step,
+    AgentConn, AgentDials, AgentFlow, AgentTasks, InlineWriter, LinkCmd, TunnelDriver,
+    agent_outputs, agent_tunnels_step,
 };
 use crate::io::pipe_tcp;
 use crate::metrics::Metrics;
@@ -34,11 +34,15 @@ enum Internal {
     TargetFailed { flow: AgentFlow, reason: String },
 }
 
+type WsWriter = InlineWriter<SplitSink<Ws, Message>, Message>;
+
 /// One tunnel of the agent: the current one, or one whose hub said DRAIN.
+/// Its socket is read and written by the agent task itself.
 struct Connection {
     attempt: u64,
     driver: TunnelDriver,
     ws_in: SplitStream<Ws>,
+    writer: WsWriter,
     cmd_rx: async_channel::Receiver<LinkCmd>,
 }
 
@@ -47,14 +51,18 @@ type WsRead = Option<Result<Message, tokio_tungstenite::tungstenite::Error>>;
 enum Input {
     Ws(WsRead),
     Cmd(Result<LinkCmd, async_channel::RecvError>),
+    /// The socket took what was queued.
+    Written,
 }
 
 impl Connection {
-    /// The next frame from the hub or command from a flow.
+    /// The next frame from the hub or command from a flow, or the socket
+    /// ready for what is queued.
     async fn input(&mut self) -> Input {
         tokio::select! {
             m = self.ws_in.next() => Input::Ws(m),
             c = self.cmd_rx.recv() => Input::Cmd(c),
+            () = self.writer.write(), if !self.writer.is_idle() => Input::Written,
         }
     }
 
@@ -62,6 +70,7 @@ impl Connection {
         match input {
             Input::Ws(m) => self.on_ws(m),
             Input::Cmd(c) => self.on_cmds(c),
+            Input::Written => {}
         }
     }
 
@@ -230,8 +239,8 @@ impl AgentRuntime {
                             let tunnel = Tunnel::agent(now, self.cfg.tunnel_config(), &r.agent_id, &connectors);
                             let mut driver = TunnelDriver::new(tunnel, out_tx, ctx, self.metrics.clone());
                             driver.flush();
-                            tokio::spawn(nowconnect_shared::tung::write_ws(sink, out_rx));
-                            conn = Some(Connection { attempt, driver, ws_in, cmd_rx });
+                            let writer = nowconnect_shared::tung::inline_writer(sink, out_rx);
+                            conn = Some(Connection { attempt, driver, ws_in, writer, cmd_rx });
                         }
                         Internal::HubFailed { attempt, reason } => {
                             tracing::warn!(attempt, %reason, "hub connection failed");
@@ -264,6 +273,14 @@ impl AgentRuntime {
                 }
             }
             agent_tunnels_step(&tasks, &mut conn, &mut old, &mut agent, &mut dials);
+            // Out in this same wake-up, as far as the sockets take it.
+            for c in [conn.as_mut(), old.as_mut()].into_iter().flatten() {
+                c.writer.write_now().await;
+            }
+        }
+        // Let the close frames go out (2 s at most) before returning.
+        for mut c in [conn.take(), old.take()].into_iter().flatten() {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), c.writer.write()).await;
         }
     }
 }
@@ -277,8 +294,14 @@ impl AgentConn for Connection {
         &mut self.driver
     }
 
-    /// The reader is this connection's own stream; dropping it is enough.
-    fn finish(self) {}
+    /// Dropping the reader is enough; what is queued for the socket (the
+    /// close frame) still goes out, for 2 s at most.
+    fn finish(self) {
+        let mut writer = self.writer;
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(2), writer.write()).await;
+        });
+    }
 }
 
 async fn connect_hub(
