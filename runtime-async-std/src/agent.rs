@@ -18,36 +18,18 @@ use nowconnect_core::tunnel::Tunnel;
 use nowconnect_core::{Cid, ErrorCode};
 use nowconnect_shared::config::AgentConfig;
 use nowconnect_shared::driver::{
-    AgentConn, AgentDials, AgentFlow, AgentTasks, LinkCmd, TunnelDriver, agent_outputs,
-    agent_tunnels_step,
+    AgentConn, AgentDials, AgentFlow, AgentTasks, InlineWriter, LinkCmd, TunnelDriver,
+    agent_outputs, agent_tunnels_step,
 };
 use nowconnect_shared::metrics::Metrics;
 
 use crate::net::{Ws, connect_ws, pipe_tcp, to_core};
-use nowconnect_shared::tung::write_ws;
 
 enum Internal {
-    HubConnected {
-        attempt: u64,
-        ws: Box<Ws>,
-    },
-    HubFailed {
-        attempt: u64,
-        reason: String,
-    },
-    /// What the tunnel's socket delivered (`None`: it ended).
-    Ws {
-        attempt: u64,
-        msg: Option<Result<Message, String>>,
-    },
-    TargetConnected {
-        flow: AgentFlow,
-        stream: TcpStream,
-    },
-    TargetFailed {
-        flow: AgentFlow,
-        reason: String,
-    },
+    HubConnected { attempt: u64, ws: Box<Ws> },
+    HubFailed { attempt: u64, reason: String },
+    TargetConnected { flow: AgentFlow, stream: TcpStream },
+    TargetFailed { flow: AgentFlow, reason: String },
     Stop,
 }
 
@@ -55,15 +37,55 @@ enum Wake {
     Internal(Internal),
     /// A flow command for the tunnel of this attempt.
     Cmd(u64, LinkCmd),
+    /// What the tunnel's socket delivered (`None`: it ended).
+    Ws(u64, Option<Result<Message, String>>),
+    /// The socket of this attempt took what was queued.
+    Written,
     Timer,
 }
 
+type WsWriter = InlineWriter<async_tungstenite::WebSocketSender<Box<dyn crate::net::Io>>, Message>;
+
+/// One tunnel of the agent: its socket is read and written by the agent
+/// task itself (no reader or writer task hop per message).
 struct Connection {
     attempt: u64,
     driver: TunnelDriver,
     cmd_rx: Receiver<LinkCmd>,
-    writer: JoinHandle<()>,
-    reader: JoinHandle<()>,
+    ws_in: async_tungstenite::WebSocketReceiver<Box<dyn crate::net::Io>>,
+    writer: WsWriter,
+}
+
+impl Connection {
+    /// The next frame from the hub, command from a flow, or the socket
+    /// ready for what is queued.
+    async fn input(&mut self) -> Wake {
+        use futures_lite::future::{pending, race};
+        let attempt = self.attempt;
+        let (ws_in, cmd_rx, writer) = (&mut self.ws_in, &self.cmd_rx, &mut self.writer);
+        race(
+            async {
+                let m = ws_in.next().await.map(|r| r.map_err(|e| e.to_string()));
+                Wake::Ws(attempt, m)
+            },
+            race(
+                async {
+                    match cmd_rx.recv().await {
+                        Ok(c) => Wake::Cmd(attempt, c),
+                        Err(_) => pending().await,
+                    }
+                },
+                async {
+                    if writer.is_idle() {
+                        pending::<()>().await;
+                    }
+                    writer.write().await;
+                    Wake::Written
+                },
+            ),
+        )
+        .await
+    }
 }
 
 pub struct AgentRuntime {
@@ -182,8 +204,7 @@ impl AgentRuntime {
                 .filter_map(|c| c.driver.tunnel.poll_timeout().map(|(at, _)| at))
                 .chain(agent.poll_timeout())
                 .min();
-            let cmds = [&conn, &old].map(|c| c.as_ref().map(|c| (c.attempt, &c.cmd_rx)));
-            let wake = next_wake(&irx, cmds, deadline).await;
+            let wake = next_wake(&irx, conn.as_mut(), old.as_mut(), deadline).await;
             let now = Instant::now();
             match wake {
                 Wake::Internal(Internal::Stop) => {
@@ -202,36 +223,27 @@ impl AgentRuntime {
                     if agent.state() != &(HubLinkState::Dialing { attempt }) {
                         continue;
                     }
-                    let (sink, mut stream) = (*ws).split();
+                    let (sink, ws_in) = (*ws).split();
                     let (out_tx, out_rx) = async_channel::unbounded();
                     let (ctx, crx) = async_channel::unbounded();
                     let tunnel =
                         Tunnel::agent(now, self.cfg.tunnel_config(), &agent_id, &connectors);
                     let mut driver = TunnelDriver::new(tunnel, out_tx, ctx, self.metrics.clone());
                     driver.flush();
-                    let itx = itx.clone();
-                    let reader = task::spawn(async move {
-                        loop {
-                            let msg = stream.next().await.map(|r| r.map_err(|e| e.to_string()));
-                            let end = msg.is_none();
-                            if itx.send(Internal::Ws { attempt, msg }).await.is_err() || end {
-                                return;
-                            }
-                        }
-                    });
                     conn = Some(Connection {
                         attempt,
                         driver,
                         cmd_rx: crx,
-                        writer: task::spawn(write_ws(sink, out_rx)),
-                        reader,
+                        ws_in,
+                        writer: nowconnect_shared::tung::inline_writer(sink, out_rx),
                     });
                 }
                 Wake::Internal(Internal::HubFailed { attempt, reason }) => {
                     tracing::warn!(attempt, %reason, "hub connection failed");
                     agent.hub_lost(now, attempt);
                 }
-                Wake::Internal(Internal::Ws { attempt, msg }) => {
+                Wake::Written => {}
+                Wake::Ws(attempt, msg) => {
                     let Some(c) = [conn.as_mut(), old.as_mut()]
                         .into_iter()
                         .flatten()
@@ -289,11 +301,14 @@ impl AgentRuntime {
                 }
             }
             agent_tunnels_step(&tasks, &mut conn, &mut old, &mut agent, &mut dials);
+            // Out in this same wake-up, as far as the sockets take it.
+            for c in [conn.as_mut(), old.as_mut()].into_iter().flatten() {
+                c.writer.write_now().await;
+            }
         }
-        for c in [conn.take(), old.take()].into_iter().flatten() {
-            drop(c.driver);
-            cancel(c.reader);
-            let _ = async_std::future::timeout(Duration::from_secs(2), c.writer).await;
+        // Let the close frames go out (2 s at most) before returning.
+        for mut c in [conn.take(), old.take()].into_iter().flatten() {
+            let _ = async_std::future::timeout(Duration::from_secs(2), c.writer.write()).await;
         }
     }
 }
@@ -307,27 +322,31 @@ impl AgentConn for Connection {
         &mut self.driver
     }
 
-    /// Stop the task that reads this tunnel's socket.
+    /// Dropping the reader is enough; what is queued for the socket (the
+    /// close frame) still goes out, for 2 s at most.
     fn finish(self) {
-        cancel(self.reader);
+        let mut writer = self.writer;
+        task::spawn(async move {
+            let _ = async_std::future::timeout(Duration::from_secs(2), writer.write()).await;
+        });
     }
 }
 
-/// Wait for the next thing to do: an internal event, a flow command, or the
-/// earliest core deadline.
+/// Wait for the next thing to do: an internal event, input on either
+/// tunnel, or the earliest core deadline.
 async fn next_wake(
     irx: &Receiver<Internal>,
-    cmds: [Option<(u64, &Receiver<LinkCmd>)>; 2],
+    conn: Option<&mut Connection>,
+    old: Option<&mut Connection>,
     deadline: Option<Instant>,
 ) -> Wake {
-    use futures_lite::future::{or, pending};
+    use futures_lite::future::{pending, race};
     let internal = async {
         match irx.recv().await {
             Ok(i) => Wake::Internal(i),
             Err(_) => Wake::Internal(Internal::Stop),
         }
     };
-    let [current, draining] = cmds;
     let timer = async {
         match deadline {
             Some(d) => {
@@ -337,19 +356,12 @@ async fn next_wake(
             None => pending().await,
         }
     };
-    or(
-        internal,
-        or(next_cmd(current), or(next_cmd(draining), timer)),
-    )
-    .await
+    race(race(internal, timer), race(input(conn), input(old))).await
 }
 
-async fn next_cmd(rx: Option<(u64, &Receiver<LinkCmd>)>) -> Wake {
-    match rx {
-        Some((attempt, r)) => match r.recv().await {
-            Ok(c) => Wake::Cmd(attempt, c),
-            Err(_) => futures_lite::future::pending().await,
-        },
+async fn input(c: Option<&mut Connection>) -> Wake {
+    match c {
+        Some(c) => c.input().await,
         None => futures_lite::future::pending().await,
     }
 }
