@@ -182,18 +182,12 @@ async fn mesh_connect_impl(
         .await
         .map_err(|e| format!("{url}: {e}"))?;
     let _ = tcp.set_nodelay(true);
-    let io: Box<dyn Io> = if dial.secure {
-        let cfg = tls.ok_or_else(|| format!("{url}: wss:// needs ha.mesh.tls"))?;
-        let name = rustls_pki_types::ServerName::try_from(dial.host.clone())
-            .map_err(|e| format!("{url}: {e}"))?;
-        let stream = futures_rustls::TlsConnector::from(cfg)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("{url}: TLS: {e}"))?;
-        Box::new(stream)
+    let tls = if dial.secure {
+        Some(tls.ok_or_else(|| format!("{url}: wss:// needs ha.mesh.tls"))?)
     } else {
-        Box::new(tcp)
+        None
     };
+    let io = crate::net::tls_or_plain(&url, &dial.host, tcp, tls).await?;
     let (ws, resp) = async_tungstenite::client_async_with_config(dial.request, io, Some(cfg))
         .await
         .map_err(|e| format!("{url}: {e}"))?;

@@ -42,21 +42,9 @@ pub async fn connect_ws(
         .await
         .map_err(|e| format!("{url}: {e}"))?;
     let _ = tcp.set_nodelay(true);
-    let io: Box<dyn Io> = if secure {
-        let cfg = match tls {
-            Some(c) => c,
-            None => Arc::new(public_roots()),
-        };
-        let name = ServerName::try_from(host.clone())
-            .map_err(|e| format!("{url}: bad TLS server name `{host}`: {e}"))?;
-        let stream = futures_rustls::TlsConnector::from(cfg)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("{url}: TLS: {e}"))?;
-        Box::new(stream)
-    } else {
-        Box::new(tcp)
-    };
+    // `wss://` without `tls.ca_bundle`: the public web PKI.
+    let tls = secure.then(|| tls.unwrap_or_else(|| Arc::new(public_roots())));
+    let io = tls_or_plain(url, &host, tcp, tls).await?;
     let config = nowconnect_shared::tung::ws_config(max_message);
     let (ws, _) = async_tungstenite::client_async_with_config(req, io, Some(config))
         .await
@@ -67,6 +55,25 @@ pub async fn connect_ws(
             e => format!("{url}: {e}"),
         })?;
     Ok(ws)
+}
+
+/// `tcp` as it is, or wrapped in TLS with `tls` for server name `host`.
+pub async fn tls_or_plain(
+    url: &str,
+    host: &str,
+    tcp: TcpStream,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<Box<dyn Io>, String> {
+    let Some(cfg) = tls else {
+        return Ok(Box::new(tcp));
+    };
+    let name = ServerName::try_from(host.to_string())
+        .map_err(|e| format!("{url}: bad TLS server name `{host}`: {e}"))?;
+    let stream = futures_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("{url}: TLS: {e}"))?;
+    Ok(Box::new(stream))
 }
 
 /// A client config trusting the public web PKI (Mozilla's roots), for

@@ -19,6 +19,7 @@ use crate::jwt::AgentIdentity;
 pub const MAX_HEAD: usize = 16 * 1024;
 
 /// A parsed request head, and the bytes read after it.
+#[derive(Debug)]
 pub struct Head {
     pub method: String,
     pub path: String,

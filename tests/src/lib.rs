@@ -83,6 +83,17 @@ impl Runtime {
         }
     }
 
+    /// `tokio,async-std` (a benchmark's `--runtimes`) as runtimes.
+    pub fn parse_list(list: &str) -> Vec<Runtime> {
+        list.split(',')
+            .map(|r| match r {
+                "tokio" => Runtime::Tokio,
+                "async-std" => Runtime::AsyncStd,
+                other => panic!("unknown runtime `{other}`: use tokio or async-std"),
+            })
+            .collect()
+    }
+
     /// The binary that runs a hub or an agent on this runtime.
     pub fn bin(self) -> PathBuf {
         match self {

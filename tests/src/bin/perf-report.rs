@@ -67,16 +67,7 @@ fn opts() -> Opts {
             "--conn-secs" => o.conn_secs = n(),
             "--bytes" => o.bytes = n(),
             "--idle-secs" => o.idle_secs = n(),
-            "--runtimes" => {
-                o.runtimes = v
-                    .split(',')
-                    .map(|r| match r {
-                        "tokio" => Runtime::Tokio,
-                        "async-std" => Runtime::AsyncStd,
-                        other => panic!("--runtimes: unknown runtime {other}"),
-                    })
-                    .collect()
-            }
+            "--runtimes" => o.runtimes = Runtime::parse_list(&v),
             other => panic!("unknown argument {other}"),
         }
         i += 2;

@@ -93,16 +93,7 @@ fn main() {
             "--bytes" => bytes = args[i + 1].parse().expect("--bytes N"),
             "--echoes" => echoes = args[i + 1].parse().expect("--echoes N"),
             "--window" => window = args[i + 1].parse().expect("--window BYTES"),
-            "--runtimes" | "--agents" => {
-                runtimes = args[i + 1]
-                    .split(',')
-                    .map(|r| match r {
-                        "tokio" => Runtime::Tokio,
-                        "async-std" => Runtime::AsyncStd,
-                        other => panic!("--runtimes: unknown runtime {other}"),
-                    })
-                    .collect()
-            }
+            "--runtimes" | "--agents" => runtimes = Runtime::parse_list(&args[i + 1]),
             other => panic!("unknown argument {other}"),
         }
         i += 2;
