@@ -6,14 +6,21 @@
 //! its own, both on that runtime, so the runtimes are measured side by side
 //! in one process, alternating with the direct runs.
 //!
-//!   cargo run --release -p nowconnect-tests --bin tunnel-bench -- [--bytes N] [--echoes N] [--runtimes tokio,async-std]
+//! With `--mesh`, each runtime then also gets Redis, two meshed hubs and an
+//! agent on hub-a, and one flow into hub-b is measured across the mesh.
+//!
+//!   cargo run --release -p nowconnect-tests --bin tunnel-bench -- [--bytes N] [--echoes N] [--runtimes tokio,async-std] [--mesh]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use nowconnect_tests::{AgentProc, Env, HubProc, Runtime, echo_server, eventually};
+use nowconnect_tests::pki::Ca;
+use nowconnect_tests::{
+    AgentProc, Env, HubProc, RedisProc, Runtime, echo_server, eventually, mesh_established,
+    meshed_pair_on,
+};
 
 /// Reads until EOF, then answers with the byte count (8 bytes, LE).
 fn sink_server() -> SocketAddr {
@@ -85,6 +92,7 @@ fn main() {
     let mut bytes: u64 = 2 * 1024 * 1024 * 1024;
     let mut echoes = 20_000;
     let mut window: u32 = 256 * 1024;
+    let mut mesh = false;
     let mut runtimes = vec![Runtime::Tokio, Runtime::AsyncStd];
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -93,6 +101,11 @@ fn main() {
             "--bytes" => bytes = args[i + 1].parse().expect("--bytes N"),
             "--echoes" => echoes = args[i + 1].parse().expect("--echoes N"),
             "--window" => window = args[i + 1].parse().expect("--window BYTES"),
+            "--mesh" => {
+                mesh = true;
+                i += 1;
+                continue;
+            }
             "--runtimes" | "--agents" => runtimes = Runtime::parse_list(&args[i + 1]),
             other => panic!("unknown argument {other}"),
         }
@@ -203,5 +216,54 @@ fn main() {
     for (rt, (_, e)) in runtimes.iter().zip(&names) {
         let ht = echo_latency(listener(e), echoes);
         row(rt.name(), &ht);
+    }
+    if mesh {
+        // Per runtime, one after the other: Redis, two meshed hubs, an agent
+        // on hub-a; one flow into hub-b crosses the mesh to hub-a.
+        drop(agents);
+        drop(hubs);
+        println!(
+            "## one-flow throughput across the mesh ({} MiB per run, median of 3)",
+            bytes >> 20
+        );
+        for rt in &runtimes {
+            let dir = env.path().join(format!("mesh-{}", rt.name()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let redis = RedisProc::start(&dir);
+            let (a, b, pa, pb) =
+                meshed_pair_on([*rt; 2], &env, "active", &redis, &Ca::new("bench mesh CA"));
+            let id = format!("mesh-{}", rt.name());
+            let _agent = AgentProc::start_on(
+                *rt,
+                &dir,
+                &id,
+                &env.agent_yaml(&id, &[a.http], &[("ldap", sink)], "log:\n  level: warn\n"),
+                &env.token(&id, None),
+            );
+            assert!(
+                eventually(Duration::from_secs(20), || a
+                    .metric("nowconnect_agents_connected")
+                    == 1.0
+                    && mesh_established(&a, pb)
+                    && mesh_established(&b, pa)),
+                "{} mesh cluster did not come up",
+                rt.name()
+            );
+            let via = b.listener("ldap");
+            throughput(via, bytes / 8);
+            let (mut d, mut m) = (Vec::new(), Vec::new());
+            for _ in 0..3 {
+                d.push(throughput(sink, bytes));
+                m.push(throughput(via, bytes));
+            }
+            let (d, m) = (med(&mut d), med(&mut m));
+            println!(
+                "direct {:>8.1} MiB/s, across the mesh ({:<9}): {:>8.1} MiB/s  ratio {:.3}x",
+                d / 1048576.0,
+                rt.name(),
+                m / 1048576.0,
+                m / d
+            );
+        }
     }
 }
