@@ -151,66 +151,12 @@ impl Outgoing {
     }
 }
 
-/// A WebSocket message type a runtime writes (axum's, tungstenite's or
-/// async-tungstenite's), so one writer loop serves every link. Adapters
-/// implement it on a local wrapper or use [`write_ws_with`].
-pub trait WsOut: Sized {
-    fn frame(m: WsMessage) -> Self;
-    fn close(code: u16, reason: String) -> Self;
-}
-
-/// The writer task of a link: sends what the link task queued, in batches
-/// flushed once; a `Close` sends the close frame and ends the socket.
-pub async fn write_ws<M, S>(sink: S, rx: Receiver<Outgoing>)
-where
-    M: WsOut,
-    S: futures_util::Sink<M> + Unpin,
-{
-    write_ws_with(sink, rx, M::frame, M::close).await
-}
-
-/// [`write_ws`] with the message constructors given as functions.
-pub async fn write_ws_with<M, S>(
-    mut sink: S,
-    rx: Receiver<Outgoing>,
-    frame: fn(WsMessage) -> M,
-    close: fn(u16, String) -> M,
-) where
-    S: futures_util::Sink<M> + Unpin,
-{
-    use futures_util::SinkExt;
-    while let Ok(m) = rx.recv().await {
-        let mut batch = vec![m];
-        while batch.len() < 64 {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
-        for m in batch {
-            let msg = match m {
-                Outgoing::Frame(f) => frame(f),
-                Outgoing::Close { code, reason } => {
-                    let close = close(Outgoing::close_code(code), Outgoing::close_reason(&reason));
-                    let _ = sink.send(close).await;
-                    return;
-                }
-            };
-            if sink.feed(msg).await.is_err() {
-                return;
-            }
-        }
-        if sink.flush().await.is_err() {
-            return;
-        }
-    }
-    let _ = sink.close().await;
-}
-
-/// A WebSocket writer driven by the link task itself instead of a task of
-/// its own: what the link queues on its `Outgoing` channel is written and
-/// flushed in the same wake-up, which saves a cross-task hop (and, on a
-/// busy machine, a thread wake-up) per message. Cancel-safe: a message
+/// The WebSocket writer of every link (hub and agent tunnels, mesh links),
+/// driven by the link task itself instead of a task of its own: what the
+/// link queues on its `Outgoing` channel is written in batches, flushed
+/// once, in the same wake-up, which saves a cross-task hop (and, on a busy
+/// machine, a thread wake-up) per message; a `Close` sends the close frame
+/// and ends the socket. Cancel-safe: a message
 /// leaves the queue only when the sink has taken it, so the write can be one
 /// branch of a `race` that another branch wins.
 pub struct InlineWriter<S, M> {

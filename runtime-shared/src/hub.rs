@@ -177,10 +177,6 @@ impl<R: HubRt> HubHandle<R> {
         )
     }
 
-    pub fn shared(&self) -> &Arc<Shared<R>> {
-        &self.shared
-    }
-
     /// Graceful stop: drain (see [`Shared::drain`]), then close every
     /// tunnel and the HTTP server.
     pub async fn shutdown(self) {

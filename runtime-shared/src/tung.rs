@@ -1,6 +1,7 @@
 //! tungstenite, the WebSocket library under both runtimes' client and mesh
 //! sockets (tokio-tungstenite and async-tungstenite share its message type):
-//! the request an agent dials a hub with, and the link writer.
+//! the request an agent dials a hub with, the size limits, and the link
+//! writer's message constructors.
 
 use async_channel::Receiver;
 use nowconnect_core::WsMessage;
@@ -9,7 +10,7 @@ use tungstenite::client::IntoClientRequest;
 use tungstenite::handshake::client::Request;
 use tungstenite::protocol::{CloseFrame, WebSocketConfig};
 
-use crate::driver::{InlineWriter, Outgoing, write_ws_with};
+use crate::driver::{InlineWriter, Outgoing};
 
 /// The upgrade request for a hub's `/tunnel`, carrying the agent's token.
 pub fn hub_request(url: &str, token: &str) -> Result<Request, String> {
@@ -46,14 +47,6 @@ pub fn close_message(code: u16, reason: String) -> Message {
         code: code.into(),
         reason: reason.into(),
     }))
-}
-
-/// The writer loop of a tungstenite WebSocket.
-pub async fn write_ws<S>(sink: S, rx: Receiver<Outgoing>)
-where
-    S: futures_util::Sink<Message> + Unpin,
-{
-    write_ws_with(sink, rx, frame_message, close_message).await
 }
 
 /// A tungstenite WebSocket written by the link task itself.

@@ -817,6 +817,14 @@ pub fn meshed_pair_on(
     (a, b, pa, pb)
 }
 
+/// Whether a meshed pair is up: hub-a (mesh port `pa`) holds the agent and
+/// the links both ways are established.
+pub fn pair_ready(a: &HubProc, b: &HubProc, pa: u16, pb: u16) -> bool {
+    a.metric("nowconnect_agents_connected") == 1.0
+        && mesh_established(a, pb)
+        && mesh_established(b, pa)
+}
+
 /// Whether `h`'s mesh link to the hub on `peer_port` is established.
 pub fn mesh_established(h: &HubProc, peer_port: u16) -> bool {
     h.metric(&format!(

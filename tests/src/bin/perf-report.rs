@@ -264,11 +264,7 @@ fn run_on(
         &env.token("agent-1", None),
     );
     assert!(
-        eventually(Duration::from_secs(20), || a
-            .metric("nowconnect_agents_connected")
-            == 1.0
-            && mesh_established(&a, pb)
-            && mesh_established(&b, pa)),
+        eventually(Duration::from_secs(20), || pair_ready(&a, &b, pa, pb)),
         "{} cluster did not come up",
         rt.name()
     );

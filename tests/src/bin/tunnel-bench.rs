@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use nowconnect_tests::pki::Ca;
 use nowconnect_tests::{
-    AgentProc, Env, HubProc, RedisProc, Runtime, echo_server, eventually, mesh_established,
-    meshed_pair_on,
+    AgentProc, Env, HubProc, RedisProc, Runtime, echo_server, eventually, meshed_pair_on,
+    pair_ready,
 };
 
 /// Reads until EOF, then answers with the byte count (8 bytes, LE).
@@ -241,11 +241,7 @@ fn main() {
                 &env.token(&id, None),
             );
             assert!(
-                eventually(Duration::from_secs(20), || a
-                    .metric("nowconnect_agents_connected")
-                    == 1.0
-                    && mesh_established(&a, pb)
-                    && mesh_established(&b, pa)),
+                eventually(Duration::from_secs(20), || pair_ready(&a, &b, pa, pb)),
                 "{} mesh cluster did not come up",
                 rt.name()
             );
