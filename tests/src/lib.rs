@@ -206,6 +206,26 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// Wait until the log contains `needle` and return the log. A process
+    /// often logs just after the effect a test observes (a closed socket, a
+    /// counted metric), so a log check right after an effect must wait.
+    pub fn wait_log(&self, needle: &str, within: Duration) -> String {
+        let end = Instant::now() + within;
+        loop {
+            let log = self.log_text();
+            if log.contains(needle) {
+                return log;
+            }
+            if Instant::now() >= end {
+                panic!(
+                    "{}: `{needle}` not logged within {within:?}; log:\n{log}",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
     }

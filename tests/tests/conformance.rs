@@ -151,11 +151,9 @@ fn an_unreachable_target_closes_the_client_at_once(d: Deploy) {
     assert!(eventually(Duration::from_secs(5), || hub.metric(
         "nowconnect_flow_resets_total{code=\"target_unreachable\"}"
     ) >= 1.0));
-    assert!(
-        agent.proc.log_text().contains("Connection refused"),
-        "{}",
-        agent.proc.log_text()
-    );
+    agent
+        .proc
+        .wait_log("Connection refused", Duration::from_secs(5));
 }
 
 fn the_agent_comes_back_after_a_hub_restart(d: Deploy) {

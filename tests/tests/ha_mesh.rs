@@ -82,11 +82,8 @@ fn shadow_mode_serves_locally_and_counts_what_active_would_route() {
     assert!(eventually(Duration::from_secs(5), || b
         .metric("nowconnect_shadow_would_route_total{route=\"mesh\"}")
         >= 1.0));
-    assert!(
-        b.proc.log_text().contains("active would forward to hub-a"),
-        "{}",
-        b.proc.log_text()
-    );
+    b.proc
+        .wait_log("active would forward to hub-a", Duration::from_secs(5));
     // hub-a serves its own agent as usual.
     let data = std::sync::Arc::new(random_bytes(10_000));
     assert_eq!(
@@ -240,7 +237,8 @@ fn redis_down_refuses_cross_replica_at_once_keeps_local_flows_and_recovers() {
         "{:?}",
         start.elapsed()
     );
-    assert!(b.proc.log_text().contains("registry is unavailable"));
+    b.proc
+        .wait_log("registry is unavailable", Duration::from_secs(5));
 
     redis.restart();
     assert!(
@@ -319,7 +317,8 @@ fn three_hubs_with_one_started_later_join_by_discovery_alone() {
         echo_roundtrip(c.listener("ldap"), data.clone()).unwrap(),
         sha256(&data)
     );
-    assert!(c.proc.log_text().contains("mesh peer discovered"));
+    c.proc
+        .wait_log("mesh peer discovered", Duration::from_secs(5));
 }
 
 #[test]

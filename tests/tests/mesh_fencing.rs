@@ -173,10 +173,9 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
             "{:?}",
             start.elapsed()
         );
-        let log = hub.proc.log_text();
-        assert!(
-            log.contains("TLS handshake not completed within 1s"),
-            "{log}"
+        hub.proc.wait_log(
+            "TLS handshake not completed within 1s",
+            Duration::from_secs(5),
         );
     }
     // A peer with no client certificate: the TLS handshake is refused.
@@ -277,10 +276,12 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
         } => {}
         other => panic!("{other:?}"),
     }
-    assert!(hub.proc.log_text().contains("TLS handshake failed"));
+    hub.proc
+        .wait_log("TLS handshake failed", Duration::from_secs(5));
     // Both refusals were counted.
     assert!(metric("nowconnect_owner_epoch_mismatch_total").await >= 2.0);
-    assert!(hub.proc.log_text().contains("mesh open refused"));
+    hub.proc
+        .wait_log("mesh open refused", Duration::from_secs(5));
 }
 
 /// Whether a fresh mesh connection to `port` with these credentials gets
@@ -451,11 +452,8 @@ fn mesh_certificates_rotate_on_file_change_without_dropping_the_link() {
     let errors = reloads(&a, "error");
     std::fs::write(&leaf_a.cert, "not a certificate").unwrap();
     assert!(eventually(Duration::from_secs(10), || reloads(&a, "error") > errors));
-    let log = a.proc.log_text();
-    assert!(
-        log.contains("reload failed") && log.contains("ha.mesh.tls"),
-        "{log}"
-    );
+    let log = a.proc.wait_log("reload failed", Duration::from_secs(5));
+    assert!(log.contains("ha.mesh.tls"), "{log}");
     mesh_handshake(&rt, pa, &new_a).expect("the running certificates stay");
     echo_once(b"after a failed reload");
 }
