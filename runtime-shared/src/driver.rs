@@ -92,6 +92,19 @@ pub enum LinkCmd {
         connector: String,
         reply: Reply<Result<FlowEnd, String>>,
     },
+    /// Owner hub: open a flow to this connector joined to a mesh flow; the
+    /// answer is the new flow's cid.
+    OpenJoined {
+        connector: String,
+        peer: Peer,
+        reply: Reply<Result<Cid, String>>,
+    },
+    /// Owner hub: the held flow `cid` (see [`FlowPipes::hold`]) is joined to
+    /// `peer` from now on.
+    Join {
+        cid: Cid,
+        peer: Peer,
+    },
     /// Mesh origin: open a flow to `agent_id`'s `connector` under `epoch`.
     OpenMeshFlow {
         connector: String,
@@ -291,21 +304,64 @@ pub struct FlowEnd {
     pub cmd: Sender<LinkCmd>,
 }
 
+/// A flow on another link task: the owner hub joins a mesh flow and a flow
+/// on the agent's tunnel, and each link hands what arrives for its side
+/// straight to the other link, with no task in between.
+#[derive(Clone)]
+pub struct Peer {
+    pub cmd: Sender<LinkCmd>,
+    pub cid: Cid,
+}
+
+/// Where what the core delivers for a flow goes.
+enum Sink {
+    /// A flow socket's task, and its reader permits.
+    Socket {
+        tx: Sender<FlowMsg>,
+        permits: Permits,
+    },
+    /// A flow to be joined to a peer: what arrives waits here, and what the
+    /// core took from the peer is credited to it once joined.
+    Held { queue: Vec<FlowMsg>, taken: usize },
+    /// A flow on another link: deliveries go there as commands, and what the
+    /// core takes of its data is credited back to it at once (the credit of
+    /// this flow's receive window bounds what waits on either side).
+    Joined(Peer),
+}
+
 struct FlowSlot {
-    tx: Sender<FlowMsg>,
-    permits: Permits,
+    sink: Sink,
     pending: VecDeque<Bytes>,
     fin_pending: bool,
     connector: String,
+    /// The tunnel side of a bridged mesh flow: its end is reported through
+    /// [`FlowPipes::take_bridged_ends`].
+    bridged: bool,
 }
 
 /// The flows of one link as the runtime sees them: a channel to each flow's
-/// socket task, the chunks it handed over that the core has not taken yet,
-/// and the reader permits.
+/// socket task (or the joined flow on another link), the chunks handed over
+/// that the core has not taken yet, and the reader permits.
 pub struct FlowPipes {
     flows: BTreeMap<Cid, FlowSlot>,
     cmd_tx: Sender<LinkCmd>,
     metrics: Arc<Metrics>,
+    bridged_ends: usize,
+}
+
+impl Drop for FlowPipes {
+    /// The link is gone: joined flows on other links are reset.
+    fn drop(&mut self) {
+        for slot in self.flows.values() {
+            if let Sink::Joined(p) = &slot.sink {
+                let _ = p.cmd.try_send(LinkCmd::Reset {
+                    cid: p.cid,
+                    code: ErrorCode::LinkLost,
+                    reason: "the other side of the bridged flow went away".into(),
+                });
+            }
+        }
+    }
 }
 
 impl FlowPipes {
@@ -314,7 +370,23 @@ impl FlowPipes {
             flows: BTreeMap::new(),
             cmd_tx,
             metrics,
+            bridged_ends: 0,
         }
+    }
+
+    /// The sender of this link's commands (what a [`Peer`] of its flows holds).
+    pub fn cmd_sender(&self) -> Sender<LinkCmd> {
+        self.cmd_tx.clone()
+    }
+
+    /// Bridged tunnel-side flows that ended since the last call.
+    pub fn take_bridged_ends(&mut self) -> usize {
+        std::mem::take(&mut self.bridged_ends)
+    }
+
+    /// Bridged tunnel-side flows still open.
+    pub fn bridged_open(&self) -> usize {
+        self.flows.values().filter(|s| s.bridged).count()
     }
 
     pub fn len(&self) -> usize {
@@ -329,20 +401,15 @@ impl FlowPipes {
     pub fn attach(&mut self, cid: Cid, connector: &str) -> FlowEnd {
         let (tx, rx) = async_channel::unbounded();
         let permits = Permits::new(CHUNKS_IN_FLIGHT);
-        self.flows.insert(
+        self.insert(
             cid,
-            FlowSlot {
+            connector,
+            Sink::Socket {
                 tx,
                 permits: permits.clone(),
-                pending: VecDeque::new(),
-                fin_pending: false,
-                connector: connector.to_string(),
             },
+            false,
         );
-        self.metrics
-            .flows_active
-            .get_or_create(&labels(&[("connector", connector)]))
-            .inc();
         FlowEnd {
             cid,
             connector: connector.to_string(),
@@ -352,15 +419,134 @@ impl FlowPipes {
         }
     }
 
+    /// Register a flow that will be joined to a flow on another link
+    /// ([`LinkCmd::Join`]); until then what arrives for it is held.
+    pub fn hold(&mut self, cid: Cid, connector: &str) {
+        let sink = Sink::Held {
+            queue: Vec::new(),
+            taken: 0,
+        };
+        self.insert(cid, connector, sink, false);
+    }
+
+    /// Register the tunnel side of a bridged flow, joined to `peer` at once.
+    pub fn attach_joined(&mut self, cid: Cid, connector: &str, peer: Peer) {
+        self.insert(cid, connector, Sink::Joined(peer), true);
+    }
+
+    fn insert(&mut self, cid: Cid, connector: &str, sink: Sink, bridged: bool) {
+        self.flows.insert(
+            cid,
+            FlowSlot {
+                sink,
+                pending: VecDeque::new(),
+                fin_pending: false,
+                connector: connector.to_string(),
+                bridged,
+            },
+        );
+        self.metrics
+            .flows_active
+            .get_or_create(&labels(&[("connector", connector)]))
+            .inc();
+    }
+
     fn detach(&mut self, cid: Cid) -> Option<FlowSlot> {
         let slot = self.flows.remove(&cid)?;
         self.metrics
             .flows_active
             .get_or_create(&labels(&[("connector", &slot.connector)]))
             .dec();
-        // Wake a reader waiting for a permit so it notices the flow is over.
-        slot.permits.close();
+        if slot.bridged {
+            self.bridged_ends += 1;
+        }
+        if let Sink::Socket { permits, .. } = &slot.sink {
+            // Wake a reader waiting for a permit so it notices the flow is over.
+            permits.close();
+        }
         Some(slot)
+    }
+
+    /// End a flow from this side: the core resets it, and a joined flow on
+    /// another link is reset too.
+    pub fn fail(&mut self, link: &mut impl FlowLink, cid: Cid, code: ErrorCode, reason: &str) {
+        if let Some(slot) = self.detach(cid) {
+            link.reset_flow(cid, code, reason);
+            self.count_reset(code);
+            if let Sink::Joined(p) = slot.sink {
+                let _ = p.cmd.try_send(LinkCmd::Reset {
+                    cid: p.cid,
+                    code,
+                    reason: reason.to_string(),
+                });
+            }
+        }
+    }
+
+    fn count_reset(&self, code: ErrorCode) {
+        self.metrics
+            .flow_resets
+            .get_or_create(&labels(&[("code", code.as_str())]))
+            .inc();
+    }
+
+    /// Hand a delivery to the flow's consumer; `false` when a joined peer
+    /// link is gone (the caller then fails the flow).
+    fn deliver(slot: &mut FlowSlot, msg: FlowMsg) -> bool {
+        match &mut slot.sink {
+            Sink::Socket { tx, .. } => {
+                let _ = tx.try_send(msg);
+                true
+            }
+            Sink::Held { queue, .. } => {
+                queue.push(msg);
+                true
+            }
+            Sink::Joined(p) => p.cmd.try_send(Self::as_cmd(p.cid, msg)).is_ok(),
+        }
+    }
+
+    fn as_cmd(cid: Cid, msg: FlowMsg) -> LinkCmd {
+        match msg {
+            FlowMsg::Data(payload) => LinkCmd::Data { cid, payload },
+            FlowMsg::Fin => LinkCmd::Fin { cid },
+            FlowMsg::Reset { code, reason } => LinkCmd::Reset { cid, code, reason },
+        }
+    }
+
+    /// Join a held flow to `peer`: what waited goes to it, then what the
+    /// core took of the peer's data is credited. A flow that ended while
+    /// held resets the peer's.
+    fn join(&mut self, link: &mut impl FlowLink, cid: Cid, peer: Peer) {
+        let Some(slot) = self.flows.get_mut(&cid) else {
+            let _ = peer.cmd.try_send(LinkCmd::Reset {
+                cid: peer.cid,
+                code: ErrorCode::ConnectionReset,
+                reason: "the mesh flow ended before it was bridged".into(),
+            });
+            return;
+        };
+        let held = std::mem::replace(&mut slot.sink, Sink::Joined(peer.clone()));
+        let Sink::Held { queue, taken } = held else {
+            slot.sink = held;
+            return;
+        };
+        let mut ok = true;
+        for m in queue {
+            ok &= peer.cmd.try_send(Self::as_cmd(peer.cid, m)).is_ok();
+        }
+        if taken > 0 {
+            ok &= peer
+                .cmd
+                .try_send(LinkCmd::Consumed {
+                    cid: peer.cid,
+                    n: taken,
+                })
+                .is_ok();
+        }
+        if !ok {
+            self.fail(link, cid, ErrorCode::LinkLost, "the agent tunnel went away");
+        }
     }
 
     /// A flow-level command (`Data`, `Fin`, `Reset`, `Consumed`); returns the
@@ -380,15 +566,15 @@ impl FlowPipes {
                 }
             }
             LinkCmd::Reset { cid, code, reason } => {
+                // From the flow's own consumer (socket task or joined peer):
+                // nothing to tell it back.
                 if self.detach(cid).is_some() {
                     link.reset_flow(cid, code, &reason);
-                    self.metrics
-                        .flow_resets
-                        .get_or_create(&labels(&[("code", code.as_str())]))
-                        .inc();
+                    self.count_reset(code);
                 }
             }
             LinkCmd::Consumed { cid, n } => link.consumed(cid, n),
+            LinkCmd::Join { cid, peer } => self.join(link, cid, peer),
             other => return Some(other),
         }
         None
@@ -412,9 +598,23 @@ impl FlowPipes {
                 tracing::warn!(cid, error = %e, "send on flow failed");
                 return;
             }
-            if front.is_empty() {
+            let done = front.is_empty();
+            if done {
                 slot.pending.pop_front();
-                slot.permits.release();
+            }
+            match &mut slot.sink {
+                Sink::Socket { permits, .. } => {
+                    if done {
+                        permits.release();
+                    }
+                }
+                Sink::Held { taken, .. } => *taken += take,
+                Sink::Joined(p) => {
+                    let _ = p.cmd.try_send(LinkCmd::Consumed {
+                        cid: p.cid,
+                        n: take,
+                    });
+                }
             }
         }
         if slot.fin_pending {
@@ -424,31 +624,40 @@ impl FlowPipes {
     }
 
     pub fn on_event(&mut self, link: &mut impl FlowLink, fe: FlowEvent) {
-        match fe {
-            FlowEvent::Data { cid, payload } => {
-                if let Some(slot) = self.flows.get(&cid) {
-                    let _ = slot.tx.try_send(FlowMsg::Data(payload));
-                }
-            }
-            FlowEvent::Fin { cid } => {
-                if let Some(slot) = self.flows.get(&cid) {
-                    let _ = slot.tx.try_send(FlowMsg::Fin);
-                }
-            }
+        let (cid, msg) = match fe {
+            FlowEvent::Data { cid, payload } => (cid, FlowMsg::Data(payload)),
+            FlowEvent::Fin { cid } => (cid, FlowMsg::Fin),
             FlowEvent::Reset { cid, code, reason } => {
-                if let Some(slot) = self.detach(cid) {
-                    self.metrics
-                        .flow_resets
-                        .get_or_create(&labels(&[("code", code.as_str())]))
-                        .inc();
-                    let _ = slot.tx.try_send(FlowMsg::Reset { code, reason });
+                if let Some(mut slot) = self.detach(cid) {
+                    self.count_reset(code);
+                    Self::deliver(&mut slot, FlowMsg::Reset { code, reason });
                 }
+                return;
             }
-            FlowEvent::Writable { cid, .. } => self.push_pending(link, cid),
+            FlowEvent::Writable { cid, .. } => return self.push_pending(link, cid),
             FlowEvent::Closed { cid } => {
                 self.detach(cid);
+                return;
             }
+        };
+        if let Some(slot) = self.flows.get_mut(&cid)
+            && !Self::deliver(slot, msg)
+        {
+            self.fail(
+                link,
+                cid,
+                ErrorCode::LinkLost,
+                "the other side of the bridged flow went away",
+            );
         }
+    }
+}
+
+/// Why a tunnel could not open a flow, for the client's reset.
+fn open_error(e: SendError) -> String {
+    match e {
+        SendError::QueueFull(n) => format!("agent flow limit of {n} reached"),
+        e => e.to_string(),
     }
 }
 
@@ -503,8 +712,7 @@ impl TunnelDriver {
             LinkCmd::OpenFlow { connector, reply } => {
                 let res = match self.tunnel.open_flow(&connector) {
                     Ok(cid) => Ok(self.pipes.attach(cid, &connector)),
-                    Err(SendError::QueueFull(n)) => Err(format!("agent flow limit of {n} reached")),
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(open_error(e)),
                 };
                 if let Err(async_channel::TrySendError::Closed(Ok(end))) = reply.try_send(res) {
                     // The client went away while we opened: abort the flow.
@@ -518,13 +726,34 @@ impl TunnelDriver {
                     );
                 }
             }
+            LinkCmd::OpenJoined {
+                connector,
+                peer,
+                reply,
+            } => match self.tunnel.open_flow(&connector) {
+                Ok(cid) => {
+                    self.pipes.attach_joined(cid, &connector, peer);
+                    if reply.try_send(Ok(cid)).is_err() {
+                        self.pipes.fail(
+                            &mut self.tunnel,
+                            cid,
+                            ErrorCode::ConnectionReset,
+                            "the mesh flow went away before the flow opened",
+                        );
+                    }
+                }
+                Err(e) => {
+                    let _ = reply.try_send(Err(open_error(e)));
+                }
+            },
             LinkCmd::OpenMeshFlow { reply, .. } => {
                 let _ = reply.try_send(Err("not a mesh link".into()));
             }
             LinkCmd::Data { .. }
             | LinkCmd::Fin { .. }
             | LinkCmd::Reset { .. }
-            | LinkCmd::Consumed { .. } => {}
+            | LinkCmd::Consumed { .. }
+            | LinkCmd::Join { .. } => {}
         }
     }
 
@@ -589,94 +818,50 @@ impl TunnelDriver {
     }
 }
 
-/// Owner side of the mesh: join a mesh flow to a new flow on the agent's
-/// tunnel, one direction each way, until both end or either resets.
-pub async fn bridge(mesh: FlowEnd, tunnel_cmd: Sender<LinkCmd>, connector: String) {
+/// Owner side of the mesh: open a flow on the agent's tunnel joined to the
+/// held mesh flow `mesh`, then join the mesh flow to it. From then on the
+/// two link tasks hand each other what arrives, with no task in between.
+/// Returns whether the tunnel flow opened: the tunnel task then reports its
+/// end ([`FlowPipes::take_bridged_ends`]); otherwise the caller does.
+pub async fn bridge(mesh: Peer, tunnel_cmd: Sender<LinkCmd>, connector: String) -> bool {
     let (tx, rx) = reply_channel();
-    let _ = tunnel_cmd.try_send(LinkCmd::OpenFlow {
-        connector: connector.clone(),
+    let _ = tunnel_cmd.try_send(LinkCmd::OpenJoined {
+        connector,
+        peer: mesh.clone(),
         reply: tx,
     });
-    let tunnel = match rx.recv().await {
-        Ok(Ok(end)) => end,
-        Ok(Err(reason)) => {
-            let _ = mesh.cmd.try_send(LinkCmd::Reset {
+    let refuse = |code, reason: String| {
+        let _ = mesh.cmd.try_send(LinkCmd::Reset {
+            cid: mesh.cid,
+            code,
+            reason,
+        });
+    };
+    match rx.recv().await {
+        Ok(Ok(cid)) => {
+            let joined = mesh.cmd.try_send(LinkCmd::Join {
                 cid: mesh.cid,
-                code: ErrorCode::LimitExceeded,
-                reason,
+                peer: Peer {
+                    cmd: tunnel_cmd.clone(),
+                    cid,
+                },
             });
-            return;
+            if joined.is_err() {
+                let _ = tunnel_cmd.try_send(LinkCmd::Reset {
+                    cid,
+                    code: ErrorCode::LinkLost,
+                    reason: "the mesh link went away".into(),
+                });
+            }
+            true
+        }
+        Ok(Err(reason)) => {
+            refuse(ErrorCode::LimitExceeded, reason);
+            false
         }
         Err(_) => {
-            let _ = mesh.cmd.try_send(LinkCmd::Reset {
-                cid: mesh.cid,
-                code: ErrorCode::LinkLost,
-                reason: "the agent tunnel went away".into(),
-            });
-            return;
-        }
-    };
-    let FlowEnd {
-        cid: mcid,
-        rx: mrx,
-        permits: mpermits,
-        cmd: mcmd,
-        ..
-    } = mesh;
-    let FlowEnd {
-        cid: tcid,
-        rx: trx,
-        permits: tpermits,
-        cmd: tcmd,
-        ..
-    } = tunnel;
-    futures_util::future::join(
-        pipe(mrx, mcid, mcmd.clone(), tcid, tcmd.clone(), tpermits),
-        pipe(trx, tcid, tcmd, mcid, mcmd, mpermits),
-    )
-    .await;
-}
-
-/// Move one direction of a bridged flow: what arrives on `from` goes to `to`,
-/// at most the chunks `to_permits` allows ahead; `from` is credited once the
-/// bytes are handed over.
-async fn pipe(
-    rx: Receiver<FlowMsg>,
-    from: Cid,
-    from_cmd: Sender<LinkCmd>,
-    to: Cid,
-    to_cmd: Sender<LinkCmd>,
-    to_permits: Permits,
-) {
-    while let Ok(msg) = rx.recv().await {
-        match msg {
-            FlowMsg::Data(b) => {
-                let n = b.len();
-                if !to_permits.acquire().await {
-                    return;
-                }
-                if to_cmd
-                    .try_send(LinkCmd::Data {
-                        cid: to,
-                        payload: b,
-                    })
-                    .is_err()
-                {
-                    return;
-                }
-                let _ = from_cmd.try_send(LinkCmd::Consumed { cid: from, n });
-            }
-            FlowMsg::Fin => {
-                let _ = to_cmd.try_send(LinkCmd::Fin { cid: to });
-            }
-            FlowMsg::Reset { code, reason } => {
-                let _ = to_cmd.try_send(LinkCmd::Reset {
-                    cid: to,
-                    code,
-                    reason,
-                });
-                return;
-            }
+            refuse(ErrorCode::LinkLost, "the agent tunnel went away".into());
+            false
         }
     }
 }

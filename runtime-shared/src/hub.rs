@@ -272,7 +272,18 @@ impl<R: HubRt> Shared<R> {
 
     /// A flow counted by `check_mesh_open` (or a client's) ended.
     pub fn flow_ended(self: &Arc<Self>, tunnel: u64) {
-        self.with_control(|c, _| c.hub.flow_ended(tunnel));
+        self.flows_ended(tunnel, 1);
+    }
+
+    /// `n` flows of `tunnel` ended.
+    fn flows_ended(self: &Arc<Self>, tunnel: u64, n: usize) {
+        if n > 0 {
+            self.with_control(|c, _| {
+                for _ in 0..n {
+                    c.hub.flow_ended(tunnel);
+                }
+            });
+        }
     }
 
     pub fn count_epoch_mismatch(self: &Arc<Self>) {
@@ -619,6 +630,8 @@ impl<R: HubRt> Shared<R> {
             // Dispatch again: closing produced flow resets.
             d.drain();
             d.flush();
+            // Bridged mesh flows are counted by the tunnel that carries them.
+            shared.flows_ended(tunnel_id, d.pipes.take_bridged_ends());
             // Out in this same wake-up, as far as the socket takes it.
             writer.write_now().await;
             if let Some((code, reason)) = closed {
@@ -638,7 +651,9 @@ impl<R: HubRt> Shared<R> {
             }
         }
         d.report();
+        let left = d.pipes.take_bridged_ends() + d.pipes.bridged_open();
         drop(d);
+        shared.flows_ended(tunnel_id, left);
         shared.with_control(|c, now| {
             c.tunnels.remove(&tunnel_id);
             c.hub.tunnel_closed(now, tunnel_id);

@@ -27,7 +27,7 @@ use tungstenite::http::{HeaderValue, StatusCode};
 use tungstenite::protocol::WebSocketConfig;
 
 use crate::config::{MeshConfig, MeshTls};
-use crate::driver::{FlowPipes, LinkCmd, Outgoing};
+use crate::driver::{FlowPipes, LinkCmd, Outgoing, Peer};
 use crate::hub::{HubRt, Shared};
 use crate::metrics::{Metrics, add_delta, add_frame_deltas, labels};
 
@@ -368,11 +368,16 @@ async fn run_link<R: HubRt>(
                 } => match shared.check_mesh_open(&agent_id, epoch) {
                     Ok((tunnel, tunnel_cmd)) => {
                         link.accept_open(cid);
-                        let mesh_end = pipes.attach(cid, &connector);
+                        pipes.hold(cid, &connector);
+                        let mesh = Peer {
+                            cmd: pipes.cmd_sender(),
+                            cid,
+                        };
                         let shared2 = shared.clone();
                         shared.rt().spawn(async move {
-                            crate::driver::bridge(mesh_end, tunnel_cmd, connector).await;
-                            shared2.flow_ended(tunnel);
+                            if !crate::driver::bridge(mesh, tunnel_cmd, connector).await {
+                                shared2.flow_ended(tunnel);
+                            }
                         });
                     }
                     Err((code, reason)) => {
@@ -511,6 +516,9 @@ async fn run_link<R: HubRt>(
                             }
                             LinkCmd::Close { reason, .. } => link.close(&reason),
                             LinkCmd::OpenFlow { reply, .. } => {
+                                let _ = reply.try_send(Err("not an agent tunnel".into()));
+                            }
+                            LinkCmd::OpenJoined { reply, .. } => {
                                 let _ = reply.try_send(Err("not an agent tunnel".into()));
                             }
                             _ => {}

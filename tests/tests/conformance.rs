@@ -52,6 +52,7 @@ for_each_runtime!(
     an_unreachable_target_closes_the_client_at_once,
     the_agent_comes_back_after_a_hub_restart,
     ldap_reaches_the_agent_across_the_mesh,
+    bulk_data_crosses_the_mesh_intact,
     the_agent_moves_when_its_owner_hub_dies,
     a_redis_outage_keeps_local_flows,
     a_rolling_restart_under_load_loses_no_connection,
@@ -214,6 +215,76 @@ fn ldap_reaches_the_agent_across_the_mesh(d: Deploy) {
         b.proc.log_text()
     );
     assert!(b.metric("nowconnect_flows_total{connector=\"ldap\",route=\"mesh\"}") >= 1.0);
+}
+
+/// The owner joins each mesh flow to a flow on the agent's tunnel: one
+/// 32 MiB flow and 32 concurrent ones cross it intact both ways (echo), and
+/// afterwards neither hub holds a flow.
+fn bulk_data_crosses_the_mesh_intact(d: Deploy) {
+    let env = Env::new();
+    let redis = RedisProc::start(env.path());
+    let echo = echo_server();
+    let ca = Ca::new("mesh CA");
+    let (a, b, pa, pb) = meshed_pair_on(d.hubs, &env, "active", &redis, &ca);
+    let agent = AgentProc::start_on(
+        d.agent,
+        env.path(),
+        "agent",
+        &env.agent_yaml("agent-1", &[a.http], &[("ldap", echo)], ""),
+        &env.token("agent-1", None),
+    );
+    attached(&a, &agent, d);
+    assert!(
+        eventually(Duration::from_secs(15), || mesh_established(&b, pa)
+            && mesh_established(&a, pb)),
+        "mesh not up:\n{}\n{}",
+        a.proc.log_text(),
+        b.proc.log_text()
+    );
+    let via = b.listener("ldap");
+    let small = Arc::new(random_bytes(1000));
+    let small_hash = sha256(&small);
+    assert!(
+        eventually(Duration::from_secs(10), || matches!(
+            echo_roundtrip(via, small.clone()),
+            Ok(h) if h == small_hash
+        )),
+        "no route across the mesh; hub-b log:\n{}",
+        b.proc.log_text()
+    );
+    let big = Arc::new(random_bytes(32 * 1024 * 1024));
+    let want = sha256(&big);
+    assert_eq!(
+        echo_roundtrip(via, big).unwrap(),
+        want,
+        "32 MiB echo across the mesh corrupted"
+    );
+    let handles: Vec<_> = (0..32)
+        .map(|_| {
+            let data = Arc::new(random_bytes(512 * 1024));
+            let want = sha256(&data);
+            std::thread::spawn(move || (echo_roundtrip(via, data), want))
+        })
+        .collect();
+    for h in handles {
+        let (got, want) = h.join().unwrap();
+        assert_eq!(
+            got.expect("flow failed"),
+            want,
+            "a concurrent flow across the mesh was corrupted"
+        );
+    }
+    assert!(b.metric("nowconnect_flows_total{connector=\"ldap\",route=\"mesh\"}") >= 34.0);
+    for h in [&a, &b] {
+        assert!(
+            eventually(Duration::from_secs(10), || h
+                .metric("nowconnect_flows_active{connector=\"ldap\"}")
+                == 0.0),
+            "flows left open; log:\n{}",
+            h.proc.log_text()
+        );
+        assert_eq!(h.metric("nowconnect_protocol_errors_total"), 0.0);
+    }
 }
 
 fn the_agent_moves_when_its_owner_hub_dies(d: Deploy) {
