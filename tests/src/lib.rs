@@ -805,12 +805,24 @@ pub fn meshed_pair_on(
     redis: &RedisProc,
     ca: &pki::Ca,
 ) -> (HubProc, HubProc, u16, u16) {
+    meshed_pair_with(rts, env, mode, redis, ca, &|y| y)
+}
+
+/// [`meshed_pair_on`] with each hub's configuration passed through `edit`.
+pub fn meshed_pair_with(
+    rts: [Runtime; 2],
+    env: &Env,
+    mode: &str,
+    redis: &RedisProc,
+    ca: &pki::Ca,
+    edit: &dyn Fn(String) -> String,
+) -> (HubProc, HubProc, u16, u16) {
     let (pa, pb) = (free_port(), free_port());
     let a = HubProc::start_on(
         rts[0],
         env.path(),
         "hub-a",
-        &mesh_hub_yaml(
+        &edit(mesh_hub_yaml(
             env,
             "hub-a",
             mode,
@@ -818,13 +830,13 @@ pub fn meshed_pair_on(
             pa,
             &[pb],
             &ca.issue(env.path(), "hub-a"),
-        ),
+        )),
     );
     let b = HubProc::start_on(
         rts[1],
         env.path(),
         "hub-b",
-        &mesh_hub_yaml(
+        &edit(mesh_hub_yaml(
             env,
             "hub-b",
             mode,
@@ -832,7 +844,7 @@ pub fn meshed_pair_on(
             pb,
             &[pa],
             &ca.issue(env.path(), "hub-b"),
-        ),
+        )),
     );
     (a, b, pa, pb)
 }

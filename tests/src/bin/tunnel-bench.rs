@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use nowconnect_tests::pki::Ca;
 use nowconnect_tests::{
-    AgentProc, Env, HubProc, RedisProc, Runtime, echo_server, eventually, meshed_pair_on,
+    AgentProc, Env, HubProc, RedisProc, Runtime, echo_server, eventually, meshed_pair_with,
     pair_ready,
 };
 
@@ -230,14 +230,21 @@ fn main() {
             let dir = env.path().join(format!("mesh-{}", rt.name()));
             std::fs::create_dir_all(&dir).unwrap();
             let redis = RedisProc::start(&dir);
-            let (a, b, pa, pb) =
-                meshed_pair_on([*rt; 2], &env, "active", &redis, &Ca::new("bench mesh CA"));
+            let (a, b, pa, pb) = meshed_pair_with(
+                [*rt; 2],
+                &env,
+                "active",
+                &redis,
+                &Ca::new("bench mesh CA"),
+                &|y| y.replace("tunnel:\n", &format!("tunnel:\n  window_bytes: {window}\n")),
+            );
             let id = format!("mesh-{}", rt.name());
             let _agent = AgentProc::start_on(
                 *rt,
                 &dir,
                 &id,
-                &env.agent_yaml(&id, &[a.http], &[("ldap", sink)], "log:\n  level: warn\n"),
+                &(env.agent_yaml(&id, &[a.http], &[("ldap", sink)], "log:\n  level: warn\n")
+                    + &format!("window_bytes: {window}\n")),
                 &env.token(&id, None),
             );
             assert!(
