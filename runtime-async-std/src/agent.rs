@@ -201,7 +201,7 @@ impl AgentRuntime {
             let deadline = [&conn, &old]
                 .into_iter()
                 .flatten()
-                .filter_map(|c| c.driver.tunnel.poll_timeout().map(|(at, _)| at))
+                .filter_map(|c| c.driver.deadline())
                 .chain(agent.poll_timeout())
                 .min();
             let wake = next_wake(&irx, conn.as_mut(), old.as_mut(), deadline).await;

@@ -26,7 +26,7 @@ use nowconnect_core::mux::{FlowEvent, FlowLink};
 use nowconnect_core::tunnel::{Tunnel, TunnelEvent};
 use nowconnect_core::{Cid, Epoch, ErrorCode, WsMessage};
 
-use crate::metrics::{Metrics, add_delta, add_frame_deltas, labels};
+use crate::metrics::{Cadence, Metrics, add_delta, add_frame_deltas, labels};
 
 /// Largest read from a flow socket (and so the largest DATA payload a
 /// runtime sends): 256 KiB moved 0.24x a direct loopback connection through
@@ -670,6 +670,7 @@ pub struct TunnelDriver {
     reported: nowconnect_core::tunnel::TunnelStats,
     reported_dups: u64,
     reported_violations: u64,
+    cadence: Cadence,
 }
 
 impl TunnelDriver {
@@ -687,6 +688,20 @@ impl TunnelDriver {
             reported: Default::default(),
             reported_dups: 0,
             reported_violations: 0,
+            cadence: Cadence::default(),
+        }
+    }
+
+    /// The core's next deadline, or the owed metrics export if earlier.
+    pub fn deadline(&self) -> Option<Instant> {
+        let core = self.tunnel.poll_timeout().map(|(at, _)| at);
+        core.into_iter().chain(self.cadence.deadline()).min()
+    }
+
+    /// [`Self::report`] at most every [`Cadence::EVERY`].
+    pub fn report_due(&mut self, now: Instant) {
+        if self.cadence.due(now) {
+            self.report();
         }
     }
 
@@ -1041,7 +1056,7 @@ pub fn agent_tunnel_step(
     }
     driver.drain();
     driver.flush();
-    driver.report();
+    driver.report_due(now);
     step
 }
 

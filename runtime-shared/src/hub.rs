@@ -507,7 +507,6 @@ impl<R: HubRt> Shared<R> {
         let tunnel = Tunnel::hub(Instant::now(), shared.cfg.tunnel_config());
         let mut d = TunnelDriver::new(tunnel, out, cmd_tx, shared.metrics.clone());
         let mut agent_id = identity.agent_id.clone();
-        let mut report_at = Instant::now() + Duration::from_secs(1);
         tracing::info!(tunnel = tunnel_id, %peer, agent = %identity.agent_id, "agent tunnel connected");
         enum Wake {
             In(Option<WsIn>),
@@ -516,13 +515,11 @@ impl<R: HubRt> Shared<R> {
             Written,
         }
         loop {
-            let deadline = d
-                .tunnel
-                .poll_timeout()
-                .map_or(report_at, |(at, _)| at.min(report_at));
-            let sleep = shared
-                .rt
-                .sleep(deadline.saturating_duration_since(Instant::now()));
+            let sleep = d.deadline().map(|at| {
+                shared
+                    .rt
+                    .sleep(at.saturating_duration_since(Instant::now()))
+            });
             let wake = race(
                 race(async { Wake::In(stream.next().await) }, async {
                     if writer.is_idle() {
@@ -540,7 +537,10 @@ impl<R: HubRt> Shared<R> {
                         }
                     },
                     async {
-                        sleep.await;
+                        match sleep {
+                            Some(s) => s.await,
+                            None => futures_lite::future::pending().await,
+                        }
                         Wake::Timer
                     },
                 ),
@@ -567,13 +567,7 @@ impl<R: HubRt> Shared<R> {
                         }
                     }
                 }
-                Wake::Timer => {
-                    d.tunnel.handle_timeout(now);
-                    if Instant::now() >= report_at {
-                        d.report();
-                        report_at = Instant::now() + Duration::from_secs(1);
-                    }
-                }
+                Wake::Timer => d.tunnel.handle_timeout(now),
                 Wake::Written => {}
             }
             let mut closed = None;
@@ -634,6 +628,7 @@ impl<R: HubRt> Shared<R> {
             shared.flows_ended(tunnel_id, d.pipes.take_bridged_ends());
             // Out in this same wake-up, as far as the socket takes it.
             writer.write_now().await;
+            d.report_due(now);
             if let Some((code, reason)) = closed {
                 let result = if matches!(code, ErrorCode::LinkLost | ErrorCode::Shutdown) {
                     "closed"

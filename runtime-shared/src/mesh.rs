@@ -417,11 +417,18 @@ async fn run_link<R: HubRt>(
             // Out in this same wake-up, as far as the socket takes it.
             w.write_now().await;
         }
-        reporter.report(&metrics, &label, &link);
+        if reporter.cadence.due(Instant::now()) || link.state() == LinkState::Closed {
+            reporter.report(&metrics, &label, &link);
+        }
         if link.state() == LinkState::Closed {
             break;
         }
-        let deadline = link.poll_timeout().map(|(at, _)| at);
+        let deadline = link
+            .poll_timeout()
+            .map(|(at, _)| at)
+            .into_iter()
+            .chain(reporter.cadence.deadline())
+            .min();
         let timer = async {
             match deadline {
                 Some(d) => {
@@ -549,6 +556,7 @@ struct MeshReporter {
     reconnects: u64,
     errors: u64,
     dups: u64,
+    cadence: crate::metrics::Cadence,
 }
 
 impl MeshReporter {

@@ -37,8 +37,44 @@ pub fn add_frame_deltas(
     reported: &mut std::collections::BTreeMap<nowconnect_core::FrameType, u64>,
 ) {
     for (t, n) in now {
-        let c = family.get_or_create(&labels(&[("dir", dir), ("type", t.as_str())]));
-        add_delta(&c, *n, reported.entry(*t).or_default());
+        let seen = reported.entry(*t).or_default();
+        if *n > *seen {
+            let c = family.get_or_create(&labels(&[("dir", dir), ("type", t.as_str())]));
+            add_delta(&c, *n, seen);
+        }
+    }
+}
+
+/// When a busy link exports its core counters: the counters cost nothing
+/// to keep, but each export looks labels up in the registry, which took
+/// 5-8 % of a hub's CPU when it ran on every wake-up of a bulk flow
+/// (`docs/performance.md`). The first activity after a quiet spell is
+/// exported at once; more within [`Cadence::EVERY`] waits for the deadline,
+/// which the link's timer includes.
+#[derive(Debug, Default)]
+pub struct Cadence {
+    next: Option<std::time::Instant>,
+    pending: bool,
+}
+
+impl Cadence {
+    pub const EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+    /// After a wake-up: whether to export now.
+    pub fn due(&mut self, now: std::time::Instant) -> bool {
+        if self.next.is_none_or(|at| now >= at) {
+            self.next = Some(now + Self::EVERY);
+            self.pending = false;
+            true
+        } else {
+            self.pending = true;
+            false
+        }
+    }
+
+    /// When an export is owed for activity held back.
+    pub fn deadline(&self) -> Option<std::time::Instant> {
+        self.next.filter(|_| self.pending)
     }
 }
 

@@ -106,7 +106,7 @@ impl Connection {
     }
 
     fn deadline(&self) -> Option<Instant> {
-        self.driver.tunnel.poll_timeout().map(|(at, _)| at)
+        self.driver.deadline()
     }
 }
 

@@ -84,6 +84,28 @@ fn echo_latency(addr: SocketAddr, n: usize) -> Histogram<u64> {
     h
 }
 
+/// CPU seconds (user + system) a process has used so far, from
+/// `/proc/<pid>/stat` (in USER_HZ, 100 per second on Linux).
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15; `rest` starts at field 3.
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
+/// CPU seconds each of `pids` used per GiB moved while `f` ran.
+fn cpu_per_gib(pids: &[u32], gib: f64, f: impl FnOnce()) -> Vec<f64> {
+    let before: Vec<f64> = pids.iter().map(|p| cpu_secs(*p)).collect();
+    f();
+    pids.iter()
+        .zip(before)
+        .map(|(p, b)| (cpu_secs(*p) - b) / gib)
+        .collect()
+}
+
 fn us(ns: u64) -> f64 {
     ns as f64 / 1000.0
 }
@@ -161,10 +183,18 @@ fn main() {
     }
     let mut direct = Vec::new();
     let mut tunnel: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
+    let mut cpu: Vec<Vec<f64>> = vec![vec![0.0; 2]; names.len()];
+    let gib = bytes as f64 / (1u64 << 30) as f64;
     for _ in 0..3 {
         direct.push(throughput(sink, bytes));
         for (k, (s, _)) in names.iter().enumerate() {
-            tunnel[k].push(throughput(listener(s), bytes));
+            let pids = [hubs[k].proc.pid(), agents[k].proc.pid()];
+            let used = cpu_per_gib(&pids, gib, || {
+                tunnel[k].push(throughput(listener(s), bytes))
+            });
+            for (c, u) in cpu[k].iter_mut().zip(used) {
+                *c += u / 3.0;
+            }
         }
     }
     let med = |v: &mut Vec<f64>| {
@@ -191,10 +221,12 @@ fn main() {
     for (k, rt) in runtimes.iter().enumerate() {
         let t = med(&mut tunnel[k]);
         println!(
-            "through the hub, {:<9}      : {:>8.1} MiB/s  ratio {:.3}x",
+            "through the hub, {:<9}      : {:>8.1} MiB/s  ratio {:.3}x  CPU s/GiB: hub {:.2}, agent {:.2}",
             rt.name(),
             t / 1048576.0,
-            t / d
+            t / d,
+            cpu[k][0],
+            cpu[k][1]
         );
     }
 
@@ -239,7 +271,7 @@ fn main() {
                 &|y| y.replace("tunnel:\n", &format!("tunnel:\n  window_bytes: {window}\n")),
             );
             let id = format!("mesh-{}", rt.name());
-            let _agent = AgentProc::start_on(
+            let agent = AgentProc::start_on(
                 *rt,
                 &dir,
                 &id,
@@ -255,17 +287,25 @@ fn main() {
             let via = b.listener("ldap");
             throughput(via, bytes / 8);
             let (mut d, mut m) = (Vec::new(), Vec::new());
+            let pids = [b.proc.pid(), a.proc.pid(), agent.proc.pid()];
+            let mut cpu = [0.0; 3];
             for _ in 0..3 {
                 d.push(throughput(sink, bytes));
-                m.push(throughput(via, bytes));
+                let used = cpu_per_gib(&pids, gib, || m.push(throughput(via, bytes)));
+                for (c, u) in cpu.iter_mut().zip(used) {
+                    *c += u / 3.0;
+                }
             }
             let (d, m) = (med(&mut d), med(&mut m));
             println!(
-                "direct {:>8.1} MiB/s, across the mesh ({:<9}): {:>8.1} MiB/s  ratio {:.3}x",
+                "direct {:>8.1} MiB/s, across the mesh ({:<9}): {:>8.1} MiB/s  ratio {:.3}x  CPU s/GiB: entry hub {:.2}, owner hub {:.2}, agent {:.2}",
                 d / 1048576.0,
                 rt.name(),
                 m / 1048576.0,
-                m / d
+                m / d,
+                cpu[0],
+                cpu[1],
+                cpu[2]
             );
         }
     }
