@@ -26,11 +26,18 @@ pub fn hub_request(url: &str, token: &str) -> Result<Request, String> {
     Ok(req)
 }
 
+/// How much tungstenite reads per call. It zeroes that much of its buffer
+/// before each read, whatever the read returns, and a read from TLS returns
+/// one record (at most 16 KiB): with its default of 128 KiB the zeroing cost
+/// more than the copy.
+pub const READ_BUFFER: usize = 32 * 1024;
+
 /// Message and frame size limits for a link whose largest message is `max`.
 pub fn ws_config(max: usize) -> WebSocketConfig {
     WebSocketConfig::default()
         .max_message_size(Some(max))
         .max_frame_size(Some(max))
+        .read_buffer_size(READ_BUFFER)
 }
 
 /// A frame as a tungstenite message.
