@@ -332,6 +332,14 @@ impl HubProc {
     pub fn metric(&self, sample: &str) -> f64 {
         metric_value(&self.get("/metrics").1, sample)
     }
+
+    /// [`Self::metric`] once the hub's links have exported what they
+    /// counted: a busy tunnel or mesh link exports its core counters (frames,
+    /// protocol errors, duplicates) at most every 250 ms.
+    pub fn settled_metric(&self, sample: &str) -> f64 {
+        std::thread::sleep(Duration::from_millis(400));
+        self.metric(sample)
+    }
 }
 
 pub fn metric_value(text: &str, sample: &str) -> f64 {

@@ -112,7 +112,7 @@ fn ten_thousand_idle_connections_on_a_listener_leave_other_flows_alone() {
         active()
     );
     assert_eq!(echo_roundtrip(hub.listener("echo"), data).unwrap(), want);
-    assert_eq!(hub.metric("nowconnect_protocol_errors_total"), 0.0);
+    assert_eq!(hub.settled_metric("nowconnect_protocol_errors_total"), 0.0);
 }
 
 /// `limits.client_idle_timeout_sec`: a client flow that moves no byte for

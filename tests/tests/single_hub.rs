@@ -162,7 +162,7 @@ fn bulk_data_arrives_intact_and_a_slow_reader_stalls_only_its_flow() {
         stalled.read(&mut buf).unwrap() > 0,
         "stalled flow lost its data"
     );
-    assert_eq!(hub.metric("nowconnect_protocol_errors_total"), 0.0);
+    assert_eq!(hub.settled_metric("nowconnect_protocol_errors_total"), 0.0);
 }
 
 /// Send a WebSocket upgrade request to /tunnel; return the status line and body.
