@@ -18,7 +18,7 @@ use nowconnect_core::tunnel::Tunnel;
 use nowconnect_core::{Cid, ErrorCode};
 use nowconnect_shared::config::AgentConfig;
 use nowconnect_shared::driver::{
-    AgentConn, AgentDials, AgentFlow, AgentTasks, InlineWriter, LinkCmd, TunnelDriver,
+    AgentConn, AgentDials, AgentFlow, AgentTasks, InlineWriter, LinkCmd, LoopTimer, TunnelDriver,
     agent_outputs, agent_tunnels_step,
 };
 use nowconnect_shared::metrics::Metrics;
@@ -189,6 +189,7 @@ impl AgentRuntime {
             max: self.cfg.max_message(),
         };
         let mut dials: AgentDials<JoinHandle<()>> = AgentDials::default();
+        let mut timer = LoopTimer::default();
         loop {
             let conns = [conn.as_mut(), old.as_mut()]
                 .into_iter()
@@ -204,7 +205,8 @@ impl AgentRuntime {
                 .filter_map(|c| c.driver.deadline())
                 .chain(agent.poll_timeout())
                 .min();
-            let wake = next_wake(&irx, conn.as_mut(), old.as_mut(), deadline).await;
+            timer.set(deadline, task::sleep);
+            let wake = next_wake(&irx, conn.as_mut(), old.as_mut(), &mut timer).await;
             let now = Instant::now();
             match wake {
                 Wake::Internal(Internal::Stop) => {
@@ -333,14 +335,14 @@ impl AgentConn for Connection {
 }
 
 /// Wait for the next thing to do: an internal event, input on either
-/// tunnel, or the earliest core deadline.
-async fn next_wake(
+/// tunnel, or the earliest core deadline (`timer`).
+async fn next_wake<F: std::future::Future<Output = ()>>(
     irx: &Receiver<Internal>,
     conn: Option<&mut Connection>,
     old: Option<&mut Connection>,
-    deadline: Option<Instant>,
+    timer: &mut LoopTimer<F>,
 ) -> Wake {
-    use futures_lite::future::{pending, race};
+    use futures_lite::future::race;
     let internal = async {
         match irx.recv().await {
             Ok(i) => Wake::Internal(i),
@@ -348,13 +350,8 @@ async fn next_wake(
         }
     };
     let timer = async {
-        match deadline {
-            Some(d) => {
-                task::sleep(d.saturating_duration_since(Instant::now())).await;
-                Wake::Timer
-            }
-            None => pending().await,
-        }
+        timer.wait().await;
+        Wake::Timer
     };
     race(race(internal, timer), race(input(conn), input(old))).await
 }

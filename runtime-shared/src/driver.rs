@@ -287,6 +287,50 @@ where
     }
 }
 
+/// A link loop's timer, kept across wake-ups and replaced only when the
+/// deadline moves. A fresh timer per wake-up is cheap on tokio but not on
+/// async-io, which wakes its reactor thread (an eventfd write) for every
+/// timer it registers: a busy link wakes hundreds of times a second while
+/// its deadline (the next ping, the next metrics export) stays put.
+/// Cancel-safe: waiting is one branch of a `race`, and the timer stays.
+pub struct LoopTimer<F> {
+    at: Option<Instant>,
+    sleep: Option<std::pin::Pin<Box<F>>>,
+}
+
+impl<F: std::future::Future<Output = ()>> Default for LoopTimer<F> {
+    fn default() -> Self {
+        LoopTimer {
+            at: None,
+            sleep: None,
+        }
+    }
+}
+
+impl<F: std::future::Future<Output = ()>> LoopTimer<F> {
+    /// Aim at `at` (`None`: no deadline); `sleep` makes a timer for a
+    /// duration, only when the deadline differs from the one armed.
+    pub fn set(&mut self, at: Option<Instant>, sleep: impl FnOnce(std::time::Duration) -> F) {
+        if at == self.at && (at.is_none() || self.sleep.is_some()) {
+            return;
+        }
+        self.at = at;
+        self.sleep = at.map(|at| Box::pin(sleep(at.saturating_duration_since(Instant::now()))));
+    }
+
+    /// Wait for the deadline (forever without one); once it fires the
+    /// timer is spent until the next [`Self::set`].
+    pub async fn wait(&mut self) {
+        futures_util::future::poll_fn(|cx| match self.sleep.as_mut() {
+            Some(s) => std::future::Future::poll(s.as_mut(), cx).map(|()| {
+                self.sleep = None;
+            }),
+            None => std::task::Poll::Pending,
+        })
+        .await
+    }
+}
+
 /// What a flow's socket task receives from the tunnel.
 #[derive(Debug)]
 pub enum FlowMsg {

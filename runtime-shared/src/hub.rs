@@ -24,7 +24,9 @@ use nowconnect_core::{Codec, Epoch, ErrorCode, WsMessage};
 use tungstenite::protocol::WebSocketConfig;
 
 use crate::config::HubConfig;
-use crate::driver::{FlowEnd, InlineWriter, LinkCmd, Outgoing, Reply, TunnelDriver, reply_channel};
+use crate::driver::{
+    FlowEnd, InlineWriter, LinkCmd, LoopTimer, Outgoing, Reply, TunnelDriver, reply_channel,
+};
 use crate::jwt::{AgentIdentity, Verifier};
 use crate::mesh::{MeshLinks, MeshTlsConfigs, MeshWs};
 use crate::metrics::{Metrics, labels};
@@ -514,12 +516,9 @@ impl<R: HubRt> Shared<R> {
             Timer,
             Written,
         }
+        let mut timer = LoopTimer::default();
         loop {
-            let sleep = d.deadline().map(|at| {
-                shared
-                    .rt
-                    .sleep(at.saturating_duration_since(Instant::now()))
-            });
+            timer.set(d.deadline(), |dur| shared.rt.sleep(dur));
             let wake = race(
                 race(async { Wake::In(stream.next().await) }, async {
                     if writer.is_idle() {
@@ -537,10 +536,7 @@ impl<R: HubRt> Shared<R> {
                         }
                     },
                     async {
-                        match sleep {
-                            Some(s) => s.await,
-                            None => futures_lite::future::pending().await,
-                        }
+                        timer.wait().await;
                         Wake::Timer
                     },
                 ),

@@ -306,6 +306,7 @@ async fn run_link<R: HubRt>(
     let mut writer: Option<MeshWriter<R::MeshWs>> = None;
     let mut peer_replica: Option<String> = None;
     let mut reporter = MeshReporter::default();
+    let mut timer = crate::driver::LoopTimer::default();
     let attach = |ws: R::MeshWs,
                   out: &mut Option<Sender<Outgoing>>,
                   ws_in: &mut Option<futures_util::stream::SplitStream<R::MeshWs>>,
@@ -429,17 +430,10 @@ async fn run_link<R: HubRt>(
             .into_iter()
             .chain(reporter.cadence.deadline())
             .min();
+        timer.set(deadline, |d| shared.rt().sleep(d));
         let timer = async {
-            match deadline {
-                Some(d) => {
-                    shared
-                        .rt()
-                        .sleep(d.saturating_duration_since(Instant::now()))
-                        .await;
-                    Wake::Timer
-                }
-                None => futures_lite::future::pending().await,
-            }
+            timer.wait().await;
+            Wake::Timer
         };
         let dialed = async {
             match dial_rx.recv().await {

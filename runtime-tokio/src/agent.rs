@@ -192,6 +192,7 @@ impl AgentRuntime {
             max: self.cfg.max_message(),
         };
         let mut dials: AgentDials<JoinHandle<()>> = AgentDials::default();
+        let mut timer = nowconnect_shared::driver::LoopTimer::default();
         loop {
             // Perform what the agent core asked for.
             let conns = [conn.as_mut(), old.as_mut()]
@@ -210,12 +211,8 @@ impl AgentRuntime {
             .into_iter()
             .flatten()
             .min();
-            let timer = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
+            timer.set(deadline, tokio::time::sleep);
+            let timer = timer.wait();
             tokio::select! {
                 _ = stop.wait_for(|v| *v) => {
                     for c in [conn.as_mut(), old.as_mut()].into_iter().flatten() {

@@ -523,6 +523,23 @@ pub fn source_server() -> SocketAddr {
     addr
 }
 
+/// `flows` concurrent echoes of `size` random bytes each through `addr`,
+/// every one compared by SHA-256 with what was sent; `what` names a flow in
+/// the failure.
+pub fn concurrent_echoes_intact(addr: SocketAddr, flows: usize, size: usize, what: &str) {
+    let handles: Vec<_> = (0..flows)
+        .map(|_| {
+            let data = std::sync::Arc::new(random_bytes(size));
+            let want = sha256(&data);
+            std::thread::spawn(move || (echo_roundtrip(addr, data), want))
+        })
+        .collect();
+    for h in handles {
+        let (got, want) = h.join().unwrap();
+        assert_eq!(got.expect("flow failed"), want, "{what} was corrupted");
+    }
+}
+
 /// Send `data` through `addr` (an echo path) while reading the echo
 /// concurrently; returns the SHA-256 of what came back.
 pub fn echo_roundtrip(
@@ -826,34 +843,13 @@ pub fn meshed_pair_with(
     edit: &dyn Fn(String) -> String,
 ) -> (HubProc, HubProc, u16, u16) {
     let (pa, pb) = (free_port(), free_port());
-    let a = HubProc::start_on(
-        rts[0],
-        env.path(),
-        "hub-a",
-        &edit(mesh_hub_yaml(
-            env,
-            "hub-a",
-            mode,
-            redis,
-            pa,
-            &[pb],
-            &ca.issue(env.path(), "hub-a"),
-        )),
-    );
-    let b = HubProc::start_on(
-        rts[1],
-        env.path(),
-        "hub-b",
-        &edit(mesh_hub_yaml(
-            env,
-            "hub-b",
-            mode,
-            redis,
-            pb,
-            &[pa],
-            &ca.issue(env.path(), "hub-b"),
-        )),
-    );
+    let start = |rt: Runtime, name: &str, port: u16, peer: u16| {
+        let leaf = ca.issue(env.path(), name);
+        let yaml = edit(mesh_hub_yaml(env, name, mode, redis, port, &[peer], &leaf));
+        HubProc::start_on(rt, env.path(), name, &yaml)
+    };
+    let a = start(rts[0], "hub-a", pa, pb);
+    let b = start(rts[1], "hub-b", pb, pa);
     (a, b, pa, pb)
 }
 

@@ -106,28 +106,8 @@ fn bulk_data_arrives_intact(d: Deploy) {
     let echo = echo_server();
     let (hub, _agent) = single(&env, d, &[("echo", echo)]);
     let via = hub.listener("echo");
-    let big = Arc::new(random_bytes(32 * 1024 * 1024));
-    let want = sha256(&big);
-    assert_eq!(
-        echo_roundtrip(via, big).unwrap(),
-        want,
-        "32 MiB echo corrupted"
-    );
-    let handles: Vec<_> = (0..64)
-        .map(|_| {
-            let data = Arc::new(random_bytes(512 * 1024));
-            let want = sha256(&data);
-            std::thread::spawn(move || (echo_roundtrip(via, data), want))
-        })
-        .collect();
-    for h in handles {
-        let (got, want) = h.join().unwrap();
-        assert_eq!(
-            got.expect("flow failed"),
-            want,
-            "a concurrent flow was corrupted"
-        );
-    }
+    concurrent_echoes_intact(via, 1, 32 * 1024 * 1024, "a 32 MiB echo");
+    concurrent_echoes_intact(via, 64, 512 * 1024, "a concurrent flow");
     assert_eq!(hub.settled_metric("nowconnect_protocol_errors_total"), 0.0);
 }
 
@@ -184,17 +164,28 @@ fn the_agent_comes_back_after_a_hub_restart(d: Deploy) {
     );
 }
 
-fn ldap_reaches_the_agent_across_the_mesh(d: Deploy) {
-    let env = Env::new();
-    let redis = RedisProc::start(env.path());
-    let slapd = Slapd::start(env.path());
-    let ca = Ca::new("mesh CA");
-    let (a, b, pa, pb) = meshed_pair_on(d.hubs, &env, "active", &redis, &ca);
+/// Two meshed hubs in active mode (hub-a's and hub-b's runtimes) and an
+/// agent attached to hub-a serving `ldap` at `target`; with `both`, the
+/// agent also knows hub-b (to move there). Returns once the mesh is up both
+/// ways.
+fn meshed_with_agent(
+    env: &Env,
+    d: Deploy,
+    redis: &RedisProc,
+    target: SocketAddr,
+    both: bool,
+) -> (HubProc, HubProc, AgentProc) {
+    let (a, b, pa, pb) = meshed_pair_on(d.hubs, env, "active", redis, &Ca::new("mesh CA"));
+    let hubs = if both {
+        vec![a.http, b.http]
+    } else {
+        vec![a.http]
+    };
     let agent = AgentProc::start_on(
         d.agent,
         env.path(),
         "agent",
-        &env.agent_yaml("agent-1", &[a.http], &[("ldap", slapd.addr)], ""),
+        &env.agent_yaml("agent-1", &hubs, &[("ldap", target)], ""),
         &env.token("agent-1", None),
     );
     attached(&a, &agent, d);
@@ -205,6 +196,14 @@ fn ldap_reaches_the_agent_across_the_mesh(d: Deploy) {
         a.proc.log_text(),
         b.proc.log_text()
     );
+    (a, b, agent)
+}
+
+fn ldap_reaches_the_agent_across_the_mesh(d: Deploy) {
+    let env = Env::new();
+    let redis = RedisProc::start(env.path());
+    let slapd = Slapd::start(env.path());
+    let (_a, b, _agent) = meshed_with_agent(&env, d, &redis, slapd.addr, false);
     let direct = ldap::search(slapd.addr, "(uid=alice)");
     assert!(
         eventually(Duration::from_secs(10), || ldap::search(
@@ -223,24 +222,7 @@ fn ldap_reaches_the_agent_across_the_mesh(d: Deploy) {
 fn bulk_data_crosses_the_mesh_intact(d: Deploy) {
     let env = Env::new();
     let redis = RedisProc::start(env.path());
-    let echo = echo_server();
-    let ca = Ca::new("mesh CA");
-    let (a, b, pa, pb) = meshed_pair_on(d.hubs, &env, "active", &redis, &ca);
-    let agent = AgentProc::start_on(
-        d.agent,
-        env.path(),
-        "agent",
-        &env.agent_yaml("agent-1", &[a.http], &[("ldap", echo)], ""),
-        &env.token("agent-1", None),
-    );
-    attached(&a, &agent, d);
-    assert!(
-        eventually(Duration::from_secs(15), || mesh_established(&b, pa)
-            && mesh_established(&a, pb)),
-        "mesh not up:\n{}\n{}",
-        a.proc.log_text(),
-        b.proc.log_text()
-    );
+    let (a, b, _agent) = meshed_with_agent(&env, d, &redis, echo_server(), false);
     let via = b.listener("ldap");
     let small = Arc::new(random_bytes(1000));
     let small_hash = sha256(&small);
@@ -252,28 +234,8 @@ fn bulk_data_crosses_the_mesh_intact(d: Deploy) {
         "no route across the mesh; hub-b log:\n{}",
         b.proc.log_text()
     );
-    let big = Arc::new(random_bytes(32 * 1024 * 1024));
-    let want = sha256(&big);
-    assert_eq!(
-        echo_roundtrip(via, big).unwrap(),
-        want,
-        "32 MiB echo across the mesh corrupted"
-    );
-    let handles: Vec<_> = (0..32)
-        .map(|_| {
-            let data = Arc::new(random_bytes(512 * 1024));
-            let want = sha256(&data);
-            std::thread::spawn(move || (echo_roundtrip(via, data), want))
-        })
-        .collect();
-    for h in handles {
-        let (got, want) = h.join().unwrap();
-        assert_eq!(
-            got.expect("flow failed"),
-            want,
-            "a concurrent flow across the mesh was corrupted"
-        );
-    }
+    concurrent_echoes_intact(via, 1, 32 * 1024 * 1024, "a 32 MiB echo across the mesh");
+    concurrent_echoes_intact(via, 32, 512 * 1024, "a concurrent flow across the mesh");
     assert!(b.metric("nowconnect_flows_total{connector=\"ldap\",route=\"mesh\"}") >= 34.0);
     for h in [&a, &b] {
         assert!(
@@ -290,20 +252,7 @@ fn bulk_data_crosses_the_mesh_intact(d: Deploy) {
 fn the_agent_moves_when_its_owner_hub_dies(d: Deploy) {
     let env = Env::new();
     let redis = RedisProc::start(env.path());
-    let echo = echo_server();
-    let ca = Ca::new("mesh CA");
-    let (mut a, b, pa, _) = meshed_pair_on(d.hubs, &env, "active", &redis, &ca);
-    let agent = AgentProc::start_on(
-        d.agent,
-        env.path(),
-        "agent",
-        &env.agent_yaml("agent-1", &[a.http, b.http], &[("ldap", echo)], ""),
-        &env.token("agent-1", None),
-    );
-    attached(&a, &agent, d);
-    assert!(eventually(Duration::from_secs(15), || mesh_established(
-        &b, pa
-    )));
+    let (mut a, b, agent) = meshed_with_agent(&env, d, &redis, echo_server(), true);
     let data = Arc::new(random_bytes(50_000));
     let want = sha256(&data);
     assert_eq!(
@@ -327,17 +276,7 @@ fn the_agent_moves_when_its_owner_hub_dies(d: Deploy) {
 fn a_redis_outage_keeps_local_flows(d: Deploy) {
     let env = Env::new();
     let mut redis = RedisProc::start(env.path());
-    let echo = echo_server();
-    let ca = Ca::new("mesh CA");
-    let (a, _b, _, _) = meshed_pair_on(d.hubs, &env, "active", &redis, &ca);
-    let agent = AgentProc::start_on(
-        d.agent,
-        env.path(),
-        "agent",
-        &env.agent_yaml("agent-1", &[a.http], &[("ldap", echo)], ""),
-        &env.token("agent-1", None),
-    );
-    attached(&a, &agent, d);
+    let (a, _b, agent) = meshed_with_agent(&env, d, &redis, echo_server(), false);
     let data = Arc::new(random_bytes(200_000));
     let want = sha256(&data);
     redis.kill();

@@ -164,7 +164,9 @@ fn an_idle_client_flow_is_closed_and_a_busy_one_is_not() {
     let mut b = [0u8; 5];
     busy.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"still");
-    assert!(hub.metric("nowconnect_flow_resets_total{code=\"idle_timeout\"}") >= 1.0);
+    assert!(eventually(Duration::from_secs(2), || hub
+        .metric("nowconnect_flow_resets_total{code=\"idle_timeout\"}")
+        >= 1.0));
 }
 
 /// `tunnel.max_connectors_per_agent`: a HELLO announcing more connectors

@@ -134,21 +134,7 @@ fn bulk_data_arrives_intact_and_a_slow_reader_stalls_only_its_flow() {
 
     // 200 concurrent flows of 1 MiB each, while the stalled flow stays stalled.
     let start = Instant::now();
-    let handles: Vec<_> = (0..200)
-        .map(|_| {
-            let data = Arc::new(random_bytes(1024 * 1024));
-            let want = sha256(&data);
-            std::thread::spawn(move || (echo_roundtrip(via, data), want))
-        })
-        .collect();
-    for h in handles {
-        let (got, want) = h.join().unwrap();
-        assert_eq!(
-            got.expect("flow failed"),
-            want,
-            "a 1 MiB flow was corrupted"
-        );
-    }
+    concurrent_echoes_intact(via, 200, 1024 * 1024, "a 1 MiB flow");
     eprintln!(
         "200 × 1 MiB echoed in {:?} beside a stalled flow",
         start.elapsed()
