@@ -1,0 +1,289 @@
+//! The owner hub's link-to-link join of a mesh flow and a tunnel flow, on
+//! two `FlowPipes` over recording links: what arrives while the mesh flow is
+//! held reaches the tunnel flow in order once joined, credit goes back to
+//! the side whose bytes were taken, and a flow that ends on one side resets
+//! the other.
+
+use std::sync::Arc;
+
+use async_channel::{Receiver, Sender};
+use bytes::Bytes;
+use nowconnect_core::flow::SendError;
+use nowconnect_core::mux::{FlowEvent, FlowLink};
+use nowconnect_core::{Cid, ErrorCode};
+use nowconnect_shared::driver::{FlowPipes, LinkCmd, Peer};
+use nowconnect_shared::metrics::Metrics;
+
+/// A core link that takes whatever it has credit for and records it.
+#[derive(Default)]
+struct Recorder {
+    sent: Vec<(Cid, Bytes)>,
+    fins: Vec<Cid>,
+    resets: Vec<(Cid, ErrorCode)>,
+    consumed: Vec<(Cid, usize)>,
+    credit: u64,
+}
+
+impl FlowLink for Recorder {
+    fn send_credit(&self, _: Cid) -> u64 {
+        self.credit
+    }
+    fn send_data(&mut self, cid: Cid, payload: Bytes) -> Result<(), SendError> {
+        self.credit -= payload.len() as u64;
+        self.sent.push((cid, payload));
+        Ok(())
+    }
+    fn send_fin(&mut self, cid: Cid) -> Result<(), SendError> {
+        self.fins.push(cid);
+        Ok(())
+    }
+    fn reset_flow(&mut self, cid: Cid, code: ErrorCode, _: &str) {
+        self.resets.push((cid, code));
+    }
+    fn consumed(&mut self, cid: Cid, n: usize) {
+        self.consumed.push((cid, n));
+    }
+}
+
+struct Side {
+    pipes: FlowPipes,
+    link: Recorder,
+    rx: Receiver<LinkCmd>,
+    tx: Sender<LinkCmd>,
+}
+
+impl Side {
+    fn new(credit: u64) -> Self {
+        let (tx, rx) = async_channel::unbounded();
+        Side {
+            pipes: FlowPipes::new(tx.clone(), Arc::new(Metrics::new())),
+            link: Recorder {
+                credit,
+                ..Recorder::default()
+            },
+            rx,
+            tx,
+        }
+    }
+
+    fn peer(&self, cid: Cid) -> Peer {
+        Peer {
+            cmd: self.tx.clone(),
+            cid,
+        }
+    }
+
+    /// Apply every command queued for this side (what the link task does).
+    fn run(&mut self) {
+        while let Ok(cmd) = self.rx.try_recv() {
+            assert!(self.pipes.on_cmd(&mut self.link, cmd).is_none());
+        }
+    }
+
+    fn queued(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        while let Ok(cmd) = self.rx.try_recv() {
+            v.push(match cmd {
+                LinkCmd::Data { cid, payload } => {
+                    format!("data {cid} {}", String::from_utf8_lossy(&payload))
+                }
+                LinkCmd::Fin { cid } => format!("fin {cid}"),
+                LinkCmd::Reset { cid, code, .. } => format!("reset {cid} {code}"),
+                LinkCmd::Consumed { cid, n } => format!("consumed {cid} {n}"),
+                _ => "other".into(),
+            });
+        }
+        v
+    }
+}
+
+fn data(cid: Cid, s: &'static str) -> FlowEvent {
+    FlowEvent::Data {
+        cid,
+        payload: Bytes::from_static(s.as_bytes()),
+    }
+}
+
+#[test]
+fn what_arrives_while_held_reaches_the_tunnel_flow_in_order_and_credit_flows_back() {
+    let (mut mesh, mut tunnel) = (Side::new(1 << 20), Side::new(1 << 20));
+    mesh.pipes.hold(1, "ldap");
+    // The client's first bytes cross the mesh before the tunnel flow exists.
+    mesh.pipes.on_event(&mut mesh.link, data(1, "bind"));
+    mesh.pipes.on_event(&mut mesh.link, data(1, "search"));
+    // The tunnel flow opens joined to the mesh flow; the target answers at
+    // once, before the mesh flow is joined back.
+    tunnel.pipes.attach_joined(
+        7,
+        "ldap",
+        Peer {
+            cmd: mesh.tx.clone(),
+            cid: 1,
+        },
+    );
+    tunnel.pipes.on_event(&mut tunnel.link, data(7, "banner"));
+    mesh.run();
+    assert_eq!(mesh.link.sent, vec![(1, Bytes::from_static(b"banner"))]);
+    // Nobody to credit yet: the mesh flow is still held.
+    assert!(tunnel.rx.is_empty());
+
+    mesh.pipes.on_cmd(
+        &mut mesh.link,
+        LinkCmd::Join {
+            cid: 1,
+            peer: tunnel.peer(7),
+        },
+    );
+    assert_eq!(
+        tunnel.queued(),
+        ["data 7 bind", "data 7 search", "consumed 7 6"],
+        "held data in order, then the credit for what the mesh core took"
+    );
+
+    // Joined: deliveries go straight across, and each side's take is
+    // credited to the other.
+    mesh.pipes.on_event(&mut mesh.link, data(1, "unbind"));
+    mesh.pipes
+        .on_event(&mut mesh.link, FlowEvent::Fin { cid: 1 });
+    for cmd in [
+        LinkCmd::Data {
+            cid: 7,
+            payload: Bytes::from_static(b"bind"),
+        },
+        LinkCmd::Data {
+            cid: 7,
+            payload: Bytes::from_static(b"search"),
+        },
+    ] {
+        tunnel.pipes.on_cmd(&mut tunnel.link, cmd);
+    }
+    tunnel.run();
+    assert_eq!(
+        tunnel
+            .link
+            .sent
+            .iter()
+            .map(|(c, b)| format!("{c} {}", String::from_utf8_lossy(b)))
+            .collect::<Vec<_>>(),
+        ["7 bind", "7 search", "7 unbind"]
+    );
+    assert_eq!(tunnel.link.fins, [7]);
+    assert_eq!(
+        mesh.queued(),
+        ["consumed 1 4", "consumed 1 6", "consumed 1 6"],
+        "the mesh flow is credited as the tunnel core takes its bytes"
+    );
+}
+
+#[test]
+fn credit_is_returned_only_as_the_other_core_takes_the_bytes() {
+    let (mut mesh, mut tunnel) = (Side::new(1 << 20), Side::new(3));
+    mesh.pipes.hold(1, "ldap");
+    tunnel.pipes.attach_joined(
+        7,
+        "ldap",
+        Peer {
+            cmd: mesh.tx.clone(),
+            cid: 1,
+        },
+    );
+    mesh.pipes.on_cmd(
+        &mut mesh.link,
+        LinkCmd::Join {
+            cid: 1,
+            peer: tunnel.peer(7),
+        },
+    );
+    mesh.pipes.on_event(&mut mesh.link, data(1, "abcdefgh"));
+    tunnel.run();
+    // The agent's window had room for 3 bytes: 3 are sent and credited.
+    assert_eq!(tunnel.link.sent, vec![(7, Bytes::from_static(b"abc"))]);
+    assert_eq!(mesh.queued(), ["consumed 1 3"]);
+    // More window: the rest goes, and is credited.
+    tunnel.link.credit = 100;
+    tunnel.pipes.on_event(
+        &mut tunnel.link,
+        FlowEvent::Writable {
+            cid: 7,
+            credit: 100,
+        },
+    );
+    assert_eq!(tunnel.link.sent[1], (7, Bytes::from_static(b"defgh")));
+    assert_eq!(mesh.queued(), ["consumed 1 5"]);
+}
+
+#[test]
+fn an_end_on_either_side_resets_the_other() {
+    // The mesh flow is reset while held: joining it resets the tunnel flow.
+    let (mut mesh, mut tunnel) = (Side::new(1 << 20), Side::new(1 << 20));
+    mesh.pipes.hold(2, "ldap");
+    mesh.pipes.on_event(
+        &mut mesh.link,
+        FlowEvent::Reset {
+            cid: 2,
+            code: ErrorCode::ConnectionReset,
+            reason: "client went away".into(),
+        },
+    );
+    tunnel.pipes.attach_joined(
+        8,
+        "ldap",
+        Peer {
+            cmd: mesh.tx.clone(),
+            cid: 2,
+        },
+    );
+    mesh.pipes.on_cmd(
+        &mut mesh.link,
+        LinkCmd::Join {
+            cid: 2,
+            peer: tunnel.peer(8),
+        },
+    );
+    tunnel.run();
+    assert_eq!(tunnel.link.resets, [(8, ErrorCode::ConnectionReset)]);
+    assert_eq!(tunnel.pipes.take_bridged_ends(), 1);
+
+    // The target resets a joined flow: the mesh flow is reset with its code.
+    mesh.pipes.hold(3, "ldap");
+    tunnel.pipes.attach_joined(
+        9,
+        "ldap",
+        Peer {
+            cmd: mesh.tx.clone(),
+            cid: 3,
+        },
+    );
+    mesh.pipes.on_cmd(
+        &mut mesh.link,
+        LinkCmd::Join {
+            cid: 3,
+            peer: tunnel.peer(9),
+        },
+    );
+    tunnel.pipes.on_event(
+        &mut tunnel.link,
+        FlowEvent::Reset {
+            cid: 9,
+            code: ErrorCode::TargetUnreachable,
+            reason: "refused".into(),
+        },
+    );
+    mesh.run();
+    assert_eq!(mesh.link.resets, [(3, ErrorCode::TargetUnreachable)]);
+
+    // The tunnel goes away with a joined flow open: the mesh flow is reset.
+    mesh.pipes.hold(4, "ldap");
+    tunnel.pipes.attach_joined(
+        10,
+        "ldap",
+        Peer {
+            cmd: mesh.tx.clone(),
+            cid: 4,
+        },
+    );
+    assert_eq!(tunnel.pipes.bridged_open(), 1);
+    drop(tunnel.pipes);
+    mesh.run();
+    assert_eq!(mesh.link.resets[1], (4, ErrorCode::LinkLost));
+}
