@@ -262,7 +262,7 @@ fn the_agent_moves_when_its_owner_hub_dies(d: Deploy) {
     a.proc.kill();
     assert!(
         eventually(Duration::from_secs(15), || matches!(
-            echo_roundtrip(b.listener("ldap"), data.clone()),
+            echo_roundtrip_within(b.listener("ldap"), data.clone(), Duration::from_secs(3)),
             Ok(h) if h == want
         )),
         "no recovery; agent log:\n{}",
