@@ -357,6 +357,17 @@ pub struct Peer {
     pub cid: Cid,
 }
 
+impl Peer {
+    /// Reset the flow on the other link (nothing to do if it is gone).
+    fn reset(&self, code: ErrorCode, reason: impl Into<String>) {
+        let _ = self.cmd.try_send(LinkCmd::Reset {
+            cid: self.cid,
+            code,
+            reason: reason.into(),
+        });
+    }
+}
+
 /// Where what the core delivers for a flow goes.
 enum Sink {
     /// A flow socket's task, and its reader permits.
@@ -398,11 +409,10 @@ impl Drop for FlowPipes {
     fn drop(&mut self) {
         for slot in self.flows.values() {
             if let Sink::Joined(p) = &slot.sink {
-                let _ = p.cmd.try_send(LinkCmd::Reset {
-                    cid: p.cid,
-                    code: ErrorCode::LinkLost,
-                    reason: "the other side of the bridged flow went away".into(),
-                });
+                p.reset(
+                    ErrorCode::LinkLost,
+                    "the other side of the bridged flow went away",
+                );
             }
         }
     }
@@ -416,11 +426,6 @@ impl FlowPipes {
             metrics,
             bridged_ends: 0,
         }
-    }
-
-    /// The sender of this link's commands (what a [`Peer`] of its flows holds).
-    pub fn cmd_sender(&self) -> Sender<LinkCmd> {
-        self.cmd_tx.clone()
     }
 
     /// Bridged tunnel-side flows that ended since the last call.
@@ -518,11 +523,7 @@ impl FlowPipes {
             link.reset_flow(cid, code, reason);
             self.count_reset(code);
             if let Sink::Joined(p) = slot.sink {
-                let _ = p.cmd.try_send(LinkCmd::Reset {
-                    cid: p.cid,
-                    code,
-                    reason: reason.to_string(),
-                });
+                p.reset(code, reason);
             }
         }
     }
@@ -563,11 +564,10 @@ impl FlowPipes {
     /// held resets the peer's.
     fn join(&mut self, link: &mut impl FlowLink, cid: Cid, peer: Peer) {
         let Some(slot) = self.flows.get_mut(&cid) else {
-            let _ = peer.cmd.try_send(LinkCmd::Reset {
-                cid: peer.cid,
-                code: ErrorCode::ConnectionReset,
-                reason: "the mesh flow ended before it was bridged".into(),
-            });
+            peer.reset(
+                ErrorCode::ConnectionReset,
+                "the mesh flow ended before it was bridged",
+            );
             return;
         };
         let held = std::mem::replace(&mut slot.sink, Sink::Joined(peer.clone()));
@@ -889,37 +889,27 @@ pub async fn bridge(mesh: Peer, tunnel_cmd: Sender<LinkCmd>, connector: String) 
         peer: mesh.clone(),
         reply: tx,
     });
-    let refuse = |code, reason: String| {
-        let _ = mesh.cmd.try_send(LinkCmd::Reset {
-            cid: mesh.cid,
-            code,
-            reason,
-        });
-    };
     match rx.recv().await {
         Ok(Ok(cid)) => {
+            let tunnel = Peer {
+                cmd: tunnel_cmd,
+                cid,
+            };
             let joined = mesh.cmd.try_send(LinkCmd::Join {
                 cid: mesh.cid,
-                peer: Peer {
-                    cmd: tunnel_cmd.clone(),
-                    cid,
-                },
+                peer: tunnel.clone(),
             });
             if joined.is_err() {
-                let _ = tunnel_cmd.try_send(LinkCmd::Reset {
-                    cid,
-                    code: ErrorCode::LinkLost,
-                    reason: "the mesh link went away".into(),
-                });
+                tunnel.reset(ErrorCode::LinkLost, "the mesh link went away");
             }
             true
         }
         Ok(Err(reason)) => {
-            refuse(ErrorCode::LimitExceeded, reason);
+            mesh.reset(ErrorCode::LimitExceeded, reason);
             false
         }
         Err(_) => {
-            refuse(ErrorCode::LinkLost, "the agent tunnel went away".into());
+            mesh.reset(ErrorCode::LinkLost, "the agent tunnel went away");
             false
         }
     }

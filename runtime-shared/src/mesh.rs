@@ -371,7 +371,7 @@ async fn run_link<R: HubRt>(
                         link.accept_open(cid);
                         pipes.hold(cid, &connector);
                         let mesh = Peer {
-                            cmd: pipes.cmd_sender(),
+                            cmd: cmd_tx.clone(),
                             cid,
                         };
                         let shared2 = shared.clone();
