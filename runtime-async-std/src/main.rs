@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
-use nowconnect_shared::config::{AgentConfig, HubConfig};
+use nowconnect_shared::config::{AgentConfig, ConfigKind, HubConfig, worker_threads_of};
 
 #[derive(Parser)]
 #[command(
@@ -40,6 +40,21 @@ enum Cmd {
 fn main() -> ExitCode {
     nowconnect_shared::tls::install_provider();
     let cli = Cli::parse();
+    // `worker_threads` of the hub or agent file; 0: async-std's default (one
+    // per CPU, or ASYNC_STD_THREAD_COUNT). Set before async-std starts its
+    // executor, which then keeps this configuration.
+    let threads = match &cli.cmd {
+        Cmd::Hub { config } => worker_threads_of(config, ConfigKind::Hub),
+        Cmd::Agent { config } => worker_threads_of(config, ConfigKind::Agent),
+    };
+    if threads > 0 {
+        async_global_executor::init_with_config(
+            async_global_executor::GlobalExecutorConfig::default()
+                .with_min_threads(threads)
+                .with_max_threads(threads)
+                .with_thread_name_fn(|| "async-std/runtime".to_string()),
+        );
+    }
     match async_std::task::block_on(run(cli.cmd)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

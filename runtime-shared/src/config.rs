@@ -57,6 +57,35 @@ pub fn parse_yaml<T: for<'de> Deserialize<'de>>(file: &Path, text: &str) -> Resu
     })
 }
 
+/// Most executor threads a process may be given (`worker_threads`).
+pub const MAX_WORKER_THREADS: usize = 1024;
+
+fn check_worker_threads(n: usize) -> Result<(), String> {
+    if n > MAX_WORKER_THREADS {
+        return Err(format!(
+            "{n} is more than {MAX_WORKER_THREADS}; 0 means one per CPU"
+        ));
+    }
+    Ok(())
+}
+
+/// Which file [`worker_threads_of`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigKind {
+    Hub,
+    Agent,
+}
+
+/// `worker_threads` of a hub or agent configuration file, for the binary to
+/// size its runtime before it starts; 0 (the runtime's default) when the
+/// file does not load: the command loads it again and reports why.
+pub fn worker_threads_of(file: &Path, kind: ConfigKind) -> usize {
+    match kind {
+        ConfigKind::Hub => HubConfig::load(file).map_or(0, |c| c.raw.worker_threads),
+        ConfigKind::Agent => AgentConfig::load(file).map_or(0, |c| c.raw.worker_threads),
+    }
+}
+
 pub fn read_file(file: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(file)
         .map_err(|e| ConfigError::new(file, "(file)", format!("cannot read: {e}")))
@@ -86,6 +115,10 @@ pub struct HubFile {
     pub reload: ReloadConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Executor threads of this process; 0 (the default): the runtime's
+    /// own default, one per CPU. Read at start; a reload does not change it.
+    #[serde(default)]
+    pub worker_threads: usize,
 }
 
 /// What makes the hub re-read its configuration besides SIGHUP.
@@ -424,6 +457,7 @@ impl HubConfig {
         if raw.http.header_timeout_sec == 0 {
             return Err(err("http.header_timeout_sec", "must be > 0".into()));
         }
+        check_worker_threads(raw.worker_threads).map_err(|r| err("worker_threads", r))?;
         let mut listeners = Vec::new();
         for (i, l) in raw.listeners.iter().enumerate() {
             let key = |k: &str| format!("listeners[{i}].{k}");
@@ -700,6 +734,10 @@ pub struct AgentFile {
     pub v1_only: bool,
     #[serde(default)]
     pub log: LogConfig,
+    /// Executor threads of this process; 0 (the default): the runtime's
+    /// own default, one per CPU. Read at start; a reload does not change it.
+    #[serde(default)]
+    pub worker_threads: usize,
 }
 
 fn default_mesh_handshake() -> u64 {
@@ -847,6 +885,7 @@ impl AgentConfig {
         if raw.connect_timeout_sec == 0 {
             return Err(err("connect_timeout_sec", "must be > 0".into()));
         }
+        check_worker_threads(raw.worker_threads).map_err(|r| err("worker_threads", r))?;
         if raw.window_bytes < 1024 {
             return Err(err("window_bytes", "must be at least 1024".into()));
         }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use nowconnect_tokio::config::{AgentConfig, HubConfig};
+use nowconnect_tokio::config::{AgentConfig, ConfigKind, HubConfig, worker_threads_of};
 use tokio::sync::watch;
 
 #[derive(Parser)]
@@ -326,10 +326,19 @@ async fn perf(cmd: PerfCmd) -> Result<ExitCode, String> {
 fn main() -> ExitCode {
     nowconnect_tokio::tls::install_provider();
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    // `worker_threads` of the hub or agent file; 0: tokio's default (one per
+    // CPU, or TOKIO_WORKER_THREADS).
+    let threads = match &cli.cmd {
+        Cmd::Hub { config } => worker_threads_of(config, ConfigKind::Hub),
+        Cmd::Agent { config } => worker_threads_of(config, ConfigKind::Agent),
+        _ => 0,
+    };
+    if threads > 0 {
+        builder.worker_threads(threads);
+    }
+    let rt = match builder.build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

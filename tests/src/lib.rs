@@ -103,6 +103,24 @@ impl Runtime {
     }
 }
 
+impl Runtime {
+    /// Executor threads of a `nowconnect` process on this runtime, counted
+    /// by thread name in `/proc` (tokio's workers, async-std's executor).
+    pub fn executor_threads(self, pid: u32) -> usize {
+        let name = match self {
+            Runtime::Tokio => "tokio-rt-worker",
+            Runtime::AsyncStd => "async-std/runti",
+        };
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .map(|d| {
+                d.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                    .filter(|c| c.trim() == name)
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+}
+
 /// The runtime of the hubs the hub suites start:
 /// `$NOWCONNECT_HUB_RUNTIME` (`tokio`, the default, or `async-std`), so
 /// the whole hub suite runs once per runtime (`scripts/test-all.sh` does

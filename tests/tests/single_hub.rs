@@ -419,6 +419,56 @@ fn a_v1_only_agent_is_served() {
     );
 }
 
+/// `worker_threads` sizes the executor of hub and agent on both runtimes
+/// (3 and 1, neither being the default on a 2-core machine), and flows work
+/// with one thread.
+#[test]
+fn worker_threads_size_the_executor_of_hub_and_agent() {
+    let env = Env::new();
+    let echo = echo_server();
+    let data = Arc::new(random_bytes(1 << 20));
+    for rt in [Runtime::Tokio, Runtime::AsyncStd] {
+        let hub = HubProc::start_on(
+            rt,
+            env.path(),
+            &format!("hub-{}", rt.name()),
+            &env.hub_yaml(&[("echo", "echo")], "worker_threads: 3\n"),
+        );
+        let agent = AgentProc::start_on(
+            rt,
+            env.path(),
+            &format!("agent-{}", rt.name()),
+            &env.agent_yaml(
+                "agent-1",
+                &[hub.http],
+                &[("echo", echo)],
+                "worker_threads: 1\n",
+            ),
+            &env.token("agent-1", None),
+        );
+        assert!(
+            eventually(Duration::from_secs(15), || hub
+                .metric("nowconnect_agents_connected")
+                == 1.0),
+            "{}: agent did not attach",
+            rt.name()
+        );
+        assert_eq!(rt.executor_threads(hub.proc.pid()), 3, "{} hub", rt.name());
+        assert_eq!(
+            rt.executor_threads(agent.proc.pid()),
+            1,
+            "{} agent",
+            rt.name()
+        );
+        assert_eq!(
+            echo_roundtrip(hub.listener("echo"), data.clone()).unwrap(),
+            sha256(&data),
+            "{}",
+            rt.name()
+        );
+    }
+}
+
 #[test]
 fn configuration_errors_name_file_key_and_reason() {
     let env = Env::new();
@@ -444,6 +494,10 @@ fn configuration_errors_name_file_key_and_reason() {
         (
             env.hub_yaml(&[], "shutdown_delay_sec: 5\n"),
             "shutdown_delay_sec",
+        ),
+        (
+            env.hub_yaml(&[], "worker_threads: 5000\n"),
+            "worker_threads",
         ),
     ];
     for (i, (yaml, key)) in cases.iter().enumerate() {

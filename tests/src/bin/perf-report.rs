@@ -183,6 +183,37 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<(f64, u64)> {
         .map(|(le, _)| (*le, total as u64))
 }
 
+/// The direct baseline for the idle mesh RTT: a plain loopback TCP
+/// ping-pong (32 bytes, `TCP_NODELAY`) to the echo service, one ping every
+/// `every` for `window`, the same cadence as a mesh link's pings. An idle
+/// machine's wake-up latency is in both figures; only the mesh's is ours.
+fn direct_idle_rtt(echo: std::net::SocketAddr, every: Duration, window: Duration) -> Vec<Duration> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(echo).expect("echo service");
+    s.set_nodelay(true).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let start = std::time::Instant::now();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 32];
+    while start.elapsed() + every <= window {
+        std::thread::sleep(every);
+        let t = std::time::Instant::now();
+        if s.write_all(&[7u8; 32]).is_err() || s.read_exact(&mut buf).is_err() {
+            break;
+        }
+        out.push(t.elapsed());
+    }
+    out.sort();
+    out
+}
+
+/// p95 of sorted samples (nearest rank), and the sample count.
+fn sample_p95(sorted: &[Duration]) -> Option<(Duration, usize)> {
+    let n = sorted.len();
+    let rank = (n as f64 * 0.95).ceil() as usize;
+    sorted.get(rank.max(1) - 1).map(|d| (*d, n))
+}
+
 fn fmt_rtt(r: Option<(f64, u64)>) -> String {
     r.map_or("no samples".to_string(), |(le, n)| {
         format!("≤ {:.2} ms ({n} pings)", le * 1000.0)
@@ -197,6 +228,8 @@ struct RunResult {
     tcp_local: (serde_json::Value, String),
     tcp_mesh: (serde_json::Value, String),
     idle_rtt: Option<(f64, u64)>,
+    /// The direct loopback ping-pong in the same idle window.
+    idle_direct: Option<(Duration, usize)>,
     loaded_rtt: Option<(f64, u64)>,
 }
 
@@ -275,7 +308,10 @@ fn run_on(
         o.idle_secs
     );
     let before = mesh_rtt_window(&[&a, &b], &[]);
-    std::thread::sleep(Duration::from_secs(o.idle_secs));
+    let window = Duration::from_secs(o.idle_secs);
+    let direct = std::thread::spawn(move || direct_idle_rtt(echo, Duration::from_secs(5), window));
+    std::thread::sleep(window);
+    let idle_direct = sample_p95(&direct.join().expect("direct ping thread"));
     let idle_rtt = quantile(&mesh_rtt_window(&[&a, &b], &before), 0.95);
     let loaded_from = mesh_rtt_window(&[&a, &b], &[]);
     let pw = dir.join("pw");
@@ -343,6 +379,7 @@ fn run_on(
         tcp_local,
         tcp_mesh,
         idle_rtt,
+        idle_direct,
         loaded_rtt,
     }
 }
@@ -467,6 +504,14 @@ fn main() {
             }),
         ),
         (
+            "direct loopback RTT p95, same idle window and cadence (baseline)".into(),
+            Box::new(|r: &RunResult| {
+                r.idle_direct.map_or("no samples".into(), |(d, n)| {
+                    format!("{:.2} ms ({n} pings)", d.as_secs_f64() * 1000.0)
+                })
+            }),
+        ),
+        (
             "mesh RTT p95 during the benchmark load (no target)".into(),
             Box::new(|r: &RunResult| fmt_rtt(r.loaded_rtt)),
         ),
@@ -476,7 +521,10 @@ fn main() {
         s += &format!("| {title} | {} |\n", cells.join(" | "));
     }
     s += "\nMesh RTT is read from the hubs' `nowconnect_mesh_rtt_seconds` histograms (both \
-          links, a ping every 5 s each), so the figure is the histogram bucket bound.\n\n";
+          links, a ping every 5 s each), so the figure is the histogram bucket bound. The direct \
+          baseline is a plain loopback TCP ping-pong (32 bytes, `TCP_NODELAY`) from the report \
+          process to the echo service, one ping every 5 s in the same idle window: on a machine \
+          whose idle CPUs are slow to wake, both figures carry that wake-up time.\n\n";
     for r in &runs {
         for (title, md) in [
             ("LDAP, local route (hub-a)", &r.ldap_local.1),

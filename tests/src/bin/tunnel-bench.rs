@@ -9,7 +9,7 @@
 //! With `--mesh`, each runtime then also gets Redis, two meshed hubs and an
 //! agent on hub-a, and one flow into hub-b is measured across the mesh.
 //!
-//!   cargo run --release -p nowconnect-tests --bin tunnel-bench -- [--bytes N] [--echoes N] [--runtimes tokio,async-std] [--mesh]
+//!   cargo run --release -p nowconnect-tests --bin tunnel-bench -- [--bytes N] [--echoes N] [--runtimes tokio,async-std] [--mesh] [--window BYTES] [--worker-threads N]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -115,6 +115,7 @@ fn main() {
     let mut echoes = 20_000;
     let mut window: u32 = 256 * 1024;
     let mut mesh = false;
+    let mut threads = String::new();
     let mut runtimes = vec![Runtime::Tokio, Runtime::AsyncStd];
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -123,6 +124,10 @@ fn main() {
             "--bytes" => bytes = args[i + 1].parse().expect("--bytes N"),
             "--echoes" => echoes = args[i + 1].parse().expect("--echoes N"),
             "--window" => window = args[i + 1].parse().expect("--window BYTES"),
+            "--worker-threads" => {
+                let n: usize = args[i + 1].parse().expect("--worker-threads N");
+                threads = format!("worker_threads: {n}\n");
+            }
             "--mesh" => {
                 mesh = true;
                 i += 1;
@@ -148,8 +153,10 @@ fn main() {
             *rt,
             env.path(),
             &format!("hub-{}", rt.name()),
-            &env.hub_yaml(&[(s, s), (e, e)], "log:\n  level: warn\n")
-                .replace("tunnel:\n", &format!("tunnel:\n  window_bytes: {window}\n")),
+            &(env
+                .hub_yaml(&[(s, s), (e, e)], "log:\n  level: warn\n")
+                .replace("tunnel:\n", &format!("tunnel:\n  window_bytes: {window}\n"))
+                + &threads),
         );
         let id = format!("bench-{}", rt.name());
         let yaml = env.agent_yaml(
@@ -157,7 +164,8 @@ fn main() {
             &[hub.http],
             &[(s.as_str(), sink), (e.as_str(), echo)],
             "log:\n  level: warn\n",
-        ) + &format!("window_bytes: {window}\n");
+        ) + &format!("window_bytes: {window}\n")
+            + &threads;
         agents.push(AgentProc::start_on(
             *rt,
             env.path(),
@@ -203,7 +211,12 @@ fn main() {
     };
     let d = med(&mut direct);
     println!(
-        "per-flow window: {window} bytes; hub and agent on: {}",
+        "per-flow window: {window} bytes; {}; hub and agent on: {}",
+        if threads.is_empty() {
+            "worker threads: the runtime's default".to_string()
+        } else {
+            threads.trim().replace('_', " ")
+        },
         runtimes
             .iter()
             .map(|r| r.name())
@@ -268,7 +281,10 @@ fn main() {
                 "active",
                 &redis,
                 &Ca::new("bench mesh CA"),
-                &|y| y.replace("tunnel:\n", &format!("tunnel:\n  window_bytes: {window}\n")),
+                &|y| {
+                    y.replace("tunnel:\n", &format!("tunnel:\n  window_bytes: {window}\n"))
+                        + &threads
+                },
             );
             let id = format!("mesh-{}", rt.name());
             let agent = AgentProc::start_on(
@@ -276,7 +292,8 @@ fn main() {
                 &dir,
                 &id,
                 &(env.agent_yaml(&id, &[a.http], &[("ldap", sink)], "log:\n  level: warn\n")
-                    + &format!("window_bytes: {window}\n")),
+                    + &format!("window_bytes: {window}\n")
+                    + &threads),
                 &env.token(&id, None),
             );
             assert!(
