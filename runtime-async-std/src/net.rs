@@ -9,7 +9,7 @@ use async_tungstenite::tungstenite::{Error as WsError, Message};
 use futures_util::io::{AsyncRead, AsyncWrite};
 use nowconnect_core::WsMessage;
 use nowconnect_shared::driver::{
-    ChunkReader, FlowEnd, ReadSize, run_client_socket, run_flow_socket,
+    ChunkReader, FlowEnd, FlowWriter, ReadSize, run_client_socket, run_flow_socket,
 };
 use nowconnect_shared::metrics::Metrics;
 use rustls_pki_types::ServerName;
@@ -167,6 +167,14 @@ impl ChunkReader for PeekReader {
 /// The write side of a TCP socket whose `close` shuts down only the write
 /// direction (a FIN to the peer), so a half-closed flow keeps reading.
 struct WriteHalf(TcpStream);
+
+impl FlowWriter for WriteHalf {
+    fn abort(self) {
+        // The socket closes, with the reset, when the reader's handle is
+        // gone too (dropping this one sends nothing).
+        let _ = socket2::SockRef::from(&self.0).set_linger(Some(std::time::Duration::ZERO));
+    }
+}
 
 impl AsyncWrite for WriteHalf {
     fn poll_write(

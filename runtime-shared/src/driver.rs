@@ -130,6 +130,39 @@ pub enum LinkCmd {
     },
 }
 
+/// Send an open to `link` and return where its answer arrives. With no link
+/// (it went away between the routing decision and now) the answer's channel
+/// is closed at once, as it is when the link has ended or ends before it
+/// answers ([`end_commands`]): the caller hears `link went away` and never
+/// waits on an answer nobody can give.
+pub fn send_open<T>(
+    link: Option<Sender<LinkCmd>>,
+    open: impl FnOnce(Reply<T>) -> LinkCmd,
+) -> Receiver<T> {
+    let (tx, rx) = reply_channel();
+    if let Some(link) = link {
+        let _ = link.try_send(open(tx));
+    }
+    rx
+}
+
+/// The end of a link task: nothing sent to it may wait forever. Closes its
+/// command channel (a later send fails at once) and empties it. An open's
+/// reply is dropped, so whoever waits for it hears that the link went away
+/// (a client is refused with `link_lost`; a bridge resets its mesh flow), and
+/// a join resets the flow on the other link. Flow commands go with their
+/// flows. Without this, a command queued in the instant the link closed
+/// stayed in the channel as long as any sender lived, and its client waited
+/// for an answer with neither data nor a close.
+pub fn end_commands(rx: &Receiver<LinkCmd>, reason: &str) {
+    rx.close();
+    while let Ok(cmd) = rx.try_recv() {
+        if let LinkCmd::Join { peer, .. } = cmd {
+            peer.reset(ErrorCode::LinkLost, reason);
+        }
+    }
+}
+
 /// What the WebSocket writer task sends.
 #[derive(Debug)]
 pub enum Outgoing {
@@ -883,11 +916,10 @@ impl TunnelDriver {
 /// Returns whether the tunnel flow opened: the tunnel task then reports its
 /// end ([`FlowPipes::take_bridged_ends`]); otherwise the caller does.
 pub async fn bridge(mesh: Peer, tunnel_cmd: Sender<LinkCmd>, connector: String) -> bool {
-    let (tx, rx) = reply_channel();
-    let _ = tunnel_cmd.try_send(LinkCmd::OpenJoined {
+    let rx = send_open(Some(tunnel_cmd.clone()), |reply| LinkCmd::OpenJoined {
         connector,
         peer: mesh.clone(),
-        reply: tx,
+        reply,
     });
     match rx.recv().await {
         Ok(Ok(cid)) => {
@@ -1185,17 +1217,19 @@ pub fn hub_refusal(url: &str, status: impl std::fmt::Display, body: Option<&[u8]
 /// Pipe one socket (its read and write halves) and one flow until both
 /// directions end or either side resets. `up` names the byte direction of
 /// what is read from this socket. The halves run concurrently in this one
-/// future; a reset drops the reader at once.
+/// future; a reset drops the reader at once and the socket is closed with a
+/// TCP reset ([`FlowWriter::abort`]), so the peer learns that its stream
+/// was cut and cannot take a cut-off transfer for a whole one.
 pub async fn run_flow_socket<R, W>(
     rd: R,
-    wr: W,
+    mut wr: W,
     end: FlowEnd,
     metrics: Arc<Metrics>,
     up: &'static str,
     down: &'static str,
 ) where
     R: ChunkReader,
-    W: AsyncWrite + Unpin,
+    W: FlowWriter,
 {
     use futures_util::future::{Either, select};
     let FlowEnd {
@@ -1205,27 +1239,31 @@ pub async fn run_flow_socket<R, W>(
         permits,
         cmd,
     } = end;
-    let reader = std::pin::pin!(read_half(
-        rd,
-        cid,
-        permits,
-        cmd.clone(),
-        metrics.clone(),
-        up
-    ));
-    let writer = std::pin::pin!(write_half(wr, cid, rx, cmd, metrics, down));
-    match select(reader, writer).await {
-        // Reader done (EOF sent as FIN, or error): the other direction goes on.
-        Either::Left(((), writer)) => {
-            writer.await;
-        }
-        // Writer done: a reset drops the reader (and closes the socket) now;
-        // a clean end still lets the reader finish its direction.
-        Either::Right((reset, reader)) => {
-            if !reset {
-                reader.await;
+    let reset = {
+        let reader = std::pin::pin!(read_half(
+            rd,
+            cid,
+            permits,
+            cmd.clone(),
+            metrics.clone(),
+            up
+        ));
+        let writer = std::pin::pin!(write_half(&mut wr, cid, rx, cmd, metrics, down));
+        match select(reader, writer).await {
+            // Reader done (EOF sent as FIN, or error): the other direction goes on.
+            Either::Left(((), writer)) => writer.await,
+            // Writer done: a reset drops the reader now; a clean end still
+            // lets the reader finish its direction.
+            Either::Right((reset, reader)) => {
+                if !reset {
+                    reader.await;
+                }
+                reset
             }
         }
+    };
+    if reset {
+        wr.abort();
     }
 }
 
@@ -1241,7 +1279,7 @@ pub async fn run_client_socket<R, W, S, F>(
     sleep: S,
 ) where
     R: ChunkReader,
-    W: AsyncWrite + Unpin,
+    W: FlowWriter,
     S: Fn(std::time::Duration) -> F,
     F: std::future::Future<Output = ()>,
 {
@@ -1262,7 +1300,7 @@ async fn idle_flow<R, W, S, F>(
     sleep: S,
 ) where
     R: ChunkReader,
-    W: AsyncWrite + Unpin,
+    W: FlowWriter,
     S: Fn(std::time::Duration) -> F,
     F: std::future::Future<Output = ()>,
 {
@@ -1352,6 +1390,16 @@ pub trait ChunkReader {
     fn read_chunk(&mut self) -> impl std::future::Future<Output = std::io::Result<Option<Bytes>>>;
 }
 
+/// The write side of a flow socket.
+pub trait FlowWriter: AsyncWrite + Unpin {
+    /// End this side so that the socket closes with a TCP reset
+    /// (`SO_LINGER` 0, and no FIN first) once its read side is gone too:
+    /// called when the flow was reset, so the peer sees `ECONNRESET` instead
+    /// of an end of stream and cannot take a cut-off transfer for a whole
+    /// one. Unsent bytes are dropped, as a reset does.
+    fn abort(self);
+}
+
 /// How much a flow socket reads at a time: starts at [`ReadSize::MIN`],
 /// doubles (up to [`READ_CHUNK`]) while reads fill the buffer, halves when
 /// they use less than a quarter of it. A bulk flow moves [`READ_CHUNK`]
@@ -1383,9 +1431,10 @@ impl ReadSize {
     }
 }
 
-/// Returns whether the flow ended with a reset.
+/// Write what the flow delivers to the socket; `true` when the flow was
+/// reset (or the socket failed), so the socket is to be reset as well.
 async fn write_half<W: AsyncWrite + Unpin>(
-    mut wr: W,
+    wr: &mut W,
     cid: Cid,
     rx: Receiver<FlowMsg>,
     cmd: Sender<LinkCmd>,
@@ -1396,6 +1445,7 @@ async fn write_half<W: AsyncWrite + Unpin>(
         .bytes
         .get_or_create(&labels(&[("dir", down)]))
         .clone();
+    let mut fin = false;
     while let Ok(msg) = rx.recv().await {
         match msg {
             FlowMsg::Data(b) => {
@@ -1412,6 +1462,7 @@ async fn write_half<W: AsyncWrite + Unpin>(
                 let _ = cmd.try_send(LinkCmd::Consumed { cid, n });
             }
             FlowMsg::Fin => {
+                fin = true;
                 let _ = wr.close().await;
             }
             FlowMsg::Reset { code, reason } => {
@@ -1420,7 +1471,10 @@ async fn write_half<W: AsyncWrite + Unpin>(
             }
         }
     }
-    false
+    // The flow is gone: after its FIN that is its normal end; before, the
+    // link went away under it (a task ended without a word), which is a
+    // reset too.
+    !fin
 }
 
 /// When a flow socket last moved a byte, for idle timeouts: shared by an
@@ -1496,5 +1550,11 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for ActiveWriter<W> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::pin::Pin::new(&mut self.0).poll_close(cx)
+    }
+}
+
+impl<W: FlowWriter> FlowWriter for ActiveWriter<W> {
+    fn abort(self) {
+        self.0.abort();
     }
 }

@@ -24,9 +24,7 @@ use nowconnect_core::{Codec, Epoch, ErrorCode, WsMessage};
 use tungstenite::protocol::WebSocketConfig;
 
 use crate::config::HubConfig;
-use crate::driver::{
-    FlowEnd, InlineWriter, LinkCmd, LoopTimer, Outgoing, Reply, TunnelDriver, reply_channel,
-};
+use crate::driver::{FlowEnd, InlineWriter, LinkCmd, LoopTimer, Outgoing, Reply, TunnelDriver};
 use crate::jwt::{AgentIdentity, Verifier};
 use crate::mesh::{MeshLinks, MeshTlsConfigs, MeshWs};
 use crate::metrics::{Metrics, labels};
@@ -642,6 +640,7 @@ impl<R: HubRt> Shared<R> {
             }
         }
         d.report();
+        crate::driver::end_commands(&cmd_rx, "the agent tunnel closed");
         let left = d.pipes.take_bridged_ends() + d.pipes.bridged_open();
         drop(d);
         shared.flows_ended(tunnel_id, left);
@@ -736,10 +735,7 @@ impl<R: HubRt> Shared<R> {
         };
         // Counted on its tunnel since the routing decision (see `pump`).
         let _counted = tunnel.map(|t| TunnelFlowGuard(shared.clone(), t));
-        let (rtx, rrx) = reply_channel();
-        if let Some(cmd) = &cmd {
-            let _ = cmd.try_send(open.into_cmd(rtx));
-        }
+        let rrx = crate::driver::send_open(cmd, |reply| open.into_cmd(reply));
         let end: FlowEnd = match rrx.recv().await {
             Ok(Ok(end)) => end,
             Ok(Err(reason)) => {

@@ -535,6 +535,7 @@ async fn run_link<R: HubRt>(
             Wake::Written => {}
         }
     }
+    crate::driver::end_commands(&cmd_rx, "the mesh link closed");
     finish(writer.take());
     if let Some(p) = peer_replica {
         shared.mesh_link_state(&p, link_id, None);

@@ -1,17 +1,20 @@
 //! The tokio side of the shared driver: tokio sockets as `futures-io`
 //! halves, and the WebSocket message types of axum and tokio-tungstenite.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use nowconnect_core::WsMessage;
 use nowconnect_shared::driver::{
-    ChunkReader, FlowEnd, InlineWriter, Outgoing, ReadSize, run_client_socket, run_flow_socket,
+    ChunkReader, FlowEnd, FlowWriter, InlineWriter, Outgoing, ReadSize, run_client_socket,
+    run_flow_socket,
 };
 use nowconnect_shared::metrics::Metrics;
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedReadHalf;
-use tokio_util::compat::TokioAsyncWriteCompatExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 
 /// Pipe a TCP socket to a flow (see [`run_flow_socket`]).
 pub async fn pipe_tcp(
@@ -25,7 +28,7 @@ pub async fn pipe_tcp(
     let (rd, wr) = stream.into_split();
     run_flow_socket(
         TokioReader::new(rd),
-        wr.compat_write(),
+        TokioWriter(wr.compat_write()),
         end,
         metrics,
         up,
@@ -45,13 +48,52 @@ pub async fn pipe_client(
     let (rd, wr) = stream.into_split();
     run_client_socket(
         TokioReader::new(rd),
-        wr.compat_write(),
+        TokioWriter(wr.compat_write()),
         end,
         metrics,
         idle,
         tokio::time::sleep,
     )
     .await
+}
+
+/// The write half of a tokio socket as a [`FlowWriter`].
+struct TokioWriter(Compat<OwnedWriteHalf>);
+
+impl FlowWriter for TokioWriter {
+    fn abort(self) {
+        let half = self.0.into_inner();
+        let _ = half.as_ref().set_zero_linger();
+        // No shutdown (a FIN) on the way out: the socket closes, with the
+        // reset, when the read half is gone too.
+        half.forget();
+    }
+}
+
+impl futures_util::io::AsyncWrite for TokioWriter {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_close(cx)
+    }
 }
 
 /// Waits until the socket is readable, then reads with `try_read_buf` into

@@ -526,6 +526,66 @@ pub fn echo_server() -> SocketAddr {
     addr
 }
 
+/// A target for reset tests. A connection whose first byte is `R` gets
+/// 64 KiB and then a TCP reset (`SO_LINGER` 0). Any other connection is read
+/// until it ends, and how it ended is sent on the channel: `"eof"` or
+/// `"reset"` (a read error), once the first byte arrived and `"started"` was
+/// sent.
+pub fn reset_lab() -> (SocketAddr, std::sync::mpsc::Receiver<&'static str>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().map_while(Result::ok) {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut first = [0u8; 1];
+                if s.read_exact(&mut first).is_err() {
+                    return;
+                }
+                if first[0] == b'R' {
+                    let _ = s.write_all(&vec![7u8; 64 * 1024]);
+                    std::thread::sleep(Duration::from_millis(100));
+                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+                    return;
+                }
+                let _ = tx.send("started");
+                let mut buf = [0u8; 16 * 1024];
+                let end = loop {
+                    match s.read(&mut buf) {
+                        Ok(0) => break "eof",
+                        Ok(_) => {}
+                        Err(_) => break "reset",
+                    }
+                };
+                let _ = tx.send(end);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Close a TCP connection with a reset (`SO_LINGER` 0).
+pub fn reset_close(s: TcpStream) {
+    socket2::SockRef::from(&s)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+}
+
+/// Read until the connection ends: the bytes read and how it ended (`None`
+/// for an end of stream, else the error's kind).
+pub fn read_to_end_or_error(s: &mut TcpStream) -> (usize, Option<std::io::ErrorKind>) {
+    let mut total = 0;
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (total, None),
+            Ok(n) => total += n,
+            Err(e) => return (total, Some(e.kind())),
+        }
+    }
+}
+
 /// A server that writes an endless stream to every connection.
 pub fn source_server() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -597,6 +657,39 @@ pub fn echo_roundtrip_within(
     }
     writer.join().expect("writer thread")?;
     Ok(h.finalize().into())
+}
+
+/// After a hub died: echo `data` through `addr`, a fresh connection per
+/// attempt, until it comes back whole, within `budget`; the time that took.
+/// An attempt may be refused or reset while the cluster recovers, but it
+/// must end: a connection that goes 3 s without a byte or a close is a
+/// defect, and so is no recovery within `budget` (`Err` says which).
+pub fn echo_until_recovered(
+    addr: SocketAddr,
+    data: std::sync::Arc<Vec<u8>>,
+    budget: Duration,
+) -> Result<Duration, String> {
+    let start = std::time::Instant::now();
+    let want = sha256(&data);
+    while start.elapsed() < budget {
+        let at = start.elapsed();
+        match echo_roundtrip_within(addr, data.clone(), Duration::from_secs(3)) {
+            Ok(h) if h == want => return Ok(start.elapsed()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(format!(
+                    "a connection made {at:?} in went 3 s with neither data nor a close"
+                ));
+            }
+            _ => {}
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(format!("no whole echo within {budget:?}"))
 }
 
 pub fn sha256(data: &[u8]) -> [u8; 32] {

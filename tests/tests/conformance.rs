@@ -56,6 +56,7 @@ for_each_runtime!(
     the_agent_moves_when_its_owner_hub_dies,
     a_redis_outage_keeps_local_flows,
     a_rolling_restart_under_load_loses_no_connection,
+    a_reset_reaches_the_other_end_as_a_reset,
 );
 
 fn attached(hub: &HubProc, agent: &AgentProc, d: Deploy) {
@@ -260,17 +261,53 @@ fn the_agent_moves_when_its_owner_hub_dies(d: Deploy) {
         want
     );
     a.proc.kill();
-    assert!(
-        eventually(Duration::from_secs(15), || matches!(
-            echo_roundtrip_within(b.listener("ldap"), data.clone(), Duration::from_secs(3)),
-            Ok(h) if h == want
-        )),
-        "no recovery; agent log:\n{}",
-        agent.proc.log_text()
-    );
+    if let Err(e) = echo_until_recovered(b.listener("ldap"), data, Duration::from_secs(15)) {
+        panic!(
+            "{e}; hub-b log:\n{}\nagent log:\n{}",
+            b.proc.log_text(),
+            agent.proc.log_text()
+        );
+    }
     let epochs = epochs_in_log(&agent.proc.log_text(), "tunnel established");
     assert_eq!(epochs.len(), 2, "{}", agent.proc.log_text());
     assert!(epochs[1] > epochs[0], "{epochs:?}");
+}
+
+/// A flow reset at one end reaches the other end as a TCP reset, not as an
+/// end of stream that would pass a cut-off transfer for a whole one: the
+/// target resetting (the client sees `ECONNRESET`) and the client resetting
+/// (the target's read fails), on the local route and across the mesh.
+fn a_reset_reaches_the_other_end_as_a_reset(d: Deploy) {
+    let env = Env::new();
+    let redis = RedisProc::start(env.path());
+    let (lab, ends) = reset_lab();
+    let (a, b, _agent) = meshed_with_agent(&env, d, &redis, lab, false);
+    for (route, via) in [("local", a.listener("ldap")), ("mesh", b.listener("ldap"))] {
+        // The target resets after 64 KiB.
+        let mut c = TcpStream::connect(via).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        std::io::Write::write_all(&mut c, b"R").unwrap();
+        let (got, end) = read_to_end_or_error(&mut c);
+        assert_eq!(
+            end,
+            Some(std::io::ErrorKind::ConnectionReset),
+            "{d:?} {route}: the target's reset reached the client as {end:?} after {got} bytes"
+        );
+        // The client resets once the target has its first byte.
+        let mut c = TcpStream::connect(via).unwrap();
+        std::io::Write::write_all(&mut c, b"W hello").unwrap();
+        assert_eq!(
+            ends.recv_timeout(Duration::from_secs(10)),
+            Ok("started"),
+            "{d:?} {route}"
+        );
+        reset_close(c);
+        assert_eq!(
+            ends.recv_timeout(Duration::from_secs(10)),
+            Ok("reset"),
+            "{d:?} {route}: the client's reset reached the target as an end of stream"
+        );
+    }
 }
 
 fn a_redis_outage_keeps_local_flows(d: Deploy) {

@@ -11,7 +11,8 @@
 //!   NOWCONNECT_ASYNC_STD_BIN=target/e2e/release/nowconnect-async-std \
 //!   cargo run --release -p nowconnect-tests --bin perf-report -- \
 //!       [--runtimes tokio,async-std] [--out docs/performance.md] [--ldap-secs 60] [--clients 64] \
-//!       [--conn-rate 1000] [--conn-secs 30] [--bytes 268435456]
+//!       [--conn-rate 1000] [--conn-secs 30] [--bytes 268435456] [--idle-secs 30] \
+//!       [--worker-threads 0]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,6 +39,8 @@ struct Opts {
     bytes: u64,
     idle_secs: u64,
     runtimes: Vec<Runtime>,
+    /// `worker_threads` of every hub and agent (0: the runtime's default).
+    worker_threads: usize,
 }
 
 fn opts() -> Opts {
@@ -49,6 +52,7 @@ fn opts() -> Opts {
         conn_secs: 30,
         bytes: 256 << 20,
         idle_secs: 30,
+        worker_threads: 0,
         runtimes: vec![Runtime::Tokio, Runtime::AsyncStd],
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -68,6 +72,7 @@ fn opts() -> Opts {
             "--bytes" => o.bytes = n(),
             "--idle-secs" => o.idle_secs = n(),
             "--runtimes" => o.runtimes = Runtime::parse_list(&v),
+            "--worker-threads" => o.worker_threads = n() as usize,
             other => panic!("unknown argument {other}"),
         }
         i += 2;
@@ -249,12 +254,13 @@ fn run_on(
     let redis = RedisProc::start(dir);
     let ca = Ca::new("bench mesh CA");
     let (pa, pb) = (free_port(), free_port());
+    let threads = format!("worker_threads: {}\n", o.worker_threads);
     let with_echo = |y: String| {
         y.replacen(
             "listeners:\n",
             "listeners:\n  - { name: echo, bind: '127.0.0.1:0', connector: echo }\n",
             1,
-        )
+        ) + &threads
     };
     let a = HubProc::start_on(
         rt,
@@ -292,7 +298,7 @@ fn run_on(
             "agent-1",
             &[a.http],
             &[("ldap", slapd.addr), ("echo", echo)],
-            "",
+            &threads,
         ),
         &env.token("agent-1", None),
     );
@@ -408,7 +414,7 @@ fn main() {
          cargo build --release -p nowconnect-async-std --bin nowconnect-async-std --target-dir target/e2e\n\
          NOWCONNECT_BIN=target/e2e/release/nowconnect NOWCONNECT_ASYNC_STD_BIN=target/e2e/release/nowconnect-async-std \\\n  \
          cargo run --release -p nowconnect-tests --bin perf-report -- --runtimes {} --ldap-secs {} --clients {} \
-         --conn-rate {} --conn-secs {} --bytes {} --idle-secs {}\n```\n\n\
+         --conn-rate {} --conn-secs {} --bytes {} --idle-secs {} --worker-threads {}\n```\n\n\
          Hardware: {}. Everything (clients, hubs, agent, slapd, echo) shares these cores, so the \
          ratios, measured in one run, are what to compare.\n\n",
         names.join(", "),
@@ -419,6 +425,7 @@ fn main() {
         o.conn_secs,
         o.bytes,
         o.idle_secs,
+        o.worker_threads,
         hardware(),
     );
     s += &format!(
