@@ -188,28 +188,65 @@ fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<(f64, u64)> {
         .map(|(le, _)| (*le, total as u64))
 }
 
-/// The direct baseline for the idle mesh RTT: a plain loopback TCP
-/// ping-pong (32 bytes, `TCP_NODELAY`) to the echo service, one ping every
-/// `every` for `window`, the same cadence as a mesh link's pings. An idle
-/// machine's wake-up latency is in both figures; only the mesh's is ours.
-fn direct_idle_rtt(echo: std::net::SocketAddr, every: Duration, window: Duration) -> Vec<Duration> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(echo).expect("echo service");
-    s.set_nodelay(true).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let start = std::time::Instant::now();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 32];
-    while start.elapsed() + every <= window {
-        std::thread::sleep(every);
-        let t = std::time::Instant::now();
-        if s.write_all(&[7u8; 32]).is_err() || s.read_exact(&mut buf).is_err() {
-            break;
-        }
-        out.push(t.elapsed());
-    }
+/// The direct baseline for the idle mesh RTT: plain loopback TCP
+/// ping-pongs (32 bytes, `TCP_NODELAY`) with an echo in another process (this
+/// binary again, `--echo-child`), shaped like the mesh's pings: four
+/// connections (a hub pair has four links), each pinging every `every`,
+/// staggered, for `window`. An idle machine's wake-up latency is in both
+/// figures; only what the mesh adds is ours.
+fn direct_idle_rtt(every: Duration, window: Duration) -> Vec<Duration> {
+    use std::io::{BufRead, Read, Write};
+    let mut child = Command::new(std::env::current_exe().expect("own path"))
+        .arg("--echo-child")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("echo child");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("child stdout"))
+        .read_line(&mut line)
+        .expect("echo child port");
+    let addr: std::net::SocketAddr = line.trim().parse().expect("echo child address");
+    let pingers: Vec<_> = (0..4u32)
+        .map(|k| {
+            std::thread::spawn(move || {
+                let mut s = std::net::TcpStream::connect(addr).expect("echo child");
+                s.set_nodelay(true).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let start = std::time::Instant::now();
+                std::thread::sleep(every * k / 4);
+                let mut out = Vec::new();
+                let mut buf = [0u8; 32];
+                while start.elapsed() + every <= window {
+                    std::thread::sleep(every);
+                    let t = std::time::Instant::now();
+                    if s.write_all(&[7u8; 32]).is_err() || s.read_exact(&mut buf).is_err() {
+                        break;
+                    }
+                    out.push(t.elapsed());
+                }
+                out
+            })
+        })
+        .collect();
+    let mut out: Vec<Duration> = pingers
+        .into_iter()
+        .flat_map(|p| p.join().expect("pinger"))
+        .collect();
+    let _ = child.kill();
+    let _ = child.wait();
     out.sort();
     out
+}
+
+/// `--echo-child`: echo every connection, print the address first; ends
+/// when the parent kills it.
+fn echo_child() {
+    let addr = echo_server();
+    println!("{addr}");
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
 }
 
 /// p95 of sorted samples (nearest rank), and the sample count.
@@ -315,7 +352,7 @@ fn run_on(
     );
     let before = mesh_rtt_window(&[&a, &b], &[]);
     let window = Duration::from_secs(o.idle_secs);
-    let direct = std::thread::spawn(move || direct_idle_rtt(echo, Duration::from_secs(5), window));
+    let direct = std::thread::spawn(move || direct_idle_rtt(Duration::from_secs(5), window));
     std::thread::sleep(window);
     let idle_direct = sample_p95(&direct.join().expect("direct ping thread"));
     let idle_rtt = quantile(&mesh_rtt_window(&[&a, &b], &before), 0.95);
@@ -391,6 +428,9 @@ fn run_on(
 }
 
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("--echo-child") {
+        return echo_child();
+    }
     let o = opts();
     let env = Env::new();
     let slapd = Slapd::start(env.path());
@@ -529,9 +569,10 @@ fn main() {
     }
     s += "\nMesh RTT is read from the hubs' `nowconnect_mesh_rtt_seconds` histograms (both \
           links, a ping every 5 s each), so the figure is the histogram bucket bound. The direct \
-          baseline is a plain loopback TCP ping-pong (32 bytes, `TCP_NODELAY`) from the report \
-          process to the echo service, one ping every 5 s in the same idle window: on a machine \
-          whose idle CPUs are slow to wake, both figures carry that wake-up time.\n\n";
+          baseline is plain loopback TCP ping-pongs (32 bytes, `TCP_NODELAY`) between the report \
+          and an echo in another process, shaped like the mesh's pings (four connections, one \
+          ping every 5 s each) in the same idle window: on a machine whose idle CPUs are slow to \
+          wake, both figures carry that wake-up time.\n\n";
     for r in &runs {
         for (title, md) in [
             ("LDAP, local route (hub-a)", &r.ldap_local.1),
