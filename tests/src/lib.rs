@@ -351,6 +351,11 @@ impl HubProc {
         metric_value(&self.get("/metrics").1, sample)
     }
 
+    /// Whether `n` agents are attached to this hub within `within`.
+    pub fn agents_attached(&self, n: f64, within: Duration) -> bool {
+        eventually(within, || self.metric("nowconnect_agents_connected") == n)
+    }
+
     /// [`Self::metric`] once the hub's links have exported what they
     /// counted: a busy tunnel or mesh link exports its core counters (frames,
     /// protocol errors, duplicates) at most every 250 ms.

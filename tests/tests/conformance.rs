@@ -61,9 +61,7 @@ for_each_runtime!(
 
 fn attached(hub: &HubProc, agent: &AgentProc, d: Deploy) {
     assert!(
-        eventually(Duration::from_secs(15), || hub
-            .metric("nowconnect_agents_connected")
-            == 1.0),
+        hub.agents_attached(1.0, Duration::from_secs(15)),
         "{d:?}: the agent did not attach; hub log:\n{}\nagent log:\n{}",
         hub.proc.log_text(),
         agent.proc.log_text()

@@ -327,9 +327,7 @@ fn three_hubs_with_one_started_later_join_by_discovery_alone() {
         c.proc.log_text()
     );
     let data = std::sync::Arc::new(random_bytes(100_000));
-    assert!(eventually(Duration::from_secs(5), || a
-        .metric("nowconnect_agents_connected")
-        == 1.0));
+    assert!(a.agents_attached(1.0, Duration::from_secs(5)));
     assert_eq!(
         echo_roundtrip(c.listener("ldap"), data.clone()).unwrap(),
         sha256(&data)

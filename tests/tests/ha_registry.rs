@@ -40,9 +40,7 @@ fn redis_outage_keeps_local_flows_refuses_remote_at_once_and_recovers() {
         &env.token("agent-1", None),
     );
     assert!(
-        eventually(Duration::from_secs(15), || hub
-            .metric("nowconnect_agents_connected")
-            == 1.0),
+        hub.agents_attached(1.0, Duration::from_secs(15)),
         "{}\n{}",
         hub.proc.log_text(),
         agent.proc.log_text()
@@ -137,9 +135,7 @@ fn a_hub_that_lost_ownership_closes_its_tunnel_and_counts_it() {
         &env.agent_yaml("agent-1", &[a.http], &[("echo", echo)], ""),
         &token,
     );
-    assert!(eventually(Duration::from_secs(15), || a
-        .metric("nowconnect_agents_connected")
-        == 1.0));
+    assert!(a.agents_attached(1.0, Duration::from_secs(15)));
     // The same agent id attaches to hub B: B claims a higher epoch.
     let _second = AgentProc::start(
         env.path(),
@@ -147,9 +143,7 @@ fn a_hub_that_lost_ownership_closes_its_tunnel_and_counts_it() {
         &env.agent_yaml("agent-1", &[b.http], &[("echo", echo)], ""),
         &token,
     );
-    assert!(eventually(Duration::from_secs(15), || b
-        .metric("nowconnect_agents_connected")
-        == 1.0));
+    assert!(b.agents_attached(1.0, Duration::from_secs(15)));
     // A's next renewal finds the newer epoch: it closes its tunnel and counts it.
     assert!(
         eventually(Duration::from_secs(10), || a
@@ -160,9 +154,7 @@ fn a_hub_that_lost_ownership_closes_its_tunnel_and_counts_it() {
     );
     first.proc.kill();
     a.proc.wait_log("lost to hub-b", Duration::from_secs(5));
-    assert!(eventually(Duration::from_secs(5), || a
-        .metric("nowconnect_agents_connected")
-        == 0.0));
+    assert!(a.agents_attached(0.0, Duration::from_secs(5)));
     // B serves the agent.
     let data = Arc::new(random_bytes(64 * 1024));
     assert_eq!(

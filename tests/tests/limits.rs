@@ -57,9 +57,7 @@ fn ten_thousand_idle_connections_on_a_listener_leave_other_flows_alone() {
         ),
         &env.token("agent-1", None),
     );
-    assert!(eventually(Duration::from_secs(15), || hub
-        .metric("nowconnect_agents_connected")
-        == 1.0));
+    assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
     let data = Arc::new(random_bytes(1024 * 1024));
     let want = sha256(&data);
     assert_eq!(
@@ -137,9 +135,7 @@ fn an_idle_client_flow_is_closed_and_a_busy_one_is_not() {
         &env.agent_yaml("agent-1", &[hub.http], &[("echo", echo)], ""),
         &env.token("agent-1", None),
     );
-    assert!(eventually(Duration::from_secs(15), || hub
-        .metric("nowconnect_agents_connected")
-        == 1.0));
+    assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
     let open = || {
         let mut s = TcpStream::connect(hub.listener("echo")).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

@@ -22,9 +22,7 @@ fn cluster(env: &Env, connector: &str, target: SocketAddr) -> (HubProc, AgentPro
         &env.agent_yaml("agent-1", &[hub.http], &[(connector, target)], ""),
         &env.token("agent-1", None),
     );
-    assert!(eventually(Duration::from_secs(15), || hub
-        .metric("nowconnect_agents_connected")
-        == 1.0));
+    assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
     (hub, agent)
 }
 

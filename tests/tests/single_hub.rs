@@ -27,9 +27,7 @@ fn cluster(
         &env.token("agent-1", None),
     );
     assert!(
-        eventually(Duration::from_secs(15), || hub
-            .metric("nowconnect_agents_connected")
-            == 1.0),
+        hub.agents_attached(1.0, Duration::from_secs(15)),
         "agent did not attach; hub log:\n{}\nagent log:\n{}",
         hub.proc.log_text(),
         agent.proc.log_text()
@@ -336,9 +334,7 @@ fn the_agent_comes_back_after_the_hub_is_killed_and_restarted() {
         &agent_yaml,
         &env.token("agent-1", None),
     );
-    assert!(eventually(Duration::from_secs(15), || hub
-        .metric("nowconnect_agents_connected")
-        == 1.0));
+    assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
     let data = Arc::new(random_bytes(100_000));
     assert_eq!(
         echo_roundtrip(hub.listener("echo"), data.clone()).unwrap(),
@@ -349,9 +345,7 @@ fn the_agent_comes_back_after_the_hub_is_killed_and_restarted() {
     let hub2 = HubProc::start(env.path(), "hub2", &yaml);
     let start = Instant::now();
     assert!(
-        eventually(Duration::from_secs(20), || hub2
-            .metric("nowconnect_agents_connected")
-            == 1.0),
+        hub2.agents_attached(1.0, Duration::from_secs(20)),
         "agent did not come back: {}",
         agent.proc.log_text()
     );
@@ -447,9 +441,7 @@ fn worker_threads_size_the_executor_of_hub_and_agent() {
             &env.token("agent-1", None),
         );
         assert!(
-            eventually(Duration::from_secs(15), || hub
-                .metric("nowconnect_agents_connected")
-                == 1.0),
+            hub.agents_attached(1.0, Duration::from_secs(15)),
             "{}: agent did not attach",
             rt.name()
         );
@@ -620,9 +612,7 @@ fn flows_spread_over_agents_and_a_leaving_agent_takes_only_its_own() {
             &env.token(name, None),
         ));
     }
-    assert!(eventually(Duration::from_secs(15), || hub
-        .metric("nowconnect_agents_connected")
-        == 2.0));
+    assert!(hub.agents_attached(2.0, Duration::from_secs(15)));
     // Ten open flows: the least-loaded choice splits them evenly.
     let mut conns: Vec<(String, TcpStream)> = (0..10)
         .map(|_| {
@@ -655,9 +645,7 @@ fn flows_spread_over_agents_and_a_leaving_agent_takes_only_its_own() {
             assert_eq!(&buf, b"ping");
         }
     }
-    assert!(eventually(Duration::from_secs(5), || hub
-        .metric("nowconnect_agents_connected")
-        == 1.0));
+    assert!(hub.agents_attached(1.0, Duration::from_secs(5)));
     // New flows go to the agent that is left.
     let mut s = TcpStream::connect(hub.listener("svc")).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -912,9 +900,7 @@ fn an_agent_picks_up_a_rotated_token_file_when_it_reconnects() {
         &format!("token_file: {}\n", token_file.display()),
     );
     let agent = AgentProc::start(env.path(), "agent", &agent_yaml, "unused-env-token");
-    assert!(eventually(Duration::from_secs(15), || hub
-        .metric("nowconnect_agents_connected")
-        == 1.0));
+    assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
 
     // Rotate: the agent's new token first, then the hub's secret.
     let new_secret = "rotated-secret-for-the-whole-fleet-0123456789";
@@ -931,9 +917,7 @@ fn an_agent_picks_up_a_rotated_token_file_when_it_reconnects() {
     hub.proc.kill();
     let hub2 = HubProc::start(env.path(), "hub2", &yaml);
     assert!(
-        eventually(Duration::from_secs(20), || hub2
-            .metric("nowconnect_agents_connected")
-            == 1.0),
+        hub2.agents_attached(1.0, Duration::from_secs(20)),
         "agent did not come back with the rotated token: {}",
         agent.proc.log_text()
     );

@@ -173,9 +173,7 @@ fn main() {
             &yaml,
             &env.token(&id, None),
         ));
-        assert!(eventually(Duration::from_secs(15), || hub
-            .metric("nowconnect_agents_connected")
-            == 1.0));
+        assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
         hubs.push(hub);
     }
     let listener = |name: &str| {
