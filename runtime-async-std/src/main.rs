@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
-use nowconnect_shared::config::{AgentConfig, ConfigKind, HubConfig, worker_threads_of};
+use nowconnect_shared::config::{AgentConfig, HubConfig, Service};
 
 #[derive(Parser)]
 #[command(
@@ -40,13 +40,21 @@ enum Cmd {
 fn main() -> ExitCode {
     nowconnect_shared::tls::install_provider();
     let cli = Cli::parse();
-    // `worker_threads` of the hub or agent file; 0: async-std's default (one
-    // per CPU, or ASYNC_STD_THREAD_COUNT). Set before async-std starts its
-    // executor, which then keeps this configuration.
-    let threads = match &cli.cmd {
-        Cmd::Hub { config } => worker_threads_of(config, ConfigKind::Hub),
-        Cmd::Agent { config } => worker_threads_of(config, ConfigKind::Agent),
+    // The file is loaded before the executor starts: its `worker_threads`
+    // sizes it (0: async-std's default, one per CPU or
+    // ASYNC_STD_THREAD_COUNT). async-std keeps the executor configured here.
+    let service = match cli.cmd {
+        Cmd::Hub { config } => HubConfig::load(&config).map(|c| Service::Hub(Box::new(c))),
+        Cmd::Agent { config } => AgentConfig::load(&config).map(|c| Service::Agent(Box::new(c))),
     };
+    let service = match service {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let threads = service.worker_threads();
     if threads > 0 {
         async_global_executor::init_with_config(
             async_global_executor::GlobalExecutorConfig::default()
@@ -55,7 +63,7 @@ fn main() -> ExitCode {
                 .with_thread_name_fn(|| "async-std/runtime".to_string()),
         );
     }
-    match async_std::task::block_on(run(cli.cmd)) {
+    match async_std::task::block_on(run(service)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -64,10 +72,9 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(cmd: Cmd) -> Result<(), String> {
-    match cmd {
-        Cmd::Hub { config } => {
-            let cfg = HubConfig::load(&config).map_err(|e| e.to_string())?;
+async fn run(service: Service) -> Result<(), String> {
+    match service {
+        Service::Hub(cfg) => {
             nowconnect_shared::logging::init(
                 cfg.raw.log.format.as_deref(),
                 cfg.raw.log.level.as_deref(),
@@ -75,7 +82,7 @@ async fn run(cmd: Cmd) -> Result<(), String> {
             use async_signal::Signal;
             let mut signals = async_signal::Signals::new([Signal::Term, Signal::Int, Signal::Hup])
                 .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-            let hub = nowconnect_async_std::hub::start(cfg).await?;
+            let hub = nowconnect_async_std::hub::start(*cfg).await?;
             // One line on stdout that operators and tests can wait for.
             println!("{}", hub.ready_line());
             let sig = loop {
@@ -96,8 +103,7 @@ async fn run(cmd: Cmd) -> Result<(), String> {
             hub.shutdown().await;
             Ok(())
         }
-        Cmd::Agent { config } => {
-            let cfg = AgentConfig::load(&config).map_err(|e| e.to_string())?;
+        Service::Agent(cfg) => {
             nowconnect_shared::logging::init(
                 cfg.raw.log.format.as_deref(),
                 cfg.raw.log.level.as_deref(),
@@ -105,7 +111,7 @@ async fn run(cmd: Cmd) -> Result<(), String> {
             let mut signals =
                 async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
                     .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-            let rt = nowconnect_async_std::agent::AgentRuntime::new(cfg)?;
+            let rt = nowconnect_async_std::agent::AgentRuntime::new(*cfg)?;
             let (stop_tx, stop_rx) = nowconnect_async_std::agent::AgentRuntime::stopper();
             let task = async_std::task::spawn(rt.run(stop_rx));
             println!("nowconnect agent started");

@@ -69,20 +69,20 @@ fn check_worker_threads(n: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Which file [`worker_threads_of`] reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConfigKind {
-    Hub,
-    Agent,
+/// A hub's or an agent's configuration, loaded before the binary starts its
+/// runtime: `worker_threads` sizes the runtime.
+pub enum Service {
+    Hub(Box<HubConfig>),
+    Agent(Box<AgentConfig>),
 }
 
-/// `worker_threads` of a hub or agent configuration file, for the binary to
-/// size its runtime before it starts; 0 (the runtime's default) when the
-/// file does not load: the command loads it again and reports why.
-pub fn worker_threads_of(file: &Path, kind: ConfigKind) -> usize {
-    match kind {
-        ConfigKind::Hub => HubConfig::load(file).map_or(0, |c| c.raw.worker_threads),
-        ConfigKind::Agent => AgentConfig::load(file).map_or(0, |c| c.raw.worker_threads),
+impl Service {
+    /// Executor threads asked for; 0: the runtime's default.
+    pub fn worker_threads(&self) -> usize {
+        match self {
+            Service::Hub(c) => c.raw.worker_threads,
+            Service::Agent(c) => c.raw.worker_threads,
+        }
     }
 }
 

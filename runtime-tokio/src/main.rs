@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use nowconnect_tokio::config::{AgentConfig, ConfigKind, HubConfig, worker_threads_of};
+use nowconnect_tokio::config::{AgentConfig, HubConfig, Service};
 use tokio::sync::watch;
 
 #[derive(Parser)]
@@ -33,6 +33,13 @@ enum Cmd {
         #[arg(long, env = "NC_CONFIG")]
         config: PathBuf,
     },
+    #[command(flatten)]
+    Tool(Tool),
+}
+
+/// The subcommands that are not a long-running service.
+#[derive(Subcommand)]
+enum Tool {
     /// Print a signed HS256 token for an agent.
     Token {
         #[arg(long)]
@@ -323,20 +330,41 @@ async fn perf(cmd: PerfCmd) -> Result<ExitCode, String> {
     }
 }
 
+/// What the binary runs: a hub or an agent with its configuration loaded,
+/// or a tool.
+enum Job {
+    Service(Service),
+    Tool(Tool),
+}
+
 fn main() -> ExitCode {
     nowconnect_tokio::tls::install_provider();
     let cli = Cli::parse();
+    // A hub or agent file is loaded before the runtime starts: its
+    // `worker_threads` sizes the runtime.
+    let job = match cli.cmd {
+        Cmd::Hub { config } => {
+            HubConfig::load(&config).map(|c| Job::Service(Service::Hub(Box::new(c))))
+        }
+        Cmd::Agent { config } => {
+            AgentConfig::load(&config).map(|c| Job::Service(Service::Agent(Box::new(c))))
+        }
+        Cmd::Tool(t) => Ok(Job::Tool(t)),
+    };
+    let job = match job {
+        Ok(job) => job,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
-    // `worker_threads` of the hub or agent file; 0: tokio's default (one per
-    // CPU, or TOKIO_WORKER_THREADS).
-    let threads = match &cli.cmd {
-        Cmd::Hub { config } => worker_threads_of(config, ConfigKind::Hub),
-        Cmd::Agent { config } => worker_threads_of(config, ConfigKind::Agent),
-        _ => 0,
-    };
-    if threads > 0 {
-        builder.worker_threads(threads);
+    // 0: tokio's default (one per CPU, or TOKIO_WORKER_THREADS).
+    if let Job::Service(s) = &job
+        && s.worker_threads() > 0
+    {
+        builder.worker_threads(s.worker_threads());
     }
     let rt = match builder.build() {
         Ok(rt) => rt,
@@ -345,7 +373,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli.cmd)) {
+    match rt.block_on(run(job)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");
@@ -373,15 +401,14 @@ async fn shutdown_signal() -> &'static str {
 
 /// Runs a subcommand; `perf` picks its own exit code (3: an assertion
 /// failed), the others succeed or fail with their error.
-async fn run(cmd: Cmd) -> Result<ExitCode, String> {
-    match cmd {
-        Cmd::Hub { config } => {
-            let cfg = HubConfig::load(&config).map_err(|e| e.to_string())?;
+async fn run(job: Job) -> Result<ExitCode, String> {
+    match job {
+        Job::Service(Service::Hub(cfg)) => {
             nowconnect_tokio::logging::init(
                 cfg.raw.log.format.as_deref(),
                 cfg.raw.log.level.as_deref(),
             );
-            let hub = nowconnect_tokio::hub::start(cfg).await?;
+            let hub = nowconnect_tokio::hub::start(*cfg).await?;
             // One line on stdout that operators and tests can wait for.
             println!("{}", hub.ready_line());
             // SIGHUP re-reads the configuration file (JWT verification keys).
@@ -409,13 +436,12 @@ async fn run(cmd: Cmd) -> Result<ExitCode, String> {
             hub.shutdown().await;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Agent { config } => {
-            let cfg = AgentConfig::load(&config).map_err(|e| e.to_string())?;
+        Job::Service(Service::Agent(cfg)) => {
             nowconnect_tokio::logging::init(
                 cfg.raw.log.format.as_deref(),
                 cfg.raw.log.level.as_deref(),
             );
-            let rt = nowconnect_tokio::agent::AgentRuntime::new(cfg)?;
+            let rt = nowconnect_tokio::agent::AgentRuntime::new(*cfg)?;
             let (stop_tx, stop_rx) = watch::channel(false);
             let task = tokio::spawn(rt.run(stop_rx));
             println!("nowconnect agent started");
@@ -425,23 +451,23 @@ async fn run(cmd: Cmd) -> Result<ExitCode, String> {
             let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Token {
+        Job::Tool(Tool::Token {
             secret_file,
             agent_id,
             connectors,
             ttl,
-        } => {
+        }) => {
             let secret = nowconnect_tokio::jwt::read_secret(&secret_file)?;
             let token = nowconnect_tokio::jwt::mint(&secret, &agent_id, connectors, ttl.into())?;
             println!("{token}");
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Quickstart { check, listen_port } => {
+        Job::Tool(Tool::Quickstart { check, listen_port }) => {
             nowconnect_tokio::logging::init(None, Some("warn"));
             nowconnect_tokio::quickstart::run(check, listen_port)
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }
-        Cmd::Perf(p) => perf(*p).await,
+        Job::Tool(Tool::Perf(p)) => perf(*p).await,
     }
 }
