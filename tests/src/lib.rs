@@ -551,8 +551,7 @@ pub fn reset_lab() -> (SocketAddr, std::sync::mpsc::Receiver<&'static str>) {
                 if first[0] == b'R' {
                     let _ = s.write_all(&vec![7u8; 64 * 1024]);
                     std::thread::sleep(Duration::from_millis(100));
-                    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
-                    return;
+                    return reset_close(s);
                 }
                 let _ = tx.send("started");
                 let mut buf = [0u8; 16 * 1024];

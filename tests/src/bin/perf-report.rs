@@ -240,13 +240,11 @@ fn direct_idle_rtt(every: Duration, window: Duration) -> Vec<Duration> {
 }
 
 /// `--echo-child`: echo every connection, print the address first; ends
-/// when the parent kills it.
+/// when its stdin closes (the parent kills it, or the parent is gone).
 fn echo_child() {
     let addr = echo_server();
     println!("{addr}");
-    loop {
-        std::thread::sleep(Duration::from_secs(3600));
-    }
+    let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
 }
 
 /// p95 of sorted samples (nearest rank), and the sample count.
