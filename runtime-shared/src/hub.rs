@@ -43,6 +43,12 @@ pub trait HubRt: Send + Sync + Sized + 'static {
     /// Stop a task at its next await point.
     fn abort(&self, t: Self::Task);
     fn sleep(&self, d: Duration) -> impl Future<Output = ()> + Send + 'static;
+    /// Run blocking work (file reads) on the runtime's blocking threads, so
+    /// that no executor thread, and no flow on it, waits on a disk.
+    fn unblock<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> impl Future<Output = T> + Send + 'static;
 
     fn bind(
         &self,
@@ -798,11 +804,11 @@ impl<R: HubRt> Shared<R> {
     /// reload is retried only after the files change again.
     async fn watch_files(self: Arc<Self>, every: Duration) {
         let files = self.watched.lock().expect("watched lock").clone();
-        let mut last = fingerprint(&files);
+        let mut last = self.rt.unblock(move || fingerprint(&files)).await;
         loop {
             self.rt.sleep(every).await;
             let files = self.watched.lock().expect("watched lock").clone();
-            let now = fingerprint(&files);
+            let now = self.rt.unblock(move || fingerprint(&files)).await;
             if now == last {
                 continue;
             }
@@ -815,7 +821,7 @@ impl<R: HubRt> Shared<R> {
             }
             // The set may have changed with the reload.
             let files = self.watched.lock().expect("watched lock").clone();
-            last = fingerprint(&files);
+            last = self.rt.unblock(move || fingerprint(&files)).await;
         }
     }
 
