@@ -386,8 +386,8 @@ impl MeshLink {
                 self.state = LinkState::Established;
                 self.backoff.reset();
                 self.timers.clear(MeshTimer::Handshake);
-                self.timers
-                    .set(MeshTimer::Ping, now + self.cfg.ping_interval);
+                let next = now + self.next_ping_delay();
+                self.timers.set(MeshTimer::Ping, next);
                 self.events.push_back(MeshEvent::Established {
                     peer_replica: replica_id,
                 });
@@ -802,12 +802,27 @@ impl MeshLink {
                         self.push_ctrl(Frame::MPing {
                             nonce: self.ping_nonce,
                         });
-                        self.timers
-                            .set(MeshTimer::Ping, now + self.cfg.ping_interval);
+                        let next = now + self.next_ping_delay();
+                        self.timers.set(MeshTimer::Ping, next);
                     }
                 }
             }
         }
+    }
+
+    /// The wait before the next ping: between 80 % and 100 % of
+    /// `ping_interval`, drawn per ping, never later than configured (the
+    /// peer's idle timeout counts on it). Links that come up together (a
+    /// hub's links at start, the two ends of a link) would otherwise ping in
+    /// the same instant for ever, all the pings of a hub pair contending for
+    /// the same CPUs at once.
+    fn next_ping_delay(&mut self) -> Duration {
+        let spread = self.cfg.ping_interval / 5;
+        let spread_ns = u64::try_from(spread.as_nanos()).unwrap_or(u64::MAX);
+        if spread_ns == 0 {
+            return self.cfg.ping_interval;
+        }
+        self.cfg.ping_interval - spread + Duration::from_nanos(self.rng.below(spread_ns + 1))
     }
 
     pub fn poll_timeout(&self) -> Option<(Instant, MeshTimer)> {

@@ -426,6 +426,75 @@ fn mesh_link_loss_resets_only_its_flows_and_rtt_is_measured() {
 }
 
 #[test]
+fn mesh_pings_are_spread_over_the_last_fifth_of_the_interval_and_never_late() {
+    // Idle timeout just above the ping interval: a ping that came late
+    // would let the peer's idle timer close the link.
+    let cfg = MeshLinkConfig {
+        ping_interval: Duration::from_secs(5),
+        idle_timeout: Duration::from_millis(5_001),
+        ..MeshLinkConfig::default()
+    };
+    let (mut a, mut b) = mesh_pair(cfg);
+    let mut now = origin();
+    let mut last_ping = [now, now];
+    let mut gaps = Vec::new();
+    for _ in 0..400 {
+        let ta = a.poll_timeout().expect("a has a timer").0;
+        let tb = b.poll_timeout().expect("b has a timer").0;
+        let (link, other, side) = if ta <= tb {
+            (&mut a, &mut b, 0)
+        } else {
+            (&mut b, &mut a, 1)
+        };
+        now = ta.min(tb);
+        link.handle_timeout(now);
+        let mut pinged = false;
+        while let Some(m) = link.poll_transmit() {
+            pinged |= matches!(
+                nowconnect_core::codec::decode(&m, &Limits::default()),
+                Ok(Frame::MPing { .. })
+            );
+            other.handle_message(now, &m);
+        }
+        while let Some(m) = other.poll_transmit() {
+            link.handle_message(now, &m);
+        }
+        assert!(pinged, "every timer of an idle established link is a ping");
+        gaps.push(now - last_ping[side]);
+        last_ping[side] = now;
+        assert_eq!(
+            (a.state(), b.state()),
+            (LinkState::Established, LinkState::Established),
+            "the link stays up at {:?}",
+            now - origin()
+        );
+    }
+    let min = *gaps.iter().min().unwrap();
+    let max = *gaps.iter().max().unwrap();
+    assert!(
+        min >= Duration::from_secs(4),
+        "a ping came {min:?} after the last"
+    );
+    assert!(
+        max <= Duration::from_secs(5),
+        "a ping came {max:?} after the last"
+    );
+    let mut distinct = gaps.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert!(
+        distinct.len() > gaps.len() / 2,
+        "ping gaps are drawn, not fixed: {} distinct of {}",
+        distinct.len(),
+        gaps.len()
+    );
+    assert!(
+        max - min > Duration::from_millis(800),
+        "ping gaps cover the spread: {min:?}..{max:?}"
+    );
+}
+
+#[test]
 fn mesh_open_with_wrong_parity_is_refused() {
     let (mut a, mut b) = mesh_pair(MeshLinkConfig::default());
     // b is the acceptor: its flows are even. Forge an odd cid from b's side.
