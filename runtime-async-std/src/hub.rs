@@ -64,13 +64,6 @@ impl HubRt for AsyncStdRt {
         task::sleep(d)
     }
 
-    fn unblock<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> impl Future<Output = T> + Send + 'static {
-        task::spawn_blocking(f)
-    }
-
     async fn bind(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
         TcpListener::bind(addr).await
     }

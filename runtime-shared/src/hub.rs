@@ -43,12 +43,6 @@ pub trait HubRt: Send + Sync + Sized + 'static {
     /// Stop a task at its next await point.
     fn abort(&self, t: Self::Task);
     fn sleep(&self, d: Duration) -> impl Future<Output = ()> + Send + 'static;
-    /// Run blocking work (file reads) on the runtime's blocking threads, so
-    /// that no executor thread, and no flow on it, waits on a disk.
-    fn unblock<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> impl Future<Output = T> + Send + 'static;
 
     fn bind(
         &self,
@@ -803,12 +797,22 @@ impl<R: HubRt> Shared<R> {
     /// Reload when a watched file changes (checked every `every`). A failed
     /// reload is retried only after the files change again.
     async fn watch_files(self: Arc<Self>, every: Duration) {
+        let Some(reader) = FileReader::start() else {
+            tracing::error!(
+                "could not start the file-watch thread; watched files are not checked (SIGHUP still reloads)"
+            );
+            return;
+        };
         let files = self.watched.lock().expect("watched lock").clone();
-        let mut last = self.rt.unblock(move || fingerprint(&files)).await;
+        let Some(mut last) = reader.fingerprint(files).await else {
+            return;
+        };
         loop {
             self.rt.sleep(every).await;
             let files = self.watched.lock().expect("watched lock").clone();
-            let now = self.rt.unblock(move || fingerprint(&files)).await;
+            let Some(now) = reader.fingerprint(files).await else {
+                return;
+            };
             if now == last {
                 continue;
             }
@@ -821,7 +825,10 @@ impl<R: HubRt> Shared<R> {
             }
             // The set may have changed with the reload.
             let files = self.watched.lock().expect("watched lock").clone();
-            last = self.rt.unblock(move || fingerprint(&files)).await;
+            let Some(now) = reader.fingerprint(files).await else {
+                return;
+            };
+            last = now;
         }
     }
 
@@ -1054,6 +1061,37 @@ fn watched_files(cfg: &HubConfig) -> Vec<PathBuf> {
         files.extend([t.ca_bundle.clone(), t.cert_file.clone(), t.key_file.clone()]);
     }
     files
+}
+
+/// The watcher's own thread (`nowconnect-watch`), which reads and hashes
+/// the watched files: file reads never run on an executor thread, where they
+/// would hold up every flow on it (0.2-2 ms per check on a small VM, longer
+/// on a slow secrets mount). The thread ends when this is dropped.
+struct FileReader {
+    ask: std::sync::mpsc::Sender<(Vec<PathBuf>, async_channel::Sender<u64>)>,
+}
+
+impl FileReader {
+    fn start() -> Option<FileReader> {
+        let (ask, asked) = std::sync::mpsc::channel::<(Vec<PathBuf>, async_channel::Sender<u64>)>();
+        std::thread::Builder::new()
+            .name("nowconnect-watch".into())
+            .spawn(move || {
+                for (files, reply) in asked {
+                    let _ = reply.send_blocking(fingerprint(&files));
+                }
+            })
+            .ok()?;
+        Some(FileReader { ask })
+    }
+
+    /// The fingerprint of `files`, computed on the watcher's thread (`None`:
+    /// the thread is gone).
+    async fn fingerprint(&self, files: Vec<PathBuf>) -> Option<u64> {
+        let (reply, answer) = async_channel::bounded(1);
+        self.ask.send((files, reply)).ok()?;
+        answer.recv().await.ok()
+    }
 }
 
 /// What the watched files hold now (a missing file counts as a state too).

@@ -66,21 +66,6 @@ impl HubRt for TokioRt {
         tokio::time::sleep(d)
     }
 
-    fn unblock<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> impl Future<Output = T> + Send + 'static {
-        let work = tokio::task::spawn_blocking(f);
-        async move {
-            match work.await {
-                Ok(v) => v,
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                // Cancelled: the runtime is shutting down.
-                Err(_) => std::future::pending().await,
-            }
-        }
-    }
-
     async fn bind(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
         TcpListener::bind(addr).await
     }

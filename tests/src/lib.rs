@@ -111,14 +111,20 @@ impl Runtime {
             Runtime::Tokio => "tokio-rt-worker",
             Runtime::AsyncStd => "async-std/runti",
         };
-        std::fs::read_dir(format!("/proc/{pid}/task"))
-            .map(|d| {
-                d.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                    .filter(|c| c.trim() == name)
-                    .count()
-            })
-            .unwrap_or(0)
+        threads_named(pid, name)
     }
+}
+
+/// How many threads of process `pid` are named `name` (as `/proc` shows
+/// it: the first 15 bytes).
+pub fn threads_named(pid: u32, name: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|c| c.trim() == name)
+                .count()
+        })
+        .unwrap_or(0)
 }
 
 /// The runtime of the hubs the hub suites start:

@@ -415,7 +415,7 @@ fn a_v1_only_agent_is_served() {
 
 /// `worker_threads` sizes the executor of hub and agent on both runtimes
 /// (3 and 1, neither being the default on a 2-core machine), and flows work
-/// with one thread.
+/// with one thread. The hub's file watcher has a thread of its own.
 #[test]
 fn worker_threads_size_the_executor_of_hub_and_agent() {
     let env = Env::new();
@@ -446,6 +446,13 @@ fn worker_threads_size_the_executor_of_hub_and_agent() {
             rt.name()
         );
         assert_eq!(rt.executor_threads(hub.proc.pid()), 3, "{} hub", rt.name());
+        // The file watcher reads on its own thread, not on the executor.
+        assert_eq!(
+            threads_named(hub.proc.pid(), "nowconnect-watc"),
+            1,
+            "{} hub's file-watch thread",
+            rt.name()
+        );
         assert_eq!(
             rt.executor_threads(agent.proc.pid()),
             1,
