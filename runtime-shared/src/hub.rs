@@ -1086,11 +1086,19 @@ impl FileReader {
     }
 
     /// The fingerprint of `files`, computed on the watcher's thread (`None`:
-    /// the thread is gone).
+    /// the thread is gone, which is logged).
     async fn fingerprint(&self, files: Vec<PathBuf>) -> Option<u64> {
         let (reply, answer) = async_channel::bounded(1);
-        self.ask.send((files, reply)).ok()?;
-        answer.recv().await.ok()
+        let got = match self.ask.send((files, reply)) {
+            Ok(()) => answer.recv().await.ok(),
+            Err(_) => None,
+        };
+        if got.is_none() {
+            tracing::error!(
+                "the file-watch thread ended; watched files are no longer checked (SIGHUP still reloads)"
+            );
+        }
+        got
     }
 }
 
