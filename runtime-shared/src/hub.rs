@@ -803,14 +803,15 @@ impl<R: HubRt> Shared<R> {
             );
             return;
         };
-        let files = self.watched.lock().expect("watched lock").clone();
-        let Some(mut last) = reader.fingerprint(files).await else {
+        // The current set of watched files (a reload may change it), read and
+        // hashed on the watcher's thread.
+        let check = || reader.fingerprint(self.watched.lock().expect("watched lock").clone());
+        let Some(mut last) = check().await else {
             return;
         };
         loop {
             self.rt.sleep(every).await;
-            let files = self.watched.lock().expect("watched lock").clone();
-            let Some(now) = reader.fingerprint(files).await else {
+            let Some(now) = check().await else {
                 return;
             };
             if now == last {
@@ -824,8 +825,7 @@ impl<R: HubRt> Shared<R> {
                 ),
             }
             // The set may have changed with the reload.
-            let files = self.watched.lock().expect("watched lock").clone();
-            let Some(now) = reader.fingerprint(files).await else {
+            let Some(now) = check().await else {
                 return;
             };
             last = now;

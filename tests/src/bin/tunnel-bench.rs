@@ -267,7 +267,7 @@ fn main() {
         ("one path at a time", sequential),
         ("interleaved", interleaved),
     ] {
-        let hd = hs[0].clone();
+        let hd = &hs[0];
         println!("## 1 KiB echo latency ({echoes} round trips per path, {how}, µs)");
         println!("path               p50      p90      p99      max   added p50  added p99");
         let row = |name: &str, h: &Histogram<u64>| {
@@ -281,7 +281,7 @@ fn main() {
                 us(h.value_at_quantile(0.99)) - us(hd.value_at_quantile(0.99)),
             );
         };
-        row("direct", &hd);
+        row("direct", hd);
         for (rt, ht) in runtimes.iter().zip(&hs[1..]) {
             row(rt.name(), ht);
         }
