@@ -9,10 +9,16 @@
 //! With `--mesh`, each runtime then also gets Redis, two meshed hubs and an
 //! agent on hub-a, and one flow into hub-b is measured across the mesh.
 //!
-//!   cargo run --release -p nowconnect-tests --bin tunnel-bench -- [--bytes N] [--echoes N] [--runtimes tokio,async-std] [--mesh] [--window BYTES] [--worker-threads N]
+//! With `--delay-ms D`, each agent reaches its hub through a proxy that holds
+//! every chunk D ms in each direction (a round trip of 2D, as across a WAN,
+//! with no bandwidth limit and no TCP window of its own), so that the flow's
+//! credit window (`--window`) is what bounds its throughput.
+//!
+//!   cargo run --release -p nowconnect-tests --bin tunnel-bench -- [--bytes N] [--echoes N] [--runtimes tokio,async-std] [--mesh] [--window BYTES] [--worker-threads N] [--delay-ms D]
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -42,6 +48,53 @@ fn sink_server() -> SocketAddr {
         }
     });
     addr
+}
+
+/// A TCP proxy to `to` that passes every chunk on `delay` after it was read,
+/// in each direction. The bytes it holds are bounded (1024 chunks of at most
+/// 64 KiB per direction), far above any flow window measured with it.
+fn delay_proxy(to: SocketAddr, delay: Duration) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for inbound in l.incoming().map_while(Result::ok) {
+            let Ok(outbound) = TcpStream::connect(to) else {
+                continue;
+            };
+            for (from, into) in [
+                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                (outbound, inbound),
+            ] {
+                let _ = from.set_nodelay(true);
+                delayed_pump(from, into, delay);
+            }
+        }
+    });
+    addr
+}
+
+/// Read `from` on one thread, write `into` on another, each chunk `delay`
+/// after it was read; an end of stream is passed on (after the delay too).
+fn delayed_pump(mut from: TcpStream, mut into: TcpStream, delay: Duration) {
+    let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>(1024);
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = from.read(&mut buf).unwrap_or(0);
+            if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() || n == 0 {
+                return;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        for (due, chunk) in rx {
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            if chunk.is_empty() || into.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let _ = into.shutdown(Shutdown::Write);
+    });
 }
 
 fn throughput(addr: SocketAddr, bytes: u64) -> f64 {
@@ -125,6 +178,7 @@ fn main() {
     let mut window: u32 = 256 * 1024;
     let mut mesh = false;
     let mut threads = String::new();
+    let mut delay = Duration::ZERO;
     let mut runtimes = vec![Runtime::Tokio, Runtime::AsyncStd];
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
@@ -137,6 +191,9 @@ fn main() {
                 let n: usize = args[i + 1].parse().expect("--worker-threads N");
                 threads = format!("worker_threads: {n}\n");
             }
+            "--delay-ms" => {
+                delay = Duration::from_millis(args[i + 1].parse().expect("--delay-ms D"));
+            }
             "--mesh" => {
                 mesh = true;
                 i += 1;
@@ -147,6 +204,14 @@ fn main() {
         }
         i += 2;
     }
+    // The address an agent dials for a hub: through the delay proxy if asked.
+    let dial = |hub: SocketAddr| {
+        if delay.is_zero() {
+            hub
+        } else {
+            delay_proxy(hub, delay)
+        }
+    };
     let env = Env::new();
     let sink = sink_server();
     let echo = echo_server();
@@ -170,7 +235,7 @@ fn main() {
         let id = format!("bench-{}", rt.name());
         let yaml = env.agent_yaml(
             &id,
-            &[hub.http],
+            &[dial(hub.http)],
             &[(s.as_str(), sink), (e.as_str(), echo)],
             "log:\n  level: warn\n",
         ) + &format!("window_bytes: {window}\n")
@@ -217,6 +282,15 @@ fn main() {
         v[v.len() / 2]
     };
     let d = med(&mut direct);
+    if !delay.is_zero() {
+        let rtt = 2.0 * delay.as_secs_f64();
+        println!(
+            "agent to hub: {} ms each way (round trip {:.0} ms); a flow's ceiling, window / round trip: {:.1} MiB/s",
+            delay.as_millis(),
+            rtt * 1000.0,
+            f64::from(window) / rtt / 1048576.0
+        );
+    }
     println!(
         "per-flow window: {window} bytes; {}; hub and agent on: {}",
         if threads.is_empty() {
@@ -315,7 +389,7 @@ fn main() {
                 *rt,
                 &dir,
                 &id,
-                &(env.agent_yaml(&id, &[a.http], &[("ldap", sink)], "log:\n  level: warn\n")
+                &(env.agent_yaml(&id, &[dial(a.http)], &[("ldap", sink)], "log:\n  level: warn\n")
                     + &format!("window_bytes: {window}\n")
                     + &threads),
                 &env.token(&id, None),
