@@ -38,6 +38,8 @@ pub const BACKPRESSURE_REASONS: [&str; 4] = [
 pub struct MeshLinkConfig {
     pub limits: Limits,
     pub window: u32,
+    /// The most a flow's receive window may grow to (see [`crate::flow`]).
+    pub max_window: u32,
     /// Frames waiting for the socket, per queue (control and data each).
     pub send_queue_depth: usize,
     /// Data bytes sent and not yet credited back, over all flows of the link.
@@ -60,6 +62,7 @@ impl Default for MeshLinkConfig {
         MeshLinkConfig {
             limits: Limits::default(),
             window: crate::tunnel::DEFAULT_WINDOW,
+            max_window: crate::tunnel::DEFAULT_MAX_WINDOW,
             send_queue_depth: 1000,
             max_inflight_bytes: 8 * 1024 * 1024,
             ping_interval: Duration::from_secs(5),
@@ -207,6 +210,7 @@ impl MeshLink {
         let mux = FlowMux::new(MuxConfig {
             limits: cfg.limits,
             local_window: cfg.window,
+            max_window: cfg.max_window,
             max_flows: cfg.max_flows,
             dedup_capacity: cfg.dedup_capacity,
             planted_bug: cfg.planted_bug,
@@ -416,38 +420,50 @@ impl MeshLink {
                     self.events
                         .push_back(MeshEvent::OpenAccepted { cid: h.cid });
                 } else {
-                    self.mux.on_frame(FlowFrame::Rst {
-                        cid: h.cid,
-                        code,
-                        reason,
-                    });
+                    self.mux.on_frame(
+                        FlowFrame::Rst {
+                            cid: h.cid,
+                            code,
+                            reason,
+                        },
+                        now,
+                    );
                     self.forget_finished();
                 }
             }
             Frame::MData { h, payload } => {
                 if self.epoch_ok(&h) {
-                    self.mux.on_frame(FlowFrame::Data {
-                        cid: h.cid,
-                        seq: h.seq,
-                        payload,
-                    });
+                    self.mux.on_frame(
+                        FlowFrame::Data {
+                            cid: h.cid,
+                            seq: h.seq,
+                            payload,
+                        },
+                        now,
+                    );
                 }
             }
             Frame::MFin { h } => {
                 if self.epoch_ok(&h) {
-                    self.mux.on_frame(FlowFrame::Fin {
-                        cid: h.cid,
-                        seq: Some(h.seq),
-                    });
+                    self.mux.on_frame(
+                        FlowFrame::Fin {
+                            cid: h.cid,
+                            seq: Some(h.seq),
+                        },
+                        now,
+                    );
                 }
             }
             Frame::MRst { h, code, reason } => {
                 if self.epoch_ok(&h) {
-                    self.mux.on_frame(FlowFrame::Rst {
-                        cid: h.cid,
-                        code,
-                        reason,
-                    });
+                    self.mux.on_frame(
+                        FlowFrame::Rst {
+                            cid: h.cid,
+                            code,
+                            reason,
+                        },
+                        now,
+                    );
                 }
             }
             Frame::MCredit { h, bytes } => {
@@ -457,7 +473,8 @@ impl MeshLink {
                         m.outstanding -= released;
                         self.inflight -= released;
                     }
-                    self.mux.on_frame(FlowFrame::Credit { cid: h.cid, bytes });
+                    self.mux
+                        .on_frame(FlowFrame::Credit { cid: h.cid, bytes }, now);
                 }
             }
             Frame::MPing { nonce } => self.push_ctrl(Frame::MPong { nonce }),

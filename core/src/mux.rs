@@ -5,6 +5,7 @@
 //! `FlowMux` and translate between their wire frames and [`FlowFrame`].
 
 use std::collections::{BTreeMap, VecDeque};
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -95,6 +96,8 @@ pub struct MuxStats {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub open_refused_limit: u64,
+    /// Times a flow's receive window doubled (see [`crate::flow`]).
+    pub windows_grown: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -109,6 +112,10 @@ pub enum OpenError {
 pub struct MuxConfig {
     pub limits: Limits,
     pub local_window: u32,
+    /// The most one flow's receive window may grow to (`local_window`: no
+    /// growth). All flows of the link together may grow by at most
+    /// [`GROWTH_BUDGET_WINDOWS`] times this above `local_window`.
+    pub max_window: u32,
     pub max_flows: usize,
     pub dedup_capacity: usize,
     /// Test-only: a deliberate bug the simulation must catch (never set in
@@ -116,6 +123,12 @@ pub struct MuxConfig {
     #[doc(hidden)]
     pub planted_bug: PlantedBug,
 }
+
+/// How many flows of one link may have grown to the maximum window at once:
+/// the growth all flows of a link may have taken together is this many
+/// maximum windows, which bounds the extra bytes a link's receiver may have
+/// to hold for readers that stop draining.
+pub const GROWTH_BUDGET_WINDOWS: u64 = 8;
 
 /// Deliberate bugs for proving that the simulation catches them.
 #[doc(hidden)]
@@ -138,6 +151,8 @@ pub struct FlowMux {
     closed: DedupLru,
     frames: VecDeque<FlowFrame>,
     events: VecDeque<FlowEvent>,
+    /// Bytes by which the flows' windows have grown above `local_window`.
+    grown: u64,
     pub stats: MuxStats,
 }
 
@@ -151,6 +166,7 @@ impl FlowMux {
             closed,
             frames: VecDeque::new(),
             events: VecDeque::new(),
+            grown: 0,
             stats: MuxStats::default(),
         }
     }
@@ -188,6 +204,18 @@ impl FlowMux {
         &self.closed
     }
 
+    /// Bytes by which this link's flows' windows have grown in all.
+    pub fn window_growth(&self) -> u64 {
+        self.grown
+    }
+
+    /// Remove a flow from the table, returning its growth to the budget.
+    fn remove_flow(&mut self, cid: Cid) -> Option<Flow> {
+        let flow = self.flows.remove(&cid)?;
+        self.grown -= u64::from(flow.local_window().saturating_sub(self.cfg.local_window));
+        Some(flow)
+    }
+
     pub fn open(&mut self, cid: Cid) -> Result<(), OpenError> {
         if self.flows.contains_key(&cid) {
             return Err(OpenError::Exists(cid));
@@ -196,8 +224,9 @@ impl FlowMux {
             self.stats.open_refused_limit += 1;
             return Err(OpenError::TooMany(self.cfg.max_flows));
         }
-        self.flows
-            .insert(cid, Flow::new(cid, self.cfg.local_window, self.peer_window));
+        let flow = Flow::new(cid, self.cfg.local_window, self.peer_window)
+            .with_max_window(self.cfg.max_window);
+        self.flows.insert(cid, flow);
         self.stats.flows_opened += 1;
         Ok(())
     }
@@ -255,7 +284,7 @@ impl FlowMux {
     /// The local side aborts the flow: RST to the peer, forget the flow.
     /// Returns whether the flow existed.
     pub fn reset(&mut self, cid: Cid, code: ErrorCode, reason: &str) -> bool {
-        let Some(flow) = self.flows.remove(&cid) else {
+        let Some(flow) = self.remove_flow(cid) else {
             return false;
         };
         self.closed.record(cid, flow.received_frames());
@@ -270,7 +299,7 @@ impl FlowMux {
 
     /// Drop a flow without telling the peer (it was refused in another way).
     pub fn forget(&mut self, cid: Cid) {
-        if let Some(flow) = self.flows.remove(&cid) {
+        if let Some(flow) = self.remove_flow(cid) {
             self.closed.record(cid, flow.received_frames());
         }
     }
@@ -287,6 +316,7 @@ impl FlowMux {
     /// The link is gone: every flow ends with `code`; nothing is sent.
     pub fn fail_all(&mut self, code: ErrorCode, reason: &str) {
         let flows = std::mem::take(&mut self.flows);
+        self.grown = 0;
         for (cid, flow) in flows {
             self.closed.record(cid, flow.received_frames());
             self.stats.flows_reset_local += 1;
@@ -299,28 +329,40 @@ impl FlowMux {
         self.frames.clear();
     }
 
-    /// A flow frame from the peer.
-    pub fn on_frame(&mut self, frame: FlowFrame) {
+    /// A flow frame from the peer, received at `now`.
+    pub fn on_frame(&mut self, frame: FlowFrame, now: Instant) {
         let cid = frame.cid();
         let Some(flow) = self.flows.get_mut(&cid) else {
             self.on_frame_unknown_flow(frame);
             return;
         };
         let result = match frame {
-            FlowFrame::Data { seq, payload, .. } => match flow.on_recv_data(seq, payload.len()) {
-                Ok(RecvVerdict::Deliver) => {
-                    self.stats.bytes_in += payload.len() as u64;
-                    if !payload.is_empty() {
-                        self.events.push_back(FlowEvent::Data { cid, payload });
+            FlowFrame::Data { seq, payload, .. } => {
+                match flow.on_recv_data_at(seq, payload.len(), now) {
+                    Ok((RecvVerdict::Deliver, grown)) => {
+                        if grown > 0 {
+                            let budget = GROWTH_BUDGET_WINDOWS * u64::from(self.cfg.max_window);
+                            let room = budget.saturating_sub(self.grown);
+                            let refused = u64::from(grown).saturating_sub(room) as u32;
+                            flow.shrink_growth(refused);
+                            self.grown += u64::from(grown - refused);
+                            if grown > refused {
+                                self.stats.windows_grown += 1;
+                            }
+                        }
+                        self.stats.bytes_in += payload.len() as u64;
+                        if !payload.is_empty() {
+                            self.events.push_back(FlowEvent::Data { cid, payload });
+                        }
+                        Ok(())
                     }
-                    Ok(())
+                    Ok((RecvVerdict::Duplicate, _)) => {
+                        self.stats.duplicates_dropped += 1;
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
                 }
-                Ok(RecvVerdict::Duplicate) => {
-                    self.stats.duplicates_dropped += 1;
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            },
+            }
             FlowFrame::Fin { seq, .. } => match flow.on_recv_fin(seq) {
                 Ok(RecvVerdict::Deliver) => {
                     self.events.push_back(FlowEvent::Fin { cid });
@@ -350,7 +392,7 @@ impl FlowMux {
                 Err(e) => Err(e),
             },
             FlowFrame::Rst { code, reason, .. } => {
-                let flow = self.flows.remove(&cid).expect("flow present");
+                let flow = self.remove_flow(cid).expect("flow present");
                 self.closed.record(cid, flow.received_frames());
                 self.stats.flows_reset_remote += 1;
                 self.events
@@ -400,7 +442,7 @@ impl FlowMux {
 
     fn finish_if_done(&mut self, cid: Cid) {
         if self.flows.get(&cid).is_some_and(Flow::is_done) {
-            let flow = self.flows.remove(&cid).expect("flow present");
+            let flow = self.remove_flow(cid).expect("flow present");
             self.closed.record(cid, flow.received_frames());
             self.stats.flows_closed += 1;
             self.events.push_back(FlowEvent::Closed { cid });

@@ -31,8 +31,11 @@ pub enum Role {
 #[derive(Clone, Debug)]
 pub struct TunnelConfig {
     pub limits: Limits,
-    /// Our per-flow receive window in bytes.
+    /// Our per-flow receive window in bytes, as advertised.
     pub window: u32,
+    /// The most a flow's receive window may grow to (see [`crate::flow`];
+    /// `window` or less: no growth).
+    pub max_window: u32,
     /// Codecs we send with, best first.
     pub codecs: Vec<Codec>,
     pub ping_interval: Duration,
@@ -49,12 +52,15 @@ pub struct TunnelConfig {
 
 /// Default per-flow receive window: 256 KiB.
 pub const DEFAULT_WINDOW: u32 = 256 * 1024;
+/// Default most a flow's receive window grows to: 4 MiB.
+pub const DEFAULT_MAX_WINDOW: u32 = 4 * 1024 * 1024;
 
 impl Default for TunnelConfig {
     fn default() -> Self {
         TunnelConfig {
             limits: Limits::default(),
             window: DEFAULT_WINDOW,
+            max_window: DEFAULT_MAX_WINDOW,
             codecs: vec![Codec::V2, Codec::V1],
             ping_interval: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(45),
@@ -160,6 +166,7 @@ impl Tunnel {
         let mux = FlowMux::new(MuxConfig {
             limits: cfg.limits,
             local_window: cfg.window,
+            max_window: cfg.max_window,
             max_flows: cfg.max_flows,
             dedup_capacity: cfg.dedup_capacity,
             planted_bug: cfg.planted_bug,
@@ -351,14 +358,16 @@ impl Tunnel {
                     }
                 }
             }
-            Frame::Data { cid, seq, payload } => {
-                self.mux.on_frame(FlowFrame::Data { cid, seq, payload })
-            }
-            Frame::Fin { cid, seq } => self.mux.on_frame(FlowFrame::Fin { cid, seq }),
+            Frame::Data { cid, seq, payload } => self
+                .mux
+                .on_frame(FlowFrame::Data { cid, seq, payload }, now),
+            Frame::Fin { cid, seq } => self.mux.on_frame(FlowFrame::Fin { cid, seq }, now),
             Frame::Rst { cid, code, reason } => {
-                self.mux.on_frame(FlowFrame::Rst { cid, code, reason })
+                self.mux.on_frame(FlowFrame::Rst { cid, code, reason }, now)
             }
-            Frame::Credit { cid, bytes } => self.mux.on_frame(FlowFrame::Credit { cid, bytes }),
+            Frame::Credit { cid, bytes } => {
+                self.mux.on_frame(FlowFrame::Credit { cid, bytes }, now)
+            }
             Frame::Ping { nonce } => self.send_frame(&Frame::Pong { nonce }),
             // A repeated DRAIN changes nothing.
             Frame::Drain if self.role == Role::Agent => {

@@ -169,6 +169,10 @@ pub struct TunnelSection {
     pub max_frame_bytes: u32,
     #[serde(default = "default_window")]
     pub window_bytes: u32,
+    /// The most a flow's receive window grows to when its sender keeps
+    /// waiting on credit (a long round trip); `window_bytes` turns growth off.
+    #[serde(default = "default_max_window")]
+    pub max_window_bytes: u32,
     #[serde(default = "default_ping")]
     pub ping_interval_sec: u64,
     #[serde(default = "default_idle")]
@@ -191,7 +195,31 @@ fn default_max_frame() -> u32 {
     1024 * 1024
 }
 fn default_window() -> u32 {
-    256 * 1024
+    nowconnect_core::tunnel::DEFAULT_WINDOW
+}
+fn default_max_window() -> u32 {
+    nowconnect_core::tunnel::DEFAULT_MAX_WINDOW
+}
+
+/// Largest per-flow window (advertised or grown to) a file may set: 1 GiB.
+const WINDOW_LIMIT: u32 = 1 << 30;
+
+/// Check a window and the most it may grow to; the error names which key
+/// (`max` true: the maximum) and why.
+fn check_windows(window: u32, max: u32) -> Result<(), (bool, String)> {
+    if !(1024..=WINDOW_LIMIT).contains(&window) {
+        return Err((false, format!("must be between 1024 and {WINDOW_LIMIT}")));
+    }
+    if max < window {
+        return Err((
+            true,
+            format!("must be at least window_bytes ({window}); equal turns window growth off"),
+        ));
+    }
+    if max > WINDOW_LIMIT {
+        return Err((true, format!("must be at most {WINDOW_LIMIT}")));
+    }
+    Ok(())
 }
 fn default_ping() -> u64 {
     15
@@ -529,9 +557,14 @@ impl HubConfig {
                 "must be between 1024 and 16777216".into(),
             ));
         }
-        if t.window_bytes < 1024 {
-            return Err(err("tunnel.window_bytes", "must be at least 1024".into()));
-        }
+        check_windows(t.window_bytes, t.max_window_bytes).map_err(|(max, reason)| {
+            let key = if max {
+                "tunnel.max_window_bytes"
+            } else {
+                "tunnel.window_bytes"
+            };
+            err(key, reason)
+        })?;
         if t.ping_interval_sec == 0 || t.idle_timeout_sec <= t.ping_interval_sec {
             return Err(err(
                 "tunnel.idle_timeout_sec",
@@ -691,6 +724,7 @@ impl HubConfig {
         nowconnect_core::tunnel::TunnelConfig {
             limits: self.limits,
             window: t.window_bytes,
+            max_window: t.max_window_bytes,
             ping_interval: Duration::from_secs(t.ping_interval_sec),
             idle_timeout: Duration::from_secs(t.idle_timeout_sec),
             handshake_timeout: Duration::from_secs(t.handshake_timeout_sec),
@@ -719,6 +753,9 @@ pub struct AgentFile {
     pub reconnect_backoff_max_sec: u64,
     #[serde(default = "default_window")]
     pub window_bytes: u32,
+    /// As the hub's `tunnel.max_window_bytes`.
+    #[serde(default = "default_max_window")]
+    pub max_window_bytes: u32,
     #[serde(default = "default_max_frame")]
     pub max_frame_bytes: u32,
     /// Flows open at once on the tunnel; further opens are refused with
@@ -806,6 +843,7 @@ impl AgentConfig {
                 ..Limits::default()
             },
             window: r.window_bytes,
+            max_window: r.max_window_bytes,
             max_flows: r.max_flows,
             dedup_capacity: r.max_flows,
             codecs: if r.v1_only {
@@ -886,9 +924,16 @@ impl AgentConfig {
             return Err(err("connect_timeout_sec", "must be > 0".into()));
         }
         check_worker_threads(raw.worker_threads).map_err(|r| err("worker_threads", r))?;
-        if raw.window_bytes < 1024 {
-            return Err(err("window_bytes", "must be at least 1024".into()));
-        }
+        check_windows(raw.window_bytes, raw.max_window_bytes).map_err(|(max, reason)| {
+            err(
+                if max {
+                    "max_window_bytes"
+                } else {
+                    "window_bytes"
+                },
+                reason,
+            )
+        })?;
         if raw.max_pending_dials == 0 {
             return Err(err("max_pending_dials", "must be > 0".into()));
         }

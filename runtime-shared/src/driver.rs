@@ -746,6 +746,7 @@ pub struct TunnelDriver {
     metrics: Arc<Metrics>,
     reported: nowconnect_core::tunnel::TunnelStats,
     reported_dups: u64,
+    reported_growths: u64,
     reported_violations: u64,
     cadence: Cadence,
 }
@@ -764,6 +765,7 @@ impl TunnelDriver {
             metrics,
             reported: Default::default(),
             reported_dups: 0,
+            reported_growths: 0,
             reported_violations: 0,
             cadence: Cadence::default(),
         }
@@ -900,6 +902,11 @@ impl TunnelDriver {
             &m.cid_dedup_dropped,
             mux.duplicates_dropped,
             &mut self.reported_dups,
+        );
+        add_delta(
+            &m.flow_window_growths,
+            mux.windows_grown,
+            &mut self.reported_growths,
         );
         let violations = mux.protocol_violations + s.decode_errors + s.unexpected_frames;
         add_delta(

@@ -130,6 +130,7 @@ fn link_config<R: HubRt>(shared: &Shared<R>) -> MeshLinkConfig {
     MeshLinkConfig {
         limits: cfg.limits,
         window: cfg.raw.tunnel.window_bytes,
+        max_window: cfg.raw.tunnel.max_window_bytes,
         send_queue_depth: m.send_queue_depth,
         max_inflight_bytes: m.per_link_max_inflight_bytes,
         backoff_max: Duration::from_secs(m.connect_backoff_max_sec),
@@ -551,6 +552,7 @@ struct MeshReporter {
     reconnects: u64,
     errors: u64,
     dups: u64,
+    growths: u64,
     cadence: crate::metrics::Cadence,
 }
 
@@ -572,6 +574,11 @@ impl MeshReporter {
             &m.cid_dedup_dropped,
             link.mux().stats.duplicates_dropped,
             &mut self.dups,
+        );
+        add_delta(
+            &m.flow_window_growths,
+            link.mux().stats.windows_grown,
+            &mut self.growths,
         );
         for st in LinkState::ALL {
             m.mesh_links

@@ -86,6 +86,7 @@ pub struct Metrics {
     pub mesh_rtt: Histogram,
     pub owner_epoch_mismatch: Counter,
     pub cid_dedup_dropped: Counter,
+    pub flow_window_growths: Counter,
     pub mesh_backpressure_drops: Family<Labels, Counter>,
     pub mesh_link_reconnects: Counter,
     pub mesh_link_errors: Counter,
@@ -163,6 +164,7 @@ impl Metrics {
             ]),
             owner_epoch_mismatch: Counter::default(),
             cid_dedup_dropped: Counter::default(),
+            flow_window_growths: Counter::default(),
             mesh_backpressure_drops: Family::default(),
             mesh_link_reconnects: Counter::default(),
             mesh_link_errors: Counter::default(),
@@ -212,6 +214,11 @@ impl Metrics {
             "nowconnect_cid_dedup_dropped",
             "Duplicate DATA frames dropped",
             m.cid_dedup_dropped.clone(),
+        );
+        r.register(
+            "nowconnect_flow_window_growths",
+            "Times a flow's receive window doubled because its sender kept waiting on credit (tunnel.max_window_bytes)",
+            m.flow_window_growths.clone(),
         );
         r.register(
             "nowconnect_mesh_backpressure_drops",

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use nowconnect_core::agent::{Agent, AgentConfig, AgentOutput, HubLinkState};
 use nowconnect_core::hub::{Hub, HubConfig, HubOutput};
 use nowconnect_core::mesh_link::{MeshEvent, MeshLink, MeshLinkConfig};
-use nowconnect_core::mux::{FlowEvent, FlowLink, PlantedBug};
+use nowconnect_core::mux::{FlowEvent, FlowLink, GROWTH_BUDGET_WINDOWS, PlantedBug};
 use nowconnect_core::registry::{MemoryRegistry, RegistryError, RegistryOp, RegistryReply};
 use nowconnect_core::rng::Rng;
 use nowconnect_core::routing::{Mode, Route};
@@ -158,6 +158,8 @@ pub struct Outcome {
     pub client_resets: u64,
     pub half_closes: u64,
     pub slow_readers: u64,
+    /// Times a flow's receive window doubled (`core/src/flow.rs`).
+    pub windows_grown: u64,
     pub bytes_echoed: u64,
     pub trace_hash: u64,
 }
@@ -191,6 +193,7 @@ impl Outcome {
         self.client_resets += o.client_resets;
         self.half_closes += o.half_closes;
         self.slow_readers += o.slow_readers;
+        self.windows_grown += o.windows_grown;
         self.bytes_echoed += o.bytes_echoed;
     }
 }
@@ -308,6 +311,15 @@ struct Half {
 enum Link {
     Tunnel(Tunnel),
     Mesh(MeshLink),
+}
+
+impl Link {
+    fn mux(&self) -> &nowconnect_core::mux::FlowMux {
+        match self {
+            Link::Tunnel(t) => t.mux(),
+            Link::Mesh(m) => m.mux(),
+        }
+    }
 }
 
 /// One end of a connection, owned by a node.
@@ -1152,12 +1164,18 @@ impl World {
         let Some(e) = self.eps.remove(&id) else {
             return;
         };
+        self.outcome.windows_grown += e.link.mux().stats.windows_grown;
         if let Some(p) = e.peer {
             self.send_close(id, e.node, p);
         }
         self.client_of.retain(|(ep, _), _| *ep != id);
         self.targets.retain(|(ep, _), _| *ep != id);
-        self.bridges.retain(|(ep, _), _| *ep != id);
+        // A bridge half whose flow finished may still hold bytes (or the
+        // FIN) for the other side: they have left this endpoint's link, as
+        // the runtime's joined links hand them over, and still go once the
+        // other side has credit. Its other halves were reset with the link.
+        self.bridges
+            .retain(|(ep, _), h| *ep != id || (h.closed && (!h.buf.is_empty() || !h.fin_sent)));
         self.last_delivery.remove(&id);
     }
 
@@ -1994,7 +2012,7 @@ impl World {
             }
         }
         for e in self.eps.values() {
-            let (flows, dedup, mux, wake, bound, window) = match &e.link {
+            let (flows, dedup, mux, wake, bound, window, max_window) = match &e.link {
                 Link::Tunnel(t) => (
                     t.flow_count(),
                     t.mux().dedup().len(),
@@ -2002,6 +2020,7 @@ impl World {
                     t.poll_timeout().map(|(at, w)| (at, format!("{w:?}"))),
                     self.tunnel_cfg.max_flows,
                     self.tunnel_cfg.window,
+                    self.tunnel_cfg.max_window,
                 ),
                 Link::Mesh(m) => {
                     if m.queue_len() > 2 * self.mesh_cfg.send_queue_depth + 2
@@ -2020,6 +2039,7 @@ impl World {
                         m.poll_timeout().map(|(at, w)| (at, format!("{w:?}"))),
                         self.mesh_cfg.max_flows,
                         self.mesh_cfg.window,
+                        self.mesh_cfg.max_window,
                     )
                 }
             };
@@ -2028,13 +2048,32 @@ impl World {
                     "a link exceeds its bounds: {flows} flows, {dedup} remembered closed flows"
                 )));
             }
+            // Windows grow (see `core/src/flow.rs`) within their maximum
+            // and the link's growth budget; what a peer may still send never
+            // exceeds the window as it stands.
+            let mut growth = 0;
             for cid in mux.cids() {
                 let f = mux.flow(cid).expect("listed");
-                if f.recv_window() > u64::from(window) {
+                if f.recv_window() > u64::from(f.local_window()) {
                     return Err(Violation(format!(
-                        "flow {cid}: receive window above the advertised window"
+                        "flow {cid}: receive window above the flow's window"
                     )));
                 }
+                if f.local_window() < window || f.local_window() > max_window {
+                    return Err(Violation(format!(
+                        "flow {cid}: window {} outside {window}..={max_window}",
+                        f.local_window()
+                    )));
+                }
+                growth += u64::from(f.local_window() - window);
+            }
+            if growth != mux.window_growth()
+                || growth > GROWTH_BUDGET_WINDOWS * u64::from(max_window)
+            {
+                return Err(Violation(format!(
+                    "window growth {growth} (link counts {}) beyond the budget",
+                    mux.window_growth()
+                )));
             }
             if let Some((at, why)) = wake
                 && at < self.now
@@ -2157,6 +2196,15 @@ impl World {
             out.push(format!("ep {id} {:?} peer={:?} {state}", e.node, e.peer));
         }
         out.join("; ")
+    }
+
+    /// What happened so far, with the counters of the links still up.
+    pub fn outcome(&self) -> Outcome {
+        let mut o = self.outcome.clone();
+        for e in self.eps.values() {
+            o.windows_grown += e.link.mux().stats.windows_grown;
+        }
+        o
     }
 
     pub fn next_client_id(&self) -> u64 {

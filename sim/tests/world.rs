@@ -42,7 +42,7 @@ fn run(seed: u64) -> Result<Outcome, String> {
             w.describe()
         ));
     }
-    Ok(w.outcome.clone())
+    Ok(w.outcome())
 }
 
 fn check(seed: u64) -> Outcome {
@@ -72,7 +72,7 @@ fn ci_seed_budget() {
     println!(
         "faults: {} tunnel resets, {} mesh resets, {} partitions, {} hub crashes, {} hub drains, {} agent restarts, \
          {} Redis outages, {} Redis failovers, {} slow Redis replies, {} malformed frames, \
-         {} target refusals, {} client resets, {} half-closes, {} slow readers",
+         {} target refusals, {} client resets, {} half-closes, {} slow readers, {} flow windows grown",
         t.tunnel_resets,
         t.mesh_resets,
         t.partitions,
@@ -86,7 +86,8 @@ fn ci_seed_budget() {
         t.target_refusals,
         t.client_resets,
         t.half_closes,
-        t.slow_readers
+        t.slow_readers,
+        t.windows_grown
     );
     println!(
         "flows: {} started, {} completed, {} across the mesh, {} stale-epoch opens refused; \
@@ -108,6 +109,7 @@ fn ci_seed_budget() {
         ("partitions", t.partitions),
         ("hub crashes", t.hub_crashes),
         ("hub drains", t.hub_drains),
+        ("flow windows grown", t.windows_grown),
         ("agent restarts", t.agent_restarts),
         ("Redis outages", t.redis_outages),
         ("Redis failovers", t.redis_failovers),

@@ -81,7 +81,11 @@ fn delayed_pump(mut from: TcpStream, mut into: TcpStream, delay: Duration) {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = from.read(&mut buf).unwrap_or(0);
-            if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() || n == 0 {
+            if tx
+                .send((Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+                || n == 0
+            {
                 return;
             }
         }
@@ -389,8 +393,12 @@ fn main() {
                 *rt,
                 &dir,
                 &id,
-                &(env.agent_yaml(&id, &[dial(a.http)], &[("ldap", sink)], "log:\n  level: warn\n")
-                    + &format!("window_bytes: {window}\n")
+                &(env.agent_yaml(
+                    &id,
+                    &[dial(a.http)],
+                    &[("ldap", sink)],
+                    "log:\n  level: warn\n",
+                ) + &format!("window_bytes: {window}\n")
                     + &threads),
                 &env.token(&id, None),
             );

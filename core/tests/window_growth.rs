@@ -1,0 +1,329 @@
+//! Receive-window growth (`core/src/flow.rs`): two flow multiplexers joined
+//! by a modelled link with a one-way delay and no bandwidth limit, so that a
+//! flow's window is all that bounds it; a bulk sender on one side, a consumer
+//! on the other, on a virtual clock.
+
+mod common;
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use nowconnect_core::Limits;
+use nowconnect_core::mux::{FlowEvent, FlowFrame, FlowMux, GROWTH_BUDGET_WINDOWS, MuxConfig};
+
+const KIB: u32 = 1024;
+const MIB: u32 = 1024 * 1024;
+const CHUNK: usize = 256 * 1024;
+
+fn mux(window: u32, max_window: u32) -> FlowMux {
+    let mut m = FlowMux::new(MuxConfig {
+        limits: Limits::default(),
+        local_window: window,
+        max_window,
+        max_flows: 64,
+        dedup_capacity: 64,
+        planted_bug: Default::default(),
+    });
+    m.set_peer_window(window);
+    m
+}
+
+/// How the receiving side's consumer drains what it is given.
+#[derive(Clone, Copy, PartialEq)]
+enum Reader {
+    /// Drains every byte as it arrives.
+    Fast,
+    /// Never drains.
+    Stuck,
+}
+
+struct Wan {
+    now: Instant,
+    delay: Duration,
+    sender: FlowMux,
+    receiver: FlowMux,
+    /// Frames on the wire: (arrival, towards the receiver?, frame).
+    wire: VecDeque<(Instant, bool, FlowFrame)>,
+    /// Bytes the receiver got, with when.
+    arrivals: Vec<(Instant, usize)>,
+    reader: Reader,
+    cids: Vec<u64>,
+    /// A sender at its own pace: this many bytes per flow every period (when
+    /// credit allows); `None`: all the credit allows, at once.
+    pace: Option<(usize, Duration)>,
+    next_tick: Option<Instant>,
+}
+
+impl Wan {
+    fn new(delay: Duration, window: u32, max_window: u32, flows: u64, reader: Reader) -> Self {
+        let mut w = Wan {
+            now: common::origin(),
+            delay,
+            sender: mux(window, max_window),
+            receiver: mux(window, max_window),
+            wire: VecDeque::new(),
+            arrivals: Vec::new(),
+            reader,
+            cids: (1..=flows).collect(),
+            pace: None,
+            next_tick: None,
+        };
+        for &cid in &w.cids {
+            w.sender.open(cid).unwrap();
+            w.receiver.open(cid).unwrap();
+        }
+        w
+    }
+
+    /// Send as much as every flow's credit allows, in chunks (paced: one
+    /// step's worth, and only on a tick).
+    fn send(&mut self, tick: bool) {
+        if self.pace.is_some() && !tick {
+            return;
+        }
+        for &cid in &self.cids {
+            let mut budget = self.pace.map_or(usize::MAX, |(n, _)| n);
+            loop {
+                let n = (self.sender.send_credit(cid) as usize)
+                    .min(CHUNK)
+                    .min(budget);
+                if n == 0 {
+                    break;
+                }
+                budget -= n;
+                self.sender
+                    .send_data(cid, Bytes::from(vec![7u8; n]))
+                    .unwrap();
+            }
+        }
+        while let Some(f) = self.sender.poll_frame() {
+            self.wire.push_back((self.now + self.delay, true, f));
+        }
+    }
+
+    /// Run the transfer for `secs` of virtual time.
+    fn run(&mut self, secs: f64) {
+        let end = self.now + Duration::from_secs_f64(secs);
+        self.send(true);
+        loop {
+            let wire = self.wire.front().map(|(at, _, _)| *at);
+            let tick = self
+                .pace
+                .map(|(_, p)| *self.next_tick.get_or_insert(self.now + p));
+            let at = match (wire, tick) {
+                (Some(w), Some(t)) => w.min(t),
+                (w, t) => match w.or(t) {
+                    Some(at) => at,
+                    None => break,
+                },
+            };
+            if at > end {
+                break;
+            }
+            self.now = at;
+            if tick == Some(at) && wire != Some(at) {
+                self.next_tick = None;
+                self.send(true);
+                continue;
+            }
+            let (_, to_receiver, frame) = self.wire.pop_front().unwrap();
+            if to_receiver {
+                self.receiver.on_frame(frame, self.now);
+                while let Some(e) = self.receiver.poll_event() {
+                    match e {
+                        FlowEvent::Data { cid, payload } => {
+                            self.arrivals.push((self.now, payload.len()));
+                            if self.reader == Reader::Fast {
+                                self.receiver.consumed(cid, payload.len());
+                            }
+                        }
+                        FlowEvent::Reset { code, reason, .. } => {
+                            panic!("flow reset: {code} {reason}")
+                        }
+                        _ => {}
+                    }
+                }
+                while let Some(f) = self.receiver.poll_frame() {
+                    self.wire.push_back((self.now + self.delay, false, f));
+                }
+            } else {
+                self.sender.on_frame(frame, self.now);
+                while let Some(e) = self.sender.poll_event() {
+                    if let FlowEvent::Reset { code, reason, .. } = e {
+                        panic!("flow reset: {code} {reason}");
+                    }
+                }
+                self.send(false);
+            }
+        }
+    }
+
+    /// Bytes per second the receiver got over the last `secs` before now.
+    fn rate_over_last(&self, secs: f64) -> f64 {
+        let from = self.now - Duration::from_secs_f64(secs);
+        let n: usize = self
+            .arrivals
+            .iter()
+            .filter(|(t, _)| *t > from)
+            .map(|(_, n)| n)
+            .sum();
+        n as f64 / secs
+    }
+
+    fn window(&self, cid: u64) -> u32 {
+        self.receiver.flow(cid).unwrap().local_window()
+    }
+}
+
+#[test]
+fn a_flow_window_doubles_up_to_its_maximum_across_a_long_round_trip() {
+    // 20 ms round trip: 256 KiB allows 12.5 MiB/s, 4 MiB 200 MiB/s.
+    let mut w = Wan::new(
+        Duration::from_millis(10),
+        256 * KIB,
+        4 * MIB,
+        1,
+        Reader::Fast,
+    );
+    w.run(0.2);
+    assert!(w.window(1) > 256 * KIB, "no growth after 10 round trips");
+    w.run(2.0);
+    assert_eq!(w.window(1), 4 * MIB, "stops at the maximum");
+    // 256 KiB → 512 KiB → 1 MiB → 2 MiB → 4 MiB.
+    assert_eq!(w.receiver.stats.windows_grown, 4);
+    assert_eq!(w.receiver.window_growth(), u64::from(4 * MIB - 256 * KIB));
+    let rate = w.rate_over_last(1.0) / f64::from(MIB);
+    assert!(
+        (190.0..=200.5).contains(&rate),
+        "{rate:.1} MiB/s, expected the maximum window per round trip (200)"
+    );
+    assert_eq!(w.receiver.stats.protocol_violations, 0);
+    assert_eq!(w.sender.stats.protocol_violations, 0);
+}
+
+#[test]
+fn without_growth_a_flow_moves_one_window_per_round_trip() {
+    let mut w = Wan::new(
+        Duration::from_millis(10),
+        256 * KIB,
+        256 * KIB,
+        1,
+        Reader::Fast,
+    );
+    w.run(2.0);
+    assert_eq!(w.window(1), 256 * KIB);
+    assert_eq!(w.receiver.stats.windows_grown, 0);
+    let rate = w.rate_over_last(1.0) / f64::from(MIB);
+    assert!(
+        (12.0..=12.6).contains(&rate),
+        "{rate:.2} MiB/s, expected 12.5"
+    );
+}
+
+#[test]
+fn a_short_round_trip_leaves_the_window_as_configured() {
+    // 0.4 ms round trip: every wait for credit is under the 1 ms that counts.
+    let mut w = Wan::new(
+        Duration::from_micros(200),
+        256 * KIB,
+        4 * MIB,
+        1,
+        Reader::Fast,
+    );
+    w.run(1.0);
+    assert_eq!(w.window(1), 256 * KIB);
+    assert_eq!(w.receiver.stats.windows_grown, 0);
+    assert!(w.rate_over_last(0.5) > 500.0 * f64::from(MIB));
+}
+
+#[test]
+fn a_reader_that_does_not_drain_never_grows_its_window() {
+    let mut w = Wan::new(
+        Duration::from_millis(25),
+        256 * KIB,
+        4 * MIB,
+        1,
+        Reader::Stuck,
+    );
+    w.run(2.0);
+    assert_eq!(w.window(1), 256 * KIB);
+    // It got exactly one window and holds it; the sender waits.
+    let got: usize = w.arrivals.iter().map(|(_, n)| n).sum();
+    assert_eq!(got, 256 * KIB as usize);
+    assert_eq!(w.sender.send_credit(1), 0);
+}
+
+#[test]
+fn the_growth_of_all_flows_of_a_link_is_bounded_and_returned_when_they_end() {
+    let flows = GROWTH_BUDGET_WINDOWS + 4;
+    let mut w = Wan::new(
+        Duration::from_millis(10),
+        256 * KIB,
+        4 * MIB,
+        flows,
+        Reader::Fast,
+    );
+    w.run(3.0);
+    let budget = GROWTH_BUDGET_WINDOWS * u64::from(4 * MIB);
+    let growth: u64 = w
+        .cids
+        .iter()
+        .map(|&c| u64::from(w.window(c) - 256 * KIB))
+        .sum();
+    assert_eq!(growth, w.receiver.window_growth());
+    assert!(growth <= budget, "{growth} above the budget {budget}");
+    assert!(growth > budget / 2, "the flows grew by only {growth}");
+    // Ending flows returns their growth, so that others may grow again.
+    for &cid in &w.cids.clone()[..4] {
+        assert!(
+            w.receiver
+                .reset(cid, nowconnect_core::ErrorCode::ConnectionReset, "done")
+        );
+    }
+    let left: u64 = w.cids[4..]
+        .iter()
+        .map(|&c| u64::from(w.window(c) - 256 * KIB))
+        .sum();
+    assert_eq!(w.receiver.window_growth(), left);
+}
+
+#[test]
+fn a_sender_that_keeps_credit_in_hand_does_not_grow_the_window() {
+    // 64 KiB every 25 ms (2.5 MiB/s) over a 20 ms round trip: bursts and
+    // pauses, but never out of credit.
+    let mut w = Wan::new(
+        Duration::from_millis(10),
+        256 * KIB,
+        4 * MIB,
+        1,
+        Reader::Fast,
+    );
+    w.pace = Some((64 * KIB as usize, Duration::from_millis(25)));
+    w.run(3.0);
+    assert_eq!(w.window(1), 256 * KIB);
+    assert_eq!(w.receiver.stats.windows_grown, 0);
+    let rate = w.rate_over_last(2.0) / f64::from(MIB);
+    assert!((2.4..=2.6).contains(&rate), "{rate:.2} MiB/s, expected 2.5");
+}
+
+#[test]
+fn a_sender_paced_just_above_the_window_per_round_trip_grows_it() {
+    // 256 KiB every 15 ms wants 16.7 MiB/s; 256 KiB per 20 ms round trip
+    // allows 12.5: the sender runs out of credit and waits.
+    let mut w = Wan::new(
+        Duration::from_millis(10),
+        256 * KIB,
+        4 * MIB,
+        1,
+        Reader::Fast,
+    );
+    w.pace = Some((256 * KIB as usize, Duration::from_millis(15)));
+    w.run(3.0);
+    assert!(w.window(1) > 256 * KIB);
+    let rate = w.rate_over_last(2.0) / f64::from(MIB);
+    assert!(
+        (16.0..=17.2).contains(&rate),
+        "{rate:.2} MiB/s, expected 16.7"
+    );
+}
