@@ -537,6 +537,58 @@ pub fn echo_server() -> SocketAddr {
     addr
 }
 
+/// A TCP proxy on loopback to `to` that passes every chunk on `delay` after
+/// it was read, in each direction: a WAN's round trip (2 × `delay`) with no
+/// bandwidth limit and no TCP window of its own. The bytes it holds are bounded (1024 chunks of at most
+/// 64 KiB per direction), far above any flow window measured with it.
+pub fn delay_proxy(to: SocketAddr, delay: Duration) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for inbound in l.incoming().map_while(Result::ok) {
+            let Ok(outbound) = TcpStream::connect(to) else {
+                continue;
+            };
+            for (from, into) in [
+                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                (outbound, inbound),
+            ] {
+                let _ = from.set_nodelay(true);
+                delayed_pump(from, into, delay);
+            }
+        }
+    });
+    addr
+}
+
+/// Read `from` on one thread, write `into` on another, each chunk `delay`
+/// after it was read; an end of stream is passed on (after the delay too).
+fn delayed_pump(mut from: TcpStream, mut into: TcpStream, delay: Duration) {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(Instant, Vec<u8>)>(1024);
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = from.read(&mut buf).unwrap_or(0);
+            if tx
+                .send((Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+                || n == 0
+            {
+                return;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        for (due, chunk) in rx {
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            if chunk.is_empty() || into.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let _ = into.shutdown(std::net::Shutdown::Write);
+    });
+}
+
 /// A target for reset tests. A connection whose first byte is `R` gets
 /// 64 KiB and then a TCP reset (`SO_LINGER` 0). Any other connection is read
 /// until it ends, and how it ended is sent on the channel: `"eof"` or

@@ -49,6 +49,7 @@ macro_rules! for_each_runtime {
 for_each_runtime!(
     ldap_answers_like_slapd_directly,
     bulk_data_arrives_intact,
+    a_flow_across_a_long_round_trip_grows_its_window,
     an_unreachable_target_closes_the_client_at_once,
     the_agent_comes_back_after_a_hub_restart,
     ldap_reaches_the_agent_across_the_mesh,
@@ -107,6 +108,43 @@ fn bulk_data_arrives_intact(d: Deploy) {
     let via = hub.listener("echo");
     concurrent_echoes_intact(via, 1, 32 * 1024 * 1024, "a 32 MiB echo");
     concurrent_echoes_intact(via, 64, 512 * 1024, "a concurrent flow");
+    assert_eq!(hub.settled_metric("nowconnect_protocol_errors_total"), 0.0);
+}
+
+/// The agent reaches its hub through a proxy that adds a 10 ms round trip:
+/// a 256 KiB window then bounds a flow to 25 MiB/s, so the flow's windows
+/// grow (the hub counts it for the direction it receives) and every byte
+/// still arrives, in order.
+fn a_flow_across_a_long_round_trip_grows_its_window(d: Deploy) {
+    let env = Env::new();
+    let echo = echo_server();
+    let hub = HubProc::start_on(
+        d.hubs[0],
+        env.path(),
+        "hub",
+        &env.hub_yaml(&[("echo", "echo")], ""),
+    );
+    let far = delay_proxy(hub.http, Duration::from_millis(5));
+    let agent = AgentProc::start_on(
+        d.agent,
+        env.path(),
+        "agent",
+        &env.agent_yaml("agent-1", &[far], &[("echo", echo)], ""),
+        &env.token("agent-1", None),
+    );
+    attached(&hub, &agent, d);
+    concurrent_echoes_intact(
+        hub.listener("echo"),
+        1,
+        16 * 1024 * 1024,
+        "a 16 MiB echo over a 10 ms round trip",
+    );
+    let grown = hub.settled_metric("nowconnect_flow_window_growths_total");
+    assert!(
+        grown >= 1.0,
+        "{d:?}: no window grew ({grown}); hub log:\n{}",
+        hub.proc.log_text()
+    );
     assert_eq!(hub.settled_metric("nowconnect_protocol_errors_total"), 0.0);
 }
 

@@ -498,6 +498,11 @@ fn configuration_errors_name_file_key_and_reason() {
             env.hub_yaml(&[], "worker_threads: 5000\n"),
             "worker_threads",
         ),
+        (
+            env.hub_yaml(&[], "")
+                .replace("tunnel:\n", "tunnel:\n  max_window_bytes: 65536\n"),
+            "tunnel.max_window_bytes",
+        ),
     ];
     for (i, (yaml, key)) in cases.iter().enumerate() {
         let f = env.path().join(format!("bad{i}.yaml"));
@@ -538,6 +543,7 @@ fn metrics_expose_every_design_name_and_health_endpoints_answer() {
         "nowconnect_mesh_rtt_seconds",
         "nowconnect_owner_epoch_mismatch_total",
         "nowconnect_cid_dedup_dropped_total",
+        "nowconnect_flow_window_growths_total",
         "nowconnect_mesh_link_reconnects_total",
         "nowconnect_mesh_link_errors_total",
         "nowconnect_agents_connected",

@@ -17,15 +17,14 @@
 //!   cargo run --release -p nowconnect-tests --bin tunnel-bench -- [--bytes N] [--echoes N] [--runtimes tokio,async-std] [--mesh] [--window BYTES] [--worker-threads N] [--delay-ms D]
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::mpsc;
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use nowconnect_tests::pki::Ca;
 use nowconnect_tests::{
-    AgentProc, Env, HubProc, RedisProc, Runtime, echo_server, eventually, meshed_pair_with,
-    pair_ready,
+    AgentProc, Env, HubProc, RedisProc, Runtime, delay_proxy, echo_server, eventually,
+    meshed_pair_with, pair_ready,
 };
 
 /// Reads until EOF, then answers with the byte count (8 bytes, LE).
@@ -48,57 +47,6 @@ fn sink_server() -> SocketAddr {
         }
     });
     addr
-}
-
-/// A TCP proxy to `to` that passes every chunk on `delay` after it was read,
-/// in each direction. The bytes it holds are bounded (1024 chunks of at most
-/// 64 KiB per direction), far above any flow window measured with it.
-fn delay_proxy(to: SocketAddr, delay: Duration) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for inbound in l.incoming().map_while(Result::ok) {
-            let Ok(outbound) = TcpStream::connect(to) else {
-                continue;
-            };
-            for (from, into) in [
-                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
-                (outbound, inbound),
-            ] {
-                let _ = from.set_nodelay(true);
-                delayed_pump(from, into, delay);
-            }
-        }
-    });
-    addr
-}
-
-/// Read `from` on one thread, write `into` on another, each chunk `delay`
-/// after it was read; an end of stream is passed on (after the delay too).
-fn delayed_pump(mut from: TcpStream, mut into: TcpStream, delay: Duration) {
-    let (tx, rx) = mpsc::sync_channel::<(Instant, Vec<u8>)>(1024);
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = from.read(&mut buf).unwrap_or(0);
-            if tx
-                .send((Instant::now() + delay, buf[..n].to_vec()))
-                .is_err()
-                || n == 0
-            {
-                return;
-            }
-        }
-    });
-    std::thread::spawn(move || {
-        for (due, chunk) in rx {
-            std::thread::sleep(due.saturating_duration_since(Instant::now()));
-            if chunk.is_empty() || into.write_all(&chunk).is_err() {
-                break;
-            }
-        }
-        let _ = into.shutdown(Shutdown::Write);
-    });
 }
 
 fn throughput(addr: SocketAddr, bytes: u64) -> f64 {
