@@ -17,9 +17,12 @@
 //! the flow's maximum); the extra is granted with the next CREDIT. A reader
 //! that does not drain sends no grants, so its flow never grows; a sender
 //! that pauses with credit left (an application's own pace) does not count;
-//! and pauses shorter than [`GROWTH_STALL`] (a LAN, loopback) leave the
-//! window as configured. Growth needs no protocol support: a grant may lift
-//! the sender's credit to 2³²−1.
+//! and pauses shorter than [`GROWTH_STALL`] leave the window as configured.
+//! A busy machine pauses a process for milliseconds now and then, which on a
+//! LAN would look like waits: windows grow only on links whose shortest
+//! measured ping round trip is at least [`GROWTH_STALL`] too
+//! ([`crate::mux::FlowMux::set_path_rtt`]). Growth needs no protocol
+//! support: a grant may lift the sender's credit to 2³²−1.
 
 use std::time::{Duration, Instant};
 
@@ -234,11 +237,14 @@ impl Flow {
     /// A DATA frame arrived from the peer at `now`. Returns how many bytes
     /// the window grew by (0 mostly); the caller may refuse growth that its
     /// own budget cannot take with [`Flow::shrink_growth`].
+    /// `may_grow`: the link's path is long enough for growth to pay (see
+    /// [`crate::mux::FlowMux::set_path_rtt`]); waits are tracked either way.
     pub fn on_recv_data_at(
         &mut self,
         seq: Seq,
         len: usize,
         now: Instant,
+        may_grow: bool,
     ) -> Result<(RecvVerdict, u32), FlowError> {
         let verdict = self.on_recv_data(seq, len)?;
         if verdict == RecvVerdict::Duplicate || self.max_window <= self.local_window {
@@ -255,7 +261,7 @@ impl Flow {
             } else {
                 self.waits = 0;
             }
-            if self.waits >= WAITS_TO_GROW {
+            if self.waits >= WAITS_TO_GROW && may_grow {
                 self.waits = 0;
                 let next = self.local_window.saturating_mul(2).min(self.max_window);
                 grown = next - self.local_window;

@@ -485,6 +485,7 @@ impl MeshLink {
                     self.ping_outstanding = None;
                     let rtt = now.saturating_duration_since(sent);
                     self.last_rtt = Some(rtt);
+                    self.mux.set_path_rtt(rtt);
                     self.events.push_back(MeshEvent::Rtt(rtt));
                 }
             }

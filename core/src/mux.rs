@@ -5,7 +5,7 @@
 //! `FlowMux` and translate between their wire frames and [`FlowFrame`].
 
 use std::collections::{BTreeMap, VecDeque};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
@@ -153,6 +153,8 @@ pub struct FlowMux {
     events: VecDeque<FlowEvent>,
     /// Bytes by which the flows' windows have grown above `local_window`.
     grown: u64,
+    /// The link's shortest measured round trip, if any.
+    path_rtt: Option<Duration>,
     pub stats: MuxStats,
 }
 
@@ -167,6 +169,7 @@ impl FlowMux {
             frames: VecDeque::new(),
             events: VecDeque::new(),
             grown: 0,
+            path_rtt: None,
             stats: MuxStats::default(),
         }
     }
@@ -202,6 +205,15 @@ impl FlowMux {
 
     pub fn dedup(&self) -> &DedupLru {
         &self.closed
+    }
+
+    /// The link's shortest round trip measured so far (its pings). Flow
+    /// windows grow only once it is known and at least
+    /// [`crate::flow::GROWTH_STALL`]: on a short path, a wait for credit that
+    /// long is the machine pausing the process, and growth would only cost
+    /// memory and cache.
+    pub fn set_path_rtt(&mut self, rtt: Duration) {
+        self.path_rtt = Some(self.path_rtt.map_or(rtt, |r| r.min(rtt)));
     }
 
     /// Bytes by which this link's flows' windows have grown in all.
@@ -332,13 +344,16 @@ impl FlowMux {
     /// A flow frame from the peer, received at `now`.
     pub fn on_frame(&mut self, frame: FlowFrame, now: Instant) {
         let cid = frame.cid();
+        let may_grow = self
+            .path_rtt
+            .is_some_and(|r| r >= crate::flow::GROWTH_STALL);
         let Some(flow) = self.flows.get_mut(&cid) else {
             self.on_frame_unknown_flow(frame);
             return;
         };
         let result = match frame {
             FlowFrame::Data { seq, payload, .. } => {
-                match flow.on_recv_data_at(seq, payload.len(), now) {
+                match flow.on_recv_data_at(seq, payload.len(), now, may_grow) {
                     Ok((RecvVerdict::Deliver, grown)) => {
                         if grown > 0 {
                             let budget = GROWTH_BUDGET_WINDOWS * u64::from(self.cfg.max_window);

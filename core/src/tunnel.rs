@@ -50,6 +50,10 @@ pub struct TunnelConfig {
     pub planted_bug: crate::mux::PlantedBug,
 }
 
+/// When an established tunnel sends its first ping (later ones follow
+/// `ping_interval`).
+pub const FIRST_PING: Duration = Duration::from_secs(1);
+
 /// Default per-flow receive window: 256 KiB.
 pub const DEFAULT_WINDOW: u32 = 256 * 1024;
 /// Default most a flow's receive window grows to: 4 MiB.
@@ -383,6 +387,7 @@ impl Tunnel {
                     self.ping_outstanding = None;
                     let rtt = now.saturating_duration_since(sent);
                     self.last_rtt = Some(rtt);
+                    self.mux.set_path_rtt(rtt);
                     self.events.push_back(TunnelEvent::Rtt(rtt));
                 }
             }
@@ -401,8 +406,12 @@ impl Tunnel {
     fn establish(&mut self, now: Instant, epoch: Epoch) {
         self.state = TunnelState::Established { epoch };
         self.timers.clear(TunnelTimer::Handshake);
-        self.timers
-            .set(TunnelTimer::Ping, now + self.cfg.ping_interval);
+        // The first ping goes after a second (or the interval, if shorter):
+        // the round trip it measures lets flow windows grow on a long path.
+        self.timers.set(
+            TunnelTimer::Ping,
+            now + self.cfg.ping_interval.min(FIRST_PING),
+        );
         self.timers
             .set(TunnelTimer::Idle, now + self.cfg.idle_timeout);
         self.events.push_back(TunnelEvent::Established {

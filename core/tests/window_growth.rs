@@ -73,6 +73,25 @@ impl Wan {
             w.sender.open(cid).unwrap();
             w.receiver.open(cid).unwrap();
         }
+        // What the link's pings measure.
+        w.receiver.set_path_rtt(2 * delay);
+        w
+    }
+
+    /// As [`Wan::new`], with the link's pings measuring `path_rtt` instead
+    /// (`None`: no ping answered yet).
+    fn with_path_rtt(
+        delay: Duration,
+        path_rtt: Option<Duration>,
+        window: u32,
+        max_window: u32,
+    ) -> Self {
+        let mut w = Wan::new(delay, window, max_window, 1, Reader::Fast);
+        w.receiver = mux(window, max_window);
+        w.receiver.open(1).unwrap();
+        if let Some(r) = path_rtt {
+            w.receiver.set_path_rtt(r);
+        }
         w
     }
 
@@ -223,13 +242,13 @@ fn without_growth_a_flow_moves_one_window_per_round_trip() {
 
 #[test]
 fn a_short_round_trip_leaves_the_window_as_configured() {
-    // 0.4 ms round trip: every wait for credit is under the 1 ms that counts.
-    let mut w = Wan::new(
+    // 0.4 ms round trip: every wait for credit is under the 1 ms that counts
+    // (even with pings that claimed a long path).
+    let mut w = Wan::with_path_rtt(
         Duration::from_micros(200),
+        Some(Duration::from_millis(5)),
         256 * KIB,
         4 * MIB,
-        1,
-        Reader::Fast,
     );
     w.run(1.0);
     assert_eq!(w.window(1), 256 * KIB);
@@ -326,4 +345,26 @@ fn a_sender_paced_just_above_the_window_per_round_trip_grows_it() {
         (16.0..=17.2).contains(&rate),
         "{rate:.2} MiB/s, expected 16.7"
     );
+}
+
+#[test]
+fn long_waits_on_a_short_path_or_before_any_ping_do_not_grow_the_window() {
+    // Waits of 20 ms, as when a busy machine does not run the process, but
+    // the link's pings have seen 0.2 ms: no growth. Nor before any ping.
+    for path_rtt in [Some(Duration::from_micros(200)), None] {
+        let mut w = Wan::with_path_rtt(Duration::from_millis(10), path_rtt, 256 * KIB, 4 * MIB);
+        w.run(1.0);
+        assert_eq!(w.window(1), 256 * KIB, "path {path_rtt:?}");
+        assert_eq!(w.receiver.stats.windows_grown, 0);
+    }
+    // The shortest ping is what counts: a later, slower one does not allow it.
+    let mut w = Wan::with_path_rtt(
+        Duration::from_millis(10),
+        Some(Duration::from_micros(200)),
+        256 * KIB,
+        4 * MIB,
+    );
+    w.receiver.set_path_rtt(Duration::from_millis(30));
+    w.run(1.0);
+    assert_eq!(w.window(1), 256 * KIB);
 }

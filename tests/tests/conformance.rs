@@ -112,9 +112,10 @@ fn bulk_data_arrives_intact(d: Deploy) {
 }
 
 /// The agent reaches its hub through a proxy that adds a 10 ms round trip:
-/// a 256 KiB window then bounds a flow to 25 MiB/s, so the flow's windows
-/// grow (the hub counts it for the direction it receives) and every byte
-/// still arrives, in order.
+/// a 256 KiB window then bounds a flow to 25 MiB/s, so once the tunnel's
+/// first ping has measured the round trip, the flow's windows grow (the hub
+/// counts it for the direction it receives) and every byte still arrives, in
+/// order.
 fn a_flow_across_a_long_round_trip_grows_its_window(d: Deploy) {
     let env = Env::new();
     let echo = echo_server();
@@ -133,6 +134,14 @@ fn a_flow_across_a_long_round_trip_grows_its_window(d: Deploy) {
         &env.token("agent-1", None),
     );
     attached(&hub, &agent, d);
+    assert!(
+        eventually(Duration::from_secs(5), || hub
+            .metric("nowconnect_tunnel_rtt_seconds_count")
+            >= 1.0),
+        "{d:?}: no tunnel ping answered"
+    );
+    // The agent's first ping goes at about the same time as the hub's.
+    std::thread::sleep(Duration::from_millis(200));
     concurrent_echoes_intact(
         hub.listener("echo"),
         1,

@@ -202,6 +202,11 @@ fn main() {
         assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
         hubs.push(hub);
     }
+    if !delay.is_zero() {
+        // Flow windows grow once a tunnel's first ping (1 s after it is up)
+        // has measured the round trip.
+        std::thread::sleep(Duration::from_millis(1500));
+    }
     let listener = |name: &str| {
         hubs.iter()
             .find_map(|h| h.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a))
@@ -355,6 +360,9 @@ fn main() {
                 "{} mesh cluster did not come up",
                 rt.name()
             );
+            if !delay.is_zero() {
+                std::thread::sleep(Duration::from_millis(1500));
+            }
             let via = b.listener("ldap");
             throughput(via, bytes / 8);
             let (mut d, mut m) = (Vec::new(), Vec::new());
