@@ -14,7 +14,7 @@
 //! with no bandwidth limit and no TCP window of its own), so that the flow's
 //! credit window (`--window`) is what bounds its throughput.
 //!
-//!   cargo run --release -p nowconnect-tests --bin tunnel-bench -- [--bytes N] [--echoes N] [--runtimes tokio,async-std] [--mesh] [--window BYTES] [--worker-threads N] [--delay-ms D]
+//!   cargo run --release -p nowconnect-tests --bin tunnel-bench -- [--bytes N] [--echoes N] [--runtimes tokio,async-std] [--mesh] [--window BYTES] [--max-window BYTES] [--worker-threads N] [--delay-ms D]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -128,6 +128,7 @@ fn main() {
     let mut bytes: u64 = 2 * 1024 * 1024 * 1024;
     let mut echoes = 20_000;
     let mut window: u32 = 256 * 1024;
+    let mut max_window: u32 = 4 * 1024 * 1024;
     let mut mesh = false;
     let mut threads = String::new();
     let mut delay = Duration::ZERO;
@@ -139,6 +140,7 @@ fn main() {
             "--bytes" => bytes = args[i + 1].parse().expect("--bytes N"),
             "--echoes" => echoes = args[i + 1].parse().expect("--echoes N"),
             "--window" => window = args[i + 1].parse().expect("--window BYTES"),
+            "--max-window" => max_window = args[i + 1].parse().expect("--max-window BYTES"),
             "--worker-threads" => {
                 let n: usize = args[i + 1].parse().expect("--worker-threads N");
                 threads = format!("worker_threads: {n}\n");
@@ -156,6 +158,11 @@ fn main() {
         }
         i += 2;
     }
+    let max_window = max_window.max(window);
+    // The window keys of a hub's `tunnel` section (indented) or an agent file.
+    let windows = |indent: &str| {
+        format!("{indent}window_bytes: {window}\n{indent}max_window_bytes: {max_window}\n")
+    };
     // The address an agent dials for a hub: through the delay proxy if asked.
     let dial = |hub: SocketAddr| {
         if delay.is_zero() {
@@ -181,7 +188,7 @@ fn main() {
             &format!("hub-{}", rt.name()),
             &(env
                 .hub_yaml(&[(s, s), (e, e)], "log:\n  level: warn\n")
-                .replace("tunnel:\n", &format!("tunnel:\n  window_bytes: {window}\n"))
+                .replace("tunnel:\n", &format!("tunnel:\n{}", windows("  ")))
                 + &threads),
         );
         let id = format!("bench-{}", rt.name());
@@ -190,7 +197,7 @@ fn main() {
             &[dial(hub.http)],
             &[(s.as_str(), sink), (e.as_str(), echo)],
             "log:\n  level: warn\n",
-        ) + &format!("window_bytes: {window}\n")
+        ) + &windows("")
             + &threads;
         agents.push(AgentProc::start_on(
             *rt,
@@ -242,14 +249,15 @@ fn main() {
     if !delay.is_zero() {
         let rtt = 2.0 * delay.as_secs_f64();
         println!(
-            "agent to hub: {} ms each way (round trip {:.0} ms); a flow's ceiling, window / round trip: {:.1} MiB/s",
+            "agent to hub: {} ms each way (round trip {:.0} ms); a flow's ceiling, window / round trip: {:.1} MiB/s at the starting window, {:.1} MiB/s at the most it may grow to",
             delay.as_millis(),
             rtt * 1000.0,
-            f64::from(window) / rtt / 1048576.0
+            f64::from(window) / rtt / 1048576.0,
+            f64::from(max_window) / rtt / 1048576.0
         );
     }
     println!(
-        "per-flow window: {window} bytes; {}; hub and agent on: {}",
+        "per-flow window: {window} bytes, growing up to {max_window}; {}; hub and agent on: {}",
         if threads.is_empty() {
             "worker threads: the runtime's default".to_string()
         } else {
@@ -336,10 +344,7 @@ fn main() {
                 "active",
                 &redis,
                 &Ca::new("bench mesh CA"),
-                &|y| {
-                    y.replace("tunnel:\n", &format!("tunnel:\n  window_bytes: {window}\n"))
-                        + &threads
-                },
+                &|y| y.replace("tunnel:\n", &format!("tunnel:\n{}", windows("  "))) + &threads,
             );
             let id = format!("mesh-{}", rt.name());
             let agent = AgentProc::start_on(
@@ -351,7 +356,7 @@ fn main() {
                     &[dial(a.http)],
                     &[("ldap", sink)],
                     "log:\n  level: warn\n",
-                ) + &format!("window_bytes: {window}\n")
+                ) + &windows("")
                     + &threads),
                 &env.token(&id, None),
             );
