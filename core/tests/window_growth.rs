@@ -307,10 +307,9 @@ fn the_growth_of_all_flows_of_a_link_is_bounded_and_returned_when_they_end() {
     assert_eq!(w.receiver.window_growth(), left);
 }
 
-#[test]
-fn a_sender_that_keeps_credit_in_hand_does_not_grow_the_window() {
-    // 64 KiB every 25 ms (2.5 MiB/s) over a 20 ms round trip: bursts and
-    // pauses, but never out of credit.
+/// A sender of `step` bytes every `period` across a 20 ms round trip, with
+/// windows of 256 KiB growing to 4 MiB, run for 3 s.
+fn paced(step: u32, period: Duration) -> Wan {
     let mut w = Wan::new(
         Duration::from_millis(10),
         256 * KIB,
@@ -318,8 +317,16 @@ fn a_sender_that_keeps_credit_in_hand_does_not_grow_the_window() {
         1,
         Reader::Fast,
     );
-    w.pace = Some((64 * KIB as usize, Duration::from_millis(25)));
+    w.pace = Some((step as usize, period));
     w.run(3.0);
+    w
+}
+
+#[test]
+fn a_sender_that_keeps_credit_in_hand_does_not_grow_the_window() {
+    // 64 KiB every 25 ms (2.5 MiB/s) over a 20 ms round trip: bursts and
+    // pauses, but never out of credit.
+    let w = paced(64 * KIB, Duration::from_millis(25));
     assert_eq!(w.window(1), 256 * KIB);
     assert_eq!(w.receiver.stats.windows_grown, 0);
     let rate = w.rate_over_last(2.0) / f64::from(MIB);
@@ -330,15 +337,7 @@ fn a_sender_that_keeps_credit_in_hand_does_not_grow_the_window() {
 fn a_sender_paced_just_above_the_window_per_round_trip_grows_it() {
     // 256 KiB every 15 ms wants 16.7 MiB/s; 256 KiB per 20 ms round trip
     // allows 12.5: the sender runs out of credit and waits.
-    let mut w = Wan::new(
-        Duration::from_millis(10),
-        256 * KIB,
-        4 * MIB,
-        1,
-        Reader::Fast,
-    );
-    w.pace = Some((256 * KIB as usize, Duration::from_millis(15)));
-    w.run(3.0);
+    let w = paced(256 * KIB, Duration::from_millis(15));
     assert!(w.window(1) > 256 * KIB);
     let rate = w.rate_over_last(2.0) / f64::from(MIB);
     assert!(
