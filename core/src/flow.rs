@@ -13,11 +13,14 @@
 //! sender waits for credit. The receiver watches for that: a pause of at
 //! least [`GROWTH_STALL`] after a burst in which the sender used all the
 //! credit it had been granted by the start of that burst (less a quarter
-//! window) counts as a wait for credit. Two in a row double the window (up to
-//! the flow's maximum); the extra is granted with the next CREDIT. A reader
-//! that does not drain sends no grants, so its flow never grows; a sender
-//! that pauses with credit left (an application's own pace) does not count;
-//! and pauses shorter than [`GROWTH_STALL`] leave the window as configured.
+//! window), and in which the flow moved at least half a window per round
+//! trip, counts as a wait for the round trip. Two in a row double the window
+//! (up to the flow's maximum); the extra is granted with the next CREDIT. A
+//! reader that drains slowly holds the sender back by its own pace, well
+//! under a window per round trip, so its flow does not grow (nor does one
+//! that does not drain at all); a sender that pauses with credit left (an
+//! application's own pace) does not count; and pauses shorter than
+//! [`GROWTH_STALL`] leave the window as configured.
 //! A busy machine pauses a process for milliseconds now and then, which on a
 //! LAN would look like waits: windows grow only on links whose shortest
 //! measured ping round trip is at least [`GROWTH_STALL`] too
@@ -117,7 +120,9 @@ pub struct Flow {
     granted: u64,
     /// When the last DATA arrived.
     last_arrival: Option<Instant>,
-    /// `granted` when the current burst began, and bytes received since.
+    /// When the current burst began, `granted` then, and bytes received
+    /// since.
+    burst_start: Option<Instant>,
     granted_at_burst: u64,
     burst_bytes: u64,
     /// Waits for credit in a row.
@@ -144,6 +149,7 @@ impl Flow {
             received: 0,
             granted: u64::from(local_window),
             last_arrival: None,
+            burst_start: None,
             granted_at_burst: u64::from(local_window),
             burst_bytes: 0,
             waits: 0,
@@ -237,14 +243,15 @@ impl Flow {
     /// A DATA frame arrived from the peer at `now`. Returns how many bytes
     /// the window grew by (0 mostly); the caller may refuse growth that its
     /// own budget cannot take with [`Flow::shrink_growth`].
-    /// `may_grow`: the link's path is long enough for growth to pay (see
-    /// [`crate::mux::FlowMux::set_path_rtt`]); waits are tracked either way.
+    /// `path_rtt`: the link's shortest measured round trip; no growth without
+    /// one, or below [`GROWTH_STALL`] (see
+    /// [`crate::mux::FlowMux::set_path_rtt`]).
     pub fn on_recv_data_at(
         &mut self,
         seq: Seq,
         len: usize,
         now: Instant,
-        may_grow: bool,
+        path_rtt: Option<Duration>,
     ) -> Result<(RecvVerdict, u32), FlowError> {
         let verdict = self.on_recv_data(seq, len)?;
         if verdict == RecvVerdict::Duplicate || self.max_window <= self.local_window {
@@ -254,14 +261,25 @@ impl Flow {
         if let Some(last) = self.last_arrival
             && now.saturating_duration_since(last) >= GROWTH_STALL
         {
-            // A pause ended a burst: was the sender out of credit?
+            // A pause ended a burst. Was the sender out of credit, and did
+            // the flow move at least half a window per round trip (from the
+            // start of the burst to now), as a flow held by its window does?
             let slack = u64::from(self.local_window / 4);
-            if self.received + slack >= self.granted_at_burst {
-                self.waits += 1;
+            let out_of_credit = self.received + slack >= self.granted_at_burst;
+            let period = self
+                .burst_start
+                .map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
+            let rtt = path_rtt.filter(|r| *r >= GROWTH_STALL);
+            let window_bound = rtt.is_some_and(|r| {
+                u128::from(self.burst_bytes) * r.as_nanos() * 2
+                    >= u128::from(self.local_window) * period.as_nanos()
+            });
+            if out_of_credit && window_bound {
+                self.waits = self.waits.saturating_add(1);
             } else {
                 self.waits = 0;
             }
-            if self.waits >= WAITS_TO_GROW && may_grow {
+            if self.waits >= WAITS_TO_GROW {
                 self.waits = 0;
                 let next = self.local_window.saturating_mul(2).min(self.max_window);
                 grown = next - self.local_window;
@@ -271,6 +289,10 @@ impl Flow {
             }
             self.granted_at_burst = self.granted;
             self.burst_bytes = 0;
+            self.burst_start = Some(now);
+        }
+        if self.burst_start.is_none() {
+            self.burst_start = Some(now);
         }
         self.last_arrival = Some(now);
         self.received += len as u64;

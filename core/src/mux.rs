@@ -344,16 +344,14 @@ impl FlowMux {
     /// A flow frame from the peer, received at `now`.
     pub fn on_frame(&mut self, frame: FlowFrame, now: Instant) {
         let cid = frame.cid();
-        let may_grow = self
-            .path_rtt
-            .is_some_and(|r| r >= crate::flow::GROWTH_STALL);
+        let path_rtt = self.path_rtt;
         let Some(flow) = self.flows.get_mut(&cid) else {
             self.on_frame_unknown_flow(frame);
             return;
         };
         let result = match frame {
             FlowFrame::Data { seq, payload, .. } => {
-                match flow.on_recv_data_at(seq, payload.len(), now, may_grow) {
+                match flow.on_recv_data_at(seq, payload.len(), now, path_rtt) {
                     Ok((RecvVerdict::Deliver, grown)) => {
                         if grown > 0 {
                             let budget = GROWTH_BUDGET_WINDOWS * u64::from(self.cfg.max_window);

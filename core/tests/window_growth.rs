@@ -30,12 +30,14 @@ fn mux(window: u32, max_window: u32) -> FlowMux {
 }
 
 /// How the receiving side's consumer drains what it is given.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, Debug)]
 enum Reader {
     /// Drains every byte as it arrives.
     Fast,
     /// Never drains.
     Stuck,
+    /// Drains at most this many bytes per flow every period.
+    Paced(usize, Duration),
 }
 
 struct Wan {
@@ -53,6 +55,9 @@ struct Wan {
     /// credit allows); `None`: all the credit allows, at once.
     pace: Option<(usize, Duration)>,
     next_tick: Option<Instant>,
+    /// Bytes delivered and not yet drained, per flow (a paced reader's).
+    backlog: Vec<usize>,
+    next_read: Option<Instant>,
 }
 
 impl Wan {
@@ -68,6 +73,8 @@ impl Wan {
             cids: (1..=flows).collect(),
             pace: None,
             next_tick: None,
+            backlog: vec![0; flows as usize + 1],
+            next_read: None,
         };
         for &cid in &w.cids {
             w.sender.open(cid).unwrap();
@@ -121,6 +128,23 @@ impl Wan {
         }
     }
 
+    /// A paced reader's tick: drain up to its step from every flow.
+    fn drain(&mut self) {
+        let Reader::Paced(step, _) = self.reader else {
+            return;
+        };
+        for &cid in &self.cids {
+            let n = self.backlog[cid as usize].min(step);
+            if n > 0 {
+                self.backlog[cid as usize] -= n;
+                self.receiver.consumed(cid, n);
+            }
+        }
+        while let Some(f) = self.receiver.poll_frame() {
+            self.wire.push_back((self.now + self.delay, false, f));
+        }
+    }
+
     /// Run the transfer for `secs` of virtual time.
     fn run(&mut self, secs: f64) {
         let end = self.now + Duration::from_secs_f64(secs);
@@ -130,20 +154,26 @@ impl Wan {
             let tick = self
                 .pace
                 .map(|(_, p)| *self.next_tick.get_or_insert(self.now + p));
-            let at = match (wire, tick) {
-                (Some(w), Some(t)) => w.min(t),
-                (w, t) => match w.or(t) {
-                    Some(at) => at,
-                    None => break,
-                },
+            let read = match self.reader {
+                Reader::Paced(_, p) => Some(*self.next_read.get_or_insert(self.now + p)),
+                _ => None,
+            };
+            let Some(at) = [wire, tick, read].into_iter().flatten().min() else {
+                break;
             };
             if at > end {
                 break;
             }
             self.now = at;
-            if tick == Some(at) && wire != Some(at) {
-                self.next_tick = None;
-                self.send(true);
+            if wire != Some(at) {
+                if tick == Some(at) {
+                    self.next_tick = None;
+                    self.send(true);
+                }
+                if read == Some(at) {
+                    self.next_read = None;
+                    self.drain();
+                }
                 continue;
             }
             let (_, to_receiver, frame) = self.wire.pop_front().unwrap();
@@ -153,8 +183,10 @@ impl Wan {
                     match e {
                         FlowEvent::Data { cid, payload } => {
                             self.arrivals.push((self.now, payload.len()));
-                            if self.reader == Reader::Fast {
-                                self.receiver.consumed(cid, payload.len());
+                            match self.reader {
+                                Reader::Fast => self.receiver.consumed(cid, payload.len()),
+                                Reader::Paced(..) => self.backlog[cid as usize] += payload.len(),
+                                Reader::Stuck => {}
                             }
                         }
                         FlowEvent::Reset { code, reason, .. } => {
@@ -366,4 +398,36 @@ fn long_waits_on_a_short_path_or_before_any_ping_do_not_grow_the_window() {
     w.receiver.set_path_rtt(Duration::from_millis(30));
     w.run(1.0);
     assert_eq!(w.window(1), 256 * KIB);
+}
+
+#[test]
+fn a_reader_that_drains_slowly_does_not_grow_the_window() {
+    // 64 KiB every 20 ms (3.1 MiB/s) over a 20 ms round trip, where the
+    // 256 KiB window allows 12.5 MiB/s: the reader, not the window, holds
+    // the sender back, and a bigger window would only fill the receiver.
+    let mut w = Wan::new(
+        Duration::from_millis(10),
+        256 * KIB,
+        4 * MIB,
+        1,
+        Reader::Paced(64 * KIB as usize, Duration::from_millis(20)),
+    );
+    w.run(3.0);
+    assert_eq!(w.window(1), 256 * KIB);
+    assert_eq!(w.receiver.stats.windows_grown, 0);
+    let rate = w.rate_over_last(2.0) / f64::from(MIB);
+    assert!((3.0..=3.2).contains(&rate), "{rate:.2} MiB/s, expected 3.1");
+    // A reader as fast as the window allows lets it grow.
+    let mut w = Wan::new(
+        Duration::from_millis(10),
+        256 * KIB,
+        4 * MIB,
+        1,
+        Reader::Paced(256 * KIB as usize, Duration::from_millis(5)),
+    );
+    w.run(3.0);
+    assert!(
+        w.window(1) > 256 * KIB,
+        "a 50 MiB/s reader held to one window per round trip"
+    );
 }

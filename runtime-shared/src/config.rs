@@ -171,8 +171,10 @@ pub struct TunnelSection {
     pub window_bytes: u32,
     /// The most a flow's receive window grows to when its sender keeps
     /// waiting on credit (a long round trip); `window_bytes` turns growth off.
-    #[serde(default = "default_max_window")]
-    pub max_window_bytes: u32,
+    /// Unset: 4 MiB, or `window_bytes` if that is larger (see
+    /// [`max_window`]).
+    #[serde(default)]
+    pub max_window_bytes: Option<u32>,
     #[serde(default = "default_ping")]
     pub ping_interval_sec: u64,
     #[serde(default = "default_idle")]
@@ -197,8 +199,11 @@ fn default_max_frame() -> u32 {
 fn default_window() -> u32 {
     nowconnect_core::tunnel::DEFAULT_WINDOW
 }
-fn default_max_window() -> u32 {
-    nowconnect_core::tunnel::DEFAULT_MAX_WINDOW
+/// The most a window may grow to: as set, else the default, or the window
+/// itself if that is larger (a file that sets only a large `window_bytes`
+/// stays valid).
+pub fn max_window(window: u32, max: Option<u32>) -> u32 {
+    max.unwrap_or(nowconnect_core::tunnel::DEFAULT_MAX_WINDOW.max(window))
 }
 
 /// Largest per-flow window (advertised or grown to) a file may set: 1 GiB.
@@ -557,7 +562,11 @@ impl HubConfig {
                 "must be between 1024 and 16777216".into(),
             ));
         }
-        check_windows(t.window_bytes, t.max_window_bytes).map_err(|(max, reason)| {
+        check_windows(
+            t.window_bytes,
+            max_window(t.window_bytes, t.max_window_bytes),
+        )
+        .map_err(|(max, reason)| {
             let key = if max {
                 "tunnel.max_window_bytes"
             } else {
@@ -724,7 +733,7 @@ impl HubConfig {
         nowconnect_core::tunnel::TunnelConfig {
             limits: self.limits,
             window: t.window_bytes,
-            max_window: t.max_window_bytes,
+            max_window: max_window(t.window_bytes, t.max_window_bytes),
             ping_interval: Duration::from_secs(t.ping_interval_sec),
             idle_timeout: Duration::from_secs(t.idle_timeout_sec),
             handshake_timeout: Duration::from_secs(t.handshake_timeout_sec),
@@ -754,8 +763,8 @@ pub struct AgentFile {
     #[serde(default = "default_window")]
     pub window_bytes: u32,
     /// As the hub's `tunnel.max_window_bytes`.
-    #[serde(default = "default_max_window")]
-    pub max_window_bytes: u32,
+    #[serde(default)]
+    pub max_window_bytes: Option<u32>,
     #[serde(default = "default_max_frame")]
     pub max_frame_bytes: u32,
     /// Flows open at once on the tunnel; further opens are refused with
@@ -843,7 +852,7 @@ impl AgentConfig {
                 ..Limits::default()
             },
             window: r.window_bytes,
-            max_window: r.max_window_bytes,
+            max_window: max_window(r.window_bytes, r.max_window_bytes),
             max_flows: r.max_flows,
             dedup_capacity: r.max_flows,
             codecs: if r.v1_only {
@@ -924,7 +933,11 @@ impl AgentConfig {
             return Err(err("connect_timeout_sec", "must be > 0".into()));
         }
         check_worker_threads(raw.worker_threads).map_err(|r| err("worker_threads", r))?;
-        check_windows(raw.window_bytes, raw.max_window_bytes).map_err(|(max, reason)| {
+        check_windows(
+            raw.window_bytes,
+            max_window(raw.window_bytes, raw.max_window_bytes),
+        )
+        .map_err(|(max, reason)| {
             err(
                 if max {
                     "max_window_bytes"

@@ -130,7 +130,10 @@ fn link_config<R: HubRt>(shared: &Shared<R>) -> MeshLinkConfig {
     MeshLinkConfig {
         limits: cfg.limits,
         window: cfg.raw.tunnel.window_bytes,
-        max_window: cfg.raw.tunnel.max_window_bytes,
+        max_window: crate::config::max_window(
+            cfg.raw.tunnel.window_bytes,
+            cfg.raw.tunnel.max_window_bytes,
+        ),
         send_queue_depth: m.send_queue_depth,
         max_inflight_bytes: m.per_link_max_inflight_bytes,
         backoff_max: Duration::from_secs(m.connect_backoff_max_sec),

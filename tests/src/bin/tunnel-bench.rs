@@ -128,7 +128,9 @@ fn main() {
     let mut bytes: u64 = 2 * 1024 * 1024 * 1024;
     let mut echoes = 20_000;
     let mut window: u32 = 256 * 1024;
-    let mut max_window: u32 = 4 * 1024 * 1024;
+    // Unset: the binaries' default (4 MiB), and no key in their files, so
+    // that binaries from before window growth run too.
+    let mut max_window: Option<u32> = None;
     let mut mesh = false;
     let mut threads = String::new();
     let mut delay = Duration::ZERO;
@@ -140,7 +142,9 @@ fn main() {
             "--bytes" => bytes = args[i + 1].parse().expect("--bytes N"),
             "--echoes" => echoes = args[i + 1].parse().expect("--echoes N"),
             "--window" => window = args[i + 1].parse().expect("--window BYTES"),
-            "--max-window" => max_window = args[i + 1].parse().expect("--max-window BYTES"),
+            "--max-window" => {
+                max_window = Some(args[i + 1].parse().expect("--max-window BYTES"));
+            }
             "--worker-threads" => {
                 let n: usize = args[i + 1].parse().expect("--worker-threads N");
                 threads = format!("worker_threads: {n}\n");
@@ -158,10 +162,15 @@ fn main() {
         }
         i += 2;
     }
-    let max_window = max_window.max(window);
+    let max_window_key = max_window.map(|m| m.max(window));
+    let max_window = max_window_key.unwrap_or((4 * 1024 * 1024u32).max(window));
     // The window keys of a hub's `tunnel` section (indented) or an agent file.
     let windows = |indent: &str| {
-        format!("{indent}window_bytes: {window}\n{indent}max_window_bytes: {max_window}\n")
+        let mut y = format!("{indent}window_bytes: {window}\n");
+        if let Some(m) = max_window_key {
+            y += &format!("{indent}max_window_bytes: {m}\n");
+        }
+        y
     };
     // The address an agent dials for a hub: through the delay proxy if asked.
     let dial = |hub: SocketAddr| {
