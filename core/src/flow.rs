@@ -115,8 +115,8 @@ pub struct Flow {
     local_window: u32,
     /// The most `local_window` may grow to.
     max_window: u32,
-    /// Bytes received, and credit granted (the window included), in all.
-    received: u64,
+    /// Credit granted (the window included), in all; the bytes received in
+    /// all are this less `recv_window`.
     granted: u64,
     /// When the last DATA arrived.
     last_arrival: Option<Instant>,
@@ -146,7 +146,6 @@ impl Flow {
             recv_ungranted: 0,
             local_window,
             max_window: local_window,
-            received: 0,
             granted: u64::from(local_window),
             last_arrival: None,
             burst_start: None,
@@ -241,17 +240,17 @@ impl Flow {
     }
 
     /// A DATA frame arrived from the peer at `now`. Returns how many bytes
-    /// the window grew by (0 mostly); the caller may refuse growth that its
-    /// own budget cannot take with [`Flow::shrink_growth`].
-    /// `path_rtt`: the link's shortest measured round trip; no growth without
-    /// one, or below [`GROWTH_STALL`] (see
-    /// [`crate::mux::FlowMux::set_path_rtt`]).
+    /// the window grew by (0 mostly). `path_rtt`: the link's shortest
+    /// measured round trip; no growth without one, or below [`GROWTH_STALL`]
+    /// (see [`crate::mux::FlowMux::set_path_rtt`]). `room`: how much more
+    /// growth the link's budget allows.
     pub fn on_recv_data_at(
         &mut self,
         seq: Seq,
         len: usize,
         now: Instant,
         path_rtt: Option<Duration>,
+        room: u64,
     ) -> Result<(RecvVerdict, u32), FlowError> {
         let verdict = self.on_recv_data(seq, len)?;
         if verdict == RecvVerdict::Duplicate || self.max_window <= self.local_window {
@@ -265,7 +264,8 @@ impl Flow {
             // the flow move at least half a window per round trip (from the
             // start of the burst to now), as a flow held by its window does?
             let slack = u64::from(self.local_window / 4);
-            let out_of_credit = self.received + slack >= self.granted_at_burst;
+            let received_before = self.granted - self.recv_window - len as u64;
+            let out_of_credit = received_before + slack >= self.granted_at_burst;
             let period = self
                 .burst_start
                 .map_or(Duration::ZERO, |s| now.saturating_duration_since(s));
@@ -281,7 +281,12 @@ impl Flow {
             }
             if self.waits >= WAITS_TO_GROW {
                 self.waits = 0;
-                let next = self.local_window.saturating_mul(2).min(self.max_window);
+                let room = u32::try_from(room).unwrap_or(u32::MAX);
+                let next = self
+                    .local_window
+                    .saturating_mul(2)
+                    .min(self.max_window)
+                    .min(self.local_window.saturating_add(room));
                 grown = next - self.local_window;
                 self.local_window = next;
                 // Granted with the next CREDIT, as if drained.
@@ -291,25 +296,14 @@ impl Flow {
             self.burst_bytes = 0;
             self.burst_start = Some(now);
         }
-        if self.burst_start.is_none() {
-            self.burst_start = Some(now);
-        }
+        self.burst_start.get_or_insert(now);
         self.last_arrival = Some(now);
-        self.received += len as u64;
         self.burst_bytes += len as u64;
         if self.burst_bytes > 2 * u64::from(self.local_window) {
             // Windows pass without a pause: not bound by the round trip.
             self.waits = 0;
         }
         Ok((verdict, grown))
-    }
-
-    /// Take back `n` bytes of growth that [`Flow::on_recv_data_at`] just
-    /// reported (not yet granted).
-    pub fn shrink_growth(&mut self, n: u32) {
-        let n = n.min(self.local_window.saturating_sub(1));
-        self.local_window -= n;
-        self.recv_ungranted = self.recv_ungranted.saturating_sub(u64::from(n));
     }
 
     /// A DATA frame arrived from the peer.

@@ -345,23 +345,19 @@ impl FlowMux {
     pub fn on_frame(&mut self, frame: FlowFrame, now: Instant) {
         let cid = frame.cid();
         let path_rtt = self.path_rtt;
+        let room =
+            (GROWTH_BUDGET_WINDOWS * u64::from(self.cfg.max_window)).saturating_sub(self.grown);
         let Some(flow) = self.flows.get_mut(&cid) else {
             self.on_frame_unknown_flow(frame);
             return;
         };
         let result = match frame {
             FlowFrame::Data { seq, payload, .. } => {
-                match flow.on_recv_data_at(seq, payload.len(), now, path_rtt) {
+                match flow.on_recv_data_at(seq, payload.len(), now, path_rtt, room) {
                     Ok((RecvVerdict::Deliver, grown)) => {
                         if grown > 0 {
-                            let budget = GROWTH_BUDGET_WINDOWS * u64::from(self.cfg.max_window);
-                            let room = budget.saturating_sub(self.grown);
-                            let refused = u64::from(grown).saturating_sub(room) as u32;
-                            flow.shrink_growth(refused);
-                            self.grown += u64::from(grown - refused);
-                            if grown > refused {
-                                self.stats.windows_grown += 1;
-                            }
+                            self.grown += u64::from(grown);
+                            self.stats.windows_grown += 1;
                         }
                         self.stats.bytes_in += payload.len() as u64;
                         if !payload.is_empty() {

@@ -209,20 +209,27 @@ pub fn max_window(window: u32, max: Option<u32>) -> u32 {
 /// Largest per-flow window (advertised or grown to) a file may set: 1 GiB.
 const WINDOW_LIMIT: u32 = 1 << 30;
 
-/// Check a window and the most it may grow to; the error names which key
-/// (`max` true: the maximum) and why.
-fn check_windows(window: u32, max: u32) -> Result<(), (bool, String)> {
+/// Check `window_bytes` and `max_window_bytes`; the error names which of the
+/// two keys is wrong and why.
+fn check_windows(window: u32, max: Option<u32>) -> Result<(), (&'static str, String)> {
     if !(1024..=WINDOW_LIMIT).contains(&window) {
-        return Err((false, format!("must be between 1024 and {WINDOW_LIMIT}")));
+        return Err((
+            "window_bytes",
+            format!("must be between 1024 and {WINDOW_LIMIT}"),
+        ));
     }
+    let max = max_window(window, max);
     if max < window {
         return Err((
-            true,
+            "max_window_bytes",
             format!("must be at least window_bytes ({window}); equal turns window growth off"),
         ));
     }
     if max > WINDOW_LIMIT {
-        return Err((true, format!("must be at most {WINDOW_LIMIT}")));
+        return Err((
+            "max_window_bytes",
+            format!("must be at most {WINDOW_LIMIT}"),
+        ));
     }
     Ok(())
 }
@@ -562,18 +569,8 @@ impl HubConfig {
                 "must be between 1024 and 16777216".into(),
             ));
         }
-        check_windows(
-            t.window_bytes,
-            max_window(t.window_bytes, t.max_window_bytes),
-        )
-        .map_err(|(max, reason)| {
-            let key = if max {
-                "tunnel.max_window_bytes"
-            } else {
-                "tunnel.window_bytes"
-            };
-            err(key, reason)
-        })?;
+        check_windows(t.window_bytes, t.max_window_bytes)
+            .map_err(|(key, reason)| err(&format!("tunnel.{key}"), reason))?;
         if t.ping_interval_sec == 0 || t.idle_timeout_sec <= t.ping_interval_sec {
             return Err(err(
                 "tunnel.idle_timeout_sec",
@@ -933,20 +930,8 @@ impl AgentConfig {
             return Err(err("connect_timeout_sec", "must be > 0".into()));
         }
         check_worker_threads(raw.worker_threads).map_err(|r| err("worker_threads", r))?;
-        check_windows(
-            raw.window_bytes,
-            max_window(raw.window_bytes, raw.max_window_bytes),
-        )
-        .map_err(|(max, reason)| {
-            err(
-                if max {
-                    "max_window_bytes"
-                } else {
-                    "window_bytes"
-                },
-                reason,
-            )
-        })?;
+        check_windows(raw.window_bytes, raw.max_window_bytes)
+            .map_err(|(key, reason)| err(key, reason))?;
         if raw.max_pending_dials == 0 {
             return Err(err("max_pending_dials", "must be > 0".into()));
         }

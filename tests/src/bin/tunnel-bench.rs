@@ -163,7 +163,8 @@ fn main() {
         i += 2;
     }
     let max_window_key = max_window.map(|m| m.max(window));
-    let max_window = max_window_key.unwrap_or((4 * 1024 * 1024u32).max(window));
+    let max_window =
+        max_window_key.unwrap_or(nowconnect_core::tunnel::DEFAULT_MAX_WINDOW.max(window));
     // The window keys of a hub's `tunnel` section (indented) or an agent file.
     let windows = |indent: &str| {
         let mut y = format!("{indent}window_bytes: {window}\n");
