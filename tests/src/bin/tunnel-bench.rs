@@ -14,10 +14,20 @@
 //! with no bandwidth limit and no TCP window of its own), so that the flow's
 //! credit window (`--window`) is what bounds its throughput.
 //!
-//!   cargo run --release -p nowconnect-tests --bin tunnel-bench -- [--bytes N] [--echoes N] [--runtimes tokio,async-std] [--mesh] [--window BYTES] [--max-window BYTES] [--worker-threads N] [--delay-ms D]
+//! With `--reference`, the same measurements also run through a chain of
+//! bare relays (the `relay` binary, one process each) shaped like each path:
+//! two plain relays for one hub and agent; for the mesh a relay that dials
+//! the next over TLS, one that accepts TLS, and a plain one (entry hub, owner
+//! hub, agent). The relays only copy bytes, so the chain shows what the
+//! processes, TCP hops and TLS ends of a path cost on this machine before
+//! any of NowConnect's own work: the reachable ceiling for its ratios.
+//!
+//!   cargo run --release -p nowconnect-tests --bin tunnel-bench -- [--bytes N] [--echoes N] [--runtimes tokio,async-std] [--mesh] [--reference] [--window BYTES] [--max-window BYTES] [--worker-threads N] [--delay-ms D]
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -120,6 +130,84 @@ fn cpu_per_gib(pids: &[u32], gib: f64, f: impl FnOnce()) -> Vec<f64> {
         .collect()
 }
 
+/// One `relay` process (see its source), killed when dropped.
+struct Relay {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Relay {
+    /// `mode` and its arguments, then `--threads N` when the bench pins
+    /// worker threads.
+    fn start(args: &[&str], threads: Option<usize>) -> Relay {
+        let bin = std::env::current_exe()
+            .expect("current exe")
+            .with_file_name("relay");
+        let mut cmd = Command::new(&bin);
+        cmd.args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(n) = threads {
+            cmd.args(["--threads", &n.to_string()]);
+        }
+        let mut child = cmd.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot start {} ({e}); build it with `cargo build --release -p nowconnect-tests --bins`",
+                bin.display()
+            )
+        });
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("relay output");
+        let addr = line
+            .trim()
+            .strip_prefix("listening ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("relay printed {line:?}"));
+        Relay { child, addr }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Two plain relays in front of `to`: the shape of one hub and an agent.
+fn hub_shaped_chain(to: SocketAddr, threads: Option<usize>) -> Vec<Relay> {
+    let agent = Relay::start(&["plain", &to.to_string()], threads);
+    let hub = Relay::start(&["plain", &agent.addr.to_string()], threads);
+    vec![hub, agent]
+}
+
+/// The mesh's shape in front of `to`: an entry relay that dials the next
+/// over TLS, an owner relay that accepts TLS, and a plain agent relay.
+fn mesh_shaped_chain(to: SocketAddr, threads: Option<usize>, dir: &Path) -> Vec<Relay> {
+    let leaf = Ca::new("bench reference CA").issue(dir, "reference");
+    let (ca, cert, key) = (
+        leaf.ca.display().to_string(),
+        leaf.cert.display().to_string(),
+        leaf.key.display().to_string(),
+    );
+    let agent = Relay::start(&["plain", &to.to_string()], threads);
+    let owner = Relay::start(
+        &["tls-in", &agent.addr.to_string(), &ca, &cert, &key],
+        threads,
+    );
+    let entry = Relay::start(
+        &["tls-out", &owner.addr.to_string(), &ca, &cert, &key],
+        threads,
+    );
+    vec![entry, owner, agent]
+}
+
 fn us(ns: u64) -> f64 {
     ns as f64 / 1000.0
 }
@@ -133,6 +221,8 @@ fn main() {
     let mut max_window: Option<u32> = None;
     let mut mesh = false;
     let mut threads = String::new();
+    let mut thread_count: Option<usize> = None;
+    let mut reference = false;
     let mut delay = Duration::ZERO;
     let mut runtimes = vec![Runtime::Tokio, Runtime::AsyncStd];
     let args: Vec<String> = std::env::args().collect();
@@ -148,12 +238,18 @@ fn main() {
             "--worker-threads" => {
                 let n: usize = args[i + 1].parse().expect("--worker-threads N");
                 threads = format!("worker_threads: {n}\n");
+                thread_count = (n > 0).then_some(n);
             }
             "--delay-ms" => {
                 delay = Duration::from_millis(args[i + 1].parse().expect("--delay-ms D"));
             }
             "--mesh" => {
                 mesh = true;
+                i += 1;
+                continue;
+            }
+            "--reference" => {
+                reference = true;
                 i += 1;
                 continue;
             }
@@ -230,14 +326,24 @@ fn main() {
             .expect("listener")
     };
 
+    // Bare relays in the shape of one hub and agent, to the sink and to the
+    // echo service.
+    let ref_sink = reference.then(|| hub_shaped_chain(sink, thread_count));
+    let ref_echo = reference.then(|| hub_shaped_chain(echo, thread_count));
+
     // Warm up every path, then alternate direct and tunnel runs.
     throughput(sink, bytes / 8);
     for (s, _) in &names {
         throughput(listener(s), bytes / 8);
     }
+    if let Some(chain) = &ref_sink {
+        throughput(chain[0].addr, bytes / 8);
+    }
     let mut direct = Vec::new();
     let mut tunnel: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let mut cpu: Vec<Vec<f64>> = vec![vec![0.0; 2]; names.len()];
+    let mut relayed = Vec::new();
+    let mut relay_cpu = vec![0.0; 2];
     let gib = bytes as f64 / (1u64 << 30) as f64;
     for _ in 0..3 {
         direct.push(throughput(sink, bytes));
@@ -247,6 +353,15 @@ fn main() {
                 tunnel[k].push(throughput(listener(s), bytes))
             });
             for (c, u) in cpu[k].iter_mut().zip(used) {
+                *c += u / 3.0;
+            }
+        }
+        if let Some(chain) = &ref_sink {
+            let pids: Vec<u32> = chain.iter().map(Relay::pid).collect();
+            let used = cpu_per_gib(&pids, gib, || {
+                relayed.push(throughput(chain[0].addr, bytes))
+            });
+            for (c, u) in relay_cpu.iter_mut().zip(used) {
                 *c += u / 3.0;
             }
         }
@@ -298,9 +413,24 @@ fn main() {
             cpu[k][1]
         );
     }
+    if !relayed.is_empty() {
+        let t = med(&mut relayed);
+        println!(
+            "through 2 bare relays          : {:>8.1} MiB/s  ratio {:.3}x  CPU s/GiB: relay in the hub's place {:.2}, in the agent's {:.2}",
+            t / 1048576.0,
+            t / d,
+            relay_cpu[0],
+            relay_cpu[1]
+        );
+    }
 
     let mut paths = vec![echo];
     paths.extend(names.iter().map(|(_, e)| listener(e)));
+    let mut path_names: Vec<&str> = runtimes.iter().map(|r| r.name()).collect();
+    if let Some(chain) = &ref_echo {
+        paths.push(chain[0].addr);
+        path_names.push("bare relays");
+    }
     // Two ways, both printed. One path at a time: the direct path then runs
     // on CPUs that go idle between round trips, as a lone client's would.
     // Interleaved, one round trip per path in turn: every path sees the same
@@ -331,8 +461,8 @@ fn main() {
             );
         };
         row("direct", hd);
-        for (rt, ht) in runtimes.iter().zip(&hs[1..]) {
-            row(rt.name(), ht);
+        for (name, ht) in path_names.iter().zip(&hs[1..]) {
+            row(name, ht);
         }
     }
     if mesh {
@@ -340,6 +470,12 @@ fn main() {
         // on hub-a; one flow into hub-b crosses the mesh to hub-a.
         drop(agents);
         drop(hubs);
+        drop(ref_sink);
+        drop(ref_echo);
+        let ref_mesh = reference.then(|| mesh_shaped_chain(sink, thread_count, env.path()));
+        if let Some(chain) = &ref_mesh {
+            throughput(chain[0].addr, bytes / 8);
+        }
         println!(
             "## one-flow throughput across the mesh ({} MiB per run, median of 3)",
             bytes >> 20
@@ -383,14 +519,37 @@ fn main() {
             let (mut d, mut m) = (Vec::new(), Vec::new());
             let pids = [b.proc.pid(), a.proc.pid(), agent.proc.pid()];
             let mut cpu = [0.0; 3];
+            let mut r = Vec::new();
+            let mut rcpu = [0.0; 3];
             for _ in 0..3 {
                 d.push(throughput(sink, bytes));
                 let used = cpu_per_gib(&pids, gib, || m.push(throughput(via, bytes)));
                 for (c, u) in cpu.iter_mut().zip(used) {
                     *c += u / 3.0;
                 }
+                if let Some(chain) = &ref_mesh {
+                    // The bare relays in the hubs' and agent's places.
+                    let rpids: Vec<u32> = chain.iter().map(Relay::pid).collect();
+                    let used =
+                        cpu_per_gib(&rpids, gib, || r.push(throughput(chain[0].addr, bytes)));
+                    for (c, u) in rcpu.iter_mut().zip(used) {
+                        *c += u / 3.0;
+                    }
+                }
             }
             let (d, m) = (med(&mut d), med(&mut m));
+            if !r.is_empty() {
+                let r = med(&mut r);
+                println!(
+                    "direct {:>8.1} MiB/s, through 3 bare relays (TLS between the first two): {:>8.1} MiB/s  ratio {:.3}x  CPU s/GiB: entry {:.2}, owner {:.2}, agent {:.2}",
+                    d / 1048576.0,
+                    r / 1048576.0,
+                    r / d,
+                    rcpu[0],
+                    rcpu[1],
+                    rcpu[2]
+                );
+            }
             println!(
                 "direct {:>8.1} MiB/s, across the mesh ({:<9}): {:>8.1} MiB/s  ratio {:.3}x  CPU s/GiB: entry hub {:.2}, owner hub {:.2}, agent {:.2}",
                 d / 1048576.0,
