@@ -343,7 +343,7 @@ fn main() {
     let mut tunnel: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
     let mut cpu: Vec<Vec<f64>> = vec![vec![0.0; 2]; names.len()];
     let mut relayed = Vec::new();
-    let mut relay_cpu = vec![0.0; 2];
+    let mut relay_cpu = [0.0; 2];
     let gib = bytes as f64 / (1u64 << 30) as f64;
     for _ in 0..3 {
         direct.push(throughput(sink, bytes));
