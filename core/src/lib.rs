@@ -19,6 +19,7 @@ pub mod frame;
 pub mod hub;
 pub mod mesh_link;
 pub mod mux;
+pub mod payload;
 pub mod registry;
 pub mod rng;
 pub mod routing;
@@ -27,3 +28,4 @@ pub mod tunnel;
 
 pub use codec::{Codec, CodecError, WsMessage};
 pub use frame::{Cid, Epoch, ErrorCode, Frame, FrameType, Limits, MeshHeader, Seq};
+pub use payload::Payload;

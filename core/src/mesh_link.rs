@@ -22,6 +22,7 @@ use crate::codec::{self, Codec, WsMessage};
 use crate::flow::SendError;
 use crate::frame::{Cid, Epoch, ErrorCode, Frame, FrameType, Limits, MeshHeader};
 use crate::mux::{FlowEvent, FlowFrame, FlowMux, MuxConfig};
+use crate::payload::Payload;
 use crate::rng::Rng;
 use crate::timer::{TimerTable, Timers};
 use crate::tunnel::effective_window;
@@ -194,7 +195,9 @@ pub struct MeshLink {
     meta: BTreeMap<Cid, FlowMeta>,
     next_cid: Cid,
     ctrl_q: VecDeque<Frame>,
-    data_q: VecDeque<Frame>,
+    /// DATA and FIN in order; a DATA's payload travels beside its
+    /// header-only frame, to be encoded without a copy.
+    data_q: VecDeque<(Frame, Option<Payload>)>,
     inflight: u64,
     blocked: BTreeSet<Cid>,
     events: VecDeque<MeshEvent>,
@@ -437,7 +440,7 @@ impl MeshLink {
                         FlowFrame::Data {
                             cid: h.cid,
                             seq: h.seq,
-                            payload,
+                            payload: payload.into(),
                         },
                         now,
                     );
@@ -644,7 +647,8 @@ impl MeshLink {
     /// Queue data. Refused (nothing queued, counted as backpressure) when the
     /// data queue or the inflight cap is full; the flow gets a `Writable`
     /// event when there is room again.
-    pub fn send_data(&mut self, cid: Cid, payload: Bytes) -> Result<(), SendError> {
+    pub fn send_data(&mut self, cid: Cid, payload: impl Into<Payload>) -> Result<(), SendError> {
+        let payload = payload.into();
         if self.state != LinkState::Established {
             return Err(SendError::NotEstablished);
         }
@@ -784,7 +788,14 @@ impl MeshLink {
                 epoch: Epoch(0),
             });
             let frame = match ff {
-                FlowFrame::Data { payload, .. } => Frame::MData { h, payload },
+                FlowFrame::Data { payload, .. } => {
+                    let head = Frame::MData {
+                        h,
+                        payload: Bytes::new(),
+                    };
+                    self.data_q.push_back((head, Some(payload)));
+                    continue;
+                }
                 FlowFrame::Fin { .. } => Frame::MFin { h },
                 FlowFrame::Rst { code, reason, .. } => Frame::MRst { h, code, reason },
                 FlowFrame::Credit { bytes, .. } => Frame::MCredit { h, bytes },
@@ -792,7 +803,7 @@ impl MeshLink {
             // DATA and FIN keep their order in the data queue; RST and CREDIT
             // may overtake data.
             if is_data {
-                self.data_q.push_back(frame);
+                self.data_q.push_back((frame, None));
             } else {
                 self.push_ctrl(frame);
             }
@@ -849,11 +860,16 @@ impl MeshLink {
 
     /// The next message for the socket: control frames first.
     pub fn poll_transmit(&mut self) -> Option<WsMessage> {
-        let frame = self
-            .ctrl_q
-            .pop_front()
-            .or_else(|| self.data_q.pop_front())?;
-        let msg = match self.codec.encode(&frame, &self.cfg.limits) {
+        let (frame, payload) = match self.ctrl_q.pop_front() {
+            Some(f) => (f, None),
+            None => self.data_q.pop_front()?,
+        };
+        let t = frame.frame_type();
+        let msg = match payload {
+            Some(p) => self.codec.encode_data(frame, p, &self.cfg.limits),
+            None => self.codec.encode(&frame, &self.cfg.limits),
+        };
+        let msg = match msg {
             Ok(m) => m,
             Err(e) => {
                 debug_assert!(false, "encoding a local mesh frame failed: {e}");
@@ -861,7 +877,7 @@ impl MeshLink {
                 return None;
             }
         };
-        *self.stats.frames_out.entry(frame.frame_type()).or_default() += 1;
+        *self.stats.frames_out.entry(t).or_default() += 1;
         self.wake_blocked();
         Some(msg)
     }
@@ -878,7 +894,7 @@ impl crate::mux::FlowLink for MeshLink {
     fn send_credit(&self, cid: Cid) -> u64 {
         MeshLink::send_credit(self, cid)
     }
-    fn send_data(&mut self, cid: Cid, payload: Bytes) -> Result<(), SendError> {
+    fn send_data(&mut self, cid: Cid, payload: Payload) -> Result<(), SendError> {
         MeshLink::send_data(self, cid, payload)
     }
     fn send_fin(&mut self, cid: Cid) -> Result<(), SendError> {

@@ -12,6 +12,7 @@ use bytes::Bytes;
 use crate::dedup::DedupLru;
 use crate::flow::{Flow, FlowError, RecvVerdict, SendError};
 use crate::frame::{Cid, ErrorCode, Limits, Seq};
+use crate::payload::Payload;
 
 /// A flow-level frame, independent of tunnel or mesh framing.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,7 +20,7 @@ pub enum FlowFrame {
     Data {
         cid: Cid,
         seq: Seq,
-        payload: Bytes,
+        payload: Payload,
     },
     Fin {
         cid: Cid,
@@ -52,7 +53,7 @@ impl FlowFrame {
 pub trait FlowLink {
     /// Bytes that may be sent on `cid` now.
     fn send_credit(&self, cid: Cid) -> u64;
-    fn send_data(&mut self, cid: Cid, payload: Bytes) -> Result<(), crate::flow::SendError>;
+    fn send_data(&mut self, cid: Cid, payload: Payload) -> Result<(), crate::flow::SendError>;
     fn send_fin(&mut self, cid: Cid) -> Result<(), crate::flow::SendError>;
     fn reset_flow(&mut self, cid: Cid, code: ErrorCode, reason: &str);
     /// The consumer of `cid` drained `n` delivered bytes.
@@ -250,7 +251,8 @@ impl FlowMux {
 
     /// Queue `payload` as one or more DATA frames. All or nothing: if the
     /// window cannot take the whole payload, nothing is sent.
-    pub fn send_data(&mut self, cid: Cid, mut payload: Bytes) -> Result<(), SendError> {
+    pub fn send_data(&mut self, cid: Cid, payload: impl Into<Payload>) -> Result<(), SendError> {
+        let mut payload = payload.into();
         let flow = self
             .flows
             .get_mut(&cid)
@@ -361,6 +363,7 @@ impl FlowMux {
                         }
                         self.stats.bytes_in += payload.len() as u64;
                         if !payload.is_empty() {
+                            let payload = payload.into_bytes();
                             self.events.push_back(FlowEvent::Data { cid, payload });
                         }
                         Ok(())

@@ -20,6 +20,7 @@ use crate::codec::{self, Codec, CodecError, WsMessage};
 use crate::flow::SendError;
 use crate::frame::{Cid, Epoch, ErrorCode, Frame, FrameType, Limits};
 use crate::mux::{FlowEvent, FlowFrame, FlowMux, MuxConfig, OpenError};
+use crate::payload::Payload;
 use crate::timer::{TimerTable, Timers};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -362,9 +363,14 @@ impl Tunnel {
                     }
                 }
             }
-            Frame::Data { cid, seq, payload } => self
-                .mux
-                .on_frame(FlowFrame::Data { cid, seq, payload }, now),
+            Frame::Data { cid, seq, payload } => self.mux.on_frame(
+                FlowFrame::Data {
+                    cid,
+                    seq,
+                    payload: payload.into(),
+                },
+                now,
+            ),
             Frame::Fin { cid, seq } => self.mux.on_frame(FlowFrame::Fin { cid, seq }, now),
             Frame::Rst { cid, code, reason } => {
                 self.mux.on_frame(FlowFrame::Rst { cid, code, reason }, now)
@@ -486,7 +492,7 @@ impl Tunnel {
         }
     }
 
-    pub fn send_data(&mut self, cid: Cid, payload: Bytes) -> Result<(), SendError> {
+    pub fn send_data(&mut self, cid: Cid, payload: impl Into<Payload>) -> Result<(), SendError> {
         if !self.is_established() {
             return Err(SendError::NotEstablished);
         }
@@ -580,7 +586,16 @@ impl Tunnel {
     fn pump(&mut self) {
         while let Some(ff) = self.mux.poll_frame() {
             let frame = match ff {
-                FlowFrame::Data { cid, seq, payload } => Frame::Data { cid, seq, payload },
+                FlowFrame::Data { cid, seq, payload } => {
+                    let head = Frame::Data {
+                        cid,
+                        seq,
+                        payload: Bytes::new(),
+                    };
+                    let msg = self.codec.encode_data(head, payload, &self.cfg.limits);
+                    self.sent(FrameType::Data, msg);
+                    continue;
+                }
                 FlowFrame::Fin { cid, seq } => Frame::Fin { cid, seq },
                 FlowFrame::Rst { cid, code, reason } => Frame::Rst { cid, code, reason },
                 FlowFrame::Credit { cid, bytes } => Frame::Credit { cid, bytes },
@@ -594,9 +609,14 @@ impl Tunnel {
     }
 
     fn send_with(&mut self, codec: Codec, frame: &Frame) {
-        match codec.encode(frame, &self.cfg.limits) {
+        let msg = codec.encode(frame, &self.cfg.limits);
+        self.sent(frame.frame_type(), msg);
+    }
+
+    fn sent(&mut self, t: FrameType, msg: Result<WsMessage, CodecError>) {
+        match msg {
             Ok(msg) => {
-                *self.stats.frames_out.entry(frame.frame_type()).or_default() += 1;
+                *self.stats.frames_out.entry(t).or_default() += 1;
                 self.transmit.push_back(msg);
             }
             // Only reachable if local code built an invalid frame; fail loudly
@@ -628,7 +648,7 @@ impl crate::mux::FlowLink for Tunnel {
     fn send_credit(&self, cid: Cid) -> u64 {
         Tunnel::send_credit(self, cid)
     }
-    fn send_data(&mut self, cid: Cid, payload: Bytes) -> Result<(), SendError> {
+    fn send_data(&mut self, cid: Cid, payload: Payload) -> Result<(), SendError> {
         Tunnel::send_data(self, cid, payload)
     }
     fn send_fin(&mut self, cid: Cid) -> Result<(), SendError> {

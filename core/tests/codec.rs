@@ -3,7 +3,8 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 use nowconnect_core::codec::{self, CodecError, v1, v2};
-use nowconnect_core::{Codec, Epoch, ErrorCode, Frame, Limits, MeshHeader, WsMessage};
+use nowconnect_core::payload::HEADROOM;
+use nowconnect_core::{Codec, Epoch, ErrorCode, Frame, Limits, MeshHeader, Payload, WsMessage};
 use proptest::prelude::*;
 
 fn name() -> impl Strategy<Value = String> {
@@ -381,4 +382,165 @@ fn v2_data_decode_shares_the_buffer() {
         panic!()
     };
     assert_eq!(payload.as_ptr(), b[v2::DATA_HEADER_LEN..].as_ptr());
+}
+
+/// A payload read behind `room` free bytes, as a runtime's flow reader
+/// hands it over.
+fn with_room(data: &[u8], room: usize) -> Payload {
+    let mut buf = BytesMut::with_capacity(room + data.len());
+    buf.put_bytes(0xee, room);
+    buf.put_slice(data);
+    Payload::with_room(buf, room)
+}
+
+#[test]
+fn data_with_room_is_encoded_in_place_without_a_copy() {
+    let l = Limits::default();
+    let data = vec![9u8; 256 * 1024];
+    let p = with_room(&data, HEADROOM);
+    let at = p.as_ptr();
+    let head = Frame::Data {
+        cid: 7,
+        seq: 3,
+        payload: Bytes::new(),
+    };
+    let WsMessage::Binary(b) = Codec::V2.encode_data(head, p, &l).unwrap() else {
+        panic!("v2 encodes binary");
+    };
+    // The payload in the message is the very memory it was read into.
+    assert_eq!(b[v2::DATA_HEADER_LEN..].as_ptr(), at);
+    let full = Frame::Data {
+        cid: 7,
+        seq: 3,
+        payload: Bytes::from(data),
+    };
+    assert_eq!(b, v2::encode(&full, &l).unwrap());
+}
+
+#[test]
+fn mesh_data_with_room_is_encoded_in_place_and_long_names_fall_back_to_a_copy() {
+    let l = Limits::default();
+    let data = vec![4u8; 4096];
+    for (names, in_place) in [(8, true), (49, true), (50, false), (255, false)] {
+        let h = MeshHeader {
+            cid: 1,
+            connector: "c".repeat(names),
+            agent_id: "a".repeat(names),
+            seq: 2,
+            epoch: Epoch(3),
+        };
+        let p = with_room(&data, HEADROOM);
+        let at = p.as_ptr();
+        let head = Frame::MData {
+            h: h.clone(),
+            payload: Bytes::new(),
+        };
+        let WsMessage::Binary(b) = Codec::V2.encode_data(head, p, &l).unwrap() else {
+            panic!("v2 encodes binary");
+        };
+        let full = Frame::MData {
+            h,
+            payload: Bytes::from(data.clone()),
+        };
+        assert_eq!(b, v2::encode(&full, &l).unwrap(), "names of {names}");
+        let header_len = b.len() - data.len();
+        assert_eq!(
+            b[header_len..].as_ptr() == at,
+            in_place,
+            "names of {names}: header of {header_len} bytes, {HEADROOM} of room"
+        );
+    }
+}
+
+#[test]
+fn data_payload_limits_hold_with_room_as_without() {
+    let l = Limits::default();
+    let too_big = vec![0u8; l.max_payload() + 1];
+    let head = || Frame::Data {
+        cid: 1,
+        seq: 0,
+        payload: Bytes::new(),
+    };
+    let full = Frame::Data {
+        cid: 1,
+        seq: 0,
+        payload: Bytes::from(too_big.clone()),
+    };
+    let want = v2::encode(&full, &l).unwrap_err();
+    for c in [Codec::V1, Codec::V2] {
+        let err = c
+            .encode_data(head(), with_room(&too_big, HEADROOM), &l)
+            .unwrap_err();
+        assert_eq!(err, want, "{c:?}");
+    }
+    // The largest payload still fits a frame, with room or without.
+    let max = vec![1u8; l.max_payload()];
+    assert!(
+        Codec::V2
+            .encode_data(head(), with_room(&max, HEADROOM), &l)
+            .is_ok()
+    );
+    assert!(
+        Codec::V2
+            .encode_data(head(), Payload::from(max), &l)
+            .is_ok()
+    );
+}
+
+#[test]
+fn splitting_a_payload_keeps_the_room_in_front() {
+    let data: Vec<u8> = (0..=255u8).cycle().take(1000).collect();
+    let mut p = with_room(&data, 40);
+    let front = p.split_to(300);
+    assert_eq!((front.room(), &front[..]), (40, &data[..300]));
+    assert_eq!((p.room(), &p[..]), (0, &data[300..]));
+    let mut rest = p;
+    let all = rest.split_to(5000);
+    assert_eq!(&all[..], &data[300..]);
+    assert!(rest.is_empty());
+    assert_eq!(with_room(&data, 40).into_bytes(), Bytes::from(data.clone()));
+    // A start past the end is no payload, not a panic.
+    assert!(Payload::with_room(BytesMut::from(&b"abc"[..]), 9).is_empty());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    /// Whatever the room, the split and the codec, a DATA or M_DATA frame
+    /// encoded with its payload apart is the frame encoded whole.
+    #[test]
+    fn encoding_data_apart_is_encoding_it_whole(
+        data in prop::collection::vec(any::<u8>(), 0..4096),
+        room in 0usize..200,
+        cut in any::<prop::sample::Index>(),
+        h in header(),
+        mesh in any::<bool>(),
+        use_v2 in any::<bool>(),
+    ) {
+        let l = Limits::default();
+        let c = if use_v2 { Codec::V2 } else { Codec::V1 };
+        let mut p = with_room(&data, room);
+        let n = cut.index(data.len() + 1);
+        let parts = [p.split_to(n), p];
+        let mut at = 0;
+        for part in parts {
+            let bytes = Bytes::copy_from_slice(&data[at..at + part.len()]);
+            at += part.len();
+            let (head, full) = if mesh {
+                (
+                    Frame::MData { h: h.clone(), payload: Bytes::new() },
+                    Frame::MData { h: h.clone(), payload: bytes },
+                )
+            } else {
+                (
+                    Frame::Data { cid: h.cid, seq: h.seq, payload: Bytes::new() },
+                    Frame::Data { cid: h.cid, seq: h.seq, payload: bytes },
+                )
+            };
+            let apart = c.encode_data(head, part, &l).unwrap();
+            prop_assert_eq!(&apart, &c.encode(&full, &l).unwrap());
+            prop_assert_eq!(codec::decode(&apart, &l).unwrap(), full);
+        }
+        prop_assert_eq!(at, data.len());
+    }
 }

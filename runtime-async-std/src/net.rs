@@ -7,7 +7,8 @@ use async_std::net::TcpStream;
 use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::{Error as WsError, Message};
 use futures_util::io::{AsyncRead, AsyncWrite};
-use nowconnect_core::WsMessage;
+use nowconnect_core::payload::HEADROOM;
+use nowconnect_core::{Payload, WsMessage};
 use nowconnect_shared::driver::{
     ChunkReader, FlowEnd, FlowWriter, ReadSize, run_client_socket, run_flow_socket,
 };
@@ -147,20 +148,21 @@ impl PeekReader {
 }
 
 impl ChunkReader for PeekReader {
-    async fn read_chunk(&mut self) -> std::io::Result<Option<bytes::Bytes>> {
+    async fn read_chunk(&mut self) -> std::io::Result<Option<Payload>> {
         use futures_util::io::AsyncReadExt;
         let mut probe = [0u8; 1];
         if self.0.peek(&mut probe).await? == 0 {
             return Ok(None);
         }
-        let mut buf = bytes::BytesMut::zeroed(self.1.get());
-        let n = self.0.read(&mut buf[..]).await?;
+        // Room in front for the frame's header (see `ChunkReader`).
+        let mut buf = bytes::BytesMut::zeroed(HEADROOM + self.1.get());
+        let n = self.0.read(&mut buf[HEADROOM..]).await?;
         if n == 0 {
             return Ok(None);
         }
         self.1.update(n);
-        buf.truncate(n);
-        Ok(Some(buf.freeze()))
+        buf.truncate(HEADROOM + n);
+        Ok(Some(Payload::with_room(buf, HEADROOM)))
     }
 }
 

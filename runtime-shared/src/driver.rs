@@ -24,7 +24,7 @@ use futures_util::io::{AsyncWrite, AsyncWriteExt};
 use nowconnect_core::flow::SendError;
 use nowconnect_core::mux::{FlowEvent, FlowLink};
 use nowconnect_core::tunnel::{Tunnel, TunnelEvent};
-use nowconnect_core::{Cid, Epoch, ErrorCode, WsMessage};
+use nowconnect_core::{Cid, Epoch, ErrorCode, Payload, WsMessage};
 
 use crate::metrics::{Cadence, Metrics, add_delta, add_frame_deltas, labels};
 
@@ -114,7 +114,7 @@ pub enum LinkCmd {
     },
     Data {
         cid: Cid,
-        payload: Bytes,
+        payload: Payload,
     },
     Fin {
         cid: Cid,
@@ -419,7 +419,7 @@ enum Sink {
 
 struct FlowSlot {
     sink: Sink,
-    pending: VecDeque<Bytes>,
+    pending: VecDeque<Payload>,
     fin_pending: bool,
     connector: String,
     /// The tunnel side of a bridged mesh flow: its end is reported through
@@ -586,7 +586,10 @@ impl FlowPipes {
 
     fn as_cmd(cid: Cid, msg: FlowMsg) -> LinkCmd {
         match msg {
-            FlowMsg::Data(payload) => LinkCmd::Data { cid, payload },
+            FlowMsg::Data(payload) => LinkCmd::Data {
+                cid,
+                payload: payload.into(),
+            },
             FlowMsg::Fin => LinkCmd::Fin { cid },
             FlowMsg::Reset { code, reason } => LinkCmd::Reset { cid, code, reason },
         }
@@ -1392,9 +1395,12 @@ async fn read_half<R: ChunkReader>(
 
 /// The read side of a flow socket: the next chunk read, `None` at EOF.
 /// Adapters implement it so that an idle flow holds no read buffer: memory
-/// is taken only for bytes that arrive.
+/// is taken only for bytes that arrive. They read into a buffer with
+/// [`HEADROOM`](nowconnect_core::payload::HEADROOM) bytes free in front ([`Payload::with_room`]), where the
+/// frame's header is written when it is sent, so the payload is not copied.
 pub trait ChunkReader {
-    fn read_chunk(&mut self) -> impl std::future::Future<Output = std::io::Result<Option<Bytes>>>;
+    fn read_chunk(&mut self)
+    -> impl std::future::Future<Output = std::io::Result<Option<Payload>>>;
 }
 
 /// The write side of a flow socket.
@@ -1520,7 +1526,7 @@ impl Activity {
 pub struct ActiveReader<R>(pub R, pub Activity);
 
 impl<R: ChunkReader> ChunkReader for ActiveReader<R> {
-    async fn read_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
+    async fn read_chunk(&mut self) -> std::io::Result<Option<Payload>> {
         let r = self.0.read_chunk().await;
         self.1.touch();
         r

@@ -94,7 +94,7 @@ fn a_queued_join_resets_the_flow_on_the_other_link() {
     let (other_tx, other_rx) = async_channel::unbounded();
     tx.try_send(LinkCmd::Data {
         cid: 5,
-        payload: bytes::Bytes::from_static(b"gone with its flow"),
+        payload: bytes::Bytes::from_static(b"gone with its flow").into(),
     })
     .unwrap();
     tx.try_send(LinkCmd::Join {

@@ -10,7 +10,7 @@ use async_channel::{Receiver, Sender};
 use bytes::Bytes;
 use nowconnect_core::flow::SendError;
 use nowconnect_core::mux::{FlowEvent, FlowLink};
-use nowconnect_core::{Cid, ErrorCode};
+use nowconnect_core::{Cid, ErrorCode, Payload};
 use nowconnect_shared::driver::{FlowPipes, LinkCmd, Peer};
 use nowconnect_shared::metrics::Metrics;
 
@@ -28,9 +28,9 @@ impl FlowLink for Recorder {
     fn send_credit(&self, _: Cid) -> u64 {
         self.credit
     }
-    fn send_data(&mut self, cid: Cid, payload: Bytes) -> Result<(), SendError> {
+    fn send_data(&mut self, cid: Cid, payload: Payload) -> Result<(), SendError> {
         self.credit -= payload.len() as u64;
-        self.sent.push((cid, payload));
+        self.sent.push((cid, payload.into_bytes()));
         Ok(())
     }
     fn send_fin(&mut self, cid: Cid) -> Result<(), SendError> {
@@ -148,11 +148,11 @@ fn what_arrives_while_held_reaches_the_tunnel_flow_in_order_and_credit_flows_bac
     for cmd in [
         LinkCmd::Data {
             cid: 7,
-            payload: Bytes::from_static(b"bind"),
+            payload: Bytes::from_static(b"bind").into(),
         },
         LinkCmd::Data {
             cid: 7,
-            payload: Bytes::from_static(b"search"),
+            payload: Bytes::from_static(b"search").into(),
         },
     ] {
         tunnel.pipes.on_cmd(&mut tunnel.link, cmd);

@@ -5,8 +5,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Bytes, BytesMut};
-use nowconnect_core::WsMessage;
+use bytes::{BufMut, BytesMut};
+use nowconnect_core::payload::HEADROOM;
+use nowconnect_core::{Payload, WsMessage};
 use nowconnect_shared::driver::{
     ChunkReader, FlowEnd, FlowWriter, InlineWriter, Outgoing, ReadSize, run_client_socket,
     run_flow_socket,
@@ -99,7 +100,8 @@ impl futures_util::io::AsyncWrite for TokioWriter {
 /// Waits until the socket is readable, then reads with `try_read_buf` into
 /// uninitialised capacity: an idle flow holds no buffer at all, a busy one
 /// reads up to [`ReadSize`] at a time (at most `READ_CHUNK`) without
-/// zeroing memory first.
+/// zeroing memory first, behind [`HEADROOM`] bytes left free for the
+/// frame's header.
 struct TokioReader(OwnedReadHalf, ReadSize);
 
 impl TokioReader {
@@ -109,15 +111,16 @@ impl TokioReader {
 }
 
 impl ChunkReader for TokioReader {
-    async fn read_chunk(&mut self) -> std::io::Result<Option<Bytes>> {
+    async fn read_chunk(&mut self) -> std::io::Result<Option<Payload>> {
         loop {
             self.0.readable().await?;
-            let mut buf = BytesMut::with_capacity(self.1.get());
+            let mut buf = BytesMut::with_capacity(HEADROOM + self.1.get());
+            buf.put_bytes(0, HEADROOM);
             match self.0.try_read_buf(&mut buf) {
                 Ok(0) => return Ok(None),
                 Ok(n) => {
                     self.1.update(n);
-                    return Ok(Some(buf.freeze()));
+                    return Ok(Some(Payload::with_room(buf, HEADROOM)));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),

@@ -15,16 +15,17 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use nowconnect_core::agent::{Agent, AgentConfig, AgentOutput, HubLinkState};
 use nowconnect_core::hub::{Hub, HubConfig, HubOutput};
 use nowconnect_core::mesh_link::{MeshEvent, MeshLink, MeshLinkConfig};
 use nowconnect_core::mux::{FlowEvent, FlowLink, GROWTH_BUDGET_WINDOWS, PlantedBug};
+use nowconnect_core::payload::HEADROOM;
 use nowconnect_core::registry::{MemoryRegistry, RegistryError, RegistryOp, RegistryReply};
 use nowconnect_core::rng::Rng;
 use nowconnect_core::routing::{Mode, Route};
 use nowconnect_core::tunnel::{Tunnel, TunnelConfig, TunnelEvent};
-use nowconnect_core::{Cid, Codec, Epoch, ErrorCode, WsMessage};
+use nowconnect_core::{Cid, Codec, Epoch, ErrorCode, Payload, WsMessage};
 
 /// Which faults a run injects and how often (drawn per seed: swarm testing).
 /// Chances named "per tick" are rolled every 10 ms of chaos.
@@ -1305,7 +1306,7 @@ impl World {
         let credit = link.send_credit(cid) as usize;
         let n = (c.data.len() - c.sent).min(credit).min(CHUNK);
         if n > 0 {
-            let chunk = Bytes::copy_from_slice(&c.data[c.sent..c.sent + n]);
+            let chunk = read_with_room(&c.data[c.sent..c.sent + n]);
             if link.send_data(cid, chunk).is_ok() {
                 c.sent += n;
             }
@@ -1356,7 +1357,7 @@ impl World {
                 break;
             }
             let chunk: Vec<u8> = t.buf.drain(..n).collect();
-            if tun.send_data(cid, Bytes::from(chunk)).is_err() {
+            if tun.send_data(cid, read_with_room(&chunk)).is_err() {
                 break;
             }
         }
@@ -1390,7 +1391,9 @@ impl World {
                     break;
                 }
                 let chunk: Vec<u8> = half.buf[..n].to_vec();
-                if link.send_data(to_cid, Bytes::from(chunk)).is_err() {
+                // Bridged bytes were decoded from a frame: no room in front
+                // of them, as on a real owner hub.
+                if link.send_data(to_cid, Bytes::from(chunk).into()).is_err() {
                     break;
                 }
                 half.buf.drain(..n);
@@ -2243,4 +2246,13 @@ fn drain(l: &mut Link) -> (Vec<WsMessage>, Vec<EpEvent>) {
                 .collect(),
         ),
     }
+}
+
+/// Bytes as a runtime's flow reader hands them over: read behind
+/// [`HEADROOM`] free bytes, where the frame's header is written.
+fn read_with_room(data: &[u8]) -> Payload {
+    let mut buf = BytesMut::with_capacity(HEADROOM + data.len());
+    buf.put_bytes(0, HEADROOM);
+    buf.put_slice(data);
+    Payload::with_room(buf, HEADROOM)
 }

@@ -10,6 +10,7 @@ pub mod v2;
 use bytes::Bytes;
 
 use crate::frame::{Frame, FrameType, Limits};
+use crate::payload::Payload;
 
 /// The payload of one WebSocket message as the codecs see it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +73,36 @@ impl Codec {
         match self {
             Codec::V1 => v1::encode(frame, limits).map(WsMessage::Text),
             Codec::V2 => v2::encode(frame, limits).map(WsMessage::Binary),
+        }
+    }
+
+    /// Encode a DATA or M_DATA frame given as `head` (the frame with an
+    /// empty payload) and its payload. v2 writes the header into the room in
+    /// front of the payload when there is enough, instead of copying the
+    /// payload behind it; v1 encodes the whole frame as text either way.
+    pub fn encode_data(
+        self,
+        head: Frame,
+        payload: Payload,
+        limits: &Limits,
+    ) -> Result<WsMessage, CodecError> {
+        match self {
+            Codec::V1 => {
+                let frame = match head {
+                    Frame::Data { cid, seq, .. } => Frame::Data {
+                        cid,
+                        seq,
+                        payload: payload.into_bytes(),
+                    },
+                    Frame::MData { h, .. } => Frame::MData {
+                        h,
+                        payload: payload.into_bytes(),
+                    },
+                    other => other,
+                };
+                v1::encode(&frame, limits).map(WsMessage::Text)
+            }
+            Codec::V2 => v2::encode_data(&head, payload, limits).map(WsMessage::Binary),
         }
     }
 }
@@ -139,6 +170,18 @@ impl CodecError {
     }
 }
 
+/// A DATA payload of `len` bytes fits a frame in either codec.
+pub(crate) fn check_payload(t: FrameType, len: usize, limits: &Limits) -> Result<(), CodecError> {
+    if len > limits.max_payload() {
+        return Err(CodecError::out_of_range(
+            t,
+            "b64",
+            format!("{len} bytes, at most {}", limits.max_payload()),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks shared by both codecs on the decoded values, so that v1 and v2
 /// accept exactly the same set of frames.
 pub(crate) fn validate(frame: &Frame, limits: &Limits) -> Result<(), CodecError> {
@@ -166,16 +209,7 @@ pub(crate) fn validate(frame: &Frame, limits: &Limits) -> Result<(), CodecError>
         }
         Ok(())
     };
-    let payload = |p: &Bytes| -> Result<(), CodecError> {
-        if p.len() > limits.max_payload() {
-            return Err(CodecError::out_of_range(
-                t,
-                "b64",
-                format!("{} bytes, at most {}", p.len(), limits.max_payload()),
-            ));
-        }
-        Ok(())
-    };
+    let payload = |p: &Bytes| check_payload(t, p.len(), limits);
     match frame {
         Frame::Hello {
             agent_id,

@@ -9,8 +9,9 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::{CodecError, validate};
+use super::{CodecError, check_payload, validate};
 use crate::frame::{Epoch, ErrorCode, Frame, FrameType, Limits, MeshHeader};
+use crate::payload::Payload;
 
 /// Bytes in front of a DATA payload: tag, cid, seq.
 pub const DATA_HEADER_LEN: usize = 1 + 8 + 8;
@@ -19,6 +20,28 @@ pub fn encode(frame: &Frame, limits: &Limits) -> Result<Bytes, CodecError> {
     let mut buf = BytesMut::with_capacity(encoded_len_hint(frame));
     encode_into(frame, limits, &mut buf)?;
     Ok(buf.freeze())
+}
+
+/// Encode a DATA or M_DATA frame whose payload is given apart: `head` is
+/// the frame with an empty payload. The header is written into the room in
+/// front of `payload` when it has enough ([`Payload::prepend`]), so a
+/// payload read with room is not copied.
+pub fn encode_data(head: &Frame, payload: Payload, limits: &Limits) -> Result<Bytes, CodecError> {
+    debug_assert!(matches!(
+        head,
+        Frame::Data { payload, .. } | Frame::MData { payload, .. } if payload.is_empty()
+    ));
+    check_payload(head.frame_type(), payload.len(), limits)?;
+    let mut header = BytesMut::with_capacity(64);
+    encode_into(head, limits, &mut header)?;
+    let len = header.len() + payload.len();
+    if len > limits.max_frame {
+        return Err(CodecError::TooLarge {
+            len,
+            max: limits.max_frame,
+        });
+    }
+    Ok(payload.prepend(&header))
 }
 
 fn encoded_len_hint(frame: &Frame) -> usize {
