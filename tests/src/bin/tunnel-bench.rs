@@ -120,14 +120,19 @@ fn cpu_secs(pid: u32) -> f64 {
     (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
-/// CPU seconds each of `pids` used per GiB moved while `f` ran.
-fn cpu_per_gib(pids: &[u32], gib: f64, f: impl FnOnce()) -> Vec<f64> {
+/// Measured transfers per path: throughput is their median, CPU their mean.
+const RUNS: usize = 3;
+
+/// One measured transfer of `bytes` to `addr`: its throughput joins
+/// `rates`, and the CPU seconds per GiB each of `pids` used meanwhile, over
+/// [`RUNS`], is added to its entry of `cpu`.
+fn measured_run(addr: SocketAddr, bytes: u64, pids: &[u32], rates: &mut Vec<f64>, cpu: &mut [f64]) {
     let before: Vec<f64> = pids.iter().map(|p| cpu_secs(*p)).collect();
-    f();
-    pids.iter()
-        .zip(before)
-        .map(|(p, b)| (cpu_secs(*p) - b) / gib)
-        .collect()
+    rates.push(throughput(addr, bytes));
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    for ((c, p), b) in cpu.iter_mut().zip(pids).zip(before) {
+        *c += (cpu_secs(*p) - b) / gib / RUNS as f64;
+    }
 }
 
 /// One `relay` process (see its source), killed when dropped.
@@ -344,26 +349,15 @@ fn main() {
     let mut cpu: Vec<Vec<f64>> = vec![vec![0.0; 2]; names.len()];
     let mut relayed = Vec::new();
     let mut relay_cpu = [0.0; 2];
-    let gib = bytes as f64 / (1u64 << 30) as f64;
-    for _ in 0..3 {
+    for _ in 0..RUNS {
         direct.push(throughput(sink, bytes));
         for (k, (s, _)) in names.iter().enumerate() {
             let pids = [hubs[k].proc.pid(), agents[k].proc.pid()];
-            let used = cpu_per_gib(&pids, gib, || {
-                tunnel[k].push(throughput(listener(s), bytes))
-            });
-            for (c, u) in cpu[k].iter_mut().zip(used) {
-                *c += u / 3.0;
-            }
+            measured_run(listener(s), bytes, &pids, &mut tunnel[k], &mut cpu[k]);
         }
         if let Some(chain) = &ref_sink {
             let pids: Vec<u32> = chain.iter().map(Relay::pid).collect();
-            let used = cpu_per_gib(&pids, gib, || {
-                relayed.push(throughput(chain[0].addr, bytes))
-            });
-            for (c, u) in relay_cpu.iter_mut().zip(used) {
-                *c += u / 3.0;
-            }
+            measured_run(chain[0].addr, bytes, &pids, &mut relayed, &mut relay_cpu);
         }
     }
     let med = |v: &mut Vec<f64>| {
@@ -395,7 +389,7 @@ fn main() {
             .join(", ")
     );
     println!(
-        "## one-flow throughput ({} MiB per run, median of 3)",
+        "## one-flow throughput ({} MiB per run, median of {RUNS})",
         bytes >> 20
     );
     println!(
@@ -477,7 +471,7 @@ fn main() {
             throughput(chain[0].addr, bytes / 8);
         }
         println!(
-            "## one-flow throughput across the mesh ({} MiB per run, median of 3)",
+            "## one-flow throughput across the mesh ({} MiB per run, median of {RUNS})",
             bytes >> 20
         );
         for rt in &runtimes {
@@ -521,20 +515,13 @@ fn main() {
             let mut cpu = [0.0; 3];
             let mut r = Vec::new();
             let mut rcpu = [0.0; 3];
-            for _ in 0..3 {
+            // The bare relays in the hubs' and agent's places.
+            let rpids: Vec<u32> = ref_mesh.iter().flatten().map(Relay::pid).collect();
+            for _ in 0..RUNS {
                 d.push(throughput(sink, bytes));
-                let used = cpu_per_gib(&pids, gib, || m.push(throughput(via, bytes)));
-                for (c, u) in cpu.iter_mut().zip(used) {
-                    *c += u / 3.0;
-                }
+                measured_run(via, bytes, &pids, &mut m, &mut cpu);
                 if let Some(chain) = &ref_mesh {
-                    // The bare relays in the hubs' and agent's places.
-                    let rpids: Vec<u32> = chain.iter().map(Relay::pid).collect();
-                    let used =
-                        cpu_per_gib(&rpids, gib, || r.push(throughput(chain[0].addr, bytes)));
-                    for (c, u) in rcpu.iter_mut().zip(used) {
-                        *c += u / 3.0;
-                    }
+                    measured_run(chain[0].addr, bytes, &rpids, &mut r, &mut rcpu);
                 }
             }
             let (d, m) = (med(&mut d), med(&mut m));
