@@ -14,6 +14,7 @@ use crate::frame::{Epoch, ErrorCode};
 use crate::registry::{RegistryError, RegistryOp, RegistryReply};
 use crate::rng::Rng;
 use crate::routing::{LocalCandidate, Mode, RemoteView, Route, pick_local, route_remote};
+use crate::tenant::{AgentCredential, qualify};
 
 pub type TunnelId = u64;
 pub type ClientId = u64;
@@ -143,6 +144,8 @@ enum Pending {
     Route {
         client: ClientId,
         connector: String,
+        /// The listener's allowed agents, if it names them.
+        pin: Option<Vec<String>>,
         /// Lookups repeated because a claim here was still landing.
         retries: u8,
     },
@@ -168,6 +171,8 @@ pub struct HubCounters {
     pub ownership_reclaimed: u64,
     /// Mesh opens or frames refused for a stale epoch.
     pub epoch_mismatch: u64,
+    /// Mesh opens refused because the agent does not serve the connector.
+    pub mesh_opens_refused_connector: u64,
     pub routes: BTreeMap<&'static str, u64>,
     pub refusals: BTreeMap<&'static str, u64>,
     /// Shadow mode: what active mode would have done, by route kind.
@@ -189,6 +194,10 @@ pub struct Hub {
     registry_healthy: bool,
     registry_last_error: Option<String>,
     mesh_up: BTreeSet<String>,
+    /// Replica ids the registry listed at the last discovery (this one
+    /// included): a mesh peer is served only while it is one of them (or
+    /// allow-listed by the runtime's configuration).
+    registered_replicas: BTreeSet<String>,
     draining: bool,
     rng: Rng,
     out: VecDeque<HubOutput>,
@@ -208,6 +217,7 @@ impl Hub {
             registry_healthy: true,
             registry_last_error: None,
             mesh_up: BTreeSet::new(),
+            registered_replicas: BTreeSet::new(),
             draining: false,
             rng: Rng::new(seed),
             out: VecDeque::new(),
@@ -316,8 +326,60 @@ impl Hub {
         }
     }
 
+    /// An agent's HELLO arrived on `tunnel`, whose token says `credential`.
+    /// The HELLO must name the token's agent and announce only connectors
+    /// the token lists; the agent and its connectors are then known by
+    /// their tenant-qualified names ([`crate::tenant::qualify`]), so a flow
+    /// never crosses tenants. On a refusal the tunnel is closed with the
+    /// reason and the refusal's kind (`agent_mismatch`,
+    /// `connector_outside_scope`) is returned for the runtime to count.
+    pub fn tunnel_hello_as(
+        &mut self,
+        now: Instant,
+        tunnel: TunnelId,
+        credential: &AgentCredential,
+        hello_agent_id: &str,
+        connectors: &[String],
+    ) -> Result<(), &'static str> {
+        let mut refuse = |kind, reason: String| {
+            self.counters.tunnels_refused += 1;
+            self.out.push_back(HubOutput::CloseTunnel {
+                tunnel,
+                code: ErrorCode::Refused,
+                reason,
+            });
+            Err(kind)
+        };
+        if hello_agent_id != credential.agent_id {
+            return refuse(
+                "agent_mismatch",
+                format!(
+                    "HELLO names agent `{hello_agent_id}` but the token is for `{}`",
+                    credential.agent_id
+                ),
+            );
+        }
+        if let Some(scope) = &credential.scope
+            && let Some(bad) = connectors.iter().find(|c| !scope.contains(c))
+        {
+            return refuse(
+                "connector_outside_scope",
+                format!("connector `{bad}` is outside the token's scope"),
+            );
+        }
+        let agent = qualify(&credential.tenant, hello_agent_id);
+        let qualified: Vec<String> = connectors
+            .iter()
+            .map(|c| qualify(&credential.tenant, c))
+            .collect();
+        self.tunnel_hello(now, tunnel, &agent, &qualified, None);
+        Ok(())
+    }
+
     /// An agent's HELLO arrived on `tunnel`. `scope`, from its token, limits
-    /// the connectors it may announce (`None`: any).
+    /// the connectors it may announce (`None`: any). Names are taken as
+    /// they are (already qualified); [`Hub::tunnel_hello_as`] checks a
+    /// token's credential first.
     pub fn tunnel_hello(
         &mut self,
         now: Instant,
@@ -519,39 +581,54 @@ impl Hub {
         self.agents.values().map(|a| a.open_flows).sum()
     }
 
-    /// Owner side of the mesh: may a flow for `agent_id` under `epoch` be
-    /// served here? Returns the tunnel, or the refusal (counted when stale).
+    /// Owner side of the mesh: may a flow for `connector` of `agent_id`
+    /// under `epoch` be served here? Returns the tunnel, or the refusal
+    /// (counted when stale). A refusal names neither the current epoch nor
+    /// the current owner: a peer learns nothing it could replay.
     pub fn check_mesh_open(
         &mut self,
         agent_id: &str,
+        connector: &str,
         epoch: Epoch,
     ) -> Result<TunnelId, (ErrorCode, String)> {
-        match self.owned_tunnel(agent_id) {
-            Some((t, current)) if current == epoch => Ok(t),
-            Some((t, _)) if self.cfg.planted_bug == crate::mux::PlantedBug::AcceptStaleEpoch => {
-                Ok(t)
-            }
-            Some((_, current)) => {
+        let owned = self.owned_tunnel(agent_id);
+        let tunnel = match owned {
+            Some((t, current)) if current == epoch => t,
+            Some((t, _)) if self.cfg.planted_bug == crate::mux::PlantedBug::AcceptStaleEpoch => t,
+            Some(_) | None => {
                 self.counters.epoch_mismatch += 1;
-                Err((
+                return Err((
                     ErrorCode::StaleEpoch,
                     format!(
-                        "agent `{agent_id}`: epoch {} is stale, current is {}",
-                        epoch.0, current.0
-                    ),
-                ))
-            }
-            None => {
-                self.counters.epoch_mismatch += 1;
-                Err((
-                    ErrorCode::StaleEpoch,
-                    format!(
-                        "agent `{agent_id}` is not owned by {} (epoch {})",
+                        "agent `{agent_id}` is not owned by {} under epoch {}",
                         self.cfg.replica_id, epoch.0
                     ),
-                ))
+                ));
             }
+        };
+        if !self.agents[&tunnel]
+            .connectors
+            .iter()
+            .any(|c| c == connector)
+        {
+            self.counters.mesh_opens_refused_connector += 1;
+            return Err((
+                ErrorCode::Refused,
+                format!("agent `{agent_id}` does not serve connector `{connector}`"),
+            ));
         }
+        Ok(tunnel)
+    }
+
+    /// Whether the registry listed `replica_id` at the last discovery.
+    pub fn replica_registered(&self, replica_id: &str) -> bool {
+        self.registered_replicas.contains(replica_id)
+    }
+
+    /// A registry listing of replicas read outside the discovery timer
+    /// (a mesh peer not seen yet): remember it like a discovery.
+    pub fn replicas_listed(&mut self, list: &[(String, String)]) {
+        self.registered_replicas = list.iter().map(|(r, _)| r.clone()).collect();
     }
 
     /// A stale-epoch frame was refused elsewhere (mesh link); count it.
@@ -564,7 +641,20 @@ impl Hub {
     /// are owned elsewhere, then the mesh): the runtime decides when its
     /// listeners stop taking clients.
     pub fn client_connected(&mut self, now: Instant, client: ClientId, connector: &str) {
-        if let Some(route) = self.local_route(connector) {
+        self.client_connected_pinned(now, client, connector, None)
+    }
+
+    /// [`Hub::client_connected`] for a listener that names the agents
+    /// allowed to serve it (`pin`, qualified agent ids): no other agent is
+    /// ever chosen, locally or across the mesh.
+    pub fn client_connected_pinned(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        connector: &str,
+        pin: Option<&[String]>,
+    ) {
+        if let Some(route) = self.local_route(connector, pin) {
             return self.route(client, route);
         }
         match self.cfg.mode {
@@ -602,13 +692,20 @@ impl Hub {
                         },
                     );
                 }
-                self.lookup(now, client, connector, 0);
+                self.lookup(now, client, connector, pin, 0);
             }
         }
     }
 
     /// Ask the registry who serves `connector` for `client`.
-    fn lookup(&mut self, now: Instant, client: ClientId, connector: &str, retries: u8) {
+    fn lookup(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        connector: &str,
+        pin: Option<&[String]>,
+        retries: u8,
+    ) {
         self.op(
             now,
             RegistryOp::ListAgents {
@@ -617,19 +714,21 @@ impl Hub {
             Pending::Route {
                 client,
                 connector: connector.to_string(),
+                pin: pin.map(<[String]>::to_vec),
                 retries,
             },
         );
     }
 
     /// The least-loaded agent owned here for `connector`, if any.
-    fn local_route(&mut self, connector: &str) -> Option<Route> {
+    fn local_route(&mut self, connector: &str, pin: Option<&[String]>) -> Option<Route> {
         let local: Vec<LocalCandidate> = self
             .agents
             .iter()
             .filter(|(_, a)| {
                 matches!(a.state, AgentState::Owned { .. })
                     && a.connectors.iter().any(|c| c == connector)
+                    && pin.is_none_or(|p| p.contains(&a.agent_id))
             })
             .map(|(t, a)| LocalCandidate {
                 tunnel: *t,
@@ -784,12 +883,14 @@ impl Hub {
                 Pending::Route {
                     client,
                     connector,
+                    pin,
                     retries,
                 },
                 result,
             ) => {
+                let pin = pin.as_deref();
                 // A local claim may have landed while the lookup was out.
-                if let Some(route) = self.local_route(&connector) {
+                if let Some(route) = self.local_route(&connector, pin) {
                     return self.route(client, route);
                 }
                 // The registry already names this hub as an owner whose
@@ -803,13 +904,17 @@ impl Hub {
                             && self.claiming(&a.agent_id)
                     })
                 {
-                    return self.lookup(now, client, &connector, retries + 1);
+                    return self.lookup(now, client, &connector, pin, retries + 1);
                 }
                 let view_agents;
                 let err;
                 let view = match &result {
                     Ok(RegistryReply::Agents(a)) => {
-                        view_agents = a.clone();
+                        view_agents = a
+                            .iter()
+                            .filter(|r| pin.is_none_or(|p| p.contains(&r.agent_id)))
+                            .cloned()
+                            .collect::<Vec<_>>();
                         RemoteView::Agents(&view_agents)
                     }
                     Ok(other) => {
@@ -847,9 +952,10 @@ impl Hub {
                 }
             }
             (Pending::Replicas, Ok(RegistryReply::Replicas(list))) => {
+                self.replicas_listed(&list);
                 let peers = list
                     .into_iter()
-                    .filter(|(r, _)| *r != self.cfg.replica_id)
+                    .filter(|(r, url)| *r != self.cfg.replica_id && !url.is_empty())
                     .collect();
                 self.out.push_back(HubOutput::Peers(peers));
             }
@@ -976,14 +1082,15 @@ impl Hub {
                     }
                 }
                 Timer::Discovery => {
-                    if let Some(url) = self.cfg.mesh_url.clone() {
-                        let call = RegistryOp::AnnounceReplica {
-                            replica_id: self.cfg.replica_id.clone(),
-                            mesh_url: url,
-                            lease: self.cfg.lease,
-                        };
-                        self.op(now, call, Pending::Other);
-                    }
+                    // Every replica registers, with or without a mesh URL to
+                    // announce: peers serve a mesh link only to a replica
+                    // the registry lists.
+                    let call = RegistryOp::AnnounceReplica {
+                        replica_id: self.cfg.replica_id.clone(),
+                        mesh_url: self.cfg.mesh_url.clone().unwrap_or_default(),
+                        lease: self.cfg.lease,
+                    };
+                    self.op(now, call, Pending::Other);
                     self.op(now, RegistryOp::ListReplicas, Pending::Replicas);
                     self.set_timer(Timer::Discovery, now + self.cfg.renew_interval);
                 }

@@ -23,6 +23,7 @@ pub mod payload;
 pub mod registry;
 pub mod rng;
 pub mod routing;
+pub mod tenant;
 pub mod timer;
 pub mod tunnel;
 

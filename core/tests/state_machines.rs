@@ -649,7 +649,7 @@ fn hub_that_lost_ownership_closes_the_tunnel_and_counts_it() {
     assert_eq!(h.counters.epoch_mismatch, 1);
     // A mesh open under the old epoch is refused.
     assert!(matches!(
-        h.check_mesh_open("a1", Epoch(1)),
+        h.check_mesh_open("a1", "ldap", Epoch(1)),
         Err((ErrorCode::StaleEpoch, _))
     ));
 }
@@ -1155,7 +1155,7 @@ fn a_draining_hub_hands_its_agents_over_without_cutting_flows() {
             ..
         })
     ));
-    assert_eq!(h.check_mesh_open("a1", epoch), Ok(1));
+    assert_eq!(h.check_mesh_open("a1", "ldap", epoch), Ok(1));
     h.client_connected(now, 10, "ldap");
     assert!(matches!(
         h.poll_output(),
@@ -1188,7 +1188,7 @@ fn a_draining_hub_hands_its_agents_over_without_cutting_flows() {
     assert_eq!(h.moves_pending(), 0);
     assert_eq!(h.open_tunnel_flows(), 1);
     assert_eq!(h.counters.ownership_lost, 0);
-    assert!(h.check_mesh_open("a1", epoch).is_err());
+    assert!(h.check_mesh_open("a1", "ldap", epoch).is_err());
     // Its last flow ends: the old tunnel is closed.
     h.flow_ended(1);
     assert!(matches!(

@@ -19,6 +19,7 @@ use nowconnect_core::{Codec, WsMessage};
 use nowconnect_shared::config::HubConfig;
 use nowconnect_shared::driver::{FlowEnd, Outgoing};
 use nowconnect_shared::hub::{HubRt, WsIn};
+use nowconnect_shared::mesh::MeshConnected;
 use nowconnect_shared::metrics::Metrics;
 use nowconnect_shared::registry::RedisRegistry;
 
@@ -98,7 +99,7 @@ impl HubRt for AsyncStdRt {
         url: String,
         tls: Option<Arc<rustls::ClientConfig>>,
         cfg: WebSocketConfig,
-    ) -> impl Future<Output = Result<(Self::MeshWs, Codec), String>> + Send + 'static {
+    ) -> impl Future<Output = Result<MeshConnected<Self::MeshWs>, String>> + Send + 'static {
         mesh_connect_impl(url, tls, cfg)
     }
 
@@ -108,7 +109,7 @@ impl HubRt for AsyncStdRt {
         tls: Option<Arc<rustls::ServerConfig>>,
         within_: Duration,
         cfg: WebSocketConfig,
-    ) -> impl Future<Output = Result<(Self::MeshWs, Codec), String>> + Send + 'static {
+    ) -> impl Future<Output = Result<MeshConnected<Self::MeshWs>, String>> + Send + 'static {
         mesh_accept_impl(tcp, tls, within_, cfg)
     }
 
@@ -176,7 +177,7 @@ async fn mesh_connect_impl(
     url: String,
     tls: Option<Arc<rustls::ClientConfig>>,
     cfg: WebSocketConfig,
-) -> Result<(WebSocketStream<Box<dyn Io>>, Codec), String> {
+) -> Result<MeshConnected<WebSocketStream<Box<dyn Io>>>, String> {
     let dial = nowconnect_shared::mesh::mesh_dial(&url)?;
     let tcp = TcpStream::connect((dial.host.as_str(), dial.port))
         .await
@@ -187,12 +188,16 @@ async fn mesh_connect_impl(
     } else {
         None
     };
-    let io = crate::net::tls_or_plain(&url, &dial.host, tcp, tls).await?;
+    let (io, peer_cert) = crate::net::tls_or_plain_with_peer(&url, &dial.host, tcp, tls).await?;
     let (ws, resp) = async_tungstenite::client_async_with_config(dial.request, io, Some(cfg))
         .await
         .map_err(|e| format!("{url}: {e}"))?;
     let codec = nowconnect_shared::mesh::chosen_codec(&url, &resp)?;
-    Ok((ws, codec))
+    Ok(MeshConnected {
+        ws,
+        codec,
+        peer_cert,
+    })
 }
 
 #[allow(clippy::result_large_err)] // tungstenite's handshake callback error
@@ -201,18 +206,21 @@ async fn mesh_accept_impl(
     tls: Option<Arc<rustls::ServerConfig>>,
     within_: Duration,
     cfg: WebSocketConfig,
-) -> Result<(WebSocketStream<Box<dyn Io>>, Codec), String> {
+) -> Result<MeshConnected<WebSocketStream<Box<dyn Io>>>, String> {
     let _ = tcp.set_nodelay(true);
+    let mut peer_cert = None;
     let io: Box<dyn Io> = match tls {
-        Some(t) => Box::new(
-            within(
+        Some(t) => {
+            let tls = within(
                 within_,
                 "TLS handshake",
                 futures_rustls::TlsAcceptor::from(t).accept(tcp),
             )
             .await?
-            .map_err(|e| format!("TLS handshake failed: {e}"))?,
-        ),
+            .map_err(|e| format!("TLS handshake failed: {e}"))?;
+            peer_cert = crate::net::leaf(tls.get_ref().1.peer_certificates());
+            Box::new(tls)
+        }
         None => Box::new(tcp),
     };
     let mut chosen = None;
@@ -229,5 +237,9 @@ async fn mesh_accept_impl(
     )
     .await?
     .map_err(|e| format!("mesh WebSocket handshake failed: {e}"))?;
-    Ok((ws, chosen.unwrap_or(Codec::V2)))
+    Ok(MeshConnected {
+        ws,
+        codec: chosen.unwrap_or(Codec::V2),
+        peer_cert,
+    })
 }

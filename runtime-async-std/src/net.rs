@@ -13,7 +13,7 @@ use nowconnect_shared::driver::{
     ChunkReader, FlowEnd, FlowWriter, ReadSize, run_client_socket, run_flow_socket,
 };
 use nowconnect_shared::metrics::Metrics;
-use rustls_pki_types::ServerName;
+use rustls_pki_types::{CertificateDer, ServerName};
 
 /// A byte stream a WebSocket runs over: plain TCP or TLS.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -65,8 +65,19 @@ pub async fn tls_or_plain(
     tcp: TcpStream,
     tls: Option<Arc<rustls::ClientConfig>>,
 ) -> Result<Box<dyn Io>, String> {
+    Ok(tls_or_plain_with_peer(url, host, tcp, tls).await?.0)
+}
+
+/// [`tls_or_plain`], also giving the server's end-entity certificate (for
+/// the mesh, which checks that it names the replica the peer claims).
+pub async fn tls_or_plain_with_peer(
+    url: &str,
+    host: &str,
+    tcp: TcpStream,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> Result<(Box<dyn Io>, Option<CertificateDer<'static>>), String> {
     let Some(cfg) = tls else {
-        return Ok(Box::new(tcp));
+        return Ok((Box::new(tcp), None));
     };
     let name = ServerName::try_from(host.to_string())
         .map_err(|e| format!("{url}: bad TLS server name `{host}`: {e}"))?;
@@ -74,7 +85,13 @@ pub async fn tls_or_plain(
         .connect(name, tcp)
         .await
         .map_err(|e| format!("{url}: TLS: {e}"))?;
-    Ok(Box::new(stream))
+    let cert = leaf(stream.get_ref().1.peer_certificates());
+    Ok((Box::new(stream), cert))
+}
+
+/// The peer's end-entity certificate, owned.
+pub fn leaf(chain: Option<&[CertificateDer<'_>]>) -> Option<CertificateDer<'static>> {
+    chain?.first().map(|c| c.clone().into_owned())
 }
 
 /// A client config trusting the public web PKI (Mozilla's roots), for

@@ -187,6 +187,11 @@ pub struct TunnelSection {
     /// the tunnel with the reason.
     #[serde(default = "default_max_connectors")]
     pub max_connectors_per_agent: usize,
+    /// Accept tokens without a `connectors` claim (such an agent may
+    /// announce any connector of its tenant). Off by default; logged at
+    /// start when on.
+    #[serde(default)]
+    pub allow_unscoped_tokens: bool,
 }
 
 fn default_max_connectors() -> usize {
@@ -277,6 +282,13 @@ pub struct ListenerConfig {
     pub name: String,
     pub bind: String,
     pub connector: String,
+    /// The tenant whose agents serve this listener (default: the default
+    /// tenant).
+    #[serde(default)]
+    pub tenant: Option<String>,
+    /// Only these agents (ids within the listener's tenant) may serve it.
+    #[serde(default)]
+    pub agents: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -419,12 +431,17 @@ pub struct MeshConfig {
     /// registry so hubs find each other without listing peers.
     #[serde(default)]
     pub advertise_url: Option<String>,
+    /// Replica ids served as mesh peers even when the registry does not
+    /// list them (a peer is otherwise served only while it is registered).
+    #[serde(default)]
+    pub allowed_replicas: Vec<String>,
 }
 
 impl Default for MeshConfig {
     fn default() -> Self {
         MeshConfig {
             advertise_url: None,
+            allowed_replicas: Vec::new(),
             listen: None,
             peers: Vec::new(),
             require_mtls: true,
@@ -469,7 +486,11 @@ pub struct HubConfig {
     pub file: PathBuf,
     pub raw: HubFile,
     pub http_bind: SocketAddr,
+    /// (name, address, connector qualified by the listener's tenant; see
+    /// `nowconnect_core::tenant`).
     pub listeners: Vec<(String, SocketAddr, String)>,
+    /// Listener name → the qualified ids of the only agents that may serve it.
+    pub listener_pins: std::collections::BTreeMap<String, Vec<String>>,
     pub mode: Mode,
     pub replica_id: String,
     pub limits: Limits,
@@ -499,6 +520,7 @@ impl HubConfig {
         }
         check_worker_threads(raw.worker_threads).map_err(|r| err("worker_threads", r))?;
         let mut listeners = Vec::new();
+        let mut listener_pins = std::collections::BTreeMap::new();
         for (i, l) in raw.listeners.iter().enumerate() {
             let key = |k: &str| format!("listeners[{i}].{k}");
             check_name(&l.name).map_err(|r| err(&key("name"), r))?;
@@ -516,7 +538,32 @@ impl HubConfig {
                     format!("{addr} is already used by another listener"),
                 ));
             }
-            listeners.push((l.name.clone(), addr, l.connector.clone()));
+            let tenant = match &l.tenant {
+                Some(t) => {
+                    check_name(t).map_err(|r| err(&key("tenant"), r))?;
+                    t.as_str()
+                }
+                None => nowconnect_core::tenant::DEFAULT_TENANT,
+            };
+            if let Some(agents) = &l.agents {
+                if agents.is_empty() {
+                    return Err(err(
+                        &key("agents"),
+                        "lists no agent: the listener could never be served (omit it to allow every agent of the tenant)".into(),
+                    ));
+                }
+                let mut pin = Vec::new();
+                for (j, a) in agents.iter().enumerate() {
+                    check_name(a).map_err(|r| err(&key(&format!("agents[{j}]")), r))?;
+                    pin.push(nowconnect_core::tenant::qualify(tenant, a));
+                }
+                listener_pins.insert(l.name.clone(), pin);
+            }
+            listeners.push((
+                l.name.clone(),
+                addr,
+                nowconnect_core::tenant::qualify(tenant, &l.connector),
+            ));
         }
         let jwt = &raw.tunnel.jwt;
         match (&jwt.hs256_secret_file, &jwt.public_key_file) {
@@ -667,6 +714,9 @@ impl HubConfig {
         if m.advertise_url.is_some() && m.listen.is_none() {
             return Err(err("ha.mesh.advertise_url", "needs ha.mesh.listen".into()));
         }
+        for (i, r) in m.allowed_replicas.iter().enumerate() {
+            check_name(r).map_err(|e| err(&format!("ha.mesh.allowed_replicas[{i}]"), e))?;
+        }
         if m.send_queue_depth == 0 {
             return Err(err("ha.mesh.send_queue_depth", "must be > 0".into()));
         }
@@ -687,6 +737,18 @@ impl HubConfig {
             return Err(err(
                 "ha.mesh.tls",
                 "required when ha.mesh.require_mtls is true".into(),
+            ));
+        }
+        // Under mTLS every link is authenticated both ways: a plain ws://
+        // peer would be neither.
+        if let Some(i) = m.peers.iter().position(|p| p.starts_with("ws://"))
+            && mesh_used
+            && m.require_mtls
+        {
+            return Err(err(
+                &format!("ha.mesh.peers[{i}]"),
+                "a ws:// peer is not authenticated; use wss:// (ha.mesh.require_mtls is true)"
+                    .into(),
             ));
         }
         if let Some(i) = m.peers.iter().position(|p| p.starts_with("wss://"))
@@ -718,6 +780,7 @@ impl HubConfig {
             file: file.to_path_buf(),
             http_bind,
             listeners,
+            listener_pins,
             mode,
             replica_id,
             limits,

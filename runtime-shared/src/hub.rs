@@ -76,7 +76,7 @@ pub trait HubRt: Send + Sync + Sized + 'static {
         url: String,
         tls: Option<Arc<rustls::ClientConfig>>,
         cfg: WebSocketConfig,
-    ) -> impl Future<Output = Result<(Self::MeshWs, Codec), String>> + Send + 'static;
+    ) -> impl Future<Output = Result<crate::mesh::MeshConnected<Self::MeshWs>, String>> + Send + 'static;
 
     /// Accept one mesh connection: TLS with `tls` when set, then the
     /// WebSocket handshake of `/mesh` (see [`crate::mesh::choose_codec`]),
@@ -87,7 +87,7 @@ pub trait HubRt: Send + Sync + Sized + 'static {
         tls: Option<Arc<rustls::ServerConfig>>,
         within: Duration,
         cfg: WebSocketConfig,
-    ) -> impl Future<Output = Result<(Self::MeshWs, Codec), String>> + Send + 'static;
+    ) -> impl Future<Output = Result<crate::mesh::MeshConnected<Self::MeshWs>, String>> + Send + 'static;
 
     /// Serve `/tunnel`, `/healthz`, `/readyz` and `/metrics` on `l` until
     /// `stop` fires, then let requests in progress end.
@@ -133,6 +133,8 @@ pub struct Shared<R: HubRt> {
     mesh_links: Mutex<MeshLinks>,
     /// Mesh URLs with an outbound link task (static peers and discovered ones).
     mesh_dialed: Mutex<std::collections::BTreeSet<String>>,
+    /// Registry URLs refused (logged once each).
+    mesh_refused_urls: Mutex<std::collections::BTreeSet<String>>,
     /// Mesh TLS (server and client sides), replaced whole on reload: new
     /// links use the new certificates, established links keep theirs.
     mesh_tls: RwLock<MeshTlsConfigs>,
@@ -252,15 +254,16 @@ impl<R: HubRt> Shared<R> {
         self.mesh_tls.read().expect("mesh tls lock").client.clone()
     }
 
-    /// Owner side of the mesh: the tunnel to serve a flow for `agent_id`
-    /// under `epoch`, or the refusal.
+    /// Owner side of the mesh: the tunnel to serve a flow for `connector`
+    /// of `agent_id` under `epoch`, or the refusal.
     pub fn check_mesh_open(
         self: &Arc<Self>,
         agent_id: &str,
+        connector: &str,
         epoch: Epoch,
     ) -> Result<(u64, Sender<LinkCmd>), (ErrorCode, String)> {
         self.with_control(|c, _| {
-            let tunnel = c.hub.check_mesh_open(agent_id, epoch)?;
+            let tunnel = c.hub.check_mesh_open(agent_id, connector, epoch)?;
             let tx = c.tunnels.get(&tunnel).cloned().ok_or((
                 ErrorCode::LinkLost,
                 "the agent tunnel went away".to_string(),
@@ -304,10 +307,32 @@ impl<R: HubRt> Shared<R> {
         self.with_control(|c, _| c.hub.mesh_link_up(replica, up));
     }
 
-    /// Start an outbound mesh link to `url` unless one exists already.
-    fn dial_once(self: &Arc<Self>, replica: &str, url: &str) {
+    /// Start an outbound mesh link to `url`, announced in the registry by
+    /// `replica`, unless one exists already. Redis holds ownership, not
+    /// authority: with mesh TLS configured only a `wss://` URL is dialed, and
+    /// the peer must then prove (by its certificate) that it is `replica`.
+    /// `replica` is `None` for a peer from `ha.mesh.peers` (trusted as
+    /// configured).
+    fn dial_once(self: &Arc<Self>, replica: Option<&str>, url: &str) {
         if !self.mesh_started.load(Ordering::Relaxed) {
             return; // mesh not started (mode off)
+        }
+        let mesh = &self.cfg.raw.ha.mesh;
+        let tls_required = mesh.tls.is_some() || mesh.require_mtls;
+        if let Some(replica) = replica
+            && tls_required
+            && !url.starts_with("wss://")
+        {
+            if self
+                .mesh_refused_urls
+                .lock()
+                .expect("mesh refused lock")
+                .insert(url.to_string())
+            {
+                self.security_event("mesh_url_refused");
+                tracing::warn!(target: "nowconnect::security", peer = %replica, %url, "mesh peer URL from the registry refused: mesh TLS is configured and the URL is not wss://");
+            }
+            return;
         }
         if !self
             .mesh_dialed
@@ -317,9 +342,96 @@ impl<R: HubRt> Shared<R> {
         {
             return;
         }
-        tracing::info!(peer = %replica, %url, "mesh peer discovered");
-        self.rt
-            .spawn(crate::mesh::dial_peer(self.clone(), url.to_string()));
+        tracing::info!(peer = replica.unwrap_or("(configured)"), %url, "mesh peer dialed");
+        self.rt.spawn(crate::mesh::dial_peer(
+            self.clone(),
+            url.to_string(),
+            replica.map(str::to_string),
+        ));
+    }
+
+    /// Count a refusal of a credential holder going beyond its credential.
+    pub fn security_event(&self, kind: &'static str) {
+        self.metrics
+            .security_events
+            .get_or_create(&labels(&[("kind", kind)]))
+            .inc();
+    }
+
+    /// A mesh peer said in its M_HELLO that it is replica `claimed`. It is
+    /// served only when its certificate names that replica, it is the
+    /// replica the registry announced at the dialed URL (`expected`), it is
+    /// not this hub, and it is registered (or allow-listed in
+    /// `ha.mesh.allowed_replicas`). The refusal's security-event kind and
+    /// reason otherwise.
+    pub async fn admit_mesh_peer(
+        self: &Arc<Self>,
+        claimed: &str,
+        cert: Option<&rustls_pki_types::CertificateDer<'_>>,
+        outbound: bool,
+        expected: Option<&str>,
+    ) -> Result<(), (&'static str, String)> {
+        let mesh = &self.cfg.raw.ha.mesh;
+        if claimed == self.cfg.replica_id {
+            return Err((
+                "mesh_peer_unexpected_replica",
+                format!("the peer claims this hub's own replica id `{claimed}`"),
+            ));
+        }
+        // A dialed hub always shows a certificate over wss://; an inbound
+        // one must when mTLS is required.
+        let required = mesh.tls.is_some() && (outbound || mesh.require_mtls);
+        crate::mesh::check_peer_certificate(cert, claimed, required)
+            .map_err(|r| ("mesh_peer_certificate_mismatch", r))?;
+        if let Some(e) = expected
+            && e != claimed
+        {
+            return Err((
+                "mesh_peer_unexpected_replica",
+                format!(
+                    "the registry announced replica `{e}` at this URL, the peer claims `{claimed}`"
+                ),
+            ));
+        }
+        if mesh.allowed_replicas.iter().any(|r| r == claimed)
+            || self.with_control(|c, _| c.hub.replica_registered(claimed))
+        {
+            return Ok(());
+        }
+        // Not seen at the last discovery (a hub that just started): ask the
+        // registry now rather than wait for the next one.
+        let listed = match self.with_control(|c, now| {
+            c.memory
+                .as_mut()
+                .map(|m| m.apply(now, &RegistryOp::ListReplicas))
+        }) {
+            Some(r) => r,
+            None => self.rt.registry_apply(RegistryOp::ListReplicas).await,
+        };
+        match listed {
+            Ok(RegistryReply::Replicas(list)) => {
+                let known = list.iter().any(|(r, _)| r == claimed);
+                self.with_control(|c, _| c.hub.replicas_listed(&list));
+                if known {
+                    Ok(())
+                } else {
+                    Err((
+                        "mesh_peer_not_registered",
+                        format!(
+                            "replica `{claimed}` is not registered and not in ha.mesh.allowed_replicas"
+                        ),
+                    ))
+                }
+            }
+            Ok(other) => Err((
+                "mesh_peer_not_registered",
+                format!("cannot check replica `{claimed}`: unexpected registry reply {other:?}"),
+            )),
+            Err(e) => Err((
+                "mesh_peer_not_registered",
+                format!("cannot check that replica `{claimed}` is registered: {e}"),
+            )),
+        }
     }
 
     fn id(&self) -> u64 {
@@ -395,7 +507,7 @@ impl<R: HubRt> Shared<R> {
                 }
                 HubOutput::Peers(peers) => {
                     for (replica, url) in peers {
-                        self.dial_once(&replica, &url);
+                        self.dial_once(Some(&replica), &url);
                     }
                 }
                 HubOutput::DrainTunnel { tunnel } => {
@@ -470,9 +582,20 @@ impl<R: HubRt> Shared<R> {
             ));
         };
         let verifier = self.verifier.read().expect("verifier lock").clone();
-        verifier
+        let identity = verifier
             .verify(token)
-            .map_err(|e| refuse(e.label, e.detail))
+            .map_err(|e| refuse(e.label, e.detail))?;
+        if identity.scope.is_none() && !self.cfg.raw.tunnel.allow_unscoped_tokens {
+            self.security_event("unscoped_token");
+            return Err(refuse(
+                "unscoped_token",
+                format!(
+                    "the token for agent `{}` names no connectors (mint it with --connectors; tunnel.allow_unscoped_tokens is false)",
+                    identity.agent_id
+                ),
+            ));
+        }
+        Ok(identity)
     }
 
     /// The largest WebSocket message or frame a tunnel takes.
@@ -506,8 +629,13 @@ impl<R: HubRt> Shared<R> {
             .insert(tunnel_id, cmd_tx.clone());
         let tunnel = Tunnel::hub(Instant::now(), shared.cfg.tunnel_config());
         let mut d = TunnelDriver::new(tunnel, out, cmd_tx, shared.metrics.clone());
-        let mut agent_id = identity.agent_id.clone();
-        tracing::info!(tunnel = tunnel_id, %peer, agent = %identity.agent_id, "agent tunnel connected");
+        let agent_id = identity.agent_id.clone();
+        let tenant = identity.tenant.clone();
+        // The tunnel lives no longer than its token.
+        let expires = Instant::now()
+            + Duration::from_secs(identity.expires_at.saturating_sub(crate::jwt::unix_now()));
+        let mut expired = false;
+        tracing::info!(tunnel = tunnel_id, %peer, %tenant, agent = %identity.agent_id, "agent tunnel connected");
         enum Wake {
             In(Option<WsIn>),
             Cmd(LinkCmd),
@@ -516,7 +644,12 @@ impl<R: HubRt> Shared<R> {
         }
         let mut timer = LoopTimer::default();
         loop {
-            timer.set(d.deadline(), |dur| shared.rt.sleep(dur));
+            let deadline = match d.deadline() {
+                Some(at) if expired || at < expires => Some(at),
+                _ if expired => None,
+                _ => Some(expires),
+            };
+            timer.set(deadline, |dur| shared.rt.sleep(dur));
             let wake = race(
                 race(async { Wake::In(stream.next().await) }, async {
                     if writer.is_idle() {
@@ -561,6 +694,15 @@ impl<R: HubRt> Shared<R> {
                         }
                     }
                 }
+                Wake::Timer if !expired && now >= expires => {
+                    expired = true;
+                    shared.security_event("tunnel_token_expired");
+                    tracing::warn!(target: "nowconnect::security", tunnel = tunnel_id, %tenant, agent = %agent_id, reason = "token_expired", "closing agent tunnel: its token expired");
+                    d.tunnel.close(
+                        ErrorCode::Refused,
+                        "token_expired: the agent's token expired",
+                    );
+                }
                 Wake::Timer => d.tunnel.handle_timeout(now),
                 Wake::Written => {}
             }
@@ -571,31 +713,28 @@ impl<R: HubRt> Shared<R> {
                         agent_id: hello_id,
                         connectors,
                     } => {
-                        if hello_id != identity.agent_id {
-                            let reason = format!(
-                                "HELLO names agent `{hello_id}` but the token is for `{}`",
-                                identity.agent_id
-                            );
-                            shared
-                                .metrics
-                                .auth_failures
-                                .get_or_create(&labels(&[("reason", "agent_mismatch")]))
-                                .inc();
-                            tracing::warn!(target: "nowconnect::security", tunnel = tunnel_id, %reason, "tunnel refused");
-                            d.tunnel.close(ErrorCode::Refused, &reason);
-                            continue;
-                        }
-                        agent_id = hello_id.clone();
-                        let scope = identity.scope.clone();
-                        shared.with_control(|c, now| {
-                            c.hub.tunnel_hello(
+                        let credential = identity.credential();
+                        let res = shared.with_control(|c, now| {
+                            c.hub.tunnel_hello_as(
                                 now,
                                 tunnel_id,
+                                &credential,
                                 &hello_id,
                                 &connectors,
-                                scope.as_deref(),
                             )
                         });
+                        if let Err(kind) = res {
+                            if kind == "agent_mismatch" {
+                                shared
+                                    .metrics
+                                    .auth_failures
+                                    .get_or_create(&labels(&[("reason", kind)]))
+                                    .inc();
+                            } else {
+                                shared.security_event(kind);
+                            }
+                            tracing::warn!(target: "nowconnect::security", tunnel = tunnel_id, %tenant, agent = %agent_id, hello_agent = %hello_id, reason = kind, "tunnel refused at HELLO");
+                        }
                     }
                     TunnelEvent::Established { epoch, codec } => {
                         if codec != Codec::V2 {
@@ -678,20 +817,33 @@ impl<R: HubRt> Shared<R> {
                 tracing::warn!(listener = %name, %peer, "client connection limit reached");
                 continue;
             }
-            self.rt
-                .spawn(self.clone().serve_client(connector.clone(), stream, peer));
+            self.rt.spawn(
+                self.clone()
+                    .serve_client(name.clone(), connector.clone(), stream, peer),
+            );
         }
     }
 
-    async fn serve_client(self: Arc<Self>, connector: String, stream: R::Stream, peer: SocketAddr) {
+    /// One client of listener `listener`, whose `connector` is qualified by
+    /// the listener's tenant: only that tenant's agents (and, when the
+    /// listener pins them, only those) can be chosen.
+    async fn serve_client(
+        self: Arc<Self>,
+        listener: String,
+        connector: String,
+        stream: R::Stream,
+        peer: SocketAddr,
+    ) {
         let shared = self;
         shared.active_clients.fetch_add(1, Ordering::Relaxed);
         let _guard = ActiveGuard(&shared.active_clients);
         let client = shared.id();
         let (tx, rx) = async_channel::bounded(1);
+        let pin = shared.cfg.listener_pins.get(&listener);
         shared.with_control(|c, now| {
             c.routes.insert(client, tx);
-            c.hub.client_connected(now, client, &connector);
+            c.hub
+                .client_connected_pinned(now, client, &connector, pin.map(Vec::as_slice));
         });
         let Ok(route) = rx.recv().await else {
             return;
@@ -705,8 +857,9 @@ impl<R: HubRt> Shared<R> {
                     .tunnels
                     .get(&tunnel)
                     .cloned();
+                // The agent knows its connectors by their bare names.
                 let open = OpenRequest::Tunnel {
-                    connector: connector.clone(),
+                    connector: nowconnect_core::tenant::split(&connector).1.to_string(),
                 };
                 (Some(tunnel), agent_id, "local", cmd, open)
             }
@@ -939,6 +1092,7 @@ pub async fn start<R: HubRt>(cfg: HubConfig, rt: R, redis: bool) -> Result<HubHa
         draining: AtomicBool::new(false),
         mesh_links: Mutex::new(Default::default()),
         mesh_dialed: Mutex::new(Default::default()),
+        mesh_refused_urls: Mutex::new(Default::default()),
         mesh_tls: RwLock::new(MeshTlsConfigs::default()),
         mesh_started: AtomicBool::new(false),
         watched: Mutex::new(watched_files(&cfg)),
@@ -985,8 +1139,13 @@ pub async fn start<R: HubRt>(cfg: HubConfig, rt: R, redis: bool) -> Result<HubHa
         }
         *shared.mesh_tls.write().expect("mesh tls lock") = tls;
         shared.mesh_started.store(true, Ordering::Relaxed);
+        if mesh.tls.is_none() {
+            tracing::warn!(target: "nowconnect::security", "the mesh runs without TLS (ha.mesh.tls unset, require_mtls false): any host that reaches ha.mesh.listen can claim any replica id; use this only on a network that is itself authenticated");
+        } else if !mesh.require_mtls {
+            tracing::warn!(target: "nowconnect::security", "ha.mesh.require_mtls is false: inbound mesh peers are not authenticated and may claim any registered replica id");
+        }
         for peer in &mesh.peers {
-            shared.dial_once("(configured)", peer);
+            shared.dial_once(None, peer);
         }
     }
     if shared.cfg.raw.reload.watch_interval_sec > 0 {

@@ -30,6 +30,11 @@ pub struct Claims {
     /// The connectors this agent may announce; absent means any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connectors: Option<Vec<String>>,
+    /// The agent's tenant; absent means the default tenant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
 }
 
 /// Who a valid token says the agent is.
@@ -37,6 +42,21 @@ pub struct Claims {
 pub struct AgentIdentity {
     pub agent_id: String,
     pub scope: Option<Vec<String>>,
+    pub tenant: String,
+    /// The token's `exp` (unix seconds): the tunnel closes then.
+    pub expires_at: u64,
+    pub jti: Option<String>,
+}
+
+impl AgentIdentity {
+    /// What the core checks a HELLO against.
+    pub fn credential(&self) -> nowconnect_core::tenant::AgentCredential {
+        nowconnect_core::tenant::AgentCredential {
+            tenant: self.tenant.clone(),
+            agent_id: self.agent_id.clone(),
+            scope: self.scope.clone(),
+        }
+    }
 }
 
 /// Every label an [`AuthError`] (or the hub's checks around it) can carry,
@@ -167,9 +187,27 @@ impl Verifier {
                     "token names no agent (`sub` or `agent_id`)",
                 )
             })?;
+        let tenant = c
+            .tenant
+            .unwrap_or_else(|| nowconnect_core::tenant::DEFAULT_TENANT.to_string());
+        let name_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 128
+                && s.chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "-_.:".contains(ch))
+        };
+        if !name_ok(&tenant) {
+            return Err(AuthError::new(
+                "malformed",
+                "the tenant claim must be 1 to 128 letters, digits, `-`, `_`, `.` or `:`",
+            ));
+        }
         Ok(AgentIdentity {
             agent_id,
             scope: c.connectors,
+            tenant,
+            expires_at: c.exp,
+            jti: c.jti,
         })
     }
 }
@@ -204,16 +242,41 @@ pub fn mint(
     connectors: Option<Vec<String>>,
     ttl: Duration,
 ) -> Result<String, String> {
+    mint_for(
+        secret,
+        &TokenSpec {
+            agent_id: agent_id.to_string(),
+            connectors,
+            tenant: None,
+            ttl,
+        },
+    )
+}
+
+/// What a minted token says.
+#[derive(Clone, Debug)]
+pub struct TokenSpec {
+    pub agent_id: String,
+    pub connectors: Option<Vec<String>>,
+    /// `None`: no tenant claim (the default tenant).
+    pub tenant: Option<String>,
+    pub ttl: Duration,
+}
+
+/// Sign an HS256 token as `spec` says.
+pub fn mint_for(secret: &[u8], spec: &TokenSpec) -> Result<String, String> {
     let now = unix_now();
     let claims = Claims {
-        sub: Some(agent_id.to_string()),
+        sub: Some(spec.agent_id.clone()),
         agent_id: None,
         aud: "nowconnect".into(),
-        exp: now + ttl.as_secs(),
+        exp: now + spec.ttl.as_secs(),
         iat: now,
         nbf: None,
         iss: None,
-        connectors,
+        connectors: spec.connectors.clone(),
+        tenant: spec.tenant.clone(),
+        jti: None,
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),

@@ -17,8 +17,8 @@ use futures_util::{Sink, Stream, StreamExt};
 use nowconnect_core::mesh_link::{LinkState, MeshEvent, MeshLink, MeshLinkConfig};
 use nowconnect_core::rng::Rng;
 use nowconnect_core::{Codec, ErrorCode, WsMessage};
-use rustls_pki_types::PrivateKeyDer;
 use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tungstenite::Message;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::handshake::client::Request as ClientRequest;
@@ -40,6 +40,67 @@ pub trait MeshWs:
 impl<T> MeshWs for T where
     T: Stream<Item = Result<Message, tungstenite::Error>> + Sink<Message> + Send + Unpin + 'static
 {
+}
+
+/// A mesh connection, dialed or accepted: the WebSocket, the codec its
+/// handshake chose, and the peer's end-entity certificate (over TLS).
+pub struct MeshConnected<W> {
+    pub ws: W,
+    pub codec: Codec,
+    pub peer_cert: Option<CertificateDer<'static>>,
+}
+
+/// The names a certificate is issued for: its DNS and URI subject
+/// alternative names.
+pub fn certificate_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, String> {
+    use x509_parser::extensions::GeneralName;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| format!("cannot read the peer certificate: {e}"))?;
+    let san = parsed.subject_alternative_name().map_err(|e| {
+        format!("cannot read the peer certificate's subject alternative names: {e}")
+    })?;
+    Ok(san
+        .map(|ext| {
+            ext.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    GeneralName::DNSName(d) => Some(d.to_string()),
+                    GeneralName::URI(u) => Some(u.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// A mesh peer says (in M_HELLO) that it is `claimed`: its certificate must
+/// name that replica id (a DNS or URI subject alternative name equal to it).
+/// Without a certificate the claim is only taken where the configuration
+/// does not ask for one (`required` is false: no mesh TLS, or an inbound
+/// link with `require_mtls: false`).
+pub fn check_peer_certificate(
+    cert: Option<&CertificateDer<'_>>,
+    claimed: &str,
+    required: bool,
+) -> Result<(), String> {
+    let Some(cert) = cert else {
+        return if required {
+            Err(format!(
+                "the peer claims replica `{claimed}` without a certificate"
+            ))
+        } else {
+            Ok(())
+        };
+    };
+    let names = certificate_names(cert)?;
+    if names.iter().any(|n| n == claimed) {
+        Ok(())
+    } else {
+        Err(format!(
+            "the peer claims replica `{claimed}` but its certificate names {names:?}"
+        ))
+    }
 }
 
 /// Established links by peer replica id (a peer may have an inbound and an
@@ -246,15 +307,16 @@ pub async fn serve<R: HubRt>(shared: Arc<Shared<R>>, listener: R::Listener) {
         let shared2 = shared.clone();
         shared.rt().spawn(async move {
             match accept.await {
-                Ok((ws, codec)) => {
+                Ok(c) => {
                     let link = MeshLink::inbound(
                         Instant::now(),
                         link_config(&shared2),
                         &shared2.cfg().replica_id,
-                        codec,
+                        c.codec,
                         Rng::new(rand::random()),
                     );
-                    run_link(shared2, link, "inbound".into(), Some(ws), None).await;
+                    let dial = Dial::Inbound { cert: c.peer_cert };
+                    run_link(shared2, link, "inbound".into(), Some(c.ws), dial).await;
                 }
                 Err(reason) => {
                     shared2.metrics().mesh_link_errors.inc();
@@ -276,18 +338,37 @@ impl Drop for InboundSlot {
     }
 }
 
-/// Keep an outbound link to `url` up for the life of the hub.
-pub async fn dial_peer<R: HubRt>(shared: Arc<Shared<R>>, url: String) {
+/// Keep an outbound link to `url` up for the life of the hub. `expected`:
+/// the replica id the registry announced at that URL (none for a
+/// configured peer); the peer must then be that replica.
+pub async fn dial_peer<R: HubRt>(shared: Arc<Shared<R>>, url: String, expected: Option<String>) {
     let link = MeshLink::outbound(
         Instant::now(),
         link_config(&shared),
         &shared.cfg().replica_id,
         Rng::new(rand::random()),
     );
-    run_link(shared, link, url.clone(), None, Some(url)).await;
+    let dial = Dial::Outbound {
+        url: url.clone(),
+        expected,
+    };
+    run_link(shared, link, url, None, dial).await;
 }
 
-type DialResult<W> = Result<(W, Codec), String>;
+/// Which side of a link this hub is, and what it knows of the peer before
+/// its M_HELLO.
+enum Dial {
+    /// The peer dialed; its client certificate (when TLS is on).
+    Inbound {
+        cert: Option<CertificateDer<'static>>,
+    },
+    Outbound {
+        url: String,
+        expected: Option<String>,
+    },
+}
+
+type DialResult<W> = Result<MeshConnected<W>, String>;
 type MeshWriter<W> =
     crate::driver::InlineWriter<futures_util::stream::SplitSink<W, Message>, Message>;
 
@@ -297,8 +378,12 @@ async fn run_link<R: HubRt>(
     mut link: MeshLink,
     mut label: String,
     first: Option<R::MeshWs>,
-    dial: Option<String>,
+    side: Dial,
 ) {
+    let (dial, expected, mut peer_cert) = match side {
+        Dial::Inbound { cert } => (None, None, cert),
+        Dial::Outbound { url, expected } => (Some(url), expected, None),
+    };
     let metrics = shared.metrics().clone();
     let link_id = rand::random::<u64>();
     let (cmd_tx, cmd_rx) = async_channel::unbounded();
@@ -358,6 +443,19 @@ async fn run_link<R: HubRt>(
                     }
                 }
                 MeshEvent::Established { peer_replica: p } => {
+                    let outbound = dial.is_some();
+                    let admitted = shared
+                        .admit_mesh_peer(&p, peer_cert.as_ref(), outbound, expected.as_deref())
+                        .await;
+                    if let Err((kind, reason)) = admitted {
+                        shared.security_event(kind);
+                        tracing::warn!(target: "nowconnect::security", peer = %p, link = %label, kind, %reason, "mesh peer refused");
+                        link.on_disconnected(
+                            Instant::now(),
+                            &format!("mesh peer refused: {reason}"),
+                        );
+                        continue;
+                    }
                     tracing::info!(peer = %p, link = %label, "mesh link established");
                     if dial.is_none() {
                         label = p.clone();
@@ -365,12 +463,15 @@ async fn run_link<R: HubRt>(
                     shared.mesh_link_state(&p, link_id, Some(cmd_tx.clone()));
                     peer_replica = Some(p);
                 }
+                MeshEvent::Open { cid, .. } if peer_replica.is_none() => {
+                    link.refuse_open(cid, ErrorCode::Refused, "mesh peer not admitted");
+                }
                 MeshEvent::Open {
                     cid,
                     connector,
                     agent_id,
                     epoch,
-                } => match shared.check_mesh_open(&agent_id, epoch) {
+                } => match shared.check_mesh_open(&agent_id, &connector, epoch) {
                     Ok((tunnel, tunnel_cmd)) => {
                         link.accept_open(cid);
                         pipes.hold(cid, &connector);
@@ -379,14 +480,20 @@ async fn run_link<R: HubRt>(
                             cid,
                         };
                         let shared2 = shared.clone();
+                        // M_OPEN names the tenant-qualified connector; the
+                        // agent knows it by its bare name.
+                        let bare = nowconnect_core::tenant::split(&connector).1.to_string();
                         shared.rt().spawn(async move {
-                            if !crate::driver::bridge(mesh, tunnel_cmd, connector).await {
+                            if !crate::driver::bridge(mesh, tunnel_cmd, bare).await {
                                 shared2.flow_ended(tunnel);
                             }
                         });
                     }
                     Err((code, reason)) => {
-                        tracing::warn!(target: "nowconnect::security", %agent_id, epoch = epoch.0, %code, %reason, "mesh open refused");
+                        if code == ErrorCode::Refused {
+                            shared.security_event("mesh_open_connector_not_served");
+                        }
+                        tracing::warn!(target: "nowconnect::security", peer = ?peer_replica, %agent_id, %connector, epoch = epoch.0, %code, %reason, "mesh open refused");
                         link.refuse_open(cid, code, &reason);
                     }
                 },
@@ -470,9 +577,10 @@ async fn run_link<R: HubRt>(
         let now = Instant::now();
         match wake {
             Wake::Dialed(r) => match r {
-                Ok((ws, codec)) if link.state() == LinkState::Connecting => {
-                    attach(ws, &mut out, &mut ws_in, &mut writer);
-                    link.on_connected(now, codec);
+                Ok(c) if link.state() == LinkState::Connecting => {
+                    attach(c.ws, &mut out, &mut ws_in, &mut writer);
+                    peer_cert = c.peer_cert;
+                    link.on_connected(now, c.codec);
                 }
                 Ok(_) => {}
                 Err(e) => link.on_disconnected(now, &e),

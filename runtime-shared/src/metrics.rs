@@ -111,7 +111,23 @@ pub struct Metrics {
     pub shadow_would_route: Family<Labels, Counter>,
     // operations
     pub config_reloads: Family<Labels, Counter>,
+    /// Refusals of a party holding a valid credential that tried to go
+    /// beyond it, by kind ([`SECURITY_EVENT_KINDS`]).
+    pub security_events: Family<Labels, Counter>,
 }
+
+/// Every kind of `nowconnect_security_events_total`, created at zero.
+pub const SECURITY_EVENT_KINDS: &[&str] = &[
+    "mesh_peer_certificate_mismatch",
+    "mesh_peer_unexpected_replica",
+    "mesh_peer_not_registered",
+    "mesh_open_connector_not_served",
+    "mesh_url_refused",
+    "tunnel_token_expired",
+    "tunnel_revoked",
+    "connector_outside_scope",
+    "unscoped_token",
+];
 
 impl Metrics {
     /// Create the series whose label values are known in advance, at zero,
@@ -133,6 +149,11 @@ impl Metrics {
         }
         for result in ["accepted", "refused", "closed"] {
             let _ = self.tunnels.get_or_create(&labels(&[("result", result)]));
+        }
+        for kind in SECURITY_EVENT_KINDS {
+            let _ = self
+                .security_events
+                .get_or_create(&labels(&[("kind", kind)]));
         }
         for result in ["ok", "error"] {
             let _ = self
@@ -178,6 +199,7 @@ impl Metrics {
             ]),
             auth_failures: Family::default(),
             config_reloads: Family::default(),
+            security_events: Family::default(),
             protocol_errors: Counter::default(),
             flows_active: Family::default(),
             flows: Family::default(),
@@ -234,6 +256,11 @@ impl Metrics {
             "nowconnect_mesh_link_errors",
             "Mesh link failures",
             m.mesh_link_errors.clone(),
+        );
+        r.register(
+            "nowconnect_security_events",
+            "Refusals of a credential holder going beyond its credential, by kind (mesh peer identity, connector scope, token expiry, revocation)",
+            m.security_events.clone(),
         );
         r.register(
             "nowconnect_mesh_link_queue_frames",

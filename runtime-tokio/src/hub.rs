@@ -18,6 +18,7 @@ use nowconnect_core::registry::{RegistryError, RegistryOp, RegistryReply};
 use nowconnect_core::{Codec, WsMessage};
 use nowconnect_shared::driver::{FlowEnd, Outgoing};
 use nowconnect_shared::hub::{HubRt, WsIn};
+use nowconnect_shared::mesh::MeshConnected;
 use nowconnect_shared::metrics::Metrics;
 use nowconnect_shared::registry::RedisRegistry;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -100,7 +101,7 @@ impl HubRt for TokioRt {
         url: String,
         tls: Option<Arc<rustls::ClientConfig>>,
         cfg: WebSocketConfig,
-    ) -> impl Future<Output = Result<(Self::MeshWs, Codec), String>> + Send + 'static {
+    ) -> impl Future<Output = Result<MeshConnected<Self::MeshWs>, String>> + Send + 'static {
         mesh_connect_impl(url, tls, cfg)
     }
 
@@ -110,7 +111,7 @@ impl HubRt for TokioRt {
         tls: Option<Arc<rustls::ServerConfig>>,
         within: Duration,
         cfg: WebSocketConfig,
-    ) -> impl Future<Output = Result<(Self::MeshWs, Codec), String>> + Send + 'static {
+    ) -> impl Future<Output = Result<MeshConnected<Self::MeshWs>, String>> + Send + 'static {
         mesh_accept_impl(tcp, tls, within, cfg)
     }
 
@@ -283,13 +284,13 @@ async fn mesh_connect_impl(
     url: String,
     tls: Option<Arc<rustls::ClientConfig>>,
     cfg: WebSocketConfig,
-) -> Result<(WebSocketStream<BoxIo>, Codec), String> {
+) -> Result<MeshConnected<WebSocketStream<BoxIo>>, String> {
     let dial = nowconnect_shared::mesh::mesh_dial(&url)?;
     let tcp = TcpStream::connect((dial.host.as_str(), dial.port))
         .await
         .map_err(|e| format!("{url}: {e}"))?;
     let _ = tcp.set_nodelay(true);
-    let io: BoxIo = if dial.secure {
+    let (io, peer_cert): (BoxIo, _) = if dial.secure {
         let cfg = tls.ok_or_else(|| format!("{url}: wss:// needs ha.mesh.tls"))?;
         let name = rustls_pki_types::ServerName::try_from(dial.host.clone())
             .map_err(|e| format!("{url}: {e}"))?;
@@ -297,15 +298,27 @@ async fn mesh_connect_impl(
             .connect(name, tcp)
             .await
             .map_err(|e| format!("{url}: TLS: {e}"))?;
-        Box::new(stream)
+        let cert = leaf(stream.get_ref().1.peer_certificates());
+        (Box::new(stream), cert)
     } else {
-        Box::new(tcp)
+        (Box::new(tcp), None)
     };
     let (ws, resp) = tokio_tungstenite::client_async_with_config(dial.request, io, Some(cfg))
         .await
         .map_err(|e| format!("{url}: {e}"))?;
     let codec = nowconnect_shared::mesh::chosen_codec(&url, &resp)?;
-    Ok((ws, codec))
+    Ok(MeshConnected {
+        ws,
+        codec,
+        peer_cert,
+    })
+}
+
+/// The peer's end-entity certificate, owned.
+fn leaf(
+    chain: Option<&[rustls_pki_types::CertificateDer<'_>]>,
+) -> Option<rustls_pki_types::CertificateDer<'static>> {
+    chain?.first().map(|c| c.clone().into_owned())
 }
 
 #[allow(clippy::result_large_err)] // tungstenite's handshake callback error
@@ -314,13 +327,17 @@ async fn mesh_accept_impl(
     tls: Option<Arc<rustls::ServerConfig>>,
     within: Duration,
     cfg: WebSocketConfig,
-) -> Result<(WebSocketStream<BoxIo>, Codec), String> {
+) -> Result<MeshConnected<WebSocketStream<BoxIo>>, String> {
     let _ = tcp.set_nodelay(true);
+    let mut peer_cert = None;
     let io: BoxIo = match tls {
         Some(t) => {
             match tokio::time::timeout(within, tokio_rustls::TlsAcceptor::from(t).accept(tcp)).await
             {
-                Ok(Ok(tls)) => Box::new(tls),
+                Ok(Ok(tls)) => {
+                    peer_cert = leaf(tls.get_ref().1.peer_certificates());
+                    Box::new(tls)
+                }
                 Ok(Err(e)) => return Err(format!("TLS handshake failed: {e}")),
                 Err(_) => {
                     return Err(format!("TLS handshake not completed within {within:?}"));
@@ -343,5 +360,9 @@ async fn mesh_accept_impl(
     .await
     .map_err(|_| format!("mesh WebSocket handshake not completed within {within:?}"))?
     .map_err(|e| format!("mesh WebSocket handshake failed: {e}"))?;
-    Ok((ws, chosen.unwrap_or(Codec::V2)))
+    Ok(MeshConnected {
+        ws,
+        codec: chosen.unwrap_or(Codec::V2),
+        peer_cert,
+    })
 }

@@ -180,11 +180,17 @@ pub fn drive_hub(origin: Instant, data: &[u8]) {
             5 => hub.flow_started(u64::from(input.byte() % 8)),
             6 => hub.flow_ended(u64::from(input.byte() % 8)),
             7 => {
-                let (a, e) = (input.byte(), input.byte());
-                if let Ok(t) = hub.check_mesh_open(&agent(a), Epoch(u64::from(e))) {
+                let (a, e, c) = (input.byte(), input.byte(), input.byte());
+                let connector = ["ldap", "pg", "echo"][usize::from(c % 3)];
+                if let Ok(t) = hub.check_mesh_open(&agent(a), connector, Epoch(u64::from(e))) {
                     assert!(
                         accepted.contains(&t),
                         "mesh open served by tunnel {t}, not accepted"
+                    );
+                    assert!(
+                        hub.agents()
+                            .any(|(id, _, cs)| id == agent(a) && cs.iter().any(|x| x == connector)),
+                        "mesh open for `{connector}` served by an agent that did not announce it"
                     );
                 }
             }

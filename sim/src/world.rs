@@ -1741,7 +1741,7 @@ impl World {
         agent_id: &str,
         epoch: Epoch,
     ) {
-        let checked = self.hubs[h].hub.check_mesh_open(agent_id, epoch);
+        let checked = self.hubs[h].hub.check_mesh_open(agent_id, connector, epoch);
         let Some(Ep {
             link: Link::Mesh(mesh),
             ..

@@ -460,12 +460,47 @@ impl Env {
         self.dir.path()
     }
 
+    /// A token for `agent_id` scoped to `connectors`; `None` scopes it to
+    /// every connector name the suites use ([`TEST_SCOPE`]), since hubs
+    /// refuse unscoped tokens (see [`Env::unscoped_token`]).
     pub fn token(&self, agent_id: &str, connectors: Option<Vec<String>>) -> String {
-        nowconnect_tokio::jwt::mint(
-            self.secret.as_bytes(),
+        let scope =
+            connectors.unwrap_or_else(|| TEST_SCOPE.iter().map(|c| c.to_string()).collect());
+        self.mint(agent_id, Some(scope), None, Duration::from_secs(3600))
+    }
+
+    /// A token with no `connectors` claim at all.
+    pub fn unscoped_token(&self, agent_id: &str) -> String {
+        self.mint(agent_id, None, None, Duration::from_secs(3600))
+    }
+
+    /// A token of `tenant` for `agent_id`, scoped to `connectors`.
+    pub fn tenant_token(&self, tenant: &str, agent_id: &str, connectors: &[&str]) -> String {
+        let scope = connectors.iter().map(|c| c.to_string()).collect();
+        self.mint(
             agent_id,
-            connectors,
+            Some(scope),
+            Some(tenant),
             Duration::from_secs(3600),
+        )
+    }
+
+    /// A token signed with this environment's secret.
+    pub fn mint(
+        &self,
+        agent_id: &str,
+        connectors: Option<Vec<String>>,
+        tenant: Option<&str>,
+        ttl: Duration,
+    ) -> String {
+        nowconnect_tokio::jwt::mint_for(
+            self.secret.as_bytes(),
+            &nowconnect_tokio::jwt::TokenSpec {
+                agent_id: agent_id.to_string(),
+                connectors,
+                tenant: tenant.map(str::to_string),
+                ttl,
+            },
         )
         .unwrap()
     }
@@ -820,6 +855,13 @@ impl RedisProc {
     }
 }
 
+/// Every connector name the suites announce: what [`Env::token`] scopes a
+/// token to when a test names no connectors.
+pub const TEST_SCOPE: &[&str] = &[
+    "a", "b", "c", "dead", "echo", "idle", "ldap", "local", "other", "pg", "silent", "sink",
+    "source", "svc",
+];
+
 /// Test certificates made with rcgen: a CA and leaf certificates valid for
 /// `localhost` and `127.0.0.1`, usable as TLS server and client.
 pub mod pki {
@@ -859,12 +901,19 @@ pub mod pki {
             }
         }
 
-        /// Write `ca-<id>.pem`, `<name>.crt` and `<name>.key` into `dir`.
+        /// Write `ca-<id>.pem`, `<name>.crt` and `<name>.key` into `dir`: a
+        /// leaf for `localhost`, `127.0.0.1` and `name` (a mesh hub's
+        /// certificate names its replica id).
         pub fn issue(&self, dir: &Path, name: &str) -> Leaf {
+            self.issue_for(dir, name, &[name])
+        }
+
+        /// [`Ca::issue`] with `names` as the extra subject alternative names.
+        pub fn issue_for(&self, dir: &Path, name: &str, names: &[&str]) -> Leaf {
             let key = KeyPair::generate().unwrap();
-            let mut p =
-                CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-                    .unwrap();
+            let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+            sans.extend(names.iter().map(|n| n.to_string()));
+            let mut p = CertificateParams::new(sans).unwrap();
             p.distinguished_name.push(DnType::CommonName, name);
             p.extended_key_usages = vec![
                 ExtendedKeyUsagePurpose::ServerAuth,

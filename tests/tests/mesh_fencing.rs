@@ -93,7 +93,7 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
     let yaml = env.hub_yaml(
         &[("echo", "echo")],
         &format!(
-            "ha:\n  enabled: true\n  mode: active\n  replica_id: hub-a\n  redis_url: {}\n  lease_sec: 3\n  renew_interval_sec: 1\n  mesh:\n    listen: 127.0.0.1:{port}\n    require_mtls: true\n    handshake_timeout_sec: 1\n    tls: {{ ca_bundle: {}, cert_file: {}, key_file: {} }}\n",
+            "ha:\n  enabled: true\n  mode: active\n  replica_id: hub-a\n  redis_url: {}\n  lease_sec: 3\n  renew_interval_sec: 1\n  mesh:\n    listen: 127.0.0.1:{port}\n    require_mtls: true\n    handshake_timeout_sec: 1\n    allowed_replicas: [hub-x]\n    tls: {{ ca_bundle: {}, cert_file: {}, key_file: {} }}\n",
             redis.url(),
             leaf_a.ca.display(),
             leaf_a.cert.display(),
@@ -222,7 +222,8 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
         seq: 0,
         epoch: Epoch(epoch),
     };
-    // A stale epoch: refused with the reason.
+    // A stale epoch: refused, and the refusal does not tell the current
+    // epoch (a peer must not learn what to replay).
     send(
         &mut ws,
         &Frame::MOpen {
@@ -236,9 +237,40 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
             code: ErrorCode::StaleEpoch,
             reason,
             ..
-        } => assert!(reason.contains("stale"), "{reason}"),
+        } => {
+            assert!(reason.contains("not owned"), "{reason}");
+            assert!(!reason.contains(&epoch.to_string()), "{reason}");
+        }
         other => panic!("{other:?}"),
     }
+    // The current epoch, but a connector the agent never announced: refused
+    // and counted, before any byte reaches the agent.
+    send(
+        &mut ws,
+        &Frame::MOpen {
+            h: MeshHeader {
+                connector: "ldap".into(),
+                ..hdr(5, epoch)
+            },
+        },
+    )
+    .await;
+    match recv(&mut ws).await {
+        Frame::MOpenAck {
+            ok: false,
+            code: ErrorCode::Refused,
+            reason,
+            ..
+        } => assert!(
+            reason.contains("does not serve connector `ldap`"),
+            "{reason}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        metric("nowconnect_security_events_total{kind=\"mesh_open_connector_not_served\"}").await,
+        1.0
+    );
     // The current epoch: accepted, and data flows to the agent's target.
     send(&mut ws, &Frame::MOpen { h: hdr(3, epoch) }).await;
     assert!(matches!(
@@ -456,4 +488,117 @@ fn mesh_certificates_rotate_on_file_change_without_dropping_the_link() {
     assert!(log.contains("ha.mesh.tls"), "{log}");
     mesh_handshake(&rt, pa, &new_a).expect("the running certificates stay");
     echo_once(b"after a failed reload");
+}
+
+/// Whether the hub closes a mesh link opened with `leaf` that claims to be
+/// `claim` in its M_HELLO, before any flow: the link ends (close frame, end
+/// of stream or error) within 5 s, and an M_OPEN sent meanwhile is never
+/// accepted.
+async fn claim_is_refused(port: u16, leaf: &Leaf, claim: &str, agent: &str) -> bool {
+    let Ok(mut ws) = mesh_connect(port, client_tls(leaf, true)).await else {
+        return true;
+    };
+    send(
+        &mut ws,
+        &Frame::MHello {
+            replica_id: claim.into(),
+            window: 0,
+        },
+    )
+    .await;
+    let h = MeshHeader {
+        cid: 1,
+        connector: "ldap".into(),
+        agent_id: agent.into(),
+        seq: 0,
+        epoch: Epoch(1),
+    };
+    let _ = ws
+        .send(Message::Binary(
+            match Codec::V2
+                .encode(&Frame::MOpen { h }, &Limits::default())
+                .unwrap()
+            {
+                WsMessage::Binary(b) => b,
+                WsMessage::Text(_) => unreachable!(),
+            },
+        ))
+        .await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return false, // still open after 5 s
+            Ok(None | Some(Err(_))) => return true,
+            Ok(Some(Ok(m))) => m,
+        };
+        match m {
+            Message::Close(_) => return true,
+            Message::Binary(b) => match codec::decode(&WsMessage::Binary(b), &Limits::default()) {
+                Ok(Frame::MOpenAck { ok: true, .. }) | Ok(Frame::MData { .. }) => return false,
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+}
+
+/// The trust model's mesh line: a certificate from the cluster's CA lets a
+/// hub act only as the replica id it names, and only while that replica is
+/// registered. An impostor holding a valid certificate for `evil` claims to
+/// be `hub-b`, then `evil` itself; both links are closed before any flow,
+/// logged and counted, while LDAP through the real mesh keeps working.
+#[test]
+fn an_impostor_with_a_valid_ca_certificate_is_refused_and_receives_no_flow() {
+    let env = Env::new();
+    let redis = RedisProc::start(env.path());
+    let slapd = nowconnect_tests::ldap::Slapd::start(env.path());
+    let ca = Ca::new("mesh CA");
+    let (a, b, pa, pb) = meshed_pair(&env, "active", &redis, &ca);
+    let _agent = AgentProc::start(
+        env.path(),
+        "agent",
+        &env.agent_yaml("agent-1", &[a.http], &[("ldap", slapd.addr)], ""),
+        &env.token("agent-1", Some(vec!["ldap".into()])),
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || pair_ready(&a, &b, pa, pb)),
+        "hub-a:\n{}\nhub-b:\n{}",
+        a.proc.log_text(),
+        b.proc.log_text()
+    );
+    let direct = nowconnect_tests::ldap::search(slapd.addr, "(uid=alice)");
+    assert_eq!(direct.0, 0);
+    let evil = ca.issue(env.path(), "evil");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for round in 0..3 {
+        // Claiming another replica's id: the certificate does not name it.
+        assert!(
+            rt.block_on(claim_is_refused(pa, &evil, "hub-b", "agent-1")),
+            "round {round}: the impostor claiming hub-b kept its link\n{}",
+            a.proc.log_text()
+        );
+        // Claiming its own name: valid, but not a registered replica.
+        assert!(
+            rt.block_on(claim_is_refused(pa, &evil, "evil", "agent-1")),
+            "round {round}: an unregistered replica kept its link"
+        );
+        // Claiming the dialed hub's own id.
+        let a_leaf = ca.issue(env.path(), "hub-a-copy");
+        assert!(rt.block_on(claim_is_refused(pa, &a_leaf, "hub-a", "agent-1")));
+        // Meanwhile the real mesh carries LDAP from hub-b to the agent on hub-a.
+        assert_eq!(
+            nowconnect_tests::ldap::search(b.listener("ldap"), "(uid=alice)"),
+            direct,
+            "round {round}: LDAP through the mesh"
+        );
+    }
+    let kind = |k: &str| a.metric(&format!("nowconnect_security_events_total{{kind=\"{k}\"}}"));
+    assert_eq!(kind("mesh_peer_certificate_mismatch"), 3.0);
+    assert_eq!(kind("mesh_peer_not_registered"), 3.0);
+    assert_eq!(kind("mesh_peer_unexpected_replica"), 3.0);
+    a.proc.wait_log(
+        "the peer claims replica `hub-b` but its certificate names",
+        Duration::from_secs(2),
+    );
+    assert!(mesh_established(&a, pb) && mesh_established(&b, pa));
 }

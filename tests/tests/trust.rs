@@ -1,0 +1,296 @@
+//! The trust model, played by the party that holds one credential and tries
+//! to go beyond it (real hub and agent processes, real slapd, tokens made in
+//! the test): an agent token serves exactly its connectors in its tenant, a
+//! listener reaches only its tenant's (and pinned) agents, and a tunnel
+//! lives no longer than its token.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use nowconnect_tests::ldap::{self, Slapd};
+use nowconnect_tests::*;
+
+/// A TCP server that first writes `tag` and a newline, then echoes; counts
+/// its connections. It stands for "whose target is this".
+fn tag_server(tag: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let c2 = count.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().map_while(Result::ok) {
+            c2.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                if w.write_all(format!("{tag}\n").as_bytes()).is_err() {
+                    return;
+                }
+                let mut r = s;
+                let _ = std::io::copy(&mut r, &mut w);
+                let _ = w.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (addr, count)
+}
+
+/// One flow through `listener`: the tag of the target it reached (or
+/// `None` when the hub closed it), with `n` random bytes echoed intact.
+fn tagged_flow(listener: SocketAddr, n: usize) -> Option<String> {
+    let mut s = TcpStream::connect(listener).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut tag = String::new();
+    if r.read_line(&mut tag).ok()? == 0 {
+        return None;
+    }
+    let sent: Vec<u8> = (0..n).map(|_| rand::random::<u8>()).collect();
+    s.write_all(&sent).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    r.read_to_end(&mut got).unwrap();
+    assert_eq!(got.len(), sent.len(), "echo length through {listener}");
+    assert!(got == sent, "echoed bytes differ through {listener}");
+    Some(tag.trim_end().to_string())
+}
+
+/// The issue's takeover, tried with the default configuration: a second
+/// agent whose token names no connectors, or other connectors, announces
+/// `ldap` beside the real agent in front of slapd. Both are refused at the
+/// tunnel, and every LDAP search reaches the real directory.
+#[test]
+fn another_token_cannot_take_over_a_connector() {
+    let env = Env::new();
+    let slapd = Slapd::start(env.path());
+    let (fake, fake_hits) = tag_server("fake-directory");
+    let hub = HubProc::start(env.path(), "hub", &env.hub_yaml(&[("ldap", "ldap")], ""));
+    let _real = AgentProc::start(
+        env.path(),
+        "real",
+        &env.agent_yaml("agent-1", &[hub.http], &[("ldap", slapd.addr)], ""),
+        &env.token("agent-1", Some(vec!["ldap".into()])),
+    );
+    assert!(eventually(Duration::from_secs(10), || hub
+        .metric("nowconnect_agents_connected")
+        == 1.0));
+    let evil_yaml = env.agent_yaml("evil", &[hub.http], &[("ldap", fake)], "");
+    // A token without a connectors claim: refused before the upgrade.
+    let unscoped = AgentProc::start(
+        env.path(),
+        "evil-unscoped",
+        &evil_yaml,
+        &env.unscoped_token("evil"),
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || hub.metric(
+            "nowconnect_tunnel_auth_failures_total{reason=\"unscoped_token\"}"
+        ) >= 1.0),
+        "{}",
+        hub.proc.log_text()
+    );
+    unscoped
+        .proc
+        .wait_log("names no connectors", Duration::from_secs(5));
+    // A token scoped to other connectors: refused at HELLO.
+    let _scoped = AgentProc::start(
+        env.path(),
+        "evil-scoped",
+        &evil_yaml,
+        &env.token("evil", Some(vec!["other".into()])),
+    );
+    assert!(eventually(Duration::from_secs(10), || hub.metric(
+        "nowconnect_security_events_total{kind=\"connector_outside_scope\"}"
+    ) >= 1.0));
+    let direct = ldap::search(slapd.addr, "(uid=alice)");
+    assert_eq!(direct.0, 0, "{direct:?}");
+    for i in 0..30 {
+        assert_eq!(
+            ldap::search(hub.listener("ldap"), "(uid=alice)"),
+            direct,
+            "search {i}"
+        );
+    }
+    assert_eq!(
+        fake_hits.load(Ordering::SeqCst),
+        0,
+        "the fake directory was reached"
+    );
+    assert_eq!(hub.metric("nowconnect_agents_connected"), 1.0);
+}
+
+/// Two tenants each run an agent called `agent-1` serving a connector
+/// called `svc`; each tenant's listener reaches only its own agent, over
+/// hundreds of interleaved flows with every byte checked. A listener of a
+/// third tenant with no agent is refused, never served by the others.
+#[test]
+fn two_tenants_with_the_same_names_each_reach_only_their_own_agent() {
+    let env = Env::new();
+    let (acme_target, _) = tag_server("acme");
+    let (globex_target, _) = tag_server("globex");
+    let listeners = "  - { name: l-acme, bind: '127.0.0.1:0', connector: svc, tenant: acme }\n  \
+                     - { name: l-globex, bind: '127.0.0.1:0', connector: svc, tenant: globex }\n  \
+                     - { name: l-initech, bind: '127.0.0.1:0', connector: svc, tenant: initech }\n  \
+                     - { name: l-default, bind: '127.0.0.1:0', connector: svc }\n";
+    let hub = HubProc::start(env.path(), "hub", &env.hub_yaml(&[], listeners));
+    let _acme = AgentProc::start(
+        env.path(),
+        "acme",
+        &env.agent_yaml("agent-1", &[hub.http], &[("svc", acme_target)], ""),
+        &env.tenant_token("acme", "agent-1", &["svc"]),
+    );
+    let _globex = AgentProc::start(
+        env.path(),
+        "globex",
+        &env.agent_yaml("agent-1", &[hub.http], &[("svc", globex_target)], ""),
+        &env.tenant_token("globex", "agent-1", &["svc"]),
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || hub
+            .metric("nowconnect_agents_connected")
+            == 2.0),
+        "{}",
+        hub.proc.log_text()
+    );
+    let (acme, globex) = (hub.listener("l-acme"), hub.listener("l-globex"));
+    let threads: Vec<_> = (0..8)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for i in 0..40 {
+                    let (l, want) = if (t + i) % 2 == 0 {
+                        (acme, "acme")
+                    } else {
+                        (globex, "globex")
+                    };
+                    assert_eq!(tagged_flow(l, 4096 + i * 37).as_deref(), Some(want));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    for l in ["l-initech", "l-default"] {
+        assert_eq!(tagged_flow(hub.listener(l), 16), None, "{l} was served");
+    }
+    assert_eq!(
+        hub.metric("nowconnect_flows_total{connector=\"acme/svc\",route=\"local\"}"),
+        160.0
+    );
+    assert_eq!(
+        hub.metric("nowconnect_flows_total{connector=\"globex/svc\",route=\"local\"}"),
+        160.0
+    );
+}
+
+/// A listener that names its agents is served by those only, even when
+/// another agent of the tenant serves the connector with less load, and is
+/// refused when they are gone.
+#[test]
+fn a_listener_pinned_to_agents_is_served_only_by_them() {
+    let env = Env::new();
+    let (one, _) = tag_server("agent-1");
+    let (two, _) = tag_server("agent-2");
+    let listeners = "  - { name: pinned, bind: '127.0.0.1:0', connector: svc, agents: [agent-2] }\n  \
+                     - { name: open, bind: '127.0.0.1:0', connector: svc }\n";
+    let hub = HubProc::start(env.path(), "hub", &env.hub_yaml(&[], listeners));
+    let _a1 = AgentProc::start(
+        env.path(),
+        "a1",
+        &env.agent_yaml("agent-1", &[hub.http], &[("svc", one)], ""),
+        &env.token("agent-1", Some(vec!["svc".into()])),
+    );
+    let a2 = AgentProc::start(
+        env.path(),
+        "a2",
+        &env.agent_yaml("agent-2", &[hub.http], &[("svc", two)], ""),
+        &env.token("agent-2", Some(vec!["svc".into()])),
+    );
+    assert!(eventually(Duration::from_secs(10), || hub
+        .metric("nowconnect_agents_connected")
+        == 2.0));
+    // Hold flows open on agent-2 so the least-loaded choice would be agent-1.
+    let held: Vec<TcpStream> = (0..3)
+        .map(|_| {
+            let s = TcpStream::connect(hub.listener("pinned")).unwrap();
+            let mut tag = String::new();
+            BufReader::new(s.try_clone().unwrap())
+                .read_line(&mut tag)
+                .unwrap();
+            assert_eq!(tag, "agent-2\n");
+            s
+        })
+        .collect();
+    for _ in 0..10 {
+        assert_eq!(
+            tagged_flow(hub.listener("pinned"), 100).as_deref(),
+            Some("agent-2")
+        );
+    }
+    assert_eq!(
+        tagged_flow(hub.listener("open"), 100).as_deref(),
+        Some("agent-1")
+    );
+    drop(held);
+    drop(a2);
+    assert!(eventually(Duration::from_secs(10), || hub
+        .metric("nowconnect_agents_connected")
+        == 1.0));
+    assert_eq!(tagged_flow(hub.listener("pinned"), 16), None);
+}
+
+/// A tunnel lives no longer than its token: at `exp` the hub closes it
+/// (`refused`, `token_expired`) with its flows, counts it, and the agent,
+/// still holding the expired token, cannot come back.
+#[test]
+fn a_tunnel_is_closed_when_its_token_expires() {
+    let env = Env::new();
+    let echo = echo_server();
+    let yaml = env.hub_yaml(&[("echo", "echo")], "").replace(
+        "    hs256_secret_file:",
+        "    leeway_sec: 0\n    hs256_secret_file:",
+    );
+    let hub = HubProc::start(env.path(), "hub", &yaml);
+    let token = env.mint(
+        "agent-1",
+        Some(vec!["echo".into()]),
+        None,
+        Duration::from_secs(4),
+    );
+    let agent = AgentProc::start(
+        env.path(),
+        "agent",
+        &env.agent_yaml("agent-1", &[hub.http], &[("echo", echo)], ""),
+        &token,
+    );
+    assert!(eventually(Duration::from_secs(5), || hub
+        .metric("nowconnect_agents_connected")
+        == 1.0));
+    // A flow open across the expiry ends with its tunnel.
+    let mut s = TcpStream::connect(hub.listener("echo")).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).unwrap();
+    assert!(
+        eventually(Duration::from_secs(8), || hub.metric(
+            "nowconnect_security_events_total{kind=\"tunnel_token_expired\"}"
+        ) == 1.0),
+        "{}",
+        hub.proc.log_text()
+    );
+    let mut rest = Vec::new();
+    let end = s.read_to_end(&mut rest);
+    assert!(matches!(end, Ok(0) | Err(_)), "{end:?} {rest:?}");
+    assert!(eventually(Duration::from_secs(5), || hub
+        .metric("nowconnect_agents_connected")
+        == 0.0));
+    agent.proc.wait_log("token_expired", Duration::from_secs(5));
+    // The agent's reconnects with the expired token are refused at the door.
+    assert!(eventually(Duration::from_secs(10), || hub.metric(
+        "nowconnect_tunnel_auth_failures_total{reason=\"expired\"}"
+    ) >= 1.0));
+    assert_eq!(hub.metric("nowconnect_agents_connected"), 0.0);
+}
