@@ -231,20 +231,6 @@ async fn a_wrong_password_is_refused_clearly_and_never_shown() {
     assert!(e.contains(&format!("rediss://{USER}:***@127.0.0.1")), "{e}");
 }
 
-/// Run a future to completion on a runtime of its own (the hub tests are
-/// plain threads).
-trait AwaitBlocking: std::future::Future + Sized {
-    fn await_blocking(self) -> Self::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(self)
-    }
-}
-
-impl<F: std::future::Future> AwaitBlocking for F {}
-
 /// The hub's registry calls succeed: its sweeper calls Redis every second,
 /// so after 2.5 s without an error and `/readyz` 200, Redis answered.
 fn assert_registry_healthy(hub: &HubProc) {
@@ -302,17 +288,15 @@ fn a_hub_uses_tls_redis_with_a_password_file_and_prints_no_password() {
         &env.token("agent-1", None),
     );
     assert!(hub.agents_attached(1.0, Duration::from_secs(10)));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _in_rt = rt.enter();
     let r = registry(&redis.url(), &auth(&pw, tls(env.path(), &ca, None)));
-    let owner = RegistryOp::GetOwner {
+    let owner = rt.block_on(r.apply(&RegistryOp::GetOwner {
         agent_id: "agent-1".into(),
-    };
+    }));
     assert!(
-        matches!(
-            r.apply(&owner).await_blocking(),
-            Ok(RegistryReply::Owner(Some(ref o))) if o.replica_id == "hub-a"
-        ),
-        "{:?}\n{}",
-        r.apply(&owner).await_blocking(),
+        matches!(&owner, Ok(RegistryReply::Owner(Some(o))) if o.replica_id == "hub-a"),
+        "{owner:?}\n{}",
         hub.proc.log_text()
     );
     assert_registry_healthy(&hub);
