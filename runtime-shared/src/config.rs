@@ -12,6 +12,8 @@ use nowconnect_core::Limits;
 use nowconnect_core::routing::Mode;
 use serde::Deserialize;
 
+use crate::redact::{Secret, redact_url};
+
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {key}: {reason}")]
 pub struct ConfigError {
@@ -351,8 +353,20 @@ pub struct HaConfig {
     pub mode: String,
     #[serde(default)]
     pub replica_id: Option<String>,
+    /// The registry's URL; shown only with its password masked.
     #[serde(default)]
-    pub redis_url: Option<String>,
+    pub redis_url: Option<RedisUrl>,
+    /// ACL user name for Redis (`AUTH user password`); unset: the one in
+    /// `redis_url`, if any, else `default`.
+    #[serde(default)]
+    pub redis_username: Option<String>,
+    /// File holding the Redis password (surrounding whitespace ignored),
+    /// read at start.
+    #[serde(default)]
+    pub redis_password_file: Option<PathBuf>,
+    /// Trust (and client certificate) for a `rediss://` `redis_url`.
+    #[serde(default)]
+    pub redis_tls: Option<RedisTls>,
     #[serde(default)]
     pub mesh: MeshConfig,
     /// Ownership lease in the registry.
@@ -376,6 +390,9 @@ impl Default for HaConfig {
             mode: default_mode(),
             replica_id: None,
             redis_url: None,
+            redis_username: None,
+            redis_password_file: None,
+            redis_tls: None,
             mesh: MeshConfig::default(),
             lease_sec: default_lease(),
             renew_interval_sec: default_renew(),
@@ -383,6 +400,173 @@ impl Default for HaConfig {
             registry_prefix: default_prefix(),
         }
     }
+}
+
+/// `ha.redis_url`. `Debug` and `Display` show it with its password masked
+/// ([`redact_url`]); [`RedisUrl::expose`] gives the URL itself, to connect.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct RedisUrl(String);
+
+impl RedisUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisUrl(url.into())
+    }
+
+    /// The URL as configured, password included: for the Redis client only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL with its password masked, for logs and errors.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+
+    /// Whether the URL carries a password (`:pass@`, or `pass=` for a unix
+    /// socket). Unparsable URLs count as carrying one.
+    pub fn has_password(&self) -> bool {
+        match redis::parse_redis_url(&self.0) {
+            Some(u) => u.password().is_some() || u.query_pairs().any(|(k, _)| k == "pass"),
+            None => true,
+        }
+    }
+
+    /// Whether the URL names a user (`user@`, or `user=` for a unix socket).
+    pub fn has_username(&self) -> bool {
+        match redis::parse_redis_url(&self.0) {
+            Some(u) => !u.username().is_empty() || u.query_pairs().any(|(k, _)| k == "user"),
+            None => false,
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.0.starts_with("rediss://")
+    }
+}
+
+impl std::fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("RedisUrl").field(&self.redacted()).finish()
+    }
+}
+
+impl std::fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+/// `ha.redis_tls`: PEM files for a `rediss://` registry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisTls {
+    /// CAs trusted for the Redis server's certificate (only these).
+    pub ca_bundle: PathBuf,
+    /// Client certificate (chain) presented to Redis; with `key_file`.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+}
+
+/// Check the `ha.redis_*` keys together; read the password file. An error
+/// names the key and the reason, never a password.
+fn check_redis(ha: &HaConfig) -> Result<Option<Secret>, (&'static str, String)> {
+    let Some(url) = &ha.redis_url else {
+        for (key, set) in [
+            ("ha.redis_tls", ha.redis_tls.is_some()),
+            ("ha.redis_username", ha.redis_username.is_some()),
+            ("ha.redis_password_file", ha.redis_password_file.is_some()),
+        ] {
+            if set {
+                return Err((key, "needs ha.redis_url".into()));
+            }
+        }
+        return Ok(None);
+    };
+    let u = url.expose();
+    if !(u.starts_with("redis://") || u.starts_with("rediss://") || u.starts_with("redis+unix://"))
+    {
+        return Err(("ha.redis_url", format!("`{url}` is not a redis:// URL")));
+    }
+    let Some(parsed) = redis::parse_redis_url(u) else {
+        return Err(("ha.redis_url", format!("`{url}` is not a valid URL")));
+    };
+    if parsed.fragment().is_some() {
+        return Err((
+            "ha.redis_url",
+            format!(
+                "`{url}`: a URL fragment (`#…`) is not accepted; `#insecure` would turn certificate checks off"
+            ),
+        ));
+    }
+    if let Some(user) = &ha.redis_username {
+        if user.is_empty() || user.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err((
+                "ha.redis_username",
+                "must be a non-empty name without spaces".into(),
+            ));
+        }
+        if url.has_username() {
+            return Err((
+                "ha.redis_username",
+                "ha.redis_url names a user too: keep one".into(),
+            ));
+        }
+    }
+    if let Some(tls) = &ha.redis_tls {
+        if !url.is_tls() {
+            return Err((
+                "ha.redis_tls",
+                format!("needs a rediss:// ha.redis_url, and `{url}` is not one"),
+            ));
+        }
+        crate::tls::load_certs(&tls.ca_bundle).map_err(|r| ("ha.redis_tls.ca_bundle", r))?;
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(cert), Some(key)) => {
+                check_readable(cert).map_err(|r| ("ha.redis_tls.cert_file", r))?;
+                check_readable(key).map_err(|r| ("ha.redis_tls.key_file", r))?;
+            }
+            (Some(_), None) => {
+                return Err((
+                    "ha.redis_tls.key_file",
+                    "required with cert_file (set both or neither)".into(),
+                ));
+            }
+            (None, Some(_)) => {
+                return Err((
+                    "ha.redis_tls.cert_file",
+                    "required with key_file (set both or neither)".into(),
+                ));
+            }
+            (None, None) => {}
+        }
+    }
+    let Some(p) = &ha.redis_password_file else {
+        return Ok(None);
+    };
+    if url.has_password() {
+        return Err((
+            "ha.redis_password_file",
+            "ha.redis_url holds a password too: keep only the file".into(),
+        ));
+    }
+    // The io error names the problem, never the contents.
+    let text = std::fs::read_to_string(p).map_err(|e| {
+        (
+            "ha.redis_password_file",
+            format!("cannot read {}: {e}", p.display()),
+        )
+    })?;
+    let password = text.trim();
+    if password.is_empty() {
+        return Err((
+            "ha.redis_password_file",
+            format!("{} is empty", p.display()),
+        ));
+    }
+    Ok(Some(Secret::new(password)))
 }
 
 fn default_lease() -> u64 {
@@ -494,6 +678,8 @@ pub struct HubConfig {
     pub mode: Mode,
     pub replica_id: String,
     pub limits: Limits,
+    /// The Redis password read from `ha.redis_password_file`.
+    pub redis_password: Option<Secret>,
 }
 
 impl HubConfig {
@@ -681,16 +867,7 @@ impl HubConfig {
         if ha.registry_timeout_ms == 0 {
             return Err(err("ha.registry_timeout_ms", "must be > 0".into()));
         }
-        if let Some(url) = &ha.redis_url
-            && !(url.starts_with("redis://")
-                || url.starts_with("rediss://")
-                || url.starts_with("redis+unix://"))
-        {
-            return Err(err(
-                "ha.redis_url",
-                format!("`{url}` is not a redis:// URL"),
-            ));
-        }
+        let redis_password = check_redis(ha).map_err(|(key, reason)| err(key, reason))?;
         let m = &raw.ha.mesh;
         if let Some(l) = &m.listen {
             parse_addr(l).map_err(|r| err("ha.mesh.listen", r))?;
@@ -784,6 +961,7 @@ impl HubConfig {
             mode,
             replica_id,
             limits,
+            redis_password,
             raw,
         })
     }

@@ -2,6 +2,7 @@
 //!
 //! The runtime-neutral half of every NowConnect adapter, written once:
 //! configuration files and their errors, JWT verification and issuing,
+//! keeping secrets out of logs ([`redact`]),
 //! Prometheus metric names, logging setup and TLS material loading, and the
 //! hub itself (control loop, tunnels, clients, mesh, drain, reload) over a
 //! small runtime trait ([`hub::HubRt`]). Nothing here depends on an async
@@ -18,6 +19,7 @@ pub mod jwt;
 pub mod logging;
 pub mod mesh;
 pub mod metrics;
+pub mod redact;
 #[cfg(any(feature = "redis-tokio", feature = "redis-smol"))]
 pub mod registry;
 pub mod tls;

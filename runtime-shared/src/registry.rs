@@ -16,13 +16,22 @@
 //! growing even if Redis loses its data (restart without persistence,
 //! failover to an empty replica), as long as the server clock does not step
 //! back by more than the time since the last claim.
+//!
+//! Transport and credentials: a `rediss://` URL is served over rustls (ring),
+//! trusting `ha.redis_tls.ca_bundle` (with an optional client certificate)
+//! or, without `ha.redis_tls`, the system's roots. The ACL user and the
+//! password from `ha.redis_password_file` are set on the connection info,
+//! never spliced into the URL; every error shows the URL with its password
+//! masked ([`crate::redact::redact_url`]).
 
 use std::time::Duration;
 
 use nowconnect_core::Epoch;
 use nowconnect_core::registry::{AgentRecord, Owner, RegistryError, RegistryOp, RegistryReply};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Script};
+use redis::{AsyncCommands, ClientTlsConfig, IntoConnectionInfo, Script, TlsCertificates};
+
+use crate::redact::{Secret, redact_url};
 
 const NOW_MS: &str = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)";
 
@@ -44,19 +53,61 @@ impl RedisRegistry {
     /// and `ha.redis_url` are set, else `None` (in-process).
     pub fn for_config(cfg: &crate::config::HubConfig) -> Result<Option<Self>, String> {
         let ha = &cfg.raw.ha;
-        match (&ha.redis_url, ha.enabled) {
-            (Some(url), true) => Ok(Some(Self::new(
-                url,
-                &ha.registry_prefix,
-                Duration::from_millis(ha.registry_timeout_ms),
-            )?)),
-            _ => Ok(None),
+        let (Some(url), true) = (&ha.redis_url, ha.enabled) else {
+            return Ok(None);
+        };
+        if url.has_password() {
+            tracing::warn!(
+                redis_url = %url,
+                "ha.redis_url holds a password: put it in a file named by ha.redis_password_file instead"
+            );
         }
+        let tls = match &ha.redis_tls {
+            Some(t) => Some(RedisTlsPem::read(
+                &t.ca_bundle,
+                t.cert_file.as_deref().zip(t.key_file.as_deref()),
+            )?),
+            None => None,
+        };
+        let auth = RedisAuth {
+            username: ha.redis_username.clone(),
+            password: cfg.redis_password.clone(),
+            tls,
+        };
+        let registry = Self::with_auth(
+            url.expose(),
+            &auth,
+            &ha.registry_prefix,
+            Duration::from_millis(ha.registry_timeout_ms),
+        )?;
+        tracing::info!(
+            redis_url = %url,
+            tls = url.is_tls(),
+            tls_roots = if ha.redis_tls.is_some() { "ha.redis_tls.ca_bundle" } else { "system" },
+            client_certificate = auth.tls.as_ref().is_some_and(|t| t.client.is_some()),
+            user = auth.username.as_deref().unwrap_or("(from the URL, or default)"),
+            password_file = ha.redis_password_file.is_some(),
+            "redis registry"
+        );
+        Ok(Some(registry))
     }
 
-    /// Connects lazily: the first call opens the connection.
+    /// Connects lazily: the first call opens the connection. Credentials and
+    /// TLS trust come from `url` alone (a `rediss://` URL trusts the system's
+    /// roots); see [`RedisRegistry::with_auth`].
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("redis_url `{url}`: {e}"))?;
+        Self::with_auth(url, &RedisAuth::default(), prefix, timeout)
+    }
+
+    /// As [`RedisRegistry::new`], with an ACL user, a password and TLS
+    /// material set on the connection besides what `url` holds.
+    pub fn with_auth(
+        url: &str,
+        auth: &RedisAuth,
+        prefix: &str,
+        timeout: Duration,
+    ) -> Result<Self, String> {
+        let client = client(url, auth)?;
         let cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout))
@@ -301,6 +352,91 @@ impl RedisRegistry {
                 RegistryReply::Healthy
             }
         })
+    }
+}
+
+/// What a Redis connection needs besides its URL: the ACL user and password
+/// (set on the connection info, overriding the URL's) and TLS material for a
+/// `rediss://` URL. `Debug` shows no password and no key.
+#[derive(Clone, Debug, Default)]
+pub struct RedisAuth {
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub tls: Option<RedisTlsPem>,
+}
+
+/// PEM bytes for a `rediss://` connection: the CAs to trust (only these) and
+/// an optional client certificate chain and key.
+#[derive(Clone)]
+pub struct RedisTlsPem {
+    pub ca: Vec<u8>,
+    pub client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl RedisTlsPem {
+    /// Read the CA bundle and, if given, the client certificate and key;
+    /// errors name the file, never its contents.
+    pub fn read(
+        ca_bundle: &std::path::Path,
+        client: Option<(&std::path::Path, &std::path::Path)>,
+    ) -> Result<Self, String> {
+        let read =
+            |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        Ok(RedisTlsPem {
+            ca: read(ca_bundle)?,
+            client: match client {
+                Some((cert, key)) => Some((read(cert)?, read(key)?)),
+                None => None,
+            },
+        })
+    }
+}
+
+impl std::fmt::Debug for RedisTlsPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTlsPem")
+            .field("ca", &format_args!("{} bytes", self.ca.len()))
+            .field(
+                "client",
+                &self.client.as_ref().map(|_| "(certificate and key)"),
+            )
+            .finish()
+    }
+}
+
+/// The redis client for `url` with `auth` applied. Errors show the URL with
+/// its password masked.
+fn client(url: &str, auth: &RedisAuth) -> Result<redis::Client, String> {
+    // redis builds its rustls configuration with the process default
+    // provider: make sure that is ring (the binaries install it at start).
+    crate::tls::install_provider();
+    let shown = redact_url(url);
+    let mut info = url
+        .into_connection_info()
+        .map_err(|e| format!("redis_url `{shown}`: {e}"))?;
+    if auth.username.is_some() || auth.password.is_some() {
+        let mut settings = info.redis_settings().clone();
+        if let Some(user) = &auth.username {
+            settings = settings.set_username(user);
+        }
+        if let Some(password) = &auth.password {
+            settings = settings.set_password(password.expose());
+        }
+        info = info.set_redis_settings(settings);
+    }
+    match &auth.tls {
+        Some(tls) => redis::Client::build_with_tls(
+            info,
+            TlsCertificates {
+                client_tls: tls.client.as_ref().map(|(cert, key)| ClientTlsConfig {
+                    client_cert: cert.clone(),
+                    client_key: key.clone(),
+                }),
+                root_cert: Some(tls.ca.clone()),
+            },
+        )
+        .map_err(|e| format!("redis_url `{shown}`: TLS: {e}")),
+        None => redis::Client::open(info).map_err(|e| format!("redis_url `{shown}`: {e}")),
     }
 }
 

@@ -11,4 +11,4 @@ pub mod io;
 pub mod perf;
 pub mod quickstart;
 
-pub use nowconnect_shared::{config, driver, jwt, logging, metrics, registry, tls};
+pub use nowconnect_shared::{config, driver, jwt, logging, metrics, redact, registry, tls};

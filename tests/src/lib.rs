@@ -800,11 +800,30 @@ pub fn random_bytes(n: usize) -> Vec<u8> {
     v
 }
 
-/// A real `redis-server` on an ephemeral loopback port, no persistence.
+/// A real `redis-server` on an ephemeral loopback port, no persistence;
+/// plain TCP ([`RedisProc::start`]) or TLS only with ACL users
+/// ([`RedisProc::start_tls`]).
 pub struct RedisProc {
     pub proc: Proc,
     pub port: u16,
     dir: PathBuf,
+    /// The TLS and ACL arguments of a TLS server (kept for a restart).
+    tls_args: Vec<String>,
+}
+
+/// How a TLS `redis-server` is set up ([`RedisProc::start_tls`]).
+pub struct RedisTlsSetup<'a> {
+    /// Issues the server's certificate (for `localhost` and `127.0.0.1`);
+    /// client certificates are checked against it.
+    pub ca: &'a pki::Ca,
+    /// `--tls-auth-clients`: `yes` (a client certificate is required),
+    /// `optional` (checked when presented) or `no`.
+    pub auth_clients: &'a str,
+    /// The ACL user the hub uses and its password. The user may run every
+    /// command but the dangerous ones, on keys under `nowconnect:` only;
+    /// the `default` user is off.
+    pub user: &'a str,
+    pub password: &'a str,
 }
 
 impl RedisProc {
@@ -813,18 +832,52 @@ impl RedisProc {
     }
 
     pub fn start_on(dir: &Path, port: u16) -> RedisProc {
+        Self::spawn(dir, port, Vec::new())
+    }
+
+    /// A TLS-only `redis-server` (`--port 0`, `--tls-port`) with a server
+    /// certificate from `setup.ca`, the `default` user disabled and one ACL
+    /// user (written to an `aclfile`).
+    pub fn start_tls(dir: &Path, setup: &RedisTlsSetup) -> RedisProc {
+        let port = free_port();
+        let leaf = setup.ca.issue(dir, &format!("redis-{port}"));
+        let acl = dir.join(format!("redis-{port}.acl"));
+        std::fs::write(
+            &acl,
+            format!(
+                "user default off\nuser {} on >{} ~nowconnect:* resetchannels +@all -@dangerous\n",
+                setup.user, setup.password
+            ),
+        )
+        .unwrap();
+        let path = |p: &Path| p.display().to_string();
+        let args = vec![
+            "--port".into(),
+            "0".into(),
+            "--tls-port".into(),
+            port.to_string(),
+            "--tls-cert-file".into(),
+            path(&leaf.cert),
+            "--tls-key-file".into(),
+            path(&leaf.key),
+            "--tls-ca-cert-file".into(),
+            path(&leaf.ca),
+            "--tls-auth-clients".into(),
+            setup.auth_clients.into(),
+            "--aclfile".into(),
+            path(&acl),
+        ];
+        Self::spawn(dir, port, args)
+    }
+
+    fn spawn(dir: &Path, port: u16, tls_args: Vec<String>) -> RedisProc {
         let mut cmd = Command::new("redis-server");
-        cmd.args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .current_dir(dir);
+        if tls_args.is_empty() {
+            cmd.args(["--port", &port.to_string()]);
+        }
+        cmd.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&tls_args)
+            .current_dir(dir);
         let proc = Proc::spawn(&format!("redis-{port}"), cmd, dir);
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         assert!(
@@ -836,11 +889,19 @@ impl RedisProc {
             proc,
             port,
             dir: dir.to_path_buf(),
+            tls_args,
         }
     }
 
+    /// `redis://127.0.0.1:PORT/0`, or `rediss://…` for a TLS server (no
+    /// credentials in either).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls_args.is_empty() {
+            "redis"
+        } else {
+            "rediss"
+        };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
     }
 
     /// SIGKILL the server (a crash, not a shutdown).
@@ -848,10 +909,11 @@ impl RedisProc {
         self.proc.kill();
     }
 
-    /// Start again on the same port (empty: no persistence).
+    /// Start again on the same port with the same settings (empty: no
+    /// persistence).
     pub fn restart(&mut self) {
         self.proc.kill();
-        *self = RedisProc::start_on(&self.dir.clone(), self.port);
+        *self = RedisProc::spawn(&self.dir.clone(), self.port, self.tls_args.clone());
     }
 }
 
