@@ -1050,13 +1050,14 @@ pub async fn start<R: HubRt>(cfg: HubConfig, rt: R, redis: bool) -> Result<HubHa
     })
 }
 
-/// The files a reload reads: the configuration file, the JWT key files and
-/// the mesh TLS files.
+/// The files a reload reads: the configuration file, the JWT key files
+/// (secret, public key, JWKS) and the mesh TLS files.
 fn watched_files(cfg: &HubConfig) -> Vec<PathBuf> {
     let jwt = &cfg.raw.tunnel.jwt;
     let mut files = vec![cfg.file.clone()];
     files.extend(jwt.hs256_secret_file.iter().cloned());
     files.extend(jwt.public_key_file.iter().cloned());
+    files.extend(jwt.jwks_file.iter().cloned());
     if let Some(t) = &cfg.raw.ha.mesh.tls {
         files.extend([t.ca_bundle.clone(), t.cert_file.clone(), t.key_file.clone()]);
     }

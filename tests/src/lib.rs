@@ -460,11 +460,29 @@ impl Env {
         self.dir.path()
     }
 
+    /// An HS256 token for `agent_id` in the default tenant, valid for an
+    /// hour; `None`: no connector scope (the agent may announce any).
     pub fn token(&self, agent_id: &str, connectors: Option<Vec<String>>) -> String {
+        let mut claims =
+            nowconnect_tokio::jwt::Claims::for_agent(agent_id, Duration::from_secs(3600));
+        claims.connectors = connectors;
+        nowconnect_tokio::jwt::sign_hs256(self.secret.as_bytes(), &claims).unwrap()
+    }
+
+    /// A token as `nowconnect token` mints it: `agent_id` serving exactly
+    /// `connectors` in `tenant` (`None`: the default tenant), valid for an hour.
+    pub fn token_for_tenant(
+        &self,
+        agent_id: &str,
+        connectors: &[&str],
+        tenant: Option<&str>,
+    ) -> String {
+        let connectors: Vec<String> = connectors.iter().map(|c| c.to_string()).collect();
         nowconnect_tokio::jwt::mint(
             self.secret.as_bytes(),
             agent_id,
-            connectors,
+            &connectors,
+            tenant,
             Duration::from_secs(3600),
         )
         .unwrap()
