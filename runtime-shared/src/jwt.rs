@@ -572,7 +572,8 @@ impl FileStamp {
 /// `jti:<jti>`; `#` starts a comment, blank lines are ignored.
 #[derive(Debug, Clone, Default)]
 pub struct Revocations {
-    agents: HashSet<(String, String)>,
+    /// Revoked agent ids by tenant.
+    agents: HashMap<String, HashSet<String>>,
     jtis: HashSet<String>,
     path: Option<PathBuf>,
     stamp: Option<FileStamp>,
@@ -614,7 +615,10 @@ impl Revocations {
                 };
                 check_tenant(tenant).map_err(at)?;
                 check_agent_id(agent).map_err(at)?;
-                r.agents.insert((tenant.to_string(), agent.to_string()));
+                r.agents
+                    .entry(tenant.to_string())
+                    .or_default()
+                    .insert(agent.to_string());
             } else if let Some(jti) = line.strip_prefix("jti:") {
                 if jti.is_empty() || jti.contains(char::is_whitespace) {
                     return Err(at(format!(
@@ -635,12 +639,13 @@ impl Revocations {
         id.jti.as_ref().is_some_and(|j| self.jtis.contains(j))
             || self
                 .agents
-                .contains(&(id.tenant.clone(), id.agent_id.clone()))
+                .get(&id.tenant)
+                .is_some_and(|a| a.contains(&id.agent_id))
     }
 
     /// Entries in the list.
     pub fn len(&self) -> usize {
-        self.agents.len() + self.jtis.len()
+        self.agents.values().map(HashSet::len).sum::<usize>() + self.jtis.len()
     }
 
     pub fn is_empty(&self) -> bool {
