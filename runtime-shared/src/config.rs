@@ -194,6 +194,10 @@ pub struct TunnelSection {
     /// start when on.
     #[serde(default)]
     pub allow_unscoped_tokens: bool,
+    /// Revoked agents and token ids, one entry a line (see
+    /// [`crate::jwt::Revocations`]); checked readable and parsed at start.
+    #[serde(default)]
+    pub revocation_file: Option<PathBuf>,
 }
 
 fn default_max_connectors() -> usize {
@@ -264,12 +268,47 @@ pub struct JwtConfig {
     pub hs256_secret_file: Option<PathBuf>,
     #[serde(default)]
     pub public_key_file: Option<PathBuf>,
-    /// Allowed algorithms; default: HS256 with a secret, RS256 and ES256 with a public key.
+    /// A JSON Web Key Set (`{"keys": [...]}`) of RSA, EC (P-256, P-384)
+    /// and Ed25519 public keys, chosen by the token's `kid`.
+    #[serde(default)]
+    pub jwks_file: Option<PathBuf>,
+    /// Allowed algorithms; default: HS256 with a secret, RS256 and ES256 with
+    /// a public key, plus each JWKS key's algorithm.
     #[serde(default)]
     pub algorithms: Option<Vec<String>>,
     #[serde(default = "default_leeway")]
     pub leeway_sec: u64,
+    /// The claim naming the agent's tenant; absent in a token: the default
+    /// tenant ([`crate::jwt::DEFAULT_TENANT`]).
+    #[serde(default = "default_tenant_claim")]
+    pub tenant_claim: String,
+    /// Longest token lifetime accepted (`exp - iat`, or `exp - now` without
+    /// `iat`); none: no limit.
+    #[serde(default)]
+    pub max_ttl_sec: Option<u64>,
 }
+
+fn default_tenant_claim() -> String {
+    "tenant".into()
+}
+
+/// Claims the verifier reads itself; the tenant claim may not be one of them.
+const STANDARD_CLAIMS: &[&str] = &[
+    "sub",
+    "agent_id",
+    "aud",
+    "exp",
+    "iat",
+    "nbf",
+    "iss",
+    "jti",
+    "connectors",
+];
+
+/// Algorithm names `tunnel.jwt.algorithms` accepts.
+pub const JWT_ALGORITHMS: &[&str] = &[
+    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA",
+];
 
 fn default_audience() -> String {
     "nowconnect".into()
@@ -753,12 +792,14 @@ impl HubConfig {
         }
         let jwt = &raw.tunnel.jwt;
         match (&jwt.hs256_secret_file, &jwt.public_key_file) {
-            (None, None) => {
+            (None, None) if jwt.jwks_file.is_none() => {
                 return Err(err(
                     "tunnel.jwt",
-                    "one of `hs256_secret_file` or `public_key_file` is required".into(),
+                    "one of `hs256_secret_file`, `public_key_file` or `jwks_file` is required"
+                        .into(),
                 ));
             }
+            (None, None) => {}
             (Some(_), Some(_)) => {
                 return Err(err(
                     "tunnel.jwt",
@@ -772,8 +813,32 @@ impl HubConfig {
                 check_readable(p).map_err(|r| err("tunnel.jwt.public_key_file", r))?
             }
         }
+        if let Some(p) = &jwt.jwks_file {
+            check_readable(p).map_err(|r| err("tunnel.jwt.jwks_file", r))?
+        }
         if jwt.audience.is_empty() {
             return Err(err("tunnel.jwt.audience", "must not be empty".into()));
+        }
+        if jwt.tenant_claim.is_empty() {
+            return Err(err("tunnel.jwt.tenant_claim", "must not be empty".into()));
+        }
+        if STANDARD_CLAIMS.contains(&jwt.tenant_claim.as_str()) {
+            return Err(err(
+                "tunnel.jwt.tenant_claim",
+                format!(
+                    "`{}` is a claim the verifier reads for something else",
+                    jwt.tenant_claim
+                ),
+            ));
+        }
+        if jwt.max_ttl_sec == Some(0) {
+            return Err(err(
+                "tunnel.jwt.max_ttl_sec",
+                "must be > 0 (leave it out for no limit)".into(),
+            ));
+        }
+        if let Some(p) = &raw.tunnel.revocation_file {
+            crate::jwt::Revocations::load(p).map_err(|r| err("tunnel.revocation_file", r))?;
         }
         if let Some(algs) = &jwt.algorithms {
             if algs.is_empty() {
@@ -783,11 +848,7 @@ impl HubConfig {
                 ));
             }
             for a in algs {
-                if ![
-                    "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384",
-                ]
-                .contains(&a.as_str())
-                {
+                if !JWT_ALGORITHMS.contains(&a.as_str()) {
                     return Err(err(
                         "tunnel.jwt.algorithms",
                         format!("unsupported algorithm `{a}`"),

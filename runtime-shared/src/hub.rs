@@ -114,6 +114,9 @@ struct Control {
     /// In-process registry; `None`: Redis through the runtime.
     memory: Option<MemoryRegistry>,
     tunnels: BTreeMap<TunnelId, Sender<LinkCmd>>,
+    /// Who each live tunnel's token says its agent is (re-checked against
+    /// the revocation list).
+    identities: BTreeMap<TunnelId, AgentIdentity>,
     routes: BTreeMap<u64, Sender<Route>>,
 }
 
@@ -226,7 +229,7 @@ impl<R: HubRt> Shared<R> {
     fn try_reload(&self) -> Result<String, String> {
         let file = &self.cfg.file;
         let cfg = HubConfig::load(file).map_err(|e| e.to_string())?;
-        let v = Verifier::from_config(&cfg.raw.tunnel.jwt)
+        let v = Verifier::from_tunnel_config(&cfg.raw.tunnel)
             .map_err(|e| format!("{}: tunnel.jwt: {e}", file.display()))?;
         let mesh = if self.mesh_started.load(Ordering::Relaxed) {
             Some(
@@ -348,6 +351,58 @@ impl<R: HubRt> Shared<R> {
             url.to_string(),
             replica.map(str::to_string),
         ));
+    }
+
+    /// Every second: re-read `tunnel.revocation_file` when it changed (a
+    /// broken file keeps the list in force and is logged) and close every
+    /// live tunnel whose token it revokes (`refused`, `revoked`), so a
+    /// revocation takes effect within a second without touching other
+    /// tunnels.
+    async fn watch_revocations(self: Arc<Self>) {
+        loop {
+            self.rt.sleep(Duration::from_secs(1)).await;
+            let verifier = self.verifier.read().expect("verifier lock").clone();
+            let Some(mut list) = verifier.revocations() else {
+                continue;
+            };
+            match list.reload_if_changed() {
+                Ok(Some(new)) => {
+                    let new = Arc::new(new);
+                    verifier.set_revocations(Some(new.clone()));
+                    tracing::info!(entries = new.len(), "revocation list reloaded");
+                    list = new;
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::warn!(target: "nowconnect::security", %error, "revocation list not reloaded; the previous one stays in force");
+                }
+            }
+            let revoked: Vec<(TunnelId, AgentIdentity, Option<Sender<LinkCmd>>)> = {
+                let mut c = self.control.lock().expect("control lock");
+                let ids: Vec<TunnelId> = c
+                    .identities
+                    .iter()
+                    .filter(|(_, id)| list.is_revoked(id))
+                    .map(|(t, _)| *t)
+                    .collect();
+                ids.into_iter()
+                    .filter_map(|t| {
+                        let id = c.identities.remove(&t)?;
+                        Some((t, id, c.tunnels.get(&t).cloned()))
+                    })
+                    .collect()
+            };
+            for (tunnel, id, tx) in revoked {
+                self.security_event("tunnel_revoked");
+                tracing::warn!(target: "nowconnect::security", tunnel, tenant = %id.tenant, agent = %id.agent_id, reason = "revoked", "closing agent tunnel: its token is revoked");
+                if let Some(tx) = tx {
+                    let _ = tx.try_send(LinkCmd::Close {
+                        code: ErrorCode::Refused,
+                        reason: "revoked: the agent's token is revoked".into(),
+                    });
+                }
+            }
+        }
     }
 
     /// Count a refusal of a credential holder going beyond its credential.
@@ -621,12 +676,11 @@ impl<R: HubRt> Shared<R> {
         let shared = self;
         let tunnel_id = shared.id();
         let (cmd_tx, cmd_rx) = async_channel::unbounded();
-        shared
-            .control
-            .lock()
-            .expect("control lock")
-            .tunnels
-            .insert(tunnel_id, cmd_tx.clone());
+        {
+            let mut c = shared.control.lock().expect("control lock");
+            c.tunnels.insert(tunnel_id, cmd_tx.clone());
+            c.identities.insert(tunnel_id, identity.clone());
+        }
         let tunnel = Tunnel::hub(Instant::now(), shared.cfg.tunnel_config());
         let mut d = TunnelDriver::new(tunnel, out, cmd_tx, shared.metrics.clone());
         let agent_id = identity.agent_id.clone();
@@ -785,6 +839,7 @@ impl<R: HubRt> Shared<R> {
         shared.flows_ended(tunnel_id, left);
         shared.with_control(|c, now| {
             c.tunnels.remove(&tunnel_id);
+            c.identities.remove(&tunnel_id);
             c.hub.tunnel_closed(now, tunnel_id);
         });
         let grace = shared.rt.sleep(Duration::from_secs(2));
@@ -1060,7 +1115,7 @@ pub async fn start<R: HubRt>(cfg: HubConfig, rt: R, redis: bool) -> Result<HubHa
     let metrics = Arc::new(Metrics::new());
     let connectors: Vec<String> = cfg.listeners.iter().map(|(_, _, c)| c.clone()).collect();
     metrics.init_known_series(&connectors);
-    let verifier = Verifier::from_config(&cfg.raw.tunnel.jwt)
+    let verifier = Verifier::from_tunnel_config(&cfg.raw.tunnel)
         .map_err(|e| format!("{}: tunnel.jwt: {e}", cfg.file.display()))?;
     let now = Instant::now();
     let ha = &cfg.raw.ha;
@@ -1084,6 +1139,7 @@ pub async fn start<R: HubRt>(cfg: HubConfig, rt: R, redis: bool) -> Result<HubHa
             hub: Hub::new(now, core_cfg, seed),
             memory: (!redis).then(MemoryRegistry::new),
             tunnels: BTreeMap::new(),
+            identities: BTreeMap::new(),
             routes: BTreeMap::new(),
         }),
         control_wake: async_channel::bounded(1),
@@ -1148,6 +1204,12 @@ pub async fn start<R: HubRt>(cfg: HubConfig, rt: R, redis: bool) -> Result<HubHa
             shared.dial_once(None, peer);
         }
     }
+    if shared.cfg.raw.tunnel.revocation_file.is_some() {
+        tasks.push(rt.spawn(shared.clone().watch_revocations()));
+    }
+    if shared.cfg.raw.tunnel.allow_unscoped_tokens {
+        tracing::warn!(target: "nowconnect::security", "tunnel.allow_unscoped_tokens is true: an agent whose token names no connectors may announce any connector of its tenant");
+    }
     if shared.cfg.raw.reload.watch_interval_sec > 0 {
         let every = Duration::from_secs(shared.cfg.raw.reload.watch_interval_sec);
         tasks.push(rt.spawn(shared.clone().watch_files(every)));
@@ -1209,13 +1271,14 @@ pub async fn start<R: HubRt>(cfg: HubConfig, rt: R, redis: bool) -> Result<HubHa
     })
 }
 
-/// The files a reload reads: the configuration file, the JWT key files and
-/// the mesh TLS files.
+/// The files a reload reads: the configuration file, the JWT key files
+/// (secret, public key, JWKS) and the mesh TLS files.
 fn watched_files(cfg: &HubConfig) -> Vec<PathBuf> {
     let jwt = &cfg.raw.tunnel.jwt;
     let mut files = vec![cfg.file.clone()];
     files.extend(jwt.hs256_secret_file.iter().cloned());
     files.extend(jwt.public_key_file.iter().cloned());
+    files.extend(jwt.jwks_file.iter().cloned());
     if let Some(t) = &cfg.raw.ha.mesh.tls {
         files.extend([t.ca_bundle.clone(), t.cert_file.clone(), t.key_file.clone()]);
     }

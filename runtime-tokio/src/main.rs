@@ -46,9 +46,14 @@ enum Tool {
         secret_file: PathBuf,
         #[arg(long)]
         agent_id: String,
-        /// Comma-separated connectors the agent may announce (default: any).
-        #[arg(long, value_delimiter = ',')]
-        connectors: Option<Vec<String>>,
+        /// Comma-separated connectors the agent may announce (required: the
+        /// agent may serve only what its token names).
+        #[arg(long, value_delimiter = ',', required = true)]
+        connectors: Vec<String>,
+        /// The agent's tenant (letters, digits, `.`, `_`, `-`; at most 64);
+        /// omitted: no tenant claim, the default tenant.
+        #[arg(long)]
+        tenant: Option<String>,
         /// Lifetime, e.g. 15m, 12h, 30d.
         #[arg(long, default_value = "15m")]
         ttl: humantime::Duration,
@@ -455,10 +460,17 @@ async fn run(job: Job) -> Result<ExitCode, String> {
             secret_file,
             agent_id,
             connectors,
+            tenant,
             ttl,
         }) => {
             let secret = nowconnect_tokio::jwt::read_secret(&secret_file)?;
-            let token = nowconnect_tokio::jwt::mint(&secret, &agent_id, connectors, ttl.into())?;
+            let token = nowconnect_tokio::jwt::mint(
+                &secret,
+                &agent_id,
+                &connectors,
+                tenant.as_deref(),
+                ttl.into(),
+            )?;
             println!("{token}");
             Ok(ExitCode::SUCCESS)
         }

@@ -89,7 +89,8 @@ pub async fn run(check_only: bool, listen_port: u16) -> Result<(), String> {
     let token = crate::jwt::mint(
         secret.as_bytes(),
         "quickstart-agent",
-        Some(vec!["demo".into()]),
+        &["demo".to_string()],
+        None,
         Duration::from_secs(24 * 3600),
     )?;
     let premise = format!(

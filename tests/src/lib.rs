@@ -477,15 +477,30 @@ impl Env {
     /// A token of `tenant` for `agent_id`, scoped to `connectors`.
     pub fn tenant_token(&self, tenant: &str, agent_id: &str, connectors: &[&str]) -> String {
         let scope = connectors.iter().map(|c| c.to_string()).collect();
-        self.mint(
-            agent_id,
-            Some(scope),
-            Some(tenant),
-            Duration::from_secs(3600),
-        )
+        self.mint(agent_id, Some(scope), Some(tenant), Duration::from_secs(3600))
     }
 
-    /// A token signed with this environment's secret.
+    /// A token as `nowconnect token` mints it: `agent_id` serving exactly
+    /// `connectors` in `tenant` (`None`: the default tenant), valid for an hour.
+    pub fn token_for_tenant(
+        &self,
+        agent_id: &str,
+        connectors: &[&str],
+        tenant: Option<&str>,
+    ) -> String {
+        let connectors: Vec<String> = connectors.iter().map(|c| c.to_string()).collect();
+        nowconnect_tokio::jwt::mint(
+            self.secret.as_bytes(),
+            agent_id,
+            &connectors,
+            tenant,
+            Duration::from_secs(3600),
+        )
+        .unwrap()
+    }
+
+    /// A token signed with this environment's secret, claims as given
+    /// (`connectors: None`: no scope claim; `tenant: None`: no tenant claim).
     pub fn mint(
         &self,
         agent_id: &str,
@@ -493,16 +508,12 @@ impl Env {
         tenant: Option<&str>,
         ttl: Duration,
     ) -> String {
-        nowconnect_tokio::jwt::mint_for(
-            self.secret.as_bytes(),
-            &nowconnect_tokio::jwt::TokenSpec {
-                agent_id: agent_id.to_string(),
-                connectors,
-                tenant: tenant.map(str::to_string),
-                ttl,
-            },
-        )
-        .unwrap()
+        let mut claims = nowconnect_tokio::jwt::Claims::for_agent(agent_id, ttl);
+        claims.connectors = connectors;
+        if let Some(t) = tenant {
+            claims.extra.insert("tenant".into(), t.into());
+        }
+        nowconnect_tokio::jwt::sign_hs256(self.secret.as_bytes(), &claims).unwrap()
     }
 
     /// A hub config with the given listeners (`name`, `connector`) on free ports.

@@ -591,13 +591,78 @@ fn token_subcommand_mints_a_token_the_hub_accepts() {
         issuer: None,
         hs256_secret_file: Some(env.secret_file.clone()),
         public_key_file: None,
+        jwks_file: None,
         algorithms: None,
         leeway_sec: 0,
+        tenant_claim: "tenant".into(),
+        max_ttl_sec: None,
     })
     .unwrap();
     let id = v.verify(&token).unwrap();
     assert_eq!(id.agent_id, "agent-7");
     assert_eq!(id.scope, Some(vec!["ldap".to_string(), "ssh".to_string()]));
+    assert_eq!(id.tenant, nowconnect_tokio::jwt::DEFAULT_TENANT);
+}
+
+#[test]
+fn token_subcommand_requires_connectors_and_takes_a_tenant() {
+    let env = Env::new();
+    let mint = |args: &[&str]| {
+        Command::new(bin())
+            .args(["token", "--secret-file"])
+            .arg(&env.secret_file)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = mint(&["--agent-id", "agent-7"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--connectors"), "{err}");
+    assert!(out.stdout.is_empty());
+    let out = mint(&[
+        "--agent-id",
+        "agent-7",
+        "--connectors",
+        "ldap",
+        "--tenant",
+        "acme/x",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tenant"), "{err}");
+    let out = mint(&[
+        "--agent-id",
+        "agent-7",
+        "--connectors",
+        "ldap",
+        "--tenant",
+        "acme",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let v = nowconnect_tokio::jwt::Verifier::from_config(&nowconnect_tokio::config::JwtConfig {
+        audience: "nowconnect".into(),
+        issuer: None,
+        hs256_secret_file: Some(env.secret_file.clone()),
+        public_key_file: None,
+        jwks_file: None,
+        algorithms: None,
+        leeway_sec: 0,
+        tenant_claim: "tenant".into(),
+        max_ttl_sec: Some(15 * 60),
+    })
+    .unwrap();
+    let id = v.verify(&token).unwrap();
+    assert_eq!(
+        (id.agent_id.as_str(), id.tenant.as_str()),
+        ("agent-7", "acme")
+    );
+    assert_eq!(id.scope, Some(vec!["ldap".to_string()]));
 }
 
 /// Read the greeting line of a banner target through the tunnel.
@@ -920,6 +985,7 @@ fn an_agent_picks_up_a_rotated_token_file_when_it_reconnects() {
     let new_token = nowconnect_tokio::jwt::mint(
         new_secret.as_bytes(),
         "agent-1",
+        &["echo".to_string()],
         None,
         Duration::from_secs(600),
     )
