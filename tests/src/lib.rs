@@ -477,7 +477,12 @@ impl Env {
     /// A token of `tenant` for `agent_id`, scoped to `connectors`.
     pub fn tenant_token(&self, tenant: &str, agent_id: &str, connectors: &[&str]) -> String {
         let scope = connectors.iter().map(|c| c.to_string()).collect();
-        self.mint(agent_id, Some(scope), Some(tenant), Duration::from_secs(3600))
+        self.mint(
+            agent_id,
+            Some(scope),
+            Some(tenant),
+            Duration::from_secs(3600),
+        )
     }
 
     /// A token as `nowconnect token` mints it: `agent_id` serving exactly
