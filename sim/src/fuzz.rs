@@ -98,6 +98,7 @@ pub fn drive_hub(origin: Instant, data: &[u8]) {
     let mut accepted: BTreeSet<u64> = BTreeSet::new();
     let mut pending: Vec<u64> = Vec::new();
     let mut next_client = 1;
+    let mut client_tenant: BTreeMap<u64, &str> = BTreeMap::new();
     let agent = |b: u8| format!("a{}", b % 6);
     let connectors = |b: u8| -> Vec<String> {
         ["ldap", "pg", "echo"]
@@ -111,16 +112,35 @@ pub fn drive_hub(origin: Instant, data: &[u8]) {
         match input.byte() % 11 {
             0 => {
                 let t = u64::from(input.byte() % 8);
-                let (a, c, s) = (input.byte(), input.byte(), input.byte());
+                let (a, c, s, k) = (input.byte(), input.byte(), input.byte(), input.byte());
                 let scope = connectors(s);
+                // A token's credential (tenant, agent, scope) and a HELLO
+                // that may name another agent or unscoped connectors.
+                let credential = nowconnect_core::tenant::AgentCredential {
+                    tenant: ["default", "acme", "globex"][usize::from(k % 3)].to_string(),
+                    agent_id: agent(a),
+                    scope: (s & 0x80 != 0).then(|| scope.clone()),
+                };
+                let hello = if k & 0x10 != 0 {
+                    agent(a ^ 1)
+                } else {
+                    agent(a)
+                };
+                let announced = connectors(c);
                 if open.insert(t) {
-                    hub.tunnel_hello(
-                        now,
-                        t,
-                        &agent(a),
-                        &connectors(c),
-                        (s & 0x80 != 0).then_some(&scope[..]),
+                    let res = hub.tunnel_hello_as(now, t, &credential, &hello, &announced);
+                    let in_scope = credential
+                        .scope
+                        .as_ref()
+                        .is_none_or(|sc| announced.iter().all(|x| sc.contains(x)));
+                    assert_eq!(
+                        res.is_ok(),
+                        hello == credential.agent_id && in_scope,
+                        "HELLO {hello} {announced:?} under {credential:?}: {res:?}"
                     );
+                    if res.is_err() {
+                        open.remove(&t);
+                    }
                 }
             }
             1 => {
@@ -131,7 +151,11 @@ pub fn drive_hub(origin: Instant, data: &[u8]) {
             }
             2 => {
                 let c = connectors(input.byte() | 1);
-                hub.client_connected(now, next_client, c.last().map_or("ldap", |s| s));
+                let tenant = ["default", "acme", "globex"][usize::from(input.byte() % 3)];
+                let connector =
+                    nowconnect_core::tenant::qualify(tenant, c.last().map_or("ldap", |s| s));
+                client_tenant.insert(next_client, tenant);
+                hub.client_connected(now, next_client, &connector);
                 next_client += 1;
             }
             3 | 10 => {
@@ -181,7 +205,13 @@ pub fn drive_hub(origin: Instant, data: &[u8]) {
             6 => hub.flow_ended(u64::from(input.byte() % 8)),
             7 => {
                 let (a, e, c) = (input.byte(), input.byte(), input.byte());
-                let connector = ["ldap", "pg", "echo"][usize::from(c % 3)];
+                let tenant = ["default", "acme", "globex"][usize::from(c / 3 % 3)];
+                let connector = nowconnect_core::tenant::qualify(
+                    tenant,
+                    ["ldap", "pg", "echo"][usize::from(c % 3)],
+                );
+                let connector = connector.as_str();
+                let agent = |b| nowconnect_core::tenant::qualify(tenant, &agent(b));
                 if let Ok(t) = hub.check_mesh_open(&agent(a), connector, Epoch(u64::from(e))) {
                     assert!(
                         accepted.contains(&t),
@@ -224,12 +254,20 @@ pub fn drive_hub(origin: Instant, data: &[u8]) {
                     );
                 }
                 HubOutput::Route {
-                    route: Route::Local { tunnel, .. },
-                    ..
-                } => assert!(
-                    accepted.contains(&tunnel),
-                    "routed to tunnel {tunnel} not accepted"
-                ),
+                    client,
+                    route: Route::Local { tunnel, agent_id },
+                } => {
+                    assert!(
+                        accepted.contains(&tunnel),
+                        "routed to tunnel {tunnel} not accepted"
+                    );
+                    let want = client_tenant.get(&client).copied().unwrap_or("default");
+                    assert_eq!(
+                        nowconnect_core::tenant::split(&agent_id).0,
+                        want,
+                        "client {client} of tenant {want} routed to agent {agent_id}"
+                    );
+                }
                 HubOutput::Route { .. } | HubOutput::Peers(_) => {}
             }
         }

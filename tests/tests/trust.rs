@@ -294,3 +294,81 @@ fn a_tunnel_is_closed_when_its_token_expires() {
     ) >= 1.0));
     assert_eq!(hub.metric("nowconnect_agents_connected"), 0.0);
 }
+
+/// Revoking an agent in `tunnel.revocation_file` (hot-reloaded) closes its
+/// live tunnel within about a second (`refused`, `revoked`) and refuses its
+/// reconnects, while another agent's flow on the same hub goes on.
+#[test]
+fn revoking_an_agent_closes_its_tunnel_and_leaves_the_others() {
+    let env = Env::new();
+    let echo = echo_server();
+    let revoked = env.path().join("revoked.txt");
+    std::fs::write(&revoked, "# nobody yet\n").unwrap();
+    let yaml = env.hub_yaml(&[("echo", "echo")], "").replace(
+        "tunnel:\n",
+        &format!("tunnel:\n  revocation_file: {}\n", revoked.display()),
+    );
+    let hub = HubProc::start(env.path(), "hub", &yaml);
+    let agent = |id: &str| {
+        AgentProc::start(
+            env.path(),
+            id,
+            &env.agent_yaml(id, &[hub.http], &[("echo", echo)], ""),
+            &env.token(id, Some(vec!["echo".into()])),
+        )
+    };
+    let a1 = agent("agent-1");
+    assert!(eventually(Duration::from_secs(10), || hub
+        .metric("nowconnect_agents_connected")
+        == 1.0));
+    let _a2 = agent("agent-2");
+    assert!(eventually(Duration::from_secs(10), || hub
+        .metric("nowconnect_agents_connected")
+        == 2.0));
+    // Flows on both agents (least-loaded: the second goes to the other one).
+    let open = |n: u8| {
+        let mut s = TcpStream::connect(hub.listener("echo")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&[n]).unwrap();
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).unwrap();
+        s
+    };
+    let (mut f1, mut f2) = (open(1), open(2));
+    std::fs::write(&revoked, "agent:agent-1  # lost laptop\n").unwrap();
+    let start = std::time::Instant::now();
+    assert!(
+        eventually(Duration::from_secs(5), || hub.metric(
+            "nowconnect_security_events_total{kind=\"tunnel_revoked\"}"
+        ) == 1.0),
+        "{}",
+        hub.proc.log_text()
+    );
+    let took = start.elapsed();
+    eprintln!("revocation closed the tunnel after {took:?}");
+    assert!(took < Duration::from_secs(3), "{took:?}");
+    hub.proc
+        .wait_log("its token is revoked", Duration::from_secs(2));
+    // Exactly one of the two flows was agent-1's: it ends; the other echoes.
+    let alive = |s: &mut TcpStream| {
+        s.write_all(b"x").is_ok() && {
+            let mut b = [0u8; 1];
+            matches!(s.read(&mut b), Ok(1))
+        }
+    };
+    let (l1, l2) = (alive(&mut f1), alive(&mut f2));
+    assert!(l1 != l2, "exactly one flow survives: {l1} {l2}");
+    assert!(eventually(Duration::from_secs(5), || hub.metric(
+        "nowconnect_tunnel_auth_failures_total{reason=\"revoked\"}"
+    ) >= 1.0));
+    assert_eq!(hub.metric("nowconnect_agents_connected"), 1.0);
+    a1.proc.wait_log("revoked", Duration::from_secs(5));
+    // New flows go to agent-2.
+    for i in 0..5 {
+        let mut s = open(10 + i);
+        s.write_all(b"ok").unwrap();
+        let mut b = [0u8; 2];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"ok");
+    }
+}
