@@ -191,6 +191,14 @@ pub enum Frame {
     /// now and keep this one only for the flows it carries; the hub still
     /// opens flows on it until the agent is owned elsewhere.
     Drain,
+    /// Agent → hub (v2): a fresh token for this tunnel, sent before the
+    /// current one expires. The hub verifies it like the token of the
+    /// upgrade (same agent and tenant, a scope covering what the HELLO
+    /// announced) and moves the tunnel's expiry to its `exp`; a token it
+    /// refuses closes the tunnel. Flows are not touched.
+    Reauth {
+        token: String,
+    },
 
     /// Mesh, both directions, first frame: the sender's replica id and its
     /// per-flow receive window.
@@ -246,6 +254,7 @@ pub enum FrameType {
     Ping,
     Pong,
     Drain,
+    Reauth,
     MHello,
     MOpen,
     MOpenAck,
@@ -258,7 +267,7 @@ pub enum FrameType {
 }
 
 impl FrameType {
-    pub const ALL: [FrameType; 19] = [
+    pub const ALL: [FrameType; 20] = [
         FrameType::Hello,
         FrameType::Welcome,
         FrameType::Open,
@@ -269,6 +278,7 @@ impl FrameType {
         FrameType::Ping,
         FrameType::Pong,
         FrameType::Drain,
+        FrameType::Reauth,
         FrameType::MHello,
         FrameType::MOpen,
         FrameType::MOpenAck,
@@ -293,6 +303,7 @@ impl FrameType {
             FrameType::Ping => "PING",
             FrameType::Pong => "PONG",
             FrameType::Drain => "DRAIN",
+            FrameType::Reauth => "REAUTH",
             FrameType::MHello => "M_HELLO",
             FrameType::MOpen => "M_OPEN",
             FrameType::MOpenAck => "M_OPEN_ACK",
@@ -322,6 +333,7 @@ impl FrameType {
             FrameType::Ping => 0x08,
             FrameType::Pong => 0x09,
             FrameType::Drain => 0x0a,
+            FrameType::Reauth => 0x0b,
             FrameType::MHello => 0x10,
             FrameType::MOpen => 0x11,
             FrameType::MOpenAck => 0x12,
@@ -357,6 +369,7 @@ impl Frame {
             Frame::Ping { .. } => FrameType::Ping,
             Frame::Pong { .. } => FrameType::Pong,
             Frame::Drain => FrameType::Drain,
+            Frame::Reauth { .. } => FrameType::Reauth,
             Frame::MHello { .. } => FrameType::MHello,
             Frame::MOpen { .. } => FrameType::MOpen,
             Frame::MOpenAck { .. } => FrameType::MOpenAck,
@@ -387,6 +400,8 @@ pub struct Limits {
     pub max_connectors: usize,
     /// Longest RST reason; longer reasons are truncated when sent, refused when received.
     pub max_reason: usize,
+    /// Longest token in a REAUTH frame.
+    pub max_token: usize,
 }
 
 impl Default for Limits {
@@ -396,6 +411,7 @@ impl Default for Limits {
             max_name: 255,
             max_connectors: 64,
             max_reason: 1024,
+            max_token: 16 * 1024,
         }
     }
 }

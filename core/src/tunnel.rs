@@ -117,6 +117,10 @@ pub enum TunnelEvent {
     /// Agent side: the hub is shutting down (DRAIN). Open a tunnel to
     /// another hub now; this one keeps carrying its flows.
     Drain,
+    /// Hub side: the agent sent a fresh token for this tunnel (REAUTH).
+    Reauth {
+        token: String,
+    },
     /// The tunnel is over: send a WebSocket close with this reason, then drop
     /// the socket once `poll_transmit` is empty.
     Closed {
@@ -386,6 +390,9 @@ impl Tunnel {
                     self.events.push_back(TunnelEvent::Drain);
                 }
             }
+            Frame::Reauth { token } if self.role == Role::Hub => {
+                self.events.push_back(TunnelEvent::Reauth { token });
+            }
             Frame::Pong { nonce } => {
                 if let Some((n, sent)) = self.ping_outstanding
                     && n == nonce
@@ -458,6 +465,19 @@ impl Tunnel {
             return false;
         }
         self.send_frame(&Frame::Drain);
+        true
+    }
+
+    /// Agent side: hand the hub a fresh token for this tunnel (REAUTH), so
+    /// it outlives the token it was opened with. v1 has no REAUTH frame:
+    /// returns false and sends nothing (such a tunnel ends with its token).
+    pub fn send_reauth(&mut self, token: &str) -> bool {
+        if self.role != Role::Agent || !self.is_established() || self.codec != Codec::V2 {
+            return false;
+        }
+        self.send_frame(&Frame::Reauth {
+            token: token.to_string(),
+        });
         true
     }
 

@@ -74,6 +74,7 @@ pub fn frame() -> impl Strategy<Value = Frame> {
         any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
         any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
         Just(Frame::Drain),
+        "[A-Za-z0-9._-]{1,600}".prop_map(|token| Frame::Reauth { token }),
         (name(), any::<u32>())
             .prop_map(|(replica_id, window)| Frame::MHello { replica_id, window }),
         header().prop_map(|h| Frame::MOpen { h }),

@@ -1398,3 +1398,42 @@ fn a_lookup_racing_a_local_claim_is_repeated_not_refused() {
         "{out:?}"
     );
 }
+
+#[test]
+fn reauth_goes_agent_to_hub_on_v2_only_and_is_refused_the_other_way() {
+    let now = origin();
+    // The agent's side: not before WELCOME, not on v1.
+    let mut agent = Tunnel::agent(now, TunnelConfig::default(), "a1", &["ldap".into()]);
+    transmits(&mut agent);
+    assert!(!agent.send_reauth("t"), "no REAUTH before the tunnel is up");
+    let welcome = |codec: &str| Frame::Welcome {
+        epoch: Epoch(3),
+        codec: codec.into(),
+        window: 0,
+        max_frame: 1 << 20,
+    };
+    let mut v1_agent = Tunnel::agent(now, TunnelConfig::default(), "a1", &["ldap".into()]);
+    transmits(&mut v1_agent);
+    v1_agent.handle_message(now, &v1(&welcome("v1")));
+    assert!(!v1_agent.send_reauth("t"), "v1 has no REAUTH frame");
+    agent.handle_message(now, &v1(&welcome("v2")));
+    events(&mut agent);
+    assert!(agent.send_reauth("fresh.jwt.token"));
+    let sent: Vec<WsMessage> = std::iter::from_fn(|| agent.poll_transmit()).collect();
+    assert_eq!(sent.len(), 1);
+    // The hub surfaces it, token intact, and keeps the tunnel.
+    let (mut hub_side, _) = hub_tunnel(&["v2"], 0);
+    hub_side.handle_message(now, &sent[0]);
+    let evs = events(&mut hub_side);
+    assert!(
+        matches!(&evs[..], [TunnelEvent::Reauth { token }] if token == "fresh.jwt.token"),
+        "{evs:?}"
+    );
+    assert!(!hub_side.is_closed());
+    // A hub sending REAUTH to an agent is a protocol error.
+    agent.handle_message(now, &sent[0]);
+    assert!(matches!(
+        events(&mut agent).last(),
+        Some(TunnelEvent::Closed { code: ErrorCode::ProtocolError, reason }) if reason.contains("unexpected REAUTH")
+    ));
+}

@@ -189,6 +189,10 @@ impl AgentRuntime {
             max: self.cfg.max_message(),
         };
         let mut dials: AgentDials<JoinHandle<()>> = AgentDials::default();
+        // Moves the tunnels to a fresh token before theirs expires.
+        let renewal = std::cell::RefCell::new(nowconnect_shared::token_renewal::TokenRenewal::new(
+            &self.cfg.token,
+        ));
         let mut timer = LoopTimer::default();
         loop {
             let conns = [conn.as_mut(), old.as_mut()]
@@ -197,13 +201,20 @@ impl AgentRuntime {
                 .map(|c| (c.attempt, &mut c.driver))
                 .collect();
             agent_outputs(&tasks, &mut agent, &mut dials, conns, || {
-                self.cfg.dial_token()
+                let token = self.cfg.dial_token();
+                renewal.borrow_mut().observe(&token);
+                token
             });
             let deadline = [&conn, &old]
                 .into_iter()
                 .flatten()
                 .filter_map(|c| c.driver.deadline())
                 .chain(agent.poll_timeout())
+                .chain(
+                    renewal
+                        .borrow()
+                        .deadline(Instant::now(), nowconnect_shared::jwt::unix_now()),
+                )
                 .min();
             timer.set(deadline, task::sleep);
             let wake = next_wake(&irx, conn.as_mut(), old.as_mut(), &mut timer).await;
@@ -296,6 +307,14 @@ impl AgentRuntime {
                     }
                 }
                 Wake::Timer => {
+                    renewal.borrow_mut().renew(
+                        now,
+                        || self.cfg.current_token(),
+                        [conn.as_mut(), old.as_mut()]
+                            .into_iter()
+                            .flatten()
+                            .map(|c| &mut c.driver.tunnel),
+                    );
                     agent.handle_timeout(now);
                     for c in [conn.as_mut(), old.as_mut()].into_iter().flatten() {
                         c.driver.tunnel.handle_timeout(now);

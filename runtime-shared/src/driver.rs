@@ -1127,7 +1127,10 @@ pub fn agent_tunnel_step(
                 tracing::warn!(attempt, %code, %reason, "tunnel closed");
                 step = TunnelStep::Lost(code, reason);
             }
-            TunnelEvent::Hello { .. } | TunnelEvent::Flow(_) | TunnelEvent::Rtt(_) => {}
+            TunnelEvent::Hello { .. }
+            | TunnelEvent::Reauth { .. }
+            | TunnelEvent::Flow(_)
+            | TunnelEvent::Rtt(_) => {}
         }
     }
     driver.drain();

@@ -345,7 +345,10 @@ impl<R: HubRt> Shared<R> {
         {
             return;
         }
-        tracing::info!(peer = replica.unwrap_or("(configured)"), %url, "mesh peer dialed");
+        match replica {
+            Some(peer) => tracing::info!(%peer, %url, "mesh peer discovered"),
+            None => tracing::info!(%url, "mesh peer dialed (configured)"),
+        }
         self.rt.spawn(crate::mesh::dial_peer(
             self.clone(),
             url.to_string(),
@@ -653,6 +656,44 @@ impl<R: HubRt> Shared<R> {
         Ok(identity)
     }
 
+    /// A token an established tunnel's agent sent to renew its credential
+    /// (REAUTH): valid under the current verification settings (revocation
+    /// included), for the same agent and tenant, and scoped to cover every
+    /// connector the HELLO announced. The new identity, or the refusal's
+    /// label and detail.
+    pub fn check_reauth(
+        &self,
+        current: &AgentIdentity,
+        announced: &[String],
+        token: &str,
+    ) -> Result<AgentIdentity, (&'static str, String)> {
+        let verifier = self.verifier.read().expect("verifier lock").clone();
+        let new = verifier.verify(token).map_err(|e| (e.label, e.detail))?;
+        if new.agent_id != current.agent_id || new.tenant != current.tenant {
+            return Err((
+                "agent_mismatch",
+                format!(
+                    "the renewed token is for agent `{}` of tenant `{}`, the tunnel for `{}` of `{}`",
+                    new.agent_id, new.tenant, current.agent_id, current.tenant
+                ),
+            ));
+        }
+        match &new.scope {
+            None if !self.cfg.raw.tunnel.allow_unscoped_tokens => Err((
+                "unscoped_token",
+                "the renewed token names no connectors".to_string(),
+            )),
+            Some(scope) => match announced.iter().find(|c| !scope.contains(c)) {
+                Some(c) => Err((
+                    "connector_outside_scope",
+                    format!("the renewed token does not cover connector `{c}`"),
+                )),
+                None => Ok(new),
+            },
+            None => Ok(new),
+        }
+    }
+
     /// The largest WebSocket message or frame a tunnel takes.
     pub fn max_ws_message(&self) -> usize {
         self.cfg.limits.max_frame + 1024
@@ -666,7 +707,7 @@ impl<R: HubRt> Shared<R> {
         mut stream: S,
         out: Sender<Outgoing>,
         mut writer: InlineWriter<K, M>,
-        identity: AgentIdentity,
+        mut identity: AgentIdentity,
         peer: SocketAddr,
     ) where
         S: futures_lite::Stream<Item = WsIn> + Unpin + Send,
@@ -686,9 +727,13 @@ impl<R: HubRt> Shared<R> {
         let agent_id = identity.agent_id.clone();
         let tenant = identity.tenant.clone();
         // The tunnel lives no longer than its token.
-        let expires = Instant::now()
-            + Duration::from_secs(identity.expires_at.saturating_sub(crate::jwt::unix_now()));
+        let until = |exp: u64| {
+            Instant::now() + Duration::from_secs(exp.saturating_sub(crate::jwt::unix_now()))
+        };
+        let mut expires = until(identity.expires_at);
         let mut expired = false;
+        // What the HELLO announced (bare names): a renewed token must cover it.
+        let mut announced: Vec<String> = Vec::new();
         tracing::info!(tunnel = tunnel_id, %peer, %tenant, agent = %identity.agent_id, "agent tunnel connected");
         enum Wake {
             In(Option<WsIn>),
@@ -767,6 +812,7 @@ impl<R: HubRt> Shared<R> {
                         agent_id: hello_id,
                         connectors,
                     } => {
+                        announced = connectors.clone();
                         let credential = identity.credential();
                         let res = shared.with_control(|c, now| {
                             c.hub.tunnel_hello_as(
@@ -788,6 +834,32 @@ impl<R: HubRt> Shared<R> {
                                 shared.security_event(kind);
                             }
                             tracing::warn!(target: "nowconnect::security", tunnel = tunnel_id, %tenant, agent = %agent_id, hello_agent = %hello_id, reason = kind, "tunnel refused at HELLO");
+                        }
+                    }
+                    TunnelEvent::Reauth { token } => {
+                        match shared.check_reauth(&identity, &announced, &token) {
+                            Ok(new) => {
+                                tracing::info!(tunnel = tunnel_id, %tenant, agent = %agent_id, expires_at = new.expires_at, "agent token renewed on the tunnel");
+                                expires = until(new.expires_at);
+                                shared.with_control(|c, _| {
+                                    if let Some(id) = c.identities.get_mut(&tunnel_id) {
+                                        *id = new.clone();
+                                    }
+                                });
+                                identity = new;
+                            }
+                            Err((label, detail)) => {
+                                shared
+                                    .metrics
+                                    .auth_failures
+                                    .get_or_create(&labels(&[("reason", label)]))
+                                    .inc();
+                                tracing::warn!(target: "nowconnect::security", tunnel = tunnel_id, %tenant, agent = %agent_id, reason = label, %detail, "renewed token refused; closing the tunnel");
+                                d.tunnel.close(
+                                    ErrorCode::Refused,
+                                    &format!("renewed token refused: {label}: {detail}"),
+                                );
+                            }
                         }
                     }
                     TunnelEvent::Established { epoch, codec } => {

@@ -139,6 +139,7 @@ pub const AUTH_FAILURE_LABELS: &[&str] = &[
     "unknown_key",
     "ttl_too_long",
     "unscoped_token",
+    "connector_outside_scope",
     "revoked",
 ];
 

@@ -23,4 +23,5 @@ pub mod redact;
 #[cfg(any(feature = "redis-tokio", feature = "redis-smol"))]
 pub mod registry;
 pub mod tls;
+pub mod token_renewal;
 pub mod tung;

@@ -192,6 +192,10 @@ impl AgentRuntime {
             max: self.cfg.max_message(),
         };
         let mut dials: AgentDials<JoinHandle<()>> = AgentDials::default();
+        // Moves the tunnels to a fresh token before theirs expires.
+        let renewal = std::cell::RefCell::new(nowconnect_shared::token_renewal::TokenRenewal::new(
+            &self.cfg.token,
+        ));
         let mut timer = nowconnect_shared::driver::LoopTimer::default();
         loop {
             // Perform what the agent core asked for.
@@ -201,9 +205,14 @@ impl AgentRuntime {
                 .map(|c| (c.attempt, &mut c.driver))
                 .collect();
             agent_outputs(&tasks, &mut agent, &mut dials, conns, || {
-                self.cfg.dial_token()
+                let token = self.cfg.dial_token();
+                renewal.borrow_mut().observe(&token);
+                token
             });
             let deadline = [
+                renewal
+                    .borrow()
+                    .deadline(Instant::now(), nowconnect_shared::jwt::unix_now()),
                 agent.poll_timeout(),
                 conn.as_ref().and_then(Connection::deadline),
                 old.as_ref().and_then(Connection::deadline),
@@ -263,6 +272,11 @@ impl AgentRuntime {
                 }
                 _ = timer => {
                     let now = Instant::now();
+                    renewal.borrow_mut().renew(
+                        now,
+                        || self.cfg.current_token(),
+                        [conn.as_mut(), old.as_mut()].into_iter().flatten().map(|c| &mut c.driver.tunnel),
+                    );
                     agent.handle_timeout(now);
                     for c in [conn.as_mut(), old.as_mut()].into_iter().flatten() {
                         c.driver.tunnel.handle_timeout(now);

@@ -1672,7 +1672,8 @@ impl World {
             TunnelEvent::Established { .. }
             | TunnelEvent::Open { .. }
             | TunnelEvent::Rtt(_)
-            | TunnelEvent::Drain => {}
+            | TunnelEvent::Drain
+            | TunnelEvent::Reauth { .. } => {}
         }
     }
 

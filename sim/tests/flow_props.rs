@@ -153,7 +153,8 @@ fn on_event(m: &mut Model, at_hub: bool, e: TunnelEvent) {
         TunnelEvent::Hello { .. }
         | TunnelEvent::Established { .. }
         | TunnelEvent::Rtt(_)
-        | TunnelEvent::Drain => {}
+        | TunnelEvent::Drain
+        | TunnelEvent::Reauth { .. } => {}
     }
 }
 

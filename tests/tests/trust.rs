@@ -372,3 +372,105 @@ fn revoking_an_agent_closes_its_tunnel_and_leaves_the_others() {
         assert_eq!(&b, b"ok");
     }
 }
+
+/// Make-before-break on the same tunnel: the agent's token lives 10 s, a
+/// fresh one lands in its `token_file` once the tunnel is up; before the old one
+/// expires the agent hands the fresh one to the hub (REAUTH), and the
+/// tunnel, a flow that runs across the old expiry and a stream of new
+/// flows all go on: no reconnect, no failed flow.
+#[test]
+fn a_token_renewed_in_token_file_keeps_the_tunnel_and_every_flow() {
+    token_renewal_keeps_every_flow(Runtime::Tokio);
+}
+
+/// The same with the agent on the async-std runtime.
+#[test]
+fn a_token_renewed_in_token_file_keeps_every_flow_of_an_async_std_agent() {
+    token_renewal_keeps_every_flow(Runtime::AsyncStd);
+}
+
+fn token_renewal_keeps_every_flow(agent_rt: Runtime) {
+    let env = Env::new();
+    let echo = echo_server();
+    let yaml = env.hub_yaml(&[("echo", "echo")], "").replace(
+        "    hs256_secret_file:",
+        "    leeway_sec: 0\n    hs256_secret_file:",
+    );
+    let hub = HubProc::start(env.path(), "hub", &yaml);
+    let token_file = env.path().join("agent.jwt");
+    let scope = || Some(vec!["echo".to_string()]);
+    let minted = std::time::Instant::now();
+    std::fs::write(
+        &token_file,
+        env.mint("agent-1", scope(), None, Duration::from_secs(10)),
+    )
+    .unwrap();
+    let agent = AgentProc::start_on(
+        agent_rt,
+        env.path(),
+        "agent",
+        &env.agent_yaml(
+            "agent-1",
+            &[hub.http],
+            &[("echo", echo)],
+            &format!("token_file: {}\n", token_file.display()),
+        ),
+        "unused-the-token-file-wins",
+    );
+    assert!(eventually(Duration::from_secs(8), || hub
+        .metric("nowconnect_agents_connected")
+        == 1.0));
+    let started = minted;
+    // Written atomically (a rename), as an operator's token refresher does.
+    let fresh = env.path().join("agent.jwt.new");
+    std::fs::write(
+        &fresh,
+        env.mint("agent-1", scope(), None, Duration::from_secs(3600)),
+    )
+    .unwrap();
+    std::fs::rename(&fresh, &token_file).unwrap();
+    // One flow across the old token's expiry, and new flows meanwhile.
+    let mut long = TcpStream::connect(hub.listener("echo")).unwrap();
+    long.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut flows = 0;
+    // Until well past the first token's expiry (10 s after it was minted).
+    while started.elapsed() < Duration::from_secs(13) {
+        let msg = format!("tick {flows}");
+        long.write_all(msg.as_bytes()).unwrap();
+        let mut back = vec![0u8; msg.len()];
+        long.read_exact(&mut back).unwrap_or_else(|e| {
+            panic!(
+                "long flow broke at {:?}: {e}\n{}",
+                started.elapsed(),
+                hub.proc.log_text()
+            )
+        });
+        assert_eq!(back, msg.as_bytes());
+        let mut short = TcpStream::connect(hub.listener("echo")).unwrap();
+        short
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        short.write_all(b"new").unwrap();
+        let mut b = [0u8; 3];
+        short
+            .read_exact(&mut b)
+            .unwrap_or_else(|e| panic!("new flow {flows} failed at {:?}: {e}", started.elapsed()));
+        flows += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(flows > 10, "{flows}");
+    hub.proc
+        .wait_log("agent token renewed on the tunnel", Duration::from_secs(1));
+    agent
+        .proc
+        .wait_log("renewed token sent to the hub", Duration::from_secs(1));
+    assert_eq!(
+        hub.metric("nowconnect_security_events_total{kind=\"tunnel_token_expired\"}"),
+        0.0
+    );
+    assert_eq!(
+        hub.metric("nowconnect_tunnels_total{result=\"accepted\"}"),
+        1.0
+    );
+    assert_eq!(hub.metric("nowconnect_agents_connected"), 1.0);
+}

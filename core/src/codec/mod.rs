@@ -240,6 +240,18 @@ pub(crate) fn validate(frame: &Frame, limits: &Limits) -> Result<(), CodecError>
             }
         }
         Frame::Welcome { codec, .. } => name("codec", codec)?,
+        Frame::Reauth { token } => {
+            if token.is_empty() {
+                return Err(CodecError::out_of_range(t, "token", "must not be empty"));
+            }
+            if token.len() > limits.max_token {
+                return Err(CodecError::out_of_range(
+                    t,
+                    "token",
+                    format!("{} bytes, at most {}", token.len(), limits.max_token),
+                ));
+            }
+        }
         Frame::Open { connector, .. } => name("connector", connector)?,
         Frame::Data { payload: p, .. } => payload(p)?,
         Frame::Rst { reason: r, .. } => reason(r)?,

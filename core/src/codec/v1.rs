@@ -55,6 +55,8 @@ struct Raw<'a> {
     reason: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none", borrow, default)]
     b64: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none", borrow, default)]
+    token: Option<Cow<'a, str>>,
 }
 
 pub fn encode(frame: &Frame, limits: &Limits) -> Result<String, CodecError> {
@@ -138,6 +140,7 @@ fn to_raw(frame: &Frame) -> Raw<'_> {
         | Frame::MPing { nonce }
         | Frame::MPong { nonce } => r.nonce = Some(*nonce),
         Frame::Drain => {}
+        Frame::Reauth { token } => r.token = Some(Cow::Borrowed(token)),
         Frame::MHello { replica_id, window } => {
             r.replica_id = Some(Cow::Borrowed(replica_id));
             r.window = Some(u64::from(*window));
@@ -237,6 +240,9 @@ pub fn decode(msg: &str, limits: &Limits) -> Result<Frame, CodecError> {
             nonce: f.u64("nonce", raw.nonce)?,
         },
         FrameType::Drain => Frame::Drain,
+        FrameType::Reauth => Frame::Reauth {
+            token: raw.token.as_deref().unwrap_or("").to_string(),
+        },
         FrameType::MPing => Frame::MPing {
             nonce: f.u64("nonce", raw.nonce)?,
         },

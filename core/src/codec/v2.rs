@@ -114,6 +114,7 @@ pub fn encode_into(frame: &Frame, limits: &Limits, buf: &mut BytesMut) -> Result
         | Frame::MPing { nonce }
         | Frame::MPong { nonce } => buf.put_u64_le(*nonce),
         Frame::Drain => {}
+        Frame::Reauth { token } => put_str(buf, token),
         Frame::MHello { replica_id, window } => {
             put_str(buf, replica_id);
             buf.put_u32_le(*window);
@@ -249,6 +250,9 @@ pub fn decode(msg: &Bytes, limits: &Limits) -> Result<Frame, CodecError> {
             nonce: r.u64("nonce")?,
         },
         FrameType::Drain => Frame::Drain,
+        FrameType::Reauth => Frame::Reauth {
+            token: r.string("token")?,
+        },
         FrameType::MPing => Frame::MPing {
             nonce: r.u64("nonce")?,
         },
@@ -354,6 +358,8 @@ impl Reader<'_> {
         // Check against the limit before allocating.
         let max = if field == "reason" {
             self.limits.max_reason
+        } else if field == "token" {
+            self.limits.max_token
         } else {
             self.limits.max_name
         };
