@@ -8,7 +8,9 @@
 //! - `{p}agent:{id}:owner`      "replica|epoch", PX lease
 //! - `{p}agent:{id}:connectors` set of connector names, PX lease
 //! - `{p}connector:{name}`      zset agent id → lease expiry (ms, Redis TIME)
-//! - `{p}connectors`            set of connector names ever announced
+//! - `{p}connectors`            set of connector names with a live agent
+//!   (pruned by the sweep once a connector's last lease lapsed)
+//! - `{p}sweep:cursor`          where the next sweep continues its SSCAN
 //! - `{p}replicas`              zset replica id → lease expiry (ms)
 //! - `{p}replica:{id}:url`      mesh URL, PX lease
 //!
@@ -32,6 +34,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, ClientTlsConfig, IntoConnectionInfo, Script, TlsCertificates};
 
 use crate::redact::{Secret, redact_url};
+
+/// Connector names one sweep call looks at (an SSCAN `COUNT` hint).
+pub const SWEEP_STEP: usize = 256;
 
 const NOW_MS: &str = "local t = redis.call('TIME') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)";
 
@@ -182,11 +187,19 @@ impl RedisRegistry {
                  return out",
                 p = prefix
             )),
+            // Bounded work per call: one SSCAN step over the connector set
+            // (its cursor kept in Redis, so every hub's sweep continues
+            // where the last one stopped); a connector whose last agent's
+            // lease lapsed leaves the set.
             sweep: Script::new(&format!(
                 "{NOW_MS}
                  local n = 0
-                 for _, c in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-                   n = n + redis.call('ZREMRANGEBYSCORE', '{p}connector:' .. c, '-inf', now)
+                 local step = redis.call('SSCAN', KEYS[1], redis.call('GET', KEYS[3]) or '0', 'COUNT', ARGV[1])
+                 redis.call('SET', KEYS[3], step[1])
+                 for _, c in ipairs(step[2]) do
+                   local k = '{p}connector:' .. c
+                   n = n + redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
+                   if redis.call('ZCARD', k) == 0 then redis.call('SREM', KEYS[1], c) end
                  end
                  n = n + redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
                  return n",
@@ -343,6 +356,8 @@ impl RedisRegistry {
                     .sweep
                     .key(self.key(&["connectors"]))
                     .key(self.key(&["replicas"]))
+                    .key(self.key(&["sweep", "cursor"]))
+                    .arg(SWEEP_STEP)
                     .invoke_async(&mut c)
                     .await?;
                 RegistryReply::Swept(n)

@@ -209,3 +209,76 @@ async fn epochs_keep_growing_when_redis_loses_its_data_and_errors_are_reported()
         "epoch went back after data loss: {after:?} <= {before:?}"
     );
 }
+
+/// `redis-cli` against the test's server.
+fn cli(url: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .arg("-u")
+        .arg(url)
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The connector set does not grow without bound: once the last agent of a
+/// connector is gone (its lease lapsed) the sweep removes the name, and one
+/// sweep call looks at a bounded step of the set (its cursor kept in Redis),
+/// so a thousand dead names are pruned over several calls while a live one
+/// stays.
+#[tokio::test]
+async fn the_sweep_prunes_dead_connectors_a_bounded_step_at_a_time() {
+    let env = Env::new();
+    let redis = RedisProc::start(env.path());
+    let url = redis.url();
+    let r = RedisRegistry::new(&url, "t:", Duration::from_secs(2)).unwrap();
+    for i in 0..1000 {
+        r.apply(&RegistryOp::AddConnectors {
+            agent_id: format!("a{i}"),
+            connectors: vec![format!("c{i}")],
+            lease: Duration::from_millis(200),
+        })
+        .await
+        .unwrap();
+    }
+    r.apply(&RegistryOp::AddConnectors {
+        agent_id: "live".into(),
+        connectors: vec!["ldap".into()],
+        lease: Duration::from_secs(60),
+    })
+    .await
+    .unwrap();
+    let scard = || {
+        cli(&url, &["SCARD", "t:connectors"])
+            .parse::<u64>()
+            .unwrap()
+    };
+    assert_eq!(scard(), 1001);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    r.apply(&RegistryOp::Sweep).await.unwrap();
+    let after_one = scard();
+    assert!(
+        after_one > 1 && after_one < 1001,
+        "one sweep pruned {} of 1000 dead names: not a bounded step",
+        1001 - after_one
+    );
+    let mut sweeps = 1;
+    while scard() > 1 {
+        assert!(sweeps < 100, "{} names left after {sweeps} sweeps", scard());
+        r.apply(&RegistryOp::Sweep).await.unwrap();
+        sweeps += 1;
+    }
+    assert_eq!(cli(&url, &["SISMEMBER", "t:connectors", "ldap"]), "1");
+    match r
+        .apply(&RegistryOp::ListAgents {
+            connector: "ldap".into(),
+        })
+        .await
+        .unwrap()
+    {
+        RegistryReply::Agents(a) => assert_eq!(a.len(), 1),
+        other => panic!("{other:?}"),
+    }
+    eprintln!("1000 dead connector names pruned in {sweeps} sweeps");
+}

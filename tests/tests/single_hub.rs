@@ -188,7 +188,7 @@ fn bad_tokens_are_refused_before_upgrade_and_counted() {
     let env = Env::new();
     let hub = HubProc::start(env.path(), "hub", &env.hub_yaml(&[("ldap", "ldap")], ""));
     let now = nowconnect_tokio::jwt::unix_now();
-    let good = serde_json::json!({"sub": "a1", "aud": "nowconnect", "exp": now + 600});
+    let good = serde_json::json!({"sub": "a1", "connectors": ["echo"], "aud": "nowconnect", "exp": now + 600});
     let s = env.secret.as_bytes();
     let hs = jsonwebtoken::Algorithm::HS256;
     let none = {
@@ -218,7 +218,7 @@ fn bad_tokens_are_refused_before_upgrade_and_counted() {
             "expired",
             Some(jwt(
                 s,
-                serde_json::json!({"sub": "a1", "aud": "nowconnect", "exp": now - 3600}),
+                serde_json::json!({"sub": "a1", "connectors": ["echo"], "aud": "nowconnect", "exp": now - 3600}),
                 hs,
             )),
         ),
@@ -226,7 +226,7 @@ fn bad_tokens_are_refused_before_upgrade_and_counted() {
             "not_yet_valid",
             Some(jwt(
                 s,
-                serde_json::json!({"sub": "a1", "aud": "nowconnect", "exp": now + 7200, "nbf": now + 3600}),
+                serde_json::json!({"sub": "a1", "connectors": ["echo"], "aud": "nowconnect", "exp": now + 7200, "nbf": now + 3600}),
                 hs,
             )),
         ),
@@ -743,7 +743,7 @@ fn a_token_from_another_issuer_is_refused_when_an_issuer_is_required() {
     let hs = jsonwebtoken::Algorithm::HS256;
     let other = jwt(
         s,
-        serde_json::json!({"sub": "a1", "aud": "nowconnect", "iss": "someone-else", "exp": now + 600}),
+        serde_json::json!({"sub": "a1", "connectors": ["echo"], "aud": "nowconnect", "iss": "someone-else", "exp": now + 600}),
         hs,
     );
     let (status, text) = upgrade(&hub, Some(&other));
@@ -755,7 +755,7 @@ fn a_token_from_another_issuer_is_refused_when_an_issuer_is_required() {
     );
     let none = jwt(
         s,
-        serde_json::json!({"sub": "a1", "aud": "nowconnect", "exp": now + 600}),
+        serde_json::json!({"sub": "a1", "connectors": ["echo"], "aud": "nowconnect", "exp": now + 600}),
         hs,
     );
     assert_eq!(
@@ -765,7 +765,7 @@ fn a_token_from_another_issuer_is_refused_when_an_issuer_is_required() {
     );
     let right = jwt(
         s,
-        serde_json::json!({"sub": "a1", "aud": "nowconnect", "iss": "corp-idp", "exp": now + 600}),
+        serde_json::json!({"sub": "a1", "connectors": ["echo"], "aud": "nowconnect", "iss": "corp-idp", "exp": now + 600}),
         hs,
     );
     assert_eq!(upgrade(&hub, Some(&right)).0, 101);
@@ -896,7 +896,7 @@ fn sighup_rotates_the_jwt_secret_without_dropping_tunnels() {
     let echo = echo_server();
     let (hub, agent) = cluster(&env, &[("echo", echo)], "");
     let now = nowconnect_tokio::jwt::unix_now();
-    let claims = serde_json::json!({"sub": "a2", "aud": "nowconnect", "exp": now + 600});
+    let claims = serde_json::json!({"sub": "a2", "connectors": ["echo"], "aud": "nowconnect", "exp": now + 600});
     let hs = jsonwebtoken::Algorithm::HS256;
     let old_token = jwt(env.secret.as_bytes(), claims.clone(), hs);
     let new_secret = "a-brand-new-secret-for-rotation-0123456789";
@@ -1025,7 +1025,7 @@ fn json_logs_carry_security_events_at_a_stable_target_without_secrets() {
     let now = nowconnect_tokio::jwt::unix_now();
     let expired = jwt(
         env.secret.as_bytes(),
-        serde_json::json!({"sub": "a1", "aud": "nowconnect", "exp": now - 3600}),
+        serde_json::json!({"sub": "a1", "connectors": ["echo"], "aud": "nowconnect", "exp": now - 3600}),
         jsonwebtoken::Algorithm::HS256,
     );
     assert_eq!(upgrade(&hub, Some(&expired)).0, 401);
