@@ -341,31 +341,14 @@ impl Hub {
         hello_agent_id: &str,
         connectors: &[String],
     ) -> Result<(), &'static str> {
-        let mut refuse = |kind, reason: String| {
+        if let Err((kind, reason)) = credential.admits(hello_agent_id, connectors) {
             self.counters.tunnels_refused += 1;
             self.out.push_back(HubOutput::CloseTunnel {
                 tunnel,
                 code: ErrorCode::Refused,
                 reason,
             });
-            Err(kind)
-        };
-        if hello_agent_id != credential.agent_id {
-            return refuse(
-                "agent_mismatch",
-                format!(
-                    "HELLO names agent `{hello_agent_id}` but the token is for `{}`",
-                    credential.agent_id
-                ),
-            );
-        }
-        if let Some(scope) = &credential.scope
-            && let Some(bad) = connectors.iter().find(|c| !scope.contains(c))
-        {
-            return refuse(
-                "connector_outside_scope",
-                format!("connector `{bad}` is outside the token's scope"),
-            );
+            return Err(kind);
         }
         let agent = qualify(&credential.tenant, hello_agent_id);
         let qualified: Vec<String> = connectors

@@ -37,6 +37,37 @@ pub struct AgentCredential {
     pub scope: Option<Vec<String>>,
 }
 
+impl AgentCredential {
+    /// Whether this credential admits a HELLO of `agent_id` announcing
+    /// `connectors` (at the tunnel's start, and again for a token renewed
+    /// on it): the refusal's kind (`agent_mismatch`,
+    /// `connector_outside_scope`) and reason otherwise.
+    pub fn admits(
+        &self,
+        agent_id: &str,
+        connectors: &[String],
+    ) -> Result<(), (&'static str, String)> {
+        if agent_id != self.agent_id {
+            return Err((
+                "agent_mismatch",
+                format!(
+                    "HELLO names agent `{agent_id}` but the token is for `{}`",
+                    self.agent_id
+                ),
+            ));
+        }
+        if let Some(scope) = &self.scope
+            && let Some(bad) = connectors.iter().find(|c| !scope.contains(c))
+        {
+            return Err((
+                "connector_outside_scope",
+                format!("connector `{bad}` is outside the token's scope"),
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -643,9 +643,18 @@ impl<R: HubRt> Shared<R> {
         let identity = verifier
             .verify(token)
             .map_err(|e| refuse(e.label, e.detail))?;
+        if let Err((label, detail)) = self.check_scoped(&identity) {
+            self.security_event(label);
+            return Err(refuse(label, detail));
+        }
+        Ok(identity)
+    }
+
+    /// A token without a connector scope is refused unless the operator
+    /// allows it (`tunnel.allow_unscoped_tokens`).
+    fn check_scoped(&self, identity: &AgentIdentity) -> Result<(), (&'static str, String)> {
         if identity.scope.is_none() && !self.cfg.raw.tunnel.allow_unscoped_tokens {
-            self.security_event("unscoped_token");
-            return Err(refuse(
+            return Err((
                 "unscoped_token",
                 format!(
                     "the token for agent `{}` names no connectors (mint it with --connectors; tunnel.allow_unscoped_tokens is false)",
@@ -653,7 +662,7 @@ impl<R: HubRt> Shared<R> {
                 ),
             ));
         }
-        Ok(identity)
+        Ok(())
     }
 
     /// A token an established tunnel's agent sent to renew its credential
@@ -669,29 +678,18 @@ impl<R: HubRt> Shared<R> {
     ) -> Result<AgentIdentity, (&'static str, String)> {
         let verifier = self.verifier.read().expect("verifier lock").clone();
         let new = verifier.verify(token).map_err(|e| (e.label, e.detail))?;
-        if new.agent_id != current.agent_id || new.tenant != current.tenant {
+        if new.tenant != current.tenant {
             return Err((
                 "agent_mismatch",
                 format!(
-                    "the renewed token is for agent `{}` of tenant `{}`, the tunnel for `{}` of `{}`",
-                    new.agent_id, new.tenant, current.agent_id, current.tenant
+                    "the renewed token is for tenant `{}`, the tunnel for `{}`",
+                    new.tenant, current.tenant
                 ),
             ));
         }
-        match &new.scope {
-            None if !self.cfg.raw.tunnel.allow_unscoped_tokens => Err((
-                "unscoped_token",
-                "the renewed token names no connectors".to_string(),
-            )),
-            Some(scope) => match announced.iter().find(|c| !scope.contains(c)) {
-                Some(c) => Err((
-                    "connector_outside_scope",
-                    format!("the renewed token does not cover connector `{c}`"),
-                )),
-                None => Ok(new),
-            },
-            None => Ok(new),
-        }
+        self.check_scoped(&new)?;
+        new.credential().admits(&current.agent_id, announced)?;
+        Ok(new)
     }
 
     /// The largest WebSocket message or frame a tunnel takes.
@@ -743,10 +741,11 @@ impl<R: HubRt> Shared<R> {
         }
         let mut timer = LoopTimer::default();
         loop {
-            let deadline = match d.deadline() {
-                Some(at) if expired || at < expires => Some(at),
-                _ if expired => None,
-                _ => Some(expires),
+            // Until it fires, the token's expiry is one more deadline.
+            let deadline = if expired {
+                d.deadline()
+            } else {
+                Some(d.deadline().map_or(expires, |at| at.min(expires)))
             };
             timer.set(deadline, |dur| shared.rt.sleep(dur));
             let wake = race(
