@@ -98,6 +98,13 @@ pub enum HubOutput {
     DrainTunnel {
         tunnel: TunnelId,
     },
+    /// A replica left the registry: it was missing from every listing for
+    /// a whole lease (a live replica announces itself every renew interval,
+    /// also after Redis lost its data). Its mesh links are no longer
+    /// served; a replica id that comes back is admitted again.
+    PeerDeparted {
+        replica_id: String,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,6 +186,8 @@ pub struct HubCounters {
     pub shadow_would: BTreeMap<&'static str, u64>,
     pub registry_errors: u64,
     pub registry_timeouts: u64,
+    /// Replicas that left the registry ([`HubOutput::PeerDeparted`]).
+    pub peers_departed: u64,
 }
 
 #[derive(Debug)]
@@ -198,6 +207,8 @@ pub struct Hub {
     /// included): a mesh peer is served only while it is one of them (or
     /// allow-listed by the runtime's configuration).
     registered_replicas: BTreeSet<String>,
+    /// When each replica was last in a registry listing.
+    replica_seen: BTreeMap<String, Instant>,
     draining: bool,
     rng: Rng,
     out: VecDeque<HubOutput>,
@@ -218,6 +229,7 @@ impl Hub {
             registry_last_error: None,
             mesh_up: BTreeSet::new(),
             registered_replicas: BTreeSet::new(),
+            replica_seen: BTreeMap::new(),
             draining: false,
             rng: Rng::new(seed),
             out: VecDeque::new(),
@@ -608,10 +620,31 @@ impl Hub {
         self.registered_replicas.contains(replica_id)
     }
 
-    /// A registry listing of replicas read outside the discovery timer
-    /// (a mesh peer not seen yet): remember it like a discovery.
-    pub fn replicas_listed(&mut self, list: &[(String, String)]) {
+    /// A registry listing of replicas (from discovery, or read when a mesh
+    /// peer not seen yet said M_HELLO). A replica missing from listings for
+    /// a whole lease has left: [`HubOutput::PeerDeparted`]. The grace covers
+    /// a Redis restart that lost its data (every live replica announces
+    /// itself again within a renew interval, shorter than the lease).
+    pub fn replicas_listed(&mut self, now: Instant, list: &[(String, String)]) {
         self.registered_replicas = list.iter().map(|(r, _)| r.clone()).collect();
+        for r in &self.registered_replicas {
+            self.replica_seen.insert(r.clone(), now);
+        }
+        let lease = self.cfg.lease;
+        let gone: Vec<String> = self
+            .replica_seen
+            .iter()
+            .filter(|(r, seen)| {
+                !self.registered_replicas.contains(*r)
+                    && now.saturating_duration_since(**seen) >= lease
+            })
+            .map(|(r, _)| r.clone())
+            .collect();
+        for replica_id in gone {
+            self.replica_seen.remove(&replica_id);
+            self.counters.peers_departed += 1;
+            self.out.push_back(HubOutput::PeerDeparted { replica_id });
+        }
     }
 
     /// A stale-epoch frame was refused elsewhere (mesh link); count it.
@@ -935,7 +968,7 @@ impl Hub {
                 }
             }
             (Pending::Replicas, Ok(RegistryReply::Replicas(list))) => {
-                self.replicas_listed(&list);
+                self.replicas_listed(now, &list);
                 let peers = list
                     .into_iter()
                     .filter(|(r, url)| *r != self.cfg.replica_id && !url.is_empty())

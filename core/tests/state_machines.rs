@@ -1437,3 +1437,40 @@ fn reauth_goes_agent_to_hub_on_v2_only_and_is_refused_the_other_way() {
         Some(TunnelEvent::Closed { code: ErrorCode::ProtocolError, reason }) if reason.contains("unexpected REAUTH")
     ));
 }
+
+/// A replica is served while the registry lists it; one missing from every
+/// listing for a whole lease has left (its mesh links are to be closed),
+/// while one missing for less (Redis restarted and lost its data, the
+/// replica has not announced itself again yet) has not.
+#[test]
+fn a_replica_missing_from_listings_for_a_lease_has_departed() {
+    let t0 = origin();
+    let mut h = hub(Mode::Active);
+    let lease = HubConfig::default().lease;
+    let both = [
+        ("hub-b".to_string(), "wss://b/mesh".to_string()),
+        ("hub-c".to_string(), "wss://c/mesh".to_string()),
+    ];
+    h.replicas_listed(t0, &both);
+    assert!(h.replica_registered("hub-b") && h.replica_registered("hub-c"));
+    // Redis lost its data: an empty listing, then hub-b is back in time.
+    h.replicas_listed(t0 + lease / 3, &[]);
+    assert!(!h.replica_registered("hub-b"));
+    h.replicas_listed(t0 + lease / 2, &both[..1]);
+    assert!(h.replica_registered("hub-b"));
+    assert_eq!(h.poll_output(), None, "nothing departs within the lease");
+    // hub-c stays away for a whole lease: it has departed, once.
+    h.replicas_listed(t0 + lease, &both[..1]);
+    assert_eq!(
+        h.poll_output(),
+        Some(HubOutput::PeerDeparted {
+            replica_id: "hub-c".into()
+        })
+    );
+    h.replicas_listed(t0 + lease * 2, &both[..1]);
+    assert_eq!(h.poll_output(), None);
+    assert_eq!(h.counters.peers_departed, 1);
+    // A replica id that comes back is served again.
+    h.replicas_listed(t0 + lease * 3, &both);
+    assert!(h.replica_registered("hub-c"));
+}

@@ -749,7 +749,8 @@ impl HubConfig {
         for (i, l) in raw.listeners.iter().enumerate() {
             let key = |k: &str| format!("listeners[{i}].{k}");
             check_name(&l.name).map_err(|r| err(&key("name"), r))?;
-            check_name(&l.connector).map_err(|r| err(&key("connector"), r))?;
+            // Connector, tenant and agent names must be ones a token can carry.
+            crate::jwt::check_connector(&l.connector).map_err(|r| err(&key("connector"), r))?;
             let addr = parse_addr(&l.bind).map_err(|r| err(&key("bind"), r))?;
             if listeners.iter().any(|(n, _, _)| n == &l.name) {
                 return Err(err(
@@ -765,7 +766,7 @@ impl HubConfig {
             }
             let tenant = match &l.tenant {
                 Some(t) => {
-                    check_name(t).map_err(|r| err(&key("tenant"), r))?;
+                    crate::jwt::check_tenant(t).map_err(|r| err(&key("tenant"), r))?;
                     t.as_str()
                 }
                 None => nowconnect_core::tenant::DEFAULT_TENANT,
@@ -779,7 +780,8 @@ impl HubConfig {
                 }
                 let mut pin = Vec::new();
                 for (j, a) in agents.iter().enumerate() {
-                    check_name(a).map_err(|r| err(&key(&format!("agents[{j}]")), r))?;
+                    crate::jwt::check_agent_id(a)
+                        .map_err(|r| err(&key(&format!("agents[{j}]")), r))?;
                     pin.push(nowconnect_core::tenant::qualify(tenant, a));
                 }
                 listener_pins.insert(l.name.clone(), pin);
@@ -1203,7 +1205,7 @@ impl AgentConfig {
     pub fn parse(file: &Path, text: &str, env_token: Option<String>) -> Result<Self, ConfigError> {
         let raw: AgentFile = parse_yaml(file, text)?;
         let err = |key: &str, reason: String| ConfigError::new(file, key, reason);
-        check_name(&raw.agent_id).map_err(|r| err("agent_id", r))?;
+        crate::jwt::check_agent_id(&raw.agent_id).map_err(|r| err("agent_id", r))?;
         if raw.hubs.is_empty() {
             return Err(err("hubs", "list at least one hub tunnel URL".into()));
         }
@@ -1219,7 +1221,8 @@ impl AgentConfig {
             return Err(err("connectors", "list at least one connector".into()));
         }
         for (i, c) in raw.connectors.iter().enumerate() {
-            check_name(&c.name).map_err(|r| err(&format!("connectors[{i}].name"), r))?;
+            crate::jwt::check_connector(&c.name)
+                .map_err(|r| err(&format!("connectors[{i}].name"), r))?;
             check_target(&c.target).map_err(|r| err(&format!("connectors[{i}].target"), r))?;
             if raw.connectors[..i].iter().any(|o| o.name == c.name) {
                 return Err(err(

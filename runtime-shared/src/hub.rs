@@ -134,8 +134,9 @@ pub struct Shared<R: HubRt> {
     active_clients: AtomicUsize,
     draining: AtomicBool,
     mesh_links: Mutex<MeshLinks>,
-    /// Mesh URLs with an outbound link task (static peers and discovered ones).
-    mesh_dialed: Mutex<std::collections::BTreeSet<String>>,
+    /// Mesh URLs with an outbound link task: static peers (`None`) and
+    /// discovered ones (the replica the registry announced at the URL).
+    mesh_dialed: Mutex<BTreeMap<String, Option<String>>>,
     /// Registry URLs refused (logged once each).
     mesh_refused_urls: Mutex<std::collections::BTreeSet<String>>,
     /// Mesh TLS (server and client sides), replaced whole on reload: new
@@ -337,13 +338,12 @@ impl<R: HubRt> Shared<R> {
             }
             return;
         }
-        if !self
-            .mesh_dialed
-            .lock()
-            .expect("mesh dialed lock")
-            .insert(url.to_string())
         {
-            return;
+            let mut dialed = self.mesh_dialed.lock().expect("mesh dialed lock");
+            if dialed.contains_key(url) {
+                return;
+            }
+            dialed.insert(url.to_string(), replica.map(str::to_string));
         }
         match replica {
             Some(peer) => tracing::info!(%peer, %url, "mesh peer discovered"),
@@ -354,6 +354,31 @@ impl<R: HubRt> Shared<R> {
             url.to_string(),
             replica.map(str::to_string),
         ));
+    }
+
+    /// `replica` left the registry ([`HubOutput::PeerDeparted`]): its mesh
+    /// links, both ways, are closed; a discovered URL of it is forgotten
+    /// (dialed again if the replica announces itself again), a configured
+    /// peer is dialed again with backoff and admitted only once the replica
+    /// is registered again.
+    fn peer_departed(&self, replica: &str) {
+        self.metrics.mesh_peers_departed.inc();
+        tracing::warn!(peer = %replica, "mesh peer left the registry: its links are closed");
+        let links = self
+            .mesh_links
+            .lock()
+            .expect("mesh links lock")
+            .all(replica);
+        for tx in links {
+            let _ = tx.try_send(LinkCmd::Close {
+                code: ErrorCode::Refused,
+                reason: format!("replica `{replica}` left the registry"),
+            });
+        }
+        self.mesh_dialed
+            .lock()
+            .expect("mesh dialed lock")
+            .retain(|_, r| r.as_deref() != Some(replica));
     }
 
     /// Every second: re-read `tunnel.revocation_file` when it changed (a
@@ -469,7 +494,7 @@ impl<R: HubRt> Shared<R> {
         match listed {
             Ok(RegistryReply::Replicas(list)) => {
                 let known = list.iter().any(|(r, _)| r == claimed);
-                self.with_control(|c, _| c.hub.replicas_listed(&list));
+                self.with_control(|c, now| c.hub.replicas_listed(now, &list));
                 if known {
                     Ok(())
                 } else {
@@ -568,6 +593,7 @@ impl<R: HubRt> Shared<R> {
                         self.dial_once(Some(&replica), &url);
                     }
                 }
+                HubOutput::PeerDeparted { replica_id } => self.peer_departed(&replica_id),
                 HubOutput::DrainTunnel { tunnel } => {
                     if let Some(tx) = c.tunnels.get(&tunnel) {
                         let _ = tx.try_send(LinkCmd::Drain);

@@ -132,6 +132,14 @@ impl MeshLinks {
     pub fn sender(&self, replica: &str) -> Option<Sender<LinkCmd>> {
         self.by_replica.get(replica)?.values().next().cloned()
     }
+
+    /// Every established link to `replica` (inbound and outbound).
+    pub fn all(&self, replica: &str) -> Vec<Sender<LinkCmd>> {
+        self.by_replica
+            .get(replica)
+            .map(|l| l.values().cloned().collect())
+            .unwrap_or_default()
+    }
 }
 
 #[derive(Clone, Default)]
@@ -626,6 +634,15 @@ async fn run_link<R: HubRt>(
                                         },
                                     );
                                 }
+                            }
+                            // A configured peer (dialed, not announced) is
+                            // dialed again with backoff; any other link ends.
+                            LinkCmd::Close { code, reason }
+                                if code != ErrorCode::Shutdown
+                                    && dial.is_some()
+                                    && expected.is_none() =>
+                            {
+                                link.on_disconnected(now, &reason)
                             }
                             LinkCmd::Close { reason, .. } => link.close(&reason),
                             LinkCmd::OpenFlow { reply, .. } => {

@@ -89,6 +89,7 @@ pub struct Metrics {
     pub flow_window_growths: Counter,
     pub mesh_backpressure_drops: Family<Labels, Counter>,
     pub mesh_link_reconnects: Counter,
+    pub mesh_peers_departed: Counter,
     pub mesh_link_errors: Counter,
     pub mesh_link_queue_frames: Family<Labels, Gauge>,
     pub mesh_link_inflight_bytes: Family<Labels, Gauge>,
@@ -188,6 +189,7 @@ impl Metrics {
             flow_window_growths: Counter::default(),
             mesh_backpressure_drops: Family::default(),
             mesh_link_reconnects: Counter::default(),
+            mesh_peers_departed: Counter::default(),
             mesh_link_errors: Counter::default(),
             mesh_link_queue_frames: Family::default(),
             mesh_link_inflight_bytes: Family::default(),
@@ -251,6 +253,11 @@ impl Metrics {
             "nowconnect_mesh_link_reconnects",
             "Mesh link reconnect attempts",
             m.mesh_link_reconnects.clone(),
+        );
+        r.register(
+            "nowconnect_mesh_peers_departed",
+            "Replicas that left the registry (absent from its listings for a whole lease); their mesh links were closed",
+            m.mesh_peers_departed.clone(),
         );
         r.register(
             "nowconnect_mesh_link_errors",

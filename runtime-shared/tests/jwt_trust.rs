@@ -664,3 +664,53 @@ fn hub_configuration_takes_and_checks_the_new_keys() {
         "{e}"
     );
 }
+
+/// Names in the configuration that a token must match (a listener's
+/// connector, tenant and pinned agents; an agent's id and connector names)
+/// follow the token's rules, so a name no token could carry is refused at
+/// start with the key, instead of a listener that can never be served.
+#[test]
+fn configured_names_follow_the_token_rules() {
+    let dir = Dir::new();
+    let secret = dir.write("jwt.secret", SECRET);
+    let s = format!("    hs256_secret_file: {}\n", secret.display());
+    let with = |listener: &str| {
+        let text = format!(
+            "http:\n  bind: 127.0.0.1:0\ntunnel:\n  jwt:\n{s}listeners:\n  - {{ name: l, bind: '127.0.0.1:0', {listener} }}\n"
+        );
+        HubConfig::parse(&dir.path().join("cloud.yaml"), &text).map_err(|e| e.to_string())
+    };
+    with("connector: ldap, tenant: acme, agents: [a-1]").unwrap();
+    let long_tenant = "t".repeat(65);
+    for (listener, key) in [
+        ("connector: 'ld:ap'", "listeners[0].connector"),
+        ("connector: ldap, tenant: 'ac:me'", "listeners[0].tenant"),
+        (
+            &*format!("connector: ldap, tenant: {long_tenant}"),
+            "listeners[0].tenant",
+        ),
+        ("connector: ldap, agents: ['a:1']", "listeners[0].agents[0]"),
+    ] {
+        let e = with(listener).unwrap_err();
+        assert!(e.contains(key), "{listener}: {e}");
+        assert!(e.contains("letters, digits"), "{listener}: {e}");
+    }
+    let agent = |id: &str, conn: &str| {
+        let text = format!(
+            "agent_id: '{id}'\nhubs: ['ws://127.0.0.1:1/tunnel']\nconnectors:\n  - {{ name: '{conn}', target: '127.0.0.1:389' }}\n"
+        );
+        nowconnect_shared::config::AgentConfig::parse(
+            &dir.path().join("premise.yaml"),
+            &text,
+            Some("token".into()),
+        )
+        .map_err(|e| e.to_string())
+    };
+    agent("a-1", "ldap").unwrap();
+    assert!(agent("a:1", "ldap").unwrap_err().contains("agent_id"));
+    assert!(
+        agent("a-1", "ld:ap")
+            .unwrap_err()
+            .contains("connectors[0].name")
+    );
+}

@@ -268,7 +268,7 @@ pub fn drive_hub(origin: Instant, data: &[u8]) {
                         "client {client} of tenant {want} routed to agent {agent_id}"
                     );
                 }
-                HubOutput::Route { .. } | HubOutput::Peers(_) => {}
+                HubOutput::Route { .. } | HubOutput::Peers(_) | HubOutput::PeerDeparted { .. } => {}
             }
         }
         assert!(hub.agent_count() <= max_agents, "agent limit exceeded");

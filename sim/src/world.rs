@@ -24,6 +24,7 @@ use nowconnect_core::payload::HEADROOM;
 use nowconnect_core::registry::{MemoryRegistry, RegistryError, RegistryOp, RegistryReply};
 use nowconnect_core::rng::Rng;
 use nowconnect_core::routing::{Mode, Route};
+use nowconnect_core::tenant::{AgentCredential, DEFAULT_TENANT, qualify, split};
 use nowconnect_core::tunnel::{Tunnel, TunnelConfig, TunnelEvent};
 use nowconnect_core::{Cid, Codec, Epoch, ErrorCode, Payload, WsMessage};
 
@@ -162,6 +163,11 @@ pub struct Outcome {
     /// Times a flow's receive window doubled (`core/src/flow.rs`).
     pub windows_grown: u64,
     pub bytes_echoed: u64,
+    /// HELLOs a hub refused because the token does not admit them.
+    pub hellos_refused: u64,
+    /// Flows of clients of the second tenant (`acme`), whose agents reuse
+    /// the default tenant's agent ids and connector name.
+    pub flows_other_tenant: u64,
     pub trace_hash: u64,
 }
 
@@ -190,6 +196,8 @@ impl Outcome {
         self.redis_slow_replies += o.redis_slow_replies;
         self.malformed_frames += o.malformed_frames;
         self.stale_epoch_refusals += o.stale_epoch_refusals;
+        self.hellos_refused += o.hellos_refused;
+        self.flows_other_tenant += o.flows_other_tenant;
         self.target_refusals += o.target_refusals;
         self.client_resets += o.client_resets;
         self.half_closes += o.half_closes;
@@ -276,6 +284,8 @@ enum ClientState {
 #[derive(Debug)]
 struct Client {
     hub: usize,
+    /// The tenant of the listener it connected to.
+    tenant: &'static str,
     state: ClientState,
     data: Vec<u8>,
     sent: usize,
@@ -334,8 +344,10 @@ struct Ep {
     /// Outbound mesh link: the hub it dials; its replica id once established.
     mesh_to: Option<usize>,
     mesh_up: Option<String>,
-    /// Hub tunnel: the agent that said HELLO on it.
+    /// Hub tunnel: the agent that said HELLO on it (tenant-qualified).
     agent_id: Option<String>,
+    /// Hub tunnel: what the agent's token says it is (checked at HELLO).
+    credential: Option<AgentCredential>,
 }
 
 enum EpEvent {
@@ -353,6 +365,11 @@ struct SimHub {
 struct SimAgent {
     agent: Agent,
     cfg: AgentConfig,
+    /// What its token says: tenant, id and the connectors it may announce.
+    credential: AgentCredential,
+    /// Announces a connector outside its token's scope: every hub must
+    /// refuse its HELLO, so it never carries a flow.
+    rogue: bool,
     incarnation: u64,
     ep: Option<EpId>,
     /// The tunnel whose hub said DRAIN, kept for its flows.
@@ -404,6 +421,8 @@ pub struct World {
 pub struct Violation(pub String);
 
 const CHUNK: usize = 8 * 1024;
+/// The second tenant of every world.
+const OTHER_TENANT: &str = "acme";
 const TICK: Duration = Duration::from_millis(10);
 
 impl World {
@@ -527,11 +546,32 @@ impl World {
         for h in 0..hubs {
             w.start_mesh_links(h);
         }
-        for i in 0..agents {
+        // Two tenants whose agents share ids and the connector name `echo`
+        // (names are unique only within a tenant), and, when there are
+        // several agents, a rogue one whose token does not list `echo`.
+        let rogue = agents > 1;
+        for i in 0..agents + usize::from(rogue) {
+            let is_rogue = i == agents;
+            let tenant = if i % 2 == 1 {
+                OTHER_TENANT
+            } else {
+                DEFAULT_TENANT
+            };
+            let agent_id = if is_rogue {
+                "rogue".to_string()
+            } else {
+                format!("agent-{}", i / 2)
+            };
+            let scope = if is_rogue { "ldap" } else { "echo" };
+            let credential = AgentCredential {
+                tenant: tenant.to_string(),
+                agent_id: agent_id.clone(),
+                scope: Some(vec![scope.to_string()]),
+            };
             let mut connectors = BTreeMap::new();
             connectors.insert("echo".to_string(), "target:7".to_string());
             let cfg = AgentConfig {
-                agent_id: format!("agent-{i}"),
+                agent_id,
                 hubs: (0..hubs).map(|h| format!("sim://{h}")).collect(),
                 connectors,
                 backoff_base: Duration::from_millis(50),
@@ -544,6 +584,8 @@ impl World {
             w.agents.push(SimAgent {
                 agent: Agent::new(origin, cfg.clone(), seed),
                 cfg,
+                credential,
+                rogue: is_rogue,
                 incarnation: 0,
                 ep: None,
                 draining: None,
@@ -590,6 +632,7 @@ impl World {
                 mesh_to,
                 mesh_up: None,
                 agent_id: None,
+                credential: None,
             },
         );
         id
@@ -656,10 +699,25 @@ impl World {
                 self.outcome.slow_readers += 1;
             }
             let hub = self.rng.below(self.hubs.len() as u64) as usize;
+            // A listener of the second tenant exists only if it has agents.
+            let tenant = if self
+                .agents
+                .iter()
+                .any(|a| !a.rogue && a.credential.tenant == OTHER_TENANT)
+                && self.rng.below(2) == 1
+            {
+                OTHER_TENANT
+            } else {
+                DEFAULT_TENANT
+            };
+            if tenant == OTHER_TENANT {
+                self.outcome.flows_other_tenant += 1;
+            }
             self.clients.insert(
                 id,
                 Client {
                     hub,
+                    tenant,
                     state: ClientState::Waiting,
                     data,
                     sent: 0,
@@ -797,6 +855,11 @@ impl World {
                 let agent_side = hub_side + 1;
                 let t = Tunnel::hub(now, self.tunnel_cfg.clone());
                 self.add_ep(hn, Some(agent_side), Link::Tunnel(t), 0, None);
+                // What the hub learnt from the token at the upgrade.
+                let credential = self.agents[agent].credential.clone();
+                if let Some(e) = self.eps.get_mut(&hub_side) {
+                    e.credential = Some(credential);
+                }
                 let t = Tunnel::agent(now, self.tunnel_cfg.clone(), &id, &connectors);
                 self.add_ep(an, Some(hub_side), Link::Tunnel(t), attempt, None);
                 self.agents[agent].ep = Some(agent_side);
@@ -892,9 +955,10 @@ impl World {
             Event::ClientStart { client } => {
                 self.trace(7, client, 0);
                 self.outcome.flows_started += 1;
-                let hub = self.clients[&client].hub;
+                let (hub, tenant) = (self.clients[&client].hub, self.clients[&client].tenant);
                 if self.hubs[hub].alive {
-                    self.hubs[hub].hub.client_connected(now, client, "echo");
+                    let listener = qualify(tenant, "echo");
+                    self.hubs[hub].hub.client_connected(now, client, &listener);
                 } else {
                     let c = self.clients.get_mut(&client).expect("client");
                     c.state = ClientState::Done;
@@ -1538,6 +1602,11 @@ impl World {
                     }
                     _ => None,
                 };
+                if agent.as_deref() == Some("rogue") {
+                    self.fail(format!(
+                        "hub {h} accepted the tunnel of an agent whose token does not list its connector"
+                    ));
+                }
                 if let Some(agent) = agent {
                     match self.owner_of.get(&(agent.clone(), epoch)) {
                         Some(&other) if other != h => self.fail(format!(
@@ -1560,7 +1629,8 @@ impl World {
                 }
             }
             HubOutput::Route { client, route } => self.route(h, client, route),
-            HubOutput::Peers(_) => {} // the sim's mesh is configured, not discovered
+            // The sim's mesh is configured, not discovered.
+            HubOutput::Peers(_) | HubOutput::PeerDeparted { .. } => {}
             HubOutput::DrainTunnel { tunnel } => {
                 if let Some(Link::Tunnel(t)) = self.eps.get_mut(&tunnel).map(|e| &mut e.link) {
                     t.send_drain();
@@ -1570,6 +1640,22 @@ impl World {
     }
 
     fn route(&mut self, h: usize, client: u64, route: Route) {
+        // A flow never crosses tenants: the agent chosen must be one of the
+        // client's listener's tenant.
+        let tenant = self.clients[&client].tenant;
+        let chosen = match &route {
+            Route::Local { tunnel, .. } => self.eps.get(tunnel).and_then(|e| e.agent_id.clone()),
+            Route::Mesh { agent_id, .. } => Some(agent_id.clone()),
+            Route::Refuse { .. } => None,
+        };
+        if let Some(agent) = chosen
+            && split(&agent).0 != tenant
+        {
+            return self.fail(format!(
+                "hub {h} routed a client of tenant `{tenant}` to agent `{agent}`"
+            ));
+        }
+        let connector = qualify(tenant, "echo");
         let opened = match &route {
             Route::Local { tunnel, .. } => match self.eps.get_mut(tunnel).map(|e| &mut e.link) {
                 Some(Link::Tunnel(t)) => t.open_flow("echo").ok().map(|cid| (*tunnel, cid)),
@@ -1591,7 +1677,7 @@ impl World {
                             ..
                         },
                     )) => m
-                        .open_flow("echo", agent_id, *epoch)
+                        .open_flow(&connector, agent_id, *epoch)
                         .ok()
                         .map(|cid| (*id, cid)),
                     _ => None,
@@ -1657,11 +1743,19 @@ impl World {
                 agent_id,
                 connectors,
             } => {
-                self.hubs[h]
+                let Some(credential) = self.eps.get(&ep).and_then(|e| e.credential.clone()) else {
+                    return self.fail(format!("hub {h}: a HELLO on tunnel {ep} without a token"));
+                };
+                match self.hubs[h]
                     .hub
-                    .tunnel_hello(now, ep, &agent_id, &connectors, None);
-                if let Some(e) = self.eps.get_mut(&ep) {
-                    e.agent_id = Some(agent_id);
+                    .tunnel_hello_as(now, ep, &credential, &agent_id, &connectors)
+                {
+                    Ok(()) => {
+                        if let Some(e) = self.eps.get_mut(&ep) {
+                            e.agent_id = Some(qualify(&credential.tenant, &agent_id));
+                        }
+                    }
+                    Err(_) => self.outcome.hellos_refused += 1,
                 }
             }
             TunnelEvent::Flow(fe) => self.hub_flow_event(ep, fe),
@@ -1760,6 +1854,11 @@ impl World {
                 return;
             }
         };
+        if split(connector).0 != split(agent_id).0 {
+            self.fail(format!(
+                "hub {h} bridged a mesh open for `{connector}` to agent `{agent_id}` of another tenant"
+            ));
+        }
         // The independent check: what this hub owns, under which epoch.
         let owned = self.hubs[h].hub.owned_tunnel(agent_id);
         if owned != Some((tunnel, epoch)) {
@@ -1770,7 +1869,8 @@ impl World {
             ));
         }
         let opened = match self.eps.get_mut(&tunnel).map(|e| &mut e.link) {
-            Some(Link::Tunnel(t)) => t.open_flow(connector).ok(),
+            // The tunnel carries bare names: the agent knows its tenant.
+            Some(Link::Tunnel(t)) => t.open_flow(split(connector).1).ok(),
             _ => None,
         };
         let Some(Ep {

@@ -90,12 +90,14 @@ fn ci_seed_budget() {
         t.windows_grown
     );
     println!(
-        "flows: {} started, {} completed, {} across the mesh, {} stale-epoch opens refused; \
-         reset {:?}; refused {:?}; {} bytes echoed",
+        "flows: {} started ({} of a second tenant), {} completed, {} across the mesh, {} stale-epoch opens refused, \
+         {} HELLOs refused (outside the token's scope); reset {:?}; refused {:?}; {} bytes echoed",
         t.flows_started,
+        t.flows_other_tenant,
         t.flows_completed,
         t.flows_via_mesh,
         t.stale_epoch_refusals,
+        t.hellos_refused,
         t.flows_reset,
         t.flows_refused,
         t.bytes_echoed
@@ -117,6 +119,11 @@ fn ci_seed_budget() {
         ("malformed frames", t.malformed_frames),
         ("target refusals", t.target_refusals),
         ("client resets", t.client_resets),
+        (
+            "HELLOs refused for a connector outside the token's scope",
+            t.hellos_refused,
+        ),
+        ("flows of a second tenant", t.flows_other_tenant),
     ];
     for (what, n) in exercised {
         assert!(n > 0, "the seed budget injected no {what}");

@@ -842,6 +842,18 @@ pub struct RedisTlsSetup<'a> {
     pub password: &'a str,
 }
 
+/// `redis-cli -u url args…` (a plain `redis://` server): its output, trimmed.
+pub fn redis_cli(url: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("redis-cli")
+        .arg("-u")
+        .arg(url)
+        .args(args)
+        .output()
+        .expect("redis-cli");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 impl RedisProc {
     pub fn start(dir: &Path) -> RedisProc {
         Self::start_on(dir, free_port())

@@ -602,3 +602,118 @@ fn an_impostor_with_a_valid_ca_certificate_is_refused_and_receives_no_flow() {
     );
     assert!(mesh_established(&a, pb) && mesh_established(&b, pa));
 }
+
+/// Whether the hub ends the mesh link `ws` within `within` (close frame,
+/// end of stream or error); pings are answered meanwhile.
+async fn closed_within(ws: &mut Ws, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => return false,
+            Ok(None | Some(Err(_))) | Ok(Some(Ok(Message::Close(_)))) => return true,
+            Ok(Some(Ok(Message::Binary(b)))) => {
+                if let Ok(Frame::MPing { nonce }) =
+                    codec::decode(&WsMessage::Binary(b), &Limits::default())
+                {
+                    send(ws, &Frame::MPong { nonce }).await;
+                }
+            }
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
+/// Redis holds ownership, not authority. A party with write access to
+/// Redis plants a replica `hub-c` announcing a plain `ws://` URL: with
+/// mesh TLS configured no hub dials it (refused once, logged and counted).
+/// A peer with a valid certificate for `hub-c` is served only while `hub-c`
+/// is registered: once its record is gone for a whole lease the hub closes
+/// its link, and a new one is refused, while the real mesh stays up.
+#[test]
+fn a_planted_ws_url_is_not_dialed_and_a_departed_replica_loses_its_link() {
+    let env = Env::new();
+    let redis = RedisProc::start(env.path());
+    let ca = Ca::new("mesh CA");
+    let (a, b, pa, pb) = meshed_pair(&env, "active", &redis, &ca);
+    assert!(
+        eventually(Duration::from_secs(15), || mesh_established(&a, pb)
+            && mesh_established(&b, pa)),
+        "hub-a:\n{}",
+        a.proc.log_text()
+    );
+    // A listener that would see the dial of the planted URL.
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    trap.set_nonblocking(true).unwrap();
+    let planted = format!("ws://127.0.0.1:{}/mesh", trap.local_addr().unwrap().port());
+    let url = redis.url();
+    redis_cli(
+        &url,
+        &["ZADD", "nowconnect:replicas", "9000000000000", "hub-c"],
+    );
+    redis_cli(&url, &["SET", "nowconnect:replica:hub-c:url", &planted]);
+    let refused =
+        |h: &HubProc| h.metric("nowconnect_security_events_total{kind=\"mesh_url_refused\"}");
+    assert!(
+        eventually(Duration::from_secs(10), || refused(&a) == 1.0
+            && refused(&b) == 1.0),
+        "hub-a:\n{}",
+        a.proc.log_text()
+    );
+    a.proc.wait_log(
+        "mesh peer URL from the registry refused",
+        Duration::from_secs(2),
+    );
+    std::thread::sleep(Duration::from_secs(2)); // two more discoveries
+    assert!(
+        matches!(trap.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "a hub dialed the planted ws:// URL"
+    );
+    assert_eq!(refused(&a), 1.0, "refused once, not once per discovery");
+
+    // hub-c, registered, with a certificate naming it: served.
+    let c = ca.issue(env.path(), "hub-c");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let still_open = rt.block_on(async {
+        let mut ws = mesh_connect(pa, client_tls(&c, true)).await.unwrap();
+        send(
+            &mut ws,
+            &Frame::MHello {
+                replica_id: "hub-c".into(),
+                window: 0,
+            },
+        )
+        .await;
+        assert!(
+            matches!(recv(&mut ws).await, Frame::MHello { replica_id, .. } if replica_id == "hub-a")
+        );
+        let served = !closed_within(&mut ws, Duration::from_secs(2)).await;
+        // Its record is removed (it stopped announcing itself): within a
+        // lease (3 s) and a discovery (1 s) the link is closed.
+        redis_cli(&url, &["ZREM", "nowconnect:replicas", "hub-c"]);
+        redis_cli(&url, &["DEL", "nowconnect:replica:hub-c:url"]);
+        let t0 = std::time::Instant::now();
+        let closed = closed_within(&mut ws, Duration::from_secs(10)).await;
+        (served, closed, t0.elapsed())
+    });
+    assert!(
+        still_open.0,
+        "a registered hub-c was refused:\n{}",
+        a.proc.log_text()
+    );
+    assert!(
+        still_open.1,
+        "hub-a kept the link of a replica that left the registry:\n{}",
+        a.proc.log_text()
+    );
+    assert!(
+        still_open.2 >= Duration::from_millis(1500),
+        "closed before a lease: {:?}",
+        still_open.2
+    );
+    assert_eq!(a.metric("nowconnect_mesh_peers_departed_total"), 1.0);
+    a.proc
+        .wait_log("mesh peer left the registry", Duration::from_secs(2));
+    // Coming back under the same name is refused while it is not registered.
+    assert!(rt.block_on(claim_is_refused(pa, &c, "hub-c", "agent-1")));
+    assert!(mesh_established(&a, pb) && mesh_established(&b, pa));
+}

@@ -210,17 +210,7 @@ async fn epochs_keep_growing_when_redis_loses_its_data_and_errors_are_reported()
     );
 }
 
-/// `redis-cli` against the test's server.
-fn cli(url: &str, args: &[&str]) -> String {
-    let out = std::process::Command::new("redis-cli")
-        .arg("-u")
-        .arg(url)
-        .args(args)
-        .output()
-        .expect("redis-cli");
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
+use nowconnect_tests::redis_cli as cli;
 
 /// The connector set does not grow without bound: once the last agent of a
 /// connector is gone (its lease lapsed) the sweep removes the name, and one

@@ -474,3 +474,72 @@ fn token_renewal_keeps_every_flow(agent_rt: Runtime) {
     );
     assert_eq!(hub.metric("nowconnect_agents_connected"), 1.0);
 }
+
+/// Tenants across the mesh: two tenants' agents called `agent-1` serving
+/// `svc` are held by hub-a; clients of each tenant's listener on hub-b
+/// cross the mesh (the M_OPEN names the tenant-qualified connector and
+/// agent) and reach only their own tenant's target, every byte checked.
+#[test]
+fn tenants_stay_apart_across_the_mesh() {
+    let env = Env::new();
+    let redis = RedisProc::start(env.path());
+    let ca = pki::Ca::new("mesh CA");
+    let (acme_target, acme_hits) = tag_server("acme");
+    let (globex_target, globex_hits) = tag_server("globex");
+    let listeners = "listeners:\n  \
+                     - { name: l-acme, bind: '127.0.0.1:0', connector: svc, tenant: acme }\n  \
+                     - { name: l-globex, bind: '127.0.0.1:0', connector: svc, tenant: globex }\n";
+    let (a, b, pa, pb) = meshed_pair_with([hub_runtime(); 2], &env, "active", &redis, &ca, &|y| {
+        y.replacen("listeners:\n", listeners, 1)
+    });
+    let _acme = AgentProc::start(
+        env.path(),
+        "acme",
+        &env.agent_yaml("agent-1", &[a.http], &[("svc", acme_target)], ""),
+        &env.tenant_token("acme", "agent-1", &["svc"]),
+    );
+    let _globex = AgentProc::start(
+        env.path(),
+        "globex",
+        &env.agent_yaml("agent-1", &[a.http], &[("svc", globex_target)], ""),
+        &env.tenant_token("globex", "agent-1", &["svc"]),
+    );
+    assert!(
+        eventually(Duration::from_secs(15), || a
+            .metric("nowconnect_agents_connected")
+            == 2.0
+            && mesh_established(&a, pb)
+            && mesh_established(&b, pa)),
+        "hub-a:\n{}",
+        a.proc.log_text()
+    );
+    let (acme, globex) = (b.listener("l-acme"), b.listener("l-globex"));
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            std::thread::spawn(move || {
+                for i in 0..25 {
+                    let (l, want) = if (t + i) % 2 == 0 {
+                        (acme, "acme")
+                    } else {
+                        (globex, "globex")
+                    };
+                    assert_eq!(tagged_flow(l, 2048 + i * 53).as_deref(), Some(want));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(acme_hits.load(Ordering::SeqCst), 50);
+    assert_eq!(globex_hits.load(Ordering::SeqCst), 50);
+    for tenant in ["acme", "globex"] {
+        assert_eq!(
+            b.metric(&format!(
+                "nowconnect_flows_total{{connector=\"{tenant}/svc\",route=\"mesh\"}}"
+            )),
+            50.0,
+            "{tenant}"
+        );
+    }
+}
