@@ -46,6 +46,12 @@ pub struct TunnelConfig {
     pub handshake_timeout: Duration,
     pub max_flows: usize,
     pub dedup_capacity: usize,
+    /// The most bytes of control frames (PONG, RST, CREDIT, FIN, …) that
+    /// may wait to be sent. DATA is bounded by the peer's credit; control
+    /// replies are caused by what the peer sends, so a peer that keeps
+    /// sending and never reads would otherwise grow this queue without
+    /// bound. Beyond it the tunnel closes (`limit_exceeded`).
+    pub max_control_backlog: usize,
     /// Test-only (see [`crate::mux::PlantedBug`]).
     #[doc(hidden)]
     pub planted_bug: crate::mux::PlantedBug,
@@ -54,6 +60,10 @@ pub struct TunnelConfig {
 /// When an established tunnel sends its first ping (later ones follow
 /// `ping_interval`).
 pub const FIRST_PING: Duration = Duration::from_secs(1);
+
+/// Default [`TunnelConfig::max_control_backlog`]: 1 MiB (some 50,000
+/// PONGs).
+pub const DEFAULT_MAX_CONTROL_BACKLOG: usize = 1024 * 1024;
 
 /// Default per-flow receive window: 256 KiB.
 pub const DEFAULT_WINDOW: u32 = 256 * 1024;
@@ -72,6 +82,7 @@ impl Default for TunnelConfig {
             handshake_timeout: Duration::from_secs(10),
             max_flows: 4096,
             dedup_capacity: 4096,
+            max_control_backlog: DEFAULT_MAX_CONTROL_BACKLOG,
             planted_bug: crate::mux::PlantedBug::None,
         }
     }
@@ -149,6 +160,8 @@ pub struct TunnelStats {
     pub frames_out: BTreeMap<FrameType, u64>,
     pub decode_errors: u64,
     pub unexpected_frames: u64,
+    /// Closed because the control backlog passed its bound.
+    pub control_backlog_closes: u64,
 }
 
 #[derive(Debug)]
@@ -159,7 +172,10 @@ pub struct Tunnel {
     codec: Codec,
     mux: FlowMux,
     next_cid: Cid,
-    transmit: VecDeque<WsMessage>,
+    /// What waits to be sent, each marked DATA (`true`) or control.
+    transmit: VecDeque<(WsMessage, bool)>,
+    /// Bytes of control frames in `transmit`.
+    control_backlog: usize,
     events: VecDeque<TunnelEvent>,
     timers: Timers<TunnelTimer>,
     ping_nonce: u64,
@@ -194,6 +210,7 @@ impl Tunnel {
             mux,
             next_cid: 1,
             transmit: VecDeque::new(),
+            control_backlog: 0,
             events: VecDeque::new(),
             timers,
             ping_nonce: 0,
@@ -592,7 +609,21 @@ impl Tunnel {
     }
 
     pub fn poll_transmit(&mut self) -> Option<WsMessage> {
-        self.transmit.pop_front()
+        let (m, data) = self.transmit.pop_front()?;
+        if !data {
+            self.control_backlog -= m.len();
+        }
+        Some(m)
+    }
+
+    /// Whether anything waits to be sent.
+    pub fn has_transmit(&self) -> bool {
+        !self.transmit.is_empty()
+    }
+
+    /// Bytes of control frames waiting to be sent.
+    pub fn control_backlog(&self) -> usize {
+        self.control_backlog
     }
 
     pub fn poll_event(&mut self) -> Option<TunnelEvent> {
@@ -636,8 +667,25 @@ impl Tunnel {
     fn sent(&mut self, t: FrameType, msg: Result<WsMessage, CodecError>) {
         match msg {
             Ok(msg) => {
+                let data = t == FrameType::Data;
+                if !data {
+                    if self.control_backlog + msg.len() > self.cfg.max_control_backlog {
+                        // The peer does not read what it causes: drop the
+                        // frame and close (once; closing sends no more).
+                        if !self.is_closed() {
+                            self.stats.control_backlog_closes += 1;
+                            let reason = format!(
+                                "output_budget: more than {} bytes of control replies wait to be sent; the peer does not read",
+                                self.cfg.max_control_backlog
+                            );
+                            self.close(ErrorCode::LimitExceeded, &reason);
+                        }
+                        return;
+                    }
+                    self.control_backlog += msg.len();
+                }
                 *self.stats.frames_out.entry(t).or_default() += 1;
-                self.transmit.push_back(msg);
+                self.transmit.push_back((msg, data));
             }
             // Only reachable if local code built an invalid frame; fail loudly
             // in tests, close the tunnel in production rather than send garbage.

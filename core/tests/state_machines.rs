@@ -1474,3 +1474,41 @@ fn a_replica_missing_from_listings_for_a_lease_has_departed() {
     h.replicas_listed(t0 + lease * 3, &both);
     assert!(h.replica_registered("hub-c"));
 }
+
+/// A peer that sends PINGs and never reads: the PONGs it causes wait to be
+/// sent, bounded by `max_control_backlog`; past it the tunnel closes with
+/// `limit_exceeded` and the reason, and the backlog never grew past the
+/// bound. DATA waiting for the socket (bounded by the peer's credit) does
+/// not count.
+#[test]
+fn control_replies_a_peer_never_reads_are_bounded() {
+    let now = origin();
+    let (mut t, cids) = hub_tunnel(&["v2"], 1);
+    // DATA queued first (the peer granted the credit): not a control reply.
+    t.send_data(cids[0], Bytes::from(vec![7u8; 64 * 1024]))
+        .unwrap();
+    let max = TunnelConfig::default().max_control_backlog;
+    let mut sent = 0;
+    while !t.is_closed() {
+        t.handle_message(now, &v2(&Frame::Ping { nonce: sent }));
+        sent += 1;
+        assert!(
+            t.control_backlog() <= max,
+            "backlog {} past {max}",
+            t.control_backlog()
+        );
+        assert!(sent < 1_000_000, "the tunnel never closed");
+    }
+    assert!(sent > 10_000, "closed after only {sent} pings");
+    assert_eq!(t.stats.control_backlog_closes, 1);
+    let closed = events(&mut t).into_iter().find_map(|e| match e {
+        TunnelEvent::Closed { code, reason } => Some((code, reason)),
+        _ => None,
+    });
+    let (code, reason) = closed.expect("closed event");
+    assert_eq!(code, ErrorCode::LimitExceeded);
+    assert!(reason.contains("output_budget"), "{reason}");
+    // Draining what waits leaves no control backlog behind.
+    while t.poll_transmit().is_some() {}
+    assert_eq!(t.control_backlog(), 0);
+}

@@ -185,6 +185,11 @@ pub struct TunnelSection {
     pub handshake_timeout_sec: u64,
     #[serde(default = "default_flows")]
     pub max_flows_per_agent: usize,
+    /// The most bytes of control replies (PONG, RST, CREDIT…) that may wait
+    /// for an agent's socket; an agent that keeps sending and never reads
+    /// has its tunnel closed past it (`limit_exceeded`, `output_budget`).
+    #[serde(default = "default_control_backlog")]
+    pub max_control_backlog_bytes: usize,
     /// Connectors one agent may announce in its HELLO; a longer list closes
     /// the tunnel with the reason.
     #[serde(default = "default_max_connectors")]
@@ -617,6 +622,9 @@ fn default_renew() -> u64 {
 fn default_registry_timeout() -> u64 {
     500
 }
+fn default_control_backlog() -> usize {
+    nowconnect_core::tunnel::DEFAULT_MAX_CONTROL_BACKLOG
+}
 fn default_prefix() -> String {
     "nowconnect:".into()
 }
@@ -879,6 +887,15 @@ impl HubConfig {
         if t.handshake_timeout_sec == 0 {
             return Err(err("tunnel.handshake_timeout_sec", "must be > 0".into()));
         }
+        if t.max_control_backlog_bytes < 64 * 1024 {
+            return Err(err(
+                "tunnel.max_control_backlog_bytes",
+                format!(
+                    "{} is below 65536: a healthy agent's replies would close its tunnel",
+                    t.max_control_backlog_bytes
+                ),
+            ));
+        }
         if t.max_flows_per_agent == 0 {
             return Err(err("tunnel.max_flows_per_agent", "must be > 0".into()));
         }
@@ -1040,6 +1057,7 @@ impl HubConfig {
             handshake_timeout: Duration::from_secs(t.handshake_timeout_sec),
             max_flows: t.max_flows_per_agent,
             dedup_capacity: t.max_flows_per_agent,
+            max_control_backlog: t.max_control_backlog_bytes,
             ..Default::default()
         }
     }

@@ -197,6 +197,10 @@ impl Outgoing {
     }
 }
 
+/// Messages that may wait in a bounded link's writer queue; more wait in
+/// the core, where they are bounded.
+pub const WRITER_HIGH_WATER: usize = 256;
+
 /// The WebSocket writer of every link (hub and agent tunnels, mesh links),
 /// driven by the link task itself instead of a task of its own: what the
 /// link queues on its `Outgoing` channel is written in batches, flushed
@@ -874,6 +878,27 @@ impl TunnelDriver {
         while let Some(m) = self.tunnel.poll_transmit() {
             let _ = self.out.try_send(Outgoing::Frame(m));
         }
+    }
+
+    /// Move what the core wants sent to the socket writer while fewer than
+    /// [`WRITER_HIGH_WATER`] messages wait there: the rest stays in the
+    /// core, whose control backlog is bounded
+    /// ([`nowconnect_core::tunnel::TunnelConfig::max_control_backlog`]), so
+    /// a peer that never reads cannot grow this process.
+    pub fn flush_bounded(&mut self) {
+        while self.out.len() < WRITER_HIGH_WATER {
+            match self.tunnel.poll_transmit() {
+                Some(m) => {
+                    let _ = self.out.try_send(Outgoing::Frame(m));
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Whether the core holds frames [`Self::flush_bounded`] left behind.
+    pub fn backlogged(&self) -> bool {
+        self.tunnel.has_transmit()
     }
 
     /// Flush, then ask the writer to send a close frame with `reason`.

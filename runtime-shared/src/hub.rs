@@ -766,6 +766,8 @@ impl<R: HubRt> Shared<R> {
             Written,
         }
         let mut timer = LoopTimer::default();
+        // Frames the core holds beyond the writer's high-water mark.
+        let mut backlogged = false;
         loop {
             // Until it fires, the token's expiry is one more deadline.
             let deadline = if expired {
@@ -776,7 +778,7 @@ impl<R: HubRt> Shared<R> {
             timer.set(deadline, |dur| shared.rt.sleep(dur));
             let wake = race(
                 race(async { Wake::In(stream.next().await) }, async {
-                    if writer.is_idle() {
+                    if writer.is_idle() && !backlogged {
                         futures_lite::future::pending::<()>().await;
                     }
                     writer.write().await;
@@ -907,13 +909,18 @@ impl<R: HubRt> Shared<R> {
             }
             // Dispatch again: closing produced flow resets.
             d.drain();
-            d.flush();
+            d.flush_bounded();
             // Bridged mesh flows are counted by the tunnel that carries them.
             shared.flows_ended(tunnel_id, d.pipes.take_bridged_ends());
             // Out in this same wake-up, as far as the socket takes it.
             writer.write_now().await;
+            backlogged = d.backlogged();
             d.report_due(now);
             if let Some((code, reason)) = closed {
+                if d.tunnel.stats.control_backlog_closes > 0 {
+                    shared.security_event("tunnel_output_budget");
+                    tracing::warn!(target: "nowconnect::security", tunnel = tunnel_id, %peer, %tenant, agent = %agent_id, %reason, "closing agent tunnel: it does not read what it causes");
+                }
                 let result = if matches!(code, ErrorCode::LinkLost | ErrorCode::Shutdown) {
                     "closed"
                 } else {

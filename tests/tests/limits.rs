@@ -293,3 +293,98 @@ fn mesh_connections_beyond_the_inbound_limit_are_refused() {
         matches!((&s).read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut)
     }));
 }
+
+/// A token holder's agent sends protocol PINGs as fast as it can from a
+/// socket it never reads (a tiny receive buffer). Every PING causes a PONG
+/// the hub cannot send; those replies are bounded
+/// (`tunnel.max_control_backlog_bytes`, default 1 MiB): the hub closes that
+/// tunnel, logs and counts it, its memory stays flat, and the real agent's
+/// flows go on. With the default configuration.
+#[test]
+fn a_ping_flood_from_an_agent_that_never_reads_is_bounded_and_closed() {
+    use futures_util::SinkExt;
+    use nowconnect_core::{Codec, Frame, Limits, WsMessage};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let env = Env::new();
+    let echo = echo_server();
+    let hub = HubProc::start(env.path(), "hub", &env.hub_yaml(&[("echo", "echo")], ""));
+    let _agent = AgentProc::start(
+        env.path(),
+        "agent",
+        &env.agent_yaml("agent-1", &[hub.http], &[("echo", echo)], ""),
+        &env.token("agent-1", None),
+    );
+    assert!(eventually(Duration::from_secs(10), || hub
+        .metric("nowconnect_agents_connected")
+        == 1.0));
+    let data = Arc::new(random_bytes(100_000));
+    let want = sha256(&data);
+    assert_eq!(
+        echo_roundtrip(hub.listener("echo"), data.clone()).unwrap(),
+        want
+    );
+    let before = rss_kib(hub.proc.pid());
+    let token = env.token("flooder", None);
+    let http = hub.http;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (pings, elapsed) = rt.block_on(async move {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(4096).unwrap();
+        let tcp = sock.connect(http).await.unwrap();
+        let mut req = format!("ws://{http}/tunnel").into_client_request().unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (mut ws, _) = tokio_tungstenite::client_async(req, tcp).await.unwrap();
+        let enc = |codec: Codec, f: &Frame| match codec.encode(f, &Limits::default()).unwrap() {
+            WsMessage::Binary(b) => Message::Binary(b),
+            WsMessage::Text(t) => Message::Text(t.into()),
+        };
+        let hello = Frame::Hello {
+            agent_id: "flooder".into(),
+            connectors: vec!["other".into()],
+            codecs: vec!["v2".into()],
+            window: 0,
+        };
+        ws.send(enc(Codec::V1, &hello)).await.unwrap();
+        // The WELCOME, then never a read again.
+        use futures_util::StreamExt;
+        let _ = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+        let t0 = std::time::Instant::now();
+        let mut pings = 0u64;
+        // Until the hub stops reading (it closed the tunnel) or 20 s.
+        'flood: while t0.elapsed() < Duration::from_secs(20) {
+            for _ in 0..1000 {
+                let m = enc(Codec::V2, &Frame::Ping { nonce: pings });
+                if ws.feed(m).await.is_err() {
+                    break 'flood;
+                }
+                pings += 1;
+            }
+            match tokio::time::timeout(Duration::from_secs(2), ws.flush()).await {
+                Ok(Ok(())) => {}
+                _ => break,
+            }
+        }
+        (pings, t0.elapsed())
+    });
+    eprintln!("{pings} pings in {elapsed:?}");
+    assert!(pings > 50_000, "only {pings} pings were sent");
+    let after = rss_kib(hub.proc.pid());
+    eprintln!("hub RSS {before} KiB before, {after} KiB after");
+    assert!(
+        after < before + 64 * 1024,
+        "hub RSS grew from {before} KiB to {after} KiB"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || hub.metric(
+            "nowconnect_security_events_total{kind=\"tunnel_output_budget\"}"
+        ) == 1.0),
+        "{}",
+        hub.proc.log_text()
+    );
+    hub.proc
+        .wait_log("does not read what it causes", Duration::from_secs(2));
+    assert_eq!(hub.metric("nowconnect_agents_connected"), 1.0);
+    assert_eq!(echo_roundtrip(hub.listener("echo"), data).unwrap(), want);
+}
