@@ -335,6 +335,23 @@ pub struct ListenerConfig {
     /// Only these agents (ids within the listener's tenant) may serve it.
     #[serde(default)]
     pub agents: Option<Vec<String>>,
+    /// Client connections open at once on this listener; more are refused
+    /// (`listener_limit`). Keeps one listener's clients from taking every
+    /// flow of the agents it shares with other listeners.
+    #[serde(default = "default_listener_connections")]
+    pub max_connections: usize,
+    /// Client connections open at once from one client address on this
+    /// listener; more are refused (`client_limit`). Behind a balancer every
+    /// client has the balancer's address: raise it there.
+    #[serde(default = "default_listener_connections_per_client")]
+    pub max_connections_per_client: usize,
+}
+
+fn default_listener_connections() -> usize {
+    1024
+}
+fn default_listener_connections_per_client() -> usize {
+    256
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -760,6 +777,15 @@ impl HubConfig {
             // Connector, tenant and agent names must be ones a token can carry.
             crate::jwt::check_connector(&l.connector).map_err(|r| err(&key("connector"), r))?;
             let addr = parse_addr(&l.bind).map_err(|r| err(&key("bind"), r))?;
+            if l.max_connections == 0 {
+                return Err(err(&key("max_connections"), "must be > 0".into()));
+            }
+            if l.max_connections_per_client == 0 {
+                return Err(err(
+                    &key("max_connections_per_client"),
+                    "must be > 0".into(),
+                ));
+            }
             if listeners.iter().any(|(n, _, _)| n == &l.name) {
                 return Err(err(
                     &key("name"),

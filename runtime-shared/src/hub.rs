@@ -959,6 +959,14 @@ impl<R: HubRt> Shared<R> {
 
     async fn accept_loop(self: Arc<Self>, name: String, connector: String, listener: R::Listener) {
         tracing::info!(listener = %name, addr = ?R::local_addr(&listener).ok(), %connector, "listening");
+        let load = {
+            let l = self.cfg.raw.listeners.iter().find(|l| l.name == name);
+            Arc::new(ListenerLoad {
+                max: l.map_or(usize::MAX, |l| l.max_connections),
+                max_per_client: l.map_or(usize::MAX, |l| l.max_connections_per_client),
+                open: Default::default(),
+            })
+        };
         loop {
             let (stream, peer) = match R::accept(&listener).await {
                 Ok(x) => x,
@@ -976,10 +984,22 @@ impl<R: HubRt> Shared<R> {
                 tracing::warn!(listener = %name, %peer, "client connection limit reached");
                 continue;
             }
-            self.rt.spawn(
-                self.clone()
-                    .serve_client(name.clone(), connector.clone(), stream, peer),
-            );
+            let load = match load.admit(peer.ip()) {
+                Ok(g) => g,
+                Err(reason) => {
+                    self.refuse_client(reason);
+                    let limits = (load.max, load.max_per_client);
+                    tracing::warn!(listener = %name, %peer, reason, ?limits, "client connection refused: listener limit reached");
+                    continue;
+                }
+            };
+            self.rt.spawn(self.clone().serve_client(
+                name.clone(),
+                connector.clone(),
+                stream,
+                peer,
+                load,
+            ));
         }
     }
 
@@ -992,6 +1012,7 @@ impl<R: HubRt> Shared<R> {
         connector: String,
         stream: R::Stream,
         peer: SocketAddr,
+        _load: LoadGuard,
     ) {
         let shared = self;
         shared.active_clients.fetch_add(1, Ordering::Relaxed);
@@ -1465,6 +1486,46 @@ impl OpenRequest {
                 epoch,
                 reply,
             },
+        }
+    }
+}
+
+/// One listener's open client connections, in all and by client address.
+struct ListenerLoad {
+    max: usize,
+    max_per_client: usize,
+    open: Mutex<(usize, std::collections::HashMap<std::net::IpAddr, usize>)>,
+}
+
+impl ListenerLoad {
+    /// Count one more connection from `ip`, or the refusal's reason.
+    fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Result<LoadGuard, &'static str> {
+        let mut open = self.open.lock().expect("listener load lock");
+        if open.0 >= self.max {
+            return Err("listener_limit");
+        }
+        let n = open.1.entry(ip).or_default();
+        if *n >= self.max_per_client {
+            return Err("client_limit");
+        }
+        *n += 1;
+        open.0 += 1;
+        Ok(LoadGuard(self.clone(), ip))
+    }
+}
+
+/// A counted client connection of a listener, uncounted when dropped.
+struct LoadGuard(Arc<ListenerLoad>, std::net::IpAddr);
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        let mut open = self.0.open.lock().expect("listener load lock");
+        open.0 -= 1;
+        if let Some(n) = open.1.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                open.1.remove(&self.1);
+            }
         }
     }
 }

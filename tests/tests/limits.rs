@@ -44,7 +44,11 @@ fn ten_thousand_idle_connections_on_a_listener_leave_other_flows_alone() {
             &[("idle", "idle"), ("echo", "echo")],
             "log:\n  level: warn\n",
         )
-        .replace("tunnel:\n", "tunnel:\n  max_flows_per_agent: 12000\n"),
+        .replace("tunnel:\n", "tunnel:\n  max_flows_per_agent: 12000\n")
+        .replace(
+            "connector: idle }",
+            "connector: idle, max_connections: 12000, max_connections_per_client: 12000 }",
+        ),
     );
     let agent = AgentProc::start(
         env.path(),
@@ -387,4 +391,90 @@ fn a_ping_flood_from_an_agent_that_never_reads_is_bounded_and_closed() {
         .wait_log("does not read what it causes", Duration::from_secs(2));
     assert_eq!(hub.metric("nowconnect_agents_connected"), 1.0);
     assert_eq!(echo_roundtrip(hub.listener("echo"), data).unwrap(), want);
+}
+
+/// Idle clients of one listener cannot lock out another listener of the
+/// same agent, with the default configuration: one client address gets at
+/// most `max_connections_per_client` (256) connections on a listener, all
+/// addresses together `max_connections` (1024); the rest are refused and
+/// counted, and LDAP through the agent's other listener keeps working.
+#[test]
+fn idle_clients_of_one_listener_leave_the_agents_other_listeners_alone() {
+    let env = Env::new();
+    let holder = Proc::spawn(
+        "hold-target",
+        Command::new(env!("CARGO_BIN_EXE_hold-target")),
+        env.path(),
+    );
+    let line = holder.wait_line("listening ", Duration::from_secs(10));
+    let hold: SocketAddr = line
+        .trim_start_matches("listening ")
+        .trim()
+        .parse()
+        .unwrap();
+    let slapd = nowconnect_tests::ldap::Slapd::start(env.path());
+    let hub = HubProc::start(
+        env.path(),
+        "hub",
+        &env.hub_yaml(
+            &[("idle", "idle"), ("ldap", "ldap")],
+            "log:\n  level: warn\n",
+        ),
+    );
+    let _agent = AgentProc::start(
+        env.path(),
+        "agent",
+        &env.agent_yaml(
+            "agent-1",
+            &[hub.http],
+            &[("idle", hold), ("ldap", slapd.addr)],
+            "log:\n  level: warn\n",
+        ),
+        &env.token("agent-1", None),
+    );
+    assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
+    let direct = nowconnect_tests::ldap::search(slapd.addr, "(uid=alice)");
+    assert_eq!(direct.0, 0);
+    let via = hub.listener("idle");
+    let connect_from = |last: u8| {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(&SocketAddr::from(([127, 0, 0, last], 0)).into())
+            .unwrap();
+        s.connect(&via.into()).map(|_| TcpStream::from(s))
+    };
+    // One address: 300 tries, 256 held.
+    let mut idle: Vec<TcpStream> = (0..300).filter_map(|_| connect_from(1).ok()).collect();
+    let refused = |r: &str| {
+        hub.metric(&format!(
+            "nowconnect_client_connections_refused_total{{reason=\"{r}\"}}"
+        ))
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || refused("client_limit") == 44.0),
+        "client_limit refusals: {}",
+        refused("client_limit")
+    );
+    // Five more addresses, 256 tries each: the listener holds 1024 in all
+    // (256 + 1280 tried, 512 refused).
+    for last in 2..=6 {
+        idle.extend((0..256).filter_map(|_| connect_from(last).ok()));
+    }
+    assert!(
+        eventually(Duration::from_secs(20), || refused("listener_limit")
+            == 512.0
+            && hub.metric("nowconnect_flows_active{connector=\"idle\"}")
+                == 1024.0),
+        "listener_limit refusals: {}, idle flows {}",
+        refused("listener_limit"),
+        hub.metric("nowconnect_flows_active{connector=\"idle\"}")
+    );
+    for i in 0..10 {
+        assert_eq!(
+            nowconnect_tests::ldap::search(hub.listener("ldap"), "(uid=alice)"),
+            direct,
+            "search {i} through the other listener"
+        );
+    }
+    assert_eq!(hub.get("/healthz"), (200, "ok".into()));
+    drop(idle);
 }
