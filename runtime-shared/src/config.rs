@@ -394,7 +394,7 @@ fn default_max_clients() -> usize {
     20_000
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogConfig {
     /// `text` (default) or `json`.
@@ -403,6 +403,20 @@ pub struct LogConfig {
     /// A tracing filter such as `info` or `nowconnect=debug`; `RUST_LOG` overrides.
     #[serde(default)]
     pub level: Option<String>,
+    /// Hub: log listener clients' addresses as their network (`/24`,
+    /// `/48`) only. `false` logs them in full (and says so at start).
+    #[serde(default = "default_true")]
+    pub mask_client_addresses: bool,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: None,
+            level: None,
+            mask_client_addresses: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -747,6 +761,26 @@ pub struct HubConfig {
 }
 
 impl HubConfig {
+    /// The secret files this hub reads (config key, path): the HS256
+    /// secret, the mesh and Redis private keys, the Redis password.
+    pub fn secret_files(&self) -> Vec<(&'static str, &Path)> {
+        let r = &self.raw;
+        let mut v: Vec<(&'static str, &Path)> = Vec::new();
+        if let Some(p) = &r.tunnel.jwt.hs256_secret_file {
+            v.push(("tunnel.jwt.hs256_secret_file", p));
+        }
+        if let Some(t) = &r.ha.mesh.tls {
+            v.push(("ha.mesh.tls.key_file", &t.key_file));
+        }
+        if let Some(p) = r.ha.redis_tls.as_ref().and_then(|t| t.key_file.as_ref()) {
+            v.push(("ha.redis_tls.key_file", p));
+        }
+        if let Some(p) = &r.ha.redis_password_file {
+            v.push(("ha.redis_password_file", p));
+        }
+        v
+    }
+
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
         let text = read_file(file)?;
         Self::parse(file, &text)
@@ -1168,6 +1202,15 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// The secret files this agent reads (config key, path).
+    pub fn secret_files(&self) -> Vec<(&'static str, &Path)> {
+        self.raw
+            .token_file
+            .iter()
+            .map(|p| ("token_file", p.as_path()))
+            .collect()
+    }
+
     /// The core agent's settings from this file (both runtimes use this).
     pub fn core_config(&self) -> nowconnect_core::agent::AgentConfig {
         let r = &self.raw;

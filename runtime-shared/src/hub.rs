@@ -981,7 +981,7 @@ impl<R: HubRt> Shared<R> {
                 >= self.cfg.raw.limits.max_client_connections
             {
                 self.refuse_client("limit_exceeded");
-                tracing::warn!(listener = %name, %peer, "client connection limit reached");
+                tracing::warn!(listener = %name, peer = %crate::logging::client_addr(peer), "client connection limit reached");
                 continue;
             }
             let load = match load.admit(peer.ip()) {
@@ -989,7 +989,7 @@ impl<R: HubRt> Shared<R> {
                 Err(reason) => {
                     self.refuse_client(reason);
                     let limits = (load.max, load.max_per_client);
-                    tracing::warn!(listener = %name, %peer, reason, ?limits, "client connection refused: listener limit reached");
+                    tracing::warn!(listener = %name, peer = %crate::logging::client_addr(peer), reason, ?limits, "client connection refused: listener limit reached");
                     continue;
                 }
             };
@@ -1062,7 +1062,7 @@ impl<R: HubRt> Shared<R> {
             }
             Route::Refuse { code, reason } => {
                 shared.refuse_client(code.as_str());
-                tracing::warn!(%peer, %connector, %code, %reason, "client connection refused");
+                tracing::warn!(peer = %crate::logging::client_addr(peer), %connector, %code, %reason, "client connection refused");
                 return;
             }
         };
@@ -1073,16 +1073,16 @@ impl<R: HubRt> Shared<R> {
             Ok(Ok(end)) => end,
             Ok(Err(reason)) => {
                 shared.refuse_client(ErrorCode::LimitExceeded.as_str());
-                tracing::warn!(%peer, %connector, agent = %agent_id, %reason, "client connection refused");
+                tracing::warn!(peer = %crate::logging::client_addr(peer), %connector, agent = %agent_id, %reason, "client connection refused");
                 return;
             }
             Err(_) => {
                 shared.refuse_client(ErrorCode::LinkLost.as_str());
-                tracing::warn!(%peer, %connector, agent = %agent_id, "client connection refused: the link to the agent went away");
+                tracing::warn!(peer = %crate::logging::client_addr(peer), %connector, agent = %agent_id, "client connection refused: the link to the agent went away");
                 return;
             }
         };
-        tracing::debug!(%peer, %connector, agent = %agent_id, cid = end.cid, "flow opened");
+        tracing::debug!(peer = %crate::logging::client_addr(peer), %connector, agent = %agent_id, cid = end.cid, "flow opened");
         shared
             .metrics
             .flows
@@ -1331,6 +1331,11 @@ pub async fn start<R: HubRt>(cfg: HubConfig, rt: R, redis: bool) -> Result<HubHa
     }
     if shared.cfg.raw.tunnel.revocation_file.is_some() {
         tasks.push(rt.spawn(shared.clone().watch_revocations()));
+    }
+    crate::logging::mask_client_addresses(shared.cfg.raw.log.mask_client_addresses);
+    let found = crate::keyfiles::warn_world_readable(&shared.cfg.secret_files());
+    for _ in 0..found {
+        shared.security_event("key_file_world_readable");
     }
     if shared.cfg.raw.tunnel.allow_unscoped_tokens {
         tracing::warn!(target: "nowconnect::security", "tunnel.allow_unscoped_tokens is true: an agent whose token names no connectors may announce any connector of its tenant");

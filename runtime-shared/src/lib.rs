@@ -16,6 +16,7 @@ pub mod driver;
 pub mod http;
 pub mod hub;
 pub mod jwt;
+pub mod keyfiles;
 pub mod logging;
 pub mod mesh;
 pub mod metrics;

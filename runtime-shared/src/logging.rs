@@ -20,3 +20,61 @@ pub fn init(format: Option<&str>, level: Option<&str>) {
         b.try_init()
     };
 }
+
+/// Whether listener clients' addresses are masked in logs
+/// (`log.mask_client_addresses`, on by default).
+static MASK_CLIENTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Set once at start from `log.mask_client_addresses`.
+pub fn mask_client_addresses(on: bool) {
+    MASK_CLIENTS.store(on, std::sync::atomic::Ordering::Relaxed);
+    if !on {
+        tracing::warn!(target: "nowconnect::security", "log.mask_client_addresses is false: client IP addresses are logged in full");
+    }
+}
+
+/// A listener client's address as logs show it: its network (`/24` for
+/// IPv4, `/48` for IPv6) unless masking is off. Client addresses are the
+/// personal data a hub sees; the network is what an operator needs to
+/// tell a balancer, an office or an attacker's range apart.
+pub fn client_addr(a: std::net::SocketAddr) -> ClientAddr {
+    ClientAddr(a, MASK_CLIENTS.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+pub struct ClientAddr(std::net::SocketAddr, bool);
+
+impl std::fmt::Display for ClientAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.0.ip(), self.1) {
+            (_, false) => write!(f, "{}", self.0),
+            (std::net::IpAddr::V4(v4), true) => {
+                let [a, b, c, _] = v4.octets();
+                write!(f, "{a}.{b}.{c}.0/24")
+            }
+            (std::net::IpAddr::V6(v6), true) => match v6.to_ipv4_mapped() {
+                Some(v4) => {
+                    let [a, b, c, _] = v4.octets();
+                    write!(f, "{a}.{b}.{c}.0/24")
+                }
+                None => {
+                    let s = v6.segments();
+                    write!(f, "{:x}:{:x}:{:x}::/48", s[0], s[1], s[2])
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_addresses_are_masked_to_their_network() {
+        let show = |a: &str, mask: bool| ClientAddr(a.parse().unwrap(), mask).to_string();
+        assert_eq!(show("203.0.113.77:51234", true), "203.0.113.0/24");
+        assert_eq!(show("[2001:db8:aa:bb::7]:636", true), "2001:db8:aa::/48");
+        assert_eq!(show("[::ffff:198.51.100.9]:389", true), "198.51.100.0/24");
+        assert_eq!(show("203.0.113.77:51234", false), "203.0.113.77:51234");
+    }
+}

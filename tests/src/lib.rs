@@ -448,7 +448,7 @@ impl Env {
             .map(|_| format!("{:02x}", rand::random::<u8>()))
             .collect();
         let secret_file = dir.path().join("jwt.secret");
-        std::fs::write(&secret_file, &secret).unwrap();
+        write_secret(&secret_file, &secret);
         Env {
             dir,
             secret,
@@ -842,6 +842,14 @@ pub struct RedisTlsSetup<'a> {
     pub password: &'a str,
 }
 
+/// Write a secret file readable by its owner only (mode 0600), as the
+/// hub expects key files to be.
+pub fn write_secret(path: &Path, contents: impl AsRef<[u8]>) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, contents).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 /// `redis-cli -u url args…` (a plain `redis://` server): its output, trimmed.
 pub fn redis_cli(url: &str, args: &[&str]) -> String {
     let out = std::process::Command::new("redis-cli")
@@ -1017,7 +1025,7 @@ pub mod pki {
             };
             std::fs::write(&leaf.ca, &self.pem).unwrap();
             std::fs::write(&leaf.cert, cert.pem()).unwrap();
-            std::fs::write(&leaf.key, key.serialize_pem()).unwrap();
+            crate::write_secret(&leaf.key, key.serialize_pem());
             leaf
         }
     }

@@ -13,6 +13,22 @@ use nowconnect_tests::*;
 
 const IDLE: usize = 10_000;
 
+/// A target that accepts connections and holds them, never writing.
+fn hold_target(env: &Env) -> (Proc, SocketAddr) {
+    let holder = Proc::spawn(
+        "hold-target",
+        Command::new(env!("CARGO_BIN_EXE_hold-target")),
+        env.path(),
+    );
+    let line = holder.wait_line("listening ", Duration::from_secs(10));
+    let hold = line
+        .trim_start_matches("listening ")
+        .trim()
+        .parse()
+        .unwrap();
+    (holder, hold)
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -25,17 +41,7 @@ fn rss_kib(pid: u32) -> u64 {
 #[test]
 fn ten_thousand_idle_connections_on_a_listener_leave_other_flows_alone() {
     let env = Env::new();
-    let holder = Proc::spawn(
-        "hold-target",
-        Command::new(env!("CARGO_BIN_EXE_hold-target")),
-        env.path(),
-    );
-    let line = holder.wait_line("listening ", Duration::from_secs(10));
-    let hold: SocketAddr = line
-        .trim_start_matches("listening ")
-        .trim()
-        .parse()
-        .unwrap();
+    let (holder, hold) = hold_target(&env);
     let echo = echo_server();
     let hub = HubProc::start(
         env.path(),
@@ -401,17 +407,7 @@ fn a_ping_flood_from_an_agent_that_never_reads_is_bounded_and_closed() {
 #[test]
 fn idle_clients_of_one_listener_leave_the_agents_other_listeners_alone() {
     let env = Env::new();
-    let holder = Proc::spawn(
-        "hold-target",
-        Command::new(env!("CARGO_BIN_EXE_hold-target")),
-        env.path(),
-    );
-    let line = holder.wait_line("listening ", Duration::from_secs(10));
-    let hold: SocketAddr = line
-        .trim_start_matches("listening ")
-        .trim()
-        .parse()
-        .unwrap();
+    let (_holder, hold) = hold_target(&env);
     let slapd = nowconnect_tests::ldap::Slapd::start(env.path());
     let hub = HubProc::start(
         env.path(),
@@ -476,5 +472,13 @@ fn idle_clients_of_one_listener_leave_the_agents_other_listeners_alone() {
         );
     }
     assert_eq!(hub.get("/healthz"), (200, "ok".into()));
+    // Refusals are logged with the client's network, not its address.
+    let log = hub.proc.log_text();
+    assert!(log.contains("peer=127.0.0.0/24"), "{log}");
+    let full: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("client connection") && l.contains("peer=127.0.0.1:"))
+        .collect();
+    assert!(full.is_empty(), "client addresses in full: {full:?}");
     drop(idle);
 }

@@ -543,3 +543,42 @@ fn tenants_stay_apart_across_the_mesh() {
         );
     }
 }
+
+/// A secret file every user of the machine may read (mode 0644) is
+/// reported at start, by the hub (logged and counted) and by the agent
+/// (logged); files readable by their owner only are not.
+#[test]
+fn world_readable_secret_files_are_reported_at_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let quiet = HubProc::start(env.path(), "quiet", &env.hub_yaml(&[], ""));
+    let kind = "nowconnect_security_events_total{kind=\"key_file_world_readable\"}";
+    assert_eq!(quiet.metric(kind), 0.0);
+    assert!(!quiet.proc.log_text().contains("readable by every user"));
+    std::fs::set_permissions(&env.secret_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let hub = HubProc::start(env.path(), "hub", &env.hub_yaml(&[], ""));
+    assert_eq!(hub.metric(kind), 1.0);
+    let log = hub
+        .proc
+        .wait_log("readable by every user", Duration::from_secs(5));
+    assert!(log.contains("tunnel.jwt.hs256_secret_file"), "{log}");
+    let token = env.path().join("agent.token");
+    std::fs::write(&token, env.token("agent-1", None)).unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (target, _) = tag_server("t");
+    let agent = AgentProc::start(
+        env.path(),
+        "agent",
+        &env.agent_yaml(
+            "agent-1",
+            &[hub.http],
+            &[("svc", target)],
+            &format!("token_file: {}\n", token.display()),
+        ),
+        "",
+    );
+    let log = agent
+        .proc
+        .wait_log("readable by every user", Duration::from_secs(5));
+    assert!(log.contains("token_file"), "{log}");
+}
