@@ -111,7 +111,7 @@ async fn run(service: Service) -> Result<(), String> {
             let mut signals =
                 async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
                     .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-            nowconnect_shared::keyfiles::warn_world_readable(&cfg.secret_files());
+            nowconnect_shared::keyfiles::warn_agent(&cfg);
             let rt = nowconnect_async_std::agent::AgentRuntime::new(*cfg)?;
             let (stop_tx, stop_rx) = nowconnect_async_std::agent::AgentRuntime::stopper();
             let task = async_std::task::spawn(rt.run(stop_rx));

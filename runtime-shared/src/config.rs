@@ -1157,6 +1157,11 @@ pub struct AgentFile {
     /// Use only the v1 JSON codec (for hubs that predate v2).
     #[serde(default)]
     pub v1_only: bool,
+    /// Allow `ws://` hub URLs to hosts other than loopback (the token then
+    /// crosses the network in clear text): only where something else
+    /// encrypts the path, e.g. a TLS-terminating sidecar. Logged at start.
+    #[serde(default)]
+    pub allow_plaintext_hubs: bool,
     #[serde(default)]
     pub log: LogConfig,
     /// Executor threads of this process; 0 (the default): the runtime's
@@ -1171,6 +1176,23 @@ fn default_mesh_handshake() -> u64 {
 
 fn default_connect_timeout() -> u64 {
     5
+}
+
+/// Whether a `ws://` URL's host is this machine (`localhost`, 127.0.0.0/8,
+/// `::1`).
+fn is_loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        v6.split(']').next().unwrap_or("")
+    } else {
+        host_port.rsplit_once(':').map_or(host_port, |(h, _)| h)
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn default_agent_max_dials() -> usize {
@@ -1301,6 +1323,14 @@ impl AgentConfig {
                 return Err(err(
                     &format!("hubs[{i}]"),
                     format!("`{h}` is not a ws:// or wss:// URL"),
+                ));
+            }
+            if !raw.allow_plaintext_hubs && h.starts_with("ws://") && !is_loopback_url(h) {
+                return Err(err(
+                    &format!("hubs[{i}]"),
+                    format!(
+                        "`{h}` would send the agent's token in clear text to another host: use wss:// (or set allow_plaintext_hubs: true where a sidecar encrypts the path)"
+                    ),
                 ));
             }
         }

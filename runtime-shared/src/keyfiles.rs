@@ -28,6 +28,15 @@ fn is_world_readable(_: &Path) -> bool {
     false
 }
 
+/// An agent's start-up warnings: world-readable secret files, and
+/// `allow_plaintext_hubs` when set.
+pub fn warn_agent(cfg: &crate::config::AgentConfig) {
+    warn_world_readable(&cfg.secret_files());
+    if cfg.raw.allow_plaintext_hubs {
+        tracing::warn!(target: "nowconnect::security", "allow_plaintext_hubs is true: ws:// hub URLs to other hosts carry the agent's token in clear text");
+    }
+}
+
 /// Log each world-readable secret file as a security warning; returns how
 /// many there were.
 pub fn warn_world_readable(files: &[(&str, &Path)]) -> usize {

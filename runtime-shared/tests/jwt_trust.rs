@@ -714,3 +714,43 @@ fn configured_names_follow_the_token_rules() {
             .contains("connectors[0].name")
     );
 }
+
+/// An agent sends its token on the upgrade: a `ws://` hub URL to another
+/// host would put it on the network in clear text, so it is refused unless
+/// the operator says a sidecar encrypts the path; loopback stays allowed.
+#[test]
+fn plaintext_hub_urls_to_other_hosts_are_refused() {
+    let dir = Dir::new();
+    let agent = |hub: &str, extra: &str| {
+        let text = format!(
+            "agent_id: a-1\nhubs: ['{hub}']\nconnectors:\n  - {{ name: ldap, target: '127.0.0.1:389' }}\n{extra}"
+        );
+        nowconnect_shared::config::AgentConfig::parse(
+            &dir.path().join("premise.yaml"),
+            &text,
+            Some("token".into()),
+        )
+        .map_err(|e| e.to_string())
+    };
+    for ok in [
+        "ws://127.0.0.1:8080/tunnel",
+        "ws://localhost:8080/tunnel",
+        "ws://[::1]:8080/tunnel",
+        "wss://hub.example.com/tunnel",
+    ] {
+        agent(ok, "").unwrap();
+    }
+    for bad in [
+        "ws://hub.example.com/tunnel",
+        "ws://10.0.0.5:8080/tunnel",
+        "ws://127.0.0.1.evil.example/tunnel",
+        "ws://[2001:db8::1]:8080/tunnel",
+    ] {
+        let e = agent(bad, "").unwrap_err();
+        assert!(
+            e.contains("hubs[0]") && e.contains("clear text"),
+            "{bad}: {e}"
+        );
+        agent(bad, "allow_plaintext_hubs: true\n").unwrap();
+    }
+}

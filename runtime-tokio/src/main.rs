@@ -446,7 +446,7 @@ async fn run(job: Job) -> Result<ExitCode, String> {
                 cfg.raw.log.format.as_deref(),
                 cfg.raw.log.level.as_deref(),
             );
-            nowconnect_shared::keyfiles::warn_world_readable(&cfg.secret_files());
+            nowconnect_shared::keyfiles::warn_agent(&cfg);
             let rt = nowconnect_tokio::agent::AgentRuntime::new(*cfg)?;
             let (stop_tx, stop_rx) = watch::channel(false);
             let task = tokio::spawn(rt.run(stop_rx));
