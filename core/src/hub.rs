@@ -627,7 +627,13 @@ impl Hub {
     /// itself again within a renew interval, shorter than the lease).
     pub fn replicas_listed(&mut self, now: Instant, list: &[(String, String)]) {
         self.registered_replicas = list.iter().map(|(r, _)| r.clone()).collect();
-        for r in &self.registered_replicas {
+        // This hub never departs from itself (its own record lapses when
+        // its announcements fail, which the readiness reasons show).
+        for r in self
+            .registered_replicas
+            .iter()
+            .filter(|r| **r != self.cfg.replica_id)
+        {
             self.replica_seen.insert(r.clone(), now);
         }
         let lease = self.cfg.lease;

@@ -1473,6 +1473,23 @@ fn a_replica_missing_from_listings_for_a_lease_has_departed() {
     // A replica id that comes back is served again.
     h.replicas_listed(t0 + lease * 3, &both);
     assert!(h.replica_registered("hub-c"));
+    // This hub (hub-a) in a listing, then missing: it never departs from
+    // itself.
+    let own = ("hub-a".to_string(), "wss://a/mesh".to_string());
+    h.replicas_listed(t0 + lease * 4, &[own]);
+    h.replicas_listed(t0 + lease * 6, &[]);
+    let departed: Vec<HubOutput> = std::iter::from_fn(|| h.poll_output()).collect();
+    assert_eq!(
+        departed,
+        vec![
+            HubOutput::PeerDeparted {
+                replica_id: "hub-b".into()
+            },
+            HubOutput::PeerDeparted {
+                replica_id: "hub-c".into()
+            }
+        ]
+    );
 }
 
 /// A peer that sends PINGs and never reads: the PONGs it causes wait to be
