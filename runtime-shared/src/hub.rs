@@ -338,12 +338,16 @@ impl<R: HubRt> Shared<R> {
             }
             return;
         }
+        match self
+            .mesh_dialed
+            .lock()
+            .expect("mesh dialed lock")
+            .entry(url.to_string())
         {
-            let mut dialed = self.mesh_dialed.lock().expect("mesh dialed lock");
-            if dialed.contains_key(url) {
-                return;
+            std::collections::btree_map::Entry::Occupied(_) => return,
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(replica.map(str::to_string));
             }
-            dialed.insert(url.to_string(), replica.map(str::to_string));
         }
         match replica {
             Some(peer) => tracing::info!(%peer, %url, "mesh peer discovered"),
@@ -766,8 +770,6 @@ impl<R: HubRt> Shared<R> {
             Written,
         }
         let mut timer = LoopTimer::default();
-        // Frames the core holds beyond the writer's high-water mark.
-        let mut backlogged = false;
         loop {
             // Until it fires, the token's expiry is one more deadline.
             let deadline = if expired {
@@ -776,6 +778,9 @@ impl<R: HubRt> Shared<R> {
                 Some(d.deadline().map_or(expires, |at| at.min(expires)))
             };
             timer.set(deadline, |dur| shared.rt.sleep(dur));
+            // Frames the core holds beyond the writer's high-water mark
+            // make the writer branch ready, so they are moved on.
+            let backlogged = d.backlogged();
             let wake = race(
                 race(async { Wake::In(stream.next().await) }, async {
                     if writer.is_idle() && !backlogged {
@@ -914,7 +919,6 @@ impl<R: HubRt> Shared<R> {
             shared.flows_ended(tunnel_id, d.pipes.take_bridged_ends());
             // Out in this same wake-up, as far as the socket takes it.
             writer.write_now().await;
-            backlogged = d.backlogged();
             d.report_due(now);
             if let Some((code, reason)) = closed {
                 if d.tunnel.stats.control_backlog_closes > 0 {
