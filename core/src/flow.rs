@@ -82,6 +82,16 @@ pub enum SendError {
     NotEstablished,
     #[error("the send queue is full ({0} frames)")]
     QueueFull(usize),
+    /// Hub side: the connector holds its share of the agent's flows and
+    /// the rest is kept for the agent's other connectors.
+    #[error(
+        "connector `{connector}` holds {open} of the agent's flows; the other {reserved} free flows are kept for its other connectors"
+    )]
+    ShareExceeded {
+        connector: String,
+        open: usize,
+        reserved: usize,
+    },
 }
 
 /// What to do with a received DATA frame.

@@ -10,6 +10,7 @@
 //! (`nowconnect-tokio`, `nowconnect-async-std`) and the simulator drive it.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod agent;
 pub mod backoff;
 pub mod codec;

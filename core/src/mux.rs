@@ -156,6 +156,10 @@ pub struct FlowMux {
     grown: u64,
     /// The link's shortest measured round trip, if any.
     path_rtt: Option<Duration>,
+    /// The tag of each flow opened with [`FlowMux::open_tagged`], and how
+    /// many open flows carry each tag.
+    tags: BTreeMap<Cid, u32>,
+    tagged: BTreeMap<u32, usize>,
     pub stats: MuxStats,
 }
 
@@ -171,6 +175,8 @@ impl FlowMux {
             events: VecDeque::new(),
             grown: 0,
             path_rtt: None,
+            tags: BTreeMap::new(),
+            tagged: BTreeMap::new(),
             stats: MuxStats::default(),
         }
     }
@@ -225,6 +231,7 @@ impl FlowMux {
     /// Remove a flow from the table, returning its growth to the budget.
     fn remove_flow(&mut self, cid: Cid) -> Option<Flow> {
         let flow = self.flows.remove(&cid)?;
+        self.untag(cid);
         self.grown -= u64::from(flow.local_window().saturating_sub(self.cfg.local_window));
         Some(flow)
     }
@@ -242,6 +249,31 @@ impl FlowMux {
         self.flows.insert(cid, flow);
         self.stats.flows_opened += 1;
         Ok(())
+    }
+
+    /// [`FlowMux::open`], counting the flow under `tag` (see
+    /// [`FlowMux::tagged`]) until it is gone.
+    pub fn open_tagged(&mut self, cid: Cid, tag: u32) -> Result<(), OpenError> {
+        self.open(cid)?;
+        self.tags.insert(cid, tag);
+        *self.tagged.entry(tag).or_default() += 1;
+        Ok(())
+    }
+
+    /// Open flows opened under `tag`.
+    pub fn tagged(&self, tag: u32) -> usize {
+        self.tagged.get(&tag).copied().unwrap_or(0)
+    }
+
+    fn untag(&mut self, cid: Cid) {
+        if let Some(tag) = self.tags.remove(&cid)
+            && let Some(n) = self.tagged.get_mut(&tag)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.tagged.remove(&tag);
+            }
+        }
     }
 
     /// Bytes the local side may send on `cid` now.
@@ -331,6 +363,8 @@ impl FlowMux {
     pub fn fail_all(&mut self, code: ErrorCode, reason: &str) {
         let flows = std::mem::take(&mut self.flows);
         self.grown = 0;
+        self.tags.clear();
+        self.tagged.clear();
         for (cid, flow) in flows {
             self.closed.record(cid, flow.received_frames());
             self.stats.flows_reset_local += 1;

@@ -162,6 +162,8 @@ pub struct TunnelStats {
     pub unexpected_frames: u64,
     /// Closed because the control backlog passed its bound.
     pub control_backlog_closes: u64,
+    /// Hub side: opens refused for a connector past its fair share.
+    pub open_refused_share: u64,
 }
 
 #[derive(Debug)]
@@ -182,6 +184,9 @@ pub struct Tunnel {
     ping_outstanding: Option<(u64, Instant)>,
     drain_seen: bool,
     peer_codecs: Vec<String>,
+    /// Hub side: the connectors the agent announced, each a flow tag (its
+    /// index) for the fair share (see [`Tunnel::open_flow`]).
+    peer_connectors: Vec<String>,
     last_rtt: Option<Duration>,
     pub stats: TunnelStats,
 }
@@ -217,6 +222,7 @@ impl Tunnel {
             ping_outstanding: None,
             drain_seen: false,
             peer_codecs: Vec::new(),
+            peer_connectors: Vec::new(),
             last_rtt: None,
             stats: TunnelStats::default(),
         }
@@ -317,6 +323,7 @@ impl Tunnel {
             ) if self.role == Role::Hub => {
                 self.mux.set_peer_window(effective_window(window));
                 self.peer_codecs = codecs;
+                self.peer_connectors = connectors.clone();
                 self.state = TunnelState::AwaitAccept;
                 self.events.push_back(TunnelEvent::Hello {
                     agent_id,
@@ -504,13 +511,22 @@ impl Tunnel {
     }
 
     /// Hub side: open a new flow to `connector` on this agent.
+    ///
+    /// The agent's flows are shared fairly between its connectors: each of
+    /// the `k` connectors it announced is guaranteed `max_flows / (2k)` of
+    /// them, and a connector past its guarantee may open more only while
+    /// the free flows exceed what the other connectors' guarantees still
+    /// need. One busy listener therefore never takes the flows another
+    /// connector of the same agent is owed, and an agent with one
+    /// connector (or idle others) can use every flow.
     pub fn open_flow(&mut self, connector: &str) -> Result<Cid, SendError> {
         if !self.is_established() || self.role != Role::Hub {
             return Err(SendError::NotEstablished);
         }
         let cid = self.next_cid;
+        let tag = self.fair_share(connector)?;
         self.mux
-            .open(cid)
+            .open_tagged(cid, tag)
             .map_err(|_| SendError::QueueFull(self.cfg.max_flows))?;
         self.next_cid += 1;
         self.send_frame(&Frame::Open {
@@ -518,6 +534,42 @@ impl Tunnel {
             connector: connector.to_string(),
         });
         Ok(cid)
+    }
+
+    /// The flow tag of `connector` if it may open one more flow now (see
+    /// [`Tunnel::open_flow`]). A connector the agent did not announce gets
+    /// a tag of its own and no guarantee.
+    fn fair_share(&mut self, connector: &str) -> Result<u32, SendError> {
+        let k = self.peer_connectors.len();
+        let tag = self
+            .peer_connectors
+            .iter()
+            .position(|c| c == connector)
+            .unwrap_or(k);
+        let max = self.cfg.max_flows;
+        // One connector, or a full agent (refused as such by the mux).
+        if k <= 1 || self.mux.len() >= max {
+            return Ok(tag as u32);
+        }
+        let guarantee = max / (2 * k);
+        let open = self.mux.tagged(tag as u32);
+        if open < guarantee {
+            return Ok(tag as u32);
+        }
+        let reserved: usize = (0..k)
+            .filter(|t| *t != tag)
+            .map(|t| guarantee.saturating_sub(self.mux.tagged(t as u32)))
+            .sum();
+        let free = max.saturating_sub(self.mux.len());
+        if free > reserved {
+            return Ok(tag as u32);
+        }
+        self.stats.open_refused_share += 1;
+        Err(SendError::ShareExceeded {
+            connector: connector.to_string(),
+            open,
+            reserved,
+        })
     }
 
     /// Bytes that may be sent on `cid` now.

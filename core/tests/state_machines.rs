@@ -247,6 +247,78 @@ fn sender_cannot_exceed_the_peer_window() {
     );
 }
 
+/// An agent's flows are shared fairly between its connectors: with two
+/// connectors and 16 flows, each is guaranteed 4; a busy connector may take
+/// the rest but never what the other one is still owed, and an ended flow
+/// gives its room back.
+#[test]
+fn a_busy_connector_never_takes_the_flows_another_connector_is_owed() {
+    let now = origin();
+    let mut t = Tunnel::hub(
+        now,
+        TunnelConfig {
+            max_flows: 16,
+            ..TunnelConfig::default()
+        },
+    );
+    t.handle_message(
+        now,
+        &v1(&Frame::Hello {
+            agent_id: "a1".into(),
+            connectors: vec!["busy".into(), "ldap".into()],
+            codecs: vec!["v2".into()],
+            window: 0,
+        }),
+    );
+    events(&mut t);
+    t.accept(now, Epoch(1));
+    // `busy` gets everything but `ldap`'s guarantee of 16 / (2 * 2) = 4.
+    let busy: Vec<u64> = (0..12).map(|_| t.open_flow("busy").unwrap()).collect();
+    let refused = t.open_flow("busy").unwrap_err();
+    assert_eq!(
+        refused.to_string(),
+        "connector `busy` holds 12 of the agent's flows; the other 4 free flows are kept for its other connectors"
+    );
+    assert_eq!(t.stats.open_refused_share, 1);
+    // `ldap` still gets its four, then the agent is full.
+    for _ in 0..4 {
+        t.open_flow("ldap").unwrap();
+    }
+    assert!(matches!(
+        t.open_flow("ldap"),
+        Err(nowconnect_core::flow::SendError::QueueFull(16))
+    ));
+    // A busy flow ends: its room is free again, for either connector.
+    t.reset_flow(busy[0], ErrorCode::ConnectionReset, "client closed");
+    t.open_flow("ldap").unwrap();
+    assert_eq!(t.flow_count(), 16);
+}
+
+/// With one connector (or when the others hold their guarantee already) a
+/// connector may use every flow of the agent.
+#[test]
+fn a_single_connector_may_use_every_flow() {
+    let now = origin();
+    let mut t = Tunnel::hub(
+        now,
+        TunnelConfig {
+            max_flows: 8,
+            ..TunnelConfig::default()
+        },
+    );
+    t.handle_message(now, &v1(&hello(&["v2"])));
+    events(&mut t);
+    t.accept(now, Epoch(1));
+    for _ in 0..8 {
+        t.open_flow("ldap").unwrap();
+    }
+    assert!(matches!(
+        t.open_flow("ldap"),
+        Err(nowconnect_core::flow::SendError::QueueFull(8))
+    ));
+    assert_eq!(t.stats.open_refused_share, 0);
+}
+
 #[test]
 fn agent_flow_limit_refuses_opens_with_a_reason() {
     let now = origin();

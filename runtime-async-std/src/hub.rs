@@ -17,6 +17,7 @@ use futures_util::StreamExt;
 use nowconnect_core::registry::{RegistryError, RegistryOp, RegistryReply};
 use nowconnect_core::{Codec, WsMessage};
 use nowconnect_shared::config::HubConfig;
+use nowconnect_shared::driver::ClientTimeouts;
 use nowconnect_shared::driver::{FlowEnd, Outgoing};
 use nowconnect_shared::hub::{HubRt, WsIn};
 use nowconnect_shared::mesh::MeshConnected;
@@ -77,14 +78,23 @@ impl HubRt for AsyncStdRt {
         l.accept().await
     }
 
+    fn read_proxy_header(
+        &self,
+        stream: TcpStream,
+        within: Duration,
+    ) -> impl Future<Output = (TcpStream, Result<Option<SocketAddr>, String>)> + Send + 'static
+    {
+        read_proxy_header_impl(stream, within)
+    }
+
     fn pipe_client(
         &self,
         stream: TcpStream,
         end: FlowEnd,
         metrics: Arc<Metrics>,
-        idle: Option<Duration>,
+        timeouts: ClientTimeouts,
     ) -> impl Future<Output = ()> + Send + 'static {
-        crate::net::pipe_client(stream, end, metrics, idle)
+        crate::net::pipe_client(stream, end, metrics, timeouts)
     }
 
     fn registry_apply(
@@ -242,4 +252,18 @@ async fn mesh_accept_impl(
         codec: chosen.unwrap_or(Codec::V2),
         peer_cert,
     })
+}
+
+/// [`HubRt::read_proxy_header`] on an async-std socket.
+async fn read_proxy_header_impl(
+    mut stream: TcpStream,
+    within: Duration,
+) -> (TcpStream, Result<Option<SocketAddr>, String>) {
+    let header = async_std::future::timeout(
+        within,
+        nowconnect_shared::proxy_protocol::read_header(&mut stream),
+    )
+    .await
+    .unwrap_or_else(|_| Err(format!("no PROXY header within {within:?}")));
+    (stream, header)
 }

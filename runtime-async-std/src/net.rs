@@ -139,7 +139,7 @@ pub async fn pipe_client(
     stream: TcpStream,
     end: FlowEnd,
     metrics: Arc<Metrics>,
-    idle: Option<std::time::Duration>,
+    timeouts: nowconnect_shared::driver::ClientTimeouts,
 ) {
     let _ = stream.set_nodelay(true);
     run_client_socket(
@@ -147,7 +147,7 @@ pub async fn pipe_client(
         WriteHalf(stream),
         end,
         metrics,
-        idle,
+        timeouts,
         async_std::task::sleep,
     )
     .await

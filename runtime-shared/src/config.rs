@@ -345,6 +345,43 @@ pub struct ListenerConfig {
     /// client has the balancer's address: raise it there.
     #[serde(default = "default_listener_connections_per_client")]
     pub max_connections_per_client: usize,
+    /// New client connections a second on this listener (a burst of as
+    /// many is taken); more are refused (`listener_rate`).
+    #[serde(default = "default_listener_rate")]
+    pub max_new_connections_per_sec: u32,
+    /// New client connections a second from one client address (IPv6: its
+    /// `/64`); more are refused (`client_rate`).
+    #[serde(default = "default_listener_rate_per_client")]
+    pub max_new_connections_per_sec_per_client: u32,
+    /// A client that sends no byte within this after connecting is closed
+    /// (`first_byte_timeout`), with the flow to its target. 0: never.
+    #[serde(default = "default_first_byte_timeout")]
+    pub first_byte_timeout_sec: u64,
+    /// Take the client's address from a PROXY protocol header (v1 or v2)
+    /// sent by a load balancer in front of the hub.
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocolConfig>,
+}
+
+/// `listeners[].proxy_protocol`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyProtocolConfig {
+    /// The balancers' addresses or networks (`10.0.0.0/8`). Only these may
+    /// connect, and each of their connections must start with a header.
+    pub trusted_proxies: Vec<String>,
+}
+
+fn default_listener_rate() -> u32 {
+    2000
+}
+/// A quarter of the listener's: no one address can spend the listener's
+/// rate alone.
+fn default_listener_rate_per_client() -> u32 {
+    500
+}
+fn default_first_byte_timeout() -> u64 {
+    10
 }
 
 fn default_listener_connections() -> usize {
@@ -742,6 +779,33 @@ pub struct MeshTls {
     pub key_file: PathBuf,
 }
 
+/// How one listener admits its clients (validated from its
+/// [`ListenerConfig`]).
+#[derive(Debug, Clone)]
+pub struct ListenerEdge {
+    pub limits: nowconnect_core::admission::AdmissionLimits,
+    /// Close a client that has sent nothing for this long after connecting.
+    pub first_byte_timeout: Option<Duration>,
+    /// Read a PROXY header from these balancers (and take no one else).
+    pub proxy: Option<crate::proxy_protocol::TrustedProxies>,
+}
+
+impl ListenerEdge {
+    /// No limit, no timeout, no PROXY protocol.
+    pub fn unlimited() -> Self {
+        ListenerEdge {
+            limits: nowconnect_core::admission::AdmissionLimits {
+                max_connections: usize::MAX,
+                max_connections_per_client: usize::MAX,
+                max_new_per_sec: u32::MAX,
+                max_new_per_sec_per_client: u32::MAX,
+            },
+            first_byte_timeout: None,
+            proxy: None,
+        }
+    }
+}
+
 /// The validated hub configuration.
 #[derive(Debug, Clone)]
 pub struct HubConfig {
@@ -753,6 +817,8 @@ pub struct HubConfig {
     pub listeners: Vec<(String, SocketAddr, String)>,
     /// Listener name → the qualified ids of the only agents that may serve it.
     pub listener_pins: std::collections::BTreeMap<String, Vec<String>>,
+    /// Listener name → how its clients are admitted.
+    pub listener_edges: std::collections::BTreeMap<String, ListenerEdge>,
     pub mode: Mode,
     pub replica_id: String,
     pub limits: Limits,
@@ -805,6 +871,7 @@ impl HubConfig {
         check_worker_threads(raw.worker_threads).map_err(|r| err("worker_threads", r))?;
         let mut listeners = Vec::new();
         let mut listener_pins = std::collections::BTreeMap::new();
+        let mut listener_edges = std::collections::BTreeMap::new();
         for (i, l) in raw.listeners.iter().enumerate() {
             let key = |k: &str| format!("listeners[{i}].{k}");
             check_name(&l.name).map_err(|r| err(&key("name"), r))?;
@@ -820,12 +887,46 @@ impl HubConfig {
                     "must be > 0".into(),
                 ));
             }
+            for (k, v) in [
+                ("max_new_connections_per_sec", l.max_new_connections_per_sec),
+                (
+                    "max_new_connections_per_sec_per_client",
+                    l.max_new_connections_per_sec_per_client,
+                ),
+            ] {
+                if v == 0 {
+                    return Err(err(&key(k), "must be > 0".into()));
+                }
+            }
+            let proxy = match &l.proxy_protocol {
+                Some(p) => Some(
+                    crate::proxy_protocol::TrustedProxies::parse(&p.trusted_proxies)
+                        .map_err(|r| err(&key("proxy_protocol.trusted_proxies"), r))?,
+                ),
+                None => None,
+            };
             if listeners.iter().any(|(n, _, _)| n == &l.name) {
                 return Err(err(
                     &key("name"),
                     format!("duplicate listener name `{}`", l.name),
                 ));
             }
+            listener_edges.insert(
+                l.name.clone(),
+                ListenerEdge {
+                    limits: nowconnect_core::admission::AdmissionLimits {
+                        max_connections: l.max_connections,
+                        max_connections_per_client: l.max_connections_per_client,
+                        max_new_per_sec: l.max_new_connections_per_sec,
+                        max_new_per_sec_per_client: l.max_new_connections_per_sec_per_client,
+                    },
+                    first_byte_timeout: match l.first_byte_timeout_sec {
+                        0 => None,
+                        s => Some(Duration::from_secs(s)),
+                    },
+                    proxy,
+                },
+            );
             if addr.port() != 0 && listeners.iter().any(|(_, a, _)| *a == addr) {
                 return Err(err(
                     &key("bind"),
@@ -1098,6 +1199,7 @@ impl HubConfig {
             http_bind,
             listeners,
             listener_pins,
+            listener_edges,
             mode,
             replica_id,
             limits,

@@ -813,7 +813,15 @@ impl TunnelDriver {
             LinkCmd::OpenFlow { connector, reply } => {
                 let res = match self.tunnel.open_flow(&connector) {
                     Ok(cid) => Ok(self.pipes.attach(cid, &connector)),
-                    Err(e) => Err(open_error(e)),
+                    Err(e) => {
+                        if matches!(e, SendError::ShareExceeded { .. }) {
+                            self.metrics
+                                .connector_share_refusals
+                                .get_or_create(&labels(&[("connector", &connector)]))
+                                .inc();
+                        }
+                        Err(open_error(e))
+                    }
                 };
                 if let Err(async_channel::TrySendError::Closed(Ok(end))) = reply.try_send(res) {
                     // The client went away while we opened: abort the flow.
@@ -1305,15 +1313,31 @@ pub async fn run_flow_socket<R, W>(
     }
 }
 
-/// [`run_flow_socket`] for a hub client: with `idle` set, a flow that moves
-/// no byte in either direction for that long is reset with `idle_timeout`
-/// and its socket closed. `sleep` is the runtime's timer.
+/// The timeouts of a hub client's flow.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClientTimeouts {
+    /// No byte in either direction for this long: reset (`idle_timeout`).
+    pub idle: Option<std::time::Duration>,
+    /// The client sent no byte this long after connecting: reset
+    /// (`idle_timeout`, reason `first_byte_timeout`).
+    pub first_byte: Option<std::time::Duration>,
+}
+
+/// Why a client flow was timed out.
+enum Expired {
+    Idle(std::time::Duration),
+    FirstByte(std::time::Duration),
+}
+
+/// [`run_flow_socket`] for a hub client, with its [`ClientTimeouts`]: a flow
+/// that runs into one is reset with `idle_timeout` and its socket closed.
+/// `sleep` is the runtime's timer.
 pub async fn run_client_socket<R, W, S, F>(
     rd: R,
     wr: W,
     end: FlowEnd,
     metrics: Arc<Metrics>,
-    idle: Option<std::time::Duration>,
+    timeouts: ClientTimeouts,
     sleep: S,
 ) where
     R: ChunkReader,
@@ -1321,20 +1345,20 @@ pub async fn run_client_socket<R, W, S, F>(
     S: Fn(std::time::Duration) -> F,
     F: std::future::Future<Output = ()>,
 {
-    let Some(limit) = idle else {
+    if timeouts == ClientTimeouts::default() {
         return run_flow_socket(rd, wr, end, metrics, "up", "down").await;
-    };
-    // Boxed: only flows with an idle timeout pay for its larger state (a
-    // client task lives as long as its flow, idle or not).
-    Box::pin(idle_flow(rd, wr, end, metrics, limit, sleep)).await
+    }
+    // Boxed: only flows with a timeout pay for its larger state (a client
+    // task lives as long as its flow, idle or not).
+    Box::pin(timed_flow(rd, wr, end, metrics, timeouts, sleep)).await
 }
 
-async fn idle_flow<R, W, S, F>(
+async fn timed_flow<R, W, S, F>(
     rd: R,
     wr: W,
     end: FlowEnd,
     metrics: Arc<Metrics>,
-    limit: std::time::Duration,
+    timeouts: ClientTimeouts,
     sleep: S,
 ) where
     R: ChunkReader,
@@ -1348,41 +1372,78 @@ async fn idle_flow<R, W, S, F>(
         ActiveReader(rd, activity.clone()),
         ActiveWriter(wr, activity.clone()),
         end,
-        metrics,
+        metrics.clone(),
         "up",
         "down",
     );
     let watch = async {
         loop {
-            let idle = activity.idle();
-            if idle >= limit {
-                return;
+            let mut wait: Option<std::time::Duration> = None;
+            if let Some(limit) = timeouts.first_byte.filter(|_| !activity.client_spoke()) {
+                let age = activity.age();
+                if age >= limit {
+                    return Expired::FirstByte(limit);
+                }
+                wait = Some(limit - age);
             }
-            sleep(limit - idle).await;
+            if let Some(limit) = timeouts.idle {
+                let idle = activity.idle();
+                if idle >= limit {
+                    return Expired::Idle(limit);
+                }
+                wait = Some(wait.map_or(limit - idle, |w| w.min(limit - idle)));
+            }
+            match wait {
+                Some(w) => sleep(w).await,
+                // The client spoke and no idle limit is set: nothing to watch.
+                None => std::future::pending::<()>().await,
+            }
         }
     };
-    if futures_lite::future::or(
+    let expired = futures_lite::future::or(
         async {
             flow.await;
-            false
+            None
         },
-        async {
-            watch.await;
-            true
-        },
+        async { Some(watch.await) },
     )
-    .await
-    {
-        tracing::info!(cid, idle_sec = limit.as_secs(), "client flow idle; closed");
-        let _ = cmd.try_send(LinkCmd::Reset {
-            cid,
-            code: ErrorCode::IdleTimeout,
-            reason: format!(
-                "no bytes either way for {}s (limits.client_idle_timeout_sec)",
-                limit.as_secs()
-            ),
-        });
-    }
+    .await;
+    let (kind, reason) = match expired {
+        None => return,
+        Some(Expired::Idle(limit)) => {
+            tracing::info!(cid, idle_sec = limit.as_secs(), "client flow idle; closed");
+            (
+                "idle",
+                format!(
+                    "no bytes either way for {}s (limits.client_idle_timeout_sec)",
+                    limit.as_secs()
+                ),
+            )
+        }
+        Some(Expired::FirstByte(limit)) => {
+            tracing::info!(
+                cid,
+                first_byte_timeout_sec = limit.as_secs(),
+                "client sent nothing after connecting; closed"
+            );
+            (
+                "first_byte",
+                format!(
+                    "the client sent no byte within {}s of connecting (listeners[].first_byte_timeout_sec)",
+                    limit.as_secs()
+                ),
+            )
+        }
+    };
+    metrics
+        .client_timeouts
+        .get_or_create(&labels(&[("kind", kind)]))
+        .inc();
+    let _ = cmd.try_send(LinkCmd::Reset {
+        cid,
+        code: ErrorCode::IdleTimeout,
+        reason,
+    });
 }
 
 async fn read_half<R: ChunkReader>(
@@ -1524,6 +1585,8 @@ async fn write_half<W: AsyncWrite + Unpin>(
 pub struct Activity {
     origin: Instant,
     last_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// Whether the reader (the client) has delivered a byte.
+    spoke: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Default for Activity {
@@ -1531,11 +1594,22 @@ impl Default for Activity {
         Activity {
             origin: Instant::now(),
             last_ms: Arc::default(),
+            spoke: Arc::default(),
         }
     }
 }
 
 impl Activity {
+    /// How long since creation.
+    pub fn age(&self) -> std::time::Duration {
+        self.origin.elapsed()
+    }
+
+    /// Whether the read side has delivered any byte.
+    pub fn client_spoke(&self) -> bool {
+        self.spoke.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn touch(&self) {
         let ms = self.origin.elapsed().as_millis() as u64;
         self.last_ms.store(ms, std::sync::atomic::Ordering::Relaxed);
@@ -1557,6 +1631,11 @@ impl<R: ChunkReader> ChunkReader for ActiveReader<R> {
     async fn read_chunk(&mut self) -> std::io::Result<Option<Payload>> {
         let r = self.0.read_chunk().await;
         self.1.touch();
+        if matches!(r, Ok(Some(_))) {
+            self.1
+                .spoke
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         r
     }
 }

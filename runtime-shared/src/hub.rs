@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use async_channel::{Receiver, Sender};
 use futures_lite::StreamExt;
 use futures_lite::future::race;
+use nowconnect_core::admission::Admission;
 use nowconnect_core::hub::{Hub, HubConfig as CoreHubConfig, HubOutput, TunnelId};
 use nowconnect_core::registry::{MemoryRegistry, RegistryError, RegistryOp, RegistryReply};
 use nowconnect_core::routing::{Mode, Route};
@@ -53,14 +54,23 @@ pub trait HubRt: Send + Sync + Sized + 'static {
         l: &Self::Listener,
     ) -> impl Future<Output = std::io::Result<(Self::Stream, SocketAddr)>> + Send + '_;
 
-    /// Pipe a client socket to its flow (with `idle`, reset a flow that
-    /// moves no byte for that long).
+    /// Read a PROXY protocol header from a client socket (see
+    /// [`crate::proxy_protocol::read_header`]) within `within`, and give the
+    /// socket back.
+    fn read_proxy_header(
+        &self,
+        stream: Self::Stream,
+        within: Duration,
+    ) -> impl Future<Output = (Self::Stream, Result<Option<SocketAddr>, String>)> + Send + 'static;
+
+    /// Pipe a client socket to its flow, reset when it runs into one of
+    /// its `timeouts`.
     fn pipe_client(
         &self,
         stream: Self::Stream,
         end: FlowEnd,
         metrics: Arc<Metrics>,
-        idle: Option<Duration>,
+        timeouts: crate::driver::ClientTimeouts,
     ) -> impl Future<Output = ()> + Send + 'static;
 
     /// Perform one registry call on Redis.
@@ -963,16 +973,16 @@ impl<R: HubRt> Shared<R> {
 
     async fn accept_loop(self: Arc<Self>, name: String, connector: String, listener: R::Listener) {
         tracing::info!(listener = %name, addr = ?R::local_addr(&listener).ok(), %connector, "listening");
-        let load = {
-            let l = self.cfg.raw.listeners.iter().find(|l| l.name == name);
-            Arc::new(ListenerLoad {
-                max: l.map_or(usize::MAX, |l| l.max_connections),
-                max_per_client: l.map_or(usize::MAX, |l| l.max_connections_per_client),
-                open: Default::default(),
-            })
-        };
+        let edge = self
+            .cfg
+            .listener_edges
+            .get(&name)
+            .cloned()
+            .unwrap_or_else(crate::config::ListenerEdge::unlimited);
+        let admission = Arc::new(Mutex::new(Admission::new(edge.limits, Instant::now())));
+        let edge = Arc::new(edge);
         loop {
-            let (stream, peer) = match R::accept(&listener).await {
+            let (stream, from) = match R::accept(&listener).await {
                 Ok(x) => x,
                 Err(e) => {
                     // Out of file descriptors and the like: back off, do not spin.
@@ -985,25 +995,77 @@ impl<R: HubRt> Shared<R> {
                 >= self.cfg.raw.limits.max_client_connections
             {
                 self.refuse_client("limit_exceeded");
-                tracing::warn!(listener = %name, peer = %crate::logging::client_addr(peer), "client connection limit reached");
+                tracing::warn!(listener = %name, peer = %crate::logging::client_addr(from), "client connection limit reached");
                 continue;
             }
-            let load = match load.admit(peer.ip()) {
-                Ok(g) => g,
-                Err(reason) => {
-                    self.refuse_client(reason);
-                    let limits = (load.max, load.max_per_client);
-                    tracing::warn!(listener = %name, peer = %crate::logging::client_addr(peer), reason, ?limits, "client connection refused: listener limit reached");
-                    continue;
+            let Some(trusted) = &edge.proxy else {
+                if let Some(load) = self.admit(&name, &admission, from) {
+                    self.rt.spawn(self.clone().serve_client(
+                        name.clone(),
+                        connector.clone(),
+                        stream,
+                        from,
+                        load,
+                        edge.first_byte_timeout,
+                    ));
                 }
+                continue;
             };
-            self.rt.spawn(self.clone().serve_client(
+            if !trusted.trusts(from.ip()) {
+                self.refuse_client("untrusted_proxy");
+                tracing::warn!(listener = %name, peer = %crate::logging::client_addr(from), "client connection refused: the listener takes PROXY protocol connections from its trusted proxies only");
+                continue;
+            }
+            let (shared, name, connector, edge, admission) = (
+                self.clone(),
                 name.clone(),
                 connector.clone(),
-                stream,
-                peer,
-                load,
-            ));
+                edge.clone(),
+                admission.clone(),
+            );
+            self.rt.spawn(async move {
+                let within = edge.first_byte_timeout.unwrap_or(PROXY_HEADER_TIMEOUT);
+                let (stream, header) = shared.rt.read_proxy_header(stream, within).await;
+                let peer = match header {
+                    Ok(Some(client)) => client,
+                    // A header without an address: the balancer's own check.
+                    Ok(None) => from,
+                    Err(reason) => {
+                        shared.refuse_client("proxy_header");
+                        tracing::warn!(listener = %name, proxy = %from, %reason, "client connection refused: no valid PROXY protocol header");
+                        return;
+                    }
+                };
+                if let Some(load) = shared.admit(&name, &admission, peer) {
+                    shared
+                        .clone()
+                        .serve_client(name, connector, stream, peer, load, edge.first_byte_timeout)
+                        .await;
+                }
+            });
+        }
+    }
+
+    /// Count a new client of listener `name` from `peer` against the
+    /// listener's limits, or refuse it (counted and logged).
+    fn admit(
+        &self,
+        name: &str,
+        admission: &Arc<Mutex<Admission>>,
+        peer: SocketAddr,
+    ) -> Option<LoadGuard> {
+        let res = admission
+            .lock()
+            .expect("admission lock")
+            .admit(Instant::now(), peer.ip());
+        match res {
+            Ok(()) => Some(LoadGuard(admission.clone(), peer.ip())),
+            Err(refusal) => {
+                self.refuse_client(refusal.as_str());
+                let limits = admission.lock().expect("admission lock").limits();
+                tracing::warn!(listener = %name, peer = %crate::logging::client_addr(peer), reason = refusal.as_str(), ?limits, "client connection refused: listener limit reached");
+                None
+            }
         }
     }
 
@@ -1017,6 +1079,7 @@ impl<R: HubRt> Shared<R> {
         stream: R::Stream,
         peer: SocketAddr,
         _load: LoadGuard,
+        first_byte: Option<Duration>,
     ) {
         let shared = self;
         shared.active_clients.fetch_add(1, Ordering::Relaxed);
@@ -1092,13 +1155,16 @@ impl<R: HubRt> Shared<R> {
             .flows
             .get_or_create(&labels(&[("connector", &connector), ("route", route_kind)]))
             .inc();
-        let idle = match shared.cfg.raw.limits.client_idle_timeout_sec {
-            0 => None,
-            s => Some(Duration::from_secs(s)),
+        let timeouts = crate::driver::ClientTimeouts {
+            idle: match shared.cfg.raw.limits.client_idle_timeout_sec {
+                0 => None,
+                s => Some(Duration::from_secs(s)),
+            },
+            first_byte,
         };
         shared
             .rt
-            .pipe_client(stream, end, shared.metrics.clone(), idle)
+            .pipe_client(stream, end, shared.metrics.clone(), timeouts)
             .await;
     }
 
@@ -1499,43 +1565,17 @@ impl OpenRequest {
     }
 }
 
-/// One listener's open client connections, in all and by client address.
-struct ListenerLoad {
-    max: usize,
-    max_per_client: usize,
-    open: Mutex<(usize, std::collections::HashMap<std::net::IpAddr, usize>)>,
-}
+/// How long a trusted balancer has to send its PROXY header when the
+/// listener sets no first-byte timeout.
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-impl ListenerLoad {
-    /// Count one more connection from `ip`, or the refusal's reason.
-    fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Result<LoadGuard, &'static str> {
-        let mut open = self.open.lock().expect("listener load lock");
-        if open.0 >= self.max {
-            return Err("listener_limit");
-        }
-        let n = open.1.entry(ip).or_default();
-        if *n >= self.max_per_client {
-            return Err("client_limit");
-        }
-        *n += 1;
-        open.0 += 1;
-        Ok(LoadGuard(self.clone(), ip))
-    }
-}
-
-/// A counted client connection of a listener, uncounted when dropped.
-struct LoadGuard(Arc<ListenerLoad>, std::net::IpAddr);
+/// A client connection admitted by its listener ([`Admission`]), released
+/// when dropped.
+struct LoadGuard(Arc<Mutex<Admission>>, std::net::IpAddr);
 
 impl Drop for LoadGuard {
     fn drop(&mut self) {
-        let mut open = self.0.open.lock().expect("listener load lock");
-        open.0 -= 1;
-        if let Some(n) = open.1.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                open.1.remove(&self.1);
-            }
-        }
+        self.0.lock().expect("admission lock").release(self.1);
     }
 }
 

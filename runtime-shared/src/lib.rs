@@ -20,6 +20,7 @@ pub mod keyfiles;
 pub mod logging;
 pub mod mesh;
 pub mod metrics;
+pub mod proxy_protocol;
 pub mod redact;
 #[cfg(any(feature = "redis-tokio", feature = "redis-smol"))]
 pub mod registry;

@@ -106,6 +106,11 @@ pub struct Metrics {
     pub flow_resets: Family<Labels, Counter>,
     pub bytes: Family<Labels, Counter>,
     pub client_connections_refused: Family<Labels, Counter>,
+    /// Client flows closed by a timeout, by kind (`first_byte`, `idle`).
+    pub client_timeouts: Family<Labels, Counter>,
+    /// Flows refused on an agent's tunnel because the connector held its
+    /// fair share of the agent's flows, by connector.
+    pub connector_share_refusals: Family<Labels, Counter>,
     // registry and routing
     pub registry_healthy: Gauge,
     pub registry_errors: Counter,
@@ -130,6 +135,17 @@ pub const SECURITY_EVENT_KINDS: &[&str] = &[
     "unscoped_token",
 ];
 
+/// Reasons a listener refuses a client before routing it (besides the
+/// protocol's error codes), created at zero.
+pub const EDGE_REFUSALS: &[&str] = &[
+    "listener_limit",
+    "client_limit",
+    "listener_rate",
+    "client_rate",
+    "untrusted_proxy",
+    "proxy_header",
+];
+
 impl Metrics {
     /// Create the series whose label values are known in advance, at zero,
     /// so dashboards and alerts see values rather than gaps: refusals and
@@ -142,6 +158,16 @@ impl Metrics {
                 .client_connections_refused
                 .get_or_create(&labels(&[("reason", c)]));
             let _ = self.flow_resets.get_or_create(&labels(&[("code", c)]));
+        }
+        for reason in EDGE_REFUSALS {
+            let _ = self
+                .client_connections_refused
+                .get_or_create(&labels(&[("reason", reason)]));
+        }
+        for kind in ["first_byte", "idle"] {
+            let _ = self
+                .client_timeouts
+                .get_or_create(&labels(&[("kind", kind)]));
         }
         for reason in crate::jwt::AUTH_FAILURE_LABELS {
             let _ = self
@@ -208,6 +234,8 @@ impl Metrics {
             flow_resets: Family::default(),
             bytes: Family::default(),
             client_connections_refused: Family::default(),
+            client_timeouts: Family::default(),
+            connector_share_refusals: Family::default(),
             registry_healthy: Gauge::default(),
             registry_errors: Counter::default(),
             shadow_would_route: Family::default(),
@@ -338,6 +366,16 @@ impl Metrics {
             "nowconnect_client_connections_refused",
             "Client connections refused by reason",
             m.client_connections_refused.clone(),
+        );
+        r.register(
+            "nowconnect_client_timeouts",
+            "Client flows closed by a timeout, by kind (first_byte, idle)",
+            m.client_timeouts.clone(),
+        );
+        r.register(
+            "nowconnect_connector_share_refusals",
+            "Flows refused because the connector held its fair share of the agent's flows (also counted as limit_exceeded)",
+            m.connector_share_refusals.clone(),
         );
         r.register(
             "nowconnect_registry_healthy",

@@ -79,14 +79,23 @@ impl HubRt for TokioRt {
         l.accept().await
     }
 
+    fn read_proxy_header(
+        &self,
+        stream: TcpStream,
+        within: Duration,
+    ) -> impl Future<Output = (TcpStream, Result<Option<SocketAddr>, String>)> + Send + 'static
+    {
+        read_proxy_header_impl(stream, within)
+    }
+
     fn pipe_client(
         &self,
         stream: TcpStream,
         end: FlowEnd,
         metrics: Arc<Metrics>,
-        idle: Option<Duration>,
+        timeouts: nowconnect_shared::driver::ClientTimeouts,
     ) -> impl Future<Output = ()> + Send + 'static {
-        crate::io::pipe_client(stream, end, metrics, idle)
+        crate::io::pipe_client(stream, end, metrics, timeouts)
     }
 
     fn registry_apply(
@@ -365,4 +374,20 @@ async fn mesh_accept_impl(
         codec: chosen.unwrap_or(Codec::V2),
         peer_cert,
     })
+}
+
+/// [`HubRt::read_proxy_header`] on a tokio socket.
+async fn read_proxy_header_impl(
+    stream: TcpStream,
+    within: Duration,
+) -> (TcpStream, Result<Option<SocketAddr>, String>) {
+    use tokio_util::compat::TokioAsyncReadCompatExt;
+    let mut io = stream.compat();
+    let header = tokio::time::timeout(
+        within,
+        nowconnect_shared::proxy_protocol::read_header(&mut io),
+    )
+    .await
+    .unwrap_or_else(|_| Err(format!("no PROXY header within {within:?}")));
+    (io.into_inner(), header)
 }

@@ -43,7 +43,7 @@ pub async fn pipe_client(
     stream: TcpStream,
     end: FlowEnd,
     metrics: Arc<Metrics>,
-    idle: Option<std::time::Duration>,
+    timeouts: nowconnect_shared::driver::ClientTimeouts,
 ) {
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
@@ -52,7 +52,7 @@ pub async fn pipe_client(
         TokioWriter(wr.compat_write()),
         end,
         metrics,
-        idle,
+        timeouts,
         tokio::time::sleep,
     )
     .await

@@ -679,6 +679,36 @@ pub fn reset_lab() -> (SocketAddr, std::sync::mpsc::Receiver<&'static str>) {
 }
 
 /// Close a TCP connection with a reset (`SO_LINGER` 0).
+/// Connect to `to` from the loopback address `127.0.0.<last>` (every
+/// `127/8` address is local on Linux), so one test can be several clients.
+pub fn connect_from(last: u8, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.bind(&SocketAddr::from(([127, 0, 0, last], 0)).into())?;
+    s.connect_timeout(&to.into(), Duration::from_secs(10))?;
+    Ok(TcpStream::from(s))
+}
+
+/// Open `n` connections to `to` from `127.0.0.<last>` at most 80 a second
+/// (far under a listener's default rate per client), each sending one
+/// byte at once (so a listener's first-byte timeout does not close it).
+/// Connections the hub closes at accept are among those returned; the hub's
+/// refusal counters tell them apart.
+pub fn open_paced(last: u8, to: SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let started = Instant::now();
+        for _ in 0..40.min(n - out.len()) {
+            let mut s = connect_from(last, to).expect("connect");
+            let _ = s.write_all(b"\x00");
+            out.push(s);
+        }
+        if out.len() < n {
+            std::thread::sleep(Duration::from_millis(500).saturating_sub(started.elapsed()));
+        }
+    }
+    out
+}
+
 pub fn reset_close(s: TcpStream) {
     socket2::SockRef::from(&s)
         .set_linger(Some(Duration::ZERO))

@@ -50,10 +50,12 @@ fn ten_thousand_idle_connections_on_a_listener_leave_other_flows_alone() {
             &[("idle", "idle"), ("echo", "echo")],
             "log:\n  level: warn\n",
         )
-        .replace("tunnel:\n", "tunnel:\n  max_flows_per_agent: 12000\n")
+        .replace("tunnel:\n", "tunnel:\n  max_flows_per_agent: 16000\n")
         .replace(
             "connector: idle }",
-            "connector: idle, max_connections: 12000, max_connections_per_client: 12000 }",
+            "connector: idle, max_connections: 12000, max_connections_per_client: 12000, \
+             max_new_connections_per_sec: 100000, max_new_connections_per_sec_per_client: 100000, \
+             first_byte_timeout_sec: 0 }",
         ),
     );
     let agent = AgentProc::start(
@@ -63,7 +65,7 @@ fn ten_thousand_idle_connections_on_a_listener_leave_other_flows_alone() {
             "agent-1",
             &[hub.http],
             &[("idle", hold), ("echo", echo)],
-            "log:\n  level: warn\nmax_flows: 12000\n",
+            "log:\n  level: warn\nmax_flows: 16000\n",
         ),
         &env.token("agent-1", None),
     );
@@ -432,14 +434,9 @@ fn idle_clients_of_one_listener_leave_the_agents_other_listeners_alone() {
     let direct = nowconnect_tests::ldap::search(slapd.addr, "(uid=alice)");
     assert_eq!(direct.0, 0);
     let via = hub.listener("idle");
-    let connect_from = |last: u8| {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        s.bind(&SocketAddr::from(([127, 0, 0, last], 0)).into())
-            .unwrap();
-        s.connect(&via.into()).map(|_| TcpStream::from(s))
-    };
-    // One address: 300 tries, 256 held.
-    let mut idle: Vec<TcpStream> = (0..300).filter_map(|_| connect_from(1).ok()).collect();
+    // One address: 300 tries, 256 held (opened under the default rate of
+    // new connections, each sending a byte within the first-byte timeout).
+    let mut idle: Vec<TcpStream> = open_paced(1, via, 300);
     let refused = |r: &str| {
         hub.metric(&format!(
             "nowconnect_client_connections_refused_total{{reason=\"{r}\"}}"
@@ -452,8 +449,11 @@ fn idle_clients_of_one_listener_leave_the_agents_other_listeners_alone() {
     );
     // Five more addresses, 256 tries each: the listener holds 1024 in all
     // (256 + 1280 tried, 512 refused).
-    for last in 2..=6 {
-        idle.extend((0..256).filter_map(|_| connect_from(last).ok()));
+    let more: Vec<_> = (2..=6)
+        .map(|last| std::thread::spawn(move || open_paced(last, via, 256)))
+        .collect();
+    for t in more {
+        idle.extend(t.join().unwrap());
     }
     assert!(
         eventually(Duration::from_secs(20), || refused("listener_limit")
@@ -481,4 +481,375 @@ fn idle_clients_of_one_listener_leave_the_agents_other_listeners_alone() {
         .collect();
     assert!(full.is_empty(), "client addresses in full: {full:?}");
     drop(idle);
+}
+
+fn refused(hub: &HubProc, reason: &str) -> f64 {
+    hub.metric(&format!(
+        "nowconnect_client_connections_refused_total{{reason=\"{reason}\"}}"
+    ))
+}
+
+/// Whether the hub closed `s` (EOF or reset) within `within`.
+fn closed_by_peer(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut b = [0u8; 64];
+    loop {
+        match s.read(&mut b) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false;
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
+/// One echo round trip from `127.0.0.<last>`.
+fn echo_from(last: u8, to: SocketAddr, prefix: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Write;
+    let mut s = connect_from(last, to)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(prefix)?;
+    s.write_all(b"ping through the edge")?;
+    let mut got = vec![0u8; 21];
+    s.read_exact(&mut got)?;
+    Ok(got)
+}
+
+/// The rate of new connections, with the default configuration: one
+/// client address opening connections as fast as it can (eight threads) gets
+/// its burst of 500 and then 500 a second, the rest closed at accept
+/// (`client_rate`), while another address connects at once; a listener's
+/// own rate binds all its clients together (`listener_rate`, shown with a
+/// listener set to 10 a second). A refusal takes no token.
+#[test]
+fn a_client_opening_connections_too_fast_is_refused_and_others_are_not() {
+    let env = Env::new();
+    let echo = echo_server();
+    let hub = HubProc::start(
+        env.path(),
+        "hub",
+        &env.hub_yaml(
+            &[("echo", "echo"), ("slow", "echo")],
+            "log:\n  level: warn\n",
+        )
+        .replace(
+            "name: slow, bind: '127.0.0.1:0', connector: echo }",
+            "name: slow, bind: '127.0.0.1:0', connector: echo, max_new_connections_per_sec: 10 }",
+        ),
+    );
+    let _agent = AgentProc::start(
+        env.path(),
+        "agent",
+        &env.agent_yaml(
+            "agent-1",
+            &[hub.http],
+            &[("echo", echo)],
+            "log:\n  level: warn\n",
+        ),
+        &env.token("agent-1", None),
+    );
+    assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
+    let via = hub.listener("echo");
+    let started = Instant::now();
+    let burst: Vec<TcpStream> = (0..8)
+        .map(|_| {
+            std::thread::spawn(move || {
+                (0..200)
+                    .map(|_| connect_from(3, via).unwrap())
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let took = started.elapsed().as_secs_f64();
+    // Tokens come back at 500 a second while the burst is under way.
+    let most = 500.0 + (took * 500.0).ceil() + 1.0;
+    let refusals =
+        hub.settled_metric("nowconnect_client_connections_refused_total{reason=\"client_rate\"}");
+    eprintln!("1600 connections from one address in {took:.3}s: {refusals} refused (client_rate)");
+    assert!(
+        1600.0 - refusals <= most,
+        "{} of 1600 connections in {took:.3}s passed; at most {most} may",
+        1600.0 - refusals
+    );
+    // Another client is not slowed by the first one.
+    assert_eq!(echo_from(4, via, b"").unwrap(), b"ping through the edge");
+    drop(burst);
+    let before =
+        hub.settled_metric("nowconnect_client_connections_refused_total{reason=\"client_rate\"}");
+
+    // The listener's own rate binds all its clients together: 100 new
+    // connections from 10 addresses (10 each, far below their own rate)
+    // against a listener that takes 10 a second.
+    let slow = hub.listener("slow");
+    let started = Instant::now();
+    let many: Vec<TcpStream> = (10..20)
+        .flat_map(|last| (0..10).map(move |_| connect_from(last, slow).unwrap()))
+        .collect();
+    let took = started.elapsed().as_secs_f64();
+    let most = 10.0 + (took * 10.0).ceil() + 1.0;
+    assert!(
+        most < 100.0,
+        "100 connections took {took:.3}s: too slow to test a rate of 10 a second"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || refused(&hub, "listener_rate")
+            >= 100.0 - most),
+        "listener_rate refusals {} after 100 connections in {took:.3}s",
+        refused(&hub, "listener_rate")
+    );
+    assert_eq!(
+        refused(&hub, "client_rate"),
+        before,
+        "no client went past its own rate"
+    );
+    drop(many);
+    assert_eq!(hub.get("/healthz"), (200, "ok".into()));
+}
+
+/// With the default configuration a client that connects and sends nothing
+/// is closed after 10 s, and so is the agent's socket to the target; a
+/// client that spoke once stays however long it then idles.
+#[test]
+fn a_client_that_never_sends_a_byte_is_closed_with_its_target_socket() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let env = Env::new();
+    // A target that counts the connections it gets and those that end.
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target_addr = target.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let ended = Arc::new(AtomicUsize::new(0));
+    {
+        let (accepted, ended) = (accepted.clone(), ended.clone());
+        std::thread::spawn(move || {
+            for s in target.incoming().flatten() {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let ended = ended.clone();
+                std::thread::spawn(move || {
+                    let mut s = s;
+                    let mut b = [0u8; 64];
+                    while matches!(s.read(&mut b), Ok(n) if n > 0) {}
+                    ended.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        });
+    }
+    let hub = HubProc::start(
+        env.path(),
+        "hub",
+        &env.hub_yaml(&[("idle", "idle")], "log:\n  level: info\n"),
+    );
+    let _agent = AgentProc::start(
+        env.path(),
+        "agent",
+        &env.agent_yaml(
+            "agent-1",
+            &[hub.http],
+            &[("idle", target_addr)],
+            "log:\n  level: warn\n",
+        ),
+        &env.token("agent-1", None),
+    );
+    assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
+    let via = hub.listener("idle");
+    let mut silent = connect_from(5, via).unwrap();
+    let mut spoke = connect_from(6, via).unwrap();
+    {
+        use std::io::Write;
+        spoke.write_all(b"0").unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || accepted.load(Ordering::SeqCst)
+            == 2),
+        "the target got {} connections",
+        accepted.load(Ordering::SeqCst)
+    );
+    let connected = Instant::now();
+    assert!(
+        closed_by_peer(&mut silent, Duration::from_secs(15)),
+        "the silent client was not closed"
+    );
+    let after = connected.elapsed();
+    assert!(
+        after >= Duration::from_secs(8),
+        "closed after {after:?}, before the 10 s first-byte timeout"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || ended.load(Ordering::SeqCst) == 1),
+        "the agent's target socket of the silent client is still open"
+    );
+    assert_eq!(
+        hub.metric("nowconnect_client_timeouts_total{kind=\"first_byte\"}"),
+        1.0
+    );
+    // The one that spoke is still there, past the timeout, idle.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!closed_by_peer(&mut spoke, Duration::from_millis(200)));
+    assert_eq!(ended.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        hub.metric("nowconnect_flows_active{connector=\"idle\"}"),
+        1.0
+    );
+    hub.proc.wait_log(
+        "client sent nothing after connecting; closed",
+        Duration::from_secs(1),
+    );
+}
+
+/// Per-agent fairness between connectors, with the default configuration:
+/// clients of four listeners of one connector (4 x 1024 allowed) cannot take
+/// the 1024 flows (a quarter of 4096) the agent's other connector is owed;
+/// past 3072 they are refused and counted, and LDAP through the other
+/// connector keeps working.
+#[test]
+fn a_connector_keeps_its_share_of_the_agent_when_another_fills_every_listener() {
+    let env = Env::new();
+    let (_holder, hold) = hold_target(&env);
+    let slapd = nowconnect_tests::ldap::Slapd::start(env.path());
+    let busy = ["idle1", "idle2", "idle3", "idle4"];
+    let mut listeners: Vec<(&str, &str)> = busy.iter().map(|n| (*n, "idle")).collect();
+    listeners.push(("ldap", "ldap"));
+    let hub = HubProc::start(
+        env.path(),
+        "hub",
+        &env.hub_yaml(&listeners, "log:\n  level: warn\n"),
+    );
+    let _agent = AgentProc::start(
+        env.path(),
+        "agent",
+        &env.agent_yaml(
+            "agent-1",
+            &[hub.http],
+            &[("idle", hold), ("ldap", slapd.addr)],
+            "log:\n  level: warn\n",
+        ),
+        &env.token("agent-1", None),
+    );
+    assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
+    let direct = nowconnect_tests::ldap::search(slapd.addr, "(uid=alice)");
+    assert_eq!(direct.0, 0);
+    // 3200 clients: 16 addresses, 200 each, four addresses a listener.
+    let addrs: Vec<SocketAddr> = busy.iter().map(|n| hub.listener(n)).collect();
+    let openers: Vec<_> = (0..16u8)
+        .map(|i| {
+            let to = addrs[usize::from(i % 4)];
+            std::thread::spawn(move || open_paced(40 + i, to, 200))
+        })
+        .collect();
+    let held: Vec<TcpStream> = openers
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    assert_eq!(held.len(), 3200);
+    let share = || hub.metric("nowconnect_connector_share_refusals_total{connector=\"idle\"}");
+    let active = || hub.metric("nowconnect_flows_active{connector=\"idle\"}");
+    assert!(
+        eventually(Duration::from_secs(30), || share() == 128.0
+            && active() == 3072.0),
+        "busy flows {}, share refusals {}",
+        active(),
+        share()
+    );
+    for i in 0..10 {
+        assert_eq!(
+            nowconnect_tests::ldap::search(hub.listener("ldap"), "(uid=alice)"),
+            direct,
+            "search {i} through the other connector"
+        );
+    }
+    assert_eq!(hub.get("/healthz"), (200, "ok".into()));
+    drop(held);
+}
+
+/// PROXY protocol on a listener: from the trusted balancer the client's
+/// address is the one in the header (v1 and v2), and per-client limits and
+/// logs see it; anyone else is refused, and so is a trusted connection
+/// without a header.
+#[test]
+fn a_listener_behind_a_proxy_takes_client_addresses_from_its_header_and_no_one_else() {
+    use std::io::Write;
+    let env = Env::new();
+    let echo = echo_server();
+    let hub = HubProc::start(
+        env.path(),
+        "hub",
+        &env.hub_yaml(&[("echo", "echo")], "log:\n  level: info\n")
+            .replace(
+                "connector: echo }",
+                "connector: echo, max_connections_per_client: 2, \
+             proxy_protocol: { trusted_proxies: [127.0.0.1/32] } }",
+            ),
+    );
+    let _agent = AgentProc::start(
+        env.path(),
+        "agent",
+        &env.agent_yaml(
+            "agent-1",
+            &[hub.http],
+            &[("echo", echo)],
+            "log:\n  level: warn\n",
+        ),
+        &env.token("agent-1", None),
+    );
+    assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
+    let via = hub.listener("echo");
+    let v1 = |src: &str| format!("PROXY TCP4 {src} 127.0.0.1 40000 389\r\n").into_bytes();
+    // A v2 header (PROXY, TCP over IPv4) for 203.0.113.9:5000.
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    v2.extend_from_slice(&[203, 0, 113, 9, 127, 0, 0, 1, 0x13, 0x88, 0x01, 0x85]);
+
+    assert_eq!(
+        echo_from(1, via, &v1("198.51.100.7")).unwrap(),
+        b"ping through the edge"
+    );
+    assert_eq!(echo_from(1, via, &v2).unwrap(), b"ping through the edge");
+    // The balancer's own check (no address) is served as the balancer.
+    assert_eq!(
+        echo_from(1, via, b"PROXY UNKNOWN\r\n").unwrap(),
+        b"ping through the edge"
+    );
+    let active = || hub.metric("nowconnect_flows_active{connector=\"echo\"}");
+    assert!(eventually(Duration::from_secs(5), || active() == 0.0));
+    // Two held from 198.51.100.7, the third refused as that client's...
+    let hold = |src: &str| {
+        let mut s = connect_from(1, via).unwrap();
+        s.write_all(&v1(src)).unwrap();
+        s.write_all(b"x").unwrap();
+        s
+    };
+    let held = [hold("198.51.100.7"), hold("198.51.100.7")];
+    assert!(eventually(Duration::from_secs(5), || active() == 2.0));
+    let mut third = hold("198.51.100.7");
+    assert!(closed_by_peer(&mut third, Duration::from_secs(5)));
+    assert_eq!(refused(&hub, "client_limit"), 1.0);
+    // ... while another client behind the same balancer is served.
+    assert_eq!(
+        echo_from(1, via, &v1("198.51.100.8")).unwrap(),
+        b"ping through the edge"
+    );
+    hub.proc
+        .wait_log("peer=198.51.100.0/24", Duration::from_secs(2));
+
+    // Not the balancer: refused, whatever it sends.
+    let mut direct = connect_from(2, via).unwrap();
+    let _ = direct.write_all(&v1("10.9.9.9"));
+    assert!(closed_by_peer(&mut direct, Duration::from_secs(5)));
+    assert_eq!(refused(&hub, "untrusted_proxy"), 1.0);
+    // The balancer without a header: refused.
+    let mut bare = connect_from(1, via).unwrap();
+    bare.write_all(b"0\x0c\x02\x01\x01`\x07\x02\x01\x03\x04\x00\x80\x00")
+        .unwrap();
+    assert!(closed_by_peer(&mut bare, Duration::from_secs(5)));
+    assert_eq!(refused(&hub, "proxy_header"), 1.0);
+    assert_eq!(active(), 2.0);
+    drop(held);
 }
