@@ -372,6 +372,23 @@ fn certificates_rotate_on_file_change_and_sighup_and_a_broken_one_is_refused() {
         hub.http, &back.ca
     )
     .is_ok_and(|c| c == der(&back.cert))));
+    echo(b"after the second rotation");
+
+    // 4. Turning TLS off needs a restart: a configuration without
+    //    `http.tls` is refused on reload and the port stays TLS.
+    let cfg = env.path().join("hub.yaml");
+    let plain: String = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim_start().starts_with("tls:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let errors = reloads("error");
+    std::fs::write(&cfg, plain).unwrap();
+    assert!(eventually(Duration::from_secs(10), || reloads("error") > errors));
+    hub.proc
+        .wait_log("cannot leave TLS without a restart", Duration::from_secs(5));
+    assert_eq!(presented(hub.http, &back.ca).unwrap(), der(&back.cert));
     echo(b"at the end");
 }
 
