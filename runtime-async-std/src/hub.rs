@@ -19,6 +19,7 @@ use nowconnect_core::{Codec, WsMessage};
 use nowconnect_shared::config::HubConfig;
 use nowconnect_shared::driver::ClientTimeouts;
 use nowconnect_shared::driver::{FlowEnd, Outgoing};
+use nowconnect_shared::http::HttpRole;
 use nowconnect_shared::hub::{HubRt, WsIn};
 use nowconnect_shared::mesh::MeshConnected;
 use nowconnect_shared::metrics::Metrics;
@@ -123,7 +124,12 @@ impl HubRt for AsyncStdRt {
         mesh_accept_impl(tcp, tls, within_, cfg)
     }
 
-    async fn serve_http(shared: Arc<Shared>, l: TcpListener, stop: async_channel::Receiver<()>) {
+    async fn serve_http(
+        shared: Arc<Shared>,
+        l: TcpListener,
+        role: HttpRole,
+        stop: async_channel::Receiver<()>,
+    ) {
         {
             loop {
                 let accepted = futures_lite::future::or(async { Some(l.accept().await) }, async {
@@ -142,14 +148,43 @@ impl HubRt for AsyncStdRt {
                 };
                 // Tunnel frames are small and latency-bound: no Nagle delay.
                 let _ = tcp.set_nodelay(true);
-                task::spawn(nowconnect_shared::http::serve_connection(
-                    shared.clone(),
-                    tcp,
-                    peer,
-                    move |shared, tcp, rest, identity| {
-                        run_tunnel(shared, tcp, rest, identity, peer)
-                    },
-                ));
+                // The certificate current now: a reload swaps it for later
+                // accepts.
+                let Some(tls) = shared.http_server_tls(role) else {
+                    task::spawn(nowconnect_shared::http::serve_connection(
+                        shared.clone(),
+                        tcp,
+                        peer,
+                        role,
+                        move |shared, tcp, rest, identity| {
+                            run_tunnel(shared, tcp, rest, identity, peer)
+                        },
+                    ));
+                    continue;
+                };
+                let shared = shared.clone();
+                task::spawn(async move {
+                    let limit = Duration::from_secs(shared.cfg().raw.http.header_timeout_sec);
+                    let accept = futures_rustls::TlsAcceptor::from(tls).accept(tcp);
+                    let stream = match async_std::future::timeout(limit, accept).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => return shared.http_tls_failed(peer, &e.to_string(), false),
+                        Err(_) => {
+                            let reason = format!("not completed within {limit:?}");
+                            return shared.http_tls_failed(peer, &reason, true);
+                        }
+                    };
+                    nowconnect_shared::http::serve_connection(
+                        shared,
+                        stream,
+                        peer,
+                        role,
+                        move |shared, tls, rest, identity| {
+                            run_tunnel(shared, tls, rest, identity, peer)
+                        },
+                    )
+                    .await
+                });
             }
         }
     }
@@ -158,13 +193,15 @@ impl HubRt for AsyncStdRt {
 /// An upgraded `/tunnel` connection: the WebSocket over the socket (with any
 /// bytes the agent sent after its request head), its writer task, and the
 /// shared tunnel loop.
-async fn run_tunnel(
+async fn run_tunnel<S>(
     shared: Arc<Shared>,
-    tcp: TcpStream,
+    tcp: S,
     rest: Vec<u8>,
     identity: nowconnect_shared::jwt::AgentIdentity,
     peer: SocketAddr,
-) {
+) where
+    S: futures_util::io::AsyncRead + futures_util::io::AsyncWrite + Unpin + Send,
+{
     let cfg = nowconnect_shared::tung::ws_config(shared.max_ws_message());
     let ws = WebSocketStream::from_partially_read(tcp, rest, Role::Server, Some(cfg)).await;
     let (sink, stream) = ws.split();

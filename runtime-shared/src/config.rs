@@ -157,6 +157,23 @@ pub struct HttpConfig {
     /// it also bounds idle keep-alive connections.
     #[serde(default = "default_header_timeout")]
     pub header_timeout_sec: u64,
+    /// Serve the `bind` port over TLS only (certificate and key in PEM),
+    /// reloaded like the mesh certificates.
+    #[serde(default)]
+    pub tls: Option<HttpTls>,
+    /// A second, plain-HTTP port for `/healthz`, `/readyz` and `/metrics`;
+    /// when set, `bind` serves only `/tunnel`.
+    #[serde(default)]
+    pub ops_bind: Option<String>,
+}
+
+/// `http.tls`: the certificate (chain, leaf first) and private key the
+/// `bind` port presents.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
 }
 
 fn default_header_timeout() -> u64 {
@@ -812,6 +829,12 @@ pub struct HubConfig {
     pub file: PathBuf,
     pub raw: HubFile,
     pub http_bind: SocketAddr,
+    /// `http.ops_bind`: where `/healthz`, `/readyz` and `/metrics` are
+    /// served instead of `http_bind`.
+    pub ops_bind: Option<SocketAddr>,
+    /// The TLS server configuration of the `bind` port (`http.tls`), built
+    /// from its files when the configuration was read.
+    pub http_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     /// (name, address, connector qualified by the listener's tenant; see
     /// `nowconnect_core::tenant`).
     pub listeners: Vec<(String, SocketAddr, String)>,
@@ -834,6 +857,9 @@ impl HubConfig {
         let mut v: Vec<(&'static str, &Path)> = Vec::new();
         if let Some(p) = &r.tunnel.jwt.hs256_secret_file {
             v.push(("tunnel.jwt.hs256_secret_file", p));
+        }
+        if let Some(t) = &r.http.tls {
+            v.push(("http.tls.key_file", &t.key_file));
         }
         if let Some(t) = &r.ha.mesh.tls {
             v.push(("ha.mesh.tls.key_file", &t.key_file));
@@ -868,6 +894,28 @@ impl HubConfig {
         if raw.http.header_timeout_sec == 0 {
             return Err(err("http.header_timeout_sec", "must be > 0".into()));
         }
+        let http_tls = match &raw.http.tls {
+            Some(t) => Some(std::sync::Arc::new(
+                crate::tls::http_server_config(&t.cert_file, &t.key_file)
+                    .map_err(|(key, reason)| err(key, reason))?,
+            )),
+            None => None,
+        };
+        let ops_bind = match &raw.http.ops_bind {
+            Some(o) => {
+                let a = parse_addr(o).map_err(|r| err("http.ops_bind", r))?;
+                if a.port() != 0 && a == http_bind {
+                    return Err(err(
+                        "http.ops_bind",
+                        format!(
+                            "{a} is http.bind too: use another address (or leave ops_bind out)"
+                        ),
+                    ));
+                }
+                Some(a)
+            }
+            None => None,
+        };
         check_worker_threads(raw.worker_threads).map_err(|r| err("worker_threads", r))?;
         let mut listeners = Vec::new();
         let mut listener_pins = std::collections::BTreeMap::new();
@@ -927,6 +975,12 @@ impl HubConfig {
                     proxy,
                 },
             );
+            if addr.port() != 0 && ops_bind == Some(addr) {
+                return Err(err(
+                    "http.ops_bind",
+                    format!("{addr} is {} too: use another address", key("bind")),
+                ));
+            }
             if addr.port() != 0 && listeners.iter().any(|(_, a, _)| *a == addr) {
                 return Err(err(
                     &key("bind"),
@@ -1111,7 +1165,13 @@ impl HubConfig {
         let redis_password = check_redis(ha).map_err(|(key, reason)| err(key, reason))?;
         let m = &raw.ha.mesh;
         if let Some(l) = &m.listen {
-            parse_addr(l).map_err(|r| err("ha.mesh.listen", r))?;
+            let a = parse_addr(l).map_err(|r| err("ha.mesh.listen", r))?;
+            if a.port() != 0 && ops_bind == Some(a) {
+                return Err(err(
+                    "http.ops_bind",
+                    format!("{a} is ha.mesh.listen too: use another address"),
+                ));
+            }
         }
         for (i, p) in m.peers.iter().enumerate() {
             if !(p.starts_with("wss://") || p.starts_with("ws://")) {
@@ -1197,6 +1257,8 @@ impl HubConfig {
         Ok(HubConfig {
             file: file.to_path_buf(),
             http_bind,
+            ops_bind,
+            http_tls,
             listeners,
             listener_pins,
             listener_edges,

@@ -15,6 +15,39 @@ use futures_util::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::hub::{HubRt, Shared};
 use crate::jwt::AgentIdentity;
 
+/// Which endpoints an HTTP port serves: everything on `http.bind`, or,
+/// with `http.ops_bind` set, `/tunnel` there and the operations endpoints
+/// on the ops port. A path the port does not serve gets a `404`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpRole {
+    /// `/tunnel`, `/healthz`, `/readyz` and `/metrics` (no `http.ops_bind`).
+    All,
+    /// `/tunnel` only: the public port when `http.ops_bind` is set.
+    Tunnel,
+    /// `/healthz`, `/readyz` and `/metrics`: the `http.ops_bind` port.
+    Ops,
+}
+
+impl HttpRole {
+    /// Whether this port answers `path` (without its query).
+    pub fn serves(self, path: &str) -> bool {
+        match path {
+            "/tunnel" => self != HttpRole::Ops,
+            "/healthz" | "/readyz" | "/metrics" => self != HttpRole::Tunnel,
+            _ => false,
+        }
+    }
+
+    /// The paths this port serves, for the start log.
+    pub fn paths(self) -> &'static str {
+        match self {
+            HttpRole::All => "/tunnel /healthz /readyz /metrics",
+            HttpRole::Tunnel => "/tunnel",
+            HttpRole::Ops => "/healthz /readyz /metrics",
+        }
+    }
+}
+
 /// Largest request head taken.
 pub const MAX_HEAD: usize = 16 * 1024;
 
@@ -111,10 +144,15 @@ pub enum Answer {
 }
 
 /// Route one request the way the tokio hub's axum router does.
-pub fn answer<R: HubRt>(shared: &Shared<R>, head: &Head, peer: SocketAddr) -> Answer {
+pub fn answer<R: HubRt>(
+    shared: &Shared<R>,
+    head: &Head,
+    peer: SocketAddr,
+    role: HttpRole,
+) -> Answer {
     const TEXT: &str = "text/plain; charset=utf-8";
     let path = head.path.split('?').next().unwrap_or_default();
-    if !matches!(path, "/tunnel" | "/healthz" | "/readyz" | "/metrics") {
+    if !role.serves(path) {
         return Answer::Respond(response(404, TEXT, ""));
     }
     if head.method != "GET" {
@@ -166,6 +204,7 @@ pub async fn serve_connection<R, S, U, F>(
     shared: Arc<Shared<R>>,
     mut stream: S,
     peer: SocketAddr,
+    role: HttpRole,
     upgrade: U,
 ) where
     R: HubRt,
@@ -197,7 +236,7 @@ pub async fn serve_connection<R, S, U, F>(
             return;
         }
     };
-    match answer(&shared, &head, peer) {
+    match answer(&shared, &head, peer, role) {
         Answer::Respond(bytes) => {
             let _ = stream.write_all(&bytes).await;
             let _ = stream.flush().await;

@@ -26,6 +26,7 @@ use tungstenite::protocol::WebSocketConfig;
 
 use crate::config::HubConfig;
 use crate::driver::{FlowEnd, InlineWriter, LinkCmd, LoopTimer, Outgoing, Reply, TunnelDriver};
+use crate::http::HttpRole;
 use crate::jwt::{AgentIdentity, Verifier};
 use crate::mesh::{MeshLinks, MeshTlsConfigs, MeshWs};
 use crate::metrics::{Metrics, labels};
@@ -99,11 +100,16 @@ pub trait HubRt: Send + Sync + Sized + 'static {
         cfg: WebSocketConfig,
     ) -> impl Future<Output = Result<crate::mesh::MeshConnected<Self::MeshWs>, String>> + Send + 'static;
 
-    /// Serve `/tunnel`, `/healthz`, `/readyz` and `/metrics` on `l` until
-    /// `stop` fires, then let requests in progress end.
+    /// Serve the endpoints of `role` on `l` until `stop` fires, then let
+    /// requests in progress end. On a port where
+    /// [`Shared::http_server_tls`] gives a configuration (read per accepted
+    /// connection: a reload swaps it), every connection first completes a
+    /// TLS handshake within `http.header_timeout_sec`; a failed or late one
+    /// is closed and reported to [`Shared::http_tls_failed`].
     fn serve_http(
         shared: Arc<Shared<Self>>,
         l: Self::Listener,
+        role: HttpRole,
         stop: Receiver<()>,
     ) -> impl Future<Output = ()> + Send + 'static;
 }
@@ -152,6 +158,9 @@ pub struct Shared<R: HubRt> {
     /// Mesh TLS (server and client sides), replaced whole on reload: new
     /// links use the new certificates, established links keep theirs.
     mesh_tls: RwLock<MeshTlsConfigs>,
+    /// TLS of the HTTP port (`http.tls`), replaced whole on reload: new
+    /// connections use the new certificate, open ones keep theirs.
+    http_tls: RwLock<Option<Arc<rustls::ServerConfig>>>,
     mesh_started: AtomicBool,
     /// The files whose change triggers a reload (config, keys, certificates).
     watched: Mutex<Vec<PathBuf>>,
@@ -160,6 +169,8 @@ pub struct Shared<R: HubRt> {
 /// A running hub: its bound addresses and a way to stop it.
 pub struct HubHandle<R: HubRt> {
     pub http_addr: SocketAddr,
+    /// The bound `http.ops_bind` port.
+    pub ops_addr: Option<SocketAddr>,
     pub mesh_addr: Option<SocketAddr>,
     pub listener_addrs: Vec<(String, SocketAddr)>,
     stop: Sender<()>,
@@ -175,7 +186,7 @@ impl<R: HubRt> HubHandle<R> {
     }
 
     /// The one line on stdout that operators and tests wait for:
-    /// `nowconnect hub ready http=… [mesh=…] listeners=name=addr,…`.
+    /// `nowconnect hub ready http=… [ops=…] [mesh=…] listeners=name=addr,…`.
     pub fn ready_line(&self) -> String {
         let listeners: Vec<String> = self
             .listener_addrs
@@ -186,8 +197,12 @@ impl<R: HubRt> HubHandle<R> {
             .mesh_addr
             .map(|m| format!(" mesh={m}"))
             .unwrap_or_default();
+        let ops = self
+            .ops_addr
+            .map(|o| format!(" ops={o}"))
+            .unwrap_or_default();
         format!(
-            "nowconnect hub ready http={}{mesh} listeners={}",
+            "nowconnect hub ready http={}{ops}{mesh} listeners={}",
             self.http_addr,
             listeners.join(",")
         )
@@ -221,7 +236,9 @@ impl<R: HubRt> Shared<R> {
     /// Re-read the configuration file and apply what can change without a
     /// restart: the JWT verification settings (`tunnel.jwt`: secret or public
     /// key file, algorithms, audience, issuer, leeway) and, with the mesh on,
-    /// its certificate, key and CA bundle (`ha.mesh.tls`). Established
+    /// its certificate, key and CA bundle (`ha.mesh.tls`), and the HTTP
+    /// port's certificate and key (`http.tls`; turning TLS on or off needs a
+    /// restart, and a reload that tries is refused). Established
     /// tunnels and mesh links are not touched; new `/tunnel` requests and new
     /// mesh connections use the new settings. Everything is checked before
     /// anything is applied: on any error the running configuration stays
@@ -242,6 +259,21 @@ impl<R: HubRt> Shared<R> {
         let cfg = HubConfig::load(file).map_err(|e| e.to_string())?;
         let v = Verifier::from_tunnel_config(&cfg.raw.tunnel)
             .map_err(|e| format!("{}: tunnel.jwt: {e}", file.display()))?;
+        match (&self.cfg.http_tls, &cfg.http_tls) {
+            (Some(_), None) => {
+                return Err(format!(
+                    "{}: http.tls: removed, but the HTTP port cannot leave TLS without a restart",
+                    file.display()
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(format!(
+                    "{}: http.tls: added, but the HTTP port cannot turn to TLS without a restart",
+                    file.display()
+                ));
+            }
+            _ => {}
+        }
         let mesh = if self.mesh_started.load(Ordering::Relaxed) {
             Some(
                 crate::mesh::tls_configs(&cfg.raw.ha.mesh)
@@ -256,8 +288,33 @@ impl<R: HubRt> Shared<R> {
             *self.mesh_tls.write().expect("mesh tls lock") = m;
             what += ", ha.mesh.tls";
         }
+        if let Some(t) = &cfg.http_tls {
+            *self.http_tls.write().expect("http tls lock") = Some(t.clone());
+            what += ", http.tls";
+        }
         *self.watched.lock().expect("watched lock") = watched_files(&cfg);
         Ok(what + " reloaded")
+    }
+
+    /// The TLS configuration for a new connection on a port of `role`: the
+    /// current `http.tls` certificate on the public port, none on the ops
+    /// port (plain HTTP) or without `http.tls`.
+    pub fn http_server_tls(&self, role: HttpRole) -> Option<Arc<rustls::ServerConfig>> {
+        if role == HttpRole::Ops {
+            return None;
+        }
+        self.http_tls.read().expect("http tls lock").clone()
+    }
+
+    /// A TLS handshake on the HTTP port failed (`timed_out`: not completed
+    /// within `http.header_timeout_sec`): counted and logged.
+    pub fn http_tls_failed(&self, peer: SocketAddr, reason: &str, timed_out: bool) {
+        let kind = if timed_out { "timeout" } else { "error" };
+        self.metrics
+            .http_tls_handshake_failures
+            .get_or_create(&labels(&[("reason", kind)]))
+            .inc();
+        tracing::debug!(%peer, %reason, "http TLS handshake failed; connection closed");
     }
 
     pub fn mesh_server_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
@@ -1345,6 +1402,7 @@ pub async fn start<R: HubRt>(cfg: HubConfig, rt: R, redis: bool) -> Result<HubHa
         mesh_dialed: Mutex::new(Default::default()),
         mesh_refused_urls: Mutex::new(Default::default()),
         mesh_tls: RwLock::new(MeshTlsConfigs::default()),
+        http_tls: RwLock::new(cfg.http_tls.clone()),
         mesh_started: AtomicBool::new(false),
         watched: Mutex::new(watched_files(&cfg)),
         cfg,
@@ -1356,6 +1414,32 @@ pub async fn start<R: HubRt>(cfg: HubConfig, rt: R, redis: bool) -> Result<HubHa
         .await
         .map_err(|e| format!("http.bind {}: {e}", shared.cfg.http_bind))?;
     let http_addr = R::local_addr(&http).map_err(|e| e.to_string())?;
+    let ops = match shared.cfg.ops_bind {
+        Some(addr) => {
+            let l = rt
+                .bind(addr)
+                .await
+                .map_err(|e| format!("http.ops_bind {addr}: {e}"))?;
+            let bound = R::local_addr(&l).map_err(|e| e.to_string())?;
+            Some((bound, l))
+        }
+        None => None,
+    };
+    let ops_addr = ops.as_ref().map(|(a, _)| *a);
+    let public_role = if ops.is_some() {
+        HttpRole::Tunnel
+    } else {
+        HttpRole::All
+    };
+    let scheme = if shared.cfg.http_tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    tracing::info!(addr = %http_addr, scheme, paths = public_role.paths(), "http port");
+    if let Some(o) = ops_addr {
+        tracing::info!(addr = %o, scheme = "http", paths = HttpRole::Ops.paths(), "ops port (http.ops_bind)");
+    }
     let mut listeners = Vec::new();
     for (name, addr, connector) in &shared.cfg.listeners {
         let l = rt
@@ -1421,11 +1505,19 @@ pub async fn start<R: HubRt>(cfg: HubConfig, rt: R, redis: bool) -> Result<HubHa
     // HTTP stays up while draining so /readyz reports it; it stops after.
     let (http_stop_tx, http_stop) = async_channel::bounded::<()>(1);
     let (http_done_tx, http_done) = async_channel::bounded::<()>(1);
-    let server = R::serve_http(shared.clone(), http, http_stop);
+    let server = R::serve_http(shared.clone(), http, public_role, http_stop.clone());
+    let done_public = http_done_tx.clone();
     rt.spawn(async move {
         server.await;
-        drop(http_done_tx);
+        drop(done_public);
     });
+    if let Some((_, l)) = ops {
+        let server = R::serve_http(shared.clone(), l, HttpRole::Ops, http_stop);
+        rt.spawn(async move {
+            server.await;
+            drop(http_done_tx);
+        });
+    }
 
     let (stop, stop_rx) = async_channel::bounded::<()>(1);
     let (done_tx, done) = async_channel::bounded::<()>(1);
@@ -1463,6 +1555,7 @@ pub async fn start<R: HubRt>(cfg: HubConfig, rt: R, redis: bool) -> Result<HubHa
     });
     Ok(HubHandle {
         http_addr,
+        ops_addr,
         mesh_addr,
         listener_addrs,
         stop,
@@ -1472,13 +1565,17 @@ pub async fn start<R: HubRt>(cfg: HubConfig, rt: R, redis: bool) -> Result<HubHa
 }
 
 /// The files a reload reads: the configuration file, the JWT key files
-/// (secret, public key, JWKS) and the mesh TLS files.
+/// (secret, public key, JWKS), the HTTP port's certificate and key and the
+/// mesh TLS files.
 fn watched_files(cfg: &HubConfig) -> Vec<PathBuf> {
     let jwt = &cfg.raw.tunnel.jwt;
     let mut files = vec![cfg.file.clone()];
     files.extend(jwt.hs256_secret_file.iter().cloned());
     files.extend(jwt.public_key_file.iter().cloned());
     files.extend(jwt.jwks_file.iter().cloned());
+    if let Some(t) = &cfg.raw.http.tls {
+        files.extend([t.cert_file.clone(), t.key_file.clone()]);
+    }
     if let Some(t) = &cfg.raw.ha.mesh.tls {
         files.extend([t.ca_bundle.clone(), t.cert_file.clone(), t.key_file.clone()]);
     }

@@ -117,6 +117,9 @@ pub struct Metrics {
     pub shadow_would_route: Family<Labels, Counter>,
     // operations
     pub config_reloads: Family<Labels, Counter>,
+    /// Failed TLS handshakes on the HTTP port (`http.tls`), by reason
+    /// (`error`, `timeout`).
+    pub http_tls_handshake_failures: Family<Labels, Counter>,
     /// Refusals of a party holding a valid credential that tried to go
     /// beyond it, by kind ([`SECURITY_EVENT_KINDS`]).
     pub security_events: Family<Labels, Counter>,
@@ -227,6 +230,7 @@ impl Metrics {
             ]),
             auth_failures: Family::default(),
             config_reloads: Family::default(),
+            http_tls_handshake_failures: Family::default(),
             security_events: Family::default(),
             protocol_errors: Counter::default(),
             flows_active: Family::default(),
@@ -338,6 +342,11 @@ impl Metrics {
             m.config_reloads.clone(),
         );
         r.register(
+            "nowconnect_http_tls_handshake_failures",
+            "TLS handshakes on the HTTP port (http.tls) that failed or did not complete within http.header_timeout_sec, by reason",
+            m.http_tls_handshake_failures.clone(),
+        );
+        r.register(
             "nowconnect_protocol_errors",
             "Protocol violations by peers (flow or link closed)",
             m.protocol_errors.clone(),
@@ -406,6 +415,11 @@ impl Metrics {
         }
         for dir in ["up", "down"] {
             let _ = m.bytes.get_or_create(&labels(&[("dir", dir)]));
+        }
+        for reason in ["error", "timeout"] {
+            let _ = m
+                .http_tls_handshake_failures
+                .get_or_create(&labels(&[("reason", reason)]));
         }
         Metrics { registry, ..m }
     }

@@ -34,3 +34,36 @@ pub fn client_config(ca_bundle: &Path) -> Result<rustls::ClientConfig, String> {
         .with_root_certificates(roots)
         .with_no_client_auth())
 }
+
+/// The TLS server configuration of the hub's HTTP port (`http.tls`): the
+/// certificate chain of `cert_file` with the key of `key_file`, rustls with
+/// ring, no client certificates, ALPN `http/1.1`. An error names the
+/// configuration key it is about and the reason (a key that does not match
+/// the certificate is reported on `http.tls.cert_file`).
+pub fn http_server_config(
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<rustls::ServerConfig, (&'static str, String)> {
+    use rustls_pki_types::PrivateKeyDer;
+    let certs = load_certs(cert_file).map_err(|r| ("http.tls.cert_file", r))?;
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|e| ("http.tls.key_file", format!("{}: {e}", key_file.display())))?;
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ("http.tls", e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| {
+            (
+                "http.tls.cert_file",
+                format!(
+                    "{} with the key in {}: {e}",
+                    cert_file.display(),
+                    key_file.display()
+                ),
+            )
+        })?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}

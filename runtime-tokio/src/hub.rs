@@ -17,11 +17,12 @@ use futures_util::StreamExt;
 use nowconnect_core::registry::{RegistryError, RegistryOp, RegistryReply};
 use nowconnect_core::{Codec, WsMessage};
 use nowconnect_shared::driver::{FlowEnd, Outgoing};
+use nowconnect_shared::http::HttpRole;
 use nowconnect_shared::hub::{HubRt, WsIn};
 use nowconnect_shared::mesh::MeshConnected;
 use nowconnect_shared::metrics::Metrics;
 use nowconnect_shared::registry::RedisRegistry;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -127,34 +128,41 @@ impl HubRt for TokioRt {
     fn serve_http(
         shared: Arc<Shared>,
         l: TcpListener,
+        role: HttpRole,
         stop: async_channel::Receiver<()>,
     ) -> impl Future<Output = ()> + Send + 'static {
-        let header_timeout = Duration::from_secs(shared.cfg().raw.http.header_timeout_sec);
-        let app = Router::new()
-            .route("/tunnel", get(tunnel_handler))
-            .route("/healthz", get(|| async { "ok" }))
-            .route("/readyz", get(readyz))
-            .route("/metrics", get(metrics_handler))
-            .with_state(shared);
-        serve_http(l, app, stop, header_timeout)
+        let mut app = Router::new();
+        if role.serves("/tunnel") {
+            app = app.route("/tunnel", get(tunnel_handler));
+        }
+        if role.serves("/metrics") {
+            app = app
+                .route("/healthz", get(|| async { "ok" }))
+                .route("/readyz", get(readyz))
+                .route("/metrics", get(metrics_handler));
+        }
+        serve_http(l, app.with_state(shared.clone()), shared, role, stop)
     }
 }
 
-/// The HTTP server of `/tunnel`, `/healthz`, `/readyz` and `/metrics`: hyper
-/// with a timer, so a client must send its request head within
-/// `header_timeout` (no slowloris), a connection that sends nothing is
-/// closed after the same time, and each connection serves one request.
-/// Stops accepting when `stop` fires (or is dropped) and lets requests in
-/// progress end.
+/// The HTTP server of one port (`role`'s endpoints): hyper with a timer, so
+/// a client must send its request head within `http.header_timeout_sec`
+/// (no slowloris), a connection that sends nothing is closed after the same
+/// time, and each connection serves one request. With `http.tls` a
+/// connection first completes its TLS handshake (the certificate current at
+/// accept) within that time too. Stops accepting when `stop` fires (or is
+/// dropped) and lets requests in progress end.
 async fn serve_http(
     listener: TcpListener,
     app: Router,
+    shared: Arc<Shared>,
+    role: HttpRole,
     stop: async_channel::Receiver<()>,
-    header_timeout: Duration,
 ) {
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::rt::{TokioExecutor, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
     use hyper_util::service::TowerToHyperService;
+    let header_timeout = Duration::from_secs(shared.cfg().raw.http.header_timeout_sec);
     let mut builder = Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -182,31 +190,73 @@ async fn serve_http(
         );
         let builder = builder.clone();
         let stop = stop.clone();
+        // The certificate current now: a reload swaps it for later accepts.
+        let tls = shared.http_server_tls(role);
+        let shared = shared.clone();
         tokio::spawn(async move {
             // hyper's header timer starts with the first byte: a connection
             // that sends nothing gets the same deadline here.
+            let Some(tls) = tls else {
+                let mut first = [0u8; 1];
+                if tokio::time::timeout(header_timeout, tcp.peek(&mut first))
+                    .await
+                    .is_err()
+                {
+                    tracing::debug!(%peer, "http connection sent nothing; closed");
+                    return;
+                }
+                return serve_one(&builder, tcp, svc, peer, stop).await;
+            };
+            let accept = tokio_rustls::TlsAcceptor::from(tls).accept(tcp);
+            let mut tls = match tokio::time::timeout(header_timeout, accept).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return shared.http_tls_failed(peer, &e.to_string(), false),
+                Err(_) => {
+                    let reason = format!("not completed within {header_timeout:?}");
+                    return shared.http_tls_failed(peer, &reason, true);
+                }
+            };
+            // The first byte of the request, read through TLS (rustls may
+            // hold it already, so the socket cannot be peeked), and given
+            // back to hyper in front of the stream.
             let mut first = [0u8; 1];
-            if tokio::time::timeout(header_timeout, tcp.peek(&mut first))
-                .await
-                .is_err()
-            {
-                tracing::debug!(%peer, "http connection sent nothing; closed");
-                return;
-            }
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
-            let mut conn = std::pin::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(%peer, error = %e, "http connection ended");
-                    }
-                }
-                _ = stop.recv() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+            match tokio::time::timeout(header_timeout, tls.read(&mut first)).await {
+                Ok(Ok(1)) => {}
+                Ok(_) => return,
+                Err(_) => {
+                    tracing::debug!(%peer, "https connection sent nothing; closed");
+                    return;
                 }
             }
+            let io = crate::io::Prefixed::new(first[0], tls);
+            serve_one(&builder, io, svc, peer, stop).await
         });
+    }
+}
+
+/// Serve one accepted connection with hyper (upgrades allowed) until it
+/// ends, or until `stop` fires and the request in progress ends.
+async fn serve_one<I>(
+    builder: &hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    io: I,
+    svc: hyper_util::service::TowerToHyperService<Router>,
+    peer: SocketAddr,
+    stop: async_channel::Receiver<()>,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(io), svc);
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "http connection ended");
+            }
+        }
+        _ = stop.recv() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
     }
 }
 

@@ -151,3 +151,87 @@ where
 {
     InlineWriter::new(sink, rx, axum_frame, axum_close)
 }
+
+/// A stream with one byte already read from it put back in front: the
+/// HTTP server reads the first byte of a request through TLS itself (to
+/// bound the wait for it) and hands hyper the whole request.
+pub struct Prefixed<S> {
+    first: Option<u8>,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub fn new(first: u8, inner: S) -> Self {
+        Prefixed {
+            first: Some(first),
+            inner,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if buf.remaining() > 0
+            && let Some(b) = self.first.take()
+        {
+            buf.put_slice(&[b]);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::Prefixed;
+
+    #[tokio::test]
+    async fn the_byte_put_back_is_read_first_and_writes_pass_through() {
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut p = Prefixed::new(b'G', a);
+        b.write_all(b"ET / HTTP/1.1").await.unwrap();
+        let mut got = [0u8; 14];
+        p.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, b"GET / HTTP/1.1");
+        p.write_all(b"ok").await.unwrap();
+        let mut back = [0u8; 2];
+        b.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"ok");
+    }
+}

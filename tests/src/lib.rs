@@ -294,6 +294,8 @@ impl Drop for Proc {
 pub struct HubProc {
     pub proc: Proc,
     pub http: SocketAddr,
+    /// The `http.ops_bind` port, when the hub has one.
+    pub ops: Option<SocketAddr>,
     pub mesh: Option<SocketAddr>,
     pub listeners: Vec<(String, SocketAddr)>,
 }
@@ -315,13 +317,16 @@ impl HubProc {
             .env("RUST_LOG", "info");
         let proc = Proc::spawn(name, cmd, dir);
         let line = proc.wait_line("nowconnect hub ready", Duration::from_secs(20));
-        // nowconnect hub ready http=127.0.0.1:1234 listeners=l1=127.0.0.1:389,...
+        // nowconnect hub ready http=127.0.0.1:1234 [ops=…] [mesh=…] listeners=l1=127.0.0.1:389,...
         let mut http = None;
+        let mut ops = None;
         let mut mesh = None;
         let mut listeners = Vec::new();
         for part in line.split_whitespace() {
             if let Some(h) = part.strip_prefix("http=") {
                 http = Some(h.parse().unwrap());
+            } else if let Some(o) = part.strip_prefix("ops=") {
+                ops = Some(o.parse().unwrap());
             } else if let Some(m) = part.strip_prefix("mesh=") {
                 mesh = Some(m.parse().unwrap());
             } else if let Some(ls) = part.strip_prefix("listeners=") {
@@ -334,6 +339,7 @@ impl HubProc {
         HubProc {
             proc,
             http: http.expect("http address in the ready line"),
+            ops,
             mesh,
             listeners,
         }
@@ -351,10 +357,20 @@ impl HubProc {
         http_get(self.http, path)
     }
 
+    /// A GET on the `http.ops_bind` port (`/metrics`, `/readyz`, `/healthz`).
+    pub fn ops_get(&self, path: &str) -> (u16, String) {
+        http_get(self.ops.expect("the hub has no ops port"), path)
+    }
+
     /// The value of one metric sample, e.g. `nowconnect_agents_connected`
-    /// or `nowconnect_tunnel_auth_failures_total{reason="expired"}`.
+    /// or `nowconnect_tunnel_auth_failures_total{reason="expired"}` (from
+    /// the ops port when the hub has one).
     pub fn metric(&self, sample: &str) -> f64 {
-        metric_value(&self.get("/metrics").1, sample)
+        let text = match self.ops {
+            Some(_) => self.ops_get("/metrics").1,
+            None => self.get("/metrics").1,
+        };
+        metric_value(&text, sample)
     }
 
     /// Whether `n` agents are attached to this hub within `within`.
