@@ -6,14 +6,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real redis-server, slapd and the OpenLDAP clients are used by the tests;
-# promtool (Debian's prometheus package) checks the shipped alert rules.
-need_cmds=(redis-server slapd ldapsearch ldapwhoami promtool)
+# promtool (Debian's prometheus package) checks the shipped alert rules;
+# nginx (nginx-light: its http_ssl module has ssl_verify_client and
+# $ssl_client_escaped_cert) terminates mesh mTLS in tests/tests/mesh_ingress.rs.
+need_cmds=(redis-server slapd ldapsearch ldapwhoami promtool nginx)
 pkg_of() {
   case "$1" in
     redis-server) echo redis-server ;;
     slapd) echo slapd ;;
     ldapsearch|ldapwhoami) echo ldap-utils ;;
     promtool) echo prometheus ;;
+    nginx) echo nginx-light ;;
   esac
 }
 missing=()
@@ -55,7 +58,7 @@ cargo test --workspace --release -- --skip ci_seed_budget
 echo "==> the hub suites again, every hub on the async-std runtime"
 NOWCONNECT_HUB_RUNTIME=async-std cargo test --release -p nowconnect-tests \
   --test single_hub --test ha_mesh --test ha_registry --test mesh_fencing \
-  --test limits --test observability --test perf --test trust --test redis_tls \
+  --test mesh_ingress --test limits --test observability --test perf --test trust --test redis_tls \
   --test http_edge
 echo "==> simulation seed budget (prints what it exercised)"
 cargo test --release -p nowconnect-sim --test world -- ci_seed_budget --nocapture

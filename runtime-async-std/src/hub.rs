@@ -14,14 +14,14 @@ use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::Message;
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use futures_util::StreamExt;
+use nowconnect_core::WsMessage;
 use nowconnect_core::registry::{RegistryError, RegistryOp, RegistryReply};
-use nowconnect_core::{Codec, WsMessage};
 use nowconnect_shared::config::HubConfig;
 use nowconnect_shared::driver::ClientTimeouts;
 use nowconnect_shared::driver::{FlowEnd, Outgoing};
 use nowconnect_shared::http::HttpRole;
 use nowconnect_shared::hub::{HubRt, WsIn};
-use nowconnect_shared::mesh::MeshConnected;
+use nowconnect_shared::mesh::{MeshConnected, MeshInbound};
 use nowconnect_shared::metrics::Metrics;
 use nowconnect_shared::registry::RedisRegistry;
 
@@ -117,11 +117,11 @@ impl HubRt for AsyncStdRt {
     fn mesh_accept(
         &self,
         tcp: TcpStream,
-        tls: Option<Arc<rustls::ServerConfig>>,
+        inbound: MeshInbound,
         within_: Duration,
         cfg: WebSocketConfig,
     ) -> impl Future<Output = Result<MeshConnected<Self::MeshWs>, String>> + Send + 'static {
-        mesh_accept_impl(tcp, tls, within_, cfg)
+        mesh_accept_impl(tcp, inbound, within_, cfg)
     }
 
     async fn serve_http(
@@ -250,13 +250,13 @@ async fn mesh_connect_impl(
 #[allow(clippy::result_large_err)] // tungstenite's handshake callback error
 async fn mesh_accept_impl(
     tcp: TcpStream,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    inbound: MeshInbound,
     within_: Duration,
     cfg: WebSocketConfig,
 ) -> Result<MeshConnected<WebSocketStream<Box<dyn Io>>>, String> {
     let _ = tcp.set_nodelay(true);
     let mut peer_cert = None;
-    let io: Box<dyn Io> = match tls {
+    let io: Box<dyn Io> = match inbound.tls.clone() {
         Some(t) => {
             let tls = within(
                 within_,
@@ -270,25 +270,16 @@ async fn mesh_accept_impl(
         }
         None => Box::new(tcp),
     };
-    let mut chosen = None;
-    let callback = |req: &_, resp| {
-        nowconnect_shared::mesh::choose_codec(req, resp).map(|(resp, codec)| {
-            chosen = Some(codec);
-            resp
-        })
-    };
-    let ws = within(
+    let mut hs = inbound.handshake();
+    let callback = |req: &_, resp| hs.on_request(req, resp);
+    let accepted = within(
         within_,
         "mesh WebSocket handshake",
         async_tungstenite::accept_hdr_async_with_config(io, callback, Some(cfg)),
     )
-    .await?
-    .map_err(|e| format!("mesh WebSocket handshake failed: {e}"))?;
-    Ok(MeshConnected {
-        ws,
-        codec: chosen.unwrap_or(Codec::V2),
-        peer_cert,
-    })
+    .await?;
+    let ws = accepted.map_err(|e| hs.failed(e))?;
+    Ok(hs.connected(ws, peer_cert))
 }
 
 /// [`HubRt::read_proxy_header`] on an async-std socket.

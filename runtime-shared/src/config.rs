@@ -751,6 +751,81 @@ pub struct MeshConfig {
     /// list them (a peer is otherwise served only while it is registered).
     #[serde(default)]
     pub allowed_replicas: Vec<String>,
+    /// A TLS-terminating proxy (ingress) in front of `listen` verifies the
+    /// peers' client certificates and forwards each certificate in a
+    /// header (`client_cert_header`); the listener then speaks plain
+    /// WebSocket and serves only connections from `trusted_proxies`.
+    #[serde(default)]
+    pub tls_terminated_by_proxy: bool,
+    /// The networks the terminating proxies connect from (CIDR, e.g.
+    /// `10.0.3.0/24`, or a bare address).
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Which header carries the peer's certificate, and in which format.
+    #[serde(default)]
+    pub client_cert_header: Option<ClientCertHeader>,
+}
+
+/// `ha.mesh.client_cert_header`: the request header a terminating proxy
+/// puts the verified client certificate in.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertHeader {
+    /// The header's name; default by format: `ssl-client-cert` (nginx),
+    /// `x-forwarded-client-cert` (envoy).
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub format: ClientCertFormat,
+}
+
+/// How the certificate is written in `ha.mesh.client_cert_header`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientCertFormat {
+    /// The URL-encoded PEM of nginx' `$ssl_client_escaped_cert`.
+    #[default]
+    Nginx,
+    /// Envoy's `x-forwarded-client-cert`: the URL-encoded PEM in its
+    /// `Cert="…"` element.
+    Envoy,
+}
+
+impl ClientCertFormat {
+    pub fn default_header(self) -> &'static str {
+        match self {
+            ClientCertFormat::Nginx => "ssl-client-cert",
+            ClientCertFormat::Envoy => "x-forwarded-client-cert",
+        }
+    }
+}
+
+impl ClientCertHeader {
+    /// The header name in use (lower case).
+    pub fn header_name(&self) -> String {
+        self.name
+            .clone()
+            .unwrap_or_else(|| self.format.default_header().to_string())
+            .to_ascii_lowercase()
+    }
+}
+
+impl MeshConfig {
+    /// The header settings in use in proxy mode (the default: nginx).
+    pub fn client_cert_header(&self) -> ClientCertHeader {
+        self.client_cert_header.clone().unwrap_or(ClientCertHeader {
+            name: None,
+            format: ClientCertFormat::Nginx,
+        })
+    }
+
+    /// `trusted_proxies` parsed (validated at start, so none fails here).
+    pub fn trusted_proxy_nets(&self) -> Vec<ipnet::IpNet> {
+        self.trusted_proxies
+            .iter()
+            .filter_map(|s| parse_net(s).ok())
+            .collect()
+    }
 }
 
 impl Default for MeshConfig {
@@ -767,6 +842,9 @@ impl Default for MeshConfig {
             handshake_timeout_sec: default_mesh_handshake(),
             max_inbound_links: default_mesh_max_links(),
             connect_backoff_max_sec: default_backoff(),
+            tls_terminated_by_proxy: false,
+            trusted_proxies: Vec::new(),
+            client_cert_header: None,
         }
     }
 }
@@ -1210,6 +1288,7 @@ impl HubConfig {
         if m.connect_backoff_max_sec == 0 {
             return Err(err("ha.mesh.connect_backoff_max_sec", "must be > 0".into()));
         }
+        check_proxy_mode(m).map_err(|(key, reason)| err(&key, reason))?;
         let mesh_used = mode != Mode::Off && (m.listen.is_some() || !m.peers.is_empty());
         if mesh_used && m.require_mtls && m.tls.is_none() {
             return Err(err(
@@ -1552,6 +1631,96 @@ impl AgentConfig {
 }
 
 // ---------------------------------------------------------------- helpers
+
+/// `ha.mesh.tls_terminated_by_proxy` and its companions: the proxy mode
+/// needs the peers' CA (`tls`), an authenticating mesh (`require_mtls`), a
+/// listener, and the proxies' networks; those keys mean nothing without it.
+fn check_proxy_mode(m: &MeshConfig) -> Result<(), (String, String)> {
+    let fail = |k: &str, r: &str| Err((k.to_string(), r.to_string()));
+    if !m.tls_terminated_by_proxy {
+        if !m.trusted_proxies.is_empty() {
+            return fail(
+                "ha.mesh.trusted_proxies",
+                "only used with ha.mesh.tls_terminated_by_proxy: true",
+            );
+        }
+        if m.client_cert_header.is_some() {
+            return fail(
+                "ha.mesh.client_cert_header",
+                "only used with ha.mesh.tls_terminated_by_proxy: true",
+            );
+        }
+        return Ok(());
+    }
+    if m.listen.is_none() {
+        return fail(
+            "ha.mesh.tls_terminated_by_proxy",
+            "needs ha.mesh.listen (the address the proxy forwards to)",
+        );
+    }
+    if !m.require_mtls {
+        return fail(
+            "ha.mesh.tls_terminated_by_proxy",
+            "needs ha.mesh.require_mtls: true (the forwarded client certificate is the peer's credential)",
+        );
+    }
+    if m.tls.is_none() {
+        return fail(
+            "ha.mesh.tls",
+            "required with ha.mesh.tls_terminated_by_proxy: ca_bundle verifies the forwarded certificates, cert_file/key_file serve this hub's own dials",
+        );
+    }
+    if m.trusted_proxies.is_empty() {
+        return fail(
+            "ha.mesh.trusted_proxies",
+            "required (non-empty) with ha.mesh.tls_terminated_by_proxy: the networks the TLS-terminating proxies connect from",
+        );
+    }
+    for (i, p) in m.trusted_proxies.iter().enumerate() {
+        let key = format!("ha.mesh.trusted_proxies[{i}]");
+        let net = parse_net(p).map_err(|r| (key.clone(), r))?;
+        if net.prefix_len() == 0 {
+            return Err((
+                key,
+                format!(
+                    "`{p}` trusts every address: anyone who reaches ha.mesh.listen could forge a certificate header; name the proxies' networks"
+                ),
+            ));
+        }
+    }
+    if let Some(h) = &m.client_cert_header {
+        let name = h.header_name();
+        if tungstenite::http::HeaderName::from_bytes(name.as_bytes()).is_err() || name.is_empty() {
+            return fail(
+                "ha.mesh.client_cert_header.name",
+                &format!("`{name}` is not an HTTP header name"),
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A network in CIDR notation (`10.0.0.0/8`, `fd00::/64`) or a single
+/// address (`10.0.0.7`: /32, `::1`: /128).
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    if s.contains('/') {
+        let net: ipnet::IpNet = s
+            .parse()
+            .map_err(|_| format!("`{s}` is not a network like 10.0.0.0/8 or fd00::/64"))?;
+        if net.trunc() != net {
+            return Err(format!(
+                "`{s}` has host bits set; the network is {}",
+                net.trunc()
+            ));
+        }
+        Ok(net)
+    } else {
+        let ip: std::net::IpAddr = s
+            .parse()
+            .map_err(|_| format!("`{s}` is not an address or a network like 10.0.0.0/8"))?;
+        Ok(ipnet::IpNet::from(ip))
+    }
+}
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse()

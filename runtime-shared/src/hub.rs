@@ -89,13 +89,15 @@ pub trait HubRt: Send + Sync + Sized + 'static {
         cfg: WebSocketConfig,
     ) -> impl Future<Output = Result<crate::mesh::MeshConnected<Self::MeshWs>, String>> + Send + 'static;
 
-    /// Accept one mesh connection: TLS with `tls` when set, then the
-    /// WebSocket handshake of `/mesh` (see [`crate::mesh::choose_codec`]),
-    /// all within `within`.
+    /// Accept one mesh connection: TLS with `inbound.tls` when set, then
+    /// the WebSocket handshake of `/mesh` through
+    /// [`crate::mesh::MeshHandshake::on_request`] (which, behind a
+    /// TLS-terminating proxy, takes the peer's certificate from its
+    /// header), all within `within`.
     fn mesh_accept(
         &self,
         tcp: Self::Stream,
-        tls: Option<Arc<rustls::ServerConfig>>,
+        inbound: crate::mesh::MeshInbound,
         within: Duration,
         cfg: WebSocketConfig,
     ) -> impl Future<Output = Result<crate::mesh::MeshConnected<Self::MeshWs>, String>> + Send + 'static;
@@ -317,8 +319,19 @@ impl<R: HubRt> Shared<R> {
         tracing::debug!(%peer, %reason, "http TLS handshake failed; connection closed");
     }
 
-    pub fn mesh_server_tls(&self) -> Option<Arc<rustls::ServerConfig>> {
-        self.mesh_tls.read().expect("mesh tls lock").server.clone()
+    /// How the mesh listener authenticates the next inbound connection
+    /// (the current certificates: they are reloadable).
+    pub fn mesh_inbound(&self) -> crate::mesh::MeshInbound {
+        let t = self.mesh_tls.read().expect("mesh tls lock");
+        crate::mesh::MeshInbound {
+            tls: t.server.clone(),
+            proxy: t.proxy.clone(),
+            refused: self
+                .metrics
+                .security_events
+                .get_or_create(&labels(&[("kind", "mesh_client_cert_header_refused")]))
+                .clone(),
+        }
     }
 
     pub fn mesh_client_tls(&self) -> Option<Arc<rustls::ClientConfig>> {
@@ -1478,6 +1491,9 @@ pub async fn start<R: HubRt>(cfg: HubConfig, rt: R, redis: bool) -> Result<HubHa
             tracing::warn!(target: "nowconnect::security", "the mesh runs without TLS (ha.mesh.tls unset, require_mtls false): any host that reaches ha.mesh.listen can claim any replica id; use this only on a network that is itself authenticated");
         } else if !mesh.require_mtls {
             tracing::warn!(target: "nowconnect::security", "ha.mesh.require_mtls is false: inbound mesh peers are not authenticated and may claim any registered replica id");
+        } else if mesh.tls_terminated_by_proxy {
+            let h = mesh.client_cert_header();
+            tracing::info!(target: "nowconnect::security", trusted_proxies = ?mesh.trusted_proxies, header = %h.header_name(), format = ?h.format, "the mesh listener speaks plain WebSocket behind a TLS-terminating proxy: only trusted_proxies are served, and the peer certificate they forward is verified against ha.mesh.tls.ca_bundle; the proxies are part of the mesh's trusted base");
         }
         for peer in &mesh.peers {
             shared.dial_once(None, peer);

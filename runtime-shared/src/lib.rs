@@ -19,6 +19,7 @@ pub mod jwt;
 pub mod keyfiles;
 pub mod logging;
 pub mod mesh;
+pub mod mesh_ingress;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod redact;

@@ -1,5 +1,7 @@
 //! The hub mesh, written once for every runtime: a TLS listener serving
-//! `/mesh` (client certificates required when `require_mtls`), one outbound
+//! `/mesh` (client certificates required when `require_mtls`; or, behind a
+//! TLS-terminating proxy, a plain one taking the certificate from a header,
+//! see [`crate::mesh_ingress`]), one outbound
 //! link per peer, each driven by a core [`MeshLink`] (which owns backoff,
 //! queues, caps, credit, epochs and RTT). Origin side: a client routed to
 //! another replica gets a mesh flow. Owner side: an `M_OPEN` whose epoch is
@@ -17,6 +19,7 @@ use futures_util::{Sink, Stream, StreamExt};
 use nowconnect_core::mesh_link::{LinkState, MeshEvent, MeshLink, MeshLinkConfig};
 use nowconnect_core::rng::Rng;
 use nowconnect_core::{Codec, ErrorCode, WsMessage};
+use prometheus_client::metrics::counter::Counter;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tungstenite::Message;
@@ -29,6 +32,7 @@ use tungstenite::protocol::WebSocketConfig;
 use crate::config::{MeshConfig, MeshTls};
 use crate::driver::{FlowPipes, LinkCmd, Outgoing, Peer};
 use crate::hub::{HubRt, Shared};
+use crate::mesh_ingress::ProxyClientCerts;
 use crate::metrics::{Metrics, add_delta, add_frame_deltas, labels};
 
 /// A mesh WebSocket of any runtime (tokio-tungstenite and async-tungstenite
@@ -144,8 +148,93 @@ impl MeshLinks {
 
 #[derive(Clone, Default)]
 pub struct MeshTlsConfigs {
+    /// TLS of the mesh listener (none behind a TLS-terminating proxy).
     pub server: Option<Arc<rustls::ServerConfig>>,
     pub client: Option<Arc<rustls::ClientConfig>>,
+    /// Behind a TLS-terminating proxy: how the peer's certificate is taken
+    /// from the upgrade request.
+    pub proxy: Option<Arc<ProxyClientCerts>>,
+}
+
+/// How the mesh listener authenticates an inbound connection: TLS with
+/// client certificates, or (behind a TLS-terminating proxy) the certificate
+/// header; `refused` counts refused certificate headers.
+pub struct MeshInbound {
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub proxy: Option<Arc<ProxyClientCerts>>,
+    pub refused: Counter,
+}
+
+impl MeshInbound {
+    /// The state of one connection's WebSocket handshake.
+    pub fn handshake(&self) -> MeshHandshake {
+        MeshHandshake {
+            proxy: self.proxy.clone(),
+            refused: self.refused.clone(),
+            codec: None,
+            cert: None,
+            refusal: None,
+        }
+    }
+}
+
+/// One inbound `/mesh` upgrade: the codec chosen, and, behind a proxy, the
+/// certificate read from the request header (or why it was refused).
+pub struct MeshHandshake {
+    proxy: Option<Arc<ProxyClientCerts>>,
+    refused: Counter,
+    codec: Option<Codec>,
+    cert: Option<CertificateDer<'static>>,
+    refusal: Option<String>,
+}
+
+impl MeshHandshake {
+    /// The handshake callback: path and subprotocol ([`choose_codec`]),
+    /// then, behind a proxy, the certificate header; a missing, malformed
+    /// or unverifiable certificate is answered `403` and counted. On a
+    /// listener doing its own TLS a certificate header means nothing and is
+    /// not read.
+    // The handshake callback's error type is tungstenite's `ErrorResponse`.
+    #[allow(clippy::result_large_err)]
+    pub fn on_request(&mut self, req: &Request, resp: Response) -> Result<Response, ErrorResponse> {
+        let (resp, codec) = choose_codec(req, resp)?;
+        if let Some(p) = &self.proxy {
+            match p.verify(req, rustls_pki_types::UnixTime::now()) {
+                Ok(c) => self.cert = Some(c),
+                Err(reason) => {
+                    self.refused.inc();
+                    let mut e = ErrorResponse::new(Some("client certificate refused".into()));
+                    *e.status_mut() = StatusCode::FORBIDDEN;
+                    self.refusal = Some(reason);
+                    return Err(e);
+                }
+            }
+        }
+        self.codec = Some(codec);
+        Ok(resp)
+    }
+
+    /// Why the handshake failed: the certificate refusal, else `error`.
+    pub fn failed(&self, error: impl std::fmt::Display) -> String {
+        match &self.refusal {
+            Some(r) => format!("client certificate header refused: {r}"),
+            None => format!("mesh WebSocket handshake failed: {error}"),
+        }
+    }
+
+    /// The accepted connection; its peer certificate is the one of the TLS
+    /// handshake (`tls_cert`) or, behind a proxy, the header's.
+    pub fn connected<W>(
+        self,
+        ws: W,
+        tls_cert: Option<CertificateDer<'static>>,
+    ) -> MeshConnected<W> {
+        MeshConnected {
+            ws,
+            codec: self.codec.unwrap_or(Codec::V2),
+            peer_cert: tls_cert.or(self.cert),
+        }
+    }
 }
 
 pub fn tls_configs(mesh: &MeshConfig) -> Result<MeshTlsConfigs, String> {
@@ -168,6 +257,19 @@ pub fn tls_configs(mesh: &MeshConfig) -> Result<MeshTlsConfigs, String> {
             .map_err(|e| format!("{}: {e}", ca_bundle.display()))?;
     }
     let roots = Arc::new(roots);
+    let client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots.clone())
+        .with_client_auth_cert(certs.clone(), key()?)
+        .map_err(|e| format!("ha.mesh.tls: {e}"))?;
+    if mesh.tls_terminated_by_proxy {
+        // The proxy terminates TLS; the certificate it forwards is verified
+        // against the same CA.
+        return Ok(MeshTlsConfigs {
+            server: None,
+            client: Some(Arc::new(client)),
+            proxy: Some(Arc::new(ProxyClientCerts::new(mesh, roots)?)),
+        });
+    }
     let builder = rustls::ServerConfig::builder();
     let server = if mesh.require_mtls {
         let verifier = rustls::server::WebPkiClientVerifier::builder(roots.clone())
@@ -177,15 +279,12 @@ pub fn tls_configs(mesh: &MeshConfig) -> Result<MeshTlsConfigs, String> {
     } else {
         builder.with_no_client_auth()
     }
-    .with_single_cert(certs.clone(), key()?)
+    .with_single_cert(certs, key()?)
     .map_err(|e| format!("ha.mesh.tls: {e}"))?;
-    let client = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(certs, key()?)
-        .map_err(|e| format!("ha.mesh.tls: {e}"))?;
     Ok(MeshTlsConfigs {
         server: Some(Arc::new(server)),
         client: Some(Arc::new(client)),
+        proxy: None,
     })
 }
 
@@ -294,11 +393,29 @@ pub fn chosen_codec(
 pub async fn serve<R: HubRt>(shared: Arc<Shared<R>>, listener: R::Listener) {
     let inbound = Arc::new(AtomicUsize::new(0));
     let max = shared.cfg().raw.ha.mesh.max_inbound_links;
+    // Behind a TLS-terminating proxy only the proxies may connect: anyone
+    // else could write a certificate header.
+    let proxies = shared
+        .cfg()
+        .raw
+        .ha
+        .mesh
+        .tls_terminated_by_proxy
+        .then(|| shared.cfg().raw.ha.mesh.trusted_proxy_nets());
     loop {
         let Ok((tcp, peer)) = R::accept(&listener).await else {
             shared.rt().sleep(Duration::from_millis(100)).await;
             continue;
         };
+        if let Some(nets) = &proxies
+            && !crate::mesh_ingress::source_trusted(peer.ip(), nets)
+        {
+            shared.security_event("mesh_proxy_untrusted_source");
+            shared.metrics().mesh_link_errors.inc();
+            tracing::warn!(target: "nowconnect::security", %peer, kind = "mesh_proxy_untrusted_source", "mesh peer refused: not from a trusted proxy (ha.mesh.trusted_proxies); the mesh listener is behind a TLS-terminating proxy");
+            drop(tcp);
+            continue;
+        }
         if inbound.load(Ordering::Relaxed) >= max {
             shared.metrics().mesh_link_errors.inc();
             tracing::warn!(target: "nowconnect::security", %peer, limit = max, "mesh peer refused: inbound link limit reached (ha.mesh.max_inbound_links)");
@@ -311,7 +428,7 @@ pub async fn serve<R: HubRt>(shared: Arc<Shared<R>>, listener: R::Listener) {
         let hs = Duration::from_secs(shared.cfg().raw.ha.mesh.handshake_timeout_sec);
         let accept = shared
             .rt()
-            .mesh_accept(tcp, shared.mesh_server_tls(), hs, ws_config(&shared));
+            .mesh_accept(tcp, shared.mesh_inbound(), hs, ws_config(&shared));
         let shared2 = shared.clone();
         shared.rt().spawn(async move {
             match accept.await {

@@ -132,6 +132,8 @@ pub const SECURITY_EVENT_KINDS: &[&str] = &[
     "mesh_peer_not_registered",
     "mesh_open_connector_not_served",
     "mesh_url_refused",
+    "mesh_proxy_untrusted_source",
+    "mesh_client_cert_header_refused",
     "tunnel_token_expired",
     "tunnel_revoked",
     "connector_outside_scope",

@@ -14,12 +14,12 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures_util::StreamExt;
+use nowconnect_core::WsMessage;
 use nowconnect_core::registry::{RegistryError, RegistryOp, RegistryReply};
-use nowconnect_core::{Codec, WsMessage};
 use nowconnect_shared::driver::{FlowEnd, Outgoing};
 use nowconnect_shared::http::HttpRole;
 use nowconnect_shared::hub::{HubRt, WsIn};
-use nowconnect_shared::mesh::MeshConnected;
+use nowconnect_shared::mesh::{MeshConnected, MeshInbound};
 use nowconnect_shared::metrics::Metrics;
 use nowconnect_shared::registry::RedisRegistry;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
@@ -118,11 +118,11 @@ impl HubRt for TokioRt {
     fn mesh_accept(
         &self,
         tcp: TcpStream,
-        tls: Option<Arc<rustls::ServerConfig>>,
+        inbound: MeshInbound,
         within: Duration,
         cfg: WebSocketConfig,
     ) -> impl Future<Output = Result<MeshConnected<Self::MeshWs>, String>> + Send + 'static {
-        mesh_accept_impl(tcp, tls, within, cfg)
+        mesh_accept_impl(tcp, inbound, within, cfg)
     }
 
     fn serve_http(
@@ -383,13 +383,13 @@ fn leaf(
 #[allow(clippy::result_large_err)] // tungstenite's handshake callback error
 async fn mesh_accept_impl(
     tcp: TcpStream,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    inbound: MeshInbound,
     within: Duration,
     cfg: WebSocketConfig,
 ) -> Result<MeshConnected<WebSocketStream<BoxIo>>, String> {
     let _ = tcp.set_nodelay(true);
     let mut peer_cert = None;
-    let io: BoxIo = match tls {
+    let io: BoxIo = match inbound.tls.clone() {
         Some(t) => {
             match tokio::time::timeout(within, tokio_rustls::TlsAcceptor::from(t).accept(tcp)).await
             {
@@ -405,25 +405,16 @@ async fn mesh_accept_impl(
         }
         None => Box::new(tcp),
     };
-    let mut chosen = None;
-    let callback = |req: &_, resp| {
-        nowconnect_shared::mesh::choose_codec(req, resp).map(|(resp, codec)| {
-            chosen = Some(codec);
-            resp
-        })
-    };
-    let ws = tokio::time::timeout(
+    let mut hs = inbound.handshake();
+    let callback = |req: &_, resp| hs.on_request(req, resp);
+    let accepted = tokio::time::timeout(
         within,
         tokio_tungstenite::accept_hdr_async_with_config(io, callback, Some(cfg)),
     )
     .await
-    .map_err(|_| format!("mesh WebSocket handshake not completed within {within:?}"))?
-    .map_err(|e| format!("mesh WebSocket handshake failed: {e}"))?;
-    Ok(MeshConnected {
-        ws,
-        codec: chosen.unwrap_or(Codec::V2),
-        peer_cert,
-    })
+    .map_err(|_| format!("mesh WebSocket handshake not completed within {within:?}"))?;
+    let ws = accepted.map_err(|e| hs.failed(e))?;
+    Ok(hs.connected(ws, peer_cert))
 }
 
 /// [`HubRt::read_proxy_header`] on a tokio socket.
