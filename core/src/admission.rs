@@ -117,7 +117,13 @@ pub struct Admission {
 }
 
 impl Admission {
+    /// `limits` with rates of at least one a second (0 would never refill).
     pub fn new(limits: AdmissionLimits, now: Instant) -> Self {
+        let limits = AdmissionLimits {
+            max_new_per_sec: limits.max_new_per_sec.max(1),
+            max_new_per_sec_per_client: limits.max_new_per_sec_per_client.max(1),
+            ..limits
+        };
         Admission {
             limits,
             open: 0,

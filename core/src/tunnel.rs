@@ -323,7 +323,12 @@ impl Tunnel {
             ) if self.role == Role::Hub => {
                 self.mux.set_peer_window(effective_window(window));
                 self.peer_codecs = codecs;
-                self.peer_connectors = connectors.clone();
+                // Each connector once: a list repeating a name must not
+                // shrink the others' guarantees.
+                let mut unique = connectors.clone();
+                unique.sort();
+                unique.dedup();
+                self.peer_connectors = unique;
                 self.state = TunnelState::AwaitAccept;
                 self.events.push_back(TunnelEvent::Hello {
                     agent_id,

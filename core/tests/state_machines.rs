@@ -265,7 +265,8 @@ fn a_busy_connector_never_takes_the_flows_another_connector_is_owed() {
         now,
         &v1(&Frame::Hello {
             agent_id: "a1".into(),
-            connectors: vec!["busy".into(), "ldap".into()],
+            // A name announced twice counts once.
+            connectors: vec!["busy".into(), "ldap".into(), "busy".into()],
             codecs: vec!["v2".into()],
             window: 0,
         }),

@@ -819,12 +819,11 @@ impl MeshConfig {
         })
     }
 
-    /// `trusted_proxies` parsed (validated at start, so none fails here).
-    pub fn trusted_proxy_nets(&self) -> Vec<ipnet::IpNet> {
-        self.trusted_proxies
-            .iter()
-            .filter_map(|s| parse_net(s).ok())
-            .collect()
+    /// `trusted_proxies` parsed (validated at start; were a list not to
+    /// parse, no address would be trusted).
+    pub fn trusted_proxies(&self) -> crate::proxy_protocol::TrustedProxies {
+        crate::proxy_protocol::TrustedProxies::parse(&self.trusted_proxies).unwrap_or_default()
+    }
     }
 }
 
@@ -1025,9 +1024,16 @@ impl HubConfig {
                 }
             }
             let proxy = match &l.proxy_protocol {
+                Some(p) if p.trusted_proxies.is_empty() => {
+                    return Err(err(
+                        &key("proxy_protocol.trusted_proxies"),
+                        "lists no address: no connection could be taken".into(),
+                    ));
+                }
                 Some(p) => Some(
-                    crate::proxy_protocol::TrustedProxies::parse(&p.trusted_proxies)
-                        .map_err(|r| err(&key("proxy_protocol.trusted_proxies"), r))?,
+                    crate::proxy_protocol::TrustedProxies::parse(&p.trusted_proxies).map_err(
+                        |(j, r)| err(&key(&format!("proxy_protocol.trusted_proxies[{j}]")), r),
+                    )?,
                 ),
                 None => None,
             };
@@ -1676,18 +1682,8 @@ fn check_proxy_mode(m: &MeshConfig) -> Result<(), (String, String)> {
             "required (non-empty) with ha.mesh.tls_terminated_by_proxy: the networks the TLS-terminating proxies connect from",
         );
     }
-    for (i, p) in m.trusted_proxies.iter().enumerate() {
-        let key = format!("ha.mesh.trusted_proxies[{i}]");
-        let net = parse_net(p).map_err(|r| (key.clone(), r))?;
-        if net.prefix_len() == 0 {
-            return Err((
-                key,
-                format!(
-                    "`{p}` trusts every address: anyone who reaches ha.mesh.listen could forge a certificate header; name the proxies' networks"
-                ),
-            ));
-        }
-    }
+    crate::proxy_protocol::TrustedProxies::parse(&m.trusted_proxies)
+        .map_err(|(i, r)| (format!("ha.mesh.trusted_proxies[{i}]"), r))?;
     if let Some(h) = &m.client_cert_header {
         let name = h.header_name();
         if tungstenite::http::HeaderName::from_bytes(name.as_bytes()).is_err() || name.is_empty() {
@@ -1698,28 +1694,6 @@ fn check_proxy_mode(m: &MeshConfig) -> Result<(), (String, String)> {
         }
     }
     Ok(())
-}
-
-/// A network in CIDR notation (`10.0.0.0/8`, `fd00::/64`) or a single
-/// address (`10.0.0.7`: /32, `::1`: /128).
-fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
-    if s.contains('/') {
-        let net: ipnet::IpNet = s
-            .parse()
-            .map_err(|_| format!("`{s}` is not a network like 10.0.0.0/8 or fd00::/64"))?;
-        if net.trunc() != net {
-            return Err(format!(
-                "`{s}` has host bits set; the network is {}",
-                net.trunc()
-            ));
-        }
-        Ok(net)
-    } else {
-        let ip: std::net::IpAddr = s
-            .parse()
-            .map_err(|_| format!("`{s}` is not an address or a network like 10.0.0.0/8"))?;
-        Ok(ipnet::IpNet::from(ip))
-    }
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {

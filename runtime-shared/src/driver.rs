@@ -1585,7 +1585,7 @@ async fn write_half<W: AsyncWrite + Unpin>(
 pub struct Activity {
     origin: Instant,
     last_ms: Arc<std::sync::atomic::AtomicU64>,
-    /// Whether the reader (the client) has delivered a byte.
+    /// Whether the reader (the client) has delivered a byte or its end.
     spoke: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -1605,7 +1605,7 @@ impl Activity {
         self.origin.elapsed()
     }
 
-    /// Whether the read side has delivered any byte.
+    /// Whether the read side has delivered any byte, or its end.
     pub fn client_spoke(&self) -> bool {
         self.spoke.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -1631,7 +1631,9 @@ impl<R: ChunkReader> ChunkReader for ActiveReader<R> {
     async fn read_chunk(&mut self) -> std::io::Result<Option<Payload>> {
         let r = self.0.read_chunk().await;
         self.1.touch();
-        if matches!(r, Ok(Some(_))) {
+        // Data, or a clean end (a client that half-closes has said all it
+        // will): either way it is no longer a client that never spoke.
+        if r.is_ok() {
             self.1
                 .spoke
                 .store(true, std::sync::atomic::Ordering::Relaxed);

@@ -276,6 +276,18 @@ impl<R: HubRt> Shared<R> {
             }
             _ => {}
         }
+        let (was, now) = (&self.cfg.raw.ha.mesh, &cfg.raw.ha.mesh);
+        if was.tls_terminated_by_proxy != now.tls_terminated_by_proxy
+            || was.trusted_proxies != now.trusted_proxies
+        {
+            // The mesh listener checks its sources as it started: a reload
+            // must not turn on header certificates without that check, nor
+            // leave a removed proxy trusted.
+            return Err(format!(
+                "{}: ha.mesh.tls_terminated_by_proxy and ha.mesh.trusted_proxies cannot change without a restart",
+                file.display()
+            ));
+        }
         let mesh = if self.mesh_started.load(Ordering::Relaxed) {
             Some(
                 crate::mesh::tls_configs(&cfg.raw.ha.mesh)
@@ -1050,6 +1062,7 @@ impl<R: HubRt> Shared<R> {
             .cloned()
             .unwrap_or_else(crate::config::ListenerEdge::unlimited);
         let admission = Arc::new(Mutex::new(Admission::new(edge.limits, Instant::now())));
+        let pending_headers = Arc::new(AtomicUsize::new(0));
         let edge = Arc::new(edge);
         loop {
             let (stream, from) = match R::accept(&listener).await {
@@ -1086,6 +1099,14 @@ impl<R: HubRt> Shared<R> {
                 tracing::warn!(listener = %name, peer = %crate::logging::client_addr(from), "client connection refused: the listener takes PROXY protocol connections from its trusted proxies only");
                 continue;
             }
+            // Connections still sending their header count against the
+            // listener's connection limit too, before they are admitted.
+            if pending_headers.load(Ordering::Relaxed) >= edge.limits.max_connections {
+                self.refuse_client("proxy_pending");
+                tracing::warn!(listener = %name, proxy = %from, "client connection refused: as many connections as the listener takes are still sending their PROXY header");
+                continue;
+            }
+            let pending = PendingGuard::new(&pending_headers);
             let (shared, name, connector, edge, admission) = (
                 self.clone(),
                 name.clone(),
@@ -1094,8 +1115,11 @@ impl<R: HubRt> Shared<R> {
                 admission.clone(),
             );
             self.rt.spawn(async move {
-                let within = edge.first_byte_timeout.unwrap_or(PROXY_HEADER_TIMEOUT);
+                let within = edge
+                    .first_byte_timeout
+                    .map_or(PROXY_HEADER_TIMEOUT, |t| t.min(PROXY_HEADER_TIMEOUT));
                 let (stream, header) = shared.rt.read_proxy_header(stream, within).await;
+                drop(pending);
                 let peer = match header {
                     Ok(Some(client)) => client,
                     // A header without an address: the balancer's own check.
@@ -1678,9 +1702,25 @@ impl OpenRequest {
     }
 }
 
-/// How long a trusted balancer has to send its PROXY header when the
-/// listener sets no first-byte timeout.
+/// The longest a trusted balancer has to send its PROXY header (less when
+/// the listener's first-byte timeout is shorter).
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One connection counted while it sends its PROXY header.
+struct PendingGuard(Arc<AtomicUsize>);
+
+impl PendingGuard {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        PendingGuard(count.clone())
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// A client connection admitted by its listener ([`Admission`]), released
 /// when dropped.

@@ -401,14 +401,14 @@ pub async fn serve<R: HubRt>(shared: Arc<Shared<R>>, listener: R::Listener) {
         .ha
         .mesh
         .tls_terminated_by_proxy
-        .then(|| shared.cfg().raw.ha.mesh.trusted_proxy_nets());
+        .then(|| shared.cfg().raw.ha.mesh.trusted_proxies());
     loop {
         let Ok((tcp, peer)) = R::accept(&listener).await else {
             shared.rt().sleep(Duration::from_millis(100)).await;
             continue;
         };
-        if let Some(nets) = &proxies
-            && !crate::mesh_ingress::source_trusted(peer.ip(), nets)
+        if let Some(trusted) = &proxies
+            && !trusted.trusts(peer.ip())
         {
             shared.security_event("mesh_proxy_untrusted_source");
             shared.metrics().mesh_link_errors.inc();

@@ -21,14 +21,6 @@ use crate::config::{ClientCertFormat, MeshConfig};
 /// encoded, is about 3 KiB).
 pub const MAX_CERT_HEADER_BYTES: usize = 16 * 1024;
 
-/// Whether `ip` is inside one of the trusted proxies' networks. An
-/// IPv4-mapped IPv6 address (`::ffff:10.0.0.1`, from a dual-stack listener)
-/// counts as its IPv4 address.
-pub fn source_trusted(ip: IpAddr, nets: &[ipnet::IpNet]) -> bool {
-    let ip = ip.to_canonical();
-    nets.iter().any(|n| n.contains(&ip))
-}
-
 /// The certificate a proxy forwarded in the header `name` (every value of
 /// it the request carries, in order), in `format`. Exactly one value with
 /// exactly one certificate is taken: anything else is refused with the
@@ -366,16 +358,14 @@ mod tests {
 
     #[test]
     fn trusted_sources_are_those_inside_the_networks() {
-        let nets: Vec<ipnet::IpNet> = vec![
-            "127.0.0.1/32".parse().unwrap(),
-            "fd00::/64".parse().unwrap(),
-        ];
-        assert!(source_trusted("127.0.0.1".parse().unwrap(), &nets));
-        assert!(!source_trusted("127.0.0.2".parse().unwrap(), &nets));
-        assert!(source_trusted("::ffff:127.0.0.1".parse().unwrap(), &nets));
-        assert!(source_trusted("fd00::7".parse().unwrap(), &nets));
-        assert!(!source_trusted("fd00:0:0:1::7".parse().unwrap(), &nets));
-        assert!(!source_trusted("10.0.0.1".parse().unwrap(), &[]));
+        use crate::proxy_protocol::TrustedProxies;
+        let t = TrustedProxies::parse(&["127.0.0.1/32".into(), "fd00::/64".into()]).unwrap();
+        assert!(t.trusts("127.0.0.1".parse().unwrap()));
+        assert!(!t.trusts("127.0.0.2".parse().unwrap()));
+        assert!(t.trusts("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(t.trusts("fd00::7".parse().unwrap()));
+        assert!(!t.trusts("fd00:0:0:1::7".parse().unwrap()));
+        assert!(!TrustedProxies::default().trusts("10.0.0.1".parse().unwrap()));
     }
 
     fn request_with(value: &str) -> Request {

@@ -149,6 +149,7 @@ pub const EDGE_REFUSALS: &[&str] = &[
     "client_rate",
     "untrusted_proxy",
     "proxy_header",
+    "proxy_pending",
 ];
 
 impl Metrics {

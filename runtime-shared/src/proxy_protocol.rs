@@ -23,37 +23,24 @@ const V1_MAX: usize = 107;
 const V2_MAX: usize = 16 + 1024;
 const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
 
-/// The balancers a listener takes PROXY headers from.
-#[derive(Clone, Debug)]
+/// The addresses a proxy in front of the hub may connect from: a
+/// listener's PROXY-protocol balancers (`listeners[].proxy_protocol`) or the
+/// TLS-terminating proxies of the mesh (`ha.mesh.trusted_proxies`). An
+/// IPv4-mapped IPv6 source (`::ffff:10.0.0.1`, from a dual-stack socket)
+/// counts as its IPv4 address.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TrustedProxies(Vec<IpNet>);
 
 impl TrustedProxies {
-    /// Parse `trusted_proxies` entries: CIDRs (`10.0.0.0/8`) or single
-    /// addresses. A network that holds every address is refused: it would
-    /// let any client name its own address.
-    pub fn parse(entries: &[String]) -> Result<Self, String> {
-        if entries.is_empty() {
-            return Err("lists no address: no connection could be taken".into());
-        }
+    /// Parse entries: CIDRs (`10.0.0.0/8`, `fd00::/64`) or single addresses
+    /// (`/32`, `/128`). `Err` names the index of the first bad entry and why:
+    /// not an address or network, host bits set (`10.0.0.7/8`), or a
+    /// network of every address (anyone could then speak for any client).
+    /// An empty list is the caller's to refuse, with its own reason.
+    pub fn parse(entries: &[String]) -> Result<Self, (usize, String)> {
         let mut nets = Vec::new();
-        for e in entries {
-            let net = match e.parse::<IpNet>() {
-                Ok(n) => n.trunc(),
-                Err(_) => match e.parse::<IpAddr>() {
-                    Ok(ip) => IpNet::from(ip),
-                    Err(_) => {
-                        return Err(format!(
-                            "`{e}` is neither an address nor a CIDR such as 10.0.0.0/8"
-                        ));
-                    }
-                },
-            };
-            if net.prefix_len() == 0 {
-                return Err(format!(
-                    "`{e}` trusts every address, so any client could claim any address; list the balancers' networks"
-                ));
-            }
-            nets.push(net);
+        for (i, e) in entries.iter().enumerate() {
+            nets.push(parse_net(e).map_err(|r| (i, r))?);
         }
         Ok(TrustedProxies(nets))
     }
@@ -62,6 +49,32 @@ impl TrustedProxies {
         let ip = ip.to_canonical();
         self.0.iter().any(|n| n.contains(&ip))
     }
+}
+
+fn parse_net(s: &str) -> Result<IpNet, String> {
+    let net = if s.contains('/') {
+        let net: IpNet = s
+            .parse()
+            .map_err(|_| format!("`{s}` is not a network like 10.0.0.0/8 or fd00::/64"))?;
+        if net.trunc() != net {
+            return Err(format!(
+                "`{s}` has host bits set; the network is {}",
+                net.trunc()
+            ));
+        }
+        net
+    } else {
+        let ip: IpAddr = s
+            .parse()
+            .map_err(|_| format!("`{s}` is not an address or a network like 10.0.0.0/8"))?;
+        IpNet::from(ip)
+    };
+    if net.prefix_len() == 0 {
+        return Err(format!(
+            "`{s}` trusts every address, so anyone who reaches the port could claim any client or certificate; name the proxies' networks"
+        ));
+    }
+    Ok(net)
 }
 
 /// Read one PROXY header from `s` and return the client address it
@@ -231,11 +244,17 @@ mod tests {
         assert!(!t.trusts("192.0.2.8".parse().unwrap()));
         assert!(!t.trusts("11.0.0.1".parse().unwrap()));
         for bad in ["0.0.0.0/0", "::/0"] {
-            let e = TrustedProxies::parse(&[bad.into()]).unwrap_err();
+            let (i, e) = TrustedProxies::parse(&["10.0.0.1".into(), bad.into()]).unwrap_err();
+            assert_eq!(i, 1);
             assert!(e.contains("every address"), "{e}");
         }
-        assert!(TrustedProxies::parse(&["10.0.0.0/33".into()]).is_err());
-        assert!(TrustedProxies::parse(&["lb.example".into()]).is_err());
-        assert!(TrustedProxies::parse(&[]).is_err());
+        for (bad, why) in [
+            ("10.0.0.0/33", "not a network"),
+            ("lb.example", "not an address"),
+            ("10.0.0.7/8", "host bits set; the network is 10.0.0.0/8"),
+        ] {
+            let (_, e) = TrustedProxies::parse(&[bad.into()]).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 }

@@ -401,25 +401,27 @@ fn a_ping_flood_from_an_agent_that_never_reads_is_bounded_and_closed() {
     assert_eq!(echo_roundtrip(hub.listener("echo"), data).unwrap(), want);
 }
 
-/// Idle clients of one listener cannot lock out another listener of the
-/// same agent, with the default configuration: one client address gets at
-/// most `max_connections_per_client` (256) connections on a listener, all
-/// addresses together `max_connections` (1024); the rest are refused and
-/// counted, and LDAP through the agent's other listener keeps working.
-#[test]
-fn idle_clients_of_one_listener_leave_the_agents_other_listeners_alone() {
-    let env = Env::new();
-    let (_holder, hold) = hold_target(&env);
+/// A hub with `listeners` (default configuration but for warn logs) and
+/// one agent serving `idle` (a target that holds connections) and `ldap`
+/// (a real slapd), attached; with the answer slapd gives directly to the
+/// search every test repeats through the hub.
+struct IdleAndLdap {
+    hub: HubProc,
+    _agent: AgentProc,
+    _holder: Proc,
+    _slapd: nowconnect_tests::ldap::Slapd,
+    direct: (i32, String),
+}
+
+fn idle_and_ldap(env: &Env, listeners: &[(&str, &str)]) -> IdleAndLdap {
+    let (holder, hold) = hold_target(env);
     let slapd = nowconnect_tests::ldap::Slapd::start(env.path());
     let hub = HubProc::start(
         env.path(),
         "hub",
-        &env.hub_yaml(
-            &[("idle", "idle"), ("ldap", "ldap")],
-            "log:\n  level: warn\n",
-        ),
+        &env.hub_yaml(listeners, "log:\n  level: warn\n"),
     );
-    let _agent = AgentProc::start(
+    let agent = AgentProc::start(
         env.path(),
         "agent",
         &env.agent_yaml(
@@ -433,6 +435,24 @@ fn idle_clients_of_one_listener_leave_the_agents_other_listeners_alone() {
     assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
     let direct = nowconnect_tests::ldap::search(slapd.addr, "(uid=alice)");
     assert_eq!(direct.0, 0);
+    IdleAndLdap {
+        hub,
+        _agent: agent,
+        _holder: holder,
+        _slapd: slapd,
+        direct,
+    }
+}
+
+/// Idle clients of one listener cannot lock out another listener of the
+/// same agent, with the default configuration: one client address gets at
+/// most `max_connections_per_client` (256) connections on a listener, all
+/// addresses together `max_connections` (1024); the rest are refused and
+/// counted, and LDAP through the agent's other listener keeps working.
+#[test]
+fn idle_clients_of_one_listener_leave_the_agents_other_listeners_alone() {
+    let env = Env::new();
+    let IdleAndLdap { hub, direct, .. } = &idle_and_ldap(&env, &[("idle", "idle"), ("ldap", "ldap")]);
     let via = hub.listener("idle");
     // One address: 300 tries, 256 held (opened under the default rate of
     // new connections, each sending a byte within the first-byte timeout).
@@ -467,7 +487,7 @@ fn idle_clients_of_one_listener_leave_the_agents_other_listeners_alone() {
     for i in 0..10 {
         assert_eq!(
             nowconnect_tests::ldap::search(hub.listener("ldap"), "(uid=alice)"),
-            direct,
+            *direct,
             "search {i} through the other listener"
         );
     }
@@ -713,30 +733,10 @@ fn a_client_that_never_sends_a_byte_is_closed_with_its_target_socket() {
 #[test]
 fn a_connector_keeps_its_share_of_the_agent_when_another_fills_every_listener() {
     let env = Env::new();
-    let (_holder, hold) = hold_target(&env);
-    let slapd = nowconnect_tests::ldap::Slapd::start(env.path());
     let busy = ["idle1", "idle2", "idle3", "idle4"];
     let mut listeners: Vec<(&str, &str)> = busy.iter().map(|n| (*n, "idle")).collect();
     listeners.push(("ldap", "ldap"));
-    let hub = HubProc::start(
-        env.path(),
-        "hub",
-        &env.hub_yaml(&listeners, "log:\n  level: warn\n"),
-    );
-    let _agent = AgentProc::start(
-        env.path(),
-        "agent",
-        &env.agent_yaml(
-            "agent-1",
-            &[hub.http],
-            &[("idle", hold), ("ldap", slapd.addr)],
-            "log:\n  level: warn\n",
-        ),
-        &env.token("agent-1", None),
-    );
-    assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
-    let direct = nowconnect_tests::ldap::search(slapd.addr, "(uid=alice)");
-    assert_eq!(direct.0, 0);
+    let IdleAndLdap { hub, direct, .. } = &idle_and_ldap(&env, &listeners);
     // 3200 clients: 16 addresses, 200 each, four addresses a listener.
     let addrs: Vec<SocketAddr> = busy.iter().map(|n| hub.listener(n)).collect();
     let openers: Vec<_> = (0..16u8)
@@ -762,7 +762,7 @@ fn a_connector_keeps_its_share_of_the_agent_when_another_fills_every_listener() 
     for i in 0..10 {
         assert_eq!(
             nowconnect_tests::ldap::search(hub.listener("ldap"), "(uid=alice)"),
-            direct,
+            *direct,
             "search {i} through the other connector"
         );
     }

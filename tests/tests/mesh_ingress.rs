@@ -423,6 +423,38 @@ fn a_forged_certificate_header_from_an_untrusted_address_is_refused_before_the_h
     );
     assert_eq!(c.security("mesh_proxy_untrusted_source"), 3.0);
     assert_eq!(c.security("mesh_client_cert_header_refused"), 0.0);
+    // The trusted sources cannot be widened by a reload (the listener
+    // checks them as it started): refused, and 127.0.0.2 stays untrusted.
+    let cfg = c.env.path().join("hub-a.yaml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    let errors = c.a.metric("nowconnect_config_reloads_total{result=\"error\"}");
+    std::fs::write(
+        &cfg,
+        text.replace("trusted_proxies: [127.0.0.1/32]", "trusted_proxies: [127.0.0.0/8]"),
+    )
+    .unwrap();
+    let hup = std::process::Command::new("kill")
+        .args(["-HUP", &c.a.proc.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    assert!(
+        eventually(Duration::from_secs(10), || c
+            .a
+            .metric("nowconnect_config_reloads_total{result=\"error\"}")
+            > errors),
+        "{}",
+        c.logs()
+    );
+    c.a.proc.wait_log(
+        "ha.mesh.tls_terminated_by_proxy and ha.mesh.trusted_proxies cannot change without a restart",
+        Duration::from_secs(5),
+    );
+    let answer = raw_upgrade([127, 0, 0, 2], mesh, Some(("ssl-client-cert", &forged)));
+    assert_eq!(answer, "", "an untrusted source got an answer after the reload");
+    assert!(eventually(Duration::from_secs(5), || c
+        .security("mesh_proxy_untrusted_source")
+        == 4.0));
     // The real link through nginx is untouched.
     assert!(c.ready(), "{}", c.logs());
     assert!(echo_ok(c.b.listener("svc"), 100_000));
