@@ -824,7 +824,6 @@ impl MeshConfig {
     pub fn trusted_proxies(&self) -> crate::proxy_protocol::TrustedProxies {
         crate::proxy_protocol::TrustedProxies::parse(&self.trusted_proxies).unwrap_or_default()
     }
-    }
 }
 
 impl Default for MeshConfig {

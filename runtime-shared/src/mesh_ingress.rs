@@ -7,7 +7,6 @@
 //! upgrade; from then on it is the peer's certificate, exactly as one shown
 //! in a TLS handshake (the same replica identity check).
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use rustls::server::danger::ClientCertVerifier;

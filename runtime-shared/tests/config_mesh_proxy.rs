@@ -65,7 +65,16 @@ fn proxy_mode_takes_networks_and_both_header_formats() {
         )
         .unwrap();
     let m = &c.raw.ha.mesh;
-    assert_eq!(m.trusted_proxy_nets().len(), 3);
+    let t = m.trusted_proxies();
+    for (ip, trusted) in [
+        ("10.0.3.200", true),
+        ("127.0.0.1", true),
+        ("fd00::9", true),
+        ("10.0.4.1", false),
+        ("127.0.0.2", false),
+    ] {
+        assert_eq!(t.trusts(ip.parse().unwrap()), trusted, "{ip}");
+    }
     // Default: nginx' escaped PEM in `ssl-client-cert`.
     let h = m.client_cert_header();
     assert_eq!(

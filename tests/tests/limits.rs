@@ -452,7 +452,8 @@ fn idle_and_ldap(env: &Env, listeners: &[(&str, &str)]) -> IdleAndLdap {
 #[test]
 fn idle_clients_of_one_listener_leave_the_agents_other_listeners_alone() {
     let env = Env::new();
-    let IdleAndLdap { hub, direct, .. } = &idle_and_ldap(&env, &[("idle", "idle"), ("ldap", "ldap")]);
+    let IdleAndLdap { hub, direct, .. } =
+        &idle_and_ldap(&env, &[("idle", "idle"), ("ldap", "ldap")]);
     let via = hub.listener("idle");
     // One address: 300 tries, 256 held (opened under the default rate of
     // new connections, each sending a byte within the first-byte timeout).

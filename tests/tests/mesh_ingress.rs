@@ -427,10 +427,14 @@ fn a_forged_certificate_header_from_an_untrusted_address_is_refused_before_the_h
     // checks them as it started): refused, and 127.0.0.2 stays untrusted.
     let cfg = c.env.path().join("hub-a.yaml");
     let text = std::fs::read_to_string(&cfg).unwrap();
-    let errors = c.a.metric("nowconnect_config_reloads_total{result=\"error\"}");
+    let errors =
+        c.a.metric("nowconnect_config_reloads_total{result=\"error\"}");
     std::fs::write(
         &cfg,
-        text.replace("trusted_proxies: [127.0.0.1/32]", "trusted_proxies: [127.0.0.0/8]"),
+        text.replace(
+            "trusted_proxies: [127.0.0.1/32]",
+            "trusted_proxies: [127.0.0.0/8]",
+        ),
     )
     .unwrap();
     let hup = std::process::Command::new("kill")
@@ -451,7 +455,10 @@ fn a_forged_certificate_header_from_an_untrusted_address_is_refused_before_the_h
         Duration::from_secs(5),
     );
     let answer = raw_upgrade([127, 0, 0, 2], mesh, Some(("ssl-client-cert", &forged)));
-    assert_eq!(answer, "", "an untrusted source got an answer after the reload");
+    assert_eq!(
+        answer, "",
+        "an untrusted source got an answer after the reload"
+    );
     assert!(eventually(Duration::from_secs(5), || c
         .security("mesh_proxy_untrusted_source")
         == 4.0));
