@@ -216,3 +216,25 @@ fn bad_proxy_settings_name_the_key_and_the_reason() {
         "{e}"
     );
 }
+
+/// With `require_mtls: true` (the default) a `ws://` peer is refused at
+/// start: it would be an unauthenticated peer on a mesh that promises mTLS.
+/// Only an explicit `require_mtls: false` takes one.
+#[test]
+fn a_plaintext_mesh_peer_is_refused_while_mtls_is_required() {
+    let f = Files::new();
+    let e = f
+        .hub("    peers: ['ws://10.0.0.2:9443/mesh']\n", true)
+        .unwrap_err();
+    assert_eq!(
+        e,
+        "cloud.yaml: ha.mesh.peers[0]: a ws:// peer is not authenticated; use wss:// (ha.mesh.require_mtls is true)"
+    );
+    f.hub("    peers: ['wss://10.0.0.2:9443/mesh']\n", true)
+        .unwrap();
+    f.hub(
+        "    require_mtls: false\n    peers: ['ws://10.0.0.2:9443/mesh']\n",
+        false,
+    )
+    .unwrap();
+}
