@@ -65,9 +65,60 @@ impl std::fmt::Display for ClientAddr {
     }
 }
 
+/// At most one log line a period for events an outsider can cause at will
+/// (connections refused at a listener's edge): the first in each period is
+/// logged, the others only counted (every one is in the metrics anyway) and
+/// the count is logged with the next line, so a flood cannot fill the disk
+/// or drown the other lines.
+pub struct LogThrottle {
+    period: std::time::Duration,
+    /// When the last line was let through, and the lines held back since.
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl LogThrottle {
+    pub const fn new(period: std::time::Duration) -> Self {
+        LogThrottle {
+            period,
+            state: std::sync::Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(held_back)`: log this line now, noting the lines held back
+    /// since the last one; `None`: hold this one back.
+    pub fn admit(&self, now: std::time::Instant) -> Option<u64> {
+        let mut st = self.state.lock().expect("log throttle lock");
+        match st.0 {
+            Some(last) if now.saturating_duration_since(last) < self.period => {
+                st.1 += 1;
+                None
+            }
+            _ => {
+                let held = std::mem::take(&mut st.1);
+                st.0 = Some(now);
+                Some(held)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_throttle_lets_one_line_a_period_through_and_counts_the_rest() {
+        let t = LogThrottle::new(std::time::Duration::from_secs(1));
+        let t0 = std::time::Instant::now();
+        assert_eq!(t.admit(t0), Some(0));
+        for i in 1..=999u64 {
+            assert_eq!(t.admit(t0 + std::time::Duration::from_micros(i)), None);
+        }
+        let t1 = t0 + std::time::Duration::from_secs(1);
+        assert_eq!(t.admit(t1), Some(999));
+        assert_eq!(t.admit(t1), None);
+        assert_eq!(t.admit(t1 + std::time::Duration::from_secs(5)), Some(1));
+    }
 
     #[test]
     fn client_addresses_are_masked_to_their_network() {
