@@ -1,0 +1,603 @@
+//! The nodes: how each hub drives its `Hub`, tunnels, mesh links and
+//! bridges, and how each agent drives its `Agent` and tunnels.
+
+use super::*;
+
+impl World {
+    pub(super) fn flow_ended(&mut self, hub: usize, ep: EpId) {
+        if self
+            .eps
+            .get(&ep)
+            .is_some_and(|e| matches!(e.link, Link::Tunnel(_)))
+        {
+            self.hubs[hub].hub.flow_ended(ep);
+        }
+    }
+
+    /// Move what a bridge half holds to its other side, as far as credit
+    /// allows, crediting the source for what was handed over.
+    pub(super) fn forward(&mut self, from: (EpId, Cid)) {
+        let Some(half) = self.bridges.get_mut(&from) else {
+            return;
+        };
+        let (to_ep, to_cid) = half.other;
+        let mut moved = 0;
+        if let Some(e) = self.eps.get_mut(&to_ep) {
+            let link: &mut dyn FlowLink = match &mut e.link {
+                Link::Tunnel(t) => t,
+                Link::Mesh(m) => m,
+            };
+            while !half.buf.is_empty() {
+                let n = half
+                    .buf
+                    .len()
+                    .min(link.send_credit(to_cid) as usize)
+                    .min(CHUNK);
+                if n == 0 {
+                    link.note_blocked(to_cid);
+                    break;
+                }
+                let chunk: Vec<u8> = half.buf[..n].to_vec();
+                // Bridged bytes were decoded from a frame: no room in front
+                // of them, as on a real owner hub.
+                if link.send_data(to_cid, Bytes::from(chunk).into()).is_err() {
+                    break;
+                }
+                half.buf.drain(..n);
+                moved += n;
+            }
+            if half.fin && half.buf.is_empty() && !half.fin_sent && link.send_fin(to_cid).is_ok() {
+                half.fin_sent = true;
+            }
+        }
+        if moved > 0
+            && let Some(l) = self.flow_link(from.0)
+        {
+            l.consumed(from.1, moved);
+        }
+    }
+
+    pub(super) fn bridge_event(&mut self, ep: EpId, fe: FlowEvent) {
+        match fe {
+            FlowEvent::Data { cid, payload } => {
+                if let Some(h) = self.bridges.get_mut(&(ep, cid)) {
+                    h.buf.extend_from_slice(&payload);
+                    self.forward((ep, cid));
+                }
+            }
+            FlowEvent::Fin { cid } => {
+                if let Some(h) = self.bridges.get_mut(&(ep, cid)) {
+                    h.fin = true;
+                    self.forward((ep, cid));
+                }
+            }
+            FlowEvent::Writable { cid, .. } => {
+                // This side may send again: move what the other half holds.
+                if let Some(other) = self.bridges.get(&(ep, cid)).map(|h| h.other) {
+                    self.forward(other);
+                }
+            }
+            FlowEvent::Reset { cid, code, reason } => {
+                if let Some(h) = self.bridges.remove(&(ep, cid)) {
+                    self.bridges.remove(&h.other);
+                    if let Some(l) = self.flow_link(h.other.0) {
+                        l.reset_flow(h.other.1, code, &reason);
+                    }
+                    self.end_bridged_tunnel_flow(ep, h.other.0);
+                }
+            }
+            FlowEvent::Closed { cid } => {
+                // Done on this side. The half going the other way may still
+                // hold bytes for this side, so the pair goes once both are.
+                let Some(h) = self.bridges.get_mut(&(ep, cid)) else {
+                    return;
+                };
+                h.closed = true;
+                let other = h.other;
+                if self.bridges.get(&other).is_none_or(|o| o.closed) {
+                    self.bridges.remove(&(ep, cid));
+                    self.bridges.remove(&other);
+                }
+                self.end_bridged_tunnel_flow(ep, ep);
+            }
+        }
+    }
+
+    /// The hub's load count for the tunnel side of a bridge.
+    pub(super) fn end_bridged_tunnel_flow(&mut self, a: EpId, b: EpId) {
+        let sides = if a == b { vec![a] } else { vec![a, b] };
+        for ep in sides {
+            if let Some(Ep {
+                node: Node::Hub(hub),
+                link: Link::Tunnel(_),
+                ..
+            }) = self.eps.get(&ep)
+            {
+                let hub = *hub;
+                self.hubs[hub].hub.flow_ended(ep);
+            }
+        }
+    }
+
+    /// Drain every state machine until nothing moves.
+    pub(super) fn pump(&mut self) {
+        for _ in 0..10_000 {
+            let mut moved = false;
+            moved |= self.pump_hubs();
+            moved |= self.pump_eps();
+            moved |= self.pump_agents();
+            if !moved {
+                return;
+            }
+        }
+        panic!("the world did not settle after 10,000 rounds");
+    }
+
+    pub(super) fn pump_hubs(&mut self) -> bool {
+        let mut moved = false;
+        for h in 0..self.hubs.len() {
+            if !self.hubs[h].alive {
+                continue;
+            }
+            while let Some(o) = self.hubs[h].hub.poll_output() {
+                moved = true;
+                self.hub_output(h, o);
+            }
+        }
+        moved
+    }
+
+    pub(super) fn log(&self, what: std::fmt::Arguments) {
+        if self.debug {
+            eprintln!("[{:>12?}] {what}", self.now.duration_since(self.origin));
+        }
+    }
+
+    pub(super) fn hub_output(&mut self, h: usize, o: HubOutput) {
+        let now = self.now;
+        self.log(format_args!("hub {h}: {o:?}"));
+        match o {
+            HubOutput::Registry { op, call } => {
+                let incarnation = self.hubs[h].incarnation;
+                if self.held_until(Node::Hub(h), Node::Redis).is_some() {
+                    return; // lost on the way; the hub times the call out
+                }
+                let d = self.latency();
+                self.schedule(
+                    d,
+                    Event::RegistryArrive {
+                        hub: h,
+                        incarnation,
+                        op,
+                        call,
+                    },
+                );
+            }
+            HubOutput::AcceptTunnel { tunnel, epoch } => {
+                let agent = match self.eps.get_mut(&tunnel) {
+                    Some(Ep {
+                        link: Link::Tunnel(t),
+                        agent_id,
+                        ..
+                    }) => {
+                        t.accept(now, epoch);
+                        agent_id.clone()
+                    }
+                    _ => None,
+                };
+                if agent.as_deref() == Some("rogue") {
+                    self.fail(format!(
+                        "hub {h} accepted the tunnel of an agent whose token does not list its connector"
+                    ));
+                }
+                if let Some(agent) = agent {
+                    match self.owner_of.get(&(agent.clone(), epoch)) {
+                        Some(&other) if other != h => self.fail(format!(
+                            "hubs {other} and {h} both own `{agent}` under epoch {}",
+                            epoch.0
+                        )),
+                        _ => {
+                            self.owner_of.insert((agent, epoch), h);
+                        }
+                    }
+                }
+            }
+            HubOutput::CloseTunnel {
+                tunnel,
+                code,
+                reason,
+            } => {
+                if let Some(Link::Tunnel(t)) = self.eps.get_mut(&tunnel).map(|e| &mut e.link) {
+                    t.close(code, &reason);
+                }
+            }
+            HubOutput::Route { client, route } => self.route(h, client, route),
+            // The sim's mesh is configured, not discovered.
+            HubOutput::Peers(_) | HubOutput::PeerDeparted { .. } => {}
+            HubOutput::DrainTunnel { tunnel } => {
+                if let Some(Link::Tunnel(t)) = self.eps.get_mut(&tunnel).map(|e| &mut e.link) {
+                    t.send_drain();
+                }
+            }
+        }
+    }
+
+    pub(super) fn route(&mut self, h: usize, client: u64, route: Route) {
+        // A flow never crosses tenants: the agent chosen must be one of the
+        // client's listener's tenant.
+        let tenant = self.clients[&client].tenant;
+        let chosen = match &route {
+            Route::Local { tunnel, .. } => self.eps.get(tunnel).and_then(|e| e.agent_id.clone()),
+            Route::Mesh { agent_id, .. } => Some(agent_id.clone()),
+            Route::Refuse { .. } => None,
+        };
+        if let Some(agent) = chosen
+            && split(&agent).0 != tenant
+        {
+            return self.fail(format!(
+                "hub {h} routed a client of tenant `{tenant}` to agent `{agent}`"
+            ));
+        }
+        let connector = qualify(tenant, "echo");
+        let opened = match &route {
+            Route::Local { tunnel, .. } => match self.eps.get_mut(tunnel).map(|e| &mut e.link) {
+                Some(Link::Tunnel(t)) => t.open_flow("echo").ok().map(|cid| (*tunnel, cid)),
+                _ => None,
+            },
+            Route::Mesh {
+                replica_id,
+                agent_id,
+                epoch,
+            } => {
+                let link = self.eps.iter_mut().find(|(_, e)| {
+                    e.node == Node::Hub(h) && e.mesh_up.as_deref() == Some(replica_id.as_str())
+                });
+                match link {
+                    Some((
+                        id,
+                        Ep {
+                            link: Link::Mesh(m),
+                            ..
+                        },
+                    )) => m
+                        .open_flow(&connector, agent_id, *epoch)
+                        .ok()
+                        .map(|cid| (*id, cid)),
+                    _ => None,
+                }
+            }
+            Route::Refuse { code, .. } => {
+                let c = self.clients.get_mut(&client).expect("client");
+                c.state = ClientState::Done;
+                c.ended = Some(*code);
+                *self.outcome.flows_refused.entry(code.as_str()).or_default() += 1;
+                return;
+            }
+        };
+        let c = self.clients.get_mut(&client).expect("client");
+        match opened {
+            Some((ep, cid)) => {
+                c.state = ClientState::Open { ep, cid };
+                self.client_of.insert((ep, cid), client);
+                if let Route::Local { tunnel, .. } = route {
+                    self.hubs[h].hub.flow_started(tunnel);
+                } else {
+                    self.outcome.flows_via_mesh += 1;
+                }
+                self.schedule(Duration::ZERO, Event::ClientStep { client });
+            }
+            None => {
+                c.state = ClientState::Done;
+                c.ended = Some(ErrorCode::LinkLost);
+                *self.outcome.flows_refused.entry("open_failed").or_default() += 1;
+            }
+        }
+    }
+
+    pub(super) fn hub_tunnel_event(&mut self, h: usize, ep: EpId, e: TunnelEvent) {
+        let now = self.now;
+        match e {
+            TunnelEvent::Hello {
+                agent_id,
+                connectors,
+            } => {
+                let Some(credential) = self.eps.get(&ep).and_then(|e| e.credential.clone()) else {
+                    return self.fail(format!("hub {h}: a HELLO on tunnel {ep} without a token"));
+                };
+                match self.hubs[h]
+                    .hub
+                    .tunnel_hello_as(now, ep, &credential, &agent_id, &connectors)
+                {
+                    Ok(()) => {
+                        if let Some(e) = self.eps.get_mut(&ep) {
+                            e.agent_id = Some(qualify(&credential.tenant, &agent_id));
+                        }
+                    }
+                    Err(_) => self.outcome.hellos_refused += 1,
+                }
+            }
+            TunnelEvent::Flow(fe) => self.hub_flow_event(ep, fe),
+            TunnelEvent::Closed { .. } => {
+                self.hubs[h].hub.tunnel_closed(now, ep);
+                self.remove_ep(ep);
+            }
+            TunnelEvent::Established { .. }
+            | TunnelEvent::Open { .. }
+            | TunnelEvent::Rtt(_)
+            | TunnelEvent::Drain
+            | TunnelEvent::Reauth { .. } => {}
+        }
+    }
+
+    /// A flow event at a hub: for a client, or for one side of a bridge.
+    pub(super) fn hub_flow_event(&mut self, ep: EpId, fe: FlowEvent) {
+        let cid = flow_cid(&fe);
+        if self.bridges.contains_key(&(ep, cid)) {
+            self.bridge_event(ep, fe);
+        } else {
+            self.client_event(ep, fe);
+        }
+    }
+
+    pub(super) fn mesh_event(&mut self, h: usize, ep: EpId, me: MeshEvent) {
+        if matches!(
+            me,
+            MeshEvent::Established { .. } | MeshEvent::Down { .. } | MeshEvent::Connect
+        ) {
+            self.log(format_args!("hub {h} mesh ep {ep}: {me:?}"));
+        }
+        match me {
+            MeshEvent::Connect => {
+                let d = self.latency() * 2;
+                self.schedule(d, Event::MeshDialDone { ep });
+            }
+            MeshEvent::Established { peer_replica } => {
+                let e = self.eps.get_mut(&ep).expect("ep");
+                if e.mesh_to.is_some() {
+                    self.hubs[h].hub.mesh_link_up(&peer_replica, true);
+                    e.mesh_up = Some(peer_replica);
+                }
+            }
+            MeshEvent::Open {
+                cid,
+                connector,
+                agent_id,
+                epoch,
+            } => self.owner_open(h, ep, cid, &connector, &agent_id, epoch),
+            MeshEvent::OpenAccepted { .. } | MeshEvent::Rtt(_) => {}
+            MeshEvent::Flow(fe) => self.hub_flow_event(ep, fe),
+            MeshEvent::StaleEpoch { .. } => self.hubs[h].hub.count_epoch_mismatch(),
+            MeshEvent::Down { .. } => {
+                let e = self.eps.get_mut(&ep).expect("ep");
+                if let Some(name) = e.mesh_up.take() {
+                    self.hubs[h].hub.mesh_link_up(&name, false);
+                }
+                if e.mesh_to.is_some() {
+                    // Outbound: it reconnects by itself; the old socket ends.
+                    if let Some(p) = e.peer.take() {
+                        self.send_close(ep, Node::Hub(h), p);
+                    }
+                } else {
+                    self.remove_ep(ep);
+                }
+            }
+        }
+    }
+
+    /// Owner side of a mesh open: fencing, then a bridge to the agent's tunnel.
+    pub(super) fn owner_open(
+        &mut self,
+        h: usize,
+        ep: EpId,
+        cid: Cid,
+        connector: &str,
+        agent_id: &str,
+        epoch: Epoch,
+    ) {
+        let checked = self.hubs[h].hub.check_mesh_open(agent_id, connector, epoch);
+        let Some(Ep {
+            link: Link::Mesh(mesh),
+            ..
+        }) = self.eps.get_mut(&ep)
+        else {
+            return;
+        };
+        let tunnel = match checked {
+            Ok(t) => t,
+            Err((code, reason)) => {
+                if code == ErrorCode::StaleEpoch {
+                    self.outcome.stale_epoch_refusals += 1;
+                }
+                mesh.refuse_open(cid, code, &reason);
+                return;
+            }
+        };
+        if split(connector).0 != split(agent_id).0 {
+            self.fail(format!(
+                "hub {h} bridged a mesh open for `{connector}` to agent `{agent_id}` of another tenant"
+            ));
+        }
+        // The independent check: what this hub owns, under which epoch.
+        let owned = self.hubs[h].hub.owned_tunnel(agent_id);
+        if owned != Some((tunnel, epoch)) {
+            let cur = owned.map_or(0, |(_, e)| e.0);
+            self.fail(format!(
+                "hub {h} let a mesh flow under stale epoch {} reach the tunnel of `{agent_id}` (current epoch {cur})",
+                epoch.0
+            ));
+        }
+        let opened = match self.eps.get_mut(&tunnel).map(|e| &mut e.link) {
+            // The tunnel carries bare names: the agent knows its tenant.
+            Some(Link::Tunnel(t)) => t.open_flow(split(connector).1).ok(),
+            _ => None,
+        };
+        let Some(Ep {
+            link: Link::Mesh(mesh),
+            ..
+        }) = self.eps.get_mut(&ep)
+        else {
+            return;
+        };
+        match opened {
+            Some(tcid) => {
+                mesh.accept_open(cid);
+                self.hubs[h].hub.flow_started(tunnel);
+                for (a, b) in [((ep, cid), (tunnel, tcid)), ((tunnel, tcid), (ep, cid))] {
+                    self.bridges.insert(
+                        a,
+                        Half {
+                            other: b,
+                            buf: Vec::new(),
+                            fin: false,
+                            fin_sent: false,
+                            closed: false,
+                        },
+                    );
+                }
+            }
+            None => mesh.refuse_open(
+                cid,
+                ErrorCode::LimitExceeded,
+                "the agent's tunnel took no new flow",
+            ),
+        }
+    }
+
+    pub(super) fn pump_agents(&mut self) -> bool {
+        let mut moved = false;
+        for i in 0..self.agents.len() {
+            while let Some(o) = self.agents[i].agent.poll_output() {
+                moved = true;
+                match o {
+                    AgentOutput::DialHub { attempt, url } => {
+                        let hub = url
+                            .trim_start_matches("sim://")
+                            .parse()
+                            .expect("sim hub url");
+                        let d = self.latency() * 2;
+                        let incarnation = self.agents[i].incarnation;
+                        self.schedule(
+                            d,
+                            Event::HubDialDone {
+                                agent: i,
+                                incarnation,
+                                attempt,
+                                hub,
+                            },
+                        );
+                    }
+                    AgentOutput::AbortHub { .. } => {
+                        if let Some(ep) = self.agents[i].ep {
+                            self.disconnect(ep, "hub attempt timed out");
+                        }
+                    }
+                    AgentOutput::DialTarget { attempt, cid, .. } => {
+                        let ok = !self.chance(self.faults.target_refuse);
+                        if !ok {
+                            self.outcome.target_refusals += 1;
+                        }
+                        let d = self.latency();
+                        if let Some(ep) = self.agent_ep(i, attempt) {
+                            self.schedule(d, Event::TargetDialDone { ep, cid, ok });
+                        }
+                    }
+                    AgentOutput::ResetFlow {
+                        attempt,
+                        cid,
+                        code,
+                        reason,
+                    } => {
+                        if let Some(ep) = self.agent_ep(i, attempt) {
+                            self.targets.remove(&(ep, cid));
+                            if let Some(l) = self.flow_link(ep) {
+                                l.reset_flow(cid, code, &reason);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        moved
+    }
+
+    /// Agent `i`'s tunnel endpoint of `attempt` (current or draining).
+    pub(super) fn agent_ep(&self, i: usize, attempt: u64) -> Option<EpId> {
+        [self.agents[i].ep, self.agents[i].draining]
+            .into_iter()
+            .flatten()
+            .find(|ep| self.eps.get(ep).is_some_and(|e| e.attempt == attempt))
+    }
+
+    pub(super) fn agent_tunnel_event(&mut self, i: usize, ep: EpId, e: TunnelEvent) {
+        let now = self.now;
+        let attempt = self.eps.get(&ep).map_or(0, |e| e.attempt);
+        let current = self.agents[i].ep == Some(ep);
+        let draining = self.agents[i].draining == Some(ep);
+        match e {
+            TunnelEvent::Drain if current => {
+                // As the runtimes do: one draining tunnel at a time; a newer
+                // drain ends the older one.
+                if let Some(old) = self.agents[i].draining.take() {
+                    if let Some(Link::Tunnel(t)) = self.eps.get_mut(&old).map(|e| &mut e.link) {
+                        t.close(ErrorCode::Shutdown, "a newer hub is draining too");
+                    }
+                    let old_attempt = self.eps.get(&old).map_or(0, |e| e.attempt);
+                    self.agents[i].agent.hub_lost(now, old_attempt);
+                }
+                self.agents[i].agent.hub_draining(now, attempt);
+                self.agents[i].draining = Some(ep);
+                self.agents[i].ep = None;
+            }
+            TunnelEvent::Established { .. } if current => {
+                self.agents[i].agent.hub_established(now, attempt)
+            }
+            TunnelEvent::Open { cid, connector } if current || draining => {
+                self.targets.insert((ep, cid), Target::default());
+                self.agents[i]
+                    .agent
+                    .flow_opened(now, attempt, cid, &connector);
+            }
+            TunnelEvent::Flow(fe) => match fe {
+                FlowEvent::Data { cid, payload } => {
+                    let Some(t) = self.targets.get_mut(&(ep, cid)) else {
+                        return;
+                    };
+                    t.buf.extend_from_slice(&payload);
+                    if t.connected {
+                        if let Some(l) = self.flow_link(ep) {
+                            l.consumed(cid, payload.len());
+                        }
+                    } else {
+                        t.inbox += payload.len();
+                    }
+                    self.echo(ep, cid);
+                }
+                FlowEvent::Fin { cid } => {
+                    if let Some(t) = self.targets.get_mut(&(ep, cid)) {
+                        t.fin = true;
+                    }
+                    self.echo(ep, cid);
+                }
+                FlowEvent::Writable { cid, .. } => self.echo(ep, cid),
+                FlowEvent::Reset { cid, .. } | FlowEvent::Closed { cid } => {
+                    self.targets.remove(&(ep, cid));
+                    if current || draining {
+                        self.agents[i].agent.flow_gone(attempt, cid);
+                    }
+                }
+            },
+            TunnelEvent::Closed { .. } => {
+                if current {
+                    self.agents[i].ep = None;
+                    self.agents[i].agent.hub_lost(now, attempt);
+                }
+                if draining {
+                    self.agents[i].draining = None;
+                    self.agents[i].agent.hub_lost(now, attempt);
+                }
+                self.remove_ep(ep);
+            }
+            _ => {}
+        }
+    }
+}
