@@ -197,6 +197,12 @@ impl Outgoing {
     }
 }
 
+/// Link commands (flow opens, data, resets, closes) a link task (hub or
+/// agent tunnel, mesh link) takes from its command queue in one go when a
+/// command wakes it, before it looks at its socket and timers again: bounds
+/// how long a burst of commands can hold off reading the link.
+pub const CMD_BATCH: usize = 256;
+
 /// Messages that may wait in a bounded link's writer queue; more wait in
 /// the core, where they are bounded.
 pub const WRITER_HIGH_WATER: usize = 256;

@@ -910,7 +910,7 @@ impl<R: HubRt> Shared<R> {
                 Wake::In(None) => d.tunnel.on_disconnected("tunnel closed by the agent"),
                 Wake::Cmd(cmd) => {
                     d.on_cmd(now, cmd);
-                    for _ in 0..256 {
+                    for _ in 0..crate::driver::CMD_BATCH {
                         match cmd_rx.try_recv() {
                             Ok(c) => d.on_cmd(now, c),
                             Err(_) => break,

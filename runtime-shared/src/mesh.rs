@@ -725,7 +725,7 @@ async fn run_link<R: HubRt>(
             },
             Wake::Cmd(cmd) => {
                 let mut next = Some(cmd);
-                let mut budget = 256;
+                let mut budget = crate::driver::CMD_BATCH;
                 while let Some(cmd) = next.take() {
                     if let Some(cmd) = pipes.on_cmd(&mut link, cmd) {
                         match cmd {
