@@ -298,7 +298,7 @@ impl AgentRuntime {
                         .find(|c| c.attempt == attempt)
                     {
                         c.driver.on_cmd(now, cmd);
-                        for _ in 0..256 {
+                        for _ in 0..nowconnect_shared::driver::CMD_BATCH {
                             match c.cmd_rx.try_recv() {
                                 Ok(cmd) => c.driver.on_cmd(now, cmd),
                                 Err(_) => break,

@@ -25,6 +25,7 @@ pub mod proxy_protocol;
 pub mod redact;
 #[cfg(any(feature = "redis-tokio", feature = "redis-smol"))]
 pub mod registry;
+pub mod rt;
 pub mod tls;
 pub mod token_renewal;
 pub mod tung;

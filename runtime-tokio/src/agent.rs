@@ -96,7 +96,7 @@ impl Connection {
         let now = Instant::now();
         if let Ok(cmd) = first {
             self.driver.on_cmd(now, cmd);
-            for _ in 0..256 {
+            for _ in 0..crate::driver::CMD_BATCH {
                 match self.cmd_rx.try_recv() {
                     Ok(cmd) => self.driver.on_cmd(now, cmd),
                     Err(_) => break,

@@ -1,0 +1,222 @@
+//! Driving a core link ([`Tunnel`](nowconnect_core::tunnel::Tunnel) or mesh link) and piping its flows to TCP
+//! sockets or to flows on another link.
+//!
+//! One task per link owns the core link and a [`FlowPipes`]. One task per
+//! flow socket runs [`run_flow_socket`]: its reader half sends what it reads
+//! as [`LinkCmd::Data`], at most [`CHUNKS_IN_FLIGHT`] chunks ahead of what
+//! the core has accepted (the core's per-flow credit is the real bound; this
+//! only keeps the adapter's own buffer small); its writer half writes
+//! [`FlowMsg::Data`] and reports [`LinkCmd::Consumed`] once written, which is
+//! what grants the peer more credit. No protocol decision is made here.
+//!
+//! Nothing here depends on an async runtime: channels are `async-channel`,
+//! sockets are `futures-io` halves, and the two concurrent halves of a flow
+//! socket are joined with `futures-util` rather than spawned, so the tokio
+//! and async-std adapters drive flows with the very same code.
+//!
+//! Here: the commands a link task takes ([`LinkCmd`]) and what it sends
+//! ([`Outgoing`]). Beside it: `pipes` ([`FlowPipes`], [`bridge`]), `tunnel`
+//! ([`TunnelDriver`]), `writer` ([`InlineWriter`], [`LoopTimer`]), `socket`
+//! (flow sockets and their timeouts) and `agent` (the agent loop's shared
+//! steps).
+
+mod agent;
+mod pipes;
+mod socket;
+mod tunnel;
+mod writer;
+
+use async_channel::{Receiver, Sender};
+use nowconnect_core::{Cid, Epoch, ErrorCode, Payload, WsMessage};
+
+pub use agent::{
+    AgentConn, AgentDials, AgentFlow, AgentTasks, TunnelStep, agent_outputs, agent_tunnel_step,
+    agent_tunnels_step, hub_refusal,
+};
+pub use pipes::{FlowEnd, FlowMsg, FlowPipes, Peer, bridge};
+pub use socket::{
+    ActiveReader, ActiveWriter, Activity, ChunkReader, ClientTimeouts, FlowWriter, ReadSize,
+    run_client_socket, run_flow_socket,
+};
+pub use tunnel::TunnelDriver;
+pub use writer::{InlineWriter, LoopTimer};
+
+/// Largest read from a flow socket (and so the largest DATA payload a
+/// runtime sends): 256 KiB moved 0.24x a direct loopback connection through
+/// a hub against 0.18x with 64 KiB, in one `tunnel-bench` session
+/// (`docs/performance.md`).
+pub const READ_CHUNK: usize = 256 * 1024;
+
+/// Chunks a flow's reader may have handed over and the core not yet taken.
+pub const CHUNKS_IN_FLIGHT: usize = 2;
+
+/// Where the answer to an open goes (a one-shot channel).
+pub type Reply<T> = Sender<T>;
+
+/// A one-shot channel for an open's answer.
+pub fn reply_channel<T>() -> (Reply<T>, Receiver<T>) {
+    async_channel::bounded(1)
+}
+
+/// Reader permits of one flow: a token per chunk the reader may hand over
+/// ahead of the core. Closing the channel tells the reader the flow is over.
+#[derive(Clone)]
+pub struct Permits {
+    give: Sender<()>,
+    take: Receiver<()>,
+}
+
+impl Permits {
+    pub fn new(n: usize) -> Self {
+        let (give, take) = async_channel::bounded(n.max(1));
+        for _ in 0..n {
+            let _ = give.try_send(());
+        }
+        Permits { give, take }
+    }
+
+    /// Wait for a permit; `false` once the flow is over.
+    pub async fn acquire(&self) -> bool {
+        self.take.recv().await.is_ok()
+    }
+
+    pub fn release(&self) {
+        let _ = self.give.try_send(());
+    }
+
+    pub fn close(&self) {
+        self.give.close();
+    }
+}
+
+/// Commands to a link task (tunnel or mesh link) from flow tasks and the control.
+pub enum LinkCmd {
+    /// Hub: ownership claimed; send WELCOME.
+    Accept {
+        epoch: Epoch,
+    },
+    Close {
+        code: ErrorCode,
+        reason: String,
+    },
+    /// Hub: this hub is draining; send DRAIN (v2 tunnels).
+    Drain,
+    /// Hub: open a flow to this connector.
+    OpenFlow {
+        connector: String,
+        reply: Reply<Result<FlowEnd, String>>,
+    },
+    /// Owner hub: open a flow to this connector joined to a mesh flow; the
+    /// answer is the new flow's cid.
+    OpenJoined {
+        connector: String,
+        peer: Peer,
+        reply: Reply<Result<Cid, String>>,
+    },
+    /// Owner hub: the held flow `cid` (see [`FlowPipes::hold`]) is joined to
+    /// `peer` from now on.
+    Join {
+        cid: Cid,
+        peer: Peer,
+    },
+    /// Mesh origin: open a flow to `agent_id`'s `connector` under `epoch`.
+    OpenMeshFlow {
+        connector: String,
+        agent_id: String,
+        epoch: Epoch,
+        reply: Reply<Result<FlowEnd, String>>,
+    },
+    Data {
+        cid: Cid,
+        payload: Payload,
+    },
+    Fin {
+        cid: Cid,
+    },
+    Reset {
+        cid: Cid,
+        code: ErrorCode,
+        reason: String,
+    },
+    Consumed {
+        cid: Cid,
+        n: usize,
+    },
+}
+
+/// Send an open to `link` and return where its answer arrives. With no link
+/// (it went away between the routing decision and now) the answer's channel
+/// is closed at once, as it is when the link has ended or ends before it
+/// answers ([`end_commands`]): the caller hears `link went away` and never
+/// waits on an answer nobody can give.
+pub fn send_open<T>(
+    link: Option<Sender<LinkCmd>>,
+    open: impl FnOnce(Reply<T>) -> LinkCmd,
+) -> Receiver<T> {
+    let (tx, rx) = reply_channel();
+    if let Some(link) = link {
+        let _ = link.try_send(open(tx));
+    }
+    rx
+}
+
+/// The end of a link task: nothing sent to it may wait forever. Closes its
+/// command channel (a later send fails at once) and empties it. An open's
+/// reply is dropped, so whoever waits for it hears that the link went away
+/// (a client is refused with `link_lost`; a bridge resets its mesh flow), and
+/// a join resets the flow on the other link. Flow commands go with their
+/// flows. Without this, a command queued in the instant the link closed
+/// stayed in the channel as long as any sender lived, and its client waited
+/// for an answer with neither data nor a close.
+pub fn end_commands(rx: &Receiver<LinkCmd>, reason: &str) {
+    rx.close();
+    while let Ok(cmd) = rx.try_recv() {
+        if let LinkCmd::Join { peer, .. } = cmd {
+            peer.reset(ErrorCode::LinkLost, reason);
+        }
+    }
+}
+
+/// What the WebSocket writer task sends.
+#[derive(Debug)]
+pub enum Outgoing {
+    Frame(WsMessage),
+    /// A close frame carrying the reason, then the end of the socket.
+    Close {
+        code: ErrorCode,
+        reason: String,
+    },
+}
+
+impl Outgoing {
+    /// The WebSocket close code for a tunnel-level error (RFC 6455 §7.4.1).
+    pub fn close_code(code: ErrorCode) -> u16 {
+        match code {
+            ErrorCode::Normal | ErrorCode::LinkLost | ErrorCode::IdleTimeout => 1000,
+            ErrorCode::Shutdown => 1001,
+            ErrorCode::ProtocolError | ErrorCode::SequenceGap | ErrorCode::CreditOverrun => 1002,
+            ErrorCode::FrameTooLarge => 1009,
+            ErrorCode::Internal => 1011,
+            _ => 1008,
+        }
+    }
+
+    /// Close reasons are limited to 123 bytes by the protocol.
+    pub fn close_reason(reason: &str) -> String {
+        let mut end = reason.len().min(123);
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason[..end].to_string()
+    }
+}
+
+/// Link commands (flow opens, data, resets, closes) a link task (hub or
+/// agent tunnel, mesh link) takes from its command queue in one go when a
+/// command wakes it, before it looks at its socket and timers again: bounds
+/// how long a burst of commands can hold off reading the link.
+pub const CMD_BATCH: usize = 256;
+
+/// Messages that may wait in a bounded link's writer queue; more wait in
+/// the core, where they are bounded.
+pub const WRITER_HIGH_WATER: usize = 256;

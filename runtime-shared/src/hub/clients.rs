@@ -1,0 +1,317 @@
+//! Clients: one accept loop per listener (rates, connection limits, PROXY
+//! headers) and one task per client connection, routed by the core.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nowconnect_core::admission::Admission;
+use nowconnect_core::routing::Route;
+use nowconnect_core::{Epoch, ErrorCode};
+
+use crate::driver::{FlowEnd, LinkCmd, Reply};
+use crate::metrics::labels;
+use crate::rt::HubRt;
+
+use super::Shared;
+
+impl<R: HubRt> Shared<R> {
+    fn refuse_client(&self, reason: &str) {
+        self.metrics
+            .client_connections_refused
+            .get_or_create(&labels(&[("reason", reason)]))
+            .inc();
+    }
+
+    pub(super) async fn accept_loop(
+        self: Arc<Self>,
+        name: String,
+        connector: String,
+        listener: R::Listener,
+    ) {
+        tracing::info!(listener = %name, addr = ?R::local_addr(&listener).ok(), %connector, "listening");
+        let edge = self
+            .cfg
+            .listener_edges
+            .get(&name)
+            .cloned()
+            .unwrap_or_else(crate::config::ListenerEdge::unlimited);
+        let admission = Arc::new(Mutex::new(Admission::new(edge.limits, Instant::now())));
+        let pending_headers = Arc::new(AtomicUsize::new(0));
+        let edge = Arc::new(edge);
+        loop {
+            let (stream, from) = match R::accept(&listener).await {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, do not spin.
+                    tracing::warn!(listener = %name, error = %e, "accept failed");
+                    self.rt.sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            if self.active_clients.load(Ordering::Relaxed)
+                >= self.cfg.raw.limits.max_client_connections
+            {
+                self.refuse_client("limit_exceeded");
+                tracing::warn!(listener = %name, peer = %crate::logging::client_addr(from), "client connection limit reached");
+                continue;
+            }
+            let Some(trusted) = &edge.proxy else {
+                if let Some(load) = self.admit(&name, &admission, from) {
+                    self.rt.spawn(self.clone().serve_client(
+                        name.clone(),
+                        connector.clone(),
+                        stream,
+                        from,
+                        load,
+                        edge.first_byte_timeout,
+                    ));
+                }
+                continue;
+            };
+            if !trusted.trusts(from.ip()) {
+                self.refuse_client("untrusted_proxy");
+                tracing::warn!(listener = %name, peer = %crate::logging::client_addr(from), "client connection refused: the listener takes PROXY protocol connections from its trusted proxies only");
+                continue;
+            }
+            // Connections still sending their header count against the
+            // listener's connection limit too, before they are admitted.
+            if pending_headers.load(Ordering::Relaxed) >= edge.limits.max_connections {
+                self.refuse_client("proxy_pending");
+                tracing::warn!(listener = %name, proxy = %from, "client connection refused: as many connections as the listener takes are still sending their PROXY header");
+                continue;
+            }
+            let pending = PendingGuard::new(&pending_headers);
+            let (shared, name, connector, edge, admission) = (
+                self.clone(),
+                name.clone(),
+                connector.clone(),
+                edge.clone(),
+                admission.clone(),
+            );
+            self.rt.spawn(async move {
+                let within = edge
+                    .first_byte_timeout
+                    .map_or(PROXY_HEADER_TIMEOUT, |t| t.min(PROXY_HEADER_TIMEOUT));
+                let (stream, header) = shared.rt.read_proxy_header(stream, within).await;
+                drop(pending);
+                let peer = match header {
+                    Ok(Some(client)) => client,
+                    // A header without an address: the balancer's own check.
+                    Ok(None) => from,
+                    Err(reason) => {
+                        shared.refuse_client("proxy_header");
+                        tracing::warn!(listener = %name, proxy = %from, %reason, "client connection refused: no valid PROXY protocol header");
+                        return;
+                    }
+                };
+                if let Some(load) = shared.admit(&name, &admission, peer) {
+                    shared
+                        .clone()
+                        .serve_client(name, connector, stream, peer, load, edge.first_byte_timeout)
+                        .await;
+                }
+            });
+        }
+    }
+
+    /// Count a new client of listener `name` from `peer` against the
+    /// listener's limits, or refuse it (counted and logged).
+    fn admit(
+        &self,
+        name: &str,
+        admission: &Arc<Mutex<Admission>>,
+        peer: SocketAddr,
+    ) -> Option<LoadGuard> {
+        let res = admission
+            .lock()
+            .expect("admission lock")
+            .admit(Instant::now(), peer.ip());
+        match res {
+            Ok(()) => Some(LoadGuard(admission.clone(), peer.ip())),
+            Err(refusal) => {
+                self.refuse_client(refusal.as_str());
+                let limits = admission.lock().expect("admission lock").limits();
+                tracing::warn!(listener = %name, peer = %crate::logging::client_addr(peer), reason = refusal.as_str(), ?limits, "client connection refused: listener limit reached");
+                None
+            }
+        }
+    }
+
+    /// One client of listener `listener`, whose `connector` is qualified by
+    /// the listener's tenant: only that tenant's agents (and, when the
+    /// listener pins them, only those) can be chosen.
+    async fn serve_client(
+        self: Arc<Self>,
+        listener: String,
+        connector: String,
+        stream: R::Stream,
+        peer: SocketAddr,
+        _load: LoadGuard,
+        first_byte: Option<Duration>,
+    ) {
+        let shared = self;
+        shared.active_clients.fetch_add(1, Ordering::Relaxed);
+        let _guard = ActiveGuard(&shared.active_clients);
+        let client = shared.id();
+        let (tx, rx) = async_channel::bounded(1);
+        let pin = shared.cfg.listener_pins.get(&listener);
+        shared.with_control(|c, now| {
+            c.routes.insert(client, tx);
+            c.hub
+                .client_connected_pinned(now, client, &connector, pin.map(Vec::as_slice));
+        });
+        let Ok(route) = rx.recv().await else {
+            return;
+        };
+        let (tunnel, agent_id, route_kind, cmd, open) = match route {
+            Route::Local { tunnel, agent_id } => {
+                let cmd = shared
+                    .control
+                    .lock()
+                    .expect("control lock")
+                    .tunnels
+                    .get(&tunnel)
+                    .cloned();
+                // The agent knows its connectors by their bare names.
+                let open = OpenRequest::Tunnel {
+                    connector: nowconnect_core::tenant::split(&connector).1.to_string(),
+                };
+                (Some(tunnel), agent_id, "local", cmd, open)
+            }
+            Route::Mesh {
+                replica_id,
+                agent_id,
+                epoch,
+            } => {
+                let cmd = shared
+                    .mesh_links
+                    .lock()
+                    .expect("mesh links lock")
+                    .sender(&replica_id);
+                let open = OpenRequest::Mesh {
+                    connector: connector.clone(),
+                    agent_id: agent_id.clone(),
+                    epoch,
+                };
+                (None, format!("{agent_id}@{replica_id}"), "mesh", cmd, open)
+            }
+            Route::Refuse { code, reason } => {
+                shared.refuse_client(code.as_str());
+                tracing::warn!(peer = %crate::logging::client_addr(peer), %connector, %code, %reason, "client connection refused");
+                return;
+            }
+        };
+        // Counted on its tunnel since the routing decision (see `pump`).
+        let _counted = tunnel.map(|t| TunnelFlowGuard(shared.clone(), t));
+        let rrx = crate::driver::send_open(cmd, |reply| open.into_cmd(reply));
+        let end: FlowEnd = match rrx.recv().await {
+            Ok(Ok(end)) => end,
+            Ok(Err(reason)) => {
+                shared.refuse_client(ErrorCode::LimitExceeded.as_str());
+                tracing::warn!(peer = %crate::logging::client_addr(peer), %connector, agent = %agent_id, %reason, "client connection refused");
+                return;
+            }
+            Err(_) => {
+                shared.refuse_client(ErrorCode::LinkLost.as_str());
+                tracing::warn!(peer = %crate::logging::client_addr(peer), %connector, agent = %agent_id, "client connection refused: the link to the agent went away");
+                return;
+            }
+        };
+        tracing::debug!(peer = %crate::logging::client_addr(peer), %connector, agent = %agent_id, cid = end.cid, "flow opened");
+        shared
+            .metrics
+            .flows
+            .get_or_create(&labels(&[("connector", &connector), ("route", route_kind)]))
+            .inc();
+        let timeouts = crate::driver::ClientTimeouts {
+            idle: match shared.cfg.raw.limits.client_idle_timeout_sec {
+                0 => None,
+                s => Some(Duration::from_secs(s)),
+            },
+            first_byte,
+        };
+        shared
+            .rt
+            .pipe_client(stream, end, shared.metrics.clone(), timeouts)
+            .await;
+    }
+}
+
+/// How a client's flow is opened: on a local agent tunnel or over the mesh.
+enum OpenRequest {
+    Tunnel {
+        connector: String,
+    },
+    Mesh {
+        connector: String,
+        agent_id: String,
+        epoch: Epoch,
+    },
+}
+
+impl OpenRequest {
+    fn into_cmd(self, reply: Reply<Result<FlowEnd, String>>) -> LinkCmd {
+        match self {
+            OpenRequest::Tunnel { connector } => LinkCmd::OpenFlow { connector, reply },
+            OpenRequest::Mesh {
+                connector,
+                agent_id,
+                epoch,
+            } => LinkCmd::OpenMeshFlow {
+                connector,
+                agent_id,
+                epoch,
+                reply,
+            },
+        }
+    }
+}
+
+/// The longest a trusted balancer has to send its PROXY header (less when
+/// the listener's first-byte timeout is shorter).
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One connection counted while it sends its PROXY header.
+struct PendingGuard(Arc<AtomicUsize>);
+
+impl PendingGuard {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        PendingGuard(count.clone())
+    }
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A client connection admitted by its listener ([`Admission`]), released
+/// when dropped.
+struct LoadGuard(Arc<Mutex<Admission>>, std::net::IpAddr);
+
+impl Drop for LoadGuard {
+    fn drop(&mut self) {
+        self.0.lock().expect("admission lock").release(self.1);
+    }
+}
+
+struct ActiveGuard<'a>(&'a AtomicUsize);
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Ends a local flow's count on its tunnel however the client ends.
+struct TunnelFlowGuard<R: HubRt>(Arc<Shared<R>>, u64);
+
+impl<R: HubRt> Drop for TunnelFlowGuard<R> {
+    fn drop(&mut self) {
+        self.0.flow_ended(self.1);
+    }
+}

@@ -1,0 +1,326 @@
+//! Agent tunnels: `/tunnel` authorisation before the upgrade, scope and
+//! re-authentication checks, and one task per agent socket around a
+//! `Tunnel::hub`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_channel::Sender;
+use futures_lite::StreamExt;
+use futures_lite::future::race;
+use nowconnect_core::tunnel::{Tunnel, TunnelEvent};
+use nowconnect_core::{Codec, ErrorCode};
+
+use crate::driver::{InlineWriter, LinkCmd, LoopTimer, Outgoing, TunnelDriver};
+use crate::jwt::AgentIdentity;
+use crate::metrics::labels;
+use crate::rt::{HubRt, WsIn};
+
+use super::{Shared, bearer};
+
+impl<R: HubRt> Shared<R> {
+    /// `/tunnel` before the upgrade: the agent's identity, or the status and
+    /// body of the refusal (counted and logged as a security event).
+    pub fn authorize_tunnel(
+        &self,
+        authorization: Option<&str>,
+        peer: SocketAddr,
+    ) -> Result<AgentIdentity, (u16, String)> {
+        let refuse = |label: &'static str, detail: String| {
+            self.metrics
+                .auth_failures
+                .get_or_create(&labels(&[("reason", label)]))
+                .inc();
+            tracing::warn!(target: "nowconnect::security", %peer, reason = label, %detail, "tunnel refused before upgrade");
+            (401, format!("{label}: {detail}\n"))
+        };
+        if self.is_draining() {
+            return Err((503, "hub is draining\n".into()));
+        }
+        let Some(token) = authorization.and_then(bearer) else {
+            return Err(refuse(
+                "missing_token",
+                "no `Authorization: Bearer` header".into(),
+            ));
+        };
+        let verifier = self.verifier.read().expect("verifier lock").clone();
+        let identity = verifier
+            .verify(token)
+            .map_err(|e| refuse(e.label, e.detail))?;
+        if let Err((label, detail)) = self.check_scoped(&identity) {
+            self.security_event(label);
+            return Err(refuse(label, detail));
+        }
+        Ok(identity)
+    }
+
+    /// A token without a connector scope is refused unless the operator
+    /// allows it (`tunnel.allow_unscoped_tokens`).
+    fn check_scoped(&self, identity: &AgentIdentity) -> Result<(), (&'static str, String)> {
+        if identity.scope.is_none() && !self.cfg.raw.tunnel.allow_unscoped_tokens {
+            return Err((
+                "unscoped_token",
+                format!(
+                    "the token for agent `{}` names no connectors (mint it with --connectors; tunnel.allow_unscoped_tokens is false)",
+                    identity.agent_id
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A token an established tunnel's agent sent to renew its credential
+    /// (REAUTH): valid under the current verification settings (revocation
+    /// included), for the same agent and tenant, and scoped to cover every
+    /// connector the HELLO announced. The new identity, or the refusal's
+    /// label and detail.
+    pub fn check_reauth(
+        &self,
+        current: &AgentIdentity,
+        announced: &[String],
+        token: &str,
+    ) -> Result<AgentIdentity, (&'static str, String)> {
+        let verifier = self.verifier.read().expect("verifier lock").clone();
+        let new = verifier.verify(token).map_err(|e| (e.label, e.detail))?;
+        if new.tenant != current.tenant {
+            return Err((
+                "agent_mismatch",
+                format!(
+                    "the renewed token is for tenant `{}`, the tunnel for `{}`",
+                    new.tenant, current.tenant
+                ),
+            ));
+        }
+        self.check_scoped(&new)?;
+        new.credential().admits(&current.agent_id, announced)?;
+        Ok(new)
+    }
+
+    /// Drive one agent tunnel until it closes: `stream` is what the agent
+    /// sends; `out` is the queue `writer` writes to the socket, from this
+    /// task (given up to 2 s to flush the close at the end).
+    pub async fn run_tunnel<S, K, M>(
+        self: Arc<Self>,
+        mut stream: S,
+        out: Sender<Outgoing>,
+        mut writer: InlineWriter<K, M>,
+        mut identity: AgentIdentity,
+        peer: SocketAddr,
+    ) where
+        S: futures_lite::Stream<Item = WsIn> + Unpin + Send,
+        K: futures_util::Sink<M> + Unpin + Send,
+        M: Send,
+    {
+        let shared = self;
+        let tunnel_id = shared.id();
+        let (cmd_tx, cmd_rx) = async_channel::unbounded();
+        {
+            let mut c = shared.control.lock().expect("control lock");
+            c.tunnels.insert(tunnel_id, cmd_tx.clone());
+            c.identities.insert(tunnel_id, identity.clone());
+        }
+        let tunnel = Tunnel::hub(Instant::now(), shared.cfg.tunnel_config());
+        let mut d = TunnelDriver::new(tunnel, out, cmd_tx, shared.metrics.clone());
+        let agent_id = identity.agent_id.clone();
+        let tenant = identity.tenant.clone();
+        // The tunnel lives no longer than its token.
+        let until = |exp: u64| {
+            Instant::now() + Duration::from_secs(exp.saturating_sub(crate::jwt::unix_now()))
+        };
+        let mut expires = until(identity.expires_at);
+        let mut expired = false;
+        // What the HELLO announced (bare names): a renewed token must cover it.
+        let mut announced: Vec<String> = Vec::new();
+        tracing::info!(tunnel = tunnel_id, %peer, %tenant, agent = %identity.agent_id, "agent tunnel connected");
+        enum Wake {
+            In(Option<WsIn>),
+            Cmd(LinkCmd),
+            Timer,
+            Written,
+        }
+        let mut timer = LoopTimer::default();
+        loop {
+            // Until it fires, the token's expiry is one more deadline.
+            let deadline = if expired {
+                d.deadline()
+            } else {
+                Some(d.deadline().map_or(expires, |at| at.min(expires)))
+            };
+            timer.set(deadline, |dur| shared.rt.sleep(dur));
+            // Frames the core holds beyond the writer's high-water mark
+            // make the writer branch ready, so they are moved on.
+            let backlogged = d.backlogged();
+            let wake = race(
+                race(async { Wake::In(stream.next().await) }, async {
+                    if writer.is_idle() && !backlogged {
+                        futures_lite::future::pending::<()>().await;
+                    }
+                    writer.write().await;
+                    Wake::Written
+                }),
+                race(
+                    async {
+                        match cmd_rx.recv().await {
+                            Ok(c) => Wake::Cmd(c),
+                            // Never: the driver holds a sender.
+                            Err(_) => futures_lite::future::pending().await,
+                        }
+                    },
+                    async {
+                        timer.wait().await;
+                        Wake::Timer
+                    },
+                ),
+            )
+            .await;
+            let now = Instant::now();
+            match wake {
+                Wake::In(Some(WsIn::Frame(m))) => d.tunnel.handle_message(now, &m),
+                Wake::In(Some(WsIn::Other)) => {}
+                Wake::In(Some(WsIn::Closed(why))) => {
+                    d.tunnel
+                        .on_disconnected(&format!("agent closed the tunnel {why}"));
+                }
+                Wake::In(Some(WsIn::Failed(e))) => {
+                    d.tunnel.on_disconnected(&format!("tunnel read error: {e}"))
+                }
+                Wake::In(None) => d.tunnel.on_disconnected("tunnel closed by the agent"),
+                Wake::Cmd(cmd) => {
+                    d.on_cmd(now, cmd);
+                    for _ in 0..crate::driver::CMD_BATCH {
+                        match cmd_rx.try_recv() {
+                            Ok(c) => d.on_cmd(now, c),
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Wake::Timer if !expired && now >= expires => {
+                    expired = true;
+                    shared.security_event("tunnel_token_expired");
+                    tracing::warn!(target: "nowconnect::security", tunnel = tunnel_id, %tenant, agent = %agent_id, reason = "token_expired", "closing agent tunnel: its token expired");
+                    d.tunnel.close(
+                        ErrorCode::Refused,
+                        "token_expired: the agent's token expired",
+                    );
+                }
+                Wake::Timer => d.tunnel.handle_timeout(now),
+                Wake::Written => {}
+            }
+            let mut closed = None;
+            for ev in d.drain() {
+                match ev {
+                    TunnelEvent::Hello {
+                        agent_id: hello_id,
+                        connectors,
+                    } => {
+                        announced = connectors.clone();
+                        let credential = identity.credential();
+                        let res = shared.with_control(|c, now| {
+                            c.hub.tunnel_hello_as(
+                                now,
+                                tunnel_id,
+                                &credential,
+                                &hello_id,
+                                &connectors,
+                            )
+                        });
+                        if let Err(kind) = res {
+                            if kind == "agent_mismatch" {
+                                shared
+                                    .metrics
+                                    .auth_failures
+                                    .get_or_create(&labels(&[("reason", kind)]))
+                                    .inc();
+                            } else {
+                                shared.security_event(kind);
+                            }
+                            tracing::warn!(target: "nowconnect::security", tunnel = tunnel_id, %tenant, agent = %agent_id, hello_agent = %hello_id, reason = kind, "tunnel refused at HELLO");
+                        }
+                    }
+                    TunnelEvent::Reauth { token } => {
+                        match shared.check_reauth(&identity, &announced, &token) {
+                            Ok(new) => {
+                                tracing::info!(tunnel = tunnel_id, %tenant, agent = %agent_id, expires_at = new.expires_at, "agent token renewed on the tunnel");
+                                expires = until(new.expires_at);
+                                shared.with_control(|c, _| {
+                                    if let Some(id) = c.identities.get_mut(&tunnel_id) {
+                                        *id = new.clone();
+                                    }
+                                });
+                                identity = new;
+                            }
+                            Err((label, detail)) => {
+                                shared
+                                    .metrics
+                                    .auth_failures
+                                    .get_or_create(&labels(&[("reason", label)]))
+                                    .inc();
+                                tracing::warn!(target: "nowconnect::security", tunnel = tunnel_id, %tenant, agent = %agent_id, reason = label, %detail, "renewed token refused; closing the tunnel");
+                                d.tunnel.close(
+                                    ErrorCode::Refused,
+                                    &format!("renewed token refused: {label}: {detail}"),
+                                );
+                            }
+                        }
+                    }
+                    TunnelEvent::Established { epoch, codec } => {
+                        if codec != Codec::V2 {
+                            shared.with_control(|c, _| c.hub.tunnel_cannot_drain(tunnel_id));
+                        }
+                        shared
+                            .metrics
+                            .tunnels
+                            .get_or_create(&labels(&[("result", "accepted")]))
+                            .inc();
+                        tracing::info!(tunnel = tunnel_id, agent = %agent_id, epoch = epoch.0, codec = codec.as_str(), "agent tunnel established");
+                    }
+                    TunnelEvent::Closed { code, reason } => closed = Some((code, reason)),
+                    TunnelEvent::Open { .. }
+                    | TunnelEvent::Flow(_)
+                    | TunnelEvent::Rtt(_)
+                    | TunnelEvent::Drain => {}
+                }
+            }
+            // Dispatch again: closing produced flow resets.
+            d.drain();
+            d.flush_bounded();
+            // Bridged mesh flows are counted by the tunnel that carries them.
+            shared.flows_ended(tunnel_id, d.pipes.take_bridged_ends());
+            // Out in this same wake-up, as far as the socket takes it.
+            writer.write_now().await;
+            d.report_due(now);
+            if let Some((code, reason)) = closed {
+                if d.tunnel.stats.control_backlog_closes > 0 {
+                    shared.security_event("tunnel_output_budget");
+                    tracing::warn!(target: "nowconnect::security", tunnel = tunnel_id, %peer, %tenant, agent = %agent_id, %reason, "closing agent tunnel: it does not read what it causes");
+                }
+                let result = if matches!(code, ErrorCode::LinkLost | ErrorCode::Shutdown) {
+                    "closed"
+                } else {
+                    "refused"
+                };
+                shared
+                    .metrics
+                    .tunnels
+                    .get_or_create(&labels(&[("result", result)]))
+                    .inc();
+                tracing::info!(tunnel = tunnel_id, agent = %agent_id, %code, %reason, "agent tunnel closed");
+                d.close_socket(code, &reason);
+                break;
+            }
+        }
+        d.report();
+        crate::driver::end_commands(&cmd_rx, "the agent tunnel closed");
+        let left = d.pipes.take_bridged_ends() + d.pipes.bridged_open();
+        drop(d);
+        shared.flows_ended(tunnel_id, left);
+        shared.with_control(|c, now| {
+            c.tunnels.remove(&tunnel_id);
+            c.identities.remove(&tunnel_id);
+            c.hub.tunnel_closed(now, tunnel_id);
+        });
+        let grace = shared.rt.sleep(Duration::from_secs(2));
+        race(writer.write(), grace).await;
+    }
+}
