@@ -11,6 +11,7 @@ use nowconnect_core::routing::Route;
 use nowconnect_core::{Epoch, ErrorCode};
 
 use crate::driver::{FlowEnd, LinkCmd, Reply};
+use crate::logging::LogThrottle;
 use crate::metrics::labels;
 use crate::rt::HubRt;
 
@@ -22,6 +23,15 @@ impl<R: HubRt> Shared<R> {
             .client_connections_refused
             .get_or_create(&labels(&[("reason", reason)]))
             .inc();
+    }
+
+    /// [`Shared::refuse_client`] at a listener's edge, where anyone who can
+    /// connect can cause refusals at will: `Some(held_back)` when this one
+    /// may be logged (one line a second a listener; the lines held back
+    /// since are counted in it), `None` when it is only counted.
+    fn refuse_at_edge(&self, log: &LogThrottle, reason: &str) -> Option<u64> {
+        self.refuse_client(reason);
+        log.admit(Instant::now())
     }
 
     pub(super) async fn accept_loop(
@@ -40,6 +50,7 @@ impl<R: HubRt> Shared<R> {
         let admission = Arc::new(Mutex::new(Admission::new(edge.limits, Instant::now())));
         let pending_headers = Arc::new(AtomicUsize::new(0));
         let edge = Arc::new(edge);
+        let log = Arc::new(LogThrottle::new(Duration::from_secs(1)));
         loop {
             let (stream, from) = match R::accept(&listener).await {
                 Ok(x) => x,
@@ -53,12 +64,13 @@ impl<R: HubRt> Shared<R> {
             if self.active_clients.load(Ordering::Relaxed)
                 >= self.cfg.raw.limits.max_client_connections
             {
-                self.refuse_client("limit_exceeded");
-                tracing::warn!(listener = %name, peer = %crate::logging::client_addr(from), "client connection limit reached");
+                if let Some(held_back) = self.refuse_at_edge(&log, "limit_exceeded") {
+                    tracing::warn!(listener = %name, peer = %crate::logging::client_addr(from), held_back, "client connection limit reached");
+                }
                 continue;
             }
             let Some(trusted) = &edge.proxy else {
-                if let Some(load) = self.admit(&name, &admission, from) {
+                if let Some(load) = self.admit(&name, &admission, &log, from) {
                     self.rt.spawn(self.clone().serve_client(
                         name.clone(),
                         connector.clone(),
@@ -71,24 +83,27 @@ impl<R: HubRt> Shared<R> {
                 continue;
             };
             if !trusted.trusts(from.ip()) {
-                self.refuse_client("untrusted_proxy");
-                tracing::warn!(listener = %name, peer = %crate::logging::client_addr(from), "client connection refused: the listener takes PROXY protocol connections from its trusted proxies only");
+                if let Some(held_back) = self.refuse_at_edge(&log, "untrusted_proxy") {
+                    tracing::warn!(listener = %name, peer = %crate::logging::client_addr(from), held_back, "client connection refused: the listener takes PROXY protocol connections from its trusted proxies only");
+                }
                 continue;
             }
             // Connections still sending their header count against the
             // listener's connection limit too, before they are admitted.
             if pending_headers.load(Ordering::Relaxed) >= edge.limits.max_connections {
-                self.refuse_client("proxy_pending");
-                tracing::warn!(listener = %name, proxy = %from, "client connection refused: as many connections as the listener takes are still sending their PROXY header");
+                if let Some(held_back) = self.refuse_at_edge(&log, "proxy_pending") {
+                    tracing::warn!(listener = %name, proxy = %from, held_back, "client connection refused: as many connections as the listener takes are still sending their PROXY header");
+                }
                 continue;
             }
             let pending = PendingGuard::new(&pending_headers);
-            let (shared, name, connector, edge, admission) = (
+            let (shared, name, connector, edge, admission, log) = (
                 self.clone(),
                 name.clone(),
                 connector.clone(),
                 edge.clone(),
                 admission.clone(),
+                log.clone(),
             );
             self.rt.spawn(async move {
                 let within = edge
@@ -101,12 +116,13 @@ impl<R: HubRt> Shared<R> {
                     // A header without an address: the balancer's own check.
                     Ok(None) => from,
                     Err(reason) => {
-                        shared.refuse_client("proxy_header");
-                        tracing::warn!(listener = %name, proxy = %from, %reason, "client connection refused: no valid PROXY protocol header");
+                        if let Some(held_back) = shared.refuse_at_edge(&log, "proxy_header") {
+                            tracing::warn!(listener = %name, proxy = %from, %reason, held_back, "client connection refused: no valid PROXY protocol header");
+                        }
                         return;
                     }
                 };
-                if let Some(load) = shared.admit(&name, &admission, peer) {
+                if let Some(load) = shared.admit(&name, &admission, &log, peer) {
                     shared
                         .clone()
                         .serve_client(name, connector, stream, peer, load, edge.first_byte_timeout)
@@ -117,11 +133,12 @@ impl<R: HubRt> Shared<R> {
     }
 
     /// Count a new client of listener `name` from `peer` against the
-    /// listener's limits, or refuse it (counted and logged).
+    /// listener's limits, or refuse it (counted, and logged through `log`).
     fn admit(
         &self,
         name: &str,
         admission: &Arc<Mutex<Admission>>,
+        log: &LogThrottle,
         peer: SocketAddr,
     ) -> Option<LoadGuard> {
         let res = admission
@@ -131,9 +148,10 @@ impl<R: HubRt> Shared<R> {
         match res {
             Ok(()) => Some(LoadGuard(admission.clone(), peer.ip())),
             Err(refusal) => {
-                self.refuse_client(refusal.as_str());
-                let limits = admission.lock().expect("admission lock").limits();
-                tracing::warn!(listener = %name, peer = %crate::logging::client_addr(peer), reason = refusal.as_str(), ?limits, "client connection refused: listener limit reached");
+                if let Some(held_back) = self.refuse_at_edge(log, refusal.as_str()) {
+                    let limits = admission.lock().expect("admission lock").limits();
+                    tracing::warn!(listener = %name, peer = %crate::logging::client_addr(peer), reason = refusal.as_str(), ?limits, held_back, "client connection refused: listener limit reached");
+                }
                 None
             }
         }
