@@ -15,6 +15,7 @@ use crate::registry::{RegistryError, RegistryOp, RegistryReply};
 use crate::rng::Rng;
 use crate::routing::{LocalCandidate, Mode, RemoteView, Route, pick_local, route_remote};
 use crate::tenant::{AgentCredential, qualify};
+use crate::timer::Timers;
 
 pub type TunnelId = u64;
 pub type ClientId = u64;
@@ -197,8 +198,7 @@ pub struct Hub {
     /// agent id → tunnel that owns it here
     by_agent: BTreeMap<String, TunnelId>,
     pending: BTreeMap<OpId, Pending>,
-    timers: BTreeSet<(Instant, Timer)>,
-    timer_at: BTreeMap<Timer, Instant>,
+    timers: Timers<Timer>,
     next_op: OpId,
     registry_healthy: bool,
     registry_last_error: Option<String>,
@@ -222,8 +222,7 @@ impl Hub {
             agents: BTreeMap::new(),
             by_agent: BTreeMap::new(),
             pending: BTreeMap::new(),
-            timers: BTreeSet::new(),
-            timer_at: BTreeMap::new(),
+            timers: Timers::default(),
             next_op: 1,
             registry_healthy: true,
             registry_last_error: None,
@@ -235,9 +234,9 @@ impl Hub {
             out: VecDeque::new(),
             counters: HubCounters::default(),
         };
-        hub.set_timer(Timer::Health, now + hub.cfg.health_interval);
+        hub.timers.set(Timer::Health, now + hub.cfg.health_interval);
         if hub.cfg.mode != Mode::Off {
-            hub.set_timer(Timer::Discovery, now);
+            hub.timers.set(Timer::Discovery, now);
         }
         hub
     }
@@ -320,22 +319,10 @@ impl Hub {
         let op = self.next_op;
         self.next_op += 1;
         self.pending.insert(op, pending);
-        self.set_timer(Timer::OpDeadline(op), now + self.cfg.registry_timeout);
+        self.timers
+            .set(Timer::OpDeadline(op), now + self.cfg.registry_timeout);
         self.out.push_back(HubOutput::Registry { op, call });
         op
-    }
-
-    fn set_timer(&mut self, t: Timer, at: Instant) {
-        if let Some(old) = self.timer_at.insert(t, at) {
-            self.timers.remove(&(old, t));
-        }
-        self.timers.insert((at, t));
-    }
-
-    fn clear_timer(&mut self, t: Timer) {
-        if let Some(old) = self.timer_at.remove(&t) {
-            self.timers.remove(&(old, t));
-        }
     }
 
     /// An agent's HELLO arrived on `tunnel`, whose token says `credential`.
@@ -460,7 +447,7 @@ impl Hub {
         let Some(a) = self.agents.remove(&tunnel) else {
             return;
         };
-        self.clear_timer(Timer::Renew(tunnel));
+        self.timers.clear(Timer::Renew(tunnel));
         if self.by_agent.get(&a.agent_id) == Some(&tunnel) {
             self.by_agent.remove(&a.agent_id);
             if let AgentState::Owned { epoch } = a.state {
@@ -524,7 +511,8 @@ impl Hub {
             self.out.push_back(HubOutput::DrainTunnel { tunnel });
             if self.cfg.mode != Mode::Off {
                 // Renew often now: the renewal is what finds the new owner.
-                self.set_timer(Timer::Renew(tunnel), now + self.cfg.drain_check_interval);
+                self.timers
+                    .set(Timer::Renew(tunnel), now + self.cfg.drain_check_interval);
             }
         }
     }
@@ -785,7 +773,7 @@ impl Hub {
         let Some(pending) = self.pending.remove(&op) else {
             return; // timed out already
         };
-        self.clear_timer(Timer::OpDeadline(op));
+        self.timers.clear(Timer::OpDeadline(op));
         match &result {
             Ok(_) => {
                 self.registry_healthy = true;
@@ -879,7 +867,7 @@ impl Hub {
                             self.by_agent.remove(&a.agent_id);
                         }
                     }
-                    self.clear_timer(Timer::Renew(tunnel));
+                    self.timers.clear(Timer::Renew(tunnel));
                     self.close_if_moved_and_idle(tunnel);
                 } else if still_ours {
                     self.counters.ownership_lost += 1;
@@ -1035,7 +1023,7 @@ impl Hub {
                 reason: format!("agent `{agent_id}` reconnected (epoch {})", epoch.0),
             });
             self.agents.remove(&old);
-            self.clear_timer(Timer::Renew(old));
+            self.timers.clear(Timer::Renew(old));
         }
         self.counters.tunnels_accepted += 1;
         self.out
@@ -1049,7 +1037,8 @@ impl Hub {
             },
             Pending::Other,
         );
-        self.set_timer(Timer::Renew(tunnel), now + self.cfg.renew_interval);
+        self.timers
+            .set(Timer::Renew(tunnel), now + self.cfg.renew_interval);
     }
 
     fn forget_tunnel(&mut self, tunnel: TunnelId) {
@@ -1058,16 +1047,13 @@ impl Hub {
         {
             self.by_agent.remove(&a.agent_id);
         }
-        self.clear_timer(Timer::Renew(tunnel));
+        self.timers.clear(Timer::Renew(tunnel));
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(&(at, t)) = self.timers.first() {
-            if at > now {
-                break;
-            }
-            self.timers.pop_first();
-            self.timer_at.remove(&t);
+        // One at a time: a timer cleared by an earlier one's handling does
+        // not fire, one armed already due does.
+        while let Some(t) = self.timers.pop_expired(now) {
             match t {
                 Timer::OpDeadline(op) => {
                     if let Some(p) = self.pending.remove(&op) {
@@ -1100,7 +1086,7 @@ impl Hub {
                         } else {
                             self.cfg.renew_interval
                         };
-                        self.set_timer(Timer::Renew(tunnel), now + every);
+                        self.timers.set(Timer::Renew(tunnel), now + every);
                     }
                 }
                 Timer::Discovery => {
@@ -1114,7 +1100,8 @@ impl Hub {
                     };
                     self.op(now, call, Pending::Other);
                     self.op(now, RegistryOp::ListReplicas, Pending::Replicas);
-                    self.set_timer(Timer::Discovery, now + self.cfg.renew_interval);
+                    self.timers
+                        .set(Timer::Discovery, now + self.cfg.renew_interval);
                 }
                 Timer::Health => {
                     if self.cfg.mode != Mode::Off {
@@ -1125,14 +1112,15 @@ impl Hub {
                         };
                         self.op(now, call, Pending::Other);
                     }
-                    self.set_timer(Timer::Health, now + self.cfg.health_interval);
+                    self.timers
+                        .set(Timer::Health, now + self.cfg.health_interval);
                 }
             }
         }
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.first().map(|(at, _)| *at)
+        self.timers.next().map(|(at, _)| at)
     }
 
     pub fn poll_output(&mut self) -> Option<HubOutput> {

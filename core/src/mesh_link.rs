@@ -24,7 +24,7 @@ use crate::frame::{Cid, Epoch, ErrorCode, Frame, FrameType, Limits, MeshHeader};
 use crate::mux::{FlowEvent, FlowFrame, FlowMux, MuxConfig};
 use crate::payload::Payload;
 use crate::rng::Rng;
-use crate::timer::{TimerTable, Timers};
+use crate::timer::Timers;
 use crate::tunnel::effective_window;
 
 /// Why a mesh link refused or held back a send (`MeshStats::backpressure`).
@@ -146,18 +146,6 @@ pub enum MeshTimer {
     Reconnect,
     Ping,
     Idle,
-}
-
-impl TimerTable for MeshTimer {
-    const ALL: &'static [Self] = &[
-        MeshTimer::Handshake,
-        MeshTimer::Reconnect,
-        MeshTimer::Ping,
-        MeshTimer::Idle,
-    ];
-    fn index(self) -> usize {
-        self as usize
-    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use crate::flow::SendError;
 use crate::frame::{Cid, Epoch, ErrorCode, Frame, FrameType, Limits};
 use crate::mux::{FlowEvent, FlowFrame, FlowMux, MuxConfig, OpenError};
 use crate::payload::Payload;
-use crate::timer::{TimerTable, Timers};
+use crate::timer::Timers;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -145,13 +145,6 @@ pub enum TunnelTimer {
     Handshake,
     Ping,
     Idle,
-}
-
-impl TimerTable for TunnelTimer {
-    const ALL: &'static [Self] = &[TunnelTimer::Handshake, TunnelTimer::Ping, TunnelTimer::Idle];
-    fn index(self) -> usize {
-        self as usize
-    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
