@@ -47,7 +47,9 @@ pub struct HubConfig {
     /// The URL other hubs dial for this hub's mesh; announced in the
     /// registry when set, so peers find each other without configuration.
     pub mesh_url: Option<String>,
-    /// Test-only (see [`crate::mux::PlantedBug`]).
+    /// Test-only (see `mux::PlantedBug`; only with the `planted-bugs`
+    /// feature).
+    #[cfg(feature = "planted-bugs")]
     #[doc(hidden)]
     pub planted_bug: crate::mux::PlantedBug,
 }
@@ -65,6 +67,7 @@ impl Default for HubConfig {
             max_agents: 1024,
             max_pending_routes: 4096,
             mesh_url: None,
+            #[cfg(feature = "planted-bugs")]
             planted_bug: crate::mux::PlantedBug::None,
         }
     }
@@ -577,6 +580,7 @@ impl Hub {
         let owned = self.owned_tunnel(agent_id);
         let tunnel = match owned {
             Some((t, current)) if current == epoch => t,
+            #[cfg(feature = "planted-bugs")]
             Some((t, _)) if self.cfg.planted_bug == crate::mux::PlantedBug::AcceptStaleEpoch => t,
             Some(_) | None => {
                 self.counters.epoch_mismatch += 1;

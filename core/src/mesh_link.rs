@@ -53,7 +53,9 @@ pub struct MeshLinkConfig {
     pub max_flows: usize,
     pub dedup_capacity: usize,
     pub codec: Codec,
-    /// Test-only (see [`crate::mux::PlantedBug`]).
+    /// Test-only (see `mux::PlantedBug`; only with the `planted-bugs`
+    /// feature).
+    #[cfg(feature = "planted-bugs")]
     #[doc(hidden)]
     pub planted_bug: crate::mux::PlantedBug,
 }
@@ -74,6 +76,7 @@ impl Default for MeshLinkConfig {
             max_flows: 8192,
             dedup_capacity: 8192,
             codec: Codec::V2,
+            #[cfg(feature = "planted-bugs")]
             planted_bug: crate::mux::PlantedBug::None,
         }
     }
@@ -204,6 +207,7 @@ impl MeshLink {
             max_window: cfg.max_window,
             max_flows: cfg.max_flows,
             dedup_capacity: cfg.dedup_capacity,
+            #[cfg(feature = "planted-bugs")]
             planted_bug: cfg.planted_bug,
         });
         MeshLink {

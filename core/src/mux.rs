@@ -119,8 +119,9 @@ pub struct MuxConfig {
     pub max_window: u32,
     pub max_flows: usize,
     pub dedup_capacity: usize,
-    /// Test-only: a deliberate bug the simulation must catch (never set in
-    /// production; the runtimes do not expose it).
+    /// Test-only: a deliberate bug the simulation must catch (only with the
+    /// `planted-bugs` feature, which no runtime enables).
+    #[cfg(feature = "planted-bugs")]
     #[doc(hidden)]
     pub planted_bug: PlantedBug,
 }
@@ -131,7 +132,9 @@ pub struct MuxConfig {
 /// to hold for readers that stop draining.
 pub const GROWTH_BUDGET_WINDOWS: u64 = 8;
 
-/// Deliberate bugs for proving that the simulation catches them.
+/// Deliberate bugs for proving that the simulation catches them. Only with
+/// the `planted-bugs` feature (`nowconnect-sim` enables it; no runtime may).
+#[cfg(feature = "planted-bugs")]
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PlantedBug {
@@ -421,22 +424,27 @@ impl FlowMux {
                 }
                 Err(e) => Err(e),
             },
-            FlowFrame::Credit { bytes, .. } => match flow.on_recv_credit(bytes).and_then(|()| {
-                if self.cfg.planted_bug == PlantedBug::DoubleCreditGrant {
-                    flow.on_recv_credit(bytes)
-                } else {
-                    Ok(())
-                }
-            }) {
-                Ok(()) => {
-                    let credit = flow.send_credit();
-                    if credit > 0 {
-                        self.events.push_back(FlowEvent::Writable { cid, credit });
+            FlowFrame::Credit { bytes, .. } => {
+                let granted = flow.on_recv_credit(bytes);
+                #[cfg(feature = "planted-bugs")]
+                let granted = granted.and_then(|()| {
+                    if self.cfg.planted_bug == PlantedBug::DoubleCreditGrant {
+                        flow.on_recv_credit(bytes)
+                    } else {
+                        Ok(())
                     }
-                    Ok(())
+                });
+                match granted {
+                    Ok(()) => {
+                        let credit = flow.send_credit();
+                        if credit > 0 {
+                            self.events.push_back(FlowEvent::Writable { cid, credit });
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
-            },
+            }
             FlowFrame::Rst { code, reason, .. } => {
                 let flow = self.remove_flow(cid).expect("flow present");
                 self.closed.record(cid, flow.received_frames());

@@ -52,7 +52,9 @@ pub struct TunnelConfig {
     /// sending and never reads would otherwise grow this queue without
     /// bound. Beyond it the tunnel closes (`limit_exceeded`).
     pub max_control_backlog: usize,
-    /// Test-only (see [`crate::mux::PlantedBug`]).
+    /// Test-only (see `mux::PlantedBug`; only with the `planted-bugs`
+    /// feature).
+    #[cfg(feature = "planted-bugs")]
     #[doc(hidden)]
     pub planted_bug: crate::mux::PlantedBug,
 }
@@ -83,6 +85,7 @@ impl Default for TunnelConfig {
             max_flows: 4096,
             dedup_capacity: 4096,
             max_control_backlog: DEFAULT_MAX_CONTROL_BACKLOG,
+            #[cfg(feature = "planted-bugs")]
             planted_bug: crate::mux::PlantedBug::None,
         }
     }
@@ -192,6 +195,7 @@ impl Tunnel {
             max_window: cfg.max_window,
             max_flows: cfg.max_flows,
             dedup_capacity: cfg.dedup_capacity,
+            #[cfg(feature = "planted-bugs")]
             planted_bug: cfg.planted_bug,
         });
         let mut timers = Timers::default();

@@ -1,7 +1,10 @@
 //! The one timer table every machine uses (`nowconnect_core::timer`).
 
-use std::time::{Duration, Instant};
+mod common;
 
+use std::time::Duration;
+
+use common::origin;
 use nowconnect_core::timer::Timers;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -13,7 +16,7 @@ enum T {
 
 #[test]
 fn earliest_first_then_timer_order_and_rearming_replaces() {
-    let t0 = Instant::now();
+    let t0 = origin();
     let s = Duration::from_secs(1);
     let mut ts = Timers::default();
     ts.set(T::B, t0 + s);
@@ -37,7 +40,7 @@ fn earliest_first_then_timer_order_and_rearming_replaces() {
 
 #[test]
 fn pop_expired_sees_timers_armed_while_firing() {
-    let t0 = Instant::now();
+    let t0 = origin();
     let s = Duration::from_secs(1);
     let mut ts = Timers::default();
     ts.set(T::A, t0);
