@@ -277,6 +277,9 @@ impl Agent {
         let deadline = now + self.cfg.target_connect_timeout;
         self.dials.insert((attempt, cid), deadline);
         self.timers.set(Timer::Dial(attempt, cid), deadline);
+        debug_assert!(self.dials.len() <= self.cfg.max_pending_dials);
+        // One timer per dial, and the hub deadline or the reconnect.
+        debug_assert!(self.timers.len() <= self.dials.len() + 2);
         self.out.push_back(AgentOutput::DialTarget {
             attempt,
             cid,

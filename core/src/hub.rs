@@ -1029,6 +1029,7 @@ impl Hub {
             self.agents.remove(&old);
             self.timers.clear(Timer::Renew(old));
         }
+        debug_assert!(self.by_agent.len() <= self.cfg.max_agents);
         self.counters.tunnels_accepted += 1;
         self.out
             .push_back(HubOutput::AcceptTunnel { tunnel, epoch });

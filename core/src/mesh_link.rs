@@ -664,6 +664,7 @@ impl MeshLink {
             m.outstanding += len;
         }
         self.inflight += len;
+        debug_assert!(self.inflight <= self.cfg.max_inflight_bytes);
         self.pump();
         Ok(())
     }
@@ -708,6 +709,13 @@ impl MeshLink {
         for cid in gone {
             self.drop_meta(cid);
         }
+        // Already a walk over every flow: the inflight total is the sum of
+        // what each flow has outstanding.
+        debug_assert_eq!(
+            self.inflight,
+            self.meta.values().map(|m| m.outstanding).sum::<u64>(),
+            "inflight accounting"
+        );
         self.wake_blocked();
     }
 
@@ -762,6 +770,7 @@ impl MeshLink {
             return;
         }
         self.ctrl_q.push_back(frame);
+        debug_assert!(self.ctrl_q.len() <= self.cfg.send_queue_depth);
     }
 
     fn pump(&mut self) {

@@ -251,6 +251,7 @@ impl FlowMux {
             .with_max_window(self.cfg.max_window);
         self.flows.insert(cid, flow);
         self.stats.flows_opened += 1;
+        debug_assert!(self.flows.len() <= self.cfg.max_flows);
         Ok(())
     }
 
@@ -260,6 +261,8 @@ impl FlowMux {
         self.open(cid)?;
         self.tags.insert(cid, tag);
         *self.tagged.entry(tag).or_default() += 1;
+        debug_assert!(self.tags.len() <= self.flows.len());
+        debug_assert!(self.tagged[&tag] <= self.tags.len());
         Ok(())
     }
 
@@ -364,6 +367,21 @@ impl FlowMux {
 
     /// The link is gone: every flow ends with `code`; nothing is sent.
     pub fn fail_all(&mut self, code: ErrorCode, reason: &str) {
+        // Already a walk over every flow: check the running totals once.
+        debug_assert_eq!(
+            self.grown,
+            self.flows
+                .values()
+                .map(|f| u64::from(f.local_window().saturating_sub(self.cfg.local_window)))
+                .sum::<u64>(),
+            "window growth accounting"
+        );
+        debug_assert_eq!(
+            self.tagged.values().sum::<usize>(),
+            self.tags.len(),
+            "tagged flow counts"
+        );
+        debug_assert!(self.tags.keys().all(|cid| self.flows.contains_key(cid)));
         let flows = std::mem::take(&mut self.flows);
         self.grown = 0;
         self.tags.clear();
@@ -397,6 +415,12 @@ impl FlowMux {
                         if grown > 0 {
                             self.grown += u64::from(grown);
                             self.stats.windows_grown += 1;
+                            debug_assert!(
+                                self.grown
+                                    <= GROWTH_BUDGET_WINDOWS * u64::from(self.cfg.max_window),
+                                "window growth {} beyond the link's budget",
+                                self.grown
+                            );
                         }
                         self.stats.bytes_in += payload.len() as u64;
                         if !payload.is_empty() {

@@ -667,6 +667,11 @@ impl Tunnel {
         if !data {
             self.control_backlog -= m.len();
         }
+        debug_assert!(
+            !self.transmit.is_empty() || self.control_backlog == 0,
+            "control backlog of {} bytes with nothing queued",
+            self.control_backlog
+        );
         Some(m)
     }
 
@@ -737,6 +742,7 @@ impl Tunnel {
                         return;
                     }
                     self.control_backlog += msg.len();
+                    debug_assert!(self.control_backlog <= self.cfg.max_control_backlog);
                 }
                 *self.stats.frames_out.entry(t).or_default() += 1;
                 self.transmit.push_back((msg, data));
