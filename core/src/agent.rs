@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::backoff::Backoff;
 use crate::frame::{Cid, ErrorCode};
 use crate::rng::Rng;
+use crate::timer::Timers;
 
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
@@ -107,7 +108,7 @@ pub struct Agent {
     dials: BTreeMap<(u64, Cid), Instant>,
     /// Tunnels whose hub said DRAIN: still carrying flows, no longer current.
     draining: BTreeSet<u64>,
-    timers: BTreeMap<Timer, Instant>,
+    timers: Timers<Timer>,
     out: VecDeque<AgentOutput>,
     pub counters: AgentCounters,
 }
@@ -125,7 +126,7 @@ impl Agent {
             rng: Rng::new(seed),
             dials: BTreeMap::new(),
             draining: BTreeSet::new(),
-            timers: BTreeMap::new(),
+            timers: Timers::default(),
             out: VecDeque::new(),
             counters: AgentCounters::default(),
         };
@@ -159,7 +160,7 @@ impl Agent {
         self.counters.hub_attempts += 1;
         self.state = HubLinkState::Dialing { attempt };
         self.timers
-            .insert(Timer::HubDeadline, now + self.cfg.hub_connect_timeout);
+            .set(Timer::HubDeadline, now + self.cfg.hub_connect_timeout);
         let url = self.cfg.hubs[self.hub_index % self.cfg.hubs.len()].clone();
         self.out.push_back(AgentOutput::DialHub { attempt, url });
     }
@@ -168,7 +169,7 @@ impl Agent {
     pub fn hub_established(&mut self, _now: Instant, attempt: u64) {
         if self.state == (HubLinkState::Dialing { attempt }) {
             self.state = HubLinkState::Connected { attempt };
-            self.timers.remove(&Timer::HubDeadline);
+            self.timers.clear(Timer::HubDeadline);
             self.backoff.reset();
         }
     }
@@ -186,12 +187,12 @@ impl Agent {
             return;
         }
         self.counters.hub_failures += 1;
-        self.timers.remove(&Timer::HubDeadline);
+        self.timers.clear(Timer::HubDeadline);
         self.forget_dials(attempt);
         self.hub_index = (self.hub_index + 1) % self.cfg.hubs.len().max(1);
         self.state = HubLinkState::Backoff;
         let delay = self.backoff.next_delay(&mut self.rng);
-        self.timers.insert(Timer::Reconnect, now + delay);
+        self.timers.set(Timer::Reconnect, now + delay);
     }
 
     fn forget_dials(&mut self, attempt: u64) {
@@ -202,7 +203,7 @@ impl Agent {
             .collect();
         for (a, cid) in gone {
             self.dials.remove(&(a, cid));
-            self.timers.remove(&Timer::Dial(a, cid));
+            self.timers.clear(Timer::Dial(a, cid));
         }
     }
 
@@ -228,7 +229,7 @@ impl Agent {
     /// Stop for good (shutdown).
     pub fn stop(&mut self) {
         self.state = HubLinkState::Stopped;
-        self.timers.clear();
+        self.timers.clear_all();
         self.dials.clear();
         self.draining.clear();
     }
@@ -238,7 +239,7 @@ impl Agent {
         // A flow id is opened once; should it come again, the flow is reset
         // and any dial still running for it is abandoned with it.
         if self.dials.remove(&(attempt, cid)).is_some() {
-            self.timers.remove(&Timer::Dial(attempt, cid));
+            self.timers.clear(Timer::Dial(attempt, cid));
             self.out.push_back(AgentOutput::ResetFlow {
                 attempt,
                 cid,
@@ -275,7 +276,10 @@ impl Agent {
         self.counters.target_dials += 1;
         let deadline = now + self.cfg.target_connect_timeout;
         self.dials.insert((attempt, cid), deadline);
-        self.timers.insert(Timer::Dial(attempt, cid), deadline);
+        self.timers.set(Timer::Dial(attempt, cid), deadline);
+        debug_assert!(self.dials.len() <= self.cfg.max_pending_dials);
+        // One timer per dial, and the hub deadline or the reconnect.
+        debug_assert!(self.timers.len() <= self.dials.len() + 2);
         self.out.push_back(AgentOutput::DialTarget {
             attempt,
             cid,
@@ -284,12 +288,12 @@ impl Agent {
     }
 
     pub fn target_connected(&mut self, _now: Instant, attempt: u64, cid: Cid) -> bool {
-        self.timers.remove(&Timer::Dial(attempt, cid));
+        self.timers.clear(Timer::Dial(attempt, cid));
         self.dials.remove(&(attempt, cid)).is_some()
     }
 
     pub fn target_failed(&mut self, _now: Instant, attempt: u64, cid: Cid, reason: &str) {
-        self.timers.remove(&Timer::Dial(attempt, cid));
+        self.timers.clear(Timer::Dial(attempt, cid));
         if self.dials.remove(&(attempt, cid)).is_some() {
             self.counters.target_failures += 1;
             self.out.push_back(AgentOutput::ResetFlow {
@@ -303,19 +307,17 @@ impl Agent {
 
     /// The flow ended before its dial finished (hub reset it).
     pub fn flow_gone(&mut self, attempt: u64, cid: Cid) {
-        self.timers.remove(&Timer::Dial(attempt, cid));
+        self.timers.clear(Timer::Dial(attempt, cid));
         self.dials.remove(&(attempt, cid));
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        let due: Vec<Timer> = self
-            .timers
-            .iter()
-            .filter(|(_, at)| **at <= now)
-            .map(|(t, _)| *t)
-            .collect();
+        // The due timers fire in timer order (the hub deadline, the
+        // reconnect, then dials by attempt and flow), whatever their
+        // deadlines: the order this machine has always used.
+        let mut due = self.timers.expired(now);
+        due.sort_unstable();
         for t in due {
-            self.timers.remove(&t);
             match t {
                 Timer::HubDeadline => {
                     if let HubLinkState::Dialing { attempt } = self.state {
@@ -350,7 +352,7 @@ impl Agent {
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.values().min().copied()
+        self.timers.next().map(|(at, _)| at)
     }
 
     pub fn poll_output(&mut self) -> Option<AgentOutput> {

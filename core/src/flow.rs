@@ -298,7 +298,9 @@ impl Flow {
                     .min(self.max_window)
                     .min(self.local_window.saturating_add(room));
                 grown = next - self.local_window;
+                debug_assert!(grown <= room, "growth beyond the link's budget");
                 self.local_window = next;
+                debug_assert!(self.local_window <= self.max_window);
                 // Granted with the next CREDIT, as if drained.
                 self.recv_ungranted += u64::from(grown);
             }
@@ -372,6 +374,7 @@ impl Flow {
             });
         }
         self.send_credit = next;
+        debug_assert!(self.send_credit <= MAX_WINDOW);
         Ok(())
     }
 
@@ -391,6 +394,16 @@ impl Flow {
             self.recv_ungranted -= grant;
             self.recv_window += grant;
             self.granted += grant;
+            // What the peer may still send never exceeds the window as it
+            // stands (more would mean the consumer reported bytes it was
+            // never given).
+            debug_assert!(
+                self.recv_window <= u64::from(self.local_window),
+                "flow {}: receive window {} above the flow's window {}",
+                self.cid,
+                self.recv_window,
+                self.local_window
+            );
             if grant > 0 {
                 return Some(grant as u32);
             }

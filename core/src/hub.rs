@@ -15,6 +15,7 @@ use crate::registry::{RegistryError, RegistryOp, RegistryReply};
 use crate::rng::Rng;
 use crate::routing::{LocalCandidate, Mode, RemoteView, Route, pick_local, route_remote};
 use crate::tenant::{AgentCredential, qualify};
+use crate::timer::Timers;
 
 pub type TunnelId = u64;
 pub type ClientId = u64;
@@ -46,7 +47,9 @@ pub struct HubConfig {
     /// The URL other hubs dial for this hub's mesh; announced in the
     /// registry when set, so peers find each other without configuration.
     pub mesh_url: Option<String>,
-    /// Test-only (see [`crate::mux::PlantedBug`]).
+    /// Test-only (see `mux::PlantedBug`; only with the `planted-bugs`
+    /// feature).
+    #[cfg(feature = "planted-bugs")]
     #[doc(hidden)]
     pub planted_bug: crate::mux::PlantedBug,
 }
@@ -64,6 +67,7 @@ impl Default for HubConfig {
             max_agents: 1024,
             max_pending_routes: 4096,
             mesh_url: None,
+            #[cfg(feature = "planted-bugs")]
             planted_bug: crate::mux::PlantedBug::None,
         }
     }
@@ -197,8 +201,7 @@ pub struct Hub {
     /// agent id → tunnel that owns it here
     by_agent: BTreeMap<String, TunnelId>,
     pending: BTreeMap<OpId, Pending>,
-    timers: BTreeSet<(Instant, Timer)>,
-    timer_at: BTreeMap<Timer, Instant>,
+    timers: Timers<Timer>,
     next_op: OpId,
     registry_healthy: bool,
     registry_last_error: Option<String>,
@@ -222,8 +225,7 @@ impl Hub {
             agents: BTreeMap::new(),
             by_agent: BTreeMap::new(),
             pending: BTreeMap::new(),
-            timers: BTreeSet::new(),
-            timer_at: BTreeMap::new(),
+            timers: Timers::default(),
             next_op: 1,
             registry_healthy: true,
             registry_last_error: None,
@@ -235,9 +237,9 @@ impl Hub {
             out: VecDeque::new(),
             counters: HubCounters::default(),
         };
-        hub.set_timer(Timer::Health, now + hub.cfg.health_interval);
+        hub.timers.set(Timer::Health, now + hub.cfg.health_interval);
         if hub.cfg.mode != Mode::Off {
-            hub.set_timer(Timer::Discovery, now);
+            hub.timers.set(Timer::Discovery, now);
         }
         hub
     }
@@ -320,22 +322,10 @@ impl Hub {
         let op = self.next_op;
         self.next_op += 1;
         self.pending.insert(op, pending);
-        self.set_timer(Timer::OpDeadline(op), now + self.cfg.registry_timeout);
+        self.timers
+            .set(Timer::OpDeadline(op), now + self.cfg.registry_timeout);
         self.out.push_back(HubOutput::Registry { op, call });
         op
-    }
-
-    fn set_timer(&mut self, t: Timer, at: Instant) {
-        if let Some(old) = self.timer_at.insert(t, at) {
-            self.timers.remove(&(old, t));
-        }
-        self.timers.insert((at, t));
-    }
-
-    fn clear_timer(&mut self, t: Timer) {
-        if let Some(old) = self.timer_at.remove(&t) {
-            self.timers.remove(&(old, t));
-        }
     }
 
     /// An agent's HELLO arrived on `tunnel`, whose token says `credential`.
@@ -460,7 +450,7 @@ impl Hub {
         let Some(a) = self.agents.remove(&tunnel) else {
             return;
         };
-        self.clear_timer(Timer::Renew(tunnel));
+        self.timers.clear(Timer::Renew(tunnel));
         if self.by_agent.get(&a.agent_id) == Some(&tunnel) {
             self.by_agent.remove(&a.agent_id);
             if let AgentState::Owned { epoch } = a.state {
@@ -524,7 +514,8 @@ impl Hub {
             self.out.push_back(HubOutput::DrainTunnel { tunnel });
             if self.cfg.mode != Mode::Off {
                 // Renew often now: the renewal is what finds the new owner.
-                self.set_timer(Timer::Renew(tunnel), now + self.cfg.drain_check_interval);
+                self.timers
+                    .set(Timer::Renew(tunnel), now + self.cfg.drain_check_interval);
             }
         }
     }
@@ -589,6 +580,7 @@ impl Hub {
         let owned = self.owned_tunnel(agent_id);
         let tunnel = match owned {
             Some((t, current)) if current == epoch => t,
+            #[cfg(feature = "planted-bugs")]
             Some((t, _)) if self.cfg.planted_bug == crate::mux::PlantedBug::AcceptStaleEpoch => t,
             Some(_) | None => {
                 self.counters.epoch_mismatch += 1;
@@ -785,7 +777,7 @@ impl Hub {
         let Some(pending) = self.pending.remove(&op) else {
             return; // timed out already
         };
-        self.clear_timer(Timer::OpDeadline(op));
+        self.timers.clear(Timer::OpDeadline(op));
         match &result {
             Ok(_) => {
                 self.registry_healthy = true;
@@ -879,7 +871,7 @@ impl Hub {
                             self.by_agent.remove(&a.agent_id);
                         }
                     }
-                    self.clear_timer(Timer::Renew(tunnel));
+                    self.timers.clear(Timer::Renew(tunnel));
                     self.close_if_moved_and_idle(tunnel);
                 } else if still_ours {
                     self.counters.ownership_lost += 1;
@@ -1035,8 +1027,9 @@ impl Hub {
                 reason: format!("agent `{agent_id}` reconnected (epoch {})", epoch.0),
             });
             self.agents.remove(&old);
-            self.clear_timer(Timer::Renew(old));
+            self.timers.clear(Timer::Renew(old));
         }
+        debug_assert!(self.by_agent.len() <= self.cfg.max_agents);
         self.counters.tunnels_accepted += 1;
         self.out
             .push_back(HubOutput::AcceptTunnel { tunnel, epoch });
@@ -1049,7 +1042,8 @@ impl Hub {
             },
             Pending::Other,
         );
-        self.set_timer(Timer::Renew(tunnel), now + self.cfg.renew_interval);
+        self.timers
+            .set(Timer::Renew(tunnel), now + self.cfg.renew_interval);
     }
 
     fn forget_tunnel(&mut self, tunnel: TunnelId) {
@@ -1058,16 +1052,13 @@ impl Hub {
         {
             self.by_agent.remove(&a.agent_id);
         }
-        self.clear_timer(Timer::Renew(tunnel));
+        self.timers.clear(Timer::Renew(tunnel));
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(&(at, t)) = self.timers.first() {
-            if at > now {
-                break;
-            }
-            self.timers.pop_first();
-            self.timer_at.remove(&t);
+        // One at a time: a timer cleared by an earlier one's handling does
+        // not fire, one armed already due does.
+        while let Some(t) = self.timers.pop_expired(now) {
             match t {
                 Timer::OpDeadline(op) => {
                     if let Some(p) = self.pending.remove(&op) {
@@ -1100,7 +1091,7 @@ impl Hub {
                         } else {
                             self.cfg.renew_interval
                         };
-                        self.set_timer(Timer::Renew(tunnel), now + every);
+                        self.timers.set(Timer::Renew(tunnel), now + every);
                     }
                 }
                 Timer::Discovery => {
@@ -1114,7 +1105,8 @@ impl Hub {
                     };
                     self.op(now, call, Pending::Other);
                     self.op(now, RegistryOp::ListReplicas, Pending::Replicas);
-                    self.set_timer(Timer::Discovery, now + self.cfg.renew_interval);
+                    self.timers
+                        .set(Timer::Discovery, now + self.cfg.renew_interval);
                 }
                 Timer::Health => {
                     if self.cfg.mode != Mode::Off {
@@ -1125,14 +1117,15 @@ impl Hub {
                         };
                         self.op(now, call, Pending::Other);
                     }
-                    self.set_timer(Timer::Health, now + self.cfg.health_interval);
+                    self.timers
+                        .set(Timer::Health, now + self.cfg.health_interval);
                 }
             }
         }
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.timers.first().map(|(at, _)| *at)
+        self.timers.next().map(|(at, _)| at)
     }
 
     pub fn poll_output(&mut self) -> Option<HubOutput> {

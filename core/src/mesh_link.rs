@@ -24,7 +24,7 @@ use crate::frame::{Cid, Epoch, ErrorCode, Frame, FrameType, Limits, MeshHeader};
 use crate::mux::{FlowEvent, FlowFrame, FlowMux, MuxConfig};
 use crate::payload::Payload;
 use crate::rng::Rng;
-use crate::timer::{TimerTable, Timers};
+use crate::timer::Timers;
 use crate::tunnel::effective_window;
 
 /// Why a mesh link refused or held back a send (`MeshStats::backpressure`).
@@ -53,7 +53,9 @@ pub struct MeshLinkConfig {
     pub max_flows: usize,
     pub dedup_capacity: usize,
     pub codec: Codec,
-    /// Test-only (see [`crate::mux::PlantedBug`]).
+    /// Test-only (see `mux::PlantedBug`; only with the `planted-bugs`
+    /// feature).
+    #[cfg(feature = "planted-bugs")]
     #[doc(hidden)]
     pub planted_bug: crate::mux::PlantedBug,
 }
@@ -74,6 +76,7 @@ impl Default for MeshLinkConfig {
             max_flows: 8192,
             dedup_capacity: 8192,
             codec: Codec::V2,
+            #[cfg(feature = "planted-bugs")]
             planted_bug: crate::mux::PlantedBug::None,
         }
     }
@@ -148,18 +151,6 @@ pub enum MeshTimer {
     Idle,
 }
 
-impl TimerTable for MeshTimer {
-    const ALL: &'static [Self] = &[
-        MeshTimer::Handshake,
-        MeshTimer::Reconnect,
-        MeshTimer::Ping,
-        MeshTimer::Idle,
-    ];
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MeshStats {
     pub frames_in: BTreeMap<FrameType, u64>,
@@ -216,6 +207,7 @@ impl MeshLink {
             max_window: cfg.max_window,
             max_flows: cfg.max_flows,
             dedup_capacity: cfg.dedup_capacity,
+            #[cfg(feature = "planted-bugs")]
             planted_bug: cfg.planted_bug,
         });
         MeshLink {
@@ -672,6 +664,7 @@ impl MeshLink {
             m.outstanding += len;
         }
         self.inflight += len;
+        debug_assert!(self.inflight <= self.cfg.max_inflight_bytes);
         self.pump();
         Ok(())
     }
@@ -716,6 +709,13 @@ impl MeshLink {
         for cid in gone {
             self.drop_meta(cid);
         }
+        // Already a walk over every flow: the inflight total is the sum of
+        // what each flow has outstanding.
+        debug_assert_eq!(
+            self.inflight,
+            self.meta.values().map(|m| m.outstanding).sum::<u64>(),
+            "inflight accounting"
+        );
         self.wake_blocked();
     }
 
@@ -770,6 +770,7 @@ impl MeshLink {
             return;
         }
         self.ctrl_q.push_back(frame);
+        debug_assert!(self.ctrl_q.len() <= self.cfg.send_queue_depth);
     }
 
     fn pump(&mut self) {

@@ -119,8 +119,9 @@ pub struct MuxConfig {
     pub max_window: u32,
     pub max_flows: usize,
     pub dedup_capacity: usize,
-    /// Test-only: a deliberate bug the simulation must catch (never set in
-    /// production; the runtimes do not expose it).
+    /// Test-only: a deliberate bug the simulation must catch (only with the
+    /// `planted-bugs` feature, which no runtime enables).
+    #[cfg(feature = "planted-bugs")]
     #[doc(hidden)]
     pub planted_bug: PlantedBug,
 }
@@ -131,7 +132,9 @@ pub struct MuxConfig {
 /// to hold for readers that stop draining.
 pub const GROWTH_BUDGET_WINDOWS: u64 = 8;
 
-/// Deliberate bugs for proving that the simulation catches them.
+/// Deliberate bugs for proving that the simulation catches them. Only with
+/// the `planted-bugs` feature (`nowconnect-sim` enables it; no runtime may).
+#[cfg(feature = "planted-bugs")]
 #[doc(hidden)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum PlantedBug {
@@ -248,6 +251,7 @@ impl FlowMux {
             .with_max_window(self.cfg.max_window);
         self.flows.insert(cid, flow);
         self.stats.flows_opened += 1;
+        debug_assert!(self.flows.len() <= self.cfg.max_flows);
         Ok(())
     }
 
@@ -257,6 +261,8 @@ impl FlowMux {
         self.open(cid)?;
         self.tags.insert(cid, tag);
         *self.tagged.entry(tag).or_default() += 1;
+        debug_assert!(self.tags.len() <= self.flows.len());
+        debug_assert!(self.tagged[&tag] <= self.tags.len());
         Ok(())
     }
 
@@ -361,6 +367,21 @@ impl FlowMux {
 
     /// The link is gone: every flow ends with `code`; nothing is sent.
     pub fn fail_all(&mut self, code: ErrorCode, reason: &str) {
+        // Already a walk over every flow: check the running totals once.
+        debug_assert_eq!(
+            self.grown,
+            self.flows
+                .values()
+                .map(|f| u64::from(f.local_window().saturating_sub(self.cfg.local_window)))
+                .sum::<u64>(),
+            "window growth accounting"
+        );
+        debug_assert_eq!(
+            self.tagged.values().sum::<usize>(),
+            self.tags.len(),
+            "tagged flow counts"
+        );
+        debug_assert!(self.tags.keys().all(|cid| self.flows.contains_key(cid)));
         let flows = std::mem::take(&mut self.flows);
         self.grown = 0;
         self.tags.clear();
@@ -394,6 +415,12 @@ impl FlowMux {
                         if grown > 0 {
                             self.grown += u64::from(grown);
                             self.stats.windows_grown += 1;
+                            debug_assert!(
+                                self.grown
+                                    <= GROWTH_BUDGET_WINDOWS * u64::from(self.cfg.max_window),
+                                "window growth {} beyond the link's budget",
+                                self.grown
+                            );
                         }
                         self.stats.bytes_in += payload.len() as u64;
                         if !payload.is_empty() {
@@ -421,22 +448,27 @@ impl FlowMux {
                 }
                 Err(e) => Err(e),
             },
-            FlowFrame::Credit { bytes, .. } => match flow.on_recv_credit(bytes).and_then(|()| {
-                if self.cfg.planted_bug == PlantedBug::DoubleCreditGrant {
-                    flow.on_recv_credit(bytes)
-                } else {
-                    Ok(())
-                }
-            }) {
-                Ok(()) => {
-                    let credit = flow.send_credit();
-                    if credit > 0 {
-                        self.events.push_back(FlowEvent::Writable { cid, credit });
+            FlowFrame::Credit { bytes, .. } => {
+                let granted = flow.on_recv_credit(bytes);
+                #[cfg(feature = "planted-bugs")]
+                let granted = granted.and_then(|()| {
+                    if self.cfg.planted_bug == PlantedBug::DoubleCreditGrant {
+                        flow.on_recv_credit(bytes)
+                    } else {
+                        Ok(())
                     }
-                    Ok(())
+                });
+                match granted {
+                    Ok(()) => {
+                        let credit = flow.send_credit();
+                        if credit > 0 {
+                            self.events.push_back(FlowEvent::Writable { cid, credit });
+                        }
+                        Ok(())
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
-            },
+            }
             FlowFrame::Rst { code, reason, .. } => {
                 let flow = self.remove_flow(cid).expect("flow present");
                 self.closed.record(cid, flow.received_frames());

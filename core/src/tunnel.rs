@@ -21,7 +21,7 @@ use crate::flow::SendError;
 use crate::frame::{Cid, Epoch, ErrorCode, Frame, FrameType, Limits};
 use crate::mux::{FlowEvent, FlowFrame, FlowMux, MuxConfig, OpenError};
 use crate::payload::Payload;
-use crate::timer::{TimerTable, Timers};
+use crate::timer::Timers;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
@@ -52,7 +52,9 @@ pub struct TunnelConfig {
     /// sending and never reads would otherwise grow this queue without
     /// bound. Beyond it the tunnel closes (`limit_exceeded`).
     pub max_control_backlog: usize,
-    /// Test-only (see [`crate::mux::PlantedBug`]).
+    /// Test-only (see `mux::PlantedBug`; only with the `planted-bugs`
+    /// feature).
+    #[cfg(feature = "planted-bugs")]
     #[doc(hidden)]
     pub planted_bug: crate::mux::PlantedBug,
 }
@@ -83,6 +85,7 @@ impl Default for TunnelConfig {
             max_flows: 4096,
             dedup_capacity: 4096,
             max_control_backlog: DEFAULT_MAX_CONTROL_BACKLOG,
+            #[cfg(feature = "planted-bugs")]
             planted_bug: crate::mux::PlantedBug::None,
         }
     }
@@ -147,13 +150,6 @@ pub enum TunnelTimer {
     Idle,
 }
 
-impl TimerTable for TunnelTimer {
-    const ALL: &'static [Self] = &[TunnelTimer::Handshake, TunnelTimer::Ping, TunnelTimer::Idle];
-    fn index(self) -> usize {
-        self as usize
-    }
-}
-
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct TunnelStats {
     pub frames_in: BTreeMap<FrameType, u64>,
@@ -199,6 +195,7 @@ impl Tunnel {
             max_window: cfg.max_window,
             max_flows: cfg.max_flows,
             dedup_capacity: cfg.dedup_capacity,
+            #[cfg(feature = "planted-bugs")]
             planted_bug: cfg.planted_bug,
         });
         let mut timers = Timers::default();
@@ -670,6 +667,11 @@ impl Tunnel {
         if !data {
             self.control_backlog -= m.len();
         }
+        debug_assert!(
+            !self.transmit.is_empty() || self.control_backlog == 0,
+            "control backlog of {} bytes with nothing queued",
+            self.control_backlog
+        );
         Some(m)
     }
 
@@ -740,6 +742,7 @@ impl Tunnel {
                         return;
                     }
                     self.control_backlog += msg.len();
+                    debug_assert!(self.control_backlog <= self.cfg.max_control_backlog);
                 }
                 *self.stats.frames_out.entry(t).or_default() += 1;
                 self.transmit.push_back((msg, data));

@@ -125,7 +125,7 @@ fn the_rate_table_is_bounded_and_a_full_table_refuses_no_one() {
         },
         t0,
     );
-    let addr = |i: u32| IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+    let addr = |i: u32| IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000_u32.wrapping_add(i)));
     for i in 0..MAX_TRACKED_CLIENTS as u32 {
         a.admit(t0, addr(i)).unwrap();
     }

@@ -1,6 +1,7 @@
 //! The core stays sans-IO: no async runtime, socket, Redis or WebSocket crate
 //! in its normal dependency tree, and no clock reads, global RNG or threads in
-//! its source. This test fails the suite if either creeps in.
+//! its source; and the runtimes build it without its deliberate bugs. These
+//! tests fail the suite if any of that creeps in.
 
 use std::path::Path;
 use std::process::Command;
@@ -56,6 +57,75 @@ fn normal_dependency_tree_has_no_io_crates() {
             "nowconnect-core depends on `{bad}`; the core must stay sans-IO:\n{tree}"
         );
     }
+}
+
+/// The features `cargo build -p <package>` turns on in the core.
+fn core_features_built_for(package: &str) -> Vec<String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args([
+            "tree",
+            "-p",
+            package,
+            "-e",
+            "normal,build",
+            "-f",
+            "{p} [{f}]",
+            "--prefix",
+            "none",
+            "--offline",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run cargo tree");
+    assert!(
+        out.status.success(),
+        "cargo tree -p {package} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let tree = String::from_utf8(out.stdout).unwrap();
+    let core: Vec<&str> = tree
+        .lines()
+        .filter(|l| l.starts_with("nowconnect-core "))
+        .collect();
+    assert!(
+        !core.is_empty(),
+        "{package} does not depend on nowconnect-core?\n{tree}"
+    );
+    core.iter()
+        .filter_map(|l| Some(l.split_once('[')?.1.split_once(']')?.0))
+        .flat_map(|f| f.split(','))
+        .map(|f| f.trim().to_string())
+        .filter(|f| !f.is_empty())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// The deliberate bugs (`planted-bugs`) exist only in the simulation's build:
+/// neither runtime, nor the code they share, may turn the feature on. (A
+/// workspace-wide `cargo test` builds the core once with the union of
+/// features; a runtime's own build must not have it.)
+#[test]
+fn no_runtime_build_has_the_planted_bugs() {
+    for package in [
+        "nowconnect-tokio",
+        "nowconnect-async-std",
+        "nowconnect-shared",
+    ] {
+        let features = core_features_built_for(package);
+        assert!(
+            !features.iter().any(|f| f == "planted-bugs"),
+            "{package} builds nowconnect-core with `planted-bugs` ({features:?}); only nowconnect-sim may"
+        );
+    }
+    // The check finds the feature where it is on.
+    assert!(
+        core_features_built_for("nowconnect-sim")
+            .iter()
+            .any(|f| f == "planted-bugs"),
+        "nowconnect-sim should build the core with `planted-bugs`"
+    );
 }
 
 #[test]

@@ -23,6 +23,7 @@ fn mux(window: u32, max_window: u32) -> FlowMux {
         max_window,
         max_flows: 64,
         dedup_capacity: 64,
+        #[cfg(feature = "planted-bugs")]
         planted_bug: Default::default(),
     });
     m.set_peer_window(window);
