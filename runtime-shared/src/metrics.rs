@@ -150,6 +150,8 @@ pub const EDGE_REFUSALS: &[&str] = &[
     "untrusted_proxy",
     "proxy_header",
     "proxy_pending",
+    // Refused on the agent's tunnel: the connector held its fair share.
+    "connector_share",
 ];
 
 impl Metrics {
@@ -386,7 +388,7 @@ impl Metrics {
         );
         r.register(
             "nowconnect_connector_share_refusals",
-            "Flows refused because the connector held its fair share of the agent's flows (also counted as limit_exceeded)",
+            "Flows refused because the connector held its fair share of the agent's flows (also in client_connections_refused, reason connector_share)",
             m.connector_share_refusals.clone(),
         );
         r.register(

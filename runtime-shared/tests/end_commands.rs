@@ -5,9 +5,11 @@
 
 use async_channel::TryRecvError;
 use nowconnect_core::{Epoch, ErrorCode};
-use nowconnect_shared::driver::{FlowEnd, LinkCmd, Peer, end_commands, reply_channel, send_open};
+use nowconnect_shared::driver::{
+    FlowEnd, LinkCmd, OpenRefused, Peer, end_commands, reply_channel, send_open,
+};
 
-fn open_flow(reply: async_channel::Sender<Result<FlowEnd, String>>) -> LinkCmd {
+fn open_flow(reply: async_channel::Sender<Result<FlowEnd, OpenRefused>>) -> LinkCmd {
     LinkCmd::OpenFlow {
         connector: "ldap".into(),
         reply,

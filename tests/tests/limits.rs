@@ -772,6 +772,9 @@ fn a_connector_keeps_its_share_of_the_agent_when_another_fills_every_listener() 
         active(),
         share()
     );
+    // Counted under their real cause, not as the agent being full.
+    assert_eq!(refused(hub, "connector_share"), 128.0);
+    assert_eq!(refused(hub, "limit_exceeded"), 0.0);
     for i in 0..10 {
         assert_eq!(
             nowconnect_tests::ldap::search(hub.listener("ldap"), "(uid=alice)"),

@@ -27,6 +27,7 @@ mod tunnel;
 mod writer;
 
 use async_channel::{Receiver, Sender};
+use nowconnect_core::flow::SendError;
 use nowconnect_core::{Cid, Epoch, ErrorCode, Payload, WsMessage};
 
 pub use agent::{
@@ -104,14 +105,14 @@ pub enum LinkCmd {
     /// Hub: open a flow to this connector.
     OpenFlow {
         connector: String,
-        reply: Reply<Result<FlowEnd, String>>,
+        reply: Reply<Result<FlowEnd, OpenRefused>>,
     },
     /// Owner hub: open a flow to this connector joined to a mesh flow; the
     /// answer is the new flow's cid.
     OpenJoined {
         connector: String,
         peer: Peer,
-        reply: Reply<Result<Cid, String>>,
+        reply: Reply<Result<Cid, OpenRefused>>,
     },
     /// Owner hub: the held flow `cid` (see [`FlowPipes::hold`]) is joined to
     /// `peer` from now on.
@@ -124,7 +125,7 @@ pub enum LinkCmd {
         connector: String,
         agent_id: String,
         epoch: Epoch,
-        reply: Reply<Result<FlowEnd, String>>,
+        reply: Reply<Result<FlowEnd, OpenRefused>>,
     },
     Data {
         cid: Cid,
@@ -142,6 +143,55 @@ pub enum LinkCmd {
         cid: Cid,
         n: usize,
     },
+}
+
+/// Why a link could not open a flow: the code a bridged mesh flow is reset
+/// with, the label the client's refusal is counted under
+/// (`nowconnect_client_connections_refused_total{reason}`), and the reason
+/// for the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenRefused {
+    pub code: ErrorCode,
+    pub label: &'static str,
+    pub reason: String,
+}
+
+impl OpenRefused {
+    /// A link's refusal to open, by its cause: the agent's (or mesh link's)
+    /// flow limit, the connector's fair share, or a link that is not (or no
+    /// longer) established.
+    pub fn from_send(e: SendError, flows: &str) -> Self {
+        let (code, label) = match &e {
+            SendError::ShareExceeded { .. } => (ErrorCode::LimitExceeded, "connector_share"),
+            SendError::NotEstablished => (ErrorCode::LinkLost, ErrorCode::LinkLost.as_str()),
+            _ => (ErrorCode::LimitExceeded, ErrorCode::LimitExceeded.as_str()),
+        };
+        let reason = match e {
+            SendError::QueueFull(n) => format!("{flows} limit of {n} reached"),
+            e => e.to_string(),
+        };
+        OpenRefused {
+            code,
+            label,
+            reason,
+        }
+    }
+
+    /// An open sent to a link of the other kind (a runtime bug, never a
+    /// peer's doing).
+    pub fn wrong_link(reason: &str) -> Self {
+        OpenRefused {
+            code: ErrorCode::Internal,
+            label: ErrorCode::Internal.as_str(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for OpenRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
 }
 
 /// Send an open to `link` and return where its answer arrives. With no link
@@ -220,3 +270,36 @@ pub const CMD_BATCH: usize = 256;
 /// Messages that may wait in a bounded link's writer queue; more wait in
 /// the core, where they are bounded.
 pub const WRITER_HIGH_WATER: usize = 256;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_refusals_keep_their_cause() {
+        let share = OpenRefused::from_send(
+            SendError::ShareExceeded {
+                connector: "idle".into(),
+                open: 12,
+                reserved: 4,
+            },
+            "agent flow",
+        );
+        assert_eq!(
+            (share.code, share.label),
+            (ErrorCode::LimitExceeded, "connector_share")
+        );
+        assert!(share.reason.contains("connector `idle` holds 12"));
+        let full = OpenRefused::from_send(SendError::QueueFull(4096), "agent flow");
+        assert_eq!(
+            (full.code, full.label, full.reason.as_str()),
+            (
+                ErrorCode::LimitExceeded,
+                "limit_exceeded",
+                "agent flow limit of 4096 reached"
+            )
+        );
+        let gone = OpenRefused::from_send(SendError::NotEstablished, "mesh link flow");
+        assert_eq!((gone.code, gone.label), (ErrorCode::LinkLost, "link_lost"));
+    }
+}

@@ -408,8 +408,8 @@ pub async fn bridge(mesh: Peer, tunnel_cmd: Sender<LinkCmd>, connector: String) 
             }
             true
         }
-        Ok(Err(reason)) => {
-            mesh.reset(ErrorCode::LimitExceeded, reason);
+        Ok(Err(refused)) => {
+            mesh.reset(refused.code, refused.reason);
             false
         }
         Err(_) => {

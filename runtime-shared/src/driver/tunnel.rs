@@ -10,7 +10,7 @@ use nowconnect_core::{Cid, ErrorCode};
 
 use crate::metrics::{Cadence, Metrics, add_delta, add_frame_deltas, labels};
 
-use super::{FlowEnd, FlowPipes, LinkCmd, Outgoing, WRITER_HIGH_WATER};
+use super::{FlowEnd, FlowPipes, LinkCmd, OpenRefused, Outgoing, WRITER_HIGH_WATER};
 
 /// A tunnel's core state machine with its flow pipes and socket writer.
 pub struct TunnelDriver {
@@ -87,7 +87,7 @@ impl TunnelDriver {
                                 .get_or_create(&labels(&[("connector", &connector)]))
                                 .inc();
                         }
-                        Err(open_error(e))
+                        Err(OpenRefused::from_send(e, "agent flow"))
                     }
                 };
                 if let Err(async_channel::TrySendError::Closed(Ok(end))) = reply.try_send(res) {
@@ -119,11 +119,11 @@ impl TunnelDriver {
                     }
                 }
                 Err(e) => {
-                    let _ = reply.try_send(Err(open_error(e)));
+                    let _ = reply.try_send(Err(OpenRefused::from_send(e, "agent flow")));
                 }
             },
             LinkCmd::OpenMeshFlow { reply, .. } => {
-                let _ = reply.try_send(Err("not a mesh link".into()));
+                let _ = reply.try_send(Err(OpenRefused::wrong_link("not a mesh link")));
             }
             LinkCmd::Data { .. }
             | LinkCmd::Fin { .. }
@@ -217,13 +217,5 @@ impl TunnelDriver {
             violations,
             &mut self.reported_violations,
         );
-    }
-}
-
-/// Why a tunnel could not open a flow, for the client's reset.
-fn open_error(e: SendError) -> String {
-    match e {
-        SendError::QueueFull(n) => format!("agent flow limit of {n} reached"),
-        e => e.to_string(),
     }
 }

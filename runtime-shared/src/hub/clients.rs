@@ -10,7 +10,7 @@ use nowconnect_core::admission::Admission;
 use nowconnect_core::routing::Route;
 use nowconnect_core::{Epoch, ErrorCode};
 
-use crate::driver::{FlowEnd, LinkCmd, Reply};
+use crate::driver::{FlowEnd, LinkCmd, OpenRefused, Reply};
 use crate::logging::LogThrottle;
 use crate::metrics::labels;
 use crate::rt::HubRt;
@@ -226,9 +226,9 @@ impl<R: HubRt> Shared<R> {
         let rrx = crate::driver::send_open(cmd, |reply| open.into_cmd(reply));
         let end: FlowEnd = match rrx.recv().await {
             Ok(Ok(end)) => end,
-            Ok(Err(reason)) => {
-                shared.refuse_client(ErrorCode::LimitExceeded.as_str());
-                tracing::warn!(peer = %crate::logging::client_addr(peer), %connector, agent = %agent_id, %reason, "client connection refused");
+            Ok(Err(refused)) => {
+                shared.refuse_client(refused.label);
+                tracing::warn!(peer = %crate::logging::client_addr(peer), %connector, agent = %agent_id, reason = %refused.reason, code = %refused.code, "client connection refused");
                 return;
             }
             Err(_) => {
@@ -270,7 +270,7 @@ enum OpenRequest {
 }
 
 impl OpenRequest {
-    fn into_cmd(self, reply: Reply<Result<FlowEnd, String>>) -> LinkCmd {
+    fn into_cmd(self, reply: Reply<Result<FlowEnd, OpenRefused>>) -> LinkCmd {
         match self {
             OpenRequest::Tunnel { connector } => LinkCmd::OpenFlow { connector, reply },
             OpenRequest::Mesh {

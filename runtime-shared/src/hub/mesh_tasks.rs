@@ -20,7 +20,7 @@ use tungstenite::Message;
 use tungstenite::protocol::WebSocketConfig;
 
 use super::Shared;
-use crate::driver::{FlowPipes, LinkCmd, Outgoing, Peer};
+use crate::driver::{FlowPipes, LinkCmd, OpenRefused, Outgoing, Peer};
 use crate::mesh::MeshConnected;
 use crate::metrics::{Metrics, add_delta, add_frame_deltas, labels};
 use crate::rt::HubRt;
@@ -395,7 +395,7 @@ async fn run_link<R: HubRt>(
                                 let res = link
                                     .open_flow(&connector, &agent_id, epoch)
                                     .map(|cid| pipes.attach(cid, &connector))
-                                    .map_err(|e| e.to_string());
+                                    .map_err(|e| OpenRefused::from_send(e, "mesh link flow"));
                                 if let Err(async_channel::TrySendError::Closed(Ok(end))) =
                                     reply.try_send(res)
                                 {
@@ -420,10 +420,12 @@ async fn run_link<R: HubRt>(
                             }
                             LinkCmd::Close { reason, .. } => link.close(&reason),
                             LinkCmd::OpenFlow { reply, .. } => {
-                                let _ = reply.try_send(Err("not an agent tunnel".into()));
+                                let _ = reply
+                                    .try_send(Err(OpenRefused::wrong_link("not an agent tunnel")));
                             }
                             LinkCmd::OpenJoined { reply, .. } => {
-                                let _ = reply.try_send(Err("not an agent tunnel".into()));
+                                let _ = reply
+                                    .try_send(Err(OpenRefused::wrong_link("not an agent tunnel")));
                             }
                             _ => {}
                         }
