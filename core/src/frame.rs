@@ -59,6 +59,20 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The WebSocket close code a link closed for this reason carries
+    /// (RFC 6455 §7.4.1): a normal end, going away, a protocol error, a
+    /// message too big, an internal error, or a policy refusal for the rest.
+    pub fn ws_close_code(self) -> u16 {
+        match self {
+            ErrorCode::Normal | ErrorCode::LinkLost | ErrorCode::IdleTimeout => 1000,
+            ErrorCode::Shutdown => 1001,
+            ErrorCode::ProtocolError | ErrorCode::SequenceGap | ErrorCode::CreditOverrun => 1002,
+            ErrorCode::FrameTooLarge => 1009,
+            ErrorCode::Internal => 1011,
+            _ => 1008,
+        }
+    }
+
     pub const ALL: [ErrorCode; 19] = [
         ErrorCode::Normal,
         ErrorCode::ProtocolError,
@@ -436,4 +450,14 @@ pub fn truncate_reason(reason: &str, limits: &Limits) -> String {
         end -= 1;
     }
     reason[..end].to_string()
+}
+
+/// A close frame's reason cut to the 123 bytes RFC 6455 allows (at a
+/// character boundary).
+pub fn ws_close_reason(reason: &str) -> &str {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    &reason[..end]
 }

@@ -238,29 +238,6 @@ pub enum Outgoing {
     },
 }
 
-impl Outgoing {
-    /// The WebSocket close code for a tunnel-level error (RFC 6455 §7.4.1).
-    pub fn close_code(code: ErrorCode) -> u16 {
-        match code {
-            ErrorCode::Normal | ErrorCode::LinkLost | ErrorCode::IdleTimeout => 1000,
-            ErrorCode::Shutdown => 1001,
-            ErrorCode::ProtocolError | ErrorCode::SequenceGap | ErrorCode::CreditOverrun => 1002,
-            ErrorCode::FrameTooLarge => 1009,
-            ErrorCode::Internal => 1011,
-            _ => 1008,
-        }
-    }
-
-    /// Close reasons are limited to 123 bytes by the protocol.
-    pub fn close_reason(reason: &str) -> String {
-        let mut end = reason.len().min(123);
-        while !reason.is_char_boundary(end) {
-            end -= 1;
-        }
-        reason[..end].to_string()
-    }
-}
-
 /// Link commands (flow opens, data, resets, closes) a link task (hub or
 /// agent tunnel, mesh link) takes from its command queue in one go when a
 /// command wakes it, before it looks at its socket and timers again: bounds

@@ -75,8 +75,8 @@ where
                     Ok(Outgoing::Frame(f)) => self.pending = Some((self.frame)(f)),
                     Ok(Outgoing::Close { code, reason }) => {
                         self.pending = Some((self.close)(
-                            Outgoing::close_code(code),
-                            Outgoing::close_reason(&reason),
+                            code.ws_close_code(),
+                            nowconnect_core::frame::ws_close_reason(&reason).to_string(),
                         ));
                         self.closing = true;
                     }
