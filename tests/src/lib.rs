@@ -695,6 +695,16 @@ pub fn reset_lab() -> (SocketAddr, std::sync::mpsc::Receiver<&'static str>) {
 }
 
 /// Close a TCP connection with a reset (`SO_LINGER` 0).
+/// One echo of `msg` through `addr`: whether it came back whole.
+pub fn echo_once(addr: SocketAddr, msg: &[u8]) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return false;
+    };
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = vec![0u8; msg.len()];
+    s.write_all(msg).is_ok() && s.read_exact(&mut got).is_ok() && got == msg
+}
+
 /// Connect to `to` from the loopback address `127.0.0.<last>` (every
 /// `127/8` address is local on Linux), so one test can be several clients.
 pub fn connect_from(last: u8, to: SocketAddr) -> std::io::Result<TcpStream> {

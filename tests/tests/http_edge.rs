@@ -135,16 +135,6 @@ fn https_get(addr: SocketAddr, ca_bundle: &Path, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// One echo through `addr`.
-fn echo_once(addr: SocketAddr, msg: &[u8]) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
-        return false;
-    };
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut got = vec![0u8; msg.len()];
-    s.write_all(msg).is_ok() && s.read_exact(&mut got).is_ok() && got == msg
-}
-
 /// How long until `s` is closed by the other end (a read gives 0 or an
 /// error other than a timeout), within `within`; `None`: still open.
 fn closed_within(s: &mut impl Read, within: Duration) -> Option<Duration> {

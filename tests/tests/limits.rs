@@ -869,3 +869,91 @@ fn a_listener_behind_a_proxy_takes_client_addresses_from_its_header_and_no_one_e
     assert_eq!(active(), 2.0);
     drop(held);
 }
+
+/// A target whose connects hang: a listener with a backlog of one that
+/// never accepts, its queue filled first, so further SYNs go unanswered.
+fn hanging_target() -> (socket2::Socket, Vec<TcpStream>, SocketAddr) {
+    let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    l.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    l.listen(0).unwrap();
+    let addr = l.local_addr().unwrap().as_socket().unwrap();
+    let mut fill = Vec::new();
+    for _ in 0..4 {
+        match TcpStream::connect_timeout(&addr, Duration::from_millis(300)) {
+            Ok(s) => fill.push(s),
+            Err(_) => break,
+        }
+    }
+    assert!(
+        TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_err(),
+        "the target's backlog did not fill: connects would not hang"
+    );
+    (l, fill, addr)
+}
+
+/// Clients that leave while the agent is still dialing their target give
+/// the dial back: the dial is cancelled and no longer counts against the
+/// agent's `max_pending_dials`, so clients that connect and leave at once
+/// (to a target that never answers) cannot stop the agent's other flows.
+#[test]
+fn dials_of_clients_that_left_are_cancelled_and_free_their_slot() {
+    use std::io::Write;
+    let env = Env::new();
+    let (_l, _fill, dead) = hanging_target();
+    let echo = echo_server();
+    let hub = HubProc::start(
+        env.path(),
+        "hub",
+        &env.hub_yaml(&[("dead", "dead"), ("echo", "echo")], ""),
+    );
+    let agent = AgentProc::start(
+        env.path(),
+        "agent",
+        &env.agent_yaml(
+            "agent-1",
+            &[hub.http],
+            &[("dead", dead), ("echo", echo)],
+            "max_pending_dials: 2\nconnect_timeout_sec: 60\n",
+        ),
+        &env.token("agent-1", None),
+    );
+    assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
+    let active = |c: &str| hub.metric(&format!("nowconnect_flows_active{{connector=\"{c}\"}}"));
+    for round in 0..5 {
+        // Two clients whose dials hang, then leave.
+        let waiting: Vec<TcpStream> = (0..2)
+            .map(|_| {
+                let mut s = TcpStream::connect(hub.listener("dead")).unwrap();
+                s.write_all(b"x").unwrap();
+                s
+            })
+            .collect();
+        assert!(
+            eventually(Duration::from_secs(5), || active("dead") == 2.0),
+            "round {round}: {} flows to the hanging target",
+            active("dead")
+        );
+        for s in waiting {
+            reset_close(s);
+        }
+        assert!(
+            eventually(Duration::from_secs(5), || active("dead") == 0.0),
+            "round {round}: flows left"
+        );
+        // Both dial slots are free again at once, not after the 60 s timeout.
+        assert!(
+            echo_once(hub.listener("echo"), b"the agent still dials"),
+            "round {round}: echo refused; agent log:\n{}",
+            agent.proc.log_text()
+        );
+    }
+    assert!(
+        !agent
+            .proc
+            .log_text()
+            .contains("target dials already in progress"),
+        "{}",
+        agent.proc.log_text()
+    );
+}

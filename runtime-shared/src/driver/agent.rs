@@ -44,6 +44,31 @@ impl<T> Default for AgentDials<T> {
 }
 
 impl<T> AgentDials<T> {
+    /// Flows of tunnel `attempt` that ended (reset by the hub, or closed)
+    /// while their target dial still ran: drop their waiting ends and
+    /// return their dials (to cancel) with their cids (to tell the core, so
+    /// they no longer count as pending dials).
+    pub fn forget_ended(
+        &mut self,
+        attempt: u64,
+        open: impl Fn(Cid) -> bool,
+    ) -> Vec<(Cid, Option<T>)> {
+        let range = (attempt, 0)..=(attempt, Cid::MAX);
+        let ended: Vec<AgentFlow> = self
+            .waiting
+            .range(range)
+            .map(|(k, _)| *k)
+            .filter(|(_, cid)| !open(*cid))
+            .collect();
+        ended
+            .into_iter()
+            .map(|k| {
+                self.waiting.remove(&k);
+                (k.1, self.targets.remove(&k))
+            })
+            .collect()
+    }
+
     /// Tunnel `attempt` is gone: drop its waiting flows and return its
     /// running target dials (to cancel).
     pub fn forget_tunnel(&mut self, attempt: u64) -> Vec<T> {
@@ -213,13 +238,15 @@ pub fn agent_tunnels_step<R: AgentTasks, C: AgentConn>(
 ) {
     if let Some(c) = old.as_mut() {
         let attempt = c.attempt();
-        if let TunnelStep::Lost(code, reason) = agent_tunnel_step(
+        let step = agent_tunnel_step(
             c.driver(),
             agent,
             attempt,
             &mut dials.waiting,
             Instant::now(),
-        ) {
+        );
+        cancel_ended_dials(rt, c.driver(), attempt, agent, dials);
+        if let TunnelStep::Lost(code, reason) = step {
             let c = old.take().expect("draining tunnel");
             end_agent_conn(rt, c, code, &reason, agent, dials);
         }
@@ -228,13 +255,15 @@ pub fn agent_tunnels_step<R: AgentTasks, C: AgentConn>(
         return;
     };
     let attempt = c.attempt();
-    match agent_tunnel_step(
+    let step = agent_tunnel_step(
         c.driver(),
         agent,
         attempt,
         &mut dials.waiting,
         Instant::now(),
-    ) {
+    );
+    cancel_ended_dials(rt, c.driver(), attempt, agent, dials);
+    match step {
         TunnelStep::Running => {}
         TunnelStep::Lost(code, reason) => {
             let c = conn.take().expect("current tunnel");
@@ -249,6 +278,27 @@ pub fn agent_tunnels_step<R: AgentTasks, C: AgentConn>(
             }
             *old = conn.take();
         }
+    }
+}
+
+/// Flows the hub ended while their target dial ran: the dial is cancelled
+/// (no socket to a target nobody waits for) and the core forgets it, so it
+/// no longer holds one of `max_pending_dials`.
+fn cancel_ended_dials<R: AgentTasks>(
+    rt: &R,
+    driver: &TunnelDriver,
+    attempt: u64,
+    agent: &mut nowconnect_core::agent::Agent,
+    dials: &mut AgentDials<R::Task>,
+) {
+    if dials.waiting.is_empty() {
+        return;
+    }
+    for (cid, task) in dials.forget_ended(attempt, |cid| driver.tunnel.mux().contains(cid)) {
+        if let Some(t) = task {
+            rt.cancel(t);
+        }
+        agent.flow_gone(attempt, cid);
     }
 }
 
