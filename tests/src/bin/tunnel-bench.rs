@@ -315,7 +315,8 @@ fn main() {
             env.path(),
             &id,
             &yaml,
-            &env.token(&id, None),
+            // Scoped to its own two connectors (hubs refuse others).
+            &env.token(&id, Some(vec![s.clone(), e.clone()])),
         ));
         assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
         hubs.push(hub);
