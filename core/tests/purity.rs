@@ -20,16 +20,18 @@ const FORBIDDEN_CRATES: &[&str] = &[
     "getrandom",
 ];
 
-#[test]
-fn normal_dependency_tree_has_no_io_crates() {
+/// `cargo tree -p package -e edges -f format`, one package a line, offline.
+fn cargo_tree(package: &str, edges: &str, format: &str) -> String {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
         .args([
             "tree",
             "-p",
-            "nowconnect-core",
+            package,
             "-e",
-            "normal",
+            edges,
+            "-f",
+            format,
             "--prefix",
             "none",
             "--offline",
@@ -39,10 +41,15 @@ fn normal_dependency_tree_has_no_io_crates() {
         .expect("run cargo tree");
     assert!(
         out.status.success(),
-        "cargo tree failed: {}",
+        "cargo tree -p {package} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let tree = String::from_utf8(out.stdout).unwrap();
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn normal_dependency_tree_has_no_io_crates() {
+    let tree = cargo_tree("nowconnect-core", "normal", "{p}");
     assert!(
         tree.contains("nowconnect-core"),
         "unexpected cargo tree output:\n{tree}"
@@ -61,29 +68,7 @@ fn normal_dependency_tree_has_no_io_crates() {
 
 /// The features `cargo build -p <package>` turns on in the core.
 fn core_features_built_for(package: &str) -> Vec<String> {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .args([
-            "tree",
-            "-p",
-            package,
-            "-e",
-            "normal,build",
-            "-f",
-            "{p} [{f}]",
-            "--prefix",
-            "none",
-            "--offline",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run cargo tree");
-    assert!(
-        out.status.success(),
-        "cargo tree -p {package} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let tree = String::from_utf8(out.stdout).unwrap();
+    let tree = cargo_tree(package, "normal,build", "{p} [{f}]");
     let core: Vec<&str> = tree
         .lines()
         .filter(|l| l.starts_with("nowconnect-core "))

@@ -237,16 +237,7 @@ pub fn agent_tunnels_step<R: AgentTasks, C: AgentConn>(
     dials: &mut AgentDials<R::Task>,
 ) {
     if let Some(c) = old.as_mut() {
-        let attempt = c.attempt();
-        let step = agent_tunnel_step(
-            c.driver(),
-            agent,
-            attempt,
-            &mut dials.waiting,
-            Instant::now(),
-        );
-        cancel_ended_dials(rt, c.driver(), attempt, agent, dials);
-        if let TunnelStep::Lost(code, reason) = step {
+        if let TunnelStep::Lost(code, reason) = conn_step(rt, c, agent, dials) {
             let c = old.take().expect("draining tunnel");
             end_agent_conn(rt, c, code, &reason, agent, dials);
         }
@@ -254,16 +245,7 @@ pub fn agent_tunnels_step<R: AgentTasks, C: AgentConn>(
     let Some(c) = conn.as_mut() else {
         return;
     };
-    let attempt = c.attempt();
-    let step = agent_tunnel_step(
-        c.driver(),
-        agent,
-        attempt,
-        &mut dials.waiting,
-        Instant::now(),
-    );
-    cancel_ended_dials(rt, c.driver(), attempt, agent, dials);
-    match step {
+    match conn_step(rt, c, agent, dials) {
         TunnelStep::Running => {}
         TunnelStep::Lost(code, reason) => {
             let c = conn.take().expect("current tunnel");
@@ -279,6 +261,26 @@ pub fn agent_tunnels_step<R: AgentTasks, C: AgentConn>(
             *old = conn.take();
         }
     }
+}
+
+/// [`agent_tunnel_step`] for one tunnel, then the dials of its flows that
+/// ended meanwhile are cancelled.
+fn conn_step<R: AgentTasks, C: AgentConn>(
+    rt: &R,
+    c: &mut C,
+    agent: &mut nowconnect_core::agent::Agent,
+    dials: &mut AgentDials<R::Task>,
+) -> TunnelStep {
+    let attempt = c.attempt();
+    let step = agent_tunnel_step(
+        c.driver(),
+        agent,
+        attempt,
+        &mut dials.waiting,
+        Instant::now(),
+    );
+    cancel_ended_dials(rt, c.driver(), attempt, agent, dials);
+    step
 }
 
 /// Flows the hub ended while their target dial ran: the dial is cancelled
