@@ -236,11 +236,11 @@ pub fn agent_tunnels_step<R: AgentTasks, C: AgentConn>(
     agent: &mut nowconnect_core::agent::Agent,
     dials: &mut AgentDials<R::Task>,
 ) {
-    if let Some(c) = old.as_mut() {
-        if let TunnelStep::Lost(code, reason) = conn_step(rt, c, agent, dials) {
-            let c = old.take().expect("draining tunnel");
-            end_agent_conn(rt, c, code, &reason, agent, dials);
-        }
+    if let Some(c) = old.as_mut()
+        && let TunnelStep::Lost(code, reason) = conn_step(rt, c, agent, dials)
+    {
+        let c = old.take().expect("draining tunnel");
+        end_agent_conn(rt, c, code, &reason, agent, dials);
     }
     let Some(c) = conn.as_mut() else {
         return;
