@@ -109,6 +109,10 @@ pub enum HubOutput {
     PeerDeparted {
         replica_id: String,
     },
+    /// The registry took this replica's announcement for the first time:
+    /// peers now admit its mesh links, so dialing them starts here (a dial
+    /// before it is refused as not registered, a false security event).
+    Announced,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -161,6 +165,8 @@ enum Pending {
         retries: u8,
     },
     Replicas,
+    /// This replica's own announcement.
+    Announce,
     Other,
 }
 
@@ -204,6 +210,8 @@ pub struct Hub {
     timers: Timers<Timer>,
     next_op: OpId,
     registry_healthy: bool,
+    /// The registry took this replica's announcement at least once.
+    announced: bool,
     registry_last_error: Option<String>,
     mesh_up: BTreeSet<String>,
     /// Replica ids the registry listed at the last discovery (this one
@@ -228,6 +236,7 @@ impl Hub {
             timers: Timers::default(),
             next_op: 1,
             registry_healthy: true,
+            announced: false,
             registry_last_error: None,
             mesh_up: BTreeSet::new(),
             registered_replicas: BTreeSet::new(),
@@ -607,6 +616,12 @@ impl Hub {
         Ok(tunnel)
     }
 
+    /// Whether the registry has taken this replica's announcement (see
+    /// [`HubOutput::Announced`]).
+    pub fn announced(&self) -> bool {
+        self.announced
+    }
+
     /// Whether the registry listed `replica_id` at the last discovery.
     pub fn replica_registered(&self, replica_id: &str) -> bool {
         self.registered_replicas.contains(replica_id)
@@ -973,7 +988,11 @@ impl Hub {
                     .collect();
                 self.out.push_back(HubOutput::Peers(peers));
             }
-            (Pending::Replicas, _) | (Pending::Other, _) => {}
+            (Pending::Announce, Ok(_)) if !self.announced => {
+                self.announced = true;
+                self.out.push_back(HubOutput::Announced);
+            }
+            (Pending::Replicas, _) | (Pending::Announce, _) | (Pending::Other, _) => {}
         }
     }
 
@@ -1103,7 +1122,7 @@ impl Hub {
                         mesh_url: self.cfg.mesh_url.clone().unwrap_or_default(),
                         lease: self.cfg.lease,
                     };
-                    self.op(now, call, Pending::Other);
+                    self.op(now, call, Pending::Announce);
                     self.op(now, RegistryOp::ListReplicas, Pending::Replicas);
                     self.timers
                         .set(Timer::Discovery, now + self.cfg.renew_interval);

@@ -601,8 +601,53 @@ fn run_registry(
 ) -> Vec<HubOutput> {
     run_registry_keep_peers(hub, reg, now)
         .into_iter()
-        .filter(|o| !matches!(o, HubOutput::Peers(_)))
+        .filter(|o| !matches!(o, HubOutput::Peers(_) | HubOutput::Announced))
         .collect()
+}
+
+/// A hub says once, when the registry first takes its announcement, that
+/// peers will now admit it (the runtime dials its configured peers then,
+/// not before, when they would refuse it as not registered); a registry
+/// that refuses the announcement delays it.
+#[test]
+fn a_hub_says_once_when_its_announcement_was_taken() {
+    let mut h = hub(Mode::Active);
+    let mut reg = MemoryRegistry::default();
+    let now = origin();
+    assert!(!h.announced());
+    h.handle_timeout(now);
+    let announced = |outs: &[HubOutput]| {
+        outs.iter()
+            .filter(|o| matches!(o, HubOutput::Announced))
+            .count()
+    };
+    // The registry fails the first announcement: nothing said yet.
+    let mut fails = 0;
+    while let Some(o) = h.poll_output() {
+        match o {
+            HubOutput::Registry { op, .. } => {
+                fails += 1;
+                h.registry_reply(now, op, Err(RegistryError::Unavailable("down".into())));
+            }
+            HubOutput::Announced => panic!("announced without the registry"),
+            _ => {}
+        }
+    }
+    assert!(fails > 0);
+    assert!(!h.announced());
+    // The next discovery gets through: said once, and never again.
+    let later = now + Duration::from_secs(6);
+    h.handle_timeout(later);
+    assert_eq!(
+        announced(&run_registry_keep_peers(&mut h, &mut reg, later)),
+        1
+    );
+    assert!(h.announced());
+    for i in 2..5 {
+        let t = now + Duration::from_secs(6 * i);
+        h.handle_timeout(t);
+        assert_eq!(announced(&run_registry_keep_peers(&mut h, &mut reg, t)), 0);
+    }
 }
 
 fn hub(mode: Mode) -> Hub {

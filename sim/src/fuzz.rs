@@ -268,7 +268,10 @@ pub fn drive_hub(origin: Instant, data: &[u8]) {
                         "client {client} of tenant {want} routed to agent {agent_id}"
                     );
                 }
-                HubOutput::Route { .. } | HubOutput::Peers(_) | HubOutput::PeerDeparted { .. } => {}
+                HubOutput::Route { .. }
+                | HubOutput::Peers(_)
+                | HubOutput::PeerDeparted { .. }
+                | HubOutput::Announced => {}
             }
         }
         assert!(hub.agent_count() <= max_agents, "agent limit exceeded");

@@ -69,6 +69,23 @@ fn ldap_reaches_an_agent_on_another_hub_through_the_mesh() {
             h.metric(series)
         );
     }
+    // Hubs dial their configured peers only once registered, so a cluster
+    // that starts raises no security event against its own members.
+    for (h, name) in [(&a, "hub-a"), (&b, "hub-b")] {
+        let text = h.get("/metrics").1;
+        let raised: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("nowconnect_security_events_total{") && !l.ends_with(" 0"))
+            .collect();
+        assert!(
+            raised.is_empty(),
+            "{name}: {raised:?}\n{}",
+            h.proc.log_text()
+        );
+        assert!(
+            text.contains("nowconnect_security_events_total{kind=\"mesh_peer_not_registered\"} 0")
+        );
+    }
 }
 
 #[test]

@@ -78,6 +78,13 @@ impl<R: HubRt> Shared<R> {
     /// the peer must then prove (by its certificate) that it is `replica`.
     /// `replica` is `None` for a peer from `ha.mesh.peers` (trusted as
     /// configured).
+    /// Dial every `ha.mesh.peers` URL not dialed yet (once the mesh runs).
+    pub(super) fn dial_static_peers(self: &Arc<Self>) {
+        for peer in &self.cfg.raw.ha.mesh.peers {
+            self.dial_once(None, peer);
+        }
+    }
+
     pub(super) fn dial_once(self: &Arc<Self>, replica: Option<&str>, url: &str) {
         if !self.mesh_started.load(Ordering::Relaxed) {
             return; // mesh not started (mode off)

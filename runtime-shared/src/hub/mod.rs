@@ -251,6 +251,9 @@ impl<R: HubRt> Shared<R> {
                     }
                 }
                 HubOutput::PeerDeparted { replica_id } => self.peer_departed(&replica_id),
+                // Configured peers are dialed once this replica is
+                // registered (see `start`): before, they would refuse it.
+                HubOutput::Announced => self.dial_static_peers(),
                 HubOutput::DrainTunnel { tunnel } => {
                     if let Some(tx) = c.tunnels.get(&tunnel) {
                         let _ = tx.try_send(LinkCmd::Drain);
@@ -461,9 +464,22 @@ pub async fn start<R: HubRt>(cfg: HubConfig, rt: R, redis: bool) -> Result<HubHa
             let h = mesh.client_cert_header();
             tracing::info!(target: "nowconnect::security", trusted_proxies = ?mesh.trusted_proxies, header = %h.header_name(), format = ?h.format, "the mesh listener speaks plain WebSocket behind a TLS-terminating proxy: only trusted_proxies are served, and the peer certificate they forward is verified against ha.mesh.tls.ca_bundle; the proxies are part of the mesh's trusted base");
         }
-        for peer in &mesh.peers {
-            shared.dial_once(None, peer);
+        // `ha.mesh.peers` are dialed when the registry has taken this
+        // replica's announcement (`HubOutput::Announced`), so they admit its
+        // links; if the registry has not within one lease (Redis down at
+        // start; peers may still list this replica in allowed_replicas),
+        // they are dialed anyway.
+        if shared.with_control(|c, _| c.hub.announced()) {
+            shared.dial_static_peers();
         }
+        let (s, lease) = (
+            shared.clone(),
+            Duration::from_secs(shared.cfg.raw.ha.lease_sec),
+        );
+        tasks.push(rt.spawn(async move {
+            s.rt.sleep(lease).await;
+            s.dial_static_peers();
+        }));
     }
     if shared.cfg.raw.tunnel.revocation_file.is_some() {
         tasks.push(rt.spawn(shared.clone().watch_revocations()));

@@ -213,7 +213,7 @@ impl World {
             }
             HubOutput::Route { client, route } => self.route(h, client, route),
             // The sim's mesh is configured, not discovered.
-            HubOutput::Peers(_) | HubOutput::PeerDeparted { .. } => {}
+            HubOutput::Peers(_) | HubOutput::PeerDeparted { .. } | HubOutput::Announced => {}
             HubOutput::DrainTunnel { tunnel } => {
                 if let Some(Link::Tunnel(t)) = self.eps.get_mut(&tunnel).map(|e| &mut e.link) {
                     t.send_drain();
