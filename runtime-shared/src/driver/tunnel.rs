@@ -58,6 +58,18 @@ impl TunnelDriver {
         }
     }
 
+    /// Why the tunnel took no flow for `connector` (a client's open or a
+    /// bridged mesh flow's), counting a fair-share refusal by connector.
+    fn open_refused(&self, e: SendError, connector: &str) -> OpenRefused {
+        if matches!(e, SendError::ShareExceeded { .. }) {
+            self.metrics
+                .connector_share_refusals
+                .get_or_create(&labels(&[("connector", connector)]))
+                .inc();
+        }
+        OpenRefused::from_send(e, "agent flow")
+    }
+
     pub fn attach_flow(&mut self, cid: Cid, connector: &str) -> FlowEnd {
         self.pipes.attach(cid, connector)
     }
@@ -80,15 +92,7 @@ impl TunnelDriver {
             LinkCmd::OpenFlow { connector, reply } => {
                 let res = match self.tunnel.open_flow(&connector) {
                     Ok(cid) => Ok(self.pipes.attach(cid, &connector)),
-                    Err(e) => {
-                        if matches!(e, SendError::ShareExceeded { .. }) {
-                            self.metrics
-                                .connector_share_refusals
-                                .get_or_create(&labels(&[("connector", &connector)]))
-                                .inc();
-                        }
-                        Err(OpenRefused::from_send(e, "agent flow"))
-                    }
+                    Err(e) => Err(self.open_refused(e, &connector)),
                 };
                 if let Err(async_channel::TrySendError::Closed(Ok(end))) = reply.try_send(res) {
                     // The client went away while we opened: abort the flow.
@@ -119,7 +123,7 @@ impl TunnelDriver {
                     }
                 }
                 Err(e) => {
-                    let _ = reply.try_send(Err(OpenRefused::from_send(e, "agent flow")));
+                    let _ = reply.try_send(Err(self.open_refused(e, &connector)));
                 }
             },
             LinkCmd::OpenMeshFlow { reply, .. } => {
