@@ -401,6 +401,14 @@ pub fn metric_value(text: &str, sample: &str) -> f64 {
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect http");
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    http_get_over(&mut s, addr, path)
+}
+
+/// One `GET path` on a connection already open to `addr` (plain or TLS):
+/// (status, body), status 0 when no HTTP answer came. The hub closes after
+/// its answer; what arrived before a read error (a TLS peer that closes
+/// without close_notify) still counts.
+pub fn http_get_over(s: &mut (impl Read + Write), addr: SocketAddr, path: &str) -> (u16, String) {
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"

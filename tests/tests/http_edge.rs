@@ -108,31 +108,7 @@ fn der(pem: &Path) -> Vec<u8> {
 /// A GET over TLS: (status, body); status 0 when no HTTP answer came.
 fn https_get(addr: SocketAddr, ca_bundle: &Path, path: &str) -> (u16, String) {
     let mut tls = handshake(addr, ca_bundle).expect("TLS handshake");
-    write!(
-        tls,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut buf = Vec::new();
-    // The hub closes after its answer (with or without close_notify).
-    let mut chunk = [0u8; 16 * 1024];
-    while let Ok(n) = tls.read(&mut chunk) {
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text
-        .strip_prefix("HTTP/1.1 ")
-        .and_then(|t| t.get(..3))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    http_get_over(&mut tls, addr, path)
 }
 
 /// How long until `s` is closed by the other end (a read gives 0 or an
