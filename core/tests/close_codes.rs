@@ -4,19 +4,38 @@
 use nowconnect_core::ErrorCode;
 use nowconnect_core::frame::ws_close_reason;
 
+/// The close code of every error code, written out (RFC 6455 §7.4.1): a
+/// normal end, going away, a protocol error, a message too big, an internal
+/// error, and a policy refusal for the rest.
 #[test]
 fn every_error_code_has_its_websocket_close_code() {
-    for code in ErrorCode::ALL {
-        let want = match code {
-            ErrorCode::Normal | ErrorCode::LinkLost | ErrorCode::IdleTimeout => 1000,
-            ErrorCode::Shutdown => 1001,
-            ErrorCode::ProtocolError | ErrorCode::SequenceGap | ErrorCode::CreditOverrun => 1002,
-            ErrorCode::FrameTooLarge => 1009,
-            ErrorCode::Internal => 1011,
-            _ => 1008,
-        };
+    let table = [
+        (ErrorCode::Normal, 1000),
+        (ErrorCode::ProtocolError, 1002),
+        (ErrorCode::TargetUnreachable, 1008),
+        (ErrorCode::ConnectTimeout, 1008),
+        (ErrorCode::NoAgent, 1008),
+        (ErrorCode::StaleEpoch, 1008),
+        (ErrorCode::CreditOverrun, 1002),
+        (ErrorCode::SequenceGap, 1002),
+        (ErrorCode::FrameTooLarge, 1009),
+        (ErrorCode::Shutdown, 1001),
+        (ErrorCode::LinkLost, 1000),
+        (ErrorCode::RegistryUnavailable, 1008),
+        (ErrorCode::MeshUnavailable, 1008),
+        (ErrorCode::Refused, 1008),
+        (ErrorCode::Internal, 1011),
+        (ErrorCode::IdleTimeout, 1000),
+        (ErrorCode::LimitExceeded, 1008),
+        (ErrorCode::ConnectionReset, 1008),
+        (ErrorCode::UnknownConnector, 1008),
+    ];
+    assert_eq!(table.len(), ErrorCode::ALL.len(), "a code is missing here");
+    for (code, want) in table {
         assert_eq!(code.ws_close_code(), want, "{code:?}");
-        // Never a code RFC 6455 reserves for the wire's own use.
+    }
+    // Never a code RFC 6455 reserves for the wire's own use.
+    for code in ErrorCode::ALL {
         assert!(![1004, 1005, 1006, 1015].contains(&code.ws_close_code()));
     }
 }
