@@ -12,6 +12,7 @@
 
 pub mod admission;
 pub mod agent;
+pub mod agent_node;
 pub mod backoff;
 pub mod codec;
 pub mod dedup;

@@ -11,16 +11,14 @@ use std::time::Duration;
 use async_std::net::{TcpListener, TcpStream};
 use async_std::task::{self, JoinHandle};
 use async_tungstenite::WebSocketStream;
-use async_tungstenite::tungstenite::Message;
 use async_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use futures_util::StreamExt;
-use nowconnect_core::WsMessage;
 use nowconnect_core::registry::{RegistryError, RegistryOp, RegistryReply};
 use nowconnect_shared::config::HubConfig;
 use nowconnect_shared::driver::ClientTimeouts;
 use nowconnect_shared::driver::{FlowEnd, Outgoing};
 use nowconnect_shared::http::HttpRole;
-use nowconnect_shared::hub::{HubRt, WsIn};
+use nowconnect_shared::hub::HubRt;
 use nowconnect_shared::mesh::{MeshConnected, MeshInbound};
 use nowconnect_shared::metrics::Metrics;
 use nowconnect_shared::registry::RedisRegistry;
@@ -207,13 +205,7 @@ async fn run_tunnel<S>(
     let (sink, stream) = ws.split();
     let (out_tx, out_rx) = async_channel::unbounded::<Outgoing>();
     let writer = nowconnect_shared::tung::inline_writer(sink, out_rx);
-    let stream = stream.map(|m| match m {
-        Ok(Message::Binary(b)) => WsIn::Frame(WsMessage::Binary(b)),
-        Ok(Message::Text(t)) => WsIn::Frame(WsMessage::Text(t.as_str().to_owned())),
-        Ok(Message::Close(f)) => WsIn::Closed(f.map(|f| f.reason.to_string()).unwrap_or_default()),
-        Ok(_) => WsIn::Other,
-        Err(e) => WsIn::Failed(e.to_string()),
-    });
+    let stream = stream.map(nowconnect_shared::tung::ws_in);
     shared
         .run_tunnel(stream, out_tx, writer, identity, peer)
         .await;

@@ -5,10 +5,10 @@ use std::sync::Arc;
 
 use async_std::net::TcpStream;
 use async_tungstenite::WebSocketStream;
-use async_tungstenite::tungstenite::{Error as WsError, Message};
+use async_tungstenite::tungstenite::Error as WsError;
 use futures_util::io::{AsyncRead, AsyncWrite};
+use nowconnect_core::Payload;
 use nowconnect_core::payload::HEADROOM;
-use nowconnect_core::{Payload, WsMessage};
 use nowconnect_shared::driver::{
     ChunkReader, FlowEnd, FlowWriter, ReadSize, run_client_socket, run_flow_socket,
 };
@@ -51,7 +51,7 @@ pub async fn connect_ws(
         .await
         .map_err(|e| match e {
             WsError::Http(resp) => {
-                nowconnect_shared::driver::hub_refusal(url, resp.status(), resp.body().as_deref())
+                nowconnect_shared::agent::hub_refusal(url, resp.status(), resp.body().as_deref())
             }
             e => format!("{url}: {e}"),
         })?;
@@ -103,15 +103,6 @@ fn public_roots() -> rustls::ClientConfig {
     rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth()
-}
-
-/// A received WebSocket message as the core sees it (`None`: not a frame).
-pub fn to_core(m: Message) -> Option<WsMessage> {
-    match m {
-        Message::Binary(b) => Some(WsMessage::Binary(b)),
-        Message::Text(t) => Some(WsMessage::Text(t.as_str().to_owned())),
-        _ => None,
-    }
 }
 
 /// Pipe a TCP socket to a flow (see [`run_flow_socket`]).

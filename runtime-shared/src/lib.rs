@@ -11,6 +11,7 @@
 //! (`redis-tokio`, `redis-smol`).
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod config;
 pub mod driver;
 pub mod http;

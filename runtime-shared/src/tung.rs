@@ -48,6 +48,18 @@ pub fn frame_message(m: WsMessage) -> Message {
     }
 }
 
+/// What a tungstenite WebSocket delivered, as a link loop needs it.
+pub fn ws_in(m: Result<Message, tungstenite::Error>) -> crate::rt::WsIn {
+    use crate::rt::WsIn;
+    match m {
+        Ok(Message::Binary(b)) => WsIn::Frame(WsMessage::Binary(b)),
+        Ok(Message::Text(t)) => WsIn::Frame(WsMessage::Text(t.as_str().to_owned())),
+        Ok(Message::Close(f)) => WsIn::Closed(f.map(|f| f.reason.to_string()).unwrap_or_default()),
+        Ok(_) => WsIn::Other,
+        Err(e) => WsIn::Failed(e.to_string()),
+    }
+}
+
 /// A close frame as a tungstenite message.
 pub fn close_message(code: u16, reason: String) -> Message {
     Message::Close(Some(CloseFrame {

@@ -408,6 +408,160 @@ pub fn drive_agent(origin: Instant, data: &[u8]) {
     }
 }
 
+/// The whole agent ([`AgentNode`](nowconnect_core::agent_node::AgentNode):
+/// its control machine and its tunnel links) fed an arbitrary sequence of
+/// what its links, dials and clock report, a hostile hub included (events
+/// for tunnels it never had, flows opened twice, DRAIN before WELCOME).
+/// Panics if it dials a target for a flow no tunnel of its opened, speaks of
+/// a tunnel it never connected or already ended, holds more than one current
+/// or draining tunnel or more dials than its limit, or asks to be woken in
+/// the past.
+pub fn drive_agent_node(origin: Instant, data: &[u8]) {
+    use nowconnect_core::agent::AgentConfig;
+    use nowconnect_core::agent_node::{AgentCommand, AgentNode, LinkRole};
+    use nowconnect_core::mux::FlowEvent;
+    use nowconnect_core::tunnel::TunnelEvent;
+    use nowconnect_core::{Codec, Epoch, ErrorCode};
+    use std::collections::BTreeSet;
+
+    let mut input = Input { data, pos: 0 };
+    let mut connectors = std::collections::BTreeMap::new();
+    connectors.insert("ldap".to_string(), "ldap:389".to_string());
+    let cfg = AgentConfig {
+        agent_id: "a1".into(),
+        hubs: vec!["wss://h1/tunnel".into(), "wss://h2/tunnel".into()],
+        connectors,
+        max_pending_dials: 4,
+        ..AgentConfig::default()
+    };
+    let mut node = AgentNode::new(origin, cfg, u64::from(input.byte()));
+    let mut now = origin;
+    // Hub attempts dialed, tunnels connected and not yet ended, flows opened.
+    let mut attempts: Vec<u64> = Vec::new();
+    let mut live: BTreeSet<u64> = BTreeSet::new();
+    let mut opened: BTreeSet<(u64, u64)> = BTreeSet::new();
+    let mut dialing: BTreeSet<(u64, u64)> = BTreeSet::new();
+    loop {
+        while let Some(c) = node.poll_command() {
+            match c {
+                AgentCommand::DialHub { attempt, .. } => attempts.push(attempt),
+                AgentCommand::CancelHubDial { attempt } => {
+                    assert!(attempts.contains(&attempt), "cancelled a dial never made");
+                }
+                AgentCommand::CloseTunnel { attempt, .. } => {
+                    assert!(live.contains(&attempt), "closes tunnel {attempt}, not live");
+                }
+                AgentCommand::EndTunnel { attempt, .. } => {
+                    assert!(live.remove(&attempt), "ends tunnel {attempt}, not live");
+                    dialing.retain(|(a, _)| *a != attempt);
+                }
+                AgentCommand::DialTarget { attempt, cid, .. } => {
+                    assert!(
+                        live.contains(&attempt),
+                        "dials for tunnel {attempt}, not live"
+                    );
+                    assert!(
+                        opened.contains(&(attempt, cid)),
+                        "dialed a target for flow {attempt}/{cid} never opened"
+                    );
+                    dialing.insert((attempt, cid));
+                }
+                AgentCommand::CancelTarget { attempt, cid } => {
+                    dialing.remove(&(attempt, cid));
+                }
+                AgentCommand::ResetFlow { attempt, .. } => {
+                    assert!(
+                        live.contains(&attempt),
+                        "resets on tunnel {attempt}, not live"
+                    );
+                }
+            }
+        }
+        let roles: Vec<LinkRole> = node.links().map(|(_, r)| r).collect();
+        for role in [LinkRole::Current, LinkRole::Draining] {
+            assert!(
+                roles.iter().filter(|r| **r == role).count() <= 1,
+                "two {role:?} tunnels"
+            );
+        }
+        assert!(node.links().all(|(a, _)| live.contains(&a)));
+        assert!(
+            node.pending_dials() <= 4,
+            "more target dials than the limit"
+        );
+        if let Some(at) = node.poll_timeout() {
+            assert!(at >= now, "the agent asks to be woken in the past");
+        }
+        if !input.more() {
+            break;
+        }
+        let pick = |v: &[u64], b: u8| v.get(usize::from(b) % v.len().max(1)).copied();
+        let b = input.byte();
+        let a = pick(&attempts, b).unwrap_or(u64::from(b));
+        let cid = u64::from(input.byte() % 16);
+        let ev = match input.byte() % 10 {
+            0 => {
+                now += Duration::from_millis(u64::from(input.byte()) * 50);
+                node.handle_timeout(now);
+                continue;
+            }
+            1 => {
+                if node.hub_connected(now, a).is_ok() {
+                    assert!(live.insert(a), "tunnel {a} connected twice");
+                }
+                continue;
+            }
+            2 => {
+                node.hub_failed(now, a);
+                continue;
+            }
+            3 => {
+                if node.target_connected(now, a, cid) {
+                    assert!(
+                        dialing.remove(&(a, cid)),
+                        "target {a}/{cid} piped without a dial"
+                    );
+                }
+                continue;
+            }
+            4 => {
+                dialing.remove(&(a, cid));
+                node.target_failed(now, a, cid, "refused");
+                continue;
+            }
+            5 => TunnelEvent::Established {
+                epoch: Epoch(1),
+                codec: Codec::V2,
+            },
+            6 => {
+                if live.contains(&a) {
+                    opened.insert((a, cid));
+                }
+                let connector = if input.byte() & 1 == 0 {
+                    "ldap"
+                } else {
+                    "nope"
+                };
+                TunnelEvent::Open {
+                    cid,
+                    connector: connector.into(),
+                }
+            }
+            7 => TunnelEvent::Flow(FlowEvent::Reset {
+                cid,
+                code: ErrorCode::ConnectionReset,
+                reason: "reset".into(),
+            }),
+            8 => TunnelEvent::Drain,
+            _ => TunnelEvent::Closed {
+                code: ErrorCode::LinkLost,
+                reason: "lost".into(),
+            },
+        };
+        node.tunnel_event(now, a, &ev);
+    }
+}
+
 /// A simulated cluster whose chaos is chosen by the fuzzer's bytes (see
 /// `World::from_fuzz_bytes`): every invariant must hold through the chaos,
 /// and after healing every flow must end.

@@ -37,6 +37,22 @@ fn agent_seeds_keep_the_agent_consistent() {
 }
 
 #[test]
+fn agent_seeds_keep_the_whole_agent_consistent() {
+    replay("agent", nowconnect_sim::fuzz::drive_agent_node);
+}
+
+/// Beyond the corpus: 3,000 seeded random inputs through the whole agent.
+#[test]
+fn random_inputs_keep_the_whole_agent_consistent() {
+    let mut rng = nowconnect_core::rng::Rng::new(20);
+    for _ in 0..3000 {
+        let len = 1 + rng.below(400) as usize;
+        let data: Vec<u8> = (0..len).map(|_| rng.below(256) as u8).collect();
+        nowconnect_sim::fuzz::drive_agent_node(std::time::Instant::now(), &data);
+    }
+}
+
+#[test]
 fn world_seeds_hold_every_invariant() {
     replay("world", nowconnect_sim::fuzz::drive_world);
 }

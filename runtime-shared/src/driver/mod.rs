@@ -17,10 +17,9 @@
 //! Here: the commands a link task takes ([`LinkCmd`]) and what it sends
 //! ([`Outgoing`]). Beside it: `pipes` ([`FlowPipes`], [`bridge`]), `tunnel`
 //! ([`TunnelDriver`]), `writer` ([`InlineWriter`], [`LoopTimer`]), `socket`
-//! (flow sockets and their timeouts) and `agent` (the agent loop's shared
-//! steps).
+//! (flow sockets and their timeouts). The agent's loop around them is
+//! [`crate::agent`].
 
-mod agent;
 mod pipes;
 mod socket;
 mod tunnel;
@@ -30,10 +29,6 @@ use async_channel::{Receiver, Sender};
 use nowconnect_core::flow::SendError;
 use nowconnect_core::{Cid, Epoch, ErrorCode, Payload, WsMessage};
 
-pub use agent::{
-    AgentConn, AgentDials, AgentFlow, AgentTasks, TunnelStep, agent_outputs, agent_tunnel_step,
-    agent_tunnels_step, hub_refusal,
-};
 pub use pipes::{FlowEnd, FlowMsg, FlowPipes, Peer, bridge};
 pub use socket::{
     ActiveReader, ActiveWriter, Activity, ChunkReader, ClientTimeouts, FlowWriter, ReadSize,

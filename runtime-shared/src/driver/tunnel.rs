@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use async_channel::Sender;
 use nowconnect_core::flow::SendError;
+use nowconnect_core::mux::FlowEvent;
 use nowconnect_core::tunnel::{Tunnel, TunnelEvent};
 use nowconnect_core::{Cid, ErrorCode};
 
@@ -137,12 +138,19 @@ impl TunnelDriver {
         }
     }
 
-    /// Dispatch flow events to their sockets; return the tunnel-level events.
+    /// Dispatch flow events to their sockets; return the tunnel-level
+    /// events, and a copy of each flow's end (`Reset`, `Closed`: a node may
+    /// be waiting on that flow).
     pub fn drain(&mut self) -> Vec<TunnelEvent> {
         let mut rest = Vec::new();
         while let Some(ev) = self.tunnel.poll_event() {
             match ev {
-                TunnelEvent::Flow(fe) => self.pipes.on_event(&mut self.tunnel, fe),
+                TunnelEvent::Flow(fe) => {
+                    if matches!(fe, FlowEvent::Reset { .. } | FlowEvent::Closed { .. }) {
+                        rest.push(TunnelEvent::Flow(fe.clone()));
+                    }
+                    self.pipes.on_event(&mut self.tunnel, fe)
+                }
                 TunnelEvent::Rtt(d) => {
                     self.metrics.tunnel_rtt.observe(d.as_secs_f64());
                 }

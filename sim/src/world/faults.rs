@@ -327,16 +327,13 @@ impl World {
         let i = self.rng.below(self.agents.len() as u64) as usize;
         self.trace(15, i as u64, 0);
         self.outcome.agent_restarts += 1;
-        for ep in [self.agents[i].ep.take(), self.agents[i].draining.take()]
-            .into_iter()
-            .flatten()
-        {
+        for ep in std::mem::take(&mut self.agents[i].eps).into_values() {
             self.remove_ep(ep);
         }
         let seed = self.rng.next_u64();
         let a = &mut self.agents[i];
         a.incarnation += 1;
-        a.agent = Agent::new(self.now, a.cfg.clone(), seed);
+        a.node = AgentNode::new(self.now, a.cfg.clone(), seed);
     }
 
     /// Heal every fault (the liveness phase): no new faults, partitions and

@@ -128,7 +128,7 @@ impl World {
             }
         }
         for (i, a) in self.agents.iter().enumerate() {
-            if let Some(at) = a.agent.poll_timeout()
+            if let Some(at) = a.node.poll_timeout()
                 && at < self.now
             {
                 return Err(Violation(format!("agent {i} asks to be woken in the past")));

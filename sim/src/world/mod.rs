@@ -26,7 +26,8 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use nowconnect_core::agent::{Agent, AgentConfig, AgentOutput, HubLinkState};
+use nowconnect_core::agent::{AgentConfig, HubLinkState};
+use nowconnect_core::agent_node::{AgentCommand, AgentNode};
 use nowconnect_core::hub::{Hub, HubConfig, HubOutput};
 use nowconnect_core::mesh_link::{MeshEvent, MeshLink, MeshLinkConfig};
 use nowconnect_core::mux::{FlowEvent, FlowLink, GROWTH_BUDGET_WINDOWS, PlantedBug};
@@ -268,7 +269,7 @@ struct SimHub {
 }
 
 struct SimAgent {
-    agent: Agent,
+    node: AgentNode,
     cfg: AgentConfig,
     /// What its token says: tenant, id and the connectors it may announce.
     credential: AgentCredential,
@@ -276,9 +277,9 @@ struct SimAgent {
     /// refuse its HELLO, so it never carries a flow.
     rogue: bool,
     incarnation: u64,
-    ep: Option<EpId>,
-    /// The tunnel whose hub said DRAIN, kept for its flows.
-    draining: Option<EpId>,
+    /// Its tunnel endpoints by dial attempt (the node knows which is the
+    /// current one and which is draining).
+    eps: BTreeMap<u64, EpId>,
 }
 
 pub struct World {
@@ -483,13 +484,12 @@ impl World {
             };
             let seed = w.rng.next_u64();
             w.agents.push(SimAgent {
-                agent: Agent::new(origin, cfg.clone(), seed),
+                node: AgentNode::new(origin, cfg.clone(), seed),
                 cfg,
                 credential,
                 rogue: is_rogue,
                 incarnation: 0,
-                ep: None,
-                draining: None,
+                eps: BTreeMap::new(),
             });
         }
         w.schedule(TICK, Event::ChaosTick);
@@ -560,7 +560,7 @@ impl World {
             });
         }
         for a in &self.agents {
-            take(a.agent.poll_timeout());
+            take(a.node.poll_timeout());
         }
         t
     }
@@ -577,7 +577,7 @@ impl World {
             }
         }
         for a in &mut self.agents {
-            a.agent.handle_timeout(now);
+            a.node.handle_timeout(now);
         }
     }
 
@@ -616,19 +616,22 @@ impl World {
                 self.trace(2, agent as u64, attempt);
                 let a = &self.agents[agent];
                 if a.incarnation != incarnation
-                    || a.agent.state() != &(HubLinkState::Dialing { attempt })
+                    || a.node.state() != &(HubLinkState::Dialing { attempt })
                 {
                     return;
                 }
-                let id = a.agent.agent_id().to_string();
-                let connectors = a.agent.connectors();
+                let id = a.node.agent_id().to_string();
+                let connectors = a.node.connectors();
                 if !self.hubs[hub].alive {
-                    self.agents[agent].agent.hub_lost(now, attempt);
+                    self.agents[agent].node.hub_failed(now, attempt);
                     return;
                 }
                 let (an, hn) = (Node::Agent(agent), Node::Hub(hub));
                 if self.held_until(an, hn).is_some() || self.held_until(hn, an).is_some() {
                     return; // the handshake never completes; the agent times out
+                }
+                if self.agents[agent].node.hub_connected(now, attempt).is_err() {
+                    return;
                 }
                 let hub_side = self.next_ep;
                 let agent_side = hub_side + 1;
@@ -641,7 +644,7 @@ impl World {
                 }
                 let t = Tunnel::agent(now, self.tunnel_cfg.clone(), &id, &connectors);
                 self.add_ep(an, Some(hub_side), Link::Tunnel(t), attempt, None);
-                self.agents[agent].ep = Some(agent_side);
+                self.agents[agent].eps.insert(attempt, agent_side);
             }
             Event::MeshDialDone { ep } => {
                 self.trace(3, ep, 0);
@@ -692,11 +695,11 @@ impl World {
                 let attempt = self.eps.get(&ep).map_or(0, |e| e.attempt);
                 if !ok {
                     self.agents[i]
-                        .agent
+                        .node
                         .target_failed(now, attempt, cid, "connection refused");
                     return;
                 }
-                if self.agents[i].agent.target_connected(now, attempt, cid) {
+                if self.agents[i].node.target_connected(now, attempt, cid) {
                     let t = self.targets.get_mut(&(ep, cid)).expect("target");
                     t.connected = true;
                     // What arrived before the connect is written now.
@@ -796,7 +799,11 @@ impl World {
             ));
         }
         for (i, a) in self.agents.iter().enumerate() {
-            out.push(format!("agent {i}: {:?} ep={:?}", a.agent.state(), a.ep));
+            out.push(format!(
+                "agent {i}: {:?} tunnels={:?}",
+                a.node.state(),
+                a.node.links().collect::<Vec<_>>()
+            ));
         }
         for (id, e) in &self.eps {
             let state = match &e.link {

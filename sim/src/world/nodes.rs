@@ -466,103 +466,119 @@ impl World {
     pub(super) fn pump_agents(&mut self) -> bool {
         let mut moved = false;
         for i in 0..self.agents.len() {
-            while let Some(o) = self.agents[i].agent.poll_output() {
+            while let Some(c) = self.agents[i].node.poll_command() {
                 moved = true;
-                match o {
-                    AgentOutput::DialHub { attempt, url } => {
-                        let hub = url
-                            .trim_start_matches("sim://")
-                            .parse()
-                            .expect("sim hub url");
-                        let d = self.latency() * 2;
-                        let incarnation = self.agents[i].incarnation;
-                        self.schedule(
-                            d,
-                            Event::HubDialDone {
-                                agent: i,
-                                incarnation,
-                                attempt,
-                                hub,
-                            },
-                        );
-                    }
-                    AgentOutput::AbortHub { .. } => {
-                        if let Some(ep) = self.agents[i].ep {
-                            self.disconnect(ep, "hub attempt timed out");
-                        }
-                    }
-                    AgentOutput::DialTarget { attempt, cid, .. } => {
-                        let ok = !self.chance(self.faults.target_refuse);
-                        if !ok {
-                            self.outcome.target_refusals += 1;
-                        }
-                        let d = self.latency();
-                        if let Some(ep) = self.agent_ep(i, attempt) {
-                            self.schedule(d, Event::TargetDialDone { ep, cid, ok });
-                        }
-                    }
-                    AgentOutput::ResetFlow {
-                        attempt,
-                        cid,
-                        code,
-                        reason,
-                    } => {
-                        if let Some(ep) = self.agent_ep(i, attempt) {
-                            self.targets.remove(&(ep, cid));
-                            if let Some(l) = self.flow_link(ep) {
-                                l.reset_flow(cid, code, &reason);
-                            }
-                        }
-                    }
-                }
+                self.agent_command(i, c);
             }
         }
         moved
     }
 
-    /// Agent `i`'s tunnel endpoint of `attempt` (current or draining).
-    pub(super) fn agent_ep(&self, i: usize, attempt: u64) -> Option<EpId> {
-        [self.agents[i].ep, self.agents[i].draining]
-            .into_iter()
-            .flatten()
-            .find(|ep| self.eps.get(ep).is_some_and(|e| e.attempt == attempt))
+    /// Carry out what agent `i`'s node asks for: the simulated sockets and
+    /// dials, as a runtime's agent loop does with real ones.
+    fn agent_command(&mut self, i: usize, c: AgentCommand) {
+        match c {
+            AgentCommand::DialHub { attempt, url } => {
+                let hub = url
+                    .trim_start_matches("sim://")
+                    .parse()
+                    .expect("sim hub url");
+                let d = self.latency() * 2;
+                let incarnation = self.agents[i].incarnation;
+                self.schedule(
+                    d,
+                    Event::HubDialDone {
+                        agent: i,
+                        incarnation,
+                        attempt,
+                        hub,
+                    },
+                );
+            }
+            // A late dial finds the node no longer dialing it.
+            AgentCommand::CancelHubDial { .. } => {}
+            AgentCommand::CloseTunnel {
+                attempt,
+                code,
+                reason,
+            } => {
+                if let Some(ep) = self.agents[i].eps.get(&attempt).copied()
+                    && let Some(Link::Tunnel(t)) = self.eps.get_mut(&ep).map(|e| &mut e.link)
+                {
+                    t.close(code, &reason);
+                }
+            }
+            AgentCommand::EndTunnel { attempt, .. } => {
+                if let Some(ep) = self.agents[i].eps.remove(&attempt) {
+                    // What the tunnel queued (its CLOSE) goes out before the
+                    // connection closes.
+                    let mut out = Vec::new();
+                    if let Some(Link::Tunnel(t)) = self.eps.get_mut(&ep).map(|e| &mut e.link) {
+                        while let Some(m) = t.poll_transmit() {
+                            out.push(m);
+                        }
+                    }
+                    for m in out {
+                        self.send(ep, m);
+                    }
+                    self.remove_ep(ep);
+                }
+            }
+            AgentCommand::DialTarget { attempt, cid, .. } => {
+                let ok = !self.chance(self.faults.target_refuse);
+                if !ok {
+                    self.outcome.target_refusals += 1;
+                }
+                let d = self.latency();
+                if let Some(ep) = self.agents[i].eps.get(&attempt).copied() {
+                    self.schedule(d, Event::TargetDialDone { ep, cid, ok });
+                }
+            }
+            AgentCommand::CancelTarget { attempt, cid } => {
+                if let Some(ep) = self.agents[i].eps.get(&attempt).copied() {
+                    self.targets.remove(&(ep, cid));
+                }
+            }
+            AgentCommand::ResetFlow {
+                attempt,
+                cid,
+                code,
+                reason,
+            } => {
+                if let Some(ep) = self.agents[i].eps.get(&attempt).copied() {
+                    self.targets.remove(&(ep, cid));
+                    if let Some(l) = self.flow_link(ep) {
+                        l.reset_flow(cid, code, &reason);
+                    }
+                }
+            }
+        }
     }
 
+    /// An event of agent `i`'s tunnel endpoint `ep`: the flow's bytes go to
+    /// its simulated target here; what concerns the agent as a whole is the
+    /// node's.
     pub(super) fn agent_tunnel_event(&mut self, i: usize, ep: EpId, e: TunnelEvent) {
         let now = self.now;
         let attempt = self.eps.get(&ep).map_or(0, |e| e.attempt);
-        let current = self.agents[i].ep == Some(ep);
-        let draining = self.agents[i].draining == Some(ep);
-        match e {
-            TunnelEvent::Drain if current => {
-                // As the runtimes do: one draining tunnel at a time; a newer
-                // drain ends the older one.
-                if let Some(old) = self.agents[i].draining.take() {
-                    if let Some(Link::Tunnel(t)) = self.eps.get_mut(&old).map(|e| &mut e.link) {
-                        t.close(ErrorCode::Shutdown, "a newer hub is draining too");
-                    }
-                    let old_attempt = self.eps.get(&old).map_or(0, |e| e.attempt);
-                    self.agents[i].agent.hub_lost(now, old_attempt);
-                }
-                self.agents[i].agent.hub_draining(now, attempt);
-                self.agents[i].draining = Some(ep);
-                self.agents[i].ep = None;
+        if self.agents[i].eps.get(&attempt) != Some(&ep) {
+            // A tunnel the node has ended already.
+            if matches!(e, TunnelEvent::Closed { .. }) {
+                self.remove_ep(ep);
             }
-            TunnelEvent::Established { .. } if current => {
-                self.agents[i].agent.hub_established(now, attempt)
-            }
-            TunnelEvent::Open { cid, connector } if current || draining => {
-                self.targets.insert((ep, cid), Target::default());
-                self.agents[i]
-                    .agent
-                    .flow_opened(now, attempt, cid, &connector);
+            return;
+        }
+        match &e {
+            TunnelEvent::Open { cid, .. } => {
+                self.targets.insert((ep, *cid), Target::default());
             }
             TunnelEvent::Flow(fe) => match fe {
                 FlowEvent::Data { cid, payload } => {
+                    let cid = *cid;
                     let Some(t) = self.targets.get_mut(&(ep, cid)) else {
                         return;
                     };
-                    t.buf.extend_from_slice(&payload);
+                    t.buf.extend_from_slice(payload);
                     if t.connected {
                         if let Some(l) = self.flow_link(ep) {
                             l.consumed(cid, payload.len());
@@ -573,31 +589,18 @@ impl World {
                     self.echo(ep, cid);
                 }
                 FlowEvent::Fin { cid } => {
-                    if let Some(t) = self.targets.get_mut(&(ep, cid)) {
+                    if let Some(t) = self.targets.get_mut(&(ep, *cid)) {
                         t.fin = true;
                     }
-                    self.echo(ep, cid);
+                    self.echo(ep, *cid);
                 }
-                FlowEvent::Writable { cid, .. } => self.echo(ep, cid),
+                FlowEvent::Writable { cid, .. } => self.echo(ep, *cid),
                 FlowEvent::Reset { cid, .. } | FlowEvent::Closed { cid } => {
-                    self.targets.remove(&(ep, cid));
-                    if current || draining {
-                        self.agents[i].agent.flow_gone(attempt, cid);
-                    }
+                    self.targets.remove(&(ep, *cid));
                 }
             },
-            TunnelEvent::Closed { .. } => {
-                if current {
-                    self.agents[i].ep = None;
-                    self.agents[i].agent.hub_lost(now, attempt);
-                }
-                if draining {
-                    self.agents[i].draining = None;
-                    self.agents[i].agent.hub_lost(now, attempt);
-                }
-                self.remove_ep(ep);
-            }
             _ => {}
         }
+        self.agents[i].node.tunnel_event(now, attempt, &e);
     }
 }
