@@ -1,0 +1,106 @@
+//! The shape of the code, checked: protocol decisions are made in the core's
+//! nodes, not in the runtimes or the simulator, and no module of theirs grows
+//! past what a reader can hold.
+
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Every `.rs` file under `dir`, recursively.
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display())) {
+            let p = e.expect("dir entry").path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn lines(p: &Path) -> usize {
+    std::fs::read_to_string(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .lines()
+        .count()
+}
+
+#[test]
+fn no_module_of_the_shared_runtime_or_the_simulator_is_over_900_lines() {
+    let r = root();
+    let long: Vec<String> = ["runtime-shared/src", "sim/src"]
+        .iter()
+        .flat_map(|d| rust_files(&r.join(d)))
+        .filter(|p| lines(p) > 900)
+        .map(|p| format!("{} ({} lines)", p.display(), lines(&p)))
+        .collect();
+    assert!(long.is_empty(), "split these: {long:?}");
+}
+
+#[test]
+fn each_runtime_agent_is_its_sockets_and_tasks_only() {
+    let r = root();
+    for f in [
+        "runtime-tokio/src/agent.rs",
+        "runtime-async-std/src/agent.rs",
+    ] {
+        let n = lines(&r.join(f));
+        assert!(
+            n <= 200,
+            "{f}: {n} lines; the agent's loop is `nowconnect_shared::agent`, the decisions `AgentNode`"
+        );
+    }
+}
+
+/// The inputs by which the agent's control machine decides (hub lost,
+/// DRAIN, a flow opened): only the core's [`AgentNode`] calls them. A runtime
+/// or the simulator calling them would be a second copy of how the agent
+/// combines its machines. (`sim/src/fuzz.rs` fuzzes the control machine on
+/// its own, on purpose.)
+#[test]
+fn only_the_core_nodes_combine_the_control_machines() {
+    let r = root();
+    let forbidden = [
+        "agent::Agent;",
+        "agent::{Agent,",
+        "Agent::new(",
+        ".hub_draining(",
+        ".hub_established(",
+        ".flow_opened(",
+        ".flow_gone(",
+        ".hub_lost(",
+    ];
+    let mut found = Vec::new();
+    for dir in [
+        "runtime-shared/src",
+        "runtime-tokio/src",
+        "runtime-async-std/src",
+        "sim/src",
+    ] {
+        for p in rust_files(&r.join(dir)) {
+            if p.ends_with("sim/src/fuzz.rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).expect("read");
+            for (i, line) in text.lines().enumerate() {
+                for f in forbidden {
+                    if line.contains(f) && !line.trim_start().starts_with("//") {
+                        found.push(format!("{}:{}: {}", p.display(), i + 1, line.trim()));
+                    }
+                }
+            }
+        }
+    }
+    assert!(found.is_empty(), "outside the core's nodes: {found:#?}");
+}
