@@ -16,9 +16,9 @@ use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use nowconnect_shared::agent::{AgentRt, run_agent};
 use nowconnect_shared::config::AgentConfig;
+use nowconnect_shared::driver::WsIn;
 use nowconnect_shared::driver::{FlowEnd, InlineWriter, Outgoing};
 use nowconnect_shared::metrics::Metrics;
-use nowconnect_shared::rt::WsIn;
 
 use crate::net::{connect_ws, pipe_tcp};
 

@@ -17,8 +17,8 @@ use nowconnect_core::registry::{RegistryError, RegistryOp, RegistryReply};
 use nowconnect_shared::config::HubConfig;
 use nowconnect_shared::driver::ClientTimeouts;
 use nowconnect_shared::driver::{FlowEnd, Outgoing};
-use nowconnect_shared::http::HttpRole;
 use nowconnect_shared::hub::HubRt;
+use nowconnect_shared::hub::{HttpRole, HubHttp};
 use nowconnect_shared::mesh::{MeshConnected, MeshInbound};
 use nowconnect_shared::metrics::Metrics;
 use nowconnect_shared::registry::RedisRegistry;
@@ -121,7 +121,9 @@ impl HubRt for AsyncStdRt {
     ) -> impl Future<Output = Result<MeshConnected<Self::MeshWs>, String>> + Send + 'static {
         mesh_accept_impl(tcp, inbound, within_, cfg)
     }
+}
 
+impl HubHttp for AsyncStdRt {
     async fn serve_http(
         shared: Arc<Shared>,
         l: TcpListener,

@@ -19,9 +19,10 @@ use nowconnect_core::agent_node::{AgentCommand, AgentNode};
 use nowconnect_core::tunnel::{Tunnel, TunnelEvent};
 
 use crate::config::AgentConfig;
-use crate::driver::{CMD_BATCH, FlowEnd, InlineWriter, LinkCmd, LoopTimer, Outgoing, TunnelDriver};
+use crate::driver::{
+    CMD_BATCH, FlowEnd, InlineWriter, LinkCmd, LoopTimer, Outgoing, TunnelDriver, WsIn,
+};
 use crate::metrics::Metrics;
-use crate::rt::WsIn;
 use crate::token_renewal::TokenRenewal;
 
 /// What the agent needs from its async runtime: tasks, a timer, the hub's

@@ -15,38 +15,7 @@ use futures_util::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::hub::{HubRt, Shared};
 use crate::jwt::AgentIdentity;
 
-/// Which endpoints an HTTP port serves: everything on `http.bind`, or,
-/// with `http.ops_bind` set, `/tunnel` there and the operations endpoints
-/// on the ops port. A path the port does not serve gets a `404`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HttpRole {
-    /// `/tunnel`, `/healthz`, `/readyz` and `/metrics` (no `http.ops_bind`).
-    All,
-    /// `/tunnel` only: the public port when `http.ops_bind` is set.
-    Tunnel,
-    /// `/healthz`, `/readyz` and `/metrics`: the `http.ops_bind` port.
-    Ops,
-}
-
-impl HttpRole {
-    /// Whether this port answers `path` (without its query).
-    pub fn serves(self, path: &str) -> bool {
-        match path {
-            "/tunnel" => self != HttpRole::Ops,
-            "/healthz" | "/readyz" | "/metrics" => self != HttpRole::Tunnel,
-            _ => false,
-        }
-    }
-
-    /// The paths this port serves, for the start log.
-    pub fn paths(self) -> &'static str {
-        match self {
-            HttpRole::All => "/tunnel /healthz /readyz /metrics",
-            HttpRole::Tunnel => "/tunnel",
-            HttpRole::Ops => "/healthz /readyz /metrics",
-        }
-    }
-}
+pub use crate::hub::HttpRole;
 
 /// Largest request head taken.
 pub const MAX_HEAD: usize = 16 * 1024;

@@ -1,5 +1,5 @@
 //! What the hub needs from an async runtime ([`HubRt`]), and the one type
-//! an adapter hands back to it from an agent tunnel ([`WsIn`]). The hub
+//! an adapter hands back to it from an agent tunnel ([`WsIn`], a driver type). The hub
 //! ([`crate::hub`]) is written once over this trait.
 
 use std::future::Future;
@@ -7,14 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_channel::Receiver;
-use nowconnect_core::WsMessage;
 use nowconnect_core::registry::{RegistryError, RegistryOp, RegistryReply};
 use tungstenite::protocol::WebSocketConfig;
 
 use crate::driver::FlowEnd;
-use crate::http::HttpRole;
-use crate::hub::Shared;
 use crate::mesh::MeshWs;
 use crate::metrics::Metrics;
 
@@ -88,27 +84,6 @@ pub trait HubRt: Send + Sync + Sized + 'static {
         within: Duration,
         cfg: WebSocketConfig,
     ) -> impl Future<Output = Result<crate::mesh::MeshConnected<Self::MeshWs>, String>> + Send + 'static;
-
-    /// Serve the endpoints of `role` on `l` until `stop` fires, then let
-    /// requests in progress end. On a port where
-    /// [`Shared::http_server_tls`] gives a configuration (read per accepted
-    /// connection: a reload swaps it), every connection first completes a
-    /// TLS handshake within `http.header_timeout_sec`; a failed or late one
-    /// is closed and reported to [`Shared::http_tls_failed`].
-    fn serve_http(
-        shared: Arc<Shared<Self>>,
-        l: Self::Listener,
-        role: HttpRole,
-        stop: Receiver<()>,
-    ) -> impl Future<Output = ()> + Send + 'static;
 }
 
-/// A WebSocket message from an agent tunnel, as the hub loop needs it.
-pub enum WsIn {
-    Frame(WsMessage),
-    /// Ping, pong and the like.
-    Other,
-    /// The agent sent a close frame (its reason).
-    Closed(String),
-    Failed(String),
-}
+pub use crate::driver::WsIn;

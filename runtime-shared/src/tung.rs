@@ -49,8 +49,8 @@ pub fn frame_message(m: WsMessage) -> Message {
 }
 
 /// What a tungstenite WebSocket delivered, as a link loop needs it.
-pub fn ws_in(m: Result<Message, tungstenite::Error>) -> crate::rt::WsIn {
-    use crate::rt::WsIn;
+pub fn ws_in(m: Result<Message, tungstenite::Error>) -> crate::driver::WsIn {
+    use crate::driver::WsIn;
     match m {
         Ok(Message::Binary(b)) => WsIn::Frame(WsMessage::Binary(b)),
         Ok(Message::Text(t)) => WsIn::Frame(WsMessage::Text(t.as_str().to_owned())),

@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use nowconnect_core::WsMessage;
 use nowconnect_core::registry::{RegistryError, RegistryOp, RegistryReply};
 use nowconnect_shared::driver::{FlowEnd, Outgoing};
-use nowconnect_shared::http::HttpRole;
+use nowconnect_shared::hub::{HttpRole, HubHttp};
 use nowconnect_shared::hub::{HubRt, WsIn};
 use nowconnect_shared::mesh::{MeshConnected, MeshInbound};
 use nowconnect_shared::metrics::Metrics;
@@ -124,7 +124,9 @@ impl HubRt for TokioRt {
     ) -> impl Future<Output = Result<MeshConnected<Self::MeshWs>, String>> + Send + 'static {
         mesh_accept_impl(tcp, inbound, within, cfg)
     }
+}
 
+impl HubHttp for TokioRt {
     fn serve_http(
         shared: Arc<Shared>,
         l: TcpListener,

@@ -243,6 +243,16 @@ pub const CMD_BATCH: usize = 256;
 /// the core, where they are bounded.
 pub const WRITER_HIGH_WATER: usize = 256;
 
+/// A WebSocket message from a tunnel, as a link loop (hub or agent) needs it.
+pub enum WsIn {
+    Frame(WsMessage),
+    /// Ping, pong and the like.
+    Other,
+    /// The peer sent a close frame (its reason).
+    Closed(String),
+    Failed(String),
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@
 
 mod clients;
 mod drain;
+mod http_port;
 mod mesh_peers;
 mod mesh_tasks;
 mod reload;
@@ -34,12 +35,12 @@ use nowconnect_core::routing::{Mode, Route};
 
 use crate::config::HubConfig;
 use crate::driver::LinkCmd;
-use crate::http::HttpRole;
 use crate::jwt::{AgentIdentity, Verifier};
 use crate::mesh::{MeshLinks, MeshTlsConfigs};
 use crate::metrics::{Metrics, labels};
 
 pub use crate::rt::{HubRt, WsIn};
+pub use http_port::{HttpRole, HubHttp};
 
 /// The control state shared by all tasks (not on the data path).
 struct Control {
@@ -345,7 +346,7 @@ pub fn bearer(v: &str) -> Option<&str> {
 
 /// Start a hub: bind every socket (failing fast with the address that could
 /// not be bound), then serve until [`HubHandle::shutdown`].
-pub async fn start<R: HubRt>(cfg: HubConfig, rt: R, redis: bool) -> Result<HubHandle<R>, String> {
+pub async fn start<R: HubHttp>(cfg: HubConfig, rt: R, redis: bool) -> Result<HubHandle<R>, String> {
     let metrics = Arc::new(Metrics::new());
     let connectors: Vec<String> = cfg.listeners.iter().map(|(_, _, c)| c.clone()).collect();
     metrics.init_known_series(&connectors);

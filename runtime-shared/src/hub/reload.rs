@@ -12,9 +12,9 @@ use async_channel::Sender;
 use nowconnect_core::ErrorCode;
 use nowconnect_core::hub::TunnelId;
 
+use super::HttpRole;
 use crate::config::HubConfig;
 use crate::driver::LinkCmd;
-use crate::http::HttpRole;
 use crate::jwt::{AgentIdentity, Verifier};
 use crate::metrics::labels;
 use crate::rt::HubRt;
