@@ -14,6 +14,7 @@ pub mod admission;
 pub mod agent;
 pub mod agent_node;
 pub mod backoff;
+pub mod client_timeouts;
 pub mod codec;
 pub mod dedup;
 pub mod flow;

@@ -66,21 +66,8 @@ pub async fn run_flow_socket<R, W>(
     }
 }
 
-/// The timeouts of a hub client's flow.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ClientTimeouts {
-    /// No byte in either direction for this long: reset (`idle_timeout`).
-    pub idle: Option<std::time::Duration>,
-    /// The client sent no byte this long after connecting: reset
-    /// (`idle_timeout`, reason `first_byte_timeout`).
-    pub first_byte: Option<std::time::Duration>,
-}
-
-/// Why a client flow was timed out.
-enum Expired {
-    Idle(std::time::Duration),
-    FirstByte(std::time::Duration),
-}
+pub use nowconnect_core::client_timeouts::ClientTimeouts;
+use nowconnect_core::client_timeouts::{Expired, Verdict};
 
 /// [`run_flow_socket`] for a hub client, with its [`ClientTimeouts`]: a flow
 /// that runs into one is reset with `idle_timeout` and its socket closed.
@@ -98,7 +85,7 @@ pub async fn run_client_socket<R, W, S, F>(
     S: Fn(std::time::Duration) -> F,
     F: std::future::Future<Output = ()>,
 {
-    if timeouts == ClientTimeouts::default() {
+    if !timeouts.any() {
         return run_flow_socket(rd, wr, end, metrics, "up", "down").await;
     }
     // Boxed: only flows with a timeout pay for its larger state (a client
@@ -131,25 +118,10 @@ async fn timed_flow<R, W, S, F>(
     );
     let watch = async {
         loop {
-            let mut wait: Option<std::time::Duration> = None;
-            if let Some(limit) = timeouts.first_byte.filter(|_| !activity.client_spoke()) {
-                let age = activity.age();
-                if age >= limit {
-                    return Expired::FirstByte(limit);
-                }
-                wait = Some(limit - age);
-            }
-            if let Some(limit) = timeouts.idle {
-                let idle = activity.idle();
-                if idle >= limit {
-                    return Expired::Idle(limit);
-                }
-                wait = Some(wait.map_or(limit - idle, |w| w.min(limit - idle)));
-            }
-            match wait {
-                Some(w) => sleep(w).await,
-                // The client spoke and no idle limit is set: nothing to watch.
-                None => std::future::pending::<()>().await,
+            match timeouts.check(activity.age(), activity.idle(), activity.client_spoke()) {
+                Verdict::Expired(e) => return e,
+                Verdict::CheckIn(w) => sleep(w).await,
+                Verdict::Done => std::future::pending::<()>().await,
             }
         }
     };
@@ -161,41 +133,27 @@ async fn timed_flow<R, W, S, F>(
         async { Some(watch.await) },
     )
     .await;
-    let (kind, reason) = match expired {
-        None => return,
-        Some(Expired::Idle(limit)) => {
-            tracing::info!(cid, idle_sec = limit.as_secs(), "client flow idle; closed");
-            (
-                "idle",
-                format!(
-                    "no bytes either way for {}s (limits.client_idle_timeout_sec)",
-                    limit.as_secs()
-                ),
-            )
-        }
-        Some(Expired::FirstByte(limit)) => {
-            tracing::info!(
-                cid,
-                first_byte_timeout_sec = limit.as_secs(),
-                "client sent nothing after connecting; closed"
-            );
-            (
-                "first_byte",
-                format!(
-                    "the client sent no byte within {}s of connecting (listeners[].first_byte_timeout_sec)",
-                    limit.as_secs()
-                ),
-            )
-        }
+    let Some(expired) = expired else {
+        return;
     };
+    match expired {
+        Expired::Idle(limit) => {
+            tracing::info!(cid, idle_sec = limit.as_secs(), "client flow idle; closed");
+        }
+        Expired::FirstByte(limit) => tracing::info!(
+            cid,
+            first_byte_timeout_sec = limit.as_secs(),
+            "client sent nothing after connecting; closed"
+        ),
+    }
     metrics
         .client_timeouts
-        .get_or_create(&labels(&[("kind", kind)]))
+        .get_or_create(&labels(&[("kind", expired.kind())]))
         .inc();
     let _ = cmd.try_send(LinkCmd::Reset {
         cid,
-        code: ErrorCode::IdleTimeout,
-        reason,
+        code: expired.code(),
+        reason: expired.reason(),
     });
 }
 
