@@ -17,6 +17,17 @@ use crate::frame::{Cid, ErrorCode};
 use crate::rng::Rng;
 use crate::timer::Timers;
 
+/// One dial of a hub by the agent, and the tunnel it becomes: the agent's
+/// flows are named by (attempt, cid), since cids are per tunnel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AttemptId(pub u64);
+
+impl std::fmt::Display for AttemptId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub agent_id: String,
@@ -50,19 +61,19 @@ impl Default for AgentConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AgentOutput {
     /// Dial this hub; report with `hub_established` or `hub_lost`.
-    DialHub { attempt: u64, url: String },
+    DialHub { attempt: AttemptId, url: String },
     /// Abandon the hub attempt or tunnel (timed out).
-    AbortHub { attempt: u64, reason: String },
+    AbortHub { attempt: AttemptId, reason: String },
     /// Connect to the target of flow `cid` of tunnel `attempt`; report with
     /// `target_connected` / `target_failed`.
     DialTarget {
-        attempt: u64,
+        attempt: AttemptId,
         cid: Cid,
         target: String,
     },
     /// Reset the flow on tunnel `attempt` (and abort its dial if one is running).
     ResetFlow {
-        attempt: u64,
+        attempt: AttemptId,
         cid: Cid,
         code: ErrorCode,
         reason: String,
@@ -71,8 +82,8 @@ pub enum AgentOutput {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HubLinkState {
-    Dialing { attempt: u64 },
-    Connected { attempt: u64 },
+    Dialing { attempt: AttemptId },
+    Connected { attempt: AttemptId },
     Backoff,
     Stopped,
 }
@@ -81,7 +92,7 @@ pub enum HubLinkState {
 enum Timer {
     HubDeadline,
     Reconnect,
-    Dial(u64, Cid),
+    Dial(AttemptId, Cid),
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -101,13 +112,13 @@ pub struct Agent {
     cfg: AgentConfig,
     state: HubLinkState,
     hub_index: usize,
-    next_attempt: u64,
+    next_attempt: AttemptId,
     backoff: Backoff,
     rng: Rng,
     /// Target dials in progress, by (tunnel attempt, cid).
-    dials: BTreeMap<(u64, Cid), Instant>,
+    dials: BTreeMap<(AttemptId, Cid), Instant>,
     /// Tunnels whose hub said DRAIN: still carrying flows, no longer current.
-    draining: BTreeSet<u64>,
+    draining: BTreeSet<AttemptId>,
     timers: Timers<Timer>,
     out: VecDeque<AgentOutput>,
     pub counters: AgentCounters,
@@ -121,7 +132,7 @@ impl Agent {
             cfg,
             state: HubLinkState::Backoff,
             hub_index: 0,
-            next_attempt: 1,
+            next_attempt: AttemptId(1),
             backoff,
             rng: Rng::new(seed),
             dials: BTreeMap::new(),
@@ -156,7 +167,7 @@ impl Agent {
             return;
         }
         let attempt = self.next_attempt;
-        self.next_attempt += 1;
+        self.next_attempt = AttemptId(attempt.0 + 1);
         self.counters.hub_attempts += 1;
         self.state = HubLinkState::Dialing { attempt };
         self.timers
@@ -166,7 +177,7 @@ impl Agent {
     }
 
     /// The tunnel of `attempt` got its WELCOME.
-    pub fn hub_established(&mut self, _now: Instant, attempt: u64) {
+    pub fn hub_established(&mut self, _now: Instant, attempt: AttemptId) {
         if self.state == (HubLinkState::Dialing { attempt }) {
             self.state = HubLinkState::Connected { attempt };
             self.timers.clear(Timer::HubDeadline);
@@ -176,7 +187,7 @@ impl Agent {
 
     /// The dial of `attempt` failed, or its tunnel ended. Every flow of the
     /// tunnel is gone with it; the next hub in the list is tried after a backoff.
-    pub fn hub_lost(&mut self, now: Instant, attempt: u64) {
+    pub fn hub_lost(&mut self, now: Instant, attempt: AttemptId) {
         if self.draining.remove(&attempt) {
             // A draining tunnel ended: only its own flows go with it.
             self.forget_dials(attempt);
@@ -195,8 +206,8 @@ impl Agent {
         self.timers.set(Timer::Reconnect, now + delay);
     }
 
-    fn forget_dials(&mut self, attempt: u64) {
-        let gone: Vec<(u64, Cid)> = self
+    fn forget_dials(&mut self, attempt: AttemptId) {
+        let gone: Vec<(AttemptId, Cid)> = self
             .dials
             .range((attempt, 0)..=(attempt, Cid::MAX))
             .map(|(k, _)| *k)
@@ -211,7 +222,7 @@ impl Agent {
     /// is the current tunnel, it becomes a draining one (its flows go on, and
     /// it may still get new ones until the agent is owned elsewhere) and the
     /// next hub is dialed at once, without backoff.
-    pub fn hub_draining(&mut self, now: Instant, attempt: u64) {
+    pub fn hub_draining(&mut self, now: Instant, attempt: AttemptId) {
         if self.state != (HubLinkState::Connected { attempt }) {
             return;
         }
@@ -222,7 +233,7 @@ impl Agent {
     }
 
     /// Tunnels still open after their hub said DRAIN.
-    pub fn draining_tunnels(&self) -> impl Iterator<Item = u64> + '_ {
+    pub fn draining_tunnels(&self) -> impl Iterator<Item = AttemptId> + '_ {
         self.draining.iter().copied()
     }
 
@@ -235,7 +246,7 @@ impl Agent {
     }
 
     /// The hub of tunnel `attempt` opened flow `cid` for `connector`.
-    pub fn flow_opened(&mut self, now: Instant, attempt: u64, cid: Cid, connector: &str) {
+    pub fn flow_opened(&mut self, now: Instant, attempt: AttemptId, cid: Cid, connector: &str) {
         // A flow id is opened once; should it come again, the flow is reset
         // and any dial still running for it is abandoned with it.
         if self.dials.remove(&(attempt, cid)).is_some() {
@@ -287,12 +298,12 @@ impl Agent {
         });
     }
 
-    pub fn target_connected(&mut self, _now: Instant, attempt: u64, cid: Cid) -> bool {
+    pub fn target_connected(&mut self, _now: Instant, attempt: AttemptId, cid: Cid) -> bool {
         self.timers.clear(Timer::Dial(attempt, cid));
         self.dials.remove(&(attempt, cid)).is_some()
     }
 
-    pub fn target_failed(&mut self, _now: Instant, attempt: u64, cid: Cid, reason: &str) {
+    pub fn target_failed(&mut self, _now: Instant, attempt: AttemptId, cid: Cid, reason: &str) {
         self.timers.clear(Timer::Dial(attempt, cid));
         if self.dials.remove(&(attempt, cid)).is_some() {
             self.counters.target_failures += 1;
@@ -306,7 +317,7 @@ impl Agent {
     }
 
     /// The flow ended before its dial finished (hub reset it).
-    pub fn flow_gone(&mut self, attempt: u64, cid: Cid) {
+    pub fn flow_gone(&mut self, attempt: AttemptId, cid: Cid) {
         self.timers.clear(Timer::Dial(attempt, cid));
         self.dials.remove(&(attempt, cid));
     }

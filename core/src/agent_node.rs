@@ -21,7 +21,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Instant;
 
-use crate::agent::{Agent, AgentConfig, AgentCounters, AgentOutput, HubLinkState};
+use crate::agent::{Agent, AgentConfig, AgentCounters, AgentOutput, AttemptId, HubLinkState};
 use crate::frame::{Cid, ErrorCode};
 use crate::mux::FlowEvent;
 use crate::tunnel::TunnelEvent;
@@ -31,36 +31,36 @@ use crate::tunnel::TunnelEvent;
 pub enum AgentCommand {
     /// Dial this hub (with a current token); report the outcome with
     /// [`AgentNode::hub_connected`] or [`AgentNode::hub_failed`].
-    DialHub { attempt: u64, url: String },
+    DialHub { attempt: AttemptId, url: String },
     /// Stop the running dial of hub `attempt`; it is no longer wanted.
-    CancelHubDial { attempt: u64 },
+    CancelHubDial { attempt: AttemptId },
     /// Close tunnel `attempt` in its core machine (it sends CLOSE and resets
     /// its flows); the tunnel then reports `Closed` and is ended.
     CloseTunnel {
-        attempt: u64,
+        attempt: AttemptId,
         code: ErrorCode,
         reason: String,
     },
     /// Tunnel `attempt` is over: close its socket with this code and reason
     /// (after what is queued) and stop driving it.
     EndTunnel {
-        attempt: u64,
+        attempt: AttemptId,
         code: ErrorCode,
         reason: String,
     },
     /// Connect to `target` for flow `cid` of tunnel `attempt`; report with
     /// [`AgentNode::target_connected`] or [`AgentNode::target_failed`].
     DialTarget {
-        attempt: u64,
+        attempt: AttemptId,
         cid: Cid,
         target: String,
     },
     /// Flow `cid` of tunnel `attempt` no longer waits for its target: stop
     /// the dial if it still runs and drop what waits for it.
-    CancelTarget { attempt: u64, cid: Cid },
+    CancelTarget { attempt: AttemptId, cid: Cid },
     /// Reset flow `cid` on tunnel `attempt`.
     ResetFlow {
-        attempt: u64,
+        attempt: AttemptId,
         cid: Cid,
         code: ErrorCode,
         reason: String,
@@ -88,10 +88,10 @@ pub enum StaleConnection {
 pub struct AgentNode {
     agent: Agent,
     /// The hub dial in progress, if any.
-    dialing: Option<u64>,
-    links: BTreeMap<u64, LinkRole>,
+    dialing: Option<AttemptId>,
+    links: BTreeMap<AttemptId, LinkRole>,
     /// Flows opened by a hub whose target is not connected yet.
-    waiting: BTreeSet<(u64, Cid)>,
+    waiting: BTreeSet<(AttemptId, Cid)>,
     out: VecDeque<AgentCommand>,
 }
 
@@ -137,18 +137,22 @@ impl AgentNode {
     }
 
     /// The tunnel links: their attempt and role.
-    pub fn links(&self) -> impl Iterator<Item = (u64, LinkRole)> + '_ {
+    pub fn links(&self) -> impl Iterator<Item = (AttemptId, LinkRole)> + '_ {
         self.links.iter().map(|(a, r)| (*a, *r))
     }
 
-    pub fn role(&self, attempt: u64) -> Option<LinkRole> {
+    pub fn role(&self, attempt: AttemptId) -> Option<LinkRole> {
         self.links.get(&attempt).copied()
     }
 
     /// The dial of hub `attempt` gave a WebSocket. `Ok`: it is the current
     /// tunnel now (start a `Tunnel::agent` on it and report its events);
     /// `Err`: the attempt is stale and the socket is to be dropped.
-    pub fn hub_connected(&mut self, _now: Instant, attempt: u64) -> Result<(), StaleConnection> {
+    pub fn hub_connected(
+        &mut self,
+        _now: Instant,
+        attempt: AttemptId,
+    ) -> Result<(), StaleConnection> {
         if self.agent.state() != &(HubLinkState::Dialing { attempt })
             || self.links.contains_key(&attempt)
         {
@@ -163,7 +167,7 @@ impl AgentNode {
     }
 
     /// The dial of hub `attempt` failed.
-    pub fn hub_failed(&mut self, now: Instant, attempt: u64) {
+    pub fn hub_failed(&mut self, now: Instant, attempt: AttemptId) {
         if self.dialing == Some(attempt) {
             self.dialing = None;
         }
@@ -176,7 +180,7 @@ impl AgentNode {
     /// An event of tunnel `attempt`'s core machine. Only `Established`,
     /// `Drain`, `Open`, `Closed` and the end of a flow (`Reset`, `Closed`)
     /// concern the node; the rest is the link's own business.
-    pub fn tunnel_event(&mut self, now: Instant, attempt: u64, ev: &TunnelEvent) {
+    pub fn tunnel_event(&mut self, now: Instant, attempt: AttemptId, ev: &TunnelEvent) {
         let Some(role) = self.links.get(&attempt).copied() else {
             return;
         };
@@ -207,7 +211,7 @@ impl AgentNode {
 
     /// The target of flow `cid` of tunnel `attempt` is connected. `true`:
     /// pipe it to the flow; `false`: the flow is gone (drop the socket).
-    pub fn target_connected(&mut self, now: Instant, attempt: u64, cid: Cid) -> bool {
+    pub fn target_connected(&mut self, now: Instant, attempt: AttemptId, cid: Cid) -> bool {
         let wanted = self.agent.target_connected(now, attempt, cid);
         let waiting = self.waiting.remove(&(attempt, cid));
         self.check();
@@ -215,7 +219,7 @@ impl AgentNode {
     }
 
     /// The target of flow `cid` of tunnel `attempt` could not be reached.
-    pub fn target_failed(&mut self, now: Instant, attempt: u64, cid: Cid, reason: &str) {
+    pub fn target_failed(&mut self, now: Instant, attempt: AttemptId, cid: Cid, reason: &str) {
         self.agent.target_failed(now, attempt, cid, reason);
         self.pump();
     }
@@ -227,7 +231,7 @@ impl AgentNode {
         if let Some(attempt) = self.dialing.take() {
             self.out.push_back(AgentCommand::CancelHubDial { attempt });
         }
-        let links: Vec<u64> = self.links.keys().copied().collect();
+        let links: Vec<AttemptId> = self.links.keys().copied().collect();
         for attempt in links {
             self.out.push_back(AgentCommand::CloseTunnel {
                 attempt,
@@ -256,8 +260,8 @@ impl AgentNode {
 
     /// The current tunnel's hub said DRAIN: it becomes the draining one, and
     /// the one draining before (if any) is ended.
-    fn drained(&mut self, now: Instant, attempt: u64) {
-        let older: Vec<u64> = self
+    fn drained(&mut self, now: Instant, attempt: AttemptId) {
+        let older: Vec<AttemptId> = self
             .links
             .iter()
             .filter(|(_, r)| **r == LinkRole::Draining)
@@ -276,7 +280,7 @@ impl AgentNode {
         self.agent.hub_draining(now, attempt);
     }
 
-    fn flow_ended(&mut self, attempt: u64, cid: Cid) {
+    fn flow_ended(&mut self, attempt: AttemptId, cid: Cid) {
         if self.waiting.remove(&(attempt, cid)) {
             self.agent.flow_gone(attempt, cid);
             self.out
@@ -286,17 +290,17 @@ impl AgentNode {
 
     /// Tunnel `attempt` is over: its waiting flows go, its socket closes,
     /// and the control machine is told.
-    fn end_link(&mut self, now: Instant, attempt: u64, code: ErrorCode, reason: &str) {
+    fn end_link(&mut self, now: Instant, attempt: AttemptId, code: ErrorCode, reason: &str) {
         if self.forget_link(attempt, code, reason) {
             self.agent.hub_lost(now, attempt);
         }
     }
 
-    fn forget_link(&mut self, attempt: u64, code: ErrorCode, reason: &str) -> bool {
+    fn forget_link(&mut self, attempt: AttemptId, code: ErrorCode, reason: &str) -> bool {
         if self.links.remove(&attempt).is_none() {
             return false;
         }
-        let gone: Vec<(u64, Cid)> = self
+        let gone: Vec<(AttemptId, Cid)> = self
             .waiting
             .range((attempt, 0)..=(attempt, Cid::MAX))
             .copied()

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use nowconnect_core::agent::{AgentConfig, HubLinkState};
+use nowconnect_core::agent::{AgentConfig, AttemptId, HubLinkState};
 use nowconnect_core::agent_node::{AgentCommand, AgentNode, LinkRole, StaleConnection};
 use nowconnect_core::mux::FlowEvent;
 use nowconnect_core::tunnel::TunnelEvent;
@@ -52,13 +52,19 @@ fn connected(t0: Instant) -> AgentNode {
     assert_eq!(
         commands(&mut n),
         vec![AgentCommand::DialHub {
-            attempt: 1,
+            attempt: AttemptId(1),
             url: "wss://hub-a".into()
         }]
     );
-    n.hub_connected(t0, 1).expect("the attempt being dialed");
-    n.tunnel_event(t0, 1, &established());
-    assert_eq!(n.state(), &HubLinkState::Connected { attempt: 1 });
+    n.hub_connected(t0, AttemptId(1))
+        .expect("the attempt being dialed");
+    n.tunnel_event(t0, AttemptId(1), &established());
+    assert_eq!(
+        n.state(),
+        &HubLinkState::Connected {
+            attempt: AttemptId(1)
+        }
+    );
     assert!(commands(&mut n).is_empty());
     n
 }
@@ -69,7 +75,7 @@ fn only_the_attempt_being_dialed_becomes_a_tunnel() {
     let mut n = AgentNode::new(t0, cfg(), 7);
     commands(&mut n);
     assert_eq!(
-        n.hub_connected(t0, 2),
+        n.hub_connected(t0, AttemptId(2)),
         Err(StaleConnection::NotDialing),
         "an attempt never dialed"
     );
@@ -78,10 +84,12 @@ fn only_the_attempt_being_dialed_becomes_a_tunnel() {
     n.handle_timeout(t0 + Duration::from_secs(2));
     assert_eq!(
         commands(&mut n),
-        vec![AgentCommand::CancelHubDial { attempt: 1 }]
+        vec![AgentCommand::CancelHubDial {
+            attempt: AttemptId(1)
+        }]
     );
     assert_eq!(
-        n.hub_connected(t0 + Duration::from_secs(2), 1),
+        n.hub_connected(t0 + Duration::from_secs(2), AttemptId(1)),
         Err(StaleConnection::NotDialing)
     );
     assert_eq!(n.links().count(), 0);
@@ -90,7 +98,7 @@ fn only_the_attempt_being_dialed_becomes_a_tunnel() {
     assert_eq!(
         commands(&mut n),
         vec![AgentCommand::DialHub {
-            attempt: 2,
+            attempt: AttemptId(2),
             url: "wss://hub-b".into()
         }]
     );
@@ -101,7 +109,7 @@ fn a_tunnel_without_welcome_in_time_is_closed_and_ended() {
     let t0 = origin();
     let mut n = AgentNode::new(t0, cfg(), 7);
     commands(&mut n);
-    n.hub_connected(t0, 1).unwrap();
+    n.hub_connected(t0, AttemptId(1)).unwrap();
     n.handle_timeout(t0 + Duration::from_secs(2));
     let cmds = commands(&mut n);
     assert!(
@@ -109,12 +117,12 @@ fn a_tunnel_without_welcome_in_time_is_closed_and_ended() {
             &cmds[..],
             [
                 AgentCommand::CloseTunnel {
-                    attempt: 1,
+                    attempt: AttemptId(1),
                     code: ErrorCode::IdleTimeout,
                     ..
                 },
                 AgentCommand::EndTunnel {
-                    attempt: 1,
+                    attempt: AttemptId(1),
                     code: ErrorCode::IdleTimeout,
                     ..
                 },
@@ -126,7 +134,7 @@ fn a_tunnel_without_welcome_in_time_is_closed_and_ended() {
     // Its Closed event, arriving after, changes nothing.
     n.tunnel_event(
         t0 + Duration::from_secs(2),
-        1,
+        AttemptId(1),
         &TunnelEvent::Closed {
             code: ErrorCode::IdleTimeout,
             reason: "x".into(),
@@ -140,63 +148,66 @@ fn a_tunnel_without_welcome_in_time_is_closed_and_ended() {
 fn a_drained_tunnel_keeps_its_flows_and_a_second_drain_ends_the_first() {
     let t0 = origin();
     let mut n = connected(t0);
-    n.tunnel_event(t0, 1, &open(2, "ldap"));
+    n.tunnel_event(t0, AttemptId(1), &open(2, "ldap"));
     assert!(matches!(
         &commands(&mut n)[..],
         [AgentCommand::DialTarget {
-            attempt: 1,
+            attempt: AttemptId(1),
             cid: 2,
             ..
         }]
     ));
-    assert!(n.target_connected(t0, 1, 2));
-    n.tunnel_event(t0, 1, &TunnelEvent::Drain);
-    assert_eq!(n.role(1), Some(LinkRole::Draining));
+    assert!(n.target_connected(t0, AttemptId(1), 2));
+    n.tunnel_event(t0, AttemptId(1), &TunnelEvent::Drain);
+    assert_eq!(n.role(AttemptId(1)), Some(LinkRole::Draining));
     assert_eq!(
         commands(&mut n),
         vec![AgentCommand::DialHub {
-            attempt: 2,
+            attempt: AttemptId(2),
             url: "wss://hub-b".into()
         }],
         "the next hub at once, no backoff"
     );
     // The draining tunnel still takes flows.
-    n.tunnel_event(t0, 1, &open(4, "ldap"));
+    n.tunnel_event(t0, AttemptId(1), &open(4, "ldap"));
     assert!(matches!(
         &commands(&mut n)[..],
         [AgentCommand::DialTarget {
-            attempt: 1,
+            attempt: AttemptId(1),
             cid: 4,
             ..
         }]
     ));
-    n.hub_connected(t0, 2).unwrap();
-    n.tunnel_event(t0, 2, &established());
-    n.tunnel_event(t0, 2, &TunnelEvent::Drain);
+    n.hub_connected(t0, AttemptId(2)).unwrap();
+    n.tunnel_event(t0, AttemptId(2), &established());
+    n.tunnel_event(t0, AttemptId(2), &TunnelEvent::Drain);
     let cmds = commands(&mut n);
     assert_eq!(
         cmds,
         vec![
             AgentCommand::CloseTunnel {
-                attempt: 1,
+                attempt: AttemptId(1),
                 code: ErrorCode::Shutdown,
                 reason: "a newer hub is draining too".into()
             },
-            AgentCommand::CancelTarget { attempt: 1, cid: 4 },
+            AgentCommand::CancelTarget {
+                attempt: AttemptId(1),
+                cid: 4
+            },
             AgentCommand::EndTunnel {
-                attempt: 1,
+                attempt: AttemptId(1),
                 code: ErrorCode::Shutdown,
                 reason: "a newer hub is draining too".into()
             },
             AgentCommand::DialHub {
-                attempt: 3,
+                attempt: AttemptId(3),
                 url: "wss://hub-a".into()
             },
         ]
     );
     assert_eq!(
         n.links().collect::<Vec<_>>(),
-        vec![(2, LinkRole::Draining)],
+        vec![(AttemptId(2), LinkRole::Draining)],
         "one draining tunnel at a time"
     );
     assert_eq!(n.pending_dials(), 0);
@@ -206,12 +217,12 @@ fn a_drained_tunnel_keeps_its_flows_and_a_second_drain_ends_the_first() {
 fn a_flow_that_ends_while_its_target_is_dialed_cancels_the_dial() {
     let t0 = origin();
     let mut n = connected(t0);
-    n.tunnel_event(t0, 1, &open(2, "ldap"));
+    n.tunnel_event(t0, AttemptId(1), &open(2, "ldap"));
     commands(&mut n);
     assert_eq!((n.pending_dials(), n.waiting_flows()), (1, 1));
     n.tunnel_event(
         t0,
-        1,
+        AttemptId(1),
         &TunnelEvent::Flow(FlowEvent::Reset {
             cid: 2,
             code: ErrorCode::ConnectionReset,
@@ -220,11 +231,14 @@ fn a_flow_that_ends_while_its_target_is_dialed_cancels_the_dial() {
     );
     assert_eq!(
         commands(&mut n),
-        vec![AgentCommand::CancelTarget { attempt: 1, cid: 2 }]
+        vec![AgentCommand::CancelTarget {
+            attempt: AttemptId(1),
+            cid: 2
+        }]
     );
     assert_eq!((n.pending_dials(), n.waiting_flows()), (0, 0));
     assert!(
-        !n.target_connected(t0, 1, 2),
+        !n.target_connected(t0, AttemptId(1), 2),
         "a target connected too late is dropped"
     );
 }
@@ -233,18 +247,21 @@ fn a_flow_that_ends_while_its_target_is_dialed_cancels_the_dial() {
 fn target_failures_and_timeouts_reset_the_flow_and_free_the_dial() {
     let t0 = origin();
     let mut n = connected(t0);
-    n.tunnel_event(t0, 1, &open(2, "ldap"));
-    n.tunnel_event(t0, 1, &open(4, "ldap"));
+    n.tunnel_event(t0, AttemptId(1), &open(2, "ldap"));
+    n.tunnel_event(t0, AttemptId(1), &open(4, "ldap"));
     commands(&mut n);
-    n.target_failed(t0, 1, 2, "connection refused");
+    n.target_failed(t0, AttemptId(1), 2, "connection refused");
     let cmds = commands(&mut n);
     assert!(
         matches!(
             &cmds[..],
             [
-                AgentCommand::CancelTarget { attempt: 1, cid: 2 },
+                AgentCommand::CancelTarget {
+                    attempt: AttemptId(1),
+                    cid: 2
+                },
                 AgentCommand::ResetFlow {
-                    attempt: 1,
+                    attempt: AttemptId(1),
                     cid: 2,
                     code: ErrorCode::TargetUnreachable,
                     ..
@@ -259,9 +276,12 @@ fn target_failures_and_timeouts_reset_the_flow_and_free_the_dial() {
         matches!(
             &cmds[..],
             [
-                AgentCommand::CancelTarget { attempt: 1, cid: 4 },
+                AgentCommand::CancelTarget {
+                    attempt: AttemptId(1),
+                    cid: 4
+                },
                 AgentCommand::ResetFlow {
-                    attempt: 1,
+                    attempt: AttemptId(1),
                     cid: 4,
                     code: ErrorCode::ConnectTimeout,
                     ..
@@ -277,11 +297,11 @@ fn target_failures_and_timeouts_reset_the_flow_and_free_the_dial() {
 fn a_lost_tunnel_takes_its_waiting_flows_and_the_agent_backs_off() {
     let t0 = origin();
     let mut n = connected(t0);
-    n.tunnel_event(t0, 1, &open(2, "ldap"));
+    n.tunnel_event(t0, AttemptId(1), &open(2, "ldap"));
     commands(&mut n);
     n.tunnel_event(
         t0,
-        1,
+        AttemptId(1),
         &TunnelEvent::Closed {
             code: ErrorCode::LinkLost,
             reason: "tunnel read error".into(),
@@ -290,9 +310,12 @@ fn a_lost_tunnel_takes_its_waiting_flows_and_the_agent_backs_off() {
     assert_eq!(
         commands(&mut n),
         vec![
-            AgentCommand::CancelTarget { attempt: 1, cid: 2 },
+            AgentCommand::CancelTarget {
+                attempt: AttemptId(1),
+                cid: 2
+            },
             AgentCommand::EndTunnel {
-                attempt: 1,
+                attempt: AttemptId(1),
                 code: ErrorCode::LinkLost,
                 reason: "tunnel read error".into()
             },
@@ -309,13 +332,13 @@ fn a_lost_tunnel_takes_its_waiting_flows_and_the_agent_backs_off() {
 fn a_lost_draining_tunnel_leaves_the_current_one_alone() {
     let t0 = origin();
     let mut n = connected(t0);
-    n.tunnel_event(t0, 1, &TunnelEvent::Drain);
-    n.hub_connected(t0, 2).unwrap();
-    n.tunnel_event(t0, 2, &established());
+    n.tunnel_event(t0, AttemptId(1), &TunnelEvent::Drain);
+    n.hub_connected(t0, AttemptId(2)).unwrap();
+    n.tunnel_event(t0, AttemptId(2), &established());
     commands(&mut n);
     n.tunnel_event(
         t0,
-        1,
+        AttemptId(1),
         &TunnelEvent::Closed {
             code: ErrorCode::Shutdown,
             reason: "hub shut down".into(),
@@ -323,33 +346,49 @@ fn a_lost_draining_tunnel_leaves_the_current_one_alone() {
     );
     assert!(matches!(
         &commands(&mut n)[..],
-        [AgentCommand::EndTunnel { attempt: 1, .. }]
+        [AgentCommand::EndTunnel {
+            attempt: AttemptId(1),
+            ..
+        }]
     ));
-    assert_eq!(n.state(), &HubLinkState::Connected { attempt: 2 });
-    assert_eq!(n.links().collect::<Vec<_>>(), vec![(2, LinkRole::Current)]);
+    assert_eq!(
+        n.state(),
+        &HubLinkState::Connected {
+            attempt: AttemptId(2)
+        }
+    );
+    assert_eq!(
+        n.links().collect::<Vec<_>>(),
+        vec![(AttemptId(2), LinkRole::Current)]
+    );
 }
 
 #[test]
 fn stopping_closes_every_tunnel_and_cancels_every_dial() {
     let t0 = origin();
     let mut n = connected(t0);
-    n.tunnel_event(t0, 1, &TunnelEvent::Drain);
-    n.tunnel_event(t0, 1, &open(2, "ldap"));
+    n.tunnel_event(t0, AttemptId(1), &TunnelEvent::Drain);
+    n.tunnel_event(t0, AttemptId(1), &open(2, "ldap"));
     commands(&mut n);
     n.stop();
     let cmds = commands(&mut n);
     assert_eq!(
         cmds,
         vec![
-            AgentCommand::CancelHubDial { attempt: 2 },
+            AgentCommand::CancelHubDial {
+                attempt: AttemptId(2)
+            },
             AgentCommand::CloseTunnel {
-                attempt: 1,
+                attempt: AttemptId(1),
                 code: ErrorCode::Shutdown,
                 reason: "agent shutting down".into()
             },
-            AgentCommand::CancelTarget { attempt: 1, cid: 2 },
+            AgentCommand::CancelTarget {
+                attempt: AttemptId(1),
+                cid: 2
+            },
             AgentCommand::EndTunnel {
-                attempt: 1,
+                attempt: AttemptId(1),
                 code: ErrorCode::Shutdown,
                 reason: "agent shutting down".into()
             },
@@ -365,15 +404,18 @@ fn stopping_closes_every_tunnel_and_cancels_every_dial() {
 fn a_hub_cannot_open_a_connector_the_agent_does_not_serve() {
     let t0 = origin();
     let mut n = connected(t0);
-    n.tunnel_event(t0, 1, &open(2, "payroll-db"));
+    n.tunnel_event(t0, AttemptId(1), &open(2, "payroll-db"));
     let cmds = commands(&mut n);
     assert!(
         matches!(
             &cmds[..],
             [
-                AgentCommand::CancelTarget { attempt: 1, cid: 2 },
+                AgentCommand::CancelTarget {
+                    attempt: AttemptId(1),
+                    cid: 2
+                },
                 AgentCommand::ResetFlow {
-                    attempt: 1,
+                    attempt: AttemptId(1),
                     cid: 2,
                     code: ErrorCode::UnknownConnector,
                     ..
@@ -391,7 +433,7 @@ fn a_hub_cannot_run_more_target_dials_than_the_limit() {
     let t0 = origin();
     let mut n = connected(t0);
     for cid in (2..40).step_by(2) {
-        n.tunnel_event(t0, 1, &open(cid, "ldap"));
+        n.tunnel_event(t0, AttemptId(1), &open(cid, "ldap"));
     }
     let cmds = commands(&mut n);
     let dials = cmds
@@ -418,17 +460,20 @@ fn a_hub_cannot_run_more_target_dials_than_the_limit() {
 fn a_hub_opening_the_same_flow_twice_gets_it_reset() {
     let t0 = origin();
     let mut n = connected(t0);
-    n.tunnel_event(t0, 1, &open(2, "ldap"));
+    n.tunnel_event(t0, AttemptId(1), &open(2, "ldap"));
     commands(&mut n);
-    n.tunnel_event(t0, 1, &open(2, "ldap"));
+    n.tunnel_event(t0, AttemptId(1), &open(2, "ldap"));
     let cmds = commands(&mut n);
     assert!(
         matches!(
             &cmds[..],
             [
-                AgentCommand::CancelTarget { attempt: 1, cid: 2 },
+                AgentCommand::CancelTarget {
+                    attempt: AttemptId(1),
+                    cid: 2
+                },
                 AgentCommand::ResetFlow {
-                    attempt: 1,
+                    attempt: AttemptId(1),
                     cid: 2,
                     code: ErrorCode::ProtocolError,
                     ..
@@ -453,10 +498,15 @@ fn events_of_a_tunnel_the_node_does_not_hold_change_nothing() {
             reason: "x".into(),
         },
     ] {
-        n.tunnel_event(t0, 9, &ev);
+        n.tunnel_event(t0, AttemptId(9), &ev);
     }
     assert!(commands(&mut n).is_empty());
-    assert_eq!(n.state(), &HubLinkState::Connected { attempt: 1 });
+    assert_eq!(
+        n.state(),
+        &HubLinkState::Connected {
+            attempt: AttemptId(1)
+        }
+    );
     assert_eq!(n.waiting_flows(), 0);
 }
 
@@ -465,8 +515,8 @@ fn a_drain_before_welcome_is_not_a_drain() {
     let t0 = origin();
     let mut n = AgentNode::new(t0, cfg(), 7);
     commands(&mut n);
-    n.hub_connected(t0, 1).unwrap();
-    n.tunnel_event(t0, 1, &TunnelEvent::Drain);
-    assert_eq!(n.role(1), Some(LinkRole::Current));
+    n.hub_connected(t0, AttemptId(1)).unwrap();
+    n.tunnel_event(t0, AttemptId(1), &TunnelEvent::Drain);
+    assert_eq!(n.role(AttemptId(1)), Some(LinkRole::Current));
     assert!(commands(&mut n).is_empty(), "no second hub dialed");
 }

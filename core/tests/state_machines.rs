@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use nowconnect_core::agent::{Agent, AgentConfig, AgentOutput, HubLinkState};
+use nowconnect_core::agent::{Agent, AgentConfig, AgentOutput, AttemptId, HubLinkState};
 use nowconnect_core::hub::{Hub, HubConfig, HubOutput};
 use nowconnect_core::mesh_link::{LinkState, MeshEvent, MeshLink, MeshLinkConfig};
 use nowconnect_core::mux::FlowEvent;
@@ -922,32 +922,32 @@ fn agent_rotates_hubs_with_backoff_and_times_out_target_dials() {
     assert_eq!(
         a.poll_output(),
         Some(AgentOutput::DialHub {
-            attempt: 1,
+            attempt: AttemptId(1),
             url: "ws://h1/tunnel".into()
         })
     );
-    a.hub_lost(now, 1);
+    a.hub_lost(now, AttemptId(1));
     let at = a.poll_timeout().unwrap();
     assert!(at > now && at <= now + Duration::from_millis(200));
     a.handle_timeout(at);
     assert_eq!(
         a.poll_output(),
         Some(AgentOutput::DialHub {
-            attempt: 2,
+            attempt: AttemptId(2),
             url: "ws://h2/tunnel".into()
         })
     );
-    a.hub_established(at, 2);
-    a.flow_opened(at, 2, 5, "ldap");
+    a.hub_established(at, AttemptId(2));
+    a.flow_opened(at, AttemptId(2), 5, "ldap");
     assert_eq!(
         a.poll_output(),
         Some(AgentOutput::DialTarget {
-            attempt: 2,
+            attempt: AttemptId(2),
             cid: 5,
             target: "127.0.0.1:389".into()
         })
     );
-    a.flow_opened(at, 2, 6, "ssh");
+    a.flow_opened(at, AttemptId(2), 6, "ssh");
     assert!(matches!(
         a.poll_output(),
         Some(AgentOutput::ResetFlow {
@@ -956,11 +956,11 @@ fn agent_rotates_hubs_with_backoff_and_times_out_target_dials() {
             ..
         })
     ));
-    a.flow_opened(at, 2, 7, "ldap");
+    a.flow_opened(at, AttemptId(2), 7, "ldap");
     a.poll_output();
-    a.target_failed(at, 2, 7, "connection refused");
+    a.target_failed(at, AttemptId(2), 7, "connection refused");
     assert!(
-        matches!(a.poll_output(), Some(AgentOutput::ResetFlow { attempt: 2, cid: 7, code: ErrorCode::TargetUnreachable, reason }) if reason.contains("connection refused"))
+        matches!(a.poll_output(), Some(AgentOutput::ResetFlow { attempt: AttemptId(2), cid: 7, code: ErrorCode::TargetUnreachable, reason }) if reason.contains("connection refused"))
     );
     a.handle_timeout(at + Duration::from_secs(5));
     assert!(matches!(
@@ -1149,12 +1149,12 @@ fn a_flow_opened_twice_is_reset_and_its_dial_abandoned() {
         1,
     );
     while a.poll_output().is_some() {}
-    a.flow_opened(now, 1, 3, "ldap");
+    a.flow_opened(now, AttemptId(1), 3, "ldap");
     assert!(matches!(
         a.poll_output(),
         Some(AgentOutput::DialTarget { cid: 3, .. })
     ));
-    a.flow_opened(now, 1, 3, "ldap");
+    a.flow_opened(now, AttemptId(1), 3, "ldap");
     assert!(matches!(
         a.poll_output(),
         Some(AgentOutput::ResetFlow {
@@ -1164,7 +1164,10 @@ fn a_flow_opened_twice_is_reset_and_its_dial_abandoned() {
         })
     ));
     assert_eq!(a.pending_dials(), 0);
-    assert!(!a.target_connected(now, 1, 3), "the abandoned dial is gone");
+    assert!(
+        !a.target_connected(now, AttemptId(1), 3),
+        "the abandoned dial is gone"
+    );
 }
 
 /// DRAIN: the agent dials the next hub at once, keeps the draining tunnel's
@@ -1186,64 +1189,74 @@ fn a_drained_agent_moves_at_once_and_keeps_the_old_tunnels_flows() {
         1,
     );
     while a.poll_output().is_some() {}
-    a.hub_established(now, 1);
-    a.flow_opened(now, 1, 7, "ldap");
+    a.hub_established(now, AttemptId(1));
+    a.flow_opened(now, AttemptId(1), 7, "ldap");
     assert!(matches!(
         a.poll_output(),
         Some(AgentOutput::DialTarget {
-            attempt: 1,
+            attempt: AttemptId(1),
             cid: 7,
             ..
         })
     ));
     // DRAIN on a tunnel that is not the current one changes nothing.
-    a.hub_draining(now, 9);
+    a.hub_draining(now, AttemptId(9));
     assert_eq!(a.poll_output(), None);
-    a.hub_draining(now, 1);
+    a.hub_draining(now, AttemptId(1));
     assert_eq!(
         a.poll_output(),
         Some(AgentOutput::DialHub {
-            attempt: 2,
+            attempt: AttemptId(2),
             url: "wss://h2/tunnel".into()
         }),
         "the next hub is dialed at once, without backoff"
     );
-    assert_eq!(a.draining_tunnels().collect::<Vec<_>>(), vec![1]);
+    assert_eq!(a.draining_tunnels().collect::<Vec<_>>(), vec![AttemptId(1)]);
     assert_eq!(a.counters.hub_drains, 1);
     // The old hub may still open flows until the agent is owned elsewhere.
-    a.flow_opened(now, 1, 8, "ldap");
+    a.flow_opened(now, AttemptId(1), 8, "ldap");
     assert!(matches!(
         a.poll_output(),
         Some(AgentOutput::DialTarget {
-            attempt: 1,
+            attempt: AttemptId(1),
             cid: 8,
             ..
         })
     ));
-    a.hub_established(now, 2);
-    assert_eq!(a.state(), &HubLinkState::Connected { attempt: 2 });
+    a.hub_established(now, AttemptId(2));
+    assert_eq!(
+        a.state(),
+        &HubLinkState::Connected {
+            attempt: AttemptId(2)
+        }
+    );
     // The same cid on the new tunnel is a different flow.
-    a.flow_opened(now, 2, 7, "ldap");
+    a.flow_opened(now, AttemptId(2), 7, "ldap");
     assert!(matches!(
         a.poll_output(),
         Some(AgentOutput::DialTarget {
-            attempt: 2,
+            attempt: AttemptId(2),
             cid: 7,
             ..
         })
     ));
     assert_eq!(a.pending_dials(), 3);
-    assert!(a.target_connected(now, 1, 7));
+    assert!(a.target_connected(now, AttemptId(1), 7));
     // The old hub closes its tunnel: only its flows go.
-    a.hub_lost(now, 1);
-    assert_eq!(a.state(), &HubLinkState::Connected { attempt: 2 });
+    a.hub_lost(now, AttemptId(1));
+    assert_eq!(
+        a.state(),
+        &HubLinkState::Connected {
+            attempt: AttemptId(2)
+        }
+    );
     assert_eq!(a.draining_tunnels().count(), 0);
     assert_eq!(a.pending_dials(), 1);
     assert!(
-        !a.target_connected(now, 1, 8),
+        !a.target_connected(now, AttemptId(1), 8),
         "the old tunnel's dial is gone"
     );
-    assert!(a.target_connected(now, 2, 7));
+    assert!(a.target_connected(now, AttemptId(2), 7));
     assert_eq!(a.counters.hub_failures, 0, "a drain is not a failure");
 }
 
@@ -1412,7 +1425,7 @@ fn hub_agent_limit_and_agent_dial_limit_refuse_at_the_edge() {
     );
     while a.poll_output().is_some() {}
     for cid in 1..=3 {
-        a.flow_opened(now, 1, cid, "ldap");
+        a.flow_opened(now, AttemptId(1), cid, "ldap");
     }
     let out: Vec<_> = std::iter::from_fn(|| a.poll_output()).collect();
     assert!(
@@ -1431,8 +1444,8 @@ fn hub_agent_limit_and_agent_dial_limit_refuse_at_the_edge() {
         "{out:?}"
     );
     // A dial finishing makes room again.
-    assert!(a.target_connected(now, 1, 1));
-    a.flow_opened(now, 1, 4, "ldap");
+    assert!(a.target_connected(now, AttemptId(1), 1));
+    a.flow_opened(now, AttemptId(1), 4, "ldap");
     assert!(matches!(
         a.poll_output(),
         Some(AgentOutput::DialTarget { cid: 4, .. })

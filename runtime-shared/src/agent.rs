@@ -15,6 +15,7 @@ use async_channel::{Receiver, Sender};
 use futures_lite::StreamExt;
 use futures_lite::future::{pending, race};
 use nowconnect_core::Cid;
+use nowconnect_core::agent::AttemptId;
 use nowconnect_core::agent_node::{AgentCommand, AgentNode};
 use nowconnect_core::tunnel::{Tunnel, TunnelEvent};
 
@@ -64,17 +65,17 @@ pub trait AgentRt: Send + Sync + Sized + 'static {
 }
 
 /// A flow of the agent: cids are per tunnel, so (tunnel attempt, cid).
-type Flow = (u64, Cid);
+type Flow = (AttemptId, Cid);
 
 /// What the dial tasks report to the agent task.
 enum Internal<R: AgentRt> {
     HubConnected {
-        attempt: u64,
+        attempt: AttemptId,
         reader: R::Reader,
         sink: R::Sink,
     },
     HubFailed {
-        attempt: u64,
+        attempt: AttemptId,
         reason: String,
     },
     TargetConnected {
@@ -91,9 +92,9 @@ enum Wake<R: AgentRt> {
     Stop,
     Internal(Internal<R>),
     /// What the socket of this attempt delivered (`None`: it ended).
-    Ws(u64, Option<WsIn>),
+    Ws(AttemptId, Option<WsIn>),
     /// A flow command for the tunnel of this attempt.
-    Cmd(u64, LinkCmd),
+    Cmd(AttemptId, LinkCmd),
     /// A socket took what was queued.
     Written,
     Timer,
@@ -102,7 +103,7 @@ enum Wake<R: AgentRt> {
 /// One tunnel of the agent: its socket is read and written by the agent
 /// task itself.
 struct Connection<R: AgentRt> {
-    attempt: u64,
+    attempt: AttemptId,
     driver: TunnelDriver,
     cmd_rx: Receiver<LinkCmd>,
     reader: R::Reader,
@@ -173,8 +174,8 @@ struct Io<R: AgentRt> {
     metrics: Arc<Metrics>,
     itx: Sender<Internal<R>>,
     /// Its tunnels by attempt: the current one, and one whose hub said DRAIN.
-    conns: BTreeMap<u64, Connection<R>>,
-    hub_dial: Option<(u64, R::Task)>,
+    conns: BTreeMap<AttemptId, Connection<R>>,
+    hub_dial: Option<(AttemptId, R::Task)>,
     target_dials: BTreeMap<Flow, R::Task>,
     /// Flow ends waiting for their target.
     waiting: BTreeMap<Flow, FlowEnd>,
@@ -217,7 +218,7 @@ impl<R: AgentRt> Io<R> {
     fn command(&mut self, c: AgentCommand) {
         match c {
             AgentCommand::DialHub { attempt, url } => {
-                tracing::info!(attempt, %url, "connecting to hub");
+                tracing::info!(attempt = attempt.0, %url, "connecting to hub");
                 let token = self.cfg.dial_token();
                 self.renewal.observe(&token);
                 let (rt, itx) = (self.rt.clone(), self.itx.clone());
@@ -238,7 +239,7 @@ impl<R: AgentRt> Io<R> {
             }
             AgentCommand::CancelHubDial { attempt } => {
                 if self.hub_dial.as_ref().is_some_and(|(a, _)| *a == attempt) {
-                    tracing::warn!(attempt, "hub attempt abandoned");
+                    tracing::warn!(attempt = attempt.0, "hub attempt abandoned");
                     let (_, t) = self.hub_dial.take().expect("checked");
                     self.rt.cancel(t);
                 }
@@ -249,7 +250,7 @@ impl<R: AgentRt> Io<R> {
                 reason,
             } => {
                 if let Some(c) = self.conns.get_mut(&attempt) {
-                    tracing::warn!(attempt, %code, %reason, "closing the tunnel");
+                    tracing::warn!(attempt = attempt.0, %code, %reason, "closing the tunnel");
                     c.driver.tunnel.close(code, &reason);
                 }
             }
@@ -295,7 +296,7 @@ impl<R: AgentRt> Io<R> {
                 code,
                 reason,
             } => {
-                tracing::warn!(attempt, cid, %code, %reason, "flow reset");
+                tracing::warn!(attempt = attempt.0, cid, %code, %reason, "flow reset");
                 if let Some(c) = self.conns.get_mut(&attempt) {
                     c.driver
                         .on_cmd(Instant::now(), LinkCmd::Reset { cid, code, reason });
@@ -344,7 +345,7 @@ impl<R: AgentRt> Io<R> {
                 if self.hub_dial.as_ref().is_some_and(|(a, _)| *a == attempt) {
                     self.hub_dial = None;
                 }
-                tracing::warn!(attempt, %reason, "hub connection failed");
+                tracing::warn!(attempt = attempt.0, %reason, "hub connection failed");
                 node.hub_failed(now, attempt);
             }
             Internal::TargetConnected { flow, stream } => {
@@ -412,21 +413,21 @@ impl<R: AgentRt> Io<R> {
     }
 }
 
-fn log_event(attempt: u64, ev: &TunnelEvent, open_flows: usize) {
+fn log_event(attempt: AttemptId, ev: &TunnelEvent, open_flows: usize) {
     match ev {
         TunnelEvent::Established { epoch, codec } => tracing::info!(
-            attempt,
+            attempt = attempt.0,
             epoch = epoch.0,
             codec = codec.as_str(),
             "tunnel established"
         ),
         TunnelEvent::Drain => tracing::info!(
-            attempt,
+            attempt = attempt.0,
             open_flows,
             "hub is draining: moving to the next hub, this tunnel keeps its flows"
         ),
         TunnelEvent::Closed { code, reason } => {
-            tracing::warn!(attempt, %code, %reason, "tunnel closed")
+            tracing::warn!(attempt = attempt.0, %code, %reason, "tunnel closed")
         }
         _ => {}
     }

@@ -298,7 +298,7 @@ pub fn drive_hub(origin: Instant, data: &[u8]) {
 /// a flow it was not asked to open, holds more dials than its limit, or asks
 /// to be woken in the past.
 pub fn drive_agent(origin: Instant, data: &[u8]) {
-    use nowconnect_core::agent::{Agent, AgentConfig, AgentOutput, HubLinkState};
+    use nowconnect_core::agent::{Agent, AgentConfig, AgentOutput, AttemptId, HubLinkState};
     use std::collections::{BTreeMap, BTreeSet};
 
     let mut input = Input { data, pos: 0 };
@@ -314,11 +314,11 @@ pub fn drive_agent(origin: Instant, data: &[u8]) {
     let hubs = cfg.hubs.clone();
     let mut agent = Agent::new(origin, cfg, u64::from(input.byte()));
     let mut now = origin;
-    let mut attempts: Vec<u64> = Vec::new();
-    let mut opened: BTreeSet<(u64, u64)> = BTreeSet::new();
-    let mut dialing: BTreeSet<(u64, u64)> = BTreeSet::new();
+    let mut attempts: Vec<AttemptId> = Vec::new();
+    let mut opened: BTreeSet<(AttemptId, u64)> = BTreeSet::new();
+    let mut dialing: BTreeSet<(AttemptId, u64)> = BTreeSet::new();
     while input.more() {
-        let pick = |v: &[u64], b: u8| v.get(usize::from(b) % v.len().max(1)).copied();
+        let pick = |v: &[AttemptId], b: u8| v.get(usize::from(b) % v.len().max(1)).copied();
         match input.byte() % 8 {
             0 => {
                 now += Duration::from_millis(u64::from(input.byte()) * 50);
@@ -329,21 +329,21 @@ pub fn drive_agent(origin: Instant, data: &[u8]) {
             }
             1 => {
                 let b = input.byte();
-                agent.hub_established(now, pick(&attempts, b).unwrap_or(u64::from(b)));
+                agent.hub_established(now, pick(&attempts, b).unwrap_or(AttemptId(u64::from(b))));
             }
             2 => {
                 let b = input.byte();
-                agent.hub_lost(now, pick(&attempts, b).unwrap_or(u64::from(b)));
+                agent.hub_lost(now, pick(&attempts, b).unwrap_or(AttemptId(u64::from(b))));
             }
             3 => {
                 let (a, c, k) = (input.byte(), u64::from(input.byte() % 16), input.byte());
-                let a = pick(&attempts, a).unwrap_or(0);
+                let a = pick(&attempts, a).unwrap_or(AttemptId(0));
                 opened.insert((a, c));
                 agent.flow_opened(now, a, c, if k & 1 == 0 { "ldap" } else { "nope" });
             }
             4 => {
                 let (a, c) = (input.byte(), u64::from(input.byte() % 16));
-                let a = pick(&attempts, a).unwrap_or(0);
+                let a = pick(&attempts, a).unwrap_or(AttemptId(0));
                 if agent.target_connected(now, a, c) {
                     assert!(
                         dialing.remove(&(a, c)),
@@ -353,13 +353,13 @@ pub fn drive_agent(origin: Instant, data: &[u8]) {
             }
             5 => {
                 let (a, c) = (input.byte(), u64::from(input.byte() % 16));
-                let a = pick(&attempts, a).unwrap_or(0);
+                let a = pick(&attempts, a).unwrap_or(AttemptId(0));
                 dialing.remove(&(a, c));
                 agent.target_failed(now, a, c, "refused");
             }
             6 => {
                 let (a, c) = (input.byte(), u64::from(input.byte() % 16));
-                let a = pick(&attempts, a).unwrap_or(0);
+                let a = pick(&attempts, a).unwrap_or(AttemptId(0));
                 dialing.remove(&(a, c));
                 opened.remove(&(a, c));
                 agent.flow_gone(a, c);
@@ -417,7 +417,7 @@ pub fn drive_agent(origin: Instant, data: &[u8]) {
 /// or draining tunnel or more dials than its limit, or asks to be woken in
 /// the past.
 pub fn drive_agent_node(origin: Instant, data: &[u8]) {
-    use nowconnect_core::agent::AgentConfig;
+    use nowconnect_core::agent::{AgentConfig, AttemptId};
     use nowconnect_core::agent_node::{AgentCommand, AgentNode, LinkRole};
     use nowconnect_core::mux::FlowEvent;
     use nowconnect_core::tunnel::TunnelEvent;
@@ -437,10 +437,10 @@ pub fn drive_agent_node(origin: Instant, data: &[u8]) {
     let mut node = AgentNode::new(origin, cfg, u64::from(input.byte()));
     let mut now = origin;
     // Hub attempts dialed, tunnels connected and not yet ended, flows opened.
-    let mut attempts: Vec<u64> = Vec::new();
-    let mut live: BTreeSet<u64> = BTreeSet::new();
-    let mut opened: BTreeSet<(u64, u64)> = BTreeSet::new();
-    let mut dialing: BTreeSet<(u64, u64)> = BTreeSet::new();
+    let mut attempts: Vec<AttemptId> = Vec::new();
+    let mut live: BTreeSet<AttemptId> = BTreeSet::new();
+    let mut opened: BTreeSet<(AttemptId, u64)> = BTreeSet::new();
+    let mut dialing: BTreeSet<(AttemptId, u64)> = BTreeSet::new();
     loop {
         while let Some(c) = node.poll_command() {
             match c {
@@ -495,9 +495,9 @@ pub fn drive_agent_node(origin: Instant, data: &[u8]) {
         if !input.more() {
             break;
         }
-        let pick = |v: &[u64], b: u8| v.get(usize::from(b) % v.len().max(1)).copied();
+        let pick = |v: &[AttemptId], b: u8| v.get(usize::from(b) % v.len().max(1)).copied();
         let b = input.byte();
-        let a = pick(&attempts, b).unwrap_or(u64::from(b));
+        let a = pick(&attempts, b).unwrap_or(AttemptId(u64::from(b)));
         let cid = u64::from(input.byte() % 16);
         let ev = match input.byte() % 10 {
             0 => {

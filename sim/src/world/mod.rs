@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BinaryHeap};
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use nowconnect_core::agent::{AgentConfig, HubLinkState};
+use nowconnect_core::agent::{AgentConfig, AttemptId, HubLinkState};
 use nowconnect_core::agent_node::{AgentCommand, AgentNode};
 use nowconnect_core::hub::{Hub, HubConfig, HubOutput};
 use nowconnect_core::mesh_link::{MeshEvent, MeshLink, MeshLinkConfig};
@@ -140,7 +140,7 @@ enum Event {
     HubDialDone {
         agent: usize,
         incarnation: u64,
-        attempt: u64,
+        attempt: AttemptId,
         hub: usize,
     },
     MeshDialDone {
@@ -246,7 +246,7 @@ struct Ep {
     peer: Option<EpId>,
     link: Link,
     /// Agent tunnel: the dial attempt it belongs to.
-    attempt: u64,
+    attempt: AttemptId,
     /// Outbound mesh link: the hub it dials; its replica id once established.
     mesh_to: Option<usize>,
     mesh_up: Option<String>,
@@ -279,7 +279,7 @@ struct SimAgent {
     incarnation: u64,
     /// Its tunnel endpoints by dial attempt (the node knows which is the
     /// current one and which is draining).
-    eps: BTreeMap<u64, EpId>,
+    eps: BTreeMap<AttemptId, EpId>,
 }
 
 pub struct World {
@@ -509,7 +509,7 @@ impl World {
             let rng = Rng::new(self.rng.next_u64());
             let name = self.hubs[h].cfg.replica_id.clone();
             let link = MeshLink::outbound(self.now, self.mesh_cfg.clone(), &name, rng);
-            self.add_ep(Node::Hub(h), None, Link::Mesh(link), 0, Some(to));
+            self.add_ep(Node::Hub(h), None, Link::Mesh(link), AttemptId(0), Some(to));
         }
     }
 
@@ -613,7 +613,7 @@ impl World {
                 attempt,
                 hub,
             } => {
-                self.trace(2, agent as u64, attempt);
+                self.trace(2, agent as u64, attempt.0);
                 let a = &self.agents[agent];
                 if a.incarnation != incarnation
                     || a.node.state() != &(HubLinkState::Dialing { attempt })
@@ -636,7 +636,7 @@ impl World {
                 let hub_side = self.next_ep;
                 let agent_side = hub_side + 1;
                 let t = Tunnel::hub(now, self.tunnel_cfg.clone());
-                self.add_ep(hn, Some(agent_side), Link::Tunnel(t), 0, None);
+                self.add_ep(hn, Some(agent_side), Link::Tunnel(t), AttemptId(0), None);
                 // What the hub learnt from the token at the upgrade.
                 let credential = self.agents[agent].credential.clone();
                 if let Some(e) = self.eps.get_mut(&hub_side) {
@@ -677,7 +677,7 @@ impl World {
                 let rng = Rng::new(self.rng.next_u64());
                 let name = self.hubs[to].cfg.replica_id.clone();
                 let inbound = MeshLink::inbound(now, self.mesh_cfg.clone(), &name, Codec::V2, rng);
-                let inb = self.add_ep(tnode, Some(ep), Link::Mesh(inbound), 0, None);
+                let inb = self.add_ep(tnode, Some(ep), Link::Mesh(inbound), AttemptId(0), None);
                 let e = self.eps.get_mut(&ep).expect("checked");
                 e.peer = Some(inb);
                 if let Link::Mesh(l) = &mut e.link {
@@ -692,7 +692,7 @@ impl World {
                 if !self.targets.contains_key(&(ep, cid)) {
                     return;
                 }
-                let attempt = self.eps.get(&ep).map_or(0, |e| e.attempt);
+                let attempt = self.eps.get(&ep).map_or(AttemptId(0), |e| e.attempt);
                 if !ok {
                     self.agents[i]
                         .node

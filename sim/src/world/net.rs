@@ -9,7 +9,7 @@ impl World {
         node: Node,
         peer: Option<EpId>,
         link: Link,
-        attempt: u64,
+        attempt: AttemptId,
         mesh_to: Option<usize>,
     ) -> EpId {
         let id = self.next_ep;

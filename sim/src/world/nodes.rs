@@ -560,7 +560,7 @@ impl World {
     /// node's.
     pub(super) fn agent_tunnel_event(&mut self, i: usize, ep: EpId, e: TunnelEvent) {
         let now = self.now;
-        let attempt = self.eps.get(&ep).map_or(0, |e| e.attempt);
+        let attempt = self.eps.get(&ep).map_or(AttemptId(0), |e| e.attempt);
         if self.agents[i].eps.get(&attempt) != Some(&ep) {
             // A tunnel the node has ended already.
             if matches!(e, TunnelEvent::Closed { .. }) {
