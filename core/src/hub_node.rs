@@ -45,6 +45,8 @@ pub enum TunnelRefusal {
     ReauthInvalid(&'static str),
     /// The tunnel outlived its token.
     TokenExpired,
+    /// The runtime found the tunnel's token on the revocation list.
+    Revoked,
 }
 
 /// How a refusal is counted: as an authentication failure (by reason) or
@@ -69,14 +71,15 @@ impl TunnelRefusal {
             TunnelRefusal::HelloRepeated => "duplicate_hello",
             TunnelRefusal::ReauthInvalid(label) => label,
             TunnelRefusal::TokenExpired => "token_expired",
+            TunnelRefusal::Revoked => "revoked",
         }
     }
 
     /// Which counter the refusal goes to. A HELLO for another agent is
     /// counted as an authentication failure (the token does not say who
-    /// is there); announcing beyond the scope, a repeated HELLO and an
-    /// expired token as security events; every renewal refusal as an
-    /// authentication failure.
+    /// is there); announcing beyond the scope, a repeated HELLO, an
+    /// expired and a revoked token as security events; every renewal
+    /// refusal as an authentication failure.
     pub fn count(&self) -> RefusalCount {
         match self {
             TunnelRefusal::HelloAgentMismatch
@@ -86,6 +89,7 @@ impl TunnelRefusal {
             TunnelRefusal::HelloOutsideScope => RefusalCount::SecurityEvent(self.as_str()),
             TunnelRefusal::HelloRepeated => RefusalCount::SecurityEvent("tunnel_duplicate_hello"),
             TunnelRefusal::TokenExpired => RefusalCount::SecurityEvent("tunnel_token_expired"),
+            TunnelRefusal::Revoked => RefusalCount::SecurityEvent("tunnel_revoked"),
         }
     }
 
@@ -99,6 +103,7 @@ impl TunnelRefusal {
             | TunnelRefusal::ReauthOutsideScope
             | TunnelRefusal::ReauthInvalid(_) => RefusalStage::Reauth,
             TunnelRefusal::TokenExpired => RefusalStage::Expiry,
+            TunnelRefusal::Revoked => RefusalStage::Revocation,
         }
     }
 }
@@ -108,6 +113,7 @@ pub enum RefusalStage {
     Hello,
     Reauth,
     Expiry,
+    Revocation,
 }
 
 /// A refusal as the runtime counts and logs it; the tunnel's close follows
@@ -397,6 +403,22 @@ impl HubNode {
     ) {
         if self.tunnels.get(&tunnel).is_some_and(|t| !t.closing) {
             self.refuse_reauth(tunnel, TunnelRefusal::ReauthInvalid(label), detail);
+        }
+    }
+
+    /// The runtime found the tunnel's current token on the revocation list
+    /// (a list it reloads, so the check stays there): the tunnel is closed,
+    /// once.
+    pub fn tunnel_revoked(&mut self, _now: Instant, tunnel: TunnelId) {
+        if self.tunnels.get(&tunnel).is_some_and(|t| !t.closing) {
+            self.refuse(
+                tunnel,
+                TunnelRefusal::Revoked,
+                None,
+                ErrorCode::Refused,
+                "its token is revoked".into(),
+                "revoked: the agent's token is revoked".into(),
+            );
         }
     }
 

@@ -445,3 +445,29 @@ fn a_tunnel_refused_at_hello_cannot_say_hello_again_as_itself() {
     assert!(f.calls.is_empty());
     assert!(f.node.tunnel(1).unwrap().agent().is_none());
 }
+
+#[test]
+fn a_revoked_token_closes_its_tunnel_once() {
+    let mut f = Fixture::new();
+    let now = origin();
+    f.admitted(now, 1, cred("default", "a1", &["echo"]));
+    f.node.tunnel_revoked(now, 1);
+    let outs = f.outputs(now);
+    let (r, code, reason) = refused(&outs);
+    assert_eq!(r.refusal, TunnelRefusal::Revoked);
+    assert_eq!(r.refusal.as_str(), "revoked");
+    assert_eq!(r.refusal.stage(), RefusalStage::Revocation);
+    assert_eq!(
+        r.refusal.count(),
+        RefusalCount::SecurityEvent("tunnel_revoked")
+    );
+    assert_eq!(code, ErrorCode::Refused);
+    assert_eq!(reason, "revoked: the agent's token is revoked");
+    // Its close is on the way: no second refusal, and no renewal saves it.
+    f.node.tunnel_revoked(now, 1);
+    assert!(
+        !f.node
+            .tunnel_reauthed(now, 1, cred("default", "a1", &["echo"]), now + LIFETIME)
+    );
+    assert!(f.outputs(now).is_empty());
+}

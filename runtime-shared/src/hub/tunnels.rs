@@ -111,6 +111,9 @@ impl<R: HubRt> Shared<R> {
             RefusalStage::Expiry => {
                 tracing::warn!(target: "nowconnect::security", tunnel, %tenant, %agent, reason, "closing agent tunnel: its token expired");
             }
+            RefusalStage::Revocation => {
+                tracing::warn!(target: "nowconnect::security", tunnel, %tenant, %agent, reason, "closing agent tunnel: its token is revoked");
+            }
         }
     }
 
