@@ -20,6 +20,7 @@ pub mod dedup;
 pub mod flow;
 pub mod frame;
 pub mod hub;
+pub mod hub_node;
 pub mod mesh_link;
 pub mod mux;
 pub mod payload;

@@ -37,19 +37,36 @@ pub struct AgentCredential {
     pub scope: Option<Vec<String>>,
 }
 
+/// Why a credential does not admit a HELLO (or a renewed token).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Inadmissible {
+    /// It names another agent than the credential.
+    AgentMismatch,
+    /// It announces a connector outside the credential's scope.
+    ConnectorOutsideScope,
+}
+
+impl Inadmissible {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Inadmissible::AgentMismatch => "agent_mismatch",
+            Inadmissible::ConnectorOutsideScope => "connector_outside_scope",
+        }
+    }
+}
+
 impl AgentCredential {
     /// Whether this credential admits a HELLO of `agent_id` announcing
     /// `connectors` (at the tunnel's start, and again for a token renewed
-    /// on it): the refusal's kind (`agent_mismatch`,
-    /// `connector_outside_scope`) and reason otherwise.
-    pub fn admits(
+    /// on it): the refusal's kind and reason otherwise.
+    pub fn admission(
         &self,
         agent_id: &str,
         connectors: &[String],
-    ) -> Result<(), (&'static str, String)> {
+    ) -> Result<(), (Inadmissible, String)> {
         if agent_id != self.agent_id {
             return Err((
-                "agent_mismatch",
+                Inadmissible::AgentMismatch,
                 format!(
                     "HELLO names agent `{agent_id}` but the token is for `{}`",
                     self.agent_id
@@ -60,11 +77,22 @@ impl AgentCredential {
             && let Some(bad) = connectors.iter().find(|c| !scope.contains(c))
         {
             return Err((
-                "connector_outside_scope",
+                Inadmissible::ConnectorOutsideScope,
                 format!("connector `{bad}` is outside the token's scope"),
             ));
         }
         Ok(())
+    }
+
+    /// [`AgentCredential::admission`] with the refusal's kind as its label
+    /// (`agent_mismatch`, `connector_outside_scope`).
+    pub fn admits(
+        &self,
+        agent_id: &str,
+        connectors: &[String],
+    ) -> Result<(), (&'static str, String)> {
+        self.admission(agent_id, connectors)
+            .map_err(|(kind, reason)| (kind.as_str(), reason))
     }
 }
 

@@ -138,6 +138,7 @@ pub const SECURITY_EVENT_KINDS: &[&str] = &[
     "tunnel_revoked",
     "connector_outside_scope",
     "unscoped_token",
+    "tunnel_duplicate_hello",
 ];
 
 /// Reasons a listener refuses a client before routing it (besides the

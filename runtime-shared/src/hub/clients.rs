@@ -177,8 +177,12 @@ impl<R: HubRt> Shared<R> {
         let pin = shared.cfg.listener_pins.get(&listener);
         shared.with_control(|c, now| {
             c.routes.insert(client, tx);
-            c.hub
-                .client_connected_pinned(now, client, &connector, pin.map(Vec::as_slice));
+            c.node.hub_mut().client_connected_pinned(
+                now,
+                client,
+                &connector,
+                pin.map(Vec::as_slice),
+            );
         });
         let Ok(route) = rx.recv().await else {
             return;

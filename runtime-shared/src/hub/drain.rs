@@ -17,7 +17,7 @@ impl<R: HubRt> Shared<R> {
     /// grace period ends.
     pub(super) async fn drain(self: &Arc<Self>, listeners: Vec<R::Task>) {
         self.draining.store(true, Ordering::Relaxed);
-        self.with_control(|c, now| c.hub.drain(now));
+        self.with_control(|c, now| c.node.hub_mut().drain(now));
         let raw = &self.cfg.raw;
         let start = Instant::now();
         let deadline = start + Duration::from_secs(raw.shutdown_grace_sec);
@@ -65,8 +65,8 @@ impl<R: HubRt> Shared<R> {
         let c = self.control.lock().expect("control lock");
         (
             self.active_clients.load(Ordering::Relaxed),
-            c.hub.open_tunnel_flows(),
-            c.hub.moves_pending(),
+            c.node.hub().open_tunnel_flows(),
+            c.node.hub().moves_pending(),
         )
     }
 }

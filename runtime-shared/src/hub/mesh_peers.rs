@@ -44,18 +44,21 @@ impl<R: HubRt> Shared<R> {
         epoch: Epoch,
     ) -> Result<(u64, Sender<LinkCmd>), (ErrorCode, String)> {
         self.with_control(|c, _| {
-            let tunnel = c.hub.check_mesh_open(agent_id, connector, epoch)?;
+            let tunnel = c
+                .node
+                .hub_mut()
+                .check_mesh_open(agent_id, connector, epoch)?;
             let tx = c.tunnels.get(&tunnel).cloned().ok_or((
                 ErrorCode::LinkLost,
                 "the agent tunnel went away".to_string(),
             ))?;
-            c.hub.flow_started(tunnel);
+            c.node.hub_mut().flow_started(tunnel);
             Ok((tunnel, tx))
         })
     }
 
     pub fn count_epoch_mismatch(self: &Arc<Self>) {
-        self.with_control(|c, _| c.hub.count_epoch_mismatch());
+        self.with_control(|c, _| c.node.hub_mut().count_epoch_mismatch());
     }
 
     /// A mesh link to `replica` came up (`Some(sender)`) or went down.
@@ -69,7 +72,7 @@ impl<R: HubRt> Shared<R> {
             let mut links = self.mesh_links.lock().expect("mesh links lock");
             links.set(replica, link, sender)
         };
-        self.with_control(|c, _| c.hub.mesh_link_up(replica, up));
+        self.with_control(|c, _| c.node.hub_mut().mesh_link_up(replica, up));
     }
 
     /// Start an outbound mesh link to `url`, announced in the registry by
@@ -189,7 +192,7 @@ impl<R: HubRt> Shared<R> {
             ));
         }
         if mesh.allowed_replicas.iter().any(|r| r == claimed)
-            || self.with_control(|c, _| c.hub.replica_registered(claimed))
+            || self.with_control(|c, _| c.node.hub_mut().replica_registered(claimed))
         {
             return Ok(());
         }
@@ -206,7 +209,7 @@ impl<R: HubRt> Shared<R> {
         match listed {
             Ok(RegistryReply::Replicas(list)) => {
                 let known = list.iter().any(|(r, _)| r == claimed);
-                self.with_control(|c, now| c.hub.replicas_listed(now, &list));
+                self.with_control(|c, now| c.node.hub_mut().replicas_listed(now, &list));
                 if known {
                     Ok(())
                 } else {

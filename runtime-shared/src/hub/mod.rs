@@ -1,9 +1,11 @@
 //! The hub process, written once for every runtime: the control loop around
-//! the core [`Hub`], one task per agent tunnel, one accept loop per
-//! listener, one task per client connection, graceful drain, configuration
-//! reload and the file watcher. An adapter supplies what only it can do
-//! through [`HubRt`]: spawn and sleep, bind and accept TCP, dial and accept
-//! mesh WebSockets, pipe a client socket, call Redis, and serve HTTP.
+//! the core [`HubNode`] (the [`Hub`] and the hub's agent tunnels, whose
+//! HELLO, renewal and token-expiry decisions it makes), one task per agent
+//! tunnel, one accept loop per listener, one task per client connection,
+//! graceful drain, configuration reload and the file watcher. An adapter
+//! supplies what only it can do through [`HubRt`]: spawn and sleep, bind and
+//! accept TCP, dial and accept mesh WebSockets, pipe a client socket, call
+//! Redis, and serve HTTP.
 //!
 //! Here: the shared state ([`Shared`]), the control loop that performs the
 //! core's outputs, and [`start`]. Beside it, by concern: `tunnels` (agent
@@ -30,6 +32,7 @@ use async_channel::{Receiver, Sender};
 use futures_lite::future::race;
 use nowconnect_core::ErrorCode;
 use nowconnect_core::hub::{Hub, HubConfig as CoreHubConfig, HubOutput, TunnelId};
+use nowconnect_core::hub_node::{HubNode, NodeOutput};
 use nowconnect_core::registry::MemoryRegistry;
 use nowconnect_core::routing::{Mode, Route};
 
@@ -44,7 +47,8 @@ pub use http_port::{HttpRole, HubHttp};
 
 /// The control state shared by all tasks (not on the data path).
 struct Control {
-    hub: Hub,
+    /// The core `Hub` and its agent tunnels.
+    node: HubNode,
     /// In-process registry; `None`: Redis through the runtime.
     memory: Option<MemoryRegistry>,
     tunnels: BTreeMap<TunnelId, Sender<LinkCmd>>,
@@ -161,7 +165,7 @@ impl<R: HubRt> Shared<R> {
         if n > 0 {
             self.with_control(|c, _| {
                 for _ in 0..n {
-                    c.hub.flow_ended(tunnel);
+                    c.node.hub_mut().flow_ended(tunnel);
                 }
             });
         }
@@ -191,12 +195,42 @@ impl<R: HubRt> Shared<R> {
     }
 
     fn pump(self: &Arc<Self>, c: &mut Control, now: Instant) {
-        while let Some(out) = c.hub.poll_output() {
+        while let Some(out) = c.node.poll_output() {
+            let out = match out {
+                NodeOutput::Hub(out) => out,
+                NodeOutput::AcceptTunnel { tunnel, epoch } => {
+                    if let Some(tx) = c.tunnels.get(&tunnel) {
+                        let _ = tx.try_send(LinkCmd::Accept { epoch });
+                    }
+                    continue;
+                }
+                NodeOutput::CloseTunnel {
+                    tunnel,
+                    code,
+                    reason,
+                } => {
+                    tracing::warn!(target: "nowconnect::security", tunnel, %code, %reason, "closing agent tunnel");
+                    if let Some(tx) = c.tunnels.get(&tunnel) {
+                        let _ = tx.try_send(LinkCmd::Close { code, reason });
+                    }
+                    continue;
+                }
+                NodeOutput::DrainTunnel { tunnel } => {
+                    if let Some(tx) = c.tunnels.get(&tunnel) {
+                        let _ = tx.try_send(LinkCmd::Drain);
+                    }
+                    continue;
+                }
+                NodeOutput::Refused(r) => {
+                    self.tunnel_refused(&r);
+                    continue;
+                }
+            };
             match out {
                 HubOutput::Registry { op, call } => match &mut c.memory {
                     Some(m) => {
                         let r = m.apply(now, &call);
-                        c.hub.registry_reply(now, op, r);
+                        c.node.hub_mut().registry_reply(now, op, r);
                     }
                     None => {
                         let shared = self.clone();
@@ -208,25 +242,11 @@ impl<R: HubRt> Shared<R> {
                                 shared.metrics.registry_errors.inc();
                                 tracing::warn!(op = name, error = %e, "registry call failed");
                             }
-                            shared.with_control(|c, now| c.hub.registry_reply(now, op, r));
+                            shared
+                                .with_control(|c, now| c.node.hub_mut().registry_reply(now, op, r));
                         });
                     }
                 },
-                HubOutput::AcceptTunnel { tunnel, epoch } => {
-                    if let Some(tx) = c.tunnels.get(&tunnel) {
-                        let _ = tx.try_send(LinkCmd::Accept { epoch });
-                    }
-                }
-                HubOutput::CloseTunnel {
-                    tunnel,
-                    code,
-                    reason,
-                } => {
-                    tracing::warn!(target: "nowconnect::security", tunnel, %code, %reason, "closing agent tunnel");
-                    if let Some(tx) = c.tunnels.get(&tunnel) {
-                        let _ = tx.try_send(LinkCmd::Close { code, reason });
-                    }
-                }
                 HubOutput::Route { client, route } => {
                     // A local flow counts on its tunnel from the routing
                     // decision on, so a draining hub never closes a tunnel
@@ -236,14 +256,14 @@ impl<R: HubRt> Shared<R> {
                         _ => None,
                     };
                     if let Some(t) = local {
-                        c.hub.flow_started(t);
+                        c.node.hub_mut().flow_started(t);
                     }
                     let delivered = match c.routes.remove(&client) {
                         Some(tx) => tx.try_send(route).is_ok(),
                         None => false,
                     };
                     if let (Some(t), false) = (local, delivered) {
-                        c.hub.flow_ended(t);
+                        c.node.hub_mut().flow_ended(t);
                     }
                 }
                 HubOutput::Peers(peers) => {
@@ -255,20 +275,19 @@ impl<R: HubRt> Shared<R> {
                 // Configured peers are dialed once this replica is
                 // registered (see `start`): before, they would refuse it.
                 HubOutput::Announced => self.dial_static_peers(),
-                HubOutput::DrainTunnel { tunnel } => {
-                    if let Some(tx) = c.tunnels.get(&tunnel) {
-                        let _ = tx.try_send(LinkCmd::Drain);
-                    }
-                }
+                // The node turns these into its own outputs (above).
+                HubOutput::AcceptTunnel { .. }
+                | HubOutput::CloseTunnel { .. }
+                | HubOutput::DrainTunnel { .. } => {}
             }
         }
         self.metrics
             .agents_connected
-            .set(c.hub.agent_count() as i64);
+            .set(c.node.hub().agent_count() as i64);
         self.metrics
             .registry_healthy
-            .set(i64::from(c.hub.registry_healthy()));
-        for (kind, n) in &c.hub.counters.shadow_would {
+            .set(i64::from(c.node.hub().registry_healthy()));
+        for (kind, n) in &c.node.hub().counters.shadow_would {
             let g = self
                 .metrics
                 .shadow_would_route
@@ -278,7 +297,7 @@ impl<R: HubRt> Shared<R> {
                 g.inc_by(*n - cur);
             }
         }
-        let mismatches = c.hub.counters.epoch_mismatch;
+        let mismatches = c.node.hub().counters.epoch_mismatch;
         let cur = self.metrics.owner_epoch_mismatch.get();
         if mismatches > cur {
             self.metrics.owner_epoch_mismatch.inc_by(mismatches - cur);
@@ -290,7 +309,7 @@ impl<R: HubRt> Shared<R> {
         let reasons = {
             let c = self.control.lock().expect("control lock");
             let known_peers = self.mesh_dialed.lock().expect("mesh dialed lock").len();
-            c.hub.readiness(known_peers)
+            c.node.hub().readiness(known_peers)
         };
         if reasons.is_empty() {
             (200, serde_json::json!({"status": "ready"}).to_string())
@@ -313,7 +332,7 @@ impl<R: HubRt> Shared<R> {
                 .control
                 .lock()
                 .expect("control lock")
-                .hub
+                .node
                 .poll_timeout();
             let timer = async {
                 match deadline {
@@ -331,7 +350,7 @@ impl<R: HubRt> Shared<R> {
                 false
             };
             if race(timer, woken).await {
-                self.with_control(|c, now| c.hub.handle_timeout(now));
+                self.with_control(|c, now| c.node.handle_timeout(now));
             }
         }
     }
@@ -371,7 +390,7 @@ pub async fn start<R: HubHttp>(cfg: HubConfig, rt: R, redis: bool) -> Result<Hub
         metrics,
         verifier: RwLock::new(Arc::new(verifier)),
         control: Mutex::new(Control {
-            hub: Hub::new(now, core_cfg, seed),
+            node: HubNode::new(Hub::new(now, core_cfg, seed)),
             memory: (!redis).then(MemoryRegistry::new),
             tunnels: BTreeMap::new(),
             identities: BTreeMap::new(),
@@ -470,7 +489,7 @@ pub async fn start<R: HubHttp>(cfg: HubConfig, rt: R, redis: bool) -> Result<Hub
         // links; if the registry has not within one lease (Redis down at
         // start; peers may still list this replica in allowed_replicas),
         // they are dialed anyway.
-        if shared.with_control(|c, _| c.hub.announced()) {
+        if shared.with_control(|c, _| c.node.hub().announced()) {
             shared.dial_static_peers();
         }
         let (s, lease) = (

@@ -8,14 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use async_channel::Sender;
-use nowconnect_core::ErrorCode;
 use nowconnect_core::hub::TunnelId;
 
 use super::HttpRole;
 use crate::config::HubConfig;
-use crate::driver::LinkCmd;
-use crate::jwt::{AgentIdentity, Verifier};
+use crate::jwt::Verifier;
 use crate::metrics::labels;
 use crate::rt::HubRt;
 
@@ -142,31 +139,20 @@ impl<R: HubRt> Shared<R> {
                     tracing::warn!(target: "nowconnect::security", %error, "revocation list not reloaded; the previous one stays in force");
                 }
             }
-            let revoked: Vec<(TunnelId, AgentIdentity, Option<Sender<LinkCmd>>)> = {
-                let mut c = self.control.lock().expect("control lock");
-                let ids: Vec<TunnelId> = c
+            // The node closes each revoked tunnel (once) and the pump
+            // counts and logs it.
+            self.with_control(|c, now| {
+                let revoked: Vec<TunnelId> = c
                     .identities
                     .iter()
                     .filter(|(_, id)| list.is_revoked(id))
                     .map(|(t, _)| *t)
                     .collect();
-                ids.into_iter()
-                    .filter_map(|t| {
-                        let id = c.identities.remove(&t)?;
-                        Some((t, id, c.tunnels.get(&t).cloned()))
-                    })
-                    .collect()
-            };
-            for (tunnel, id, tx) in revoked {
-                self.security_event("tunnel_revoked");
-                tracing::warn!(target: "nowconnect::security", tunnel, tenant = %id.tenant, agent = %id.agent_id, reason = "revoked", "closing agent tunnel: its token is revoked");
-                if let Some(tx) = tx {
-                    let _ = tx.try_send(LinkCmd::Close {
-                        code: ErrorCode::Refused,
-                        reason: "revoked: the agent's token is revoked".into(),
-                    });
+                for t in revoked {
+                    c.identities.remove(&t);
+                    c.node.tunnel_revoked(now, t);
                 }
-            }
+            });
         }
     }
 

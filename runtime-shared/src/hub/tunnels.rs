@@ -1,6 +1,8 @@
-//! Agent tunnels: `/tunnel` authorisation before the upgrade, scope and
-//! re-authentication checks, and one task per agent socket around a
-//! `Tunnel::hub`.
+//! Agent tunnels: `/tunnel` authorisation before the upgrade, token
+//! verification for re-authentication, and one task per agent socket around
+//! a `Tunnel::hub`, which reports its HELLO, establishment, renewals and
+//! close to the core `HubNode` and executes what it decides (through the
+//! pump: accept, close, drain).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,8 +11,9 @@ use std::time::{Duration, Instant};
 use async_channel::Sender;
 use futures_lite::StreamExt;
 use futures_lite::future::race;
+use nowconnect_core::ErrorCode;
+use nowconnect_core::hub_node::{RefusalCount, RefusalStage, Refused};
 use nowconnect_core::tunnel::{Tunnel, TunnelEvent};
-use nowconnect_core::{Codec, ErrorCode};
 
 use crate::driver::{InlineWriter, LinkCmd, LoopTimer, Outgoing, TunnelDriver};
 use crate::jwt::AgentIdentity;
@@ -71,30 +74,47 @@ impl<R: HubRt> Shared<R> {
     }
 
     /// A token an established tunnel's agent sent to renew its credential
-    /// (REAUTH): valid under the current verification settings (revocation
-    /// included), for the same agent and tenant, and scoped to cover every
-    /// connector the HELLO announced. The new identity, or the refusal's
-    /// label and detail.
-    pub fn check_reauth(
-        &self,
-        current: &AgentIdentity,
-        announced: &[String],
-        token: &str,
-    ) -> Result<AgentIdentity, (&'static str, String)> {
+    /// (REAUTH), checked as at the upgrade: valid under the current
+    /// verification settings (revocation included) and scoped as the
+    /// operator requires. The node decides whether it may replace the
+    /// tunnel's current token (`HubNode::tunnel_reauthed`). The new
+    /// identity, or the refusal's label and detail.
+    pub fn verify_reauth(&self, token: &str) -> Result<AgentIdentity, (&'static str, String)> {
         let verifier = self.verifier.read().expect("verifier lock").clone();
         let new = verifier.verify(token).map_err(|e| (e.label, e.detail))?;
-        if new.tenant != current.tenant {
-            return Err((
-                "agent_mismatch",
-                format!(
-                    "the renewed token is for tenant `{}`, the tunnel for `{}`",
-                    new.tenant, current.tenant
-                ),
-            ));
-        }
         self.check_scoped(&new)?;
-        new.credential().admits(&current.agent_id, announced)?;
         Ok(new)
+    }
+
+    /// Count and log a refusal the node decided (its close follows).
+    pub(super) fn tunnel_refused(&self, r: &Refused) {
+        match r.refusal.count() {
+            RefusalCount::AuthFailure(reason) => {
+                self.metrics
+                    .auth_failures
+                    .get_or_create(&labels(&[("reason", reason)]))
+                    .inc();
+            }
+            RefusalCount::SecurityEvent(kind) => self.security_event(kind),
+        }
+        let (tunnel, tenant, agent, reason) =
+            (r.tunnel, &r.tenant, &r.agent_id, r.refusal.as_str());
+        let detail = &r.detail;
+        match r.refusal.stage() {
+            RefusalStage::Hello => {
+                let hello_agent = r.hello_agent.as_deref().unwrap_or_default();
+                tracing::warn!(target: "nowconnect::security", tunnel, %tenant, %agent, %hello_agent, reason, "tunnel refused at HELLO");
+            }
+            RefusalStage::Reauth => {
+                tracing::warn!(target: "nowconnect::security", tunnel, %tenant, %agent, reason, %detail, "renewed token refused; closing the tunnel");
+            }
+            RefusalStage::Expiry => {
+                tracing::warn!(target: "nowconnect::security", tunnel, %tenant, %agent, reason, "closing agent tunnel: its token expired");
+            }
+            RefusalStage::Revocation => {
+                tracing::warn!(target: "nowconnect::security", tunnel, %tenant, %agent, reason, "closing agent tunnel: its token is revoked");
+            }
+        }
     }
 
     /// Drive one agent tunnel until it closes: `stream` is what the agent
@@ -105,7 +125,7 @@ impl<R: HubRt> Shared<R> {
         mut stream: S,
         out: Sender<Outgoing>,
         mut writer: InlineWriter<K, M>,
-        mut identity: AgentIdentity,
+        identity: AgentIdentity,
         peer: SocketAddr,
     ) where
         S: futures_lite::Stream<Item = WsIn> + Unpin + Send,
@@ -115,23 +135,21 @@ impl<R: HubRt> Shared<R> {
         let shared = self;
         let tunnel_id = shared.id();
         let (cmd_tx, cmd_rx) = async_channel::unbounded();
-        {
-            let mut c = shared.control.lock().expect("control lock");
+        // The tunnel lives no longer than its token: the node closes it then.
+        let until = |exp: u64| {
+            Instant::now() + Duration::from_secs(exp.saturating_sub(crate::jwt::unix_now()))
+        };
+        shared.with_control(|c, now| {
             c.tunnels.insert(tunnel_id, cmd_tx.clone());
             c.identities.insert(tunnel_id, identity.clone());
-        }
+            let expires = until(identity.expires_at);
+            c.node
+                .tunnel_connected(now, tunnel_id, identity.credential(), expires);
+        });
         let tunnel = Tunnel::hub(Instant::now(), shared.cfg.tunnel_config());
         let mut d = TunnelDriver::new(tunnel, out, cmd_tx, shared.metrics.clone());
         let agent_id = identity.agent_id.clone();
         let tenant = identity.tenant.clone();
-        // The tunnel lives no longer than its token.
-        let until = |exp: u64| {
-            Instant::now() + Duration::from_secs(exp.saturating_sub(crate::jwt::unix_now()))
-        };
-        let mut expires = until(identity.expires_at);
-        let mut expired = false;
-        // What the HELLO announced (bare names): a renewed token must cover it.
-        let mut announced: Vec<String> = Vec::new();
         tracing::info!(tunnel = tunnel_id, %peer, %tenant, agent = %identity.agent_id, "agent tunnel connected");
         enum Wake {
             In(Option<WsIn>),
@@ -141,13 +159,7 @@ impl<R: HubRt> Shared<R> {
         }
         let mut timer = LoopTimer::default();
         loop {
-            // Until it fires, the token's expiry is one more deadline.
-            let deadline = if expired {
-                d.deadline()
-            } else {
-                Some(d.deadline().map_or(expires, |at| at.min(expires)))
-            };
-            timer.set(deadline, |dur| shared.rt.sleep(dur));
+            timer.set(d.deadline(), |dur| shared.rt.sleep(dur));
             // Frames the core holds beyond the writer's high-water mark
             // make the writer branch ready, so they are moved on.
             let backlogged = d.backlogged();
@@ -195,79 +207,40 @@ impl<R: HubRt> Shared<R> {
                         }
                     }
                 }
-                Wake::Timer if !expired && now >= expires => {
-                    expired = true;
-                    shared.security_event("tunnel_token_expired");
-                    tracing::warn!(target: "nowconnect::security", tunnel = tunnel_id, %tenant, agent = %agent_id, reason = "token_expired", "closing agent tunnel: its token expired");
-                    d.tunnel.close(
-                        ErrorCode::Refused,
-                        "token_expired: the agent's token expired",
-                    );
-                }
                 Wake::Timer => d.tunnel.handle_timeout(now),
                 Wake::Written => {}
             }
             let mut closed = None;
             for ev in d.drain() {
                 match ev {
-                    TunnelEvent::Hello {
-                        agent_id: hello_id,
-                        connectors,
-                    } => {
-                        announced = connectors.clone();
-                        let credential = identity.credential();
-                        let res = shared.with_control(|c, now| {
-                            c.hub.tunnel_hello_as(
-                                now,
-                                tunnel_id,
-                                &credential,
-                                &hello_id,
-                                &connectors,
-                            )
-                        });
-                        if let Err(kind) = res {
-                            if kind == "agent_mismatch" {
-                                shared
-                                    .metrics
-                                    .auth_failures
-                                    .get_or_create(&labels(&[("reason", kind)]))
-                                    .inc();
-                            } else {
-                                shared.security_event(kind);
-                            }
-                            tracing::warn!(target: "nowconnect::security", tunnel = tunnel_id, %tenant, agent = %agent_id, hello_agent = %hello_id, reason = kind, "tunnel refused at HELLO");
-                        }
+                    ev @ TunnelEvent::Hello { .. } => {
+                        shared.with_control(|c, now| c.node.tunnel_event(now, tunnel_id, &ev));
                     }
-                    TunnelEvent::Reauth { token } => {
-                        match shared.check_reauth(&identity, &announced, &token) {
-                            Ok(new) => {
-                                tracing::info!(tunnel = tunnel_id, %tenant, agent = %agent_id, expires_at = new.expires_at, "agent token renewed on the tunnel");
-                                expires = until(new.expires_at);
-                                shared.with_control(|c, _| {
-                                    if let Some(id) = c.identities.get_mut(&tunnel_id) {
-                                        *id = new.clone();
-                                    }
-                                });
-                                identity = new;
-                            }
-                            Err((label, detail)) => {
-                                shared
-                                    .metrics
-                                    .auth_failures
-                                    .get_or_create(&labels(&[("reason", label)]))
-                                    .inc();
-                                tracing::warn!(target: "nowconnect::security", tunnel = tunnel_id, %tenant, agent = %agent_id, reason = label, %detail, "renewed token refused; closing the tunnel");
-                                d.tunnel.close(
-                                    ErrorCode::Refused,
-                                    &format!("renewed token refused: {label}: {detail}"),
+                    TunnelEvent::Reauth { token } => match shared.verify_reauth(&token) {
+                        Ok(new) => {
+                            let expires = until(new.expires_at);
+                            let taken = shared.with_control(|c, now| {
+                                let taken = c.node.tunnel_reauthed(
+                                    now,
+                                    tunnel_id,
+                                    new.credential(),
+                                    expires,
                                 );
+                                if taken && let Some(id) = c.identities.get_mut(&tunnel_id) {
+                                    *id = new.clone();
+                                }
+                                taken
+                            });
+                            if taken {
+                                tracing::info!(tunnel = tunnel_id, %tenant, agent = %agent_id, expires_at = new.expires_at, "agent token renewed on the tunnel");
                             }
                         }
-                    }
-                    TunnelEvent::Established { epoch, codec } => {
-                        if codec != Codec::V2 {
-                            shared.with_control(|c, _| c.hub.tunnel_cannot_drain(tunnel_id));
-                        }
+                        Err((label, detail)) => shared.with_control(|c, now| {
+                            c.node.tunnel_reauth_refused(now, tunnel_id, label, detail)
+                        }),
+                    },
+                    ev @ TunnelEvent::Established { epoch, codec } => {
+                        shared.with_control(|c, now| c.node.tunnel_event(now, tunnel_id, &ev));
                         shared
                             .metrics
                             .tunnels
@@ -318,7 +291,7 @@ impl<R: HubRt> Shared<R> {
         shared.with_control(|c, now| {
             c.tunnels.remove(&tunnel_id);
             c.identities.remove(&tunnel_id);
-            c.hub.tunnel_closed(now, tunnel_id);
+            c.node.tunnel_closed(now, tunnel_id);
         });
         let grace = shared.rt.sleep(Duration::from_secs(2));
         race(writer.write(), grace).await;

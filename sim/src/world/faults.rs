@@ -272,7 +272,7 @@ impl World {
     /// go on) and exits when the grace period (0.3–1.5 s) is over.
     pub(super) fn drain_hub(&mut self) {
         let live: Vec<usize> = (0..self.hubs.len())
-            .filter(|h| self.hubs[*h].alive && !self.hubs[*h].hub.is_draining())
+            .filter(|h| self.hubs[*h].alive && !self.hubs[*h].node.hub().is_draining())
             .collect();
         if live.is_empty() {
             return;
@@ -282,7 +282,7 @@ impl World {
         self.log(format_args!("hub {h} drains"));
         self.outcome.hub_drains += 1;
         let now = self.now;
-        self.hubs[h].hub.drain(now);
+        self.hubs[h].node.hub_mut().drain(now);
         let grace = Duration::from_millis(300 + self.rng.below(1200));
         let incarnation = self.hubs[h].incarnation;
         self.schedule(
@@ -348,7 +348,7 @@ impl World {
         self.redis_down_until = None;
         // A drain in progress ends now (the hub exits and comes back).
         for h in 0..self.hubs.len() {
-            if self.hubs[h].alive && self.hubs[h].hub.is_draining() {
+            if self.hubs[h].alive && self.hubs[h].node.hub().is_draining() {
                 self.stop_hub(h, "drain_grace_over");
             }
         }

@@ -121,7 +121,7 @@ impl World {
             }
         }
         for (i, h) in self.hubs.iter().enumerate().filter(|(_, h)| h.alive) {
-            if let Some(at) = h.hub.poll_timeout()
+            if let Some(at) = h.node.poll_timeout()
                 && at < self.now
             {
                 return Err(Violation(format!("hub {i} asks to be woken in the past")));

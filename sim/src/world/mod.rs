@@ -1,7 +1,8 @@
 //! A deterministic world: one to three hubs joined by a mesh, agents,
-//! clients and echo targets, built only from the core state machines (`Hub`,
-//! `Agent`, `Tunnel`, `MeshLink`, `MemoryRegistry`), a simulated network, a
-//! simulated Redis and a virtual clock, all driven by one seed.
+//! clients and echo targets, built only from the core state machines
+//! (`HubNode` around `Hub`, `Agent`, `Tunnel`, `MeshLink`, `MemoryRegistry`;
+//! a hub's tunnels report to its `HubNode` as in the runtimes), a simulated
+//! network, a simulated Redis and a virtual clock, all driven by one seed.
 //!
 //! A swarm fault profile (drawn from the seed) injects link latency and
 //! jitter, tunnel and mesh resets, symmetric and asymmetric partitions
@@ -29,6 +30,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use nowconnect_core::agent::{AgentConfig, AttemptId, HubLinkState};
 use nowconnect_core::agent_node::{AgentCommand, AgentNode};
 use nowconnect_core::hub::{Hub, HubConfig, HubOutput};
+use nowconnect_core::hub_node::{HubNode, NodeOutput, RefusalStage};
 use nowconnect_core::mesh_link::{MeshEvent, MeshLink, MeshLinkConfig};
 use nowconnect_core::mux::{FlowEvent, FlowLink, GROWTH_BUDGET_WINDOWS, PlantedBug};
 use nowconnect_core::payload::HEADROOM;
@@ -252,8 +254,6 @@ struct Ep {
     mesh_up: Option<String>,
     /// Hub tunnel: the agent that said HELLO on it (tenant-qualified).
     agent_id: Option<String>,
-    /// Hub tunnel: what the agent's token says it is (checked at HELLO).
-    credential: Option<AgentCredential>,
 }
 
 enum EpEvent {
@@ -262,7 +262,8 @@ enum EpEvent {
 }
 
 struct SimHub {
-    hub: Hub,
+    /// The shipped hub node: the same inputs and outputs as the runtimes'.
+    node: HubNode,
     cfg: HubConfig,
     alive: bool,
     incarnation: u64,
@@ -326,6 +327,8 @@ const CHUNK: usize = 8 * 1024;
 /// The second tenant of every world.
 const OTHER_TENANT: &str = "acme";
 const TICK: Duration = Duration::from_millis(10);
+/// Simulated tokens outlive any run: expiry is covered by the core tests.
+const TOKEN_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl World {
     /// `origin` is an arbitrary instant; only offsets from it matter.
@@ -439,7 +442,7 @@ impl World {
             };
             let seed = w.rng.next_u64();
             w.hubs.push(SimHub {
-                hub: Hub::new(origin, cfg.clone(), seed),
+                node: HubNode::new(Hub::new(origin, cfg.clone(), seed)),
                 cfg,
                 alive: true,
                 incarnation: 0,
@@ -551,7 +554,7 @@ impl World {
             }
         };
         for h in self.hubs.iter().filter(|h| h.alive) {
-            take(h.hub.poll_timeout());
+            take(h.node.poll_timeout());
         }
         for e in self.eps.values() {
             take(match &e.link {
@@ -568,7 +571,7 @@ impl World {
     fn fire_timers(&mut self) {
         let now = self.now;
         for h in self.hubs.iter_mut().filter(|h| h.alive) {
-            h.hub.handle_timeout(now);
+            h.node.handle_timeout(now);
         }
         for e in self.eps.values_mut() {
             match &mut e.link {
@@ -637,11 +640,15 @@ impl World {
                 let agent_side = hub_side + 1;
                 let t = Tunnel::hub(now, self.tunnel_cfg.clone());
                 self.add_ep(hn, Some(agent_side), Link::Tunnel(t), AttemptId(0), None);
-                // What the hub learnt from the token at the upgrade.
+                // What the hub learnt from the token at the upgrade; the
+                // simulated tokens outlive any run.
                 let credential = self.agents[agent].credential.clone();
-                if let Some(e) = self.eps.get_mut(&hub_side) {
-                    e.credential = Some(credential);
-                }
+                self.hubs[hub].node.tunnel_connected(
+                    now,
+                    hub_side,
+                    credential,
+                    now + TOKEN_LIFETIME,
+                );
                 let t = Tunnel::agent(now, self.tunnel_cfg.clone(), &id, &connectors);
                 self.add_ep(an, Some(hub_side), Link::Tunnel(t), attempt, None);
                 self.agents[agent].eps.insert(attempt, agent_side);
@@ -731,7 +738,7 @@ impl World {
                 self.log(format_args!("hub {hub}: registry reply {op}: {result:?}"));
                 let h = &mut self.hubs[hub];
                 if h.alive && h.incarnation == incarnation {
-                    h.hub.registry_reply(now, op, result);
+                    h.node.hub_mut().registry_reply(now, op, result);
                 }
             }
             Event::ClientStart { client } => {
@@ -740,7 +747,10 @@ impl World {
                 let (hub, tenant) = (self.clients[&client].hub, self.clients[&client].tenant);
                 if self.hubs[hub].alive {
                     let listener = qualify(tenant, "echo");
-                    self.hubs[hub].hub.client_connected(now, client, &listener);
+                    self.hubs[hub]
+                        .node
+                        .hub_mut()
+                        .client_connected(now, client, &listener);
                 } else {
                     let c = self.clients.get_mut(&client).expect("client");
                     c.state = ClientState::Done;
@@ -761,7 +771,7 @@ impl World {
                 let seed = self.rng.next_u64();
                 let h = &mut self.hubs[hub];
                 h.alive = true;
-                h.hub = Hub::new(now, h.cfg.clone(), seed);
+                h.node = HubNode::new(Hub::new(now, h.cfg.clone(), seed));
                 self.start_mesh_links(hub);
             }
             Event::HubDrainEnd { hub, incarnation } => {
@@ -786,16 +796,17 @@ impl World {
         let mut out = Vec::new();
         for (i, h) in self.hubs.iter().enumerate() {
             let agents: Vec<String> = h
-                .hub
+                .node
+                .hub()
                 .agents()
                 .map(|(a, e, _)| format!("{a}@{}", e.0))
                 .collect();
             out.push(format!(
                 "hub {i}: alive={} mode={} registry_healthy={} mesh_up={} agents={agents:?}",
                 h.alive,
-                h.hub.mode().as_str(),
-                h.hub.registry_healthy(),
-                h.hub.mesh_links_up()
+                h.node.hub().mode().as_str(),
+                h.node.hub().registry_healthy(),
+                h.node.hub().mesh_links_up()
             ));
         }
         for (i, a) in self.agents.iter().enumerate() {

@@ -24,7 +24,6 @@ impl World {
                 mesh_to,
                 mesh_up: None,
                 agent_id: None,
-                credential: None,
             },
         );
         id

@@ -1,5 +1,7 @@
-//! The nodes: how each hub drives its `Hub`, tunnels, mesh links and
-//! bridges, and how each agent drives its `Agent` and tunnels.
+//! The nodes: how each hub drives its `HubNode` (whose inputs and outputs
+//! decide HELLO, drain and token rules for its tunnels, as in the runtimes),
+//! tunnels, mesh links and bridges, and how each agent drives its `Agent`
+//! and tunnels.
 
 use super::*;
 
@@ -10,7 +12,7 @@ impl World {
             .get(&ep)
             .is_some_and(|e| matches!(e.link, Link::Tunnel(_)))
         {
-            self.hubs[hub].hub.flow_ended(ep);
+            self.hubs[hub].node.hub_mut().flow_ended(ep);
         }
     }
 
@@ -114,7 +116,7 @@ impl World {
             }) = self.eps.get(&ep)
             {
                 let hub = *hub;
-                self.hubs[hub].hub.flow_ended(ep);
+                self.hubs[hub].node.hub_mut().flow_ended(ep);
             }
         }
     }
@@ -139,7 +141,7 @@ impl World {
             if !self.hubs[h].alive {
                 continue;
             }
-            while let Some(o) = self.hubs[h].hub.poll_output() {
+            while let Some(o) = self.hubs[h].node.poll_output() {
                 moved = true;
                 self.hub_output(h, o);
             }
@@ -153,11 +155,11 @@ impl World {
         }
     }
 
-    pub(super) fn hub_output(&mut self, h: usize, o: HubOutput) {
+    pub(super) fn hub_output(&mut self, h: usize, o: NodeOutput) {
         let now = self.now;
         self.log(format_args!("hub {h}: {o:?}"));
         match o {
-            HubOutput::Registry { op, call } => {
+            NodeOutput::Hub(HubOutput::Registry { op, call }) => {
                 let incarnation = self.hubs[h].incarnation;
                 if self.held_until(Node::Hub(h), Node::Redis).is_some() {
                     return; // lost on the way; the hub times the call out
@@ -173,7 +175,7 @@ impl World {
                     },
                 );
             }
-            HubOutput::AcceptTunnel { tunnel, epoch } => {
+            NodeOutput::AcceptTunnel { tunnel, epoch } => {
                 let agent = match self.eps.get_mut(&tunnel) {
                     Some(Ep {
                         link: Link::Tunnel(t),
@@ -202,7 +204,7 @@ impl World {
                     }
                 }
             }
-            HubOutput::CloseTunnel {
+            NodeOutput::CloseTunnel {
                 tunnel,
                 code,
                 reason,
@@ -211,14 +213,27 @@ impl World {
                     t.close(code, &reason);
                 }
             }
-            HubOutput::Route { client, route } => self.route(h, client, route),
+            NodeOutput::Refused(r) => {
+                if r.refusal.stage() == RefusalStage::Hello {
+                    self.outcome.hellos_refused += 1;
+                }
+            }
+            NodeOutput::Hub(HubOutput::Route { client, route }) => self.route(h, client, route),
             // The sim's mesh is configured, not discovered.
-            HubOutput::Peers(_) | HubOutput::PeerDeparted { .. } | HubOutput::Announced => {}
-            HubOutput::DrainTunnel { tunnel } => {
+            NodeOutput::Hub(
+                HubOutput::Peers(_) | HubOutput::PeerDeparted { .. } | HubOutput::Announced,
+            ) => {}
+            NodeOutput::DrainTunnel { tunnel } => {
                 if let Some(Link::Tunnel(t)) = self.eps.get_mut(&tunnel).map(|e| &mut e.link) {
                     t.send_drain();
                 }
             }
+            // The node turns these into its own outputs.
+            NodeOutput::Hub(
+                HubOutput::AcceptTunnel { .. }
+                | HubOutput::CloseTunnel { .. }
+                | HubOutput::DrainTunnel { .. },
+            ) => {}
         }
     }
 
@@ -280,7 +295,7 @@ impl World {
                 c.state = ClientState::Open { ep, cid };
                 self.client_of.insert((ep, cid), client);
                 if let Route::Local { tunnel, .. } = route {
-                    self.hubs[h].hub.flow_started(tunnel);
+                    self.hubs[h].node.hub_mut().flow_started(tunnel);
                 } else {
                     self.outcome.flows_via_mesh += 1;
                 }
@@ -297,32 +312,24 @@ impl World {
     pub(super) fn hub_tunnel_event(&mut self, h: usize, ep: EpId, e: TunnelEvent) {
         let now = self.now;
         match e {
-            TunnelEvent::Hello {
-                agent_id,
-                connectors,
-            } => {
-                let Some(credential) = self.eps.get(&ep).and_then(|e| e.credential.clone()) else {
+            TunnelEvent::Hello { .. } => {
+                if self.hubs[h].node.tunnel(ep).is_none() {
                     return self.fail(format!("hub {h}: a HELLO on tunnel {ep} without a token"));
-                };
-                match self.hubs[h]
-                    .hub
-                    .tunnel_hello_as(now, ep, &credential, &agent_id, &connectors)
-                {
-                    Ok(()) => {
-                        if let Some(e) = self.eps.get_mut(&ep) {
-                            e.agent_id = Some(qualify(&credential.tenant, &agent_id));
-                        }
-                    }
-                    Err(_) => self.outcome.hellos_refused += 1,
+                }
+                self.hubs[h].node.tunnel_event(now, ep, &e);
+                // Admitted: the node knows the agent by its qualified name.
+                let agent = self.hubs[h].node.tunnel(ep).and_then(|t| t.agent());
+                if let (Some(agent), Some(e)) = (agent, self.eps.get_mut(&ep)) {
+                    e.agent_id = Some(agent);
                 }
             }
             TunnelEvent::Flow(fe) => self.hub_flow_event(ep, fe),
+            TunnelEvent::Established { .. } => self.hubs[h].node.tunnel_event(now, ep, &e),
             TunnelEvent::Closed { .. } => {
-                self.hubs[h].hub.tunnel_closed(now, ep);
+                self.hubs[h].node.tunnel_event(now, ep, &e);
                 self.remove_ep(ep);
             }
-            TunnelEvent::Established { .. }
-            | TunnelEvent::Open { .. }
+            TunnelEvent::Open { .. }
             | TunnelEvent::Rtt(_)
             | TunnelEvent::Drain
             | TunnelEvent::Reauth { .. } => {}
@@ -354,7 +361,10 @@ impl World {
             MeshEvent::Established { peer_replica } => {
                 let e = self.eps.get_mut(&ep).expect("ep");
                 if e.mesh_to.is_some() {
-                    self.hubs[h].hub.mesh_link_up(&peer_replica, true);
+                    self.hubs[h]
+                        .node
+                        .hub_mut()
+                        .mesh_link_up(&peer_replica, true);
                     e.mesh_up = Some(peer_replica);
                 }
             }
@@ -366,11 +376,11 @@ impl World {
             } => self.owner_open(h, ep, cid, &connector, &agent_id, epoch),
             MeshEvent::OpenAccepted { .. } | MeshEvent::Rtt(_) => {}
             MeshEvent::Flow(fe) => self.hub_flow_event(ep, fe),
-            MeshEvent::StaleEpoch { .. } => self.hubs[h].hub.count_epoch_mismatch(),
+            MeshEvent::StaleEpoch { .. } => self.hubs[h].node.hub_mut().count_epoch_mismatch(),
             MeshEvent::Down { .. } => {
                 let e = self.eps.get_mut(&ep).expect("ep");
                 if let Some(name) = e.mesh_up.take() {
-                    self.hubs[h].hub.mesh_link_up(&name, false);
+                    self.hubs[h].node.hub_mut().mesh_link_up(&name, false);
                 }
                 if e.mesh_to.is_some() {
                     // Outbound: it reconnects by itself; the old socket ends.
@@ -394,7 +404,10 @@ impl World {
         agent_id: &str,
         epoch: Epoch,
     ) {
-        let checked = self.hubs[h].hub.check_mesh_open(agent_id, connector, epoch);
+        let checked = self.hubs[h]
+            .node
+            .hub_mut()
+            .check_mesh_open(agent_id, connector, epoch);
         let Some(Ep {
             link: Link::Mesh(mesh),
             ..
@@ -418,7 +431,7 @@ impl World {
             ));
         }
         // The independent check: what this hub owns, under which epoch.
-        let owned = self.hubs[h].hub.owned_tunnel(agent_id);
+        let owned = self.hubs[h].node.hub_mut().owned_tunnel(agent_id);
         if owned != Some((tunnel, epoch)) {
             let cur = owned.map_or(0, |(_, e)| e.0);
             self.fail(format!(
@@ -441,7 +454,7 @@ impl World {
         match opened {
             Some(tcid) => {
                 mesh.accept_open(cid);
-                self.hubs[h].hub.flow_started(tunnel);
+                self.hubs[h].node.hub_mut().flow_started(tunnel);
                 for (a, b) in [((ep, cid), (tunnel, tcid)), ((tunnel, tcid), (ep, cid))] {
                     self.bridges.insert(
                         a,

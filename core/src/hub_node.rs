@@ -1,0 +1,530 @@
+//! The tunnel side of a hub as one node: the control machine ([`Hub`]) and
+//! the table of the hub's agent tunnels, each with the credential its token
+//! carries, the token's expiry, what its HELLO announced and its codec.
+//!
+//! Each tunnel's [`crate::tunnel::Tunnel`] is still driven on its own (one
+//! task per socket in the runtimes); its link reports what happened through
+//! typed inputs ([`HubNode::tunnel_connected`], [`HubNode::tunnel_event`],
+//! [`HubNode::tunnel_reauthed`], …) and executes the node's
+//! [`NodeOutput`]s. The decisions that span the token and the tunnel are made
+//! here: whether a HELLO is admitted (and how its refusal is counted), that a
+//! v1 tunnel cannot be told to drain, when a token has expired, whether a
+//! renewed token may replace the current one.
+//!
+//! Verifying a token (signatures, keys, revocation, operator settings) stays
+//! in the runtime: it reports the verified [`AgentCredential`], or the
+//! refusal's label.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Instant;
+
+use crate::codec::Codec;
+use crate::frame::{Epoch, ErrorCode};
+use crate::hub::{Hub, HubOutput, TunnelId};
+use crate::tenant::{AgentCredential, Inadmissible, qualify};
+use crate::timer::Timers;
+use crate::tunnel::TunnelEvent;
+
+/// Why the node refused a tunnel's agent (at HELLO, at a token renewal, or
+/// when its token ran out). The tunnel is closed with code
+/// [`ErrorCode::Refused`] (a repeated HELLO: [`ErrorCode::ProtocolError`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TunnelRefusal {
+    /// The HELLO names another agent than the token.
+    HelloAgentMismatch,
+    /// The HELLO announces a connector the token's scope does not list.
+    HelloOutsideScope,
+    /// A second HELLO on a tunnel that already introduced itself.
+    HelloRepeated,
+    /// A renewed token for another agent or another tenant.
+    ReauthAgentMismatch,
+    /// A renewed token whose scope no longer covers what the HELLO announced.
+    ReauthOutsideScope,
+    /// The runtime refused the renewed token itself (signature, expiry,
+    /// revocation, an unscoped token): the verifier's label.
+    ReauthInvalid(&'static str),
+    /// The tunnel outlived its token.
+    TokenExpired,
+    /// The runtime found the tunnel's token on the revocation list.
+    Revoked,
+}
+
+/// How a refusal is counted: as an authentication failure (by reason) or
+/// as a security event (by kind: a valid credential's holder tried to go
+/// beyond it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalCount {
+    AuthFailure(&'static str),
+    SecurityEvent(&'static str),
+}
+
+impl TunnelRefusal {
+    /// The refusal's label (the `reason` of its log line and close).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TunnelRefusal::HelloAgentMismatch | TunnelRefusal::ReauthAgentMismatch => {
+                "agent_mismatch"
+            }
+            TunnelRefusal::HelloOutsideScope | TunnelRefusal::ReauthOutsideScope => {
+                "connector_outside_scope"
+            }
+            TunnelRefusal::HelloRepeated => "duplicate_hello",
+            TunnelRefusal::ReauthInvalid(label) => label,
+            TunnelRefusal::TokenExpired => "token_expired",
+            TunnelRefusal::Revoked => "revoked",
+        }
+    }
+
+    /// Which counter the refusal goes to. A HELLO for another agent is
+    /// counted as an authentication failure (the token does not say who
+    /// is there); announcing beyond the scope, a repeated HELLO, an
+    /// expired and a revoked token as security events; every renewal
+    /// refusal as an authentication failure.
+    pub fn count(&self) -> RefusalCount {
+        match self {
+            TunnelRefusal::HelloAgentMismatch
+            | TunnelRefusal::ReauthAgentMismatch
+            | TunnelRefusal::ReauthOutsideScope
+            | TunnelRefusal::ReauthInvalid(_) => RefusalCount::AuthFailure(self.as_str()),
+            TunnelRefusal::HelloOutsideScope => RefusalCount::SecurityEvent(self.as_str()),
+            TunnelRefusal::HelloRepeated => RefusalCount::SecurityEvent("tunnel_duplicate_hello"),
+            TunnelRefusal::TokenExpired => RefusalCount::SecurityEvent("tunnel_token_expired"),
+            TunnelRefusal::Revoked => RefusalCount::SecurityEvent("tunnel_revoked"),
+        }
+    }
+
+    /// At which step the refusal happened.
+    pub fn stage(&self) -> RefusalStage {
+        match self {
+            TunnelRefusal::HelloAgentMismatch
+            | TunnelRefusal::HelloOutsideScope
+            | TunnelRefusal::HelloRepeated => RefusalStage::Hello,
+            TunnelRefusal::ReauthAgentMismatch
+            | TunnelRefusal::ReauthOutsideScope
+            | TunnelRefusal::ReauthInvalid(_) => RefusalStage::Reauth,
+            TunnelRefusal::TokenExpired => RefusalStage::Expiry,
+            TunnelRefusal::Revoked => RefusalStage::Revocation,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalStage {
+    Hello,
+    Reauth,
+    Expiry,
+    Revocation,
+}
+
+/// A refusal as the runtime counts and logs it; the tunnel's close follows
+/// as [`NodeOutput::CloseTunnel`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    pub tunnel: TunnelId,
+    pub refusal: TunnelRefusal,
+    /// Who the tunnel's token says its agent is.
+    pub tenant: String,
+    pub agent_id: String,
+    /// At HELLO: the agent id the HELLO named.
+    pub hello_agent: Option<String>,
+    pub detail: String,
+}
+
+/// What the runtime must do, drained with [`HubNode::poll_output`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeOutput {
+    /// Send WELCOME on the tunnel: it is owned under `epoch`.
+    AcceptTunnel { tunnel: TunnelId, epoch: Epoch },
+    /// Close the tunnel with this code and reason.
+    CloseTunnel {
+        tunnel: TunnelId,
+        code: ErrorCode,
+        reason: String,
+    },
+    /// Send DRAIN on the tunnel (v2 tunnels only).
+    DrainTunnel { tunnel: TunnelId },
+    /// Count and log a refusal (its close is a `CloseTunnel` after it).
+    Refused(Refused),
+    /// Every other output of the [`Hub`] (registry calls, routes, peers),
+    /// passed through as it is: never `AcceptTunnel`, `CloseTunnel` or
+    /// `DrainTunnel`, which become the variants above.
+    Hub(HubOutput),
+}
+
+/// What the node knows of one agent tunnel.
+#[derive(Clone, Debug)]
+pub struct NodeTunnel {
+    credential: AgentCredential,
+    expires: Instant,
+    /// Said HELLO (admitted or not): a second one is refused.
+    said_hello: bool,
+    /// Its close was decided (refused, expired, or closed by the hub):
+    /// what it says from then on is ignored.
+    closing: bool,
+    /// What the HELLO announced (bare names), once it was admitted.
+    announced: Option<Vec<String>>,
+    codec: Option<Codec>,
+}
+
+impl NodeTunnel {
+    /// What the tunnel's current token says.
+    pub fn credential(&self) -> &AgentCredential {
+        &self.credential
+    }
+
+    /// When the current token expires.
+    pub fn expires(&self) -> Instant {
+        self.expires
+    }
+
+    /// The connectors the admitted HELLO announced (bare names).
+    pub fn announced(&self) -> Option<&[String]> {
+        self.announced.as_deref()
+    }
+
+    /// The agent, tenant-qualified, once its HELLO was admitted.
+    pub fn agent(&self) -> Option<String> {
+        self.announced
+            .as_ref()
+            .map(|_| qualify(&self.credential.tenant, &self.credential.agent_id))
+    }
+
+    /// The codec, once the tunnel is established.
+    pub fn codec(&self) -> Option<Codec> {
+        self.codec
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum NodeTimer {
+    TokenExpiry(TunnelId),
+}
+
+/// The hub's control machine and its agent tunnels, composed.
+#[derive(Debug)]
+pub struct HubNode {
+    hub: Hub,
+    tunnels: BTreeMap<TunnelId, NodeTunnel>,
+    timers: Timers<NodeTimer>,
+    out: VecDeque<NodeOutput>,
+}
+
+impl HubNode {
+    pub fn new(hub: Hub) -> Self {
+        HubNode {
+            hub,
+            tunnels: BTreeMap::new(),
+            timers: Timers::default(),
+            out: VecDeque::new(),
+        }
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// The control machine, for inputs the node does not take yet (clients,
+    /// the registry's replies, the mesh). Its outputs still leave through
+    /// [`HubNode::poll_output`].
+    pub fn hub_mut(&mut self) -> &mut Hub {
+        &mut self.hub
+    }
+
+    /// The tunnels known to the node.
+    pub fn tunnel(&self, tunnel: TunnelId) -> Option<&NodeTunnel> {
+        self.tunnels.get(&tunnel)
+    }
+
+    pub fn tunnel_count(&self) -> usize {
+        self.tunnels.len()
+    }
+
+    /// A tunnel's socket was accepted for a verified token: `credential` is
+    /// who it says the agent is, `expires` when it runs out (the runtime
+    /// turns the token's `exp` into an `Instant`). At `expires` the node
+    /// closes the tunnel unless a renewed token came first.
+    pub fn tunnel_connected(
+        &mut self,
+        _now: Instant,
+        tunnel: TunnelId,
+        credential: AgentCredential,
+        expires: Instant,
+    ) {
+        self.tunnels.insert(
+            tunnel,
+            NodeTunnel {
+                credential,
+                expires,
+                said_hello: false,
+                closing: false,
+                announced: None,
+                codec: None,
+            },
+        );
+        self.timers.set(NodeTimer::TokenExpiry(tunnel), expires);
+    }
+
+    /// An event of the tunnel's own machine: `Hello`, `Established` and
+    /// `Closed` are the node's business; the others are ignored (a
+    /// `Reauth`'s token is verified by the runtime first, see
+    /// [`HubNode::tunnel_reauthed`]).
+    pub fn tunnel_event(&mut self, now: Instant, tunnel: TunnelId, event: &TunnelEvent) {
+        match event {
+            TunnelEvent::Hello {
+                agent_id,
+                connectors,
+            } => self.hello(now, tunnel, agent_id, connectors),
+            TunnelEvent::Established { codec, .. } => {
+                if let Some(t) = self.tunnels.get_mut(&tunnel) {
+                    t.codec = Some(*codec);
+                }
+                // A v1 agent has no DRAIN: a drain neither tells it to move
+                // nor waits for it.
+                if *codec != Codec::V2 {
+                    self.hub.tunnel_cannot_drain(tunnel);
+                }
+            }
+            TunnelEvent::Closed { .. } => self.tunnel_closed(now, tunnel),
+            TunnelEvent::Open { .. }
+            | TunnelEvent::Flow(_)
+            | TunnelEvent::Rtt(_)
+            | TunnelEvent::Drain
+            | TunnelEvent::Reauth { .. } => {}
+        }
+        self.absorb_hub();
+    }
+
+    fn hello(&mut self, now: Instant, tunnel: TunnelId, hello_agent: &str, connectors: &[String]) {
+        let Some(t) = self.tunnels.get_mut(&tunnel) else {
+            // Never connected here (or already forgotten): nothing to admit.
+            return;
+        };
+        if t.closing {
+            return;
+        }
+        let repeated = std::mem::replace(&mut t.said_hello, true);
+        let refusal = if repeated {
+            Some((
+                TunnelRefusal::HelloRepeated,
+                ErrorCode::ProtocolError,
+                "a second HELLO on an introduced tunnel".to_string(),
+            ))
+        } else {
+            t.credential
+                .admission(hello_agent, connectors)
+                .err()
+                .map(|(kind, reason)| {
+                    let refusal = match kind {
+                        Inadmissible::AgentMismatch => TunnelRefusal::HelloAgentMismatch,
+                        Inadmissible::ConnectorOutsideScope => TunnelRefusal::HelloOutsideScope,
+                    };
+                    (refusal, ErrorCode::Refused, reason)
+                })
+        };
+        if let Some((refusal, code, reason)) = refusal {
+            self.hub.counters.tunnels_refused += 1;
+            self.refuse(
+                tunnel,
+                refusal,
+                Some(hello_agent),
+                code,
+                reason.clone(),
+                reason,
+            );
+            return;
+        }
+        t.announced = Some(connectors.to_vec());
+        let tenant = t.credential.tenant.clone();
+        let agent = qualify(&tenant, hello_agent);
+        let qualified: Vec<String> = connectors.iter().map(|c| qualify(&tenant, c)).collect();
+        self.hub.tunnel_hello(now, tunnel, &agent, &qualified, None);
+    }
+
+    /// The agent sent a renewed token that the runtime verified (signature,
+    /// expiry, revocation, the operator's scope rules): it replaces the
+    /// current one if it is for the same agent and tenant and covers every
+    /// connector the HELLO announced, and `expires` becomes the tunnel's
+    /// deadline. Otherwise the tunnel is refused and closed. Returns
+    /// whether the token was taken.
+    pub fn tunnel_reauthed(
+        &mut self,
+        _now: Instant,
+        tunnel: TunnelId,
+        credential: AgentCredential,
+        expires: Instant,
+    ) -> bool {
+        let Some(t) = self.tunnels.get_mut(&tunnel) else {
+            return false;
+        };
+        if t.closing {
+            // Too late: its close is on the way.
+            return false;
+        }
+        let current = &t.credential;
+        let refused = if credential.tenant != current.tenant {
+            Some((
+                TunnelRefusal::ReauthAgentMismatch,
+                format!(
+                    "the renewed token is for tenant `{}`, the tunnel for `{}`",
+                    credential.tenant, current.tenant
+                ),
+            ))
+        } else {
+            let announced = t.announced.as_deref().unwrap_or(&[]);
+            credential
+                .admission(&current.agent_id, announced)
+                .err()
+                .map(|(kind, reason)| {
+                    let refusal = match kind {
+                        Inadmissible::AgentMismatch => TunnelRefusal::ReauthAgentMismatch,
+                        Inadmissible::ConnectorOutsideScope => TunnelRefusal::ReauthOutsideScope,
+                    };
+                    (refusal, reason)
+                })
+        };
+        if let Some((refusal, detail)) = refused {
+            self.refuse_reauth(tunnel, refusal, detail);
+            return false;
+        }
+        t.credential = credential;
+        t.expires = expires;
+        self.timers.set(NodeTimer::TokenExpiry(tunnel), expires);
+        true
+    }
+
+    /// The runtime refused the renewed token itself (`label`: the
+    /// verifier's, `detail`: why): the tunnel is closed.
+    pub fn tunnel_reauth_refused(
+        &mut self,
+        _now: Instant,
+        tunnel: TunnelId,
+        label: &'static str,
+        detail: String,
+    ) {
+        if self.tunnels.get(&tunnel).is_some_and(|t| !t.closing) {
+            self.refuse_reauth(tunnel, TunnelRefusal::ReauthInvalid(label), detail);
+        }
+    }
+
+    /// The runtime found the tunnel's current token on the revocation list
+    /// (a list it reloads, so the check stays there): the tunnel is closed,
+    /// once.
+    pub fn tunnel_revoked(&mut self, _now: Instant, tunnel: TunnelId) {
+        if self.tunnels.get(&tunnel).is_some_and(|t| !t.closing) {
+            self.refuse(
+                tunnel,
+                TunnelRefusal::Revoked,
+                None,
+                ErrorCode::Refused,
+                "its token is revoked".into(),
+                "revoked: the agent's token is revoked".into(),
+            );
+        }
+    }
+
+    fn refuse_reauth(&mut self, tunnel: TunnelId, refusal: TunnelRefusal, detail: String) {
+        let reason = format!("renewed token refused: {}: {detail}", refusal.as_str());
+        self.refuse(tunnel, refusal, None, ErrorCode::Refused, detail, reason);
+    }
+
+    fn refuse(
+        &mut self,
+        tunnel: TunnelId,
+        refusal: TunnelRefusal,
+        hello_agent: Option<&str>,
+        code: ErrorCode,
+        detail: String,
+        reason: String,
+    ) {
+        let Some(t) = self.tunnels.get_mut(&tunnel) else {
+            return;
+        };
+        t.closing = true;
+        self.out.push_back(NodeOutput::Refused(Refused {
+            tunnel,
+            refusal,
+            tenant: t.credential.tenant.clone(),
+            agent_id: t.credential.agent_id.clone(),
+            hello_agent: hello_agent.map(str::to_string),
+            detail,
+        }));
+        self.out.push_back(NodeOutput::CloseTunnel {
+            tunnel,
+            code,
+            reason,
+        });
+    }
+
+    /// The tunnel's socket is gone: forget it, and let the hub release
+    /// what it held.
+    pub fn tunnel_closed(&mut self, now: Instant, tunnel: TunnelId) {
+        self.tunnels.remove(&tunnel);
+        self.timers.clear(NodeTimer::TokenExpiry(tunnel));
+        self.hub.tunnel_closed(now, tunnel);
+        self.absorb_hub();
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.hub.handle_timeout(now);
+        self.absorb_hub();
+        while let Some(timer) = self.timers.pop_expired(now) {
+            match timer {
+                NodeTimer::TokenExpiry(tunnel) => {
+                    if self.tunnels.get(&tunnel).is_none_or(|t| t.closing) {
+                        continue;
+                    }
+                    self.refuse(
+                        tunnel,
+                        TunnelRefusal::TokenExpired,
+                        None,
+                        ErrorCode::Refused,
+                        "its token expired".into(),
+                        "token_expired: the agent's token expired".into(),
+                    );
+                }
+            }
+        }
+    }
+
+    /// The next deadline: the hub's or a token's expiry.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let own = self.timers.next().map(|(at, _)| at);
+        match (self.hub.poll_timeout(), own) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn poll_output(&mut self) -> Option<NodeOutput> {
+        self.absorb_hub();
+        self.out.pop_front()
+    }
+
+    /// Move the hub's outputs into the node's queue, in their order.
+    fn absorb_hub(&mut self) {
+        while let Some(o) = self.hub.poll_output() {
+            let o = match o {
+                HubOutput::AcceptTunnel { tunnel, epoch } => {
+                    NodeOutput::AcceptTunnel { tunnel, epoch }
+                }
+                HubOutput::CloseTunnel {
+                    tunnel,
+                    code,
+                    reason,
+                } => {
+                    if let Some(t) = self.tunnels.get_mut(&tunnel) {
+                        t.closing = true;
+                    }
+                    NodeOutput::CloseTunnel {
+                        tunnel,
+                        code,
+                        reason,
+                    }
+                }
+                HubOutput::DrainTunnel { tunnel } => NodeOutput::DrainTunnel { tunnel },
+                other => NodeOutput::Hub(other),
+            };
+            self.out.push_back(o);
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! The hub node's tunnel decisions: which HELLO is admitted and how a
+//! refusal is labelled and counted, v1 tunnels and drains, the token's
+//! deadline and its renewal, and forgetting a closed tunnel. Also the
+//! adversary's view: a tunnel that says it is another agent, says HELLO
+//! twice, or renews with another agent's token.
+
+use std::time::{Duration, Instant};
+
+use nowconnect_core::hub::{Hub, HubConfig, HubOutput, TunnelId};
+use nowconnect_core::hub_node::{
+    HubNode, NodeOutput, RefusalCount, RefusalStage, Refused, TunnelRefusal,
+};
+use nowconnect_core::registry::{MemoryRegistry, RegistryOp};
+use nowconnect_core::tenant::AgentCredential;
+use nowconnect_core::tunnel::TunnelEvent;
+use nowconnect_core::{Codec, Epoch, ErrorCode};
+
+mod common;
+use common::origin;
+
+const LIFETIME: Duration = Duration::from_secs(600);
+
+struct Fixture {
+    node: HubNode,
+    reg: MemoryRegistry,
+    /// Registry calls made, in order.
+    calls: Vec<RegistryOp>,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        Fixture {
+            node: HubNode::new(Hub::new(origin(), HubConfig::default(), 7)),
+            reg: MemoryRegistry::new(),
+            calls: Vec::new(),
+        }
+    }
+
+    /// Every output, registry calls answered by the in-memory registry.
+    fn outputs(&mut self, now: Instant) -> Vec<NodeOutput> {
+        let mut outs = Vec::new();
+        while let Some(o) = self.node.poll_output() {
+            match o {
+                NodeOutput::Hub(HubOutput::Registry { op, call }) => {
+                    let r = self.reg.apply(now, &call);
+                    self.calls.push(call);
+                    self.node.hub_mut().registry_reply(now, op, r);
+                }
+                o => outs.push(o),
+            }
+        }
+        outs
+    }
+
+    fn connect(&mut self, now: Instant, t: TunnelId, cred: AgentCredential, expires: Instant) {
+        self.node.tunnel_connected(now, t, cred, expires);
+    }
+
+    fn hello(&mut self, now: Instant, t: TunnelId, agent: &str, connectors: &[&str]) {
+        let ev = TunnelEvent::Hello {
+            agent_id: agent.into(),
+            connectors: connectors.iter().map(|c| c.to_string()).collect(),
+        };
+        self.node.tunnel_event(now, t, &ev);
+    }
+
+    /// Connect and HELLO as the credential says; the epoch it is accepted under.
+    fn admitted(&mut self, now: Instant, t: TunnelId, cred: AgentCredential) -> Epoch {
+        let agent = cred.agent_id.clone();
+        let scope = cred.scope.clone().unwrap_or_default();
+        self.connect(now, t, cred, now + LIFETIME);
+        let announced: Vec<&str> = scope.iter().map(String::as_str).collect();
+        self.hello(now, t, &agent, &announced);
+        let outs = self.outputs(now);
+        match outs.as_slice() {
+            [NodeOutput::AcceptTunnel { tunnel, epoch }] if *tunnel == t => *epoch,
+            other => panic!("expected an accept of {t}: {other:?}"),
+        }
+    }
+}
+
+fn cred(tenant: &str, agent: &str, scope: &[&str]) -> AgentCredential {
+    AgentCredential {
+        tenant: tenant.into(),
+        agent_id: agent.into(),
+        scope: Some(scope.iter().map(|s| s.to_string()).collect()),
+    }
+}
+
+/// The one refusal and the close that follows it.
+fn refused(outs: &[NodeOutput]) -> (&Refused, ErrorCode, &str) {
+    match outs {
+        [
+            NodeOutput::Refused(r),
+            NodeOutput::CloseTunnel {
+                tunnel,
+                code,
+                reason,
+            },
+        ] if *tunnel == r.tunnel => (r, *code, reason.as_str()),
+        other => panic!("expected a refusal and its close: {other:?}"),
+    }
+}
+
+#[test]
+fn an_admitted_hello_is_claimed_and_accepted_under_the_tenant_qualified_name() {
+    let mut f = Fixture::new();
+    let now = origin();
+    let epoch = f.admitted(now, 1, cred("acme", "a1", &["echo"]));
+    assert!(epoch.0 > 0);
+    let t = f.node.tunnel(1).expect("known");
+    assert_eq!(t.agent().as_deref(), Some("acme/a1"));
+    assert_eq!(t.announced(), Some(&["echo".to_string()][..]));
+    assert_eq!(f.node.hub().owned_tunnel("acme/a1"), Some((1, epoch)));
+    assert!(f.calls.iter().any(|c| matches!(
+        c,
+        RegistryOp::Claim { agent_id, .. } if agent_id == "acme/a1"
+    )));
+}
+
+#[test]
+fn a_hello_for_another_agent_is_refused_as_agent_mismatch() {
+    let mut f = Fixture::new();
+    let now = origin();
+    f.connect(now, 1, cred("default", "a1", &["echo"]), now + LIFETIME);
+    f.hello(now, 1, "a2", &["echo"]);
+    let outs = f.outputs(now);
+    let (r, code, reason) = refused(&outs);
+    assert_eq!(r.refusal, TunnelRefusal::HelloAgentMismatch);
+    assert_eq!(r.refusal.as_str(), "agent_mismatch");
+    assert_eq!(r.refusal.stage(), RefusalStage::Hello);
+    assert_eq!(
+        r.refusal.count(),
+        RefusalCount::AuthFailure("agent_mismatch")
+    );
+    assert_eq!(r.hello_agent.as_deref(), Some("a2"));
+    assert_eq!(r.agent_id, "a1");
+    assert_eq!(code, ErrorCode::Refused);
+    assert!(
+        reason.contains("`a2`") && reason.contains("`a1`"),
+        "{reason}"
+    );
+    // Nothing claimed for either name.
+    assert!(f.calls.is_empty(), "{:?}", f.calls);
+    assert_eq!(f.node.hub().tunnel_count(), 0);
+    assert_eq!(f.node.hub().counters.tunnels_refused, 1);
+}
+
+#[test]
+fn a_hello_announcing_a_connector_outside_the_scope_is_refused_and_counted_as_a_security_event() {
+    let mut f = Fixture::new();
+    let now = origin();
+    f.connect(now, 1, cred("default", "a1", &["echo"]), now + LIFETIME);
+    f.hello(now, 1, "a1", &["echo", "ldap"]);
+    let outs = f.outputs(now);
+    let (r, code, reason) = refused(&outs);
+    assert_eq!(r.refusal, TunnelRefusal::HelloOutsideScope);
+    assert_eq!(r.refusal.as_str(), "connector_outside_scope");
+    assert_eq!(
+        r.refusal.count(),
+        RefusalCount::SecurityEvent("connector_outside_scope")
+    );
+    assert_eq!(code, ErrorCode::Refused);
+    assert!(reason.contains("`ldap`"), "{reason}");
+    assert!(f.calls.is_empty());
+    assert!(f.node.tunnel(1).unwrap().agent().is_none());
+}
+
+#[test]
+fn an_unscoped_credential_may_announce_any_connector() {
+    let mut f = Fixture::new();
+    let now = origin();
+    let unscoped = AgentCredential {
+        tenant: "default".into(),
+        agent_id: "a1".into(),
+        scope: None,
+    };
+    f.connect(now, 1, unscoped, now + LIFETIME);
+    f.hello(now, 1, "a1", &["anything"]);
+    assert!(matches!(
+        f.outputs(now).as_slice(),
+        [NodeOutput::AcceptTunnel { tunnel: 1, .. }]
+    ));
+}
+
+#[test]
+fn a_second_hello_on_a_tunnel_is_refused_as_a_protocol_error() {
+    let mut f = Fixture::new();
+    let now = origin();
+    f.admitted(now, 1, cred("default", "a1", &["echo"]));
+    // The same agent again: refused, and the tunnel closed.
+    f.hello(now, 1, "a1", &["echo"]);
+    let outs = f.outputs(now);
+    let (r, code, _) = refused(&outs);
+    assert_eq!(r.refusal, TunnelRefusal::HelloRepeated);
+    assert_eq!(r.refusal.as_str(), "duplicate_hello");
+    assert_eq!(
+        r.refusal.count(),
+        RefusalCount::SecurityEvent("tunnel_duplicate_hello")
+    );
+    assert_eq!(code, ErrorCode::ProtocolError);
+    // Another agent's HELLO while the close is on the way changes nothing.
+    f.hello(now, 1, "a2", &["echo"]);
+    assert!(f.outputs(now).is_empty());
+    // The first HELLO's ownership is untouched: no second claim.
+    let claims = f
+        .calls
+        .iter()
+        .filter(|c| matches!(c, RegistryOp::Claim { .. }))
+        .count();
+    assert_eq!(claims, 1);
+}
+
+#[test]
+fn a_hello_on_a_tunnel_never_connected_is_ignored() {
+    let mut f = Fixture::new();
+    let now = origin();
+    f.hello(now, 9, "a1", &["echo"]);
+    assert!(f.outputs(now).is_empty());
+    assert!(f.calls.is_empty());
+}
+
+#[test]
+fn a_v1_tunnel_is_not_told_to_drain_and_a_v2_tunnel_is() {
+    let mut f = Fixture::new();
+    let now = origin();
+    let e1 = f.admitted(now, 1, cred("default", "old", &["echo"]));
+    let e2 = f.admitted(now, 2, cred("default", "new", &["echo"]));
+    for (t, epoch, codec) in [(1, e1, Codec::V1), (2, e2, Codec::V2)] {
+        f.node
+            .tunnel_event(now, t, &TunnelEvent::Established { epoch, codec });
+        assert_eq!(f.node.tunnel(t).unwrap().codec(), Some(codec));
+    }
+    f.node.hub_mut().drain(now);
+    let outs = f.outputs(now);
+    assert_eq!(outs, vec![NodeOutput::DrainTunnel { tunnel: 2 }]);
+}
+
+#[test]
+fn an_expired_token_closes_its_tunnel_at_the_deadline_and_not_before() {
+    let mut f = Fixture::new();
+    let now = origin();
+    let expires = now + Duration::from_secs(10);
+    f.connect(now, 1, cred("default", "a1", &["echo"]), expires);
+    f.hello(now, 1, "a1", &["echo"]);
+    f.outputs(now);
+    assert!(f.node.poll_timeout().is_some_and(|at| at <= expires));
+    let mut at = now;
+    while at < expires - Duration::from_millis(1) {
+        at = f
+            .node
+            .poll_timeout()
+            .unwrap()
+            .min(expires - Duration::from_millis(1));
+        f.node.handle_timeout(at);
+        let outs = f.outputs(at);
+        assert!(
+            !outs
+                .iter()
+                .any(|o| matches!(o, NodeOutput::CloseTunnel { .. })),
+            "closed early at {:?}: {outs:?}",
+            at - now
+        );
+    }
+    assert_eq!(f.node.poll_timeout(), Some(expires));
+    f.node.handle_timeout(expires);
+    let outs = f.outputs(expires);
+    let (r, code, reason) = refused(&outs);
+    assert_eq!(r.refusal, TunnelRefusal::TokenExpired);
+    assert_eq!(r.refusal.as_str(), "token_expired");
+    assert_eq!(r.refusal.stage(), RefusalStage::Expiry);
+    assert_eq!(
+        r.refusal.count(),
+        RefusalCount::SecurityEvent("tunnel_token_expired")
+    );
+    assert_eq!(code, ErrorCode::Refused);
+    assert_eq!(reason, "token_expired: the agent's token expired");
+    // Once: the deadline is gone, and a renewal comes too late.
+    assert!(f.node.poll_timeout().is_none_or(|at| at > expires));
+    f.node.handle_timeout(expires + Duration::from_secs(1));
+    assert!(
+        !f.outputs(expires)
+            .iter()
+            .any(|o| matches!(o, NodeOutput::Refused(_)))
+    );
+    assert!(!f.node.tunnel_reauthed(
+        expires,
+        1,
+        cred("default", "a1", &["echo"]),
+        expires + LIFETIME
+    ));
+    assert!(f.outputs(expires).is_empty());
+}
+
+#[test]
+fn a_renewed_token_moves_the_deadline() {
+    let mut f = Fixture::new();
+    let now = origin();
+    let first = now + Duration::from_secs(10);
+    f.connect(now, 1, cred("default", "a1", &["echo"]), first);
+    f.hello(now, 1, "a1", &["echo"]);
+    f.outputs(now);
+    let later = now + Duration::from_secs(60);
+    // A wider scope is fine: it still covers what the HELLO announced.
+    let renewed = cred("default", "a1", &["echo", "ldap"]);
+    assert!(
+        f.node
+            .tunnel_reauthed(now + Duration::from_secs(5), 1, renewed.clone(), later)
+    );
+    assert!(f.outputs(now).is_empty());
+    assert_eq!(f.node.tunnel(1).unwrap().expires(), later);
+    assert_eq!(f.node.tunnel(1).unwrap().credential(), &renewed);
+    f.node.handle_timeout(first);
+    assert!(
+        !f.outputs(first)
+            .iter()
+            .any(|o| matches!(o, NodeOutput::CloseTunnel { .. }))
+    );
+    f.node.handle_timeout(later);
+    let outs = f.outputs(later);
+    assert_eq!(refused(&outs).0.refusal, TunnelRefusal::TokenExpired);
+}
+
+#[test]
+fn a_renewed_token_for_another_agent_or_tenant_or_a_narrower_scope_is_refused() {
+    let cases = [
+        (
+            cred("default", "a2", &["echo"]),
+            TunnelRefusal::ReauthAgentMismatch,
+        ),
+        (
+            cred("acme", "a1", &["echo"]),
+            TunnelRefusal::ReauthAgentMismatch,
+        ),
+        (
+            cred("default", "a1", &["ldap"]),
+            TunnelRefusal::ReauthOutsideScope,
+        ),
+    ];
+    for (renewed, want) in cases {
+        let mut f = Fixture::new();
+        let now = origin();
+        let expires = now + LIFETIME;
+        f.connect(now, 1, cred("default", "a1", &["echo"]), expires);
+        f.hello(now, 1, "a1", &["echo"]);
+        f.outputs(now);
+        assert!(
+            !f.node
+                .tunnel_reauthed(now, 1, renewed.clone(), expires + LIFETIME)
+        );
+        let outs = f.outputs(now);
+        let (r, code, reason) = refused(&outs);
+        assert_eq!(r.refusal, want, "{renewed:?}");
+        assert_eq!(r.refusal.stage(), RefusalStage::Reauth);
+        assert_eq!(r.refusal.count(), RefusalCount::AuthFailure(want.as_str()));
+        assert_eq!(code, ErrorCode::Refused);
+        assert!(
+            reason.starts_with(&format!("renewed token refused: {}: ", want.as_str())),
+            "{reason}"
+        );
+        // The tunnel keeps its own token and deadline until it closes.
+        let t = f.node.tunnel(1).unwrap();
+        assert_eq!(t.credential(), &cred("default", "a1", &["echo"]));
+        assert_eq!(t.expires(), expires);
+    }
+}
+
+#[test]
+fn a_renewed_token_the_runtime_refused_closes_the_tunnel_with_its_label() {
+    let mut f = Fixture::new();
+    let now = origin();
+    f.admitted(now, 1, cred("default", "a1", &["echo"]));
+    f.node
+        .tunnel_reauth_refused(now, 1, "revoked", "the token is revoked".into());
+    let outs = f.outputs(now);
+    let (r, code, reason) = refused(&outs);
+    assert_eq!(r.refusal, TunnelRefusal::ReauthInvalid("revoked"));
+    assert_eq!(r.refusal.as_str(), "revoked");
+    assert_eq!(r.refusal.count(), RefusalCount::AuthFailure("revoked"));
+    assert_eq!(r.detail, "the token is revoked");
+    assert_eq!(code, ErrorCode::Refused);
+    assert_eq!(
+        reason,
+        "renewed token refused: revoked: the token is revoked"
+    );
+}
+
+#[test]
+fn a_closed_tunnel_is_forgotten_and_its_agent_released() {
+    let mut f = Fixture::new();
+    let now = origin();
+    let expires = now + Duration::from_secs(10);
+    f.connect(now, 1, cred("default", "a1", &["echo"]), expires);
+    f.hello(now, 1, "a1", &["echo"]);
+    assert!(matches!(
+        f.outputs(now).as_slice(),
+        [NodeOutput::AcceptTunnel { .. }]
+    ));
+    f.node.tunnel_event(
+        now,
+        1,
+        &TunnelEvent::Closed {
+            code: ErrorCode::LinkLost,
+            reason: "gone".into(),
+        },
+    );
+    f.outputs(now);
+    assert!(f.node.tunnel(1).is_none());
+    assert_eq!(f.node.tunnel_count(), 0);
+    assert_eq!(f.node.hub().tunnel_count(), 0);
+    assert_eq!(f.node.hub().owned_tunnel("a1"), None);
+    assert!(
+        f.calls
+            .iter()
+            .any(|c| matches!(c, RegistryOp::Release { agent_id, .. } if agent_id == "a1"))
+    );
+    // Its deadline went with it; inputs for it are ignored.
+    f.node.handle_timeout(expires);
+    assert!(f.outputs(expires).is_empty());
+    assert!(
+        !f.node
+            .tunnel_reauthed(now, 1, cred("default", "a1", &["echo"]), expires + LIFETIME)
+    );
+    f.node.tunnel_reauth_refused(now, 1, "revoked", "x".into());
+    f.hello(now, 1, "a1", &["echo"]);
+    assert!(f.outputs(now).is_empty());
+}
+
+#[test]
+fn a_tunnel_refused_at_hello_cannot_say_hello_again_as_itself() {
+    let mut f = Fixture::new();
+    let now = origin();
+    f.connect(now, 1, cred("default", "a1", &["echo"]), now + LIFETIME);
+    f.hello(now, 1, "a2", &["echo"]);
+    let outs = f.outputs(now);
+    assert_eq!(refused(&outs).0.refusal, TunnelRefusal::HelloAgentMismatch);
+    // Its close is on the way: a second try, even a correct one, is not
+    // admitted, and neither is a renewed token.
+    f.hello(now, 1, "a1", &["echo"]);
+    assert!(
+        !f.node
+            .tunnel_reauthed(now, 1, cred("default", "a1", &["echo"]), now + LIFETIME)
+    );
+    assert!(f.outputs(now).is_empty());
+    assert!(f.calls.is_empty());
+    assert!(f.node.tunnel(1).unwrap().agent().is_none());
+}
+
+#[test]
+fn a_revoked_token_closes_its_tunnel_once() {
+    let mut f = Fixture::new();
+    let now = origin();
+    f.admitted(now, 1, cred("default", "a1", &["echo"]));
+    f.node.tunnel_revoked(now, 1);
+    let outs = f.outputs(now);
+    let (r, code, reason) = refused(&outs);
+    assert_eq!(r.refusal, TunnelRefusal::Revoked);
+    assert_eq!(r.refusal.as_str(), "revoked");
+    assert_eq!(r.refusal.stage(), RefusalStage::Revocation);
+    assert_eq!(
+        r.refusal.count(),
+        RefusalCount::SecurityEvent("tunnel_revoked")
+    );
+    assert_eq!(code, ErrorCode::Refused);
+    assert_eq!(reason, "revoked: the agent's token is revoked");
+    // Its close is on the way: no second refusal, and no renewal saves it.
+    f.node.tunnel_revoked(now, 1);
+    assert!(
+        !f.node
+            .tunnel_reauthed(now, 1, cred("default", "a1", &["echo"]), now + LIFETIME)
+    );
+    assert!(f.outputs(now).is_empty());
+}
