@@ -99,7 +99,10 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
             leaf_a.cert.display(),
             leaf_a.key.display()
         ),
-    );
+    )
+    // One flow at a time on the agent's tunnel: a second mesh open finds
+    // the tunnel full.
+    .replace("tunnel:\n  jwt:", "tunnel:\n  max_flows_per_agent: 1\n  jwt:");
     let dir = env.path().to_path_buf();
     let hub = tokio::task::spawn_blocking(move || HubProc::start(&dir, "hub-a", &yaml))
         .await
@@ -288,6 +291,26 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
     match recv(&mut ws).await {
         Frame::MData { payload, .. } => assert_eq!(&payload[..], b"ping"),
         other => panic!("{other:?}"),
+    }
+    // While that flow holds the tunnel's only flow, another open is refused
+    // with the tunnel's reason: the owner accepts an open only once the
+    // agent's tunnel has taken it (never accepted, then reset).
+    send(&mut ws, &Frame::MOpen { h: hdr(7, epoch) }).await;
+    loop {
+        match recv(&mut ws).await {
+            Frame::MOpenAck {
+                h,
+                ok,
+                code,
+                reason,
+            } if h.cid == 7 => {
+                assert!(!ok, "accepted an open the agent's tunnel could not take");
+                assert_eq!(code, ErrorCode::LimitExceeded, "{reason}");
+                break;
+            }
+            Frame::MCredit { .. } => {}
+            other => panic!("{other:?}"),
+        }
     }
     // A later frame of that flow with a stale epoch never reaches the target:
     // the flow is reset with stale_epoch.

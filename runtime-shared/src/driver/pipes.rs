@@ -182,6 +182,12 @@ impl FlowPipes {
             .inc();
     }
 
+    /// Drop a held flow the link refused (no reset to send: the link's
+    /// refusal says it). Whether it was here.
+    pub fn forget(&mut self, cid: Cid) -> bool {
+        self.detach(cid).is_some()
+    }
+
     fn detach(&mut self, cid: Cid) -> Option<FlowSlot> {
         let slot = self.flows.remove(&cid)?;
         self.metrics

@@ -170,6 +170,9 @@ async fn run_link<R: HubRt>(
     let link_id = rand::random::<u64>();
     let (cmd_tx, cmd_rx) = async_channel::unbounded();
     let mut pipes = FlowPipes::new(cmd_tx.clone(), metrics.clone());
+    // Mesh opens checked and bridged to the agent's tunnel, not yet accepted.
+    let mut unaccepted: std::collections::BTreeSet<nowconnect_core::Cid> =
+        std::collections::BTreeSet::new();
     let (dial_tx, dial_rx) = async_channel::unbounded::<DialResult<R::MeshWs>>();
     let mut out: Option<Sender<Outgoing>> = None;
     let mut ws_in: Option<futures_util::stream::SplitStream<R::MeshWs>> = None;
@@ -255,7 +258,9 @@ async fn run_link<R: HubRt>(
                     epoch,
                 } => match shared.check_mesh_open(&agent_id, &connector, epoch) {
                     Ok((tunnel, tunnel_cmd)) => {
-                        link.accept_open(cid);
+                        // Accepted once the agent's tunnel has taken the
+                        // flow (the bridge's Join), refused if it does not.
+                        unaccepted.insert(cid);
                         pipes.hold(cid, &connector);
                         let mesh = Peer {
                             cmd: cmd_tx.clone(),
@@ -287,6 +292,9 @@ async fn run_link<R: HubRt>(
                 }
                 MeshEvent::Rtt(d) => metrics.mesh_rtt.observe(d.as_secs_f64()),
                 MeshEvent::Down { reason } => {
+                    // The link's flows are gone with it; a later bridge
+                    // outcome finds no flow to accept.
+                    unaccepted.clear();
                     tracing::warn!(link = %label, %reason, "mesh link down");
                     if let Some(o) = out.take() {
                         let _ = o.try_send(Outgoing::Close {
@@ -384,7 +392,19 @@ async fn run_link<R: HubRt>(
                 let mut next = Some(cmd);
                 let mut budget = crate::driver::CMD_BATCH;
                 while let Some(cmd) = next.take() {
-                    if let Some(cmd) = pipes.on_cmd(&mut link, cmd) {
+                    let cmd = match cmd {
+                        LinkCmd::Join { cid, peer } if unaccepted.remove(&cid) => {
+                            link.accept_open(cid);
+                            Some(LinkCmd::Join { cid, peer })
+                        }
+                        LinkCmd::Reset { cid, code, reason } if unaccepted.remove(&cid) => {
+                            pipes.forget(cid);
+                            link.refuse_open(cid, code, &reason);
+                            None
+                        }
+                        cmd => Some(cmd),
+                    };
+                    if let Some(cmd) = cmd.and_then(|c| pipes.on_cmd(&mut link, c)) {
                         match cmd {
                             LinkCmd::OpenMeshFlow {
                                 connector,
