@@ -21,6 +21,7 @@ use std::time::Instant;
 use crate::codec::Codec;
 use crate::frame::{Epoch, ErrorCode};
 use crate::hub::{Hub, HubOutput, TunnelId};
+use crate::routing::Route;
 use crate::tenant::{AgentCredential, Inadmissible, qualify};
 use crate::timer::Timers;
 use crate::tunnel::TunnelEvent;
@@ -464,6 +465,29 @@ impl HubNode {
         self.absorb_hub();
     }
 
+    /// Owner side of the mesh: the tunnel that serves a flow for
+    /// `connector` of `agent_id` under `epoch` (see
+    /// [`Hub::check_mesh_open`]), or the refusal. An admitted open counts on
+    /// that tunnel from now on: [`HubNode::flow_ended`] when the bridged flow
+    /// ends or the tunnel does not take it.
+    pub fn mesh_open(
+        &mut self,
+        agent_id: &str,
+        connector: &str,
+        epoch: Epoch,
+    ) -> Result<TunnelId, (ErrorCode, String)> {
+        let tunnel = self.hub.check_mesh_open(agent_id, connector, epoch)?;
+        self.hub.flow_started(tunnel);
+        Ok(tunnel)
+    }
+
+    /// A flow counted on `tunnel` (a local route's, or a mesh open's) ended,
+    /// or its open failed.
+    pub fn flow_ended(&mut self, tunnel: TunnelId) {
+        self.hub.flow_ended(tunnel);
+        self.absorb_hub();
+    }
+
     pub fn handle_timeout(&mut self, now: Instant) {
         self.hub.handle_timeout(now);
         self.absorb_hub();
@@ -522,6 +546,19 @@ impl HubNode {
                     }
                 }
                 HubOutput::DrainTunnel { tunnel } => NodeOutput::DrainTunnel { tunnel },
+                HubOutput::Route {
+                    client,
+                    route: route @ Route::Local { .. },
+                } => {
+                    // A local flow counts on its tunnel from the routing
+                    // decision on, so a draining hub never closes a tunnel
+                    // a flow is being opened on; `flow_ended` when it ends
+                    // or its open fails.
+                    if let Route::Local { tunnel, .. } = &route {
+                        self.hub.flow_started(*tunnel);
+                    }
+                    NodeOutput::Hub(HubOutput::Route { client, route })
+                }
                 other => NodeOutput::Hub(other),
             };
             self.out.push_back(o);

@@ -11,6 +11,7 @@ use nowconnect_core::hub_node::{
     HubNode, NodeOutput, RefusalCount, RefusalStage, Refused, TunnelRefusal,
 };
 use nowconnect_core::registry::{MemoryRegistry, RegistryOp};
+use nowconnect_core::routing::Route;
 use nowconnect_core::tenant::AgentCredential;
 use nowconnect_core::tunnel::TunnelEvent;
 use nowconnect_core::{Codec, Epoch, ErrorCode};
@@ -470,4 +471,47 @@ fn a_revoked_token_closes_its_tunnel_once() {
             .tunnel_reauthed(now, 1, cred("default", "a1", &["echo"]), now + LIFETIME)
     );
     assert!(f.outputs(now).is_empty());
+}
+
+#[test]
+fn a_local_route_counts_on_its_tunnel_until_its_flow_ends() {
+    let mut f = Fixture::new();
+    let now = origin();
+    f.admitted(now, 1, cred("acme", "a1", &["echo"]));
+    f.node.hub_mut().client_connected(now, 9, "acme/echo");
+    let outs = f.outputs(now);
+    assert!(
+        matches!(
+            outs.as_slice(),
+            [NodeOutput::Hub(HubOutput::Route {
+                client: 9,
+                route: Route::Local { tunnel: 1, .. }
+            })]
+        ),
+        "{outs:?}"
+    );
+    // Counted from the routing decision on, before any flow is open.
+    assert_eq!(f.node.hub().open_tunnel_flows(), 1);
+    f.node.flow_ended(1);
+    assert_eq!(f.node.hub().open_tunnel_flows(), 0);
+}
+
+#[test]
+fn an_admitted_mesh_open_counts_on_the_tunnel_and_a_refused_one_does_not() {
+    let mut f = Fixture::new();
+    let now = origin();
+    let epoch = f.admitted(now, 1, cred("acme", "a1", &["echo"]));
+    let stale = f
+        .node
+        .mesh_open("acme/a1", "acme/echo", Epoch(epoch.0 - 1))
+        .unwrap_err();
+    assert_eq!(stale.0, ErrorCode::StaleEpoch);
+    let other = f.node.mesh_open("acme/a1", "acme/ldap", epoch).unwrap_err();
+    assert_eq!(other.0, ErrorCode::Refused, "{}", other.1);
+    assert_eq!(f.node.hub().open_tunnel_flows(), 0);
+    assert_eq!(f.node.mesh_open("acme/a1", "acme/echo", epoch), Ok(1));
+    assert_eq!(f.node.hub().open_tunnel_flows(), 1);
+    // The agent's tunnel did not take it (or the bridged flow ended).
+    f.node.flow_ended(1);
+    assert_eq!(f.node.hub().open_tunnel_flows(), 0);
 }

@@ -63,11 +63,12 @@ fn each_runtime_agent_is_its_sockets_and_tasks_only() {
     }
 }
 
-/// The inputs by which the agent's control machine decides (hub lost,
-/// DRAIN, a flow opened): only the core's [`AgentNode`] calls them. A runtime
-/// or the simulator calling them would be a second copy of how the agent
-/// combines its machines. (`sim/src/fuzz.rs` fuzzes the control machine on
-/// its own, on purpose.)
+/// The inputs by which the agent's and the hub's control machines decide
+/// (hub lost, DRAIN, a flow opened; a HELLO admitted, a flow counted on a
+/// tunnel): only the core's nodes (`AgentNode`, `HubNode`) call them. A
+/// runtime or the simulator calling them would be a second copy of how the
+/// machines combine. (`sim/src/fuzz.rs` fuzzes the control machines on
+/// their own, on purpose.)
 #[test]
 fn only_the_core_nodes_combine_the_control_machines() {
     let r = root();
@@ -80,6 +81,13 @@ fn only_the_core_nodes_combine_the_control_machines() {
         ".flow_opened(",
         ".flow_gone(",
         ".hub_lost(",
+        // The hub's: HELLO admission, drains of v1 tunnels and the flow
+        // counts of routes and mesh opens are `HubNode`'s.
+        ".tunnel_hello_as(",
+        ".tunnel_hello(",
+        ".tunnel_cannot_drain(",
+        ".flow_started(",
+        ".check_mesh_open(",
     ];
     let mut found = Vec::new();
     for dir in [

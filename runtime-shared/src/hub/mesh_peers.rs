@@ -37,23 +37,24 @@ impl<R: HubRt> Shared<R> {
 
     /// Owner side of the mesh: the tunnel to serve a flow for `connector`
     /// of `agent_id` under `epoch`, or the refusal.
-    pub fn check_mesh_open(
+    pub fn mesh_open(
         self: &Arc<Self>,
         agent_id: &str,
         connector: &str,
         epoch: Epoch,
     ) -> Result<(u64, Sender<LinkCmd>), (ErrorCode, String)> {
         self.with_control(|c, _| {
-            let tunnel = c
-                .node
-                .hub_mut()
-                .check_mesh_open(agent_id, connector, epoch)?;
-            let tx = c.tunnels.get(&tunnel).cloned().ok_or((
-                ErrorCode::LinkLost,
-                "the agent tunnel went away".to_string(),
-            ))?;
-            c.node.hub_mut().flow_started(tunnel);
-            Ok((tunnel, tx))
+            let tunnel = c.node.mesh_open(agent_id, connector, epoch)?;
+            match c.tunnels.get(&tunnel).cloned() {
+                Some(tx) => Ok((tunnel, tx)),
+                None => {
+                    c.node.flow_ended(tunnel);
+                    Err((
+                        ErrorCode::LinkLost,
+                        "the agent tunnel went away".to_string(),
+                    ))
+                }
+            }
         })
     }
 

@@ -256,7 +256,7 @@ async fn run_link<R: HubRt>(
                     connector,
                     agent_id,
                     epoch,
-                } => match shared.check_mesh_open(&agent_id, &connector, epoch) {
+                } => match shared.mesh_open(&agent_id, &connector, epoch) {
                     Ok((tunnel, tunnel_cmd)) => {
                         // Accepted once the agent's tunnel has taken the
                         // flow (the bridge's Join), refused if it does not.

@@ -155,7 +155,7 @@ impl<R: HubRt> Shared<R> {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// A flow counted by `check_mesh_open` (or a client's) ended.
+    /// A flow counted by `HubNode::mesh_open` (or a client's route) ended.
     pub fn flow_ended(self: &Arc<Self>, tunnel: u64) {
         self.flows_ended(tunnel, 1);
     }
@@ -165,7 +165,7 @@ impl<R: HubRt> Shared<R> {
         if n > 0 {
             self.with_control(|c, _| {
                 for _ in 0..n {
-                    c.node.hub_mut().flow_ended(tunnel);
+                    c.node.flow_ended(tunnel);
                 }
             });
         }
@@ -249,21 +249,18 @@ impl<R: HubRt> Shared<R> {
                 },
                 HubOutput::Route { client, route } => {
                     // A local flow counts on its tunnel from the routing
-                    // decision on, so a draining hub never closes a tunnel
-                    // a flow is being opened on; `serve_client` ends it.
+                    // decision on (the node counted it); `serve_client`
+                    // ends it, or this if the client is gone.
                     let local = match &route {
                         Route::Local { tunnel, .. } => Some(*tunnel),
                         _ => None,
                     };
-                    if let Some(t) = local {
-                        c.node.hub_mut().flow_started(t);
-                    }
                     let delivered = match c.routes.remove(&client) {
                         Some(tx) => tx.try_send(route).is_ok(),
                         None => false,
                     };
                     if let (Some(t), false) = (local, delivered) {
-                        c.node.hub_mut().flow_ended(t);
+                        c.node.flow_ended(t);
                     }
                 }
                 HubOutput::Peers(peers) => {

@@ -12,7 +12,7 @@ impl World {
             .get(&ep)
             .is_some_and(|e| matches!(e.link, Link::Tunnel(_)))
         {
-            self.hubs[hub].node.hub_mut().flow_ended(ep);
+            self.hubs[hub].node.flow_ended(ep);
         }
     }
 
@@ -116,7 +116,7 @@ impl World {
             }) = self.eps.get(&ep)
             {
                 let hub = *hub;
-                self.hubs[hub].node.hub_mut().flow_ended(ep);
+                self.hubs[hub].node.flow_ended(ep);
             }
         }
     }
@@ -294,9 +294,9 @@ impl World {
             Some((ep, cid)) => {
                 c.state = ClientState::Open { ep, cid };
                 self.client_of.insert((ep, cid), client);
-                if let Route::Local { tunnel, .. } = route {
-                    self.hubs[h].node.hub_mut().flow_started(tunnel);
-                } else {
+                // A local flow was counted on its tunnel by the node when
+                // it routed it.
+                if !matches!(route, Route::Local { .. }) {
                     self.outcome.flows_via_mesh += 1;
                 }
                 self.schedule(Duration::ZERO, Event::ClientStep { client });
@@ -305,6 +305,9 @@ impl World {
                 c.state = ClientState::Done;
                 c.ended = Some(ErrorCode::LinkLost);
                 *self.outcome.flows_refused.entry("open_failed").or_default() += 1;
+                if let Route::Local { tunnel, .. } = route {
+                    self.hubs[h].node.flow_ended(tunnel);
+                }
             }
         }
     }
@@ -404,15 +407,15 @@ impl World {
         agent_id: &str,
         epoch: Epoch,
     ) {
-        let checked = self.hubs[h]
-            .node
-            .hub_mut()
-            .check_mesh_open(agent_id, connector, epoch);
+        let checked = self.hubs[h].node.mesh_open(agent_id, connector, epoch);
         let Some(Ep {
             link: Link::Mesh(mesh),
             ..
         }) = self.eps.get_mut(&ep)
         else {
+            if let Ok(t) = checked {
+                self.hubs[h].node.flow_ended(t);
+            }
             return;
         };
         let tunnel = match checked {
@@ -449,12 +452,12 @@ impl World {
             ..
         }) = self.eps.get_mut(&ep)
         else {
+            self.hubs[h].node.flow_ended(tunnel);
             return;
         };
         match opened {
             Some(tcid) => {
                 mesh.accept_open(cid);
-                self.hubs[h].node.hub_mut().flow_started(tunnel);
                 for (a, b) in [((ep, cid), (tunnel, tcid)), ((tunnel, tcid), (ep, cid))] {
                     self.bridges.insert(
                         a,
@@ -468,11 +471,14 @@ impl World {
                     );
                 }
             }
-            None => mesh.refuse_open(
-                cid,
-                ErrorCode::LimitExceeded,
-                "the agent's tunnel took no new flow",
-            ),
+            None => {
+                mesh.refuse_open(
+                    cid,
+                    ErrorCode::LimitExceeded,
+                    "the agent's tunnel took no new flow",
+                );
+                self.hubs[h].node.flow_ended(tunnel);
+            }
         }
     }
 
