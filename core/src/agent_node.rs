@@ -32,8 +32,9 @@ pub enum AgentCommand {
     /// Dial this hub (with a current token); report the outcome with
     /// [`AgentNode::hub_connected`] or [`AgentNode::hub_failed`].
     DialHub { attempt: AttemptId, url: String },
-    /// Stop the running dial of hub `attempt`; it is no longer wanted.
-    CancelHubDial { attempt: AttemptId },
+    /// Stop the running dial of hub `attempt`; it is no longer wanted
+    /// (`reason` says why).
+    CancelHubDial { attempt: AttemptId, reason: String },
     /// Close tunnel `attempt` in its core machine (it sends CLOSE and resets
     /// its flows); the tunnel then reports `Closed` and is ended.
     CloseTunnel {
@@ -229,7 +230,10 @@ impl AgentNode {
     pub fn stop(&mut self) {
         const WHY: &str = "agent shutting down";
         if let Some(attempt) = self.dialing.take() {
-            self.out.push_back(AgentCommand::CancelHubDial { attempt });
+            self.out.push_back(AgentCommand::CancelHubDial {
+                attempt,
+                reason: WHY.into(),
+            });
         }
         let links: Vec<AttemptId> = self.links.keys().copied().collect();
         for attempt in links {
@@ -325,15 +329,20 @@ impl AgentNode {
             match o {
                 AgentOutput::DialHub { attempt, url } => {
                     if let Some(prev) = self.dialing.replace(attempt) {
-                        self.out
-                            .push_back(AgentCommand::CancelHubDial { attempt: prev });
+                        self.out.push_back(AgentCommand::CancelHubDial {
+                            attempt: prev,
+                            reason: format!("attempt {attempt} replaces it"),
+                        });
                     }
                     self.out.push_back(AgentCommand::DialHub { attempt, url });
                 }
                 AgentOutput::AbortHub { attempt, reason } => {
                     if self.dialing == Some(attempt) {
                         self.dialing = None;
-                        self.out.push_back(AgentCommand::CancelHubDial { attempt });
+                        self.out.push_back(AgentCommand::CancelHubDial {
+                            attempt,
+                            reason: reason.clone(),
+                        });
                     }
                     // A tunnel that got no WELCOME in time: the control
                     // machine has given it up already.

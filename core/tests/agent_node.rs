@@ -85,7 +85,8 @@ fn only_the_attempt_being_dialed_becomes_a_tunnel() {
     assert_eq!(
         commands(&mut n),
         vec![AgentCommand::CancelHubDial {
-            attempt: AttemptId(1)
+            attempt: AttemptId(1),
+            reason: "no WELCOME within 2s".into()
         }]
     );
     assert_eq!(
@@ -376,7 +377,8 @@ fn stopping_closes_every_tunnel_and_cancels_every_dial() {
         cmds,
         vec![
             AgentCommand::CancelHubDial {
-                attempt: AttemptId(2)
+                attempt: AttemptId(2),
+                reason: "agent shutting down".into()
             },
             AgentCommand::CloseTunnel {
                 attempt: AttemptId(1),

@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use async_channel::{Receiver, Sender};
 use futures_lite::StreamExt;
 use futures_lite::future::{pending, race};
-use nowconnect_core::Cid;
 use nowconnect_core::agent::AttemptId;
 use nowconnect_core::agent_node::{AgentCommand, AgentNode};
 use nowconnect_core::tunnel::{Tunnel, TunnelEvent};
+use nowconnect_core::{Cid, ErrorCode};
 
 use crate::config::AgentConfig;
 use crate::driver::{
@@ -182,6 +182,8 @@ struct Io<R: AgentRt> {
     /// Writers of ended tunnels, still to send their close frame.
     closing: Vec<InlineWriter<R::Sink, R::Msg>>,
     renewal: TokenRenewal,
+    /// The agent is shutting down: what it abandons is no warning.
+    stopping: bool,
 }
 
 impl<R: AgentRt> Io<R> {
@@ -237,9 +239,13 @@ impl<R: AgentRt> Io<R> {
                     self.rt.cancel(t);
                 }
             }
-            AgentCommand::CancelHubDial { attempt } => {
+            AgentCommand::CancelHubDial { attempt, reason } => {
                 if self.hub_dial.as_ref().is_some_and(|(a, _)| *a == attempt) {
-                    tracing::warn!(attempt = attempt.0, "hub attempt abandoned");
+                    if self.stopping {
+                        tracing::info!(attempt = attempt.0, %reason, "hub attempt abandoned");
+                    } else {
+                        tracing::warn!(attempt = attempt.0, %reason, "hub attempt abandoned");
+                    }
                     let (_, t) = self.hub_dial.take().expect("checked");
                     self.rt.cancel(t);
                 }
@@ -250,7 +256,11 @@ impl<R: AgentRt> Io<R> {
                 reason,
             } => {
                 if let Some(c) = self.conns.get_mut(&attempt) {
-                    tracing::warn!(attempt = attempt.0, %code, %reason, "closing the tunnel");
+                    if code == ErrorCode::Shutdown {
+                        tracing::info!(attempt = attempt.0, %code, %reason, "closing the tunnel");
+                    } else {
+                        tracing::warn!(attempt = attempt.0, %code, %reason, "closing the tunnel");
+                    }
                     c.driver.tunnel.close(code, &reason);
                 }
             }
@@ -455,6 +465,7 @@ pub async fn run_agent<R: AgentRt>(
         waiting: BTreeMap::new(),
         closing: Vec::new(),
         renewal,
+        stopping: false,
     };
     let mut stop = pin!(stop);
     let mut timer = LoopTimer::default();
@@ -486,6 +497,7 @@ pub async fn run_agent<R: AgentRt>(
         let now = Instant::now();
         match wake {
             Wake::Stop => {
+                io.stopping = true;
                 node.stop();
                 io.execute(&mut node);
                 io.flush_closed().await;

@@ -445,7 +445,7 @@ pub fn drive_agent_node(origin: Instant, data: &[u8]) {
         while let Some(c) = node.poll_command() {
             match c {
                 AgentCommand::DialHub { attempt, .. } => attempts.push(attempt),
-                AgentCommand::CancelHubDial { attempt } => {
+                AgentCommand::CancelHubDial { attempt, .. } => {
                     assert!(attempts.contains(&attempt), "cancelled a dial never made");
                 }
                 AgentCommand::CloseTunnel { attempt, .. } => {
