@@ -293,7 +293,9 @@ fn run_on(
     let with_echo = |y: String| {
         y.replacen(
             "listeners:\n",
-            "listeners:\n  - { name: echo, bind: '127.0.0.1:0', connector: echo }\n",
+            // Every client of the connection-rate load comes from one
+            // address: it may open as many a second as the listener takes.
+            "listeners:\n  - { name: echo, bind: '127.0.0.1:0', connector: echo, max_new_connections_per_sec_per_client: 2000 }\n",
             1,
         ) + &threads
     };
