@@ -46,6 +46,22 @@ fn open(cid: u64, connector: &str) -> TunnelEvent {
     }
 }
 
+/// The node's next commands are exactly: stop waiting for flow `cid`'s
+/// target (of tunnel 1), then reset the flow with `code`.
+fn cancelled_and_reset(n: &mut AgentNode, cid: u64, code: ErrorCode) {
+    let cmds = commands(n);
+    assert!(
+        matches!(
+            &cmds[..],
+            [
+                AgentCommand::CancelTarget { attempt: AttemptId(1), cid: c1 },
+                AgentCommand::ResetFlow { attempt: AttemptId(1), cid: c2, code: got, .. },
+            ] if *c1 == cid && *c2 == cid && *got == code
+        ),
+        "expected the target of flow {cid} cancelled and the flow reset with {code}: {cmds:?}"
+    );
+}
+
 /// A node whose first tunnel (attempt 1, to hub-a) is established.
 fn connected(t0: Instant) -> AgentNode {
     let mut n = AgentNode::new(t0, cfg(), 7);
@@ -252,45 +268,9 @@ fn target_failures_and_timeouts_reset_the_flow_and_free_the_dial() {
     n.tunnel_event(t0, AttemptId(1), &open(4, "ldap"));
     commands(&mut n);
     n.target_failed(t0, AttemptId(1), 2, "connection refused");
-    let cmds = commands(&mut n);
-    assert!(
-        matches!(
-            &cmds[..],
-            [
-                AgentCommand::CancelTarget {
-                    attempt: AttemptId(1),
-                    cid: 2
-                },
-                AgentCommand::ResetFlow {
-                    attempt: AttemptId(1),
-                    cid: 2,
-                    code: ErrorCode::TargetUnreachable,
-                    ..
-                },
-            ]
-        ),
-        "{cmds:?}"
-    );
+    cancelled_and_reset(&mut n, 2, ErrorCode::TargetUnreachable);
     n.handle_timeout(t0 + Duration::from_secs(3));
-    let cmds = commands(&mut n);
-    assert!(
-        matches!(
-            &cmds[..],
-            [
-                AgentCommand::CancelTarget {
-                    attempt: AttemptId(1),
-                    cid: 4
-                },
-                AgentCommand::ResetFlow {
-                    attempt: AttemptId(1),
-                    cid: 4,
-                    code: ErrorCode::ConnectTimeout,
-                    ..
-                },
-            ]
-        ),
-        "{cmds:?}"
-    );
+    cancelled_and_reset(&mut n, 4, ErrorCode::ConnectTimeout);
     assert_eq!((n.pending_dials(), n.waiting_flows()), (0, 0));
 }
 
@@ -407,25 +387,7 @@ fn a_hub_cannot_open_a_connector_the_agent_does_not_serve() {
     let t0 = origin();
     let mut n = connected(t0);
     n.tunnel_event(t0, AttemptId(1), &open(2, "payroll-db"));
-    let cmds = commands(&mut n);
-    assert!(
-        matches!(
-            &cmds[..],
-            [
-                AgentCommand::CancelTarget {
-                    attempt: AttemptId(1),
-                    cid: 2
-                },
-                AgentCommand::ResetFlow {
-                    attempt: AttemptId(1),
-                    cid: 2,
-                    code: ErrorCode::UnknownConnector,
-                    ..
-                },
-            ]
-        ),
-        "{cmds:?}"
-    );
+    cancelled_and_reset(&mut n, 2, ErrorCode::UnknownConnector);
     assert_eq!(n.counters().unknown_connector, 1);
     assert_eq!(n.waiting_flows(), 0);
 }
@@ -465,25 +427,7 @@ fn a_hub_opening_the_same_flow_twice_gets_it_reset() {
     n.tunnel_event(t0, AttemptId(1), &open(2, "ldap"));
     commands(&mut n);
     n.tunnel_event(t0, AttemptId(1), &open(2, "ldap"));
-    let cmds = commands(&mut n);
-    assert!(
-        matches!(
-            &cmds[..],
-            [
-                AgentCommand::CancelTarget {
-                    attempt: AttemptId(1),
-                    cid: 2
-                },
-                AgentCommand::ResetFlow {
-                    attempt: AttemptId(1),
-                    cid: 2,
-                    code: ErrorCode::ProtocolError,
-                    ..
-                },
-            ]
-        ),
-        "{cmds:?}"
-    );
+    cancelled_and_reset(&mut n, 2, ErrorCode::ProtocolError);
     assert_eq!((n.pending_dials(), n.waiting_flows()), (0, 0));
 }
 

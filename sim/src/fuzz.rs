@@ -292,25 +292,31 @@ pub fn drive_hub(origin: Instant, data: &[u8]) {
     }
 }
 
+/// The agent both agent drivers run: two hubs, one connector, at most four
+/// target dials at once.
+fn fuzz_agent_config() -> nowconnect_core::agent::AgentConfig {
+    let mut connectors = std::collections::BTreeMap::new();
+    connectors.insert("ldap".to_string(), "ldap:389".to_string());
+    nowconnect_core::agent::AgentConfig {
+        agent_id: "a1".into(),
+        hubs: vec!["wss://h1/tunnel".into(), "wss://h2/tunnel".into()],
+        connectors,
+        max_pending_dials: 4,
+        ..Default::default()
+    }
+}
+
 /// The agent's control state machine fed an arbitrary sequence of events
 /// (hub attempts succeeding or failing, flows opened for known and unknown
 /// connectors, target dials finishing, time). Panics if it dials a target for
 /// a flow it was not asked to open, holds more dials than its limit, or asks
 /// to be woken in the past.
 pub fn drive_agent(origin: Instant, data: &[u8]) {
-    use nowconnect_core::agent::{Agent, AgentConfig, AgentOutput, AttemptId, HubLinkState};
-    use std::collections::{BTreeMap, BTreeSet};
+    use nowconnect_core::agent::{Agent, AgentOutput, AttemptId, HubLinkState};
+    use std::collections::BTreeSet;
 
     let mut input = Input { data, pos: 0 };
-    let mut connectors = BTreeMap::new();
-    connectors.insert("ldap".to_string(), "ldap:389".to_string());
-    let cfg = AgentConfig {
-        agent_id: "a1".into(),
-        hubs: vec!["wss://h1/tunnel".into(), "wss://h2/tunnel".into()],
-        connectors,
-        max_pending_dials: 4,
-        ..AgentConfig::default()
-    };
+    let cfg = fuzz_agent_config();
     let hubs = cfg.hubs.clone();
     let mut agent = Agent::new(origin, cfg, u64::from(input.byte()));
     let mut now = origin;
@@ -417,7 +423,7 @@ pub fn drive_agent(origin: Instant, data: &[u8]) {
 /// or draining tunnel or more dials than its limit, or asks to be woken in
 /// the past.
 pub fn drive_agent_node(origin: Instant, data: &[u8]) {
-    use nowconnect_core::agent::{AgentConfig, AttemptId};
+    use nowconnect_core::agent::AttemptId;
     use nowconnect_core::agent_node::{AgentCommand, AgentNode, LinkRole};
     use nowconnect_core::mux::FlowEvent;
     use nowconnect_core::tunnel::TunnelEvent;
@@ -425,15 +431,7 @@ pub fn drive_agent_node(origin: Instant, data: &[u8]) {
     use std::collections::BTreeSet;
 
     let mut input = Input { data, pos: 0 };
-    let mut connectors = std::collections::BTreeMap::new();
-    connectors.insert("ldap".to_string(), "ldap:389".to_string());
-    let cfg = AgentConfig {
-        agent_id: "a1".into(),
-        hubs: vec!["wss://h1/tunnel".into(), "wss://h2/tunnel".into()],
-        connectors,
-        max_pending_dials: 4,
-        ..AgentConfig::default()
-    };
+    let cfg = fuzz_agent_config();
     let mut node = AgentNode::new(origin, cfg, u64::from(input.byte()));
     let mut now = origin;
     // Hub attempts dialed, tunnels connected and not yet ended, flows opened.
