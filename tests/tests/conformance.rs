@@ -606,6 +606,8 @@ fn a_rolling_restart_under_load_loses_no_connection(d: Deploy) {
         .collect();
 
     std::thread::sleep(Duration::from_millis(500));
+    // The drained hubs' logs, for a failure message.
+    let mut drained_logs = Vec::new();
     for (i, run) in [(0usize, 1usize), (1, 1)] {
         let h = &hubs[i];
         let slow = slow_flow(h.ldap);
@@ -630,6 +632,7 @@ fn a_rolling_restart_under_load_loses_no_connection(d: Deploy) {
         slow.join()
             .unwrap()
             .unwrap_or_else(|e| panic!("flow through draining {}: {e}", h.name));
+        drained_logs.push(format!("{} (drained):\n{log}", h.name));
         eprintln!(
             "{}: drained and exited in {took:?}; {} connections meanwhile",
             h.name,
@@ -656,11 +659,17 @@ fn a_rolling_restart_under_load_loses_no_connection(d: Deploy) {
     );
     assert!(
         failures.is_empty(),
-        "{} of {} connections failed: {:?}\nagent log:\n{}",
+        "{} of {} connections failed: {:?}\nagent log:\n{}\n{}",
         failures.len(),
         ok + failures.len(),
         &failures[..failures.len().min(10)],
-        agent.proc.log_text()
+        agent.proc.log_text(),
+        drained_logs.join("\n")
+            + &procs
+                .iter()
+                .flatten()
+                .map(|p| format!("\nrestarted hub:\n{}", p.proc.log_text()))
+                .collect::<String>()
     );
     assert!(ok > 200, "too little load to mean anything: {ok}");
     let alog = agent.proc.log_text();

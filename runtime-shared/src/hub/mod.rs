@@ -305,7 +305,17 @@ impl<R: HubRt> Shared<R> {
     pub fn readyz(&self) -> (u16, String) {
         let reasons = {
             let c = self.control.lock().expect("control lock");
-            let known_peers = self.mesh_dialed.lock().expect("mesh dialed lock").len();
+            // The configured peers count from the start, dialed or not yet
+            // (a hub dials them only once it has announced itself): a hub
+            // that just started is not ready while no link is up, or the
+            // clients a load balancer sends it would be refused.
+            let dialed = self.mesh_dialed.lock().expect("mesh dialed lock");
+            let configured = &self.cfg.raw.ha.mesh.peers;
+            let known_peers = dialed.len()
+                + configured
+                    .iter()
+                    .filter(|url| !dialed.contains_key(url.as_str()))
+                    .count();
             c.node.hub().readiness(known_peers)
         };
         if reasons.is_empty() {
