@@ -25,6 +25,7 @@ pub mod mesh_link;
 pub mod mux;
 pub mod payload;
 pub mod registry;
+pub mod relay;
 pub mod rng;
 pub mod routing;
 pub mod tenant;
