@@ -2,7 +2,8 @@
 //! two `FlowPipes` over recording links: what arrives while the mesh flow is
 //! held reaches the tunnel flow in order once joined, credit goes back to
 //! the side whose bytes were taken, and a flow that ends on one side resets
-//! the other.
+//! the other. (`FlowPipes` carries out what the core's `FlowRelay` decides:
+//! these check that it carries it out across real channels.)
 
 use std::sync::Arc;
 
@@ -11,7 +12,7 @@ use bytes::Bytes;
 use nowconnect_core::flow::SendError;
 use nowconnect_core::mux::{FlowEvent, FlowLink};
 use nowconnect_core::{Cid, ErrorCode, Payload};
-use nowconnect_shared::driver::{FlowPipes, LinkCmd, Peer};
+use nowconnect_shared::driver::{FlowPipes, LinkCmd, OpenLink, Peer};
 use nowconnect_shared::metrics::Metrics;
 
 /// A core link that takes whatever it has credit for and records it.
@@ -21,7 +22,18 @@ struct Recorder {
     fins: Vec<Cid>,
     resets: Vec<(Cid, ErrorCode)>,
     consumed: Vec<(Cid, usize)>,
+    accepted: Vec<Cid>,
+    refused: Vec<(Cid, ErrorCode)>,
     credit: u64,
+}
+
+impl OpenLink for Recorder {
+    fn accept_open(&mut self, cid: Cid) {
+        self.accepted.push(cid);
+    }
+    fn refuse_open(&mut self, cid: Cid, code: ErrorCode, _: &str) {
+        self.refused.push((cid, code));
+    }
 }
 
 impl FlowLink for Recorder {
@@ -107,13 +119,14 @@ fn data(cid: Cid, s: &'static str) -> FlowEvent {
 #[test]
 fn what_arrives_while_held_reaches_the_tunnel_flow_in_order_and_credit_flows_back() {
     let (mut mesh, mut tunnel) = (Side::new(1 << 20), Side::new(1 << 20));
-    mesh.pipes.hold(1, "ldap");
+    mesh.pipes.hold_open(&mut mesh.link, 1, "ldap");
     // The client's first bytes cross the mesh before the tunnel flow exists.
     mesh.pipes.on_event(&mut mesh.link, data(1, "bind"));
     mesh.pipes.on_event(&mut mesh.link, data(1, "search"));
     // The tunnel flow opens joined to the mesh flow; the target answers at
     // once, before the mesh flow is joined back.
     tunnel.pipes.attach_joined(
+        &mut tunnel.link,
         7,
         "ldap",
         Peer {
@@ -134,6 +147,7 @@ fn what_arrives_while_held_reaches_the_tunnel_flow_in_order_and_credit_flows_bac
             peer: tunnel.peer(7),
         },
     );
+    assert_eq!(mesh.link.accepted, [1], "accepted on the join");
     assert_eq!(
         tunnel.queued(),
         ["data 7 bind", "data 7 search", "consumed 7 6"],
@@ -178,8 +192,9 @@ fn what_arrives_while_held_reaches_the_tunnel_flow_in_order_and_credit_flows_bac
 #[test]
 fn credit_is_returned_only_as_the_other_core_takes_the_bytes() {
     let (mut mesh, mut tunnel) = (Side::new(1 << 20), Side::new(3));
-    mesh.pipes.hold(1, "ldap");
+    mesh.pipes.hold_open(&mut mesh.link, 1, "ldap");
     tunnel.pipes.attach_joined(
+        &mut tunnel.link,
         7,
         "ldap",
         Peer {
@@ -216,7 +231,7 @@ fn credit_is_returned_only_as_the_other_core_takes_the_bytes() {
 fn an_end_on_either_side_resets_the_other() {
     // The mesh flow is reset while held: joining it resets the tunnel flow.
     let (mut mesh, mut tunnel) = (Side::new(1 << 20), Side::new(1 << 20));
-    mesh.pipes.hold(2, "ldap");
+    mesh.pipes.hold_open(&mut mesh.link, 2, "ldap");
     mesh.pipes.on_event(
         &mut mesh.link,
         FlowEvent::Reset {
@@ -226,6 +241,7 @@ fn an_end_on_either_side_resets_the_other() {
         },
     );
     tunnel.pipes.attach_joined(
+        &mut tunnel.link,
         8,
         "ldap",
         Peer {
@@ -245,8 +261,9 @@ fn an_end_on_either_side_resets_the_other() {
     assert_eq!(tunnel.pipes.take_bridged_ends(), 1);
 
     // The target resets a joined flow: the mesh flow is reset with its code.
-    mesh.pipes.hold(3, "ldap");
+    mesh.pipes.hold_open(&mut mesh.link, 3, "ldap");
     tunnel.pipes.attach_joined(
+        &mut tunnel.link,
         9,
         "ldap",
         Peer {
@@ -273,8 +290,9 @@ fn an_end_on_either_side_resets_the_other() {
     assert_eq!(mesh.link.resets, [(3, ErrorCode::TargetUnreachable)]);
 
     // The tunnel goes away with a joined flow open: the mesh flow is reset.
-    mesh.pipes.hold(4, "ldap");
+    mesh.pipes.hold_open(&mut mesh.link, 4, "ldap");
     tunnel.pipes.attach_joined(
+        &mut tunnel.link,
         10,
         "ldap",
         Peer {
@@ -285,5 +303,7 @@ fn an_end_on_either_side_resets_the_other() {
     assert_eq!(tunnel.pipes.bridged_open(), 1);
     drop(tunnel.pipes);
     mesh.run();
-    assert_eq!(mesh.link.resets[1], (4, ErrorCode::LinkLost));
+    // Not joined yet: the mesh open is refused (never accepted, then reset).
+    assert_eq!(mesh.link.refused, [(4, ErrorCode::LinkLost)]);
+    assert_eq!(mesh.link.accepted, [3]);
 }

@@ -6,7 +6,7 @@
 //! as [`LinkCmd::Data`], at most [`CHUNKS_IN_FLIGHT`] chunks ahead of what
 //! the core has accepted (the core's per-flow credit is the real bound; this
 //! only keeps the adapter's own buffer small); its writer half writes
-//! [`FlowMsg::Data`] and reports [`LinkCmd::Consumed`] once written, which is
+//! [`Delivery::Data`] and reports [`LinkCmd::Consumed`] once written, which is
 //! what grants the peer more credit. No protocol decision is made here.
 //!
 //! Nothing here depends on an async runtime: channels are `async-channel`,
@@ -29,7 +29,8 @@ use async_channel::{Receiver, Sender};
 use nowconnect_core::flow::SendError;
 use nowconnect_core::{Cid, Epoch, ErrorCode, Payload, WsMessage};
 
-pub use pipes::{FlowEnd, FlowMsg, FlowPipes, Peer, bridge};
+pub use nowconnect_core::relay::Delivery;
+pub use pipes::{FlowEnd, FlowPipes, OpenLink, Peer, bridge};
 pub use socket::{
     ActiveReader, ActiveWriter, Activity, ChunkReader, ClientTimeouts, FlowWriter, ReadSize,
     run_client_socket, run_flow_socket,

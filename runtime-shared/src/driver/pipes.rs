@@ -1,31 +1,24 @@
 //! [`FlowPipes`]: a link's flows piped to sockets or joined to flows on
-//! another link, and the owner-side mesh [`bridge`].
+//! another link, as the core's [`FlowRelay`] decides, and the owner-side
+//! mesh [`bridge`].
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_channel::{Receiver, Sender};
-use bytes::Bytes;
 use nowconnect_core::mux::{FlowEvent, FlowLink};
-use nowconnect_core::{Cid, ErrorCode, Payload};
+use nowconnect_core::relay::{Delivery, FlowRelay, PeerMsg, RelayOutput};
+use nowconnect_core::{Cid, ErrorCode};
 
 use crate::metrics::{Metrics, labels};
 
 use super::{CHUNKS_IN_FLIGHT, LinkCmd, Permits, send_open};
 
-/// What a flow's socket task receives from the tunnel.
-#[derive(Debug)]
-pub enum FlowMsg {
-    Data(Bytes),
-    Fin,
-    Reset { code: ErrorCode, reason: String },
-}
-
 /// The socket side's handle on one flow.
 pub struct FlowEnd {
     pub cid: Cid,
     pub connector: String,
-    pub rx: Receiver<FlowMsg>,
+    pub rx: Receiver<Delivery>,
     pub permits: Permits,
     pub cmd: Sender<LinkCmd>,
 }
@@ -33,77 +26,66 @@ pub struct FlowEnd {
 /// A flow on another link task: the owner hub joins a mesh flow and a flow
 /// on the agent's tunnel, and each link hands what arrives for its side
 /// straight to the other link, with no task in between.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Peer {
     pub cmd: Sender<LinkCmd>,
     pub cid: Cid,
 }
 
 impl Peer {
+    /// Send `msg` to the flow on the other link; `false` when that link is
+    /// gone.
+    fn send(&self, msg: PeerMsg) -> bool {
+        let cid = self.cid;
+        let cmd = match msg {
+            PeerMsg::Data(payload) => LinkCmd::Data { cid, payload },
+            PeerMsg::Fin => LinkCmd::Fin { cid },
+            PeerMsg::Reset { code, reason } => LinkCmd::Reset { cid, code, reason },
+            PeerMsg::Consumed(n) => LinkCmd::Consumed { cid, n },
+        };
+        self.cmd.try_send(cmd).is_ok()
+    }
+
     /// Reset the flow on the other link (nothing to do if it is gone).
     pub(super) fn reset(&self, code: ErrorCode, reason: impl Into<String>) {
-        let _ = self.cmd.try_send(LinkCmd::Reset {
-            cid: self.cid,
-            code,
-            reason: reason.into(),
-        });
+        let reason = reason.into();
+        self.send(PeerMsg::Reset { code, reason });
     }
 }
 
-/// Where what the core delivers for a flow goes.
-enum Sink {
-    /// A flow socket's task, and its reader permits.
-    Socket {
-        tx: Sender<FlowMsg>,
-        permits: Permits,
-    },
-    /// A flow to be joined to a peer: what arrives waits here, and what the
-    /// core took from the peer is credited to it once joined.
-    Held { queue: Vec<FlowMsg>, taken: usize },
-    /// A flow on another link: deliveries go there as commands, and what the
-    /// core takes of its data is credited back to it at once (the credit of
-    /// this flow's receive window bounds what waits on either side).
-    Joined(Peer),
+/// A local flow's socket task: where its deliveries go, and its reader
+/// permits.
+struct Local {
+    tx: Sender<Delivery>,
+    permits: Permits,
 }
 
-struct FlowSlot {
-    sink: Sink,
-    pending: VecDeque<Payload>,
-    fin_pending: bool,
-    connector: String,
-    /// The tunnel side of a bridged mesh flow: its end is reported through
-    /// [`FlowPipes::take_bridged_ends`].
-    bridged: bool,
-}
-
-/// The flows of one link as the runtime sees them: a channel to each flow's
-/// socket task (or the joined flow on another link), the chunks handed over
-/// that the core has not taken yet, and the reader permits.
+/// The flows of one link as the runtime sees them: the core's
+/// [`FlowRelay`] (which decides what goes where, and the credit between
+/// bridged flows), and the channel to each local flow's socket task.
 pub struct FlowPipes {
-    flows: BTreeMap<Cid, FlowSlot>,
+    relay: FlowRelay<Peer>,
+    locals: BTreeMap<Cid, Local>,
     cmd_tx: Sender<LinkCmd>,
     metrics: Arc<Metrics>,
     bridged_ends: usize,
 }
 
 impl Drop for FlowPipes {
-    /// The link is gone: joined flows on other links are reset.
+    /// The link is gone: joined flows on other links are reset, local
+    /// sockets are told.
     fn drop(&mut self) {
-        for slot in self.flows.values() {
-            if let Sink::Joined(p) = &slot.sink {
-                p.reset(
-                    ErrorCode::LinkLost,
-                    "the other side of the bridged flow went away",
-                );
-            }
-        }
+        self.relay
+            .link_lost("the other side of the bridged flow went away");
+        self.carry_out_without_link();
     }
 }
 
 impl FlowPipes {
     pub fn new(cmd_tx: Sender<LinkCmd>, metrics: Arc<Metrics>) -> Self {
         FlowPipes {
-            flows: BTreeMap::new(),
+            relay: FlowRelay::new(),
+            locals: BTreeMap::new(),
             cmd_tx,
             metrics,
             bridged_ends: 0,
@@ -117,29 +99,37 @@ impl FlowPipes {
 
     /// Bridged tunnel-side flows still open.
     pub fn bridged_open(&self) -> usize {
-        self.flows.values().filter(|s| s.bridged).count()
+        self.relay.bridged_open()
     }
 
     pub fn len(&self) -> usize {
-        self.flows.len()
+        self.relay.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.flows.is_empty()
+        self.relay.is_empty()
+    }
+
+    fn count_open(&self, connector: &str) {
+        self.metrics
+            .flows_active
+            .get_or_create(&labels(&[("connector", connector)]))
+            .inc();
     }
 
     /// Register a flow the core already knows (opened here or by the peer).
-    pub fn attach(&mut self, cid: Cid, connector: &str) -> FlowEnd {
+    pub fn attach(&mut self, link: &mut impl OpenLink, cid: Cid, connector: &str) -> FlowEnd {
         let (tx, rx) = async_channel::unbounded();
         let permits = Permits::new(CHUNKS_IN_FLIGHT);
-        self.insert(
+        self.relay.attach(cid, connector);
+        self.count_open(connector);
+        self.carry_out(link);
+        self.locals.insert(
             cid,
-            connector,
-            Sink::Socket {
+            Local {
                 tx,
                 permits: permits.clone(),
             },
-            false,
         );
         FlowEnd {
             cid,
@@ -150,243 +140,150 @@ impl FlowPipes {
         }
     }
 
-    /// Register a flow that will be joined to a flow on another link
-    /// ([`LinkCmd::Join`]); until then what arrives for it is held.
-    pub fn hold(&mut self, cid: Cid, connector: &str) {
-        let sink = Sink::Held {
-            queue: Vec::new(),
-            taken: 0,
-        };
-        self.insert(cid, connector, sink, false);
+    /// Register a mesh open to be bridged to the agent's tunnel: held until
+    /// its [`LinkCmd::Join`] (then accepted) or a reset from the bridge
+    /// (then refused with the tunnel's reason).
+    pub fn hold_open(&mut self, link: &mut impl OpenLink, cid: Cid, connector: &str) {
+        self.relay.hold_open(cid, connector);
+        self.count_open(connector);
+        self.carry_out(link);
     }
 
     /// Register the tunnel side of a bridged flow, joined to `peer` at once.
-    pub fn attach_joined(&mut self, cid: Cid, connector: &str, peer: Peer) {
-        self.insert(cid, connector, Sink::Joined(peer), true);
+    pub fn attach_joined(
+        &mut self,
+        link: &mut impl OpenLink,
+        cid: Cid,
+        connector: &str,
+        peer: Peer,
+    ) {
+        self.relay.attach_joined(cid, connector, peer);
+        self.count_open(connector);
+        self.carry_out(link);
     }
 
-    fn insert(&mut self, cid: Cid, connector: &str, sink: Sink, bridged: bool) {
-        self.flows.insert(
-            cid,
-            FlowSlot {
-                sink,
-                pending: VecDeque::new(),
-                fin_pending: false,
-                connector: connector.to_string(),
-                bridged,
-            },
-        );
-        self.metrics
-            .flows_active
-            .get_or_create(&labels(&[("connector", connector)]))
-            .inc();
+    /// End a flow from this side: the core resets it, and its consumer (a
+    /// socket, or a joined flow on another link) hears it.
+    pub fn fail(&mut self, link: &mut impl OpenLink, cid: Cid, code: ErrorCode, reason: &str) {
+        self.relay.fail(link, cid, code, reason);
+        self.carry_out(link);
     }
 
-    /// Drop a held flow the link refused (no reset to send: the link's
-    /// refusal says it). Whether it was here.
-    pub fn forget(&mut self, cid: Cid) -> bool {
-        self.detach(cid).is_some()
-    }
-
-    fn detach(&mut self, cid: Cid) -> Option<FlowSlot> {
-        let slot = self.flows.remove(&cid)?;
-        self.metrics
-            .flows_active
-            .get_or_create(&labels(&[("connector", &slot.connector)]))
-            .dec();
-        if slot.bridged {
-            self.bridged_ends += 1;
-        }
-        if let Sink::Socket { permits, .. } = &slot.sink {
-            // Wake a reader waiting for a permit so it notices the flow is over.
-            permits.close();
-        }
-        Some(slot)
-    }
-
-    /// End a flow from this side: the core resets it, and a joined flow on
-    /// another link is reset too.
-    pub fn fail(&mut self, link: &mut impl FlowLink, cid: Cid, code: ErrorCode, reason: &str) {
-        if let Some(slot) = self.detach(cid) {
-            link.reset_flow(cid, code, reason);
-            self.count_reset(code);
-            if let Sink::Joined(p) = slot.sink {
-                p.reset(code, reason);
-            }
-        }
-    }
-
-    fn count_reset(&self, code: ErrorCode) {
-        self.metrics
-            .flow_resets
-            .get_or_create(&labels(&[("code", code.as_str())]))
-            .inc();
-    }
-
-    /// Hand a delivery to the flow's consumer; `false` when a joined peer
-    /// link is gone (the caller then fails the flow).
-    fn deliver(slot: &mut FlowSlot, msg: FlowMsg) -> bool {
-        match &mut slot.sink {
-            Sink::Socket { tx, .. } => {
-                let _ = tx.try_send(msg);
-                true
-            }
-            Sink::Held { queue, .. } => {
-                queue.push(msg);
-                true
-            }
-            Sink::Joined(p) => p.cmd.try_send(Self::as_cmd(p.cid, msg)).is_ok(),
-        }
-    }
-
-    fn as_cmd(cid: Cid, msg: FlowMsg) -> LinkCmd {
-        match msg {
-            FlowMsg::Data(payload) => LinkCmd::Data {
-                cid,
-                payload: payload.into(),
-            },
-            FlowMsg::Fin => LinkCmd::Fin { cid },
-            FlowMsg::Reset { code, reason } => LinkCmd::Reset { cid, code, reason },
-        }
-    }
-
-    /// Join a held flow to `peer`: what waited goes to it, then what the
-    /// core took of the peer's data is credited. A flow that ended while
-    /// held resets the peer's.
-    fn join(&mut self, link: &mut impl FlowLink, cid: Cid, peer: Peer) {
-        let Some(slot) = self.flows.get_mut(&cid) else {
-            peer.reset(
-                ErrorCode::ConnectionReset,
-                "the mesh flow ended before it was bridged",
-            );
-            return;
-        };
-        let held = std::mem::replace(&mut slot.sink, Sink::Joined(peer.clone()));
-        let Sink::Held { queue, taken } = held else {
-            slot.sink = held;
-            return;
-        };
-        let mut ok = true;
-        for m in queue {
-            ok &= peer.cmd.try_send(Self::as_cmd(peer.cid, m)).is_ok();
-        }
-        if taken > 0 {
-            ok &= peer
-                .cmd
-                .try_send(LinkCmd::Consumed {
-                    cid: peer.cid,
-                    n: taken,
-                })
-                .is_ok();
-        }
-        if !ok {
-            self.fail(link, cid, ErrorCode::LinkLost, "the agent tunnel went away");
-        }
-    }
-
-    /// A flow-level command (`Data`, `Fin`, `Reset`, `Consumed`); returns the
-    /// command back when it is not one.
-    pub fn on_cmd(&mut self, link: &mut impl FlowLink, cmd: LinkCmd) -> Option<LinkCmd> {
+    /// A flow-level command (`Data`, `Fin`, `Reset`, `Consumed`, `Join`);
+    /// returns the command back when it is not one.
+    pub fn on_cmd(&mut self, link: &mut impl OpenLink, cmd: LinkCmd) -> Option<LinkCmd> {
         match cmd {
-            LinkCmd::Data { cid, payload } => {
-                if let Some(slot) = self.flows.get_mut(&cid) {
-                    slot.pending.push_back(payload);
-                    self.push_pending(link, cid);
-                }
-            }
-            LinkCmd::Fin { cid } => {
-                if let Some(slot) = self.flows.get_mut(&cid) {
-                    slot.fin_pending = true;
-                    self.push_pending(link, cid);
-                }
-            }
-            LinkCmd::Reset { cid, code, reason } => {
-                // From the flow's own consumer (socket task or joined peer):
-                // nothing to tell it back.
-                if self.detach(cid).is_some() {
-                    link.reset_flow(cid, code, &reason);
-                    self.count_reset(code);
-                }
-            }
-            LinkCmd::Consumed { cid, n } => link.consumed(cid, n),
-            LinkCmd::Join { cid, peer } => self.join(link, cid, peer),
+            LinkCmd::Data { cid, payload } => self.relay.data(link, cid, payload),
+            LinkCmd::Fin { cid } => self.relay.fin(link, cid),
+            // From the flow's own consumer (socket task or joined peer):
+            // nothing to tell it back.
+            LinkCmd::Reset { cid, code, reason } => self.relay.reset(link, cid, code, &reason),
+            LinkCmd::Consumed { cid, n } => self.relay.consumed(link, cid, n),
+            LinkCmd::Join { cid, peer } => self.relay.join(cid, peer),
             other => return Some(other),
         }
+        self.carry_out(link);
         None
     }
 
-    /// Hand queued chunks to the core as far as its credit allows; release a
-    /// reader permit per chunk fully taken; send FIN once all data is in.
-    fn push_pending(&mut self, link: &mut impl FlowLink, cid: Cid) {
-        let Some(slot) = self.flows.get_mut(&cid) else {
-            return;
-        };
-        while let Some(front) = slot.pending.front_mut() {
-            let credit = link.send_credit(cid) as usize;
-            if credit == 0 {
-                link.note_blocked(cid);
-                return;
-            }
-            let take = credit.min(front.len());
-            let chunk = front.split_to(take);
-            if let Err(e) = link.send_data(cid, chunk) {
-                tracing::warn!(cid, error = %e, "send on flow failed");
-                return;
-            }
-            let done = front.is_empty();
-            if done {
-                slot.pending.pop_front();
-            }
-            match &mut slot.sink {
-                Sink::Socket { permits, .. } => {
-                    if done {
-                        permits.release();
+    pub fn on_event(&mut self, link: &mut impl OpenLink, fe: FlowEvent) {
+        self.relay.handle_event(link, fe);
+        self.carry_out(link);
+    }
+
+    /// Carry out what the relay decided, in order.
+    fn carry_out(&mut self, link: &mut impl OpenLink) {
+        while let Some(o) = self.relay.poll_output() {
+            match o {
+                RelayOutput::AcceptOpen { cid } => link.accept_open(cid),
+                RelayOutput::RefuseOpen { cid, code, reason } => {
+                    link.refuse_open(cid, code, &reason)
+                }
+                o => {
+                    if let Some(gone) = self.perform(o) {
+                        self.relay.peer_gone(link, gone);
                     }
                 }
-                Sink::Held { taken, .. } => *taken += take,
-                Sink::Joined(p) => {
-                    let _ = p.cmd.try_send(LinkCmd::Consumed {
-                        cid: p.cid,
-                        n: take,
-                    });
-                }
             }
-        }
-        if slot.fin_pending {
-            slot.fin_pending = false;
-            let _ = link.send_fin(cid);
         }
     }
 
-    pub fn on_event(&mut self, link: &mut impl FlowLink, fe: FlowEvent) {
-        let (cid, msg) = match fe {
-            FlowEvent::Data { cid, payload } => (cid, FlowMsg::Data(payload)),
-            FlowEvent::Fin { cid } => (cid, FlowMsg::Fin),
-            FlowEvent::Reset { cid, code, reason } => {
-                if let Some(mut slot) = self.detach(cid) {
-                    self.count_reset(code);
-                    Self::deliver(&mut slot, FlowMsg::Reset { code, reason });
-                }
-                return;
-            }
-            FlowEvent::Writable { cid, .. } => return self.push_pending(link, cid),
-            FlowEvent::Closed { cid } => {
-                self.detach(cid);
-                return;
-            }
-        };
-        if let Some(slot) = self.flows.get_mut(&cid)
-            && !Self::deliver(slot, msg)
-        {
-            self.fail(
-                link,
-                cid,
-                ErrorCode::LinkLost,
-                "the other side of the bridged flow went away",
-            );
+    /// [`Self::carry_out`] once the link is gone: a lost link's flows only
+    /// tell their consumers.
+    fn carry_out_without_link(&mut self) {
+        while let Some(o) = self.relay.poll_output() {
+            let _ = self.perform(o);
         }
     }
+
+    /// One output; the cid whose joined peer link is gone, if so.
+    fn perform(&mut self, o: RelayOutput<Peer>) -> Option<Cid> {
+        match o {
+            RelayOutput::Deliver { cid, delivery } => {
+                if let Some(l) = self.locals.get(&cid) {
+                    let _ = l.tx.try_send(delivery);
+                }
+            }
+            RelayOutput::ChunkTaken { cid } => {
+                if let Some(l) = self.locals.get(&cid) {
+                    l.permits.release();
+                }
+            }
+            RelayOutput::ToPeer { cid, peer, msg } => {
+                if !peer.send(msg) {
+                    return Some(cid);
+                }
+            }
+            // The link's own answers: [`Self::carry_out`] gives them to the
+            // link; once it is gone, the open went with it.
+            RelayOutput::AcceptOpen { .. } | RelayOutput::RefuseOpen { .. } => {}
+            RelayOutput::Ended {
+                cid,
+                connector,
+                bridged,
+                reset,
+            } => {
+                self.metrics
+                    .flows_active
+                    .get_or_create(&labels(&[("connector", &connector)]))
+                    .dec();
+                if let Some(code) = reset {
+                    self.metrics
+                        .flow_resets
+                        .get_or_create(&labels(&[("code", code.as_str())]))
+                        .inc();
+                }
+                if bridged {
+                    self.bridged_ends += 1;
+                }
+                if let Some(l) = self.locals.remove(&cid) {
+                    // Wake a reader waiting for a permit so it notices the
+                    // flow is over.
+                    l.permits.close();
+                }
+            }
+        }
+        None
+    }
 }
+
+/// A link that takes mesh opens (a mesh link), or none (an agent tunnel:
+/// it never holds one, so never gets the calls).
+pub trait OpenLink: FlowLink {
+    fn accept_open(&mut self, _cid: Cid) {}
+    fn refuse_open(&mut self, _cid: Cid, _code: ErrorCode, _reason: &str) {}
+}
+
+impl OpenLink for nowconnect_core::mesh_link::MeshLink {
+    fn accept_open(&mut self, cid: Cid) {
+        nowconnect_core::mesh_link::MeshLink::accept_open(self, cid)
+    }
+    fn refuse_open(&mut self, cid: Cid, code: ErrorCode, reason: &str) {
+        nowconnect_core::mesh_link::MeshLink::refuse_open(self, cid, code, reason)
+    }
+}
+
+impl OpenLink for nowconnect_core::tunnel::Tunnel {}
 
 /// Owner side of the mesh: open a flow on the agent's tunnel joined to the
 /// held mesh flow `mesh`, then join the mesh flow to it. From then on the

@@ -11,7 +11,7 @@ use nowconnect_core::{Cid, ErrorCode, Payload};
 
 use crate::metrics::{Metrics, labels};
 
-use super::{FlowEnd, FlowMsg, LinkCmd, Permits, READ_CHUNK};
+use super::{Delivery, FlowEnd, LinkCmd, Permits, READ_CHUNK};
 
 /// Pipe one socket (its read and write halves) and one flow until both
 /// directions end or either side resets. `up` names the byte direction of
@@ -249,7 +249,7 @@ impl ReadSize {
 async fn write_half<W: AsyncWrite + Unpin>(
     wr: &mut W,
     cid: Cid,
-    rx: Receiver<FlowMsg>,
+    rx: Receiver<Delivery>,
     cmd: Sender<LinkCmd>,
     metrics: Arc<Metrics>,
     down: &'static str,
@@ -261,7 +261,7 @@ async fn write_half<W: AsyncWrite + Unpin>(
     let mut fin = false;
     while let Ok(msg) = rx.recv().await {
         match msg {
-            FlowMsg::Data(b) => {
+            Delivery::Data(b) => {
                 let n = b.len();
                 if let Err(e) = wr.write_all(&b).await {
                     let _ = cmd.try_send(LinkCmd::Reset {
@@ -274,11 +274,11 @@ async fn write_half<W: AsyncWrite + Unpin>(
                 bytes_down.inc_by(n as u64);
                 let _ = cmd.try_send(LinkCmd::Consumed { cid, n });
             }
-            FlowMsg::Fin => {
+            Delivery::Fin => {
                 fin = true;
                 let _ = wr.close().await;
             }
-            FlowMsg::Reset { code, reason } => {
+            Delivery::Reset { code, reason } => {
                 tracing::debug!(cid, %code, %reason, "flow reset");
                 return true;
             }

@@ -72,7 +72,7 @@ impl TunnelDriver {
     }
 
     pub fn attach_flow(&mut self, cid: Cid, connector: &str) -> FlowEnd {
-        self.pipes.attach(cid, connector)
+        self.pipes.attach(&mut self.tunnel, cid, connector)
     }
 
     /// Apply a command; `Accept`, `Close` and `OpenFlow` are handled here too.
@@ -92,7 +92,7 @@ impl TunnelDriver {
             }
             LinkCmd::OpenFlow { connector, reply } => {
                 let res = match self.tunnel.open_flow(&connector) {
-                    Ok(cid) => Ok(self.pipes.attach(cid, &connector)),
+                    Ok(cid) => Ok(self.pipes.attach(&mut self.tunnel, cid, &connector)),
                     Err(e) => Err(self.open_refused(e, &connector)),
                 };
                 if let Err(async_channel::TrySendError::Closed(Ok(end))) = reply.try_send(res) {
@@ -113,7 +113,8 @@ impl TunnelDriver {
                 reply,
             } => match self.tunnel.open_flow(&connector) {
                 Ok(cid) => {
-                    self.pipes.attach_joined(cid, &connector, peer);
+                    self.pipes
+                        .attach_joined(&mut self.tunnel, cid, &connector, peer);
                     if reply.try_send(Ok(cid)).is_err() {
                         self.pipes.fail(
                             &mut self.tunnel,

@@ -168,11 +168,8 @@ async fn run_link<R: HubRt>(
     };
     let metrics = shared.metrics().clone();
     let link_id = rand::random::<u64>();
-    let (cmd_tx, cmd_rx) = async_channel::unbounded();
+    let (mut cmd_tx, mut cmd_rx) = async_channel::unbounded();
     let mut pipes = FlowPipes::new(cmd_tx.clone(), metrics.clone());
-    // Mesh opens checked and bridged to the agent's tunnel, not yet accepted.
-    let mut unaccepted: std::collections::BTreeSet<nowconnect_core::Cid> =
-        std::collections::BTreeSet::new();
     let (dial_tx, dial_rx) = async_channel::unbounded::<DialResult<R::MeshWs>>();
     let mut out: Option<Sender<Outgoing>> = None;
     let mut ws_in: Option<futures_util::stream::SplitStream<R::MeshWs>> = None;
@@ -259,9 +256,9 @@ async fn run_link<R: HubRt>(
                 } => match shared.mesh_open(&agent_id, &connector, epoch) {
                     Ok((tunnel, tunnel_cmd)) => {
                         // Accepted once the agent's tunnel has taken the
-                        // flow (the bridge's Join), refused if it does not.
-                        unaccepted.insert(cid);
-                        pipes.hold(cid, &connector);
+                        // flow (the bridge's Join), refused with the
+                        // tunnel's reason if it does not (the core relay).
+                        pipes.hold_open(&mut link, cid, &connector);
                         let mesh = Peer {
                             cmd: cmd_tx.clone(),
                             cid,
@@ -292,9 +289,14 @@ async fn run_link<R: HubRt>(
                 }
                 MeshEvent::Rtt(d) => metrics.mesh_rtt.observe(d.as_secs_f64()),
                 MeshEvent::Down { reason } => {
-                    // The link's flows are gone with it; a later bridge
-                    // outcome finds no flow to accept.
-                    unaccepted.clear();
+                    // The link's flows are gone with it. The next connection
+                    // gets its own command channel and flows: the peer
+                    // numbers its flows anew, and a late command for a flow
+                    // of this connection (a bridge's join, data, a reset)
+                    // must never reach a new flow that got the same cid.
+                    crate::driver::end_commands(&cmd_rx, "the mesh link reconnects");
+                    (cmd_tx, cmd_rx) = async_channel::unbounded();
+                    pipes = FlowPipes::new(cmd_tx.clone(), metrics.clone());
                     tracing::warn!(link = %label, %reason, "mesh link down");
                     if let Some(o) = out.take() {
                         let _ = o.try_send(Outgoing::Close {
@@ -392,19 +394,7 @@ async fn run_link<R: HubRt>(
                 let mut next = Some(cmd);
                 let mut budget = crate::driver::CMD_BATCH;
                 while let Some(cmd) = next.take() {
-                    let cmd = match cmd {
-                        LinkCmd::Join { cid, peer } if unaccepted.remove(&cid) => {
-                            link.accept_open(cid);
-                            Some(LinkCmd::Join { cid, peer })
-                        }
-                        LinkCmd::Reset { cid, code, reason } if unaccepted.remove(&cid) => {
-                            pipes.forget(cid);
-                            link.refuse_open(cid, code, &reason);
-                            None
-                        }
-                        cmd => Some(cmd),
-                    };
-                    if let Some(cmd) = cmd.and_then(|c| pipes.on_cmd(&mut link, c)) {
+                    if let Some(cmd) = pipes.on_cmd(&mut link, cmd) {
                         match cmd {
                             LinkCmd::OpenMeshFlow {
                                 connector,
@@ -414,7 +404,7 @@ async fn run_link<R: HubRt>(
                             } => {
                                 let res = link
                                     .open_flow(&connector, &agent_id, epoch)
-                                    .map(|cid| pipes.attach(cid, &connector))
+                                    .map(|cid| pipes.attach(&mut link, cid, &connector))
                                     .map_err(|e| OpenRefused::from_send(e, "mesh link flow"));
                                 if let Err(async_channel::TrySendError::Closed(Ok(end))) =
                                     reply.try_send(res)

@@ -12,6 +12,7 @@
 //! Invariants are checked after every step; after the chaos phase every fault
 //! heals and new flows must succeed within a bound.
 
+mod bridges;
 mod faults;
 mod invariants;
 mod net;
@@ -29,12 +30,14 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use nowconnect_core::agent::{AgentConfig, AttemptId, HubLinkState};
 use nowconnect_core::agent_node::{AgentCommand, AgentNode};
+use nowconnect_core::flow::SendError;
 use nowconnect_core::hub::{Hub, HubConfig, HubOutput};
 use nowconnect_core::hub_node::{HubNode, NodeOutput, RefusalStage};
 use nowconnect_core::mesh_link::{MeshEvent, MeshLink, MeshLinkConfig};
 use nowconnect_core::mux::{FlowEvent, FlowLink, GROWTH_BUDGET_WINDOWS, PlantedBug};
 use nowconnect_core::payload::HEADROOM;
 use nowconnect_core::registry::{MemoryRegistry, RegistryError, RegistryOp, RegistryReply};
+use nowconnect_core::relay::{FlowRelay, RelayOutput};
 use nowconnect_core::rng::Rng;
 use nowconnect_core::routing::{Mode, Route};
 use nowconnect_core::tenant::{AgentCredential, DEFAULT_TENANT, qualify, split};
@@ -76,6 +79,12 @@ pub struct Outcome {
     /// Flows of clients of the second tenant (`acme`), whose agents reuse
     /// the default tenant's agent ids and connector name.
     pub flows_other_tenant: u64,
+    /// Owner-side bridges: mesh opens the agent's tunnel took, mesh opens
+    /// refused because it did not (full, or gone), and tunnel flows reset
+    /// because the mesh connection was lost before the join reached it.
+    pub bridges_opened: u64,
+    pub bridges_refused: u64,
+    pub bridges_lost_before_join: u64,
     pub trace_hash: u64,
 }
 
@@ -106,6 +115,9 @@ impl Outcome {
         self.stale_epoch_refusals += o.stale_epoch_refusals;
         self.hellos_refused += o.hellos_refused;
         self.flows_other_tenant += o.flows_other_tenant;
+        self.bridges_opened += o.bridges_opened;
+        self.bridges_refused += o.bridges_refused;
+        self.bridges_lost_before_join += o.bridges_lost_before_join;
         self.target_refusals += o.target_refusals;
         self.client_resets += o.client_resets;
         self.half_closes += o.half_closes;
@@ -174,6 +186,19 @@ enum Event {
     HubRestart {
         hub: usize,
     },
+    /// Owner hub: a held mesh open's bridge reaches the agent's tunnel task
+    /// (the runtime's bridge hands its open over a channel).
+    BridgeOpen {
+        hub: usize,
+        mesh: FlowAddr,
+        tunnel: EpId,
+        connector: String,
+    },
+    /// Owner hub: the tunnel flow's id reaches the mesh link task: join.
+    BridgeJoin {
+        mesh: FlowAddr,
+        tunnel: FlowAddr,
+    },
     /// A draining hub's grace period is over: it exits.
     HubDrainEnd {
         hub: usize,
@@ -214,17 +239,16 @@ struct Target {
     fin_sent: bool,
 }
 
-/// One direction of an owner-side bridge between a mesh flow and a flow on
-/// the agent's tunnel: bytes that arrived on this side and wait for credit
-/// on `other`. The source is credited only once bytes are handed over.
-#[derive(Debug)]
-struct Half {
-    other: (EpId, Cid),
-    buf: Vec<u8>,
-    fin: bool,
-    fin_sent: bool,
-    /// The flow on this side's link is over.
-    closed: bool,
+/// Where a bridged flow's other side is: the endpoint, the connection of
+/// it (an outbound mesh link reconnects on the same endpoint, and a late
+/// message for an old connection's flow must not reach a new flow with the
+/// same cid, as the runtime's per-connection command channel ensures), and
+/// the flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FlowAddr {
+    ep: EpId,
+    conn: u64,
+    cid: Cid,
 }
 
 enum Link {
@@ -254,6 +278,10 @@ struct Ep {
     mesh_up: Option<String>,
     /// Hub tunnel: the agent that said HELLO on it (tenant-qualified).
     agent_id: Option<String>,
+    /// Hub link: its bridged flows, as the shipped relay keeps them.
+    relay: FlowRelay<FlowAddr>,
+    /// Which connection of the endpoint this is (see [`FlowAddr`]).
+    conn: u64,
 }
 
 enum EpEvent {
@@ -303,7 +331,6 @@ pub struct World {
     /// Which client uses a flow (hub tunnel or outbound mesh link side).
     client_of: BTreeMap<(EpId, Cid), u64>,
     targets: BTreeMap<(EpId, Cid), Target>,
-    bridges: BTreeMap<(EpId, Cid), Half>,
     queue: BinaryHeap<Reverse<(Instant, u64, usize)>>,
     events: BTreeMap<usize, Event>,
     next_event: usize,
@@ -362,10 +389,17 @@ impl World {
         let faults = FaultProfile::swarm(&mut rng);
         let hubs = 1 + rng.below(3) as usize;
         let window = 16 * 1024 + rng.below(64 * 1024) as u32;
+        // Some worlds give each agent only a few flows: clients and bridged
+        // mesh opens then meet a full tunnel.
+        let agent_flows = if rng.below(4) == 0 {
+            2 + rng.below(4) as usize
+        } else {
+            64
+        };
         let tunnel_cfg = TunnelConfig {
             window,
-            max_flows: 64,
-            dedup_capacity: 64,
+            max_flows: agent_flows,
+            dedup_capacity: agent_flows,
             ping_interval: Duration::from_millis(500),
             idle_timeout: Duration::from_secs(2),
             handshake_timeout: Duration::from_secs(1),
@@ -408,7 +442,6 @@ impl World {
             clients: BTreeMap::new(),
             client_of: BTreeMap::new(),
             targets: BTreeMap::new(),
-            bridges: BTreeMap::new(),
             queue: BinaryHeap::new(),
             events: BTreeMap::new(),
             next_event: 0,
@@ -774,6 +807,13 @@ impl World {
                 h.node = HubNode::new(Hub::new(now, h.cfg.clone(), seed));
                 self.start_mesh_links(hub);
             }
+            Event::BridgeOpen {
+                hub,
+                mesh,
+                tunnel,
+                connector,
+            } => self.bridge_open(hub, mesh, tunnel, &connector),
+            Event::BridgeJoin { mesh, tunnel } => self.bridge_join(mesh, tunnel),
             Event::HubDrainEnd { hub, incarnation } => {
                 if self.hubs[hub].alive && self.hubs[hub].incarnation == incarnation {
                     self.trace(16, hub as u64, 0);

@@ -24,6 +24,8 @@ impl World {
                 mesh_to,
                 mesh_up: None,
                 agent_id: None,
+                relay: FlowRelay::new(),
+                conn: 0,
             },
         );
         id
@@ -82,12 +84,13 @@ impl World {
         }
         self.client_of.retain(|(ep, _), _| *ep != id);
         self.targets.retain(|(ep, _), _| *ep != id);
-        // A bridge half whose flow finished may still hold bytes (or the
-        // FIN) for the other side: they have left this endpoint's link, as
-        // the runtime's joined links hand them over, and still go once the
-        // other side has credit. Its other halves were reset with the link.
-        self.bridges
-            .retain(|(ep, _), h| *ep != id || (h.closed && (!h.buf.is_empty() || !h.fin_sent)));
+        // What this endpoint's flows already handed to the other side of a
+        // bridge is there (in that side's relay) and still goes; the flows
+        // still open here reset their other sides, as the runtime's relay
+        // does when its link task ends.
+        let mut relay = e.relay;
+        relay.link_lost("the other side of the bridged flow went away");
+        self.carry_out_relay(id, e.node, &mut relay);
         self.last_delivery.remove(&id);
     }
 

@@ -16,111 +16,6 @@ impl World {
         }
     }
 
-    /// Move what a bridge half holds to its other side, as far as credit
-    /// allows, crediting the source for what was handed over.
-    pub(super) fn forward(&mut self, from: (EpId, Cid)) {
-        let Some(half) = self.bridges.get_mut(&from) else {
-            return;
-        };
-        let (to_ep, to_cid) = half.other;
-        let mut moved = 0;
-        if let Some(e) = self.eps.get_mut(&to_ep) {
-            let link: &mut dyn FlowLink = match &mut e.link {
-                Link::Tunnel(t) => t,
-                Link::Mesh(m) => m,
-            };
-            while !half.buf.is_empty() {
-                let n = half
-                    .buf
-                    .len()
-                    .min(link.send_credit(to_cid) as usize)
-                    .min(CHUNK);
-                if n == 0 {
-                    link.note_blocked(to_cid);
-                    break;
-                }
-                let chunk: Vec<u8> = half.buf[..n].to_vec();
-                // Bridged bytes were decoded from a frame: no room in front
-                // of them, as on a real owner hub.
-                if link.send_data(to_cid, Bytes::from(chunk).into()).is_err() {
-                    break;
-                }
-                half.buf.drain(..n);
-                moved += n;
-            }
-            if half.fin && half.buf.is_empty() && !half.fin_sent && link.send_fin(to_cid).is_ok() {
-                half.fin_sent = true;
-            }
-        }
-        if moved > 0
-            && let Some(l) = self.flow_link(from.0)
-        {
-            l.consumed(from.1, moved);
-        }
-    }
-
-    pub(super) fn bridge_event(&mut self, ep: EpId, fe: FlowEvent) {
-        match fe {
-            FlowEvent::Data { cid, payload } => {
-                if let Some(h) = self.bridges.get_mut(&(ep, cid)) {
-                    h.buf.extend_from_slice(&payload);
-                    self.forward((ep, cid));
-                }
-            }
-            FlowEvent::Fin { cid } => {
-                if let Some(h) = self.bridges.get_mut(&(ep, cid)) {
-                    h.fin = true;
-                    self.forward((ep, cid));
-                }
-            }
-            FlowEvent::Writable { cid, .. } => {
-                // This side may send again: move what the other half holds.
-                if let Some(other) = self.bridges.get(&(ep, cid)).map(|h| h.other) {
-                    self.forward(other);
-                }
-            }
-            FlowEvent::Reset { cid, code, reason } => {
-                if let Some(h) = self.bridges.remove(&(ep, cid)) {
-                    self.bridges.remove(&h.other);
-                    if let Some(l) = self.flow_link(h.other.0) {
-                        l.reset_flow(h.other.1, code, &reason);
-                    }
-                    self.end_bridged_tunnel_flow(ep, h.other.0);
-                }
-            }
-            FlowEvent::Closed { cid } => {
-                // Done on this side. The half going the other way may still
-                // hold bytes for this side, so the pair goes once both are.
-                let Some(h) = self.bridges.get_mut(&(ep, cid)) else {
-                    return;
-                };
-                h.closed = true;
-                let other = h.other;
-                if self.bridges.get(&other).is_none_or(|o| o.closed) {
-                    self.bridges.remove(&(ep, cid));
-                    self.bridges.remove(&other);
-                }
-                self.end_bridged_tunnel_flow(ep, ep);
-            }
-        }
-    }
-
-    /// The hub's load count for the tunnel side of a bridge.
-    pub(super) fn end_bridged_tunnel_flow(&mut self, a: EpId, b: EpId) {
-        let sides = if a == b { vec![a] } else { vec![a, b] };
-        for ep in sides {
-            if let Some(Ep {
-                node: Node::Hub(hub),
-                link: Link::Tunnel(_),
-                ..
-            }) = self.eps.get(&ep)
-            {
-                let hub = *hub;
-                self.hubs[hub].node.flow_ended(ep);
-            }
-        }
-    }
-
     /// Drain every state machine until nothing moves.
     pub(super) fn pump(&mut self) {
         for _ in 0..10_000 {
@@ -256,7 +151,20 @@ impl World {
         let connector = qualify(tenant, "echo");
         let opened = match &route {
             Route::Local { tunnel, .. } => match self.eps.get_mut(tunnel).map(|e| &mut e.link) {
-                Some(Link::Tunnel(t)) => t.open_flow("echo").ok().map(|cid| (*tunnel, cid)),
+                Some(Link::Tunnel(t)) => match t.open_flow("echo") {
+                    Ok(cid) => Some((*tunnel, cid)),
+                    Err(SendError::NotEstablished) => None,
+                    Err(_) => {
+                        // The agent's tunnel is full: refused as such.
+                        let c = self.clients.get_mut(&client).expect("client");
+                        c.state = ClientState::Done;
+                        c.ended = Some(ErrorCode::LimitExceeded);
+                        let code = ErrorCode::LimitExceeded.as_str();
+                        *self.outcome.flows_refused.entry(code).or_default() += 1;
+                        self.hubs[h].node.flow_ended(*tunnel);
+                        return;
+                    }
+                },
                 _ => None,
             },
             Route::Mesh {
@@ -342,7 +250,7 @@ impl World {
     /// A flow event at a hub: for a client, or for one side of a bridge.
     pub(super) fn hub_flow_event(&mut self, ep: EpId, fe: FlowEvent) {
         let cid = flow_cid(&fe);
-        if self.bridges.contains_key(&(ep, cid)) {
+        if self.eps.get(&ep).is_some_and(|e| e.relay.contains(cid)) {
             self.bridge_event(ep, fe);
         } else {
             self.client_event(ep, fe);
@@ -387,7 +295,16 @@ impl World {
                 }
                 if e.mesh_to.is_some() {
                     // Outbound: it reconnects by itself; the old socket ends.
-                    if let Some(p) = e.peer.take() {
+                    // The next connection is another one for the flows'
+                    // addresses: nothing late reaches its flows.
+                    // (The core reset every flow before `Down`, so the old
+                    // relay is empty; whatever it held still ends.)
+                    e.conn += 1;
+                    let mut old = std::mem::take(&mut e.relay);
+                    let peer = e.peer.take();
+                    old.link_lost("the mesh link reconnects");
+                    self.carry_out_relay(ep, Node::Hub(h), &mut old);
+                    if let Some(p) = peer {
                         self.send_close(ep, Node::Hub(h), p);
                     }
                 } else {
@@ -442,44 +359,27 @@ impl World {
                 epoch.0
             ));
         }
-        let opened = match self.eps.get_mut(&tunnel).map(|e| &mut e.link) {
-            // The tunnel carries bare names: the agent knows its tenant.
-            Some(Link::Tunnel(t)) => t.open_flow(split(connector).1).ok(),
-            _ => None,
-        };
-        let Some(Ep {
-            link: Link::Mesh(mesh),
-            ..
-        }) = self.eps.get_mut(&ep)
-        else {
+        // Held until the agent's tunnel took the flow (the relay accepts the
+        // open on the join, or refuses it with the tunnel's reason); the
+        // bridge reaches the tunnel's task a moment later, as in the runtime.
+        let Some(e) = self.eps.get_mut(&ep) else {
             self.hubs[h].node.flow_ended(tunnel);
             return;
         };
-        match opened {
-            Some(tcid) => {
-                mesh.accept_open(cid);
-                for (a, b) in [((ep, cid), (tunnel, tcid)), ((tunnel, tcid), (ep, cid))] {
-                    self.bridges.insert(
-                        a,
-                        Half {
-                            other: b,
-                            buf: Vec::new(),
-                            fin: false,
-                            fin_sent: false,
-                            closed: false,
-                        },
-                    );
-                }
-            }
-            None => {
-                mesh.refuse_open(
-                    cid,
-                    ErrorCode::LimitExceeded,
-                    "the agent's tunnel took no new flow",
-                );
-                self.hubs[h].node.flow_ended(tunnel);
-            }
-        }
+        let conn = e.conn;
+        e.relay.hold_open(cid, connector);
+        self.carry_out(ep);
+        let mesh = FlowAddr { ep, conn, cid };
+        let hop = self.hop();
+        self.schedule(
+            hop,
+            Event::BridgeOpen {
+                hub: h,
+                mesh,
+                tunnel,
+                connector: connector.to_string(),
+            },
+        );
     }
 
     pub(super) fn pump_agents(&mut self) -> bool {

@@ -198,6 +198,20 @@ impl World {
         (ok, fresh.len())
     }
 
+    /// Clients started after `first_id` refused because the agent's tunnel
+    /// had no flow left for them (`limit_exceeded`).
+    pub fn refused_for_limit_since(&self, first_id: u64) -> usize {
+        self.clients
+            .range(first_id..)
+            .filter(|(_, c)| c.ended == Some(ErrorCode::LimitExceeded))
+            .count()
+    }
+
+    /// How many flows each agent's tunnel takes at once in this world.
+    pub fn flows_per_agent(&self) -> usize {
+        self.tunnel_cfg.max_flows
+    }
+
     /// How the clients started after `first_id` ended (or where they are):
     /// the reason a liveness check failed.
     pub fn client_summary(&self, first_id: u64) -> BTreeMap<String, usize> {
