@@ -89,6 +89,7 @@ impl World {
         self.bridges
             .retain(|(ep, _), h| *ep != id || (h.closed && (!h.buf.is_empty() || !h.fin_sent)));
         self.last_delivery.remove(&id);
+        self.tunnel_auth.remove(&id);
     }
 
     pub(super) fn send_close(&mut self, from: EpId, from_node: Node, to: EpId) {
@@ -104,6 +105,7 @@ impl World {
         let (node, Some(to)) = (e.node, e.peer) else {
             return;
         };
+        self.check_to_agent(from, &msg);
         if self.chance(self.faults.malformed) {
             self.outcome.malformed_frames += 1;
             let bad = match self.rng.below(3) {
