@@ -97,7 +97,7 @@ fn ci_seed_budget() {
     );
     println!(
         "flows: {} started ({} of a second tenant), {} completed, {} across the mesh, {} stale-epoch opens refused, \
-         {} HELLOs refused (outside the token's scope); reset {:?}; refused {:?}; {} bytes echoed",
+         {} HELLOs refused (outside the token's scope, or for another agent); reset {:?}; refused {:?}; {} bytes echoed",
         t.flows_started,
         t.flows_other_tenant,
         t.flows_completed,
