@@ -9,6 +9,8 @@
 //! (hub–hub, agent–hub, hub–Redis), hub crashes and restarts, agent restarts,
 //! Redis outages, slow Redis replies, Redis failovers that lose data, target
 //! refusals, client resets, half-closes, slow readers and malformed frames.
+//! Agent tokens expire within the run and are renewed by REAUTH, late or
+//! wrongly at times, and revoked at a hub (`auth.rs`).
 //! Invariants are checked after every step; after the chaos phase every fault
 //! heals and new flows must succeed within a bound.
 
