@@ -257,6 +257,12 @@ impl Hub {
         self.cfg.mode
     }
 
+    /// The deliberate bug this hub carries (test-only).
+    #[cfg(feature = "planted-bugs")]
+    pub(crate) fn planted_bug(&self) -> crate::mux::PlantedBug {
+        self.cfg.planted_bug
+    }
+
     pub fn replica_id(&self) -> &str {
         &self.cfg.replica_id
     }

@@ -384,11 +384,19 @@ impl HubNode {
                 })
         };
         if let Some((refusal, detail)) = refused {
+            #[cfg(feature = "planted-bugs")]
+            if self.hub.planted_bug() == crate::mux::PlantedBug::RefusedReauthTakesIdentity {
+                t.credential = credential;
+            }
             self.refuse_reauth(tunnel, refusal, detail);
             return false;
         }
         t.credential = credential;
         t.expires = expires;
+        #[cfg(feature = "planted-bugs")]
+        if self.hub.planted_bug() == crate::mux::PlantedBug::ReauthKeepsDeadline {
+            return true;
+        }
         self.timers.set(NodeTimer::TokenExpiry(tunnel), expires);
         true
     }
@@ -495,6 +503,10 @@ impl HubNode {
             match timer {
                 NodeTimer::TokenExpiry(tunnel) => {
                     if self.tunnels.get(&tunnel).is_none_or(|t| t.closing) {
+                        continue;
+                    }
+                    #[cfg(feature = "planted-bugs")]
+                    if self.hub.planted_bug() == crate::mux::PlantedBug::IgnoreTokenExpiry {
                         continue;
                     }
                     self.refuse(

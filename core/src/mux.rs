@@ -145,6 +145,16 @@ pub enum PlantedBug {
     /// The owner hub accepts a mesh open for an agent it holds whatever the
     /// open's epoch: a stale origin's flow reaches the agent's tunnel.
     AcceptStaleEpoch,
+    /// The hub node never closes a tunnel whose token expired: it keeps
+    /// opening flows on it and carrying their bytes.
+    IgnoreTokenExpiry,
+    /// The hub node refuses a renewed token (another agent, tenant or a
+    /// narrower scope) and closes the tunnel, but takes its credential
+    /// first: the refused token becomes the tunnel's identity.
+    RefusedReauthTakesIdentity,
+    /// The hub node takes a renewed token but keeps the old deadline: a
+    /// tunnel whose token was renewed in time expires anyway.
+    ReauthKeepsDeadline,
 }
 
 #[derive(Clone, Debug)]

@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use nowconnect_core::mux::PlantedBug;
 use nowconnect_sim::world::{Outcome, World};
 
 #[allow(clippy::disallowed_methods)]
@@ -15,8 +16,13 @@ fn origin() -> Instant {
 /// Chaos for 2 s of simulated time, then heal; every flow must end complete
 /// or reset with a reason, and fresh flows must all complete within 10 s.
 fn run(seed: u64) -> Result<Outcome, String> {
+    run_with(seed, PlantedBug::None)
+}
+
+/// [`run`] in a world that carries `bug`.
+fn run_with(seed: u64, bug: PlantedBug) -> Result<Outcome, String> {
     let start = origin();
-    let mut w = World::new(seed, start, 1 + (seed % 3) as usize);
+    let mut w = World::with_bug(seed, start, 1 + (seed % 3) as usize, bug);
     w.start_clients(40, Duration::from_millis(1500));
     w.run_until(start + Duration::from_secs(2))
         .map_err(|v| v.0)?;
@@ -99,7 +105,7 @@ fn ci_seed_budget() {
     );
     println!(
         "flows: {} started ({} of a second tenant), {} completed, {} across the mesh, {} stale-epoch opens refused, \
-         {} HELLOs refused (outside the token's scope); reset {:?}; refused {:?}; {} bytes echoed",
+         {} HELLOs refused (outside the token's scope, or for another agent); reset {:?}; refused {:?}; {} bytes echoed",
         t.flows_started,
         t.flows_other_tenant,
         t.flows_completed,
@@ -109,6 +115,16 @@ fn ci_seed_budget() {
         t.flows_reset,
         t.flows_refused,
         t.bytes_echoed
+    );
+    println!(
+        "tokens: {} renewals taken, {} refused, {} tunnels closed at expiry ({} while the agent held a fresh token), \
+         {} closed by revocation, {} upgrades refused (expired or revoked token)",
+        t.reauths_accepted,
+        t.reauths_refused,
+        t.token_expiries,
+        t.expiries_with_fresh_token,
+        t.revocations,
+        t.upgrades_refused
     );
     println!(
         "bridges: {} opened, {} mesh opens refused (tunnel full or gone), {} tunnel flows reset (mesh connection lost before the join)",
@@ -141,6 +157,10 @@ fn ci_seed_budget() {
             "mesh opens refused because the agent's tunnel took no flow",
             t.bridges_refused,
         ),
+        ("renewed tokens taken (REAUTH)", t.reauths_accepted),
+        ("renewed tokens refused (REAUTH)", t.reauths_refused),
+        ("tunnels closed at their token's expiry", t.token_expiries),
+        ("tunnels closed by a revocation", t.revocations),
     ];
     for (what, n) in exercised {
         assert!(n > 0, "the seed budget injected no {what}");
@@ -162,7 +182,6 @@ fn the_same_seed_gives_the_same_trace() {
 
 #[test]
 fn a_planted_credit_bug_is_caught_within_the_ci_budget() {
-    use nowconnect_core::mux::PlantedBug;
     let start = origin();
     let caught = (0..200).find_map(|seed| {
         let mut w = World::with_bug(seed, start, 1, PlantedBug::DoubleCreditGrant);
@@ -178,7 +197,6 @@ fn a_planted_credit_bug_is_caught_within_the_ci_budget() {
 
 #[test]
 fn a_planted_stale_epoch_acceptance_is_caught_within_the_ci_budget() {
-    use nowconnect_core::mux::PlantedBug;
     let start = origin();
     let caught = (0..200).find_map(|seed| {
         let mut w = World::with_bug(
@@ -198,6 +216,33 @@ fn a_planted_stale_epoch_acceptance_is_caught_within_the_ci_budget() {
         .expect("the simulation did not catch an owner that serves mesh opens under a stale epoch");
     println!("planted bug caught at seed {seed}: {why}");
     assert!(why.contains("stale epoch"), "{why}");
+}
+
+/// The first seed of the CI budget at which the general scenario reports
+/// `bug`, with what it reported.
+fn first_catch(bug: PlantedBug) -> (u64, String) {
+    let caught = (0..200).find_map(|seed| run_with(seed, bug).err().map(|why| (seed, why)));
+    let (seed, why) = caught.unwrap_or_else(|| panic!("the simulation did not catch {bug:?}"));
+    println!("planted bug {bug:?} caught at seed {seed}: {why}");
+    (seed, why)
+}
+
+#[test]
+fn a_planted_tunnel_outliving_its_token_is_caught_within_the_ci_budget() {
+    let (_, why) = first_catch(PlantedBug::IgnoreTokenExpiry);
+    assert!(why.contains("after its token expired"), "{why}");
+}
+
+#[test]
+fn a_planted_identity_change_by_a_refused_renewal_is_caught_within_the_ci_budget() {
+    let (_, why) = first_catch(PlantedBug::RefusedReauthTakesIdentity);
+    assert!(why.contains("changed the identity"), "{why}");
+}
+
+#[test]
+fn a_planted_expiry_despite_a_renewal_is_caught_within_the_ci_budget() {
+    let (_, why) = first_catch(PlantedBug::ReauthKeepsDeadline);
+    assert!(why.contains("renewed in time"), "{why}");
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Faults: the swarm profile drawn per seed, and the chaos tick that
-//! injects resets, partitions, crashes, drains, restarts and Redis losses;
+//! injects resets, partitions, crashes, drains, restarts, Redis losses and
+//! token revocations;
 //! healing at the end of the chaos phase.
 
 use super::*;
@@ -40,6 +41,14 @@ pub struct FaultProfile {
     pub client_half_close: f64,
     /// Chance that a client reads slowly (drains in bursts).
     pub slow_reader: f64,
+    /// Per token issued: the issuer writes the next one only after this
+    /// one expired (the agent cannot renew in time).
+    pub token_late: f64,
+    /// Per token issued: it is for another agent or tenant, or narrower in
+    /// scope (a hub refuses it as a renewal); put right shortly after.
+    pub token_bad: f64,
+    /// Per tick: a tunnel's token is revoked at its hub.
+    pub revocation: f64,
 }
 
 impl FaultProfile {
@@ -66,6 +75,9 @@ impl FaultProfile {
         let client_reset = pick(0.05);
         let client_half_close = pick(0.3);
         let slow_reader = pick(0.5);
+        let token_late = pick(0.3);
+        let token_bad = pick(0.4);
+        let revocation = pick(0.01);
         let latency_max = Duration::from_micros(50 + rng.below(20_000));
         FaultProfile {
             latency_min: Duration::from_micros(20),
@@ -84,6 +96,9 @@ impl FaultProfile {
             client_reset,
             client_half_close,
             slow_reader,
+            token_late,
+            token_bad,
+            revocation,
         }
     }
 
@@ -105,6 +120,9 @@ impl FaultProfile {
             client_reset: 0.0,
             client_half_close: 0.0,
             slow_reader: 0.0,
+            token_late: 0.0,
+            token_bad: 0.0,
+            revocation: 0.0,
         }
     }
 }
@@ -116,7 +134,7 @@ impl World {
         if self.rng.below(30) == 0 {
             self.replica = self.registry.clone();
         }
-        let rolls: [bool; 8] = match &mut self.chaos {
+        let rolls: [bool; 9] = match &mut self.chaos {
             Chaos::Seeded => {
                 let f = self.faults.clone();
                 [
@@ -128,6 +146,7 @@ impl World {
                     self.chance(f.redis_outage),
                     self.chance(f.redis_failover),
                     self.chance(f.hub_drain),
+                    self.chance(f.revocation),
                 ]
             }
             Chaos::Bytes { data, pos } => {
@@ -135,7 +154,7 @@ impl World {
                     return;
                 };
                 *pos += 1;
-                let mut r = [false; 8];
+                let mut r = [false; 9];
                 if let Some(slot) = r.get_mut(usize::from(b & 0x0f)) {
                     *slot = true;
                 }
@@ -151,7 +170,11 @@ impl World {
             outage,
             failover,
             drain,
+            revoke,
         ] = rolls;
+        if revoke {
+            self.revoke_random();
+        }
         if drain {
             self.drain_hub();
         }
@@ -334,6 +357,7 @@ impl World {
         let a = &mut self.agents[i];
         a.incarnation += 1;
         a.node = AgentNode::new(self.now, a.cfg.clone(), seed);
+        self.restart_renewal(i);
     }
 
     /// Heal every fault (the liveness phase): no new faults, partitions and
@@ -346,6 +370,9 @@ impl World {
         };
         self.partitions.clear();
         self.redis_down_until = None;
+        // Every agent gets a fresh token for it now; the issuer is on time
+        // from here on.
+        self.reissue_tokens();
         // A drain in progress ends now (the hub exits and comes back).
         for h in 0..self.hubs.len() {
             if self.hubs[h].alive && self.hubs[h].node.hub().is_draining() {

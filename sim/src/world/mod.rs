@@ -9,19 +9,24 @@
 //! (hub–hub, agent–hub, hub–Redis), hub crashes and restarts, agent restarts,
 //! Redis outages, slow Redis replies, Redis failovers that lose data, target
 //! refusals, client resets, half-closes, slow readers and malformed frames.
+//! Agent tokens expire within the run and are renewed by REAUTH, late or
+//! wrongly at times, and revoked at a hub (`auth.rs`).
 //! Invariants are checked after every step; after the chaos phase every fault
 //! heals and new flows must succeed within a bound.
 
+mod auth;
 mod bridges;
 mod faults;
 mod invariants;
 mod net;
 mod nodes;
+mod outcome;
 mod redis;
 mod workload;
 
 pub use faults::FaultProfile;
 pub use invariants::Violation;
+pub use outcome::Outcome;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
@@ -43,89 +48,6 @@ use nowconnect_core::routing::{Mode, Route};
 use nowconnect_core::tenant::{AgentCredential, DEFAULT_TENANT, qualify, split};
 use nowconnect_core::tunnel::{Tunnel, TunnelConfig, TunnelEvent};
 use nowconnect_core::{Cid, Codec, Epoch, ErrorCode, Payload, WsMessage};
-
-/// Counts of what a run did, printed by the tests.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Outcome {
-    pub hubs: u64,
-    pub events: u64,
-    pub flows_started: u64,
-    pub flows_completed: u64,
-    /// Flows that crossed the mesh (origin hub other than the owner).
-    pub flows_via_mesh: u64,
-    pub flows_reset: BTreeMap<&'static str, u64>,
-    pub flows_refused: BTreeMap<&'static str, u64>,
-    pub tunnel_resets: u64,
-    pub mesh_resets: u64,
-    pub partitions: u64,
-    pub hub_crashes: u64,
-    pub hub_drains: u64,
-    pub agent_restarts: u64,
-    pub redis_outages: u64,
-    pub redis_failovers: u64,
-    pub redis_slow_replies: u64,
-    pub malformed_frames: u64,
-    /// Mesh opens the owner refused for a stale epoch (fencing at work).
-    pub stale_epoch_refusals: u64,
-    pub target_refusals: u64,
-    pub client_resets: u64,
-    pub half_closes: u64,
-    pub slow_readers: u64,
-    /// Times a flow's receive window doubled (`core/src/flow.rs`).
-    pub windows_grown: u64,
-    pub bytes_echoed: u64,
-    /// HELLOs a hub refused because the token does not admit them.
-    pub hellos_refused: u64,
-    /// Flows of clients of the second tenant (`acme`), whose agents reuse
-    /// the default tenant's agent ids and connector name.
-    pub flows_other_tenant: u64,
-    /// Owner-side bridges: mesh opens the agent's tunnel took, mesh opens
-    /// refused because it did not (full, or gone), and tunnel flows reset
-    /// because the mesh connection was lost before the join reached it.
-    pub bridges_opened: u64,
-    pub bridges_refused: u64,
-    pub bridges_lost_before_join: u64,
-    pub trace_hash: u64,
-}
-
-impl Outcome {
-    /// Add another run's counts to these (the trace hash is not summed).
-    pub fn add(&mut self, o: &Outcome) {
-        self.hubs += o.hubs;
-        self.events += o.events;
-        self.flows_started += o.flows_started;
-        self.flows_completed += o.flows_completed;
-        self.flows_via_mesh += o.flows_via_mesh;
-        for (k, v) in &o.flows_reset {
-            *self.flows_reset.entry(k).or_default() += v;
-        }
-        for (k, v) in &o.flows_refused {
-            *self.flows_refused.entry(k).or_default() += v;
-        }
-        self.tunnel_resets += o.tunnel_resets;
-        self.mesh_resets += o.mesh_resets;
-        self.partitions += o.partitions;
-        self.hub_crashes += o.hub_crashes;
-        self.hub_drains += o.hub_drains;
-        self.agent_restarts += o.agent_restarts;
-        self.redis_outages += o.redis_outages;
-        self.redis_failovers += o.redis_failovers;
-        self.redis_slow_replies += o.redis_slow_replies;
-        self.malformed_frames += o.malformed_frames;
-        self.stale_epoch_refusals += o.stale_epoch_refusals;
-        self.hellos_refused += o.hellos_refused;
-        self.flows_other_tenant += o.flows_other_tenant;
-        self.bridges_opened += o.bridges_opened;
-        self.bridges_refused += o.bridges_refused;
-        self.bridges_lost_before_join += o.bridges_lost_before_join;
-        self.target_refusals += o.target_refusals;
-        self.client_resets += o.client_resets;
-        self.half_closes += o.half_closes;
-        self.slow_readers += o.slow_readers;
-        self.windows_grown += o.windows_grown;
-        self.bytes_echoed += o.bytes_echoed;
-    }
-}
 
 /// Where chaos decisions come from: the seeded RNG, or fuzzer bytes (one
 /// byte per chaos tick picks the fault; no more faults once they run out).
@@ -156,6 +78,14 @@ enum Event {
         incarnation: u64,
         attempt: AttemptId,
         hub: usize,
+        /// The token the agent presents.
+        token: usize,
+    },
+    /// The issuer writes agent `agent`'s next token (void if another was
+    /// written since it was planned).
+    TokenIssued {
+        agent: usize,
+        issue: u64,
     },
     MeshDialDone {
         ep: EpId,
@@ -295,13 +225,18 @@ struct SimHub {
     cfg: HubConfig,
     alive: bool,
     incarnation: u64,
+    /// Tokens revoked at this hub (its revocation list).
+    revoked: auth::Revoked,
 }
 
 struct SimAgent {
     node: AgentNode,
     cfg: AgentConfig,
-    /// What its token says: tenant, id and the connectors it may announce.
+    /// Who it is: tenant, id and the connectors it may announce (what the
+    /// issuer means its tokens to say).
     credential: AgentCredential,
+    /// Its token file and renewal.
+    auth: auth::AgentAuth,
     /// Announces a connector outside its token's scope: every hub must
     /// refuse its HELLO, so it never carries a flow.
     rogue: bool,
@@ -344,6 +279,10 @@ pub struct World {
     max_epoch: BTreeMap<String, Epoch>,
     /// Which hub accepted an agent's tunnel under an epoch (one per epoch).
     owner_of: BTreeMap<(String, Epoch), usize>,
+    /// Every token the issuer minted, by id.
+    tokens: Vec<auth::Token>,
+    /// What each hub tunnel may carry, by the world's own account.
+    tunnel_auth: BTreeMap<EpId, auth::TunnelAuth>,
     violation: Option<String>,
     /// `NC_SIM_DEBUG=1`: print what happens, with simulated time.
     debug: bool,
@@ -354,8 +293,6 @@ const CHUNK: usize = 8 * 1024;
 /// The second tenant of every world.
 const OTHER_TENANT: &str = "acme";
 const TICK: Duration = Duration::from_millis(10);
-/// Simulated tokens outlive any run: expiry is covered by the core tests.
-const TOKEN_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 
 impl World {
     /// `origin` is an arbitrary instant; only offsets from it matter.
@@ -453,6 +390,8 @@ impl World {
             mesh_cfg,
             max_epoch: BTreeMap::new(),
             owner_of: BTreeMap::new(),
+            tokens: Vec::new(),
+            tunnel_auth: BTreeMap::new(),
             violation: None,
             debug: std::env::var_os("NC_SIM_DEBUG").is_some(),
             outcome: Outcome {
@@ -479,6 +418,7 @@ impl World {
                 cfg,
                 alive: true,
                 incarnation: 0,
+                revoked: auth::Revoked::new(),
             });
         }
         for h in 0..hubs {
@@ -519,14 +459,17 @@ impl World {
                 ..AgentConfig::default()
             };
             let seed = w.rng.next_u64();
+            let auth = w.first_token(&credential);
             w.agents.push(SimAgent {
                 node: AgentNode::new(origin, cfg.clone(), seed),
                 cfg,
                 credential,
+                auth,
                 rogue: is_rogue,
                 incarnation: 0,
                 eps: BTreeMap::new(),
             });
+            w.schedule_issue(i);
         }
         w.schedule(TICK, Event::ChaosTick);
         w
@@ -595,8 +538,9 @@ impl World {
                 Link::Mesh(m) => m.poll_timeout().map(|(at, _)| at),
             });
         }
-        for a in &self.agents {
+        for (i, a) in self.agents.iter().enumerate() {
             take(a.node.poll_timeout());
+            take(Some(self.renewal_deadline(i)));
         }
         t
     }
@@ -614,6 +558,9 @@ impl World {
         }
         for a in &mut self.agents {
             a.node.handle_timeout(now);
+        }
+        for i in 0..self.agents.len() {
+            self.renew(i);
         }
     }
 
@@ -648,6 +595,7 @@ impl World {
                 incarnation,
                 attempt,
                 hub,
+                token,
             } => {
                 self.trace(2, agent as u64, attempt.0);
                 let a = &self.agents[agent];
@@ -666,6 +614,11 @@ impl World {
                 if self.held_until(an, hn).is_some() || self.held_until(hn, an).is_some() {
                     return; // the handshake never completes; the agent times out
                 }
+                // The upgrade: an expired or revoked token is refused.
+                let Some(token_now) = self.upgrade(hub, token) else {
+                    self.agents[agent].node.hub_failed(now, attempt);
+                    return;
+                };
                 if self.agents[agent].node.hub_connected(now, attempt).is_err() {
                     return;
                 }
@@ -673,15 +626,14 @@ impl World {
                 let agent_side = hub_side + 1;
                 let t = Tunnel::hub(now, self.tunnel_cfg.clone());
                 self.add_ep(hn, Some(agent_side), Link::Tunnel(t), AttemptId(0), None);
-                // What the hub learnt from the token at the upgrade; the
-                // simulated tokens outlive any run.
-                let credential = self.agents[agent].credential.clone();
+                // What the hub learnt from the token at the upgrade.
                 self.hubs[hub].node.tunnel_connected(
                     now,
                     hub_side,
-                    credential,
-                    now + TOKEN_LIFETIME,
+                    token_now.credential,
+                    token_now.exp,
                 );
+                self.tunnel_authed(hub, hub_side, agent, token);
                 let t = Tunnel::agent(now, self.tunnel_cfg.clone(), &id, &connectors);
                 self.add_ep(an, Some(hub_side), Link::Tunnel(t), attempt, None);
                 self.agents[agent].eps.insert(attempt, agent_side);
@@ -820,6 +772,7 @@ impl World {
                     self.stop_hub(hub, "drain_grace_over");
                 }
             }
+            Event::TokenIssued { agent, issue } => self.token_issued(agent, issue),
             Event::ChaosTick => {
                 self.chaos_tick();
                 self.schedule(TICK, Event::ChaosTick);

@@ -92,6 +92,7 @@ impl World {
         relay.link_lost("the other side of the bridged flow went away");
         self.carry_out_relay(id, e.node, &mut relay);
         self.last_delivery.remove(&id);
+        self.tunnel_auth.remove(&id);
     }
 
     pub(super) fn send_close(&mut self, from: EpId, from_node: Node, to: EpId) {
@@ -107,6 +108,7 @@ impl World {
         let (node, Some(to)) = (e.node, e.peer) else {
             return;
         };
+        self.check_to_agent(from, &msg);
         if self.chance(self.faults.malformed) {
             self.outcome.malformed_frames += 1;
             let bad = match self.rng.below(3) {

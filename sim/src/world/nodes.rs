@@ -1,5 +1,6 @@
 //! The nodes: how each hub drives its `HubNode` (whose inputs and outputs
-//! decide HELLO, drain and token rules for its tunnels, as in the runtimes),
+//! decide HELLO, drain and token rules for its tunnels, as in the runtimes;
+//! tokens themselves are `auth.rs`'s),
 //! tunnels, mesh links and bridges, and how each agent drives its `Agent`
 //! and tunnels.
 
@@ -112,6 +113,7 @@ impl World {
                 if r.refusal.stage() == RefusalStage::Hello {
                     self.outcome.hellos_refused += 1;
                 }
+                self.tunnel_refused(h, &r);
             }
             NodeOutput::Hub(HubOutput::Route { client, route }) => self.route(h, client, route),
             // The sim's mesh is configured, not discovered.
@@ -240,10 +242,8 @@ impl World {
                 self.hubs[h].node.tunnel_event(now, ep, &e);
                 self.remove_ep(ep);
             }
-            TunnelEvent::Open { .. }
-            | TunnelEvent::Rtt(_)
-            | TunnelEvent::Drain
-            | TunnelEvent::Reauth { .. } => {}
+            TunnelEvent::Reauth { token } => self.hub_reauth(h, ep, &token),
+            TunnelEvent::Open { .. } | TunnelEvent::Rtt(_) | TunnelEvent::Drain => {}
         }
     }
 
@@ -404,6 +404,7 @@ impl World {
                     .expect("sim hub url");
                 let d = self.latency() * 2;
                 let incarnation = self.agents[i].incarnation;
+                let token = self.dial_token(i);
                 self.schedule(
                     d,
                     Event::HubDialDone {
@@ -411,6 +412,7 @@ impl World {
                         incarnation,
                         attempt,
                         hub,
+                        token,
                     },
                 );
             }
