@@ -71,6 +71,8 @@ type Flow = (AttemptId, Cid);
 enum Internal<R: AgentRt> {
     HubConnected {
         attempt: AttemptId,
+        /// `exp` of the token it dialed with.
+        token_exp: u64,
         reader: R::Reader,
         sink: R::Sink,
     },
@@ -104,6 +106,8 @@ enum Wake<R: AgentRt> {
 /// task itself.
 struct Connection<R: AgentRt> {
     attempt: AttemptId,
+    /// `exp` of the token the hub holds for this tunnel.
+    token_exp: u64,
     driver: TunnelDriver,
     cmd_rx: Receiver<LinkCmd>,
     reader: R::Reader,
@@ -167,6 +171,18 @@ async fn input<R: AgentRt>(c: Option<&mut Connection<R>>) -> Wake<R> {
     }
 }
 
+/// Each tunnel with the `exp` of the token its hub holds.
+fn presented<R: AgentRt>(
+    conns: &mut BTreeMap<AttemptId, Connection<R>>,
+) -> impl Iterator<Item = crate::token_renewal::Presented<'_>> {
+    conns
+        .values_mut()
+        .map(|c| crate::token_renewal::Presented {
+            exp: &mut c.token_exp,
+            tunnel: &mut c.driver.tunnel,
+        })
+}
+
 /// The agent's I/O around its [`AgentNode`].
 struct Io<R: AgentRt> {
     rt: Arc<R>,
@@ -211,6 +227,9 @@ impl<R: AgentRt> Io<R> {
                 break;
             }
         }
+        // A tunnel that just became established, or one left with an older
+        // token than the agent now holds, gets the newest.
+        self.renewal.catch_up(presented(&mut self.conns));
         for c in self.conns.values_mut() {
             c.driver.flush();
             c.driver.report_due(Instant::now());
@@ -223,11 +242,13 @@ impl<R: AgentRt> Io<R> {
                 tracing::info!(attempt = attempt.0, %url, "connecting to hub");
                 let token = self.cfg.dial_token();
                 self.renewal.observe(&token);
+                let token_exp = crate::token_renewal::token_exp(&token);
                 let (rt, itx) = (self.rt.clone(), self.itx.clone());
                 let task = self.rt.spawn(async move {
                     let msg = match rt.connect_hub(url, token).await {
                         Ok((reader, sink)) => Internal::HubConnected {
                             attempt,
+                            token_exp,
                             reader,
                             sink,
                         },
@@ -319,6 +340,7 @@ impl<R: AgentRt> Io<R> {
         match i {
             Internal::HubConnected {
                 attempt,
+                token_exp,
                 reader,
                 sink,
             } => {
@@ -344,6 +366,7 @@ impl<R: AgentRt> Io<R> {
                     attempt,
                     Connection {
                         attempt,
+                        token_exp,
                         driver,
                         cmd_rx,
                         reader,
@@ -411,11 +434,7 @@ impl<R: AgentRt> Io<R> {
 
     fn on_timer(&mut self, node: &mut AgentNode, now: Instant) {
         let cfg = &self.cfg;
-        self.renewal.renew(
-            now,
-            || cfg.current_token(),
-            self.conns.values_mut().map(|c| &mut c.driver.tunnel),
-        );
+        self.renewal.renew(now, || cfg.current_token(), presented(&mut self.conns));
         node.handle_timeout(now);
         for c in self.conns.values_mut() {
             c.driver.tunnel.handle_timeout(now);

@@ -34,6 +34,8 @@ pub fn token_times(token: &str) -> Option<(u64, Option<u64>)> {
 pub struct TokenRenewal {
     /// `exp` and `iat` of the longest-lived token presented so far.
     times: Option<(u64, Option<u64>)>,
+    /// That token: every tunnel that holds an older one gets it.
+    newest: Option<String>,
     /// Due, and the last look found nothing newer: look again then.
     retry_at: Option<Instant>,
     warned: bool,
@@ -51,6 +53,7 @@ impl TokenRenewal {
         match token_times(token) {
             Some(t) if self.times.is_none_or(|(exp, _)| t.0 > exp) => {
                 self.times = Some(t);
+                self.newest = Some(token.to_string());
                 self.retry_at = None;
                 self.warned = false;
                 true
@@ -115,33 +118,68 @@ impl TokenRenewal {
     }
 }
 
+/// `exp` of a token, or 0 when it has none the agent can read.
+pub fn token_exp(token: &str) -> u64 {
+    token_times(token).map_or(0, |(exp, _)| exp)
+}
+
+/// One of the agent's tunnels as renewal sees it: the `exp` of the token
+/// its hub holds for it (the one it dialed with, or the last REAUTH).
+pub struct Presented<'a> {
+    pub exp: &'a mut u64,
+    pub tunnel: &'a mut nowconnect_core::tunnel::Tunnel,
+}
+
 impl TokenRenewal {
-    /// The agent runtime's timer step: when a fresh token is found, send it
-    /// (REAUTH) on each of `tunnels` (v1 tunnels cannot take it and end
-    /// with their token).
+    /// The agent runtime's timer step: look for a fresh token when due
+    /// (see [`TokenRenewal::poll`]), then [`TokenRenewal::catch_up`].
     pub fn renew<'a>(
         &mut self,
         now: Instant,
         read: impl FnOnce() -> Result<String, String>,
-        tunnels: impl IntoIterator<Item = &'a mut nowconnect_core::tunnel::Tunnel>,
+        tunnels: impl IntoIterator<Item = Presented<'a>>,
     ) {
-        let Some(token) = self.poll(now, crate::jwt::unix_now(), read) else {
+        if self.poll(now, crate::jwt::unix_now(), read).is_some() {
+            tracing::info!(
+                expires_at = self.times.map_or(0, |(exp, _)| exp),
+                "fresh token found"
+            );
+        }
+        self.catch_up(tunnels);
+    }
+
+    /// Hand the newest token (REAUTH) to every established tunnel whose
+    /// hub holds an older one. Not only at renewal: a tunnel can be left
+    /// with an older token when the agent dialed another hub with a newer
+    /// one (a DRAIN keeps the old tunnel and its flows), or when a renewal
+    /// went out while the tunnel was still in its handshake; without this
+    /// the hub would close it at the old token's expiry, flows and all.
+    /// v1 tunnels cannot take it and end with their token.
+    pub fn catch_up<'a>(&mut self, tunnels: impl IntoIterator<Item = Presented<'a>>) {
+        let (Some(token), Some((exp, _))) = (&self.newest, self.times) else {
             return;
         };
         let (mut sent, mut v1) = (0, 0);
-        for t in tunnels {
-            if t.send_reauth(&token) {
+        for p in tunnels {
+            if *p.exp >= exp || !p.tunnel.is_established() {
+                continue;
+            }
+            if p.tunnel.send_reauth(token) {
                 sent += 1;
-            } else if t.is_established() {
+            } else {
                 v1 += 1;
             }
+            // A v1 tunnel is not asked again.
+            *p.exp = exp;
         }
-        tracing::info!(
-            tunnels = sent,
-            v1_tunnels = v1,
-            expires_at = self.times.map_or(0, |(exp, _)| exp),
-            "renewed token sent to the hub"
-        );
+        if sent + v1 > 0 {
+            tracing::info!(
+                tunnels = sent,
+                v1_tunnels = v1,
+                expires_at = exp,
+                "renewed token sent to the hub"
+            );
+        }
     }
 }
 
@@ -199,5 +237,108 @@ mod tests {
         );
         assert_eq!(token_times("not a token"), None);
         assert_eq!(TokenRenewal::new("x.y.z").deadline(now, 0), None);
+    }
+
+    use nowconnect_core::tunnel::{Tunnel, TunnelConfig, TunnelEvent};
+    use nowconnect_core::{Epoch, WsMessage};
+
+    /// An agent tunnel and its hub side, with the handshake done.
+    fn established(now: Instant) -> (Tunnel, Tunnel) {
+        let cfg = TunnelConfig::default();
+        let mut agent = Tunnel::agent(now, cfg.clone(), "a", &["ldap".to_string()]);
+        let mut hub = Tunnel::hub(now, cfg);
+        for _ in 0..8 {
+            let out: Vec<WsMessage> = std::iter::from_fn(|| agent.poll_transmit()).collect();
+            for m in out {
+                hub.handle_message(now, &m);
+            }
+            while let Some(ev) = hub.poll_event() {
+                if matches!(ev, TunnelEvent::Hello { .. }) {
+                    hub.accept(now, Epoch(1));
+                }
+            }
+            let back: Vec<WsMessage> = std::iter::from_fn(|| hub.poll_transmit()).collect();
+            for m in back {
+                agent.handle_message(now, &m);
+            }
+            while agent.poll_event().is_some() {}
+        }
+        assert!(agent.is_established());
+        (agent, hub)
+    }
+
+    /// The tokens a hub side received by REAUTH.
+    fn reauths(agent: &mut Tunnel, hub: &mut Tunnel, now: Instant) -> Vec<String> {
+        let out: Vec<WsMessage> = std::iter::from_fn(|| agent.poll_transmit()).collect();
+        for m in out {
+            hub.handle_message(now, &m);
+        }
+        std::iter::from_fn(|| hub.poll_event())
+            .filter_map(|ev| match ev {
+                TunnelEvent::Reauth { token } => Some(token),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_tunnel_left_with_an_older_token_gets_the_newest_once() {
+        let now = Instant::now();
+        let t0 = 1_000_000;
+        let (old, new) = (jwt(t0 + 400, t0), jwt(t0 + 800, t0 + 300));
+        // The draining tunnel was dialed with the old token; the agent then
+        // dialed another hub with the new one (read at that dial).
+        let (mut draining, mut draining_hub) = established(now);
+        let (mut current, mut current_hub) = established(now);
+        let mut r = TokenRenewal::new(&old);
+        assert!(r.observe(&new));
+        let (mut draining_exp, mut current_exp) = (t0 + 400, t0 + 800);
+        let both = |d: &'_ mut u64, dt: &'_ mut Tunnel, c: &'_ mut u64, ct: &'_ mut Tunnel| {
+            [
+                Presented { exp: d, tunnel: dt },
+                Presented { exp: c, tunnel: ct },
+            ]
+        };
+        r.catch_up(both(
+            &mut draining_exp,
+            &mut draining,
+            &mut current_exp,
+            &mut current,
+        ));
+        assert_eq!(reauths(&mut draining, &mut draining_hub, now), [new.clone()]);
+        assert!(
+            reauths(&mut current, &mut current_hub, now).is_empty(),
+            "the hub already holds the new token"
+        );
+        assert_eq!(draining_exp, t0 + 800);
+        // Nothing more to send the next time round.
+        r.catch_up(both(
+            &mut draining_exp,
+            &mut draining,
+            &mut current_exp,
+            &mut current,
+        ));
+        assert!(reauths(&mut draining, &mut draining_hub, now).is_empty());
+    }
+
+    #[test]
+    fn a_tunnel_still_in_its_handshake_gets_the_token_once_established() {
+        let now = Instant::now();
+        let t0 = 1_000_000;
+        let mut r = TokenRenewal::new(&jwt(t0 + 800, t0));
+        let cfg = TunnelConfig::default();
+        let mut fresh = Tunnel::agent(now, cfg, "a", &["ldap".to_string()]);
+        let mut exp = t0 + 400;
+        r.catch_up([Presented {
+            exp: &mut exp,
+            tunnel: &mut fresh,
+        }]);
+        assert_eq!(exp, t0 + 400, "no REAUTH before the tunnel is established");
+        let (mut agent, mut hub) = established(now);
+        r.catch_up([Presented {
+            exp: &mut exp,
+            tunnel: &mut agent,
+        }]);
+        assert_eq!(reauths(&mut agent, &mut hub, now), [jwt(t0 + 800, t0)]);
     }
 }
