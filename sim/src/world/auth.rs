@@ -72,6 +72,9 @@ pub(super) struct AgentAuth {
     tracked: usize,
     /// Due, and the file held nothing newer: look again then.
     retry_at: Option<Instant>,
+    /// The token each of its tunnels' hubs holds (by the agent's endpoint):
+    /// the one it dialed with, or the last it sent.
+    pub(super) presented: BTreeMap<EpId, usize>,
 }
 
 /// What a hub tunnel may carry, by the world's own account.
@@ -107,6 +110,7 @@ impl World {
             issue: 0,
             tracked: file,
             retry_at: None,
+            presented: BTreeMap::new(),
         }
     }
 
@@ -216,17 +220,40 @@ impl World {
         }
         a.tracked = a.file;
         a.retry_at = None;
-        let text = Token::text(a.file);
-        self.log(format_args!("agent {i}: REAUTH with {text}"));
-        for ep in self.agents[i].eps.values() {
+        self.catch_up(i);
+    }
+
+    /// As the runtime's `TokenRenewal::catch_up`: every established tunnel
+    /// of agent `i` whose hub holds an older token than the tracked one
+    /// gets it (REAUTH). Whether anything was sent.
+    pub(super) fn catch_up(&mut self, i: usize) -> bool {
+        let a = &mut self.agents[i];
+        let (auth, eps) = (&mut a.auth, &a.eps);
+        let tracked = auth.tracked;
+        let exp = self.tokens[tracked].exp;
+        let text = Token::text(tracked);
+        let mut sent = false;
+        auth.presented.retain(|ep, _| eps.values().any(|e| e == ep));
+        for ep in eps.values() {
+            let held = auth.presented.get(ep).copied();
+            if held.is_some_and(|t| self.tokens[t].exp >= exp) {
+                continue;
+            }
             if let Some(Ep {
                 link: Link::Tunnel(t),
                 ..
             }) = self.eps.get_mut(ep)
+                && t.is_established()
+                && t.send_reauth(&text)
             {
-                t.send_reauth(&text);
+                auth.presented.insert(*ep, tracked);
+                sent = true;
             }
         }
+        if sent {
+            self.log(format_args!("agent {i}: REAUTH with {text}"));
+        }
+        sent
     }
 
     /// Agent `i` dials: it presents its token file's token (and tracks it
@@ -245,6 +272,7 @@ impl World {
         let a = &mut self.agents[i].auth;
         a.tracked = a.file;
         a.retry_at = None;
+        a.presented.clear();
     }
 
     /// The upgrade at hub `h`: a token that expired or is revoked there is

@@ -637,6 +637,7 @@ impl World {
                 let t = Tunnel::agent(now, self.tunnel_cfg.clone(), &id, &connectors);
                 self.add_ep(an, Some(hub_side), Link::Tunnel(t), attempt, None);
                 self.agents[agent].eps.insert(attempt, agent_side);
+                self.agents[agent].auth.presented.insert(agent_side, token);
             }
             Event::MeshDialDone { ep } => {
                 self.trace(3, ep, 0);

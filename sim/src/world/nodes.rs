@@ -385,6 +385,8 @@ impl World {
     pub(super) fn pump_agents(&mut self) -> bool {
         let mut moved = false;
         for i in 0..self.agents.len() {
+            // A tunnel just established, or left with an older token.
+            moved |= self.catch_up(i);
             while let Some(c) = self.agents[i].node.poll_command() {
                 moved = true;
                 self.agent_command(i, c);
