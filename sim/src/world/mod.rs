@@ -57,6 +57,8 @@ pub struct Outcome {
     pub partitions: u64,
     pub hub_crashes: u64,
     pub hub_drains: u64,
+    /// Drains the hub's node ended with nothing left (before the grace).
+    pub hub_drains_complete: u64,
     pub agent_restarts: u64,
     pub redis_outages: u64,
     pub redis_failovers: u64,
@@ -98,6 +100,7 @@ impl Outcome {
         self.partitions += o.partitions;
         self.hub_crashes += o.hub_crashes;
         self.hub_drains += o.hub_drains;
+        self.hub_drains_complete += o.hub_drains_complete;
         self.agent_restarts += o.agent_restarts;
         self.redis_outages += o.redis_outages;
         self.redis_failovers += o.redis_failovers;
@@ -174,10 +177,12 @@ enum Event {
     HubRestart {
         hub: usize,
     },
-    /// A draining hub's grace period is over: it exits.
+    /// A draining hub's node says the drain is over (`complete`: nothing
+    /// was left; otherwise its grace period ended): it exits.
     HubDrainEnd {
         hub: usize,
         incarnation: u64,
+        complete: bool,
     },
     ChaosTick,
 }
@@ -266,6 +271,8 @@ struct SimHub {
     node: HubNode,
     cfg: HubConfig,
     alive: bool,
+    /// Its listeners take clients (until a drain closes them).
+    listening: bool,
     incarnation: u64,
 }
 
@@ -445,6 +452,7 @@ impl World {
                 node: HubNode::new(Hub::new(origin, cfg.clone(), seed)),
                 cfg,
                 alive: true,
+                listening: true,
                 incarnation: 0,
             });
         }
@@ -743,20 +751,7 @@ impl World {
             }
             Event::ClientStart { client } => {
                 self.trace(7, client, 0);
-                self.outcome.flows_started += 1;
-                let (hub, tenant) = (self.clients[&client].hub, self.clients[&client].tenant);
-                if self.hubs[hub].alive {
-                    let listener = qualify(tenant, "echo");
-                    self.hubs[hub]
-                        .node
-                        .hub_mut()
-                        .client_connected(now, client, &listener);
-                } else {
-                    let c = self.clients.get_mut(&client).expect("client");
-                    c.state = ClientState::Done;
-                    c.ended = Some(ErrorCode::Refused);
-                    *self.outcome.flows_refused.entry("hub_down").or_default() += 1;
-                }
+                self.client_start(client);
             }
             Event::ClientStep { client } => {
                 self.trace(8, client, 0);
@@ -771,13 +766,18 @@ impl World {
                 let seed = self.rng.next_u64();
                 let h = &mut self.hubs[hub];
                 h.alive = true;
+                h.listening = true;
                 h.node = HubNode::new(Hub::new(now, h.cfg.clone(), seed));
                 self.start_mesh_links(hub);
             }
-            Event::HubDrainEnd { hub, incarnation } => {
+            Event::HubDrainEnd {
+                hub,
+                incarnation,
+                complete,
+            } => {
                 if self.hubs[hub].alive && self.hubs[hub].incarnation == incarnation {
-                    self.trace(16, hub as u64, 0);
-                    self.stop_hub(hub, "drain_grace_over");
+                    self.trace(16, hub as u64, u64::from(complete));
+                    self.drain_over(hub, complete);
                 }
             }
             Event::ChaosTick => {

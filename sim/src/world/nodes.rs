@@ -16,6 +16,12 @@ impl World {
         }
     }
 
+    /// A client's connection to `hub` ended.
+    pub(super) fn client_closed(&mut self, hub: usize, client: u64) {
+        let now = self.now;
+        self.hubs[hub].node.client_closed(now, client);
+    }
+
     /// Move what a bridge half holds to its other side, as far as credit
     /// allows, crediting the source for what was handed over.
     pub(super) fn forward(&mut self, from: (EpId, Cid)) {
@@ -228,6 +234,19 @@ impl World {
                     t.send_drain();
                 }
             }
+            NodeOutput::CloseListeners => self.hubs[h].listening = false,
+            NodeOutput::Drained { complete, .. } => {
+                // The hub exits once the node's output is performed.
+                let incarnation = self.hubs[h].incarnation;
+                self.schedule(
+                    Duration::ZERO,
+                    Event::HubDrainEnd {
+                        hub: h,
+                        incarnation,
+                        complete,
+                    },
+                );
+            }
             // The node turns these into its own outputs.
             NodeOutput::Hub(
                 HubOutput::AcceptTunnel { .. }
@@ -286,6 +305,7 @@ impl World {
                 c.state = ClientState::Done;
                 c.ended = Some(*code);
                 *self.outcome.flows_refused.entry(code.as_str()).or_default() += 1;
+                self.client_closed(h, client);
                 return;
             }
         };
@@ -308,6 +328,7 @@ impl World {
                 if let Route::Local { tunnel, .. } = route {
                     self.hubs[h].node.flow_ended(tunnel);
                 }
+                self.client_closed(h, client);
             }
         }
     }
