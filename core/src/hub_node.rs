@@ -9,18 +9,21 @@
 //! [`NodeOutput`]s. The decisions that span the token and the tunnel are made
 //! here: whether a HELLO is admitted (and how its refusal is counted), that a
 //! v1 tunnel cannot be told to drain, when a token has expired, whether a
-//! renewed token may replace the current one.
+//! renewed token may replace the current one, and the course of a graceful
+//! drain: when the listeners close and when the drain is over (no client
+//! flow, no tunnel flow and no agent to move left, or the grace period
+//! ended).
 //!
 //! Verifying a token (signatures, keys, revocation, operator settings) stays
 //! in the runtime: it reports the verified [`AgentCredential`], or the
 //! refusal's label.
 
-use std::collections::{BTreeMap, VecDeque};
-use std::time::Instant;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
 
 use crate::codec::Codec;
 use crate::frame::{Epoch, ErrorCode};
-use crate::hub::{Hub, HubOutput, TunnelId};
+use crate::hub::{ClientId, Hub, HubOutput, TunnelId};
 use crate::routing::Route;
 use crate::tenant::{AgentCredential, Inadmissible, qualify};
 use crate::timer::Timers;
@@ -146,6 +149,14 @@ pub enum NodeOutput {
     DrainTunnel { tunnel: TunnelId },
     /// Count and log a refusal (its close is a `CloseTunnel` after it).
     Refused(Refused),
+    /// Draining: the listeners stop taking clients (the drain's delay is
+    /// over). Once per drain.
+    CloseListeners,
+    /// Draining: the drain is over. `complete`: nothing was left (every
+    /// client flow and tunnel flow ended, every agent moved); otherwise the
+    /// grace period ended with `left`. The runtime closes what is left.
+    /// Once per drain, after [`NodeOutput::CloseListeners`].
+    Drained { complete: bool, left: DrainLeft },
     /// Every other output of the [`Hub`] (registry calls, routes, peers),
     /// passed through as it is: never `AcceptTunnel`, `CloseTunnel` or
     /// `DrainTunnel`, which become the variants above.
@@ -199,6 +210,34 @@ impl NodeTunnel {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum NodeTimer {
     TokenExpiry(TunnelId),
+    /// The drain's delay is over: the listeners close.
+    ListenersClose,
+    /// The drain's grace period is over.
+    DrainGrace,
+}
+
+/// What a drain still waits for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DrainLeft {
+    /// Client connections of the listeners still open (routed or not).
+    pub client_flows: usize,
+    /// Flows on this hub's tunnels (local clients' and mesh opens').
+    pub tunnel_flows: usize,
+    /// Agents told to move that no other hub owns yet.
+    pub agents_to_move: usize,
+}
+
+impl DrainLeft {
+    pub fn is_empty(&self) -> bool {
+        *self == DrainLeft::default()
+    }
+}
+
+/// A drain in progress (or over).
+#[derive(Clone, Copy, Debug)]
+struct Drain {
+    listeners_closed: bool,
+    over: bool,
 }
 
 /// The hub's control machine and its agent tunnels, composed.
@@ -207,6 +246,10 @@ pub struct HubNode {
     hub: Hub,
     tunnels: BTreeMap<TunnelId, NodeTunnel>,
     timers: Timers<NodeTimer>,
+    /// The listeners' client connections still open (bounded by the
+    /// runtime's client connection limit).
+    clients: BTreeSet<ClientId>,
+    drain: Option<Drain>,
     out: VecDeque<NodeOutput>,
 }
 
@@ -216,6 +259,8 @@ impl HubNode {
             hub,
             tunnels: BTreeMap::new(),
             timers: Timers::default(),
+            clients: BTreeSet::new(),
+            drain: None,
             out: VecDeque::new(),
         }
     }
@@ -224,9 +269,10 @@ impl HubNode {
         &self.hub
     }
 
-    /// The control machine, for inputs the node does not take yet (clients,
-    /// the registry's replies, the mesh). Its outputs still leave through
-    /// [`HubNode::poll_output`].
+    /// The control machine, for inputs the node does not take yet (the
+    /// registry's replies, the mesh). Its outputs still leave through
+    /// [`HubNode::poll_output`], which also re-checks whether a drain is
+    /// over.
     pub fn hub_mut(&mut self) -> &mut Hub {
         &mut self.hub
     }
@@ -496,9 +542,76 @@ impl HubNode {
         self.absorb_hub();
     }
 
+    /// A client connected to a listener for `connector` (qualified by the
+    /// listener's tenant; `pin`: the agents the listener allows, if it
+    /// names them). It is routed ([`HubOutput::Route`]) and counted as a
+    /// client flow until [`HubNode::client_closed`], routed or refused: a
+    /// drain waits for it.
+    pub fn client_connected(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        connector: &str,
+        pin: Option<&[String]>,
+    ) {
+        self.clients.insert(client);
+        self.hub
+            .client_connected_pinned(now, client, connector, pin);
+        self.absorb_hub();
+    }
+
+    /// The client's connection is gone (however it ended).
+    pub fn client_closed(&mut self, _now: Instant, client: ClientId) {
+        self.clients.remove(&client);
+        self.absorb_hub();
+    }
+
+    /// Client connections open (see [`HubNode::client_connected`]).
+    pub fn client_flows(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// Graceful drain (shutdown): the hub refuses new tunnels, reports
+    /// `draining` on readiness and tells every agent to move (see
+    /// [`Hub::drain`]). The listeners keep taking clients for `delay`, then
+    /// close ([`NodeOutput::CloseListeners`]); the drain is over
+    /// ([`NodeOutput::Drained`]) once nothing is left after that, or when
+    /// `grace` (counted from now, the delay included) ends. A second call
+    /// changes nothing.
+    pub fn drain(&mut self, now: Instant, delay: Duration, grace: Duration) {
+        if self.drain.is_some() {
+            return;
+        }
+        self.hub.drain(now);
+        self.drain = Some(Drain {
+            listeners_closed: false,
+            over: false,
+        });
+        // The delay is part of the grace period.
+        self.timers
+            .set(NodeTimer::ListenersClose, now + delay.min(grace));
+        self.timers.set(NodeTimer::DrainGrace, now + grace);
+        self.absorb_hub();
+        self.drain_timers(now);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.hub.is_draining()
+    }
+
+    /// What a drain waits for now.
+    pub fn drain_left(&self) -> DrainLeft {
+        DrainLeft {
+            client_flows: self.clients.len(),
+            tunnel_flows: self.hub.open_tunnel_flows(),
+            agents_to_move: self.hub.moves_pending(),
+        }
+    }
+
     pub fn handle_timeout(&mut self, now: Instant) {
         self.hub.handle_timeout(now);
         self.absorb_hub();
+        self.drain_timers(now);
         while let Some(timer) = self.timers.pop_expired(now) {
             match timer {
                 NodeTimer::TokenExpiry(tunnel) => {
@@ -518,11 +631,57 @@ impl HubNode {
                         "token_expired: the agent's token expired".into(),
                     );
                 }
+                // Handled first, by `drain_timers`.
+                NodeTimer::ListenersClose | NodeTimer::DrainGrace => {}
             }
         }
     }
 
-    /// The next deadline: the hub's or a token's expiry.
+    /// The drain's timers that are due: the listeners close, then the drain
+    /// is over if nothing is left, or if the grace period ended.
+    fn drain_timers(&mut self, now: Instant) {
+        let Some(drain) = &mut self.drain else {
+            return;
+        };
+        let due = |timers: &Timers<NodeTimer>, t| timers.get(t).is_some_and(|at| at <= now);
+        if !drain.listeners_closed && due(&self.timers, NodeTimer::ListenersClose) {
+            self.timers.clear(NodeTimer::ListenersClose);
+            drain.listeners_closed = true;
+            self.out.push_back(NodeOutput::CloseListeners);
+        }
+        self.check_drained();
+        if due(&self.timers, NodeTimer::DrainGrace) {
+            self.timers.clear(NodeTimer::DrainGrace);
+            self.end_drain(false);
+        }
+    }
+
+    /// Once the listeners are closed, the drain is over when nothing is
+    /// left. Checked after every input (and in `poll_output`, which follows
+    /// the inputs given to the [`Hub`] directly).
+    fn check_drained(&mut self) {
+        if self.drain.is_some_and(|d| d.listeners_closed && !d.over) && self.drain_left().is_empty()
+        {
+            self.end_drain(true);
+        }
+    }
+
+    fn end_drain(&mut self, complete: bool) {
+        let Some(drain) = &mut self.drain else {
+            return;
+        };
+        if drain.over {
+            return;
+        }
+        // The listeners closed first: their delay is never past the grace.
+        debug_assert!(drain.listeners_closed);
+        drain.over = true;
+        self.timers.clear(NodeTimer::DrainGrace);
+        let left = self.drain_left();
+        self.out.push_back(NodeOutput::Drained { complete, left });
+    }
+
+    /// The next deadline: the hub's, a token's expiry, or the drain's.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let own = self.timers.next().map(|(at, _)| at);
         match (self.hub.poll_timeout(), own) {
@@ -536,7 +695,8 @@ impl HubNode {
         self.out.pop_front()
     }
 
-    /// Move the hub's outputs into the node's queue, in their order.
+    /// Move the hub's outputs into the node's queue, in their order, then
+    /// see whether a drain is over.
     fn absorb_hub(&mut self) {
         while let Some(o) = self.hub.poll_output() {
             let o = match o {
@@ -575,5 +735,6 @@ impl HubNode {
             };
             self.out.push_back(o);
         }
+        self.check_drained();
     }
 }

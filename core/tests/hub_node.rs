@@ -2,16 +2,17 @@
 //! refusal is labelled and counted, v1 tunnels and drains, the token's
 //! deadline and its renewal, and forgetting a closed tunnel. Also the
 //! adversary's view: a tunnel that says it is another agent, says HELLO
-//! twice, or renews with another agent's token.
+//! twice, or renews with another agent's token. And a graceful drain's
+//! course: when the listeners close, and when the drain is over.
 
 use std::time::{Duration, Instant};
 
 use nowconnect_core::hub::{Hub, HubConfig, HubOutput, TunnelId};
 use nowconnect_core::hub_node::{
-    HubNode, NodeOutput, RefusalCount, RefusalStage, Refused, TunnelRefusal,
+    DrainLeft, HubNode, NodeOutput, RefusalCount, RefusalStage, Refused, TunnelRefusal,
 };
 use nowconnect_core::registry::{MemoryRegistry, RegistryOp};
-use nowconnect_core::routing::Route;
+use nowconnect_core::routing::{Mode, Route};
 use nowconnect_core::tenant::AgentCredential;
 use nowconnect_core::tunnel::TunnelEvent;
 use nowconnect_core::{Codec, Epoch, ErrorCode};
@@ -30,8 +31,22 @@ struct Fixture {
 
 impl Fixture {
     fn new() -> Self {
+        Self::with(HubConfig::default())
+    }
+
+    /// A hub with a registry (`active`): a drain waits for its agents to
+    /// be owned elsewhere.
+    fn active() -> Self {
+        Self::with(HubConfig {
+            replica_id: "hub-a".into(),
+            mode: Mode::Active,
+            ..HubConfig::default()
+        })
+    }
+
+    fn with(cfg: HubConfig) -> Self {
         Fixture {
-            node: HubNode::new(Hub::new(origin(), HubConfig::default(), 7)),
+            node: HubNode::new(Hub::new(origin(), cfg, 7)),
             reg: MemoryRegistry::new(),
             calls: Vec::new(),
         }
@@ -232,7 +247,8 @@ fn a_v1_tunnel_is_not_told_to_drain_and_a_v2_tunnel_is() {
             .tunnel_event(now, t, &TunnelEvent::Established { epoch, codec });
         assert_eq!(f.node.tunnel(t).unwrap().codec(), Some(codec));
     }
-    f.node.hub_mut().drain(now);
+    f.node
+        .drain(now, Duration::from_secs(5), Duration::from_secs(30));
     let outs = f.outputs(now);
     assert_eq!(outs, vec![NodeOutput::DrainTunnel { tunnel: 2 }]);
 }
@@ -514,4 +530,228 @@ fn an_admitted_mesh_open_counts_on_the_tunnel_and_a_refused_one_does_not() {
     // The agent's tunnel did not take it (or the bridged flow ended).
     f.node.flow_ended(1);
     assert_eq!(f.node.hub().open_tunnel_flows(), 0);
+}
+
+const DELAY: Duration = Duration::from_secs(5);
+const GRACE: Duration = Duration::from_secs(30);
+
+/// The outputs of a drain's course (listeners, the end), in order.
+fn drain_steps(outs: &[NodeOutput]) -> Vec<NodeOutput> {
+    outs.iter()
+        .filter(|o| matches!(o, NodeOutput::CloseListeners | NodeOutput::Drained { .. }))
+        .cloned()
+        .collect()
+}
+
+fn drained(complete: bool, left: DrainLeft) -> NodeOutput {
+    NodeOutput::Drained { complete, left }
+}
+
+/// A v2 agent admitted on tunnel `t` (it can be told to move).
+fn admitted_v2(f: &mut Fixture, now: Instant, t: TunnelId, agent: &str) -> Epoch {
+    let epoch = f.admitted(now, t, cred("acme", agent, &["echo"]));
+    f.node.tunnel_event(
+        now,
+        t,
+        &TunnelEvent::Established {
+            epoch,
+            codec: Codec::V2,
+        },
+    );
+    assert!(f.outputs(now).is_empty());
+    epoch
+}
+
+/// Jump the clock from one wakeup of the node to the next up to `until`:
+/// the drain's steps, each with the time it came.
+fn steps_until(f: &mut Fixture, until: Instant) -> Vec<(Instant, NodeOutput)> {
+    let mut steps = Vec::new();
+    while let Some(at) = f.node.poll_timeout().filter(|at| *at <= until) {
+        f.node.handle_timeout(at);
+        steps.extend(drain_steps(&f.outputs(at)).into_iter().map(|o| (at, o)));
+    }
+    steps
+}
+
+#[test]
+fn the_listeners_close_after_the_delay_and_not_before() {
+    let mut f = Fixture::new();
+    let now = origin();
+    f.node.drain(now, DELAY, GRACE);
+    assert!(f.node.is_draining());
+    assert!(drain_steps(&f.outputs(now)).is_empty());
+    // Nothing was open: the drain is over as soon as the listeners close.
+    assert_eq!(
+        steps_until(&mut f, now + GRACE),
+        vec![
+            (now + DELAY, NodeOutput::CloseListeners),
+            (now + DELAY, drained(true, DrainLeft::default()))
+        ]
+    );
+}
+
+#[test]
+fn a_drain_is_over_once_the_last_flow_ended_and_every_agent_moved() {
+    let mut f = Fixture::active();
+    let now = origin();
+    admitted_v2(&mut f, now, 1, "a1");
+    f.node.client_connected(now, 9, "acme/echo", None);
+    let outs = f.outputs(now);
+    assert!(
+        matches!(
+            outs.as_slice(),
+            [NodeOutput::Hub(HubOutput::Route {
+                client: 9,
+                route: Route::Local { tunnel: 1, .. }
+            })]
+        ),
+        "{outs:?}"
+    );
+    f.node.drain(now, DELAY, GRACE);
+    assert_eq!(f.outputs(now), vec![NodeOutput::DrainTunnel { tunnel: 1 }]);
+    assert_eq!(
+        f.node.drain_left(),
+        DrainLeft {
+            client_flows: 1,
+            tunnel_flows: 1,
+            agents_to_move: 1,
+        }
+    );
+    let closed = now + DELAY;
+    f.node.handle_timeout(closed);
+    assert_eq!(
+        drain_steps(&f.outputs(closed)),
+        vec![NodeOutput::CloseListeners]
+    );
+    // The client's flow ends (its tunnel count first, then the client).
+    f.node.flow_ended(1);
+    assert!(drain_steps(&f.outputs(closed)).is_empty());
+    f.node.client_closed(closed, 9);
+    assert!(
+        drain_steps(&f.outputs(closed)).is_empty(),
+        "over while the agent still has to move"
+    );
+    assert_eq!(
+        f.node.drain_left(),
+        DrainLeft {
+            client_flows: 0,
+            tunnel_flows: 0,
+            agents_to_move: 1,
+        }
+    );
+    // Another hub claims the agent; the next renewal finds out.
+    f.reg
+        .apply(
+            closed,
+            &RegistryOp::Claim {
+                agent_id: "acme/a1".into(),
+                replica_id: "hub-b".into(),
+                lease: Duration::from_secs(15),
+            },
+        )
+        .unwrap();
+    let moved = closed + Duration::from_millis(100);
+    f.node.handle_timeout(moved);
+    let outs = f.outputs(moved);
+    assert_eq!(
+        drain_steps(&outs),
+        vec![drained(true, DrainLeft::default())],
+        "{outs:?}"
+    );
+    // Over once: nothing more, however long it waits or what still ends.
+    f.node.client_closed(moved, 9);
+    f.node.flow_ended(1);
+    f.node.handle_timeout(now + GRACE);
+    assert!(drain_steps(&f.outputs(now + GRACE)).is_empty());
+}
+
+#[test]
+fn the_grace_period_ends_a_drain_with_what_is_left() {
+    let mut f = Fixture::new();
+    let now = origin();
+    admitted_v2(&mut f, now, 1, "a1");
+    f.node.client_connected(now, 9, "acme/echo", None);
+    f.outputs(now);
+    // No delay: the listeners close at once.
+    f.node.drain(now, Duration::ZERO, GRACE);
+    assert_eq!(
+        f.outputs(now),
+        vec![
+            NodeOutput::DrainTunnel { tunnel: 1 },
+            NodeOutput::CloseListeners
+        ]
+    );
+    let left = DrainLeft {
+        client_flows: 1,
+        tunnel_flows: 1,
+        agents_to_move: 0,
+    };
+    assert_eq!(
+        steps_until(&mut f, now + GRACE + DELAY),
+        vec![(now + GRACE, drained(false, left))]
+    );
+    // What was left ends later: the drain was over already.
+    f.node.flow_ended(1);
+    f.node.client_closed(now + GRACE, 9);
+    assert!(drain_steps(&f.outputs(now + GRACE)).is_empty());
+}
+
+#[test]
+fn a_client_that_arrives_during_the_delay_keeps_the_drain_open() {
+    let mut f = Fixture::new();
+    let now = origin();
+    f.node.drain(now, DELAY, GRACE);
+    f.outputs(now);
+    let during = now + Duration::from_secs(1);
+    // Refused (no agent), but counted until its connection is gone.
+    f.node.client_connected(during, 4, "acme/echo", None);
+    f.outputs(during);
+    assert_eq!(f.node.client_flows(), 1);
+    f.node.handle_timeout(now + DELAY);
+    assert_eq!(
+        drain_steps(&f.outputs(now + DELAY)),
+        vec![NodeOutput::CloseListeners]
+    );
+    let gone = now + DELAY + Duration::from_secs(1);
+    f.node.client_closed(gone, 4);
+    assert_eq!(
+        drain_steps(&f.outputs(gone)),
+        vec![drained(true, DrainLeft::default())]
+    );
+}
+
+#[test]
+fn a_second_drain_changes_nothing_and_the_end_is_reported_once() {
+    let mut f = Fixture::new();
+    let now = origin();
+    f.node.drain(now, Duration::ZERO, GRACE);
+    // Called again (a second SIGTERM), later and with other settings.
+    let again = now + Duration::from_secs(1);
+    f.node.drain(again, Duration::ZERO, Duration::ZERO);
+    f.node.handle_timeout(now + GRACE);
+    let mut steps = drain_steps(&f.outputs(now));
+    steps.extend(drain_steps(&f.outputs(now + GRACE)));
+    assert_eq!(
+        steps,
+        vec![
+            NodeOutput::CloseListeners,
+            drained(true, DrainLeft::default())
+        ]
+    );
+    // No drain deadline is left to wake for.
+    assert!(f.node.poll_timeout().is_none_or(|at| at > now + GRACE));
+}
+
+#[test]
+fn a_closed_client_is_forgotten_once_and_an_unknown_one_is_ignored() {
+    let mut f = Fixture::new();
+    let now = origin();
+    f.node.client_connected(now, 1, "acme/echo", None);
+    f.node.client_connected(now, 2, "acme/echo", None);
+    f.outputs(now);
+    assert_eq!(f.node.client_flows(), 2);
+    f.node.client_closed(now, 1);
+    f.node.client_closed(now, 1);
+    f.node.client_closed(now, 77);
+    assert_eq!(f.node.client_flows(), 1);
 }

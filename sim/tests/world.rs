@@ -84,7 +84,7 @@ fn ci_seed_budget() {
         t.hubs, t.events
     );
     println!(
-        "faults: {} tunnel resets, {} mesh resets, {} partitions, {} hub crashes, {} hub drains, {} agent restarts, \
+        "faults: {} tunnel resets, {} mesh resets, {} partitions, {} hub crashes, {} hub drains ({} over before the grace), {} agent restarts, \
          {} Redis outages, {} Redis failovers, {} slow Redis replies, {} malformed frames, \
          {} target refusals, {} client resets, {} half-closes, {} slow readers, {} flow windows grown",
         t.tunnel_resets,
@@ -92,6 +92,7 @@ fn ci_seed_budget() {
         t.partitions,
         t.hub_crashes,
         t.hub_drains,
+        t.hub_drains_complete,
         t.agent_restarts,
         t.redis_outages,
         t.redis_failovers,
@@ -139,6 +140,10 @@ fn ci_seed_budget() {
         ("partitions", t.partitions),
         ("hub crashes", t.hub_crashes),
         ("hub drains", t.hub_drains),
+        (
+            "drains over before their grace period",
+            t.hub_drains_complete,
+        ),
         ("flow windows grown", t.windows_grown),
         ("agent restarts", t.agent_restarts),
         ("Redis outages", t.redis_outages),

@@ -61,9 +61,13 @@ impl<R: HubRt> Shared<R> {
                     continue;
                 }
             };
-            if self.active_clients.load(Ordering::Relaxed)
-                >= self.cfg.raw.limits.max_client_connections
-            {
+            let open = self
+                .control
+                .lock()
+                .expect("control lock")
+                .node
+                .client_flows();
+            if open >= self.cfg.raw.limits.max_client_connections {
                 if let Some(held_back) = self.refuse_at_edge(&log, "limit_exceeded") {
                     tracing::warn!(listener = %name, peer = %crate::logging::client_addr(from), held_back, "client connection limit reached");
                 }
@@ -170,19 +174,15 @@ impl<R: HubRt> Shared<R> {
         first_byte: Option<Duration>,
     ) {
         let shared = self;
-        shared.active_clients.fetch_add(1, Ordering::Relaxed);
-        let _guard = ActiveGuard(&shared.active_clients);
         let client = shared.id();
         let (tx, rx) = async_channel::bounded(1);
         let pin = shared.cfg.listener_pins.get(&listener);
+        // Counted by the node (a drain waits for it) until the guard goes.
+        let _guard = ClientGuard(shared.clone(), client);
         shared.with_control(|c, now| {
             c.routes.insert(client, tx);
-            c.node.hub_mut().client_connected_pinned(
-                now,
-                client,
-                &connector,
-                pin.map(Vec::as_slice),
-            );
+            c.node
+                .client_connected(now, client, &connector, pin.map(Vec::as_slice));
         });
         let Ok(route) = rx.recv().await else {
             return;
@@ -321,11 +321,18 @@ impl Drop for LoadGuard {
     }
 }
 
-struct ActiveGuard<'a>(&'a AtomicUsize);
+/// A client connection counted by the node, until it ends.
+struct ClientGuard<R: HubRt>(Arc<Shared<R>>, u64);
 
-impl Drop for ActiveGuard<'_> {
+impl<R: HubRt> Drop for ClientGuard<R> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        let client = self.1;
+        self.0.with_control(|c, now| {
+            // Not routed yet (its task was dropped): the route, when it
+            // comes, finds no one and ends its count (see `pump`).
+            c.routes.remove(&client);
+            c.node.client_closed(now, client);
+        });
     }
 }
 

@@ -1,8 +1,11 @@
-//! Graceful drain: stop accepting, tell the agents, let flows finish.
+//! Graceful drain: stop accepting, tell the agents, let flows finish. The
+//! core's `HubNode` decides when the listeners close and when the drain is
+//! over; this performs its steps.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+
+use nowconnect_core::hub_node::NodeOutput;
 
 use crate::rt::HubRt;
 
@@ -16,57 +19,59 @@ impl<R: HubRt> Shared<R> {
     /// flow, no tunnel flow and no pending agent move is left, or when the
     /// grace period ends.
     pub(super) async fn drain(self: &Arc<Self>, listeners: Vec<R::Task>) {
-        self.draining.store(true, Ordering::Relaxed);
-        self.with_control(|c, now| c.node.hub_mut().drain(now));
         let raw = &self.cfg.raw;
         let start = Instant::now();
-        let deadline = start + Duration::from_secs(raw.shutdown_grace_sec);
-        let (clients, flows, moves) = self.drain_state();
+        let (delay, grace) = (
+            Duration::from_secs(raw.shutdown_delay_sec),
+            Duration::from_secs(raw.shutdown_grace_sec),
+        );
+        // What is open when the drain starts; its steps (the listeners'
+        // close at once when there is no delay) are taken below, in order.
+        let left = self.with_control(|c, now| {
+            c.node.drain(now, delay, grace);
+            c.node.drain_left()
+        });
         tracing::info!(
-            open_client_flows = clients,
-            open_tunnel_flows = flows,
-            agents_to_move = moves,
+            open_client_flows = left.client_flows,
+            open_tunnel_flows = left.tunnel_flows,
+            agents_to_move = left.agents_to_move,
             delay_sec = raw.shutdown_delay_sec,
             grace_sec = raw.shutdown_grace_sec,
             "draining"
         );
-        self.rt
-            .sleep(Duration::from_secs(raw.shutdown_delay_sec))
-            .await;
-        for l in listeners {
-            self.rt.abort(l);
-        }
-        tracing::info!("listeners closed");
-        loop {
-            let (clients, flows, moves) = self.drain_state();
-            if clients == 0 && flows == 0 && moves == 0 {
-                tracing::info!(
-                    elapsed_ms = start.elapsed().as_millis() as u64,
-                    "drained: no flow left and every agent moved"
-                );
-                return;
+        let mut listeners = Some(listeners);
+        while let Ok(step) = self.drain_steps.1.recv().await {
+            match step {
+                NodeOutput::CloseListeners => {
+                    for l in listeners.take().into_iter().flatten() {
+                        self.rt.abort(l);
+                    }
+                    tracing::info!("listeners closed");
+                }
+                NodeOutput::Drained {
+                    complete: true,
+                    left: _,
+                } => {
+                    tracing::info!(
+                        elapsed_ms = start.elapsed().as_millis() as u64,
+                        "drained: no flow left and every agent moved"
+                    );
+                    return;
+                }
+                NodeOutput::Drained {
+                    complete: false,
+                    left,
+                } => {
+                    tracing::warn!(
+                        open_client_flows = left.client_flows,
+                        open_tunnel_flows = left.tunnel_flows,
+                        agents_not_moved = left.agents_to_move,
+                        "grace period over; closing what is left"
+                    );
+                    return;
+                }
+                _ => {}
             }
-            if Instant::now() >= deadline {
-                tracing::warn!(
-                    open_client_flows = clients,
-                    open_tunnel_flows = flows,
-                    agents_not_moved = moves,
-                    "grace period over; closing what is left"
-                );
-                return;
-            }
-            self.rt.sleep(Duration::from_millis(50)).await;
         }
-    }
-
-    /// (client flows, flows on this hub's tunnels, agents told to move that
-    /// are not owned elsewhere yet).
-    fn drain_state(&self) -> (usize, usize, usize) {
-        let c = self.control.lock().expect("control lock");
-        (
-            self.active_clients.load(Ordering::Relaxed),
-            c.node.hub().open_tunnel_flows(),
-            c.node.hub().moves_pending(),
-        )
     }
 }

@@ -24,7 +24,7 @@ mod tunnels;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -69,8 +69,9 @@ pub struct Shared<R: HubRt> {
     /// Wakes the control timer when the core's deadline may have moved.
     control_wake: (Sender<()>, Receiver<()>),
     next_id: AtomicU64,
-    active_clients: AtomicUsize,
-    draining: AtomicBool,
+    /// The node's drain steps (`CloseListeners`, `Drained`), for
+    /// [`Shared::drain`]; each comes once.
+    drain_steps: (Sender<NodeOutput>, Receiver<NodeOutput>),
     mesh_links: Mutex<MeshLinks>,
     /// Mesh URLs with an outbound link task: static peers (`None`) and
     /// discovered ones (the replica the registry announced at the URL).
@@ -152,7 +153,11 @@ impl<R: HubRt> Shared<R> {
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+        self.control
+            .lock()
+            .expect("control lock")
+            .node
+            .is_draining()
     }
 
     /// A flow counted by `HubNode::mesh_open` (or a client's route) ended.
@@ -223,6 +228,10 @@ impl<R: HubRt> Shared<R> {
                 }
                 NodeOutput::Refused(r) => {
                     self.tunnel_refused(&r);
+                    continue;
+                }
+                step @ (NodeOutput::CloseListeners | NodeOutput::Drained { .. }) => {
+                    let _ = self.drain_steps.0.try_send(step);
                     continue;
                 }
             };
@@ -405,8 +414,7 @@ pub async fn start<R: HubHttp>(cfg: HubConfig, rt: R, redis: bool) -> Result<Hub
         }),
         control_wake: async_channel::bounded(1),
         next_id: AtomicU64::new(1),
-        active_clients: AtomicUsize::new(0),
-        draining: AtomicBool::new(false),
+        drain_steps: async_channel::bounded(2),
         mesh_links: Mutex::new(Default::default()),
         mesh_dialed: Mutex::new(Default::default()),
         mesh_refused_urls: Mutex::new(Default::default()),

@@ -292,7 +292,9 @@ impl World {
     }
 
     /// A hub gets SIGTERM: it drains (its agents are told to move, its flows
-    /// go on) and exits when the grace period (0.3–1.5 s) is over.
+    /// go on, its listeners close after a delay) and exits when its node
+    /// says the drain is over: nothing left, or the grace period (0.3–1.5 s)
+    /// ended.
     pub(super) fn drain_hub(&mut self) {
         let live: Vec<usize> = (0..self.hubs.len())
             .filter(|h| self.hubs[*h].alive && !self.hubs[*h].node.hub().is_draining())
@@ -305,16 +307,30 @@ impl World {
         self.log(format_args!("hub {h} drains"));
         self.outcome.hub_drains += 1;
         let now = self.now;
-        self.hubs[h].node.hub_mut().drain(now);
-        let grace = Duration::from_millis(300 + self.rng.below(1200));
-        let incarnation = self.hubs[h].incarnation;
-        self.schedule(
-            grace,
-            Event::HubDrainEnd {
-                hub: h,
-                incarnation,
-            },
-        );
+        let grace_ms = 300 + self.rng.below(1200);
+        let delay = Duration::from_millis(self.rng.below(grace_ms / 3));
+        self.hubs[h]
+            .node
+            .drain(now, delay, Duration::from_millis(grace_ms));
+    }
+
+    /// Hub `h`'s node says its drain is over: it exits. Over `complete`ly,
+    /// no client of the hub may still have a flow open.
+    pub(super) fn drain_over(&mut self, h: usize, complete: bool) {
+        if complete {
+            let open = self
+                .clients
+                .values()
+                .filter(|c| c.hub == h && matches!(c.state, ClientState::Open { .. }))
+                .count();
+            if open > 0 {
+                return self.fail(format!(
+                    "hub {h} finished its drain with {open} client flows open"
+                ));
+            }
+            self.outcome.hub_drains_complete += 1;
+        }
+        self.stop_hub(h, "drain_grace_over");
     }
 
     /// Hub `h` is gone (crash, or exit after a drain): its connections end,

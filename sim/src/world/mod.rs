@@ -129,10 +129,12 @@ enum Event {
         mesh: FlowAddr,
         tunnel: FlowAddr,
     },
-    /// A draining hub's grace period is over: it exits.
+    /// A draining hub's node says the drain is over (`complete`: nothing
+    /// was left; otherwise its grace period ended): it exits.
     HubDrainEnd {
         hub: usize,
         incarnation: u64,
+        complete: bool,
     },
     ChaosTick,
 }
@@ -224,6 +226,8 @@ struct SimHub {
     node: HubNode,
     cfg: HubConfig,
     alive: bool,
+    /// Its listeners take clients (until a drain closes them).
+    listening: bool,
     incarnation: u64,
     /// Tokens revoked at this hub (its revocation list).
     revoked: auth::Revoked,
@@ -417,6 +421,7 @@ impl World {
                 node: HubNode::new(Hub::new(origin, cfg.clone(), seed)),
                 cfg,
                 alive: true,
+                listening: true,
                 incarnation: 0,
                 revoked: auth::Revoked::new(),
             });
@@ -729,20 +734,7 @@ impl World {
             }
             Event::ClientStart { client } => {
                 self.trace(7, client, 0);
-                self.outcome.flows_started += 1;
-                let (hub, tenant) = (self.clients[&client].hub, self.clients[&client].tenant);
-                if self.hubs[hub].alive {
-                    let listener = qualify(tenant, "echo");
-                    self.hubs[hub]
-                        .node
-                        .hub_mut()
-                        .client_connected(now, client, &listener);
-                } else {
-                    let c = self.clients.get_mut(&client).expect("client");
-                    c.state = ClientState::Done;
-                    c.ended = Some(ErrorCode::Refused);
-                    *self.outcome.flows_refused.entry("hub_down").or_default() += 1;
-                }
+                self.client_start(client);
             }
             Event::ClientStep { client } => {
                 self.trace(8, client, 0);
@@ -757,6 +749,7 @@ impl World {
                 let seed = self.rng.next_u64();
                 let h = &mut self.hubs[hub];
                 h.alive = true;
+                h.listening = true;
                 h.node = HubNode::new(Hub::new(now, h.cfg.clone(), seed));
                 self.start_mesh_links(hub);
             }
@@ -767,10 +760,14 @@ impl World {
                 connector,
             } => self.bridge_open(hub, mesh, tunnel, &connector),
             Event::BridgeJoin { mesh, tunnel } => self.bridge_join(mesh, tunnel),
-            Event::HubDrainEnd { hub, incarnation } => {
+            Event::HubDrainEnd {
+                hub,
+                incarnation,
+                complete,
+            } => {
                 if self.hubs[hub].alive && self.hubs[hub].incarnation == incarnation {
-                    self.trace(16, hub as u64, 0);
-                    self.stop_hub(hub, "drain_grace_over");
+                    self.trace(16, hub as u64, u64::from(complete));
+                    self.drain_over(hub, complete);
                 }
             }
             Event::TokenIssued { agent, issue } => self.token_issued(agent, issue),

@@ -17,6 +17,12 @@ impl World {
         }
     }
 
+    /// A client's connection to `hub` ended.
+    pub(super) fn client_closed(&mut self, hub: usize, client: u64) {
+        let now = self.now;
+        self.hubs[hub].node.client_closed(now, client);
+    }
+
     /// Drain every state machine until nothing moves.
     pub(super) fn pump(&mut self) {
         for _ in 0..10_000 {
@@ -125,6 +131,19 @@ impl World {
                     t.send_drain();
                 }
             }
+            NodeOutput::CloseListeners => self.hubs[h].listening = false,
+            NodeOutput::Drained { complete, .. } => {
+                // The hub exits once the node's output is performed.
+                let incarnation = self.hubs[h].incarnation;
+                self.schedule(
+                    Duration::ZERO,
+                    Event::HubDrainEnd {
+                        hub: h,
+                        incarnation,
+                        complete,
+                    },
+                );
+            }
             // The node turns these into its own outputs.
             NodeOutput::Hub(
                 HubOutput::AcceptTunnel { .. }
@@ -164,6 +183,7 @@ impl World {
                         let code = ErrorCode::LimitExceeded.as_str();
                         *self.outcome.flows_refused.entry(code).or_default() += 1;
                         self.hubs[h].node.flow_ended(*tunnel);
+                        self.client_closed(h, client);
                         return;
                     }
                 },
@@ -196,6 +216,7 @@ impl World {
                 c.state = ClientState::Done;
                 c.ended = Some(*code);
                 *self.outcome.flows_refused.entry(code.as_str()).or_default() += 1;
+                self.client_closed(h, client);
                 return;
             }
         };
@@ -218,6 +239,7 @@ impl World {
                 if let Route::Local { tunnel, .. } = route {
                     self.hubs[h].node.flow_ended(tunnel);
                 }
+                self.client_closed(h, client);
             }
         }
     }

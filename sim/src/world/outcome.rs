@@ -18,6 +18,8 @@ pub struct Outcome {
     pub partitions: u64,
     pub hub_crashes: u64,
     pub hub_drains: u64,
+    /// Drains the hub's node ended with nothing left (before the grace).
+    pub hub_drains_complete: u64,
     pub agent_restarts: u64,
     pub redis_outages: u64,
     pub redis_failovers: u64,
@@ -82,6 +84,7 @@ impl Outcome {
         self.partitions += o.partitions;
         self.hub_crashes += o.hub_crashes;
         self.hub_drains += o.hub_drains;
+        self.hub_drains_complete += o.hub_drains_complete;
         self.agent_restarts += o.agent_restarts;
         self.redis_outages += o.redis_outages;
         self.redis_failovers += o.redis_failovers;

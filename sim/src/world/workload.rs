@@ -52,6 +52,32 @@ impl World {
         }
     }
 
+    /// The client connects to its hub's listener: refused when the hub is
+    /// down or its listeners were closed (draining), else routed.
+    pub(super) fn client_start(&mut self, client: u64) {
+        self.outcome.flows_started += 1;
+        let (hub, tenant) = (self.clients[&client].hub, self.clients[&client].tenant);
+        let refused = if !self.hubs[hub].alive {
+            Some("hub_down")
+        } else if !self.hubs[hub].listening {
+            Some("listener_closed")
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            let c = self.clients.get_mut(&client).expect("client");
+            c.state = ClientState::Done;
+            c.ended = Some(ErrorCode::Refused);
+            *self.outcome.flows_refused.entry(why).or_default() += 1;
+        } else {
+            let listener = qualify(tenant, "echo");
+            let now = self.now;
+            self.hubs[hub]
+                .node
+                .client_connected(now, client, &listener, None);
+        }
+    }
+
     pub(super) fn client_step(&mut self, id: u64) {
         let Some(ClientState::Open { ep, cid }) = self.clients.get(&id).map(|c| &c.state) else {
             return;
@@ -87,6 +113,7 @@ impl World {
             *self.outcome.flows_reset.entry("client_reset").or_default() += 1;
             let hub = c.hub;
             self.flow_ended(hub, ep);
+            self.client_closed(hub, id);
             return;
         }
         let credit = link.send_credit(cid) as usize;
@@ -167,6 +194,7 @@ impl World {
                 self.client_of.remove(&(ep, cid));
                 *self.outcome.flows_reset.entry(code.as_str()).or_default() += 1;
                 self.flow_ended(hub, ep);
+                self.client_closed(hub, id);
             }
             FlowEvent::Writable { .. } => {
                 self.schedule(Duration::ZERO, Event::ClientStep { client: id })
@@ -176,6 +204,7 @@ impl World {
                 self.client_of.remove(&(ep, cid));
                 self.outcome.flows_completed += 1;
                 self.flow_ended(hub, ep);
+                self.client_closed(hub, id);
             }
         }
     }
