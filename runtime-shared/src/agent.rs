@@ -175,12 +175,10 @@ async fn input<R: AgentRt>(c: Option<&mut Connection<R>>) -> Wake<R> {
 fn presented<R: AgentRt>(
     conns: &mut BTreeMap<AttemptId, Connection<R>>,
 ) -> impl Iterator<Item = crate::token_renewal::Presented<'_>> {
-    conns
-        .values_mut()
-        .map(|c| crate::token_renewal::Presented {
-            exp: &mut c.token_exp,
-            tunnel: &mut c.driver.tunnel,
-        })
+    conns.values_mut().map(|c| crate::token_renewal::Presented {
+        exp: &mut c.token_exp,
+        tunnel: &mut c.driver.tunnel,
+    })
 }
 
 /// The agent's I/O around its [`AgentNode`].
@@ -434,7 +432,8 @@ impl<R: AgentRt> Io<R> {
 
     fn on_timer(&mut self, node: &mut AgentNode, now: Instant) {
         let cfg = &self.cfg;
-        self.renewal.renew(now, || cfg.current_token(), presented(&mut self.conns));
+        self.renewal
+            .renew(now, || cfg.current_token(), presented(&mut self.conns));
         node.handle_timeout(now);
         for c in self.conns.values_mut() {
             c.driver.tunnel.handle_timeout(now);

@@ -281,6 +281,18 @@ mod tests {
             .collect()
     }
 
+    fn both<'a>(
+        d: &'a mut u64,
+        dt: &'a mut Tunnel,
+        c: &'a mut u64,
+        ct: &'a mut Tunnel,
+    ) -> [Presented<'a>; 2] {
+        [
+            Presented { exp: d, tunnel: dt },
+            Presented { exp: c, tunnel: ct },
+        ]
+    }
+
     #[test]
     fn a_tunnel_left_with_an_older_token_gets_the_newest_once() {
         let now = Instant::now();
@@ -293,19 +305,13 @@ mod tests {
         let mut r = TokenRenewal::new(&old);
         assert!(r.observe(&new));
         let (mut draining_exp, mut current_exp) = (t0 + 400, t0 + 800);
-        let both = |d: &'_ mut u64, dt: &'_ mut Tunnel, c: &'_ mut u64, ct: &'_ mut Tunnel| {
-            [
-                Presented { exp: d, tunnel: dt },
-                Presented { exp: c, tunnel: ct },
-            ]
-        };
         r.catch_up(both(
             &mut draining_exp,
             &mut draining,
             &mut current_exp,
             &mut current,
         ));
-        assert_eq!(reauths(&mut draining, &mut draining_hub, now), [new.clone()]);
+        assert_eq!(reauths(&mut draining, &mut draining_hub, now), [new]);
         assert!(
             reauths(&mut current, &mut current_hub, now).is_empty(),
             "the hub already holds the new token"
