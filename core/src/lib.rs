@@ -26,6 +26,7 @@ pub mod mux;
 pub mod payload;
 pub mod registry;
 pub mod relay;
+pub mod renewal;
 pub mod rng;
 pub mod routing;
 pub mod tenant;

@@ -24,7 +24,8 @@ use crate::driver::{
     CMD_BATCH, FlowEnd, InlineWriter, LinkCmd, LoopTimer, Outgoing, TunnelDriver, WsIn,
 };
 use crate::metrics::Metrics;
-use crate::token_renewal::TokenRenewal;
+use crate::token_renewal::AgentRenewal;
+use nowconnect_core::renewal::Presented;
 
 /// What the agent needs from its async runtime: tasks, a timer, the hub's
 /// WebSocket and the target's TCP socket. Everything else is shared.
@@ -72,7 +73,7 @@ enum Internal<R: AgentRt> {
     HubConnected {
         attempt: AttemptId,
         /// `exp` of the token it dialed with.
-        token_exp: u64,
+        token_exp: Duration,
         reader: R::Reader,
         sink: R::Sink,
     },
@@ -107,7 +108,7 @@ enum Wake<R: AgentRt> {
 struct Connection<R: AgentRt> {
     attempt: AttemptId,
     /// `exp` of the token the hub holds for this tunnel.
-    token_exp: u64,
+    token_exp: Duration,
     driver: TunnelDriver,
     cmd_rx: Receiver<LinkCmd>,
     reader: R::Reader,
@@ -174,8 +175,8 @@ async fn input<R: AgentRt>(c: Option<&mut Connection<R>>) -> Wake<R> {
 /// Each tunnel with the `exp` of the token its hub holds.
 fn presented<R: AgentRt>(
     conns: &mut BTreeMap<AttemptId, Connection<R>>,
-) -> impl Iterator<Item = crate::token_renewal::Presented<'_>> {
-    conns.values_mut().map(|c| crate::token_renewal::Presented {
+) -> impl Iterator<Item = Presented<'_>> {
+    conns.values_mut().map(|c| Presented {
         exp: &mut c.token_exp,
         tunnel: &mut c.driver.tunnel,
     })
@@ -195,7 +196,7 @@ struct Io<R: AgentRt> {
     waiting: BTreeMap<Flow, FlowEnd>,
     /// Writers of ended tunnels, still to send their close frame.
     closing: Vec<InlineWriter<R::Sink, R::Msg>>,
-    renewal: TokenRenewal,
+    renewal: AgentRenewal,
     /// The agent is shutting down: what it abandons is no warning.
     stopping: bool,
 }
@@ -423,10 +424,7 @@ impl<R: AgentRt> Io<R> {
             .values()
             .filter_map(|c| c.driver.deadline())
             .chain(node.poll_timeout())
-            .chain(
-                self.renewal
-                    .deadline(Instant::now(), crate::jwt::unix_now()),
-            )
+            .chain(self.renewal.deadline(Instant::now()))
             .min()
     }
 
@@ -470,7 +468,7 @@ pub async fn run_agent<R: AgentRt>(
 ) {
     let mut node = AgentNode::new(Instant::now(), cfg.core_config(), rand::random());
     let (itx, irx) = async_channel::unbounded::<Internal<R>>();
-    let renewal = TokenRenewal::new(&cfg.token);
+    let renewal = AgentRenewal::new(&cfg.token);
     let rt = Arc::new(rt);
     let mut io = Io {
         rt: rt.clone(),

@@ -65,8 +65,8 @@ fn each_runtime_agent_is_its_sockets_and_tasks_only() {
 
 /// The inputs by which the agent's and the hub's control machines decide
 /// (hub lost, DRAIN, a flow opened; a HELLO admitted, a flow counted on a
-/// tunnel, a drain started, a client routed): only the core's nodes
-/// (`AgentNode`, `HubNode`) call them. A runtime or the simulator calling
+/// tunnel, a drain started, a client routed, a renewed token sent): only
+/// the core's nodes (`AgentNode`, `HubNode`, `TokenRenewal`) call them. A runtime or the simulator calling
 /// them would be a second copy of how the machines combine.
 /// (`sim/src/fuzz.rs` fuzzes the control machines on their own, on
 /// purpose.)
@@ -94,6 +94,8 @@ fn only_the_core_nodes_combine_the_control_machines() {
         "hub_mut().drain(",
         "hub_mut().client_connected",
         ".client_connected_pinned(",
+        // Which tunnels get a renewed token is the core `TokenRenewal`'s.
+        ".send_reauth(",
     ];
     let mut found = Vec::new();
     for dir in [

@@ -3,11 +3,12 @@
 //! A simulated issuer (the operator's token rotation) writes each agent's
 //! next token into its token file: on time, late (after the current one
 //! expired), or wrong (for another agent or tenant, or a narrower scope; the
-//! operator puts it right a moment later). Each agent renews as the real one
-//! does (`runtime-shared/src/token_renewal.rs`): it presents the token file's
-//! token at every dial, and when a quarter of the tracked token's lifetime is
-//! left it reads the file again and sends a longer-lived token (REAUTH) on
-//! every established tunnel, else looks again a moment later. Each hub
+//! operator puts it right a moment later). Each agent renews through the
+//! shipped `TokenRenewal` (`core/src/renewal.rs`), as the real agent does: it
+//! presents the token file's token at every dial, and when a quarter of the
+//! tracked token's lifetime is left it reads the file again and sends a
+//! longer-lived token (REAUTH) to every established tunnel whose hub holds an
+//! older one, else looks again a moment later. Each hub
 //! verifies a renewed token as its runtime does (known, unexpired, not
 //! revoked there) and hands it to its `HubNode` (`tunnel_reauthed`); the
 //! node's token expiry timer and `tunnel_revoked` close tunnels. A revocation
@@ -24,14 +25,22 @@ use std::collections::BTreeSet;
 
 use nowconnect_core::codec::decode;
 use nowconnect_core::hub_node::Refused;
+use nowconnect_core::renewal::{Presented, RenewalConfig, TokenRenewal, TokenTimes};
 use nowconnect_core::{Frame, Limits};
 
 use super::*;
 
-/// While a renewal is due and the token file holds nothing newer, the agent
-/// looks again this often (the real agent: 1 s; simulated lifetimes are
-/// seconds, not hours).
-const RETRY: Duration = Duration::from_millis(100);
+/// The agent's renewal, scaled to simulated lifetimes (seconds, not hours):
+/// a quarter of the lifetime ahead with no minimum lead (the real agent: at
+/// least 2 s), and while nothing newer is found it looks again every 100 ms
+/// (the real agent: 1 s).
+fn renewal_config() -> RenewalConfig {
+    RenewalConfig {
+        min_lead: Duration::ZERO,
+        retry: Duration::from_millis(100),
+        ..RenewalConfig::default()
+    }
+}
 /// The token file's lifetimes: short-lived agents, and the others.
 const SHORT_LIFETIME_MS: (u64, u64) = (400, 1200);
 const LIFETIME_MS: (u64, u64) = (1500, 5000);
@@ -68,13 +77,11 @@ pub(super) struct AgentAuth {
     pub(super) file: usize,
     /// Bumped at every issuance: a pending issuance of an older one is void.
     issue: u64,
-    /// The longest-lived token presented so far (dialed with or sent).
-    tracked: usize,
-    /// Due, and the file held nothing newer: look again then.
-    retry_at: Option<Instant>,
-    /// The token each of its tunnels' hubs holds (by the agent's endpoint):
-    /// the one it dialed with, or the last it sent.
-    pub(super) presented: BTreeMap<EpId, usize>,
+    /// The shipped renewal machine.
+    renewal: TokenRenewal,
+    /// `exp` of the token each of its tunnels' hubs holds (by the agent's
+    /// endpoint): the one it dialed with, or the last it sent.
+    pub(super) presented: BTreeMap<EpId, Duration>,
 }
 
 /// What a hub tunnel may carry, by the world's own account.
@@ -108,8 +115,7 @@ impl World {
             lifetime,
             file,
             issue: 0,
-            tracked: file,
-            retry_at: None,
+            renewal: self.fresh_renewal(file),
             presented: BTreeMap::new(),
         }
     }
@@ -200,58 +206,64 @@ impl World {
         }
     }
 
-    /// The agent's timer: when renewal is due.
-    pub(super) fn renewal_deadline(&self, i: usize) -> Instant {
-        let a = &self.agents[i].auth;
-        a.retry_at.unwrap_or_else(|| self.tokens[a.tracked].due())
+    /// A token's times on the renewal's clock (time since the world began).
+    pub(super) fn times(&self, token: usize) -> TokenTimes {
+        let t = &self.tokens[token];
+        TokenTimes {
+            exp: t.exp.duration_since(self.origin),
+            iat: Some(t.iat.duration_since(self.origin)),
+        }
     }
 
-    /// Agent `i` renews if due: a token in its file that lives longer than
-    /// the tracked one goes (REAUTH) on every established tunnel of it.
+    /// A renewal that presented `token`.
+    fn fresh_renewal(&self, token: usize) -> TokenRenewal {
+        let mut r = TokenRenewal::new(renewal_config());
+        r.observe(&Token::text(token), Some(self.times(token)));
+        r
+    }
+
+    /// The agent's timer: when renewal is due.
+    pub(super) fn renewal_deadline(&self, i: usize) -> Option<Instant> {
+        let wall = self.now.duration_since(self.origin);
+        self.agents[i].auth.renewal.deadline(self.now, wall)
+    }
+
+    /// Agent `i` renews if due: it reads its token file and, with a token
+    /// that lives longer, hands it to its tunnels ([`Self::catch_up`]).
     pub(super) fn renew(&mut self, i: usize) {
-        let now = self.now;
-        if self.renewal_deadline(i) > now {
+        let (now, wall) = (self.now, self.now.duration_since(self.origin));
+        if !self.agents[i].auth.renewal.due(now, wall) {
             return;
         }
+        let file = self.agents[i].auth.file;
+        let (text, times) = (Token::text(file), self.times(file));
         let a = &mut self.agents[i].auth;
-        if self.tokens[a.file].exp <= self.tokens[a.tracked].exp {
-            a.retry_at = Some(now + RETRY);
-            return;
-        }
-        a.tracked = a.file;
-        a.retry_at = None;
+        a.renewal.looked(now, wall, Some((&text, Some(times))));
         self.catch_up(i);
     }
 
-    /// As the runtime's `TokenRenewal::catch_up`: every established tunnel
-    /// of agent `i` whose hub holds an older token than the tracked one
-    /// gets it (REAUTH). Whether anything was sent.
+    /// The shipped `TokenRenewal::catch_up` over agent `i`'s tunnels: every
+    /// established one whose hub holds an older token than the newest gets
+    /// it (REAUTH). Whether anything was sent.
     pub(super) fn catch_up(&mut self, i: usize) -> bool {
         let a = &mut self.agents[i];
         let (auth, eps) = (&mut a.auth, &a.eps);
-        let tracked = auth.tracked;
-        let exp = self.tokens[tracked].exp;
-        let text = Token::text(tracked);
-        let mut sent = false;
         auth.presented.retain(|ep, _| eps.values().any(|e| e == ep));
-        for ep in eps.values() {
-            let held = auth.presented.get(ep).copied();
-            if held.is_some_and(|t| self.tokens[t].exp >= exp) {
-                continue;
-            }
-            if let Some(Ep {
-                link: Link::Tunnel(t),
-                ..
-            }) = self.eps.get_mut(ep)
-                && t.is_established()
-                && t.send_reauth(&text)
+        // Both maps are ordered by endpoint: walk them together.
+        let mut held = auth.presented.iter_mut().peekable();
+        let mut tunnels = Vec::new();
+        for (id, e) in self.eps.iter_mut() {
+            while held.next_if(|(ep, _)| **ep < *id).is_some() {}
+            if let Some((_, exp)) = held.next_if(|(ep, _)| **ep == *id)
+                && let Link::Tunnel(tunnel) = &mut e.link
             {
-                auth.presented.insert(*ep, tracked);
-                sent = true;
+                tunnels.push(Presented { exp, tunnel });
             }
         }
+        let done = auth.renewal.catch_up(tunnels);
+        let sent = done.sent > 0;
         if sent {
-            self.log(format_args!("agent {i}: REAUTH with {text}"));
+            self.log(format_args!("agent {i}: REAUTH to {} tunnel(s)", done.sent));
         }
         sent
     }
@@ -259,19 +271,19 @@ impl World {
     /// Agent `i` dials: it presents its token file's token (and tracks it
     /// when it lives longer).
     pub(super) fn dial_token(&mut self, i: usize) -> usize {
+        let file = self.agents[i].auth.file;
+        let times = self.times(file);
         let a = &mut self.agents[i].auth;
-        if self.tokens[a.file].exp > self.tokens[a.tracked].exp {
-            a.tracked = a.file;
-            a.retry_at = None;
-        }
-        a.file
+        a.renewal.observe(&Token::text(file), Some(times));
+        file
     }
 
     /// A restarted agent tracks the token it reads at start.
     pub(super) fn restart_renewal(&mut self, i: usize) {
+        let file = self.agents[i].auth.file;
+        let renewal = self.fresh_renewal(file);
         let a = &mut self.agents[i].auth;
-        a.tracked = a.file;
-        a.retry_at = None;
+        a.renewal = renewal;
         a.presented.clear();
     }
 

@@ -545,7 +545,7 @@ impl World {
         }
         for (i, a) in self.agents.iter().enumerate() {
             take(a.node.poll_timeout());
-            take(Some(self.renewal_deadline(i)));
+            take(self.renewal_deadline(i));
         }
         t
     }
@@ -642,7 +642,8 @@ impl World {
                 let t = Tunnel::agent(now, self.tunnel_cfg.clone(), &id, &connectors);
                 self.add_ep(an, Some(hub_side), Link::Tunnel(t), attempt, None);
                 self.agents[agent].eps.insert(attempt, agent_side);
-                self.agents[agent].auth.presented.insert(agent_side, token);
+                let exp = self.times(token).exp;
+                self.agents[agent].auth.presented.insert(agent_side, exp);
             }
             Event::MeshDialDone { ep } => {
                 self.trace(3, ep, 0);
