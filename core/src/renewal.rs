@@ -1,7 +1,8 @@
 //! [`TokenRenewal`]: the agent's side of token lifetime. The hub closes a
 //! tunnel when its token expires, so before that the agent looks for a
 //! fresh token and, once it holds one that lives longer, hands it to the
-//! hub (REAUTH) on every established tunnel whose hub holds an older one:
+//! hub (REAUTH) on every established tunnel whose hub holds one that
+//! expires earlier:
 //! the tunnels open when it is found, a draining tunnel kept after the
 //! agent dialed its next hub with a newer token, and a tunnel that finished
 //! its handshake after the renewal went out. Flows never notice.
@@ -99,7 +100,10 @@ pub struct CaughtUp {
 #[derive(Debug, Default)]
 pub struct TokenRenewal {
     cfg: RenewalConfig,
-    /// The longest-lived token presented so far, and its times.
+    /// The token the agent holds now, and its times: the one it last dialed
+    /// with, or a longer-lived one a look found since. Never an older one
+    /// kept because it lives longer: after a key rotation that one no
+    /// longer verifies.
     newest: Option<(String, TokenTimes)>,
     /// Due, and the last look found nothing newer: look again then.
     retry_at: Option<Instant>,
@@ -119,17 +123,27 @@ impl TokenRenewal {
         self.newest.as_ref().map(|(_, t)| t.exp)
     }
 
-    /// The agent presents `token` (a dial): track it when it lives longer.
+    /// The agent dials with `token` (read from its file just now): it is
+    /// the token it holds from now on, whatever it lived before. Whether it
+    /// is another one.
     pub fn observe(&mut self, token: &str, times: Option<TokenTimes>) -> bool {
-        match times {
-            Some(t) if self.expires().is_none_or(|exp| t.exp > exp) => {
-                self.newest = Some((token.to_string(), t));
-                self.retry_at = None;
-                self.warned = false;
-                true
-            }
-            _ => false,
+        if self.newest.as_ref().is_some_and(|(held, _)| held == token) {
+            return false;
         }
+        match times {
+            Some(t) => self.take(token, t),
+            // A token whose lifetime the agent cannot read: nothing to
+            // renew it with or from (the hub judges it).
+            None if self.newest.is_none() => return false,
+            None => *self = TokenRenewal::new(self.cfg.clone()),
+        }
+        true
+    }
+
+    fn take(&mut self, token: &str, t: TokenTimes) {
+        self.newest = Some((token.to_string(), t));
+        self.retry_at = None;
+        self.warned = false;
     }
 
     /// The issuer-clock time at which to look for a fresh token.
@@ -166,12 +180,11 @@ impl TokenRenewal {
         wall: Duration,
         read: Option<(&str, Option<TokenTimes>)>,
     ) -> Looked {
-        if let Some((token, times)) = read
-            && self.observe(token, times)
+        if let Some((token, Some(t))) = read
+            && self.expires().is_none_or(|exp| t.exp > exp)
         {
-            return Looked::Fresh {
-                expires: self.expires().unwrap_or_default(),
-            };
+            self.take(token, t);
+            return Looked::Fresh { expires: t.exp };
         }
         let warn = (!self.warned).then(|| self.expires().unwrap_or_default().saturating_sub(wall));
         self.warned = true;
@@ -179,9 +192,10 @@ impl TokenRenewal {
         Looked::Nothing { warn }
     }
 
-    /// Hand the newest token (REAUTH) to every established tunnel whose
-    /// hub holds an older one, and note that it now holds this one. A v1
-    /// tunnel cannot take it and is not asked again.
+    /// Hand the token the agent holds (REAUTH) to every established tunnel
+    /// whose hub holds one that expires earlier, and note that it now holds
+    /// this one. A tunnel is never handed a token that expires sooner than
+    /// its own. A v1 tunnel cannot take it and is not asked again.
     pub fn catch_up<'a>(&self, tunnels: impl IntoIterator<Item = Presented<'a>>) -> CaughtUp {
         let mut done = CaughtUp::default();
         let Some((token, times)) = &self.newest else {

@@ -77,9 +77,42 @@ fn looks_a_quarter_of_the_lifetime_before_expiry_and_takes_only_a_longer_token()
         r.deadline(later, secs(t0 + 301)),
         Some(later + Duration::from_millis(374_250))
     );
-    // An older token never replaces it.
+    // A look that finds a token expiring sooner never takes it.
     let old = jwt(t0 + 500, t0);
-    assert!(!r.observe(&old, TokenTimes::of_jwt(&old)));
+    assert!(r.due(later + secs(100), secs(t0 + 700)));
+    assert!(matches!(
+        r.looked(later + secs(100), secs(t0 + 700), read(&old)),
+        Looked::Nothing { .. }
+    ));
+    assert_eq!(r.expires(), Some(secs(t0 + 800)));
+}
+
+#[test]
+fn after_a_key_rotation_the_token_dialed_with_is_the_one_held_even_if_it_expires_sooner() {
+    // The old token (old key) lived an hour; the operator rotated the key
+    // and wrote a ten-minute token; the agent dials with it. Handing the
+    // old, longer-lived token back to that tunnel (REAUTH) would have the
+    // hub refuse it (bad signature) and close the tunnel, again and again.
+    let now = origin();
+    let t0 = 1_000_000;
+    let (old, rotated) = (jwt(t0 + 3600, t0), jwt(t0 + 610, t0 + 10));
+    let mut r = presented(&old);
+    assert!(r.observe(&rotated, TokenTimes::of_jwt(&rotated)));
+    assert_eq!(r.expires(), Some(secs(t0 + 610)));
+    let (mut agent, mut hub) = established(now);
+    let mut exp = secs(t0 + 610);
+    let done = r.catch_up([Presented {
+        exp: &mut exp,
+        tunnel: &mut agent,
+    }]);
+    assert_eq!(done, CaughtUp::default());
+    assert!(reauths(&mut agent, &mut hub, now).is_empty());
+    // Renewal is now timed by the token held: due 150 s before it expires.
+    assert_eq!(r.deadline(now, secs(t0 + 10)), Some(now + secs(450)));
+    // A dial with a token whose lifetime cannot be read leaves nothing to
+    // renew with.
+    assert!(r.observe("x.y.z", None));
+    assert_eq!(r.deadline(now, secs(t0 + 10)), None);
 }
 
 #[test]
