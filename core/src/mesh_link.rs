@@ -185,6 +185,8 @@ pub struct MeshLink {
     mux: FlowMux,
     meta: BTreeMap<Cid, FlowMeta>,
     next_cid: Cid,
+    /// The highest cid the peer opened on this connection.
+    last_peer_cid: Option<Cid>,
     ctrl_q: VecDeque<Frame>,
     /// DATA and FIN in order; a DATA's payload travels beside its
     /// header-only frame, to be encoded without a copy.
@@ -223,6 +225,7 @@ impl MeshLink {
             mux,
             meta: BTreeMap::new(),
             next_cid: if outbound { 1 } else { 2 },
+            last_peer_cid: None,
             ctrl_q: VecDeque::new(),
             data_q: VecDeque::new(),
             inflight: 0,
@@ -358,6 +361,7 @@ impl MeshLink {
         self.data_q.clear();
         self.ping_outstanding = None;
         self.peer_replica = None;
+        self.last_peer_cid = None;
         self.timers.clear_all();
         self.events.push_back(MeshEvent::Down {
             reason: reason.to_string(),
@@ -500,7 +504,11 @@ impl MeshLink {
     fn on_open(&mut self, h: MeshHeader) {
         // The peer opens flows with its parity only.
         let peer_parity = if self.outbound { 0 } else { 1 };
-        if h.cid % 2 != peer_parity || self.mux.contains(h.cid) {
+        // And with ever higher cids on one connection: a cid used before
+        // (open now or ended) would let what is still in flight for the old
+        // flow (a bridge's join on the owner hub) meet the new one.
+        let reused = self.last_peer_cid.is_some_and(|last| h.cid <= last);
+        if h.cid % 2 != peer_parity || self.mux.contains(h.cid) || reused {
             self.push_ctrl(Frame::MOpenAck {
                 reason: format!("cid {} is not valid for a new flow from this peer", h.cid),
                 h,
@@ -510,6 +518,7 @@ impl MeshLink {
             self.stats.errors += 1;
             return;
         }
+        self.last_peer_cid = Some(h.cid);
         if self.mux.open(h.cid).is_err() {
             self.bump_backpressure("flow_limit");
             self.push_ctrl(Frame::MOpenAck {

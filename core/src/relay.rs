@@ -73,7 +73,8 @@ pub enum RelayOutput<P> {
     /// be delivered (that link is gone), the driver calls
     /// [`FlowRelay::peer_gone`].
     ToPeer { cid: Cid, peer: P, msg: PeerMsg },
-    /// A held mesh open is joined to its tunnel flow: accept it now.
+    /// A held mesh open is joined to its tunnel flow: accept it now, then
+    /// call [`FlowRelay::accepted`].
     AcceptOpen { cid: Cid },
     /// A held mesh open whose tunnel flow did not open: refuse it with the
     /// tunnel's reason (no reset of its own follows).
@@ -232,8 +233,17 @@ impl<P: Clone> FlowRelay<P> {
         };
         let held = std::mem::replace(&mut slot.sink, Sink::Joined(peer.clone()));
         let Sink::Held { queue, taken } = held else {
-            // Joined twice: the first join stands.
+            // Joined twice: the first join stands, and the second peer's
+            // flow is reset rather than left open with nobody to feed it.
             slot.sink = held;
+            self.out.push_back(RelayOutput::ToPeer {
+                cid,
+                peer,
+                msg: PeerMsg::Reset {
+                    code: ErrorCode::ProtocolError,
+                    reason: "the mesh flow is bridged already".into(),
+                },
+            });
             return;
         };
         self.out.push_back(RelayOutput::AcceptOpen { cid });
@@ -251,6 +261,14 @@ impl<P: Clone> FlowRelay<P> {
                 msg: PeerMsg::Consumed(taken),
             });
         }
+    }
+
+    /// The driver accepted the open ([`RelayOutput::AcceptOpen`]): what
+    /// waited for the acceptance goes now (the peer's FIN, held back so
+    /// that the link never saw the flow done while its client's bytes were
+    /// still held here).
+    pub fn accepted(&mut self, link: &mut (impl FlowLink + ?Sized), cid: Cid) {
+        self.push_pending(link, cid);
     }
 
     /// Data for the link from the flow's consumer (a socket's chunk, or a
@@ -451,7 +469,10 @@ impl<P: Clone> FlowRelay<P> {
                 }),
             }
         }
-        if slot.fin_pending {
+        // A held open sends no FIN before its join: with the peer's FIN in
+        // too, the link would see the flow done and forget it, and what the
+        // client sent meanwhile (held here) with it.
+        if slot.fin_pending && !matches!(slot.sink, Sink::Held { .. }) {
             slot.fin_pending = false;
             let _ = link.send_fin(cid);
         }

@@ -157,10 +157,14 @@ impl TokenRenewal {
 
     /// When to look next ([`Self::due`]).
     pub fn deadline(&self, now: Instant, wall: Duration) -> Option<Instant> {
-        if let Some(at) = self.retry_at {
+        let due = self.due_wall(wall)?;
+        // The retry only while due: a wall clock stepped back (an NTP step,
+        // a resumed VM) must not leave a deadline in the past to spin on.
+        if wall >= due
+            && let Some(at) = self.retry_at
+        {
             return Some(at);
         }
-        let due = self.due_wall(wall)?;
         Some(now + due.saturating_sub(wall))
     }
 

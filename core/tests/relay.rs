@@ -348,3 +348,56 @@ fn commands_for_unknown_flows_touch_nothing() {
     assert!(link.sent.is_empty() && link.fins.is_empty() && link.resets.is_empty());
     assert!(outputs(&mut r).is_empty());
 }
+
+#[test]
+fn a_held_open_sends_no_fin_before_it_is_accepted_so_nothing_held_is_lost() {
+    let (mut r, mut link) = (FlowRelay::<Peer>::new(), FakeLink::default());
+    link.credit.insert(9, 100);
+    r.hold_open(9, "ldap");
+    // The client's bytes and FIN wait in the held slot…
+    let fe = FlowEvent::Data {
+        cid: 9,
+        payload: Bytes::from_static(b"bind"),
+    };
+    r.handle_event(&mut link, fe);
+    r.handle_event(&mut link, FlowEvent::Fin { cid: 9 });
+    // …while the target answers and closes before the join arrives.
+    r.data(&mut link, 9, data(b"banner"));
+    r.fin(&mut link, 9);
+    assert_eq!(link.sent, vec![(9, b"banner".to_vec())]);
+    assert!(
+        link.fins.is_empty(),
+        "a FIN now would end the flow and drop the held bytes"
+    );
+    r.join(9, TUNNEL);
+    let out = outputs(&mut r);
+    assert_eq!(out[0], RelayOutput::AcceptOpen { cid: 9 });
+    assert!(out.contains(&RelayOutput::ToPeer {
+        cid: 9,
+        peer: TUNNEL,
+        msg: PeerMsg::Data(data(b"bind"))
+    }));
+    assert!(link.fins.is_empty(), "not before the open is accepted");
+    r.accepted(&mut link, 9);
+    assert_eq!(link.fins, vec![9]);
+}
+
+#[test]
+fn a_second_join_resets_the_second_peers_flow() {
+    let (mut r, _link) = (FlowRelay::<Peer>::new(), FakeLink::default());
+    r.hold_open(9, "ldap");
+    r.join(9, TUNNEL);
+    let _ = outputs(&mut r);
+    r.join(9, (1, 71));
+    assert_eq!(
+        outputs(&mut r),
+        vec![RelayOutput::ToPeer {
+            cid: 9,
+            peer: (1, 71),
+            msg: PeerMsg::Reset {
+                code: ErrorCode::ProtocolError,
+                reason: "the mesh flow is bridged already".into()
+            }
+        }]
+    );
+}

@@ -242,3 +242,23 @@ fn a_tunnel_still_in_its_handshake_gets_the_token_once_established() {
     }]);
     assert_eq!(reauths(&mut agent, &mut hub, now), [jwt(t0 + 800, t0)]);
 }
+
+#[test]
+fn a_wall_clock_stepped_back_leaves_no_deadline_in_the_past() {
+    let now = origin();
+    let t0 = 1_000_000;
+    let mut r = presented(&jwt(t0 + 400, t0));
+    let same = jwt(t0 + 400, t0);
+    assert!(matches!(
+        r.looked(now, secs(t0 + 300), read(&same)),
+        Looked::Nothing { .. }
+    ));
+    // The clock steps back a minute, past the due point, and time moves on.
+    let later = now + secs(5);
+    let deadline = r.deadline(later, secs(t0 + 245)).unwrap();
+    assert!(
+        deadline > later,
+        "a deadline in the past would spin the agent"
+    );
+    assert_eq!(deadline, later + secs(55));
+}

@@ -592,6 +592,49 @@ fn mesh_open_with_wrong_parity_is_refused() {
     let _ = &mut a;
 }
 
+/// A peer holding a mesh certificate reuses a cid on one connection: the
+/// open is refused, so nothing still in flight for the old flow (an owner
+/// hub's bridge join) can meet a new flow under that cid.
+#[test]
+fn mesh_open_with_a_cid_used_before_on_the_connection_is_refused() {
+    let (_a, mut b) = mesh_pair(MeshLinkConfig::default());
+    let open = |cid| {
+        let h = nowconnect_core::MeshHeader {
+            cid,
+            connector: "ldap".into(),
+            agent_id: "x".into(),
+            seq: 0,
+            epoch: Epoch(1),
+        };
+        v2(&Frame::MOpen { h })
+    };
+    b.handle_message(origin(), &open(3));
+    assert!(matches!(
+        b.poll_event(),
+        Some(MeshEvent::Open { cid: 3, .. })
+    ));
+    assert!(b.poll_transmit().is_none(), "held for the owner's answer");
+    // Lower than the last one (never opened, or ended since): refused.
+    b.handle_message(origin(), &open(1));
+    let ack =
+        nowconnect_core::codec::decode(&b.poll_transmit().unwrap(), &Limits::default()).unwrap();
+    assert!(matches!(
+        ack,
+        Frame::MOpenAck {
+            ok: false,
+            code: ErrorCode::ProtocolError,
+            ..
+        }
+    ));
+    assert!(b.poll_event().is_none());
+    // Higher: a new flow.
+    b.handle_message(origin(), &open(5));
+    assert!(matches!(
+        b.poll_event(),
+        Some(MeshEvent::Open { cid: 5, .. })
+    ));
+}
+
 // ---- hub ----
 
 fn run_registry(

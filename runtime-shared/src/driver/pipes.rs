@@ -195,7 +195,10 @@ impl FlowPipes {
     fn carry_out(&mut self, link: &mut impl OpenLink) {
         while let Some(o) = self.relay.poll_output() {
             match o {
-                RelayOutput::AcceptOpen { cid } => link.accept_open(cid),
+                RelayOutput::AcceptOpen { cid } => {
+                    link.accept_open(cid);
+                    self.relay.accepted(link, cid);
+                }
                 RelayOutput::RefuseOpen { cid, code, reason } => {
                     link.refuse_open(cid, code, &reason)
                 }

@@ -146,12 +146,11 @@ impl World {
     ) {
         match o {
             RelayOutput::AcceptOpen { cid } => {
-                if let Some(Ep {
-                    link: Link::Mesh(m),
-                    ..
-                }) = self.eps.get_mut(&ep)
+                if let Some(e) = self.eps.get_mut(&ep)
+                    && let Link::Mesh(m) = &mut e.link
                 {
                     m.accept_open(cid);
+                    e.relay.accepted(e.link.flow_link(), cid);
                 }
             }
             RelayOutput::RefuseOpen { cid, code, reason } => {

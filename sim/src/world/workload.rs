@@ -217,6 +217,22 @@ impl World {
             .count()
     }
 
+    /// Flows still open on any link or bridge (a quiet, healed world has
+    /// none: a flow left behind would hold one of its agent's flows for
+    /// good).
+    pub fn open_link_flows(&self) -> usize {
+        self.eps
+            .values()
+            .map(|e| {
+                let on_link = match &e.link {
+                    Link::Tunnel(t) => t.flow_count(),
+                    Link::Mesh(m) => m.flow_count(),
+                };
+                on_link + e.relay.len()
+            })
+            .sum()
+    }
+
     /// Clients started after `first_id` that completed with every byte echoed.
     pub fn completed_since(&self, first_id: u64) -> (usize, usize) {
         let fresh: Vec<&Client> = self.clients.range(first_id..).map(|(_, c)| c).collect();
