@@ -15,7 +15,7 @@ use nowconnect_core::ErrorCode;
 use nowconnect_core::hub_node::{RefusalCount, RefusalStage, Refused};
 use nowconnect_core::tunnel::{Tunnel, TunnelEvent};
 
-use crate::driver::{InlineWriter, LinkCmd, LoopTimer, Outgoing, TunnelDriver};
+use crate::driver::{InlineWriter, LinkCmd, LoopTimer, Outgoing, TunnelCmd, TunnelDriver};
 use crate::jwt::AgentIdentity;
 use crate::metrics::labels;
 use crate::rt::{HubRt, WsIn};
@@ -153,7 +153,7 @@ impl<R: HubRt> Shared<R> {
         tracing::info!(tunnel = tunnel_id, %peer, %tenant, agent = %identity.agent_id, "agent tunnel connected");
         enum Wake {
             In(Option<WsIn>),
-            Cmd(LinkCmd),
+            Cmd(LinkCmd<TunnelCmd>),
             Timer,
             Written,
         }
