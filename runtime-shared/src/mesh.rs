@@ -101,16 +101,27 @@ pub fn check_peer_certificate(
     }
 }
 
+/// One mesh link task of this hub (drawn at random when the task starts;
+/// kept across the link's reconnections).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LinkId(pub u64);
+
+impl std::fmt::Display for LinkId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// Established links by peer replica id (a peer may have an inbound and an
 /// outbound link at once; either can carry flows).
 #[derive(Default)]
 pub struct MeshLinks {
-    by_replica: BTreeMap<String, BTreeMap<u64, MeshTx>>,
+    by_replica: BTreeMap<String, BTreeMap<LinkId, MeshTx>>,
 }
 
 impl MeshLinks {
     /// Record a link's state; returns whether any link to `replica` is up.
-    pub fn set(&mut self, replica: &str, link: u64, sender: Option<MeshTx>) -> bool {
+    pub fn set(&mut self, replica: &str, link: LinkId, sender: Option<MeshTx>) -> bool {
         let links = self.by_replica.entry(replica.to_string()).or_default();
         match sender {
             Some(tx) => {

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nowconnect_core::admission::Admission;
+use nowconnect_core::hub::TunnelId;
 use nowconnect_core::routing::Route;
 use nowconnect_core::{Epoch, ErrorCode};
 
@@ -346,7 +347,7 @@ impl<R: HubRt> Drop for ClientGuard<R> {
 }
 
 /// Ends a local flow's count on its tunnel however the client ends.
-struct TunnelFlowGuard<R: HubRt>(Arc<Shared<R>>, u64);
+struct TunnelFlowGuard<R: HubRt>(Arc<Shared<R>>, TunnelId);
 
 impl<R: HubRt> Drop for TunnelFlowGuard<R> {
     fn drop(&mut self) {

@@ -21,7 +21,7 @@ use tungstenite::protocol::WebSocketConfig;
 
 use super::Shared;
 use crate::driver::{FlowPipes, LinkCmd, MeshCmd, OpenRefused, Outgoing, Peer, PeerMsg};
-use crate::mesh::MeshConnected;
+use crate::mesh::{LinkId, MeshConnected};
 use crate::metrics::{Metrics, add_delta, add_frame_deltas, labels};
 use crate::rt::HubRt;
 
@@ -167,7 +167,7 @@ async fn run_link<R: HubRt>(
         Dial::Outbound { url, expected } => (Some(url), expected, None),
     };
     let metrics = shared.metrics().clone();
-    let link_id = rand::random::<u64>();
+    let link_id = LinkId(rand::random::<u64>());
     let (mut cmd_tx, mut cmd_rx) = async_channel::unbounded();
     let mut pipes = FlowPipes::new(cmd_tx.clone(), metrics.clone());
     let (dial_tx, dial_rx) = async_channel::unbounded::<DialResult<R::MeshWs>>();

@@ -161,12 +161,12 @@ impl<R: HubRt> Shared<R> {
     }
 
     /// A flow counted by `HubNode::mesh_open` (or a client's route) ended.
-    pub fn flow_ended(self: &Arc<Self>, tunnel: u64) {
+    pub fn flow_ended(self: &Arc<Self>, tunnel: TunnelId) {
         self.flows_ended(tunnel, 1);
     }
 
     /// `n` flows of `tunnel` ended.
-    fn flows_ended(self: &Arc<Self>, tunnel: u64, n: usize) {
+    fn flows_ended(self: &Arc<Self>, tunnel: TunnelId, n: usize) {
         if n > 0 {
             self.with_control(|c, _| {
                 for _ in 0..n {
@@ -214,7 +214,7 @@ impl<R: HubRt> Shared<R> {
                     code,
                     reason,
                 } => {
-                    tracing::warn!(target: "nowconnect::security", tunnel, %code, %reason, "closing agent tunnel");
+                    tracing::warn!(target: "nowconnect::security", tunnel = tunnel.0, %code, %reason, "closing agent tunnel");
                     if let Some(tx) = c.tunnels.get(&tunnel) {
                         let _ = tx.try_send(LinkCmd::Close { code, reason });
                     }
