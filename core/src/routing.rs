@@ -3,6 +3,7 @@
 //! decision active mode *would* have made is returned beside what is done.
 
 use crate::frame::{Epoch, ErrorCode};
+use crate::hub::TunnelId;
 use crate::registry::AgentRecord;
 use crate::rng::Rng;
 
@@ -38,7 +39,7 @@ impl Mode {
 /// A local agent tunnel that serves the connector.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LocalCandidate {
-    pub tunnel: u64,
+    pub tunnel: TunnelId,
     pub agent_id: String,
     pub open_flows: usize,
 }
@@ -46,7 +47,7 @@ pub struct LocalCandidate {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Route {
     Local {
-        tunnel: u64,
+        tunnel: TunnelId,
         agent_id: String,
     },
     Mesh {
@@ -158,11 +159,14 @@ mod tests {
     #[test]
     fn local_pick_is_least_loaded_then_oldest() {
         let c = |t, f| LocalCandidate {
-            tunnel: t,
+            tunnel: TunnelId(t),
             agent_id: format!("a{t}"),
             open_flows: f,
         };
-        assert_eq!(pick_local(&[c(3, 2), c(1, 5), c(2, 2)]).unwrap().tunnel, 2);
+        assert_eq!(
+            pick_local(&[c(3, 2), c(1, 5), c(2, 2)]).unwrap().tunnel,
+            TunnelId(2)
+        );
         assert!(pick_local(&[]).is_none());
     }
 

@@ -122,12 +122,15 @@ fn refused(outs: &[NodeOutput]) -> (&Refused, ErrorCode, &str) {
 fn an_admitted_hello_is_claimed_and_accepted_under_the_tenant_qualified_name() {
     let mut f = Fixture::new();
     let now = origin();
-    let epoch = f.admitted(now, 1, cred("acme", "a1", &["echo"]));
+    let epoch = f.admitted(now, TunnelId(1), cred("acme", "a1", &["echo"]));
     assert!(epoch.0 > 0);
-    let t = f.node.tunnel(1).expect("known");
+    let t = f.node.tunnel(TunnelId(1)).expect("known");
     assert_eq!(t.agent().as_deref(), Some("acme/a1"));
     assert_eq!(t.announced(), Some(&["echo".to_string()][..]));
-    assert_eq!(f.node.hub().owned_tunnel("acme/a1"), Some((1, epoch)));
+    assert_eq!(
+        f.node.hub().owned_tunnel("acme/a1"),
+        Some((TunnelId(1), epoch))
+    );
     assert!(f.calls.iter().any(|c| matches!(
         c,
         RegistryOp::Claim { agent_id, .. } if agent_id == "acme/a1"
@@ -138,8 +141,13 @@ fn an_admitted_hello_is_claimed_and_accepted_under_the_tenant_qualified_name() {
 fn a_hello_for_another_agent_is_refused_as_agent_mismatch() {
     let mut f = Fixture::new();
     let now = origin();
-    f.connect(now, 1, cred("default", "a1", &["echo"]), now + LIFETIME);
-    f.hello(now, 1, "a2", &["echo"]);
+    f.connect(
+        now,
+        TunnelId(1),
+        cred("default", "a1", &["echo"]),
+        now + LIFETIME,
+    );
+    f.hello(now, TunnelId(1), "a2", &["echo"]);
     let outs = f.outputs(now);
     let (r, code, reason) = refused(&outs);
     assert_eq!(r.refusal, TunnelRefusal::HelloAgentMismatch);
@@ -166,8 +174,13 @@ fn a_hello_for_another_agent_is_refused_as_agent_mismatch() {
 fn a_hello_announcing_a_connector_outside_the_scope_is_refused_and_counted_as_a_security_event() {
     let mut f = Fixture::new();
     let now = origin();
-    f.connect(now, 1, cred("default", "a1", &["echo"]), now + LIFETIME);
-    f.hello(now, 1, "a1", &["echo", "ldap"]);
+    f.connect(
+        now,
+        TunnelId(1),
+        cred("default", "a1", &["echo"]),
+        now + LIFETIME,
+    );
+    f.hello(now, TunnelId(1), "a1", &["echo", "ldap"]);
     let outs = f.outputs(now);
     let (r, code, reason) = refused(&outs);
     assert_eq!(r.refusal, TunnelRefusal::HelloOutsideScope);
@@ -179,7 +192,7 @@ fn a_hello_announcing_a_connector_outside_the_scope_is_refused_and_counted_as_a_
     assert_eq!(code, ErrorCode::Refused);
     assert!(reason.contains("`ldap`"), "{reason}");
     assert!(f.calls.is_empty());
-    assert!(f.node.tunnel(1).unwrap().agent().is_none());
+    assert!(f.node.tunnel(TunnelId(1)).unwrap().agent().is_none());
 }
 
 #[test]
@@ -191,11 +204,14 @@ fn an_unscoped_credential_may_announce_any_connector() {
         agent_id: "a1".into(),
         scope: None,
     };
-    f.connect(now, 1, unscoped, now + LIFETIME);
-    f.hello(now, 1, "a1", &["anything"]);
+    f.connect(now, TunnelId(1), unscoped, now + LIFETIME);
+    f.hello(now, TunnelId(1), "a1", &["anything"]);
     assert!(matches!(
         f.outputs(now).as_slice(),
-        [NodeOutput::AcceptTunnel { tunnel: 1, .. }]
+        [NodeOutput::AcceptTunnel {
+            tunnel: TunnelId(1),
+            ..
+        }]
     ));
 }
 
@@ -203,9 +219,9 @@ fn an_unscoped_credential_may_announce_any_connector() {
 fn a_second_hello_on_a_tunnel_is_refused_as_a_protocol_error() {
     let mut f = Fixture::new();
     let now = origin();
-    f.admitted(now, 1, cred("default", "a1", &["echo"]));
+    f.admitted(now, TunnelId(1), cred("default", "a1", &["echo"]));
     // The same agent again: refused, and the tunnel closed.
-    f.hello(now, 1, "a1", &["echo"]);
+    f.hello(now, TunnelId(1), "a1", &["echo"]);
     let outs = f.outputs(now);
     let (r, code, _) = refused(&outs);
     assert_eq!(r.refusal, TunnelRefusal::HelloRepeated);
@@ -216,7 +232,7 @@ fn a_second_hello_on_a_tunnel_is_refused_as_a_protocol_error() {
     );
     assert_eq!(code, ErrorCode::ProtocolError);
     // Another agent's HELLO while the close is on the way changes nothing.
-    f.hello(now, 1, "a2", &["echo"]);
+    f.hello(now, TunnelId(1), "a2", &["echo"]);
     assert!(f.outputs(now).is_empty());
     // The first HELLO's ownership is untouched: no second claim.
     let claims = f
@@ -231,7 +247,7 @@ fn a_second_hello_on_a_tunnel_is_refused_as_a_protocol_error() {
 fn a_hello_on_a_tunnel_never_connected_is_ignored() {
     let mut f = Fixture::new();
     let now = origin();
-    f.hello(now, 9, "a1", &["echo"]);
+    f.hello(now, TunnelId(9), "a1", &["echo"]);
     assert!(f.outputs(now).is_empty());
     assert!(f.calls.is_empty());
 }
@@ -240,17 +256,22 @@ fn a_hello_on_a_tunnel_never_connected_is_ignored() {
 fn a_v1_tunnel_is_not_told_to_drain_and_a_v2_tunnel_is() {
     let mut f = Fixture::new();
     let now = origin();
-    let e1 = f.admitted(now, 1, cred("default", "old", &["echo"]));
-    let e2 = f.admitted(now, 2, cred("default", "new", &["echo"]));
+    let e1 = f.admitted(now, TunnelId(1), cred("default", "old", &["echo"]));
+    let e2 = f.admitted(now, TunnelId(2), cred("default", "new", &["echo"]));
     for (t, epoch, codec) in [(1, e1, Codec::V1), (2, e2, Codec::V2)] {
         f.node
-            .tunnel_event(now, t, &TunnelEvent::Established { epoch, codec });
-        assert_eq!(f.node.tunnel(t).unwrap().codec(), Some(codec));
+            .tunnel_event(now, TunnelId(t), &TunnelEvent::Established { epoch, codec });
+        assert_eq!(f.node.tunnel(TunnelId(t)).unwrap().codec(), Some(codec));
     }
     f.node
         .drain(now, Duration::from_secs(5), Duration::from_secs(30));
     let outs = f.outputs(now);
-    assert_eq!(outs, vec![NodeOutput::DrainTunnel { tunnel: 2 }]);
+    assert_eq!(
+        outs,
+        vec![NodeOutput::DrainTunnel {
+            tunnel: TunnelId(2)
+        }]
+    );
 }
 
 #[test]
@@ -258,8 +279,8 @@ fn an_expired_token_closes_its_tunnel_at_the_deadline_and_not_before() {
     let mut f = Fixture::new();
     let now = origin();
     let expires = now + Duration::from_secs(10);
-    f.connect(now, 1, cred("default", "a1", &["echo"]), expires);
-    f.hello(now, 1, "a1", &["echo"]);
+    f.connect(now, TunnelId(1), cred("default", "a1", &["echo"]), expires);
+    f.hello(now, TunnelId(1), "a1", &["echo"]);
     f.outputs(now);
     assert!(f.node.poll_timeout().is_some_and(|at| at <= expires));
     let mut at = now;
@@ -302,7 +323,7 @@ fn an_expired_token_closes_its_tunnel_at_the_deadline_and_not_before() {
     );
     assert!(!f.node.tunnel_reauthed(
         expires,
-        1,
+        TunnelId(1),
         cred("default", "a1", &["echo"]),
         expires + LIFETIME
     ));
@@ -314,19 +335,21 @@ fn a_renewed_token_moves_the_deadline() {
     let mut f = Fixture::new();
     let now = origin();
     let first = now + Duration::from_secs(10);
-    f.connect(now, 1, cred("default", "a1", &["echo"]), first);
-    f.hello(now, 1, "a1", &["echo"]);
+    f.connect(now, TunnelId(1), cred("default", "a1", &["echo"]), first);
+    f.hello(now, TunnelId(1), "a1", &["echo"]);
     f.outputs(now);
     let later = now + Duration::from_secs(60);
     // A wider scope is fine: it still covers what the HELLO announced.
     let renewed = cred("default", "a1", &["echo", "ldap"]);
-    assert!(
-        f.node
-            .tunnel_reauthed(now + Duration::from_secs(5), 1, renewed.clone(), later)
-    );
+    assert!(f.node.tunnel_reauthed(
+        now + Duration::from_secs(5),
+        TunnelId(1),
+        renewed.clone(),
+        later
+    ));
     assert!(f.outputs(now).is_empty());
-    assert_eq!(f.node.tunnel(1).unwrap().expires(), later);
-    assert_eq!(f.node.tunnel(1).unwrap().credential(), &renewed);
+    assert_eq!(f.node.tunnel(TunnelId(1)).unwrap().expires(), later);
+    assert_eq!(f.node.tunnel(TunnelId(1)).unwrap().credential(), &renewed);
     f.node.handle_timeout(first);
     assert!(
         !f.outputs(first)
@@ -358,12 +381,12 @@ fn a_renewed_token_for_another_agent_or_tenant_or_a_narrower_scope_is_refused() 
         let mut f = Fixture::new();
         let now = origin();
         let expires = now + LIFETIME;
-        f.connect(now, 1, cred("default", "a1", &["echo"]), expires);
-        f.hello(now, 1, "a1", &["echo"]);
+        f.connect(now, TunnelId(1), cred("default", "a1", &["echo"]), expires);
+        f.hello(now, TunnelId(1), "a1", &["echo"]);
         f.outputs(now);
         assert!(
             !f.node
-                .tunnel_reauthed(now, 1, renewed.clone(), expires + LIFETIME)
+                .tunnel_reauthed(now, TunnelId(1), renewed.clone(), expires + LIFETIME)
         );
         let outs = f.outputs(now);
         let (r, code, reason) = refused(&outs);
@@ -376,7 +399,7 @@ fn a_renewed_token_for_another_agent_or_tenant_or_a_narrower_scope_is_refused() 
             "{reason}"
         );
         // The tunnel keeps its own token and deadline until it closes.
-        let t = f.node.tunnel(1).unwrap();
+        let t = f.node.tunnel(TunnelId(1)).unwrap();
         assert_eq!(t.credential(), &cred("default", "a1", &["echo"]));
         assert_eq!(t.expires(), expires);
     }
@@ -386,9 +409,9 @@ fn a_renewed_token_for_another_agent_or_tenant_or_a_narrower_scope_is_refused() 
 fn a_renewed_token_the_runtime_refused_closes_the_tunnel_with_its_label() {
     let mut f = Fixture::new();
     let now = origin();
-    f.admitted(now, 1, cred("default", "a1", &["echo"]));
+    f.admitted(now, TunnelId(1), cred("default", "a1", &["echo"]));
     f.node
-        .tunnel_reauth_refused(now, 1, "revoked", "the token is revoked".into());
+        .tunnel_reauth_refused(now, TunnelId(1), "revoked", "the token is revoked".into());
     let outs = f.outputs(now);
     let (r, code, reason) = refused(&outs);
     assert_eq!(r.refusal, TunnelRefusal::ReauthInvalid("revoked"));
@@ -407,22 +430,22 @@ fn a_closed_tunnel_is_forgotten_and_its_agent_released() {
     let mut f = Fixture::new();
     let now = origin();
     let expires = now + Duration::from_secs(10);
-    f.connect(now, 1, cred("default", "a1", &["echo"]), expires);
-    f.hello(now, 1, "a1", &["echo"]);
+    f.connect(now, TunnelId(1), cred("default", "a1", &["echo"]), expires);
+    f.hello(now, TunnelId(1), "a1", &["echo"]);
     assert!(matches!(
         f.outputs(now).as_slice(),
         [NodeOutput::AcceptTunnel { .. }]
     ));
     f.node.tunnel_event(
         now,
-        1,
+        TunnelId(1),
         &TunnelEvent::Closed {
             code: ErrorCode::LinkLost,
             reason: "gone".into(),
         },
     );
     f.outputs(now);
-    assert!(f.node.tunnel(1).is_none());
+    assert!(f.node.tunnel(TunnelId(1)).is_none());
     assert_eq!(f.node.tunnel_count(), 0);
     assert_eq!(f.node.hub().tunnel_count(), 0);
     assert_eq!(f.node.hub().owned_tunnel("a1"), None);
@@ -434,12 +457,15 @@ fn a_closed_tunnel_is_forgotten_and_its_agent_released() {
     // Its deadline went with it; inputs for it are ignored.
     f.node.handle_timeout(expires);
     assert!(f.outputs(expires).is_empty());
-    assert!(
-        !f.node
-            .tunnel_reauthed(now, 1, cred("default", "a1", &["echo"]), expires + LIFETIME)
-    );
-    f.node.tunnel_reauth_refused(now, 1, "revoked", "x".into());
-    f.hello(now, 1, "a1", &["echo"]);
+    assert!(!f.node.tunnel_reauthed(
+        now,
+        TunnelId(1),
+        cred("default", "a1", &["echo"]),
+        expires + LIFETIME
+    ));
+    f.node
+        .tunnel_reauth_refused(now, TunnelId(1), "revoked", "x".into());
+    f.hello(now, TunnelId(1), "a1", &["echo"]);
     assert!(f.outputs(now).is_empty());
 }
 
@@ -447,28 +473,35 @@ fn a_closed_tunnel_is_forgotten_and_its_agent_released() {
 fn a_tunnel_refused_at_hello_cannot_say_hello_again_as_itself() {
     let mut f = Fixture::new();
     let now = origin();
-    f.connect(now, 1, cred("default", "a1", &["echo"]), now + LIFETIME);
-    f.hello(now, 1, "a2", &["echo"]);
+    f.connect(
+        now,
+        TunnelId(1),
+        cred("default", "a1", &["echo"]),
+        now + LIFETIME,
+    );
+    f.hello(now, TunnelId(1), "a2", &["echo"]);
     let outs = f.outputs(now);
     assert_eq!(refused(&outs).0.refusal, TunnelRefusal::HelloAgentMismatch);
     // Its close is on the way: a second try, even a correct one, is not
     // admitted, and neither is a renewed token.
-    f.hello(now, 1, "a1", &["echo"]);
-    assert!(
-        !f.node
-            .tunnel_reauthed(now, 1, cred("default", "a1", &["echo"]), now + LIFETIME)
-    );
+    f.hello(now, TunnelId(1), "a1", &["echo"]);
+    assert!(!f.node.tunnel_reauthed(
+        now,
+        TunnelId(1),
+        cred("default", "a1", &["echo"]),
+        now + LIFETIME
+    ));
     assert!(f.outputs(now).is_empty());
     assert!(f.calls.is_empty());
-    assert!(f.node.tunnel(1).unwrap().agent().is_none());
+    assert!(f.node.tunnel(TunnelId(1)).unwrap().agent().is_none());
 }
 
 #[test]
 fn a_revoked_token_closes_its_tunnel_once() {
     let mut f = Fixture::new();
     let now = origin();
-    f.admitted(now, 1, cred("default", "a1", &["echo"]));
-    f.node.tunnel_revoked(now, 1);
+    f.admitted(now, TunnelId(1), cred("default", "a1", &["echo"]));
+    f.node.tunnel_revoked(now, TunnelId(1));
     let outs = f.outputs(now);
     let (r, code, reason) = refused(&outs);
     assert_eq!(r.refusal, TunnelRefusal::Revoked);
@@ -481,11 +514,13 @@ fn a_revoked_token_closes_its_tunnel_once() {
     assert_eq!(code, ErrorCode::Refused);
     assert_eq!(reason, "revoked: the agent's token is revoked");
     // Its close is on the way: no second refusal, and no renewal saves it.
-    f.node.tunnel_revoked(now, 1);
-    assert!(
-        !f.node
-            .tunnel_reauthed(now, 1, cred("default", "a1", &["echo"]), now + LIFETIME)
-    );
+    f.node.tunnel_revoked(now, TunnelId(1));
+    assert!(!f.node.tunnel_reauthed(
+        now,
+        TunnelId(1),
+        cred("default", "a1", &["echo"]),
+        now + LIFETIME
+    ));
     assert!(f.outputs(now).is_empty());
 }
 
@@ -493,7 +528,7 @@ fn a_revoked_token_closes_its_tunnel_once() {
 fn a_local_route_counts_on_its_tunnel_until_its_flow_ends() {
     let mut f = Fixture::new();
     let now = origin();
-    f.admitted(now, 1, cred("acme", "a1", &["echo"]));
+    f.admitted(now, TunnelId(1), cred("acme", "a1", &["echo"]));
     f.node.hub_mut().client_connected(now, 9, "acme/echo");
     let outs = f.outputs(now);
     assert!(
@@ -501,14 +536,17 @@ fn a_local_route_counts_on_its_tunnel_until_its_flow_ends() {
             outs.as_slice(),
             [NodeOutput::Hub(HubOutput::Route {
                 client: 9,
-                route: Route::Local { tunnel: 1, .. }
+                route: Route::Local {
+                    tunnel: TunnelId(1),
+                    ..
+                }
             })]
         ),
         "{outs:?}"
     );
     // Counted from the routing decision on, before any flow is open.
     assert_eq!(f.node.hub().open_tunnel_flows(), 1);
-    f.node.flow_ended(1);
+    f.node.flow_ended(TunnelId(1));
     assert_eq!(f.node.hub().open_tunnel_flows(), 0);
 }
 
@@ -516,7 +554,7 @@ fn a_local_route_counts_on_its_tunnel_until_its_flow_ends() {
 fn an_admitted_mesh_open_counts_on_the_tunnel_and_a_refused_one_does_not() {
     let mut f = Fixture::new();
     let now = origin();
-    let epoch = f.admitted(now, 1, cred("acme", "a1", &["echo"]));
+    let epoch = f.admitted(now, TunnelId(1), cred("acme", "a1", &["echo"]));
     let stale = f
         .node
         .mesh_open("acme/a1", "acme/echo", Epoch(epoch.0 - 1))
@@ -525,10 +563,13 @@ fn an_admitted_mesh_open_counts_on_the_tunnel_and_a_refused_one_does_not() {
     let other = f.node.mesh_open("acme/a1", "acme/ldap", epoch).unwrap_err();
     assert_eq!(other.0, ErrorCode::Refused, "{}", other.1);
     assert_eq!(f.node.hub().open_tunnel_flows(), 0);
-    assert_eq!(f.node.mesh_open("acme/a1", "acme/echo", epoch), Ok(1));
+    assert_eq!(
+        f.node.mesh_open("acme/a1", "acme/echo", epoch),
+        Ok(TunnelId(1))
+    );
     assert_eq!(f.node.hub().open_tunnel_flows(), 1);
     // The agent's tunnel did not take it (or the bridged flow ended).
-    f.node.flow_ended(1);
+    f.node.flow_ended(TunnelId(1));
     assert_eq!(f.node.hub().open_tunnel_flows(), 0);
 }
 
@@ -594,7 +635,7 @@ fn the_listeners_close_after_the_delay_and_not_before() {
 fn a_drain_is_over_once_the_last_flow_ended_and_every_agent_moved() {
     let mut f = Fixture::active();
     let now = origin();
-    admitted_v2(&mut f, now, 1, "a1");
+    admitted_v2(&mut f, now, TunnelId(1), "a1");
     f.node.client_connected(now, 9, "acme/echo", None);
     let outs = f.outputs(now);
     assert!(
@@ -602,13 +643,21 @@ fn a_drain_is_over_once_the_last_flow_ended_and_every_agent_moved() {
             outs.as_slice(),
             [NodeOutput::Hub(HubOutput::Route {
                 client: 9,
-                route: Route::Local { tunnel: 1, .. }
+                route: Route::Local {
+                    tunnel: TunnelId(1),
+                    ..
+                }
             })]
         ),
         "{outs:?}"
     );
     f.node.drain(now, DELAY, GRACE);
-    assert_eq!(f.outputs(now), vec![NodeOutput::DrainTunnel { tunnel: 1 }]);
+    assert_eq!(
+        f.outputs(now),
+        vec![NodeOutput::DrainTunnel {
+            tunnel: TunnelId(1)
+        }]
+    );
     assert_eq!(
         f.node.drain_left(),
         DrainLeft {
@@ -624,7 +673,7 @@ fn a_drain_is_over_once_the_last_flow_ended_and_every_agent_moved() {
         vec![NodeOutput::CloseListeners]
     );
     // The client's flow ends (its tunnel count first, then the client).
-    f.node.flow_ended(1);
+    f.node.flow_ended(TunnelId(1));
     assert!(drain_steps(&f.outputs(closed)).is_empty());
     f.node.client_closed(closed, 9);
     assert!(
@@ -660,7 +709,7 @@ fn a_drain_is_over_once_the_last_flow_ended_and_every_agent_moved() {
     );
     // Over once: nothing more, however long it waits or what still ends.
     f.node.client_closed(moved, 9);
-    f.node.flow_ended(1);
+    f.node.flow_ended(TunnelId(1));
     f.node.handle_timeout(now + GRACE);
     assert!(drain_steps(&f.outputs(now + GRACE)).is_empty());
 }
@@ -669,7 +718,7 @@ fn a_drain_is_over_once_the_last_flow_ended_and_every_agent_moved() {
 fn the_grace_period_ends_a_drain_with_what_is_left() {
     let mut f = Fixture::new();
     let now = origin();
-    admitted_v2(&mut f, now, 1, "a1");
+    admitted_v2(&mut f, now, TunnelId(1), "a1");
     f.node.client_connected(now, 9, "acme/echo", None);
     f.outputs(now);
     // No delay: the listeners close at once.
@@ -677,7 +726,9 @@ fn the_grace_period_ends_a_drain_with_what_is_left() {
     assert_eq!(
         f.outputs(now),
         vec![
-            NodeOutput::DrainTunnel { tunnel: 1 },
+            NodeOutput::DrainTunnel {
+                tunnel: TunnelId(1)
+            },
             NodeOutput::CloseListeners
         ]
     );
@@ -691,7 +742,7 @@ fn the_grace_period_ends_a_drain_with_what_is_left() {
         vec![(now + GRACE, drained(false, left))]
     );
     // What was left ends later: the drain was over already.
-    f.node.flow_ended(1);
+    f.node.flow_ended(TunnelId(1));
     f.node.client_closed(now + GRACE, 9);
     assert!(drain_steps(&f.outputs(now + GRACE)).is_empty());
 }

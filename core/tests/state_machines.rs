@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use nowconnect_core::agent::{Agent, AgentConfig, AgentOutput, AttemptId, HubLinkState};
-use nowconnect_core::hub::{Hub, HubConfig, HubOutput};
+use nowconnect_core::hub::{Hub, HubConfig, HubOutput, TunnelId};
 use nowconnect_core::mesh_link::{LinkState, MeshEvent, MeshLink, MeshLinkConfig};
 use nowconnect_core::mux::FlowEvent;
 use nowconnect_core::registry::{MemoryRegistry, RegistryError, RegistryOp, RegistryReply};
@@ -710,30 +710,30 @@ fn hub_claims_then_accepts_and_routes_to_least_loaded_agent() {
     let now = origin();
     let mut reg = MemoryRegistry::new();
     let mut h = hub(Mode::Off);
-    h.tunnel_hello(now, 1, "a1", &["ldap".into()], None);
-    h.tunnel_hello(now, 2, "a2", &["ldap".into()], None);
+    h.tunnel_hello(now, TunnelId(1), "a1", &["ldap".into()], None);
+    h.tunnel_hello(now, TunnelId(2), "a2", &["ldap".into()], None);
     let out = run_registry(&mut h, &mut reg, now);
     assert_eq!(
         out,
         vec![
             HubOutput::AcceptTunnel {
-                tunnel: 1,
+                tunnel: TunnelId(1),
                 epoch: Epoch(1)
             },
             HubOutput::AcceptTunnel {
-                tunnel: 2,
+                tunnel: TunnelId(2),
                 epoch: Epoch(1)
             }
         ]
     );
-    h.flow_started(1);
+    h.flow_started(TunnelId(1));
     h.client_connected(now, 10, "ldap");
     assert_eq!(
         h.poll_output(),
         Some(HubOutput::Route {
             client: 10,
             route: Route::Local {
-                tunnel: 2,
+                tunnel: TunnelId(2),
                 agent_id: "a2".into()
             }
         })
@@ -757,14 +757,14 @@ fn hub_refuses_connectors_outside_the_token_scope() {
     let mut h = hub(Mode::Off);
     h.tunnel_hello(
         now,
-        1,
+        TunnelId(1),
         "a1",
         &["ldap".into(), "ssh".into()],
         Some(&["ldap".to_string()]),
     );
     match h.poll_output() {
         Some(HubOutput::CloseTunnel {
-            tunnel: 1,
+            tunnel: TunnelId(1),
             code: ErrorCode::Refused,
             reason,
         }) => {
@@ -780,7 +780,7 @@ fn hub_that_lost_ownership_closes_the_tunnel_and_counts_it() {
     let now = origin();
     let mut reg = MemoryRegistry::new();
     let mut h = hub(Mode::Active);
-    h.tunnel_hello(now, 1, "a1", &["ldap".into()], None);
+    h.tunnel_hello(now, TunnelId(1), "a1", &["ldap".into()], None);
     run_registry(&mut h, &mut reg, now);
     // Another hub claims the agent.
     reg.apply(
@@ -798,7 +798,7 @@ fn hub_that_lost_ownership_closes_the_tunnel_and_counts_it() {
     match &out[..] {
         [
             HubOutput::CloseTunnel {
-                tunnel: 1,
+                tunnel: TunnelId(1),
                 code: ErrorCode::StaleEpoch,
                 reason,
             },
@@ -1021,9 +1021,9 @@ fn an_owner_whose_record_vanished_reclaims_instead_of_dropping_the_agent() {
     let now = origin();
     let mut reg = MemoryRegistry::new();
     let mut h = hub(Mode::Active);
-    h.tunnel_hello(now, 1, "a1", &["ldap".into()], None);
+    h.tunnel_hello(now, TunnelId(1), "a1", &["ldap".into()], None);
     run_registry(&mut h, &mut reg, now);
-    assert_eq!(h.owned_tunnel("a1"), Some((1, Epoch(1))));
+    assert_eq!(h.owned_tunnel("a1"), Some((TunnelId(1), Epoch(1))));
     // The registry forgets everything (restart without persistence): the
     // lease lapses and a sweep removes it.
     let later = now + Duration::from_secs(16);
@@ -1036,7 +1036,7 @@ fn an_owner_whose_record_vanished_reclaims_instead_of_dropping_the_agent() {
         "{out:?}"
     );
     let (t, e) = h.owned_tunnel("a1").unwrap();
-    assert_eq!(t, 1);
+    assert_eq!(t, TunnelId(1));
     assert!(e > Epoch(1));
     assert_eq!(h.counters.ownership_reclaimed, 1);
     assert_eq!(h.counters.ownership_lost, 0);
@@ -1151,15 +1151,15 @@ fn a_second_hello_while_claiming_supersedes_the_first() {
     let now = origin();
     let mut reg = MemoryRegistry::new();
     let mut h = hub(Mode::Off);
-    h.tunnel_hello(now, 1, "a1", &["ldap".into()], None);
-    h.tunnel_hello(now, 2, "a1", &["ldap".into()], None);
+    h.tunnel_hello(now, TunnelId(1), "a1", &["ldap".into()], None);
+    h.tunnel_hello(now, TunnelId(2), "a1", &["ldap".into()], None);
     assert_eq!(h.tunnel_count(), 1);
     let out = run_registry(&mut h, &mut reg, now);
     assert!(
         out.iter().any(|o| matches!(
             o,
             HubOutput::CloseTunnel {
-                tunnel: 1,
+                tunnel: TunnelId(1),
                 code: ErrorCode::StaleEpoch,
                 ..
             }
@@ -1167,11 +1167,16 @@ fn a_second_hello_while_claiming_supersedes_the_first() {
         "{out:?}"
     );
     assert!(
-        out.iter()
-            .any(|o| matches!(o, HubOutput::AcceptTunnel { tunnel: 2, .. })),
+        out.iter().any(|o| matches!(
+            o,
+            HubOutput::AcceptTunnel {
+                tunnel: TunnelId(2),
+                ..
+            }
+        )),
         "{out:?}"
     );
-    assert_eq!(h.owned_tunnel("a1").map(|(t, _)| t), Some(2));
+    assert_eq!(h.owned_tunnel("a1").map(|(t, _)| t), Some(TunnelId(2)));
 }
 
 /// Found by the `agent` fuzz target: a flow id opened twice left its first
@@ -1311,34 +1316,42 @@ fn a_draining_hub_hands_its_agents_over_without_cutting_flows() {
     let now = origin();
     let mut reg = MemoryRegistry::new();
     let mut h = hub(Mode::Active);
-    h.tunnel_hello(now, 1, "a1", &["ldap".into()], None);
+    h.tunnel_hello(now, TunnelId(1), "a1", &["ldap".into()], None);
     run_registry(&mut h, &mut reg, now);
     let (_, epoch) = h.owned_tunnel("a1").expect("owned");
     while h.poll_output().is_some() {}
     h.drain(now);
-    assert_eq!(h.poll_output(), Some(HubOutput::DrainTunnel { tunnel: 1 }));
+    assert_eq!(
+        h.poll_output(),
+        Some(HubOutput::DrainTunnel {
+            tunnel: TunnelId(1)
+        })
+    );
     assert_eq!(h.moves_pending(), 1);
     assert!(h.readiness(0).contains(&"draining".to_string()));
     // New tunnels are refused; flows are still served until the move.
-    h.tunnel_hello(now, 2, "a2", &["ldap".into()], None);
+    h.tunnel_hello(now, TunnelId(2), "a2", &["ldap".into()], None);
     assert!(matches!(
         h.poll_output(),
         Some(HubOutput::CloseTunnel {
-            tunnel: 2,
+            tunnel: TunnelId(2),
             code: ErrorCode::Shutdown,
             ..
         })
     ));
-    assert_eq!(h.check_mesh_open("a1", "ldap", epoch), Ok(1));
+    assert_eq!(h.check_mesh_open("a1", "ldap", epoch), Ok(TunnelId(1)));
     h.client_connected(now, 10, "ldap");
     assert!(matches!(
         h.poll_output(),
         Some(HubOutput::Route {
             client: 10,
-            route: Route::Local { tunnel: 1, .. }
+            route: Route::Local {
+                tunnel: TunnelId(1),
+                ..
+            }
         })
     ));
-    h.flow_started(1);
+    h.flow_started(TunnelId(1));
     // The agent is claimed by another hub; the renewal finds out.
     reg.apply(
         now,
@@ -1364,11 +1377,11 @@ fn a_draining_hub_hands_its_agents_over_without_cutting_flows() {
     assert_eq!(h.counters.ownership_lost, 0);
     assert!(h.check_mesh_open("a1", "ldap", epoch).is_err());
     // Its last flow ends: the old tunnel is closed.
-    h.flow_ended(1);
+    h.flow_ended(TunnelId(1));
     assert!(matches!(
         h.poll_output(),
         Some(HubOutput::CloseTunnel {
-            tunnel: 1,
+            tunnel: TunnelId(1),
             code: ErrorCode::Shutdown,
             ..
         })
@@ -1424,7 +1437,7 @@ fn a_hub_without_mesh_links_is_ready_while_it_holds_agents() {
         reasons.iter().any(|r| r.contains("no mesh peer link")),
         "{reasons:?}"
     );
-    h.tunnel_hello(now, 1, "a1", &["ldap".into()], None);
+    h.tunnel_hello(now, TunnelId(1), "a1", &["ldap".into()], None);
     run_registry(&mut h, &mut reg, now);
     assert_eq!(h.readiness(1), Vec::<String>::new());
 }
@@ -1443,7 +1456,7 @@ fn hub_agent_limit_and_agent_dial_limit_refuse_at_the_edge() {
         7,
     );
     for (t, a) in [(1, "a1"), (2, "a2"), (3, "a3")] {
-        h.tunnel_hello(now, t, a, &["ldap".into()], None);
+        h.tunnel_hello(now, TunnelId(t), a, &["ldap".into()], None);
     }
     let out = run_registry(&mut h, &mut reg, now);
     let refused: Vec<_> = out
@@ -1500,14 +1513,19 @@ fn a_drain_does_not_wait_for_v1_agents() {
     let now = origin();
     let mut reg = MemoryRegistry::new();
     let mut h = hub(Mode::Active);
-    h.tunnel_hello(now, 1, "a1", &["ldap".into()], None);
-    h.tunnel_hello(now, 2, "a2", &["ldap".into()], None);
+    h.tunnel_hello(now, TunnelId(1), "a1", &["ldap".into()], None);
+    h.tunnel_hello(now, TunnelId(2), "a2", &["ldap".into()], None);
     run_registry(&mut h, &mut reg, now);
-    h.tunnel_cannot_drain(2);
+    h.tunnel_cannot_drain(TunnelId(2));
     while h.poll_output().is_some() {}
     h.drain(now);
     let out: Vec<_> = std::iter::from_fn(|| h.poll_output()).collect();
-    assert_eq!(out, vec![HubOutput::DrainTunnel { tunnel: 1 }]);
+    assert_eq!(
+        out,
+        vec![HubOutput::DrainTunnel {
+            tunnel: TunnelId(1)
+        }]
+    );
     assert_eq!(h.moves_pending(), 1);
 }
 
@@ -1522,7 +1540,7 @@ fn a_lookup_racing_a_local_claim_is_repeated_not_refused() {
     let mut reg = MemoryRegistry::new();
     let mut h = hub(Mode::Active);
     while h.poll_output().is_some() {}
-    h.tunnel_hello(now, 1, "a1", &["ldap".into()], None);
+    h.tunnel_hello(now, TunnelId(1), "a1", &["ldap".into()], None);
     let Some(HubOutput::Registry { op: claim_op, call }) = h.poll_output() else {
         panic!("claim expected")
     };
@@ -1554,8 +1572,13 @@ fn a_lookup_racing_a_local_claim_is_repeated_not_refused() {
     h.registry_reply(now, claim_op, claim_reply);
     let out: Vec<_> = std::iter::from_fn(|| h.poll_output()).collect();
     assert!(
-        out.iter()
-            .any(|o| matches!(o, HubOutput::AcceptTunnel { tunnel: 1, .. })),
+        out.iter().any(|o| matches!(
+            o,
+            HubOutput::AcceptTunnel {
+                tunnel: TunnelId(1),
+                ..
+            }
+        )),
         "{out:?}"
     );
     let r = reg.apply(now, &retry_call);
@@ -1566,7 +1589,10 @@ fn a_lookup_racing_a_local_claim_is_repeated_not_refused() {
             o,
             HubOutput::Route {
                 client: 9,
-                route: Route::Local { tunnel: 1, .. }
+                route: Route::Local {
+                    tunnel: TunnelId(1),
+                    ..
+                }
             }
         )),
         "{out:?}"

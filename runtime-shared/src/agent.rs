@@ -21,7 +21,8 @@ use nowconnect_core::{Cid, ErrorCode};
 
 use crate::config::AgentConfig;
 use crate::driver::{
-    CMD_BATCH, FlowEnd, InlineWriter, LinkCmd, LoopTimer, Outgoing, TunnelDriver, WsIn,
+    CMD_BATCH, FlowEnd, InlineWriter, LinkCmd, LoopTimer, Outgoing, PeerMsg, TunnelCmd,
+    TunnelDriver, WsIn,
 };
 use crate::metrics::Metrics;
 use crate::token_renewal::AgentRenewal;
@@ -97,7 +98,7 @@ enum Wake<R: AgentRt> {
     /// What the socket of this attempt delivered (`None`: it ended).
     Ws(AttemptId, Option<WsIn>),
     /// A flow command for the tunnel of this attempt.
-    Cmd(AttemptId, LinkCmd),
+    Cmd(AttemptId, LinkCmd<TunnelCmd>),
     /// A socket took what was queued.
     Written,
     Timer,
@@ -110,7 +111,7 @@ struct Connection<R: AgentRt> {
     /// `exp` of the token the hub holds for this tunnel.
     token_exp: Duration,
     driver: TunnelDriver,
-    cmd_rx: Receiver<LinkCmd>,
+    cmd_rx: Receiver<LinkCmd<TunnelCmd>>,
     reader: R::Reader,
     writer: InlineWriter<R::Sink, R::Msg>,
 }
@@ -154,7 +155,7 @@ impl<R: AgentRt> Connection<R> {
         }
     }
 
-    fn on_cmds(&mut self, now: Instant, first: LinkCmd) {
+    fn on_cmds(&mut self, now: Instant, first: LinkCmd<TunnelCmd>) {
         self.driver.on_cmd(now, first);
         for _ in 0..CMD_BATCH {
             match self.cmd_rx.try_recv() {
@@ -328,8 +329,8 @@ impl<R: AgentRt> Io<R> {
             } => {
                 tracing::warn!(attempt = attempt.0, cid, %code, %reason, "flow reset");
                 if let Some(c) = self.conns.get_mut(&attempt) {
-                    c.driver
-                        .on_cmd(Instant::now(), LinkCmd::Reset { cid, code, reason });
+                    let msg = PeerMsg::Reset { code, reason };
+                    c.driver.on_cmd(Instant::now(), LinkCmd::Flow { cid, msg });
                 }
             }
         }

@@ -14,7 +14,6 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use async_channel::Sender;
 use futures_util::{Sink, Stream};
 use nowconnect_core::Codec;
 use prometheus_client::metrics::counter::Counter;
@@ -27,7 +26,7 @@ use tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tungstenite::http::{HeaderValue, StatusCode};
 
 use crate::config::{MeshConfig, MeshTls};
-use crate::driver::LinkCmd;
+use crate::driver::MeshTx;
 use crate::mesh_ingress::ProxyClientCerts;
 
 /// A mesh WebSocket of any runtime (tokio-tungstenite and async-tungstenite
@@ -102,16 +101,27 @@ pub fn check_peer_certificate(
     }
 }
 
+/// One mesh link task of this hub (drawn at random when the task starts;
+/// kept across the link's reconnections).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LinkId(pub u64);
+
+impl std::fmt::Display for LinkId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// Established links by peer replica id (a peer may have an inbound and an
 /// outbound link at once; either can carry flows).
 #[derive(Default)]
 pub struct MeshLinks {
-    by_replica: BTreeMap<String, BTreeMap<u64, Sender<LinkCmd>>>,
+    by_replica: BTreeMap<String, BTreeMap<LinkId, MeshTx>>,
 }
 
 impl MeshLinks {
     /// Record a link's state; returns whether any link to `replica` is up.
-    pub fn set(&mut self, replica: &str, link: u64, sender: Option<Sender<LinkCmd>>) -> bool {
+    pub fn set(&mut self, replica: &str, link: LinkId, sender: Option<MeshTx>) -> bool {
         let links = self.by_replica.entry(replica.to_string()).or_default();
         match sender {
             Some(tx) => {
@@ -128,12 +138,12 @@ impl MeshLinks {
         up
     }
 
-    pub fn sender(&self, replica: &str) -> Option<Sender<LinkCmd>> {
+    pub fn sender(&self, replica: &str) -> Option<MeshTx> {
         self.by_replica.get(replica)?.values().next().cloned()
     }
 
     /// Every established link to `replica` (inbound and outbound).
-    pub fn all(&self, replica: &str) -> Vec<Sender<LinkCmd>> {
+    pub fn all(&self, replica: &str) -> Vec<MeshTx> {
         self.by_replica
             .get(replica)
             .map(|l| l.values().cloned().collect())

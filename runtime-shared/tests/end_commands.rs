@@ -6,11 +6,12 @@
 use async_channel::TryRecvError;
 use nowconnect_core::{Epoch, ErrorCode};
 use nowconnect_shared::driver::{
-    FlowEnd, LinkCmd, OpenRefused, Peer, end_commands, reply_channel, send_open,
+    FlowEnd, LinkCmd, MeshCmd, OpenRefused, Peer, PeerMsg, TunnelCmd, end_commands, reply_channel,
+    send_open,
 };
 
-fn open_flow(reply: async_channel::Sender<Result<FlowEnd, OpenRefused>>) -> LinkCmd {
-    LinkCmd::OpenFlow {
+fn open_flow(reply: async_channel::Sender<Result<FlowEnd, OpenRefused>>) -> TunnelCmd {
+    TunnelCmd::OpenFlow {
         connector: "ldap".into(),
         reply,
     }
@@ -21,7 +22,7 @@ fn open_flow(reply: async_channel::Sender<Result<FlowEnd, OpenRefused>>) -> Link
 /// hears so at once.
 #[test]
 fn an_open_without_a_link_is_answered_at_once() {
-    let answer = send_open(None, open_flow);
+    let answer = send_open::<TunnelCmd, _>(None, open_flow);
     assert!(matches!(answer.try_recv(), Err(TryRecvError::Closed)));
 }
 
@@ -40,34 +41,37 @@ fn an_open_to_an_ended_link_is_answered_at_once_and_a_live_one_waits() {
 #[test]
 fn queued_opens_are_answered_as_link_lost_and_later_sends_fail_at_once() {
     let (tx, rx) = async_channel::unbounded();
+    let (mesh_tx, mesh_rx) = async_channel::unbounded();
     let (tunnel_reply, tunnel_answer) = reply_channel();
     let (mesh_reply, mesh_answer) = reply_channel();
     let (joined_reply, joined_answer) = reply_channel();
     let (other_tx, _other_rx) = async_channel::unbounded();
-    tx.try_send(LinkCmd::OpenFlow {
+    tx.try_send(LinkCmd::Link(TunnelCmd::OpenFlow {
         connector: "ldap".into(),
         reply: tunnel_reply,
-    })
+    }))
     .unwrap();
-    tx.try_send(LinkCmd::OpenMeshFlow {
-        connector: "ldap".into(),
-        agent_id: "agent-1".into(),
-        epoch: Epoch(3),
-        reply: mesh_reply,
-    })
-    .unwrap();
-    tx.try_send(LinkCmd::OpenJoined {
+    mesh_tx
+        .try_send(LinkCmd::Link(MeshCmd::OpenFlow {
+            connector: "ldap".into(),
+            agent_id: "agent-1".into(),
+            epoch: Epoch(3),
+            reply: mesh_reply,
+        }))
+        .unwrap();
+    tx.try_send(LinkCmd::Link(TunnelCmd::OpenJoined {
         connector: "ldap".into(),
         peer: Peer {
             cmd: other_tx,
             cid: 7,
         },
         reply: joined_reply,
-    })
+    }))
     .unwrap();
     // The waiting side still holds a sender, as a client task does.
     let keep = tx.clone();
     end_commands(&rx, "the agent tunnel closed");
+    end_commands(&mesh_rx, "the mesh link closed");
     // Every reply is gone: the waiters see the link went away.
     assert!(matches!(
         tunnel_answer.try_recv(),
@@ -81,10 +85,10 @@ fn queued_opens_are_answered_as_link_lost_and_later_sends_fail_at_once() {
     // A send after the end fails at once, and its reply goes with it.
     let (late_reply, late_answer) = reply_channel();
     assert!(
-        keep.try_send(LinkCmd::OpenFlow {
+        keep.try_send(LinkCmd::Link(TunnelCmd::OpenFlow {
             connector: "ldap".into(),
             reply: late_reply,
-        })
+        }))
         .is_err()
     );
     assert!(matches!(late_answer.try_recv(), Err(TryRecvError::Closed)));
@@ -92,24 +96,27 @@ fn queued_opens_are_answered_as_link_lost_and_later_sends_fail_at_once() {
 
 #[test]
 fn a_queued_join_resets_the_flow_on_the_other_link() {
-    let (tx, rx) = async_channel::unbounded();
-    let (other_tx, other_rx) = async_channel::unbounded();
-    tx.try_send(LinkCmd::Data {
+    let (tx, rx) = async_channel::unbounded::<LinkCmd<MeshCmd>>();
+    let (other_tx, other_rx) = async_channel::unbounded::<LinkCmd<TunnelCmd>>();
+    tx.try_send(LinkCmd::Flow {
         cid: 5,
-        payload: bytes::Bytes::from_static(b"gone with its flow").into(),
+        msg: PeerMsg::Data(bytes::Bytes::from_static(b"gone with its flow").into()),
     })
     .unwrap();
-    tx.try_send(LinkCmd::Join {
+    tx.try_send(LinkCmd::Link(MeshCmd::Join {
         cid: 5,
         peer: Peer {
             cmd: other_tx,
             cid: 9,
         },
-    })
+    }))
     .unwrap();
     end_commands(&rx, "the mesh link closed");
     match other_rx.try_recv() {
-        Ok(LinkCmd::Reset { cid, code, reason }) => {
+        Ok(LinkCmd::Flow {
+            cid,
+            msg: PeerMsg::Reset { code, reason },
+        }) => {
             assert_eq!(cid, 9);
             assert_eq!(code, ErrorCode::LinkLost);
             assert_eq!(reason, "the mesh link closed");

@@ -12,7 +12,9 @@ use bytes::Bytes;
 use nowconnect_core::flow::SendError;
 use nowconnect_core::mux::{FlowEvent, FlowLink};
 use nowconnect_core::{Cid, ErrorCode, Payload};
-use nowconnect_shared::driver::{FlowPipes, LinkCmd, OpenLink, Peer};
+use nowconnect_shared::driver::{
+    FlowPipes, LinkCmd, LinkKind, MeshCmd, OpenLink, Peer, PeerMsg, TunnelCmd,
+};
 use nowconnect_shared::metrics::Metrics;
 
 /// A core link that takes whatever it has credit for and records it.
@@ -57,14 +59,15 @@ impl FlowLink for Recorder {
     }
 }
 
-struct Side {
-    pipes: FlowPipes,
+/// One link of kind `K`: a mesh link or a tunnel.
+struct Side<K: LinkKind> {
+    pipes: FlowPipes<K>,
     link: Recorder,
-    rx: Receiver<LinkCmd>,
-    tx: Sender<LinkCmd>,
+    rx: Receiver<LinkCmd<K>>,
+    tx: Sender<LinkCmd<K>>,
 }
 
-impl Side {
+impl<K: LinkKind> Side<K> {
     fn new(credit: u64) -> Self {
         let (tx, rx) = async_channel::unbounded();
         Side {
@@ -78,17 +81,21 @@ impl Side {
         }
     }
 
-    fn peer(&self, cid: Cid) -> Peer {
+    fn peer(&self, cid: Cid) -> Peer<K> {
         Peer {
             cmd: self.tx.clone(),
             cid,
         }
     }
 
-    /// Apply every command queued for this side (what the link task does).
+    /// Apply every command queued for this side (what the link task does):
+    /// flow commands only, from the joined flows.
     fn run(&mut self) {
         while let Ok(cmd) = self.rx.try_recv() {
-            assert!(self.pipes.on_cmd(&mut self.link, cmd).is_none());
+            let LinkCmd::Flow { cid, msg } = cmd else {
+                panic!("not a flow command");
+            };
+            self.pipes.on_flow(&mut self.link, cid, msg);
         }
     }
 
@@ -96,12 +103,14 @@ impl Side {
         let mut v = Vec::new();
         while let Ok(cmd) = self.rx.try_recv() {
             v.push(match cmd {
-                LinkCmd::Data { cid, payload } => {
-                    format!("data {cid} {}", String::from_utf8_lossy(&payload))
-                }
-                LinkCmd::Fin { cid } => format!("fin {cid}"),
-                LinkCmd::Reset { cid, code, .. } => format!("reset {cid} {code}"),
-                LinkCmd::Consumed { cid, n } => format!("consumed {cid} {n}"),
+                LinkCmd::Flow { cid, msg } => match msg {
+                    PeerMsg::Data(payload) => {
+                        format!("data {cid} {}", String::from_utf8_lossy(&payload))
+                    }
+                    PeerMsg::Fin => format!("fin {cid}"),
+                    PeerMsg::Reset { code, .. } => format!("reset {cid} {code}"),
+                    PeerMsg::Consumed(n) => format!("consumed {cid} {n}"),
+                },
                 _ => "other".into(),
             });
         }
@@ -118,35 +127,26 @@ fn data(cid: Cid, s: &'static str) -> FlowEvent {
 
 #[test]
 fn what_arrives_while_held_reaches_the_tunnel_flow_in_order_and_credit_flows_back() {
-    let (mut mesh, mut tunnel) = (Side::new(1 << 20), Side::new(1 << 20));
+    let (mut mesh, mut tunnel) = (
+        Side::<MeshCmd>::new(1 << 20),
+        Side::<TunnelCmd>::new(1 << 20),
+    );
     mesh.pipes.hold_open(&mut mesh.link, 1, "ldap");
     // The client's first bytes cross the mesh before the tunnel flow exists.
     mesh.pipes.on_event(&mut mesh.link, data(1, "bind"));
     mesh.pipes.on_event(&mut mesh.link, data(1, "search"));
     // The tunnel flow opens joined to the mesh flow; the target answers at
     // once, before the mesh flow is joined back.
-    tunnel.pipes.attach_joined(
-        &mut tunnel.link,
-        7,
-        "ldap",
-        Peer {
-            cmd: mesh.tx.clone(),
-            cid: 1,
-        },
-    );
+    tunnel
+        .pipes
+        .attach_joined(&mut tunnel.link, 7, "ldap", mesh.peer(1));
     tunnel.pipes.on_event(&mut tunnel.link, data(7, "banner"));
     mesh.run();
     assert_eq!(mesh.link.sent, vec![(1, Bytes::from_static(b"banner"))]);
     // Nobody to credit yet: the mesh flow is still held.
     assert!(tunnel.rx.is_empty());
 
-    mesh.pipes.on_cmd(
-        &mut mesh.link,
-        LinkCmd::Join {
-            cid: 1,
-            peer: tunnel.peer(7),
-        },
-    );
+    mesh.pipes.join(&mut mesh.link, 1, tunnel.peer(7));
     assert_eq!(mesh.link.accepted, [1], "accepted on the join");
     assert_eq!(
         tunnel.queued(),
@@ -159,17 +159,9 @@ fn what_arrives_while_held_reaches_the_tunnel_flow_in_order_and_credit_flows_bac
     mesh.pipes.on_event(&mut mesh.link, data(1, "unbind"));
     mesh.pipes
         .on_event(&mut mesh.link, FlowEvent::Fin { cid: 1 });
-    for cmd in [
-        LinkCmd::Data {
-            cid: 7,
-            payload: Bytes::from_static(b"bind").into(),
-        },
-        LinkCmd::Data {
-            cid: 7,
-            payload: Bytes::from_static(b"search").into(),
-        },
-    ] {
-        tunnel.pipes.on_cmd(&mut tunnel.link, cmd);
+    for payload in [b"bind".as_slice(), b"search"] {
+        let msg = PeerMsg::Data(Bytes::from_static(payload).into());
+        tunnel.pipes.on_flow(&mut tunnel.link, 7, msg);
     }
     tunnel.run();
     assert_eq!(
@@ -191,24 +183,12 @@ fn what_arrives_while_held_reaches_the_tunnel_flow_in_order_and_credit_flows_bac
 
 #[test]
 fn credit_is_returned_only_as_the_other_core_takes_the_bytes() {
-    let (mut mesh, mut tunnel) = (Side::new(1 << 20), Side::new(3));
+    let (mut mesh, mut tunnel) = (Side::<MeshCmd>::new(1 << 20), Side::<TunnelCmd>::new(3));
     mesh.pipes.hold_open(&mut mesh.link, 1, "ldap");
-    tunnel.pipes.attach_joined(
-        &mut tunnel.link,
-        7,
-        "ldap",
-        Peer {
-            cmd: mesh.tx.clone(),
-            cid: 1,
-        },
-    );
-    mesh.pipes.on_cmd(
-        &mut mesh.link,
-        LinkCmd::Join {
-            cid: 1,
-            peer: tunnel.peer(7),
-        },
-    );
+    tunnel
+        .pipes
+        .attach_joined(&mut tunnel.link, 7, "ldap", mesh.peer(1));
+    mesh.pipes.join(&mut mesh.link, 1, tunnel.peer(7));
     mesh.pipes.on_event(&mut mesh.link, data(1, "abcdefgh"));
     tunnel.run();
     // The agent's window had room for 3 bytes: 3 are sent and credited.
@@ -230,7 +210,10 @@ fn credit_is_returned_only_as_the_other_core_takes_the_bytes() {
 #[test]
 fn an_end_on_either_side_resets_the_other() {
     // The mesh flow is reset while held: joining it resets the tunnel flow.
-    let (mut mesh, mut tunnel) = (Side::new(1 << 20), Side::new(1 << 20));
+    let (mut mesh, mut tunnel) = (
+        Side::<MeshCmd>::new(1 << 20),
+        Side::<TunnelCmd>::new(1 << 20),
+    );
     mesh.pipes.hold_open(&mut mesh.link, 2, "ldap");
     mesh.pipes.on_event(
         &mut mesh.link,
@@ -240,44 +223,20 @@ fn an_end_on_either_side_resets_the_other() {
             reason: "client went away".into(),
         },
     );
-    tunnel.pipes.attach_joined(
-        &mut tunnel.link,
-        8,
-        "ldap",
-        Peer {
-            cmd: mesh.tx.clone(),
-            cid: 2,
-        },
-    );
-    mesh.pipes.on_cmd(
-        &mut mesh.link,
-        LinkCmd::Join {
-            cid: 2,
-            peer: tunnel.peer(8),
-        },
-    );
+    tunnel
+        .pipes
+        .attach_joined(&mut tunnel.link, 8, "ldap", mesh.peer(2));
+    mesh.pipes.join(&mut mesh.link, 2, tunnel.peer(8));
     tunnel.run();
     assert_eq!(tunnel.link.resets, [(8, ErrorCode::ConnectionReset)]);
     assert_eq!(tunnel.pipes.take_bridged_ends(), 1);
 
     // The target resets a joined flow: the mesh flow is reset with its code.
     mesh.pipes.hold_open(&mut mesh.link, 3, "ldap");
-    tunnel.pipes.attach_joined(
-        &mut tunnel.link,
-        9,
-        "ldap",
-        Peer {
-            cmd: mesh.tx.clone(),
-            cid: 3,
-        },
-    );
-    mesh.pipes.on_cmd(
-        &mut mesh.link,
-        LinkCmd::Join {
-            cid: 3,
-            peer: tunnel.peer(9),
-        },
-    );
+    tunnel
+        .pipes
+        .attach_joined(&mut tunnel.link, 9, "ldap", mesh.peer(3));
+    mesh.pipes.join(&mut mesh.link, 3, tunnel.peer(9));
     tunnel.pipes.on_event(
         &mut tunnel.link,
         FlowEvent::Reset {
@@ -291,15 +250,9 @@ fn an_end_on_either_side_resets_the_other() {
 
     // The tunnel goes away with a joined flow open: the mesh flow is reset.
     mesh.pipes.hold_open(&mut mesh.link, 4, "ldap");
-    tunnel.pipes.attach_joined(
-        &mut tunnel.link,
-        10,
-        "ldap",
-        Peer {
-            cmd: mesh.tx.clone(),
-            cid: 4,
-        },
-    );
+    tunnel
+        .pipes
+        .attach_joined(&mut tunnel.link, 10, "ldap", mesh.peer(4));
     assert_eq!(tunnel.pipes.bridged_open(), 1);
     drop(tunnel.pipes);
     mesh.run();

@@ -73,7 +73,7 @@ impl Input<'_> {
 /// to tunnels it accepted and still holds, never exceeds its agent limit,
 /// and never asks to be woken in the past.
 pub fn drive_hub(origin: Instant, data: &[u8]) {
-    use nowconnect_core::hub::{Hub, HubConfig, HubOutput};
+    use nowconnect_core::hub::{Hub, HubConfig, HubOutput, TunnelId};
     use nowconnect_core::registry::{AgentRecord, Owner, RegistryError, RegistryReply};
     use nowconnect_core::routing::{Mode, Route};
     use std::collections::{BTreeMap, BTreeSet};
@@ -94,8 +94,8 @@ pub fn drive_hub(origin: Instant, data: &[u8]) {
     let max_agents = cfg.max_agents;
     let mut hub = Hub::new(origin, cfg, u64::from(input.byte()));
     let mut now = origin;
-    let mut open: BTreeSet<u64> = BTreeSet::new(); // tunnels that said HELLO, not closed
-    let mut accepted: BTreeSet<u64> = BTreeSet::new();
+    let mut open: BTreeSet<TunnelId> = BTreeSet::new(); // tunnels that said HELLO, not closed
+    let mut accepted: BTreeSet<TunnelId> = BTreeSet::new();
     let mut pending: Vec<u64> = Vec::new();
     let mut next_client = 1;
     let mut client_tenant: BTreeMap<u64, &str> = BTreeMap::new();
@@ -111,7 +111,7 @@ pub fn drive_hub(origin: Instant, data: &[u8]) {
     while input.more() {
         match input.byte() % 11 {
             0 => {
-                let t = u64::from(input.byte() % 8);
+                let t = TunnelId(u64::from(input.byte() % 8));
                 let (a, c, s, k) = (input.byte(), input.byte(), input.byte(), input.byte());
                 let scope = connectors(s);
                 // A token's credential (tenant, agent, scope) and a HELLO
@@ -144,7 +144,7 @@ pub fn drive_hub(origin: Instant, data: &[u8]) {
                 }
             }
             1 => {
-                let t = u64::from(input.byte() % 8);
+                let t = TunnelId(u64::from(input.byte() % 8));
                 open.remove(&t);
                 accepted.remove(&t);
                 hub.tunnel_closed(now, t);
@@ -201,8 +201,8 @@ pub fn drive_hub(origin: Instant, data: &[u8]) {
                     assert!(at >= now, "the hub asks to be woken in the past");
                 }
             }
-            5 => hub.flow_started(u64::from(input.byte() % 8)),
-            6 => hub.flow_ended(u64::from(input.byte() % 8)),
+            5 => hub.flow_started(TunnelId(u64::from(input.byte() % 8))),
+            6 => hub.flow_ended(TunnelId(u64::from(input.byte() % 8))),
             7 => {
                 let (a, e, c) = (input.byte(), input.byte(), input.byte());
                 let tenant = ["default", "acme", "globex"][usize::from(c / 3 % 3)];

@@ -3,10 +3,10 @@
 //!
 //! One task per link owns the core link and a [`FlowPipes`]. One task per
 //! flow socket runs [`run_flow_socket`]: its reader half sends what it reads
-//! as [`LinkCmd::Data`], at most [`CHUNKS_IN_FLIGHT`] chunks ahead of what
+//! as [`PeerMsg::Data`], at most [`CHUNKS_IN_FLIGHT`] chunks ahead of what
 //! the core has accepted (the core's per-flow credit is the real bound; this
 //! only keeps the adapter's own buffer small); its writer half writes
-//! [`Delivery::Data`] and reports [`LinkCmd::Consumed`] once written, which is
+//! [`Delivery::Data`] and reports [`PeerMsg::Consumed`] once written, which is
 //! what grants the peer more credit. No protocol decision is made here.
 //!
 //! Nothing here depends on an async runtime: channels are `async-channel`,
@@ -14,7 +14,8 @@
 //! socket are joined with `futures-util` rather than spawned, so the tokio
 //! and async-std adapters drive flows with the very same code.
 //!
-//! Here: the commands a link task takes ([`LinkCmd`]) and what it sends
+//! Here: the commands a link task takes ([`LinkCmd`], typed by the kind of
+//! link: [`TunnelCmd`], [`MeshCmd`]) and what it sends
 //! ([`Outgoing`]). Beside it: `pipes` ([`FlowPipes`], [`bridge`]), `tunnel`
 //! ([`TunnelDriver`]), `writer` ([`InlineWriter`], [`LoopTimer`]), `socket`
 //! (flow sockets and their timeouts). The agent's loop around them is
@@ -27,9 +28,9 @@ mod writer;
 
 use async_channel::{Receiver, Sender};
 use nowconnect_core::flow::SendError;
-use nowconnect_core::{Cid, Epoch, ErrorCode, Payload, WsMessage};
+use nowconnect_core::{Cid, Epoch, ErrorCode, WsMessage};
 
-pub use nowconnect_core::relay::Delivery;
+pub use nowconnect_core::relay::{Delivery, PeerMsg};
 pub use pipes::{FlowEnd, FlowPipes, OpenLink, Peer, bridge};
 pub use socket::{
     ActiveReader, ActiveWriter, Activity, ChunkReader, ClientTimeouts, FlowWriter, ReadSize,
@@ -86,16 +87,28 @@ impl Permits {
     }
 }
 
-/// Commands to a link task (tunnel or mesh link) from flow tasks and the control.
-pub enum LinkCmd {
+/// Commands to a link task of kind `K` ([`TunnelCmd`] for a tunnel, hub
+/// or agent side; [`MeshCmd`] for a mesh link), from flow tasks, from
+/// flows on another link and from the control. A link task takes only
+/// commands of its own kind: a tunnel's channel cannot carry a mesh open.
+#[derive(Debug)]
+pub enum LinkCmd<K> {
+    /// To flow `cid` of this link, from its socket or from the flow it is
+    /// joined to on another link: what [`FlowPipes::on_flow`] hands the
+    /// core relay.
+    Flow { cid: Cid, msg: PeerMsg },
+    /// Close the link.
+    Close { code: ErrorCode, reason: String },
+    /// A command only this kind of link takes.
+    Link(K),
+}
+
+/// Commands only a tunnel takes (the agent's tunnel gets flow commands
+/// only; these come from the hub's control and bridges).
+#[derive(Debug)]
+pub enum TunnelCmd {
     /// Hub: ownership claimed; send WELCOME.
-    Accept {
-        epoch: Epoch,
-    },
-    Close {
-        code: ErrorCode,
-        reason: String,
-    },
+    Accept { epoch: Epoch },
     /// Hub: this hub is draining; send DRAIN (v2 tunnels).
     Drain,
     /// Hub: open a flow to this connector.
@@ -107,38 +120,88 @@ pub enum LinkCmd {
     /// answer is the new flow's cid.
     OpenJoined {
         connector: String,
-        peer: Peer,
+        peer: Peer<MeshCmd>,
         reply: Reply<Result<Cid, OpenRefused>>,
     },
-    /// Owner hub: the held flow `cid` (see [`FlowPipes::hold`]) is joined to
-    /// `peer` from now on.
-    Join {
-        cid: Cid,
-        peer: Peer,
-    },
+}
+
+/// Commands only a mesh link takes.
+#[derive(Debug)]
+pub enum MeshCmd {
     /// Mesh origin: open a flow to `agent_id`'s `connector` under `epoch`.
-    OpenMeshFlow {
+    OpenFlow {
         connector: String,
         agent_id: String,
         epoch: Epoch,
         reply: Reply<Result<FlowEnd, OpenRefused>>,
     },
-    Data {
-        cid: Cid,
-        payload: Payload,
-    },
-    Fin {
-        cid: Cid,
-    },
-    Reset {
-        cid: Cid,
-        code: ErrorCode,
-        reason: String,
-    },
-    Consumed {
-        cid: Cid,
-        n: usize,
-    },
+    /// Owner hub: the held flow `cid` (see [`FlowPipes::hold_open`]) is
+    /// joined to `peer`, a flow on the agent's tunnel, from now on.
+    Join { cid: Cid, peer: Peer<TunnelCmd> },
+}
+
+/// A kind of link, named by the commands only it takes.
+pub trait LinkKind: Sized + Send + 'static {
+    /// The kind of link its flows are joined to: a bridge joins a mesh
+    /// flow and a tunnel flow.
+    type Other: LinkKind;
+
+    /// A flow socket's handle on this kind of link.
+    fn flow_tx(link: Sender<LinkCmd<Self>>) -> FlowTx;
+
+    /// A command left in the queue of a link that ended
+    /// ([`end_commands`]). Dropping it drops an open's reply, so whoever
+    /// waits for it hears that the link went away.
+    fn abandon(cmd: Self, _reason: &str) {
+        drop(cmd);
+    }
+}
+
+impl LinkKind for TunnelCmd {
+    type Other = MeshCmd;
+
+    fn flow_tx(link: Sender<LinkCmd<Self>>) -> FlowTx {
+        FlowTx::Tunnel(link)
+    }
+}
+
+impl LinkKind for MeshCmd {
+    type Other = TunnelCmd;
+
+    fn flow_tx(link: Sender<LinkCmd<Self>>) -> FlowTx {
+        FlowTx::Mesh(link)
+    }
+
+    /// A join resets the flow on the other link.
+    fn abandon(cmd: Self, reason: &str) {
+        if let MeshCmd::Join { peer, .. } = cmd {
+            peer.reset(ErrorCode::LinkLost, reason);
+        }
+    }
+}
+
+/// Where a tunnel's commands go.
+pub type TunnelTx = Sender<LinkCmd<TunnelCmd>>;
+
+/// Where a mesh link's commands go.
+pub type MeshTx = Sender<LinkCmd<MeshCmd>>;
+
+/// A flow socket's way to its flow's link: flow commands only, whichever
+/// kind of link carries the flow.
+#[derive(Clone, Debug)]
+pub enum FlowTx {
+    Tunnel(TunnelTx),
+    Mesh(MeshTx),
+}
+
+impl FlowTx {
+    /// Send `msg` to flow `cid`; `false` when the link is gone.
+    pub fn send(&self, cid: Cid, msg: PeerMsg) -> bool {
+        match self {
+            FlowTx::Tunnel(tx) => tx.try_send(LinkCmd::Flow { cid, msg }).is_ok(),
+            FlowTx::Mesh(tx) => tx.try_send(LinkCmd::Flow { cid, msg }).is_ok(),
+        }
+    }
 }
 
 /// Why a link could not open a flow: the code a bridged mesh flow is reset
@@ -172,16 +235,6 @@ impl OpenRefused {
             reason,
         }
     }
-
-    /// An open sent to a link of the other kind (a runtime bug, never a
-    /// peer's doing).
-    pub fn wrong_link(reason: &str) -> Self {
-        OpenRefused {
-            code: ErrorCode::Internal,
-            label: ErrorCode::Internal.as_str(),
-            reason: reason.to_string(),
-        }
-    }
 }
 
 impl std::fmt::Display for OpenRefused {
@@ -195,13 +248,13 @@ impl std::fmt::Display for OpenRefused {
 /// is closed at once, as it is when the link has ended or ends before it
 /// answers ([`end_commands`]): the caller hears `link went away` and never
 /// waits on an answer nobody can give.
-pub fn send_open<T>(
-    link: Option<Sender<LinkCmd>>,
-    open: impl FnOnce(Reply<T>) -> LinkCmd,
+pub fn send_open<K, T>(
+    link: Option<Sender<LinkCmd<K>>>,
+    open: impl FnOnce(Reply<T>) -> K,
 ) -> Receiver<T> {
     let (tx, rx) = reply_channel();
     if let Some(link) = link {
-        let _ = link.try_send(open(tx));
+        let _ = link.try_send(LinkCmd::Link(open(tx)));
     }
     rx
 }
@@ -214,11 +267,11 @@ pub fn send_open<T>(
 /// flows. Without this, a command queued in the instant the link closed
 /// stayed in the channel as long as any sender lived, and its client waited
 /// for an answer with neither data nor a close.
-pub fn end_commands(rx: &Receiver<LinkCmd>, reason: &str) {
+pub fn end_commands<K: LinkKind>(rx: &Receiver<LinkCmd<K>>, reason: &str) {
     rx.close();
     while let Ok(cmd) = rx.try_recv() {
-        if let LinkCmd::Join { peer, .. } = cmd {
-            peer.reset(ErrorCode::LinkLost, reason);
+        if let LinkCmd::Link(cmd) = cmd {
+            K::abandon(cmd, reason);
         }
     }
 }

@@ -12,7 +12,9 @@ use nowconnect_core::{Cid, ErrorCode};
 
 use crate::metrics::{Metrics, labels};
 
-use super::{CHUNKS_IN_FLIGHT, LinkCmd, Permits, send_open};
+use super::{
+    CHUNKS_IN_FLIGHT, FlowTx, LinkCmd, LinkKind, MeshCmd, Permits, TunnelCmd, TunnelTx, send_open,
+};
 
 /// The socket side's handle on one flow.
 pub struct FlowEnd {
@@ -20,29 +22,35 @@ pub struct FlowEnd {
     pub connector: String,
     pub rx: Receiver<Delivery>,
     pub permits: Permits,
-    pub cmd: Sender<LinkCmd>,
+    /// Where the socket's flow commands go.
+    pub cmd: FlowTx,
 }
 
-/// A flow on another link task: the owner hub joins a mesh flow and a flow
-/// on the agent's tunnel, and each link hands what arrives for its side
-/// straight to the other link, with no task in between.
-#[derive(Clone, Debug)]
-pub struct Peer {
-    pub cmd: Sender<LinkCmd>,
+/// A flow on another link task, of kind `K`: the owner hub joins a mesh
+/// flow and a flow on the agent's tunnel, and each link hands what arrives
+/// for its side straight to the other link, with no task in between. The
+/// mesh side's peer is a `Peer<TunnelCmd>`, the tunnel side's a
+/// `Peer<MeshCmd>`.
+#[derive(Debug)]
+pub struct Peer<K> {
+    pub cmd: Sender<LinkCmd<K>>,
     pub cid: Cid,
 }
 
-impl Peer {
+impl<K> Clone for Peer<K> {
+    fn clone(&self) -> Self {
+        Peer {
+            cmd: self.cmd.clone(),
+            cid: self.cid,
+        }
+    }
+}
+
+impl<K> Peer<K> {
     /// Send `msg` to the flow on the other link; `false` when that link is
     /// gone.
     fn send(&self, msg: PeerMsg) -> bool {
-        let cid = self.cid;
-        let cmd = match msg {
-            PeerMsg::Data(payload) => LinkCmd::Data { cid, payload },
-            PeerMsg::Fin => LinkCmd::Fin { cid },
-            PeerMsg::Reset { code, reason } => LinkCmd::Reset { cid, code, reason },
-            PeerMsg::Consumed(n) => LinkCmd::Consumed { cid, n },
-        };
+        let cmd = LinkCmd::Flow { cid: self.cid, msg };
         self.cmd.try_send(cmd).is_ok()
     }
 
@@ -60,18 +68,19 @@ struct Local {
     permits: Permits,
 }
 
-/// The flows of one link as the runtime sees them: the core's
+/// The flows of one link of kind `K` as the runtime sees them: the core's
 /// [`FlowRelay`] (which decides what goes where, and the credit between
-/// bridged flows), and the channel to each local flow's socket task.
-pub struct FlowPipes {
-    relay: FlowRelay<Peer>,
+/// bridged flows, joined to flows on links of the other kind), and the
+/// channel to each local flow's socket task.
+pub struct FlowPipes<K: LinkKind> {
+    relay: FlowRelay<Peer<K::Other>>,
     locals: BTreeMap<Cid, Local>,
-    cmd_tx: Sender<LinkCmd>,
+    cmd_tx: Sender<LinkCmd<K>>,
     metrics: Arc<Metrics>,
     bridged_ends: usize,
 }
 
-impl Drop for FlowPipes {
+impl<K: LinkKind> Drop for FlowPipes<K> {
     /// The link is gone: joined flows on other links are reset, local
     /// sockets are told.
     fn drop(&mut self) {
@@ -81,8 +90,8 @@ impl Drop for FlowPipes {
     }
 }
 
-impl FlowPipes {
-    pub fn new(cmd_tx: Sender<LinkCmd>, metrics: Arc<Metrics>) -> Self {
+impl<K: LinkKind> FlowPipes<K> {
+    pub fn new(cmd_tx: Sender<LinkCmd<K>>, metrics: Arc<Metrics>) -> Self {
         FlowPipes {
             relay: FlowRelay::new(),
             locals: BTreeMap::new(),
@@ -136,12 +145,12 @@ impl FlowPipes {
             connector: connector.to_string(),
             rx,
             permits,
-            cmd: self.cmd_tx.clone(),
+            cmd: K::flow_tx(self.cmd_tx.clone()),
         }
     }
 
     /// Register a mesh open to be bridged to the agent's tunnel: held until
-    /// its [`LinkCmd::Join`] (then accepted) or a reset from the bridge
+    /// its [`MeshCmd::Join`] (then accepted) or a reset from the bridge
     /// (then refused with the tunnel's reason).
     pub fn hold_open(&mut self, link: &mut impl OpenLink, cid: Cid, connector: &str) {
         self.relay.hold_open(cid, connector);
@@ -155,7 +164,7 @@ impl FlowPipes {
         link: &mut impl OpenLink,
         cid: Cid,
         connector: &str,
-        peer: Peer,
+        peer: Peer<K::Other>,
     ) {
         self.relay.attach_joined(cid, connector, peer);
         self.count_open(connector);
@@ -169,21 +178,25 @@ impl FlowPipes {
         self.carry_out(link);
     }
 
-    /// A flow-level command (`Data`, `Fin`, `Reset`, `Consumed`, `Join`);
-    /// returns the command back when it is not one.
-    pub fn on_cmd(&mut self, link: &mut impl OpenLink, cmd: LinkCmd) -> Option<LinkCmd> {
-        match cmd {
-            LinkCmd::Data { cid, payload } => self.relay.data(link, cid, payload),
-            LinkCmd::Fin { cid } => self.relay.fin(link, cid),
+    /// A command to flow `cid` ([`LinkCmd::Flow`]), from its socket or
+    /// from the flow it is joined to.
+    pub fn on_flow(&mut self, link: &mut impl OpenLink, cid: Cid, msg: PeerMsg) {
+        match msg {
+            PeerMsg::Data(payload) => self.relay.data(link, cid, payload),
+            PeerMsg::Fin => self.relay.fin(link, cid),
             // From the flow's own consumer (socket task or joined peer):
             // nothing to tell it back.
-            LinkCmd::Reset { cid, code, reason } => self.relay.reset(link, cid, code, &reason),
-            LinkCmd::Consumed { cid, n } => self.relay.consumed(link, cid, n),
-            LinkCmd::Join { cid, peer } => self.relay.join(cid, peer),
-            other => return Some(other),
+            PeerMsg::Reset { code, reason } => self.relay.reset(link, cid, code, &reason),
+            PeerMsg::Consumed(n) => self.relay.consumed(link, cid, n),
         }
         self.carry_out(link);
-        None
+    }
+
+    /// The held flow `cid` is joined to `peer` from now on
+    /// ([`MeshCmd::Join`]).
+    pub fn join(&mut self, link: &mut impl OpenLink, cid: Cid, peer: Peer<K::Other>) {
+        self.relay.join(cid, peer);
+        self.carry_out(link);
     }
 
     pub fn on_event(&mut self, link: &mut impl OpenLink, fe: FlowEvent) {
@@ -220,7 +233,7 @@ impl FlowPipes {
     }
 
     /// One output; the cid whose joined peer link is gone, if so.
-    fn perform(&mut self, o: RelayOutput<Peer>) -> Option<Cid> {
+    fn perform(&mut self, o: RelayOutput<Peer<K::Other>>) -> Option<Cid> {
         match o {
             RelayOutput::Deliver { cid, delivery } => {
                 if let Some(l) = self.locals.get(&cid) {
@@ -293,8 +306,8 @@ impl OpenLink for nowconnect_core::tunnel::Tunnel {}
 /// two link tasks hand each other what arrives, with no task in between.
 /// Returns whether the tunnel flow opened: the tunnel task then reports its
 /// end ([`FlowPipes::take_bridged_ends`]); otherwise the caller does.
-pub async fn bridge(mesh: Peer, tunnel_cmd: Sender<LinkCmd>, connector: String) -> bool {
-    let rx = send_open(Some(tunnel_cmd.clone()), |reply| LinkCmd::OpenJoined {
+pub async fn bridge(mesh: Peer<MeshCmd>, tunnel_cmd: TunnelTx, connector: String) -> bool {
+    let rx = send_open(Some(tunnel_cmd.clone()), |reply| TunnelCmd::OpenJoined {
         connector,
         peer: mesh.clone(),
         reply,
@@ -305,10 +318,10 @@ pub async fn bridge(mesh: Peer, tunnel_cmd: Sender<LinkCmd>, connector: String) 
                 cmd: tunnel_cmd,
                 cid,
             };
-            let joined = mesh.cmd.try_send(LinkCmd::Join {
+            let joined = mesh.cmd.try_send(LinkCmd::Link(MeshCmd::Join {
                 cid: mesh.cid,
                 peer: tunnel.clone(),
-            });
+            }));
             if joined.is_err() {
                 tunnel.reset(ErrorCode::LinkLost, "the mesh link went away");
             }

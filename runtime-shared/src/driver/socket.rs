@@ -5,13 +5,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use async_channel::{Receiver, Sender};
+use async_channel::Receiver;
 use futures_util::io::{AsyncWrite, AsyncWriteExt};
 use nowconnect_core::{Cid, ErrorCode, Payload};
 
 use crate::metrics::{Metrics, labels};
 
-use super::{Delivery, FlowEnd, LinkCmd, Permits, READ_CHUNK};
+use super::{Delivery, FlowEnd, FlowTx, PeerMsg, Permits, READ_CHUNK};
 
 /// Pipe one socket (its read and write halves) and one flow until both
 /// directions end or either side resets. `up` names the byte direction of
@@ -150,18 +150,20 @@ async fn timed_flow<R, W, S, F>(
         .client_timeouts
         .get_or_create(&labels(&[("kind", expired.kind())]))
         .inc();
-    let _ = cmd.try_send(LinkCmd::Reset {
+    let _ = cmd.send(
         cid,
-        code: expired.code(),
-        reason: expired.reason(),
-    });
+        PeerMsg::Reset {
+            code: expired.code(),
+            reason: expired.reason(),
+        },
+    );
 }
 
 async fn read_half<R: ChunkReader>(
     mut rd: R,
     cid: Cid,
     permits: Permits,
-    cmd: Sender<LinkCmd>,
+    cmd: FlowTx,
     metrics: Arc<Metrics>,
     up: &'static str,
 ) {
@@ -172,21 +174,23 @@ async fn read_half<R: ChunkReader>(
         }
         match rd.read_chunk().await {
             Ok(None) => {
-                let _ = cmd.try_send(LinkCmd::Fin { cid });
+                let _ = cmd.send(cid, PeerMsg::Fin);
                 return;
             }
             Ok(Some(payload)) => {
                 bytes_up.inc_by(payload.len() as u64);
-                if cmd.try_send(LinkCmd::Data { cid, payload }).is_err() {
+                if !cmd.send(cid, PeerMsg::Data(payload)) {
                     return;
                 }
             }
             Err(e) => {
-                let _ = cmd.try_send(LinkCmd::Reset {
+                let _ = cmd.send(
                     cid,
-                    code: ErrorCode::ConnectionReset,
-                    reason: format!("read error: {e}"),
-                });
+                    PeerMsg::Reset {
+                        code: ErrorCode::ConnectionReset,
+                        reason: format!("read error: {e}"),
+                    },
+                );
                 return;
             }
         }
@@ -250,7 +254,7 @@ async fn write_half<W: AsyncWrite + Unpin>(
     wr: &mut W,
     cid: Cid,
     rx: Receiver<Delivery>,
-    cmd: Sender<LinkCmd>,
+    cmd: FlowTx,
     metrics: Arc<Metrics>,
     down: &'static str,
 ) -> bool {
@@ -264,15 +268,17 @@ async fn write_half<W: AsyncWrite + Unpin>(
             Delivery::Data(b) => {
                 let n = b.len();
                 if let Err(e) = wr.write_all(&b).await {
-                    let _ = cmd.try_send(LinkCmd::Reset {
+                    let _ = cmd.send(
                         cid,
-                        code: ErrorCode::ConnectionReset,
-                        reason: format!("write error: {e}"),
-                    });
+                        PeerMsg::Reset {
+                            code: ErrorCode::ConnectionReset,
+                            reason: format!("write error: {e}"),
+                        },
+                    );
                     return true;
                 }
                 bytes_down.inc_by(n as u64);
-                let _ = cmd.try_send(LinkCmd::Consumed { cid, n });
+                let _ = cmd.send(cid, PeerMsg::Consumed(n));
             }
             Delivery::Fin => {
                 fin = true;

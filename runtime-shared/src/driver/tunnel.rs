@@ -11,12 +11,15 @@ use nowconnect_core::{Cid, ErrorCode};
 
 use crate::metrics::{Cadence, Metrics, add_delta, add_frame_deltas, labels};
 
-use super::{FlowEnd, FlowPipes, LinkCmd, OpenRefused, Outgoing, WRITER_HIGH_WATER};
+use super::{
+    FlowEnd, FlowPipes, LinkCmd, OpenRefused, Outgoing, PeerMsg, TunnelCmd, TunnelTx,
+    WRITER_HIGH_WATER,
+};
 
 /// A tunnel's core state machine with its flow pipes and socket writer.
 pub struct TunnelDriver {
     pub tunnel: Tunnel,
-    pub pipes: FlowPipes,
+    pub pipes: FlowPipes<TunnelCmd>,
     out: Sender<Outgoing>,
     metrics: Arc<Metrics>,
     reported: nowconnect_core::tunnel::TunnelStats,
@@ -30,7 +33,7 @@ impl TunnelDriver {
     pub fn new(
         tunnel: Tunnel,
         out: Sender<Outgoing>,
-        cmd_tx: Sender<LinkCmd>,
+        cmd_tx: TunnelTx,
         metrics: Arc<Metrics>,
     ) -> Self {
         TunnelDriver {
@@ -75,39 +78,40 @@ impl TunnelDriver {
         self.pipes.attach(&mut self.tunnel, cid, connector)
     }
 
-    /// Apply a command; `Accept`, `Close` and `OpenFlow` are handled here too.
-    pub fn on_cmd(&mut self, now: Instant, cmd: LinkCmd) {
-        let Some(cmd) = self.pipes.on_cmd(&mut self.tunnel, cmd) else {
-            return;
-        };
+    /// Apply a command: a flow's to its flow, the tunnel's own here.
+    pub fn on_cmd(&mut self, now: Instant, cmd: LinkCmd<TunnelCmd>) {
         match cmd {
-            LinkCmd::Accept { epoch } => self.tunnel.accept(now, epoch),
+            LinkCmd::Flow { cid, msg } => self.pipes.on_flow(&mut self.tunnel, cid, msg),
             LinkCmd::Close { code, reason } => self.tunnel.close(code, &reason),
-            LinkCmd::Drain => {
+            LinkCmd::Link(cmd) => self.on_tunnel_cmd(now, cmd),
+        }
+    }
+
+    fn on_tunnel_cmd(&mut self, now: Instant, cmd: TunnelCmd) {
+        match cmd {
+            TunnelCmd::Accept { epoch } => self.tunnel.accept(now, epoch),
+            TunnelCmd::Drain => {
                 if !self.tunnel.send_drain() {
                     tracing::info!(
                         "v1 agent: no DRAIN frame; it moves when the drain closes its tunnel"
                     );
                 }
             }
-            LinkCmd::OpenFlow { connector, reply } => {
+            TunnelCmd::OpenFlow { connector, reply } => {
                 let res = match self.tunnel.open_flow(&connector) {
                     Ok(cid) => Ok(self.pipes.attach(&mut self.tunnel, cid, &connector)),
                     Err(e) => Err(self.open_refused(e, &connector)),
                 };
                 if let Err(async_channel::TrySendError::Closed(Ok(end))) = reply.try_send(res) {
                     // The client went away while we opened: abort the flow.
-                    self.on_cmd(
-                        now,
-                        LinkCmd::Reset {
-                            cid: end.cid,
-                            code: ErrorCode::ConnectionReset,
-                            reason: "client closed before the flow opened".into(),
-                        },
-                    );
+                    let reset = PeerMsg::Reset {
+                        code: ErrorCode::ConnectionReset,
+                        reason: "client closed before the flow opened".into(),
+                    };
+                    self.pipes.on_flow(&mut self.tunnel, end.cid, reset);
                 }
             }
-            LinkCmd::OpenJoined {
+            TunnelCmd::OpenJoined {
                 connector,
                 peer,
                 reply,
@@ -128,14 +132,6 @@ impl TunnelDriver {
                     let _ = reply.try_send(Err(self.open_refused(e, &connector)));
                 }
             },
-            LinkCmd::OpenMeshFlow { reply, .. } => {
-                let _ = reply.try_send(Err(OpenRefused::wrong_link("not a mesh link")));
-            }
-            LinkCmd::Data { .. }
-            | LinkCmd::Fin { .. }
-            | LinkCmd::Reset { .. }
-            | LinkCmd::Consumed { .. }
-            | LinkCmd::Join { .. } => {}
         }
     }
 

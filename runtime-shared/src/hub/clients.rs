@@ -7,10 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nowconnect_core::admission::Admission;
+use nowconnect_core::hub::TunnelId;
 use nowconnect_core::routing::Route;
 use nowconnect_core::{Epoch, ErrorCode};
 
-use crate::driver::{FlowEnd, LinkCmd, OpenRefused, Reply};
+use crate::driver::{FlowEnd, MeshCmd, MeshTx, OpenRefused, TunnelCmd, TunnelTx, send_open};
 use crate::logging::LogThrottle;
 use crate::metrics::labels;
 use crate::rt::HubRt;
@@ -187,9 +188,9 @@ impl<R: HubRt> Shared<R> {
         let Ok(route) = rx.recv().await else {
             return;
         };
-        let (tunnel, agent_id, route_kind, cmd, open) = match route {
+        let (tunnel, agent_id, route_kind, open) = match route {
             Route::Local { tunnel, agent_id } => {
-                let cmd = shared
+                let link = shared
                     .control
                     .lock()
                     .expect("control lock")
@@ -198,26 +199,28 @@ impl<R: HubRt> Shared<R> {
                     .cloned();
                 // The agent knows its connectors by their bare names.
                 let open = OpenRequest::Tunnel {
+                    link,
                     connector: nowconnect_core::tenant::split(&connector).1.to_string(),
                 };
-                (Some(tunnel), agent_id, "local", cmd, open)
+                (Some(tunnel), agent_id, "local", open)
             }
             Route::Mesh {
                 replica_id,
                 agent_id,
                 epoch,
             } => {
-                let cmd = shared
+                let link = shared
                     .mesh_links
                     .lock()
                     .expect("mesh links lock")
                     .sender(&replica_id);
                 let open = OpenRequest::Mesh {
+                    link,
                     connector: connector.clone(),
                     agent_id: agent_id.clone(),
                     epoch,
                 };
-                (None, format!("{agent_id}@{replica_id}"), "mesh", cmd, open)
+                (None, format!("{agent_id}@{replica_id}"), "mesh", open)
             }
             Route::Refuse { code, reason } => {
                 shared.refuse_client(code.as_str());
@@ -227,7 +230,7 @@ impl<R: HubRt> Shared<R> {
         };
         // Counted on its tunnel since the routing decision (see `pump`).
         let _counted = tunnel.map(|t| TunnelFlowGuard(shared.clone(), t));
-        let rrx = crate::driver::send_open(cmd, |reply| open.into_cmd(reply));
+        let rrx = open.send();
         let end: FlowEnd = match rrx.recv().await {
             Ok(Ok(end)) => end,
             Ok(Err(refused)) => {
@@ -261,12 +264,15 @@ impl<R: HubRt> Shared<R> {
     }
 }
 
-/// How a client's flow is opened: on a local agent tunnel or over the mesh.
+/// How a client's flow is opened: on a local agent tunnel or over the mesh
+/// (`link`: none when it went away since the routing decision).
 enum OpenRequest {
     Tunnel {
+        link: Option<TunnelTx>,
         connector: String,
     },
     Mesh {
+        link: Option<MeshTx>,
         connector: String,
         agent_id: String,
         epoch: Epoch,
@@ -274,19 +280,23 @@ enum OpenRequest {
 }
 
 impl OpenRequest {
-    fn into_cmd(self, reply: Reply<Result<FlowEnd, OpenRefused>>) -> LinkCmd {
+    /// Send the open to its link; where its answer arrives.
+    fn send(self) -> async_channel::Receiver<Result<FlowEnd, OpenRefused>> {
         match self {
-            OpenRequest::Tunnel { connector } => LinkCmd::OpenFlow { connector, reply },
+            OpenRequest::Tunnel { link, connector } => {
+                send_open(link, |reply| TunnelCmd::OpenFlow { connector, reply })
+            }
             OpenRequest::Mesh {
+                link,
                 connector,
                 agent_id,
                 epoch,
-            } => LinkCmd::OpenMeshFlow {
+            } => send_open(link, |reply| MeshCmd::OpenFlow {
                 connector,
                 agent_id,
                 epoch,
                 reply,
-            },
+            }),
         }
     }
 }
@@ -337,7 +347,7 @@ impl<R: HubRt> Drop for ClientGuard<R> {
 }
 
 /// Ends a local flow's count on its tunnel however the client ends.
-struct TunnelFlowGuard<R: HubRt>(Arc<Shared<R>>, u64);
+struct TunnelFlowGuard<R: HubRt>(Arc<Shared<R>>, TunnelId);
 
 impl<R: HubRt> Drop for TunnelFlowGuard<R> {
     fn drop(&mut self) {

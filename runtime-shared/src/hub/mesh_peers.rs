@@ -5,11 +5,12 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use async_channel::Sender;
+use nowconnect_core::hub::TunnelId;
 use nowconnect_core::registry::{RegistryOp, RegistryReply};
 use nowconnect_core::{Epoch, ErrorCode};
 
-use crate::driver::LinkCmd;
+use crate::driver::{LinkCmd, MeshTx, TunnelTx};
+use crate::mesh::LinkId;
 use crate::metrics::labels;
 use crate::rt::HubRt;
 
@@ -42,7 +43,7 @@ impl<R: HubRt> Shared<R> {
         agent_id: &str,
         connector: &str,
         epoch: Epoch,
-    ) -> Result<(u64, Sender<LinkCmd>), (ErrorCode, String)> {
+    ) -> Result<(TunnelId, TunnelTx), (ErrorCode, String)> {
         self.with_control(|c, _| {
             let tunnel = c.node.mesh_open(agent_id, connector, epoch)?;
             match c.tunnels.get(&tunnel).cloned() {
@@ -63,12 +64,7 @@ impl<R: HubRt> Shared<R> {
     }
 
     /// A mesh link to `replica` came up (`Some(sender)`) or went down.
-    pub fn mesh_link_state(
-        self: &Arc<Self>,
-        replica: &str,
-        link: u64,
-        sender: Option<Sender<LinkCmd>>,
-    ) {
+    pub fn mesh_link_state(self: &Arc<Self>, replica: &str, link: LinkId, sender: Option<MeshTx>) {
         let up = {
             let mut links = self.mesh_links.lock().expect("mesh links lock");
             links.set(replica, link, sender)

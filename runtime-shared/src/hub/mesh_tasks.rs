@@ -20,8 +20,8 @@ use tungstenite::Message;
 use tungstenite::protocol::WebSocketConfig;
 
 use super::Shared;
-use crate::driver::{FlowPipes, LinkCmd, OpenRefused, Outgoing, Peer};
-use crate::mesh::MeshConnected;
+use crate::driver::{FlowPipes, LinkCmd, MeshCmd, OpenRefused, Outgoing, Peer, PeerMsg};
+use crate::mesh::{LinkId, MeshConnected};
 use crate::metrics::{Metrics, add_delta, add_frame_deltas, labels};
 use crate::rt::HubRt;
 
@@ -167,7 +167,7 @@ async fn run_link<R: HubRt>(
         Dial::Outbound { url, expected } => (Some(url), expected, None),
     };
     let metrics = shared.metrics().clone();
-    let link_id = rand::random::<u64>();
+    let link_id = LinkId(rand::random::<u64>());
     let (mut cmd_tx, mut cmd_rx) = async_channel::unbounded();
     let mut pipes = FlowPipes::new(cmd_tx.clone(), metrics.clone());
     let (dial_tx, dial_rx) = async_channel::unbounded::<DialResult<R::MeshWs>>();
@@ -203,7 +203,7 @@ async fn run_link<R: HubRt>(
     enum Wake<W> {
         Dialed(DialResult<W>),
         In(Option<Result<Message, tungstenite::Error>>),
-        Cmd(LinkCmd),
+        Cmd(LinkCmd<MeshCmd>),
         Timer,
         Written,
     }
@@ -394,51 +394,41 @@ async fn run_link<R: HubRt>(
                 let mut next = Some(cmd);
                 let mut budget = crate::driver::CMD_BATCH;
                 while let Some(cmd) = next.take() {
-                    if let Some(cmd) = pipes.on_cmd(&mut link, cmd) {
-                        match cmd {
-                            LinkCmd::OpenMeshFlow {
-                                connector,
-                                agent_id,
-                                epoch,
-                                reply,
-                            } => {
-                                let res = link
-                                    .open_flow(&connector, &agent_id, epoch)
-                                    .map(|cid| pipes.attach(&mut link, cid, &connector))
-                                    .map_err(|e| OpenRefused::from_send(e, "mesh link flow"));
-                                if let Err(async_channel::TrySendError::Closed(Ok(end))) =
-                                    reply.try_send(res)
-                                {
-                                    let _ = pipes.on_cmd(
-                                        &mut link,
-                                        LinkCmd::Reset {
-                                            cid: end.cid,
-                                            code: ErrorCode::ConnectionReset,
-                                            reason: "client went away".into(),
-                                        },
-                                    );
-                                }
-                            }
-                            // A configured peer (dialed, not announced) is
-                            // dialed again with backoff; any other link ends.
-                            LinkCmd::Close { code, reason }
-                                if code != ErrorCode::Shutdown
-                                    && dial.is_some()
-                                    && expected.is_none() =>
-                            {
-                                link.on_disconnected(now, &reason)
-                            }
-                            LinkCmd::Close { reason, .. } => link.close(&reason),
-                            LinkCmd::OpenFlow { reply, .. } => {
-                                let _ = reply
-                                    .try_send(Err(OpenRefused::wrong_link("not an agent tunnel")));
-                            }
-                            LinkCmd::OpenJoined { reply, .. } => {
-                                let _ = reply
-                                    .try_send(Err(OpenRefused::wrong_link("not an agent tunnel")));
-                            }
-                            _ => {}
+                    match cmd {
+                        LinkCmd::Flow { cid, msg } => pipes.on_flow(&mut link, cid, msg),
+                        LinkCmd::Link(MeshCmd::Join { cid, peer }) => {
+                            pipes.join(&mut link, cid, peer)
                         }
+                        LinkCmd::Link(MeshCmd::OpenFlow {
+                            connector,
+                            agent_id,
+                            epoch,
+                            reply,
+                        }) => {
+                            let res = link
+                                .open_flow(&connector, &agent_id, epoch)
+                                .map(|cid| pipes.attach(&mut link, cid, &connector))
+                                .map_err(|e| OpenRefused::from_send(e, "mesh link flow"));
+                            if let Err(async_channel::TrySendError::Closed(Ok(end))) =
+                                reply.try_send(res)
+                            {
+                                let reset = PeerMsg::Reset {
+                                    code: ErrorCode::ConnectionReset,
+                                    reason: "client went away".into(),
+                                };
+                                pipes.on_flow(&mut link, end.cid, reset);
+                            }
+                        }
+                        // A configured peer (dialed, not announced) is
+                        // dialed again with backoff; any other link ends.
+                        LinkCmd::Close { code, reason }
+                            if code != ErrorCode::Shutdown
+                                && dial.is_some()
+                                && expected.is_none() =>
+                        {
+                            link.on_disconnected(now, &reason)
+                        }
+                        LinkCmd::Close { reason, .. } => link.close(&reason),
                     }
                     budget -= 1;
                     if budget > 0 {

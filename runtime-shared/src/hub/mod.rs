@@ -37,7 +37,7 @@ use nowconnect_core::registry::MemoryRegistry;
 use nowconnect_core::routing::{Mode, Route};
 
 use crate::config::HubConfig;
-use crate::driver::LinkCmd;
+use crate::driver::{LinkCmd, TunnelCmd, TunnelTx};
 use crate::jwt::{AgentIdentity, Verifier};
 use crate::mesh::{MeshLinks, MeshTlsConfigs};
 use crate::metrics::{Metrics, labels};
@@ -51,7 +51,7 @@ struct Control {
     node: HubNode,
     /// In-process registry; `None`: Redis through the runtime.
     memory: Option<MemoryRegistry>,
-    tunnels: BTreeMap<TunnelId, Sender<LinkCmd>>,
+    tunnels: BTreeMap<TunnelId, TunnelTx>,
     /// Who each live tunnel's token says its agent is (re-checked against
     /// the revocation list).
     identities: BTreeMap<TunnelId, AgentIdentity>,
@@ -161,12 +161,12 @@ impl<R: HubRt> Shared<R> {
     }
 
     /// A flow counted by `HubNode::mesh_open` (or a client's route) ended.
-    pub fn flow_ended(self: &Arc<Self>, tunnel: u64) {
+    pub fn flow_ended(self: &Arc<Self>, tunnel: TunnelId) {
         self.flows_ended(tunnel, 1);
     }
 
     /// `n` flows of `tunnel` ended.
-    fn flows_ended(self: &Arc<Self>, tunnel: u64, n: usize) {
+    fn flows_ended(self: &Arc<Self>, tunnel: TunnelId, n: usize) {
         if n > 0 {
             self.with_control(|c, _| {
                 for _ in 0..n {
@@ -205,7 +205,7 @@ impl<R: HubRt> Shared<R> {
                 NodeOutput::Hub(out) => out,
                 NodeOutput::AcceptTunnel { tunnel, epoch } => {
                     if let Some(tx) = c.tunnels.get(&tunnel) {
-                        let _ = tx.try_send(LinkCmd::Accept { epoch });
+                        let _ = tx.try_send(LinkCmd::Link(TunnelCmd::Accept { epoch }));
                     }
                     continue;
                 }
@@ -214,7 +214,7 @@ impl<R: HubRt> Shared<R> {
                     code,
                     reason,
                 } => {
-                    tracing::warn!(target: "nowconnect::security", tunnel, %code, %reason, "closing agent tunnel");
+                    tracing::warn!(target: "nowconnect::security", tunnel = tunnel.0, %code, %reason, "closing agent tunnel");
                     if let Some(tx) = c.tunnels.get(&tunnel) {
                         let _ = tx.try_send(LinkCmd::Close { code, reason });
                     }
@@ -222,7 +222,7 @@ impl<R: HubRt> Shared<R> {
                 }
                 NodeOutput::DrainTunnel { tunnel } => {
                     if let Some(tx) = c.tunnels.get(&tunnel) {
-                        let _ = tx.try_send(LinkCmd::Drain);
+                        let _ = tx.try_send(LinkCmd::Link(TunnelCmd::Drain));
                     }
                     continue;
                 }

@@ -12,10 +12,11 @@ use async_channel::Sender;
 use futures_lite::StreamExt;
 use futures_lite::future::race;
 use nowconnect_core::ErrorCode;
+use nowconnect_core::hub::TunnelId;
 use nowconnect_core::hub_node::{RefusalCount, RefusalStage, Refused};
 use nowconnect_core::tunnel::{Tunnel, TunnelEvent};
 
-use crate::driver::{InlineWriter, LinkCmd, LoopTimer, Outgoing, TunnelDriver};
+use crate::driver::{InlineWriter, LinkCmd, LoopTimer, Outgoing, TunnelCmd, TunnelDriver};
 use crate::jwt::AgentIdentity;
 use crate::metrics::labels;
 use crate::rt::{HubRt, WsIn};
@@ -103,16 +104,16 @@ impl<R: HubRt> Shared<R> {
         match r.refusal.stage() {
             RefusalStage::Hello => {
                 let hello_agent = r.hello_agent.as_deref().unwrap_or_default();
-                tracing::warn!(target: "nowconnect::security", tunnel, %tenant, %agent, %hello_agent, reason, "tunnel refused at HELLO");
+                tracing::warn!(target: "nowconnect::security", tunnel = tunnel.0, %tenant, %agent, %hello_agent, reason, "tunnel refused at HELLO");
             }
             RefusalStage::Reauth => {
-                tracing::warn!(target: "nowconnect::security", tunnel, %tenant, %agent, reason, %detail, "renewed token refused; closing the tunnel");
+                tracing::warn!(target: "nowconnect::security", tunnel = tunnel.0, %tenant, %agent, reason, %detail, "renewed token refused; closing the tunnel");
             }
             RefusalStage::Expiry => {
-                tracing::warn!(target: "nowconnect::security", tunnel, %tenant, %agent, reason, "closing agent tunnel: its token expired");
+                tracing::warn!(target: "nowconnect::security", tunnel = tunnel.0, %tenant, %agent, reason, "closing agent tunnel: its token expired");
             }
             RefusalStage::Revocation => {
-                tracing::warn!(target: "nowconnect::security", tunnel, %tenant, %agent, reason, "closing agent tunnel: its token is revoked");
+                tracing::warn!(target: "nowconnect::security", tunnel = tunnel.0, %tenant, %agent, reason, "closing agent tunnel: its token is revoked");
             }
         }
     }
@@ -133,7 +134,7 @@ impl<R: HubRt> Shared<R> {
         M: Send,
     {
         let shared = self;
-        let tunnel_id = shared.id();
+        let tunnel_id = TunnelId(shared.id());
         let (cmd_tx, cmd_rx) = async_channel::unbounded();
         // The tunnel lives no longer than its token: the node closes it then.
         let until = |exp: u64| {
@@ -150,10 +151,10 @@ impl<R: HubRt> Shared<R> {
         let mut d = TunnelDriver::new(tunnel, out, cmd_tx, shared.metrics.clone());
         let agent_id = identity.agent_id.clone();
         let tenant = identity.tenant.clone();
-        tracing::info!(tunnel = tunnel_id, %peer, %tenant, agent = %identity.agent_id, "agent tunnel connected");
+        tracing::info!(tunnel = tunnel_id.0, %peer, %tenant, agent = %identity.agent_id, "agent tunnel connected");
         enum Wake {
             In(Option<WsIn>),
-            Cmd(LinkCmd),
+            Cmd(LinkCmd<TunnelCmd>),
             Timer,
             Written,
         }
@@ -232,7 +233,7 @@ impl<R: HubRt> Shared<R> {
                                 taken
                             });
                             if taken {
-                                tracing::info!(tunnel = tunnel_id, %tenant, agent = %agent_id, expires_at = new.expires_at, "agent token renewed on the tunnel");
+                                tracing::info!(tunnel = tunnel_id.0, %tenant, agent = %agent_id, expires_at = new.expires_at, "agent token renewed on the tunnel");
                             }
                         }
                         Err((label, detail)) => shared.with_control(|c, now| {
@@ -246,7 +247,7 @@ impl<R: HubRt> Shared<R> {
                             .tunnels
                             .get_or_create(&labels(&[("result", "accepted")]))
                             .inc();
-                        tracing::info!(tunnel = tunnel_id, agent = %agent_id, epoch = epoch.0, codec = codec.as_str(), "agent tunnel established");
+                        tracing::info!(tunnel = tunnel_id.0, agent = %agent_id, epoch = epoch.0, codec = codec.as_str(), "agent tunnel established");
                     }
                     TunnelEvent::Closed { code, reason } => closed = Some((code, reason)),
                     TunnelEvent::Open { .. }
@@ -266,7 +267,7 @@ impl<R: HubRt> Shared<R> {
             if let Some((code, reason)) = closed {
                 if d.tunnel.stats.control_backlog_closes > 0 {
                     shared.security_event("tunnel_output_budget");
-                    tracing::warn!(target: "nowconnect::security", tunnel = tunnel_id, %peer, %tenant, agent = %agent_id, %reason, "closing agent tunnel: it does not read what it causes");
+                    tracing::warn!(target: "nowconnect::security", tunnel = tunnel_id.0, %peer, %tenant, agent = %agent_id, %reason, "closing agent tunnel: it does not read what it causes");
                 }
                 let result = if matches!(code, ErrorCode::LinkLost | ErrorCode::Shutdown) {
                     "closed"
@@ -278,7 +279,7 @@ impl<R: HubRt> Shared<R> {
                     .tunnels
                     .get_or_create(&labels(&[("result", result)]))
                     .inc();
-                tracing::info!(tunnel = tunnel_id, agent = %agent_id, %code, %reason, "agent tunnel closed");
+                tracing::info!(tunnel = tunnel_id.0, agent = %agent_id, %code, %reason, "agent tunnel closed");
                 d.close_socket(code, &reason);
                 break;
             }

@@ -338,7 +338,7 @@ impl World {
                 cur.cut_off.get_or_insert(now);
                 self.hubs[h]
                     .node
-                    .tunnel_reauth_refused(now, ep, label, detail);
+                    .tunnel_reauth_refused(now, TunnelId(ep), label, detail);
                 return;
             }
         };
@@ -355,7 +355,7 @@ impl World {
         cur.last_reauth_allowed = allowed;
         let taken = self.hubs[h]
             .node
-            .tunnel_reauthed(now, ep, new.clone(), token.exp);
+            .tunnel_reauthed(now, TunnelId(ep), new.clone(), token.exp);
         let cur = self.tunnel_auth.get_mut(&ep).expect("checked");
         if taken && allowed {
             self.outcome.reauths_accepted += 1;
@@ -366,7 +366,10 @@ impl World {
             cur.cut_off.get_or_insert(now);
         }
         let before = format!("{:?}", cur.credential);
-        let held = self.hubs[h].node.tunnel(ep).map(|t| t.credential());
+        let held = self.hubs[h]
+            .node
+            .tunnel(TunnelId(ep))
+            .map(|t| t.credential());
         if held.is_some_and(|c| *c != cur.credential) || (taken && !allowed) {
             self.fail(format!(
                 "hub {h}: a renewed token {new:?} that the rules refuse changed the identity of tunnel {ep} ({before})"
@@ -378,7 +381,7 @@ impl World {
     /// account of the tunnel.
     pub(super) fn tunnel_refused(&mut self, h: usize, r: &Refused) {
         let now = self.now;
-        let Some(cur) = self.tunnel_auth.get(&r.tunnel) else {
+        let Some(cur) = self.tunnel_auth.get(&r.tunnel.0) else {
             return;
         };
         let who = format!("{}/{}", cur.credential.tenant, cur.credential.agent_id);
@@ -440,7 +443,7 @@ impl World {
                     && self.hubs[a.hub].alive
                     && self.hubs[a.hub]
                         .node
-                        .tunnel(**ep)
+                        .tunnel(TunnelId(**ep))
                         .is_some_and(|t| t.agent().is_some())
             })
             .map(|(ep, _)| *ep)
@@ -467,7 +470,7 @@ impl World {
                 .expect("listed")
                 .cut_off
                 .get_or_insert(now);
-            self.hubs[h].node.tunnel_revoked(now, ep);
+            self.hubs[h].node.tunnel_revoked(now, TunnelId(ep));
         }
         if self.agents[agent].auth.file == token {
             let d = Duration::from_millis(50 + self.rng.below(250));

@@ -68,7 +68,7 @@ impl World {
             }
             Err((code, reason)) => {
                 self.outcome.bridges_refused += 1;
-                self.hubs[h].node.flow_ended(tunnel);
+                self.hubs[h].node.flow_ended(TunnelId(tunnel));
                 self.on_flow(mesh, |relay, link, cid| {
                     relay.reset(link, cid, code, &reason)
                 });
@@ -178,7 +178,7 @@ impl World {
             RelayOutput::Ended { bridged: true, .. } => {
                 // The hub's count of flows on the agent's tunnel.
                 if let Node::Hub(h) = node {
-                    self.hubs[h].node.flow_ended(ep);
+                    self.hubs[h].node.flow_ended(TunnelId(ep));
                 }
             }
             // A hub link's relay holds bridged flows only: the simulated

@@ -36,7 +36,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use nowconnect_core::agent::{AgentConfig, AttemptId, HubLinkState};
 use nowconnect_core::agent_node::{AgentCommand, AgentNode};
 use nowconnect_core::flow::SendError;
-use nowconnect_core::hub::{Hub, HubConfig, HubOutput};
+use nowconnect_core::hub::{Hub, HubConfig, HubOutput, TunnelId};
 use nowconnect_core::hub_node::{HubNode, NodeOutput, RefusalStage};
 use nowconnect_core::mesh_link::{MeshEvent, MeshLink, MeshLinkConfig};
 use nowconnect_core::mux::{FlowEvent, FlowLink, GROWTH_BUDGET_WINDOWS, PlantedBug};
@@ -634,7 +634,7 @@ impl World {
                 // What the hub learnt from the token at the upgrade.
                 self.hubs[hub].node.tunnel_connected(
                     now,
-                    hub_side,
+                    TunnelId(hub_side),
                     token_now.credential,
                     token_now.exp,
                 );

@@ -13,7 +13,7 @@ impl World {
             .get(&ep)
             .is_some_and(|e| matches!(e.link, Link::Tunnel(_)))
         {
-            self.hubs[hub].node.flow_ended(ep);
+            self.hubs[hub].node.flow_ended(TunnelId(ep));
         }
     }
 
@@ -78,7 +78,7 @@ impl World {
                 );
             }
             NodeOutput::AcceptTunnel { tunnel, epoch } => {
-                let agent = match self.eps.get_mut(&tunnel) {
+                let agent = match self.eps.get_mut(&tunnel.0) {
                     Some(Ep {
                         link: Link::Tunnel(t),
                         agent_id,
@@ -111,7 +111,7 @@ impl World {
                 code,
                 reason,
             } => {
-                if let Some(Link::Tunnel(t)) = self.eps.get_mut(&tunnel).map(|e| &mut e.link) {
+                if let Some(Link::Tunnel(t)) = self.eps.get_mut(&tunnel.0).map(|e| &mut e.link) {
                     t.close(code, &reason);
                 }
             }
@@ -127,7 +127,7 @@ impl World {
                 HubOutput::Peers(_) | HubOutput::PeerDeparted { .. } | HubOutput::Announced,
             ) => {}
             NodeOutput::DrainTunnel { tunnel } => {
-                if let Some(Link::Tunnel(t)) = self.eps.get_mut(&tunnel).map(|e| &mut e.link) {
+                if let Some(Link::Tunnel(t)) = self.eps.get_mut(&tunnel.0).map(|e| &mut e.link) {
                     t.send_drain();
                 }
             }
@@ -158,7 +158,7 @@ impl World {
         // client's listener's tenant.
         let tenant = self.clients[&client].tenant;
         let chosen = match &route {
-            Route::Local { tunnel, .. } => self.eps.get(tunnel).and_then(|e| e.agent_id.clone()),
+            Route::Local { tunnel, .. } => self.eps.get(&tunnel.0).and_then(|e| e.agent_id.clone()),
             Route::Mesh { agent_id, .. } => Some(agent_id.clone()),
             Route::Refuse { .. } => None,
         };
@@ -171,9 +171,9 @@ impl World {
         }
         let connector = qualify(tenant, "echo");
         let opened = match &route {
-            Route::Local { tunnel, .. } => match self.eps.get_mut(tunnel).map(|e| &mut e.link) {
+            Route::Local { tunnel, .. } => match self.eps.get_mut(&tunnel.0).map(|e| &mut e.link) {
                 Some(Link::Tunnel(t)) => match t.open_flow("echo") {
-                    Ok(cid) => Some((*tunnel, cid)),
+                    Ok(cid) => Some((tunnel.0, cid)),
                     Err(SendError::NotEstablished) => None,
                     Err(_) => {
                         // The agent's tunnel is full: refused as such.
@@ -248,20 +248,25 @@ impl World {
         let now = self.now;
         match e {
             TunnelEvent::Hello { .. } => {
-                if self.hubs[h].node.tunnel(ep).is_none() {
+                if self.hubs[h].node.tunnel(TunnelId(ep)).is_none() {
                     return self.fail(format!("hub {h}: a HELLO on tunnel {ep} without a token"));
                 }
-                self.hubs[h].node.tunnel_event(now, ep, &e);
+                self.hubs[h].node.tunnel_event(now, TunnelId(ep), &e);
                 // Admitted: the node knows the agent by its qualified name.
-                let agent = self.hubs[h].node.tunnel(ep).and_then(|t| t.agent());
+                let agent = self.hubs[h]
+                    .node
+                    .tunnel(TunnelId(ep))
+                    .and_then(|t| t.agent());
                 if let (Some(agent), Some(e)) = (agent, self.eps.get_mut(&ep)) {
                     e.agent_id = Some(agent);
                 }
             }
             TunnelEvent::Flow(fe) => self.hub_flow_event(ep, fe),
-            TunnelEvent::Established { .. } => self.hubs[h].node.tunnel_event(now, ep, &e),
+            TunnelEvent::Established { .. } => {
+                self.hubs[h].node.tunnel_event(now, TunnelId(ep), &e)
+            }
             TunnelEvent::Closed { .. } => {
-                self.hubs[h].node.tunnel_event(now, ep, &e);
+                self.hubs[h].node.tunnel_event(now, TunnelId(ep), &e);
                 self.remove_ep(ep);
             }
             TunnelEvent::Reauth { token } => self.hub_reauth(h, ep, &token),
@@ -398,7 +403,7 @@ impl World {
             Event::BridgeOpen {
                 hub: h,
                 mesh,
-                tunnel,
+                tunnel: tunnel.0,
                 connector: connector.to_string(),
             },
         );
