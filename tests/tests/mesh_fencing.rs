@@ -253,7 +253,7 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
         &Frame::MOpen {
             h: MeshHeader {
                 connector: "ldap".into(),
-                ..hdr(5, epoch)
+                ..hdr(3, epoch)
             },
         },
     )
@@ -275,7 +275,7 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
         1.0
     );
     // The current epoch: accepted, and data flows to the agent's target.
-    send(&mut ws, &Frame::MOpen { h: hdr(3, epoch) }).await;
+    send(&mut ws, &Frame::MOpen { h: hdr(5, epoch) }).await;
     assert!(matches!(
         recv(&mut ws).await,
         Frame::MOpenAck { ok: true, .. }
@@ -283,7 +283,7 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
     send(
         &mut ws,
         &Frame::MData {
-            h: hdr(3, epoch),
+            h: hdr(5, epoch),
             payload: bytes::Bytes::from_static(b"ping"),
         },
     )
@@ -314,7 +314,21 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
     }
     // A later frame of that flow with a stale epoch never reaches the target:
     // the flow is reset with stale_epoch.
-    let mut stale = hdr(3, epoch - 1);
+    // A cid used before on this connection (the refused open's) is refused
+    // as such: nothing still in flight for the old flow may meet a new one.
+    send(&mut ws, &Frame::MOpen { h: hdr(3, epoch) }).await;
+    loop {
+        match recv(&mut ws).await {
+            Frame::MOpenAck { h, ok, code, .. } if h.cid == 3 => {
+                assert!(!ok, "accepted a cid used before on the connection");
+                assert_eq!(code, ErrorCode::ProtocolError);
+                break;
+            }
+            Frame::MCredit { .. } => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    let mut stale = hdr(5, epoch - 1);
     stale.seq = 1;
     send(
         &mut ws,
