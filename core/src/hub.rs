@@ -17,16 +17,7 @@ use crate::routing::{LocalCandidate, Mode, RemoteView, Route, pick_local, route_
 use crate::tenant::{AgentCredential, qualify};
 use crate::timer::Timers;
 
-/// One agent tunnel of a hub, as the hub's runtime (or the simulator)
-/// numbers it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TunnelId(pub u64);
-
-impl std::fmt::Display for TunnelId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
+pub use crate::routing::TunnelId;
 
 pub type ClientId = u64;
 pub type OpId = u64;

@@ -3,9 +3,19 @@
 //! decision active mode *would* have made is returned beside what is done.
 
 use crate::frame::{Epoch, ErrorCode};
-use crate::hub::TunnelId;
 use crate::registry::AgentRecord;
 use crate::rng::Rng;
+
+/// One agent tunnel of a hub, as the hub's runtime (or the simulator)
+/// numbers it (re-exported as `hub::TunnelId`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TunnelId(pub u64);
+
+impl std::fmt::Display for TunnelId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Mode {
