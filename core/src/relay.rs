@@ -299,9 +299,21 @@ impl<P: Clone> FlowRelay<P> {
         code: ErrorCode,
         reason: &str,
     ) {
-        let Some(slot) = self.detach(cid) else {
-            return;
-        };
+        if let Some(slot) = self.end_on_link(link, cid, code, reason) {
+            self.ended(cid, slot, Some(code));
+        }
+    }
+
+    /// Take `cid` out and end it on the link: a held open is refused, any
+    /// other flow reset.
+    fn end_on_link(
+        &mut self,
+        link: &mut (impl FlowLink + ?Sized),
+        cid: Cid,
+        code: ErrorCode,
+        reason: &str,
+    ) -> Option<Slot<P>> {
+        let slot = self.detach(cid)?;
         if matches!(slot.sink, Sink::Held { .. }) {
             self.out.push_back(RelayOutput::RefuseOpen {
                 cid,
@@ -311,7 +323,7 @@ impl<P: Clone> FlowRelay<P> {
         } else {
             link.reset_flow(cid, code, reason);
         }
-        self.ended(cid, slot, Some(code));
+        Some(slot)
     }
 
     /// The local consumer wrote `n` delivered bytes.
@@ -339,20 +351,10 @@ impl<P: Clone> FlowRelay<P> {
         code: ErrorCode,
         reason: &str,
     ) {
-        let Some(slot) = self.detach(cid) else {
-            return;
-        };
-        if matches!(slot.sink, Sink::Held { .. }) {
-            self.out.push_back(RelayOutput::RefuseOpen {
-                cid,
-                code,
-                reason: reason.to_string(),
-            });
-        } else {
-            link.reset_flow(cid, code, reason);
+        if let Some(slot) = self.end_on_link(link, cid, code, reason) {
+            self.tell_reset(cid, &slot, code, reason);
+            self.ended(cid, slot, Some(code));
         }
-        self.tell_reset(cid, &slot, code, reason);
-        self.ended(cid, slot, Some(code));
     }
 
     /// A [`RelayOutput::ToPeer`] for `cid` found the other link gone: the

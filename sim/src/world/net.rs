@@ -142,10 +142,7 @@ impl World {
     }
 
     pub(super) fn flow_link(&mut self, ep: EpId) -> Option<&mut dyn FlowLink> {
-        self.eps.get_mut(&ep).map(|e| match &mut e.link {
-            Link::Tunnel(t) => t as &mut dyn FlowLink,
-            Link::Mesh(m) => m as &mut dyn FlowLink,
-        })
+        self.eps.get_mut(&ep).map(|e| e.link.flow_link())
     }
 
     pub(super) fn pump_eps(&mut self) -> bool {
