@@ -7,6 +7,9 @@ use bytes::Bytes;
 
 /// Flow (connection) id, unique per link for the life of the link.
 pub type Cid = u64;
+
+/// At most this many simultaneous tunnels (slots) per agent.
+pub const MAX_SLOTS: u8 = 4;
 /// Per-direction sequence number of a DATA frame within a flow, starting at 0.
 pub type Seq = u64;
 
@@ -157,14 +160,24 @@ pub enum Frame {
         connectors: Vec<String>,
         codecs: Vec<String>,
         window: u32,
+        /// Multi-homed agents: which of the agent's `slots` simultaneous
+        /// tunnels this is (each slot is claimed and fenced on its own, so
+        /// the agent can hold one tunnel on each of several hubs). An agent
+        /// that says nothing has one slot, slot 0.
+        slot: u8,
+        slots: u8,
     },
     /// Hub → agent: the tunnel is accepted under `epoch`; both sides use `codec`
     /// from the next frame on; `window` is the hub's per-flow receive window.
+    /// `replica_id` names the hub that answered (empty from hubs that do not
+    /// say), so an agent behind one load-balanced URL can tell its tunnels'
+    /// hubs apart.
     Welcome {
         epoch: Epoch,
         codec: String,
         window: u32,
         max_frame: u32,
+        replica_id: String,
     },
     /// Hub → agent: a client connected to `connector`; open a flow to its target.
     Open {

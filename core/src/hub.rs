@@ -133,6 +133,9 @@ enum AgentState {
 #[derive(Clone, Debug)]
 struct AgentTunnel {
     agent_id: String,
+    /// Which of the agent's tunnels this is, and how many it holds.
+    slot: u8,
+    slots: u8,
     connectors: Vec<String>,
     state: AgentState,
     open_flows: usize,
@@ -146,6 +149,7 @@ enum Pending {
     Claim {
         tunnel: TunnelId,
         agent_id: String,
+        slot: u8,
     },
     Renew {
         tunnel: TunnelId,
@@ -156,6 +160,11 @@ enum Pending {
     Reclaim {
         tunnel: TunnelId,
         old: Epoch,
+    },
+    /// Draining: does another hub hold a tunnel of this tunnel's agent yet?
+    DrainCheck {
+        tunnel: TunnelId,
+        epoch: Epoch,
     },
     Route {
         client: ClientId,
@@ -205,8 +214,8 @@ pub struct HubCounters {
 pub struct Hub {
     cfg: HubConfig,
     agents: BTreeMap<TunnelId, AgentTunnel>,
-    /// agent id → tunnel that owns it here
-    by_agent: BTreeMap<String, TunnelId>,
+    /// (agent id, slot) → tunnel that owns that slot here
+    by_agent: BTreeMap<(String, u8), TunnelId>,
     pending: BTreeMap<OpId, Pending>,
     timers: Timers<Timer>,
     next_op: OpId,
@@ -276,6 +285,7 @@ impl Hub {
         self.registry_last_error.as_deref()
     }
 
+    /// Agent tunnels owned here (one per agent and slot).
     pub fn agent_count(&self) -> usize {
         self.by_agent.len()
     }
@@ -299,13 +309,31 @@ impl Hub {
         })
     }
 
-    /// The tunnel that owns `agent_id` here, with its epoch.
+    /// The tunnels that own a slot of `agent_id` here, with their epochs
+    /// (one for an agent with one tunnel), by slot.
+    pub fn owned_tunnels(&self, agent_id: &str) -> Vec<(TunnelId, Epoch)> {
+        self.by_agent
+            .range((agent_id.to_string(), 0)..=(agent_id.to_string(), u8::MAX))
+            .filter_map(|(_, t)| match self.agents.get(t)?.state {
+                AgentState::Owned { epoch } => Some((*t, epoch)),
+                AgentState::Claiming { .. } | AgentState::Superseded => None,
+            })
+            .collect()
+    }
+
+    /// The tunnel owning the lowest slot of `agent_id` here (for an agent
+    /// with one tunnel: its tunnel), with its epoch.
     pub fn owned_tunnel(&self, agent_id: &str) -> Option<(TunnelId, Epoch)> {
-        let t = *self.by_agent.get(agent_id)?;
-        match self.agents.get(&t)?.state {
-            AgentState::Owned { epoch } => Some((t, epoch)),
-            AgentState::Claiming { .. } | AgentState::Superseded => None,
-        }
+        self.owned_tunnels(agent_id).into_iter().next()
+    }
+
+    /// The tunnel of `agent_id` owned here under `epoch`, if any: the one
+    /// a mesh open under that epoch may use.
+    pub fn owned_tunnel_at(&self, agent_id: &str, epoch: Epoch) -> Option<TunnelId> {
+        self.owned_tunnels(agent_id)
+            .into_iter()
+            .find(|(_, e)| *e == epoch)
+            .map(|(t, _)| t)
     }
 
     /// Readiness: the reasons this hub is degraded (empty means ready).
@@ -377,6 +405,21 @@ impl Hub {
         Ok(())
     }
 
+    /// [`Hub::tunnel_hello`] for tunnel `slot` of an agent that holds
+    /// `slots` tunnels at once (multi-homed): each slot is claimed and
+    /// fenced on its own, so the agent's tunnels on other hubs stay owned.
+    pub fn tunnel_hello_slot(
+        &mut self,
+        now: Instant,
+        tunnel: TunnelId,
+        agent_id: &str,
+        connectors: &[String],
+        slot: u8,
+        slots: u8,
+    ) {
+        self.hello(now, tunnel, agent_id, connectors, None, slot, slots)
+    }
+
     /// An agent's HELLO arrived on `tunnel`. `scope`, from its token, limits
     /// the connectors it may announce (`None`: any). Names are taken as
     /// they are (already qualified); [`Hub::tunnel_hello_as`] checks a
@@ -388,6 +431,20 @@ impl Hub {
         agent_id: &str,
         connectors: &[String],
         scope: Option<&[String]>,
+    ) {
+        self.hello(now, tunnel, agent_id, connectors, scope, 0, 1)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn hello(
+        &mut self,
+        now: Instant,
+        tunnel: TunnelId,
+        agent_id: &str,
+        connectors: &[String],
+        scope: Option<&[String]>,
+        slot: u8,
+        slots: u8,
     ) {
         let refuse = |hub: &mut Hub, code, reason: String| {
             hub.counters.tunnels_refused += 1;
@@ -409,21 +466,34 @@ impl Hub {
                 format!("connector `{bad}` is outside the token's scope"),
             );
         }
-        if self.agents.len() >= self.cfg.max_agents && !self.by_agent.contains_key(agent_id) {
+        if slots == 0 || slots > crate::frame::MAX_SLOTS || slot >= slots {
+            return refuse(
+                self,
+                ErrorCode::ProtocolError,
+                format!(
+                    "tunnel slot {slot} of {slots}: an agent holds 1 to {} tunnels, slots 0 to slots-1",
+                    crate::frame::MAX_SLOTS
+                ),
+            );
+        }
+        let key = (agent_id.to_string(), slot);
+        if self.agents.len() >= self.cfg.max_agents && !self.by_agent.contains_key(&key) {
             return refuse(
                 self,
                 ErrorCode::LimitExceeded,
                 format!("hub agent limit of {} reached", self.cfg.max_agents),
             );
         }
-        // One claim per agent at a time: a newer connection supersedes an
-        // older one still waiting for its claim (its reply is then released).
+        // One claim per agent and slot at a time: a newer connection
+        // supersedes an older one still waiting for its claim (its reply is
+        // then released).
         let claiming: Vec<TunnelId> = self
             .agents
             .iter()
             .filter(|(t, a)| {
                 **t != tunnel
                     && a.agent_id == agent_id
+                    && a.slot == slot
                     && matches!(a.state, AgentState::Claiming { .. })
             })
             .map(|(t, _)| *t)
@@ -441,18 +511,22 @@ impl Hub {
             now,
             RegistryOp::Claim {
                 agent_id: agent_id.to_string(),
+                slot,
                 replica_id: self.cfg.replica_id.clone(),
                 lease: self.cfg.lease,
             },
             Pending::Claim {
                 tunnel,
                 agent_id: agent_id.to_string(),
+                slot,
             },
         );
         self.agents.insert(
             tunnel,
             AgentTunnel {
                 agent_id: agent_id.to_string(),
+                slot,
+                slots,
                 connectors: connectors.to_vec(),
                 state: AgentState::Claiming { op },
                 open_flows: 0,
@@ -467,13 +541,15 @@ impl Hub {
             return;
         };
         self.timers.clear(Timer::Renew(tunnel));
-        if self.by_agent.get(&a.agent_id) == Some(&tunnel) {
-            self.by_agent.remove(&a.agent_id);
+        let key = (a.agent_id.clone(), a.slot);
+        if self.by_agent.get(&key) == Some(&tunnel) {
+            self.by_agent.remove(&key);
             if let AgentState::Owned { epoch } = a.state {
                 self.op(
                     now,
                     RegistryOp::Release {
                         agent_id: a.agent_id,
+                        slot: a.slot,
                         replica_id: self.cfg.replica_id.clone(),
                         epoch,
                     },
@@ -593,12 +669,17 @@ impl Hub {
         connector: &str,
         epoch: Epoch,
     ) -> Result<TunnelId, (ErrorCode, String)> {
-        let owned = self.owned_tunnel(agent_id);
-        let tunnel = match owned {
-            Some((t, current)) if current == epoch => t,
-            #[cfg(feature = "planted-bugs")]
-            Some((t, _)) if self.cfg.planted_bug == crate::mux::PlantedBug::AcceptStaleEpoch => t,
-            Some(_) | None => {
+        let owned = self.owned_tunnels(agent_id);
+        let at_epoch = owned.iter().find(|(_, e)| *e == epoch).map(|(t, _)| *t);
+        #[cfg(feature = "planted-bugs")]
+        let at_epoch = at_epoch.or_else(|| {
+            (self.cfg.planted_bug == crate::mux::PlantedBug::AcceptStaleEpoch)
+                .then(|| owned.first().map(|(t, _)| *t))
+                .flatten()
+        });
+        let tunnel = match at_epoch {
+            Some(t) => t,
+            None => {
                 self.counters.epoch_mismatch += 1;
                 return Err((
                     ErrorCode::StaleEpoch,
@@ -821,9 +902,14 @@ impl Hub {
         result: Result<RegistryReply, RegistryError>,
     ) {
         match (pending, result) {
-            (Pending::Claim { tunnel, agent_id }, Ok(RegistryReply::Claimed(epoch))) => {
-                self.claimed(now, tunnel, &agent_id, epoch)
-            }
+            (
+                Pending::Claim {
+                    tunnel,
+                    agent_id,
+                    slot,
+                },
+                Ok(RegistryReply::Claimed(epoch)),
+            ) => self.claimed(now, tunnel, &agent_id, slot, epoch),
             (Pending::Claim { tunnel, .. }, other) => {
                 let why = match other {
                     Err(e) => e.to_string(),
@@ -844,6 +930,7 @@ impl Hub {
                 {
                     let call = RegistryOp::Claim {
                         agent_id: a.agent_id.clone(),
+                        slot: a.slot,
                         replica_id: self.cfg.replica_id.clone(),
                         lease: self.cfg.lease,
                     };
@@ -866,6 +953,7 @@ impl Hub {
                         // The tunnel changed meanwhile; give the new claim back.
                         let call = RegistryOp::Release {
                             agent_id: a.agent_id.clone(),
+                            slot: a.slot,
                             replica_id: self.cfg.replica_id.clone(),
                             epoch,
                         };
@@ -887,14 +975,7 @@ impl Hub {
                 if still_ours && self.draining {
                     // The agent moved as asked (DRAIN); its old tunnel keeps
                     // the flows it carries until the drain closes it.
-                    if let Some(a) = self.agents.get_mut(&tunnel) {
-                        a.state = AgentState::Superseded;
-                        if self.by_agent.get(&a.agent_id) == Some(&tunnel) {
-                            self.by_agent.remove(&a.agent_id);
-                        }
-                    }
-                    self.timers.clear(Timer::Renew(tunnel));
-                    self.close_if_moved_and_idle(tunnel);
+                    self.supersede(tunnel);
                 } else if still_ours {
                     self.counters.ownership_lost += 1;
                     self.counters.epoch_mismatch += 1;
@@ -915,6 +996,29 @@ impl Hub {
             }
             // Renewed, or an error (kept; local flows go on, retried next interval).
             (Pending::Renew { .. }, _) => {}
+            (Pending::DrainCheck { tunnel, epoch }, Ok(RegistryReply::Owners(owners))) => {
+                let Some(a) = self.agents.get(&tunnel) else {
+                    return;
+                };
+                // Another hub holds a tunnel of this agent (another slot, or
+                // this slot moved): new flows go there now. This tunnel
+                // keeps its flows, and its slot is given back so listings
+                // stop naming this hub.
+                if self.draining
+                    && a.state == (AgentState::Owned { epoch })
+                    && owners.iter().any(|o| o.replica_id != self.cfg.replica_id)
+                {
+                    let call = RegistryOp::Release {
+                        agent_id: a.agent_id.clone(),
+                        slot: a.slot,
+                        replica_id: self.cfg.replica_id.clone(),
+                        epoch,
+                    };
+                    self.op(now, call, Pending::Other);
+                    self.supersede(tunnel);
+                }
+            }
+            (Pending::DrainCheck { .. }, _) => {}
             (
                 Pending::Route {
                     client,
@@ -934,9 +1038,7 @@ impl Hub {
                 if let Ok(RegistryReply::Agents(list)) = &result
                     && retries < MAX_ROUTE_RETRIES
                     && list.iter().any(|a| {
-                        a.owner
-                            .as_ref()
-                            .is_some_and(|o| o.replica_id == self.cfg.replica_id)
+                        a.owners.iter().any(|o| o.replica_id == self.cfg.replica_id)
                             && self.claiming(&a.agent_id)
                     })
                 {
@@ -1010,18 +1112,20 @@ impl Hub {
             .any(|a| a.agent_id == agent_id && matches!(a.state, AgentState::Claiming { .. }))
     }
 
-    fn claimed(&mut self, now: Instant, tunnel: TunnelId, agent_id: &str, epoch: Epoch) {
+    fn claimed(&mut self, now: Instant, tunnel: TunnelId, agent_id: &str, slot: u8, epoch: Epoch) {
+        let key = (agent_id.to_string(), slot);
         if !self.agents.contains_key(&tunnel) {
             // The tunnel closed while claiming: give the ownership back.
             let call = RegistryOp::Release {
                 agent_id: agent_id.to_string(),
+                slot,
                 replica_id: self.cfg.replica_id.clone(),
                 epoch,
             };
             self.op(now, call, Pending::Other);
             return;
         }
-        if !self.by_agent.contains_key(agent_id) && self.by_agent.len() >= self.cfg.max_agents {
+        if !self.by_agent.contains_key(&key) && self.by_agent.len() >= self.cfg.max_agents {
             // The limit held at HELLO (this agent was here then), but the
             // agent's other tunnel left while others filled the hub.
             self.agents.remove(&tunnel);
@@ -1033,6 +1137,7 @@ impl Hub {
             });
             let call = RegistryOp::Release {
                 agent_id: agent_id.to_string(),
+                slot,
                 replica_id: self.cfg.replica_id.clone(),
                 epoch,
             };
@@ -1043,14 +1148,19 @@ impl Hub {
         a.state = AgentState::Owned { epoch };
         let agent_id = a.agent_id.clone();
         let connectors = a.connectors.clone();
-        if let Some(old) = self.by_agent.insert(agent_id.clone(), tunnel)
+        if let Some(old) = self.by_agent.insert(key, tunnel)
             && old != tunnel
         {
             self.counters.tunnels_superseded += 1;
+            let which = if slot == 0 {
+                String::new()
+            } else {
+                format!(" slot {slot}")
+            };
             self.out.push_back(HubOutput::CloseTunnel {
                 tunnel: old,
                 code: ErrorCode::StaleEpoch,
-                reason: format!("agent `{agent_id}` reconnected (epoch {})", epoch.0),
+                reason: format!("agent `{agent_id}`{which} reconnected (epoch {})", epoch.0),
             });
             self.agents.remove(&old);
             self.timers.clear(Timer::Renew(old));
@@ -1073,12 +1183,28 @@ impl Hub {
     }
 
     fn forget_tunnel(&mut self, tunnel: TunnelId) {
-        if let Some(a) = self.agents.remove(&tunnel)
-            && self.by_agent.get(&a.agent_id) == Some(&tunnel)
-        {
-            self.by_agent.remove(&a.agent_id);
+        if let Some(a) = self.agents.remove(&tunnel) {
+            let key = (a.agent_id, a.slot);
+            if self.by_agent.get(&key) == Some(&tunnel) {
+                self.by_agent.remove(&key);
+            }
         }
         self.timers.clear(Timer::Renew(tunnel));
+    }
+
+    /// Draining hub: the agent of `tunnel` is served by another hub now.
+    /// The tunnel keeps the flows it carries but takes no new ones, is no
+    /// longer renewed, and closes once idle.
+    fn supersede(&mut self, tunnel: TunnelId) {
+        if let Some(a) = self.agents.get_mut(&tunnel) {
+            a.state = AgentState::Superseded;
+            let key = (a.agent_id.clone(), a.slot);
+            if self.by_agent.get(&key) == Some(&tunnel) {
+                self.by_agent.remove(&key);
+            }
+        }
+        self.timers.clear(Timer::Renew(tunnel));
+        self.close_if_moved_and_idle(tunnel);
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
@@ -1101,6 +1227,7 @@ impl Hub {
                     {
                         let call = RegistryOp::Renew {
                             agent_id: a.agent_id.clone(),
+                            slot: a.slot,
                             replica_id: self.cfg.replica_id.clone(),
                             epoch,
                             lease: self.cfg.lease,
@@ -1110,8 +1237,14 @@ impl Hub {
                             connectors: a.connectors.clone(),
                             lease: self.cfg.lease,
                         };
+                        let check = (self.draining && a.slots > 1).then(|| RegistryOp::GetOwners {
+                            agent_id: a.agent_id.clone(),
+                        });
                         self.op(now, call, Pending::Renew { tunnel, epoch });
                         self.op(now, connectors, Pending::Other);
+                        if let Some(check) = check {
+                            self.op(now, check, Pending::DrainCheck { tunnel, epoch });
+                        }
                         let every = if self.draining {
                             self.cfg.drain_check_interval
                         } else {

@@ -320,7 +320,9 @@ impl HubNode {
             TunnelEvent::Hello {
                 agent_id,
                 connectors,
-            } => self.hello(now, tunnel, agent_id, connectors),
+                slot,
+                slots,
+            } => self.hello(now, tunnel, agent_id, connectors, *slot, *slots),
             TunnelEvent::Established { codec, .. } => {
                 if let Some(t) = self.tunnels.get_mut(&tunnel) {
                     t.codec = Some(*codec);
@@ -341,7 +343,15 @@ impl HubNode {
         self.absorb_hub();
     }
 
-    fn hello(&mut self, now: Instant, tunnel: TunnelId, hello_agent: &str, connectors: &[String]) {
+    fn hello(
+        &mut self,
+        now: Instant,
+        tunnel: TunnelId,
+        hello_agent: &str,
+        connectors: &[String],
+        slot: u8,
+        slots: u8,
+    ) {
         let Some(t) = self.tunnels.get_mut(&tunnel) else {
             // Never connected here (or already forgotten): nothing to admit.
             return;
@@ -384,7 +394,8 @@ impl HubNode {
         let tenant = t.credential.tenant.clone();
         let agent = qualify(&tenant, hello_agent);
         let qualified: Vec<String> = connectors.iter().map(|c| qualify(&tenant, c)).collect();
-        self.hub.tunnel_hello(now, tunnel, &agent, &qualified, None);
+        self.hub
+            .tunnel_hello_slot(now, tunnel, &agent, &qualified, slot, slots);
     }
 
     /// The agent sent a renewed token that the runtime verified (signature,

@@ -11,6 +11,15 @@
 //! - `Release` drops ownership only if the releaser still owns that epoch.
 //! - `Sweep` removes owners and connector entries whose lease lapsed; the
 //!   epoch counter itself is never removed, so epochs only grow.
+//!
+//! Ownership is per *slot*: a multi-homed agent holds up to
+//! [`MAX_SLOTS`](crate::frame::MAX_SLOTS) tunnels at once, one per slot,
+//! each on its own hub, and each slot is claimed, renewed, released and
+//! fenced on its own. The epoch counter is the agent's, shared by its
+//! slots, so an epoch names one tunnel of the agent. An agent with one
+//! tunnel uses slot 0, whose keys are the ones every agent used before
+//! slots existed. Connector membership is the agent's: it lasts while any
+//! slot renews it, and a release removes it only with the last slot.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -21,17 +30,20 @@ use crate::frame::Epoch;
 pub enum RegistryOp {
     Claim {
         agent_id: String,
+        slot: u8,
         replica_id: String,
         lease: Duration,
     },
     Renew {
         agent_id: String,
+        slot: u8,
         replica_id: String,
         epoch: Epoch,
         lease: Duration,
     },
     Release {
         agent_id: String,
+        slot: u8,
         replica_id: String,
         epoch: Epoch,
     },
@@ -40,11 +52,13 @@ pub enum RegistryOp {
         connectors: Vec<String>,
         lease: Duration,
     },
-    /// Agents serving `connector`, each with its current owner.
+    /// Agents serving `connector`, each with the current owner of each of
+    /// its slots.
     ListAgents {
         connector: String,
     },
-    GetOwner {
+    /// The current owners of every slot of `agent_id`.
+    GetOwners {
         agent_id: String,
     },
     /// Announce this hub's mesh URL (peer discovery) with a lease.
@@ -66,7 +80,7 @@ impl RegistryOp {
             RegistryOp::Release { .. } => "release",
             RegistryOp::AddConnectors { .. } => "add_connectors",
             RegistryOp::ListAgents { .. } => "list_agents",
-            RegistryOp::GetOwner { .. } => "get_owner",
+            RegistryOp::GetOwners { .. } => "get_owners",
             RegistryOp::AnnounceReplica { .. } => "announce_replica",
             RegistryOp::ListReplicas => "list_replicas",
             RegistryOp::Sweep => "sweep",
@@ -79,26 +93,30 @@ impl RegistryOp {
 pub struct Owner {
     pub replica_id: String,
     pub epoch: Epoch,
+    /// Which of the agent's tunnels (0 for an agent with one).
+    pub slot: u8,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentRecord {
     pub agent_id: String,
-    pub owner: Option<Owner>,
+    /// The owner of each slot that has one, by slot.
+    pub owners: Vec<Owner>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RegistryReply {
     Claimed(Epoch),
     Renewed,
-    /// The renewer no longer owns the agent; `current` is who does, if anyone.
+    /// The renewer no longer owns the agent's slot; `current` is who
+    /// does, if anyone.
     Lost {
         current: Option<Owner>,
     },
     Released,
     Done,
     Agents(Vec<AgentRecord>),
-    Owner(Option<Owner>),
+    Owners(Vec<Owner>),
     Replicas(Vec<(String, String)>),
     Swept(u64),
     Healthy,
@@ -115,7 +133,8 @@ pub enum RegistryError {
 #[derive(Clone, Debug)]
 struct AgentEntry {
     last_epoch: u64,
-    owner: Option<(String, Epoch, Instant)>,
+    /// slot → (replica, epoch, lease end)
+    owners: BTreeMap<u8, (String, Epoch, Instant)>,
     connectors: BTreeSet<String>,
     connectors_until: Option<Instant>,
 }
@@ -156,6 +175,7 @@ impl MemoryRegistry {
         Ok(match op {
             RegistryOp::Claim {
                 agent_id,
+                slot,
                 replica_id,
                 lease,
             } => {
@@ -165,34 +185,47 @@ impl MemoryRegistry {
                 let e = self.entry(agent_id);
                 e.last_epoch = (e.last_epoch + 1).max(floor);
                 let epoch = Epoch(e.last_epoch);
-                e.owner = Some((replica_id.clone(), epoch, now + *lease));
+                e.owners
+                    .insert(*slot, (replica_id.clone(), epoch, now + *lease));
                 RegistryReply::Claimed(epoch)
             }
             RegistryOp::Renew {
                 agent_id,
+                slot,
                 replica_id,
                 epoch,
                 lease,
-            } => match self.agents.get_mut(agent_id).and_then(|e| e.owner.as_mut()) {
+            } => match self
+                .agents
+                .get_mut(agent_id)
+                .and_then(|e| e.owners.get_mut(slot))
+            {
                 Some((r, ep, until)) if r == replica_id && ep == epoch && *until > now => {
                     *until = now + *lease;
                     RegistryReply::Renewed
                 }
                 _ => RegistryReply::Lost {
-                    current: self.owner(now, agent_id),
+                    current: self
+                        .owners(now, agent_id)
+                        .into_iter()
+                        .find(|o| o.slot == *slot),
                 },
             },
             RegistryOp::Release {
                 agent_id,
+                slot,
                 replica_id,
                 epoch,
             } => {
                 if let Some(e) = self.agents.get_mut(agent_id)
-                    && matches!(&e.owner, Some((r, ep, _)) if r == replica_id && ep == epoch)
+                    && matches!(e.owners.get(slot), Some((r, ep, _)) if r == replica_id && ep == epoch)
                 {
-                    e.owner = None;
-                    e.connectors.clear();
-                    e.connectors_until = None;
+                    e.owners.remove(slot);
+                    // Membership goes with the last slot held.
+                    if !e.owners.values().any(|(_, _, until)| *until > now) {
+                        e.connectors.clear();
+                        e.connectors_until = None;
+                    }
                 }
                 RegistryReply::Released
             }
@@ -216,12 +249,12 @@ impl MemoryRegistry {
                     })
                     .map(|(id, _)| AgentRecord {
                         agent_id: id.clone(),
-                        owner: self.owner(now, id),
+                        owners: self.owners(now, id),
                     })
                     .collect();
                 RegistryReply::Agents(agents)
             }
-            RegistryOp::GetOwner { agent_id } => RegistryReply::Owner(self.owner(now, agent_id)),
+            RegistryOp::GetOwners { agent_id } => RegistryReply::Owners(self.owners(now, agent_id)),
             RegistryOp::AnnounceReplica {
                 replica_id,
                 mesh_url,
@@ -241,10 +274,9 @@ impl MemoryRegistry {
             RegistryOp::Sweep => {
                 let mut n = 0;
                 for e in self.agents.values_mut() {
-                    if matches!(e.owner, Some((_, _, until)) if until <= now) {
-                        e.owner = None;
-                        n += 1;
-                    }
+                    let before = e.owners.len();
+                    e.owners.retain(|_, (_, _, until)| *until > now);
+                    n += (before - e.owners.len()) as u64;
                     if e.connectors_until.is_some_and(|u| u <= now) {
                         e.connectors.clear();
                         e.connectors_until = None;
@@ -264,20 +296,26 @@ impl MemoryRegistry {
             .entry(agent_id.to_string())
             .or_insert(AgentEntry {
                 last_epoch: 0,
-                owner: None,
+                owners: BTreeMap::new(),
                 connectors: BTreeSet::new(),
                 connectors_until: None,
             })
     }
 
-    fn owner(&self, now: Instant, agent_id: &str) -> Option<Owner> {
-        match self.agents.get(agent_id)?.owner.as_ref()? {
-            (r, epoch, until) if *until > now => Some(Owner {
+    /// The live owner of each slot of `agent_id`, by slot.
+    fn owners(&self, now: Instant, agent_id: &str) -> Vec<Owner> {
+        let Some(e) = self.agents.get(agent_id) else {
+            return Vec::new();
+        };
+        e.owners
+            .iter()
+            .filter(|(_, (_, _, until))| *until > now)
+            .map(|(slot, (r, epoch, _))| Owner {
                 replica_id: r.clone(),
                 epoch: *epoch,
-            }),
-            _ => None,
-        }
+                slot: *slot,
+            })
+            .collect()
     }
 
     /// The highest epoch ever handed out for `agent_id` (0 if never claimed).

@@ -118,9 +118,11 @@ pub fn route_remote(
         }
         RemoteView::Agents(a) => a,
     };
+    // Every tunnel of every agent held by another hub (a multi-homed
+    // agent is reachable through each of its hubs).
     let owned: Vec<_> = agents
         .iter()
-        .filter_map(|a| a.owner.as_ref().map(|o| (a, o)))
+        .flat_map(|a| a.owners.iter().map(move |o| (a, o)))
         .filter(|(_, o)| o.replica_id != local_replica)
         .collect();
     if owned.is_empty() {
@@ -134,7 +136,9 @@ pub fn route_remote(
         .filter(|(_, o)| mesh_up(&o.replica_id))
         .collect();
     if reachable.is_empty() {
-        let owners: Vec<&str> = owned.iter().map(|(_, o)| o.replica_id.as_str()).collect();
+        let mut owners: Vec<&str> = owned.iter().map(|(_, o)| o.replica_id.as_str()).collect();
+        owners.sort_unstable();
+        owners.dedup();
         return Route::refuse(
             ErrorCode::MeshUnavailable,
             format!(
@@ -159,10 +163,14 @@ mod tests {
     fn rec(agent: &str, owner: Option<(&str, u64)>) -> AgentRecord {
         AgentRecord {
             agent_id: agent.into(),
-            owner: owner.map(|(r, e)| Owner {
-                replica_id: r.into(),
-                epoch: Epoch(e),
-            }),
+            owners: owner
+                .map(|(r, e)| Owner {
+                    replica_id: r.into(),
+                    epoch: Epoch(e),
+                    slot: 0,
+                })
+                .into_iter()
+                .collect(),
         }
     }
 

@@ -114,11 +114,17 @@ pub enum TunnelEvent {
     Hello {
         agent_id: String,
         connectors: Vec<String>,
+        /// Which of the agent's `slots` tunnels this is (0 of 1 for an
+        /// agent that holds one tunnel).
+        slot: u8,
+        slots: u8,
     },
-    /// Both sides: the tunnel is ready under `epoch`.
+    /// Both sides: the tunnel is ready under `epoch`. On the agent side
+    /// `replica_id` names the hub that answered (empty if it did not say).
     Established {
         epoch: Epoch,
         codec: Codec,
+        replica_id: String,
     },
     /// Agent side: the hub opened a flow; dial the connector's target.
     Open {
@@ -232,6 +238,19 @@ impl Tunnel {
 
     /// The agent side of a freshly connected WebSocket: sends HELLO.
     pub fn agent(now: Instant, cfg: TunnelConfig, agent_id: &str, connectors: &[String]) -> Self {
+        Tunnel::agent_slot(now, cfg, agent_id, connectors, 0, 1)
+    }
+
+    /// [`Tunnel::agent`] for tunnel `slot` of a multi-homed agent that
+    /// holds `slots` tunnels at once.
+    pub fn agent_slot(
+        now: Instant,
+        cfg: TunnelConfig,
+        agent_id: &str,
+        connectors: &[String],
+        slot: u8,
+        slots: u8,
+    ) -> Self {
         let mut t = Tunnel::new(Role::Agent, now, cfg);
         let hello = Frame::Hello {
             agent_id: agent_id.to_string(),
@@ -243,6 +262,8 @@ impl Tunnel {
                 .map(|c| c.as_str().to_string())
                 .collect(),
             window: t.cfg.window,
+            slot,
+            slots,
         };
         t.send_with(Codec::V1, &hello);
         t
@@ -316,6 +337,8 @@ impl Tunnel {
                     connectors,
                     codecs,
                     window,
+                    slot,
+                    slots,
                 },
             ) if self.role == Role::Hub => {
                 self.mux.set_peer_window(effective_window(window));
@@ -330,6 +353,8 @@ impl Tunnel {
                 self.events.push_back(TunnelEvent::Hello {
                     agent_id,
                     connectors,
+                    slot,
+                    slots,
                 });
             }
             (
@@ -338,6 +363,7 @@ impl Tunnel {
                     epoch,
                     codec,
                     window,
+                    replica_id,
                     ..
                 },
             ) if self.role == Role::Agent => {
@@ -351,7 +377,7 @@ impl Tunnel {
                 };
                 self.codec = c;
                 self.mux.set_peer_window(effective_window(window));
-                self.establish(now, epoch);
+                self.establish(now, epoch, replica_id);
             }
             (TunnelState::Established { .. }, frame) => self.handle_established(now, frame),
             (state, frame) => {
@@ -442,7 +468,7 @@ impl Tunnel {
         self.pump();
     }
 
-    fn establish(&mut self, now: Instant, epoch: Epoch) {
+    fn establish(&mut self, now: Instant, epoch: Epoch, replica_id: String) {
         self.state = TunnelState::Established { epoch };
         self.timers.clear(TunnelTimer::Handshake);
         // The first ping goes after a second (or the interval, if shorter):
@@ -456,11 +482,17 @@ impl Tunnel {
         self.events.push_back(TunnelEvent::Established {
             epoch,
             codec: self.codec,
+            replica_id,
         });
     }
 
     /// Hub side: accept the agent under `epoch` (after the ownership claim).
     pub fn accept(&mut self, now: Instant, epoch: Epoch) {
+        self.accept_as(now, epoch, "")
+    }
+
+    /// [`Tunnel::accept`], naming this hub's replica in WELCOME.
+    pub fn accept_as(&mut self, now: Instant, epoch: Epoch, replica_id: &str) {
         if self.state != TunnelState::AwaitAccept {
             return;
         }
@@ -476,10 +508,11 @@ impl Tunnel {
             codec: codec.as_str().to_string(),
             window: self.cfg.window,
             max_frame: self.cfg.limits.max_frame as u32,
+            replica_id: replica_id.to_string(),
         };
         self.send_with(Codec::V1, &welcome);
         self.codec = codec;
-        self.establish(now, epoch);
+        self.establish(now, epoch, String::new());
     }
 
     /// Hub side: tell the agent this hub is shutting down (DRAIN), so it

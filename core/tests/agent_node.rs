@@ -36,6 +36,7 @@ fn established() -> TunnelEvent {
     TunnelEvent::Established {
         epoch: Epoch(1),
         codec: Codec::V2,
+        replica_id: "hub-a".into(),
     }
 }
 

@@ -45,6 +45,8 @@ pub fn frame() -> impl Strategy<Value = Frame> {
             any::<u32>()
         )
             .prop_map(|(agent_id, connectors, codecs, window)| Frame::Hello {
+                slot: 0,
+                slots: 1,
                 agent_id,
                 connectors,
                 codecs,
@@ -52,6 +54,7 @@ pub fn frame() -> impl Strategy<Value = Frame> {
             }),
         (any::<u64>(), name(), any::<u32>(), any::<u32>()).prop_map(
             |(e, codec, window, max_frame)| Frame::Welcome {
+                replica_id: String::new(),
                 epoch: Epoch(e),
                 codec,
                 window,

@@ -74,6 +74,8 @@ impl Fixture {
 
     fn hello(&mut self, now: Instant, t: TunnelId, agent: &str, connectors: &[&str]) {
         let ev = TunnelEvent::Hello {
+            slot: 0,
+            slots: 1,
             agent_id: agent.into(),
             connectors: connectors.iter().map(|c| c.to_string()).collect(),
         };
@@ -259,8 +261,15 @@ fn a_v1_tunnel_is_not_told_to_drain_and_a_v2_tunnel_is() {
     let e1 = f.admitted(now, TunnelId(1), cred("default", "old", &["echo"]));
     let e2 = f.admitted(now, TunnelId(2), cred("default", "new", &["echo"]));
     for (t, epoch, codec) in [(1, e1, Codec::V1), (2, e2, Codec::V2)] {
-        f.node
-            .tunnel_event(now, TunnelId(t), &TunnelEvent::Established { epoch, codec });
+        f.node.tunnel_event(
+            now,
+            TunnelId(t),
+            &TunnelEvent::Established {
+                replica_id: String::new(),
+                epoch,
+                codec,
+            },
+        );
         assert_eq!(f.node.tunnel(TunnelId(t)).unwrap().codec(), Some(codec));
     }
     f.node
@@ -595,6 +604,7 @@ fn admitted_v2(f: &mut Fixture, now: Instant, t: TunnelId, agent: &str) -> Epoch
         now,
         t,
         &TunnelEvent::Established {
+            replica_id: String::new(),
             epoch,
             codec: Codec::V2,
         },
@@ -693,6 +703,7 @@ fn a_drain_is_over_once_the_last_flow_ended_and_every_agent_moved() {
         .apply(
             closed,
             &RegistryOp::Claim {
+                slot: 0,
                 agent_id: "acme/a1".into(),
                 replica_id: "hub-b".into(),
                 lease: Duration::from_secs(15),

@@ -10,6 +10,7 @@ fn claim(r: &mut MemoryRegistry, now: Instant, agent: &str, replica: &str) -> Ep
         .apply(
             now,
             &RegistryOp::Claim {
+                slot: 0,
                 agent_id: agent.into(),
                 replica_id: replica.into(),
                 lease: Duration::from_secs(10),
@@ -30,6 +31,7 @@ fn epochs_grow_and_stale_owner_loses_renewal() {
     let e2 = claim(&mut r, now, "a1", "hub-b");
     assert!(e2 > e1);
     let renew = RegistryOp::Renew {
+        slot: 0,
         agent_id: "a1".into(),
         replica_id: "hub-a".into(),
         epoch: e1,
@@ -39,6 +41,7 @@ fn epochs_grow_and_stale_owner_loses_renewal() {
         r.apply(now, &renew).unwrap(),
         RegistryReply::Lost {
             current: Some(Owner {
+                slot: 0,
                 replica_id: "hub-b".into(),
                 epoch: e2
             })
@@ -48,6 +51,7 @@ fn epochs_grow_and_stale_owner_loses_renewal() {
     r.apply(
         now,
         &RegistryOp::Release {
+            slot: 0,
             agent_id: "a1".into(),
             replica_id: "hub-a".into(),
             epoch: e1,
@@ -57,15 +61,16 @@ fn epochs_grow_and_stale_owner_loses_renewal() {
     assert_eq!(
         r.apply(
             now,
-            &RegistryOp::GetOwner {
+            &RegistryOp::GetOwners {
                 agent_id: "a1".into()
             }
         )
         .unwrap(),
-        RegistryReply::Owner(Some(Owner {
+        RegistryReply::Owners(vec![Owner {
+            slot: 0,
             replica_id: "hub-b".into(),
             epoch: e2
-        }))
+        }])
     );
 }
 

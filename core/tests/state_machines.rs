@@ -37,6 +37,8 @@ fn transmits(t: &mut Tunnel) -> Vec<Frame> {
 
 fn hello(codecs: &[&str]) -> Frame {
     Frame::Hello {
+        slot: 0,
+        slots: 1,
         agent_id: "a1".into(),
         connectors: vec!["ldap".into()],
         codecs: codecs.iter().map(|s| s.to_string()).collect(),
@@ -264,6 +266,8 @@ fn a_busy_connector_never_takes_the_flows_another_connector_is_owed() {
     t.handle_message(
         now,
         &v1(&Frame::Hello {
+            slot: 0,
+            slots: 1,
             agent_id: "a1".into(),
             // A name announced twice counts once.
             connectors: vec!["busy".into(), "ldap".into(), "busy".into()],
@@ -332,6 +336,7 @@ fn agent_flow_limit_refuses_opens_with_a_reason() {
     t.handle_message(
         now,
         &v1(&Frame::Welcome {
+            replica_id: String::new(),
             epoch: Epoch(1),
             codec: "v2".into(),
             window: 0,
@@ -786,6 +791,7 @@ fn hub_that_lost_ownership_closes_the_tunnel_and_counts_it() {
     reg.apply(
         now,
         &RegistryOp::Claim {
+            slot: 0,
             agent_id: "a1".into(),
             replica_id: "hub-b".into(),
             lease: Duration::from_secs(15),
@@ -824,6 +830,7 @@ fn active_hub_routes_across_the_mesh_and_shadow_only_counts() {
         reg.apply(
             now,
             &RegistryOp::Claim {
+                slot: 0,
                 agent_id: agent.into(),
                 replica_id: owner.into(),
                 lease: Duration::from_secs(15),
@@ -1356,6 +1363,7 @@ fn a_draining_hub_hands_its_agents_over_without_cutting_flows() {
     reg.apply(
         now,
         &RegistryOp::Claim {
+            slot: 0,
             agent_id: "a1".into(),
             replica_id: "hub-b".into(),
             lease: Duration::from_secs(15),
@@ -1405,6 +1413,7 @@ fn drain_is_sent_on_v2_tunnels_only_and_reaches_the_agent_once() {
     agent.handle_message(
         now,
         &v1(&Frame::Welcome {
+            replica_id: String::new(),
             epoch: Epoch(3),
             codec: "v2".into(),
             window: 0,
@@ -1607,6 +1616,7 @@ fn reauth_goes_agent_to_hub_on_v2_only_and_is_refused_the_other_way() {
     transmits(&mut agent);
     assert!(!agent.send_reauth("t"), "no REAUTH before the tunnel is up");
     let welcome = |codec: &str| Frame::Welcome {
+        replica_id: String::new(),
         epoch: Epoch(3),
         codec: codec.into(),
         window: 0,

@@ -442,10 +442,15 @@ impl<R: AgentRt> Io<R> {
 
 fn log_event(attempt: AttemptId, ev: &TunnelEvent, open_flows: usize) {
     match ev {
-        TunnelEvent::Established { epoch, codec } => tracing::info!(
+        TunnelEvent::Established {
+            epoch,
+            codec,
+            replica_id,
+        } => tracing::info!(
             attempt = attempt.0,
             epoch = epoch.0,
             codec = codec.as_str(),
+            hub = replica_id.as_str(),
             "tunnel established"
         ),
         TunnelEvent::Drain => tracing::info!(

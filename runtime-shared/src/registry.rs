@@ -5,7 +5,8 @@
 //! Key layout (prefix `nowconnect:` by default), documented in
 //! `docs/registry.md`:
 //! - `{p}agent:{id}:epoch`      counter, never expires
-//! - `{p}agent:{id}:owner`      "replica|epoch", PX lease
+//! - `{p}agent:{id}:owner`      "replica|epoch" of slot 0, PX lease
+//! - `{p}agent:{id}:owner:{k}`  the same for slot k ≥ 1 (multi-homed agents)
 //! - `{p}agent:{id}:connectors` set of connector names, PX lease
 //! - `{p}connector:{name}`      zset agent id → lease expiry (ms, Redis TIME)
 //! - `{p}connectors`            set of connector names with a live agent
@@ -29,6 +30,7 @@
 use std::time::Duration;
 
 use nowconnect_core::Epoch;
+use nowconnect_core::frame::MAX_SLOTS;
 use nowconnect_core::registry::{AgentRecord, Owner, RegistryError, RegistryOp, RegistryReply};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, ClientTlsConfig, IntoConnectionInfo, Script, TlsCertificates};
@@ -48,6 +50,7 @@ pub struct RedisRegistry {
     release: Script,
     add_connectors: Script,
     list_agents: Script,
+    get_owners: Script,
     announce: Script,
     list_replicas: Script,
     sweep: Script,
@@ -139,10 +142,15 @@ impl RedisRegistry {
                  if v then return v end
                  return '-'",
             ),
+            // KEYS: the slot's owner, the agent's connectors, then the
+            // agent's other slots' owners: membership goes with the last.
             release: Script::new(&format!(
                 "local v = redis.call('GET', KEYS[1])
                  if v ~= ARGV[1] .. '|' .. ARGV[2] then return 0 end
                  redis.call('DEL', KEYS[1])
+                 for i = 3, #KEYS do
+                   if redis.call('EXISTS', KEYS[i]) == 1 then return 1 end
+                 end
                  for _, c in ipairs(redis.call('SMEMBERS', KEYS[2])) do
                    redis.call('ZREM', '{p}connector:' .. c, ARGV[3])
                  end
@@ -161,16 +169,25 @@ impl RedisRegistry {
                  return 1",
                 p = prefix
             )),
+            // Each member, then the owner of each of its slots ('' for none).
             list_agents: Script::new(&format!(
                 "{NOW_MS}
                  local out = {{}}
                  for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], now, '+inf')) do
                    table.insert(out, id)
                    table.insert(out, redis.call('GET', '{p}agent:' .. id .. ':owner') or '')
+                   for k = 1, tonumber(ARGV[1]) - 1 do
+                     table.insert(out, redis.call('GET', '{p}agent:' .. id .. ':owner:' .. k) or '')
+                   end
                  end
                  return out",
                 p = prefix
             )),
+            get_owners: Script::new(
+                "local out = {}
+                 for i = 1, #KEYS do table.insert(out, redis.call('GET', KEYS[i]) or '') end
+                 return out",
+            ),
             announce: Script::new(&format!(
                 "{NOW_MS}
                  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
@@ -226,6 +243,16 @@ impl RedisRegistry {
         k
     }
 
+    /// The owner key of `slot` of `agent_id`: slot 0 keeps the key every
+    /// agent used before slots existed.
+    fn owner_key(&self, agent_id: &str, slot: u8) -> String {
+        if slot == 0 {
+            self.key(&["agent", agent_id, "owner"])
+        } else {
+            self.key(&["agent", agent_id, "owner", &slot.to_string()])
+        }
+    }
+
     pub async fn apply(&self, op: &RegistryOp) -> Result<RegistryReply, RegistryError> {
         self.apply_inner(op)
             .await
@@ -237,13 +264,14 @@ impl RedisRegistry {
         Ok(match op {
             RegistryOp::Claim {
                 agent_id,
+                slot,
                 replica_id,
                 lease,
             } => {
                 let e: u64 = self
                     .claim
                     .key(self.key(&["agent", agent_id, "epoch"]))
-                    .key(self.key(&["agent", agent_id, "owner"]))
+                    .key(self.owner_key(agent_id, *slot))
                     .arg(replica_id)
                     .arg(lease.as_millis() as u64)
                     .invoke_async(&mut c)
@@ -252,13 +280,14 @@ impl RedisRegistry {
             }
             RegistryOp::Renew {
                 agent_id,
+                slot,
                 replica_id,
                 epoch,
                 lease,
             } => {
                 let v: String = self
                     .renew
-                    .key(self.key(&["agent", agent_id, "owner"]))
+                    .key(self.owner_key(agent_id, *slot))
                     .arg(replica_id)
                     .arg(epoch.0)
                     .arg(lease.as_millis() as u64)
@@ -268,19 +297,26 @@ impl RedisRegistry {
                     "" => RegistryReply::Renewed,
                     "-" => RegistryReply::Lost { current: None },
                     other => RegistryReply::Lost {
-                        current: parse_owner(other),
+                        current: parse_owner(other, *slot),
                     },
                 }
             }
             RegistryOp::Release {
                 agent_id,
+                slot,
                 replica_id,
                 epoch,
             } => {
-                let _: i64 = self
-                    .release
-                    .key(self.key(&["agent", agent_id, "owner"]))
-                    .key(self.key(&["agent", agent_id, "connectors"]))
+                let mut inv = self.release.prepare_invoke();
+                inv.key(self.owner_key(agent_id, *slot)).key(self.key(&[
+                    "agent",
+                    agent_id,
+                    "connectors",
+                ]));
+                for other in (0..MAX_SLOTS).filter(|k| k != slot) {
+                    inv.key(self.owner_key(agent_id, other));
+                }
+                let _: i64 = inv
                     .arg(replica_id)
                     .arg(epoch.0)
                     .arg(agent_id)
@@ -308,20 +344,25 @@ impl RedisRegistry {
                 let flat: Vec<String> = self
                     .list_agents
                     .key(self.key(&["connector", connector]))
+                    .arg(MAX_SLOTS)
                     .invoke_async(&mut c)
                     .await?;
                 RegistryReply::Agents(
-                    flat.chunks(2)
+                    flat.chunks(1 + usize::from(MAX_SLOTS))
                         .map(|p| AgentRecord {
                             agent_id: p[0].clone(),
-                            owner: p.get(1).and_then(|o| parse_owner(o)),
+                            owners: parse_owners(&p[1..]),
                         })
                         .collect(),
                 )
             }
-            RegistryOp::GetOwner { agent_id } => {
-                let v: Option<String> = c.get(self.key(&["agent", agent_id, "owner"])).await?;
-                RegistryReply::Owner(v.as_deref().and_then(parse_owner))
+            RegistryOp::GetOwners { agent_id } => {
+                let mut inv = self.get_owners.prepare_invoke();
+                for slot in 0..MAX_SLOTS {
+                    inv.key(self.owner_key(agent_id, slot));
+                }
+                let v: Vec<String> = inv.invoke_async(&mut c).await?;
+                RegistryReply::Owners(parse_owners(&v))
             }
             RegistryOp::AnnounceReplica {
                 replica_id,
@@ -455,10 +496,20 @@ fn client(url: &str, auth: &RedisAuth) -> Result<redis::Client, String> {
     }
 }
 
-fn parse_owner(v: &str) -> Option<Owner> {
+fn parse_owner(v: &str, slot: u8) -> Option<Owner> {
     let (replica, epoch) = v.rsplit_once('|')?;
     Some(Owner {
         replica_id: replica.to_string(),
         epoch: Epoch(epoch.parse().ok()?),
+        slot,
     })
+}
+
+/// Owner values by slot ('' where a slot has none).
+fn parse_owners(values: &[String]) -> Vec<Owner> {
+    values
+        .iter()
+        .zip(0u8..)
+        .filter_map(|(v, slot)| parse_owner(v, slot))
+        .collect()
 }

@@ -169,6 +169,7 @@ pub fn drive_hub(origin: Instant, data: &[u8]) {
                 let owner = Owner {
                     replica_id: if v & 1 == 0 { "hub-a" } else { "hub-b" }.into(),
                     epoch: Epoch(u64::from(v >> 1)),
+                    slot: (k >> 4) % nowconnect_core::frame::MAX_SLOTS,
                 };
                 let reply = match k % 12 {
                     0 => Ok(RegistryReply::Claimed(Epoch(u64::from(v)))),
@@ -181,9 +182,12 @@ pub fn drive_hub(origin: Instant, data: &[u8]) {
                     5 => Ok(RegistryReply::Done),
                     6 => Ok(RegistryReply::Agents(vec![AgentRecord {
                         agent_id: agent(v),
-                        owner: (v & 0x80 != 0).then_some(owner),
+                        owners: (v & 0x80 != 0)
+                            .then_some(owner.clone())
+                            .into_iter()
+                            .collect(),
                     }])),
-                    7 => Ok(RegistryReply::Owner(Some(owner))),
+                    7 => Ok(RegistryReply::Owners(vec![owner])),
                     8 => Ok(RegistryReply::Replicas(vec![(
                         "hub-b".into(),
                         "wss://b/mesh".into(),
@@ -530,6 +534,7 @@ pub fn drive_agent_node(origin: Instant, data: &[u8]) {
             5 => TunnelEvent::Established {
                 epoch: Epoch(1),
                 codec: Codec::V2,
+                replica_id: "hub-a".into(),
             },
             6 => {
                 if live.contains(&a) {

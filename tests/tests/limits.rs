@@ -353,6 +353,8 @@ fn a_ping_flood_from_an_agent_that_never_reads_is_bounded_and_closed() {
             WsMessage::Text(t) => Message::Text(t.into()),
         };
         let hello = Frame::Hello {
+            slot: 0,
+            slots: 1,
             agent_id: "flooder".into(),
             connectors: vec!["other".into()],
             codecs: vec!["v2".into()],

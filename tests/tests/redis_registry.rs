@@ -11,6 +11,7 @@ use nowconnect_tokio::registry::RedisRegistry;
 
 fn claim(agent: &str, replica: &str, lease_ms: u64) -> RegistryOp {
     RegistryOp::Claim {
+        slot: 0,
         agent_id: agent.into(),
         replica_id: replica.into(),
         lease: Duration::from_millis(lease_ms),
@@ -36,6 +37,7 @@ async fn claims_renewals_releases_and_membership() {
 
     // The old owner's renewal is refused and names the new owner.
     let renew_a = RegistryOp::Renew {
+        slot: 0,
         agent_id: "a1".into(),
         replica_id: "hub-a".into(),
         epoch: e1,
@@ -45,12 +47,14 @@ async fn claims_renewals_releases_and_membership() {
         r.apply(&renew_a).await.unwrap(),
         RegistryReply::Lost {
             current: Some(Owner {
+                slot: 0,
                 replica_id: "hub-b".into(),
                 epoch: e2
             })
         }
     );
     let renew_b = RegistryOp::Renew {
+        slot: 0,
         agent_id: "a1".into(),
         replica_id: "hub-b".into(),
         epoch: e2,
@@ -76,15 +80,17 @@ async fn claims_renewals_releases_and_membership() {
         agents,
         RegistryReply::Agents(vec![AgentRecord {
             agent_id: "a1".into(),
-            owner: Some(Owner {
+            owners: vec![Owner {
+                slot: 0,
                 replica_id: "hub-b".into(),
                 epoch: e2
-            })
+            }]
         }])
     );
 
     // A stale release changes nothing; the owner's release removes it all.
     r.apply(&RegistryOp::Release {
+        slot: 0,
         agent_id: "a1".into(),
         replica_id: "hub-a".into(),
         epoch: e1,
@@ -92,17 +98,19 @@ async fn claims_renewals_releases_and_membership() {
     .await
     .unwrap();
     assert_eq!(
-        r.apply(&RegistryOp::GetOwner {
+        r.apply(&RegistryOp::GetOwners {
             agent_id: "a1".into()
         })
         .await
         .unwrap(),
-        RegistryReply::Owner(Some(Owner {
+        RegistryReply::Owners(vec![Owner {
+            slot: 0,
             replica_id: "hub-b".into(),
             epoch: e2
-        }))
+        }])
     );
     r.apply(&RegistryOp::Release {
+        slot: 0,
         agent_id: "a1".into(),
         replica_id: "hub-b".into(),
         epoch: e2,
@@ -110,12 +118,12 @@ async fn claims_renewals_releases_and_membership() {
     .await
     .unwrap();
     assert_eq!(
-        r.apply(&RegistryOp::GetOwner {
+        r.apply(&RegistryOp::GetOwners {
             agent_id: "a1".into()
         })
         .await
         .unwrap(),
-        RegistryReply::Owner(None)
+        RegistryReply::Owners(vec![])
     );
     assert_eq!(
         r.apply(&RegistryOp::ListAgents {
@@ -174,6 +182,7 @@ async fn leases_lapse_and_the_sweeper_prunes() {
         RegistryReply::Swept(2)
     );
     let renew = RegistryOp::Renew {
+        slot: 0,
         agent_id: "a1".into(),
         replica_id: "hub-a".into(),
         epoch: e,

@@ -54,6 +54,7 @@ fn registry(url: &str, auth: &RedisAuth) -> RedisRegistry {
 
 fn claim(agent: &str, replica: &str) -> RegistryOp {
     RegistryOp::Claim {
+        slot: 0,
         agent_id: agent.into(),
         replica_id: replica.into(),
         lease: Duration::from_secs(10),
@@ -85,6 +86,7 @@ async fn the_registry_over_tls_as_an_acl_user_claims_and_renews() {
     };
     assert!(e2 > e1, "{e2:?} !> {e1:?}");
     let renew = |replica: &str, epoch| RegistryOp::Renew {
+        slot: 0,
         agent_id: "a1".into(),
         replica_id: replica.into(),
         epoch,
@@ -291,11 +293,11 @@ fn a_hub_uses_tls_redis_with_a_password_file_and_prints_no_password() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let _in_rt = rt.enter();
     let r = registry(&redis.url(), &auth(&pw, tls(env.path(), &ca, None)));
-    let owner = rt.block_on(r.apply(&RegistryOp::GetOwner {
+    let owner = rt.block_on(r.apply(&RegistryOp::GetOwners {
         agent_id: "agent-1".into(),
     }));
     assert!(
-        matches!(&owner, Ok(RegistryReply::Owner(Some(o))) if o.replica_id == "hub-a"),
+        matches!(&owner, Ok(RegistryReply::Owners(o)) if o.len() == 1 && o[0].replica_id == "hub-a"),
         "{owner:?}\n{}",
         hub.proc.log_text()
     );

@@ -215,9 +215,25 @@ pub(crate) fn validate(frame: &Frame, limits: &Limits) -> Result<(), CodecError>
             agent_id,
             connectors,
             codecs,
+            slot,
+            slots,
             ..
         } => {
             name("agent_id", agent_id)?;
+            if *slots == 0 || *slots > crate::frame::MAX_SLOTS {
+                return Err(CodecError::out_of_range(
+                    t,
+                    "slots",
+                    format!("{slots}, between 1 and {}", crate::frame::MAX_SLOTS),
+                ));
+            }
+            if slot >= slots {
+                return Err(CodecError::out_of_range(
+                    t,
+                    "slot",
+                    format!("{slot}, below slots ({slots})"),
+                ));
+            }
             if connectors.len() > limits.max_connectors {
                 return Err(CodecError::out_of_range(
                     t,
@@ -239,7 +255,14 @@ pub(crate) fn validate(frame: &Frame, limits: &Limits) -> Result<(), CodecError>
                 name("codecs", c)?;
             }
         }
-        Frame::Welcome { codec, .. } => name("codec", codec)?,
+        Frame::Welcome {
+            codec, replica_id, ..
+        } => {
+            name("codec", codec)?;
+            if !replica_id.is_empty() {
+                name("replica_id", replica_id)?;
+            }
+        }
         Frame::Reauth { token } => {
             if token.is_empty() {
                 return Err(CodecError::out_of_range(t, "token", "must not be empty"));

@@ -57,6 +57,10 @@ struct Raw<'a> {
     b64: Option<Cow<'a, str>>,
     #[serde(skip_serializing_if = "Option::is_none", borrow, default)]
     token: Option<Cow<'a, str>>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    slot: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    slots: Option<u64>,
 }
 
 pub fn encode(frame: &Frame, limits: &Limits) -> Result<String, CodecError> {
@@ -96,22 +100,33 @@ fn to_raw(frame: &Frame) -> Raw<'_> {
             connectors,
             codecs,
             window,
+            slot,
+            slots,
         } => {
             r.agent_id = Some(Cow::Borrowed(agent_id));
             r.connectors = Some(connectors.clone());
             r.codecs = Some(codecs.clone());
             r.window = Some(u64::from(*window));
+            // A single-homed agent's HELLO stays what it always was.
+            if *slots > 1 || *slot > 0 {
+                r.slot = Some(u64::from(*slot));
+                r.slots = Some(u64::from(*slots));
+            }
         }
         Frame::Welcome {
             epoch,
             codec,
             window,
             max_frame,
+            replica_id,
         } => {
             r.epoch = Some(epoch.0);
             r.codec = Some(Cow::Borrowed(codec));
             r.window = Some(u64::from(*window));
             r.max_frame = Some(u64::from(*max_frame));
+            if !replica_id.is_empty() {
+                r.replica_id = Some(Cow::Borrowed(replica_id));
+            }
         }
         Frame::Open { cid, connector } => {
             r.cid = Some(*cid);
@@ -204,12 +219,15 @@ pub fn decode(msg: &str, limits: &Limits) -> Result<Frame, CodecError> {
             connectors: raw.connectors.clone().unwrap_or_default(),
             codecs: raw.codecs.clone().unwrap_or_default(),
             window: f.opt_u32("window", raw.window)?.unwrap_or(0),
+            slot: f.opt_u8("slot", raw.slot)?.unwrap_or(0),
+            slots: f.opt_u8("slots", raw.slots)?.unwrap_or(1),
         },
         FrameType::Welcome => Frame::Welcome {
             epoch: Epoch(f.u64("epoch", raw.epoch)?),
             codec: raw.codec.as_deref().unwrap_or("v1").to_string(),
             window: f.opt_u32("window", raw.window)?.unwrap_or(0),
             max_frame: f.opt_u32("max_frame", raw.max_frame)?.unwrap_or(0),
+            replica_id: raw.replica_id.as_deref().unwrap_or("").to_string(),
         },
         FrameType::Open => Frame::Open {
             cid: f.u64("cid", raw.cid)?,
@@ -311,6 +329,15 @@ impl Fields<'_, '_> {
         v.map(|v| {
             u32::try_from(v).map_err(|_| {
                 CodecError::out_of_range(self.t, field, format!("{v} does not fit 32 bits"))
+            })
+        })
+        .transpose()
+    }
+
+    fn opt_u8(&self, field: &'static str, v: Option<u64>) -> Result<Option<u8>, CodecError> {
+        v.map(|v| {
+            u8::try_from(v).map_err(|_| {
+                CodecError::out_of_range(self.t, field, format!("{v} does not fit 8 bits"))
             })
         })
         .transpose()

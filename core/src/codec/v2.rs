@@ -64,22 +64,28 @@ pub fn encode_into(frame: &Frame, limits: &Limits, buf: &mut BytesMut) -> Result
             connectors,
             codecs,
             window,
+            slot,
+            slots,
         } => {
             put_str(buf, agent_id);
             put_list(buf, connectors);
             put_list(buf, codecs);
             buf.put_u32_le(*window);
+            buf.put_u8(*slot);
+            buf.put_u8(*slots);
         }
         Frame::Welcome {
             epoch,
             codec,
             window,
             max_frame,
+            replica_id,
         } => {
             buf.put_u64_le(epoch.0);
             put_str(buf, codec);
             buf.put_u32_le(*window);
             buf.put_u32_le(*max_frame);
+            put_str(buf, replica_id);
         }
         Frame::Open { cid, connector } => {
             buf.put_u64_le(*cid);
@@ -203,12 +209,15 @@ pub fn decode(msg: &Bytes, limits: &Limits) -> Result<Frame, CodecError> {
             connectors: r.list("connectors", limits.max_connectors)?,
             codecs: r.list("codecs", 8)?,
             window: r.u32("window")?,
+            slot: r.u8("slot")?,
+            slots: r.u8("slots")?,
         },
         FrameType::Welcome => Frame::Welcome {
             epoch: Epoch(r.u64("epoch")?),
             codec: r.string("codec")?,
             window: r.u32("window")?,
             max_frame: r.u32("max_frame")?,
+            replica_id: r.string_allow_empty("replica_id")?,
         },
         FrameType::Open => Frame::Open {
             cid: r.u64("cid")?,

@@ -108,7 +108,8 @@ pub enum LinkCmd<K> {
 #[derive(Debug)]
 pub enum TunnelCmd {
     /// Hub: ownership claimed; send WELCOME.
-    Accept { epoch: Epoch },
+    /// WELCOME under `epoch`, naming this hub's replica.
+    Accept { epoch: Epoch, replica_id: String },
     /// Hub: this hub is draining; send DRAIN (v2 tunnels).
     Drain,
     /// Hub: open a flow to this connector.

@@ -89,7 +89,9 @@ impl TunnelDriver {
 
     fn on_tunnel_cmd(&mut self, now: Instant, cmd: TunnelCmd) {
         match cmd {
-            TunnelCmd::Accept { epoch } => self.tunnel.accept(now, epoch),
+            TunnelCmd::Accept { epoch, replica_id } => {
+                self.tunnel.accept_as(now, epoch, &replica_id)
+            }
             TunnelCmd::Drain => {
                 if !self.tunnel.send_drain() {
                     tracing::info!(

@@ -205,7 +205,8 @@ impl<R: HubRt> Shared<R> {
                 NodeOutput::Hub(out) => out,
                 NodeOutput::AcceptTunnel { tunnel, epoch } => {
                     if let Some(tx) = c.tunnels.get(&tunnel) {
-                        let _ = tx.try_send(LinkCmd::Link(TunnelCmd::Accept { epoch }));
+                        let replica_id = c.node.hub().replica_id().to_string();
+                        let _ = tx.try_send(LinkCmd::Link(TunnelCmd::Accept { epoch, replica_id }));
                     }
                     continue;
                 }

@@ -240,7 +240,7 @@ impl<R: HubRt> Shared<R> {
                             c.node.tunnel_reauth_refused(now, tunnel_id, label, detail)
                         }),
                     },
-                    ev @ TunnelEvent::Established { epoch, codec } => {
+                    ev @ TunnelEvent::Established { epoch, codec, .. } => {
                         shared.with_control(|c, now| c.node.tunnel_event(now, tunnel_id, &ev));
                         shared
                             .metrics

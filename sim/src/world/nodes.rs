@@ -378,11 +378,11 @@ impl World {
             ));
         }
         // The independent check: what this hub owns, under which epoch.
-        let owned = self.hubs[h].node.hub_mut().owned_tunnel(agent_id);
-        if owned != Some((tunnel, epoch)) {
-            let cur = owned.map_or(0, |(_, e)| e.0);
+        let owned = self.hubs[h].node.hub_mut().owned_tunnels(agent_id);
+        if !owned.contains(&(tunnel, epoch)) {
+            let cur: Vec<u64> = owned.iter().map(|(_, e)| e.0).collect();
             self.fail(format!(
-                "hub {h} let a mesh flow under stale epoch {} reach the tunnel of `{agent_id}` (current epoch {cur})",
+                "hub {h} let a mesh flow under stale epoch {} reach the tunnel of `{agent_id}` (current epochs {cur:?})",
                 epoch.0
             ));
         }
