@@ -39,8 +39,11 @@ pub struct AgentConfig {
     /// Dial plus WebSocket handshake plus WELCOME, per attempt.
     pub hub_connect_timeout: Duration,
     pub target_connect_timeout: Duration,
-    /// Target dials in progress at once.
+    /// Target dials in progress at once (per tunnel slot).
     pub max_pending_dials: usize,
+    /// Simultaneous tunnels to distinct hubs (multi-homing), 1 to
+    /// [`MAX_SLOTS`](crate::frame::MAX_SLOTS).
+    pub ha_connections: u8,
 }
 
 impl Default for AgentConfig {
@@ -54,6 +57,7 @@ impl Default for AgentConfig {
             hub_connect_timeout: Duration::from_secs(10),
             target_connect_timeout: Duration::from_secs(5),
             max_pending_dials: 1024,
+            ha_connections: 1,
         }
     }
 }
@@ -105,6 +109,23 @@ pub struct AgentCounters {
     pub unknown_connector: u64,
     /// Hubs that said DRAIN (shutting down) while this agent was on them.
     pub hub_drains: u64,
+    /// Tunnels closed on their WELCOME because their hub already carries
+    /// another of this agent's tunnels (multi-homing wants distinct hubs).
+    pub duplicate_hubs: u64,
+}
+
+impl AgentCounters {
+    /// The counters of several machines together.
+    pub fn add(&mut self, o: &AgentCounters) {
+        self.hub_attempts += o.hub_attempts;
+        self.hub_failures += o.hub_failures;
+        self.target_dials += o.target_dials;
+        self.target_failures += o.target_failures;
+        self.target_timeouts += o.target_timeouts;
+        self.unknown_connector += o.unknown_connector;
+        self.hub_drains += o.hub_drains;
+        self.duplicate_hubs += o.duplicate_hubs;
+    }
 }
 
 #[derive(Debug)]
@@ -113,6 +134,9 @@ pub struct Agent {
     state: HubLinkState,
     hub_index: usize,
     next_attempt: AttemptId,
+    /// Attempt ids go up by this much (the number of slots), so the
+    /// machines of one agent's slots never hand out the same id.
+    attempt_stride: u64,
     backoff: Backoff,
     rng: Rng,
     /// Target dials in progress, by (tunnel attempt, cid).
@@ -127,12 +151,22 @@ pub struct Agent {
 impl Agent {
     /// Starts dialing the first hub at once.
     pub fn new(now: Instant, cfg: AgentConfig, seed: u64) -> Self {
+        Agent::for_slot(now, cfg, seed, 0, 1)
+    }
+
+    /// The machine of tunnel `slot` of `slots`: it starts at the
+    /// `slot`-th hub of the list (so slots begin on distinct hubs), and
+    /// its attempt ids are `slot + 1` plus multiples of `slots`
+    /// ([`Agent::slot_of`]).
+    pub fn for_slot(now: Instant, cfg: AgentConfig, seed: u64, slot: u8, slots: u8) -> Self {
         let backoff = Backoff::new(cfg.backoff_base, cfg.backoff_max);
+        let slots = slots.max(1);
         let mut a = Agent {
             cfg,
             state: HubLinkState::Backoff,
-            hub_index: 0,
-            next_attempt: AttemptId(1),
+            hub_index: usize::from(slot),
+            next_attempt: AttemptId(u64::from(slot) + 1),
+            attempt_stride: u64::from(slots),
             backoff,
             rng: Rng::new(seed),
             dials: BTreeMap::new(),
@@ -147,6 +181,23 @@ impl Agent {
 
     pub fn state(&self) -> &HubLinkState {
         &self.state
+    }
+
+    /// The slot (of `slots`) whose machine handed out `attempt`.
+    pub fn slot_of(attempt: AttemptId, slots: u8) -> usize {
+        (attempt.0.saturating_sub(1) % u64::from(slots.max(1))) as usize
+    }
+
+    /// The tunnel of `attempt` got its WELCOME from a hub that already
+    /// carries another tunnel of this agent: it is closed, and the next hub
+    /// is tried after a (growing, jittered) backoff, as for a failed dial,
+    /// so an agent behind one load-balanced URL keeps dialing until its
+    /// tunnels land on distinct hubs without hammering them.
+    pub fn hub_duplicate(&mut self, now: Instant, attempt: AttemptId) {
+        if self.state == (HubLinkState::Dialing { attempt }) {
+            self.counters.duplicate_hubs += 1;
+            self.move_on(now, attempt);
+        }
     }
 
     pub fn connectors(&self) -> Vec<String> {
@@ -167,7 +218,7 @@ impl Agent {
             return;
         }
         let attempt = self.next_attempt;
-        self.next_attempt = AttemptId(attempt.0 + 1);
+        self.next_attempt = AttemptId(attempt.0 + self.attempt_stride);
         self.counters.hub_attempts += 1;
         self.state = HubLinkState::Dialing { attempt };
         self.timers
@@ -198,6 +249,12 @@ impl Agent {
             return;
         }
         self.counters.hub_failures += 1;
+        self.move_on(now, attempt);
+    }
+
+    /// The tunnel or dial of `attempt` is over: its flows' dials go, and
+    /// the next hub in the list is tried after a backoff.
+    fn move_on(&mut self, now: Instant, attempt: AttemptId) {
         self.timers.clear(Timer::HubDeadline);
         self.forget_dials(attempt);
         self.hub_index = (self.hub_index + 1) % self.cfg.hubs.len().max(1);

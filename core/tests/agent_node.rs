@@ -17,6 +17,7 @@ fn cfg() -> AgentConfig {
     let mut connectors = BTreeMap::new();
     connectors.insert("ldap".to_string(), "10.0.0.5:389".to_string());
     AgentConfig {
+        ha_connections: 1,
         agent_id: "a1".into(),
         hubs: vec!["wss://hub-a".into(), "wss://hub-b".into()],
         connectors,
@@ -69,6 +70,7 @@ fn connected(t0: Instant) -> AgentNode {
     assert_eq!(
         commands(&mut n),
         vec![AgentCommand::DialHub {
+            slot: 0,
             attempt: AttemptId(1),
             url: "wss://hub-a".into()
         }]
@@ -116,6 +118,7 @@ fn only_the_attempt_being_dialed_becomes_a_tunnel() {
     assert_eq!(
         commands(&mut n),
         vec![AgentCommand::DialHub {
+            slot: 0,
             attempt: AttemptId(2),
             url: "wss://hub-b".into()
         }]
@@ -181,6 +184,7 @@ fn a_drained_tunnel_keeps_its_flows_and_a_second_drain_ends_the_first() {
     assert_eq!(
         commands(&mut n),
         vec![AgentCommand::DialHub {
+            slot: 0,
             attempt: AttemptId(2),
             url: "wss://hub-b".into()
         }],
@@ -218,6 +222,7 @@ fn a_drained_tunnel_keeps_its_flows_and_a_second_drain_ends_the_first() {
                 reason: "a newer hub is draining too".into()
             },
             AgentCommand::DialHub {
+                slot: 0,
                 attempt: AttemptId(3),
                 url: "wss://hub-a".into()
             },

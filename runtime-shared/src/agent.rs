@@ -191,7 +191,8 @@ struct Io<R: AgentRt> {
     itx: Sender<Internal<R>>,
     /// Its tunnels by attempt: the current one, and one whose hub said DRAIN.
     conns: BTreeMap<AttemptId, Connection<R>>,
-    hub_dial: Option<(AttemptId, R::Task)>,
+    /// Hub dials in progress (one per slot at most), by attempt.
+    hub_dials: BTreeMap<AttemptId, R::Task>,
     target_dials: BTreeMap<Flow, R::Task>,
     /// Flow ends waiting for their target.
     waiting: BTreeMap<Flow, FlowEnd>,
@@ -238,8 +239,8 @@ impl<R: AgentRt> Io<R> {
 
     fn command(&mut self, c: AgentCommand) {
         match c {
-            AgentCommand::DialHub { attempt, url } => {
-                tracing::info!(attempt = attempt.0, %url, "connecting to hub");
+            AgentCommand::DialHub { attempt, url, slot } => {
+                tracing::info!(attempt = attempt.0, slot, %url, "connecting to hub");
                 let token = self.cfg.dial_token();
                 self.renewal.observe(&token);
                 let token_exp = crate::token_renewal::token_exp(&token);
@@ -256,18 +257,17 @@ impl<R: AgentRt> Io<R> {
                     };
                     let _ = itx.try_send(msg);
                 });
-                if let Some((_, t)) = self.hub_dial.replace((attempt, task)) {
+                if let Some(t) = self.hub_dials.insert(attempt, task) {
                     self.rt.cancel(t);
                 }
             }
             AgentCommand::CancelHubDial { attempt, reason } => {
-                if self.hub_dial.as_ref().is_some_and(|(a, _)| *a == attempt) {
+                if let Some(t) = self.hub_dials.remove(&attempt) {
                     if self.stopping {
                         tracing::info!(attempt = attempt.0, %reason, "hub attempt abandoned");
                     } else {
                         tracing::warn!(attempt = attempt.0, %reason, "hub attempt abandoned");
                     }
-                    let (_, t) = self.hub_dial.take().expect("checked");
                     self.rt.cancel(t);
                 }
             }
@@ -344,20 +344,20 @@ impl<R: AgentRt> Io<R> {
                 reader,
                 sink,
             } => {
-                if self.hub_dial.as_ref().is_some_and(|(a, _)| *a == attempt) {
-                    self.hub_dial = None;
-                }
+                self.hub_dials.remove(&attempt);
                 if node.hub_connected(now, attempt).is_err() {
                     return;
                 }
                 let (out_tx, out_rx) = async_channel::unbounded();
                 let (cmd_tx, cmd_rx) = async_channel::unbounded();
                 let connectors = node.connectors();
-                let tunnel = Tunnel::agent(
+                let tunnel = Tunnel::agent_slot(
                     now,
                     self.cfg.tunnel_config(),
                     &self.cfg.raw.agent_id,
                     &connectors,
+                    node.slot_of(attempt),
+                    node.slots(),
                 );
                 let mut driver = TunnelDriver::new(tunnel, out_tx, cmd_tx, self.metrics.clone());
                 driver.flush();
@@ -375,9 +375,7 @@ impl<R: AgentRt> Io<R> {
                 );
             }
             Internal::HubFailed { attempt, reason } => {
-                if self.hub_dial.as_ref().is_some_and(|(a, _)| *a == attempt) {
-                    self.hub_dial = None;
-                }
+                self.hub_dials.remove(&attempt);
                 tracing::warn!(attempt = attempt.0, %reason, "hub connection failed");
                 node.hub_failed(now, attempt);
             }
@@ -482,7 +480,7 @@ pub async fn run_agent<R: AgentRt>(
         metrics,
         itx,
         conns: BTreeMap::new(),
-        hub_dial: None,
+        hub_dials: BTreeMap::new(),
         target_dials: BTreeMap::new(),
         waiting: BTreeMap::new(),
         closing: Vec::new(),
@@ -494,11 +492,18 @@ pub async fn run_agent<R: AgentRt>(
     loop {
         io.execute(&mut node);
         io.finish_closed();
-        debug_assert!(io.conns.len() <= 2, "the node holds two tunnels at most");
+        debug_assert!(
+            io.conns.len() <= 2 * usize::from(node.slots()),
+            "the node holds two tunnels per slot at most"
+        );
         timer.set(io.deadline(&node), |d| rt.sleep(d));
         let wake = {
+            // Two tunnels per slot at most (its current one and one whose
+            // hub said DRAIN), four slots at most.
             let mut conns = io.conns.values_mut();
-            let (a, b) = (conns.next(), conns.next());
+            let mut next = || input(conns.next());
+            let (a, b, c, d) = (next(), next(), next(), next());
+            let (e, f, g, h) = (next(), next(), next(), next());
             let internal = async {
                 match irx.recv().await {
                     Ok(i) => Wake::Internal(i),
@@ -514,7 +519,8 @@ pub async fn run_agent<R: AgentRt>(
                 stop.as_mut().await;
                 Wake::Stop
             };
-            race(race(stop, race(internal, timer)), race(input(a), input(b))).await
+            let tunnels = race(race(race(a, b), race(c, d)), race(race(e, f), race(g, h)));
+            race(race(stop, race(internal, timer)), tunnels).await
         };
         let now = Instant::now();
         match wake {

@@ -33,7 +33,7 @@ use nowconnect_core::Epoch;
 use nowconnect_core::frame::MAX_SLOTS;
 use nowconnect_core::registry::{AgentRecord, Owner, RegistryError, RegistryOp, RegistryReply};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, ClientTlsConfig, IntoConnectionInfo, Script, TlsCertificates};
+use redis::{ClientTlsConfig, IntoConnectionInfo, Script, TlsCertificates};
 
 use crate::redact::{Secret, redact_url};
 

@@ -40,6 +40,14 @@ pub struct AgentFile {
     /// `limit_exceeded`.
     #[serde(default = "default_agent_max_dials")]
     pub max_pending_dials: usize,
+    /// Tunnels held at once, each to a distinct hub (multi-homing): new
+    /// connections on every hub that holds one are served without the mesh,
+    /// and a hub's loss leaves the others serving. 1 to 4; default 2 when
+    /// `hubs` lists at least two URLs, else 1 (set it to 2 or more behind
+    /// one load-balanced URL: the agent keeps dialing until its tunnels
+    /// are on distinct hubs).
+    #[serde(default)]
+    pub ha_connections: Option<u8>,
     /// Use only the v1 JSON codec (for hubs that predate v2).
     #[serde(default)]
     pub v1_only: bool,
@@ -129,8 +137,17 @@ impl AgentConfig {
             backoff_max: Duration::from_secs(r.reconnect_backoff_max_sec),
             target_connect_timeout: Duration::from_secs(r.connect_timeout_sec),
             max_pending_dials: r.max_pending_dials,
+            ha_connections: self.ha_connections(),
             ..nowconnect_core::agent::AgentConfig::default()
         }
+    }
+
+    /// Tunnels the agent holds at once: `ha_connections`, or 2 when `hubs`
+    /// lists at least two URLs, else 1.
+    pub fn ha_connections(&self) -> u8 {
+        self.raw
+            .ha_connections
+            .unwrap_or(if self.raw.hubs.len() >= 2 { 2 } else { 1 })
     }
 
     /// The agent side's tunnel settings.
@@ -197,6 +214,17 @@ impl AgentConfig {
         let raw: AgentFile = parse_yaml(file, text)?;
         let err = |key: &str, reason: String| ConfigError::new(file, key, reason);
         crate::jwt::check_agent_id(&raw.agent_id).map_err(|r| err("agent_id", r))?;
+        if let Some(n) = raw.ha_connections
+            && !(1..=nowconnect_core::frame::MAX_SLOTS).contains(&n)
+        {
+            return Err(err(
+                "ha_connections",
+                format!(
+                    "{n}: an agent holds 1 to {} tunnels at once",
+                    nowconnect_core::frame::MAX_SLOTS
+                ),
+            ));
+        }
         if raw.hubs.is_empty() {
             return Err(err("hubs", "list at least one hub tunnel URL".into()));
         }

@@ -639,7 +639,10 @@ impl World {
                     token_now.exp,
                 );
                 self.tunnel_authed(hub, hub_side, agent, token);
-                let t = Tunnel::agent(now, self.tunnel_cfg.clone(), &id, &connectors);
+                let node = &self.agents[agent].node;
+                let (slot, slots) = (node.slot_of(attempt), node.slots());
+                let t =
+                    Tunnel::agent_slot(now, self.tunnel_cfg.clone(), &id, &connectors, slot, slots);
                 self.add_ep(an, Some(hub_side), Link::Tunnel(t), attempt, None);
                 self.agents[agent].eps.insert(attempt, agent_side);
                 let exp = self.times(token).exp;

@@ -426,7 +426,7 @@ impl World {
     /// dials, as a runtime's agent loop does with real ones.
     fn agent_command(&mut self, i: usize, c: AgentCommand) {
         match c {
-            AgentCommand::DialHub { attempt, url } => {
+            AgentCommand::DialHub { attempt, url, .. } => {
                 let hub = url
                     .trim_start_matches("sim://")
                     .parse()
