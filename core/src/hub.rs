@@ -459,6 +459,27 @@ impl Hub {
                 can_drain: true,
             },
         );
+        self.check_agent_bound();
+    }
+
+    /// The agent limit holds, and it holds because every agent counted is
+    /// owned by a tunnel held here that claimed that very agent: an entry
+    /// pointing anywhere else could never be removed by a close.
+    fn check_agent_bound(&self) {
+        debug_assert!(
+            self.by_agent.len() <= self.cfg.max_agents,
+            "{} agents owned, limit {}",
+            self.by_agent.len(),
+            self.cfg.max_agents
+        );
+        debug_assert!(
+            self.by_agent
+                .iter()
+                .all(|(agent, t)| self.agents.get(t).is_some_and(
+                    |a| a.agent_id == *agent && matches!(a.state, AgentState::Owned { .. })
+                )),
+            "an owned agent whose tunnel is gone or serves another agent"
+        );
     }
 
     /// The tunnel's socket is gone. Releases ownership if it held it.
@@ -481,6 +502,7 @@ impl Hub {
                 );
             }
         }
+        self.check_agent_bound();
     }
 
     pub fn flow_started(&mut self, tunnel: TunnelId) {
@@ -811,25 +833,30 @@ impl Hub {
                 self.registry_last_error = Some(e.to_string());
             }
         }
-        self.complete(now, pending, result);
+        self.complete(now, op, pending, result);
+        self.check_agent_bound();
     }
 
     fn complete(
         &mut self,
         now: Instant,
+        op: OpId,
         pending: Pending,
         result: Result<RegistryReply, RegistryError>,
     ) {
         match (pending, result) {
             (Pending::Claim { tunnel, agent_id }, Ok(RegistryReply::Claimed(epoch))) => {
-                self.claimed(now, tunnel, &agent_id, epoch)
+                self.claimed(now, op, tunnel, &agent_id, epoch)
             }
             (Pending::Claim { tunnel, .. }, other) => {
                 let why = match other {
                     Err(e) => e.to_string(),
                     Ok(r) => format!("unexpected registry reply {r:?}"),
                 };
-                if self.agents.remove(&tunnel).is_some() {
+                // Only the tunnel still waiting for this very claim fails
+                // with it: the id may name a later tunnel by now.
+                if self.waits_for_claim(tunnel, op) {
+                    self.agents.remove(&tunnel);
                     self.counters.tunnels_refused += 1;
                     self.out.push_back(HubOutput::CloseTunnel {
                         tunnel,
@@ -1010,9 +1037,24 @@ impl Hub {
             .any(|a| a.agent_id == agent_id && matches!(a.state, AgentState::Claiming { .. }))
     }
 
-    fn claimed(&mut self, now: Instant, tunnel: TunnelId, agent_id: &str, epoch: Epoch) {
-        if !self.agents.contains_key(&tunnel) {
-            // The tunnel closed while claiming: give the ownership back.
+    /// Whether `tunnel` is the one that sent claim `op` and still waits for
+    /// it. A claim reply is matched by its op, never by the tunnel id alone:
+    /// the tunnel may have closed (or been superseded by a newer HELLO of
+    /// its agent) meanwhile, and a runtime may give its id to a later
+    /// tunnel, perhaps of another agent.
+    fn waits_for_claim(&self, tunnel: TunnelId, op: OpId) -> bool {
+        self.agents
+            .get(&tunnel)
+            .is_some_and(|a| a.state == AgentState::Claiming { op })
+    }
+
+    fn claimed(&mut self, now: Instant, op: OpId, tunnel: TunnelId, agent_id: &str, epoch: Epoch) {
+        if !self.waits_for_claim(tunnel, op) {
+            // The tunnel that asked closed or was superseded while claiming
+            // (its id may name another tunnel by now): give the ownership
+            // back. Taken for whatever tunnel holds the id, it would own an
+            // agent the registry never gave this hub, under another agent's
+            // epoch, past the agent limit (checked for the claim's agent).
             let call = RegistryOp::Release {
                 agent_id: agent_id.to_string(),
                 replica_id: self.cfg.replica_id.clone(),
@@ -1040,6 +1082,7 @@ impl Hub {
             return;
         }
         let a = self.agents.get_mut(&tunnel).expect("checked above");
+        debug_assert_eq!(a.agent_id, agent_id, "a tunnel claims only its own agent");
         a.state = AgentState::Owned { epoch };
         let agent_id = a.agent_id.clone();
         let connectors = a.connectors.clone();
@@ -1055,7 +1098,6 @@ impl Hub {
             self.agents.remove(&old);
             self.timers.clear(Timer::Renew(old));
         }
-        debug_assert!(self.by_agent.len() <= self.cfg.max_agents);
         self.counters.tunnels_accepted += 1;
         self.out
             .push_back(HubOutput::AcceptTunnel { tunnel, epoch });
@@ -1092,7 +1134,7 @@ impl Hub {
                         let e = RegistryError::Timeout(self.cfg.registry_timeout);
                         self.registry_healthy = false;
                         self.registry_last_error = Some(e.to_string());
-                        self.complete(now, p, Err(e));
+                        self.complete(now, op, p, Err(e));
                     }
                 }
                 Timer::Renew(tunnel) => {
@@ -1148,6 +1190,7 @@ impl Hub {
                 }
             }
         }
+        self.check_agent_bound();
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
