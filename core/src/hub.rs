@@ -350,7 +350,8 @@ impl Hub {
     /// their tenant-qualified names ([`crate::tenant::qualify`]), so a flow
     /// never crosses tenants. On a refusal the tunnel is closed with the
     /// reason and the refusal's kind (`agent_mismatch`,
-    /// `connector_outside_scope`) is returned for the runtime to count.
+    /// `connector_outside_scope`, `duplicate_hello`) is returned for the
+    /// runtime to count.
     pub fn tunnel_hello_as(
         &mut self,
         now: Instant,
@@ -359,6 +360,9 @@ impl Hub {
         hello_agent_id: &str,
         connectors: &[String],
     ) -> Result<(), &'static str> {
+        if self.refuse_repeated_hello(now, tunnel) {
+            return Err("duplicate_hello");
+        }
         if let Err((kind, reason)) = credential.admits(hello_agent_id, connectors) {
             self.counters.tunnels_refused += 1;
             self.out.push_back(HubOutput::CloseTunnel {
@@ -397,6 +401,9 @@ impl Hub {
                 reason,
             });
         };
+        if self.refuse_repeated_hello(now, tunnel) {
+            return;
+        }
         if self.draining {
             return refuse(self, ErrorCode::Shutdown, "hub is draining".into());
         }
@@ -460,6 +467,26 @@ impl Hub {
             },
         );
         self.check_agent_bound();
+    }
+
+    /// A HELLO on a tunnel this hub already holds (claiming or owned) is a
+    /// protocol error (`HubNode` refuses it before it gets here): the
+    /// tunnel is forgotten, its ownership released, and it is closed.
+    /// Taken as a fresh HELLO it would overwrite the tunnel's entry while
+    /// the agent table still names the tunnel for its first agent, an entry
+    /// no close would ever remove.
+    fn refuse_repeated_hello(&mut self, now: Instant, tunnel: TunnelId) -> bool {
+        if !self.agents.contains_key(&tunnel) {
+            return false;
+        }
+        self.tunnel_closed(now, tunnel);
+        self.counters.tunnels_refused += 1;
+        self.out.push_back(HubOutput::CloseTunnel {
+            tunnel,
+            code: ErrorCode::ProtocolError,
+            reason: "a second HELLO on an introduced tunnel".into(),
+        });
+        true
     }
 
     /// The agent limit holds, and it holds because every agent counted is

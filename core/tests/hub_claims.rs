@@ -1,6 +1,7 @@
-//! Claim replies that arrive after the tunnel that asked for them is gone
-//! may not make the hub count an agent it cannot forget, nor own more
-//! agents than `max_agents`. The `hub` fuzz seed
+//! Claim replies that arrive after the tunnel that asked for them is gone,
+//! and HELLOs on a tunnel the hub already holds: neither may make the hub
+//! count an agent it cannot forget, nor own more agents than
+//! `max_agents`. The `hub` fuzz seed
 //! `fuzz/corpus/hub/late-claim-reply-on-reused-tunnel-id` is the same attack.
 
 use nowconnect_core::hub::{Hub, HubConfig, HubOutput, OpId, TunnelId};
@@ -133,4 +134,49 @@ fn late_claim_replies_on_a_reused_tunnel_id_cannot_grow_the_hub_past_its_limit()
         }
     )));
     bounded(&h);
+}
+
+/// A second HELLO on a tunnel the hub holds (`HubNode` refuses it first;
+/// this is the hub on its own) is refused, and the tunnel is forgotten and
+/// its ownership released, instead of the second agent overwriting the
+/// tunnel while the first one stays counted for it forever.
+#[test]
+fn a_second_hello_on_a_held_tunnel_closes_it_and_leaves_nothing_counted() {
+    let mut h = full_hub();
+    let claim = hello(&mut h, 1, "a1");
+    reply(&mut h, claim, Ok(RegistryReply::Claimed(Epoch(1))));
+    assert_eq!(h.agent_count(), 1);
+
+    h.tunnel_hello(origin(), TunnelId(1), "a2", &["ldap".into()], None);
+    let out = outputs(&mut h);
+    assert!(
+        out.iter().any(|o| matches!(
+            o,
+            HubOutput::CloseTunnel {
+                tunnel: TunnelId(1),
+                code: ErrorCode::ProtocolError,
+                ..
+            }
+        )),
+        "{out:?}"
+    );
+    assert!(
+        out.iter().any(|o| matches!(o, HubOutput::Registry {
+            call: RegistryOp::Release { agent_id, epoch: Epoch(1), .. }, ..
+        } if agent_id == "a1")),
+        "{out:?}"
+    );
+    assert!(
+        !out.iter().any(|o| matches!(
+            o,
+            HubOutput::Registry {
+                call: RegistryOp::Claim { .. },
+                ..
+            }
+        )),
+        "{out:?}"
+    );
+    assert_eq!((h.agent_count(), h.tunnel_count()), (0, 0));
+    closed(&mut h, 1);
+    assert_eq!((h.agent_count(), h.tunnel_count()), (0, 0));
 }
