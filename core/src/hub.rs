@@ -132,6 +132,9 @@ enum AgentState {
 
 #[derive(Clone, Debug)]
 struct AgentTunnel {
+    /// The op of the claim its HELLO sent: with the tunnel id it names this
+    /// tunnel's stay here, as the runtime may give the id to a later tunnel.
+    hello: OpId,
     agent_id: String,
     connectors: Vec<String>,
     state: AgentState,
@@ -149,12 +152,15 @@ enum Pending {
     },
     Renew {
         tunnel: TunnelId,
+        hello: OpId,
         epoch: Epoch,
     },
     /// Ownership vanished (lease lapsed while the registry was away, or the
     /// registry lost its data) while the tunnel is still here: claim again.
     Reclaim {
         tunnel: TunnelId,
+        hello: OpId,
+        agent_id: String,
         old: Epoch,
     },
     Route {
@@ -459,6 +465,7 @@ impl Hub {
         self.agents.insert(
             tunnel,
             AgentTunnel {
+                hello: op,
                 agent_id: agent_id.to_string(),
                 connectors: connectors.to_vec(),
                 state: AgentState::Claiming { op },
@@ -892,52 +899,74 @@ impl Hub {
                     });
                 }
             }
-            (Pending::Renew { tunnel, epoch }, Ok(RegistryReply::Lost { current: None })) => {
-                if let Some(a) = self.agents.get(&tunnel)
-                    && a.state == (AgentState::Owned { epoch })
-                {
+            (
+                Pending::Renew {
+                    tunnel,
+                    hello,
+                    epoch,
+                },
+                Ok(RegistryReply::Lost { current: None }),
+            ) => {
+                if self.still_owns(tunnel, hello, epoch) {
+                    let agent_id = self.agents[&tunnel].agent_id.clone();
                     let call = RegistryOp::Claim {
-                        agent_id: a.agent_id.clone(),
+                        agent_id: agent_id.clone(),
                         replica_id: self.cfg.replica_id.clone(),
                         lease: self.cfg.lease,
                     };
-                    self.op(now, call, Pending::Reclaim { tunnel, old: epoch });
+                    let reclaim = Pending::Reclaim {
+                        tunnel,
+                        hello,
+                        agent_id,
+                        old: epoch,
+                    };
+                    self.op(now, call, reclaim);
                 }
             }
-            (Pending::Reclaim { tunnel, old }, Ok(RegistryReply::Claimed(epoch))) => {
-                match self.agents.get_mut(&tunnel) {
-                    Some(a) if a.state == (AgentState::Owned { epoch: old }) => {
-                        a.state = AgentState::Owned { epoch };
-                        self.counters.ownership_reclaimed += 1;
-                        let call = RegistryOp::AddConnectors {
-                            agent_id: a.agent_id.clone(),
-                            connectors: a.connectors.clone(),
-                            lease: self.cfg.lease,
-                        };
-                        self.op(now, call, Pending::Other);
-                    }
-                    Some(a) => {
-                        // The tunnel changed meanwhile; give the new claim back.
-                        let call = RegistryOp::Release {
-                            agent_id: a.agent_id.clone(),
-                            replica_id: self.cfg.replica_id.clone(),
-                            epoch,
-                        };
-                        self.op(now, call, Pending::Other);
-                    }
-                    None => {}
+            (
+                Pending::Reclaim {
+                    tunnel,
+                    hello,
+                    agent_id,
+                    old,
+                },
+                Ok(RegistryReply::Claimed(epoch)),
+            ) => {
+                if self.still_owns(tunnel, hello, old) {
+                    let a = self.agents.get_mut(&tunnel).expect("checked above");
+                    a.state = AgentState::Owned { epoch };
+                    self.counters.ownership_reclaimed += 1;
+                    let call = RegistryOp::AddConnectors {
+                        agent_id: a.agent_id.clone(),
+                        connectors: a.connectors.clone(),
+                        lease: self.cfg.lease,
+                    };
+                    self.op(now, call, Pending::Other);
+                } else {
+                    // The tunnel changed, closed, or its id names a later
+                    // tunnel meanwhile: give the new claim back.
+                    let call = RegistryOp::Release {
+                        agent_id,
+                        replica_id: self.cfg.replica_id.clone(),
+                        epoch,
+                    };
+                    self.op(now, call, Pending::Other);
                 }
             }
             // Failed reclaim: the renewal timer tries again.
             (Pending::Reclaim { .. }, _) => {}
             (
-                Pending::Renew { tunnel, epoch },
+                Pending::Renew {
+                    tunnel,
+                    hello,
+                    epoch,
+                },
                 Ok(RegistryReply::Lost {
                     current: Some(owner),
                 }),
             ) => {
                 let current = Some(owner);
-                let still_ours = matches!(self.agents.get(&tunnel), Some(a) if a.state == AgentState::Owned { epoch });
+                let still_ours = self.still_owns(tunnel, hello, epoch);
                 if still_ours && self.draining {
                     // The agent moved as asked (DRAIN); its old tunnel keeps
                     // the flows it carries until the drain closes it.
@@ -1075,6 +1104,15 @@ impl Hub {
             .is_some_and(|a| a.state == AgentState::Claiming { op })
     }
 
+    /// Whether `tunnel` is still the tunnel whose HELLO sent claim `hello`,
+    /// and owns its agent under `epoch`: a renewal's reply is about that
+    /// ownership, not about whatever tunnel carries the id by now.
+    fn still_owns(&self, tunnel: TunnelId, hello: OpId, epoch: Epoch) -> bool {
+        self.agents
+            .get(&tunnel)
+            .is_some_and(|a| a.hello == hello && a.state == AgentState::Owned { epoch })
+    }
+
     fn claimed(&mut self, now: Instant, op: OpId, tunnel: TunnelId, agent_id: &str, epoch: Epoch) {
         if !self.waits_for_claim(tunnel, op) {
             // The tunnel that asked closed or was superseded while claiming
@@ -1179,7 +1217,12 @@ impl Hub {
                             connectors: a.connectors.clone(),
                             lease: self.cfg.lease,
                         };
-                        self.op(now, call, Pending::Renew { tunnel, epoch });
+                        let renew = Pending::Renew {
+                            tunnel,
+                            hello: a.hello,
+                            epoch,
+                        };
+                        self.op(now, call, renew);
                         self.op(now, connectors, Pending::Other);
                         let every = if self.draining {
                             self.cfg.drain_check_interval

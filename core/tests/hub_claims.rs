@@ -1,11 +1,12 @@
-//! Claim replies that arrive after the tunnel that asked for them is gone,
-//! and HELLOs on a tunnel the hub already holds: neither may make the hub
-//! count an agent it cannot forget, nor own more agents than
-//! `max_agents`. The `hub` fuzz seed
+//! Registry replies that arrive after the tunnel that asked for them is
+//! gone (perhaps while a later tunnel carries its id), and HELLOs on a
+//! tunnel the hub already holds: none may make the hub count an agent it
+//! cannot forget, own more agents than `max_agents`, or act on a tunnel
+//! for another one's ownership. The `hub` fuzz seed
 //! `fuzz/corpus/hub/late-claim-reply-on-reused-tunnel-id` is the same attack.
 
 use nowconnect_core::hub::{Hub, HubConfig, HubOutput, OpId, TunnelId};
-use nowconnect_core::registry::{RegistryError, RegistryOp, RegistryReply};
+use nowconnect_core::registry::{Owner, RegistryError, RegistryOp, RegistryReply};
 use nowconnect_core::{Epoch, ErrorCode};
 
 mod common;
@@ -179,4 +180,47 @@ fn a_second_hello_on_a_held_tunnel_closes_it_and_leaves_nothing_counted() {
     assert_eq!((h.agent_count(), h.tunnel_count()), (0, 0));
     closed(&mut h, 1);
     assert_eq!((h.agent_count(), h.tunnel_count()), (0, 0));
+}
+
+/// A renewal's late reply is about the ownership that was renewed, not
+/// about a later tunnel that carries the same id: a1 renews on tunnel 1 and
+/// leaves, a2 connects on a tunnel again called 1 and is owned (under its
+/// own epoch 5, which a1 had too). That a1 moved elsewhere, or that its
+/// ownership lapsed, neither closes a2's tunnel nor claims a2 again.
+#[test]
+fn a_late_renewal_reply_is_not_taken_by_the_tunnel_that_reuses_the_id() {
+    let lost = [
+        RegistryReply::Lost {
+            current: Some(Owner {
+                replica_id: "hub-b".into(),
+                epoch: Epoch(6),
+            }),
+        },
+        RegistryReply::Lost { current: None },
+    ];
+    for late in lost {
+        let mut h = full_hub();
+        let claim = hello(&mut h, 1, "a1");
+        reply(&mut h, claim, Ok(RegistryReply::Claimed(Epoch(5))));
+        let at = origin() + HubConfig::default().renew_interval;
+        h.handle_timeout(at);
+        let renew = outputs(&mut h)
+            .into_iter()
+            .find_map(|o| match o {
+                HubOutput::Registry {
+                    op,
+                    call: RegistryOp::Renew { .. },
+                } => Some(op),
+                _ => None,
+            })
+            .expect("a1 renews");
+        closed(&mut h, 1);
+        let claim = hello(&mut h, 1, "a2");
+        reply(&mut h, claim, Ok(RegistryReply::Claimed(Epoch(5))));
+
+        h.registry_reply(at, renew, Ok(late.clone()));
+        let out = outputs(&mut h);
+        assert!(out.is_empty(), "{late:?} for a1 gave {out:?}");
+        assert_eq!(h.owned_tunnel("a2"), Some((TunnelId(1), Epoch(5))));
+    }
 }
