@@ -132,6 +132,9 @@ enum AgentState {
 
 #[derive(Clone, Debug)]
 struct AgentTunnel {
+    /// The op of the claim its HELLO sent: with the tunnel id it names this
+    /// tunnel's stay here, as the runtime may give the id to a later tunnel.
+    hello: OpId,
     agent_id: String,
     /// Which of the agent's tunnels this is, and how many it holds.
     slot: u8,
@@ -153,17 +156,22 @@ enum Pending {
     },
     Renew {
         tunnel: TunnelId,
+        hello: OpId,
         epoch: Epoch,
     },
     /// Ownership vanished (lease lapsed while the registry was away, or the
     /// registry lost its data) while the tunnel is still here: claim again.
     Reclaim {
         tunnel: TunnelId,
+        hello: OpId,
+        agent_id: String,
+        slot: u8,
         old: Epoch,
     },
     /// Draining: does another hub hold a tunnel of this tunnel's agent yet?
     DrainCheck {
         tunnel: TunnelId,
+        hello: OpId,
         epoch: Epoch,
     },
     Route {
@@ -378,7 +386,8 @@ impl Hub {
     /// their tenant-qualified names ([`crate::tenant::qualify`]), so a flow
     /// never crosses tenants. On a refusal the tunnel is closed with the
     /// reason and the refusal's kind (`agent_mismatch`,
-    /// `connector_outside_scope`) is returned for the runtime to count.
+    /// `connector_outside_scope`, `duplicate_hello`) is returned for the
+    /// runtime to count.
     pub fn tunnel_hello_as(
         &mut self,
         now: Instant,
@@ -387,6 +396,9 @@ impl Hub {
         hello_agent_id: &str,
         connectors: &[String],
     ) -> Result<(), &'static str> {
+        if self.refuse_repeated_hello(now, tunnel) {
+            return Err("duplicate_hello");
+        }
         if let Err((kind, reason)) = credential.admits(hello_agent_id, connectors) {
             self.counters.tunnels_refused += 1;
             self.out.push_back(HubOutput::CloseTunnel {
@@ -454,6 +466,9 @@ impl Hub {
                 reason,
             });
         };
+        if self.refuse_repeated_hello(now, tunnel) {
+            return;
+        }
         if self.draining {
             return refuse(self, ErrorCode::Shutdown, "hub is draining".into());
         }
@@ -524,6 +539,7 @@ impl Hub {
         self.agents.insert(
             tunnel,
             AgentTunnel {
+                hello: op,
                 agent_id: agent_id.to_string(),
                 slot,
                 slots,
@@ -532,6 +548,49 @@ impl Hub {
                 open_flows: 0,
                 can_drain: true,
             },
+        );
+        self.check_agent_bound();
+    }
+
+    /// A HELLO on a tunnel this hub already holds (claiming or owned) is a
+    /// protocol error (`HubNode` refuses it before it gets here): the
+    /// tunnel is forgotten, its ownership released, and it is closed.
+    /// Taken as a fresh HELLO it would overwrite the tunnel's entry while
+    /// the agent table still names the tunnel for its first agent, an entry
+    /// no close would ever remove.
+    fn refuse_repeated_hello(&mut self, now: Instant, tunnel: TunnelId) -> bool {
+        if !self.agents.contains_key(&tunnel) {
+            return false;
+        }
+        self.tunnel_closed(now, tunnel);
+        self.counters.tunnels_refused += 1;
+        self.out.push_back(HubOutput::CloseTunnel {
+            tunnel,
+            code: ErrorCode::ProtocolError,
+            reason: "a second HELLO on an introduced tunnel".into(),
+        });
+        true
+    }
+
+    /// The agent limit holds, and it holds because every agent counted is
+    /// owned by a tunnel held here that claimed that very agent: an entry
+    /// pointing anywhere else could never be removed by a close.
+    fn check_agent_bound(&self) {
+        debug_assert!(
+            self.by_agent.len() <= self.cfg.max_agents,
+            "{} agents owned, limit {}",
+            self.by_agent.len(),
+            self.cfg.max_agents
+        );
+        debug_assert!(
+            self.by_agent
+                .iter()
+                .all(
+                    |((agent, slot), t)| self.agents.get(t).is_some_and(|a| a.agent_id == *agent
+                        && a.slot == *slot
+                        && matches!(a.state, AgentState::Owned { .. }))
+                ),
+            "an owned agent whose tunnel is gone or serves another agent or slot"
         );
     }
 
@@ -557,6 +616,7 @@ impl Hub {
                 );
             }
         }
+        self.check_agent_bound();
     }
 
     pub fn flow_started(&mut self, tunnel: TunnelId) {
@@ -892,12 +952,14 @@ impl Hub {
                 self.registry_last_error = Some(e.to_string());
             }
         }
-        self.complete(now, pending, result);
+        self.complete(now, op, pending, result);
+        self.check_agent_bound();
     }
 
     fn complete(
         &mut self,
         now: Instant,
+        op: OpId,
         pending: Pending,
         result: Result<RegistryReply, RegistryError>,
     ) {
@@ -909,13 +971,16 @@ impl Hub {
                     slot,
                 },
                 Ok(RegistryReply::Claimed(epoch)),
-            ) => self.claimed(now, tunnel, &agent_id, slot, epoch),
+            ) => self.claimed(now, op, tunnel, &agent_id, slot, epoch),
             (Pending::Claim { tunnel, .. }, other) => {
                 let why = match other {
                     Err(e) => e.to_string(),
                     Ok(r) => format!("unexpected registry reply {r:?}"),
                 };
-                if self.agents.remove(&tunnel).is_some() {
+                // Only the tunnel still waiting for this very claim fails
+                // with it: the id may name a later tunnel by now.
+                if self.waits_for_claim(tunnel, op) {
+                    self.agents.remove(&tunnel);
                     self.counters.tunnels_refused += 1;
                     self.out.push_back(HubOutput::CloseTunnel {
                         tunnel,
@@ -924,54 +989,79 @@ impl Hub {
                     });
                 }
             }
-            (Pending::Renew { tunnel, epoch }, Ok(RegistryReply::Lost { current: None })) => {
-                if let Some(a) = self.agents.get(&tunnel)
-                    && a.state == (AgentState::Owned { epoch })
-                {
+            (
+                Pending::Renew {
+                    tunnel,
+                    hello,
+                    epoch,
+                },
+                Ok(RegistryReply::Lost { current: None }),
+            ) => {
+                if self.still_owns(tunnel, hello, epoch) {
+                    let agent_id = self.agents[&tunnel].agent_id.clone();
+                    let slot = self.agents[&tunnel].slot;
                     let call = RegistryOp::Claim {
-                        agent_id: a.agent_id.clone(),
-                        slot: a.slot,
+                        agent_id: agent_id.clone(),
+                        slot,
                         replica_id: self.cfg.replica_id.clone(),
                         lease: self.cfg.lease,
                     };
-                    self.op(now, call, Pending::Reclaim { tunnel, old: epoch });
+                    let reclaim = Pending::Reclaim {
+                        tunnel,
+                        hello,
+                        agent_id,
+                        slot,
+                        old: epoch,
+                    };
+                    self.op(now, call, reclaim);
                 }
             }
-            (Pending::Reclaim { tunnel, old }, Ok(RegistryReply::Claimed(epoch))) => {
-                match self.agents.get_mut(&tunnel) {
-                    Some(a) if a.state == (AgentState::Owned { epoch: old }) => {
-                        a.state = AgentState::Owned { epoch };
-                        self.counters.ownership_reclaimed += 1;
-                        let call = RegistryOp::AddConnectors {
-                            agent_id: a.agent_id.clone(),
-                            connectors: a.connectors.clone(),
-                            lease: self.cfg.lease,
-                        };
-                        self.op(now, call, Pending::Other);
-                    }
-                    Some(a) => {
-                        // The tunnel changed meanwhile; give the new claim back.
-                        let call = RegistryOp::Release {
-                            agent_id: a.agent_id.clone(),
-                            slot: a.slot,
-                            replica_id: self.cfg.replica_id.clone(),
-                            epoch,
-                        };
-                        self.op(now, call, Pending::Other);
-                    }
-                    None => {}
+            (
+                Pending::Reclaim {
+                    tunnel,
+                    hello,
+                    agent_id,
+                    slot,
+                    old,
+                },
+                Ok(RegistryReply::Claimed(epoch)),
+            ) => {
+                if self.still_owns(tunnel, hello, old) {
+                    let a = self.agents.get_mut(&tunnel).expect("checked above");
+                    a.state = AgentState::Owned { epoch };
+                    self.counters.ownership_reclaimed += 1;
+                    let call = RegistryOp::AddConnectors {
+                        agent_id: a.agent_id.clone(),
+                        connectors: a.connectors.clone(),
+                        lease: self.cfg.lease,
+                    };
+                    self.op(now, call, Pending::Other);
+                } else {
+                    // The tunnel changed, closed, or its id names a later
+                    // tunnel meanwhile: give the new claim back.
+                    let call = RegistryOp::Release {
+                        agent_id,
+                        slot,
+                        replica_id: self.cfg.replica_id.clone(),
+                        epoch,
+                    };
+                    self.op(now, call, Pending::Other);
                 }
             }
             // Failed reclaim: the renewal timer tries again.
             (Pending::Reclaim { .. }, _) => {}
             (
-                Pending::Renew { tunnel, epoch },
+                Pending::Renew {
+                    tunnel,
+                    hello,
+                    epoch,
+                },
                 Ok(RegistryReply::Lost {
                     current: Some(owner),
                 }),
             ) => {
                 let current = Some(owner);
-                let still_ours = matches!(self.agents.get(&tunnel), Some(a) if a.state == AgentState::Owned { epoch });
+                let still_ours = self.still_owns(tunnel, hello, epoch);
                 if still_ours && self.draining {
                     // The agent moved as asked (DRAIN); its old tunnel keeps
                     // the flows it carries until the drain closes it.
@@ -996,18 +1086,23 @@ impl Hub {
             }
             // Renewed, or an error (kept; local flows go on, retried next interval).
             (Pending::Renew { .. }, _) => {}
-            (Pending::DrainCheck { tunnel, epoch }, Ok(RegistryReply::Owners(owners))) => {
-                let Some(a) = self.agents.get(&tunnel) else {
+            (
+                Pending::DrainCheck {
+                    tunnel,
+                    hello,
+                    epoch,
+                },
+                Ok(RegistryReply::Owners(owners)),
+            ) => {
+                if !self.still_owns(tunnel, hello, epoch) {
                     return;
-                };
+                }
+                let a = &self.agents[&tunnel];
                 // Another hub holds a tunnel of this agent (another slot, or
                 // this slot moved): new flows go there now. This tunnel
                 // keeps its flows, and its slot is given back so listings
                 // stop naming this hub.
-                if self.draining
-                    && a.state == (AgentState::Owned { epoch })
-                    && owners.iter().any(|o| o.replica_id != self.cfg.replica_id)
-                {
+                if self.draining && owners.iter().any(|o| o.replica_id != self.cfg.replica_id) {
                     let call = RegistryOp::Release {
                         agent_id: a.agent_id.clone(),
                         slot: a.slot,
@@ -1112,10 +1207,42 @@ impl Hub {
             .any(|a| a.agent_id == agent_id && matches!(a.state, AgentState::Claiming { .. }))
     }
 
-    fn claimed(&mut self, now: Instant, tunnel: TunnelId, agent_id: &str, slot: u8, epoch: Epoch) {
+    /// Whether `tunnel` is the one that sent claim `op` and still waits for
+    /// it. A claim reply is matched by its op, never by the tunnel id alone:
+    /// the tunnel may have closed (or been superseded by a newer HELLO of
+    /// its agent) meanwhile, and a runtime may give its id to a later
+    /// tunnel, perhaps of another agent.
+    fn waits_for_claim(&self, tunnel: TunnelId, op: OpId) -> bool {
+        self.agents
+            .get(&tunnel)
+            .is_some_and(|a| a.state == AgentState::Claiming { op })
+    }
+
+    /// Whether `tunnel` is still the tunnel whose HELLO sent claim `hello`,
+    /// and owns its agent under `epoch`: a renewal's reply is about that
+    /// ownership, not about whatever tunnel carries the id by now.
+    fn still_owns(&self, tunnel: TunnelId, hello: OpId, epoch: Epoch) -> bool {
+        self.agents
+            .get(&tunnel)
+            .is_some_and(|a| a.hello == hello && a.state == AgentState::Owned { epoch })
+    }
+
+    fn claimed(
+        &mut self,
+        now: Instant,
+        op: OpId,
+        tunnel: TunnelId,
+        agent_id: &str,
+        slot: u8,
+        epoch: Epoch,
+    ) {
         let key = (agent_id.to_string(), slot);
-        if !self.agents.contains_key(&tunnel) {
-            // The tunnel closed while claiming: give the ownership back.
+        if !self.waits_for_claim(tunnel, op) {
+            // The tunnel that asked closed or was superseded while claiming
+            // (its id may name another tunnel by now): give the ownership
+            // back. Taken for whatever tunnel holds the id, it would own an
+            // agent the registry never gave this hub, under another agent's
+            // epoch, past the agent limit (checked for the claim's agent).
             let call = RegistryOp::Release {
                 agent_id: agent_id.to_string(),
                 slot,
@@ -1145,6 +1272,7 @@ impl Hub {
             return;
         }
         let a = self.agents.get_mut(&tunnel).expect("checked above");
+        debug_assert_eq!(a.agent_id, agent_id, "a tunnel claims only its own agent");
         a.state = AgentState::Owned { epoch };
         let agent_id = a.agent_id.clone();
         let connectors = a.connectors.clone();
@@ -1165,7 +1293,6 @@ impl Hub {
             self.agents.remove(&old);
             self.timers.clear(Timer::Renew(old));
         }
-        debug_assert!(self.by_agent.len() <= self.cfg.max_agents);
         self.counters.tunnels_accepted += 1;
         self.out
             .push_back(HubOutput::AcceptTunnel { tunnel, epoch });
@@ -1218,7 +1345,7 @@ impl Hub {
                         let e = RegistryError::Timeout(self.cfg.registry_timeout);
                         self.registry_healthy = false;
                         self.registry_last_error = Some(e.to_string());
-                        self.complete(now, p, Err(e));
+                        self.complete(now, op, p, Err(e));
                     }
                 }
                 Timer::Renew(tunnel) => {
@@ -1240,10 +1367,24 @@ impl Hub {
                         let check = (self.draining && a.slots > 1).then(|| RegistryOp::GetOwners {
                             agent_id: a.agent_id.clone(),
                         });
-                        self.op(now, call, Pending::Renew { tunnel, epoch });
+                        let hello = a.hello;
+                        let renew = Pending::Renew {
+                            tunnel,
+                            hello,
+                            epoch,
+                        };
+                        self.op(now, call, renew);
                         self.op(now, connectors, Pending::Other);
                         if let Some(check) = check {
-                            self.op(now, check, Pending::DrainCheck { tunnel, epoch });
+                            self.op(
+                                now,
+                                check,
+                                Pending::DrainCheck {
+                                    tunnel,
+                                    hello,
+                                    epoch,
+                                },
+                            );
                         }
                         let every = if self.draining {
                             self.cfg.drain_check_interval
@@ -1281,6 +1422,7 @@ impl Hub {
                 }
             }
         }
+        self.check_agent_bound();
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
