@@ -545,3 +545,113 @@ proptest! {
         prop_assert_eq!(at, data.len());
     }
 }
+
+/// The bytes of every frame that names a flow, in both codecs: the flow id
+/// is a plain u64 on the wire (a JSON number, eight little-endian bytes).
+#[test]
+fn flow_frames_have_pinned_bytes() {
+    let l = Limits::default();
+    let cid = 0x0102_0304_0506_0708;
+    let h = MeshHeader {
+        cid,
+        connector: "ldap".into(),
+        agent_id: "a1".into(),
+        seq: 2,
+        epoch: Epoch(3),
+    };
+    let frames = [
+        Frame::Open {
+            cid,
+            connector: "ldap".into(),
+        },
+        Frame::Data {
+            cid,
+            seq: 2,
+            payload: Bytes::from_static(b"hi"),
+        },
+        Frame::Fin { cid, seq: Some(4) },
+        Frame::Fin { cid, seq: None },
+        Frame::Rst {
+            cid,
+            code: ErrorCode::Refused,
+            reason: "no".into(),
+        },
+        Frame::Credit { cid, bytes: 65536 },
+        Frame::MOpen { h: h.clone() },
+        Frame::MOpenAck {
+            h: h.clone(),
+            ok: false,
+            code: ErrorCode::NoAgent,
+            reason: "no".into(),
+        },
+        Frame::MData {
+            h: h.clone(),
+            payload: Bytes::from_static(b"hi"),
+        },
+        Frame::MFin { h: h.clone() },
+        Frame::MRst {
+            h: h.clone(),
+            code: ErrorCode::Refused,
+            reason: "no".into(),
+        },
+        Frame::MCredit { h, bytes: 65536 },
+    ];
+    let want = [
+        (
+            r#"{"type":"OPEN","cid":72623859790382856,"connector":"ldap"}"#,
+            "03080706050403020104006c646170",
+        ),
+        (
+            r#"{"type":"DATA","cid":72623859790382856,"seq":2,"b64":"aGk="}"#,
+            "04080706050403020102000000000000006869",
+        ),
+        (
+            r#"{"type":"FIN","cid":72623859790382856,"seq":4}"#,
+            "050807060504030201010400000000000000",
+        ),
+        (
+            r#"{"type":"FIN","cid":72623859790382856}"#,
+            "05080706050403020100",
+        ),
+        (
+            r#"{"type":"RST","cid":72623859790382856,"code":"refused","reason":"no"}"#,
+            "0608070605040302010d02006e6f",
+        ),
+        (
+            r#"{"type":"CREDIT","cid":72623859790382856,"bytes":65536}"#,
+            "07080706050403020100000100",
+        ),
+        (
+            r#"{"type":"M_OPEN","agent_id":"a1","cid":72623859790382856,"connector":"ldap","seq":2,"epoch":3}"#,
+            "1108070605040302010200000000000000030000000000000004006c64617002006131",
+        ),
+        (
+            r#"{"type":"M_OPEN_ACK","agent_id":"a1","cid":72623859790382856,"connector":"ldap","seq":2,"epoch":3,"ok":false,"code":"no_agent","reason":"no"}"#,
+            "1208070605040302010200000000000000030000000000000004006c64617002006131000402006e6f",
+        ),
+        (
+            r#"{"type":"M_DATA","agent_id":"a1","cid":72623859790382856,"connector":"ldap","seq":2,"epoch":3,"b64":"aGk="}"#,
+            "1308070605040302010200000000000000030000000000000004006c646170020061316869",
+        ),
+        (
+            r#"{"type":"M_FIN","agent_id":"a1","cid":72623859790382856,"connector":"ldap","seq":2,"epoch":3}"#,
+            "1408070605040302010200000000000000030000000000000004006c64617002006131",
+        ),
+        (
+            r#"{"type":"M_RST","agent_id":"a1","cid":72623859790382856,"connector":"ldap","seq":2,"epoch":3,"code":"refused","reason":"no"}"#,
+            "1508070605040302010200000000000000030000000000000004006c646170020061310d02006e6f",
+        ),
+        (
+            r#"{"type":"M_CREDIT","agent_id":"a1","cid":72623859790382856,"connector":"ldap","seq":2,"epoch":3,"bytes":65536}"#,
+            "1608070605040302010200000000000000030000000000000004006c6461700200613100000100",
+        ),
+    ];
+    for (f, (text, hex)) in frames.iter().zip(want) {
+        assert_eq!(v1::encode(f, &l).unwrap(), text);
+        assert_eq!(&v1::decode(text, &l).unwrap(), f);
+        let b = v2::encode(f, &l).unwrap();
+        let got: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        assert_eq!(got, hex, "v2 bytes of {f:?}");
+        assert_eq!(&v2::decode(&b, &l).unwrap(), f);
+    }
+}
