@@ -6,16 +6,16 @@ use std::hint::black_box;
 use bytes::Bytes;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use nowconnect_core::codec::{v1, v2};
-use nowconnect_core::{Epoch, Frame, Limits, MeshHeader};
+use nowconnect_core::{Cid, Epoch, Frame, Limits, MeshHeader};
 
 fn frames() -> (Frame, Vec<Frame>) {
     let data = Frame::Data {
-        cid: 42,
+        cid: Cid(42),
         seq: 7,
         payload: Bytes::from((0..16384).map(|i| (i % 251) as u8).collect::<Vec<u8>>()),
     };
     let h = MeshHeader {
-        cid: 42,
+        cid: Cid(42),
         connector: "ldap".into(),
         agent_id: "agent-1".into(),
         seq: 7,
@@ -23,11 +23,11 @@ fn frames() -> (Frame, Vec<Frame>) {
     };
     let small = vec![
         Frame::Credit {
-            cid: 42,
+            cid: Cid(42),
             bytes: 65536,
         },
         Frame::Fin {
-            cid: 42,
+            cid: Cid(42),
             seq: Some(9),
         },
         Frame::Ping { nonce: 1 },

@@ -266,7 +266,7 @@ impl Agent {
     fn forget_dials(&mut self, attempt: AttemptId) {
         let gone: Vec<(AttemptId, Cid)> = self
             .dials
-            .range((attempt, 0)..=(attempt, Cid::MAX))
+            .range((attempt, Cid::MIN)..=(attempt, Cid::MAX))
             .map(|(k, _)| *k)
             .collect();
         for (a, cid) in gone {

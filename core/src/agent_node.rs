@@ -459,7 +459,7 @@ impl AgentNode {
         }
         let gone: Vec<(AttemptId, Cid)> = self
             .waiting
-            .range((attempt, 0)..=(attempt, Cid::MAX))
+            .range((attempt, Cid::MIN)..=(attempt, Cid::MAX))
             .copied()
             .collect();
         for (a, cid) in gone {

@@ -6,10 +6,53 @@
 use bytes::Bytes;
 
 /// Flow (connection) id, unique per link for the life of the link.
-pub type Cid = u64;
+///
+/// On the wire it is a plain `u64` (a JSON number in v1, eight little-endian
+/// bytes in v2), and it prints as that number.
+///
+/// The opener of flows picks their cids counting up: a tunnel's hub from 1
+/// ([`Cid::next`]), a mesh link's dialer the odd ones and its acceptor the
+/// even ones ([`Cid::first_on_mesh`], [`Cid::next_on_mesh`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Cid(pub u64);
+
+impl Cid {
+    /// The least and the greatest cid, to bound a range of keys.
+    pub const MIN: Cid = Cid(u64::MIN);
+    pub const MAX: Cid = Cid(u64::MAX);
+
+    /// The cid a tunnel's hub opens after this one.
+    pub const fn next(self) -> Cid {
+        Cid(self.0 + 1)
+    }
+
+    /// The first cid one side of a mesh link opens: 1 for the dialer, 2 for
+    /// the acceptor.
+    pub const fn first_on_mesh(dialer: bool) -> Cid {
+        if dialer { Cid(1) } else { Cid(2) }
+    }
+
+    /// The cid the same side of a mesh link opens after this one.
+    pub const fn next_on_mesh(self) -> Cid {
+        Cid(self.0 + 2)
+    }
+
+    /// Whether this cid is one a mesh link's dialer opens (odd) rather than
+    /// one its acceptor opens (even).
+    pub const fn opened_by_mesh_dialer(self) -> bool {
+        self.0 % 2 == 1
+    }
+}
+
+impl std::fmt::Display for Cid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// At most this many simultaneous tunnels (slots) per agent.
 pub const MAX_SLOTS: u8 = 4;
+
 /// Per-direction sequence number of a DATA frame within a flow, starting at 0.
 pub type Seq = u64;
 

@@ -224,7 +224,7 @@ impl MeshLink {
             rng,
             mux,
             meta: BTreeMap::new(),
-            next_cid: if outbound { 1 } else { 2 },
+            next_cid: Cid::first_on_mesh(outbound),
             last_peer_cid: None,
             ctrl_q: VecDeque::new(),
             data_q: VecDeque::new(),
@@ -502,13 +502,13 @@ impl MeshLink {
     }
 
     fn on_open(&mut self, h: MeshHeader) {
-        // The peer opens flows with its parity only.
-        let peer_parity = if self.outbound { 0 } else { 1 };
+        // The peer opens flows of its side only (it dialed if we did not).
+        let peers_side = h.cid.opened_by_mesh_dialer() != self.outbound;
         // And with ever higher cids on one connection: a cid used before
         // (open now or ended) would let what is still in flight for the old
         // flow (a bridge's join on the owner hub) meet the new one.
         let reused = self.last_peer_cid.is_some_and(|last| h.cid <= last);
-        if h.cid % 2 != peer_parity || self.mux.contains(h.cid) || reused {
+        if !peers_side || self.mux.contains(h.cid) || reused {
             self.push_ctrl(Frame::MOpenAck {
                 reason: format!("cid {} is not valid for a new flow from this peer", h.cid),
                 h,
@@ -620,7 +620,7 @@ impl MeshLink {
             self.bump_backpressure("flow_limit");
             return Err(SendError::QueueFull(self.cfg.max_flows));
         }
-        self.next_cid += 2;
+        self.next_cid = self.next_cid.next_on_mesh();
         self.meta.insert(
             cid,
             FlowMeta {

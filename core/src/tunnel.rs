@@ -216,7 +216,7 @@ impl Tunnel {
             state,
             codec: Codec::V1,
             mux,
-            next_cid: 1,
+            next_cid: Cid(1),
             transmit: VecDeque::new(),
             control_backlog: 0,
             events: VecDeque::new(),
@@ -563,7 +563,7 @@ impl Tunnel {
         self.mux
             .open_tagged(cid, tag)
             .map_err(|_| SendError::QueueFull(self.cfg.max_flows))?;
-        self.next_cid += 1;
+        self.next_cid = self.next_cid.next();
         self.send_frame(&Frame::Open {
             cid,
             connector: connector.to_string(),

@@ -8,7 +8,7 @@ use nowconnect_core::agent::{AgentConfig, AttemptId, HubLinkState};
 use nowconnect_core::agent_node::{AgentCommand, AgentNode, LinkRole, StaleConnection};
 use nowconnect_core::mux::FlowEvent;
 use nowconnect_core::tunnel::TunnelEvent;
-use nowconnect_core::{Codec, Epoch, ErrorCode};
+use nowconnect_core::{Cid, Codec, Epoch, ErrorCode};
 
 mod common;
 use common::origin;
@@ -41,7 +41,7 @@ fn established() -> TunnelEvent {
     }
 }
 
-fn open(cid: u64, connector: &str) -> TunnelEvent {
+fn open(cid: Cid, connector: &str) -> TunnelEvent {
     TunnelEvent::Open {
         cid,
         connector: connector.into(),
@@ -50,7 +50,7 @@ fn open(cid: u64, connector: &str) -> TunnelEvent {
 
 /// The node's next commands are exactly: stop waiting for flow `cid`'s
 /// target (of tunnel 1), then reset the flow with `code`.
-fn cancelled_and_reset(n: &mut AgentNode, cid: u64, code: ErrorCode) {
+fn cancelled_and_reset(n: &mut AgentNode, cid: Cid, code: ErrorCode) {
     let cmds = commands(n);
     assert!(
         matches!(
@@ -169,16 +169,16 @@ fn a_tunnel_without_welcome_in_time_is_closed_and_ended() {
 fn a_drained_tunnel_keeps_its_flows_and_a_second_drain_ends_the_first() {
     let t0 = origin();
     let mut n = connected(t0);
-    n.tunnel_event(t0, AttemptId(1), &open(2, "ldap"));
+    n.tunnel_event(t0, AttemptId(1), &open(Cid(2), "ldap"));
     assert!(matches!(
         &commands(&mut n)[..],
         [AgentCommand::DialTarget {
             attempt: AttemptId(1),
-            cid: 2,
+            cid: Cid(2),
             ..
         }]
     ));
-    assert!(n.target_connected(t0, AttemptId(1), 2));
+    assert!(n.target_connected(t0, AttemptId(1), Cid(2)));
     n.tunnel_event(t0, AttemptId(1), &TunnelEvent::Drain);
     assert_eq!(n.role(AttemptId(1)), Some(LinkRole::Draining));
     assert_eq!(
@@ -191,12 +191,12 @@ fn a_drained_tunnel_keeps_its_flows_and_a_second_drain_ends_the_first() {
         "the next hub at once, no backoff"
     );
     // The draining tunnel still takes flows.
-    n.tunnel_event(t0, AttemptId(1), &open(4, "ldap"));
+    n.tunnel_event(t0, AttemptId(1), &open(Cid(4), "ldap"));
     assert!(matches!(
         &commands(&mut n)[..],
         [AgentCommand::DialTarget {
             attempt: AttemptId(1),
-            cid: 4,
+            cid: Cid(4),
             ..
         }]
     ));
@@ -214,7 +214,7 @@ fn a_drained_tunnel_keeps_its_flows_and_a_second_drain_ends_the_first() {
             },
             AgentCommand::CancelTarget {
                 attempt: AttemptId(1),
-                cid: 4
+                cid: Cid(4)
             },
             AgentCommand::EndTunnel {
                 attempt: AttemptId(1),
@@ -240,14 +240,14 @@ fn a_drained_tunnel_keeps_its_flows_and_a_second_drain_ends_the_first() {
 fn a_flow_that_ends_while_its_target_is_dialed_cancels_the_dial() {
     let t0 = origin();
     let mut n = connected(t0);
-    n.tunnel_event(t0, AttemptId(1), &open(2, "ldap"));
+    n.tunnel_event(t0, AttemptId(1), &open(Cid(2), "ldap"));
     commands(&mut n);
     assert_eq!((n.pending_dials(), n.waiting_flows()), (1, 1));
     n.tunnel_event(
         t0,
         AttemptId(1),
         &TunnelEvent::Flow(FlowEvent::Reset {
-            cid: 2,
+            cid: Cid(2),
             code: ErrorCode::ConnectionReset,
             reason: "client went away".into(),
         }),
@@ -256,12 +256,12 @@ fn a_flow_that_ends_while_its_target_is_dialed_cancels_the_dial() {
         commands(&mut n),
         vec![AgentCommand::CancelTarget {
             attempt: AttemptId(1),
-            cid: 2
+            cid: Cid(2)
         }]
     );
     assert_eq!((n.pending_dials(), n.waiting_flows()), (0, 0));
     assert!(
-        !n.target_connected(t0, AttemptId(1), 2),
+        !n.target_connected(t0, AttemptId(1), Cid(2)),
         "a target connected too late is dropped"
     );
 }
@@ -270,13 +270,13 @@ fn a_flow_that_ends_while_its_target_is_dialed_cancels_the_dial() {
 fn target_failures_and_timeouts_reset_the_flow_and_free_the_dial() {
     let t0 = origin();
     let mut n = connected(t0);
-    n.tunnel_event(t0, AttemptId(1), &open(2, "ldap"));
-    n.tunnel_event(t0, AttemptId(1), &open(4, "ldap"));
+    n.tunnel_event(t0, AttemptId(1), &open(Cid(2), "ldap"));
+    n.tunnel_event(t0, AttemptId(1), &open(Cid(4), "ldap"));
     commands(&mut n);
-    n.target_failed(t0, AttemptId(1), 2, "connection refused");
-    cancelled_and_reset(&mut n, 2, ErrorCode::TargetUnreachable);
+    n.target_failed(t0, AttemptId(1), Cid(2), "connection refused");
+    cancelled_and_reset(&mut n, Cid(2), ErrorCode::TargetUnreachable);
     n.handle_timeout(t0 + Duration::from_secs(3));
-    cancelled_and_reset(&mut n, 4, ErrorCode::ConnectTimeout);
+    cancelled_and_reset(&mut n, Cid(4), ErrorCode::ConnectTimeout);
     assert_eq!((n.pending_dials(), n.waiting_flows()), (0, 0));
 }
 
@@ -284,7 +284,7 @@ fn target_failures_and_timeouts_reset_the_flow_and_free_the_dial() {
 fn a_lost_tunnel_takes_its_waiting_flows_and_the_agent_backs_off() {
     let t0 = origin();
     let mut n = connected(t0);
-    n.tunnel_event(t0, AttemptId(1), &open(2, "ldap"));
+    n.tunnel_event(t0, AttemptId(1), &open(Cid(2), "ldap"));
     commands(&mut n);
     n.tunnel_event(
         t0,
@@ -299,7 +299,7 @@ fn a_lost_tunnel_takes_its_waiting_flows_and_the_agent_backs_off() {
         vec![
             AgentCommand::CancelTarget {
                 attempt: AttemptId(1),
-                cid: 2
+                cid: Cid(2)
             },
             AgentCommand::EndTunnel {
                 attempt: AttemptId(1),
@@ -355,7 +355,7 @@ fn stopping_closes_every_tunnel_and_cancels_every_dial() {
     let t0 = origin();
     let mut n = connected(t0);
     n.tunnel_event(t0, AttemptId(1), &TunnelEvent::Drain);
-    n.tunnel_event(t0, AttemptId(1), &open(2, "ldap"));
+    n.tunnel_event(t0, AttemptId(1), &open(Cid(2), "ldap"));
     commands(&mut n);
     n.stop();
     let cmds = commands(&mut n);
@@ -373,7 +373,7 @@ fn stopping_closes_every_tunnel_and_cancels_every_dial() {
             },
             AgentCommand::CancelTarget {
                 attempt: AttemptId(1),
-                cid: 2
+                cid: Cid(2)
             },
             AgentCommand::EndTunnel {
                 attempt: AttemptId(1),
@@ -392,8 +392,8 @@ fn stopping_closes_every_tunnel_and_cancels_every_dial() {
 fn a_hub_cannot_open_a_connector_the_agent_does_not_serve() {
     let t0 = origin();
     let mut n = connected(t0);
-    n.tunnel_event(t0, AttemptId(1), &open(2, "payroll-db"));
-    cancelled_and_reset(&mut n, 2, ErrorCode::UnknownConnector);
+    n.tunnel_event(t0, AttemptId(1), &open(Cid(2), "payroll-db"));
+    cancelled_and_reset(&mut n, Cid(2), ErrorCode::UnknownConnector);
     assert_eq!(n.counters().unknown_connector, 1);
     assert_eq!(n.waiting_flows(), 0);
 }
@@ -402,7 +402,7 @@ fn a_hub_cannot_open_a_connector_the_agent_does_not_serve() {
 fn a_hub_cannot_run_more_target_dials_than_the_limit() {
     let t0 = origin();
     let mut n = connected(t0);
-    for cid in (2..40).step_by(2) {
+    for cid in (2..40).step_by(2).map(Cid) {
         n.tunnel_event(t0, AttemptId(1), &open(cid, "ldap"));
     }
     let cmds = commands(&mut n);
@@ -430,10 +430,10 @@ fn a_hub_cannot_run_more_target_dials_than_the_limit() {
 fn a_hub_opening_the_same_flow_twice_gets_it_reset() {
     let t0 = origin();
     let mut n = connected(t0);
-    n.tunnel_event(t0, AttemptId(1), &open(2, "ldap"));
+    n.tunnel_event(t0, AttemptId(1), &open(Cid(2), "ldap"));
     commands(&mut n);
-    n.tunnel_event(t0, AttemptId(1), &open(2, "ldap"));
-    cancelled_and_reset(&mut n, 2, ErrorCode::ProtocolError);
+    n.tunnel_event(t0, AttemptId(1), &open(Cid(2), "ldap"));
+    cancelled_and_reset(&mut n, Cid(2), ErrorCode::ProtocolError);
     assert_eq!((n.pending_dials(), n.waiting_flows()), (0, 0));
 }
 
@@ -442,7 +442,7 @@ fn events_of_a_tunnel_the_node_does_not_hold_change_nothing() {
     let t0 = origin();
     let mut n = connected(t0);
     for ev in [
-        open(2, "ldap"),
+        open(Cid(2), "ldap"),
         TunnelEvent::Drain,
         established(),
         TunnelEvent::Closed {

@@ -4,7 +4,9 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use nowconnect_core::codec::{self, CodecError, v1, v2};
 use nowconnect_core::payload::HEADROOM;
-use nowconnect_core::{Codec, Epoch, ErrorCode, Frame, Limits, MeshHeader, Payload, WsMessage};
+use nowconnect_core::{
+    Cid, Codec, Epoch, ErrorCode, Frame, Limits, MeshHeader, Payload, WsMessage,
+};
 use proptest::prelude::*;
 
 fn name() -> impl Strategy<Value = String> {
@@ -24,8 +26,12 @@ fn code() -> impl Strategy<Value = ErrorCode> {
     prop::sample::select(ErrorCode::ALL.to_vec())
 }
 
+fn cid() -> impl Strategy<Value = Cid> {
+    any::<u64>().prop_map(Cid)
+}
+
 fn header() -> impl Strategy<Value = MeshHeader> {
-    (any::<u64>(), name(), name(), any::<u64>(), any::<u64>()).prop_map(
+    (cid(), name(), name(), any::<u64>(), any::<u64>()).prop_map(
         |(cid, connector, agent_id, seq, e)| MeshHeader {
             cid,
             connector,
@@ -61,19 +67,15 @@ pub fn frame() -> impl Strategy<Value = Frame> {
                 max_frame
             }
         ),
-        (any::<u64>(), name()).prop_map(|(cid, connector)| Frame::Open { cid, connector }),
-        (any::<u64>(), any::<u64>(), payload()).prop_map(|(cid, seq, payload)| Frame::Data {
+        (cid(), name()).prop_map(|(cid, connector)| Frame::Open { cid, connector }),
+        (cid(), any::<u64>(), payload()).prop_map(|(cid, seq, payload)| Frame::Data {
             cid,
             seq,
             payload
         }),
-        (any::<u64>(), any::<Option<u64>>()).prop_map(|(cid, seq)| Frame::Fin { cid, seq }),
-        (any::<u64>(), code(), reason()).prop_map(|(cid, code, reason)| Frame::Rst {
-            cid,
-            code,
-            reason
-        }),
-        (any::<u64>(), any::<u32>()).prop_map(|(cid, bytes)| Frame::Credit { cid, bytes }),
+        (cid(), any::<Option<u64>>()).prop_map(|(cid, seq)| Frame::Fin { cid, seq }),
+        (cid(), code(), reason()).prop_map(|(cid, code, reason)| Frame::Rst { cid, code, reason }),
+        (cid(), any::<u32>()).prop_map(|(cid, bytes)| Frame::Credit { cid, bytes }),
         any::<u64>().prop_map(|nonce| Frame::Ping { nonce }),
         any::<u64>().prop_map(|nonce| Frame::Pong { nonce }),
         Just(Frame::Drain),
@@ -191,7 +193,7 @@ fn oversized_frames_are_refused_before_parsing() {
     ));
     // And we never produce one.
     let f = Frame::Data {
-        cid: 1,
+        cid: Cid(1),
         seq: 0,
         payload: Bytes::from(vec![0u8; 4000]),
     };
@@ -320,7 +322,7 @@ fn v1_matches_the_original_field_names() {
     assert_eq!(
         f,
         Frame::Data {
-            cid: 7,
+            cid: Cid(7),
             seq: 2,
             payload: Bytes::from_static(b"hi")
         }
@@ -334,7 +336,10 @@ fn v1_matches_the_original_field_names() {
     assert!(matches!(f, Frame::Hello { ref codecs, window: 0, .. } if codecs.is_empty()));
     assert_eq!(
         v1::decode(r#"{"type":"FIN","cid":3}"#, &l).unwrap(),
-        Frame::Fin { cid: 3, seq: None }
+        Frame::Fin {
+            cid: Cid(3),
+            seq: None
+        }
     );
     // Unknown fields are ignored.
     assert_eq!(
@@ -344,7 +349,7 @@ fn v1_matches_the_original_field_names() {
     let m = v1::encode(
         &Frame::MData {
             h: MeshHeader {
-                cid: 1,
+                cid: Cid(1),
                 connector: "ldap".into(),
                 agent_id: "a1".into(),
                 seq: 0,
@@ -377,7 +382,7 @@ fn v1_matches_the_original_field_names() {
 fn v2_data_decode_shares_the_buffer() {
     let l = Limits::default();
     let f = Frame::Data {
-        cid: 1,
+        cid: Cid(1),
         seq: 0,
         payload: Bytes::from(vec![7u8; 16384]),
     };
@@ -404,7 +409,7 @@ fn data_with_room_is_encoded_in_place_without_a_copy() {
     let p = with_room(&data, HEADROOM);
     let at = p.as_ptr();
     let head = Frame::Data {
-        cid: 7,
+        cid: Cid(7),
         seq: 3,
         payload: Bytes::new(),
     };
@@ -414,7 +419,7 @@ fn data_with_room_is_encoded_in_place_without_a_copy() {
     // The payload in the message is the very memory it was read into.
     assert_eq!(b[v2::DATA_HEADER_LEN..].as_ptr(), at);
     let full = Frame::Data {
-        cid: 7,
+        cid: Cid(7),
         seq: 3,
         payload: Bytes::from(data),
     };
@@ -427,7 +432,7 @@ fn mesh_data_with_room_is_encoded_in_place_and_long_names_fall_back_to_a_copy() 
     let data = vec![4u8; 4096];
     for (names, in_place) in [(8, true), (49, true), (50, false), (255, false)] {
         let h = MeshHeader {
-            cid: 1,
+            cid: Cid(1),
             connector: "c".repeat(names),
             agent_id: "a".repeat(names),
             seq: 2,
@@ -461,12 +466,12 @@ fn data_payload_limits_hold_with_room_as_without() {
     let l = Limits::default();
     let too_big = vec![0u8; l.max_payload() + 1];
     let head = || Frame::Data {
-        cid: 1,
+        cid: Cid(1),
         seq: 0,
         payload: Bytes::new(),
     };
     let full = Frame::Data {
-        cid: 1,
+        cid: Cid(1),
         seq: 0,
         payload: Bytes::from(too_big.clone()),
     };
@@ -546,5 +551,115 @@ proptest! {
             prop_assert_eq!(codec::decode(&apart, &l).unwrap(), full);
         }
         prop_assert_eq!(at, data.len());
+    }
+}
+
+/// The bytes of every frame that names a flow, in both codecs: the flow id
+/// is a plain u64 on the wire (a JSON number, eight little-endian bytes).
+#[test]
+fn flow_frames_have_pinned_bytes() {
+    let l = Limits::default();
+    let cid = Cid(0x0102_0304_0506_0708);
+    let h = MeshHeader {
+        cid,
+        connector: "ldap".into(),
+        agent_id: "a1".into(),
+        seq: 2,
+        epoch: Epoch(3),
+    };
+    let frames = [
+        Frame::Open {
+            cid,
+            connector: "ldap".into(),
+        },
+        Frame::Data {
+            cid,
+            seq: 2,
+            payload: Bytes::from_static(b"hi"),
+        },
+        Frame::Fin { cid, seq: Some(4) },
+        Frame::Fin { cid, seq: None },
+        Frame::Rst {
+            cid,
+            code: ErrorCode::Refused,
+            reason: "no".into(),
+        },
+        Frame::Credit { cid, bytes: 65536 },
+        Frame::MOpen { h: h.clone() },
+        Frame::MOpenAck {
+            h: h.clone(),
+            ok: false,
+            code: ErrorCode::NoAgent,
+            reason: "no".into(),
+        },
+        Frame::MData {
+            h: h.clone(),
+            payload: Bytes::from_static(b"hi"),
+        },
+        Frame::MFin { h: h.clone() },
+        Frame::MRst {
+            h: h.clone(),
+            code: ErrorCode::Refused,
+            reason: "no".into(),
+        },
+        Frame::MCredit { h, bytes: 65536 },
+    ];
+    let want = [
+        (
+            r#"{"type":"OPEN","cid":72623859790382856,"connector":"ldap"}"#,
+            "03080706050403020104006c646170",
+        ),
+        (
+            r#"{"type":"DATA","cid":72623859790382856,"seq":2,"b64":"aGk="}"#,
+            "04080706050403020102000000000000006869",
+        ),
+        (
+            r#"{"type":"FIN","cid":72623859790382856,"seq":4}"#,
+            "050807060504030201010400000000000000",
+        ),
+        (
+            r#"{"type":"FIN","cid":72623859790382856}"#,
+            "05080706050403020100",
+        ),
+        (
+            r#"{"type":"RST","cid":72623859790382856,"code":"refused","reason":"no"}"#,
+            "0608070605040302010d02006e6f",
+        ),
+        (
+            r#"{"type":"CREDIT","cid":72623859790382856,"bytes":65536}"#,
+            "07080706050403020100000100",
+        ),
+        (
+            r#"{"type":"M_OPEN","agent_id":"a1","cid":72623859790382856,"connector":"ldap","seq":2,"epoch":3}"#,
+            "1108070605040302010200000000000000030000000000000004006c64617002006131",
+        ),
+        (
+            r#"{"type":"M_OPEN_ACK","agent_id":"a1","cid":72623859790382856,"connector":"ldap","seq":2,"epoch":3,"ok":false,"code":"no_agent","reason":"no"}"#,
+            "1208070605040302010200000000000000030000000000000004006c64617002006131000402006e6f",
+        ),
+        (
+            r#"{"type":"M_DATA","agent_id":"a1","cid":72623859790382856,"connector":"ldap","seq":2,"epoch":3,"b64":"aGk="}"#,
+            "1308070605040302010200000000000000030000000000000004006c646170020061316869",
+        ),
+        (
+            r#"{"type":"M_FIN","agent_id":"a1","cid":72623859790382856,"connector":"ldap","seq":2,"epoch":3}"#,
+            "1408070605040302010200000000000000030000000000000004006c64617002006131",
+        ),
+        (
+            r#"{"type":"M_RST","agent_id":"a1","cid":72623859790382856,"connector":"ldap","seq":2,"epoch":3,"code":"refused","reason":"no"}"#,
+            "1508070605040302010200000000000000030000000000000004006c646170020061310d02006e6f",
+        ),
+        (
+            r#"{"type":"M_CREDIT","agent_id":"a1","cid":72623859790382856,"connector":"ldap","seq":2,"epoch":3,"bytes":65536}"#,
+            "1608070605040302010200000000000000030000000000000004006c6461700200613100000100",
+        ),
+    ];
+    for (f, (text, hex)) in frames.iter().zip(want) {
+        assert_eq!(v1::encode(f, &l).unwrap(), text);
+        assert_eq!(&v1::decode(text, &l).unwrap(), f);
+        let b = v2::encode(f, &l).unwrap();
+        let got: String = b.iter().map(|x| format!("{x:02x}")).collect();
+        assert_eq!(got, hex, "v2 bytes of {f:?}");
+        assert_eq!(&v2::decode(&b, &l).unwrap(), f);
     }
 }

@@ -12,7 +12,7 @@ use nowconnect_core::registry::{MemoryRegistry, RegistryError, RegistryOp, Regis
 use nowconnect_core::rng::Rng;
 use nowconnect_core::routing::{Mode, Route};
 use nowconnect_core::tunnel::{Tunnel, TunnelConfig, TunnelEvent};
-use nowconnect_core::{Codec, Epoch, ErrorCode, Frame, Limits, WsMessage};
+use nowconnect_core::{Cid, Codec, Epoch, ErrorCode, Frame, Limits, WsMessage};
 
 mod common;
 use common::origin;
@@ -47,7 +47,7 @@ fn hello(codecs: &[&str]) -> Frame {
 }
 
 /// A hub tunnel after HELLO and accept, with `flows` flows opened.
-fn hub_tunnel(codecs: &[&str], flows: usize) -> (Tunnel, Vec<u64>) {
+fn hub_tunnel(codecs: &[&str], flows: usize) -> (Tunnel, Vec<Cid>) {
     let now = origin();
     let mut t = Tunnel::hub(now, TunnelConfig::default());
     t.handle_message(now, &v1(&hello(codecs)));
@@ -76,7 +76,7 @@ fn frames_before_hello_and_second_hello_close_the_tunnel() {
     t.handle_message(
         now,
         &v1(&Frame::Data {
-            cid: 1,
+            cid: Cid(1),
             seq: 0,
             payload: Bytes::from_static(b"x"),
         }),
@@ -142,7 +142,7 @@ fn protocol_errors_reset_only_the_offending_flow() {
     t.handle_message(
         now,
         &v2(&Frame::Data {
-            cid: 99,
+            cid: Cid(99),
             seq: 0,
             payload: Bytes::from_static(b"x"),
         }),
@@ -150,7 +150,7 @@ fn protocol_errors_reset_only_the_offending_flow() {
     assert!(matches!(
         &transmits(&mut t)[..],
         [Frame::Rst {
-            cid: 99,
+            cid: Cid(99),
             code: ErrorCode::ProtocolError,
             ..
         }]
@@ -278,7 +278,7 @@ fn a_busy_connector_never_takes_the_flows_another_connector_is_owed() {
     events(&mut t);
     t.accept(now, Epoch(1));
     // `busy` gets everything but `ldap`'s guarantee of 16 / (2 * 2) = 4.
-    let busy: Vec<u64> = (0..12).map(|_| t.open_flow("busy").unwrap()).collect();
+    let busy: Vec<Cid> = (0..12).map(|_| t.open_flow("busy").unwrap()).collect();
     let refused = t.open_flow("busy").unwrap_err();
     assert_eq!(
         refused.to_string(),
@@ -343,7 +343,7 @@ fn agent_flow_limit_refuses_opens_with_a_reason() {
             max_frame: 0,
         }),
     );
-    for cid in 1..=3 {
+    for cid in (1..=3).map(Cid) {
         t.handle_message(
             now,
             &v2(&Frame::Open {
@@ -360,7 +360,7 @@ fn agent_flow_limit_refuses_opens_with_a_reason() {
     assert!(matches!(
         &transmits(&mut t)[..],
         [Frame::Rst {
-            cid: 3,
+            cid: Cid(3),
             code: ErrorCode::LimitExceeded,
             ..
         }]
@@ -577,7 +577,7 @@ fn mesh_open_with_wrong_parity_is_refused() {
     let (mut a, mut b) = mesh_pair(MeshLinkConfig::default());
     // b is the acceptor: its flows are even. Forge an odd cid from b's side.
     let h = nowconnect_core::MeshHeader {
-        cid: 2,
+        cid: Cid(2),
         connector: "ldap".into(),
         agent_id: "x".into(),
         seq: 0,
@@ -613,14 +613,14 @@ fn mesh_open_with_a_cid_used_before_on_the_connection_is_refused() {
         };
         v2(&Frame::MOpen { h })
     };
-    b.handle_message(origin(), &open(3));
+    b.handle_message(origin(), &open(Cid(3)));
     assert!(matches!(
         b.poll_event(),
-        Some(MeshEvent::Open { cid: 3, .. })
+        Some(MeshEvent::Open { cid: Cid(3), .. })
     ));
     assert!(b.poll_transmit().is_none(), "held for the owner's answer");
     // Lower than the last one (never opened, or ended since): refused.
-    b.handle_message(origin(), &open(1));
+    b.handle_message(origin(), &open(Cid(1)));
     let ack =
         nowconnect_core::codec::decode(&b.poll_transmit().unwrap(), &Limits::default()).unwrap();
     assert!(matches!(
@@ -633,10 +633,10 @@ fn mesh_open_with_a_cid_used_before_on_the_connection_is_refused() {
     ));
     assert!(b.poll_event().is_none());
     // Higher: a new flow.
-    b.handle_message(origin(), &open(5));
+    b.handle_message(origin(), &open(Cid(5)));
     assert!(matches!(
         b.poll_event(),
-        Some(MeshEvent::Open { cid: 5, .. })
+        Some(MeshEvent::Open { cid: Cid(5), .. })
     ));
 }
 
@@ -988,35 +988,35 @@ fn agent_rotates_hubs_with_backoff_and_times_out_target_dials() {
         })
     );
     a.hub_established(at, AttemptId(2));
-    a.flow_opened(at, AttemptId(2), 5, "ldap");
+    a.flow_opened(at, AttemptId(2), Cid(5), "ldap");
     assert_eq!(
         a.poll_output(),
         Some(AgentOutput::DialTarget {
             attempt: AttemptId(2),
-            cid: 5,
+            cid: Cid(5),
             target: "127.0.0.1:389".into()
         })
     );
-    a.flow_opened(at, AttemptId(2), 6, "ssh");
+    a.flow_opened(at, AttemptId(2), Cid(6), "ssh");
     assert!(matches!(
         a.poll_output(),
         Some(AgentOutput::ResetFlow {
-            cid: 6,
+            cid: Cid(6),
             code: ErrorCode::UnknownConnector,
             ..
         })
     ));
-    a.flow_opened(at, AttemptId(2), 7, "ldap");
+    a.flow_opened(at, AttemptId(2), Cid(7), "ldap");
     a.poll_output();
-    a.target_failed(at, AttemptId(2), 7, "connection refused");
+    a.target_failed(at, AttemptId(2), Cid(7), "connection refused");
     assert!(
-        matches!(a.poll_output(), Some(AgentOutput::ResetFlow { attempt: AttemptId(2), cid: 7, code: ErrorCode::TargetUnreachable, reason }) if reason.contains("connection refused"))
+        matches!(a.poll_output(), Some(AgentOutput::ResetFlow { attempt: AttemptId(2), cid: Cid(7), code: ErrorCode::TargetUnreachable, reason }) if reason.contains("connection refused"))
     );
     a.handle_timeout(at + Duration::from_secs(5));
     assert!(matches!(
         a.poll_output(),
         Some(AgentOutput::ResetFlow {
-            cid: 5,
+            cid: Cid(5),
             code: ErrorCode::ConnectTimeout,
             ..
         })
@@ -1118,7 +1118,7 @@ fn a_flow_held_back_by_a_mesh_link_cap_is_woken_when_room_returns() {
     let c1 = a.open_flow("ldap", "agent-1", Epoch(1)).unwrap();
     let c2 = a.open_flow("ldap", "agent-1", Epoch(1)).unwrap();
     shuttle(&mut a, &mut b);
-    let opened: Vec<u64> = std::iter::from_fn(|| b.poll_event())
+    let opened: Vec<Cid> = std::iter::from_fn(|| b.poll_event())
         .filter_map(|e| match e {
             MeshEvent::Open { cid, .. } => Some(cid),
             _ => None,
@@ -1204,23 +1204,23 @@ fn a_flow_opened_twice_is_reset_and_its_dial_abandoned() {
         1,
     );
     while a.poll_output().is_some() {}
-    a.flow_opened(now, AttemptId(1), 3, "ldap");
+    a.flow_opened(now, AttemptId(1), Cid(3), "ldap");
     assert!(matches!(
         a.poll_output(),
-        Some(AgentOutput::DialTarget { cid: 3, .. })
+        Some(AgentOutput::DialTarget { cid: Cid(3), .. })
     ));
-    a.flow_opened(now, AttemptId(1), 3, "ldap");
+    a.flow_opened(now, AttemptId(1), Cid(3), "ldap");
     assert!(matches!(
         a.poll_output(),
         Some(AgentOutput::ResetFlow {
-            cid: 3,
+            cid: Cid(3),
             code: ErrorCode::ProtocolError,
             ..
         })
     ));
     assert_eq!(a.pending_dials(), 0);
     assert!(
-        !a.target_connected(now, AttemptId(1), 3),
+        !a.target_connected(now, AttemptId(1), Cid(3)),
         "the abandoned dial is gone"
     );
 }
@@ -1245,12 +1245,12 @@ fn a_drained_agent_moves_at_once_and_keeps_the_old_tunnels_flows() {
     );
     while a.poll_output().is_some() {}
     a.hub_established(now, AttemptId(1));
-    a.flow_opened(now, AttemptId(1), 7, "ldap");
+    a.flow_opened(now, AttemptId(1), Cid(7), "ldap");
     assert!(matches!(
         a.poll_output(),
         Some(AgentOutput::DialTarget {
             attempt: AttemptId(1),
-            cid: 7,
+            cid: Cid(7),
             ..
         })
     ));
@@ -1269,12 +1269,12 @@ fn a_drained_agent_moves_at_once_and_keeps_the_old_tunnels_flows() {
     assert_eq!(a.draining_tunnels().collect::<Vec<_>>(), vec![AttemptId(1)]);
     assert_eq!(a.counters.hub_drains, 1);
     // The old hub may still open flows until the agent is owned elsewhere.
-    a.flow_opened(now, AttemptId(1), 8, "ldap");
+    a.flow_opened(now, AttemptId(1), Cid(8), "ldap");
     assert!(matches!(
         a.poll_output(),
         Some(AgentOutput::DialTarget {
             attempt: AttemptId(1),
-            cid: 8,
+            cid: Cid(8),
             ..
         })
     ));
@@ -1286,17 +1286,17 @@ fn a_drained_agent_moves_at_once_and_keeps_the_old_tunnels_flows() {
         }
     );
     // The same cid on the new tunnel is a different flow.
-    a.flow_opened(now, AttemptId(2), 7, "ldap");
+    a.flow_opened(now, AttemptId(2), Cid(7), "ldap");
     assert!(matches!(
         a.poll_output(),
         Some(AgentOutput::DialTarget {
             attempt: AttemptId(2),
-            cid: 7,
+            cid: Cid(7),
             ..
         })
     ));
     assert_eq!(a.pending_dials(), 3);
-    assert!(a.target_connected(now, AttemptId(1), 7));
+    assert!(a.target_connected(now, AttemptId(1), Cid(7)));
     // The old hub closes its tunnel: only its flows go.
     a.hub_lost(now, AttemptId(1));
     assert_eq!(
@@ -1308,10 +1308,10 @@ fn a_drained_agent_moves_at_once_and_keeps_the_old_tunnels_flows() {
     assert_eq!(a.draining_tunnels().count(), 0);
     assert_eq!(a.pending_dials(), 1);
     assert!(
-        !a.target_connected(now, AttemptId(1), 8),
+        !a.target_connected(now, AttemptId(1), Cid(8)),
         "the old tunnel's dial is gone"
     );
-    assert!(a.target_connected(now, AttemptId(2), 7));
+    assert!(a.target_connected(now, AttemptId(2), Cid(7)));
     assert_eq!(a.counters.hub_failures, 0, "a drain is not a failure");
 }
 
@@ -1489,7 +1489,7 @@ fn hub_agent_limit_and_agent_dial_limit_refuse_at_the_edge() {
         1,
     );
     while a.poll_output().is_some() {}
-    for cid in 1..=3 {
+    for cid in (1..=3).map(Cid) {
         a.flow_opened(now, AttemptId(1), cid, "ldap");
     }
     let out: Vec<_> = std::iter::from_fn(|| a.poll_output()).collect();
@@ -1497,10 +1497,10 @@ fn hub_agent_limit_and_agent_dial_limit_refuse_at_the_edge() {
         matches!(
             out[..],
             [
-                AgentOutput::DialTarget { cid: 1, .. },
-                AgentOutput::DialTarget { cid: 2, .. },
+                AgentOutput::DialTarget { cid: Cid(1), .. },
+                AgentOutput::DialTarget { cid: Cid(2), .. },
                 AgentOutput::ResetFlow {
-                    cid: 3,
+                    cid: Cid(3),
                     code: ErrorCode::LimitExceeded,
                     ..
                 },
@@ -1509,11 +1509,11 @@ fn hub_agent_limit_and_agent_dial_limit_refuse_at_the_edge() {
         "{out:?}"
     );
     // A dial finishing makes room again.
-    assert!(a.target_connected(now, AttemptId(1), 1));
-    a.flow_opened(now, AttemptId(1), 4, "ldap");
+    assert!(a.target_connected(now, AttemptId(1), Cid(1)));
+    a.flow_opened(now, AttemptId(1), Cid(4), "ldap");
     assert!(matches!(
         a.poll_output(),
-        Some(AgentOutput::DialTarget { cid: 4, .. })
+        Some(AgentOutput::DialTarget { cid: Cid(4), .. })
     ));
 }
 

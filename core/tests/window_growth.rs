@@ -9,8 +9,8 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use nowconnect_core::Limits;
 use nowconnect_core::mux::{FlowEvent, FlowFrame, FlowMux, GROWTH_BUDGET_WINDOWS, MuxConfig};
+use nowconnect_core::{Cid, Limits};
 
 const KIB: u32 = 1024;
 const MIB: u32 = 1024 * 1024;
@@ -51,7 +51,7 @@ struct Wan {
     /// Bytes the receiver got, with when.
     arrivals: Vec<(Instant, usize)>,
     reader: Reader,
-    cids: Vec<u64>,
+    cids: Vec<Cid>,
     /// A sender at its own pace: this many bytes per flow every period (when
     /// credit allows); `None`: all the credit allows, at once.
     pace: Option<(usize, Duration)>,
@@ -71,7 +71,7 @@ impl Wan {
             wire: VecDeque::new(),
             arrivals: Vec::new(),
             reader,
-            cids: (1..=flows).collect(),
+            cids: (1..=flows).map(Cid).collect(),
             pace: None,
             next_tick: None,
             backlog: vec![0; flows as usize + 1],
@@ -96,7 +96,7 @@ impl Wan {
     ) -> Self {
         let mut w = Wan::new(delay, window, max_window, 1, Reader::Fast);
         w.receiver = mux(window, max_window);
-        w.receiver.open(1).unwrap();
+        w.receiver.open(Cid(1)).unwrap();
         if let Some(r) = path_rtt {
             w.receiver.set_path_rtt(r);
         }
@@ -135,9 +135,9 @@ impl Wan {
             return;
         };
         for &cid in &self.cids {
-            let n = self.backlog[cid as usize].min(step);
+            let n = self.backlog[cid.0 as usize].min(step);
             if n > 0 {
-                self.backlog[cid as usize] -= n;
+                self.backlog[cid.0 as usize] -= n;
                 self.receiver.consumed(cid, n);
             }
         }
@@ -186,7 +186,7 @@ impl Wan {
                             self.arrivals.push((self.now, payload.len()));
                             match self.reader {
                                 Reader::Fast => self.receiver.consumed(cid, payload.len()),
-                                Reader::Paced(..) => self.backlog[cid as usize] += payload.len(),
+                                Reader::Paced(..) => self.backlog[cid.0 as usize] += payload.len(),
                                 Reader::Stuck => {}
                             }
                         }
@@ -223,7 +223,7 @@ impl Wan {
         n as f64 / secs
     }
 
-    fn window(&self, cid: u64) -> u32 {
+    fn window(&self, cid: Cid) -> u32 {
         self.receiver.flow(cid).unwrap().local_window()
     }
 }
@@ -239,9 +239,12 @@ fn a_flow_window_doubles_up_to_its_maximum_across_a_long_round_trip() {
         Reader::Fast,
     );
     w.run(0.2);
-    assert!(w.window(1) > 256 * KIB, "no growth after 10 round trips");
+    assert!(
+        w.window(Cid(1)) > 256 * KIB,
+        "no growth after 10 round trips"
+    );
     w.run(2.0);
-    assert_eq!(w.window(1), 4 * MIB, "stops at the maximum");
+    assert_eq!(w.window(Cid(1)), 4 * MIB, "stops at the maximum");
     // 256 KiB → 512 KiB → 1 MiB → 2 MiB → 4 MiB.
     assert_eq!(w.receiver.stats.windows_grown, 4);
     assert_eq!(w.receiver.window_growth(), u64::from(4 * MIB - 256 * KIB));
@@ -264,7 +267,7 @@ fn without_growth_a_flow_moves_one_window_per_round_trip() {
         Reader::Fast,
     );
     w.run(2.0);
-    assert_eq!(w.window(1), 256 * KIB);
+    assert_eq!(w.window(Cid(1)), 256 * KIB);
     assert_eq!(w.receiver.stats.windows_grown, 0);
     let rate = w.rate_over_last(1.0) / f64::from(MIB);
     assert!(
@@ -284,7 +287,7 @@ fn a_short_round_trip_leaves_the_window_as_configured() {
         4 * MIB,
     );
     w.run(1.0);
-    assert_eq!(w.window(1), 256 * KIB);
+    assert_eq!(w.window(Cid(1)), 256 * KIB);
     assert_eq!(w.receiver.stats.windows_grown, 0);
     assert!(w.rate_over_last(0.5) > 500.0 * f64::from(MIB));
 }
@@ -299,11 +302,11 @@ fn a_reader_that_does_not_drain_never_grows_its_window() {
         Reader::Stuck,
     );
     w.run(2.0);
-    assert_eq!(w.window(1), 256 * KIB);
+    assert_eq!(w.window(Cid(1)), 256 * KIB);
     // It got exactly one window and holds it; the sender waits.
     let got: usize = w.arrivals.iter().map(|(_, n)| n).sum();
     assert_eq!(got, 256 * KIB as usize);
-    assert_eq!(w.sender.send_credit(1), 0);
+    assert_eq!(w.sender.send_credit(Cid(1)), 0);
 }
 
 #[test]
@@ -360,7 +363,7 @@ fn a_sender_that_keeps_credit_in_hand_does_not_grow_the_window() {
     // 64 KiB every 25 ms (2.5 MiB/s) over a 20 ms round trip: bursts and
     // pauses, but never out of credit.
     let w = paced(64 * KIB, Duration::from_millis(25));
-    assert_eq!(w.window(1), 256 * KIB);
+    assert_eq!(w.window(Cid(1)), 256 * KIB);
     assert_eq!(w.receiver.stats.windows_grown, 0);
     let rate = w.rate_over_last(2.0) / f64::from(MIB);
     assert!((2.4..=2.6).contains(&rate), "{rate:.2} MiB/s, expected 2.5");
@@ -371,7 +374,7 @@ fn a_sender_paced_just_above_the_window_per_round_trip_grows_it() {
     // 256 KiB every 15 ms wants 16.7 MiB/s; 256 KiB per 20 ms round trip
     // allows 12.5: the sender runs out of credit and waits.
     let w = paced(256 * KIB, Duration::from_millis(15));
-    assert!(w.window(1) > 256 * KIB);
+    assert!(w.window(Cid(1)) > 256 * KIB);
     let rate = w.rate_over_last(2.0) / f64::from(MIB);
     assert!(
         (16.0..=17.2).contains(&rate),
@@ -386,7 +389,7 @@ fn long_waits_on_a_short_path_or_before_any_ping_do_not_grow_the_window() {
     for path_rtt in [Some(Duration::from_micros(200)), None] {
         let mut w = Wan::with_path_rtt(Duration::from_millis(10), path_rtt, 256 * KIB, 4 * MIB);
         w.run(1.0);
-        assert_eq!(w.window(1), 256 * KIB, "path {path_rtt:?}");
+        assert_eq!(w.window(Cid(1)), 256 * KIB, "path {path_rtt:?}");
         assert_eq!(w.receiver.stats.windows_grown, 0);
     }
     // The shortest ping is what counts: a later, slower one does not allow it.
@@ -398,7 +401,7 @@ fn long_waits_on_a_short_path_or_before_any_ping_do_not_grow_the_window() {
     );
     w.receiver.set_path_rtt(Duration::from_millis(30));
     w.run(1.0);
-    assert_eq!(w.window(1), 256 * KIB);
+    assert_eq!(w.window(Cid(1)), 256 * KIB);
 }
 
 #[test]
@@ -414,7 +417,7 @@ fn a_reader_that_drains_slowly_does_not_grow_the_window() {
         Reader::Paced(64 * KIB as usize, Duration::from_millis(20)),
     );
     w.run(3.0);
-    assert_eq!(w.window(1), 256 * KIB);
+    assert_eq!(w.window(Cid(1)), 256 * KIB);
     assert_eq!(w.receiver.stats.windows_grown, 0);
     let rate = w.rate_over_last(2.0) / f64::from(MIB);
     assert!((3.0..=3.2).contains(&rate), "{rate:.2} MiB/s, expected 3.1");
@@ -428,7 +431,7 @@ fn a_reader_that_drains_slowly_does_not_grow_the_window() {
     );
     w.run(3.0);
     assert!(
-        w.window(1) > 256 * KIB,
+        w.window(Cid(1)) > 256 * KIB,
         "a 50 MiB/s reader held to one window per round trip"
     );
 }

@@ -327,7 +327,7 @@ impl<R: AgentRt> Io<R> {
                 code,
                 reason,
             } => {
-                tracing::warn!(attempt = attempt.0, cid, %code, %reason, "flow reset");
+                tracing::warn!(attempt = attempt.0, cid = cid.0, %code, %reason, "flow reset");
                 if let Some(c) = self.conns.get_mut(&attempt) {
                     let msg = PeerMsg::Reset { code, reason };
                     c.driver.on_cmd(Instant::now(), LinkCmd::Flow { cid, msg });

@@ -4,7 +4,7 @@
 //! refused).
 
 use async_channel::TryRecvError;
-use nowconnect_core::{Epoch, ErrorCode};
+use nowconnect_core::{Cid, Epoch, ErrorCode};
 use nowconnect_shared::driver::{
     FlowEnd, LinkCmd, MeshCmd, OpenRefused, Peer, PeerMsg, TunnelCmd, end_commands, reply_channel,
     send_open,
@@ -63,7 +63,7 @@ fn queued_opens_are_answered_as_link_lost_and_later_sends_fail_at_once() {
         connector: "ldap".into(),
         peer: Peer {
             cmd: other_tx,
-            cid: 7,
+            cid: Cid(7),
         },
         reply: joined_reply,
     }))
@@ -99,15 +99,15 @@ fn a_queued_join_resets_the_flow_on_the_other_link() {
     let (tx, rx) = async_channel::unbounded::<LinkCmd<MeshCmd>>();
     let (other_tx, other_rx) = async_channel::unbounded::<LinkCmd<TunnelCmd>>();
     tx.try_send(LinkCmd::Flow {
-        cid: 5,
+        cid: Cid(5),
         msg: PeerMsg::Data(bytes::Bytes::from_static(b"gone with its flow").into()),
     })
     .unwrap();
     tx.try_send(LinkCmd::Link(MeshCmd::Join {
-        cid: 5,
+        cid: Cid(5),
         peer: Peer {
             cmd: other_tx,
-            cid: 9,
+            cid: Cid(9),
         },
     }))
     .unwrap();
@@ -117,7 +117,7 @@ fn a_queued_join_resets_the_flow_on_the_other_link() {
             cid,
             msg: PeerMsg::Reset { code, reason },
         }) => {
-            assert_eq!(cid, 9);
+            assert_eq!(cid, Cid(9));
             assert_eq!(code, ErrorCode::LinkLost);
             assert_eq!(reason, "the mesh link closed");
         }

@@ -131,23 +131,28 @@ fn what_arrives_while_held_reaches_the_tunnel_flow_in_order_and_credit_flows_bac
         Side::<MeshCmd>::new(1 << 20),
         Side::<TunnelCmd>::new(1 << 20),
     );
-    mesh.pipes.hold_open(&mut mesh.link, 1, "ldap");
+    mesh.pipes.hold_open(&mut mesh.link, Cid(1), "ldap");
     // The client's first bytes cross the mesh before the tunnel flow exists.
-    mesh.pipes.on_event(&mut mesh.link, data(1, "bind"));
-    mesh.pipes.on_event(&mut mesh.link, data(1, "search"));
+    mesh.pipes.on_event(&mut mesh.link, data(Cid(1), "bind"));
+    mesh.pipes.on_event(&mut mesh.link, data(Cid(1), "search"));
     // The tunnel flow opens joined to the mesh flow; the target answers at
     // once, before the mesh flow is joined back.
     tunnel
         .pipes
-        .attach_joined(&mut tunnel.link, 7, "ldap", mesh.peer(1));
-    tunnel.pipes.on_event(&mut tunnel.link, data(7, "banner"));
+        .attach_joined(&mut tunnel.link, Cid(7), "ldap", mesh.peer(Cid(1)));
+    tunnel
+        .pipes
+        .on_event(&mut tunnel.link, data(Cid(7), "banner"));
     mesh.run();
-    assert_eq!(mesh.link.sent, vec![(1, Bytes::from_static(b"banner"))]);
+    assert_eq!(
+        mesh.link.sent,
+        vec![(Cid(1), Bytes::from_static(b"banner"))]
+    );
     // Nobody to credit yet: the mesh flow is still held.
     assert!(tunnel.rx.is_empty());
 
-    mesh.pipes.join(&mut mesh.link, 1, tunnel.peer(7));
-    assert_eq!(mesh.link.accepted, [1], "accepted on the join");
+    mesh.pipes.join(&mut mesh.link, Cid(1), tunnel.peer(Cid(7)));
+    assert_eq!(mesh.link.accepted, [Cid(1)], "accepted on the join");
     assert_eq!(
         tunnel.queued(),
         ["data 7 bind", "data 7 search", "consumed 7 6"],
@@ -156,12 +161,12 @@ fn what_arrives_while_held_reaches_the_tunnel_flow_in_order_and_credit_flows_bac
 
     // Joined: deliveries go straight across, and each side's take is
     // credited to the other.
-    mesh.pipes.on_event(&mut mesh.link, data(1, "unbind"));
+    mesh.pipes.on_event(&mut mesh.link, data(Cid(1), "unbind"));
     mesh.pipes
-        .on_event(&mut mesh.link, FlowEvent::Fin { cid: 1 });
+        .on_event(&mut mesh.link, FlowEvent::Fin { cid: Cid(1) });
     for payload in [b"bind".as_slice(), b"search"] {
         let msg = PeerMsg::Data(Bytes::from_static(payload).into());
-        tunnel.pipes.on_flow(&mut tunnel.link, 7, msg);
+        tunnel.pipes.on_flow(&mut tunnel.link, Cid(7), msg);
     }
     tunnel.run();
     assert_eq!(
@@ -173,7 +178,7 @@ fn what_arrives_while_held_reaches_the_tunnel_flow_in_order_and_credit_flows_bac
             .collect::<Vec<_>>(),
         ["7 bind", "7 search", "7 unbind"]
     );
-    assert_eq!(tunnel.link.fins, [7]);
+    assert_eq!(tunnel.link.fins, [Cid(7)]);
     assert_eq!(
         mesh.queued(),
         ["consumed 1 4", "consumed 1 6", "consumed 1 6"],
@@ -184,26 +189,27 @@ fn what_arrives_while_held_reaches_the_tunnel_flow_in_order_and_credit_flows_bac
 #[test]
 fn credit_is_returned_only_as_the_other_core_takes_the_bytes() {
     let (mut mesh, mut tunnel) = (Side::<MeshCmd>::new(1 << 20), Side::<TunnelCmd>::new(3));
-    mesh.pipes.hold_open(&mut mesh.link, 1, "ldap");
+    mesh.pipes.hold_open(&mut mesh.link, Cid(1), "ldap");
     tunnel
         .pipes
-        .attach_joined(&mut tunnel.link, 7, "ldap", mesh.peer(1));
-    mesh.pipes.join(&mut mesh.link, 1, tunnel.peer(7));
-    mesh.pipes.on_event(&mut mesh.link, data(1, "abcdefgh"));
+        .attach_joined(&mut tunnel.link, Cid(7), "ldap", mesh.peer(Cid(1)));
+    mesh.pipes.join(&mut mesh.link, Cid(1), tunnel.peer(Cid(7)));
+    mesh.pipes
+        .on_event(&mut mesh.link, data(Cid(1), "abcdefgh"));
     tunnel.run();
     // The agent's window had room for 3 bytes: 3 are sent and credited.
-    assert_eq!(tunnel.link.sent, vec![(7, Bytes::from_static(b"abc"))]);
+    assert_eq!(tunnel.link.sent, vec![(Cid(7), Bytes::from_static(b"abc"))]);
     assert_eq!(mesh.queued(), ["consumed 1 3"]);
     // More window: the rest goes, and is credited.
     tunnel.link.credit = 100;
     tunnel.pipes.on_event(
         &mut tunnel.link,
         FlowEvent::Writable {
-            cid: 7,
+            cid: Cid(7),
             credit: 100,
         },
     );
-    assert_eq!(tunnel.link.sent[1], (7, Bytes::from_static(b"defgh")));
+    assert_eq!(tunnel.link.sent[1], (Cid(7), Bytes::from_static(b"defgh")));
     assert_eq!(mesh.queued(), ["consumed 1 5"]);
 }
 
@@ -214,49 +220,49 @@ fn an_end_on_either_side_resets_the_other() {
         Side::<MeshCmd>::new(1 << 20),
         Side::<TunnelCmd>::new(1 << 20),
     );
-    mesh.pipes.hold_open(&mut mesh.link, 2, "ldap");
+    mesh.pipes.hold_open(&mut mesh.link, Cid(2), "ldap");
     mesh.pipes.on_event(
         &mut mesh.link,
         FlowEvent::Reset {
-            cid: 2,
+            cid: Cid(2),
             code: ErrorCode::ConnectionReset,
             reason: "client went away".into(),
         },
     );
     tunnel
         .pipes
-        .attach_joined(&mut tunnel.link, 8, "ldap", mesh.peer(2));
-    mesh.pipes.join(&mut mesh.link, 2, tunnel.peer(8));
+        .attach_joined(&mut tunnel.link, Cid(8), "ldap", mesh.peer(Cid(2)));
+    mesh.pipes.join(&mut mesh.link, Cid(2), tunnel.peer(Cid(8)));
     tunnel.run();
-    assert_eq!(tunnel.link.resets, [(8, ErrorCode::ConnectionReset)]);
+    assert_eq!(tunnel.link.resets, [(Cid(8), ErrorCode::ConnectionReset)]);
     assert_eq!(tunnel.pipes.take_bridged_ends(), 1);
 
     // The target resets a joined flow: the mesh flow is reset with its code.
-    mesh.pipes.hold_open(&mut mesh.link, 3, "ldap");
+    mesh.pipes.hold_open(&mut mesh.link, Cid(3), "ldap");
     tunnel
         .pipes
-        .attach_joined(&mut tunnel.link, 9, "ldap", mesh.peer(3));
-    mesh.pipes.join(&mut mesh.link, 3, tunnel.peer(9));
+        .attach_joined(&mut tunnel.link, Cid(9), "ldap", mesh.peer(Cid(3)));
+    mesh.pipes.join(&mut mesh.link, Cid(3), tunnel.peer(Cid(9)));
     tunnel.pipes.on_event(
         &mut tunnel.link,
         FlowEvent::Reset {
-            cid: 9,
+            cid: Cid(9),
             code: ErrorCode::TargetUnreachable,
             reason: "refused".into(),
         },
     );
     mesh.run();
-    assert_eq!(mesh.link.resets, [(3, ErrorCode::TargetUnreachable)]);
+    assert_eq!(mesh.link.resets, [(Cid(3), ErrorCode::TargetUnreachable)]);
 
     // The tunnel goes away with a joined flow open: the mesh flow is reset.
-    mesh.pipes.hold_open(&mut mesh.link, 4, "ldap");
+    mesh.pipes.hold_open(&mut mesh.link, Cid(4), "ldap");
     tunnel
         .pipes
-        .attach_joined(&mut tunnel.link, 10, "ldap", mesh.peer(4));
+        .attach_joined(&mut tunnel.link, Cid(10), "ldap", mesh.peer(Cid(4)));
     assert_eq!(tunnel.pipes.bridged_open(), 1);
     drop(tunnel.pipes);
     mesh.run();
     // Not joined yet: the mesh open is refused (never accepted, then reset).
-    assert_eq!(mesh.link.refused, [(4, ErrorCode::LinkLost)]);
-    assert_eq!(mesh.link.accepted, [3]);
+    assert_eq!(mesh.link.refused, [(Cid(4), ErrorCode::LinkLost)]);
+    assert_eq!(mesh.link.accepted, [Cid(3)]);
 }

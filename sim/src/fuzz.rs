@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use nowconnect_core::tunnel::{Tunnel, TunnelConfig};
-use nowconnect_core::{Epoch, WsMessage};
+use nowconnect_core::{Cid, Epoch, WsMessage};
 
 /// Flow and dedup bound used by [`drive_tunnels`].
 pub const TUNNEL_BOUND: usize = 16;
@@ -59,6 +59,11 @@ impl Input<'_> {
         let b = self.data.get(self.pos).copied().unwrap_or(0);
         self.pos += 1;
         b
+    }
+
+    /// One of the cids 0..16, from one byte.
+    fn cid(&mut self) -> Cid {
+        Cid(u64::from(self.byte() % 16))
     }
 
     fn more(&self) -> bool {
@@ -325,8 +330,8 @@ pub fn drive_agent(origin: Instant, data: &[u8]) {
     let mut agent = Agent::new(origin, cfg, u64::from(input.byte()));
     let mut now = origin;
     let mut attempts: Vec<AttemptId> = Vec::new();
-    let mut opened: BTreeSet<(AttemptId, u64)> = BTreeSet::new();
-    let mut dialing: BTreeSet<(AttemptId, u64)> = BTreeSet::new();
+    let mut opened: BTreeSet<(AttemptId, Cid)> = BTreeSet::new();
+    let mut dialing: BTreeSet<(AttemptId, Cid)> = BTreeSet::new();
     while input.more() {
         let pick = |v: &[AttemptId], b: u8| v.get(usize::from(b) % v.len().max(1)).copied();
         match input.byte() % 8 {
@@ -346,13 +351,13 @@ pub fn drive_agent(origin: Instant, data: &[u8]) {
                 agent.hub_lost(now, pick(&attempts, b).unwrap_or(AttemptId(u64::from(b))));
             }
             3 => {
-                let (a, c, k) = (input.byte(), u64::from(input.byte() % 16), input.byte());
+                let (a, c, k) = (input.byte(), input.cid(), input.byte());
                 let a = pick(&attempts, a).unwrap_or(AttemptId(0));
                 opened.insert((a, c));
                 agent.flow_opened(now, a, c, if k & 1 == 0 { "ldap" } else { "nope" });
             }
             4 => {
-                let (a, c) = (input.byte(), u64::from(input.byte() % 16));
+                let (a, c) = (input.byte(), input.cid());
                 let a = pick(&attempts, a).unwrap_or(AttemptId(0));
                 if agent.target_connected(now, a, c) {
                     assert!(
@@ -362,13 +367,13 @@ pub fn drive_agent(origin: Instant, data: &[u8]) {
                 }
             }
             5 => {
-                let (a, c) = (input.byte(), u64::from(input.byte() % 16));
+                let (a, c) = (input.byte(), input.cid());
                 let a = pick(&attempts, a).unwrap_or(AttemptId(0));
                 dialing.remove(&(a, c));
                 agent.target_failed(now, a, c, "refused");
             }
             6 => {
-                let (a, c) = (input.byte(), u64::from(input.byte() % 16));
+                let (a, c) = (input.byte(), input.cid());
                 let a = pick(&attempts, a).unwrap_or(AttemptId(0));
                 dialing.remove(&(a, c));
                 opened.remove(&(a, c));
@@ -441,8 +446,8 @@ pub fn drive_agent_node(origin: Instant, data: &[u8]) {
     // Hub attempts dialed, tunnels connected and not yet ended, flows opened.
     let mut attempts: Vec<AttemptId> = Vec::new();
     let mut live: BTreeSet<AttemptId> = BTreeSet::new();
-    let mut opened: BTreeSet<(AttemptId, u64)> = BTreeSet::new();
-    let mut dialing: BTreeSet<(AttemptId, u64)> = BTreeSet::new();
+    let mut opened: BTreeSet<(AttemptId, Cid)> = BTreeSet::new();
+    let mut dialing: BTreeSet<(AttemptId, Cid)> = BTreeSet::new();
     loop {
         while let Some(c) = node.poll_command() {
             match c {
@@ -500,7 +505,7 @@ pub fn drive_agent_node(origin: Instant, data: &[u8]) {
         let pick = |v: &[AttemptId], b: u8| v.get(usize::from(b) % v.len().max(1)).copied();
         let b = input.byte();
         let a = pick(&attempts, b).unwrap_or(AttemptId(u64::from(b)));
-        let cid = u64::from(input.byte() % 16);
+        let cid = input.cid();
         let ev = match input.byte() % 10 {
             0 => {
                 now += Duration::from_millis(u64::from(input.byte()) * 50);

@@ -12,7 +12,7 @@ use nowconnect_core::mesh_link::{MeshEvent, MeshLink, MeshLinkConfig};
 use nowconnect_core::mux::FlowEvent;
 use nowconnect_core::rng::Rng;
 use nowconnect_core::tunnel::{Tunnel, TunnelConfig, TunnelEvent};
-use nowconnect_core::{Codec, Epoch, ErrorCode, Frame, Limits, MeshHeader, WsMessage};
+use nowconnect_core::{Cid, Codec, Epoch, ErrorCode, Frame, Limits, MeshHeader, WsMessage};
 use nowconnect_sim::{Dir, Pair, VirtualClock};
 use proptest::prelude::*;
 
@@ -79,11 +79,11 @@ struct Half {
 struct Model {
     /// [flow] → (hub→agent half, agent→hub half)
     halves: Vec<(Half, Half)>,
-    hub_cids: Vec<u64>,
+    hub_cids: Vec<Cid>,
     sent_counter: u8,
     duplicates_injected: u64,
     /// cid → true once the agent side saw OPEN
-    agent_open: BTreeMap<u64, bool>,
+    agent_open: BTreeMap<Cid, bool>,
     /// A flow reset locally or remotely (either side) ends both halves.
     reset: Vec<Option<ErrorCode>>,
 }
@@ -98,7 +98,7 @@ fn drain_events(p: &mut Pair<Tunnel, Tunnel>, m: &mut Model) {
     }
 }
 
-fn flow_of(m: &Model, cid: u64) -> usize {
+fn flow_of(m: &Model, cid: Cid) -> usize {
     m.hub_cids
         .iter()
         .position(|c| *c == cid)
@@ -366,7 +366,7 @@ proptest! {
     }
 
     #[test]
-    fn dedup_lru_never_exceeds_its_bound(cap in 1usize..64, ops in prop::collection::vec((0u64..200, 0u64..50), 0..500)) {
+    fn dedup_lru_never_exceeds_its_bound(cap in 1usize..64, ops in prop::collection::vec(((0u64..200).prop_map(Cid), 0u64..50), 0..500)) {
         let mut lru = DedupLru::new(cap);
         for (cid, received) in ops {
             lru.record(cid, received);
@@ -421,7 +421,7 @@ proptest! {
     }
 }
 
-fn established_mesh() -> (Pair<MeshLink, MeshLink>, u64, Epoch) {
+fn established_mesh() -> (Pair<MeshLink, MeshLink>, Cid, Epoch) {
     let clock = VirtualClock::new(origin());
     let cfg = MeshLinkConfig::default();
     let now = clock.now();

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use nowconnect_core::codec::{self, Codec};
-use nowconnect_core::{Epoch, ErrorCode, Frame, Limits, MeshHeader, WsMessage};
+use nowconnect_core::{Cid, Epoch, ErrorCode, Frame, Limits, MeshHeader, WsMessage};
 use nowconnect_tests::pki::{Ca, Leaf};
 use nowconnect_tests::*;
 use rustls_pki_types::pem::PemObject;
@@ -230,7 +230,7 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
     send(
         &mut ws,
         &Frame::MOpen {
-            h: hdr(1, epoch - 1),
+            h: hdr(Cid(1), epoch - 1),
         },
     )
     .await;
@@ -253,7 +253,7 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
         &Frame::MOpen {
             h: MeshHeader {
                 connector: "ldap".into(),
-                ..hdr(3, epoch)
+                ..hdr(Cid(3), epoch)
             },
         },
     )
@@ -275,7 +275,13 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
         1.0
     );
     // The current epoch: accepted, and data flows to the agent's target.
-    send(&mut ws, &Frame::MOpen { h: hdr(5, epoch) }).await;
+    send(
+        &mut ws,
+        &Frame::MOpen {
+            h: hdr(Cid(5), epoch),
+        },
+    )
+    .await;
     assert!(matches!(
         recv(&mut ws).await,
         Frame::MOpenAck { ok: true, .. }
@@ -283,7 +289,7 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
     send(
         &mut ws,
         &Frame::MData {
-            h: hdr(5, epoch),
+            h: hdr(Cid(5), epoch),
             payload: bytes::Bytes::from_static(b"ping"),
         },
     )
@@ -295,7 +301,13 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
     // While that flow holds the tunnel's only flow, another open is refused
     // with the tunnel's reason: the owner accepts an open only once the
     // agent's tunnel has taken it (never accepted, then reset).
-    send(&mut ws, &Frame::MOpen { h: hdr(7, epoch) }).await;
+    send(
+        &mut ws,
+        &Frame::MOpen {
+            h: hdr(Cid(7), epoch),
+        },
+    )
+    .await;
     loop {
         match recv(&mut ws).await {
             Frame::MOpenAck {
@@ -303,7 +315,7 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
                 ok,
                 code,
                 reason,
-            } if h.cid == 7 => {
+            } if h.cid == Cid(7) => {
                 assert!(!ok, "accepted an open the agent's tunnel could not take");
                 assert_eq!(code, ErrorCode::LimitExceeded, "{reason}");
                 break;
@@ -316,10 +328,16 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
     // the flow is reset with stale_epoch.
     // A cid used before on this connection (the refused open's) is refused
     // as such: nothing still in flight for the old flow may meet a new one.
-    send(&mut ws, &Frame::MOpen { h: hdr(3, epoch) }).await;
+    send(
+        &mut ws,
+        &Frame::MOpen {
+            h: hdr(Cid(3), epoch),
+        },
+    )
+    .await;
     loop {
         match recv(&mut ws).await {
-            Frame::MOpenAck { h, ok, code, .. } if h.cid == 3 => {
+            Frame::MOpenAck { h, ok, code, .. } if h.cid == Cid(3) => {
                 assert!(!ok, "accepted a cid used before on the connection");
                 assert_eq!(code, ErrorCode::ProtocolError);
                 break;
@@ -328,7 +346,7 @@ async fn stale_epochs_are_refused_and_counted_and_certless_peers_get_no_link() {
             other => panic!("{other:?}"),
         }
     }
-    let mut stale = hdr(5, epoch - 1);
+    let mut stale = hdr(Cid(5), epoch - 1);
     stale.seq = 1;
     send(
         &mut ws,
@@ -544,7 +562,7 @@ async fn claim_is_refused(port: u16, leaf: &Leaf, claim: &str, agent: &str) -> b
     )
     .await;
     let h = MeshHeader {
-        cid: 1,
+        cid: Cid(1),
         connector: "ldap".into(),
         agent_id: agent.into(),
         seq: 0,

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use nowconnect_core::codec::{self, Codec};
-use nowconnect_core::{Epoch, Frame, Limits, MeshHeader, WsMessage};
+use nowconnect_core::{Cid, Epoch, Frame, Limits, MeshHeader, WsMessage};
 use nowconnect_tests::pki::{Ca, Leaf};
 use nowconnect_tests::*;
 use rustls_pki_types::pem::PemObject;
@@ -550,7 +550,7 @@ where
         window: 0,
     };
     let h = MeshHeader {
-        cid: 1,
+        cid: Cid(1),
         connector: "svc".into(),
         agent_id: "agent-a".into(),
         seq: 0,

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::{CodecError, validate};
-use crate::frame::{Epoch, ErrorCode, Frame, FrameType, Limits, MeshHeader};
+use crate::frame::{Cid, Epoch, ErrorCode, Frame, FrameType, Limits, MeshHeader};
 
 #[derive(Serialize, Deserialize, Default)]
 struct Raw<'a> {
@@ -90,7 +90,7 @@ fn to_raw(frame: &Frame) -> Raw<'_> {
         ..Raw::default()
     };
     let header = |r: &mut Raw<'_>, h: &MeshHeader| {
-        r.cid = Some(h.cid);
+        r.cid = Some(h.cid.0);
         r.seq = Some(h.seq);
         r.epoch = Some(h.epoch.0);
     };
@@ -129,25 +129,25 @@ fn to_raw(frame: &Frame) -> Raw<'_> {
             }
         }
         Frame::Open { cid, connector } => {
-            r.cid = Some(*cid);
+            r.cid = Some(cid.0);
             r.connector = Some(Cow::Borrowed(connector));
         }
         Frame::Data { cid, seq, payload } => {
-            r.cid = Some(*cid);
+            r.cid = Some(cid.0);
             r.seq = Some(*seq);
             r.b64 = Some(Cow::Owned(B64.encode(payload)));
         }
         Frame::Fin { cid, seq } => {
-            r.cid = Some(*cid);
+            r.cid = Some(cid.0);
             r.seq = *seq;
         }
         Frame::Rst { cid, code, reason } => {
-            r.cid = Some(*cid);
+            r.cid = Some(cid.0);
             r.code = Some(Cow::Borrowed(code.as_str()));
             r.reason = Some(Cow::Borrowed(reason));
         }
         Frame::Credit { cid, bytes } => {
-            r.cid = Some(*cid);
+            r.cid = Some(cid.0);
             r.bytes = Some(u64::from(*bytes));
         }
         Frame::Ping { nonce }
@@ -230,25 +230,25 @@ pub fn decode(msg: &str, limits: &Limits) -> Result<Frame, CodecError> {
             replica_id: raw.replica_id.as_deref().unwrap_or("").to_string(),
         },
         FrameType::Open => Frame::Open {
-            cid: f.u64("cid", raw.cid)?,
+            cid: f.cid()?,
             connector: f.string("connector", &raw.connector)?,
         },
         FrameType::Data => Frame::Data {
-            cid: f.u64("cid", raw.cid)?,
+            cid: f.cid()?,
             seq: f.u64("seq", raw.seq)?,
             payload: f.payload(limits)?,
         },
         FrameType::Fin => Frame::Fin {
-            cid: f.u64("cid", raw.cid)?,
+            cid: f.cid()?,
             seq: raw.seq,
         },
         FrameType::Rst => Frame::Rst {
-            cid: f.u64("cid", raw.cid)?,
+            cid: f.cid()?,
             code: f.code()?,
             reason: raw.reason.as_deref().unwrap_or("").to_string(),
         },
         FrameType::Credit => Frame::Credit {
-            cid: f.u64("cid", raw.cid)?,
+            cid: f.cid()?,
             bytes: f.u32("bytes", raw.bytes)?,
         },
         FrameType::Ping => Frame::Ping {
@@ -321,6 +321,10 @@ impl Fields<'_, '_> {
         v.ok_or_else(|| self.missing(field))
     }
 
+    fn cid(&self) -> Result<Cid, CodecError> {
+        self.u64("cid", self.raw.cid).map(Cid)
+    }
+
     fn u32(&self, field: &'static str, v: Option<u64>) -> Result<u32, CodecError> {
         self.opt_u32(field, v)?.ok_or_else(|| self.missing(field))
     }
@@ -364,7 +368,7 @@ impl Fields<'_, '_> {
 
     fn header(&self) -> Result<MeshHeader, CodecError> {
         Ok(MeshHeader {
-            cid: self.u64("cid", self.raw.cid)?,
+            cid: self.cid()?,
             connector: self.string("connector", &self.raw.connector)?,
             agent_id: self.string("agent_id", &self.raw.agent_id)?,
             seq: self.u64("seq", self.raw.seq)?,

@@ -10,7 +10,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::{CodecError, check_payload, validate};
-use crate::frame::{Epoch, ErrorCode, Frame, FrameType, Limits, MeshHeader};
+use crate::frame::{Cid, Epoch, ErrorCode, Frame, FrameType, Limits, MeshHeader};
 use crate::payload::Payload;
 
 /// Bytes in front of a DATA payload: tag, cid, seq.
@@ -88,16 +88,16 @@ pub fn encode_into(frame: &Frame, limits: &Limits, buf: &mut BytesMut) -> Result
             put_str(buf, replica_id);
         }
         Frame::Open { cid, connector } => {
-            buf.put_u64_le(*cid);
+            buf.put_u64_le(cid.0);
             put_str(buf, connector);
         }
         Frame::Data { cid, seq, payload } => {
-            buf.put_u64_le(*cid);
+            buf.put_u64_le(cid.0);
             buf.put_u64_le(*seq);
             buf.extend_from_slice(payload);
         }
         Frame::Fin { cid, seq } => {
-            buf.put_u64_le(*cid);
+            buf.put_u64_le(cid.0);
             match seq {
                 Some(s) => {
                     buf.put_u8(1);
@@ -107,12 +107,12 @@ pub fn encode_into(frame: &Frame, limits: &Limits, buf: &mut BytesMut) -> Result
             }
         }
         Frame::Rst { cid, code, reason } => {
-            buf.put_u64_le(*cid);
+            buf.put_u64_le(cid.0);
             buf.put_u8(*code as u8);
             put_str(buf, reason);
         }
         Frame::Credit { cid, bytes } => {
-            buf.put_u64_le(*cid);
+            buf.put_u64_le(cid.0);
             buf.put_u32_le(*bytes);
         }
         Frame::Ping { nonce }
@@ -176,7 +176,7 @@ fn put_list(buf: &mut BytesMut, items: &[String]) {
 }
 
 fn put_header(buf: &mut BytesMut, h: &MeshHeader) {
-    buf.put_u64_le(h.cid);
+    buf.put_u64_le(h.cid.0);
     buf.put_u64_le(h.seq);
     buf.put_u64_le(h.epoch.0);
     put_str(buf, &h.connector);
@@ -220,16 +220,16 @@ pub fn decode(msg: &Bytes, limits: &Limits) -> Result<Frame, CodecError> {
             replica_id: r.string_allow_empty("replica_id")?,
         },
         FrameType::Open => Frame::Open {
-            cid: r.u64("cid")?,
+            cid: r.cid()?,
             connector: r.string("connector")?,
         },
         FrameType::Data => Frame::Data {
-            cid: r.u64("cid")?,
+            cid: r.cid()?,
             seq: r.u64("seq")?,
             payload: r.rest(),
         },
         FrameType::Fin => {
-            let cid = r.u64("cid")?;
+            let cid = r.cid()?;
             let seq = match r.u8("has_seq")? {
                 0 => None,
                 1 => Some(r.u64("seq")?),
@@ -244,12 +244,12 @@ pub fn decode(msg: &Bytes, limits: &Limits) -> Result<Frame, CodecError> {
             Frame::Fin { cid, seq }
         }
         FrameType::Rst => Frame::Rst {
-            cid: r.u64("cid")?,
+            cid: r.cid()?,
             code: r.code()?,
             reason: r.string_allow_empty("reason")?,
         },
         FrameType::Credit => Frame::Credit {
-            cid: r.u64("cid")?,
+            cid: r.cid()?,
             bytes: r.u32("bytes")?,
         },
         FrameType::Ping => Frame::Ping {
@@ -355,6 +355,10 @@ impl Reader<'_> {
         Ok(u64::from_le_bytes(b.try_into().expect("8 bytes")))
     }
 
+    fn cid(&mut self) -> Result<Cid, CodecError> {
+        self.u64("cid").map(Cid)
+    }
+
     fn code(&mut self) -> Result<ErrorCode, CodecError> {
         let v = self.u8("code")?;
         ErrorCode::from_u8(v).ok_or_else(|| {
@@ -408,7 +412,7 @@ impl Reader<'_> {
 
     fn header(&mut self) -> Result<MeshHeader, CodecError> {
         Ok(MeshHeader {
-            cid: self.u64("cid")?,
+            cid: self.cid()?,
             seq: self.u64("seq")?,
             epoch: Epoch(self.u64("epoch")?),
             connector: self.string("connector")?,

@@ -138,10 +138,14 @@ async fn timed_flow<R, W, S, F>(
     };
     match expired {
         Expired::Idle(limit) => {
-            tracing::info!(cid, idle_sec = limit.as_secs(), "client flow idle; closed");
+            tracing::info!(
+                cid = cid.0,
+                idle_sec = limit.as_secs(),
+                "client flow idle; closed"
+            );
         }
         Expired::FirstByte(limit) => tracing::info!(
-            cid,
+            cid = cid.0,
             first_byte_timeout_sec = limit.as_secs(),
             "client sent nothing after connecting; closed"
         ),
@@ -285,7 +289,7 @@ async fn write_half<W: AsyncWrite + Unpin>(
                 let _ = wr.close().await;
             }
             Delivery::Reset { code, reason } => {
-                tracing::debug!(cid, %code, %reason, "flow reset");
+                tracing::debug!(cid = cid.0, %code, %reason, "flow reset");
                 return true;
             }
         }

@@ -244,7 +244,7 @@ impl<R: HubRt> Shared<R> {
                 return;
             }
         };
-        tracing::debug!(peer = %crate::logging::client_addr(peer), %connector, agent = %agent_id, cid = end.cid, "flow opened");
+        tracing::debug!(peer = %crate::logging::client_addr(peer), %connector, agent = %agent_id, cid = end.cid.0, "flow opened");
         shared
             .metrics
             .flows

@@ -284,7 +284,7 @@ async fn run_link<R: HubRt>(
                 MeshEvent::OpenAccepted { .. } => {}
                 MeshEvent::Flow(fe) => pipes.on_event(&mut link, fe),
                 MeshEvent::StaleEpoch { cid, got, expected } => {
-                    tracing::warn!(target: "nowconnect::security", cid, got = got.0, expected = expected.0, "stale-epoch mesh frame refused");
+                    tracing::warn!(target: "nowconnect::security", cid = cid.0, got = got.0, expected = expected.0, "stale-epoch mesh frame refused");
                     shared.count_epoch_mismatch();
                 }
                 MeshEvent::Rtt(d) => metrics.mesh_rtt.observe(d.as_secs_f64()),

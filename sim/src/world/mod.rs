@@ -687,7 +687,7 @@ impl World {
                 }
             }
             Event::TargetDialDone { ep, cid, ok } => {
-                self.trace(4, cid, u64::from(ok));
+                self.trace(4, cid.0, u64::from(ok));
                 let Some(Node::Agent(i)) = self.eps.get(&ep).map(|e| e.node) else {
                     return;
                 };
