@@ -572,6 +572,12 @@ impl Env {
         for (name, target) in connectors {
             y += &format!("  - {{ name: {name}, target: '{target}' }}\n");
         }
+        // Single-homed unless the test asks otherwise: most scenarios pin
+        // an agent to one hub to exercise the mesh, the move to another
+        // hub, or the drain; multi-homing has tests of its own.
+        if !extra.contains("ha_connections") {
+            y += "ha_connections: 1\n";
+        }
         y + extra
     }
 }
