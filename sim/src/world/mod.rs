@@ -453,6 +453,14 @@ impl World {
             };
             let mut connectors = BTreeMap::new();
             connectors.insert("echo".to_string(), "target:7".to_string());
+            let seed = w.rng.next_u64();
+            // Where there are several hubs, about half the agents are
+            // multi-homed: a tunnel on each of two (or three) hubs at once.
+            let ha_connections = if hubs >= 2 && seed & 1 == 0 {
+                2 + u8::from(hubs >= 3 && seed & 2 == 0)
+            } else {
+                1
+            };
             let cfg = AgentConfig {
                 agent_id,
                 hubs: (0..hubs).map(|h| format!("sim://{h}")).collect(),
@@ -461,9 +469,9 @@ impl World {
                 backoff_max: Duration::from_millis(500),
                 hub_connect_timeout: Duration::from_secs(1),
                 target_connect_timeout: Duration::from_secs(1),
+                ha_connections,
                 ..AgentConfig::default()
             };
-            let seed = w.rng.next_u64();
             let auth = w.first_token(&credential);
             w.agents.push(SimAgent {
                 node: AgentNode::new(origin, cfg.clone(), seed),

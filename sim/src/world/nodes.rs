@@ -78,13 +78,14 @@ impl World {
                 );
             }
             NodeOutput::AcceptTunnel { tunnel, epoch } => {
+                let replica = self.hubs[h].cfg.replica_id.clone();
                 let agent = match self.eps.get_mut(&tunnel.0) {
                     Some(Ep {
                         link: Link::Tunnel(t),
                         agent_id,
                         ..
                     }) => {
-                        t.accept(now, epoch);
+                        t.accept_as(now, epoch, &replica);
                         agent_id.clone()
                     }
                     _ => None,
