@@ -143,6 +143,10 @@ pub struct Agent {
     dials: BTreeMap<(AttemptId, Cid), Instant>,
     /// Tunnels whose hub said DRAIN: still carrying flows, no longer current.
     draining: BTreeSet<AttemptId>,
+    /// Hubs (indices into `hubs`) the agent's other slots are dialing or
+    /// connected to: skipped while another hub is left, so the slots of a
+    /// multi-homed agent never dial the same listed hub.
+    avoid: BTreeSet<usize>,
     timers: Timers<Timer>,
     out: VecDeque<AgentOutput>,
     pub counters: AgentCounters,
@@ -171,6 +175,7 @@ impl Agent {
             rng: Rng::new(seed),
             dials: BTreeMap::new(),
             draining: BTreeSet::new(),
+            avoid: BTreeSet::new(),
             timers: Timers::default(),
             out: VecDeque::new(),
             counters: AgentCounters::default(),
@@ -200,6 +205,25 @@ impl Agent {
         }
     }
 
+    /// The listed hub (its index in `hubs`) this machine is dialing or
+    /// connected to, if any.
+    pub fn hub_in_use(&self) -> Option<usize> {
+        match self.state {
+            HubLinkState::Dialing { .. } | HubLinkState::Connected { .. } => {
+                Some(self.hub_index % self.cfg.hubs.len().max(1))
+            }
+            _ => None,
+        }
+    }
+
+    /// The listed hubs the agent's other slots use ([`Agent::hub_in_use`]):
+    /// the next dial skips them while the list has a hub they do not use.
+    /// With one URL (a load balancer) nothing can be skipped, and the
+    /// replica id in WELCOME tells duplicates apart instead.
+    pub fn avoid_hubs(&mut self, hubs: BTreeSet<usize>) {
+        self.avoid = hubs;
+    }
+
     pub fn connectors(&self) -> Vec<String> {
         self.cfg.connectors.keys().cloned().collect()
     }
@@ -223,7 +247,13 @@ impl Agent {
         self.state = HubLinkState::Dialing { attempt };
         self.timers
             .set(Timer::HubDeadline, now + self.cfg.hub_connect_timeout);
-        let url = self.cfg.hubs[self.hub_index % self.cfg.hubs.len()].clone();
+        let n = self.cfg.hubs.len();
+        if (0..n).any(|i| !self.avoid.contains(&i)) {
+            while self.avoid.contains(&(self.hub_index % n)) {
+                self.hub_index = (self.hub_index + 1) % n;
+            }
+        }
+        let url = self.cfg.hubs[self.hub_index % n].clone();
         self.out.push_back(AgentOutput::DialHub { attempt, url });
     }
 

@@ -219,7 +219,21 @@ impl AgentNode {
 
     fn agent_mut(&mut self, attempt: AttemptId) -> &mut Agent {
         let k = Agent::slot_of(attempt, self.slots());
+        self.avoid_others(k);
         &mut self.slots[k].agent
+    }
+
+    /// Tell slot `k`'s machine which listed hubs the other slots are
+    /// dialing or connected to, before it may dial.
+    fn avoid_others(&mut self, k: usize) {
+        let used = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != k)
+            .filter_map(|(_, s)| s.agent.hub_in_use())
+            .collect();
+        self.slots[k].agent.avoid_hubs(used);
     }
 
     /// The dial of hub `attempt` gave a WebSocket. `Ok`: it is its slot's
@@ -260,6 +274,7 @@ impl AgentNode {
             self.slots[slot].dialing = None;
         }
         if !self.links.contains_key(&attempt) {
+            self.avoid_others(slot);
             self.slots[slot].agent.hub_lost(now, attempt);
         }
         self.pump();
@@ -395,8 +410,9 @@ impl AgentNode {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
-        for s in &mut self.slots {
-            s.agent.handle_timeout(now);
+        for k in 0..self.slots.len() {
+            self.avoid_others(k);
+            self.slots[k].agent.handle_timeout(now);
         }
         self.pump();
     }

@@ -6,9 +6,9 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use nowconnect_core::Codec;
 use nowconnect_core::agent::{AgentConfig, AttemptId};
 use nowconnect_core::agent_node::{AgentCommand, AgentNode};
-use nowconnect_core::Codec;
 use nowconnect_core::codec::decode;
 use nowconnect_core::frame::{Frame, Limits};
 use nowconnect_core::hub::{Hub, HubConfig, HubOutput, TunnelId};
@@ -285,14 +285,28 @@ fn slots_outside_the_bounds_are_refused_by_the_codec_and_the_hub() {
         &limits,
     )
     .unwrap();
-    assert!(matches!(ok, Frame::Hello { slot: 3, slots: 4, .. }));
+    assert!(matches!(
+        ok,
+        Frame::Hello {
+            slot: 3,
+            slots: 4,
+            ..
+        }
+    ));
     // An agent that predates slots says nothing: slot 0 of 1.
     let old = decode(
         &WsMessage::Text(r#"{"type":"HELLO","agent_id":"a1","connectors":["ldap"]}"#.into()),
         &limits,
     )
     .unwrap();
-    assert!(matches!(old, Frame::Hello { slot: 0, slots: 1, .. }));
+    assert!(matches!(
+        old,
+        Frame::Hello {
+            slot: 0,
+            slots: 1,
+            ..
+        }
+    ));
 
     let now = origin();
     let mut reg = MemoryRegistry::new();
@@ -417,7 +431,11 @@ fn welcome(replica: &str) -> TunnelEvent {
 
 #[test]
 fn slots_start_on_distinct_hubs_of_the_list() {
-    let mut n = AgentNode::new(origin(), agent_cfg(&["wss://a", "wss://b", "wss://c"], 2), 1);
+    let mut n = AgentNode::new(
+        origin(),
+        agent_cfg(&["wss://a", "wss://b", "wss://c"], 2),
+        1,
+    );
     let d = dials(&mut n);
     assert_eq!(
         d,
@@ -489,4 +507,56 @@ fn a_hub_that_predates_slots_keeps_the_agent_at_one_tunnel() {
         assert!(dials(&mut n).is_empty());
     }
     assert_eq!(n.connected_slots(), 1);
+}
+
+#[test]
+fn a_slot_never_dials_a_listed_hub_another_slot_holds() {
+    let t0 = origin();
+    let mut n = AgentNode::new(t0, agent_cfg(&["wss://a", "wss://b"], 2), 1);
+    dials(&mut n);
+    n.hub_connected(t0, AttemptId(1)).unwrap();
+    n.hub_connected(t0, AttemptId(2)).unwrap();
+    n.tunnel_event(t0, AttemptId(1), &welcome("hub-a"));
+    n.tunnel_event(t0, AttemptId(2), &welcome("hub-b"));
+    assert_eq!(n.connected_slots(), 2);
+    // hub-a drains: slot 0 dials on at once, but not hub-b, which carries
+    // slot 1 (it would only be closed as a duplicate, after a claim that
+    // bumps the agent's epoch under the other hubs' feet).
+    n.tunnel_event(t0, AttemptId(1), &TunnelEvent::Drain);
+    let d = dials(&mut n);
+    assert_eq!(d.len(), 1, "{d:?}");
+    assert_eq!((d[0].1.as_str(), d[0].2), ("wss://a", 0), "{d:?}");
+    // The draining hub refuses; slot 0 keeps trying hub-a, after backoffs.
+    let mut now = t0;
+    let mut attempt = d[0].0;
+    for _ in 0..5 {
+        n.hub_failed(now, attempt);
+        let mut next = Vec::new();
+        while next.is_empty() {
+            now += Duration::from_millis(100);
+            n.handle_timeout(now);
+            next = dials(&mut n);
+        }
+        assert_eq!((next[0].1.as_str(), next[0].2), ("wss://a", 0), "{next:?}");
+        attempt = next[0].0;
+    }
+    // hub-a is back: slot 0 is on it again, and slot 1 losing hub-b
+    // redials hub-b rather than hub-a.
+    n.hub_connected(now, attempt).unwrap();
+    n.tunnel_event(now, attempt, &welcome("hub-a"));
+    n.tunnel_event(
+        now,
+        AttemptId(2),
+        &TunnelEvent::Closed {
+            code: ErrorCode::LinkLost,
+            reason: "gone".into(),
+        },
+    );
+    let mut next = Vec::new();
+    while next.is_empty() {
+        now += Duration::from_millis(100);
+        n.handle_timeout(now);
+        next = dials(&mut n);
+    }
+    assert_eq!((next[0].1.as_str(), next[0].2), ("wss://b", 1), "{next:?}");
 }

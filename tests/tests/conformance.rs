@@ -57,6 +57,7 @@ for_each_runtime!(
     the_agent_moves_when_its_owner_hub_dies,
     a_redis_outage_keeps_local_flows,
     a_rolling_restart_under_load_loses_no_connection,
+    a_rolling_restart_with_a_multi_homed_agent_loses_no_connection,
     a_reset_reaches_the_other_end_as_a_reset,
 );
 
@@ -522,6 +523,17 @@ fn slow_flow(addr: SocketAddr) -> std::thread::JoinHandle<Result<(), String>> {
 /// finish through the drain, and each hub exits as soon as its agent moved
 /// and its flows ended.
 fn a_rolling_restart_under_load_loses_no_connection(d: Deploy) {
+    rolling_restart(d, 1)
+}
+
+/// [`a_rolling_restart_under_load_loses_no_connection`] with the agent on
+/// both hubs at once: a draining hub hands its tunnel over as soon as it
+/// sees the agent's other one, without waiting for the agent to move.
+fn a_rolling_restart_with_a_multi_homed_agent_loses_no_connection(d: Deploy) {
+    rolling_restart(d, 2)
+}
+
+fn rolling_restart(d: Deploy, ha: u8) {
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let env = Env::new();
@@ -545,11 +557,14 @@ fn a_rolling_restart_under_load_loses_no_connection(d: Deploy) {
             "agent-1",
             &[hubs[0].http, hubs[1].http],
             &[("ldap", echo)],
-            "",
+            &format!("ha_connections: {ha}\n"),
         ),
         &env.token("agent-1", None),
     );
     attached(procs[0].as_ref().unwrap(), &agent, d);
+    if ha > 1 {
+        attached(procs[1].as_ref().unwrap(), &agent, d);
+    }
     assert!(eventually(Duration::from_secs(15), || hubs
         .iter()
         .all(FixedHub::ready)));
@@ -644,6 +659,11 @@ fn a_rolling_restart_under_load_loses_no_connection(d: Deploy) {
             "{} not ready after restart",
             h.name
         );
+        if ha > 1 {
+            // As a rollout does: the next hub goes once the agent is back
+            // on both (its slot kept retrying this hub, not the other one).
+            attached(procs[i].as_ref().unwrap(), &agent, d);
+        }
         std::thread::sleep(Duration::from_millis(500));
     }
     stop.store(true, Ordering::Relaxed);
@@ -654,7 +674,7 @@ fn a_rolling_restart_under_load_loses_no_connection(d: Deploy) {
     let failures = failures.lock().unwrap();
     let ok = ok.load(Ordering::Relaxed);
     eprintln!(
-        "{d:?}: {ok} connections through the rolling restart, {} failed",
+        "{d:?}: {ok} connections through the rolling restart (ha_connections {ha}), {} failed",
         failures.len()
     );
     assert!(

@@ -122,10 +122,7 @@ fn round_robin(to: Vec<SocketAddr>) -> SocketAddr {
             let Ok(s) = TcpStream::connect(up) else {
                 continue;
             };
-            for (mut r, mut w) in [
-                (c.try_clone().unwrap(), s.try_clone().unwrap()),
-                (s, c),
-            ] {
+            for (mut r, mut w) in [(c.try_clone().unwrap(), s.try_clone().unwrap()), (s, c)] {
                 std::thread::spawn(move || {
                     let _ = std::io::copy(&mut r, &mut w);
                     let _ = w.shutdown(std::net::Shutdown::Write);

@@ -146,9 +146,12 @@ fn main() {
                 by_ha[k].push(one_run(ha, delay));
             }
         }
-        for (k, name) in ["single-homed (ha_connections: 1)", "multi-homed (ha_connections: 2)"]
-            .into_iter()
-            .enumerate()
+        for (k, name) in [
+            "single-homed (ha_connections: 1)",
+            "multi-homed (ha_connections: 2)",
+        ]
+        .into_iter()
+        .enumerate()
         {
             let rs = &by_ha[k];
             let mut gaps: Vec<Duration> = rs.iter().map(|r| r.gap).collect();
