@@ -24,7 +24,7 @@ use crate::driver::{
     CMD_BATCH, FlowEnd, InlineWriter, LinkCmd, LoopTimer, Outgoing, PeerMsg, TunnelCmd,
     TunnelDriver, WsIn,
 };
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, add_delta};
 use crate::token_renewal::AgentRenewal;
 use nowconnect_core::renewal::Presented;
 
@@ -201,6 +201,15 @@ struct Io<R: AgentRt> {
     renewal: AgentRenewal,
     /// The agent is shutting down: what it abandons is no warning.
     stopping: bool,
+    /// The node's figures as last exported.
+    reported: Reported,
+}
+
+/// What [`Io::report`] last put into the metrics.
+#[derive(Default)]
+struct Reported {
+    established: usize,
+    duplicate_hubs: u64,
 }
 
 impl<R: AgentRt> Io<R> {
@@ -235,6 +244,28 @@ impl<R: AgentRt> Io<R> {
             c.driver.flush();
             c.driver.report_due(Instant::now());
         }
+        self.report(node);
+    }
+
+    /// The node's tunnel figures into the metrics when they changed: two
+    /// integers compared per wake-up, no label looked up. A multi-homed
+    /// agent also logs how many of its tunnels are up.
+    fn report(&mut self, node: &AgentNode) {
+        let established = node.connected_slots();
+        if established != self.reported.established {
+            self.reported.established = established;
+            self.metrics
+                .agent_tunnels_established
+                .set(established as i64);
+            if node.slots() > 1 {
+                tracing::info!(established, wanted = node.slots(), "tunnels established");
+            }
+        }
+        add_delta(
+            &self.metrics.agent_duplicate_hub_tunnels,
+            node.counters().duplicate_hubs,
+            &mut self.reported.duplicate_hubs,
+        );
     }
 
     fn command(&mut self, c: AgentCommand) {
@@ -471,6 +502,7 @@ pub async fn run_agent<R: AgentRt>(
     stop: impl Future<Output = ()> + Send,
 ) {
     let mut node = AgentNode::new(Instant::now(), cfg.core_config(), rand::random());
+    metrics.agent_tunnels_wanted.set(i64::from(node.slots()));
     let (itx, irx) = async_channel::unbounded::<Internal<R>>();
     let renewal = AgentRenewal::new(&cfg.token);
     let rt = Arc::new(rt);
@@ -486,6 +518,7 @@ pub async fn run_agent<R: AgentRt>(
         closing: Vec::new(),
         renewal,
         stopping: false,
+        reported: Reported::default(),
     };
     let mut stop = pin!(stop);
     let mut timer = LoopTimer::default();

@@ -111,6 +111,14 @@ pub struct Metrics {
     /// Flows refused on an agent's tunnel because the connector held its
     /// fair share of the agent's flows, by connector.
     pub connector_share_refusals: Family<Labels, Counter>,
+    // the agent process (a hub exports them at zero)
+    /// Slots whose current tunnel is established (taking new flows).
+    pub agent_tunnels_established: Gauge,
+    /// Tunnels the agent holds at once when all is well (`ha_connections`).
+    pub agent_tunnels_wanted: Gauge,
+    /// Tunnels closed on their WELCOME because their hub already carried
+    /// another of the agent's tunnels.
+    pub agent_duplicate_hub_tunnels: Counter,
     // registry and routing
     pub registry_healthy: Gauge,
     pub registry_errors: Counter,
@@ -246,6 +254,9 @@ impl Metrics {
             client_connections_refused: Family::default(),
             client_timeouts: Family::default(),
             connector_share_refusals: Family::default(),
+            agent_tunnels_established: Gauge::default(),
+            agent_tunnels_wanted: Gauge::default(),
+            agent_duplicate_hub_tunnels: Counter::default(),
             registry_healthy: Gauge::default(),
             registry_errors: Counter::default(),
             shadow_would_route: Family::default(),
@@ -391,6 +402,21 @@ impl Metrics {
             "nowconnect_connector_share_refusals",
             "Flows refused because the connector held its fair share of the agent's flows (also in client_connections_refused, reason connector_share)",
             m.connector_share_refusals.clone(),
+        );
+        r.register(
+            "nowconnect_agent_tunnels_established",
+            "Agent process: tunnels established now, one per slot at most (a tunnel whose hub said DRAIN no longer counts)",
+            m.agent_tunnels_established.clone(),
+        );
+        r.register(
+            "nowconnect_agent_tunnels_wanted",
+            "Agent process: tunnels it holds at once when every slot is up (ha_connections)",
+            m.agent_tunnels_wanted.clone(),
+        );
+        r.register(
+            "nowconnect_agent_duplicate_hub_tunnels",
+            "Agent process: tunnels closed on their WELCOME because that hub already carried another of the agent's tunnels",
+            m.agent_duplicate_hub_tunnels.clone(),
         );
         r.register(
             "nowconnect_registry_healthy",
