@@ -491,6 +491,25 @@ impl Hub {
                 ),
             );
         }
+        // One tunnel per agent on a hub: a multi-homed agent's other slot
+        // belongs on another hub. Refused before any claim, so a second slot
+        // landing here (behind a balancer) never moves the agent's epoch
+        // under the mesh, and one agent token takes one of `max_agents`.
+        if let Some(other) = self
+            .agents
+            .values()
+            .find(|a| a.agent_id == agent_id && a.slot != slot)
+            .map(|a| a.slot)
+        {
+            return refuse(
+                self,
+                ErrorCode::Refused,
+                format!(
+                    "hub `{}` already carries tunnel slot {other} of agent `{agent_id}`: one tunnel per agent on a hub",
+                    self.cfg.replica_id
+                ),
+            );
+        }
         let key = (agent_id.to_string(), slot);
         if self.agents.len() >= self.cfg.max_agents && !self.by_agent.contains_key(&key) {
             return refuse(

@@ -137,19 +137,34 @@ fn two_slots_of_one_agent_are_owned_by_two_hubs_at_once_and_each_renews() {
 fn a_mesh_open_reaches_exactly_the_tunnel_its_epoch_names() {
     let now = origin();
     let mut reg = MemoryRegistry::new();
-    let mut a = hub("hub-a");
-    // Two slots of the agent on the same hub (behind one balanced URL the
-    // agent moves the second one on, but the hub must keep them apart).
+    let (mut a, mut b) = (hub("hub-a"), hub("hub-b"));
     a.tunnel_hello_slot(now, TunnelId(1), "agent-1", &ldap(), 0, 2);
-    a.tunnel_hello_slot(now, TunnelId(2), "agent-1", &ldap(), 1, 2);
-    let out = run(&mut a, &mut reg, now);
-    let (e1, e2) = (accepted(&out, TunnelId(1)), accepted(&out, TunnelId(2)));
+    let e1 = accepted(&run(&mut a, &mut reg, now), TunnelId(1));
+    b.tunnel_hello_slot(now, TunnelId(1), "agent-1", &ldap(), 1, 2);
+    let e2 = accepted(&run(&mut b, &mut reg, now), TunnelId(1));
     assert_eq!(a.check_mesh_open("agent-1", "ldap", e1), Ok(TunnelId(1)));
-    assert_eq!(a.check_mesh_open("agent-1", "ldap", e2), Ok(TunnelId(2)));
-    // An epoch neither tunnel holds (a stale one) is refused.
-    let stale = Epoch(e1.0.min(e2.0) - 1);
+    assert_eq!(b.check_mesh_open("agent-1", "ldap", e2), Ok(TunnelId(1)));
+    // An open naming the other hub's slot is not served by this one's
+    // tunnel, nor is an epoch no tunnel holds (a stale one).
+    for (h, wrong) in [(&mut a, e2), (&mut b, e1)] {
+        assert!(matches!(
+            h.check_mesh_open("agent-1", "ldap", wrong),
+            Err((ErrorCode::StaleEpoch, _))
+        ));
+    }
     assert!(matches!(
-        a.check_mesh_open("agent-1", "ldap", stale),
+        a.check_mesh_open("agent-1", "ldap", Epoch(e1.0.min(e2.0) - 1)),
+        Err((ErrorCode::StaleEpoch, _))
+    ));
+    // The slot reconnecting to its hub: the new epoch is served, the old
+    // one is fenced.
+    a.tunnel_closed(now, TunnelId(1));
+    run(&mut a, &mut reg, now);
+    a.tunnel_hello_slot(now, TunnelId(2), "agent-1", &ldap(), 0, 2);
+    let e3 = accepted(&run(&mut a, &mut reg, now), TunnelId(2));
+    assert_eq!(a.check_mesh_open("agent-1", "ldap", e3), Ok(TunnelId(2)));
+    assert!(matches!(
+        a.check_mesh_open("agent-1", "ldap", e1),
         Err((ErrorCode::StaleEpoch, _))
     ));
 }
@@ -559,4 +574,51 @@ fn a_slot_never_dials_a_listed_hub_another_slot_holds() {
         next = dials(&mut n);
     }
     assert_eq!((next[0].1.as_str(), next[0].2), ("wss://b", 1), "{next:?}");
+}
+
+#[test]
+fn a_hub_takes_one_tunnel_per_agent_and_refuses_a_second_slot_before_claiming() {
+    let now = origin();
+    let mut reg = MemoryRegistry::new();
+    let mut a = hub("hub-a");
+    a.tunnel_hello_slot(now, TunnelId(1), "agent-1", &ldap(), 0, 2);
+    let e0 = accepted(&run(&mut a, &mut reg, now), TunnelId(1));
+    // The agent's slot 1 lands here too (a balancer), or a token holder
+    // tries to take more of the hub's agent table with one identity.
+    for (t, slot) in [(2, 1), (3, 2)] {
+        a.tunnel_hello_slot(now, TunnelId(t), "agent-1", &ldap(), slot, 4);
+        let out = run(&mut a, &mut reg, now);
+        assert!(
+            out.iter().any(|o| matches!(
+                o,
+                HubOutput::CloseTunnel { tunnel, code: ErrorCode::Refused, reason }
+                    if *tunnel == TunnelId(t) && reason.contains("already carries tunnel slot 0")
+            )),
+            "{out:?}"
+        );
+    }
+    // No claim was made: the registry still names slot 0 alone, under its
+    // epoch, and the hub counts one agent.
+    let owners = reg
+        .apply(
+            now,
+            &RegistryOp::GetOwners {
+                agent_id: "agent-1".into(),
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        owners,
+        RegistryReply::Owners(vec![Owner {
+            replica_id: "hub-a".into(),
+            epoch: e0,
+            slot: 0
+        }])
+    );
+    assert_eq!(a.agent_count(), 1);
+    // The same slot reconnecting still replaces its tunnel.
+    a.tunnel_closed(now, TunnelId(1));
+    run(&mut a, &mut reg, now);
+    a.tunnel_hello_slot(now, TunnelId(4), "agent-1", &ldap(), 1, 2);
+    accepted(&run(&mut a, &mut reg, now), TunnelId(4));
 }
