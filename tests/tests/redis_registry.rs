@@ -281,3 +281,135 @@ async fn the_sweep_prunes_dead_connectors_a_bounded_step_at_a_time() {
     }
     eprintln!("1000 dead connector names pruned in {sweeps} sweeps");
 }
+
+fn claim_slot(agent: &str, slot: u8, replica: &str, lease_ms: u64) -> RegistryOp {
+    RegistryOp::Claim {
+        slot,
+        agent_id: agent.into(),
+        replica_id: replica.into(),
+        lease: Duration::from_millis(lease_ms),
+    }
+}
+
+fn owner(slot: u8, replica: &str, epoch: Epoch) -> Owner {
+    Owner {
+        slot,
+        replica_id: replica.into(),
+        epoch,
+    }
+}
+
+/// A multi-homed agent's slots in the real scripts: each owned, fenced,
+/// leased and released on its own; the agent stays listed for its
+/// connectors until its last slot goes.
+#[tokio::test]
+async fn each_slot_is_owned_fenced_leased_and_released_on_its_own() {
+    let env = Env::new();
+    let redis = RedisProc::start(env.path());
+    let r = RedisRegistry::new(&redis.url(), "t:", Duration::from_secs(2)).unwrap();
+    let owners = || async {
+        r.apply(&RegistryOp::GetOwners {
+            agent_id: "a1".into(),
+        })
+        .await
+        .unwrap()
+    };
+    let listed = |connector: &'static str| {
+        let r = &r;
+        async move {
+            r.apply(&RegistryOp::ListAgents {
+                connector: connector.into(),
+            })
+            .await
+            .unwrap()
+        }
+    };
+
+    let e0 = epoch_of(&r, claim_slot("a1", 0, "hub-a", 10_000)).await;
+    let e1 = epoch_of(&r, claim_slot("a1", 1, "hub-b", 10_000)).await;
+    let e2 = epoch_of(&r, claim_slot("a1", 2, "hub-c", 300)).await;
+    assert!(
+        e0 < e1 && e1 < e2,
+        "the agent's epochs grow across its slots"
+    );
+    r.apply(&RegistryOp::AddConnectors {
+        agent_id: "a1".into(),
+        connectors: vec!["ldap".into()],
+        lease: Duration::from_secs(10),
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        owners().await,
+        RegistryReply::Owners(vec![
+            owner(0, "hub-a", e0),
+            owner(1, "hub-b", e1),
+            owner(2, "hub-c", e2)
+        ])
+    );
+
+    // Slot 2's short lease lapses: only that slot is gone.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let both = vec![owner(0, "hub-a", e0), owner(1, "hub-b", e1)];
+    assert_eq!(owners().await, RegistryReply::Owners(both.clone()));
+    assert_eq!(
+        listed("ldap").await,
+        RegistryReply::Agents(vec![AgentRecord {
+            agent_id: "a1".into(),
+            owners: both,
+        }])
+    );
+
+    // Slot 1 reconnects to hub-a: hub-b's renewal of slot 1 is fenced and
+    // names the new owner; slot 0's renewal is untouched.
+    let e3 = epoch_of(&r, claim_slot("a1", 1, "hub-a", 10_000)).await;
+    let renew = |slot, replica: &str, epoch| RegistryOp::Renew {
+        slot,
+        agent_id: "a1".into(),
+        replica_id: replica.into(),
+        epoch,
+        lease: Duration::from_secs(10),
+    };
+    assert_eq!(
+        r.apply(&renew(1, "hub-b", e1)).await.unwrap(),
+        RegistryReply::Lost {
+            current: Some(owner(1, "hub-a", e3))
+        }
+    );
+    assert_eq!(
+        r.apply(&renew(0, "hub-a", e0)).await.unwrap(),
+        RegistryReply::Renewed
+    );
+    // Another slot's epoch does not renew this one.
+    assert!(matches!(
+        r.apply(&renew(0, "hub-a", e3)).await.unwrap(),
+        RegistryReply::Lost { .. }
+    ));
+
+    let release = |slot, replica: &str, epoch| RegistryOp::Release {
+        slot,
+        agent_id: "a1".into(),
+        replica_id: replica.into(),
+        epoch,
+    };
+    // A stale release (hub-b's old slot 1) changes nothing.
+    r.apply(&release(1, "hub-b", e1)).await.unwrap();
+    assert_eq!(
+        owners().await,
+        RegistryReply::Owners(vec![owner(0, "hub-a", e0), owner(1, "hub-a", e3)])
+    );
+    // Releasing slot 0 keeps the agent listed for its connectors: slot 1
+    // still carries it.
+    r.apply(&release(0, "hub-a", e0)).await.unwrap();
+    assert_eq!(
+        listed("ldap").await,
+        RegistryReply::Agents(vec![AgentRecord {
+            agent_id: "a1".into(),
+            owners: vec![owner(1, "hub-a", e3)],
+        }])
+    );
+    // The last slot's release drops the agent from its connectors.
+    r.apply(&release(1, "hub-a", e3)).await.unwrap();
+    assert_eq!(owners().await, RegistryReply::Owners(vec![]));
+    assert_eq!(listed("ldap").await, RegistryReply::Agents(vec![]));
+}
