@@ -140,6 +140,10 @@ fn ci_seed_budget() {
         "bridges: {} opened, {} mesh opens refused (tunnel full or gone), {} tunnel flows reset (mesh connection lost before the join)",
         t.bridges_opened, t.bridges_refused, t.bridges_lost_before_join
     );
+    println!(
+        "multi-homing: {} agents multi-homed, {} hub crashes took one tunnel of a multi-homed agent whose other tunnel was up",
+        t.agents_multi_homed, t.crashes_survived_multi_homed
+    );
     // The run must exercise what it claims.
     let exercised = [
         ("completed flows", t.flows_completed),
@@ -148,6 +152,11 @@ fn ci_seed_budget() {
         ("mesh resets", t.mesh_resets),
         ("partitions", t.partitions),
         ("hub crashes", t.hub_crashes),
+        ("multi-homed agents", t.agents_multi_homed),
+        (
+            "hub crashes a multi-homed agent rode out",
+            t.crashes_survived_multi_homed,
+        ),
         ("hub drains", t.hub_drains),
         (
             "drains over before their grace period",

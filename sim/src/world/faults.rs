@@ -288,6 +288,22 @@ impl World {
         self.trace(14, h as u64, 0);
         self.log(format_args!("hub {h} crashes"));
         self.outcome.hub_crashes += 1;
+        let name = self.hubs[h].cfg.replica_id.clone();
+        for a in &self.agents {
+            let hubs: Vec<Option<&str>> = a
+                .node
+                .slot_states()
+                .map(|s| match s {
+                    HubLinkState::Connected { attempt } => a.node.hub_of(*attempt),
+                    _ => None,
+                })
+                .collect();
+            let here = hubs.iter().any(|r| *r == Some(name.as_str()));
+            let elsewhere = hubs.iter().any(|r| r.is_some_and(|r| r != name));
+            if a.node.slots() > 1 && here && elsewhere {
+                self.outcome.crashes_survived_multi_homed += 1;
+            }
+        }
         self.stop_hub(h, "hub_crash");
     }
 

@@ -472,6 +472,7 @@ impl World {
                 ha_connections,
                 ..AgentConfig::default()
             };
+            w.outcome.agents_multi_homed += u64::from(ha_connections > 1);
             let auth = w.first_token(&credential);
             w.agents.push(SimAgent {
                 node: AgentNode::new(origin, cfg.clone(), seed),
@@ -612,8 +613,11 @@ impl World {
             } => {
                 self.trace(2, agent as u64, attempt.0);
                 let a = &self.agents[agent];
+                // The dial's own slot must still be waiting for it (slot 0's
+                // state says nothing about the others').
+                let slot = usize::from(a.node.slot_of(attempt));
                 if a.incarnation != incarnation
-                    || a.node.state() != &(HubLinkState::Dialing { attempt })
+                    || a.node.slot_states().nth(slot) != Some(&HubLinkState::Dialing { attempt })
                 {
                     return;
                 }
@@ -814,8 +818,8 @@ impl World {
         }
         for (i, a) in self.agents.iter().enumerate() {
             out.push(format!(
-                "agent {i}: {:?} tunnels={:?}",
-                a.node.state(),
+                "agent {i}: slots {:?} tunnels={:?}",
+                a.node.slot_states().collect::<Vec<_>>(),
                 a.node.links().collect::<Vec<_>>()
             ));
         }

@@ -62,6 +62,11 @@ pub struct Outcome {
     pub bridges_opened: u64,
     pub bridges_refused: u64,
     pub bridges_lost_before_join: u64,
+    /// Agents holding two or three tunnels at once (`ha_connections`).
+    pub agents_multi_homed: u64,
+    /// Hub crashes that took a tunnel of a multi-homed agent whose other
+    /// tunnel (on another hub) was established at that moment.
+    pub crashes_survived_multi_homed: u64,
     pub trace_hash: u64,
 }
 
@@ -96,6 +101,8 @@ impl Outcome {
         self.bridges_opened += o.bridges_opened;
         self.bridges_refused += o.bridges_refused;
         self.bridges_lost_before_join += o.bridges_lost_before_join;
+        self.agents_multi_homed += o.agents_multi_homed;
+        self.crashes_survived_multi_homed += o.crashes_survived_multi_homed;
         self.reauths_accepted += o.reauths_accepted;
         self.reauths_refused += o.reauths_refused;
         self.token_expiries += o.token_expiries;
