@@ -96,6 +96,11 @@ fn only_the_core_nodes_combine_the_control_machines() {
         ".client_connected_pinned(",
         // Which tunnels get a renewed token is the core `TokenRenewal`'s.
         ".send_reauth(",
+        // Why a link refused an open (reset code, metric label, reason) is
+        // `SendError::refusal`'s: the runtimes carry an `OpenRefused`, they
+        // never build one.
+        "from_send(",
+        "OpenRefused {",
     ];
     let mut found = Vec::new();
     for dir in [
