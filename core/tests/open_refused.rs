@@ -46,6 +46,10 @@ fn open_refusals_keep_their_cause() {
     let other = SendError::UnknownFlow(Cid(7)).refusal("agent flow");
     assert_eq!(
         (other.code, other.label, other.reason.as_str()),
-        (ErrorCode::LimitExceeded, "limit_exceeded", "flow 7 is not open")
+        (
+            ErrorCode::LimitExceeded,
+            "limit_exceeded",
+            "flow 7 is not open"
+        )
     );
 }
