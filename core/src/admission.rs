@@ -15,8 +15,13 @@
 //! client is held only to the listener's own rate (never refused for the
 //! table being full, which would let one party with many addresses lock out
 //! everyone else).
+//!
+//! Before that, a listener behind PROXY-protocol balancers decides at its
+//! edge ([`ProxyEdge`]) whether a connection is read for a header at all:
+//! only from a trusted proxy, and only while fewer connections than the
+//! listener takes are still sending theirs.
 
-use core::net::{IpAddr, Ipv6Addr};
+use core::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -50,12 +55,143 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    pub const ALL: [Refusal; 4] = [
+        Refusal::ListenerLimit,
+        Refusal::ClientLimit,
+        Refusal::ListenerRate,
+        Refusal::ClientRate,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Refusal::ListenerLimit => "listener_limit",
             Refusal::ClientLimit => "client_limit",
             Refusal::ListenerRate => "listener_rate",
             Refusal::ClientRate => "client_rate",
+        }
+    }
+}
+
+/// Why a listener's edge refused a connection before admitting it;
+/// `as_str` is the metric label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EdgeRefusal {
+    /// The listener takes PROXY-protocol connections, and this one came
+    /// from an address that is none of its trusted proxies: a client that
+    /// reaches the listener directly must not name its own address.
+    UntrustedProxy,
+    /// As many connections as the listener takes are still sending their
+    /// PROXY header.
+    ProxyPending,
+    /// A trusted proxy sent no valid PROXY header (in time).
+    ProxyHeader,
+}
+
+impl EdgeRefusal {
+    pub const ALL: [EdgeRefusal; 3] = [
+        EdgeRefusal::UntrustedProxy,
+        EdgeRefusal::ProxyPending,
+        EdgeRefusal::ProxyHeader,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EdgeRefusal::UntrustedProxy => "untrusted_proxy",
+            EdgeRefusal::ProxyPending => "proxy_pending",
+            EdgeRefusal::ProxyHeader => "proxy_header",
+        }
+    }
+}
+
+/// What to do with a connection a listener accepted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EdgeDecision {
+    /// Admit and serve it as it is (a listener without PROXY protocol).
+    Serve,
+    /// Read its PROXY header first (within the runtime's timeout), then
+    /// call [`ProxyEdge::header_ended`] and take the client from
+    /// [`ProxyEdge::client_of`].
+    ReadProxyHeader,
+    /// Close it.
+    Refuse(EdgeRefusal),
+}
+
+/// One listener's edge: whether its connections come straight from the
+/// clients or through PROXY-protocol balancers, and for the latter how many
+/// are still sending their header. Which addresses are trusted proxies is
+/// configuration (the runtime matches the source against its CIDRs and
+/// says `trusted`); what that means for the connection is decided here.
+#[derive(Clone, Debug)]
+pub struct ProxyEdge {
+    proxy_protocol: bool,
+    max_pending: usize,
+    pending: usize,
+}
+
+impl ProxyEdge {
+    /// A listener whose connections come straight from its clients.
+    pub fn direct() -> Self {
+        ProxyEdge {
+            proxy_protocol: false,
+            max_pending: 0,
+            pending: 0,
+        }
+    }
+
+    /// A listener behind PROXY-protocol balancers, reading at most
+    /// `max_pending` headers at once (the listener's own connection limit:
+    /// connections still sending their header count against it before
+    /// they are admitted).
+    pub fn proxied(max_pending: usize) -> Self {
+        ProxyEdge {
+            proxy_protocol: true,
+            max_pending,
+            pending: 0,
+        }
+    }
+
+    /// A connection arrived from a source that is (`trusted`) or is not
+    /// one of the listener's trusted proxies (ignored on a direct
+    /// listener). [`EdgeDecision::ReadProxyHeader`] counts it as pending
+    /// until [`ProxyEdge::header_ended`]; a refusal takes nothing.
+    pub fn arrive(&mut self, trusted: bool) -> EdgeDecision {
+        if !self.proxy_protocol {
+            return EdgeDecision::Serve;
+        }
+        if !trusted {
+            return EdgeDecision::Refuse(EdgeRefusal::UntrustedProxy);
+        }
+        if self.pending >= self.max_pending {
+            return EdgeDecision::Refuse(EdgeRefusal::ProxyPending);
+        }
+        self.pending += 1;
+        EdgeDecision::ReadProxyHeader
+    }
+
+    /// A connection told to read its header is done with it (read, failed,
+    /// timed out or dropped): once for each [`EdgeDecision::ReadProxyHeader`].
+    pub fn header_ended(&mut self) {
+        debug_assert!(self.pending > 0, "header_ended without a pending header");
+        self.pending = self.pending.saturating_sub(1);
+    }
+
+    /// Connections still sending their header.
+    pub fn pending(&self) -> usize {
+        self.pending
+    }
+
+    /// The client a connection from proxy `from` is served as, given its
+    /// header: the address the header names; the proxy itself for a header
+    /// that names none (v1 `UNKNOWN`, v2 `LOCAL`: the balancer's own health
+    /// check); a header that could not be read refuses the connection
+    /// ([`EdgeRefusal::ProxyHeader`], with the runtime's reason `E`).
+    pub fn client_of<E>(
+        from: SocketAddr,
+        header: Result<Option<SocketAddr>, E>,
+    ) -> Result<SocketAddr, (EdgeRefusal, E)> {
+        match header {
+            Ok(named) => Ok(named.unwrap_or(from)),
+            Err(reason) => Err((EdgeRefusal::ProxyHeader, reason)),
         }
     }
 }

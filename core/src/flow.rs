@@ -94,6 +94,46 @@ pub enum SendError {
     },
 }
 
+impl SendError {
+    /// A link's refusal to open a flow, by its cause: the agent's (or mesh
+    /// link's) flow limit, the connector's fair share, or a link that is
+    /// not (or no longer) established. `flows` names the limit a full
+    /// queue hit (`agent flow`, `mesh link flow`).
+    pub fn refusal(self, flows: &str) -> OpenRefused {
+        let (code, label) = match &self {
+            SendError::ShareExceeded { .. } => (ErrorCode::LimitExceeded, "connector_share"),
+            SendError::NotEstablished => (ErrorCode::LinkLost, ErrorCode::LinkLost.as_str()),
+            _ => (ErrorCode::LimitExceeded, ErrorCode::LimitExceeded.as_str()),
+        };
+        let reason = match self {
+            SendError::QueueFull(n) => format!("{flows} limit of {n} reached"),
+            e => e.to_string(),
+        };
+        OpenRefused {
+            code,
+            label,
+            reason,
+        }
+    }
+}
+
+/// Why a link could not open a flow ([`SendError::refusal`]): the code a
+/// bridged mesh flow is reset with, the label the client's refusal is
+/// counted under (`nowconnect_client_connections_refused_total{reason}`),
+/// and the reason for the log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OpenRefused {
+    pub code: ErrorCode,
+    pub label: &'static str,
+    pub reason: String,
+}
+
+impl std::fmt::Display for OpenRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
 /// What to do with a received DATA frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RecvVerdict {

@@ -9,7 +9,9 @@
 //! [`NodeOutput`]s. The decisions that span the token and the tunnel are made
 //! here: whether a HELLO is admitted (and how its refusal is counted), that a
 //! v1 tunnel cannot be told to drain, when a token has expired, whether a
-//! renewed token may replace the current one, and the course of a graceful
+//! renewed token may replace the current one, whether a listener's new
+//! client fits under the hub's client connection limit (decided at accept,
+//! before anything is read from it), and the course of a graceful
 //! drain: when the listeners close and when the drain is over (no client
 //! flow, no tunnel flow and no agent to move left, or the grace period
 //! ended).
@@ -216,10 +218,29 @@ enum NodeTimer {
     DrainGrace,
 }
 
+/// Why the node refused a client a listener accepted; `as_str` is the
+/// metric label (`nowconnect_client_connections_refused_total{reason}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientRefusal {
+    /// The hub holds its `max_clients` client connections already.
+    LimitExceeded,
+}
+
+impl ClientRefusal {
+    pub const ALL: [ClientRefusal; 1] = [ClientRefusal::LimitExceeded];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientRefusal::LimitExceeded => ErrorCode::LimitExceeded.as_str(),
+        }
+    }
+}
+
 /// What a drain still waits for.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DrainLeft {
-    /// Client connections of the listeners still open (routed or not).
+    /// Client connections of the listeners still open, from their accept
+    /// on (routed or not).
     pub client_flows: usize,
     /// Flows on this hub's tunnels (local clients' and mesh opens').
     pub tunnel_flows: usize,
@@ -246,20 +267,24 @@ pub struct HubNode {
     hub: Hub,
     tunnels: BTreeMap<TunnelId, NodeTunnel>,
     timers: Timers<NodeTimer>,
-    /// The listeners' client connections still open (bounded by the
-    /// runtime's client connection limit).
+    /// The listeners' client connections still open, from their accept
+    /// on (at most `max_clients`).
     clients: BTreeSet<ClientId>,
+    max_clients: usize,
     drain: Option<Drain>,
     out: VecDeque<NodeOutput>,
 }
 
 impl HubNode {
-    pub fn new(hub: Hub) -> Self {
+    /// The node of `hub`, taking at most `max_clients` client connections
+    /// at once over all listeners (see [`HubNode::client_accepted`]).
+    pub fn new(hub: Hub, max_clients: usize) -> Self {
         HubNode {
             hub,
             tunnels: BTreeMap::new(),
             timers: Timers::default(),
             clients: BTreeSet::new(),
+            max_clients,
             drain: None,
             out: VecDeque::new(),
         }
@@ -553,11 +578,35 @@ impl HubNode {
         self.absorb_hub();
     }
 
-    /// A client connected to a listener for `connector` (qualified by the
-    /// listener's tenant; `pin`: the agents the listener allows, if it
-    /// names them). It is routed ([`HubOutput::Route`]) and counted as a
-    /// client flow until [`HubNode::client_closed`], routed or refused: a
-    /// drain waits for it.
+    /// A listener accepted `client`'s connection: it takes one of the hub's
+    /// `max_clients` client connections, or is refused
+    /// ([`ClientRefusal::LimitExceeded`]; the runtime closes it). Decided at
+    /// accept, before anything is read from the connection (a PROXY header,
+    /// the listener's admission) and before it is routed, so a burst of
+    /// accepts cannot run past the limit. An accepted client counts (a drain
+    /// waits for it) until [`HubNode::client_closed`], however it ends:
+    /// refused later at the listener, routed, or refused by the route. An
+    /// id accepted already is taken again without counting twice.
+    pub fn client_accepted(
+        &mut self,
+        _now: Instant,
+        client: ClientId,
+    ) -> Result<(), ClientRefusal> {
+        if !self.clients.contains(&client) && self.clients.len() >= self.max_clients {
+            return Err(ClientRefusal::LimitExceeded);
+        }
+        self.clients.insert(client);
+        Ok(())
+    }
+
+    /// An accepted client ([`HubNode::client_accepted`]) is to be routed:
+    /// it wants `connector` (qualified by the listener's tenant; `pin`: the
+    /// agents the listener allows, if it names them). It is routed
+    /// ([`HubOutput::Route`]) and still counted as a client flow until
+    /// [`HubNode::client_closed`], routed or refused.
+    ///
+    /// A client not accepted first is a misuse by the caller (a debug
+    /// assertion); a release build counts it from now on, limit or not.
     pub fn client_connected(
         &mut self,
         now: Instant,
@@ -565,21 +614,32 @@ impl HubNode {
         connector: &str,
         pin: Option<&[String]>,
     ) {
+        debug_assert!(
+            self.clients.contains(&client),
+            "client {client} connected without client_accepted"
+        );
         self.clients.insert(client);
         self.hub
             .client_connected_pinned(now, client, connector, pin);
         self.absorb_hub();
     }
 
-    /// The client's connection is gone (however it ended).
+    /// The client's connection is gone (however it ended): its slot is
+    /// free again. An unknown or closed client changes nothing, so a
+    /// second call cannot free another's slot.
     pub fn client_closed(&mut self, _now: Instant, client: ClientId) {
         self.clients.remove(&client);
         self.absorb_hub();
     }
 
-    /// Client connections open (see [`HubNode::client_connected`]).
+    /// Client connections open (see [`HubNode::client_accepted`]).
     pub fn client_flows(&self) -> usize {
         self.clients.len()
+    }
+
+    /// The most client connections taken at once.
+    pub fn max_clients(&self) -> usize {
+        self.max_clients
     }
 
     /// Graceful drain (shutdown): the hub refuses new tunnels, reports

@@ -46,7 +46,7 @@ impl Fixture {
 
     fn with(cfg: HubConfig) -> Self {
         Fixture {
-            node: HubNode::new(Hub::new(origin(), cfg, 7)),
+            node: HubNode::new(Hub::new(origin(), cfg, 7), 100),
             reg: MemoryRegistry::new(),
             calls: Vec::new(),
         }
@@ -646,6 +646,7 @@ fn a_drain_is_over_once_the_last_flow_ended_and_every_agent_moved() {
     let mut f = Fixture::active();
     let now = origin();
     admitted_v2(&mut f, now, TunnelId(1), "a1");
+    f.node.client_accepted(now, 9).unwrap();
     f.node.client_connected(now, 9, "acme/echo", None);
     let outs = f.outputs(now);
     assert!(
@@ -730,6 +731,7 @@ fn the_grace_period_ends_a_drain_with_what_is_left() {
     let mut f = Fixture::new();
     let now = origin();
     admitted_v2(&mut f, now, TunnelId(1), "a1");
+    f.node.client_accepted(now, 9).unwrap();
     f.node.client_connected(now, 9, "acme/echo", None);
     f.outputs(now);
     // No delay: the listeners close at once.
@@ -766,6 +768,7 @@ fn a_client_that_arrives_during_the_delay_keeps_the_drain_open() {
     f.outputs(now);
     let during = now + Duration::from_secs(1);
     // Refused (no agent), but counted until its connection is gone.
+    f.node.client_accepted(during, 4).unwrap();
     f.node.client_connected(during, 4, "acme/echo", None);
     f.outputs(during);
     assert_eq!(f.node.client_flows(), 1);
@@ -808,7 +811,9 @@ fn a_second_drain_changes_nothing_and_the_end_is_reported_once() {
 fn a_closed_client_is_forgotten_once_and_an_unknown_one_is_ignored() {
     let mut f = Fixture::new();
     let now = origin();
+    f.node.client_accepted(now, 1).unwrap();
     f.node.client_connected(now, 1, "acme/echo", None);
+    f.node.client_accepted(now, 2).unwrap();
     f.node.client_connected(now, 2, "acme/echo", None);
     f.outputs(now);
     assert_eq!(f.node.client_flows(), 2);

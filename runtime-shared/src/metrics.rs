@@ -149,16 +149,13 @@ pub const SECURITY_EVENT_KINDS: &[&str] = &[
     "tunnel_duplicate_hello",
 ];
 
-/// Reasons a listener refuses a client before routing it (besides the
-/// protocol's error codes), created at zero.
+/// Reasons a client is refused before it is routed besides the protocol's
+/// error codes and the core's edge refusals ([`EdgeRefusal`], [`Refusal`]),
+/// created at zero.
+///
+/// [`EdgeRefusal`]: nowconnect_core::admission::EdgeRefusal
+/// [`Refusal`]: nowconnect_core::admission::Refusal
 pub const EDGE_REFUSALS: &[&str] = &[
-    "listener_limit",
-    "client_limit",
-    "listener_rate",
-    "client_rate",
-    "untrusted_proxy",
-    "proxy_header",
-    "proxy_pending",
     // Refused on the agent's tunnel: the connector held its fair share.
     "connector_share",
 ];
@@ -176,7 +173,15 @@ impl Metrics {
                 .get_or_create(&labels(&[("reason", c)]));
             let _ = self.flow_resets.get_or_create(&labels(&[("code", c)]));
         }
-        for reason in EDGE_REFUSALS {
+        let edge = nowconnect_core::admission::EdgeRefusal::ALL.map(|r| r.as_str());
+        let listener = nowconnect_core::admission::Refusal::ALL.map(|r| r.as_str());
+        let node = nowconnect_core::hub_node::ClientRefusal::ALL.map(|r| r.as_str());
+        for reason in EDGE_REFUSALS
+            .iter()
+            .chain(&edge)
+            .chain(&listener)
+            .chain(&node)
+        {
             let _ = self
                 .client_connections_refused
                 .get_or_create(&labels(&[("reason", reason)]));

@@ -891,6 +891,62 @@ fn a_listener_behind_a_proxy_takes_client_addresses_from_its_header_and_no_one_e
     drop(held);
 }
 
+/// The hub's client limit (`limits.max_client_connections`) counts a
+/// connection from its accept: connections from the trusted balancer that
+/// have not sent their PROXY header yet hold their slot, so one more is
+/// closed at once (`limit_exceeded`) however fast they come; one that goes
+/// away gives its slot back, and the next client is served.
+#[test]
+fn connections_still_sending_their_proxy_header_count_against_the_client_limit() {
+    use std::io::Write;
+    let env = Env::new();
+    let echo = echo_server();
+    let hub = HubProc::start(
+        env.path(),
+        "hub",
+        &env.hub_yaml(
+            &[("echo", "echo")],
+            "limits:\n  max_client_connections: 3\nlog:\n  level: info\n",
+        )
+        .replace(
+            "connector: echo }",
+            "connector: echo, proxy_protocol: { trusted_proxies: [127.0.0.1/32] } }",
+        ),
+    );
+    let _agent = AgentProc::start(
+        env.path(),
+        "agent",
+        &env.agent_yaml(
+            "agent-1",
+            &[hub.http],
+            &[("echo", echo)],
+            "log:\n  level: warn\n",
+        ),
+        &env.token("agent-1", None),
+    );
+    assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
+    let via = hub.listener("echo");
+    // Three connections that have not sent their header yet...
+    let mut pending: Vec<TcpStream> = (0..3).map(|_| connect_from(1, via).unwrap()).collect();
+    // ... so a fourth is refused at accept (the listener accepts in order).
+    let mut fourth = connect_from(1, via).unwrap();
+    let _ = fourth.write_all(b"PROXY TCP4 198.51.100.7 127.0.0.1 40000 389\r\n");
+    assert!(closed_by_peer(&mut fourth, Duration::from_secs(5)));
+    assert_eq!(refused(&hub, "limit_exceeded"), 1.0);
+    // One of them leaves without a header: its slot comes back.
+    drop(pending.pop());
+    assert!(eventually(Duration::from_secs(5), || refused(
+        &hub,
+        "proxy_header"
+    ) == 1.0));
+    assert_eq!(
+        echo_from(1, via, b"PROXY TCP4 198.51.100.8 127.0.0.1 40000 389\r\n").unwrap(),
+        b"ping through the edge"
+    );
+    assert_eq!(refused(&hub, "limit_exceeded"), 1.0);
+    drop(pending);
+}
+
 /// A target whose connects hang: a listener with a backlog of one that
 /// never accepts, its queue filled first, so further SYNs go unanswered.
 fn hanging_target() -> (socket2::Socket, Vec<TcpStream>, SocketAddr) {

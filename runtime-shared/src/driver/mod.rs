@@ -27,9 +27,11 @@ mod tunnel;
 mod writer;
 
 use async_channel::{Receiver, Sender};
-use nowconnect_core::flow::SendError;
 use nowconnect_core::{Cid, Epoch, ErrorCode, WsMessage};
 
+/// Why a link could not open a flow: the core's [`SendError::refusal`](nowconnect_core::flow::SendError::refusal),
+/// carried back to whoever asked for the open.
+pub use nowconnect_core::flow::OpenRefused;
 pub use nowconnect_core::relay::{Delivery, PeerMsg};
 pub use pipes::{FlowEnd, FlowPipes, OpenLink, Peer, bridge};
 pub use socket::{
@@ -205,45 +207,6 @@ impl FlowTx {
     }
 }
 
-/// Why a link could not open a flow: the code a bridged mesh flow is reset
-/// with, the label the client's refusal is counted under
-/// (`nowconnect_client_connections_refused_total{reason}`), and the reason
-/// for the log.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OpenRefused {
-    pub code: ErrorCode,
-    pub label: &'static str,
-    pub reason: String,
-}
-
-impl OpenRefused {
-    /// A link's refusal to open, by its cause: the agent's (or mesh link's)
-    /// flow limit, the connector's fair share, or a link that is not (or no
-    /// longer) established.
-    pub fn from_send(e: SendError, flows: &str) -> Self {
-        let (code, label) = match &e {
-            SendError::ShareExceeded { .. } => (ErrorCode::LimitExceeded, "connector_share"),
-            SendError::NotEstablished => (ErrorCode::LinkLost, ErrorCode::LinkLost.as_str()),
-            _ => (ErrorCode::LimitExceeded, ErrorCode::LimitExceeded.as_str()),
-        };
-        let reason = match e {
-            SendError::QueueFull(n) => format!("{flows} limit of {n} reached"),
-            e => e.to_string(),
-        };
-        OpenRefused {
-            code,
-            label,
-            reason,
-        }
-    }
-}
-
-impl std::fmt::Display for OpenRefused {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.reason)
-    }
-}
-
 /// Send an open to `link` and return where its answer arrives. With no link
 /// (it went away between the routing decision and now) the answer's channel
 /// is closed at once, as it is when the link has ended or ends before it
@@ -306,37 +269,4 @@ pub enum WsIn {
     /// The peer sent a close frame (its reason).
     Closed(String),
     Failed(String),
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn open_refusals_keep_their_cause() {
-        let share = OpenRefused::from_send(
-            SendError::ShareExceeded {
-                connector: "idle".into(),
-                open: 12,
-                reserved: 4,
-            },
-            "agent flow",
-        );
-        assert_eq!(
-            (share.code, share.label),
-            (ErrorCode::LimitExceeded, "connector_share")
-        );
-        assert!(share.reason.contains("connector `idle` holds 12"));
-        let full = OpenRefused::from_send(SendError::QueueFull(4096), "agent flow");
-        assert_eq!(
-            (full.code, full.label, full.reason.as_str()),
-            (
-                ErrorCode::LimitExceeded,
-                "limit_exceeded",
-                "agent flow limit of 4096 reached"
-            )
-        );
-        let gone = OpenRefused::from_send(SendError::NotEstablished, "mesh link flow");
-        assert_eq!((gone.code, gone.label), (ErrorCode::LinkLost, "link_lost"));
-    }
 }

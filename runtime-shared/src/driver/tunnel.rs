@@ -71,7 +71,7 @@ impl TunnelDriver {
                 .get_or_create(&labels(&[("connector", connector)]))
                 .inc();
         }
-        OpenRefused::from_send(e, "agent flow")
+        e.refusal("agent flow")
     }
 
     pub fn attach_flow(&mut self, cid: Cid, connector: &str) -> FlowEnd {

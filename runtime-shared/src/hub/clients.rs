@@ -2,11 +2,10 @@
 //! headers) and one task per client connection, routed by the core.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use nowconnect_core::admission::Admission;
+use nowconnect_core::admission::{Admission, EdgeDecision, EdgeRefusal, ProxyEdge};
 use nowconnect_core::hub::TunnelId;
 use nowconnect_core::routing::Route;
 use nowconnect_core::{Epoch, ErrorCode};
@@ -49,7 +48,10 @@ impl<R: HubRt> Shared<R> {
             .cloned()
             .unwrap_or_else(crate::config::ListenerEdge::unlimited);
         let admission = Arc::new(Mutex::new(Admission::new(edge.limits, Instant::now())));
-        let pending_headers = Arc::new(AtomicUsize::new(0));
+        let proxy_edge = Arc::new(Mutex::new(match edge.proxy {
+            Some(_) => ProxyEdge::proxied(edge.limits.max_connections),
+            None => ProxyEdge::direct(),
+        }));
         let edge = Arc::new(edge);
         let log = Arc::new(LogThrottle::new(Duration::from_secs(1)));
         loop {
@@ -62,46 +64,50 @@ impl<R: HubRt> Shared<R> {
                     continue;
                 }
             };
-            let open = self
-                .control
-                .lock()
-                .expect("control lock")
-                .node
-                .client_flows();
-            if open >= self.cfg.raw.limits.max_client_connections {
-                if let Some(held_back) = self.refuse_at_edge(&log, "limit_exceeded") {
+            // The node takes the client (one of the hub's client
+            // connections, counted for a drain) before anything is read
+            // from it; the guard gives the slot back however it ends.
+            let client = self.id();
+            let accepted = self.with_control(|c, now| c.node.client_accepted(now, client));
+            if let Err(refusal) = accepted {
+                if let Some(held_back) = self.refuse_at_edge(&log, refusal.as_str()) {
                     tracing::warn!(listener = %name, peer = %crate::logging::client_addr(from), held_back, "client connection limit reached");
                 }
                 continue;
             }
-            let Some(trusted) = &edge.proxy else {
-                if let Some(load) = self.admit(&name, &admission, &log, from) {
-                    self.rt.spawn(self.clone().serve_client(
-                        name.clone(),
-                        connector.clone(),
-                        stream,
-                        from,
-                        load,
-                        edge.first_byte_timeout,
-                    ));
+            let guard = ClientGuard(self.clone(), client);
+            let trusted = edge.proxy.as_ref().is_some_and(|t| t.trusts(from.ip()));
+            let decision = proxy_edge.lock().expect("edge lock").arrive(trusted);
+            match decision {
+                EdgeDecision::Serve => {
+                    if let Some(slots) = self.admit(guard, &name, &admission, &log, from) {
+                        self.rt.spawn(self.clone().serve_client(
+                            slots,
+                            name.clone(),
+                            connector.clone(),
+                            stream,
+                            from,
+                            edge.first_byte_timeout,
+                        ));
+                    }
+                    continue;
                 }
-                continue;
-            };
-            if !trusted.trusts(from.ip()) {
-                if let Some(held_back) = self.refuse_at_edge(&log, "untrusted_proxy") {
-                    tracing::warn!(listener = %name, peer = %crate::logging::client_addr(from), held_back, "client connection refused: the listener takes PROXY protocol connections from its trusted proxies only");
+                EdgeDecision::Refuse(refusal) => {
+                    if let Some(held_back) = self.refuse_at_edge(&log, refusal.as_str()) {
+                        match refusal {
+                            EdgeRefusal::UntrustedProxy => {
+                                tracing::warn!(listener = %name, peer = %crate::logging::client_addr(from), held_back, "client connection refused: the listener takes PROXY protocol connections from its trusted proxies only")
+                            }
+                            _ => {
+                                tracing::warn!(listener = %name, proxy = %from, reason = refusal.as_str(), held_back, "client connection refused: as many connections as the listener takes are still sending their PROXY header")
+                            }
+                        }
+                    }
+                    continue;
                 }
-                continue;
+                EdgeDecision::ReadProxyHeader => {}
             }
-            // Connections still sending their header count against the
-            // listener's connection limit too, before they are admitted.
-            if pending_headers.load(Ordering::Relaxed) >= edge.limits.max_connections {
-                if let Some(held_back) = self.refuse_at_edge(&log, "proxy_pending") {
-                    tracing::warn!(listener = %name, proxy = %from, held_back, "client connection refused: as many connections as the listener takes are still sending their PROXY header");
-                }
-                continue;
-            }
-            let pending = PendingGuard::new(&pending_headers);
+            let pending = PendingGuard(proxy_edge.clone());
             let (shared, name, connector, edge, admission, log) = (
                 self.clone(),
                 name.clone(),
@@ -116,42 +122,45 @@ impl<R: HubRt> Shared<R> {
                     .map_or(PROXY_HEADER_TIMEOUT, |t| t.min(PROXY_HEADER_TIMEOUT));
                 let (stream, header) = shared.rt.read_proxy_header(stream, within).await;
                 drop(pending);
-                let peer = match header {
-                    Ok(Some(client)) => client,
-                    // A header without an address: the balancer's own check.
-                    Ok(None) => from,
-                    Err(reason) => {
-                        if let Some(held_back) = shared.refuse_at_edge(&log, "proxy_header") {
+                let peer = match ProxyEdge::client_of(from, header) {
+                    Ok(peer) => peer,
+                    Err((refusal, reason)) => {
+                        if let Some(held_back) = shared.refuse_at_edge(&log, refusal.as_str()) {
                             tracing::warn!(listener = %name, proxy = %from, %reason, held_back, "client connection refused: no valid PROXY protocol header");
                         }
                         return;
                     }
                 };
-                if let Some(load) = shared.admit(&name, &admission, &log, peer) {
+                if let Some(slots) = shared.admit(guard, &name, &admission, &log, peer) {
                     shared
                         .clone()
-                        .serve_client(name, connector, stream, peer, load, edge.first_byte_timeout)
+                        .serve_client(slots, name, connector, stream, peer, edge.first_byte_timeout)
                         .await;
                 }
             });
         }
     }
 
-    /// Count a new client of listener `name` from `peer` against the
-    /// listener's limits, or refuse it (counted, and logged through `log`).
+    /// Count a new client of listener `name` from `peer` (accepted by the
+    /// node: `client`) against the listener's limits, or refuse it
+    /// (counted, and logged through `log`; dropping `client` closes it).
     fn admit(
         &self,
+        client: ClientGuard<R>,
         name: &str,
         admission: &Arc<Mutex<Admission>>,
         log: &LogThrottle,
         peer: SocketAddr,
-    ) -> Option<LoadGuard> {
+    ) -> Option<Slots<R>> {
         let res = admission
             .lock()
             .expect("admission lock")
             .admit(Instant::now(), peer.ip());
         match res {
-            Ok(()) => Some(LoadGuard(admission.clone(), peer.ip())),
+            Ok(()) => Some(Slots {
+                _load: LoadGuard(admission.clone(), peer.ip()),
+                client,
+            }),
             Err(refusal) => {
                 if let Some(held_back) = self.refuse_at_edge(log, refusal.as_str()) {
                     let limits = admission.lock().expect("admission lock").limits();
@@ -167,19 +176,19 @@ impl<R: HubRt> Shared<R> {
     /// listener pins them, only those) can be chosen.
     async fn serve_client(
         self: Arc<Self>,
+        slots: Slots<R>,
         listener: String,
         connector: String,
         stream: R::Stream,
         peer: SocketAddr,
-        _load: LoadGuard,
         first_byte: Option<Duration>,
     ) {
         let shared = self;
-        let client = shared.id();
+        // Counted by the node since its accept (a drain waits for it) and
+        // by its listener until `slots` goes, with this task.
+        let client = slots.client.1;
         let (tx, rx) = async_channel::bounded(1);
         let pin = shared.cfg.listener_pins.get(&listener);
-        // Counted by the node (a drain waits for it) until the guard goes.
-        let _guard = ClientGuard(shared.clone(), client);
         shared.with_control(|c, now| {
             c.routes.insert(client, tx);
             c.node
@@ -305,20 +314,22 @@ impl OpenRequest {
 /// the listener's first-byte timeout is shorter).
 const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// One connection counted while it sends its PROXY header.
-struct PendingGuard(Arc<AtomicUsize>);
-
-impl PendingGuard {
-    fn new(count: &Arc<AtomicUsize>) -> Self {
-        count.fetch_add(1, Ordering::Relaxed);
-        PendingGuard(count.clone())
-    }
-}
+/// One connection counted by its listener's [`ProxyEdge`] while it sends
+/// its PROXY header ([`EdgeDecision::ReadProxyHeader`]); ended once, when
+/// dropped (read, failed, timed out, or the task dropped).
+struct PendingGuard(Arc<Mutex<ProxyEdge>>);
 
 impl Drop for PendingGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.lock().expect("edge lock").header_ended();
     }
+}
+
+/// A client's slots: the node's ([`ClientGuard`]) and its listener's
+/// ([`LoadGuard`]), both given back when the client's task ends.
+struct Slots<R: HubRt> {
+    client: ClientGuard<R>,
+    _load: LoadGuard,
 }
 
 /// A client connection admitted by its listener ([`Admission`]), released
@@ -331,7 +342,12 @@ impl Drop for LoadGuard {
     }
 }
 
-/// A client connection counted by the node, until it ends.
+/// A client connection the node accepted ([`HubNode::client_accepted`]),
+/// counted until this goes, whichever way the connection ends: refused at
+/// the listener's edge or admission, refused by its route, or served. The
+/// one place a client is closed, so exactly once.
+///
+/// [`HubNode::client_accepted`]: nowconnect_core::hub_node::HubNode::client_accepted
 struct ClientGuard<R: HubRt>(Arc<Shared<R>>, u64);
 
 impl<R: HubRt> Drop for ClientGuard<R> {

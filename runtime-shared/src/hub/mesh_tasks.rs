@@ -20,7 +20,7 @@ use tungstenite::Message;
 use tungstenite::protocol::WebSocketConfig;
 
 use super::Shared;
-use crate::driver::{FlowPipes, LinkCmd, MeshCmd, OpenRefused, Outgoing, Peer, PeerMsg};
+use crate::driver::{FlowPipes, LinkCmd, MeshCmd, Outgoing, Peer, PeerMsg};
 use crate::mesh::{LinkId, MeshConnected};
 use crate::metrics::{Metrics, add_delta, add_frame_deltas, labels};
 use crate::rt::HubRt;
@@ -408,7 +408,7 @@ async fn run_link<R: HubRt>(
                             let res = link
                                 .open_flow(&connector, &agent_id, epoch)
                                 .map(|cid| pipes.attach(&mut link, cid, &connector))
-                                .map_err(|e| OpenRefused::from_send(e, "mesh link flow"));
+                                .map_err(|e| e.refusal("mesh link flow"));
                             if let Err(async_channel::TrySendError::Closed(Ok(end))) =
                                 reply.try_send(res)
                             {

@@ -407,7 +407,10 @@ pub async fn start<R: HubHttp>(cfg: HubConfig, rt: R, redis: bool) -> Result<Hub
         metrics,
         verifier: RwLock::new(Arc::new(verifier)),
         control: Mutex::new(Control {
-            node: HubNode::new(Hub::new(now, core_cfg, seed)),
+            node: HubNode::new(
+                Hub::new(now, core_cfg, seed),
+                cfg.raw.limits.max_client_connections,
+            ),
             memory: (!redis).then(MemoryRegistry::new),
             tunnels: BTreeMap::new(),
             identities: BTreeMap::new(),

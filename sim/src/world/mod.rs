@@ -297,6 +297,9 @@ const CHUNK: usize = 8 * 1024;
 /// The second tenant of every world.
 const OTHER_TENANT: &str = "acme";
 const TICK: Duration = Duration::from_millis(10);
+/// A hub's client connection limit (the shipped default): a world never
+/// has as many clients, so none is refused for it.
+const MAX_CLIENTS: usize = 20_000;
 
 impl World {
     /// `origin` is an arbitrary instant; only offsets from it matter.
@@ -418,7 +421,7 @@ impl World {
             };
             let seed = w.rng.next_u64();
             w.hubs.push(SimHub {
-                node: HubNode::new(Hub::new(origin, cfg.clone(), seed)),
+                node: HubNode::new(Hub::new(origin, cfg.clone(), seed), MAX_CLIENTS),
                 cfg,
                 alive: true,
                 listening: true,
@@ -766,7 +769,7 @@ impl World {
                 let h = &mut self.hubs[hub];
                 h.alive = true;
                 h.listening = true;
-                h.node = HubNode::new(Hub::new(now, h.cfg.clone(), seed));
+                h.node = HubNode::new(Hub::new(now, h.cfg.clone(), seed), MAX_CLIENTS);
                 self.start_mesh_links(hub);
             }
             Event::BridgeOpen {

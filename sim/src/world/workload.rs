@@ -72,9 +72,20 @@ impl World {
         } else {
             let listener = qualify(tenant, "echo");
             let now = self.now;
-            self.hubs[hub]
-                .node
-                .client_connected(now, client, &listener, None);
+            let node = &mut self.hubs[hub].node;
+            match node.client_accepted(now, client) {
+                Ok(()) => node.client_connected(now, client, &listener, None),
+                Err(refusal) => {
+                    let c = self.clients.get_mut(&client).expect("client");
+                    c.state = ClientState::Done;
+                    c.ended = Some(ErrorCode::Refused);
+                    *self
+                        .outcome
+                        .flows_refused
+                        .entry(refusal.as_str())
+                        .or_default() += 1;
+                }
+            }
         }
     }
 
