@@ -298,7 +298,7 @@ impl World {
                     _ => None,
                 })
                 .collect();
-            let here = hubs.iter().any(|r| *r == Some(name.as_str()));
+            let here = hubs.contains(&Some(name.as_str()));
             let elsewhere = hubs.iter().any(|r| r.is_some_and(|r| r != name));
             if a.node.slots() > 1 && here && elsewhere {
                 self.outcome.crashes_survived_multi_homed += 1;
