@@ -59,6 +59,6 @@ echo "==> the hub suites again, every hub on the async-std runtime"
 NOWCONNECT_HUB_RUNTIME=async-std cargo test --release -p nowconnect-tests \
   --test single_hub --test ha_mesh --test ha_registry --test mesh_fencing \
   --test mesh_ingress --test limits --test observability --test perf --test trust --test redis_tls \
-  --test http_edge
+  --test http_edge --test multihome
 echo "==> simulation seed budget (prints what it exercised)"
 cargo test --release -p nowconnect-sim --test world -- ci_seed_budget --nocapture
