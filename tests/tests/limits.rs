@@ -29,6 +29,19 @@ fn hold_target(env: &Env) -> (Proc, SocketAddr) {
     (holder, hold)
 }
 
+/// Agent `agent-1` serving `connectors`, logging warnings only, attached
+/// to `hub`.
+fn attached_agent(env: &Env, hub: &HubProc, connectors: &[(&str, SocketAddr)]) -> AgentProc {
+    let agent = AgentProc::start(
+        env.path(),
+        "agent",
+        &env.agent_yaml("agent-1", &[hub.http], connectors, "log:\n  level: warn\n"),
+        &env.token("agent-1", None),
+    );
+    assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
+    agent
+}
+
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
@@ -423,18 +436,7 @@ fn idle_and_ldap(env: &Env, listeners: &[(&str, &str)]) -> IdleAndLdap {
         "hub",
         &env.hub_yaml(listeners, "log:\n  level: warn\n"),
     );
-    let agent = AgentProc::start(
-        env.path(),
-        "agent",
-        &env.agent_yaml(
-            "agent-1",
-            &[hub.http],
-            &[("idle", hold), ("ldap", slapd.addr)],
-            "log:\n  level: warn\n",
-        ),
-        &env.token("agent-1", None),
-    );
-    assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
+    let agent = attached_agent(env, &hub, &[("idle", hold), ("ldap", slapd.addr)]);
     let direct = nowconnect_tests::ldap::search(slapd.addr, "(uid=alice)");
     assert_eq!(direct.0, 0);
     IdleAndLdap {
@@ -575,18 +577,7 @@ fn a_client_opening_connections_too_fast_is_refused_and_others_are_not() {
             "name: echo, bind: '127.0.0.1:0', connector: echo, max_new_connections_per_sec_per_client: 10 }",
         ),
     );
-    let _agent = AgentProc::start(
-        env.path(),
-        "agent",
-        &env.agent_yaml(
-            "agent-1",
-            &[hub.http],
-            &[("echo", echo)],
-            "log:\n  level: warn\n",
-        ),
-        &env.token("agent-1", None),
-    );
-    assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
+    let _agent = attached_agent(&env, &hub, &[("echo", echo)]);
     let via = hub.listener("echo");
     let started = Instant::now();
     let burst: Vec<TcpStream> = (0..8)
@@ -702,18 +693,7 @@ fn a_client_that_never_sends_a_byte_is_closed_with_its_target_socket() {
         "hub",
         &env.hub_yaml(&[("idle", "idle")], "log:\n  level: info\n"),
     );
-    let _agent = AgentProc::start(
-        env.path(),
-        "agent",
-        &env.agent_yaml(
-            "agent-1",
-            &[hub.http],
-            &[("idle", target_addr)],
-            "log:\n  level: warn\n",
-        ),
-        &env.token("agent-1", None),
-    );
-    assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
+    let _agent = attached_agent(&env, &hub, &[("idle", target_addr)]);
     let via = hub.listener("idle");
     let mut silent = connect_from(5, via).unwrap();
     let mut spoke = connect_from(6, via).unwrap();
@@ -826,18 +806,7 @@ fn a_listener_behind_a_proxy_takes_client_addresses_from_its_header_and_no_one_e
              proxy_protocol: { trusted_proxies: [127.0.0.1/32] } }",
             ),
     );
-    let _agent = AgentProc::start(
-        env.path(),
-        "agent",
-        &env.agent_yaml(
-            "agent-1",
-            &[hub.http],
-            &[("echo", echo)],
-            "log:\n  level: warn\n",
-        ),
-        &env.token("agent-1", None),
-    );
-    assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
+    let _agent = attached_agent(&env, &hub, &[("echo", echo)]);
     let via = hub.listener("echo");
     let v1 = |src: &str| format!("PROXY TCP4 {src} 127.0.0.1 40000 389\r\n").into_bytes();
     // A v2 header (PROXY, TCP over IPv4) for 203.0.113.9:5000.
@@ -913,18 +882,7 @@ fn connections_still_sending_their_proxy_header_count_against_the_client_limit()
             "connector: echo, proxy_protocol: { trusted_proxies: [127.0.0.1/32] } }",
         ),
     );
-    let _agent = AgentProc::start(
-        env.path(),
-        "agent",
-        &env.agent_yaml(
-            "agent-1",
-            &[hub.http],
-            &[("echo", echo)],
-            "log:\n  level: warn\n",
-        ),
-        &env.token("agent-1", None),
-    );
-    assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
+    let _agent = attached_agent(&env, &hub, &[("echo", echo)]);
     let via = hub.listener("echo");
     // Three connections that have not sent their header yet...
     let mut pending: Vec<TcpStream> = (0..3).map(|_| connect_from(1, via).unwrap()).collect();
