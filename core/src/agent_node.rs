@@ -170,6 +170,13 @@ impl AgentNode {
         self.slots[0].agent.state()
     }
 
+    /// Whether hub dial `attempt` is what its own slot waits for (a dial
+    /// that is not is stale: its outcome changes nothing).
+    pub fn is_dialing(&self, attempt: AttemptId) -> bool {
+        let slot = usize::from(self.slot_of(attempt));
+        self.slots[slot].agent.state() == &(HubLinkState::Dialing { attempt })
+    }
+
     /// The hub link state of each slot.
     pub fn slot_states(&self) -> impl Iterator<Item = &HubLinkState> + '_ {
         self.slots.iter().map(|s| s.agent.state())
@@ -245,13 +252,11 @@ impl AgentNode {
         _now: Instant,
         attempt: AttemptId,
     ) -> Result<(), StaleConnection> {
-        let slot = self.slot_of(attempt);
-        let s = &mut self.slots[usize::from(slot)];
-        if s.agent.state() != &(HubLinkState::Dialing { attempt })
-            || self.links.contains_key(&attempt)
-        {
+        if !self.is_dialing(attempt) || self.links.contains_key(&attempt) {
             return Err(StaleConnection::NotDialing);
         }
+        let slot = self.slot_of(attempt);
+        let s = &mut self.slots[usize::from(slot)];
         if s.dialing == Some(attempt) {
             s.dialing = None;
         }

@@ -616,12 +616,9 @@ impl World {
             } => {
                 self.trace(2, agent as u64, attempt.0);
                 let a = &self.agents[agent];
-                // The dial's own slot must still be waiting for it (slot 0's
-                // state says nothing about the others').
-                let slot = usize::from(a.node.slot_of(attempt));
-                if a.incarnation != incarnation
-                    || a.node.slot_states().nth(slot) != Some(&HubLinkState::Dialing { attempt })
-                {
+                // The dial's own slot must still be waiting for it (the
+                // node's `state()` is slot 0's alone).
+                if a.incarnation != incarnation || !a.node.is_dialing(attempt) {
                     return;
                 }
                 let id = a.node.agent_id().to_string();
