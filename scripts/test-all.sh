@@ -17,12 +17,15 @@ pkg_of() {
     ldapsearch|ldapwhoami) echo ldap-utils ;;
     promtool) echo prometheus ;;
     nginx) echo nginx-light ;;
+    python3-venv) echo python3-venv ;;
   esac
 }
 missing=()
 for c in "${need_cmds[@]}"; do
   command -v "$c" >/dev/null 2>&1 || [ -x "/usr/sbin/$c" ] || missing+=("$c")
 done
+# Python's venv (with pip) holds kubernetes-validate, below.
+python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
 if [ "${#missing[@]}" -gt 0 ]; then
   pkgs=$(for c in "${missing[@]}"; do pkg_of "$c"; done | sort -u | tr '\n' ' ')
   if [ "$(id -u)" -eq 0 ]; then
@@ -43,6 +46,19 @@ if [ "${#missing[@]}" -gt 0 ]; then
   fi
 fi
 export PATH="$PATH:/usr/sbin"
+
+# kubernetes-validate (PyPI, with the Kubernetes JSON schemas bundled) checks
+# deploy/kubernetes/ in tests/tests/deploy.rs. It lives in a virtualenv
+# outside the repository, made once and reused while it has this version.
+k8s_validate_version=1.37.0
+k8s_venv="${XDG_CACHE_HOME:-$HOME/.cache}/nowconnect/k8s-venv"
+if [ "$("$k8s_venv/bin/kubernetes-validate" --version 2>/dev/null)" != "$k8s_validate_version" ]; then
+  echo "==> installing kubernetes-validate $k8s_validate_version into $k8s_venv"
+  python3 -m venv "$k8s_venv"
+  "$k8s_venv/bin/pip" install --quiet --disable-pip-version-check \
+    "kubernetes-validate==$k8s_validate_version"
+fi
+export NOWCONNECT_K8S_VALIDATE="$k8s_venv/bin/kubernetes-validate"
 
 echo "==> rustfmt"
 cargo fmt --all --check
