@@ -110,3 +110,157 @@ fn every_metric_in_the_rules_and_the_dashboard_is_exported_by_a_hub() {
         "used by the alerts or the dashboard but not exported: {missing:?}\n{exported}"
     );
 }
+
+/// The dashboard's `schemaVersion`: 41, the classic dashboard model that
+/// Grafana 11.6 and 12 write. Grafana 13 writes 42 and migrates 41 on load
+/// (its v42 step only touches `custom.hideFrom` overrides, which this
+/// dashboard has none of); a version above the one a Grafana knows fails
+/// its backend migration ("schema version not migrated to target version"),
+/// so the file does not run ahead of the Grafana releases in use.
+const GRAFANA_SCHEMA_VERSION: u64 = 41;
+
+/// Panel types of Grafana's own panel plugins that a dashboard may use.
+const PANEL_TYPES: &[&str] = &[
+    "barchart",
+    "bargauge",
+    "gauge",
+    "heatmap",
+    "histogram",
+    "logs",
+    "piechart",
+    "row",
+    "stat",
+    "state-timeline",
+    "status-history",
+    "table",
+    "text",
+    "timeseries",
+];
+
+/// What keeps `dash` from importing as a current Grafana dashboard.
+fn dashboard_problems(dash: &serde_json::Value) -> Vec<String> {
+    let mut bad = Vec::new();
+    if dash["schemaVersion"].as_u64() != Some(GRAFANA_SCHEMA_VERSION) {
+        bad.push(format!(
+            "schemaVersion {} is not {GRAFANA_SCHEMA_VERSION}",
+            dash["schemaVersion"]
+        ));
+    }
+    for k in ["uid", "title"] {
+        if !dash[k].as_str().is_some_and(|s| !s.is_empty()) {
+            bad.push(format!("no {k}"));
+        }
+    }
+    if !dash["version"].is_u64() {
+        bad.push("no integer version".into());
+    }
+    // A datasource variable, and every panel's queries go to it.
+    let ds_var = dash["templating"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|v| v["type"] == "datasource" && v["query"] == "prometheus")
+        .and_then(|v| v["name"].as_str());
+    let Some(ds_var) = ds_var else {
+        bad.push("no Prometheus datasource template variable".into());
+        return bad;
+    };
+    let ds_ref = format!("${{{ds_var}}}");
+    let empty = Vec::new();
+    let top = dash["panels"].as_array().unwrap_or(&empty);
+    // Panels of collapsed rows are laid out inside their row.
+    let all: Vec<&serde_json::Value> = top
+        .iter()
+        .flat_map(|p| std::iter::once(p).chain(p["panels"].as_array().into_iter().flatten()))
+        .collect();
+    let mut ids = BTreeSet::new();
+    let mut rects = Vec::new();
+    for p in &all {
+        let t = &p["title"];
+        match p["id"].as_u64() {
+            Some(id) if ids.insert(id) => {}
+            Some(id) => bad.push(format!("panel {t}: id {id} is used twice")),
+            None => bad.push(format!("panel {t}: id {} is not an integer", p["id"])),
+        }
+        let ty = p["type"].as_str().unwrap_or("");
+        if !PANEL_TYPES.contains(&ty) {
+            bad.push(format!("panel {t}: type {ty:?} is not a known panel type"));
+        }
+        let g = &p["gridPos"];
+        let [h, w, x, y] = ["h", "w", "x", "y"].map(|k| g[k].as_u64());
+        let (Some(h), Some(w), Some(x), Some(y)) = (h, w, x, y) else {
+            bad.push(format!(
+                "panel {t}: gridPos {g} lacks an integer h, w, x or y"
+            ));
+            continue;
+        };
+        if h == 0 || w == 0 || x + w > 24 {
+            bad.push(format!(
+                "panel {t}: gridPos {g} is empty or wider than the 24 columns"
+            ));
+        }
+        rects.push((t.to_string(), x, y, w, h));
+        if ty == "row" {
+            continue;
+        }
+        if p["datasource"]["uid"] != ds_ref.as_str() {
+            bad.push(format!("panel {t}: datasource is not {ds_ref}"));
+        }
+        let targets = p["targets"].as_array().unwrap_or(&empty);
+        if targets.is_empty() {
+            bad.push(format!("panel {t}: no targets"));
+        }
+        let mut refs = BTreeSet::new();
+        for r in targets {
+            match r["refId"].as_str() {
+                Some(id) if !id.is_empty() && refs.insert(id) => {}
+                other => bad.push(format!("panel {t}: refId {other:?} missing or repeated")),
+            }
+        }
+    }
+    for (i, a) in rects.iter().enumerate() {
+        for b in &rects[i + 1..] {
+            let apart =
+                a.1 + a.3 <= b.1 || b.1 + b.3 <= a.1 || a.2 + a.4 <= b.2 || b.2 + b.4 <= a.2;
+            if !apart {
+                bad.push(format!("panels {} and {} overlap", a.0, b.0));
+            }
+        }
+    }
+    bad
+}
+
+#[test]
+fn the_dashboard_imports_into_grafanas_current_dashboard_model() {
+    let text = std::fs::read_to_string(deploy().join("grafana/nowconnect.json")).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).expect("dashboard JSON");
+    let bad = dashboard_problems(&dash);
+    assert!(bad.is_empty(), "{bad:#?}");
+
+    // The checks catch what they look for: a copy with an old schema
+    // version, a repeated id, a panel moved onto another, a repeated refId,
+    // a gridPos without a height and an unknown panel type.
+    let mut broken = dash.clone();
+    broken["schemaVersion"] = 39.into();
+    let panels = broken["panels"].as_array_mut().unwrap();
+    panels[1]["id"] = panels[0]["id"].clone();
+    panels[2]["gridPos"] = panels[3]["gridPos"].clone();
+    let first_ref = panels[4]["targets"][0].clone();
+    panels[4]["targets"].as_array_mut().unwrap().push(first_ref);
+    panels[5]["gridPos"].as_object_mut().unwrap().remove("h");
+    panels[6]["type"] = "graph".into();
+    let found = dashboard_problems(&broken);
+    for expect in [
+        "schemaVersion 39",
+        "is used twice",
+        "overlap",
+        "missing or repeated",
+        "lacks an integer h",
+        "\"graph\" is not a known panel type",
+    ] {
+        assert!(
+            found.iter().any(|f| f.contains(expect)),
+            "{expect:?} not reported: {found:#?}"
+        );
+    }
+}
