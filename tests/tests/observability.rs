@@ -147,7 +147,7 @@ fn dashboard_problems(dash: &serde_json::Value) -> Vec<String> {
         ));
     }
     for k in ["uid", "title"] {
-        if !dash[k].as_str().is_some_and(|s| !s.is_empty()) {
+        if dash[k].as_str().is_none_or(str::is_empty) {
             bad.push(format!("no {k}"));
         }
     }
