@@ -160,6 +160,12 @@ pub struct MeshStats {
     pub stale_epoch: u64,
     pub reconnects: u64,
     pub errors: u64,
+    /// Bytes of the encoded mesh frames taken from the peer (WebSocket
+    /// message payloads, every frame type; the WebSocket and TLS framing
+    /// not included).
+    pub bytes_in: u64,
+    /// Bytes of the encoded mesh frames handed to the socket, likewise.
+    pub bytes_out: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -274,8 +280,15 @@ impl MeshLink {
         self.peer_replica.as_deref()
     }
 
+    /// Frames waiting for the socket, both queues: what
+    /// [`Self::poll_transmit`] has not handed out yet.
     pub fn queue_len(&self) -> usize {
         self.ctrl_q.len() + self.data_q.len()
+    }
+
+    /// Whether [`Self::poll_transmit`] has a frame to give.
+    pub fn has_transmit(&self) -> bool {
+        !self.ctrl_q.is_empty() || !self.data_q.is_empty()
     }
 
     pub fn inflight_bytes(&self) -> u64 {
@@ -380,6 +393,7 @@ impl MeshLink {
             }
         };
         *self.stats.frames_in.entry(frame.frame_type()).or_default() += 1;
+        self.stats.bytes_in += msg.len() as u64;
         self.timers
             .set(MeshTimer::Idle, now + self.cfg.idle_timeout);
         match (self.state, frame) {
@@ -888,6 +902,7 @@ impl MeshLink {
             }
         };
         *self.stats.frames_out.entry(t).or_default() += 1;
+        self.stats.bytes_out += msg.len() as u64;
         self.wake_blocked();
         Some(msg)
     }
@@ -919,8 +934,19 @@ impl crate::mux::FlowLink for MeshLink {
     fn note_blocked(&mut self, cid: Cid) {
         // Only a link cap needs remembering: a flow without credit is woken
         // by the peer's M_CREDIT anyway.
-        if self.mux.send_credit(cid) > 0 {
-            self.blocked.insert(cid);
+        if self.mux.send_credit(cid) > 0
+            && self.blocked.insert(cid)
+            && self.state == LinkState::Established
+        {
+            // The flow has data and credit but the link holds it back: the
+            // same backpressure as a refused send, counted once each time
+            // the flow starts waiting.
+            let reason = if self.data_q.len() >= self.cfg.send_queue_depth {
+                "queue_full"
+            } else {
+                "inflight_cap"
+            };
+            self.bump_backpressure(reason);
         }
     }
 }

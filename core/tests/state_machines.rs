@@ -480,6 +480,51 @@ fn mesh_send_queue_and_inflight_caps_refuse_and_count() {
     assert_eq!(a.send_credit(cid), 9_600);
 }
 
+/// The queue is what the socket has not taken: `queue_len` and
+/// `has_transmit` change only as `poll_transmit` hands frames out, and the
+/// wire bytes each side counts are the messages it handed out or took.
+#[test]
+fn mesh_queue_counts_what_the_socket_has_not_taken_and_bytes_are_counted_both_ways() {
+    let cfg = MeshLinkConfig {
+        send_queue_depth: 8,
+        ..MeshLinkConfig::default()
+    };
+    let (mut a, mut b) = mesh_pair(cfg);
+    let hello_out = a.stats.bytes_out;
+    assert!(hello_out > 0 && b.stats.bytes_in == hello_out);
+    let cid = a.open_flow("ldap", "agent-1", Epoch(1)).unwrap();
+    for _ in 0..8 {
+        a.send_data(cid, Bytes::from(vec![1u8; 1000])).unwrap();
+    }
+    // One M_OPEN and eight M_DATA wait; the data queue is at its depth.
+    assert_eq!(a.queue_len(), 9);
+    assert!(a.has_transmit());
+    assert!(a.send_data(cid, Bytes::from(vec![1u8; 1000])).is_err());
+    assert_eq!(a.stats.backpressure.get("queue_full"), Some(&1));
+    // A flow the relay holds back (credit of its own, the link full)
+    // counts as the same backpressure, once while it waits.
+    use nowconnect_core::mux::FlowLink;
+    a.note_blocked(cid);
+    a.note_blocked(cid);
+    assert_eq!(a.stats.backpressure.get("queue_full"), Some(&2));
+    // Handed to the socket one at a time: the queue shrinks by one each.
+    let mut sent = 0u64;
+    let mut taken = Vec::new();
+    while let Some(m) = a.poll_transmit() {
+        sent += m.len() as u64;
+        taken.push(m);
+        assert_eq!(a.queue_len(), 9 - taken.len());
+    }
+    assert!(!a.has_transmit());
+    assert_eq!(a.stats.bytes_out, hello_out + sent);
+    assert!(sent >= 8 * 1000);
+    let before = b.stats.bytes_in;
+    for m in &taken {
+        b.handle_message(origin(), m);
+    }
+    assert_eq!(b.stats.bytes_in - before, sent);
+}
+
 #[test]
 fn mesh_link_loss_resets_only_its_flows_and_rtt_is_measured() {
     let (mut a, mut b) = mesh_pair(MeshLinkConfig::default());

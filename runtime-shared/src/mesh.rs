@@ -11,11 +11,12 @@
 //! gets a mesh flow. Owner side: an `M_OPEN` whose epoch is current is
 //! bridged to a flow on the agent's tunnel. The adapter only dials and
 //! accepts the TLS + WebSocket connections ([`crate::rt::HubRt`]).
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use futures_util::{Sink, Stream};
 use nowconnect_core::Codec;
+use nowconnect_core::mesh_link::LinkState;
 use prometheus_client::metrics::counter::Counter;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -28,6 +29,7 @@ use tungstenite::http::{HeaderValue, StatusCode};
 use crate::config::{MeshConfig, MeshTls};
 use crate::driver::MeshTx;
 use crate::mesh_ingress::ProxyClientCerts;
+use crate::metrics::{Metrics, labels};
 
 /// A mesh WebSocket of any runtime (tokio-tungstenite and async-tungstenite
 /// share tungstenite's message type).
@@ -112,11 +114,50 @@ impl std::fmt::Display for LinkId {
     }
 }
 
-/// Established links by peer replica id (a peer may have an inbound and an
-/// outbound link at once; either can carry flows).
+/// What a link task last reported of itself.
+#[derive(Clone, Debug)]
+pub struct LinkReport {
+    /// The peer's replica id once known: the one the registry announced at
+    /// a discovered URL, the registry's replica at a configured URL, or the
+    /// one an admitted M_HELLO proved. `None`: not identified (an inbound
+    /// link before its M_HELLO, a configured peer never identified).
+    pub peer: Option<String>,
+    pub outbound: bool,
+    pub state: LinkState,
+    /// Frames the core holds for the socket (`MeshLink::queue_len`).
+    pub queue_frames: usize,
+    pub inflight_bytes: u64,
+}
+
+/// One link task: its last report and where its commands go now (each
+/// connection of a link has a command channel of its own).
+struct LinkTask {
+    report: LinkReport,
+    cmd: MeshTx,
+}
+
+/// The mesh links of this hub: the established ones by peer replica id (a
+/// peer may have an inbound and an outbound link at once; either can carry
+/// flows), every link task with its last report, and the per-peer series
+/// exported from them.
+///
+/// The series (`nowconnect_mesh_links{peer,state}`, queue, inflight,
+/// backpressure and bytes by peer) exist once per peer, labelled by its
+/// replica id, only for a peer that is identified and not departed: label
+/// values come only from the registry's listing or an admitted M_HELLO,
+/// never from a URL or an unauthenticated connection, so no peer can make
+/// series without bound. The state is the best of the peer's links:
+/// `established` if any is, else the outbound link's state; a peer with no
+/// link left (or only an inbound one that is not established) has none.
 #[derive(Default)]
 pub struct MeshLinks {
     by_replica: BTreeMap<String, BTreeMap<LinkId, MeshTx>>,
+    tasks: BTreeMap<LinkId, LinkTask>,
+    /// Replicas that left the registry and were not listed or admitted
+    /// since: their links export nothing.
+    departed: BTreeSet<String>,
+    /// Peers whose series exist.
+    exported: BTreeSet<String>,
 }
 
 impl MeshLinks {
@@ -148,6 +189,138 @@ impl MeshLinks {
             .get(replica)
             .map(|l| l.values().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// A link task's report; its peer's series follow. `counters` adds the
+    /// link's per-peer counter deltas under the peer's label, called only
+    /// when the peer's series may exist (identified, not departed), under
+    /// the same lock as a departure's removal, so a late report cannot
+    /// bring a departed peer's series back.
+    pub fn report(
+        &mut self,
+        m: &Metrics,
+        link: LinkId,
+        report: LinkReport,
+        cmd: MeshTx,
+        counters: impl FnOnce(&Metrics, &str),
+    ) {
+        let old = self
+            .tasks
+            .insert(link, LinkTask { report, cmd })
+            .and_then(|t| t.report.peer);
+        let new = self.tasks[&link].report.peer.clone();
+        if let Some(p) = &new
+            && !self.departed.contains(p)
+        {
+            counters(m, p);
+        }
+        if old != new
+            && let Some(o) = old
+        {
+            self.export(m, &o);
+        }
+        if let Some(p) = new {
+            self.export(m, &p);
+        }
+    }
+
+    /// A link task ended.
+    pub fn gone(&mut self, m: &Metrics, link: LinkId) {
+        if let Some(p) = self.tasks.remove(&link).and_then(|t| t.report.peer) {
+            self.export(m, &p);
+        }
+    }
+
+    /// `replica` left the registry: its series go at once and its links
+    /// export nothing until it is listed or admitted again. Returns the
+    /// command channel of every link task to it (established or not).
+    pub fn departed(&mut self, m: &Metrics, replica: &str) -> Vec<MeshTx> {
+        self.departed.insert(replica.to_string());
+        self.export(m, replica);
+        self.tasks
+            .values()
+            .filter(|t| t.report.peer.as_deref() == Some(replica))
+            .map(|t| t.cmd.clone())
+            .collect()
+    }
+
+    /// `replica` is registered (listed, or admitted on a link) again.
+    pub fn registered(&mut self, m: &Metrics, replica: &str) {
+        if self.departed.remove(replica) {
+            self.export(m, replica);
+        }
+    }
+
+    /// Peers whose series exist now.
+    pub fn exported(&self) -> impl Iterator<Item = &str> {
+        self.exported.iter().map(String::as_str)
+    }
+
+    /// The peer's view over its links: (best state, queued frames,
+    /// inflight bytes), or `None` when it exports nothing.
+    fn view(&self, peer: &str) -> Option<(LinkState, usize, u64)> {
+        if self.departed.contains(peer) {
+            return None;
+        }
+        let links = || {
+            self.tasks
+                .values()
+                .map(|t| &t.report)
+                .filter(|r| r.peer.as_deref() == Some(peer))
+        };
+        let state = if links().any(|r| r.state == LinkState::Established) {
+            LinkState::Established
+        } else {
+            links()
+                .filter(|r| r.outbound)
+                .map(|r| r.state)
+                .min_by_key(|s| match s {
+                    LinkState::Established => 0,
+                    LinkState::Connecting => 1,
+                    LinkState::Backoff => 2,
+                    LinkState::Closed => 3,
+                })?
+        };
+        let queue = links().map(|r| r.queue_frames).sum();
+        let inflight = links().map(|r| r.inflight_bytes).sum();
+        Some((state, queue, inflight))
+    }
+
+    /// Set or remove `peer`'s series.
+    fn export(&mut self, m: &Metrics, peer: &str) {
+        let p = [("peer", peer)];
+        match self.view(peer) {
+            Some((state, queue, inflight)) => {
+                for st in LinkState::ALL {
+                    m.mesh_links
+                        .get_or_create(&labels(&[("peer", peer), ("state", st.as_str())]))
+                        .set(i64::from(st == state));
+                }
+                m.mesh_link_queue_frames
+                    .get_or_create(&labels(&p))
+                    .set(queue as i64);
+                m.mesh_link_inflight_bytes
+                    .get_or_create(&labels(&p))
+                    .set(inflight as i64);
+                // Created at zero, so rate() and increase() see a start.
+                for reason in nowconnect_core::mesh_link::BACKPRESSURE_REASONS {
+                    let _ = m
+                        .mesh_backpressure_drops
+                        .get_or_create(&labels(&[("peer", peer), ("reason", reason)]));
+                }
+                for dir in ["in", "out"] {
+                    let _ = m
+                        .mesh_bytes
+                        .get_or_create(&labels(&[("peer", peer), ("dir", dir)]));
+                }
+                self.exported.insert(peer.to_string());
+            }
+            None => {
+                if self.exported.remove(peer) {
+                    m.remove_mesh_peer(peer);
+                }
+            }
+        }
     }
 }
 

@@ -93,6 +93,8 @@ pub struct Metrics {
     pub mesh_link_errors: Counter,
     pub mesh_link_queue_frames: Family<Labels, Gauge>,
     pub mesh_link_inflight_bytes: Family<Labels, Gauge>,
+    /// Mesh wire bytes by peer and direction (the encoded frames).
+    pub mesh_bytes: Family<Labels, Counter>,
     // tunnels and agents
     pub agents_connected: Gauge,
     pub tunnels: Family<Labels, Counter>,
@@ -241,6 +243,7 @@ impl Metrics {
             mesh_link_errors: Counter::default(),
             mesh_link_queue_frames: Family::default(),
             mesh_link_inflight_bytes: Family::default(),
+            mesh_bytes: Family::default(),
             agents_connected: Gauge::default(),
             tunnels: Family::default(),
             tunnel_frames: Family::default(),
@@ -270,7 +273,7 @@ impl Metrics {
         let r = &mut registry;
         r.register(
             "nowconnect_mesh_links",
-            "Mesh links by peer and state (1 = in that state)",
+            "Mesh peers by replica id and state (1 = the best state of the links to that peer: established if any is, else the outbound link's)",
             m.mesh_links.clone(),
         );
         r.register(
@@ -325,13 +328,18 @@ impl Metrics {
         );
         r.register(
             "nowconnect_mesh_link_queue_frames",
-            "Frames queued on a mesh link",
+            "Frames the mesh links to a peer hold for the socket (at most ha.mesh.send_queue_depth per link and queue, control and data; the socket writer holds a few hundred more)",
             m.mesh_link_queue_frames.clone(),
         );
         r.register(
             "nowconnect_mesh_link_inflight_bytes",
-            "Bytes sent on a mesh link and not yet credited back",
+            "Bytes sent on the mesh links to a peer and not yet credited back",
             m.mesh_link_inflight_bytes.clone(),
+        );
+        r.register(
+            "nowconnect_mesh_bytes",
+            "Mesh bytes by peer and direction: the encoded mesh frames (WebSocket message payloads of every frame type, without WebSocket and TLS framing)",
+            m.mesh_bytes.clone(),
         );
         r.register(
             "nowconnect_agents_connected",
@@ -459,6 +467,28 @@ impl Metrics {
                 .get_or_create(&labels(&[("reason", reason)]));
         }
         Metrics { registry, ..m }
+    }
+
+    /// Remove every series labelled with mesh peer `peer` (it left, or no
+    /// link to it is left): link state, queue, inflight, backpressure and
+    /// bytes.
+    pub fn remove_mesh_peer(&self, peer: &str) {
+        for st in nowconnect_core::mesh_link::LinkState::ALL {
+            self.mesh_links
+                .remove(&labels(&[("peer", peer), ("state", st.as_str())]));
+        }
+        self.mesh_link_queue_frames
+            .remove(&labels(&[("peer", peer)]));
+        self.mesh_link_inflight_bytes
+            .remove(&labels(&[("peer", peer)]));
+        for reason in nowconnect_core::mesh_link::BACKPRESSURE_REASONS {
+            self.mesh_backpressure_drops
+                .remove(&labels(&[("peer", peer), ("reason", reason)]));
+        }
+        for dir in ["in", "out"] {
+            self.mesh_bytes
+                .remove(&labels(&[("peer", peer), ("dir", dir)]));
+        }
     }
 
     pub fn render(&self) -> String {

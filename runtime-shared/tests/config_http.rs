@@ -157,3 +157,51 @@ fn the_ops_port_must_be_an_address_of_its_own() {
         assert!(e.contains(reason), "{http}{rest}: {e}");
     }
 }
+
+/// DESIGN.md's example `cloud.yaml` without its `http` section (the
+/// original design's minimal file, which has none; `tunnel` added, since
+/// tunnels always need a key): it parses, and `/tunnel`, `/healthz`,
+/// `/readyz` and `/metrics` are served on the documented default.
+#[test]
+fn the_designs_minimal_cloud_yaml_without_http_binds_the_default_loopback_8080() {
+    let d = Dir::new();
+    let (crt, key) = (fixture("http-a.crt"), fixture("http-a.key"));
+    let text = format!(
+        "tunnel:
+  jwt:
+    audience: nowconnect
+    hs256_secret_file: {secret}
+listeners:
+  - {{ name: l1, bind: '0.0.0.0:389', connector: 'ldap' }}
+ha:
+  enabled: true
+  mode: active
+  replica_id: hub-a
+  redis_url: redis://127.0.0.1:6379/0
+  mesh:
+    listen: 0.0.0.0:9400
+    peers: [\"wss://hub-b.example:9400/mesh\"]
+    require_mtls: true
+    tls: {{ ca_bundle: '{crt}', cert_file: '{crt}', key_file: '{key}' }}
+    send_queue_depth: 1000
+    per_link_max_inflight_bytes: 8388608
+    connect_backoff_max_sec: 30
+",
+        secret = d.0.join("jwt.secret").display()
+    );
+    let cfg = HubConfig::parse(Path::new("cloud.yaml"), &text).unwrap();
+    assert_eq!(cfg.http_bind, "127.0.0.1:8080".parse().unwrap());
+    assert!(cfg.ops_bind.is_none() && cfg.http_tls.is_none());
+    assert_eq!(cfg.raw.http.header_timeout_sec, 10);
+    // An `http` section without `bind` takes the same default.
+    let no_bind = HubConfig::parse(
+        Path::new("cloud.yaml"),
+        &format!(
+            "http:\n  header_timeout_sec: 3\ntunnel:\n  jwt:\n    hs256_secret_file: {}\n",
+            d.0.join("jwt.secret").display()
+        ),
+    )
+    .unwrap();
+    assert_eq!(no_bind.http_bind, "127.0.0.1:8080".parse().unwrap());
+    assert_eq!(no_bind.raw.http.header_timeout_sec, 3);
+}

@@ -1254,17 +1254,40 @@ pub fn meshed_pair_with(
     (a, b, pa, pb)
 }
 
-/// Whether a meshed pair is up: hub-a (mesh port `pa`) holds the agent and
-/// the links both ways are established.
-pub fn pair_ready(a: &HubProc, b: &HubProc, pa: u16, pb: u16) -> bool {
+/// Whether a meshed pair is up: hub-a holds the agent and each hub has an
+/// established link to the other.
+pub fn pair_ready(a: &HubProc, b: &HubProc) -> bool {
     a.metric("nowconnect_agents_connected") == 1.0
-        && mesh_established(a, pb)
-        && mesh_established(b, pa)
+        && mesh_established(a, "hub-b")
+        && mesh_established(b, "hub-a")
 }
 
-/// Whether `h`'s mesh link to the hub on `peer_port` is established.
-pub fn mesh_established(h: &HubProc, peer_port: u16) -> bool {
+/// Whether `h` has an established mesh link to replica `peer` (its series
+/// are labelled by the peer's replica id).
+pub fn mesh_established(h: &HubProc, peer: &str) -> bool {
     h.metric(&format!(
-        "nowconnect_mesh_links{{peer=\"wss://127.0.0.1:{peer_port}/mesh\",state=\"established\"}}"
+        "nowconnect_mesh_links{{peer=\"{peer}\",state=\"established\"}}"
     )) == 1.0
+}
+
+/// Every `peer` label value among `h`'s exported series (mesh link state,
+/// queue, inflight, backpressure, bytes).
+pub fn peer_labels(h: &HubProc) -> std::collections::BTreeSet<String> {
+    let text = match h.ops {
+        Some(_) => h.ops_get("/metrics").1,
+        None => h.get("/metrics").1,
+    };
+    peer_labels_in(&text)
+}
+
+/// The `peer` label values of the samples in a `/metrics` text.
+pub fn peer_labels_in(text: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let start = l.find("peer=\"")? + "peer=\"".len();
+            let len = l[start..].find('"')?;
+            Some(l[start..start + len].to_string())
+        })
+        .collect()
 }

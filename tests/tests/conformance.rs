@@ -237,8 +237,8 @@ fn meshed_with_agent(
     );
     attached(&a, &agent, d);
     assert!(
-        eventually(Duration::from_secs(15), || mesh_established(&b, pa)
-            && mesh_established(&a, pb)),
+        eventually(Duration::from_secs(15), || mesh_established(&b, "hub-a")
+            && mesh_established(&a, "hub-b")),
         "mesh not up:\n{}\n{}",
         a.proc.log_text(),
         b.proc.log_text()

@@ -24,8 +24,8 @@ fn ldap_reaches_an_agent_on_another_hub_through_the_mesh() {
         eventually(Duration::from_secs(15), || a
             .metric("nowconnect_agents_connected")
             == 1.0
-            && mesh_established(&b, pa)
-            && mesh_established(&a, pb)),
+            && mesh_established(&b, "hub-a")
+            && mesh_established(&a, "hub-b")),
         "hub-a:\n{}\nhub-b:\n{}",
         a.proc.log_text(),
         b.proc.log_text()
@@ -104,7 +104,7 @@ fn shadow_mode_serves_locally_and_counts_what_active_would_route() {
     assert!(eventually(Duration::from_secs(15), || a
         .metric("nowconnect_agents_connected")
         == 1.0
-        && mesh_established(&b, pa)));
+        && mesh_established(&b, "hub-a")));
     // hub-b has no local agent: shadow serves locally only, so it refuses...
     let mut c = std::net::TcpStream::connect(b.listener("ldap")).unwrap();
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -172,7 +172,7 @@ fn a_mesh_peer_with_a_certificate_from_another_ca_is_refused() {
         .metric("nowconnect_mesh_link_errors_total")
         >= 1.0));
     std::thread::sleep(Duration::from_millis(500));
-    assert!(!mesh_established(&c, pa));
+    assert!(!mesh_established(&c, "hub-a"));
     assert_eq!(
         c.get("/readyz").0,
         503,
@@ -197,7 +197,7 @@ fn when_the_owner_hub_is_killed_the_agent_moves_and_new_flows_work_again() {
     assert!(eventually(Duration::from_secs(15), || a
         .metric("nowconnect_agents_connected")
         == 1.0
-        && mesh_established(&b, pa)));
+        && mesh_established(&b, "hub-a")));
     let data = std::sync::Arc::new(random_bytes(50_000));
     let want = sha256(&data);
     // Through the mesh first.
@@ -240,7 +240,7 @@ fn redis_down_refuses_cross_replica_at_once_keeps_local_flows_and_recovers() {
     assert!(eventually(Duration::from_secs(15), || a
         .metric("nowconnect_agents_connected")
         == 1.0
-        && mesh_established(&b, pa)));
+        && mesh_established(&b, "hub-a")));
     let data = std::sync::Arc::new(random_bytes(50_000));
     let want = sha256(&data);
     assert_eq!(
@@ -329,17 +329,17 @@ fn three_hubs_with_one_started_later_join_by_discovery_alone() {
         &env.token("agent-1", None),
     );
     assert!(
-        eventually(Duration::from_secs(15), || mesh_established(&a, ports[1])
-            && mesh_established(&b, ports[0])),
+        eventually(Duration::from_secs(15), || mesh_established(&a, "hub-b")
+            && mesh_established(&b, "hub-a")),
         "{}",
         a.proc.log_text()
     );
     let c = HubProc::start(env.path(), "hub-c", &yaml(2));
     assert!(
-        eventually(Duration::from_secs(15), || mesh_established(&c, ports[0])
-            && mesh_established(&c, ports[1])
-            && mesh_established(&a, ports[2])
-            && mesh_established(&b, ports[2])),
+        eventually(Duration::from_secs(15), || mesh_established(&c, "hub-a")
+            && mesh_established(&c, "hub-b")
+            && mesh_established(&a, "hub-c")
+            && mesh_established(&b, "hub-c")),
         "{}",
         c.proc.log_text()
     );
@@ -402,7 +402,7 @@ fn a_severed_mesh_link_resets_only_its_flows_and_comes_back() {
         &env.agent_yaml("agent-b", &[b.http], &[("local", echo_b)], ""),
         &env.token("agent-b", None),
     );
-    let via_proxy = |h: &HubProc| mesh_established(h, proxy.addr.port());
+    let via_proxy = |h: &HubProc| mesh_established(h, "hub-a");
     assert!(eventually(Duration::from_secs(15), || via_proxy(&b)
         && a.metric("nowconnect_agents_connected") == 1.0
         && b.metric("nowconnect_agents_connected") == 1.0));

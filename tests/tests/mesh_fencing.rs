@@ -422,8 +422,8 @@ fn mesh_certificates_rotate_on_file_change_without_dropping_the_link() {
     );
     assert!(eventually(Duration::from_secs(15), || {
         a.metric("nowconnect_agents_connected") == 1.0
-            && mesh_established(&a, pb)
-            && mesh_established(&b, pa)
+            && mesh_established(&a, "hub-b")
+            && mesh_established(&b, "hub-a")
     }));
     // A long-lived flow across the mesh: client → hub-b → hub-a → agent.
     let mut flow = std::net::TcpStream::connect(b.listener("ldap")).unwrap();
@@ -526,7 +526,7 @@ fn mesh_certificates_rotate_on_file_change_without_dropping_the_link() {
         (ra, rb),
         "a mesh link was re-established"
     );
-    assert!(mesh_established(&a, pb) && mesh_established(&b, pa));
+    assert!(mesh_established(&a, "hub-b") && mesh_established(&b, "hub-a"));
     let data = Arc::new(random_bytes(100_000));
     assert_eq!(
         echo_roundtrip(b.listener("ldap"), data.clone()).unwrap(),
@@ -608,7 +608,7 @@ fn an_impostor_with_a_valid_ca_certificate_is_refused_and_receives_no_flow() {
     let redis = RedisProc::start(env.path());
     let slapd = nowconnect_tests::ldap::Slapd::start(env.path());
     let ca = Ca::new("mesh CA");
-    let (a, b, pa, pb) = meshed_pair(&env, "active", &redis, &ca);
+    let (a, b, pa, _) = meshed_pair(&env, "active", &redis, &ca);
     let _agent = AgentProc::start(
         env.path(),
         "agent",
@@ -616,7 +616,7 @@ fn an_impostor_with_a_valid_ca_certificate_is_refused_and_receives_no_flow() {
         &env.token("agent-1", Some(vec!["ldap".into()])),
     );
     assert!(
-        eventually(Duration::from_secs(15), || pair_ready(&a, &b, pa, pb)),
+        eventually(Duration::from_secs(15), || pair_ready(&a, &b)),
         "hub-a:\n{}\nhub-b:\n{}",
         a.proc.log_text(),
         b.proc.log_text()
@@ -660,7 +660,15 @@ fn an_impostor_with_a_valid_ca_certificate_is_refused_and_receives_no_flow() {
         "the peer claims replica `hub-b` but its certificate names",
         Duration::from_secs(2),
     );
-    assert!(mesh_established(&a, pb) && mesh_established(&b, pa));
+    assert!(mesh_established(&a, "hub-b") && mesh_established(&b, "hub-a"));
+    // Nine refused links made no series: label values come only from
+    // admitted, registered replicas.
+    let peers = peer_labels(&a);
+    assert_eq!(
+        peers,
+        ["hub-b".to_string()].into(),
+        "hub-a exports series for {peers:?}"
+    );
 }
 
 /// Whether the hub ends the mesh link `ws` within `within` (close frame,
@@ -694,10 +702,10 @@ fn a_planted_ws_url_is_not_dialed_and_a_departed_replica_loses_its_link() {
     let env = Env::new();
     let redis = RedisProc::start(env.path());
     let ca = Ca::new("mesh CA");
-    let (a, b, pa, pb) = meshed_pair(&env, "active", &redis, &ca);
+    let (a, b, pa, _) = meshed_pair(&env, "active", &redis, &ca);
     assert!(
-        eventually(Duration::from_secs(15), || mesh_established(&a, pb)
-            && mesh_established(&b, pa)),
+        eventually(Duration::from_secs(15), || mesh_established(&a, "hub-b")
+            && mesh_established(&b, "hub-a")),
         "hub-a:\n{}",
         a.proc.log_text()
     );
@@ -747,13 +755,15 @@ fn a_planted_ws_url_is_not_dialed_and_a_departed_replica_loses_its_link() {
             matches!(recv(&mut ws).await, Frame::MHello { replica_id, .. } if replica_id == "hub-a")
         );
         let served = !closed_within(&mut ws, Duration::from_secs(2)).await;
+        // Admitted and registered: its series exist, by its replica id.
+        let labelled = mesh_established(&a, "hub-c");
         // Its record is removed (it stopped announcing itself): within a
         // lease (3 s) and a discovery (1 s) the link is closed.
         redis_cli(&url, &["ZREM", "nowconnect:replicas", "hub-c"]);
         redis_cli(&url, &["DEL", "nowconnect:replica:hub-c:url"]);
         let t0 = std::time::Instant::now();
         let closed = closed_within(&mut ws, Duration::from_secs(10)).await;
-        (served, closed, t0.elapsed())
+        (served, closed, t0.elapsed(), labelled)
     });
     assert!(
         still_open.0,
@@ -770,10 +780,18 @@ fn a_planted_ws_url_is_not_dialed_and_a_departed_replica_loses_its_link() {
         "closed before a lease: {:?}",
         still_open.2
     );
+    assert!(still_open.3, "{:?}", peer_labels(&a));
     assert_eq!(a.metric("nowconnect_mesh_peers_departed_total"), 1.0);
+    // Departed: its series are gone, and stay gone while it is refused.
+    assert!(
+        !peer_labels(&a).contains("hub-c"),
+        "{:?}",
+        peer_labels(&a)
+    );
     a.proc
         .wait_log("mesh peer left the registry", Duration::from_secs(2));
     // Coming back under the same name is refused while it is not registered.
     assert!(rt.block_on(claim_is_refused(pa, &c, "hub-c", "agent-1")));
-    assert!(mesh_established(&a, pb) && mesh_established(&b, pa));
+    assert!(mesh_established(&a, "hub-b") && mesh_established(&b, "hub-a"));
+    assert_eq!(peer_labels(&a), ["hub-b".to_string()].into());
 }

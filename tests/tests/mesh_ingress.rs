@@ -252,10 +252,10 @@ impl Cluster {
                 .a
                 .metric("nowconnect_mesh_links{peer=\"hub-b\",state=\"established\"}")
                 == 1.0
-            && self.b.metric(&format!(
-                "nowconnect_mesh_links{{peer=\"{}\",state=\"established\"}}",
-                self.nginx.url()
-            )) == 1.0
+            && self
+                .b
+                .metric("nowconnect_mesh_links{peer=\"hub-a\",state=\"established\"}")
+                == 1.0
     }
 
     fn logs(&self) -> String {

@@ -37,8 +37,8 @@ fn multihomed(
             .metric("nowconnect_agents_connected")
             == 1.0
             && b.metric("nowconnect_agents_connected") == 1.0
-            && mesh_established(&a, pb)
-            && mesh_established(&b, pa)),
+            && mesh_established(&a, "hub-b")
+            && mesh_established(&b, "hub-a")),
         "the agent is not on both hubs:\nhub-a:\n{}\nhub-b:\n{}\nagent:\n{}",
         a.proc.log_text(),
         b.proc.log_text(),

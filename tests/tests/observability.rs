@@ -37,9 +37,54 @@ fn promtool(args: &[&str]) -> String {
 #[test]
 fn alert_rules_pass_promtool_and_their_unit_tests() {
     let check = promtool(&["check", "rules", "alerts.yml"]);
-    assert!(check.contains("SUCCESS: 10 rules found"), "{check}");
+    assert!(check.contains("SUCCESS: 14 rules found"), "{check}");
     let test = promtool(&["test", "rules", "alerts.test.yml"]);
     assert!(test.contains("SUCCESS"), "{test}");
+}
+
+/// Every `nowconnect_...` identifier in `text`, as written.
+fn names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("nowconnect_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        out.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    out
+}
+
+/// The sample names a `/metrics` text can hold, from its `# TYPE` lines:
+/// a counter's `_total`, a histogram's `_bucket`, `_sum` and `_count`, a
+/// gauge's own name (a family without series yet still counts).
+fn sample_names(exported: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for l in exported.lines() {
+        let Some(t) = l.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let mut it = t.split_whitespace();
+        let (Some(name), Some(kind)) = (it.next(), it.next()) else {
+            continue;
+        };
+        match kind {
+            "counter" => {
+                out.insert(format!("{name}_total"));
+            }
+            "histogram" => {
+                for s in ["_bucket", "_sum", "_count"] {
+                    out.insert(format!("{name}{s}"));
+                }
+            }
+            _ => {
+                out.insert(name.to_string());
+            }
+        }
+    }
+    out
 }
 
 /// Metric families named in `text` (`nowconnect_...`, without the
@@ -88,7 +133,7 @@ fn every_metric_in_the_rules_and_the_dashboard_is_exported_by_a_hub() {
     let redis = RedisProc::start(env.path());
     let echo = echo_server();
     let ca = Ca::new("mesh CA");
-    let (a, b, pa, _) = meshed_pair(&env, "active", &redis, &ca);
+    let (a, b, _, _) = meshed_pair(&env, "active", &redis, &ca);
     let _agent = AgentProc::start(
         env.path(),
         "agent",
@@ -98,7 +143,7 @@ fn every_metric_in_the_rules_and_the_dashboard_is_exported_by_a_hub() {
     assert!(eventually(Duration::from_secs(15), || a
         .metric("nowconnect_agents_connected")
         == 1.0
-        && mesh_established(&b, pa)));
+        && mesh_established(&b, "hub-a")));
     let (status, exported) = b.get("/metrics");
     assert_eq!(status, 200);
     let missing: Vec<&String> = used
@@ -108,6 +153,16 @@ fn every_metric_in_the_rules_and_the_dashboard_is_exported_by_a_hub() {
     assert!(
         missing.is_empty(),
         "used by the alerts or the dashboard but not exported: {missing:?}\n{exported}"
+    );
+    // And by the exact sample name: a counter queried without `_total`
+    // (or a gauge with it) would show nothing.
+    let samples = sample_names(&exported);
+    let mut queried = names(&rules);
+    queried.extend(names(&dash_text));
+    let wrong: Vec<&String> = queried.difference(&samples).collect();
+    assert!(
+        wrong.is_empty(),
+        "queried by a sample name the hub does not export: {wrong:?}\n{samples:?}"
     );
 }
 

@@ -508,8 +508,8 @@ fn tenants_stay_apart_across_the_mesh() {
         eventually(Duration::from_secs(15), || a
             .metric("nowconnect_agents_connected")
             == 2.0
-            && mesh_established(&a, pb)
-            && mesh_established(&b, pa)),
+            && mesh_established(&a, "hub-b")
+            && mesh_established(&b, "hub-a")),
         "hub-a:\n{}",
         a.proc.log_text()
     );

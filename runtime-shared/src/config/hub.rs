@@ -20,6 +20,9 @@ use crate::redact::Secret;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HubFile {
+    /// Absent: every key at its default (`bind` 127.0.0.1:8080), so the
+    /// design's minimal `cloud.yaml` starts.
+    #[serde(default)]
     pub http: HttpConfig,
     pub tunnel: TunnelSection,
     #[serde(default)]
@@ -74,6 +77,10 @@ fn default_grace() -> u64 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpConfig {
+    /// Loopback by default: `/metrics` and `/readyz` are not for the
+    /// internet, and agents reach a hub through a proxy or an explicit
+    /// bind (docs/configuration.md).
+    #[serde(default = "default_http_bind")]
     pub bind: String,
     /// A client must send a complete request head within this (slowloris);
     /// it also bounds idle keep-alive connections.
@@ -100,6 +107,24 @@ pub struct HttpTls {
 
 fn default_header_timeout() -> u64 {
     10
+}
+
+/// `http.bind` when the file names none.
+pub const DEFAULT_HTTP_BIND: &str = "127.0.0.1:8080";
+
+fn default_http_bind() -> String {
+    DEFAULT_HTTP_BIND.to_string()
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            bind: default_http_bind(),
+            header_timeout_sec: default_header_timeout(),
+            tls: None,
+            ops_bind: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

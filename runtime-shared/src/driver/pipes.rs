@@ -119,6 +119,10 @@ impl<K: LinkKind> FlowPipes<K> {
         self.relay.is_empty()
     }
 
+    /// `nowconnect_flows_active` counts a flow once in the cluster: where
+    /// its client's socket is (a local flow, here or on the entry hub's mesh
+    /// link). The owner hub's two halves of a bridged flow (the held mesh
+    /// open and the joined tunnel flow) are not counted again.
     fn count_open(&self, connector: &str) {
         self.metrics
             .flows_active
@@ -131,8 +135,6 @@ impl<K: LinkKind> FlowPipes<K> {
         let (tx, rx) = async_channel::unbounded();
         let permits = Permits::new(CHUNKS_IN_FLIGHT);
         self.relay.attach(cid, connector);
-        self.count_open(connector);
-        self.carry_out(link);
         self.locals.insert(
             cid,
             Local {
@@ -140,6 +142,8 @@ impl<K: LinkKind> FlowPipes<K> {
                 permits: permits.clone(),
             },
         );
+        self.count_open(connector);
+        self.carry_out(link);
         FlowEnd {
             cid,
             connector: connector.to_string(),
@@ -154,7 +158,6 @@ impl<K: LinkKind> FlowPipes<K> {
     /// (then refused with the tunnel's reason).
     pub fn hold_open(&mut self, link: &mut impl OpenLink, cid: Cid, connector: &str) {
         self.relay.hold_open(cid, connector);
-        self.count_open(connector);
         self.carry_out(link);
     }
 
@@ -167,7 +170,6 @@ impl<K: LinkKind> FlowPipes<K> {
         peer: Peer<K::Other>,
     ) {
         self.relay.attach_joined(cid, connector, peer);
-        self.count_open(connector);
         self.carry_out(link);
     }
 
@@ -259,20 +261,23 @@ impl<K: LinkKind> FlowPipes<K> {
                 bridged,
                 reset,
             } => {
-                self.metrics
-                    .flows_active
-                    .get_or_create(&labels(&[("connector", &connector)]))
-                    .dec();
-                if let Some(code) = reset {
-                    self.metrics
-                        .flow_resets
-                        .get_or_create(&labels(&[("code", code.as_str())]))
-                        .inc();
-                }
                 if bridged {
                     self.bridged_ends += 1;
                 }
                 if let Some(l) = self.locals.remove(&cid) {
+                    // Only a local flow was counted open, and its reset is
+                    // counted once, here (not again by the owner hub's
+                    // bridged halves).
+                    self.metrics
+                        .flows_active
+                        .get_or_create(&labels(&[("connector", &connector)]))
+                        .dec();
+                    if let Some(code) = reset {
+                        self.metrics
+                            .flow_resets
+                            .get_or_create(&labels(&[("code", code.as_str())]))
+                            .inc();
+                    }
                     // Wake a reader waiting for a permit so it notices the
                     // flow is over.
                     l.permits.close();

@@ -10,8 +10,8 @@ use nowconnect_core::registry::{RegistryOp, RegistryReply};
 use nowconnect_core::{Epoch, ErrorCode};
 
 use crate::driver::{LinkCmd, MeshTx, TunnelTx};
-use crate::mesh::LinkId;
-use crate::metrics::labels;
+use crate::mesh::{LinkId, LinkReport};
+use crate::metrics::{Metrics, labels};
 use crate::rt::HubRt;
 
 use super::{Shared, mesh_tasks};
@@ -70,6 +70,65 @@ impl<R: HubRt> Shared<R> {
             links.set(replica, link, sender)
         };
         self.with_control(|c, _| c.node.hub_mut().mesh_link_up(replica, up));
+    }
+
+    /// A link task's report: its peer's series follow (see [`MeshLinks`]);
+    /// `counters` adds its per-peer counter deltas when the peer exports.
+    ///
+    /// [`MeshLinks`]: crate::mesh::MeshLinks
+    pub fn mesh_link_report(
+        &self,
+        link: LinkId,
+        report: LinkReport,
+        cmd: MeshTx,
+        counters: impl FnOnce(&Metrics, &str),
+    ) {
+        self.mesh_links.lock().expect("mesh links lock").report(
+            &self.metrics,
+            link,
+            report,
+            cmd,
+            counters,
+        );
+    }
+
+    /// A link task ended.
+    pub fn mesh_link_gone(&self, link: LinkId) {
+        self.mesh_links
+            .lock()
+            .expect("mesh links lock")
+            .gone(&self.metrics, link);
+    }
+
+    /// `replica` is registered (listed by the registry, or admitted on a
+    /// link): its series may exist again.
+    pub fn mesh_peer_registered(&self, replica: &str) {
+        self.mesh_links
+            .lock()
+            .expect("mesh links lock")
+            .registered(&self.metrics, replica);
+    }
+
+    /// The replica the registry's last listing announced at `url`, if any
+    /// (to label a configured peer's link before its M_HELLO).
+    pub fn mesh_replica_at(&self, url: &str) -> Option<String> {
+        self.mesh_peer_urls
+            .lock()
+            .expect("mesh peer urls lock")
+            .get(url)
+            .cloned()
+    }
+
+    /// A registry listing of the other replicas (replica id, mesh URL).
+    pub(super) fn peers_listed(self: &Arc<Self>, peers: Vec<(String, String)>) {
+        *self.mesh_peer_urls.lock().expect("mesh peer urls lock") = peers
+            .iter()
+            .map(|(r, url)| (url.clone(), r.clone()))
+            .collect();
+        for (replica, url) in peers {
+            self.mesh_peer_registered(&replica);
+            self.dial_once(Some(&replica), &url);
+        }
     }
 
     /// Start an outbound mesh link to `url`, announced in the registry by
@@ -136,11 +195,13 @@ impl<R: HubRt> Shared<R> {
     pub(super) fn peer_departed(&self, replica: &str) {
         self.metrics.mesh_peers_departed.inc();
         tracing::warn!(peer = %replica, "mesh peer left the registry: its links are closed");
+        // Every link task to it, established or not (one in backoff would
+        // otherwise redial a discovered URL for ever); its series go now.
         let links = self
             .mesh_links
             .lock()
             .expect("mesh links lock")
-            .all(replica);
+            .departed(&self.metrics, replica);
         for tx in links {
             let _ = tx.try_send(LinkCmd::Close {
                 code: ErrorCode::Refused,
@@ -151,6 +212,10 @@ impl<R: HubRt> Shared<R> {
             .lock()
             .expect("mesh dialed lock")
             .retain(|_, r| r.as_deref() != Some(replica));
+        self.mesh_peer_urls
+            .lock()
+            .expect("mesh peer urls lock")
+            .retain(|_, r| r != replica);
     }
 
     /// A mesh peer said in its M_HELLO that it is replica `claimed`. It is

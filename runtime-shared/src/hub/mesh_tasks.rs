@@ -20,9 +20,9 @@ use tungstenite::Message;
 use tungstenite::protocol::WebSocketConfig;
 
 use super::Shared;
-use crate::driver::{FlowPipes, LinkCmd, MeshCmd, Outgoing, Peer, PeerMsg};
-use crate::mesh::{LinkId, MeshConnected};
-use crate::metrics::{Metrics, add_delta, add_frame_deltas, labels};
+use crate::driver::{FlowPipes, LinkCmd, MeshCmd, Outgoing, Peer, PeerMsg, WRITER_HIGH_WATER};
+use crate::mesh::{LinkId, LinkReport, MeshConnected};
+use crate::metrics::{add_delta, add_frame_deltas, labels};
 use crate::rt::HubRt;
 
 fn ws_config<R: HubRt>(shared: &Shared<R>) -> WebSocketConfig {
@@ -98,7 +98,7 @@ pub async fn serve<R: HubRt>(shared: Arc<Shared<R>>, listener: R::Listener) {
                         Rng::new(rand::random()),
                     );
                     let dial = Dial::Inbound { cert: c.peer_cert };
-                    run_link(shared2, link, "inbound".into(), Some(c.ws), dial).await;
+                    run_link(shared2, link, format!("inbound from {peer}"), Some(c.ws), dial).await;
                 }
                 Err(reason) => {
                     shared2.metrics().mesh_link_errors.inc();
@@ -168,6 +168,11 @@ async fn run_link<R: HubRt>(
     };
     let metrics = shared.metrics().clone();
     let link_id = LinkId(rand::random::<u64>());
+    // The peer's replica id for its series: the one the registry announced
+    // at a discovered URL now; a configured URL's from the registry's
+    // listing or, failing that, the admitted M_HELLO; an inbound link's
+    // from its admitted M_HELLO only.
+    let mut peer_label: Option<String> = expected.clone();
     let (mut cmd_tx, mut cmd_rx) = async_channel::unbounded();
     let mut pipes = FlowPipes::new(cmd_tx.clone(), metrics.clone());
     let (dial_tx, dial_rx) = async_channel::unbounded::<DialResult<R::MeshWs>>();
@@ -183,6 +188,8 @@ async fn run_link<R: HubRt>(
                   ws_in: &mut Option<futures_util::stream::SplitStream<R::MeshWs>>,
                   writer: &mut Option<MeshWriter<R::MeshWs>>| {
         let (sink, stream) = ws.split();
+        // Unbounded as a type, bounded in use: the loop moves frames from
+        // the core only while fewer than WRITER_HIGH_WATER wait here.
         let (tx, rx) = async_channel::unbounded();
         *writer = Some(crate::tung::inline_writer(sink, rx));
         *out = Some(tx);
@@ -242,6 +249,10 @@ async fn run_link<R: HubRt>(
                     if dial.is_none() {
                         label = p.clone();
                     }
+                    // Admitted: registered (or allow-listed), so its id may
+                    // label series.
+                    shared.mesh_peer_registered(&p);
+                    peer_label = Some(p.clone());
                     shared.mesh_link_state(&p, link_id, Some(cmd_tx.clone()));
                     peer_replica = Some(p);
                 }
@@ -313,16 +324,33 @@ async fn run_link<R: HubRt>(
             }
         }
         if let Some(o) = &out {
-            while let Some(m) = link.poll_transmit() {
-                let _ = o.try_send(Outgoing::Frame(m));
+            // Only a few hundred frames wait for the socket outside the
+            // core: the rest stays in the core's queues, bounded by
+            // `send_queue_depth` (its backpressure and queue gauge see a
+            // peer that does not read), and moves on as the socket takes
+            // what waits here (`Wake::Written`).
+            while o.len() < WRITER_HIGH_WATER {
+                match link.poll_transmit() {
+                    Some(m) => {
+                        let _ = o.try_send(Outgoing::Frame(m));
+                    }
+                    None => break,
+                }
             }
         }
         if let Some(w) = writer.as_mut() {
             // Out in this same wake-up, as far as the socket takes it.
             w.write_now().await;
         }
-        if reporter.cadence.due(Instant::now()) || link.state() == LinkState::Closed {
-            reporter.report(&metrics, &label, &link);
+        if peer_label.is_none()
+            && let Some(url) = &dial
+        {
+            peer_label = shared.mesh_replica_at(url);
+        }
+        let closed = link.state() == LinkState::Closed;
+        if reporter.cadence.due(Instant::now()) || reporter.state != Some(link.state()) || closed
+        {
+            reporter.report(&shared, link_id, peer_label.as_deref(), &link, &cmd_tx);
         }
         if link.state() == LinkState::Closed {
             break;
@@ -356,9 +384,12 @@ async fn run_link<R: HubRt>(
                 Err(_) => futures_lite::future::pending().await,
             }
         };
+        // Frames the core holds beyond the writer's high-water mark make
+        // this branch ready too, so they are moved on.
+        let backlogged = link.has_transmit();
         let written = async {
             match writer.as_mut() {
-                Some(w) if !w.is_idle() => {
+                Some(w) if !w.is_done() && (!w.is_idle() || backlogged) => {
                     w.write().await;
                     Wake::Written
                 }
@@ -445,33 +476,40 @@ async fn run_link<R: HubRt>(
     if let Some(p) = peer_replica {
         shared.mesh_link_state(&p, link_id, None);
     }
+    shared.mesh_link_gone(link_id);
 }
 
-/// Exports one link's core counters as metric deltas.
+/// Exports one link's core counters as metric deltas, and its state, queue
+/// and inflight to the hub's per-peer series ([`crate::mesh::MeshLinks`]).
 #[derive(Default)]
 struct MeshReporter {
     frames_in: BTreeMap<nowconnect_core::FrameType, u64>,
     frames_out: BTreeMap<nowconnect_core::FrameType, u64>,
     backpressure: BTreeMap<&'static str, u64>,
+    bytes_in: u64,
+    bytes_out: u64,
     reconnects: u64,
     errors: u64,
     dups: u64,
     growths: u64,
+    /// The link state last reported (a change is reported at once).
+    state: Option<LinkState>,
     cadence: crate::metrics::Cadence,
 }
 
 impl MeshReporter {
-    fn report(&mut self, m: &Metrics, peer: &str, link: &MeshLink) {
+    fn report<R: HubRt>(
+        &mut self,
+        shared: &Shared<R>,
+        link_id: LinkId,
+        peer: Option<&str>,
+        link: &MeshLink,
+        cmd: &crate::driver::MeshTx,
+    ) {
+        let m = shared.metrics();
         let s = &link.stats;
         add_frame_deltas(&m.mesh_frames, "in", &s.frames_in, &mut self.frames_in);
         add_frame_deltas(&m.mesh_frames, "out", &s.frames_out, &mut self.frames_out);
-        for reason in nowconnect_core::mesh_link::BACKPRESSURE_REASONS {
-            let c = m
-                .mesh_backpressure_drops
-                .get_or_create(&labels(&[("peer", peer), ("reason", reason)]));
-            let n = s.backpressure.get(reason).copied().unwrap_or(0);
-            add_delta(&c, n, self.backpressure.entry(reason).or_default());
-        }
         add_delta(&m.mesh_link_reconnects, s.reconnects, &mut self.reconnects);
         add_delta(&m.mesh_link_errors, s.errors, &mut self.errors);
         add_delta(
@@ -484,16 +522,38 @@ impl MeshReporter {
             link.mux().stats.windows_grown,
             &mut self.growths,
         );
-        for st in LinkState::ALL {
-            m.mesh_links
-                .get_or_create(&labels(&[("peer", peer), ("state", st.as_str())]))
-                .set(i64::from(st == link.state()));
-        }
-        m.mesh_link_queue_frames
-            .get_or_create(&labels(&[("peer", peer)]))
-            .set(link.queue_len() as i64);
-        m.mesh_link_inflight_bytes
-            .get_or_create(&labels(&[("peer", peer)]))
-            .set(link.inflight_bytes() as i64);
+        self.state = Some(link.state());
+        let report = LinkReport {
+            peer: peer.map(str::to_string),
+            outbound: link.is_outbound(),
+            state: link.state(),
+            queue_frames: link.queue_len(),
+            inflight_bytes: link.inflight_bytes(),
+        };
+        // Per-peer counters: added once the peer may label series (until
+        // then they wait here, and are added later if it does).
+        shared.mesh_link_report(link_id, report, cmd.clone(), |m, peer| {
+            for reason in nowconnect_core::mesh_link::BACKPRESSURE_REASONS {
+                let n = s.backpressure.get(reason).copied().unwrap_or(0);
+                let seen = self.backpressure.entry(reason).or_default();
+                if n > *seen {
+                    let c = m
+                        .mesh_backpressure_drops
+                        .get_or_create(&labels(&[("peer", peer), ("reason", reason)]));
+                    add_delta(&c, n, seen);
+                }
+            }
+            for (dir, n, seen) in [
+                ("in", s.bytes_in, &mut self.bytes_in),
+                ("out", s.bytes_out, &mut self.bytes_out),
+            ] {
+                if n > *seen {
+                    let c = m
+                        .mesh_bytes
+                        .get_or_create(&labels(&[("peer", peer), ("dir", dir)]));
+                    add_delta(&c, n, seen);
+                }
+            }
+        });
     }
 }

@@ -76,6 +76,8 @@ pub struct Shared<R: HubRt> {
     /// Mesh URLs with an outbound link task: static peers (`None`) and
     /// discovered ones (the replica the registry announced at the URL).
     mesh_dialed: Mutex<BTreeMap<String, Option<String>>>,
+    /// The registry's last listing: mesh URL → replica id.
+    mesh_peer_urls: Mutex<BTreeMap<String, String>>,
     /// Registry URLs refused (logged once each).
     mesh_refused_urls: Mutex<std::collections::BTreeSet<String>>,
     /// Mesh TLS (server and client sides), replaced whole on reload: new
@@ -273,11 +275,7 @@ impl<R: HubRt> Shared<R> {
                         c.node.flow_ended(t);
                     }
                 }
-                HubOutput::Peers(peers) => {
-                    for (replica, url) in peers {
-                        self.dial_once(Some(&replica), &url);
-                    }
-                }
+                HubOutput::Peers(peers) => self.peers_listed(peers),
                 HubOutput::PeerDeparted { replica_id } => self.peer_departed(&replica_id),
                 // Configured peers are dialed once this replica is
                 // registered (see `start`): before, they would refuse it.
@@ -421,6 +419,7 @@ pub async fn start<R: HubHttp>(cfg: HubConfig, rt: R, redis: bool) -> Result<Hub
         drain_steps: async_channel::bounded(2),
         mesh_links: Mutex::new(Default::default()),
         mesh_dialed: Mutex::new(Default::default()),
+        mesh_peer_urls: Mutex::new(Default::default()),
         mesh_refused_urls: Mutex::new(Default::default()),
         mesh_tls: RwLock::new(MeshTlsConfigs::default()),
         http_tls: RwLock::new(cfg.http_tls.clone()),

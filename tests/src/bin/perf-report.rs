@@ -340,7 +340,7 @@ fn run_on(
         &env.token("agent-1", None),
     );
     assert!(
-        eventually(Duration::from_secs(20), || pair_ready(&a, &b, pa, pb)),
+        eventually(Duration::from_secs(20), || pair_ready(&a, &b)),
         "{} cluster did not come up",
         rt.name()
     );
