@@ -50,11 +50,7 @@ pub trait AgentRt: Send + Sync + Sized + 'static {
     /// The HTTP endpoint's listener (`http.bind`) and the connections it
     /// accepts.
     type Listener: Send + Sync + 'static;
-    type Stream: futures_util::io::AsyncRead
-        + futures_util::io::AsyncWrite
-        + Unpin
-        + Send
-        + 'static;
+    type Stream: futures_util::io::AsyncRead + futures_util::io::AsyncWrite + Unpin + Send + 'static;
 
     fn spawn<F: Future<Output = ()> + Send + 'static>(&self, f: F) -> Self::Task;
     /// Stop a task at its next await point.

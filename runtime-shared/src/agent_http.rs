@@ -123,12 +123,8 @@ async fn connection<S: AsyncRead + AsyncWrite + Unpin>(
     let reply = if known && head.method != "GET" {
         response(405, TEXT, "")
     } else {
-        ops_response(
-            path,
-            || ep.status.readyz(&ep.cfg),
-            || ep.metrics.render(),
-        )
-        .unwrap_or_else(|| response(404, TEXT, ""))
+        ops_response(path, || ep.status.readyz(&ep.cfg), || ep.metrics.render())
+            .unwrap_or_else(|| response(404, TEXT, ""))
     };
     respond(&mut stream, &reply).await;
 }

@@ -181,7 +181,11 @@ impl TunnelView {
             .iter()
             .flatten()
             .any(|(_, s)| *s == TunnelState::Established);
-        let reasons = if ready { Vec::new() } else { self.reasons(node) };
+        let reasons = if ready {
+            Vec::new()
+        } else {
+            self.reasons(node)
+        };
         self.status.publish(ready, reasons);
     }
 

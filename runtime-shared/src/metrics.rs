@@ -450,7 +450,10 @@ impl Metrics {
     pub fn client_bytes(&self) -> crate::driver::FlowBytes {
         crate::driver::FlowBytes {
             read: self.bytes.get_or_create(&labels(&[("dir", "up")])).clone(),
-            written: self.bytes.get_or_create(&labels(&[("dir", "down")])).clone(),
+            written: self
+                .bytes
+                .get_or_create(&labels(&[("dir", "down")]))
+                .clone(),
         }
     }
 }

@@ -9,8 +9,8 @@ use bytes::{BufMut, BytesMut};
 use nowconnect_core::payload::HEADROOM;
 use nowconnect_core::{Payload, WsMessage};
 use nowconnect_shared::driver::{
-    ChunkReader, FlowBytes, FlowEnd, FlowWriter, InlineWriter, Outgoing, ReadSize, run_client_socket,
-    run_flow_socket,
+    ChunkReader, FlowBytes, FlowEnd, FlowWriter, InlineWriter, Outgoing, ReadSize,
+    run_client_socket, run_flow_socket,
 };
 use nowconnect_shared::metrics::Metrics;
 use tokio::net::TcpStream;

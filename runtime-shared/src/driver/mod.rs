@@ -36,8 +36,7 @@ pub use nowconnect_core::relay::{Delivery, PeerMsg};
 pub use pipes::{FlowEnd, FlowPipes, OpenLink, Peer, bridge};
 pub use socket::{
     ActiveReader, ActiveWriter, Activity, ChunkReader, ClientTimeouts, FlowBytes, FlowWriter,
-    ReadSize,
-    run_client_socket, run_flow_socket,
+    ReadSize, run_client_socket, run_flow_socket,
 };
 pub use tunnel::TunnelDriver;
 pub use writer::{InlineWriter, LoopTimer};

@@ -245,7 +245,10 @@ impl AgentMetrics {
     /// The series of configured hub URL `hub` (created if new).
     pub fn hub(&self, hub: &str) -> HubSeries {
         HubSeries {
-            reconnects: self.reconnects.get_or_create(&labels(&[("hub", hub)])).clone(),
+            reconnects: self
+                .reconnects
+                .get_or_create(&labels(&[("hub", hub)]))
+                .clone(),
             tunnels: TUNNEL_STATES.map(|state| {
                 self.tunnels
                     .get_or_create(&labels(&[("hub", hub), ("state", state)]))
@@ -269,7 +272,8 @@ impl AgentMetrics {
                 .clone(),
             bytes_up: one(&self.bytes, &[("dir", "up")]),
             bytes_down: one(&self.bytes, &[("dir", "down")]),
-            dial_errors: DialFailure::ALL.map(|r| one(&self.dial_errors, &[("reason", r.as_str())])),
+            dial_errors: DialFailure::ALL
+                .map(|r| one(&self.dial_errors, &[("reason", r.as_str())])),
             dial_seconds: self
                 .dial_seconds
                 .get_or_create(&labels(&[("connector", c)]))
