@@ -148,6 +148,11 @@ impl<P: Clone> FlowRelay<P> {
         self.flows.contains_key(&cid)
     }
 
+    /// The connector flow `cid` was attached for, while it is open.
+    pub fn connector(&self, cid: Cid) -> Option<&str> {
+        self.flows.get(&cid).map(|s| s.connector.as_str())
+    }
+
     /// Tunnel sides of bridges still open.
     pub fn bridged_open(&self) -> usize {
         self.flows.values().filter(|s| s.bridged).count()

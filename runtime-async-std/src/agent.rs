@@ -2,33 +2,29 @@
 //! ([`nowconnect_shared::agent::run_agent`], around the core
 //! [`AgentNode`](nowconnect_core::agent_node::AgentNode)) with async-std
 //! tasks, async-tungstenite over futures-rustls for the hub's WebSocket and
-//! async-std TCP for targets. Same configuration, behaviour, metrics and
-//! logs as the tokio agent.
+//! async-std TCP for targets and the HTTP endpoint. Same configuration,
+//! behaviour, endpoint, metrics and logs as the tokio agent.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_channel::{Receiver, Sender};
-use async_std::net::TcpStream;
+use async_std::net::{TcpListener, TcpStream};
 use async_std::task::{self, JoinHandle};
 use async_tungstenite::tungstenite::Message;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
-use nowconnect_shared::agent::{AgentRt, run_agent};
+use nowconnect_shared::agent::{AgentProcess, AgentRt};
 use nowconnect_shared::config::AgentConfig;
 use nowconnect_shared::driver::WsIn;
-use nowconnect_shared::driver::{FlowEnd, InlineWriter, Outgoing};
-use nowconnect_shared::metrics::Metrics;
+use nowconnect_shared::driver::{FlowBytes, FlowEnd, InlineWriter, Outgoing};
 
 use crate::net::{connect_ws, pipe_tcp};
 
 type WsSink = async_tungstenite::WebSocketSender<Box<dyn crate::net::Io>>;
 
-pub struct AgentRuntime {
-    cfg: AgentConfig,
-    tls: Option<Arc<rustls::ClientConfig>>,
-    metrics: Arc<Metrics>,
-}
+pub struct AgentRuntime(AgentProcess<AsyncStdAgent>);
 
 /// Cancel a task without waiting for it.
 pub fn cancel<T: Send + 'static>(t: JoinHandle<T>) {
@@ -49,6 +45,8 @@ impl AgentRt for AsyncStdAgent {
     type Sink = WsSink;
     type Msg = Message;
     type Target = TcpStream;
+    type Listener = TcpListener;
+    type Stream = TcpStream;
 
     fn spawn<F: Future<Output = ()> + Send + 'static>(&self, f: F) -> JoinHandle<()> {
         task::spawn(f)
@@ -77,17 +75,29 @@ impl AgentRt for AsyncStdAgent {
     fn connect_target(
         &self,
         target: String,
-    ) -> impl Future<Output = Result<TcpStream, String>> + Send + 'static {
-        dial_target(target)
+    ) -> impl Future<Output = std::io::Result<TcpStream>> + Send + 'static {
+        async move { TcpStream::connect(target.as_str()).await }
     }
 
     fn pipe_target(
         &self,
         stream: TcpStream,
         end: FlowEnd,
-        metrics: Arc<Metrics>,
+        bytes: FlowBytes,
     ) -> impl Future<Output = ()> + Send + 'static {
-        pipe_tcp(stream, end, metrics, "down", "up")
+        pipe_tcp(stream, end, bytes)
+    }
+
+    async fn bind(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
+        TcpListener::bind(addr).await
+    }
+
+    fn local_addr(l: &TcpListener) -> std::io::Result<SocketAddr> {
+        l.local_addr()
+    }
+
+    async fn accept(l: &TcpListener) -> std::io::Result<(TcpStream, SocketAddr)> {
+        l.accept().await
     }
 
     fn writer(sink: WsSink, rx: Receiver<Outgoing>) -> InlineWriter<WsSink, Message> {
@@ -103,11 +113,17 @@ impl AgentRuntime {
             )?)),
             None => None,
         };
-        Ok(AgentRuntime {
-            cfg,
+        let rt = AsyncStdAgent {
             tls,
-            metrics: Arc::new(Metrics::new()),
-        })
+            max_message: cfg.max_message(),
+        };
+        Ok(AgentRuntime(AgentProcess::new(rt, cfg)))
+    }
+
+    /// Bind the HTTP endpoint (`http.bind`), if the file sets one: the
+    /// address it took.
+    pub async fn bind_http(&mut self) -> Result<Option<SocketAddr>, String> {
+        self.0.bind_http().await
     }
 
     /// A sender that stops [`AgentRuntime::run`] when sent `()` or dropped.
@@ -117,19 +133,9 @@ impl AgentRuntime {
 
     /// Run until `stop` fires (a message, or its sender dropped).
     pub async fn run(self, stop: Receiver<()>) {
-        let rt = AsyncStdAgent {
-            tls: self.tls,
-            max_message: self.cfg.max_message(),
-        };
         let stop = async move {
             let _ = stop.recv().await;
         };
-        run_agent(rt, self.cfg, self.metrics, stop).await;
+        self.0.run(stop).await;
     }
-}
-
-async fn dial_target(target: String) -> Result<TcpStream, String> {
-    TcpStream::connect(target.as_str())
-        .await
-        .map_err(|e| format!("{target}: {e}"))
 }

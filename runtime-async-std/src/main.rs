@@ -112,10 +112,11 @@ async fn run(service: Service) -> Result<(), String> {
                 async_signal::Signals::new([async_signal::Signal::Term, async_signal::Signal::Int])
                     .map_err(|e| format!("cannot install signal handlers: {e}"))?;
             nowconnect_shared::keyfiles::warn_agent(&cfg);
-            let rt = nowconnect_async_std::agent::AgentRuntime::new(*cfg)?;
+            let mut rt = nowconnect_async_std::agent::AgentRuntime::new(*cfg)?;
+            let http = rt.bind_http().await?;
             let (stop_tx, stop_rx) = nowconnect_async_std::agent::AgentRuntime::stopper();
             let task = async_std::task::spawn(rt.run(stop_rx));
-            println!("nowconnect agent started");
+            println!("{}", nowconnect_shared::agent::start_line(http));
             let sig = match signals.next().await {
                 Some(Ok(async_signal::Signal::Term)) => "SIGTERM",
                 _ => "SIGINT",

@@ -10,7 +10,7 @@ use futures_util::io::{AsyncRead, AsyncWrite};
 use nowconnect_core::Payload;
 use nowconnect_core::payload::HEADROOM;
 use nowconnect_shared::driver::{
-    ChunkReader, FlowEnd, FlowWriter, ReadSize, run_client_socket, run_flow_socket,
+    ChunkReader, FlowBytes, FlowEnd, FlowWriter, ReadSize, run_client_socket, run_flow_socket,
 };
 use nowconnect_shared::metrics::Metrics;
 use rustls_pki_types::{CertificateDer, ServerName};
@@ -106,21 +106,13 @@ fn public_roots() -> rustls::ClientConfig {
 }
 
 /// Pipe a TCP socket to a flow (see [`run_flow_socket`]).
-pub async fn pipe_tcp(
-    stream: TcpStream,
-    end: FlowEnd,
-    metrics: Arc<Metrics>,
-    up: &'static str,
-    down: &'static str,
-) {
+pub async fn pipe_tcp(stream: TcpStream, end: FlowEnd, bytes: FlowBytes) {
     let _ = stream.set_nodelay(true);
     run_flow_socket(
         PeekReader::new(stream.clone()),
         WriteHalf(stream),
         end,
-        metrics,
-        up,
-        down,
+        bytes,
     )
     .await
 }

@@ -3,10 +3,13 @@
 //! end a tunnel), drives each tunnel's core [`Tunnel`] through a
 //! [`TunnelDriver`] on the agent task itself (no reader or writer task hop
 //! per message), and pipes each flow to its target socket. Every decision is
-//! the node's; what is here is sockets, tasks, tokens, logs and metrics.
+//! the node's; what is here is sockets, tasks, tokens, logs and metrics. The
+//! agent's HTTP endpoint ([`crate::agent_http`]) runs beside it, in tasks of
+//! its own.
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,21 +18,25 @@ use async_channel::{Receiver, Sender};
 use futures_lite::StreamExt;
 use futures_lite::future::{pending, race};
 use nowconnect_core::agent::AttemptId;
-use nowconnect_core::agent_node::{AgentCommand, AgentNode};
+use nowconnect_core::agent_node::{AgentCommand, AgentNode, LinkRole};
 use nowconnect_core::tunnel::{Tunnel, TunnelEvent};
 use nowconnect_core::{Cid, ErrorCode};
 
+use crate::agent_http::Endpoint;
+use crate::agent_status::{AgentStatus, TunnelView};
 use crate::config::AgentConfig;
 use crate::driver::{
-    CMD_BATCH, FlowEnd, InlineWriter, LinkCmd, LoopTimer, Outgoing, PeerMsg, TunnelCmd,
+    CMD_BATCH, FlowBytes, FlowEnd, InlineWriter, LinkCmd, LoopTimer, Outgoing, PeerMsg, TunnelCmd,
     TunnelDriver, WsIn,
 };
-use crate::metrics::{Metrics, add_delta};
+use crate::metrics::add_delta;
+use crate::metrics::agent::{ActiveFlow, AgentMetrics, ConnectorSeries, DialFailure};
 use crate::token_renewal::AgentRenewal;
 use nowconnect_core::renewal::Presented;
 
 /// What the agent needs from its async runtime: tasks, a timer, the hub's
-/// WebSocket and the target's TCP socket. Everything else is shared.
+/// WebSocket, the target's TCP socket and the listener of its HTTP
+/// endpoint. Everything else is shared.
 pub trait AgentRt: Send + Sync + Sized + 'static {
     /// A spawned task; dropping it does not stop it.
     type Task: Send + 'static;
@@ -40,6 +47,10 @@ pub trait AgentRt: Send + Sync + Sized + 'static {
     type Msg: Send + 'static;
     /// A connected target socket.
     type Target: Send + 'static;
+    /// The HTTP endpoint's listener (`http.bind`) and the connections it
+    /// accepts.
+    type Listener: Send + Sync + 'static;
+    type Stream: futures_util::io::AsyncRead + futures_util::io::AsyncWrite + Unpin + Send + 'static;
 
     fn spawn<F: Future<Output = ()> + Send + 'static>(&self, f: F) -> Self::Task;
     /// Stop a task at its next await point.
@@ -54,14 +65,22 @@ pub trait AgentRt: Send + Sync + Sized + 'static {
     fn connect_target(
         &self,
         target: String,
-    ) -> impl Future<Output = Result<Self::Target, String>> + Send + 'static;
-    /// Pipe a target socket to its flow.
+    ) -> impl Future<Output = std::io::Result<Self::Target>> + Send + 'static;
+    /// Pipe a target socket to its flow, counting its bytes in `bytes`.
     fn pipe_target(
         &self,
         stream: Self::Target,
         end: FlowEnd,
-        metrics: Arc<Metrics>,
+        bytes: FlowBytes,
     ) -> impl Future<Output = ()> + Send + 'static;
+    fn bind(
+        &self,
+        addr: SocketAddr,
+    ) -> impl Future<Output = std::io::Result<Self::Listener>> + Send;
+    fn local_addr(l: &Self::Listener) -> std::io::Result<SocketAddr>;
+    fn accept(
+        l: &Self::Listener,
+    ) -> impl Future<Output = std::io::Result<(Self::Stream, SocketAddr)>> + Send + '_;
     /// The batched writer of a hub WebSocket.
     fn writer(sink: Self::Sink, rx: Receiver<Outgoing>) -> InlineWriter<Self::Sink, Self::Msg>;
 }
@@ -89,8 +108,23 @@ enum Internal<R: AgentRt> {
     TargetFailed {
         flow: Flow,
         reason: String,
+        kind: DialFailure,
     },
 }
+
+/// A flow waiting for its target dial.
+struct Waiting {
+    end: FlowEnd,
+    /// Counts it in `flows_active` (a configured connector's flow only).
+    active: Option<ActiveFlow>,
+    /// When its dial started.
+    dialed: Option<Instant>,
+}
+
+/// The connector name a flow of a connector the agent does not serve is
+/// attached under: the node resets it at once, and a hub's names never
+/// become labels, not even in the link's unexported series.
+const NOT_SERVED: &str = "(not served)";
 
 enum Wake<R: AgentRt> {
     Stop,
@@ -187,15 +221,19 @@ fn presented<R: AgentRt>(
 struct Io<R: AgentRt> {
     rt: Arc<R>,
     cfg: AgentConfig,
-    metrics: Arc<Metrics>,
+    metrics: Arc<AgentMetrics>,
+    /// The series of each configured connector.
+    connectors: BTreeMap<String, ConnectorSeries>,
+    /// The tunnels as `/readyz` and `nowconnect_agent_tunnels` show them.
+    view: TunnelView,
     itx: Sender<Internal<R>>,
     /// Its tunnels by attempt: the current one, and one whose hub said DRAIN.
     conns: BTreeMap<AttemptId, Connection<R>>,
     /// Hub dials in progress (one per slot at most), by attempt.
     hub_dials: BTreeMap<AttemptId, R::Task>,
     target_dials: BTreeMap<Flow, R::Task>,
-    /// Flow ends waiting for their target.
-    waiting: BTreeMap<Flow, FlowEnd>,
+    /// Flows waiting for their target.
+    waiting: BTreeMap<Flow, Waiting>,
     /// Writers of ended tunnels, still to send their close frame.
     closing: Vec<InlineWriter<R::Sink, R::Msg>>,
     renewal: AgentRenewal,
@@ -218,7 +256,7 @@ impl<R: AgentRt> Io<R> {
     fn execute(&mut self, node: &mut AgentNode) {
         loop {
             while let Some(c) = node.poll_command() {
-                self.command(c);
+                self.command(node, c);
             }
             let now = Instant::now();
             let mut reported = false;
@@ -226,9 +264,29 @@ impl<R: AgentRt> Io<R> {
                 for ev in c.driver.drain() {
                     reported = true;
                     log_event(*attempt, &ev, c.driver.tunnel.flow_count());
-                    if let TunnelEvent::Open { cid, connector } = &ev {
-                        let end = c.driver.attach_flow(*cid, connector);
-                        self.waiting.insert((*attempt, *cid), end);
+                    match &ev {
+                        TunnelEvent::Open { cid, connector } => {
+                            let series = self.connectors.get(connector.as_str());
+                            let name = series.map_or(NOT_SERVED, |_| connector.as_str());
+                            let end = c.driver.attach_flow(*cid, name);
+                            let active = series.map(|s| {
+                                s.flows.inc();
+                                ActiveFlow::new(&s.flows_active)
+                            });
+                            let w = Waiting {
+                                end,
+                                active,
+                                dialed: None,
+                            };
+                            self.waiting.insert((*attempt, *cid), w);
+                        }
+                        TunnelEvent::Closed { code, reason }
+                            if node.role(*attempt) == Some(LinkRole::Current) =>
+                        {
+                            let why = format!("tunnel closed: {code}: {reason}");
+                            self.view.failed(node.slot_of(*attempt), &why);
+                        }
+                        _ => {}
                     }
                     node.tunnel_event(now, *attempt, &ev);
                 }
@@ -247,31 +305,32 @@ impl<R: AgentRt> Io<R> {
         self.report(node);
     }
 
-    /// The node's tunnel figures into the metrics when they changed: two
-    /// integers compared per wake-up, no label looked up. A multi-homed
-    /// agent also logs how many of its tunnels are up.
+    /// The node's tunnel figures into the metrics and the readiness when
+    /// they changed: a few small values compared per wake-up, no label
+    /// looked up. A multi-homed agent also logs how many of its tunnels are
+    /// up.
     fn report(&mut self, node: &AgentNode) {
+        self.view.update(node);
         let established = node.connected_slots();
         if established != self.reported.established {
             self.reported.established = established;
-            self.metrics
-                .agent_tunnels_established
-                .set(established as i64);
+            self.metrics.tunnels_established.set(established as i64);
             if node.slots() > 1 {
                 tracing::info!(established, wanted = node.slots(), "tunnels established");
             }
         }
         add_delta(
-            &self.metrics.agent_duplicate_hub_tunnels,
+            &self.metrics.duplicate_hub_tunnels,
             node.counters().duplicate_hubs,
             &mut self.reported.duplicate_hubs,
         );
     }
 
-    fn command(&mut self, c: AgentCommand) {
+    fn command(&mut self, node: &AgentNode, c: AgentCommand) {
         match c {
             AgentCommand::DialHub { attempt, url, slot } => {
                 tracing::info!(attempt = attempt.0, slot, %url, "connecting to hub");
+                self.view.dialing(slot, attempt, &url);
                 let token = self.cfg.dial_token();
                 self.renewal.observe(&token);
                 let token_exp = crate::token_renewal::token_exp(&token);
@@ -298,6 +357,7 @@ impl<R: AgentRt> Io<R> {
                         tracing::info!(attempt = attempt.0, %reason, "hub attempt abandoned");
                     } else {
                         tracing::warn!(attempt = attempt.0, %reason, "hub attempt abandoned");
+                        self.view.failed(node.slot_of(attempt), &reason);
                     }
                     self.rt.cancel(t);
                 }
@@ -312,6 +372,9 @@ impl<R: AgentRt> Io<R> {
                         tracing::info!(attempt = attempt.0, %code, %reason, "closing the tunnel");
                     } else {
                         tracing::warn!(attempt = attempt.0, %code, %reason, "closing the tunnel");
+                        if node.role(attempt) == Some(LinkRole::Current) {
+                            self.view.failed(node.slot_of(attempt), &reason);
+                        }
                     }
                     c.driver.tunnel.close(code, &reason);
                 }
@@ -337,10 +400,17 @@ impl<R: AgentRt> Io<R> {
             } => {
                 let (rt, itx) = (self.rt.clone(), self.itx.clone());
                 let flow = (attempt, cid);
+                if let Some(w) = self.waiting.get_mut(&flow) {
+                    w.dialed = Some(Instant::now());
+                }
                 let task = self.rt.spawn(async move {
-                    let msg = match rt.connect_target(target).await {
+                    let msg = match rt.connect_target(target.clone()).await {
                         Ok(stream) => Internal::TargetConnected { flow, stream },
-                        Err(reason) => Internal::TargetFailed { flow, reason },
+                        Err(e) => Internal::TargetFailed {
+                            flow,
+                            reason: format!("{target}: {e}"),
+                            kind: DialFailure::of(&e),
+                        },
                     };
                     let _ = itx.try_send(msg);
                 });
@@ -360,6 +430,17 @@ impl<R: AgentRt> Io<R> {
             } => {
                 tracing::warn!(attempt = attempt.0, cid = cid.0, %code, %reason, "flow reset");
                 if let Some(c) = self.conns.get_mut(&attempt) {
+                    // The node's dial timer ran out (its dial was cancelled
+                    // just before): a timeout of the flow's connector.
+                    if code == ErrorCode::ConnectTimeout
+                        && let Some(s) = c
+                            .driver
+                            .pipes
+                            .connector(cid)
+                            .and_then(|n| self.connectors.get(n))
+                    {
+                        s.dial_errors[DialFailure::Timeout as usize].inc();
+                    }
                     let msg = PeerMsg::Reset { code, reason };
                     c.driver.on_cmd(Instant::now(), LinkCmd::Flow { cid, msg });
                 }
@@ -390,7 +471,8 @@ impl<R: AgentRt> Io<R> {
                     node.slot_of(attempt),
                     node.slots(),
                 );
-                let mut driver = TunnelDriver::new(tunnel, out_tx, cmd_tx, self.metrics.clone());
+                let mut driver =
+                    TunnelDriver::new(tunnel, out_tx, cmd_tx, self.metrics.link.clone());
                 driver.flush();
                 let writer = R::writer(sink, out_rx);
                 self.conns.insert(
@@ -408,19 +490,40 @@ impl<R: AgentRt> Io<R> {
             Internal::HubFailed { attempt, reason } => {
                 self.hub_dials.remove(&attempt);
                 tracing::warn!(attempt = attempt.0, %reason, "hub connection failed");
+                if node.is_dialing(attempt) {
+                    self.view.failed(node.slot_of(attempt), &reason);
+                }
                 node.hub_failed(now, attempt);
             }
             Internal::TargetConnected { flow, stream } => {
                 self.target_dials.remove(&flow);
                 if node.target_connected(now, flow.0, flow.1)
-                    && let Some(end) = self.waiting.remove(&flow)
+                    && let Some(w) = self.waiting.remove(&flow)
                 {
-                    let pipe = self.rt.pipe_target(stream, end, self.metrics.clone());
-                    self.rt.spawn(pipe);
+                    let series = self.connectors.get(&w.end.connector);
+                    let bytes = series.map_or_else(FlowBytes::default, |s| {
+                        if let Some(t) = w.dialed {
+                            s.dial_seconds.observe(t.elapsed().as_secs_f64());
+                        }
+                        s.target_bytes()
+                    });
+                    let pipe = self.rt.pipe_target(stream, w.end, bytes);
+                    let active = w.active;
+                    self.rt.spawn(async move {
+                        pipe.await;
+                        drop(active);
+                    });
                 }
             }
-            Internal::TargetFailed { flow, reason } => {
+            Internal::TargetFailed { flow, reason, kind } => {
                 self.target_dials.remove(&flow);
+                if let Some(s) = self
+                    .waiting
+                    .get(&flow)
+                    .and_then(|w| self.connectors.get(&w.end.connector))
+                {
+                    s.dial_errors[kind as usize].inc();
+                }
                 node.target_failed(now, flow.0, flow.1, &reason);
             }
         }
@@ -494,22 +597,94 @@ fn log_event(attempt: AttemptId, ev: &TunnelEvent, open_flows: usize) {
     }
 }
 
-/// Run the agent of `cfg` until `stop` completes.
-pub async fn run_agent<R: AgentRt>(
+/// An agent process: its runtime, configuration, metrics and, once bound,
+/// the listener of its HTTP endpoint.
+pub struct AgentProcess<R: AgentRt> {
     rt: R,
     cfg: AgentConfig,
-    metrics: Arc<Metrics>,
+    metrics: Arc<AgentMetrics>,
+    http: Option<R::Listener>,
+}
+
+impl<R: AgentRt> AgentProcess<R> {
+    pub fn new(rt: R, cfg: AgentConfig) -> Self {
+        let connectors: Vec<String> = cfg.raw.connectors.iter().map(|c| c.name.clone()).collect();
+        let metrics = Arc::new(AgentMetrics::new(&cfg.raw.hubs, &connectors));
+        AgentProcess {
+            rt,
+            cfg,
+            metrics,
+            http: None,
+        }
+    }
+
+    pub fn cfg(&self) -> &AgentConfig {
+        &self.cfg
+    }
+
+    /// Bind `http.bind` when the file sets it; the address it took.
+    pub async fn bind_http(&mut self) -> Result<Option<SocketAddr>, String> {
+        Ok(match crate::agent_http::bind(&self.rt, &self.cfg).await? {
+            Some((l, addr)) => {
+                self.http = Some(l);
+                Some(addr)
+            }
+            None => None,
+        })
+    }
+
+    /// Run until `stop` completes.
+    pub async fn run(self, stop: impl Future<Output = ()> + Send) {
+        run_agent(self.rt, self.cfg, self.metrics, self.http, stop).await
+    }
+}
+
+/// The line an agent prints on stdout once it runs (operators and tests
+/// wait for it): `nowconnect agent started`, and `http=ADDR` with the
+/// address its endpoint took.
+pub fn start_line(http: Option<SocketAddr>) -> String {
+    match http {
+        Some(a) => format!("nowconnect agent started http={a}"),
+        None => "nowconnect agent started".into(),
+    }
+}
+
+/// Run the agent of `cfg` until `stop` completes, serving its HTTP endpoint
+/// on `http` meanwhile.
+async fn run_agent<R: AgentRt>(
+    rt: R,
+    cfg: AgentConfig,
+    metrics: Arc<AgentMetrics>,
+    http: Option<R::Listener>,
     stop: impl Future<Output = ()> + Send,
 ) {
     let mut node = AgentNode::new(Instant::now(), cfg.core_config(), rand::random());
-    metrics.agent_tunnels_wanted.set(i64::from(node.slots()));
+    metrics.tunnels_wanted.set(i64::from(node.slots()));
     let (itx, irx) = async_channel::unbounded::<Internal<R>>();
     let renewal = AgentRenewal::new(&cfg.token);
     let rt = Arc::new(rt);
+    let status = Arc::new(AgentStatus::default());
+    let server = http.map(|l| {
+        let ep = Arc::new(Endpoint {
+            cfg: cfg.clone(),
+            status: status.clone(),
+            metrics: metrics.clone(),
+        });
+        rt.spawn(crate::agent_http::serve(rt.clone(), l, ep))
+    });
+    let connectors = cfg
+        .raw
+        .connectors
+        .iter()
+        .map(|c| (c.name.clone(), metrics.connector(&c.name)))
+        .collect();
+    let view = TunnelView::new(&cfg, &metrics, status);
     let mut io = Io {
         rt: rt.clone(),
         cfg,
         metrics,
+        connectors,
+        view,
         itx,
         conns: BTreeMap::new(),
         hub_dials: BTreeMap::new(),
@@ -562,6 +737,9 @@ pub async fn run_agent<R: AgentRt>(
                 node.stop();
                 io.execute(&mut node);
                 io.flush_closed().await;
+                if let Some(t) = server {
+                    rt.cancel(t);
+                }
                 break;
             }
             Wake::Internal(i) => io.on_internal(&mut node, now, i),

@@ -1,6 +1,8 @@
 //! The hub's HTTP endpoints over any `futures-io` socket, for runtimes
 //! without a hyper stack (the tokio adapter serves the same routes with
-//! axum): `/healthz`, `/readyz`, `/metrics` and the `/tunnel` upgrade.
+//! axum): `/healthz`, `/readyz`, `/metrics` and the `/tunnel` upgrade. The
+//! agent's endpoint ([`crate::agent_http`]) is built from the same pieces
+//! ([`read_head_within`], [`ops_response`], [`respond`]).
 //!
 //! One request per connection: the head must arrive within
 //! `http.header_timeout_sec` (no slowloris), every response but a `101`
@@ -101,6 +103,82 @@ pub fn response(status: u16, content_type: &str, body: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// `/readyz`'s answer: `200 {"status":"ready"}` with no reason against,
+/// else `503 {"status":"degraded","reasons":[…]}`.
+pub fn readiness(reasons: &[String]) -> (u16, String) {
+    if reasons.is_empty() {
+        (200, serde_json::json!({"status": "ready"}).to_string())
+    } else {
+        (
+            503,
+            serde_json::json!({"status": "degraded", "reasons": reasons}).to_string(),
+        )
+    }
+}
+
+const TEXT: &str = "text/plain; charset=utf-8";
+
+/// The operations endpoints every process serves (`/healthz`, `/readyz`,
+/// `/metrics`) for a `GET` of `path` (without its query); `None` for any
+/// other path. `readyz` and `metrics` are asked only for their own path.
+pub fn ops_response(
+    path: &str,
+    readyz: impl FnOnce() -> (u16, String),
+    metrics: impl FnOnce() -> String,
+) -> Option<Vec<u8>> {
+    match path {
+        "/healthz" => Some(response(200, TEXT, "ok")),
+        "/readyz" => {
+            let (status, body) = readyz();
+            Some(response(status, "application/json", &body))
+        }
+        "/metrics" => Some(response(
+            200,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            &metrics(),
+        )),
+        _ => None,
+    }
+}
+
+/// Read one request head within the time `timeout` takes (it also covers a
+/// connection that sends nothing). A malformed or oversized head gets a
+/// `400` and the connection is closed; `None` then, and when the head did
+/// not come in time or the peer went away.
+pub async fn read_head_within<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    timeout: impl std::future::Future<Output = ()>,
+    peer: SocketAddr,
+) -> Option<Head> {
+    let head = futures_lite::future::race(async { Some(read_head(stream).await) }, async {
+        timeout.await;
+        None
+    })
+    .await;
+    match head {
+        Some(Ok(h)) => Some(h),
+        Some(Err(reason)) => {
+            tracing::debug!(%peer, %reason, "http connection ended");
+            if reason.starts_with("bad request") || reason.contains("too large") {
+                let _ = stream.write_all(&response(400, TEXT, "")).await;
+                let _ = stream.close().await;
+            }
+            None
+        }
+        None => {
+            tracing::debug!(%peer, "http request head not received in time; closed");
+            None
+        }
+    }
+}
+
+/// Write a complete response and close the connection.
+pub async fn respond<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) {
+    let _ = stream.write_all(bytes).await;
+    let _ = stream.flush().await;
+    let _ = stream.close().await;
+}
+
 /// What to do with a request.
 pub enum Answer {
     /// Write these bytes and close.
@@ -119,7 +197,6 @@ pub fn answer<R: HubRt>(
     peer: SocketAddr,
     role: HttpRole,
 ) -> Answer {
-    const TEXT: &str = "text/plain; charset=utf-8";
     let path = head.path.split('?').next().unwrap_or_default();
     if !role.serves(path) {
         return Answer::Respond(response(404, TEXT, ""));
@@ -127,18 +204,9 @@ pub fn answer<R: HubRt>(
     if head.method != "GET" {
         return Answer::Respond(response(405, TEXT, ""));
     }
-    match path {
-        "/healthz" => Answer::Respond(response(200, TEXT, "ok")),
-        "/readyz" => {
-            let (status, body) = shared.readyz();
-            Answer::Respond(response(status, "application/json", &body))
-        }
-        "/metrics" => Answer::Respond(response(
-            200,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            &shared.metrics().render(),
-        )),
-        _ => {
+    match ops_response(path, || shared.readyz(), || shared.metrics().render()) {
+        Some(r) => Answer::Respond(r),
+        None => {
             let key = head.header("sec-websocket-key");
             let upgrade = head.has_token("upgrade", "websocket")
                 && head.has_token("connection", "upgrade")
@@ -183,34 +251,11 @@ pub async fn serve_connection<R, S, U, F>(
 {
     let within = std::time::Duration::from_secs(shared.cfg().raw.http.header_timeout_sec);
     let timeout = shared.rt().sleep(within);
-    let head = futures_lite::future::race(async { Some(read_head(&mut stream).await) }, async {
-        timeout.await;
-        None
-    })
-    .await;
-    let head = match head {
-        Some(Ok(h)) => h,
-        Some(Err(reason)) => {
-            tracing::debug!(%peer, %reason, "http connection ended");
-            if reason.starts_with("bad request") || reason.contains("too large") {
-                let _ = stream
-                    .write_all(&response(400, "text/plain; charset=utf-8", ""))
-                    .await;
-                let _ = stream.close().await;
-            }
-            return;
-        }
-        None => {
-            tracing::debug!(%peer, "http request head not received in time; closed");
-            return;
-        }
+    let Some(head) = read_head_within(&mut stream, timeout, peer).await else {
+        return;
     };
     match answer(&shared, &head, peer, role) {
-        Answer::Respond(bytes) => {
-            let _ = stream.write_all(&bytes).await;
-            let _ = stream.flush().await;
-            let _ = stream.close().await;
-        }
+        Answer::Respond(bytes) => respond(&mut stream, &bytes).await,
         Answer::Upgrade { response, identity } => {
             if stream.write_all(&response).await.is_err() || stream.flush().await.is_err() {
                 return;

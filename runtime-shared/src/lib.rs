@@ -12,6 +12,8 @@
 #![forbid(unsafe_code)]
 
 pub mod agent;
+pub mod agent_http;
+pub mod agent_status;
 pub mod config;
 pub mod driver;
 pub mod http;

@@ -1,6 +1,7 @@
 //! Prometheus metrics (prometheus-client). Every metric name of DESIGN.md is
-//! registered here, plus the flow, byte, agent and registry figures an
-//! operator needs; `docs/operations.md` lists them.
+//! registered here, plus the flow, byte, tunnel and registry figures an
+//! operator needs; `docs/operations.md` lists them. The agent process has a
+//! registry of its own ([`agent::AgentMetrics`]).
 //!
 //! prometheus-client appends `_total` to counter names on export.
 
@@ -10,6 +11,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+pub mod agent;
 
 pub type Labels = Vec<(String, String)>;
 
@@ -113,14 +116,6 @@ pub struct Metrics {
     /// Flows refused on an agent's tunnel because the connector held its
     /// fair share of the agent's flows, by connector.
     pub connector_share_refusals: Family<Labels, Counter>,
-    // the agent process (a hub exports them at zero)
-    /// Slots whose current tunnel is established (taking new flows).
-    pub agent_tunnels_established: Gauge,
-    /// Tunnels the agent holds at once when all is well (`ha_connections`).
-    pub agent_tunnels_wanted: Gauge,
-    /// Tunnels closed on their WELCOME because their hub already carried
-    /// another of the agent's tunnels.
-    pub agent_duplicate_hub_tunnels: Counter,
     // registry and routing
     pub registry_healthy: Gauge,
     pub registry_errors: Counter,
@@ -262,9 +257,6 @@ impl Metrics {
             client_connections_refused: Family::default(),
             client_timeouts: Family::default(),
             connector_share_refusals: Family::default(),
-            agent_tunnels_established: Gauge::default(),
-            agent_tunnels_wanted: Gauge::default(),
-            agent_duplicate_hub_tunnels: Counter::default(),
             registry_healthy: Gauge::default(),
             registry_errors: Counter::default(),
             shadow_would_route: Family::default(),
@@ -417,21 +409,6 @@ impl Metrics {
             m.connector_share_refusals.clone(),
         );
         r.register(
-            "nowconnect_agent_tunnels_established",
-            "Agent process: tunnels established now, one per slot at most (a tunnel whose hub said DRAIN no longer counts)",
-            m.agent_tunnels_established.clone(),
-        );
-        r.register(
-            "nowconnect_agent_tunnels_wanted",
-            "Agent process: tunnels it holds at once when every slot is up (ha_connections)",
-            m.agent_tunnels_wanted.clone(),
-        );
-        r.register(
-            "nowconnect_agent_duplicate_hub_tunnels",
-            "Agent process: tunnels closed on their WELCOME because that hub already carried another of the agent's tunnels",
-            m.agent_duplicate_hub_tunnels.clone(),
-        );
-        r.register(
             "nowconnect_registry_healthy",
             "1 when the registry answers",
             m.registry_healthy.clone(),
@@ -496,6 +473,18 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut s, &self.registry);
         s
+    }
+
+    /// The byte counters of a hub client's socket: what it reads goes up
+    /// to the target, what it writes came down from it.
+    pub fn client_bytes(&self) -> crate::driver::FlowBytes {
+        crate::driver::FlowBytes {
+            read: self.bytes.get_or_create(&labels(&[("dir", "up")])).clone(),
+            written: self
+                .bytes
+                .get_or_create(&labels(&[("dir", "down")]))
+                .clone(),
+        }
     }
 }
 

@@ -1,33 +1,31 @@
 //! The agent process on tokio: the shared agent loop
 //! ([`nowconnect_shared::agent::run_agent`], around the core
 //! [`AgentNode`](nowconnect_core::agent_node::AgentNode)) with tokio tasks,
-//! tokio-tungstenite for the hub's WebSocket and tokio TCP for targets.
+//! tokio-tungstenite for the hub's WebSocket, tokio TCP for targets and, for
+//! the HTTP endpoint, tokio TCP through tokio-util's `futures-io` adapter.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::{BoxStream, SplitSink};
-use nowconnect_shared::agent::{AgentRt, hub_refusal, run_agent};
+use nowconnect_shared::agent::{AgentProcess, AgentRt, hub_refusal};
 use nowconnect_shared::driver::WsIn;
-use nowconnect_shared::driver::{FlowEnd, InlineWriter, Outgoing};
-use tokio::net::TcpStream;
+use nowconnect_shared::driver::{FlowBytes, FlowEnd, InlineWriter, Outgoing};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
 
 use crate::config::AgentConfig;
 use crate::io::pipe_tcp;
-use crate::metrics::Metrics;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-pub struct AgentRuntime {
-    cfg: AgentConfig,
-    connector: Option<Connector>,
-    metrics: Arc<Metrics>,
-}
+pub struct AgentRuntime(AgentProcess<TokioAgent>);
 
 /// Tasks, timers and sockets of the agent on tokio.
 struct TokioAgent {
@@ -41,6 +39,8 @@ impl AgentRt for TokioAgent {
     type Sink = SplitSink<Ws, Message>;
     type Msg = Message;
     type Target = TcpStream;
+    type Listener = TcpListener;
+    type Stream = Compat<TcpStream>;
 
     fn spawn<F: Future<Output = ()> + Send + 'static>(&self, f: F) -> JoinHandle<()> {
         tokio::spawn(f)
@@ -69,17 +69,30 @@ impl AgentRt for TokioAgent {
     fn connect_target(
         &self,
         target: String,
-    ) -> impl Future<Output = Result<TcpStream, String>> + Send + 'static {
-        dial_target(target)
+    ) -> impl Future<Output = std::io::Result<TcpStream>> + Send + 'static {
+        async move { TcpStream::connect(&target).await }
     }
 
     fn pipe_target(
         &self,
         stream: TcpStream,
         end: FlowEnd,
-        metrics: Arc<Metrics>,
+        bytes: FlowBytes,
     ) -> impl Future<Output = ()> + Send + 'static {
-        pipe_tcp(stream, end, metrics, "down", "up")
+        pipe_tcp(stream, end, bytes)
+    }
+
+    async fn bind(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
+        TcpListener::bind(addr).await
+    }
+
+    fn local_addr(l: &TcpListener) -> std::io::Result<SocketAddr> {
+        l.local_addr()
+    }
+
+    async fn accept(l: &TcpListener) -> std::io::Result<(Compat<TcpStream>, SocketAddr)> {
+        let (s, peer) = l.accept().await?;
+        Ok((s.compat(), peer))
     }
 
     fn writer(
@@ -98,23 +111,25 @@ impl AgentRuntime {
             )?))),
             None => None,
         };
-        Ok(AgentRuntime {
-            cfg,
+        let rt = TokioAgent {
             connector,
-            metrics: Arc::new(Metrics::new()),
-        })
+            max_message: cfg.max_message(),
+        };
+        Ok(AgentRuntime(AgentProcess::new(rt, cfg)))
+    }
+
+    /// Bind the HTTP endpoint (`http.bind`), if the file sets one: the
+    /// address it took.
+    pub async fn bind_http(&mut self) -> Result<Option<SocketAddr>, String> {
+        self.0.bind_http().await
     }
 
     /// Run until `stop` turns true.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let rt = TokioAgent {
-            connector: self.connector,
-            max_message: self.cfg.max_message(),
-        };
         let stop = async move {
             let _ = stop.wait_for(|v| *v).await;
         };
-        run_agent(rt, self.cfg, self.metrics, stop).await;
+        self.0.run(stop).await;
     }
 }
 
@@ -136,10 +151,4 @@ async fn connect_hub(
                 e => format!("{url}: {e}"),
             })?;
     Ok(ws)
-}
-
-async fn dial_target(target: String) -> Result<TcpStream, String> {
-    TcpStream::connect(&target)
-        .await
-        .map_err(|e| format!("{target}: {e}"))
 }

@@ -9,8 +9,8 @@ use bytes::{BufMut, BytesMut};
 use nowconnect_core::payload::HEADROOM;
 use nowconnect_core::{Payload, WsMessage};
 use nowconnect_shared::driver::{
-    ChunkReader, FlowEnd, FlowWriter, InlineWriter, Outgoing, ReadSize, run_client_socket,
-    run_flow_socket,
+    ChunkReader, FlowBytes, FlowEnd, FlowWriter, InlineWriter, Outgoing, ReadSize,
+    run_client_socket, run_flow_socket,
 };
 use nowconnect_shared::metrics::Metrics;
 use tokio::net::TcpStream;
@@ -18,22 +18,14 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio_util::compat::{Compat, TokioAsyncWriteCompatExt};
 
 /// Pipe a TCP socket to a flow (see [`run_flow_socket`]).
-pub async fn pipe_tcp(
-    stream: TcpStream,
-    end: FlowEnd,
-    metrics: Arc<Metrics>,
-    up: &'static str,
-    down: &'static str,
-) {
+pub async fn pipe_tcp(stream: TcpStream, end: FlowEnd, bytes: FlowBytes) {
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
     run_flow_socket(
         TokioReader::new(rd),
         TokioWriter(wr.compat_write()),
         end,
-        metrics,
-        up,
-        down,
+        bytes,
     )
     .await
 }

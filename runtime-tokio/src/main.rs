@@ -447,10 +447,11 @@ async fn run(job: Job) -> Result<ExitCode, String> {
                 cfg.raw.log.level.as_deref(),
             );
             nowconnect_shared::keyfiles::warn_agent(&cfg);
-            let rt = nowconnect_tokio::agent::AgentRuntime::new(*cfg)?;
+            let mut rt = nowconnect_tokio::agent::AgentRuntime::new(*cfg)?;
+            let http = rt.bind_http().await?;
             let (stop_tx, stop_rx) = watch::channel(false);
             let task = tokio::spawn(rt.run(stop_rx));
-            println!("nowconnect agent started");
+            println!("{}", nowconnect_shared::agent::start_line(http));
             let sig = shutdown_signal().await;
             tracing::info!(signal = sig, "shutting down");
             let _ = stop_tx.send(true);

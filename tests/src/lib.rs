@@ -433,6 +433,9 @@ pub fn http_get_over(s: &mut (impl Read + Write), addr: SocketAddr, path: &str) 
 /// A running agent process.
 pub struct AgentProc {
     pub proc: Proc,
+    /// Its HTTP endpoint (`http.bind`), as its start line names it
+    /// (`nowconnect agent started http=ADDR`).
+    pub http: Option<SocketAddr>,
 }
 
 impl AgentProc {
@@ -450,8 +453,22 @@ impl AgentProc {
             .env("NC_TOKEN", token)
             .env("RUST_LOG", "info");
         let proc = Proc::spawn(name, cmd, dir);
-        proc.wait_line("nowconnect agent started", Duration::from_secs(20));
-        AgentProc { proc }
+        let line = proc.wait_line("nowconnect agent started", Duration::from_secs(20));
+        let http = line
+            .split_whitespace()
+            .find_map(|p| p.strip_prefix("http="))
+            .map(|a| a.parse().expect("http address in the start line"));
+        AgentProc { proc, http }
+    }
+
+    /// A GET on the agent's HTTP endpoint.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.http.expect("the agent has no http.bind"), path)
+    }
+
+    /// The value of one sample of the agent's `/metrics` (0 when absent).
+    pub fn metric(&self, sample: &str) -> f64 {
+        metric_value(&self.get("/metrics").1, sample)
     }
 }
 

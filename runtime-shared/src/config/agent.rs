@@ -1,5 +1,6 @@
 //! The agent's file (`premise.yaml`) and its validation into [`AgentConfig`].
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -8,7 +9,8 @@ use serde::Deserialize;
 
 use super::{
     ConfigError, LogConfig, check_readable, check_target, check_windows, check_worker_threads,
-    default_backoff, default_max_frame, default_window, max_window, parse_yaml, read_file,
+    default_backoff, default_max_frame, default_window, max_window, parse_addr, parse_yaml,
+    read_file,
 };
 
 #[derive(Debug, Clone, Deserialize)]
@@ -20,6 +22,10 @@ pub struct AgentFile {
     pub token_file: Option<PathBuf>,
     #[serde(default)]
     pub tls: Option<AgentTls>,
+    /// The agent's own HTTP endpoint (`/healthz`, `/readyz`, `/metrics`);
+    /// absent: none is served.
+    #[serde(default)]
+    pub http: Option<AgentHttp>,
     pub connectors: Vec<ConnectorConfig>,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_sec: u64,
@@ -101,6 +107,15 @@ pub struct AgentTls {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct AgentHttp {
+    /// `host:port` to serve on (port 0: any free port, printed in the
+    /// start line). No authentication: bind to loopback or a private
+    /// address.
+    pub bind: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ConnectorConfig {
     pub name: String,
     pub target: String,
@@ -111,6 +126,8 @@ pub struct AgentConfig {
     pub file: PathBuf,
     pub raw: AgentFile,
     pub token: String,
+    /// `http.bind`, parsed.
+    pub http_bind: Option<SocketAddr>,
 }
 
 impl AgentConfig {
@@ -273,6 +290,10 @@ impl AgentConfig {
         if let Some(tls) = &raw.tls {
             check_readable(&tls.ca_bundle).map_err(|r| err("tls.ca_bundle", r))?;
         }
+        let http_bind = match &raw.http {
+            Some(h) => Some(parse_addr(&h.bind).map_err(|r| err("http.bind", r))?),
+            None => None,
+        };
         let token = match (&raw.token_file, env_token) {
             (Some(p), _) => std::fs::read_to_string(p)
                 .map_err(|e| err("token_file", format!("cannot read {}: {e}", p.display())))?
@@ -293,6 +314,7 @@ impl AgentConfig {
             file: file.to_path_buf(),
             raw,
             token,
+            http_bind,
         })
     }
 }

@@ -14,7 +14,7 @@ mod ha;
 mod hub;
 mod listener;
 
-pub use agent::{AgentConfig, AgentFile, AgentTls, ConnectorConfig};
+pub use agent::{AgentConfig, AgentFile, AgentHttp, AgentTls, ConnectorConfig};
 pub use ha::{
     ClientCertFormat, ClientCertHeader, HaConfig, MeshConfig, MeshTls, RedisTls, RedisUrl,
 };

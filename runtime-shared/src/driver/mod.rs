@@ -35,8 +35,8 @@ pub use nowconnect_core::flow::OpenRefused;
 pub use nowconnect_core::relay::{Delivery, PeerMsg};
 pub use pipes::{FlowEnd, FlowPipes, OpenLink, Peer, bridge};
 pub use socket::{
-    ActiveReader, ActiveWriter, Activity, ChunkReader, ClientTimeouts, FlowWriter, ReadSize,
-    run_client_socket, run_flow_socket,
+    ActiveReader, ActiveWriter, Activity, ChunkReader, ClientTimeouts, FlowBytes, FlowWriter,
+    ReadSize, run_client_socket, run_flow_socket,
 };
 pub use tunnel::TunnelDriver;
 pub use writer::{InlineWriter, LoopTimer};

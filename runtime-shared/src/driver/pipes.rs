@@ -115,6 +115,11 @@ impl<K: LinkKind> FlowPipes<K> {
         self.relay.len()
     }
 
+    /// The connector flow `cid` was attached for, while it is open.
+    pub fn connector(&self, cid: Cid) -> Option<&str> {
+        self.relay.connector(cid)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.relay.is_empty()
     }

@@ -8,25 +8,28 @@ use std::time::Instant;
 use async_channel::Receiver;
 use futures_util::io::{AsyncWrite, AsyncWriteExt};
 use nowconnect_core::{Cid, ErrorCode, Payload};
+use prometheus_client::metrics::counter::Counter;
 
 use crate::metrics::{Metrics, labels};
 
 use super::{Delivery, FlowEnd, FlowTx, PeerMsg, Permits, READ_CHUNK};
 
+/// The byte counters of one flow socket, taken once per flow (no label
+/// lookup per chunk): what it reads from its socket, what it writes there.
+#[derive(Clone, Debug, Default)]
+pub struct FlowBytes {
+    pub read: Counter,
+    pub written: Counter,
+}
+
 /// Pipe one socket (its read and write halves) and one flow until both
-/// directions end or either side resets. `up` names the byte direction of
-/// what is read from this socket. The halves run concurrently in this one
-/// future; a reset drops the reader at once and the socket is closed with a
-/// TCP reset ([`FlowWriter::abort`]), so the peer learns that its stream
-/// was cut and cannot take a cut-off transfer for a whole one.
-pub async fn run_flow_socket<R, W>(
-    rd: R,
-    mut wr: W,
-    end: FlowEnd,
-    metrics: Arc<Metrics>,
-    up: &'static str,
-    down: &'static str,
-) where
+/// directions end or either side resets, counting its bytes in `bytes`. The
+/// halves run concurrently in this one future; a reset drops the reader at
+/// once and the socket is closed with a TCP reset ([`FlowWriter::abort`]),
+/// so the peer learns that its stream was cut and cannot take a cut-off
+/// transfer for a whole one.
+pub async fn run_flow_socket<R, W>(rd: R, mut wr: W, end: FlowEnd, bytes: FlowBytes)
+where
     R: ChunkReader,
     W: FlowWriter,
 {
@@ -39,15 +42,8 @@ pub async fn run_flow_socket<R, W>(
         cmd,
     } = end;
     let reset = {
-        let reader = std::pin::pin!(read_half(
-            rd,
-            cid,
-            permits,
-            cmd.clone(),
-            metrics.clone(),
-            up
-        ));
-        let writer = std::pin::pin!(write_half(&mut wr, cid, rx, cmd, metrics, down));
+        let reader = std::pin::pin!(read_half(rd, cid, permits, cmd.clone(), bytes.read));
+        let writer = std::pin::pin!(write_half(&mut wr, cid, rx, cmd, bytes.written));
         match select(reader, writer).await {
             // Reader done (EOF sent as FIN, or error): the other direction goes on.
             Either::Left(((), writer)) => writer.await,
@@ -86,7 +82,7 @@ pub async fn run_client_socket<R, W, S, F>(
     F: std::future::Future<Output = ()>,
 {
     if !timeouts.any() {
-        return run_flow_socket(rd, wr, end, metrics, "up", "down").await;
+        return run_flow_socket(rd, wr, end, metrics.client_bytes()).await;
     }
     // Boxed: only flows with a timeout pay for its larger state (a client
     // task lives as long as its flow, idle or not).
@@ -112,9 +108,7 @@ async fn timed_flow<R, W, S, F>(
         ActiveReader(rd, activity.clone()),
         ActiveWriter(wr, activity.clone()),
         end,
-        metrics.clone(),
-        "up",
-        "down",
+        metrics.client_bytes(),
     );
     let watch = async {
         loop {
@@ -168,10 +162,8 @@ async fn read_half<R: ChunkReader>(
     cid: Cid,
     permits: Permits,
     cmd: FlowTx,
-    metrics: Arc<Metrics>,
-    up: &'static str,
+    bytes_read: Counter,
 ) {
-    let bytes_up = metrics.bytes.get_or_create(&labels(&[("dir", up)])).clone();
     loop {
         if !permits.acquire().await {
             return; // flow over
@@ -182,7 +174,7 @@ async fn read_half<R: ChunkReader>(
                 return;
             }
             Ok(Some(payload)) => {
-                bytes_up.inc_by(payload.len() as u64);
+                bytes_read.inc_by(payload.len() as u64);
                 if !cmd.send(cid, PeerMsg::Data(payload)) {
                     return;
                 }
@@ -259,13 +251,8 @@ async fn write_half<W: AsyncWrite + Unpin>(
     cid: Cid,
     rx: Receiver<Delivery>,
     cmd: FlowTx,
-    metrics: Arc<Metrics>,
-    down: &'static str,
+    bytes_written: Counter,
 ) -> bool {
-    let bytes_down = metrics
-        .bytes
-        .get_or_create(&labels(&[("dir", down)]))
-        .clone();
     let mut fin = false;
     while let Ok(msg) = rx.recv().await {
         match msg {
@@ -281,7 +268,7 @@ async fn write_half<W: AsyncWrite + Unpin>(
                     );
                     return true;
                 }
-                bytes_down.inc_by(n as u64);
+                bytes_written.inc_by(n as u64);
                 let _ = cmd.send(cid, PeerMsg::Consumed(n));
             }
             Delivery::Fin => {

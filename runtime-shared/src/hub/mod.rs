@@ -326,14 +326,7 @@ impl<R: HubRt> Shared<R> {
                     .count();
             c.node.hub().readiness(known_peers)
         };
-        if reasons.is_empty() {
-            (200, serde_json::json!({"status": "ready"}).to_string())
-        } else {
-            (
-                503,
-                serde_json::json!({"status": "degraded", "reasons": reasons}).to_string(),
-            )
-        }
+        crate::http::readiness(&reasons)
     }
 
     /// The largest WebSocket message or frame a tunnel takes.
