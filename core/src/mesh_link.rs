@@ -918,9 +918,16 @@ impl crate::mux::FlowLink for MeshLink {
     }
     fn note_blocked(&mut self, cid: Cid) {
         // Only a link cap needs remembering: a flow without credit is woken
-        // by the peer's M_CREDIT anyway.
-        if self.mux.send_credit(cid) > 0 {
-            self.blocked.insert(cid);
+        // by the peer's M_CREDIT anyway. A flow that has credit and is held
+        // back by the link's queue or inflight cap is backpressure, counted
+        // once each time it starts waiting (not for every retry).
+        if self.mux.send_credit(cid) > 0 && self.blocked.insert(cid) {
+            let reason = if self.data_q.len() >= self.cfg.send_queue_depth {
+                "queue_full"
+            } else {
+                "inflight_cap"
+            };
+            self.bump_backpressure(reason);
         }
     }
 }
