@@ -526,6 +526,29 @@ fn mesh_queue_counts_what_the_socket_has_not_taken_and_bytes_are_counted_both_wa
 }
 
 #[test]
+fn a_flow_held_back_by_the_link_cap_counts_as_backpressure_once_per_wait() {
+    use nowconnect_core::mux::FlowLink;
+    let cfg = MeshLinkConfig {
+        max_inflight_bytes: 1_000,
+        ..MeshLinkConfig::default()
+    };
+    let (mut a, _b) = mesh_pair(cfg);
+    let cid = a.open_flow("ldap", "agent-1", Epoch(1)).unwrap();
+    a.send_data(cid, Bytes::from(vec![1u8; 1_000])).unwrap();
+    // The relay asks for credit, finds none, and says the flow waits: the
+    // flow has credit of its own, so the link's cap holds it back.
+    assert_eq!(a.send_credit(cid), 0);
+    FlowLink::note_blocked(&mut a, cid);
+    FlowLink::note_blocked(&mut a, cid);
+    assert_eq!(a.stats.backpressure.get("inflight_cap"), Some(&1));
+    // A second flow held back by the same cap is a second wait.
+    let other = a.open_flow("ldap", "agent-1", Epoch(1)).unwrap();
+    assert_eq!(a.send_credit(other), 0);
+    FlowLink::note_blocked(&mut a, other);
+    assert_eq!(a.stats.backpressure.get("inflight_cap"), Some(&2));
+}
+
+#[test]
 fn mesh_link_loss_resets_only_its_flows_and_rtt_is_measured() {
     let (mut a, mut b) = mesh_pair(MeshLinkConfig::default());
     let now = origin();

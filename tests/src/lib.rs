@@ -640,38 +640,101 @@ pub fn echo_server() -> SocketAddr {
 /// bandwidth limit and no TCP window of its own. The bytes it holds are bounded (1024 chunks of at most
 /// 64 KiB per direction), far above any flow window measured with it.
 pub fn delay_proxy(to: SocketAddr, delay: Duration) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for inbound in l.incoming().map_while(Result::ok) {
-            let Ok(outbound) = TcpStream::connect(to) else {
-                continue;
-            };
-            for (from, into) in [
-                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
-                (outbound, inbound),
-            ] {
-                let _ = from.set_nodelay(true);
-                delayed_pump(from, into, delay);
-            }
-        }
-    });
-    addr
+    Gate::start(to, delay).addr
 }
 
-/// Read `from` on one thread, write `into` on another, each chunk `delay`
-/// after it was read; an end of stream is passed on (after the delay too).
-fn delayed_pump(mut from: TcpStream, mut into: TcpStream, delay: Duration) {
+/// A TCP proxy on loopback whose delay can change and which can be shut
+/// like a network partition: [`Gate::close`] severs every connection and
+/// refuses new ones (accepted, then closed at once) until [`Gate::open`].
+/// Each chunk is passed on `delay` after it was read (the delay in force
+/// when it was read), as [`delay_proxy`] does.
+pub struct Gate {
+    pub addr: SocketAddr,
+    delay_us: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    closed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+}
+
+impl Gate {
+    pub fn start(to: SocketAddr, delay: Duration) -> Gate {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::{Arc, Mutex};
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let delay_us = Arc::new(AtomicU64::new(delay.as_micros() as u64));
+        let closed = Arc::new(AtomicBool::new(false));
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let gate = Gate {
+            addr,
+            delay_us: delay_us.clone(),
+            closed: closed.clone(),
+            conns: conns.clone(),
+        };
+        std::thread::spawn(move || {
+            for inbound in l.incoming().map_while(Result::ok) {
+                if closed.load(Ordering::SeqCst) {
+                    let _ = inbound.shutdown(std::net::Shutdown::Both);
+                    continue;
+                }
+                let Ok(outbound) = TcpStream::connect(to) else {
+                    continue;
+                };
+                {
+                    let mut c = conns.lock().unwrap();
+                    c.retain(|s: &TcpStream| s.peer_addr().is_ok());
+                    c.push(inbound.try_clone().unwrap());
+                    c.push(outbound.try_clone().unwrap());
+                }
+                for (from, into) in [
+                    (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                    (outbound, inbound),
+                ] {
+                    let _ = from.set_nodelay(true);
+                    delayed_pump(from, into, delay_us.clone());
+                }
+            }
+        });
+        gate
+    }
+
+    /// The delay of each direction from now on (a round trip gains twice it).
+    pub fn set_delay(&self, delay: Duration) {
+        self.delay_us.store(
+            delay.as_micros() as u64,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+
+    /// Sever every connection through the gate and refuse new ones.
+    pub fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    /// Pass new connections again.
+    pub fn open(&self) {
+        self.closed.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Read `from` on one thread, write `into` on another, each chunk `delay_us`
+/// (read when the chunk arrives) after it was read; an end of stream is
+/// passed on (after the delay too).
+fn delayed_pump(
+    mut from: TcpStream,
+    mut into: TcpStream,
+    delay_us: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
     let (tx, rx) = std::sync::mpsc::sync_channel::<(Instant, Vec<u8>)>(1024);
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = from.read(&mut buf).unwrap_or(0);
-            if tx
-                .send((Instant::now() + delay, buf[..n].to_vec()))
-                .is_err()
-                || n == 0
-            {
+            let delay =
+                Duration::from_micros(delay_us.load(std::sync::atomic::Ordering::SeqCst));
+            if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() || n == 0 {
                 return;
             }
         }

@@ -1,0 +1,642 @@
+//! The shipped dashboard and alert rules against a real Prometheus
+//! (Debian's `prometheus` package, the one `promtool` comes from).
+//!
+//! Prometheus scrapes two meshed hubs (hub-a on tokio, hub-b on async-std)
+//! and an agent while clients keep flowing through both hubs. The test
+//! evaluates every dashboard panel's query and every recording rule through
+//! Prometheus' HTTP API and asserts each returns data; then it causes each
+//! alert's condition, asserts the alert reaches `firing`, heals, and asserts
+//! it resolves. The rules are the shipped `deploy/prometheus/alerts.yml`
+//! with shorter windows (see [`shortened_rules`]); the queries are the
+//! dashboard's, unchanged.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use nowconnect_tests::*;
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// How long an alert's `for:` lasts in this test. Production windows are
+/// minutes; here every range `[Nm]` becomes [`WINDOW`] and every `for:`
+/// becomes [`FOR`], except the link-down alert (see [`LINK_DOWN_FOR`]).
+const FOR: &str = "5s";
+const WINDOW: &str = "[10s]";
+/// `NowConnectMeshLinkDown` must not fire for a peer that left the cluster:
+/// a departed replica is forgotten within two registry leases (its record
+/// lapses after one lease; it is declared gone after a whole lease absent).
+/// In production that is at most 2 × 15 s (`ha.lease_sec` default) plus a
+/// renew interval, well inside the alert's `for: 1m`; this test's cluster
+/// runs `lease_sec: 3`, so 15 s keeps the same relation.
+const LINK_DOWN_FOR: &str = "15s";
+
+/// `alerts.yml` with every range shortened to [`WINDOW`] and every `for:`
+/// to [`FOR`] (or [`LINK_DOWN_FOR`]); also returns the alert and record
+/// names. Panics when a rule's window or `for:` has a form it does not
+/// know, so no rule keeps a production window unnoticed.
+fn shortened_rules(text: &str) -> (String, Vec<String>, Vec<String>) {
+    let mut out = String::new();
+    let (mut alerts, mut records) = (Vec::new(), Vec::new());
+    let mut current = String::new();
+    for line in text.lines() {
+        let t = line.trim_start();
+        if let Some(name) = t.strip_prefix("- alert:") {
+            current = name.trim().to_string();
+            alerts.push(current.clone());
+        } else if let Some(name) = t.strip_prefix("- record:") {
+            current = name.trim().to_string();
+            records.push(current.clone());
+        }
+        let line = if let Some(v) = t.strip_prefix("for:") {
+            let v = v.trim();
+            assert!(
+                v.ends_with('m') || v.ends_with('s'),
+                "{current}: unexpected for: {v}"
+            );
+            let indent = &line[..line.len() - t.len()];
+            let d = if current == "NowConnectMeshLinkDown" {
+                LINK_DOWN_FOR
+            } else {
+                FOR
+            };
+            format!("{indent}for: {d}")
+        } else {
+            shorten_ranges(line)
+        };
+        out.push_str(&line);
+        out.push('\n');
+    }
+    (out, alerts, records)
+}
+
+/// Every `[<n>m]` or `[<n>h]` range selector becomes [`WINDOW`].
+fn shorten_ranges(line: &str) -> String {
+    let mut out = String::new();
+    let mut rest = line;
+    while let Some(i) = rest.find('[') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i..];
+        let end = after.find(']').expect("a closed range selector");
+        let inner = &after[1..end];
+        let is_range = inner.len() > 1
+            && inner[..inner.len() - 1].chars().all(|c| c.is_ascii_digit())
+            && (inner.ends_with('m') || inner.ends_with('h'));
+        if is_range {
+            out.push_str(WINDOW);
+        } else {
+            out.push_str(&after[..=end]);
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[test]
+fn the_rule_shortening_covers_every_rule() {
+    let text = std::fs::read_to_string(deploy().join("prometheus/alerts.yml")).unwrap();
+    let (short, alerts, records) = shortened_rules(&text);
+    assert!(!alerts.is_empty() && !records.is_empty());
+    for line in short.lines() {
+        let t = line.trim_start();
+        if t.starts_with('#') {
+            continue;
+        }
+        assert!(
+            !t.contains("m])") && !t.contains("m]))") && !t.contains("h])"),
+            "a production window is left: {line}"
+        );
+        if let Some(v) = t.strip_prefix("for:") {
+            assert!(matches!(v.trim(), FOR | LINK_DOWN_FOR), "{line}");
+        }
+    }
+    // The production relation the test's LINK_DOWN_FOR keeps: the shipped
+    // link-down alert waits longer than a departed peer takes to be
+    // forgotten (2 leases of 15 s and a renew interval of 5 s).
+    let prod_for = text
+        .split("- alert: NowConnectMeshLinkDown")
+        .nth(1)
+        .and_then(|r| r.lines().find_map(|l| l.trim().strip_prefix("for:")))
+        .map(|v| v.trim().to_string())
+        .expect("NowConnectMeshLinkDown has a for:");
+    let secs = match prod_for.strip_suffix('m') {
+        Some(m) => m.parse::<u64>().unwrap() * 60,
+        None => prod_for.trim_end_matches('s').parse().unwrap(),
+    };
+    assert!(secs > 2 * 15 + 5, "for: {prod_for}");
+}
+
+// ---- Prometheus, its HTTP API
+
+struct Prometheus {
+    _proc: Proc,
+    addr: SocketAddr,
+}
+
+impl Prometheus {
+    fn start(dir: &Path, rules: &str, jobs: &[(&str, Vec<SocketAddr>)]) -> Prometheus {
+        let rules_file = dir.join("rules.yml");
+        std::fs::write(&rules_file, rules).unwrap();
+        let mut cfg = format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 900ms\n  evaluation_interval: 1s\nrule_files: ['{}']\nscrape_configs:\n",
+            rules_file.display()
+        );
+        for (job, targets) in jobs {
+            let t: Vec<String> = targets.iter().map(|a| format!("'{a}'")).collect();
+            cfg += &format!(
+                "  - job_name: {job}\n    static_configs:\n      - targets: [{}]\n",
+                t.join(", ")
+            );
+        }
+        let cfg_file = dir.join("prometheus.yml");
+        std::fs::write(&cfg_file, cfg).unwrap();
+        let port = free_port();
+        let mut cmd = Command::new("prometheus");
+        cmd.arg(format!("--config.file={}", cfg_file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("prometheus-data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--log.level=warn");
+        let proc = Proc::spawn("prometheus", cmd, dir);
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let p = Prometheus { _proc: proc, addr };
+        assert!(
+            eventually(Duration::from_secs(30), || {
+                wait_port(addr, Duration::from_millis(100)) && p.get_raw("/-/ready").0 == 200
+            }),
+            "prometheus did not become ready: {}",
+            p._proc.log_text()
+        );
+        p
+    }
+
+    /// One HTTP/1.0 GET (so the answer is not chunked): status and body.
+    fn get_raw(&self, path: &str) -> (u16, String) {
+        let Ok(mut s) = TcpStream::connect_timeout(&self.addr, Duration::from_secs(2)) else {
+            return (0, String::new());
+        };
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        if write!(s, "GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr).is_err() {
+            return (0, String::new());
+        }
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        let text = String::from_utf8_lossy(&buf).to_string();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    fn api(&self, path: &str) -> serde_json::Value {
+        let (status, body) = self.get_raw(path);
+        let v: serde_json::Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("{path}: {status} {e}: {body}"));
+        assert_eq!(v["status"], "success", "{path}: {body}");
+        v["data"].clone()
+    }
+
+    /// An instant query: its result vector.
+    fn query(&self, expr: &str) -> Vec<serde_json::Value> {
+        let data = self.api(&format!("/api/v1/query?query={}", url_encode(expr)));
+        match &data["result"] {
+            serde_json::Value::Array(a) => a.clone(),
+            other => panic!("{expr}: not a vector: {other}"),
+        }
+    }
+
+    /// Alerts that are pending or firing: name → states (one per series).
+    fn alerts(&self) -> BTreeMap<String, Vec<(String, serde_json::Value)>> {
+        let data = self.api("/api/v1/alerts");
+        let mut out: BTreeMap<String, Vec<_>> = BTreeMap::new();
+        for a in data["alerts"].as_array().unwrap() {
+            let name = a["labels"]["alertname"].as_str().unwrap().to_string();
+            let state = a["state"].as_str().unwrap().to_string();
+            out.entry(name)
+                .or_default()
+                .push((state, a["labels"].clone()));
+        }
+        out
+    }
+
+    fn firing(&self) -> BTreeSet<String> {
+        self.alerts()
+            .into_iter()
+            .filter(|(_, s)| s.iter().any(|(st, _)| st == "firing"))
+            .map(|(n, _)| n)
+            .collect()
+    }
+
+    /// Every rule Prometheus loaded, with its evaluation health.
+    fn rules(&self) -> Vec<(String, String, String)> {
+        let data = self.api("/api/v1/rules");
+        let mut out = Vec::new();
+        for g in data["groups"].as_array().unwrap() {
+            for r in g["rules"].as_array().unwrap() {
+                out.push((
+                    r["name"].as_str().unwrap().to_string(),
+                    r["health"].as_str().unwrap_or("").to_string(),
+                    r["lastError"].as_str().unwrap_or("").to_string(),
+                ));
+            }
+        }
+        out
+    }
+}
+
+fn url_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out += &format!("%{b:02X}");
+        }
+    }
+    out
+}
+
+// ---- load
+
+/// Clients through both hubs: `mesh_percent` of them through hub-b (whose
+/// flows cross the mesh to the agent's hub), the rest through hub-a.
+struct Load {
+    stop: Arc<AtomicBool>,
+    mesh_percent: Arc<AtomicU32>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(local: SocketAddr, mesh: SocketAddr) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mesh_percent = Arc::new(AtomicU32::new(20));
+        let ok = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let mut threads = Vec::new();
+        for worker in 0..2u64 {
+            let (stop, pct, ok, failed) = (
+                stop.clone(),
+                mesh_percent.clone(),
+                ok.clone(),
+                failed.clone(),
+            );
+            threads.push(std::thread::spawn(move || {
+                let mut i = worker;
+                while !stop.load(Ordering::Relaxed) {
+                    // Every tenth flow of each hundred picks its hub by the
+                    // share: deterministic, so the share is exact.
+                    let through_mesh = (i % 100) < u64::from(pct.load(Ordering::Relaxed));
+                    let to = if through_mesh { mesh } else { local };
+                    if echo_once(to, b"prometheus load: a small LDAP-sized request") {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    i += 7;
+                    std::thread::sleep(Duration::from_millis(40));
+                }
+            }));
+        }
+        Load {
+            stop,
+            mesh_percent,
+            ok,
+            failed,
+            threads,
+        }
+    }
+
+    fn set_mesh_percent(&self, p: u32) {
+        self.mesh_percent.store(p, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// `flows` clients each pushing `bytes` through `to` and reading the echo,
+/// until `stop`.
+fn bulk(to: SocketAddr, flows: usize, stop: Arc<AtomicBool>) -> Vec<std::thread::JoinHandle<()>> {
+    (0..flows)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let chunk = vec![0x5au8; 256 * 1024];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok(s) = TcpStream::connect(to) else {
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    };
+                    let mut r = s.try_clone().unwrap();
+                    let reader = std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while matches!(r.read(&mut buf), Ok(n) if n > 0) {}
+                    });
+                    let mut w = s;
+                    for _ in 0..16 {
+                        if stop.load(Ordering::Relaxed) || w.write_all(&chunk).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = w.shutdown(std::net::Shutdown::Write);
+                    let _ = reader.join();
+                }
+            })
+        })
+        .collect()
+}
+
+/// Bad-token `/tunnel` upgrades on `hub` at about `per_sec`, until `stop`.
+fn bad_tokens(hub: SocketAddr, per_sec: u64, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok(mut s) = TcpStream::connect(hub) {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let _ = write!(
+                    s,
+                    "GET /tunnel HTTP/1.1\r\nHost: {hub}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer not.a.token\r\n\r\n"
+                );
+                let mut buf = [0u8; 512];
+                let _ = s.read(&mut buf);
+            }
+            std::thread::sleep(Duration::from_millis(1000 / per_sec));
+        }
+    })
+}
+
+fn signal(pid: u32, sig: &str) {
+    let st = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success(), "kill {sig} {pid}");
+}
+
+/// Wait until every alert of `names` has been seen firing (not all at
+/// once: an alert on a single event, a failed reload say, resolves once the
+/// event leaves its window); the panic names those never seen, with what
+/// Prometheus shows and the samples of `context`.
+fn until_firing(prom: &Prometheus, names: &[&str], within: Duration, what: &str, context: &[&str]) {
+    let mut seen = BTreeSet::new();
+    let ok = eventually(within, || {
+        seen.extend(prom.firing());
+        names.iter().all(|n| seen.contains(*n))
+    });
+    if !ok {
+        let missing: Vec<&&str> = names.iter().filter(|n| !seen.contains(**n)).collect();
+        let samples: Vec<(&str, Vec<serde_json::Value>)> =
+            context.iter().map(|q| (*q, prom.query(q))).collect();
+        panic!(
+            "{what}: never firing within {within:?}: {missing:?}; alerts now: {:?}; samples: {samples:#?}",
+            prom.alerts()
+        );
+    }
+}
+
+/// Wait until none of `names` is pending or firing.
+fn until_resolved(prom: &Prometheus, names: &[&str], within: Duration, what: &str) {
+    let ok = eventually(within, || {
+        let a = prom.alerts();
+        names.iter().all(|n| !a.contains_key(*n))
+    });
+    assert!(
+        ok,
+        "{what}: still active after {within:?}: {:?}",
+        prom.alerts()
+    );
+}
+
+#[test]
+fn every_panel_and_rule_returns_data_and_every_alert_fires_and_resolves() {
+    let env = Env::new();
+    let mut redis = RedisProc::start(env.path());
+    let echo = echo_server();
+    let ca = pki::Ca::new("mesh CA");
+    let (pa, pb) = (free_port(), free_port());
+    let a_addr: SocketAddr = format!("127.0.0.1:{pa}").parse().unwrap();
+    let b_addr: SocketAddr = format!("127.0.0.1:{pb}").parse().unwrap();
+    // Each hub reaches the other's mesh port through a gate: a partition
+    // and a slow network, on demand.
+    let gate_a = Gate::start(a_addr, Duration::ZERO);
+    let gate_b = Gate::start(b_addr, Duration::ZERO);
+    // A small mesh inflight cap, so bulk flows across the mesh meet
+    // backpressure while the light load never does.
+    let small = |y: String| {
+        y.replace(
+            "tunnel:\n  jwt:",
+            "tunnel:\n  window_bytes: 65536\n  jwt:",
+        )
+        .replace(
+            "    connect_backoff_max_sec: 1\n",
+            "    connect_backoff_max_sec: 1\n    per_link_max_inflight_bytes: 65536\n",
+        )
+    };
+    let start = |rt: Runtime, name: &str, port: u16, peer: u16| {
+        let leaf = ca.issue(env.path(), name);
+        let yaml = small(mesh_hub_yaml(
+            &env,
+            name,
+            "active",
+            &redis,
+            port,
+            &[peer],
+            &leaf,
+        ));
+        assert!(yaml.contains("per_link_max_inflight_bytes: 65536"), "{yaml}");
+        HubProc::start_on(rt, env.path(), name, &yaml)
+    };
+    let hub_a = start(Runtime::Tokio, "hub-a", pa, gate_b.addr.port());
+    let hub_b = start(Runtime::AsyncStd, "hub-b", pb, gate_a.addr.port());
+    let agent_yaml = env.agent_yaml("agent-1", &[hub_a.http], &[("ldap", echo)], "");
+    let mut agent = AgentProc::start(env.path(), "agent", &agent_yaml, &env.token("agent-1", None));
+    assert!(hub_a.agents_attached(1.0, Duration::from_secs(20)));
+
+    let rules_text = std::fs::read_to_string(deploy().join("prometheus/alerts.yml")).unwrap();
+    let (rules, alert_names, record_names) = shortened_rules(&rules_text);
+    let prom = Prometheus::start(
+        env.path(),
+        &rules,
+        &[("nowconnect-hub", vec![hub_a.http, hub_b.http])],
+    );
+    let load = Load::start(hub_a.listener("ldap"), hub_b.listener("ldap"));
+
+    // Every target is scraped.
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            let up = prom.query("up == 1");
+            up.len() == 2
+        }),
+        "targets up: {:?}",
+        prom.query("up")
+    );
+    // Every rule loaded and evaluates without error.
+    let loaded = prom.rules();
+    for name in alert_names.iter().chain(&record_names) {
+        assert!(
+            loaded.iter().any(|(n, _, _)| n == name),
+            "rule {name} not loaded: {loaded:?}"
+        );
+    }
+
+    // 1. Healthy, under load: every panel's query and every recording rule
+    // returns data, every rule is healthy, no alert fires.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(deploy().join("grafana/nowconnect.json")).unwrap(),
+    )
+    .unwrap();
+    let mut exprs = Vec::new();
+    for p in dashboard["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            if let Some(e) = t["expr"].as_str() {
+                exprs.push((p["title"].as_str().unwrap_or("?").to_string(), e.to_string()));
+            }
+        }
+    }
+    assert!(exprs.len() >= 10, "{exprs:?}");
+    let started = Instant::now();
+    let mut empty: Vec<(String, String)> = exprs.clone();
+    let records: Vec<(String, String)> = record_names
+        .iter()
+        .map(|r| (format!("record {r}"), r.clone()))
+        .collect();
+    empty.extend(records);
+    // Data comes as the load runs: rates need two scrapes, RTT a few pings.
+    while !empty.is_empty() && started.elapsed() < Duration::from_secs(60) {
+        empty.retain(|(_, e)| prom.query(e).is_empty());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        empty.is_empty(),
+        "queries with no data after {:?} of load (ok {} failed {}): {empty:#?}",
+        started.elapsed(),
+        load.ok.load(Ordering::Relaxed),
+        load.failed.load(Ordering::Relaxed)
+    );
+    for (name, health, err) in prom.rules() {
+        assert!(
+            health == "ok" && err.is_empty(),
+            "rule {name}: {health} {err}"
+        );
+    }
+    assert!(
+        prom.firing().is_empty(),
+        "alerts fire on a healthy cluster: {:?}",
+        prom.alerts()
+    );
+    assert_eq!(load.failed.load(Ordering::Relaxed), 0, "healthy load failed");
+
+    // 2. Trouble that keeps the cluster up: a failed reload, a fenced
+    // owner, backpressure, a slow mesh, bad tokens, flows crossing hubs.
+    let cfg_a = env.path().join("hub-a.yaml");
+    let good_cfg = std::fs::read_to_string(&cfg_a).unwrap();
+    std::fs::write(&cfg_a, format!("{good_cfg}not_a_key: 1\n")).unwrap();
+    signal(hub_a.proc.pid(), "-HUP");
+    let fake_owner = redis_cli(
+        &redis.url(),
+        &[
+            "SET",
+            "nowconnect:agent:agent-1:owner",
+            "hub-z|99999999999999",
+            "PX",
+            "30000",
+        ],
+    );
+    assert!(fake_owner.contains("OK"), "{fake_owner}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let bulk_flows = bulk(hub_b.listener("ldap"), 3, stop.clone());
+    let bad = bad_tokens(hub_a.http, 5, stop.clone());
+    gate_a.set_delay(Duration::from_millis(40));
+    gate_b.set_delay(Duration::from_millis(40));
+    load.set_mesh_percent(80);
+    let trouble = [
+        "NowConnectConfigReloadFailed",
+        "NowConnectEpochMismatches",
+        "NowConnectMeshBackpressureDrops",
+        "NowConnectMeshRttHigh",
+        "NowConnectTunnelAuthFailures",
+        "NowConnectCrossReplicaShareHigh",
+    ];
+    until_firing(
+        &prom,
+        &trouble,
+        Duration::from_secs(60),
+        "trouble",
+        &[
+            "nowconnect_config_reloads_total",
+            "nowconnect_owner_epoch_mismatch_total",
+            "nowconnect_mesh_backpressure_drops_total",
+            "nowconnect_mesh_link_inflight_bytes",
+            "nowconnect_tunnel_auth_failures_total",
+        ],
+    );
+    std::fs::write(&cfg_a, &good_cfg).unwrap();
+    signal(hub_a.proc.pid(), "-HUP");
+    stop.store(true, Ordering::Relaxed);
+    for t in bulk_flows {
+        t.join().unwrap();
+    }
+    bad.join().unwrap();
+    gate_a.set_delay(Duration::ZERO);
+    gate_b.set_delay(Duration::ZERO);
+    load.set_mesh_percent(20);
+    assert!(hub_a.agents_attached(1.0, Duration::from_secs(20)));
+    until_resolved(&prom, &trouble, Duration::from_secs(60), "trouble healed");
+
+    // 3. Outages: Redis down, the mesh partitioned, the agent gone.
+    redis.kill();
+    gate_a.close();
+    gate_b.close();
+    agent.proc.kill();
+    let outages = [
+        "NowConnectRegistryUnhealthy",
+        "NowConnectMeshLinkDown",
+        "NowConnectNoAgents",
+    ];
+    until_firing(
+        &prom,
+        &outages,
+        Duration::from_secs(60),
+        "outages",
+        &["nowconnect_registry_healthy", "nowconnect_mesh_links", "nowconnect_agents_connected"],
+    );
+    redis.restart();
+    gate_a.open();
+    gate_b.open();
+    agent = AgentProc::start(env.path(), "agent", &agent_yaml, &env.token("agent-1", None));
+    assert!(hub_a.agents_attached(1.0, Duration::from_secs(20)));
+    until_resolved(&prom, &outages, Duration::from_secs(60), "outages healed");
+
+    // Every alert of the file was seen firing in one phase or the other.
+    let seen: BTreeSet<&str> = trouble.iter().chain(&outages).copied().collect();
+    let never: Vec<&String> = alert_names
+        .iter()
+        .filter(|n| !seen.contains(n.as_str()))
+        .collect();
+    assert!(never.is_empty(), "alerts this test never fires: {never:?}");
+    drop(load);
+    drop(agent);
+}
