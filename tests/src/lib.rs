@@ -715,7 +715,8 @@ impl Gate {
 
     /// Pass new connections again.
     pub fn open(&self) {
-        self.closed.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.closed
+            .store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -732,9 +733,12 @@ fn delayed_pump(
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = from.read(&mut buf).unwrap_or(0);
-            let delay =
-                Duration::from_micros(delay_us.load(std::sync::atomic::Ordering::SeqCst));
-            if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() || n == 0 {
+            let delay = Duration::from_micros(delay_us.load(std::sync::atomic::Ordering::SeqCst));
+            if tx
+                .send((Instant::now() + delay, buf[..n].to_vec()))
+                .is_err()
+                || n == 0
+            {
                 return;
             }
         }

@@ -783,11 +783,7 @@ fn a_planted_ws_url_is_not_dialed_and_a_departed_replica_loses_its_link() {
     assert!(still_open.3, "{:?}", peer_labels(&a));
     assert_eq!(a.metric("nowconnect_mesh_peers_departed_total"), 1.0);
     // Departed: its series are gone, and stay gone while it is refused.
-    assert!(
-        !peer_labels(&a).contains("hub-c"),
-        "{:?}",
-        peer_labels(&a)
-    );
+    assert!(!peer_labels(&a).contains("hub-c"), "{:?}", peer_labels(&a));
     a.proc
         .wait_log("mesh peer left the registry", Duration::from_secs(2));
     // Coming back under the same name is refused while it is not registered.

@@ -37,7 +37,7 @@ fn promtool(args: &[&str]) -> String {
 #[test]
 fn alert_rules_pass_promtool_and_their_unit_tests() {
     let check = promtool(&["check", "rules", "alerts.yml"]);
-    assert!(check.contains("SUCCESS: 14 rules found"), "{check}");
+    assert!(check.contains("SUCCESS: 18 rules found"), "{check}");
     let test = promtool(&["test", "rules", "alerts.test.yml"]);
     assert!(test.contains("SUCCESS"), "{test}");
 }
@@ -108,7 +108,7 @@ fn families(text: &str) -> BTreeSet<String> {
 }
 
 #[test]
-fn every_metric_in_the_rules_and_the_dashboard_is_exported_by_a_hub() {
+fn every_metric_in_the_rules_and_the_dashboard_is_exported_by_a_hub_or_an_agent() {
     let rules = std::fs::read_to_string(deploy().join("prometheus/alerts.yml")).unwrap();
     let dash_text = std::fs::read_to_string(deploy().join("grafana/nowconnect.json")).unwrap();
     let dash: serde_json::Value = serde_json::from_str(&dash_text).expect("dashboard JSON");
@@ -134,18 +134,29 @@ fn every_metric_in_the_rules_and_the_dashboard_is_exported_by_a_hub() {
     let echo = echo_server();
     let ca = Ca::new("mesh CA");
     let (a, b, _, _) = meshed_pair(&env, "active", &redis, &ca);
-    let _agent = AgentProc::start(
+    let agent = AgentProc::start(
         env.path(),
         "agent",
-        &env.agent_yaml("agent-1", &[a.http], &[("ldap", echo)], ""),
+        &env.agent_yaml(
+            "agent-1",
+            &[a.http],
+            &[("ldap", echo)],
+            "http: { bind: '127.0.0.1:0' }\n",
+        ),
         &env.token("agent-1", None),
     );
     assert!(eventually(Duration::from_secs(15), || a
         .metric("nowconnect_agents_connected")
         == 1.0
         && mesh_established(&b, "hub-a")));
-    let (status, exported) = b.get("/metrics");
+    let (status, hub_text) = b.get("/metrics");
     assert_eq!(status, 200);
+    // The agent's series come from the agent's own endpoint (a hub exports
+    // none of them).
+    let (status, agent_text) = http_get(agent.http.expect("the agent's http address"), "/metrics");
+    assert_eq!(status, 200);
+    assert!(!hub_text.contains("nowconnect_agent_tunnels"), "{hub_text}");
+    let exported = format!("{hub_text}{agent_text}");
     let missing: Vec<&String> = used
         .iter()
         .filter(|f| !exported.contains(&format!("# TYPE {f} ")))
@@ -162,7 +173,7 @@ fn every_metric_in_the_rules_and_the_dashboard_is_exported_by_a_hub() {
     let wrong: Vec<&String> = queried.difference(&samples).collect();
     assert!(
         wrong.is_empty(),
-        "queried by a sample name the hub does not export: {wrong:?}\n{samples:?}"
+        "queried by a sample name no hub or agent exports: {wrong:?}\n{samples:?}"
     );
 }
 

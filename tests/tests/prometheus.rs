@@ -206,8 +206,8 @@ impl Prometheus {
 
     fn api(&self, path: &str) -> serde_json::Value {
         let (status, body) = self.get_raw(path);
-        let v: serde_json::Value = serde_json::from_str(&body)
-            .unwrap_or_else(|e| panic!("{path}: {status} {e}: {body}"));
+        let v: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {status} {e}: {body}"));
         assert_eq!(v["status"], "success", "{path}: {body}");
         v["data"].clone()
     }
@@ -446,18 +446,20 @@ fn every_panel_and_rule_returns_data_and_every_alert_fires_and_resolves() {
     // A small mesh inflight cap, so bulk flows across the mesh meet
     // backpressure while the light load never does.
     let small = |y: String| {
-        y.replace(
-            "tunnel:\n  jwt:",
-            "tunnel:\n  window_bytes: 65536\n  jwt:",
-        )
-        .replace(
-            "    connect_backoff_max_sec: 1\n",
-            "    connect_backoff_max_sec: 1\n    per_link_max_inflight_bytes: 65536\n",
-        )
+        y.replace("tunnel:\n  jwt:", "tunnel:\n  window_bytes: 65536\n  jwt:")
+            .replace(
+                "    connect_backoff_max_sec: 1\n",
+                "    connect_backoff_max_sec: 1\n    per_link_max_inflight_bytes: 65536\n",
+            )
+    };
+    // hub-a also has a listener whose agent's target is a closed port.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
     };
     let start = |rt: Runtime, name: &str, port: u16, peer: u16| {
         let leaf = ca.issue(env.path(), name);
-        let yaml = small(mesh_hub_yaml(
+        let mut yaml = small(mesh_hub_yaml(
             &env,
             name,
             "active",
@@ -466,21 +468,69 @@ fn every_panel_and_rule_returns_data_and_every_alert_fires_and_resolves() {
             &[peer],
             &leaf,
         ));
-        assert!(yaml.contains("per_link_max_inflight_bytes: 65536"), "{yaml}");
+        assert!(
+            yaml.contains("per_link_max_inflight_bytes: 65536"),
+            "{yaml}"
+        );
+        if name == "hub-a" {
+            yaml = yaml.replacen(
+                "listeners:\n",
+                "listeners:\n  - { name: dead, bind: '127.0.0.1:0', connector: dead }\n",
+                1,
+            );
+        }
         HubProc::start_on(rt, env.path(), name, &yaml)
     };
     let hub_a = start(Runtime::Tokio, "hub-a", pa, gate_b.addr.port());
     let hub_b = start(Runtime::AsyncStd, "hub-b", pb, gate_a.addr.port());
-    let agent_yaml = env.agent_yaml("agent-1", &[hub_a.http], &[("ldap", echo)], "");
-    let mut agent = AgentProc::start(env.path(), "agent", &agent_yaml, &env.token("agent-1", None));
-    assert!(hub_a.agents_attached(1.0, Duration::from_secs(20)));
+    // Two agents, each with its endpoint on a fixed port (a restarted agent
+    // is scraped where it was): agent-1 serves `ldap` on hub-a through a
+    // gate; agent-2 is multi-homed (hub-a, and hub-b through a gate) and
+    // serves `dead`, whose target is a closed port.
+    let gate_ta = Gate::start(hub_a.http, Duration::ZERO);
+    let gate_tb = Gate::start(hub_b.http, Duration::ZERO);
+    let (http_1, http_2) = (free_port(), free_port());
+    let agent_1_yaml = env.agent_yaml(
+        "agent-1",
+        &[gate_ta.addr],
+        &[("ldap", echo)],
+        &format!("http: {{ bind: '127.0.0.1:{http_1}' }}\n"),
+    );
+    let agent_2_yaml = env.agent_yaml(
+        "agent-2",
+        &[hub_a.http, gate_tb.addr],
+        &[("dead", dead)],
+        &format!("ha_connections: 2\nhttp: {{ bind: '127.0.0.1:{http_2}' }}\n"),
+    );
+    let start_agent = |n: u32, yaml: &str| {
+        let id = format!("agent-{n}");
+        AgentProc::start(env.path(), &id, yaml, &env.token(&id, None))
+    };
+    let agent_1 = start_agent(1, &agent_1_yaml);
+    let mut agent_2 = start_agent(2, &agent_2_yaml);
+    let attached = || {
+        eventually(Duration::from_secs(20), || {
+            hub_a.metric("nowconnect_agents_connected") == 2.0
+                && hub_b.metric("nowconnect_agents_connected") == 1.0
+        })
+    };
+    assert!(attached(), "agents attached");
 
     let rules_text = std::fs::read_to_string(deploy().join("prometheus/alerts.yml")).unwrap();
     let (rules, alert_names, record_names) = shortened_rules(&rules_text);
     let prom = Prometheus::start(
         env.path(),
         &rules,
-        &[("nowconnect-hub", vec![hub_a.http, hub_b.http])],
+        &[
+            ("nowconnect-hub", vec![hub_a.http, hub_b.http]),
+            (
+                "nowconnect-agent",
+                vec![
+                    format!("127.0.0.1:{http_1}").parse().unwrap(),
+                    format!("127.0.0.1:{http_2}").parse().unwrap(),
+                ],
+            ),
+        ],
     );
     let load = Load::start(hub_a.listener("ldap"), hub_b.listener("ldap"));
 
@@ -488,7 +538,7 @@ fn every_panel_and_rule_returns_data_and_every_alert_fires_and_resolves() {
     assert!(
         eventually(Duration::from_secs(20), || {
             let up = prom.query("up == 1");
-            up.len() == 2
+            up.len() == 4
         }),
         "targets up: {:?}",
         prom.query("up")
@@ -512,7 +562,10 @@ fn every_panel_and_rule_returns_data_and_every_alert_fires_and_resolves() {
     for p in dashboard["panels"].as_array().unwrap() {
         for t in p["targets"].as_array().into_iter().flatten() {
             if let Some(e) = t["expr"].as_str() {
-                exprs.push((p["title"].as_str().unwrap_or("?").to_string(), e.to_string()));
+                exprs.push((
+                    p["title"].as_str().unwrap_or("?").to_string(),
+                    e.to_string(),
+                ));
             }
         }
     }
@@ -547,7 +600,11 @@ fn every_panel_and_rule_returns_data_and_every_alert_fires_and_resolves() {
         "alerts fire on a healthy cluster: {:?}",
         prom.alerts()
     );
-    assert_eq!(load.failed.load(Ordering::Relaxed), 0, "healthy load failed");
+    assert_eq!(
+        load.failed.load(Ordering::Relaxed),
+        0,
+        "healthy load failed"
+    );
 
     // 2. Trouble that keeps the cluster up: a failed reload, a fenced
     // owner, backpressure, a slow mesh, bad tokens, flows crossing hubs.
@@ -569,6 +626,16 @@ fn every_panel_and_rule_returns_data_and_every_alert_fires_and_resolves() {
     let stop = Arc::new(AtomicBool::new(false));
     let bulk_flows = bulk(hub_b.listener("ldap"), 3, stop.clone());
     let bad = bad_tokens(hub_a.http, 5, stop.clone());
+    let dead_clients = {
+        let (stop, to) = (stop.clone(), hub_a.listener("dead"));
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let _ = echo_once(to, b"x");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    gate_tb.close();
     gate_a.set_delay(Duration::from_millis(40));
     gate_b.set_delay(Duration::from_millis(40));
     load.set_mesh_percent(80);
@@ -576,9 +643,11 @@ fn every_panel_and_rule_returns_data_and_every_alert_fires_and_resolves() {
         "NowConnectConfigReloadFailed",
         "NowConnectEpochMismatches",
         "NowConnectMeshBackpressureDrops",
-        "NowConnectMeshRttHigh",
+        "NowConnectMeshHighRTT",
         "NowConnectTunnelAuthFailures",
         "NowConnectCrossReplicaShareHigh",
+        "NowConnectAgentHaDegraded",
+        "NowConnectAgentTargetDialErrors",
     ];
     until_firing(
         &prom,
@@ -591,6 +660,8 @@ fn every_panel_and_rule_returns_data_and_every_alert_fires_and_resolves() {
             "nowconnect_mesh_backpressure_drops_total",
             "nowconnect_mesh_link_inflight_bytes",
             "nowconnect_tunnel_auth_failures_total",
+            "nowconnect_agent_tunnels_established",
+            "nowconnect_agent_target_dial_errors_total",
         ],
     );
     std::fs::write(&cfg_a, &good_cfg).unwrap();
@@ -600,35 +671,51 @@ fn every_panel_and_rule_returns_data_and_every_alert_fires_and_resolves() {
         t.join().unwrap();
     }
     bad.join().unwrap();
+    dead_clients.join().unwrap();
+    gate_tb.open();
     gate_a.set_delay(Duration::ZERO);
     gate_b.set_delay(Duration::ZERO);
     load.set_mesh_percent(20);
-    assert!(hub_a.agents_attached(1.0, Duration::from_secs(20)));
+    assert!(attached(), "agents attached again");
     until_resolved(&prom, &trouble, Duration::from_secs(60), "trouble healed");
 
     // 3. Outages: Redis down, the mesh partitioned, the agent gone.
     redis.kill();
     gate_a.close();
     gate_b.close();
-    agent.proc.kill();
+    gate_ta.close();
+    agent_2.proc.kill();
     let outages = [
         "NowConnectRegistryUnhealthy",
         "NowConnectMeshLinkDown",
         "NowConnectNoAgents",
+        "NowConnectAgentDown",
+        "NowConnectAgentNoTunnel",
+        "NowConnectAvailabilitySloBreached",
     ];
     until_firing(
         &prom,
         &outages,
         Duration::from_secs(60),
         "outages",
-        &["nowconnect_registry_healthy", "nowconnect_mesh_links", "nowconnect_agents_connected"],
+        &[
+            "nowconnect_registry_healthy",
+            "nowconnect_mesh_links",
+            "nowconnect_agents_connected",
+            "up",
+            "nowconnect:flow_availability:ratio_rate5m",
+        ],
     );
     redis.restart();
     gate_a.open();
     gate_b.open();
-    agent = AgentProc::start(env.path(), "agent", &agent_yaml, &env.token("agent-1", None));
-    assert!(hub_a.agents_attached(1.0, Duration::from_secs(20)));
-    until_resolved(&prom, &outages, Duration::from_secs(60), "outages healed");
+    gate_ta.open();
+    agent_2 = start_agent(2, &agent_2_yaml);
+    assert!(attached(), "agents attached after the outages");
+    // Healed: every alert of the file resolves, those of the first phase
+    // that these outages raised again included.
+    let all: Vec<&str> = alert_names.iter().map(String::as_str).collect();
+    until_resolved(&prom, &all, Duration::from_secs(90), "outages healed");
 
     // Every alert of the file was seen firing in one phase or the other.
     let seen: BTreeSet<&str> = trouble.iter().chain(&outages).copied().collect();
@@ -638,5 +725,5 @@ fn every_panel_and_rule_returns_data_and_every_alert_fires_and_resolves() {
         .collect();
     assert!(never.is_empty(), "alerts this test never fires: {never:?}");
     drop(load);
-    drop(agent);
+    drop((agent_1, agent_2));
 }

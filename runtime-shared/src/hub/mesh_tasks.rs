@@ -348,8 +348,7 @@ async fn run_link<R: HubRt>(
             peer_label = shared.mesh_replica_at(url);
         }
         let closed = link.state() == LinkState::Closed;
-        if reporter.cadence.due(Instant::now()) || reporter.state != Some(link.state()) || closed
-        {
+        if reporter.cadence.due(Instant::now()) || reporter.state != Some(link.state()) || closed {
             reporter.report(&shared, link_id, peer_label.as_deref(), &link, &cmd_tx);
         }
         if link.state() == LinkState::Closed {
