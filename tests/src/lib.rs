@@ -1268,3 +1268,83 @@ pub fn mesh_established(h: &HubProc, peer_port: u16) -> bool {
         "nowconnect_mesh_links{{peer=\"wss://127.0.0.1:{peer_port}/mesh\",state=\"established\"}}"
     )) == 1.0
 }
+
+// ---- Benchmarks: bulk transfers, metric families, process memory
+
+/// A TCP sink on loopback: reads each connection until EOF, then answers
+/// with the byte count (8 bytes, LE).
+pub fn sink_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut n = 0u64;
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k as u64,
+                    }
+                }
+                let _ = s.write_all(&n.to_le_bytes());
+            });
+        }
+    });
+    addr
+}
+
+/// Send `bytes` to a [`sink_server`] (directly or through a tunnel) on one
+/// connection and wait for its count: the flow's throughput in bytes/s.
+/// Panics if the path fails or the sink saw another count.
+pub fn bulk_throughput(addr: SocketAddr, bytes: u64) -> f64 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    let buf = vec![0x5au8; 256 * 1024];
+    let start = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let k = left.min(buf.len() as u64) as usize;
+        s.write_all(&buf[..k]).unwrap();
+        left -= k as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = [0u8; 8];
+    s.read_exact(&mut got).unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(
+        u64::from_le_bytes(got),
+        bytes,
+        "sink saw a different byte count"
+    );
+    bytes as f64 / secs
+}
+
+/// The sum of every sample of the metric family `name` (any labels) whose
+/// label set contains `label` (e.g. `reason="queue_full"`), or of all of
+/// them when `label` is `None`; 0 when there is none. Unlike
+/// [`metric_value`] it does not depend on how the other labels are spelled.
+pub fn metric_sum(text: &str, name: &str, label: Option<&str>) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, v) = l.rsplit_once(' ')?;
+            let (n, labels) = series.split_once('{').unwrap_or((series, ""));
+            (n == name && label.is_none_or(|want| labels.contains(want)))
+                .then(|| v.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`, ...); 0 when
+/// the process or the field is gone.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let v = l.strip_prefix(field)?.strip_prefix(':')?;
+            v.split_whitespace().next()?.parse().ok()
+        })
+        .unwrap_or(0)
+}
