@@ -1348,3 +1348,94 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// A TCP proxy on loopback to `to` for bulk transfers across a simulated
+/// WAN: like [`delay_proxy`], every byte is passed on `delay` after it was
+/// read (a round trip of 2 × `delay`), but what a direction holds is bounded
+/// by bytes (`max_held`), not by read calls: the bytes read within one
+/// millisecond travel together (each at most 1 ms early), so a fast stream
+/// read in small pieces is not capped at a number of pieces per delay.
+pub fn wan_proxy(to: SocketAddr, delay: Duration, max_held: usize) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for inbound in l.incoming().map_while(Result::ok) {
+            let Ok(outbound) = TcpStream::connect(to) else {
+                continue;
+            };
+            let _ = inbound.set_nodelay(true);
+            let _ = outbound.set_nodelay(true);
+            let back = (outbound.try_clone().unwrap(), inbound.try_clone().unwrap());
+            held_pipe(inbound, outbound, delay, max_held);
+            held_pipe(back.0, back.1, delay, max_held);
+        }
+    });
+    addr
+}
+
+/// What one direction of a [`wan_proxy`] holds: chunks with the instant
+/// each is due, their total size, and whether the reader saw the end.
+#[derive(Default)]
+struct Held {
+    chunks: std::collections::VecDeque<(Instant, Vec<u8>)>,
+    bytes: usize,
+    eof: bool,
+}
+
+fn held_pipe(mut from: TcpStream, mut into: TcpStream, delay: Duration, max_held: usize) {
+    let state = std::sync::Arc::new((
+        std::sync::Mutex::new(Held::default()),
+        std::sync::Condvar::new(),
+    ));
+    let reader_state = state.clone();
+    std::thread::spawn(move || {
+        let (lock, cv) = &*reader_state;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = from.read(&mut buf).unwrap_or(0);
+            let mut h = cv
+                .wait_while(lock.lock().unwrap(), |h| h.bytes >= max_held)
+                .unwrap();
+            if n == 0 {
+                h.eof = true;
+                cv.notify_all();
+                return;
+            }
+            let due = Instant::now() + delay;
+            match h.chunks.back_mut() {
+                Some((d, c)) if due < *d + Duration::from_millis(1) => {
+                    c.extend_from_slice(&buf[..n])
+                }
+                _ => h.chunks.push_back((due, buf[..n].to_vec())),
+            }
+            h.bytes += n;
+            cv.notify_all();
+        }
+    });
+    std::thread::spawn(move || {
+        let (lock, cv) = &*state;
+        loop {
+            let due = {
+                let h = cv
+                    .wait_while(lock.lock().unwrap(), |h| h.chunks.is_empty() && !h.eof)
+                    .unwrap();
+                match h.chunks.front() {
+                    Some((due, _)) => *due,
+                    None => break,
+                }
+            };
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            let chunk = {
+                let mut h = lock.lock().unwrap();
+                let (_, c) = h.chunks.pop_front().expect("only this thread takes");
+                h.bytes -= c.len();
+                cv.notify_all();
+                c
+            };
+            if into.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let _ = into.shutdown(std::net::Shutdown::Write);
+    });
+}

@@ -3,10 +3,13 @@
 //! `ha.mesh.send_queue_depth` and the number of parallel flows (issue #22).
 //!
 //! For each mesh delay D (one way, ms; a round trip of 2D), one cluster per
-//! (inflight cap, queue depth): Redis, hub-a and hub-b meshed with each
+//! (inflight cap, queue depth) pair measured (one factor at a time: each cap
+//! at queue depth 1000, each depth at the 8-MiB cap; every pair with
+//! `--full-grid`): Redis, hub-a and hub-b meshed with each
 //! other, an agent on hub-a serving a sink. With D > 0 each hub's
 //! `ha.mesh.peers` URL names a delay proxy in front of the other hub's mesh
-//! port (the proxy passes the TLS bytes on D ms later, in each direction).
+//! port (`wan_proxy`: the TLS bytes passed on D ms later, in each
+//! direction, with up to 64 MiB held per direction).
 //! Clients connect to hub-b, so every byte crosses the mesh from hub-b (the
 //! entry hub, whose mesh link sends the data) to hub-a (the owner).
 //!
@@ -22,8 +25,8 @@
 //! reason) are the entry hub's counter deltas over the measured runs.
 //!
 //!   NOWCONNECT_BIN=target/e2e/release/nowconnect target/e2e/release/mesh-capacity \
-//!     [--mesh-delays 0,5,20] [--flows 1,8] [--inflight-mib 4,8,16] [--queue 500,1000,2000] \
-//!     [--bytes N] [--rounds N] [--window BYTES] [--max-window BYTES] [--runtime tokio|async-std]
+//!     [--mesh-delays 0,5,20,50] [--flows 1,8] [--inflight-mib 4,8,16] [--queue 500,1000,2000] \
+//!     [--full-grid] [--bytes N] [--rounds N] [--windows BYTES,BYTES] [--max-window BYTES] [--runtime tokio|async-std]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -33,8 +36,8 @@ use std::time::{Duration, Instant};
 
 use nowconnect_tests::pki::Ca;
 use nowconnect_tests::{
-    AgentProc, Env, HubProc, RedisProc, Runtime, bulk_throughput, delay_proxy, eventually,
-    http_get, meshed_pair_with, metric_sum, proc_status_kib, sink_server,
+    AgentProc, Env, HubProc, RedisProc, Runtime, bulk_throughput, eventually, http_get,
+    meshed_pair_with, metric_sum, proc_status_kib, sink_server, wan_proxy,
 };
 
 const MIB: f64 = 1048576.0;
@@ -160,6 +163,35 @@ fn measure(c: &Cluster, flows: usize, bytes: u64, m: &mut Measured) {
     }
 }
 
+/// The (inflight MiB, queue depth) pairs measured: every pair with
+/// `full`, else one factor at a time: each inflight cap at the default
+/// queue depth (1000) and each queue depth at the default cap (8 MiB),
+/// when the lists hold them (else at the first of the list),
+/// which is all the queue dimension needs while queue depth changes
+/// nothing (see `docs/performance.md`, issue #22).
+fn grid(inflights: &[u64], queues: &[usize], full: bool) -> Vec<(u64, usize)> {
+    // The defaults when listed, else the first of each list.
+    let base_i = if inflights.contains(&8) {
+        8
+    } else {
+        inflights[0]
+    };
+    let base_q = if queues.contains(&1000) {
+        1000
+    } else {
+        queues[0]
+    };
+    let mut g = Vec::new();
+    for &i in inflights {
+        for &q in queues {
+            if full || q == base_q || i == base_i {
+                g.push((i, q));
+            }
+        }
+    }
+    g
+}
+
 fn list<T: std::str::FromStr>(s: &str, what: &str) -> Vec<T> {
     s.split(',')
         .map(|v| v.trim().parse().unwrap_or_else(|_| panic!("{what}: {v}")))
@@ -173,115 +205,118 @@ fn median_spread(v: &[f64]) -> (f64, f64, f64) {
 }
 
 fn main() {
-    let mut delays: Vec<u64> = vec![0, 5, 20];
+    let mut delays: Vec<u64> = vec![0, 5, 20, 50];
     let mut flow_counts: Vec<usize> = vec![1, 8];
     let mut inflights: Vec<u64> = vec![4, 8, 16];
     let mut queues: Vec<usize> = vec![500, 1000, 2000];
     let mut bytes: u64 = 256 << 20;
     let mut rounds = 3;
-    let mut window: Option<u32> = None;
+    // Each flow's starting window (`tunnel.window_bytes`): the default,
+    // and 1 MiB, with which 8 flows want more than the smaller caps allow.
+    let mut windows: Vec<u32> = vec![262144, 1048576];
     let mut max_window: Option<u32> = None;
     let mut rt = Runtime::Tokio;
+    let mut full_grid = false;
     let args: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < args.len() {
         let v = args.get(i + 1).map(String::as_str).unwrap_or("");
         match args[i].as_str() {
+            "--full-grid" => {
+                full_grid = true;
+                i += 1;
+                continue;
+            }
             "--mesh-delays" => delays = list(v, "--mesh-delays D,D,..."),
             "--flows" => flow_counts = list(v, "--flows F,F,..."),
             "--inflight-mib" => inflights = list(v, "--inflight-mib M,M,..."),
             "--queue" => queues = list(v, "--queue Q,Q,..."),
             "--bytes" => bytes = v.parse().expect("--bytes N"),
             "--rounds" => rounds = v.parse().expect("--rounds N"),
-            "--window" => window = Some(v.parse().expect("--window BYTES")),
+            "--windows" => windows = list(v, "--windows W,W,..."),
             "--max-window" => max_window = Some(v.parse().expect("--max-window BYTES")),
             "--runtime" => rt = Runtime::parse_list(v)[0],
             other => panic!("unknown argument {other}"),
         }
         i += 2;
     }
-    let mut tunnel_keys = String::new();
-    if let Some(w) = window {
-        tunnel_keys += &format!("  window_bytes: {w}\n");
-    }
-    if let Some(m) = max_window {
-        tunnel_keys += &format!("  max_window_bytes: {m}\n");
-    }
     let env = Env::new();
     let sink = sink_server();
     let started = Instant::now();
     println!(
-        "# mesh capacity: {} MiB per run, {rounds} alternating rounds, hubs and agent on {}; tunnel windows: {}",
+        "# mesh capacity: {} MiB per run, {rounds} alternating rounds, hubs and agent on {}; tunnel.max_window_bytes {}",
         bytes >> 20,
         rt.name(),
-        if tunnel_keys.is_empty() {
-            "defaults (256 KiB, growing to 4 MiB)".to_string()
-        } else {
-            tunnel_keys.trim().replace('\n', ",")
-        }
+        max_window.map_or("default (4 MiB)".to_string(), |m| m.to_string())
     );
-    for &delay_ms in &delays {
+    for (&window, &delay_ms) in windows
+        .iter()
+        .flat_map(|w| delays.iter().map(move |d| (w, d)))
+    {
+        let mut tunnel_keys = format!("  window_bytes: {window}\n");
+        if let Some(m) = max_window {
+            tunnel_keys += &format!("  max_window_bytes: {}\n", m.max(window));
+        }
         let delay = Duration::from_millis(delay_ms);
         let mut clusters = Vec::new();
-        for &inflight_mib in &inflights {
-            for &queue in &queues {
-                let inflight = inflight_mib << 20;
-                let name = format!("d{delay_ms}-i{inflight_mib}-q{queue}");
-                let dir = env.path().join(&name);
-                std::fs::create_dir_all(&dir).unwrap();
-                let redis = RedisProc::start(&dir);
-                let mesh_keys = format!(
-                    "  mesh:\n    send_queue_depth: {queue}\n    per_link_max_inflight_bytes: {inflight}\n"
-                );
-                // Each hub's peer URL names a delay proxy in front of the
-                // other hub's mesh port.
-                let edit = |y: String| {
-                    let mut y = y
-                        .replace("  mesh:\n", &mesh_keys)
-                        .replace("tunnel:\n", &format!("tunnel:\n{tunnel_keys}"));
-                    if !delay.is_zero() {
-                        let at = y.find("wss://127.0.0.1:").expect("peer URL") + 16;
-                        let port: u16 = y[at..at + 5].split('/').next().unwrap().parse().unwrap();
-                        let proxy = delay_proxy(SocketAddr::from(([127, 0, 0, 1], port)), delay);
-                        y = y.replace(
-                            &format!("wss://127.0.0.1:{port}/mesh"),
-                            &format!("wss://127.0.0.1:{}/mesh", proxy.port()),
-                        );
-                    }
-                    y + "log:\n  level: warn\n"
-                };
-                let (owner, entry, _, _) = meshed_pair_with(
-                    [rt; 2],
-                    &env,
-                    "active",
-                    &redis,
-                    &Ca::new("capacity mesh CA"),
-                    &edit,
-                );
-                let id = format!("cap-{name}");
-                let agent = AgentProc::start_on(
-                    rt,
-                    &dir,
+        for (inflight_mib, queue) in grid(&inflights, &queues, full_grid) {
+            let inflight = inflight_mib << 20;
+            let name = format!("w{window}-d{delay_ms}-i{inflight_mib}-q{queue}");
+            let dir = env.path().join(&name);
+            std::fs::create_dir_all(&dir).unwrap();
+            let redis = RedisProc::start(&dir);
+            let mesh_keys = format!(
+                "  mesh:\n    send_queue_depth: {queue}\n    per_link_max_inflight_bytes: {inflight}\n"
+            );
+            // Each hub's peer URL names a delay proxy in front of the
+            // other hub's mesh port.
+            let edit = |y: String| {
+                let mut y = y
+                    .replace("  mesh:\n", &mesh_keys)
+                    .replace("tunnel:\n", &format!("tunnel:\n{tunnel_keys}"));
+                if !delay.is_zero() {
+                    let at = y.find("wss://127.0.0.1:").expect("peer URL") + 16;
+                    let port: u16 = y[at..at + 5].split('/').next().unwrap().parse().unwrap();
+                    let proxy =
+                        wan_proxy(SocketAddr::from(([127, 0, 0, 1], port)), delay, 64 << 20);
+                    y = y.replace(
+                        &format!("wss://127.0.0.1:{port}/mesh"),
+                        &format!("wss://127.0.0.1:{}/mesh", proxy.port()),
+                    );
+                }
+                y + "log:\n  level: warn\n"
+            };
+            let (owner, entry, _, _) = meshed_pair_with(
+                [rt; 2],
+                &env,
+                "active",
+                &redis,
+                &Ca::new("capacity mesh CA"),
+                &edit,
+            );
+            let id = format!("cap-{name}");
+            let agent = AgentProc::start_on(
+                rt,
+                &dir,
+                &id,
+                &(env.agent_yaml(
                     &id,
-                    &(env.agent_yaml(
-                        &id,
-                        &[owner.http],
-                        &[("ldap", sink)],
-                        "log:\n  level: warn\n",
-                    ) + &tunnel_keys.replace("  ", "")),
-                    &env.token(&id, None),
-                );
-                clusters.push(Cluster {
-                    inflight,
-                    queue,
-                    _redis: redis,
-                    entry,
-                    owner,
-                    _agent: agent,
-                    idle_rss_kib: [0; 2],
-                    results: vec![Measured::default(); flow_counts.len()],
-                });
-            }
+                    &[owner.http],
+                    &[("ldap", sink)],
+                    "log:\n  level: warn\n",
+                ) + &tunnel_keys.replace("  ", "")),
+                &env.token(&id, None),
+            );
+            clusters.push(Cluster {
+                inflight,
+                queue,
+                _redis: redis,
+                entry,
+                owner,
+                _agent: agent,
+                idle_rss_kib: [0; 2],
+                results: vec![Measured::default(); flow_counts.len()],
+            });
         }
         for c in &clusters {
             assert!(
@@ -314,7 +349,7 @@ fn main() {
                 }
             }
             eprintln!(
-                "mesh delay {delay_ms} ms: round {} of {rounds} done ({:.0} s)",
+                "window {window}, mesh delay {delay_ms} ms: round {} of {rounds} done ({:.0} s)",
                 round + 1,
                 started.elapsed().as_secs_f64()
             );
@@ -322,12 +357,13 @@ fn main() {
         let rtt = 2 * delay_ms;
         println!();
         println!(
-            "## mesh round trip {rtt} ms{}",
+            "## mesh round trip {rtt} ms{}, flow window {} KiB at the start",
             if delay_ms == 0 {
                 " (loopback, no proxy)".to_string()
             } else {
                 format!(" (delay proxy, {delay_ms} ms each way)")
-            }
+            },
+            window / 1024
         );
         println!();
         println!(
