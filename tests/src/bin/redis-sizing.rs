@@ -182,11 +182,10 @@ impl Cluster {
         let total = epochs.len();
         let start = tokio::time::Instant::now();
         let mut set = tokio::task::JoinSet::new();
-        for i in 0..total {
+        for (i, &epoch) in epochs.iter().enumerate() {
             let a = first + i / shape.slots as usize;
             let slot = (i % shape.slots as usize) as u8;
             let (r, reg) = self.owner_of(a, slot);
-            let epoch = epochs[i];
             let connectors = shape.connectors_of(a);
             let at = pace.map(|p| start + p.mul_f64(i as f64 / total as f64));
             set.spawn(async move {
