@@ -1375,3 +1375,174 @@ pub fn peer_labels_in(text: &str) -> std::collections::BTreeSet<String> {
         })
         .collect()
 }
+
+// ---- Benchmarks: bulk transfers, metric families, process memory
+
+/// A TCP sink on loopback: reads each connection until EOF, then answers
+/// with the byte count (8 bytes, LE).
+pub fn sink_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut n = 0u64;
+                loop {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k as u64,
+                    }
+                }
+                let _ = s.write_all(&n.to_le_bytes());
+            });
+        }
+    });
+    addr
+}
+
+/// Send `bytes` to a [`sink_server`] (directly or through a tunnel) on one
+/// connection and wait for its count: the flow's throughput in bytes/s.
+/// Panics if the path fails or the sink saw another count.
+pub fn bulk_throughput(addr: SocketAddr, bytes: u64) -> f64 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_nodelay(true).unwrap();
+    let buf = vec![0x5au8; 256 * 1024];
+    let start = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let k = left.min(buf.len() as u64) as usize;
+        s.write_all(&buf[..k]).unwrap();
+        left -= k as u64;
+    }
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = [0u8; 8];
+    s.read_exact(&mut got).unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(
+        u64::from_le_bytes(got),
+        bytes,
+        "sink saw a different byte count"
+    );
+    bytes as f64 / secs
+}
+
+/// The sum of every sample of the metric family `name` (any labels) whose
+/// label set contains `label` (e.g. `reason="queue_full"`), or of all of
+/// them when `label` is `None`; 0 when there is none. Unlike
+/// [`metric_value`] it does not depend on how the other labels are spelled.
+pub fn metric_sum(text: &str, name: &str, label: Option<&str>) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, v) = l.rsplit_once(' ')?;
+            let (n, labels) = series.split_once('{').unwrap_or((series, ""));
+            (n == name && label.is_none_or(|want| labels.contains(want)))
+                .then(|| v.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`, ...); 0 when
+/// the process or the field is gone.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let v = l.strip_prefix(field)?.strip_prefix(':')?;
+            v.split_whitespace().next()?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// A TCP proxy on loopback to `to` for bulk transfers across a simulated
+/// WAN: like [`delay_proxy`], every byte is passed on `delay` after it was
+/// read (a round trip of 2 × `delay`), but what a direction holds is bounded
+/// by bytes (`max_held`), not by read calls: the bytes read within one
+/// millisecond travel together (each at most 1 ms early), so a fast stream
+/// read in small pieces is not capped at a number of pieces per delay.
+pub fn wan_proxy(to: SocketAddr, delay: Duration, max_held: usize) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for inbound in l.incoming().map_while(Result::ok) {
+            let Ok(outbound) = TcpStream::connect(to) else {
+                continue;
+            };
+            let _ = inbound.set_nodelay(true);
+            let _ = outbound.set_nodelay(true);
+            let back = (outbound.try_clone().unwrap(), inbound.try_clone().unwrap());
+            held_pipe(inbound, outbound, delay, max_held);
+            held_pipe(back.0, back.1, delay, max_held);
+        }
+    });
+    addr
+}
+
+/// What one direction of a [`wan_proxy`] holds: chunks with the instant
+/// each is due, their total size, and whether the reader saw the end.
+#[derive(Default)]
+struct Held {
+    chunks: std::collections::VecDeque<(Instant, Vec<u8>)>,
+    bytes: usize,
+    eof: bool,
+}
+
+fn held_pipe(mut from: TcpStream, mut into: TcpStream, delay: Duration, max_held: usize) {
+    let state = std::sync::Arc::new((
+        std::sync::Mutex::new(Held::default()),
+        std::sync::Condvar::new(),
+    ));
+    let reader_state = state.clone();
+    std::thread::spawn(move || {
+        let (lock, cv) = &*reader_state;
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = from.read(&mut buf).unwrap_or(0);
+            let mut h = cv
+                .wait_while(lock.lock().unwrap(), |h| h.bytes >= max_held)
+                .unwrap();
+            if n == 0 {
+                h.eof = true;
+                cv.notify_all();
+                return;
+            }
+            let due = Instant::now() + delay;
+            match h.chunks.back_mut() {
+                Some((d, c)) if due < *d + Duration::from_millis(1) => {
+                    c.extend_from_slice(&buf[..n])
+                }
+                _ => h.chunks.push_back((due, buf[..n].to_vec())),
+            }
+            h.bytes += n;
+            cv.notify_all();
+        }
+    });
+    std::thread::spawn(move || {
+        let (lock, cv) = &*state;
+        loop {
+            let due = {
+                let h = cv
+                    .wait_while(lock.lock().unwrap(), |h| h.chunks.is_empty() && !h.eof)
+                    .unwrap();
+                match h.chunks.front() {
+                    Some((due, _)) => *due,
+                    None => break,
+                }
+            };
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            let chunk = {
+                let mut h = lock.lock().unwrap();
+                let (_, c) = h.chunks.pop_front().expect("only this thread takes");
+                h.bytes -= c.len();
+                cv.notify_all();
+                c
+            };
+            if into.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+        let _ = into.shutdown(std::net::Shutdown::Write);
+    });
+}

@@ -25,7 +25,7 @@
 //!   cargo run --release -p nowconnect-tests --bin tunnel-bench -- [--bytes N] [--echoes N] [--runtimes tokio,async-std] [--mesh] [--reference] [--window BYTES] [--max-window BYTES] [--worker-threads N] [--delay-ms D]
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,54 +33,9 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use nowconnect_tests::pki::Ca;
 use nowconnect_tests::{
-    AgentProc, Env, HubProc, RedisProc, Runtime, delay_proxy, echo_server, eventually,
-    meshed_pair_with, pair_ready,
+    AgentProc, Env, HubProc, RedisProc, Runtime, bulk_throughput, delay_proxy, echo_server,
+    eventually, meshed_pair_with, pair_ready, sink_server,
 };
-
-/// Reads until EOF, then answers with the byte count (8 bytes, LE).
-fn sink_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for mut s in l.incoming().map_while(Result::ok) {
-            std::thread::spawn(move || {
-                let mut buf = vec![0u8; 256 * 1024];
-                let mut n = 0u64;
-                loop {
-                    match s.read(&mut buf) {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => n += k as u64,
-                    }
-                }
-                let _ = s.write_all(&n.to_le_bytes());
-            });
-        }
-    });
-    addr
-}
-
-fn throughput(addr: SocketAddr, bytes: u64) -> f64 {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_nodelay(true).unwrap();
-    let buf = vec![0x5au8; 256 * 1024];
-    let start = Instant::now();
-    let mut left = bytes;
-    while left > 0 {
-        let k = left.min(buf.len() as u64) as usize;
-        s.write_all(&buf[..k]).unwrap();
-        left -= k as u64;
-    }
-    s.shutdown(std::net::Shutdown::Write).unwrap();
-    let mut got = [0u8; 8];
-    s.read_exact(&mut got).unwrap();
-    let secs = start.elapsed().as_secs_f64();
-    assert_eq!(
-        u64::from_le_bytes(got),
-        bytes,
-        "sink saw a different byte count"
-    );
-    bytes as f64 / secs
-}
 
 /// 1 KiB echo latency of each address over one connection each, one round
 /// trip to each in turn (after 200 unrecorded ones).
@@ -128,7 +83,7 @@ const RUNS: usize = 3;
 /// [`RUNS`], is added to its entry of `cpu`.
 fn measured_run(addr: SocketAddr, bytes: u64, pids: &[u32], rates: &mut Vec<f64>, cpu: &mut [f64]) {
     let before: Vec<f64> = pids.iter().map(|p| cpu_secs(*p)).collect();
-    rates.push(throughput(addr, bytes));
+    rates.push(bulk_throughput(addr, bytes));
     let gib = bytes as f64 / (1u64 << 30) as f64;
     for ((c, p), b) in cpu.iter_mut().zip(pids).zip(before) {
         *c += (cpu_secs(*p) - b) / gib / RUNS as f64;
@@ -338,12 +293,12 @@ fn main() {
     let ref_echo = reference.then(|| hub_shaped_chain(echo, thread_count));
 
     // Warm up every path, then alternate direct and tunnel runs.
-    throughput(sink, bytes / 8);
+    bulk_throughput(sink, bytes / 8);
     for (s, _) in &names {
-        throughput(listener(s), bytes / 8);
+        bulk_throughput(listener(s), bytes / 8);
     }
     if let Some(chain) = &ref_sink {
-        throughput(chain[0].addr, bytes / 8);
+        bulk_throughput(chain[0].addr, bytes / 8);
     }
     let mut direct = Vec::new();
     let mut tunnel: Vec<Vec<f64>> = vec![Vec::new(); names.len()];
@@ -351,7 +306,7 @@ fn main() {
     let mut relayed = Vec::new();
     let mut relay_cpu = [0.0; 2];
     for _ in 0..RUNS {
-        direct.push(throughput(sink, bytes));
+        direct.push(bulk_throughput(sink, bytes));
         for (k, (s, _)) in names.iter().enumerate() {
             let pids = [hubs[k].proc.pid(), agents[k].proc.pid()];
             measured_run(listener(s), bytes, &pids, &mut tunnel[k], &mut cpu[k]);
@@ -469,7 +424,7 @@ fn main() {
         drop(ref_echo);
         let ref_mesh = reference.then(|| mesh_shaped_chain(sink, thread_count, env.path()));
         if let Some(chain) = &ref_mesh {
-            throughput(chain[0].addr, bytes / 8);
+            bulk_throughput(chain[0].addr, bytes / 8);
         }
         println!(
             "## one-flow throughput across the mesh ({} MiB per run, median of {RUNS})",
@@ -510,7 +465,7 @@ fn main() {
                 std::thread::sleep(Duration::from_millis(1500));
             }
             let via = b.listener("ldap");
-            throughput(via, bytes / 8);
+            bulk_throughput(via, bytes / 8);
             let (mut d, mut m) = (Vec::new(), Vec::new());
             let pids = [b.proc.pid(), a.proc.pid(), agent.proc.pid()];
             let mut cpu = [0.0; 3];
@@ -519,7 +474,7 @@ fn main() {
             // The bare relays in the hubs' and agent's places.
             let rpids: Vec<u32> = ref_mesh.iter().flatten().map(Relay::pid).collect();
             for _ in 0..RUNS {
-                d.push(throughput(sink, bytes));
+                d.push(bulk_throughput(sink, bytes));
                 measured_run(via, bytes, &pids, &mut m, &mut cpu);
                 if let Some(chain) = &ref_mesh {
                     measured_run(chain[0].addr, bytes, &rpids, &mut r, &mut rcpu);
