@@ -631,14 +631,14 @@ fn every_panel_and_rule_returns_data_and_every_alert_fires_and_resolves() {
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 let _ = echo_once(to, b"x");
-                std::thread::sleep(Duration::from_millis(200));
+                std::thread::sleep(Duration::from_millis(500));
             }
         })
     };
     gate_tb.close();
     gate_a.set_delay(Duration::from_millis(40));
     gate_b.set_delay(Duration::from_millis(40));
-    load.set_mesh_percent(80);
+    load.set_mesh_percent(100);
     let trouble = [
         "NowConnectConfigReloadFailed",
         "NowConnectEpochMismatches",
@@ -662,6 +662,8 @@ fn every_panel_and_rule_returns_data_and_every_alert_fires_and_resolves() {
             "nowconnect_tunnel_auth_failures_total",
             "nowconnect_agent_tunnels_established",
             "nowconnect_agent_target_dial_errors_total",
+            "nowconnect:flows_cross_replica:ratio_rate5m",
+            "sum by (instance, route) (rate(nowconnect_flows_total[10s]))",
         ],
     );
     std::fs::write(&cfg_a, &good_cfg).unwrap();
