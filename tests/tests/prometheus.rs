@@ -440,6 +440,7 @@ fn until_resolved(prom: &Prometheus, names: &[&str], within: Duration, what: &st
 
 #[test]
 fn every_panel_and_rule_returns_data_and_every_alert_fires_and_resolves() {
+    let t0 = Instant::now();
     let env = Env::new();
     let mut redis = RedisProc::start(env.path());
     let echo = echo_server();
@@ -523,6 +524,7 @@ fn every_panel_and_rule_returns_data_and_every_alert_fires_and_resolves() {
         })
     };
     assert!(attached(), "agents attached");
+    eprintln!("cluster up in {:?}", t0.elapsed());
 
     let rules_text = std::fs::read_to_string(deploy().join("prometheus/alerts.yml")).unwrap();
     let (rules, alert_names, record_names) = shortened_rules(&rules_text);
@@ -541,6 +543,7 @@ fn every_panel_and_rule_returns_data_and_every_alert_fires_and_resolves() {
         ],
     );
     let load = Load::start(hub_a.listener("ldap"), hub_b.listener("ldap"));
+    eprintln!("prometheus up in {:?}", t0.elapsed());
 
     // Every target is scraped.
     assert!(
@@ -740,4 +743,5 @@ fn every_panel_and_rule_returns_data_and_every_alert_fires_and_resolves() {
     assert!(never.is_empty(), "alerts this test never fires: {never:?}");
     drop(load);
     drop((agent_1, agent_2));
+    eprintln!("done in {:?}", t0.elapsed());
 }
