@@ -420,10 +420,12 @@ fn mesh_certificates_rotate_on_file_change_without_dropping_the_link() {
         &env.agent_yaml("agent-1", &[a.http], &[("ldap", echo)], ""),
         &env.token("agent-1", None),
     );
+    // Both links up (each hub's own dial), so that neither reconnects
+    // later for a reason of its own.
     assert!(eventually(Duration::from_secs(15), || {
         a.metric("nowconnect_agents_connected") == 1.0
-            && mesh_established(&a, "hub-b")
-            && mesh_established(&b, "hub-a")
+            && dialed_link_up(&a, pb)
+            && dialed_link_up(&b, pa)
     }));
     // A long-lived flow across the mesh: client → hub-b → hub-a → agent.
     let mut flow = std::net::TcpStream::connect(b.listener("ldap")).unwrap();
@@ -783,11 +785,7 @@ fn a_planted_ws_url_is_not_dialed_and_a_departed_replica_loses_its_link() {
     assert!(still_open.3, "{:?}", peer_labels(&a));
     assert_eq!(a.metric("nowconnect_mesh_peers_departed_total"), 1.0);
     // Departed: its series are gone, and stay gone while it is refused.
-    assert!(
-        !peer_labels(&a).contains("hub-c"),
-        "{:?}",
-        peer_labels(&a)
-    );
+    assert!(!peer_labels(&a).contains("hub-c"), "{:?}", peer_labels(&a));
     a.proc
         .wait_log("mesh peer left the registry", Duration::from_secs(2));
     // Coming back under the same name is refused while it is not registered.

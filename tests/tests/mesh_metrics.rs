@@ -64,7 +64,14 @@ fn scaling_a_cluster_in_leaves_no_series_of_the_departed_hub() {
             &[],
             &ca.issue(env.path(), NAMES[i]),
         )
-        .replace("    peers: []\n", if i == 0 { &configured } else { "    peers: []\n" })
+        .replace(
+            "    peers: []\n",
+            if i == 0 {
+                &configured
+            } else {
+                "    peers: []\n"
+            },
+        )
         .replace(
             "    require_mtls: true\n",
             &format!(
@@ -201,7 +208,8 @@ fn a_cross_replica_flow_counts_once_and_its_mesh_bytes_by_peer() {
     const N: usize = 3 * 1024 * 1024;
     let data = random_bytes(N);
     let mut flow = TcpStream::connect(b.listener("ldap")).unwrap();
-    flow.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    flow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut reader = flow.try_clone().unwrap();
     let echoed = std::thread::spawn(move || {
         let mut back = vec![0u8; N];
@@ -338,7 +346,10 @@ fn a_peer_that_stops_reading_fills_the_queue_to_its_depth_and_recovers() {
     }
     let stalled_drops = drops();
     signal(b.proc.pid(), "-CONT");
-    assert!(full, "queue to hub-b at most {highest} while it did not read");
+    assert!(
+        full,
+        "queue to hub-b at most {highest} while it did not read"
+    );
     assert!(highest <= DEPTH + 4.0, "queue to hub-b reached {highest}");
     assert!(
         stalled_drops > drops_before,

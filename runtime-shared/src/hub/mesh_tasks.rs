@@ -98,7 +98,7 @@ pub async fn serve<R: HubRt>(shared: Arc<Shared<R>>, listener: R::Listener) {
                         Rng::new(rand::random()),
                     );
                     let dial = Dial::Inbound { cert: c.peer_cert };
-                    run_link(shared2, link, format!("inbound from {peer}"), Some(c.ws), dial).await;
+                    run_link(shared2, link, "inbound".into(), Some(c.ws), dial).await;
                 }
                 Err(reason) => {
                     shared2.metrics().mesh_link_errors.inc();
@@ -348,8 +348,7 @@ async fn run_link<R: HubRt>(
             peer_label = shared.mesh_replica_at(url);
         }
         let closed = link.state() == LinkState::Closed;
-        if reporter.cadence.due(Instant::now()) || reporter.state != Some(link.state()) || closed
-        {
+        if reporter.cadence.due(Instant::now()) || reporter.state != Some(link.state()) || closed {
             reporter.report(&shared, link_id, peer_label.as_deref(), &link, &cmd_tx);
         }
         if link.state() == LinkState::Closed {
