@@ -228,6 +228,17 @@ impl MeshLinks {
     pub fn gone(&mut self, m: &Metrics, link: LinkId) {
         if let Some(p) = self.tasks.remove(&link).and_then(|t| t.report.peer) {
             self.export(m, &p);
+            // A departed replica no task knows any more needs no marker: a
+            // new link learns its id only from a listing or an admission,
+            // both of which mean it is registered again. So the set stays
+            // as small as the links that are left.
+            if !self
+                .tasks
+                .values()
+                .any(|t| t.report.peer.as_deref() == Some(p.as_str()))
+            {
+                self.departed.remove(&p);
+            }
         }
     }
 
@@ -235,13 +246,18 @@ impl MeshLinks {
     /// export nothing until it is listed or admitted again. Returns the
     /// command channel of every link task to it (established or not).
     pub fn departed(&mut self, m: &Metrics, replica: &str) -> Vec<MeshTx> {
-        self.departed.insert(replica.to_string());
-        self.export(m, replica);
-        self.tasks
+        let links: Vec<MeshTx> = self
+            .tasks
             .values()
             .filter(|t| t.report.peer.as_deref() == Some(replica))
             .map(|t| t.cmd.clone())
-            .collect()
+            .collect();
+        // Marked only while a link task knows it (see `gone`).
+        if !links.is_empty() {
+            self.departed.insert(replica.to_string());
+        }
+        self.export(m, replica);
+        links
     }
 
     /// `replica` is registered (listed, or admitted on a link) again.

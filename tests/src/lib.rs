@@ -1354,6 +1354,17 @@ pub fn mesh_established(h: &HubProc, peer: &str) -> bool {
     )) == 1.0
 }
 
+/// Whether `h`'s own (outbound) link to the hub whose mesh port is
+/// `peer_port` has been established, from its log: the series tell only
+/// whether some link to a peer is.
+pub fn dialed_link_up(h: &HubProc, peer_port: u16) -> bool {
+    let link = format!("link=wss://127.0.0.1:{peer_port}/mesh");
+    h.proc
+        .log_text()
+        .lines()
+        .any(|l| l.contains("mesh link established") && l.contains(&link))
+}
+
 /// Every `peer` label value among `h`'s exported series (mesh link state,
 /// queue, inflight, backpressure, bytes).
 pub fn peer_labels(h: &HubProc) -> std::collections::BTreeSet<String> {

@@ -222,7 +222,7 @@ fn meshed_with_agent(
     target: SocketAddr,
     both: bool,
 ) -> (HubProc, HubProc, AgentProc) {
-    let (a, b, pa, pb) = meshed_pair_on(d.hubs, env, "active", redis, &Ca::new("mesh CA"));
+    let (a, b, _, _) = meshed_pair_on(d.hubs, env, "active", redis, &Ca::new("mesh CA"));
     let hubs = if both {
         vec![a.http, b.http]
     } else {

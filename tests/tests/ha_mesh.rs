@@ -13,7 +13,7 @@ fn ldap_reaches_an_agent_on_another_hub_through_the_mesh() {
     let redis = RedisProc::start(env.path());
     let slapd = Slapd::start(env.path());
     let ca = Ca::new("mesh CA");
-    let (a, b, pa, pb) = meshed_pair(&env, "active", &redis, &ca);
+    let (a, b, _, _) = meshed_pair(&env, "active", &redis, &ca);
     let _agent = AgentProc::start(
         env.path(),
         "agent",
@@ -94,7 +94,7 @@ fn shadow_mode_serves_locally_and_counts_what_active_would_route() {
     let redis = RedisProc::start(env.path());
     let echo = echo_server();
     let ca = Ca::new("mesh CA");
-    let (a, b, pa, _) = meshed_pair(&env, "shadow", &redis, &ca);
+    let (a, b, _, _) = meshed_pair(&env, "shadow", &redis, &ca);
     let _agent = AgentProc::start(
         env.path(),
         "agent",
@@ -186,7 +186,7 @@ fn when_the_owner_hub_is_killed_the_agent_moves_and_new_flows_work_again() {
     let redis = RedisProc::start(env.path());
     let echo = echo_server();
     let ca = Ca::new("mesh CA");
-    let (mut a, b, pa, _) = meshed_pair(&env, "active", &redis, &ca);
+    let (mut a, b, _, _) = meshed_pair(&env, "active", &redis, &ca);
     let agent_yaml = env.agent_yaml("agent-1", &[a.http, b.http], &[("ldap", echo)], "");
     let agent = AgentProc::start(
         env.path(),
@@ -230,7 +230,7 @@ fn redis_down_refuses_cross_replica_at_once_keeps_local_flows_and_recovers() {
     let mut redis = RedisProc::start(env.path());
     let echo = echo_server();
     let ca = Ca::new("mesh CA");
-    let (a, b, pa, _) = meshed_pair(&env, "active", &redis, &ca);
+    let (a, b, _, _) = meshed_pair(&env, "active", &redis, &ca);
     let _agent = AgentProc::start(
         env.path(),
         "agent",

@@ -420,10 +420,12 @@ fn mesh_certificates_rotate_on_file_change_without_dropping_the_link() {
         &env.agent_yaml("agent-1", &[a.http], &[("ldap", echo)], ""),
         &env.token("agent-1", None),
     );
+    // Both links up (each hub's own dial), so that neither reconnects
+    // later for a reason of its own.
     assert!(eventually(Duration::from_secs(15), || {
         a.metric("nowconnect_agents_connected") == 1.0
-            && mesh_established(&a, "hub-b")
-            && mesh_established(&b, "hub-a")
+            && dialed_link_up(&a, pb)
+            && dialed_link_up(&b, pa)
     }));
     // A long-lived flow across the mesh: client → hub-b → hub-a → agent.
     let mut flow = std::net::TcpStream::connect(b.listener("ldap")).unwrap();

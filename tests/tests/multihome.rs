@@ -37,6 +37,8 @@ fn multihomed(
             .metric("nowconnect_agents_connected")
             == 1.0
             && b.metric("nowconnect_agents_connected") == 1.0
+            && dialed_link_up(&a, pb)
+            && dialed_link_up(&b, pa)
             && mesh_established(&a, "hub-b")
             && mesh_established(&b, "hub-a")),
         "the agent is not on both hubs:\nhub-a:\n{}\nhub-b:\n{}\nagent:\n{}",

@@ -489,7 +489,7 @@ fn tenants_stay_apart_across_the_mesh() {
     let listeners = "listeners:\n  \
                      - { name: l-acme, bind: '127.0.0.1:0', connector: svc, tenant: acme }\n  \
                      - { name: l-globex, bind: '127.0.0.1:0', connector: svc, tenant: globex }\n";
-    let (a, b, pa, pb) = meshed_pair_with([hub_runtime(); 2], &env, "active", &redis, &ca, &|y| {
+    let (a, b, _, _) = meshed_pair_with([hub_runtime(); 2], &env, "active", &redis, &ca, &|y| {
         y.replacen("listeners:\n", listeners, 1)
     });
     let _acme = AgentProc::start(

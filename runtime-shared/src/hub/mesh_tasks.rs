@@ -98,7 +98,7 @@ pub async fn serve<R: HubRt>(shared: Arc<Shared<R>>, listener: R::Listener) {
                         Rng::new(rand::random()),
                     );
                     let dial = Dial::Inbound { cert: c.peer_cert };
-                    run_link(shared2, link, format!("inbound from {peer}"), Some(c.ws), dial).await;
+                    run_link(shared2, link, "inbound".into(), Some(c.ws), dial).await;
                 }
                 Err(reason) => {
                     shared2.metrics().mesh_link_errors.inc();
