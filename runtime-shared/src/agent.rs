@@ -372,9 +372,9 @@ impl<R: AgentRt> Io<R> {
                         tracing::info!(attempt = attempt.0, %code, %reason, "closing the tunnel");
                     } else {
                         tracing::warn!(attempt = attempt.0, %code, %reason, "closing the tunnel");
-                        if node.role(attempt) == Some(LinkRole::Current) {
-                            self.view.failed(node.slot_of(attempt), &reason);
-                        }
+                        // A slot's own tunnel (a duplicate hub, no WELCOME
+                        // in time): why that slot goes on.
+                        self.view.failed(node.slot_of(attempt), &reason);
                     }
                     c.driver.tunnel.close(code, &reason);
                 }
