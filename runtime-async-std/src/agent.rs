@@ -76,7 +76,7 @@ impl AgentRt for AsyncStdAgent {
         &self,
         target: String,
     ) -> impl Future<Output = std::io::Result<TcpStream>> + Send + 'static {
-        async move { TcpStream::connect(target.as_str()).await }
+        TcpStream::connect(target)
     }
 
     fn pipe_target(

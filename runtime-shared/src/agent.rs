@@ -286,7 +286,8 @@ impl<R: AgentRt> Io<R> {
                             let why = format!("tunnel closed: {code}: {reason}");
                             self.view.failed(node.slot_of(*attempt), &why);
                         }
-                        _ => {}
+                        TunnelEvent::Flow(_) => {}
+                        _ => self.view.touch(),
                     }
                     node.tunnel_event(now, *attempt, &ev);
                 }
@@ -372,9 +373,9 @@ impl<R: AgentRt> Io<R> {
                         tracing::info!(attempt = attempt.0, %code, %reason, "closing the tunnel");
                     } else {
                         tracing::warn!(attempt = attempt.0, %code, %reason, "closing the tunnel");
-                        if node.role(attempt) == Some(LinkRole::Current) {
-                            self.view.failed(node.slot_of(attempt), &reason);
-                        }
+                        // A slot's own tunnel (a duplicate hub, no WELCOME
+                        // in time): why that slot goes on.
+                        self.view.failed(node.slot_of(attempt), &reason);
                     }
                     c.driver.tunnel.close(code, &reason);
                 }
@@ -449,6 +450,12 @@ impl<R: AgentRt> Io<R> {
     }
 
     fn on_internal(&mut self, node: &mut AgentNode, now: Instant, i: Internal<R>) {
+        if matches!(
+            i,
+            Internal::HubConnected { .. } | Internal::HubFailed { .. }
+        ) {
+            self.view.touch();
+        }
         match i {
             Internal::HubConnected {
                 attempt,
@@ -562,6 +569,7 @@ impl<R: AgentRt> Io<R> {
     }
 
     fn on_timer(&mut self, node: &mut AgentNode, now: Instant) {
+        self.view.touch();
         let cfg = &self.cfg;
         self.renewal
             .renew(now, || cfg.current_token(), presented(&mut self.conns));
@@ -735,6 +743,7 @@ async fn run_agent<R: AgentRt>(
             Wake::Stop => {
                 io.stopping = true;
                 node.stop();
+                io.view.touch();
                 io.execute(&mut node);
                 io.flush_closed().await;
                 if let Some(t) = server {

@@ -3,11 +3,13 @@
 //! `nowconnect_agent_reconnects_total`), and for `/readyz` whether a tunnel
 //! is established and, when none is, why each slot is not.
 //!
-//! The agent loop ([`crate::agent`]) tells [`TunnelView`] what it dials and
-//! why dials fail, and after every wake-up lets it compare the node's slot
-//! states with what it last exported: a handful of small values compared,
-//! nothing allocated, and the gauges and the readiness touched only when
-//! something changed. The HTTP task reads the readiness from
+//! The agent loop ([`crate::agent`]) tells [`TunnelView`] what it dials,
+//! why dials fail and when the node took an input that may move a tunnel
+//! ([`TunnelView::touch`]: not a flow's data); after such a wake-up the view
+//! compares the node's slot states with what it last exported (a handful
+//! of small values, nothing allocated) and touches the gauges and the
+//! readiness only when something changed. Wake-ups that only move data
+//! cost one flag test. The HTTP task reads the readiness from
 //! [`AgentStatus`], never the agent loop's state.
 
 use std::collections::BTreeMap;
@@ -89,6 +91,9 @@ pub struct TunnelView {
     /// The hub each attempt dialed, while the attempt is a dial or a link.
     attempts: BTreeMap<AttemptId, usize>,
     shown: Shown,
+    /// The node took an input that may have moved a tunnel since the last
+    /// [`Self::update`].
+    dirty: bool,
     status: Arc<AgentStatus>,
 }
 
@@ -101,6 +106,7 @@ impl TunnelView {
             slots: Vec::new(),
             attempts: BTreeMap::new(),
             shown: [None; 2 * MAX_SLOTS as usize],
+            dirty: true,
             status,
         }
     }
@@ -113,8 +119,15 @@ impl TunnelView {
         &mut self.slots[k]
     }
 
+    /// The node took an input that may move a tunnel (a hub dial's outcome,
+    /// a tunnel event other than a flow's, a timer, the stop).
+    pub fn touch(&mut self) {
+        self.dirty = true;
+    }
+
     /// Slot `k` dials `url` (one of the configured hubs) as `attempt`.
     pub fn dialing(&mut self, k: u8, attempt: AttemptId, url: &str) {
+        self.dirty = true;
         let Some(hub) = self.hubs.iter().position(|h| h == url) else {
             return;
         };
@@ -138,10 +151,14 @@ impl TunnelView {
             .unwrap_or(reason)
             .to_string();
         self.slot(k).error = Some(reason);
+        self.dirty = true;
     }
 
     /// After a wake-up: export what changed in the node's tunnels.
     pub fn update(&mut self, node: &AgentNode) {
+        if !std::mem::take(&mut self.dirty) {
+            return;
+        }
         let mut now: Shown = [None; 2 * MAX_SLOTS as usize];
         for (k, st) in node.slot_states().enumerate() {
             let state = match st {

@@ -70,7 +70,7 @@ impl AgentRt for TokioAgent {
         &self,
         target: String,
     ) -> impl Future<Output = std::io::Result<TcpStream>> + Send + 'static {
-        async move { TcpStream::connect(&target).await }
+        TcpStream::connect(target)
     }
 
     fn pipe_target(
