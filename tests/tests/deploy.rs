@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use nowconnect_tests::pki::Ca;
-use nowconnect_tokio::config::{AgentConfig, ConfigError, HubConfig};
+use nowconnect_tokio::config::{AgentConfig, HubConfig};
 use serde_json::Value;
 
 /// The Kubernetes versions the manifests are validated against: the oldest
@@ -573,30 +573,13 @@ fn the_agent_example_is_accepted_by_the_agent_parser() {
     let text = fs.localize(&fs.read(cfg_path));
     let doc: Value = serde_saphyr::from_str(&text).unwrap();
 
-    let cfg = match AgentConfig::parse(Path::new(cfg_path), &text, None) {
-        Ok(cfg) => cfg,
-        // The agent's `http` key (its /healthz, /readyz and /metrics) is
-        // being added on another branch. Until this parser knows it, and only
-        // while it refuses exactly that key, the rest of the file is checked
-        // without it; the manifest keeps the key. Remove this arm once the
-        // agent parser takes `http`.
-        Err(ConfigError { key, reason, .. })
-            if key == "http" && reason.starts_with("unknown field `http`") =>
-        {
-            eprintln!(
-                "note: this agent parser has no `http` key yet: premise.yaml checked without it"
-            );
-            let mut rest = doc.clone();
-            rest.as_object_mut().unwrap().remove("http");
-            AgentConfig::parse(
-                Path::new(cfg_path),
-                &serde_json::to_string(&rest).unwrap(),
-                None,
-            )
-            .unwrap_or_else(|e| panic!("the agent refuses premise.yaml: {e}"))
-        }
-        Err(e) => panic!("the agent refuses premise.yaml: {e}"),
-    };
+    let cfg = AgentConfig::parse(Path::new(cfg_path), &text, None)
+        .unwrap_or_else(|e| panic!("the agent refuses premise.yaml: {e}"));
+    // The parsed file has the endpoint the probes and scrapes use.
+    assert_eq!(
+        cfg.raw.http.as_ref().map(|h| h.bind.as_str()),
+        str_of(&doc["http"]["bind"], "premise.yaml http.bind").into()
+    );
     // The token is the mounted Secret file, not the environment.
     let token = cfg.raw.token_file.as_ref().expect("token_file");
     assert!(matches!(
