@@ -409,11 +409,26 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 /// its answer; what arrived before a read error (a TLS peer that closes
 /// without close_notify) still counts.
 pub fn http_get_over(s: &mut (impl Read + Write), addr: SocketAddr, path: &str) -> (u16, String) {
-    write!(
+    http_request_over(s, addr, path, "HTTP/1.1")
+}
+
+/// [`http_get_over`] with the HTTP version to ask in: `HTTP/1.0` gets an
+/// answer that is not chunked (servers that chunk 1.1 answers, such as
+/// Prometheus', then write the body as it is).
+pub fn http_request_over(
+    s: &mut (impl Read + Write),
+    addr: SocketAddr,
+    path: &str,
+    version: &str,
+) -> (u16, String) {
+    if write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} {version}\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
     )
-    .unwrap();
+    .is_err()
+    {
+        return (0, String::new());
+    }
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
     let text = String::from_utf8_lossy(&buf).to_string();

@@ -186,22 +186,7 @@ impl Prometheus {
             return (0, String::new());
         };
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        if write!(s, "GET {path} HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr).is_err() {
-            return (0, String::new());
-        }
-        let mut buf = Vec::new();
-        let _ = s.read_to_end(&mut buf);
-        let text = String::from_utf8_lossy(&buf).to_string();
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        (status, body)
+        http_request_over(&mut s, self.addr, path, "HTTP/1.0")
     }
 
     fn api(&self, path: &str) -> serde_json::Value {
