@@ -11,7 +11,7 @@
 //! at most [`MAX_CONNECTIONS`] connections at once (more are closed
 //! unanswered until one ends).
 //!
-//! [`MAX_HEAD`]: crate::http::MAX_HEAD
+//! [`MAX_HEAD`]: crate::http_wire::MAX_HEAD
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,11 +20,11 @@ use std::time::Duration;
 
 use futures_util::io::{AsyncRead, AsyncWrite};
 
-use crate::agent::AgentRt;
 use crate::agent_status::AgentStatus;
 use crate::config::AgentConfig;
-use crate::http::{ops_response, read_head_within, respond, response};
+use crate::http_wire::{ops_response, read_head_within, respond, response};
 use crate::metrics::agent::AgentMetrics;
+use crate::rt::AgentRt;
 
 /// How long a client may take to send its request head.
 pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);

@@ -51,7 +51,7 @@ impl AgentStatus {
                 reasons.push("no tunnel is established".into());
             }
         }
-        crate::http::readiness(&reasons)
+        crate::http_wire::readiness(&reasons)
     }
 }
 

@@ -17,6 +17,7 @@ pub mod agent_status;
 pub mod config;
 pub mod driver;
 pub mod http;
+pub mod http_wire;
 pub mod hub;
 pub mod jwt;
 pub mod keyfiles;

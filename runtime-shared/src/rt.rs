@@ -1,6 +1,8 @@
-//! What the hub needs from an async runtime ([`HubRt`]), and the one type
-//! an adapter hands back to it from an agent tunnel ([`WsIn`], a driver type). The hub
-//! ([`crate::hub`]) is written once over this trait.
+//! What the hub and the agent need from an async runtime ([`HubRt`],
+//! [`AgentRt`]), and the one type an adapter hands back to the hub from an
+//! agent tunnel ([`WsIn`], a driver type). The hub ([`crate::hub`]) and the
+//! agent ([`crate::agent`], its HTTP endpoint [`crate::agent_http`]) are
+//! written once over these traits.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,7 +12,9 @@ use std::time::Duration;
 use nowconnect_core::registry::{RegistryError, RegistryOp, RegistryReply};
 use tungstenite::protocol::WebSocketConfig;
 
-use crate::driver::FlowEnd;
+use async_channel::Receiver;
+
+use crate::driver::{FlowBytes, FlowEnd, InlineWriter, Outgoing};
 use crate::mesh::MeshWs;
 use crate::metrics::Metrics;
 
@@ -87,3 +91,54 @@ pub trait HubRt: Send + Sync + Sized + 'static {
 }
 
 pub use crate::driver::WsIn;
+
+/// What the agent needs from its async runtime: tasks, a timer, the hub's
+/// WebSocket, the target's TCP socket and the listener of its HTTP
+/// endpoint. Everything else is shared.
+pub trait AgentRt: Send + Sync + Sized + 'static {
+    /// A spawned task; dropping it does not stop it.
+    type Task: Send + 'static;
+    /// What the hub sends, as the loop needs it.
+    type Reader: futures_lite::Stream<Item = WsIn> + Unpin + Send + 'static;
+    /// The WebSocket's sending half and its message type.
+    type Sink: futures_util::Sink<Self::Msg> + Unpin + Send + 'static;
+    type Msg: Send + 'static;
+    /// A connected target socket.
+    type Target: Send + 'static;
+    /// The HTTP endpoint's listener (`http.bind`) and the connections it
+    /// accepts.
+    type Listener: Send + Sync + 'static;
+    type Stream: futures_util::io::AsyncRead + futures_util::io::AsyncWrite + Unpin + Send + 'static;
+
+    fn spawn<F: Future<Output = ()> + Send + 'static>(&self, f: F) -> Self::Task;
+    /// Stop a task at its next await point.
+    fn cancel(&self, t: Self::Task);
+    fn sleep(&self, d: Duration) -> impl Future<Output = ()> + Send + 'static;
+    /// Dial the hub at `url` with `token` (TLS for `wss://`).
+    fn connect_hub(
+        &self,
+        url: String,
+        token: String,
+    ) -> impl Future<Output = Result<(Self::Reader, Self::Sink), String>> + Send + 'static;
+    fn connect_target(
+        &self,
+        target: String,
+    ) -> impl Future<Output = std::io::Result<Self::Target>> + Send + 'static;
+    /// Pipe a target socket to its flow, counting its bytes in `bytes`.
+    fn pipe_target(
+        &self,
+        stream: Self::Target,
+        end: FlowEnd,
+        bytes: FlowBytes,
+    ) -> impl Future<Output = ()> + Send + 'static;
+    fn bind(
+        &self,
+        addr: SocketAddr,
+    ) -> impl Future<Output = std::io::Result<Self::Listener>> + Send;
+    fn local_addr(l: &Self::Listener) -> std::io::Result<SocketAddr>;
+    fn accept(
+        l: &Self::Listener,
+    ) -> impl Future<Output = std::io::Result<(Self::Stream, SocketAddr)>> + Send + '_;
+    /// The batched writer of a hub WebSocket.
+    fn writer(sink: Self::Sink, rx: Receiver<Outgoing>) -> InlineWriter<Self::Sink, Self::Msg>;
+}

@@ -326,7 +326,7 @@ impl<R: HubRt> Shared<R> {
                     .count();
             c.node.hub().readiness(known_peers)
         };
-        crate::http::readiness(&reasons)
+        crate::http_wire::readiness(&reasons)
     }
 
     /// The largest WebSocket message or frame a tunnel takes.
