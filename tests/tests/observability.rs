@@ -90,21 +90,16 @@ fn sample_names(exported: &str) -> BTreeSet<String> {
 /// Metric families named in `text` (`nowconnect_...`, without the
 /// `_bucket`/`_sum`/`_count`/`_total` sample suffixes).
 fn families(text: &str) -> BTreeSet<String> {
-    let mut out = BTreeSet::new();
-    let mut rest = text;
-    while let Some(i) = rest.find("nowconnect_") {
-        let tail = &rest[i..];
-        let end = tail
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-            .unwrap_or(tail.len());
-        let mut name = &tail[..end];
-        for suffix in ["_bucket", "_sum", "_count", "_total"] {
-            name = name.strip_suffix(suffix).unwrap_or(name);
-        }
-        out.insert(name.to_string());
-        rest = &tail[end..];
-    }
-    out
+    names(text)
+        .into_iter()
+        .map(|n| {
+            let mut name = n.as_str();
+            for suffix in ["_bucket", "_sum", "_count", "_total"] {
+                name = name.strip_suffix(suffix).unwrap_or(name);
+            }
+            name.to_string()
+        })
+        .collect()
 }
 
 #[test]
