@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 # promtool (Debian's prometheus package) checks the shipped alert rules;
 # nginx (nginx-light: its http_ssl module has ssl_verify_client and
 # $ssl_client_escaped_cert) terminates mesh mTLS in tests/tests/mesh_ingress.rs.
-need_cmds=(redis-server slapd ldapsearch ldapwhoami promtool nginx)
+# nft and iptables make the faults of the chaos run (scripts/chaos.sh).
+need_cmds=(redis-server slapd ldapsearch ldapwhoami promtool nginx nft iptables)
 pkg_of() {
   case "$1" in
     redis-server) echo redis-server ;;
@@ -17,6 +18,8 @@ pkg_of() {
     ldapsearch|ldapwhoami) echo ldap-utils ;;
     promtool) echo prometheus ;;
     nginx) echo nginx-light ;;
+    nft) echo nftables ;;
+    iptables) echo iptables ;;
     python3-venv) echo python3-venv ;;
   esac
 }
@@ -69,12 +72,19 @@ cargo build --release -p nowconnect-tokio --bin nowconnect --target-dir target/e
 cargo build --release -p nowconnect-async-std --bin nowconnect-async-std --target-dir target/e2e
 export NOWCONNECT_BIN="$PWD/target/e2e/release/nowconnect"
 export NOWCONNECT_ASYNC_STD_BIN="$PWD/target/e2e/release/nowconnect-async-std"
+# Every cargo test below selects the whole workspace (then --test picks the
+# suites): another package selection resolves other features and rebuilds
+# most of the workspace (about 4 minutes on 2 cores).
 echo "==> tests"
 cargo test --workspace --release -- --skip ci_seed_budget
 echo "==> the hub suites again, every hub on the async-std runtime"
-NOWCONNECT_HUB_RUNTIME=async-std cargo test --release -p nowconnect-tests \
+NOWCONNECT_HUB_RUNTIME=async-std cargo test --workspace --release \
   --test single_hub --test ha_mesh --test ha_registry --test mesh_fencing \
   --test mesh_ingress --test limits --test observability --test perf --test trust --test redis_tls \
   --test http_edge --test multihome
 echo "==> simulation seed budget (prints what it exercised)"
-cargo test --release -p nowconnect-sim --test world -- ci_seed_budget --nocapture
+cargo test --workspace --release --test world -- ci_seed_budget --nocapture
+echo "==> chaos on a real network: namespaces, partitions, kills, pauses, delay, loss, Redis losses"
+# The chaos binary was built by the tests above (same features: no rebuild).
+CHAOS_BIN="$PWD/target/release/chaos" bash scripts/chaos.sh \
+  --duration "${CHAOS_DURATION:-75s}" --seed "${CHAOS_SEED:-20261207}" --runtimes tokio,async-std

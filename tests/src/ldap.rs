@@ -13,7 +13,7 @@ pub const ADMIN_DN: &str = "cn=admin,dc=example,dc=com";
 pub const ADMIN_PW: &str = "admin-secret";
 pub const USERS: &[&str] = &["alice", "bob"];
 
-fn slapd_path() -> String {
+pub fn slapd_path() -> String {
     for p in ["/usr/sbin/slapd", "/usr/local/sbin/slapd"] {
         if Path::new(p).exists() {
             return p.to_string();
@@ -28,7 +28,15 @@ pub struct Slapd {
 }
 
 impl Slapd {
+    /// A `slapd` on a free loopback port.
     pub fn start(dir: &Path) -> Slapd {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        Self::start_with(dir, addr, Command::new(slapd_path()))
+    }
+
+    /// A `slapd` listening on `addr`, run by `cmd` (the `slapd` binary,
+    /// perhaps behind a wrapper such as `ip netns exec`).
+    pub fn start_with(dir: &Path, addr: SocketAddr, mut cmd: Command) -> Slapd {
         let root = dir.join("slapd");
         let db = root.join("db");
         std::fs::create_dir_all(&db).unwrap();
@@ -77,13 +85,10 @@ impl Slapd {
             "slapadd failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let port = free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let mut cmd = Command::new(slapd_path());
         cmd.arg("-f")
             .arg(&conf)
             .arg("-h")
-            .arg(format!("ldap://127.0.0.1:{port}/"))
+            .arg(format!("ldap://{addr}/"))
             .args(["-d", "0"]);
         let proc = Proc::spawn("slapd", cmd, dir);
         assert!(

@@ -13,6 +13,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 pub mod ldap;
+pub mod netlab;
 
 /// The `nowconnect` binary under test: `$NOWCONNECT_BIN` if set, else built
 /// once (release) into `target/e2e`. A target directory of its own keeps
@@ -290,6 +291,13 @@ impl Drop for Proc {
     }
 }
 
+/// `RUST_LOG=info` unless the caller chose a filter.
+fn default_log_level(cmd: &mut Command) {
+    if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+        cmd.env("RUST_LOG", "info");
+    }
+}
+
 /// A running hub process.
 pub struct HubProc {
     pub proc: Proc,
@@ -309,12 +317,16 @@ impl HubProc {
     /// A hub on the given runtime (same configuration, CLI and endpoints on
     /// each).
     pub fn start_on(rt: Runtime, dir: &Path, name: &str, yaml: &str) -> HubProc {
+        Self::start_with(Command::new(rt.bin()), dir, name, yaml)
+    }
+
+    /// A hub run by `cmd` (a runtime's binary, perhaps behind a wrapper
+    /// such as `ip netns exec`), with its arguments added here.
+    pub fn start_with(mut cmd: Command, dir: &Path, name: &str, yaml: &str) -> HubProc {
         let cfg = dir.join(format!("{name}.yaml"));
         std::fs::write(&cfg, yaml).unwrap();
-        let mut cmd = Command::new(rt.bin());
-        cmd.args(["hub", "--config"])
-            .arg(&cfg)
-            .env("RUST_LOG", "info");
+        cmd.args(["hub", "--config"]).arg(&cfg);
+        default_log_level(&mut cmd);
         let proc = Proc::spawn(name, cmd, dir);
         let line = proc.wait_line("nowconnect hub ready", Duration::from_secs(20));
         // nowconnect hub ready http=127.0.0.1:1234 [ops=…] [mesh=…] listeners=l1=127.0.0.1:389,...
@@ -460,13 +472,23 @@ impl AgentProc {
 
     /// An agent on the given runtime (same configuration and CLI on each).
     pub fn start_on(rt: Runtime, dir: &Path, name: &str, yaml: &str, token: &str) -> AgentProc {
+        Self::start_with(Command::new(rt.bin()), dir, name, yaml, token)
+    }
+
+    /// An agent run by `cmd` (as [`HubProc::start_with`]).
+    pub fn start_with(
+        mut cmd: Command,
+        dir: &Path,
+        name: &str,
+        yaml: &str,
+        token: &str,
+    ) -> AgentProc {
         let cfg = dir.join(format!("{name}.yaml"));
         std::fs::write(&cfg, yaml).unwrap();
-        let mut cmd = Command::new(rt.bin());
         cmd.args(["agent", "--config"])
             .arg(&cfg)
-            .env("NC_TOKEN", token)
-            .env("RUST_LOG", "info");
+            .env("NC_TOKEN", token);
+        default_log_level(&mut cmd);
         let proc = Proc::spawn(name, cmd, dir);
         let line = proc.wait_line("nowconnect agent started", Duration::from_secs(20));
         let http = line

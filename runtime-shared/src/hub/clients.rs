@@ -197,15 +197,23 @@ impl<R: HubRt> Shared<R> {
         let Ok(route) = rx.recv().await else {
             return;
         };
+        let mut local_epoch = None;
         let (tunnel, agent_id, route_kind, open) = match route {
             Route::Local { tunnel, agent_id } => {
-                let link = shared
-                    .control
-                    .lock()
-                    .expect("control lock")
-                    .tunnels
-                    .get(&tunnel)
-                    .cloned();
+                let (link, epoch) = {
+                    let c = shared.control.lock().expect("control lock");
+                    // The tunnel's epoch now (a reclaim after Redis lost
+                    // its data moves it), for the flow's log line.
+                    let epoch = c
+                        .node
+                        .hub()
+                        .owned_tunnels(&agent_id)
+                        .into_iter()
+                        .find(|(t, _)| *t == tunnel)
+                        .map(|(_, e)| e.0);
+                    (c.tunnels.get(&tunnel).cloned(), epoch)
+                };
+                local_epoch = epoch;
                 // The agent knows its connectors by their bare names.
                 let open = OpenRequest::Tunnel {
                     link,
@@ -253,7 +261,7 @@ impl<R: HubRt> Shared<R> {
                 return;
             }
         };
-        tracing::debug!(peer = %crate::logging::client_addr(peer), %connector, agent = %agent_id, cid = end.cid.0, "flow opened");
+        tracing::debug!(peer = %crate::logging::client_addr(peer), %connector, agent = %agent_id, tunnel = tunnel.map(|t| t.0), epoch = local_epoch, cid = end.cid.0, "flow opened");
         shared
             .metrics
             .flows

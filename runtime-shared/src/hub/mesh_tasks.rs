@@ -266,6 +266,7 @@ async fn run_link<R: HubRt>(
                     epoch,
                 } => match shared.mesh_open(&agent_id, &connector, epoch) {
                     Ok((tunnel, tunnel_cmd)) => {
+                        tracing::debug!(peer = ?peer_replica, %agent_id, %connector, epoch = epoch.0, tunnel = tunnel.0, cid = cid.0, "mesh flow opened");
                         // Accepted once the agent's tunnel has taken the
                         // flow (the bridge's Join), refused with the
                         // tunnel's reason if it does not (the core relay).
