@@ -364,12 +364,32 @@ fn run(
             by_label.entry(&a.label).or_default().push(r.as_secs_f64());
         }
     }
-    println!("\nfault                               count  recovery median / max (s)");
+    // New connections served during the faults of each label.
+    let served_in = |label: &str| {
+        let (n, ok) = probes
+            .iter()
+            .filter(|p| {
+                applied
+                    .iter()
+                    .any(|a| a.label == label && p.at >= a.from && p.at < a.healed)
+            })
+            .fold((0u64, 0u64), |(n, ok), p| (n + 1, ok + u64::from(p.ok)));
+        if n == 0 {
+            100.0
+        } else {
+            ok as f64 * 100.0 / n as f64
+        }
+    };
+    println!(
+        "\n| fault | count | new connections served during it | recovery after healing, median / max (s) |"
+    );
+    println!("|---|---|---|---|");
     for (label, mut v) in by_label {
         v.sort_by(f64::total_cmp);
         println!(
-            "{label:<36}{:>5}  {:.2} / {:.2}",
+            "| {label} | {} | {:.1}% | {:.2} / {:.2} |",
             v.len(),
+            served_in(label),
             v[v.len() / 2],
             v[v.len() - 1]
         );
