@@ -203,13 +203,11 @@ impl<R: HubRt> Shared<R> {
                 let (link, epoch) = {
                     let c = shared.control.lock().expect("control lock");
                     // The tunnel's epoch now (a reclaim after Redis lost
-                    // its data moves it), for the flow's log line.
-                    let epoch = c
-                        .node
-                        .hub()
-                        .owned_tunnels(&agent_id)
-                        .into_iter()
-                        .find(|(t, _)| *t == tunnel)
+                    // its data moves it), for the flow's debug line only:
+                    // the open path does not pay for it otherwise.
+                    let epoch = tracing::enabled!(tracing::Level::DEBUG)
+                        .then(|| c.node.hub().owned_tunnels(&agent_id))
+                        .and_then(|owned| owned.into_iter().find(|(t, _)| *t == tunnel))
                         .map(|(_, e)| e.0);
                     (c.tunnels.get(&tunnel).cloned(), epoch)
                 };
