@@ -60,11 +60,17 @@ pub fn run(program: &str, args: &[&str]) -> Result<String, String> {
 const PREFIX: &str = "ncx";
 
 impl Lab {
-    /// A lab with one namespace per name, addressed `10.231.<net>.<10+i>`
-    /// (`net` from `id`), all reachable from the root namespace.
-    pub fn create(id: u32, names: &[&str]) -> Result<Lab, String> {
-        let tag = format!("{PREFIX}{}", id % 10_000);
-        let net = (id % 200 + 20) as u8;
+    /// A lab with one namespace per name, addressed `10.231.<net>.<10+i>`,
+    /// all reachable from the root namespace. `pid` (the running process's)
+    /// names it, so [`Lab::remove_stale`] leaves a live run's lab alone;
+    /// `net` is the first /24 from `pid` on that no route uses yet.
+    pub fn create(pid: u32, names: &[&str]) -> Result<Lab, String> {
+        let tag = format!("{PREFIX}{pid}");
+        let routes = run("ip", &["route", "show"]).unwrap_or_default();
+        let net = (0..200u32)
+            .map(|k| ((pid + k) % 200 + 20) as u8)
+            .find(|n| !routes.contains(&format!("10.231.{n}.0/24")))
+            .ok_or("every 10.231.x.0/24 of the lab range is in use")?;
         let gateway = Ipv4Addr::new(10, 231, net, 1);
         let mut lab = Lab {
             bridge: format!("{tag}br"),
@@ -124,14 +130,26 @@ impl Lab {
         Ok(lab)
     }
 
-    /// Remove namespaces, veths and bridges of earlier labs (`ncx…`) that
-    /// a killed run left behind. Returns how many namespaces it removed.
+    /// Remove namespaces, veths and bridges of earlier labs (`ncx<pid>…`)
+    /// whose process is gone (a killed run); a live run's lab stays.
+    /// Returns how many namespaces it removed.
     pub fn remove_stale() -> usize {
+        // The pid in a lab name: `ncx1234-hub1` or `ncx1234br` / `ncx1234v0`.
+        let stale = |name: &str| {
+            name.strip_prefix(PREFIX)
+                .map(|rest| {
+                    rest.chars()
+                        .take_while(char::is_ascii_digit)
+                        .collect::<String>()
+                })
+                .filter(|pid| !pid.is_empty())
+                .is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+        };
         let list = run("ip", &["netns", "list"]).unwrap_or_default();
         let mut n = 0;
         for line in list.lines() {
             let ns = line.split_whitespace().next().unwrap_or("");
-            if ns.starts_with(PREFIX) && run("ip", &["netns", "del", ns]).is_ok() {
+            if stale(ns) && run("ip", &["netns", "del", ns]).is_ok() {
                 n += 1;
             }
         }
@@ -139,7 +157,7 @@ impl Lab {
         for line in links.lines() {
             if let Some(name) = line.split(": ").nth(1) {
                 let name = name.split('@').next().unwrap_or(name);
-                if name.starts_with(PREFIX) {
+                if stale(name) {
                     let _ = run("ip", &["link", "del", name]);
                 }
             }
