@@ -130,8 +130,9 @@ impl Lab {
         Ok(lab)
     }
 
-    /// Remove namespaces, veths and bridges of earlier labs (`ncx<pid>…`)
-    /// whose process is gone (a killed run); a live run's lab stays.
+    /// Remove namespaces (and the processes still in them), veths and
+    /// bridges of earlier labs (`ncx<pid>…`) whose process is gone (a
+    /// killed run); a live run's lab stays.
     /// Returns how many namespaces it removed.
     pub fn remove_stale() -> usize {
         // The pid in a lab name: `ncx1234-hub1` or `ncx1234br` / `ncx1234v0`.
@@ -149,7 +150,15 @@ impl Lab {
         let mut n = 0;
         for line in list.lines() {
             let ns = line.split_whitespace().next().unwrap_or("");
-            if stale(ns) && run("ip", &["netns", "del", ns]).is_ok() {
+            if !stale(ns) {
+                continue;
+            }
+            // Processes of a killed run live on in its namespaces.
+            let pids = run("ip", &["netns", "pids", ns]).unwrap_or_default();
+            for pid in pids.split_whitespace() {
+                let _ = run("kill", &["-KILL", pid]);
+            }
+            if run("ip", &["netns", "del", ns]).is_ok() {
                 n += 1;
             }
         }

@@ -33,8 +33,8 @@ pub const RENEW_SEC: u64 = 1;
 pub const REGISTRY_TIMEOUT_MS: u64 = 500;
 pub const BACKOFF_MAX_SEC: u64 = 2;
 
+/// Fields drop in order: the processes go first, the lab network last.
 pub struct Cluster {
-    pub lab: Lab,
     pub env: Env,
     pub hubs: Vec<Option<HubProc>>,
     pub agents: Vec<Option<AgentProc>>,
@@ -49,6 +49,7 @@ pub struct Cluster {
     generation: u32,
     redis_dir: PathBuf,
     runtimes: Vec<Runtime>,
+    pub lab: Lab,
 }
 
 impl Cluster {
