@@ -49,6 +49,8 @@ pub struct Cluster {
     generation: u32,
     redis_dir: PathBuf,
     runtimes: Vec<Runtime>,
+    /// This program's copy (for `chaos target` and `chaos netem`).
+    pub own: PathBuf,
     pub lab: Lab,
 }
 
@@ -68,8 +70,12 @@ impl Cluster {
             SocketAddr::new(ip("ldap").into(), 389),
             lab.command("ldap", slapd_path()),
         );
-        let self_exe = std::env::current_exe().expect("own path");
-        let mut t = lab.command("target", &self_exe);
+        // The target and the delay daemons run from a copy of this
+        // program, so rebuilding it during a long run changes nothing.
+        let own = dir.join("chaos-exe");
+        std::fs::copy(std::env::current_exe().expect("own path"), &own)
+            .expect("copy the chaos program");
+        let mut t = lab.command("target", &own);
         t.args([
             "target",
             "--bind",
@@ -144,6 +150,7 @@ impl Cluster {
             generation: 0,
             redis_dir,
             runtimes,
+            own,
         };
         for i in 0..HUBS.len() {
             let h = c.spawn_hub(i);

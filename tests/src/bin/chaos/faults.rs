@@ -221,8 +221,7 @@ pub fn apply(c: &mut Cluster, fault: Fault, rng: &mut StdRng) -> Result<Active, 
             // One daemon per side, in that side's namespace (queues are
             // per namespace); rules only once it is bound.
             for (x, y) in [(*a, *b), (*b, *a)] {
-                let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-                let mut cmd = c.lab.command(x, exe);
+                let mut cmd = c.lab.command(x, &c.own);
                 cmd.args([
                     "netem",
                     "--queue",

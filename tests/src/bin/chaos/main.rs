@@ -12,7 +12,8 @@
 //!
 //! Run as root (`scripts/chaos.sh` installs what it needs and builds).
 //! Needs `NOWCONNECT_BIN` (and `NOWCONNECT_ASYNC_STD_BIN` for async-std).
-//! Exits 1 on any violation; the last line starts with `chaos:`.
+//! Exits 1 on any violation, 2 when the harness itself fails (a fault it
+//! could not make); the last line starts with `chaos:`.
 //! (`chaos target` and `chaos netem` are the parts it runs inside the lab.)
 
 mod cluster;
@@ -282,6 +283,9 @@ fn run(
     let mut rng = StdRng::seed_from_u64(seed);
     let mut applied: Vec<Applied> = Vec::new();
     let mut violations: Vec<String> = Vec::new();
+    // The harness failing to make a fault is not the product's fault: it
+    // ends the run (exit 2), apart from violations.
+    let mut harness_errors: Vec<String> = Vec::new();
     let end = Instant::now() + duration;
     std::thread::sleep(Duration::from_secs(2));
     while Instant::now() < end {
@@ -296,7 +300,7 @@ fn run(
         let active = match faults::apply(&mut c, fault, &mut rng) {
             Ok(a) => a,
             Err(e) => {
-                violations.push(format!("harness: applying {label}: {e}"));
+                harness_errors.push(format!("applying {label}: {e}"));
                 break;
             }
         };
@@ -305,7 +309,7 @@ fn run(
         // restart is part of it.
         let healed = Instant::now();
         if let Err(e) = faults::heal(&mut c, active) {
-            violations.push(format!("harness: healing {label}: {e}"));
+            harness_errors.push(format!("healing {label}: {e}"));
             break;
         }
         let recovery = recover(&c, healed);
@@ -439,7 +443,10 @@ fn run(
     for v in &violations {
         println!("VIOLATION: {v}");
     }
-    let kept = if violations.is_empty() {
+    for e in &harness_errors {
+        println!("HARNESS ERROR: {e}");
+    }
+    let kept = if violations.is_empty() && harness_errors.is_empty() {
         logs.map(|_| keep_logs(&c, logs))
     } else {
         Some(keep_logs(&c, logs))
@@ -449,7 +456,7 @@ fn run(
     }
     let k = |n: &str| by_kind.get(n).copied().unwrap_or(0);
     println!(
-        "chaos: seed={seed} duration={}s faults={} partitions={} kills={} pauses={} netem={} redis_losses={} flows={} bytes_checked={} probes={} ldap_ops={} violations={}",
+        "chaos: seed={seed} duration={}s faults={} partitions={} kills={} pauses={} netem={} redis_losses={} flows={} bytes_checked={} probes={} ldap_ops={} violations={} harness_errors={}",
         duration.as_secs(),
         applied.len(),
         k("partition"),
@@ -461,9 +468,16 @@ fn run(
         checked.load(Ordering::SeqCst),
         probes.len(),
         ldap.ok + ldap.failed + ldap.wrong.len() as u64,
-        violations.len()
+        violations.len(),
+        harness_errors.len()
     );
-    i32::from(!violations.is_empty())
+    if !violations.is_empty() {
+        1
+    } else if !harness_errors.is_empty() {
+        2
+    } else {
+        0
+    }
 }
 
 /// After a heal: the time until every hub served a new connection (probes
