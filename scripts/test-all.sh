@@ -87,6 +87,6 @@ cargo test --workspace --release --test world -- ci_seed_budget --nocapture
 echo "==> chaos on a real network: namespaces, partitions, kills, pauses, delay, loss, Redis losses"
 # The chaos binary was built by the tests above (same features: no rebuild).
 # Bounded: 75 s of faults, the cluster's start and the last flows take about
-# 100 s; a harness that hangs is stopped after 10 minutes.
+# 90 s; a harness that hangs is stopped after 10 minutes.
 CHAOS_BIN="$PWD/target/release/chaos" timeout 600 bash scripts/chaos.sh \
   --duration "${CHAOS_DURATION:-75s}" --seed "${CHAOS_SEED:-20261207}" --runtimes tokio,async-std
