@@ -357,6 +357,11 @@ fn slow_clients_neither_block_others_nor_the_tunnels_and_are_bounded() {
         );
         let agent = start_agent(rt, &env, &[hub.http], &[("echo", echo)]);
         assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
+        // The hub counts the tunnel at its accept; the agent once WELCOME
+        // arrived (just after).
+        assert!(eventually(Duration::from_secs(5), || {
+            agent.metric("nowconnect_agent_tunnels_established") == 1.0
+        }));
         let addr = agent.http.unwrap();
 
         // Slowloris: connections that never finish (or never start) a head.
