@@ -258,11 +258,13 @@ impl Agent {
     }
 
     /// The tunnel of `attempt` got its WELCOME.
-    pub fn hub_established(&mut self, _now: Instant, attempt: AttemptId) {
+    /// The backoff starts over once a tunnel has stayed up for
+    /// [`STABLE_AFTER`](crate::backoff::STABLE_AFTER).
+    pub fn hub_established(&mut self, now: Instant, attempt: AttemptId) {
         if self.state == (HubLinkState::Dialing { attempt }) {
             self.state = HubLinkState::Connected { attempt };
             self.timers.clear(Timer::HubDeadline);
-            self.backoff.reset();
+            self.backoff.connected(now);
         }
     }
 
@@ -289,6 +291,7 @@ impl Agent {
         self.forget_dials(attempt);
         self.hub_index = (self.hub_index + 1) % self.cfg.hubs.len().max(1);
         self.state = HubLinkState::Backoff;
+        self.backoff.disconnected(now);
         let delay = self.backoff.next_delay(&mut self.rng);
         self.timers.set(Timer::Reconnect, now + delay);
     }
@@ -314,6 +317,7 @@ impl Agent {
             return;
         }
         self.counters.hub_drains += 1;
+        self.backoff.disconnected(now);
         self.draining.insert(attempt);
         self.hub_index = (self.hub_index + 1) % self.cfg.hubs.len().max(1);
         self.dial_hub(now);

@@ -1,16 +1,28 @@
 //! Capped exponential backoff with jitter, for reconnecting tunnels and mesh
 //! links. Jitter spreads reconnects so that many agents do not all return at
 //! the same instant when a hub restarts.
+//!
+//! An agent's delays start over only after its tunnel has stayed up for
+//! [`STABLE_AFTER`] (`connected`, `disconnected`): a hub that accepts every
+//! tunnel and then drops it at once (a crashing hub, a hostile one, two
+//! agents fighting over one id) sees the delays grow as if each dial had
+//! failed, never a redial every few hundred milliseconds for ever. Mesh
+//! links start over when they come up (`reset`).
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::rng::Rng;
+
+/// How long a connection must stay up before the backoff starts over.
+pub const STABLE_AFTER: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
 pub struct Backoff {
     base: Duration,
     max: Duration,
     attempt: u32,
+    /// When the current connection came up, if one is up.
+    up_since: Option<Instant>,
 }
 
 impl Backoff {
@@ -19,6 +31,7 @@ impl Backoff {
             base: base.max(Duration::from_millis(1)),
             max: max.max(base),
             attempt: 0,
+            up_since: None,
         }
     }
 
@@ -26,8 +39,26 @@ impl Backoff {
         self.attempt
     }
 
+    /// Start over at once: for mesh links, whose peers are the cluster's
+    /// own replicas (authenticated by certificate), where relinking fast
+    /// after any drop matters more than sparing the peer.
     pub fn reset(&mut self) {
         self.attempt = 0;
+        self.up_since = None;
+    }
+
+    /// A connection came up at `now`.
+    pub fn connected(&mut self, now: Instant) {
+        self.up_since = Some(now);
+    }
+
+    /// The connection (or the attempt) ended at `now`: the delays start over
+    /// if a connection had stayed up for at least [`STABLE_AFTER`].
+    pub fn disconnected(&mut self, now: Instant) {
+        let stable = self.up_since.take();
+        if stable.is_some_and(|t| now.saturating_duration_since(t) >= STABLE_AFTER) {
+            self.attempt = 0;
+        }
     }
 
     /// The delay before the next attempt: uniform in `[d/2, d]` where
@@ -65,8 +96,6 @@ mod tests {
             last_cap = cap;
         }
         assert_eq!(last_cap, Duration::from_secs(5));
-        b.reset();
-        assert!(b.next_delay(&mut rng) <= Duration::from_millis(100));
     }
 
     #[test]

@@ -1094,6 +1094,85 @@ fn agent_rotates_hubs_with_backoff_and_times_out_target_dials() {
     ));
 }
 
+/// A peer that accepts and drops every connection at once gets the
+/// growing delays of failed attempts; one that kept it up for
+/// `STABLE_AFTER` gets the first delay again.
+#[test]
+fn backoff_starts_over_only_after_a_stable_connection() {
+    use nowconnect_core::backoff::{Backoff, STABLE_AFTER};
+    let mut rng = Rng::new(3);
+    let base = Duration::from_millis(200);
+    let mut b = Backoff::new(base, Duration::from_secs(30));
+    let mut now = origin();
+    for i in 0..8u32 {
+        b.connected(now);
+        now += STABLE_AFTER - Duration::from_millis(1);
+        b.disconnected(now);
+        let d = b.next_delay(&mut rng);
+        let cap = base.saturating_mul(1 << i).min(Duration::from_secs(30));
+        assert!(
+            d >= cap / 2,
+            "drop {i} after a short connection: {d:?} < {:?}",
+            cap / 2
+        );
+        now += d;
+    }
+    b.connected(now);
+    b.disconnected(now + STABLE_AFTER);
+    assert!(b.next_delay(&mut rng) <= base);
+    // A disconnect without a connection (a failed dial) never resets.
+    let before = b.attempt();
+    b.disconnected(now + STABLE_AFTER * 3);
+    assert_eq!(b.attempt(), before);
+}
+
+/// A hub that sends WELCOME and then drops every tunnel at once (crashing,
+/// hostile, or another agent claiming the same id) is redialed with the
+/// growing delays of failed dials, not every 100–200 ms for ever; a tunnel
+/// that stayed up for `STABLE_AFTER` starts the delays over.
+#[test]
+fn agent_backs_off_from_a_hub_that_drops_every_tunnel_after_welcome() {
+    use nowconnect_core::backoff::STABLE_AFTER;
+    let now = origin();
+    let cfg = AgentConfig {
+        agent_id: "a1".into(),
+        hubs: vec!["ws://h1/tunnel".into()],
+        ..AgentConfig::default()
+    };
+    let base = cfg.backoff_base;
+    let mut a = Agent::new(now, cfg, 11);
+    let mut t = now;
+    let mut gaps = Vec::new();
+    for _ in 0..8 {
+        let Some(AgentOutput::DialHub { attempt, .. }) = a.poll_output() else {
+            panic!("expected a dial");
+        };
+        a.hub_established(t, attempt);
+        t += Duration::from_millis(50);
+        a.hub_lost(t, attempt);
+        let at = a.poll_timeout().unwrap();
+        gaps.push(at - t);
+        t = at;
+        a.handle_timeout(t);
+    }
+    for (i, g) in gaps.iter().enumerate() {
+        let floor = base.saturating_mul(1 << i) / 2;
+        assert!(
+            *g >= floor,
+            "redial {i} after {g:?}, below the backoff's {floor:?}: {gaps:?}"
+        );
+    }
+    assert!(gaps[7] >= Duration::from_secs(12), "{gaps:?}");
+    // A tunnel that stays up long enough: the next redial is quick again.
+    let Some(AgentOutput::DialHub { attempt, .. }) = a.poll_output() else {
+        panic!("expected a dial");
+    };
+    a.hub_established(t, attempt);
+    t += STABLE_AFTER;
+    a.hub_lost(t, attempt);
+    assert!(a.poll_timeout().unwrap() - t <= base);
+}
+
 #[test]
 fn an_owner_whose_record_vanished_reclaims_instead_of_dropping_the_agent() {
     let now = origin();
