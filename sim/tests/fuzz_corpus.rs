@@ -62,7 +62,7 @@ fn random_inputs_keep_the_whole_agent_consistent() {
     }
 }
 
-// The world corpus (about 1,200 seeds, each a whole simulated cluster) in
+// The world corpus (about 1,500 seeds, each a whole simulated cluster) in
 // two halves, one per core.
 #[test]
 fn world_seeds_hold_every_invariant() {
