@@ -96,6 +96,8 @@ mod tests {
             last_cap = cap;
         }
         assert_eq!(last_cap, Duration::from_secs(5));
+        b.reset();
+        assert!(b.next_delay(&mut rng) <= Duration::from_millis(100));
     }
 
     #[test]
