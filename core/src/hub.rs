@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::frame::{Epoch, ErrorCode};
-use crate::registry::{RegistryError, RegistryOp, RegistryReply};
+use crate::registry::{Owner, RegistryError, RegistryOp, RegistryReply, SlotLease};
 use crate::rng::Rng;
 use crate::routing::{LocalCandidate, Mode, RemoteView, Route, pick_local, route_remote};
 use crate::tenant::{AgentCredential, qualify};
@@ -25,6 +25,11 @@ pub type OpId = u64;
 /// How often a client's registry lookup is repeated while the registry names
 /// this hub as the owner of an agent whose claim reply has not arrived yet.
 const MAX_ROUTE_RETRIES: u8 = 8;
+
+/// Slots per [`RegistryOp::RenewMany`]: a hub renews every tunnel it owns
+/// once per renew interval, in calls of at most this many, so that one
+/// call holds Redis (which runs a script alone) for well under a millisecond.
+pub const RENEW_BATCH: usize = 256;
 
 #[derive(Clone, Debug)]
 pub struct HubConfig {
@@ -159,6 +164,11 @@ enum Pending {
         hello: OpId,
         epoch: Epoch,
     },
+    /// A batched renewal: each slot's tunnel, the claim op of its HELLO and
+    /// the epoch it owns, in the order of the call's slots.
+    RenewMany {
+        tunnels: Vec<(TunnelId, OpId, Epoch)>,
+    },
     /// Ownership vanished (lease lapsed while the registry was away, or the
     /// registry lost its data) while the tunnel is still here: claim again.
     Reclaim {
@@ -190,10 +200,14 @@ enum Pending {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
+    /// One tunnel's renewal, on its own: only while draining, when it also
+    /// looks whether the agent moved.
     Renew(TunnelId),
     OpDeadline(OpId),
     Health,
     Discovery,
+    /// Every owned tunnel's renewal ([`RegistryOp::RenewMany`]).
+    RenewAll,
 }
 
 /// Counters for `/metrics`, as plain data.
@@ -224,6 +238,12 @@ pub struct Hub {
     agents: BTreeMap<TunnelId, AgentTunnel>,
     /// (agent id, slot) → tunnel that owns that slot here
     by_agent: BTreeMap<(String, u8), TunnelId>,
+    /// Indexes of `agents`, kept by `insert_tunnel` and `remove_tunnel`
+    /// only, so that a HELLO and a client's local route look at the agent's
+    /// or the connector's tunnels, not at every tunnel of the hub: agent id
+    /// → its tunnels here (any state), connector → the tunnels announcing it.
+    tunnels_of_agent: BTreeMap<String, BTreeSet<TunnelId>>,
+    tunnels_of_connector: BTreeMap<String, BTreeSet<TunnelId>>,
     pending: BTreeMap<OpId, Pending>,
     timers: Timers<Timer>,
     next_op: OpId,
@@ -250,6 +270,8 @@ impl Hub {
             cfg,
             agents: BTreeMap::new(),
             by_agent: BTreeMap::new(),
+            tunnels_of_agent: BTreeMap::new(),
+            tunnels_of_connector: BTreeMap::new(),
             pending: BTreeMap::new(),
             timers: Timers::default(),
             next_op: 1,
@@ -265,6 +287,8 @@ impl Hub {
             counters: HubCounters::default(),
         };
         hub.timers.set(Timer::Health, now + hub.cfg.health_interval);
+        hub.timers
+            .set(Timer::RenewAll, now + hub.cfg.renew_interval);
         if hub.cfg.mode != Mode::Off {
             hub.timers.set(Timer::Discovery, now);
         }
@@ -495,12 +519,11 @@ impl Hub {
         // belongs on another hub. Refused before any claim, so a second slot
         // landing here (behind a balancer) never moves the agent's epoch
         // under the mesh, and one agent token takes one of `max_agents`.
-        if let Some(other) = self
-            .agents
-            .values()
-            .find(|a| a.agent_id == agent_id && a.slot != slot)
-            .map(|a| a.slot)
-        {
+        let other = self
+            .tunnels_of(agent_id)
+            .map(|t| self.agents[t].slot)
+            .find(|s| *s != slot);
+        if let Some(other) = other {
             return refuse(
                 self,
                 ErrorCode::Refused,
@@ -522,18 +545,15 @@ impl Hub {
         // supersedes an older one still waiting for its claim (its reply is
         // then released).
         let claiming: Vec<TunnelId> = self
-            .agents
-            .iter()
-            .filter(|(t, a)| {
-                **t != tunnel
-                    && a.agent_id == agent_id
-                    && a.slot == slot
-                    && matches!(a.state, AgentState::Claiming { .. })
+            .tunnels_of(agent_id)
+            .filter(|t| {
+                let a = &self.agents[*t];
+                **t != tunnel && a.slot == slot && matches!(a.state, AgentState::Claiming { .. })
             })
-            .map(|(t, _)| *t)
+            .copied()
             .collect();
         for old in claiming {
-            self.agents.remove(&old);
+            self.remove_tunnel(old);
             self.counters.tunnels_superseded += 1;
             self.out.push_back(HubOutput::CloseTunnel {
                 tunnel: old,
@@ -555,7 +575,7 @@ impl Hub {
                 slot,
             },
         );
-        self.agents.insert(
+        self.insert_tunnel(
             tunnel,
             AgentTunnel {
                 hello: op,
@@ -594,7 +614,72 @@ impl Hub {
     /// The agent limit holds, and it holds because every agent counted is
     /// owned by a tunnel held here that claimed that very agent: an entry
     /// pointing anywhere else could never be removed by a close.
+    /// The tunnels of `agent_id` here, in any state.
+    fn tunnels_of<'a>(&'a self, agent_id: &str) -> impl Iterator<Item = &'a TunnelId> + 'a {
+        self.tunnels_of_agent.get(agent_id).into_iter().flatten()
+    }
+
+    /// Every tunnel enters `agents` here, and its indexes with it.
+    fn insert_tunnel(&mut self, tunnel: TunnelId, a: AgentTunnel) {
+        if let Some(old) = self.remove_tunnel(tunnel) {
+            debug_assert!(false, "tunnel {tunnel:?} of `{}` replaced", old.agent_id);
+        }
+        self.tunnels_of_agent
+            .entry(a.agent_id.clone())
+            .or_default()
+            .insert(tunnel);
+        for c in &a.connectors {
+            self.tunnels_of_connector
+                .entry(c.clone())
+                .or_default()
+                .insert(tunnel);
+        }
+        self.agents.insert(tunnel, a);
+    }
+
+    /// Every tunnel leaves `agents` here, and its indexes with it.
+    fn remove_tunnel(&mut self, tunnel: TunnelId) -> Option<AgentTunnel> {
+        let a = self.agents.remove(&tunnel)?;
+        let unindex = |index: &mut BTreeMap<String, BTreeSet<TunnelId>>, key: &str| {
+            if let Some(set) = index.get_mut(key) {
+                set.remove(&tunnel);
+                if set.is_empty() {
+                    index.remove(key);
+                }
+            }
+        };
+        unindex(&mut self.tunnels_of_agent, &a.agent_id);
+        for c in &a.connectors {
+            unindex(&mut self.tunnels_of_connector, c);
+        }
+        Some(a)
+    }
+
     fn check_agent_bound(&self) {
+        debug_assert!(
+            self.tunnels_of_agent
+                .values()
+                .map(BTreeSet::len)
+                .sum::<usize>()
+                == self.agents.len()
+                && self.agents.iter().all(|(t, a)| {
+                    self.tunnels_of_agent
+                        .get(&a.agent_id)
+                        .is_some_and(|s| s.contains(t))
+                        && a.connectors.iter().all(|c| {
+                            self.tunnels_of_connector
+                                .get(c)
+                                .is_some_and(|s| s.contains(t))
+                        })
+                })
+                && self.tunnels_of_connector.iter().all(|(c, set)| {
+                    !set.is_empty()
+                        && set
+                            .iter()
+                            .all(|t| self.agents.get(t).is_some_and(|a| a.connectors.contains(c)))
+                }),
+            "the agent and connector indexes disagree with the tunnels"
+        );
         debug_assert!(
             self.by_agent.len() <= self.cfg.max_agents,
             "{} agents owned, limit {}",
@@ -615,7 +700,7 @@ impl Hub {
 
     /// The tunnel's socket is gone. Releases ownership if it held it.
     pub fn tunnel_closed(&mut self, now: Instant, tunnel: TunnelId) {
-        let Some(a) = self.agents.remove(&tunnel) else {
+        let Some(a) = self.remove_tunnel(tunnel) else {
             return;
         };
         self.timers.clear(Timer::Renew(tunnel));
@@ -919,11 +1004,13 @@ impl Hub {
     /// The least-loaded agent owned here for `connector`, if any.
     fn local_route(&mut self, connector: &str, pin: Option<&[String]>) -> Option<Route> {
         let local: Vec<LocalCandidate> = self
-            .agents
-            .iter()
+            .tunnels_of_connector
+            .get(connector)
+            .into_iter()
+            .flatten()
+            .map(|t| (t, &self.agents[t]))
             .filter(|(_, a)| {
                 matches!(a.state, AgentState::Owned { .. })
-                    && a.connectors.iter().any(|c| c == connector)
                     && pin.is_none_or(|p| p.contains(&a.agent_id))
             })
             .map(|(t, a)| LocalCandidate {
@@ -999,7 +1086,7 @@ impl Hub {
                 // Only the tunnel still waiting for this very claim fails
                 // with it: the id may name a later tunnel by now.
                 if self.waits_for_claim(tunnel, op) {
-                    self.agents.remove(&tunnel);
+                    self.remove_tunnel(tunnel);
                     self.counters.tunnels_refused += 1;
                     self.out.push_back(HubOutput::CloseTunnel {
                         tunnel,
@@ -1014,27 +1101,19 @@ impl Hub {
                     hello,
                     epoch,
                 },
-                Ok(RegistryReply::Lost { current: None }),
-            ) => {
-                if self.still_owns(tunnel, hello, epoch) {
-                    let agent_id = self.agents[&tunnel].agent_id.clone();
-                    let slot = self.agents[&tunnel].slot;
-                    let call = RegistryOp::Claim {
-                        agent_id: agent_id.clone(),
-                        slot,
-                        replica_id: self.cfg.replica_id.clone(),
-                        lease: self.cfg.lease,
-                    };
-                    let reclaim = Pending::Reclaim {
-                        tunnel,
-                        hello,
-                        agent_id,
-                        slot,
-                        old: epoch,
-                    };
-                    self.op(now, call, reclaim);
+                Ok(RegistryReply::Lost { current }),
+            ) => self.renewal_lost(now, tunnel, hello, epoch, current),
+            (Pending::RenewMany { tunnels }, Ok(RegistryReply::RenewedMany { lost })) => {
+                for (i, current) in lost {
+                    // An index the call did not have is ignored: the
+                    // reply comes from outside.
+                    if let Some(&(tunnel, hello, epoch)) = tunnels.get(i) {
+                        self.renewal_lost(now, tunnel, hello, epoch, current);
+                    }
                 }
             }
+            // An error (kept; local flows go on, retried next interval).
+            (Pending::RenewMany { .. }, _) => {}
             (
                 Pending::Reclaim {
                     tunnel,
@@ -1069,40 +1148,6 @@ impl Hub {
             }
             // Failed reclaim: the renewal timer tries again.
             (Pending::Reclaim { .. }, _) => {}
-            (
-                Pending::Renew {
-                    tunnel,
-                    hello,
-                    epoch,
-                },
-                Ok(RegistryReply::Lost {
-                    current: Some(owner),
-                }),
-            ) => {
-                let current = Some(owner);
-                let still_ours = self.still_owns(tunnel, hello, epoch);
-                if still_ours && self.draining {
-                    // The agent moved as asked (DRAIN); its old tunnel keeps
-                    // the flows it carries until the drain closes it.
-                    self.supersede(tunnel);
-                } else if still_ours {
-                    self.counters.ownership_lost += 1;
-                    self.counters.epoch_mismatch += 1;
-                    let who = current.map_or(String::new(), |o| {
-                        format!("{} at epoch {}", o.replica_id, o.epoch.0)
-                    });
-                    let agent = self.agents[&tunnel].agent_id.clone();
-                    self.out.push_back(HubOutput::CloseTunnel {
-                        tunnel,
-                        code: ErrorCode::StaleEpoch,
-                        reason: format!(
-                            "ownership of agent `{agent}` (epoch {}) lost to {who}",
-                            epoch.0
-                        ),
-                    });
-                    self.forget_tunnel(tunnel);
-                }
-            }
             // Renewed, or an error (kept; local flows go on, retried next interval).
             (Pending::Renew { .. }, _) => {}
             (
@@ -1274,7 +1319,7 @@ impl Hub {
         if !self.by_agent.contains_key(&key) && self.by_agent.len() >= self.cfg.max_agents {
             // The limit held at HELLO (this agent was here then), but the
             // agent's other tunnel left while others filled the hub.
-            self.agents.remove(&tunnel);
+            self.remove_tunnel(tunnel);
             self.counters.tunnels_refused += 1;
             self.out.push_back(HubOutput::CloseTunnel {
                 tunnel,
@@ -1309,7 +1354,7 @@ impl Hub {
                 code: ErrorCode::StaleEpoch,
                 reason: format!("agent `{agent_id}`{which} reconnected (epoch {})", epoch.0),
             });
-            self.agents.remove(&old);
+            self.remove_tunnel(old);
             self.timers.clear(Timer::Renew(old));
         }
         self.counters.tunnels_accepted += 1;
@@ -1324,12 +1369,107 @@ impl Hub {
             },
             Pending::Other,
         );
-        self.timers
-            .set(Timer::Renew(tunnel), now + self.cfg.renew_interval);
+        // Renewed with every other tunnel (`Timer::RenewAll`), within one
+        // renew interval; a draining hub renews each on its own, to look
+        // whether its agent moved.
+        if self.draining {
+            self.timers
+                .set(Timer::Renew(tunnel), now + self.cfg.renew_interval);
+        }
+    }
+
+    /// A renewal found `tunnel`'s slot no longer held under `epoch`:
+    /// `current` holds it now, if anyone. Unowned (the lease lapsed while
+    /// the registry was away, or it lost its data): claim it again. Owned
+    /// by another: the agent moved as asked while draining, else this
+    /// tunnel is stale and closes. Nothing if the tunnel changed since.
+    fn renewal_lost(
+        &mut self,
+        now: Instant,
+        tunnel: TunnelId,
+        hello: OpId,
+        epoch: Epoch,
+        current: Option<Owner>,
+    ) {
+        if !self.still_owns(tunnel, hello, epoch) {
+            return;
+        }
+        let Some(owner) = current else {
+            let agent_id = self.agents[&tunnel].agent_id.clone();
+            let slot = self.agents[&tunnel].slot;
+            let call = RegistryOp::Claim {
+                agent_id: agent_id.clone(),
+                slot,
+                replica_id: self.cfg.replica_id.clone(),
+                lease: self.cfg.lease,
+            };
+            let reclaim = Pending::Reclaim {
+                tunnel,
+                hello,
+                agent_id,
+                slot,
+                old: epoch,
+            };
+            self.op(now, call, reclaim);
+            return;
+        };
+        if self.draining {
+            // The agent moved as asked (DRAIN); its old tunnel keeps
+            // the flows it carries until the drain closes it.
+            self.supersede(tunnel);
+            return;
+        }
+        self.counters.ownership_lost += 1;
+        self.counters.epoch_mismatch += 1;
+        let agent = self.agents[&tunnel].agent_id.clone();
+        self.out.push_back(HubOutput::CloseTunnel {
+            tunnel,
+            code: ErrorCode::StaleEpoch,
+            reason: format!(
+                "ownership of agent `{agent}` (epoch {}) lost to {} at epoch {}",
+                epoch.0, owner.replica_id, owner.epoch.0
+            ),
+        });
+        self.forget_tunnel(tunnel);
+    }
+
+    /// Every owned tunnel not renewed on its own (`Timer::Renew`, while
+    /// draining) is renewed, in calls of at most [`RENEW_BATCH`] slots.
+    fn renew_all(&mut self, now: Instant) {
+        let mut slots = Vec::new();
+        let mut tunnels = Vec::new();
+        for (&tunnel, a) in &self.agents {
+            let AgentState::Owned { epoch } = a.state else {
+                continue;
+            };
+            if self.timers.get(Timer::Renew(tunnel)).is_some() {
+                continue;
+            }
+            slots.push(SlotLease {
+                agent_id: a.agent_id.clone(),
+                slot: a.slot,
+                epoch,
+                connectors: a.connectors.clone(),
+            });
+            tunnels.push((tunnel, a.hello, epoch));
+        }
+        while !slots.is_empty() {
+            let rest = slots.split_off(slots.len().min(RENEW_BATCH));
+            let rest_tunnels = tunnels.split_off(slots.len());
+            let call = RegistryOp::RenewMany {
+                replica_id: self.cfg.replica_id.clone(),
+                lease: self.cfg.lease,
+                slots: std::mem::replace(&mut slots, rest),
+            };
+            let pending = Pending::RenewMany {
+                tunnels: std::mem::replace(&mut tunnels, rest_tunnels),
+            };
+            self.op(now, call, pending);
+        }
     }
 
     fn forget_tunnel(&mut self, tunnel: TunnelId) {
-        if let Some(a) = self.agents.remove(&tunnel) {
+        if let Some(a) = self.remove_tunnel(tunnel) {
             let key = (a.agent_id, a.slot);
             if self.by_agent.get(&key) == Some(&tunnel) {
                 self.by_agent.remove(&key);
@@ -1412,6 +1552,11 @@ impl Hub {
                         };
                         self.timers.set(Timer::Renew(tunnel), now + every);
                     }
+                }
+                Timer::RenewAll => {
+                    self.renew_all(now);
+                    self.timers
+                        .set(Timer::RenewAll, now + self.cfg.renew_interval);
                 }
                 Timer::Discovery => {
                     // Every replica registers, with or without a mesh URL to

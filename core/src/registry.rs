@@ -8,6 +8,8 @@
 //!   ever had, and makes the claimer the owner with a lease.
 //! - `Renew` extends the lease only if the renewer still owns that epoch;
 //!   otherwise it answers `Lost` and the renewer must close its tunnel.
+//!   `RenewMany` does the same for many slots in one call, and extends the
+//!   connector membership of each agent with a slot it renewed.
 //! - `Release` drops ownership only if the releaser still owns that epoch.
 //! - `Sweep` removes owners and connector entries whose lease lapsed; the
 //!   epoch counter itself is never removed, so epochs only grow.
@@ -40,6 +42,16 @@ pub enum RegistryOp {
         replica_id: String,
         epoch: Epoch,
         lease: Duration,
+    },
+    /// `Renew` for each of `slots`, all owned by `replica_id`, in one call;
+    /// an agent with a slot renewed also has its connector membership
+    /// extended (`AddConnectors`). A hub sends one per batch of its tunnels
+    /// every renew interval, so its registry load grows with the tunnels it
+    /// holds but its calls do not.
+    RenewMany {
+        replica_id: String,
+        lease: Duration,
+        slots: Vec<SlotLease>,
     },
     Release {
         agent_id: String,
@@ -77,6 +89,7 @@ impl RegistryOp {
         match self {
             RegistryOp::Claim { .. } => "claim",
             RegistryOp::Renew { .. } => "renew",
+            RegistryOp::RenewMany { .. } => "renew_many",
             RegistryOp::Release { .. } => "release",
             RegistryOp::AddConnectors { .. } => "add_connectors",
             RegistryOp::ListAgents { .. } => "list_agents",
@@ -87,6 +100,16 @@ impl RegistryOp {
             RegistryOp::Health => "health",
         }
     }
+}
+
+/// One slot of a [`RegistryOp::RenewMany`]: the agent's slot this replica
+/// owns under `epoch`, and the connectors the agent serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotLease {
+    pub agent_id: String,
+    pub slot: u8,
+    pub epoch: Epoch,
+    pub connectors: Vec<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,6 +135,12 @@ pub enum RegistryReply {
     /// does, if anyone.
     Lost {
         current: Option<Owner>,
+    },
+    /// The answer to [`RegistryOp::RenewMany`]: every slot was renewed but
+    /// these, each by its index in the call's `slots`, with its current
+    /// owner, if anyone (as `Lost`).
+    RenewedMany {
+        lost: Vec<(usize, Option<Owner>)>,
     },
     Released,
     Done,
@@ -211,6 +240,34 @@ impl MemoryRegistry {
                         .find(|o| o.slot == *slot),
                 },
             },
+            RegistryOp::RenewMany {
+                replica_id,
+                lease,
+                slots,
+            } => {
+                let mut lost = Vec::new();
+                for (i, s) in slots.iter().enumerate() {
+                    let renew = RegistryOp::Renew {
+                        agent_id: s.agent_id.clone(),
+                        slot: s.slot,
+                        replica_id: replica_id.clone(),
+                        epoch: s.epoch,
+                        lease: *lease,
+                    };
+                    match self.apply(now, &renew)? {
+                        RegistryReply::Lost { current } => lost.push((i, current)),
+                        _ => {
+                            let members = RegistryOp::AddConnectors {
+                                agent_id: s.agent_id.clone(),
+                                connectors: s.connectors.clone(),
+                                lease: *lease,
+                            };
+                            self.apply(now, &members)?;
+                        }
+                    }
+                }
+                RegistryReply::RenewedMany { lost }
+            }
             RegistryOp::Release {
                 agent_id,
                 slot,

@@ -190,16 +190,17 @@ fn a_second_hello_on_a_held_tunnel_closes_it_and_leaves_nothing_counted() {
 #[test]
 fn a_late_renewal_reply_is_not_taken_by_the_tunnel_that_reuses_the_id() {
     let lost = [
-        RegistryReply::Lost {
-            current: Some(Owner {
-                slot: 0,
-                replica_id: "hub-b".into(),
-                epoch: Epoch(6),
-            }),
-        },
-        RegistryReply::Lost { current: None },
+        Some(Owner {
+            slot: 0,
+            replica_id: "hub-b".into(),
+            epoch: Epoch(6),
+        }),
+        None,
     ];
-    for late in lost {
+    for current in lost {
+        let late = RegistryReply::RenewedMany {
+            lost: vec![(0, current)],
+        };
         let mut h = full_hub();
         let claim = hello(&mut h, 1, "a1");
         reply(&mut h, claim, Ok(RegistryReply::Claimed(Epoch(5))));
@@ -210,8 +211,8 @@ fn a_late_renewal_reply_is_not_taken_by_the_tunnel_that_reuses_the_id() {
             .find_map(|o| match o {
                 HubOutput::Registry {
                     op,
-                    call: RegistryOp::Renew { .. },
-                } => Some(op),
+                    call: RegistryOp::RenewMany { slots, .. },
+                } if slots.len() == 1 && slots[0].agent_id == "a1" => Some(op),
                 _ => None,
             })
             .expect("a1 renews");

@@ -47,6 +47,7 @@ pub struct RedisRegistry {
     prefix: String,
     claim: Script,
     renew: Script,
+    renew_many: Script,
     release: Script,
     add_connectors: Script,
     list_agents: Script,
@@ -142,6 +143,54 @@ impl RedisRegistry {
                  if v then return v end
                  return '-'",
             ),
+            // KEYS: `connectors`, then per slot its owner and its agent's
+            // connector set. ARGV: replica, lease (ms), then per slot its
+            // epoch, agent id, connector count and connector names.
+            // All owners are read in one MGET; each slot still held is
+            // extended, and each agent with a slot renewed has its set
+            // extended (and refilled if it lapsed) and one ZADD per
+            // connector carries every member's new score. Replies the
+            // lost slots: 0-based index, current owner ('' for none).
+            renew_many: Script::new(&format!(
+                "{NOW_MS}
+                 local rid, lease = ARGV[1], tonumber(ARGV[2])
+                 local n = (#KEYS - 1) / 2
+                 if n < 1 then return {{}} end
+                 local owners = {{}}
+                 for i = 1, n do owners[i] = KEYS[2 * i] end
+                 local vals = redis.call('MGET', unpack(owners))
+                 local lost, seen, members, names = {{}}, {{}}, {{}}, {{}}
+                 local a = 3
+                 for i = 1, n do
+                   local epoch, id, k = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+                   if vals[i] == rid .. '|' .. epoch then
+                     redis.call('PEXPIRE', KEYS[2 * i], lease)
+                     if k > 0 and not seen[id] then
+                       seen[id] = true
+                       local set = KEYS[2 * i + 1]
+                       local refill = redis.call('PEXPIRE', set, lease) == 0
+                       for j = a + 3, a + 2 + k do
+                         local c = ARGV[j]
+                         if refill then redis.call('SADD', set, c) end
+                         if not members[c] then members[c] = {{}} table.insert(names, c) end
+                         table.insert(members[c], now + lease)
+                         table.insert(members[c], id)
+                       end
+                       if refill then redis.call('PEXPIRE', set, lease) end
+                     end
+                   else
+                     table.insert(lost, tostring(i - 1))
+                     table.insert(lost, vals[i] or '')
+                   end
+                   a = a + 3 + k
+                 end
+                 for _, c in ipairs(names) do
+                   redis.call('ZADD', '{p}connector:' .. c, unpack(members[c]))
+                 end
+                 if #names > 0 then redis.call('SADD', KEYS[1], unpack(names)) end
+                 return lost",
+                p = prefix
+            )),
             // KEYS: the slot's owner, the agent's connectors, then the
             // agent's other slots' owners: membership goes with the last.
             release: Script::new(&format!(
@@ -300,6 +349,45 @@ impl RedisRegistry {
                         current: parse_owner(other, *slot),
                     },
                 }
+            }
+            RegistryOp::RenewMany {
+                replica_id,
+                lease,
+                slots,
+            } => {
+                if slots.is_empty() {
+                    return Ok(RegistryReply::RenewedMany { lost: Vec::new() });
+                }
+                let mut inv = self.renew_many.prepare_invoke();
+                inv.key(self.key(&["connectors"]))
+                    .arg(replica_id)
+                    .arg(lease.as_millis() as u64);
+                for s in slots {
+                    inv.key(self.owner_key(&s.agent_id, s.slot))
+                        .key(self.key(&["agent", &s.agent_id, "connectors"]))
+                        .arg(s.epoch.0)
+                        .arg(&s.agent_id)
+                        .arg(s.connectors.len());
+                    for name in &s.connectors {
+                        inv.arg(name);
+                    }
+                }
+                let flat: Vec<String> = inv.invoke_async(&mut c).await?;
+                let mut lost = Vec::new();
+                for pair in flat.chunks(2) {
+                    let [i, owner] = pair else {
+                        return Err(malformed("renew_many", "an odd-length reply"));
+                    };
+                    let Some(s) = i
+                        .parse::<usize>()
+                        .ok()
+                        .and_then(|i| slots.get(i).map(|s| (i, s)))
+                    else {
+                        return Err(malformed("renew_many", "a slot index out of range"));
+                    };
+                    lost.push((s.0, parse_owner(owner, s.1.slot)));
+                }
+                RegistryReply::RenewedMany { lost }
             }
             RegistryOp::Release {
                 agent_id,
@@ -494,6 +582,15 @@ fn client(url: &str, auth: &RedisAuth) -> Result<redis::Client, String> {
         .map_err(|e| format!("redis_url `{shown}`: TLS: {e}")),
         None => redis::Client::open(info).map_err(|e| format!("redis_url `{shown}`: {e}")),
     }
+}
+
+/// A reply that does not have the shape its script returns.
+fn malformed(script: &str, what: &str) -> redis::RedisError {
+    redis::RedisError::from((
+        redis::ErrorKind::UnexpectedReturnType,
+        "unexpected reply",
+        format!("{script} returned {what}"),
+    ))
 }
 
 fn parse_owner(v: &str, slot: u8) -> Option<Owner> {

@@ -179,6 +179,11 @@ pub fn drive_hub(origin: Instant, data: &[u8]) {
                 let reply = match k % 12 {
                     0 => Ok(RegistryReply::Claimed(Epoch(u64::from(v)))),
                     1 => Ok(RegistryReply::Renewed),
+                    // A batched renewal's lost slot (its index may be past
+                    // the call's slots, as from a hostile registry).
+                    2 | 3 if k & 0x80 != 0 => Ok(RegistryReply::RenewedMany {
+                        lost: vec![(usize::from(v % 4), (k % 12 == 3).then_some(owner))],
+                    }),
                     2 => Ok(RegistryReply::Lost { current: None }),
                     3 => Ok(RegistryReply::Lost {
                         current: Some(owner),

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use nowconnect_core::Epoch;
-use nowconnect_core::registry::{AgentRecord, Owner, RegistryOp, RegistryReply};
-use nowconnect_tests::{Env, RedisProc};
+use nowconnect_core::registry::{AgentRecord, Owner, RegistryOp, RegistryReply, SlotLease};
+use nowconnect_tests::{Env, RedisProc, redis_cli};
 use nowconnect_tokio::registry::RedisRegistry;
 
 fn claim(agent: &str, replica: &str, lease_ms: u64) -> RegistryOp {
@@ -412,4 +412,112 @@ async fn each_slot_is_owned_fenced_leased_and_released_on_its_own() {
     r.apply(&release(1, "hub-a", e3)).await.unwrap();
     assert_eq!(owners().await, RegistryReply::Owners(vec![]));
     assert_eq!(listed("ldap").await, RegistryReply::Agents(vec![]));
+}
+
+/// A hub's batched renewal against real Redis: every slot still held is
+/// extended with its agent's membership, the lost ones are named with
+/// their owner, a membership set that lapsed is refilled, and the batch
+/// costs Redis about two commands per slot (Redis counts the commands a
+/// script runs), which is what keeps an idle agent under half a command a
+/// second at the default 5 s renew interval.
+#[tokio::test]
+async fn a_batched_renewal_extends_held_slots_names_lost_ones_and_is_cheap() {
+    let env = Env::new();
+    let redis = RedisProc::start(env.path());
+    let url = redis.url();
+    let r = RedisRegistry::new(&url, "t:", Duration::from_secs(2)).unwrap();
+    let n = 100usize;
+    let short = Duration::from_millis(1500);
+    let mut slots = Vec::new();
+    for i in 0..n {
+        let id = format!("a{i}");
+        let epoch = epoch_of(&r, claim(&id, "hub-a", 1500)).await;
+        r.apply(&RegistryOp::AddConnectors {
+            agent_id: id.clone(),
+            connectors: vec!["ldap".into()],
+            lease: short,
+        })
+        .await
+        .unwrap();
+        slots.push(SlotLease {
+            agent_id: id,
+            slot: 0,
+            epoch,
+            connectors: vec!["ldap".into()],
+        });
+    }
+    // One slot moved to hub-b meanwhile, one was never claimed.
+    let moved = epoch_of(&r, claim("a7", "hub-b", 10_000)).await;
+    slots.push(SlotLease {
+        agent_id: "ghost".into(),
+        slot: 0,
+        epoch: Epoch(1),
+        connectors: vec!["ldap".into()],
+    });
+    // a9's membership set lapsed on its own: the batch refills it.
+    redis_cli(&url, &["DEL", "t:agent:a9:connectors"]);
+    let batch = RegistryOp::RenewMany {
+        replica_id: "hub-a".into(),
+        lease: Duration::from_secs(10),
+        slots: slots.clone(),
+    };
+    let lost = vec![
+        (
+            7,
+            Some(Owner {
+                slot: 0,
+                replica_id: "hub-b".into(),
+                epoch: moved,
+            }),
+        ),
+        (n, None),
+    ];
+    assert_eq!(
+        r.apply(&batch).await.unwrap(),
+        RegistryReply::RenewedMany { lost: lost.clone() }
+    );
+    assert_eq!(
+        redis_cli(&url, &["SMEMBERS", "t:agent:a9:connectors"]),
+        "ldap"
+    );
+
+    // The cost of a batch once its script is loaded, counted by Redis.
+    redis_cli(&url, &["CONFIG", "RESETSTAT"]);
+    assert_eq!(
+        r.apply(&batch).await.unwrap(),
+        RegistryReply::RenewedMany { lost }
+    );
+    let stats = redis_cli(&url, &["INFO", "stats"]);
+    let commands: usize = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("total_commands_processed:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("total_commands_processed");
+    // EVALSHA, TIME, MGET, one ZADD and one SADD for the batch; a PEXPIRE
+    // of the owner and of the membership per renewed slot (the CONFIG
+    // RESETSTAT is counted too).
+    assert!(
+        commands <= 2 * n + 6,
+        "{commands} commands for a batch of {} slots:\n{stats}",
+        n + 2
+    );
+
+    // Past the first lease, every renewed agent is still listed with its
+    // owner; the moved one with hub-b.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    let RegistryReply::Agents(listed) = r
+        .apply(&RegistryOp::ListAgents {
+            connector: "ldap".into(),
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    assert_eq!(listed.len(), n - 1, "{listed:?}");
+    assert!(
+        listed.iter().all(|a| a.agent_id != "a7"
+            && a.owners.len() == 1
+            && a.owners[0].replica_id == "hub-a")
+    );
 }
