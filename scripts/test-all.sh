@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 # nginx (nginx-light: its http_ssl module has ssl_verify_client and
 # $ssl_client_escaped_cert) terminates mesh mTLS in tests/tests/mesh_ingress.rs.
 # nft and iptables make the faults of the chaos run (scripts/chaos.sh).
-need_cmds=(redis-server slapd ldapsearch ldapwhoami promtool nginx nft iptables)
+need_cmds=(redis-server slapd ldapsearch ldapwhoami promtool nginx nft iptables ss)
 pkg_of() {
   case "$1" in
     redis-server) echo redis-server ;;
@@ -20,6 +20,7 @@ pkg_of() {
     nginx) echo nginx-light ;;
     nft) echo nftables ;;
     iptables) echo iptables ;;
+    ss) echo iproute2 ;;
     python3-venv) echo python3-venv ;;
   esac
 }

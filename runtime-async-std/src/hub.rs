@@ -66,7 +66,12 @@ impl HubRt for AsyncStdRt {
     }
 
     async fn bind(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
-        TcpListener::bind(addr).await
+        use socket2::{Domain, Protocol, Socket, Type};
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(nowconnect_shared::rt::LISTEN_BACKLOG as i32)?;
+        Ok(TcpListener::from(std::net::TcpListener::from(socket)))
     }
 
     fn local_addr(l: &TcpListener) -> std::io::Result<SocketAddr> {

@@ -19,6 +19,14 @@ use crate::mesh::MeshWs;
 use crate::metrics::Metrics;
 
 /// What a hub needs from its async runtime. Everything else is shared.
+/// The accept backlog of a hub's listeners (`/tunnel`, the client
+/// listeners, the mesh). The runtimes' default is 128: when a hub dies, the
+/// agents it held redial the survivors within a few hundred milliseconds,
+/// and connections past the backlog are dropped and retried by TCP only
+/// after a second. The kernel caps it at `net.core.somaxconn` (4096 on
+/// current kernels).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
 pub trait HubRt: Send + Sync + Sized + 'static {
     /// A spawned task; dropping it does not stop it.
     type Task: Send + 'static;
@@ -33,6 +41,7 @@ pub trait HubRt: Send + Sync + Sized + 'static {
     fn abort(&self, t: Self::Task);
     fn sleep(&self, d: Duration) -> impl Future<Output = ()> + Send + 'static;
 
+    /// A listening socket with a backlog of [`LISTEN_BACKLOG`].
     fn bind(
         &self,
         addr: SocketAddr,

@@ -69,7 +69,14 @@ impl HubRt for TokioRt {
     }
 
     async fn bind(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
-        TcpListener::bind(addr).await
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(nowconnect_shared::rt::LISTEN_BACKLOG)
     }
 
     fn local_addr(l: &TcpListener) -> std::io::Result<SocketAddr> {

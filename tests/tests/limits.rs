@@ -998,3 +998,45 @@ fn dials_of_clients_that_left_are_cancelled_and_free_their_slot() {
         agent.proc.log_text()
     );
 }
+
+/// When a hub dies, the agents it held redial the survivors within a few
+/// hundred milliseconds: thousands of connections at once on `/tunnel`.
+/// Each runtime's hub listens with a backlog of 4096 (capped by the
+/// kernel's `net.core.somaxconn`), not its runtime's 128, past which the
+/// kernel drops connections and TCP retries them only a second later.
+/// `ss` shows a listening socket's backlog as its Send-Q.
+#[test]
+fn every_listener_of_a_hub_queues_a_reconnect_storm() {
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let want = somaxconn.min(4096).to_string();
+    for rt in [Runtime::Tokio, Runtime::AsyncStd] {
+        let env = Env::new();
+        let hub = HubProc::start_on(
+            rt,
+            env.path(),
+            "hub",
+            &env.hub_yaml(&[("ldap", "ldap")], ""),
+        );
+        for (what, port) in [
+            ("/tunnel", hub.http.port()),
+            ("listener ldap", hub.listener("ldap").port()),
+        ] {
+            let out = Command::new("ss")
+                .args(["-Hltn", &format!("sport = :{port}")])
+                .output()
+                .expect("ss (iproute2)");
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let fields: Vec<&str> = text.split_whitespace().collect();
+            assert_eq!(
+                fields.get(2).copied(),
+                Some(want.as_str()),
+                "{} hub, {what} (port {port}): `ss` says {text:?}",
+                rt.name()
+            );
+        }
+    }
+}
