@@ -56,6 +56,9 @@ struct Control {
     /// the revocation list).
     identities: BTreeMap<TunnelId, AgentIdentity>,
     routes: BTreeMap<u64, Sender<Route>>,
+    /// The deadline the control timer sleeps until (`None`: none), so that
+    /// an event wakes it only when the node's next deadline moved earlier.
+    timer_armed: Option<Instant>,
 }
 
 pub struct Shared<R: HubRt> {
@@ -196,8 +199,14 @@ impl<R: HubRt> Shared<R> {
         let mut c = self.control.lock().expect("control lock");
         let r = f(&mut c, now);
         self.pump(&mut c, now);
+        let earlier = match (c.node.poll_timeout(), c.timer_armed) {
+            (Some(next), Some(armed)) => next < armed,
+            (next, armed) => next.is_some() && armed.is_none(),
+        };
         drop(c);
-        let _ = self.control_wake.0.try_send(());
+        if earlier {
+            let _ = self.control_wake.0.try_send(());
+        }
         r
     }
 
@@ -336,12 +345,11 @@ impl<R: HubRt> Shared<R> {
 
     async fn control_timer(self: Arc<Self>) {
         loop {
-            let deadline = self
-                .control
-                .lock()
-                .expect("control lock")
-                .node
-                .poll_timeout();
+            let deadline = {
+                let mut c = self.control.lock().expect("control lock");
+                c.timer_armed = c.node.poll_timeout();
+                c.timer_armed
+            };
             let timer = async {
                 match deadline {
                     Some(d) => {
@@ -406,6 +414,7 @@ pub async fn start<R: HubHttp>(cfg: HubConfig, rt: R, redis: bool) -> Result<Hub
             tunnels: BTreeMap::new(),
             identities: BTreeMap::new(),
             routes: BTreeMap::new(),
+            timer_armed: None,
         }),
         control_wake: async_channel::bounded(1),
         next_id: AtomicU64::new(1),
