@@ -8,3 +8,12 @@
 pub fn raise_to_hard() -> Result<u64, String> {
     rlimit::increase_nofile_limit(u64::MAX).map_err(|e| format!("RLIMIT_NOFILE: {e}"))
 }
+
+/// [`raise_to_hard`] at a service's start, logged: what the process may
+/// hold, or why it keeps the limit it was given.
+pub fn raise_at_start() {
+    match raise_to_hard() {
+        Ok(limit) => tracing::info!(limit, "open files (RLIMIT_NOFILE)"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+    }
+}

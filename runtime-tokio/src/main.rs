@@ -500,6 +500,9 @@ async fn run(job: Job) -> Result<ExitCode, String> {
                 cfg.raw.log.format.as_deref(),
                 cfg.raw.log.level.as_deref(),
             );
+            // A socket per tunnel, flow and mesh link: the hub may use all
+            // the operator granted.
+            nowconnect_shared::nofile::raise_at_start();
             let hub = nowconnect_tokio::hub::start(*cfg).await?;
             // One line on stdout that operators and tests can wait for.
             println!("{}", hub.ready_line());
