@@ -12,4 +12,4 @@ pub mod perf;
 pub mod perf_agents;
 pub mod quickstart;
 
-pub use nowconnect_shared::{config, driver, jwt, logging, metrics, redact, registry, tls};
+pub use nowconnect_shared::{config, driver, jwt, logging, metrics, nofile, redact, registry, tls};

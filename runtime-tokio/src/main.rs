@@ -188,7 +188,8 @@ enum PerfCmd {
         /// Agents started per second.
         #[arg(long, default_value_t = 500.0)]
         ramp: f64,
-        /// How long to hold the agents once all were started, then exit.
+        /// How long to hold the agents once all were started, then exit
+        /// (SIGTERM or SIGINT: at once, the report written).
         #[arg(long, default_value = "60s")]
         duration: humantime::Duration,
         /// Tunnels per agent (`ha_connections`; default: the agent's own

@@ -386,6 +386,8 @@ pub struct BackoffCheck {
 #[derive(Debug, Serialize)]
 pub struct AgentsReport {
     pub count: usize,
+    /// Agents started (fewer than `count` when a signal stopped the ramp).
+    pub started: usize,
     pub hubs: Vec<String>,
     pub id_prefix: String,
     pub ramp_per_sec: f64,
@@ -514,9 +516,18 @@ pub async fn perf_agents(a: &AgentsArgs) -> Result<AgentsReport, String> {
             }
         })
     };
+    // SIGTERM or SIGINT ends the run early, report included.
+    let (sig_tx, mut signalled) = watch::channel(false);
+    tokio::spawn(async move {
+        stop_signal().await;
+        let _ = sig_tx.send(true);
+    });
     for i in 0..a.count {
         let due = start + Duration::from_secs_f64(i as f64 / a.ramp);
-        tokio::time::sleep_until(due.into()).await;
+        tokio::select! {
+            _ = tokio::time::sleep_until(due.into()) => {}
+            _ = signalled.wait_for(|v| *v) => break,
+        }
         let id = format!("{}{i}", a.id_prefix);
         let token = crate::jwt::mint(&secret, &id, &connectors, a.tenant.as_deref(), a.token_ttl)?;
         let file = Path::new("perf-agents").join(&id);
@@ -543,7 +554,11 @@ pub async fn perf_agents(a: &AgentsArgs) -> Result<AgentsReport, String> {
         probes.push((id, probe));
     }
     let started_all_ms = since(Instant::now());
-    tokio::time::sleep(a.duration).await;
+    let started = tasks.len();
+    tokio::select! {
+        _ = tokio::time::sleep(a.duration) => {}
+        _ = signalled.wait_for(|v| *v) => eprintln!("perf-agents: signalled: stopping"),
+    }
     let stop_ms = since(Instant::now());
     let connected_at_stop = crowd.connected.load(Ordering::Relaxed);
     let _ = stop_tx.send(true);
@@ -563,12 +578,13 @@ pub async fn perf_agents(a: &AgentsArgs) -> Result<AgentsReport, String> {
             events: std::mem::take(&mut *p.events.lock().expect("probe lock")),
         })
         .collect();
-    let core = core.expect("at least one agent");
+    let core = core.ok_or("stopped before the first agent started")?;
     let ha = core.ha_connections;
     let backoff =
         (ha == 1).then(|| check_backoff(&agents, core.backoff_base, core.backoff_max, stop_ms));
     Ok(AgentsReport {
         count: a.count,
+        started,
         hubs: a.hubs.clone(),
         id_prefix: a.id_prefix.clone(),
         ramp_per_sec: a.ramp,
@@ -588,6 +604,21 @@ pub async fn perf_agents(a: &AgentsArgs) -> Result<AgentsReport, String> {
         samples,
         agents,
     })
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 /// Probe timestamps are within this of the agent's own (the end of a dial
