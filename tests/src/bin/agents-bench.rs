@@ -29,6 +29,8 @@
 //!     [--idle-secs 60] [--settle-secs 15] [--ramp 500] [--json F] [--markdown F]
 //!   NOWCONNECT_BIN=target/release/nowconnect target/release/agents-bench failover --count 5000 \
 //!     [--ramp 500] [--stable-secs 12] [--after-secs 10] [--json F] [--markdown F]
+//!
+//! `AGENTS_BENCH_KEEP=1` keeps the run's directory (every process's log).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -127,6 +129,22 @@ fn nofile_of(pid: u32) -> u64 {
         .find(|l| l.starts_with("Max open files"))
         .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
         .unwrap_or(0)
+}
+
+/// `ListenOverflows` and `ListenDrops` of the kernel (`/proc/net/netstat`,
+/// this network namespace): SYNs dropped because an accept queue was full.
+fn listen_drops() -> (f64, f64) {
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with("TcpExt:")).collect();
+    let (Some(names), Some(values)) = (lines.first(), lines.get(1)) else {
+        return (0.0, 0.0);
+    };
+    let m: BTreeMap<&str, f64> = names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .filter_map(|(k, v)| Some((k, v.parse().ok()?)))
+        .collect();
+    (m["ListenOverflows"], m["ListenDrops"])
 }
 
 /// `INFO section` as field → value (numbers only).
@@ -239,6 +257,38 @@ fn finish_agents(mut agents: Proc, report: &Path) -> Value {
     serde_json::from_str(&text).expect("perf agents report is JSON")
 }
 
+/// Why tunnels ended or dials failed while the agents were held (before
+/// they were told to stop), with their counts; `from_ms` on the agents'
+/// clock.
+fn end_reasons(r: &Value, from_ms: f64) -> BTreeMap<String, u64> {
+    let stop = r["stop_ms"].as_f64().unwrap_or(f64::MAX);
+    let mut out = BTreeMap::new();
+    for a in r["agents"].as_array().into_iter().flatten() {
+        for e in a["events"].as_array().into_iter().flatten() {
+            let t = e["t_ms"].as_f64().unwrap_or(0.0);
+            let kind = e["kind"].as_str().unwrap_or("");
+            if t >= from_ms && t < stop && (kind == "down" || kind == "dial_failed") {
+                let why = e["reason"].as_str().unwrap_or("?");
+                *out.entry(format!("{kind}: {why}")).or_default() += 1;
+            }
+        }
+    }
+    out
+}
+
+fn reasons_line(m: &BTreeMap<String, u64>) -> String {
+    if m.is_empty() {
+        return "none".into();
+    }
+    let mut v: Vec<_> = m.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1));
+    v.iter()
+        .take(6)
+        .map(|(k, n)| format!("{n}× {k}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
@@ -279,6 +329,14 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * q).round() as usize]
 }
 
+/// With `AGENTS_BENCH_KEEP=1` the run's directory (hub, Redis and agents
+/// logs, the agents' report) is kept and named.
+fn keep_dir(env: Env) {
+    if std::env::var("AGENTS_BENCH_KEEP").is_ok_and(|v| v == "1") {
+        eprintln!("agents-bench: kept {}", env.dir.keep().display());
+    }
+}
+
 fn write_outputs(o: &Opts, md: &str, report: &Value) {
     println!("{md}");
     if let Some(p) = &o.markdown {
@@ -307,6 +365,7 @@ fn idle(o: &Opts) {
         o.ramp
     );
     let report_path = env.path().join("agents.json");
+    let drops0 = listen_drops();
     let agents = start_agents(&env, &[&hub], o.count, o.ramp, None, echo, &report_path);
     let bound = Duration::from_secs_f64(o.count as f64 / o.ramp + 120.0);
     let connected = |h: &HubProc| h.metric("nowconnect_agents_connected");
@@ -317,6 +376,8 @@ fn idle(o: &Opts) {
         eprintln!("hub log tail:\n{}", tail(&hub.proc.log_text(), 20));
         eprintln!("agents log tail:\n{}", tail(&agents.log_text(), 20));
     }
+    let drops1 = listen_drops();
+    let connect_drops = (drops1.0 - drops0.0, drops1.1 - drops0.1);
     eprintln!(
         "agents-bench: {} agents on the hub; settling {} s, then {} s idle",
         connected(&hub),
@@ -375,6 +436,7 @@ fn idle(o: &Opts) {
     let r = finish_agents(agents, &report_path);
     let all_connected_s = r["all_connected_ms"].as_f64().map(|v| v / 1000.0);
     let started_all_s = r["started_all_ms"].as_f64().unwrap_or(0.0) / 1000.0;
+    let reasons = end_reasons(&r, 0.0);
 
     let top: Vec<String> = breakdown
         .iter()
@@ -416,6 +478,21 @@ fn idle(o: &Opts) {
         agents_rss as f64 / n
     );
     md += &format!(
+        "| dials / failed dials / tunnels lost while held; why | {} / {} / {}; {} | |\n",
+        r["dials"],
+        r["dial_failures"],
+        reasons
+            .iter()
+            .filter(|(k, _)| k.starts_with("down"))
+            .map(|(_, n)| n)
+            .sum::<u64>(),
+        reasons_line(&reasons)
+    );
+    md += &format!(
+        "| SYNs dropped on full accept queues while connecting (kernel ListenOverflows / ListenDrops) | {} / {} | |\n",
+        connect_drops.0, connect_drops.1
+    );
+    md += &format!(
         "| checks | on the hub at the end {on_hub}; tunnels accepted during the idle window {churn}; registry errors {reg_errors}, registry healthy {healthy}; open-file limit hub {hub_nofile}, agents {agents_nofile} | |\n"
     );
     md += &format!(
@@ -440,16 +517,21 @@ fn idle(o: &Opts) {
         "tunnels_accepted_while_idle": churn,
         "registry_errors_while_idle": reg_errors,
         "registry_healthy": healthy,
+        "listen_overflows_while_connecting": connect_drops.0,
+        "listen_drops_while_connecting": connect_drops.1,
         "nofile": {"hub": hub_nofile, "agents": agents_nofile},
         "all_connected_s": all_connected_s,
         "started_all_s": started_all_s,
         "agents_connected_samples": r["samples"],
         "perf_agents": {
             "dials": r["dials"], "dial_failures": r["dial_failures"],
+            "end_reasons": reasons,
             "tunnels_ended": r["tunnels_ended"], "backoff": r["backoff"],
         },
     });
     write_outputs(o, &md, &report);
+    drop((hub, redis));
+    keep_dir(env);
 }
 
 // ---------------------------------------------------------------- failover
@@ -471,10 +553,11 @@ fn probe(addr: SocketAddr) -> Result<f64, String> {
     Ok(start.elapsed().as_secs_f64() * 1000.0)
 }
 
-/// A probe's outcome at `t` (Unix ms).
+/// A probe's outcome: started at `t`, done at `end` (Unix ms).
 #[derive(Clone)]
 struct Probe {
     t: f64,
+    end: f64,
     ok: bool,
     ms: f64,
     err: String,
@@ -489,6 +572,7 @@ fn prober(addr: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<Ve
             let r = probe(addr);
             out.push(Probe {
                 t,
+                end: unix_ms(),
                 ok: r.is_ok(),
                 ms: *r.as_ref().unwrap_or(&0.0),
                 err: r.err().unwrap_or_default(),
@@ -573,6 +657,7 @@ fn failover(o: &Opts) {
     let stats0 = redis_info(&url, "stats");
     let cpu0: Vec<f64> = hubs[1..].iter().map(|h| cpu_secs(h.proc.pid())).collect();
 
+    let drops0 = listen_drops();
     let kill_ms = unix_ms();
     hubs[0].proc.kill();
     let killed = Instant::now();
@@ -590,6 +675,8 @@ fn failover(o: &Opts) {
         },
     );
     let rehomed_by_metrics = rehomed.map(|_| killed.elapsed());
+    let drops1 = listen_drops();
+    let kill_drops = (drops1.0 - drops0.0, drops1.1 - drops0.1);
     std::thread::sleep(Duration::from_secs(o.after_secs));
     stop.store(true, Ordering::Relaxed);
     let probes: Vec<Vec<Probe>> = probers.into_iter().map(|p| p.join().unwrap()).collect();
@@ -646,6 +733,7 @@ fn failover(o: &Opts) {
     for v in [&mut rehome, &mut detect, &mut first_dial] {
         v.sort_by(f64::total_cmp);
     }
+    let reasons_after_kill = end_reasons(&r, kill_t);
     let all_rehomed_t =
         (not_rehomed.is_empty() && !rehome.is_empty()).then(|| rehome[rehome.len() - 1]);
 
@@ -657,6 +745,12 @@ fn failover(o: &Opts) {
         let name = names[k + 1];
         let first_local = first_up_on.get(name).copied();
         let first_any = rehome.first().copied();
+        // A probe belongs to the phase it started in, but one that started
+        // before the kill and ended after it was in flight at the kill.
+        let in_flight: Vec<&Probe> = ps
+            .iter()
+            .filter(|p| p.t < kill_ms && p.end >= kill_ms)
+            .collect();
         let phases: [(&str, f64, f64); 4] = [
             ("before the kill", f64::MIN, 0.0),
             (
@@ -682,15 +776,25 @@ fn failover(o: &Opts) {
                 .iter()
                 .filter(|p| {
                     let rel = p.t - kill_ms;
-                    rel >= from && rel < to
+                    rel >= from && rel < to && !(p.t < kill_ms && p.end >= kill_ms)
                 })
                 .collect();
             let ok = inside.iter().filter(|p| p.ok).count();
             cells.push(format!("{ok}/{}", inside.len()));
             pj.insert(label.into(), json!({"ok": ok, "total": inside.len()}));
         }
+        let in_flight_ok = in_flight.iter().filter(|p| p.ok).count();
+        cells.insert(1, format!("{in_flight_ok}/{}", in_flight.len()));
+        pj.insert(
+            "in flight at the kill".into(),
+            json!({"ok": in_flight_ok, "total": in_flight.len()}),
+        );
         let failures: Vec<&Probe> = ps.iter().filter(|p| !p.ok).collect();
-        let last_fail = failures.last().map(|p| p.t - kill_ms);
+        let last_fail = failures
+            .iter()
+            .rev()
+            .find(|p| p.t >= kill_ms)
+            .map(|p| p.t - kill_ms);
         let mut errs: BTreeMap<String, u32> = BTreeMap::new();
         for f in &failures {
             *errs.entry(f.err.clone()).or_default() += 1;
@@ -752,6 +856,14 @@ fn failover(o: &Opts) {
         ))
     );
     md += &format!(
+        "| re-homed after more than 1 s | {} | |\n",
+        rehome.iter().filter(|t| **t > 1000.0).count()
+    );
+    md += &format!(
+        "| SYNs dropped on full accept queues until all re-homed (kernel ListenOverflows / ListenDrops) | {} / {} | |\n",
+        kill_drops.0, kill_drops.1
+    );
+    md += &format!(
         "| where they went | {} | |\n",
         on_hub
             .iter()
@@ -762,6 +874,10 @@ fn failover(o: &Opts) {
     md += &format!(
         "| dials after the kill | {dials_after} ({:.2} per agent) | |\n",
         dials_after as f64 / o.count as f64
+    );
+    md += &format!(
+        "| failed dials and lost tunnels after the kill, why | {} | |\n",
+        reasons_line(&reasons_after_kill)
     );
     md += &format!(
         "| redials below the backoff floor (whole run) | {} of {} (shortest gap {} ms) | 0 |\n",
@@ -784,7 +900,7 @@ fn failover(o: &Opts) {
         survivors_cpu[1]
     );
     md += "\nNew flows every 100 ms through each survivor's listener (ok/total by phase; time after the kill):\n\n";
-    md += "| via | before the kill | kill → first re-homed | first → all re-homed | after all re-homed | last failure | first agent re-homed on this hub | ok latency p50 / max (ms) | failures |\n|---|---|---|---|---|---|---|---|---|\n";
+    md += "| via | before the kill | in flight at the kill | kill → first re-homed | first → all re-homed | after all re-homed | last failure (started after the kill) | first agent re-homed on this hub | ok latency p50 / max (ms) | failures |\n|---|---|---|---|---|---|---|---|---|---|\n";
     for row in &probe_rows {
         md += row;
         md += "\n";
@@ -811,8 +927,14 @@ fn failover(o: &Opts) {
         "first_redial_ms": {"p50": quantile(&first_dial, 0.5), "p99": quantile(&first_dial, 0.99), "max": first_dial.last()},
         "all_rehomed_by_metrics_ms": rehomed_by_metrics.map(|d| d.as_secs_f64() * 1000.0),
         "rehomed_on": on_hub,
+        "rehomed_after_1s": rehome.iter().filter(|t| **t > 1000.0).count(),
+        "rehome_ms_p90": quantile(&rehome, 0.9),
+        "rehome_ms_p95": quantile(&rehome, 0.95),
+        "listen_overflows_after_kill": kill_drops.0,
+        "listen_drops_after_kill": kill_drops.1,
         "not_rehomed": not_rehomed,
         "dials_after_kill": dials_after,
+        "end_reasons_after_kill": reasons_after_kill,
         "backoff": backoff,
         "redis_rejected_connections": rejected,
         "redis_error_replies": error_replies,
@@ -826,6 +948,8 @@ fn failover(o: &Opts) {
         "agents_connected_samples": r["samples"],
     });
     write_outputs(o, &md, &report);
+    drop((hubs, redis));
+    keep_dir(env);
 }
 
 fn main() {
