@@ -716,8 +716,7 @@ fn failover(o: &Opts) {
         // an `up` from hub-a.
         let last = events
             .iter()
-            .filter(|e| t(e) <= kill_t && matches!(kind(e).as_str(), "up" | "down"))
-            .next_back();
+            .rfind(|e| t(e) <= kill_t && matches!(kind(e).as_str(), "up" | "down"));
         if !last.is_some_and(|e| kind(e) == "up" && e["replica"] == "hub-a") {
             continue;
         }
