@@ -82,6 +82,9 @@ async fn run(service: Service) -> Result<(), String> {
             use async_signal::Signal;
             let mut signals = async_signal::Signals::new([Signal::Term, Signal::Int, Signal::Hup])
                 .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+            // A socket per tunnel, flow and mesh link: the hub may use all
+            // the operator granted.
+            nowconnect_shared::nofile::raise_at_start();
             let hub = nowconnect_async_std::hub::start(*cfg).await?;
             // One line on stdout that operators and tests can wait for.
             println!("{}", hub.ready_line());

@@ -25,6 +25,7 @@ pub mod logging;
 pub mod mesh;
 pub mod mesh_ingress;
 pub mod metrics;
+pub mod nofile;
 pub mod proxy_protocol;
 pub mod redact;
 #[cfg(any(feature = "redis-tokio", feature = "redis-smol"))]

@@ -28,7 +28,7 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 pub struct AgentRuntime(AgentProcess<TokioAgent>);
 
 /// Tasks, timers and sockets of the agent on tokio.
-struct TokioAgent {
+pub(crate) struct TokioAgent {
     connector: Option<Connector>,
     max_message: usize,
 }
@@ -103,18 +103,26 @@ impl AgentRt for TokioAgent {
     }
 }
 
-impl AgentRuntime {
-    pub fn new(cfg: AgentConfig) -> Result<Self, String> {
+impl TokioAgent {
+    /// The runtime side of the agent of `cfg`: its TLS trust for `wss://`
+    /// hubs and its largest message.
+    pub(crate) fn new(cfg: &AgentConfig) -> Result<Self, String> {
         let connector = match &cfg.raw.tls {
             Some(tls) => Some(Connector::Rustls(Arc::new(crate::tls::client_config(
                 &tls.ca_bundle,
             )?))),
             None => None,
         };
-        let rt = TokioAgent {
+        Ok(TokioAgent {
             connector,
             max_message: cfg.max_message(),
-        };
+        })
+    }
+}
+
+impl AgentRuntime {
+    pub fn new(cfg: AgentConfig) -> Result<Self, String> {
+        let rt = TokioAgent::new(&cfg)?;
         Ok(AgentRuntime(AgentProcess::new(rt, cfg)))
     }
 

@@ -9,6 +9,7 @@ pub mod agent;
 pub mod hub;
 pub mod io;
 pub mod perf;
+pub mod perf_agents;
 pub mod quickstart;
 
-pub use nowconnect_shared::{config, driver, jwt, logging, metrics, redact, registry, tls};
+pub use nowconnect_shared::{config, driver, jwt, logging, metrics, nofile, redact, registry, tls};

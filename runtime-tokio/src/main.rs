@@ -157,6 +157,55 @@ enum PerfCmd {
         #[arg(long)]
         svg: Option<PathBuf>,
     },
+    /// Hold N real agent tunnels in one process (distinct ids, a token each
+    /// minted with the hub's HS256 secret); timestamps every hub dial and
+    /// tunnel for connect-time, re-homing and backoff figures.
+    Agents {
+        /// A hub tunnel URL (repeat: each agent's hub list, in order).
+        #[arg(long = "hub", required = true)]
+        hubs: Vec<String>,
+        /// Agents to hold.
+        #[arg(long)]
+        count: usize,
+        /// Agent ids are this prefix and the agent's index.
+        #[arg(long, default_value = "perf-agent-")]
+        id_prefix: String,
+        /// The connector each agent serves (and its token names).
+        #[arg(long, default_value = "perf")]
+        connector: String,
+        /// The connector's target, host:port.
+        #[arg(long)]
+        target: String,
+        /// The hub's HS256 secret file (`tunnel.jwt.hs256_secret_file`).
+        #[arg(long)]
+        jwt_key: PathBuf,
+        /// The agents' tenant claim (none: the default tenant).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Lifetime of each token.
+        #[arg(long, default_value = "12h")]
+        token_ttl: humantime::Duration,
+        /// Agents started per second.
+        #[arg(long, default_value_t = 500.0)]
+        ramp: f64,
+        /// How long to hold the agents once all were started, then exit
+        /// (SIGTERM or SIGINT: at once, the report written).
+        #[arg(long, default_value = "60s")]
+        duration: humantime::Duration,
+        /// Tunnels per agent (`ha_connections`; default: the agent's own
+        /// default, 2 when two or more hubs are listed).
+        #[arg(long)]
+        ha_connections: Option<u8>,
+        /// `reconnect_backoff_max_sec` of every agent (default: the agent's).
+        #[arg(long)]
+        backoff_max_sec: Option<u64>,
+        /// Full report: samples over time and every agent's events.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Progress on stderr at most this often (when something changed).
+        #[arg(long, default_value = "1s")]
+        progress: humantime::Duration,
+    },
 }
 
 async fn perf(cmd: PerfCmd) -> Result<ExitCode, String> {
@@ -332,6 +381,45 @@ async fn perf(cmd: PerfCmd) -> Result<ExitCode, String> {
                 ExitCode::SUCCESS
             })
         }
+        PerfCmd::Agents {
+            hubs,
+            count,
+            id_prefix,
+            connector,
+            target,
+            jwt_key,
+            tenant,
+            token_ttl,
+            ramp,
+            duration,
+            ha_connections,
+            backoff_max_sec,
+            json,
+            progress,
+        } => {
+            let args = nowconnect_tokio::perf_agents::AgentsArgs {
+                hubs,
+                count,
+                id_prefix,
+                connector,
+                target,
+                jwt_key,
+                tenant,
+                token_ttl: token_ttl.into(),
+                ramp,
+                duration: duration.into(),
+                ha_connections,
+                backoff_max_sec,
+                progress: progress.into(),
+            };
+            let r = nowconnect_tokio::perf_agents::perf_agents(&args).await?;
+            if let Some(p) = &json {
+                let text = serde_json::to_string(&r).map_err(|e| format!("report: {e}"))?;
+                std::fs::write(p, text).map_err(|e| format!("{}: {e}", p.display()))?;
+            }
+            println!("{}", nowconnect_tokio::perf_agents::summary_line(&r));
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -413,6 +501,9 @@ async fn run(job: Job) -> Result<ExitCode, String> {
                 cfg.raw.log.format.as_deref(),
                 cfg.raw.log.level.as_deref(),
             );
+            // A socket per tunnel, flow and mesh link: the hub may use all
+            // the operator granted.
+            nowconnect_shared::nofile::raise_at_start();
             let hub = nowconnect_tokio::hub::start(*cfg).await?;
             // One line on stdout that operators and tests can wait for.
             println!("{}", hub.ready_line());
@@ -482,6 +573,13 @@ async fn run(job: Job) -> Result<ExitCode, String> {
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }
-        Job::Tool(Tool::Perf(p)) => perf(*p).await,
+        Job::Tool(Tool::Perf(p)) => {
+            if matches!(*p, PerfCmd::Agents { .. }) {
+                // Thousands of agents: their routine warnings stay, their
+                // info lines would drown the progress.
+                nowconnect_tokio::logging::init(None, Some("warn"));
+            }
+            perf(*p).await
+        }
     }
 }
