@@ -774,6 +774,70 @@ fn loadavg() -> String {
         .join(" ")
 }
 
+/// CPU seconds all CPUs of the machine have spent busy since boot, from
+/// the first line of `/proc/stat` (in USER_HZ, 100 per second on Linux).
+fn machine_busy_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let at = |i: usize| f.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal: all but idle, iowait.
+    (at(0) + at(1) + at(2) + at(5) + at(6) + at(7)) as f64 / 100.0
+}
+
+/// CPU seconds of this process and its live children (every process the
+/// bench starts is its direct child).
+fn own_cpu_secs() -> f64 {
+    let me = std::process::id();
+    let children: f64 = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
+            ppid == Some(me)
+        })
+        .map(cpu_secs)
+        .sum();
+    cpu_secs(me) + children
+}
+
+/// What the rest of the machine used while the bench ran: CPUs kept busy
+/// by other processes on average, from the machine's busy time less the
+/// bench's own (its own threads, sink, echo and every process it started).
+struct OthersMeter {
+    at: Instant,
+    busy: f64,
+    own: f64,
+}
+
+impl OthersMeter {
+    fn start() -> OthersMeter {
+        OthersMeter {
+            at: Instant::now(),
+            busy: machine_busy_secs(),
+            own: own_cpu_secs(),
+        }
+    }
+
+    /// Other processes' CPUs busy since `start`, on average.
+    fn cpus(&self) -> f64 {
+        let busy = machine_busy_secs() - self.busy;
+        let own = own_cpu_secs() - self.own;
+        ((busy - own) / self.at.elapsed().as_secs_f64()).max(0.0)
+    }
+}
+
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
@@ -1008,9 +1072,12 @@ fn main() {
     }
     let n = paths.len();
     let mut round_loads = Vec::new();
+    let mut round_others = Vec::new();
     let started = Instant::now();
+    let whole_run = OthersMeter::start();
     for round in 0..rounds {
         round_loads.push(loadavg());
+        let this_round = OthersMeter::start();
         let order: Vec<usize> = (0..n).map(|k| (k + round) % n).collect();
         for &k in &order {
             let p = &mut paths[k];
@@ -1035,10 +1102,12 @@ fn main() {
             p.p50.push(us(h.value_at_quantile(0.5)));
             p.p99.push(us(h.value_at_quantile(0.99)));
         }
+        round_others.push(this_round.cpus());
         eprintln!(
-            "round {} of {rounds} done after {:.0} s",
+            "round {} of {rounds} done after {:.0} s; other processes kept {:.2} CPUs busy",
             round + 1,
-            started.elapsed().as_secs_f64()
+            started.elapsed().as_secs_f64(),
+            round_others[round]
         );
     }
     // Interleaved, one round trip per path in turn: every path sees the
@@ -1047,6 +1116,7 @@ fn main() {
     // VM whose idle CPUs wake slowly (and so the "added" figure larger).
     let interleaved = echo_latencies(&paths.iter().map(|p| p.echo).collect::<Vec<_>>(), echoes);
     let load_after = loadavg();
+    let others_cpus = whole_run.cpus();
 
     let mut md = String::new();
     let mut line = |s: String| {
@@ -1056,11 +1126,16 @@ fn main() {
     line("# tunnel-bench".into());
     line(String::new());
     line(format!(
-        "Machine: {} × {}; load average (1, 5, 15 min) before the run {load_before}, at each round's start {}, after {load_after}. {rounds} rounds in {:.0} s.",
+        "Machine: {} × {}; {rounds} rounds in {:.0} s. Other processes kept {others_cpus:.2} CPUs busy on average over the rounds (per round: {}). Load average (1, 5, 15 min; it counts the bench's own runnable threads, up to 2 × flows) before the run {load_before}, at each round's start {}, after {load_after}.",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         cpu_model(),
+        started.elapsed().as_secs_f64(),
+        round_others
+            .iter()
+            .map(|c| format!("{c:.2}"))
+            .collect::<Vec<_>>()
+            .join(", "),
         round_loads.join(" / "),
-        started.elapsed().as_secs_f64()
     ));
     line(String::new());
     if !delay.is_zero() {
@@ -1357,6 +1432,8 @@ fn main() {
                 "cpu_model": cpu_model(),
                 "load_before": load_before,
                 "load_at_rounds": round_loads,
+                "other_processes_cpus": others_cpus,
+                "other_processes_cpus_per_round": round_others,
                 "load_after": load_after,
             },
             "settings": {
