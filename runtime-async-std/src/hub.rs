@@ -207,7 +207,7 @@ async fn run_tunnel<S>(
 ) where
     S: futures_util::io::AsyncRead + futures_util::io::AsyncWrite + Unpin + Send,
 {
-    let cfg = nowconnect_shared::tung::ws_config(shared.max_ws_message());
+    let cfg = nowconnect_shared::tung::hub_tunnel_ws_config(shared.max_ws_message());
     let ws = WebSocketStream::from_partially_read(tcp, rest, Role::Server, Some(cfg)).await;
     let (sink, stream) = ws.split();
     let (out_tx, out_rx) = async_channel::unbounded::<Outgoing>();

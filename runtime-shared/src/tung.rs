@@ -32,6 +32,21 @@ pub fn hub_request(url: &str, token: &str) -> Result<Request, String> {
 /// more than the copy.
 pub const READ_BUFFER: usize = 32 * 1024;
 
+/// The read size of a hub's agent tunnels (`/tunnel`), half of
+/// [`READ_BUFFER`]: a hub holds one per agent, and tungstenite keeps that
+/// much zeroed and resident for each even while it only carries pings.
+/// 10,000 idle agents on one hub: 50.1 KiB of hub RSS per agent with 32 KiB,
+/// 34.0 KiB with 16 KiB, and less of the hub's idle CPU spent zeroing
+/// (`agents-bench idle --count 10000`, `docs/performance.md`). It bounds
+/// only what one read takes from the agent (the target-to-client
+/// direction); a TLS record is at most 16 KiB of it.
+pub const HUB_TUNNEL_READ_BUFFER: usize = 16 * 1024;
+
+/// Size limits and read size of a hub's agent tunnel (`/tunnel`).
+pub fn hub_tunnel_ws_config(max: usize) -> WebSocketConfig {
+    ws_config(max).read_buffer_size(HUB_TUNNEL_READ_BUFFER)
+}
+
 /// Message and frame size limits for a link whose largest message is `max`.
 pub fn ws_config(max: usize) -> WebSocketConfig {
     WebSocketConfig::default()

@@ -321,13 +321,13 @@ async fn tunnel_handler(
         Err((code, body)) => return (status(code), body).into_response(),
     };
     let max = shared.max_ws_message();
-    // The same read size as every other NowConnect WebSocket
-    // (`tung::READ_BUFFER`): tungstenite zeroes that much before each read,
-    // and axum's default (128 KiB) made every small CREDIT read from the
-    // agent zero 128 KiB.
+    // The hub tunnel's read size (`tung::HUB_TUNNEL_READ_BUFFER`):
+    // tungstenite zeroes that much before each read and keeps it resident
+    // per tunnel, and axum's default (128 KiB) made every small CREDIT read
+    // from the agent zero 128 KiB.
     ws.max_message_size(max)
         .max_frame_size(max)
-        .read_buffer_size(nowconnect_shared::tung::READ_BUFFER)
+        .read_buffer_size(nowconnect_shared::tung::HUB_TUNNEL_READ_BUFFER)
         .on_upgrade(move |socket: WebSocket| async move {
             let (sink, stream) = socket.split();
             let (out_tx, out_rx) = async_channel::unbounded::<Outgoing>();
