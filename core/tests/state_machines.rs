@@ -1889,3 +1889,114 @@ fn control_replies_a_peer_never_reads_are_bounded() {
     while t.poll_transmit().is_some() {}
     assert_eq!(t.control_backlog(), 0);
 }
+
+/// PINGs among `frames`.
+fn pings(frames: &[Frame]) -> usize {
+    frames
+        .iter()
+        .filter(|f| matches!(f, Frame::Ping { .. }))
+        .count()
+}
+
+/// A hub whose agent pings it every interval sends its own PING only every
+/// `HUB_PING_EVERY_WHILE_PINGED` intervals (the first one always, so it has
+/// a round trip for its flows' windows at once); a silent agent is pinged
+/// every interval; an agent keeps pinging every interval whatever the hub
+/// does. At 10,000 idle agents this is a third of the hub's keepalive
+/// frames.
+#[test]
+fn a_hub_pings_an_agent_that_pings_it_only_every_few_intervals() {
+    use nowconnect_core::tunnel::{FIRST_PING, HUB_PING_EVERY_WHILE_PINGED};
+    let every = TunnelConfig::default().ping_interval;
+    for agent_pings in [true, false] {
+        let (mut t, _) = hub_tunnel(&["v2"], 0);
+        let t0 = origin();
+        let mut now = t0;
+        let mut sent = 0;
+        let mut nonce = 0;
+        // 1 s: the first PING, answered at once (the round trip).
+        now += FIRST_PING;
+        t.handle_timeout(now);
+        let out = transmits(&mut t);
+        assert_eq!(pings(&out), 1, "the first PING, {agent_pings}");
+        let Some(Frame::Ping { nonce: n }) =
+            out.into_iter().find(|f| matches!(f, Frame::Ping { .. }))
+        else {
+            unreachable!()
+        };
+        t.handle_message(now, &v2(&Frame::Pong { nonce: n }));
+        assert!(t.last_rtt().is_some());
+        let intervals = 4 * HUB_PING_EVERY_WHILE_PINGED;
+        for _ in 0..intervals {
+            // The agent's PING lands a little before the hub's timer.
+            if agent_pings {
+                nonce += 1;
+                t.handle_message(now + every / 2, &v2(&Frame::Ping { nonce }));
+            }
+            now += every;
+            t.handle_timeout(now);
+            let out = transmits(&mut t);
+            sent += pings(&out);
+            // The agent answers each of the hub's PINGs.
+            for f in &out {
+                if let Frame::Ping { nonce } = f {
+                    t.handle_message(now, &v2(&Frame::Pong { nonce: *nonce }));
+                }
+            }
+            if agent_pings {
+                let pongs = out
+                    .iter()
+                    .filter(|f| matches!(f, Frame::Pong { .. }))
+                    .count();
+                assert_eq!(pongs, 1, "every agent PING is answered");
+            }
+            assert!(!t.is_closed());
+        }
+        if agent_pings {
+            assert_eq!(sent as u32, intervals / HUB_PING_EVERY_WHILE_PINGED);
+        } else {
+            assert_eq!(
+                sent as u32, intervals,
+                "a silent agent is pinged every interval"
+            );
+        }
+    }
+}
+
+/// An agent pings every interval even while its hub pings it: the rule is
+/// the hub's only.
+#[test]
+fn an_agent_pings_every_interval_even_when_its_hub_pings_it() {
+    let now0 = origin();
+    let mut t = Tunnel::agent(now0, TunnelConfig::default(), "a1", &["ldap".into()]);
+    transmits(&mut t);
+    t.handle_message(
+        now0,
+        &v1(&Frame::Welcome {
+            epoch: Epoch(1),
+            codec: "v2".into(),
+            replica_id: "hub-a".into(),
+            window: 0,
+            max_frame: 0,
+        }),
+    );
+    events(&mut t);
+    transmits(&mut t);
+    let every = TunnelConfig::default().ping_interval;
+    let mut now = now0 + nowconnect_core::tunnel::FIRST_PING;
+    t.handle_timeout(now);
+    let first = transmits(&mut t);
+    assert_eq!(pings(&first), 1);
+    if let Some(Frame::Ping { nonce }) = first.into_iter().find(|f| matches!(f, Frame::Ping { .. }))
+    {
+        t.handle_message(now, &v2(&Frame::Pong { nonce }));
+    }
+    let mut sent = 0;
+    for i in 0..8 {
+        t.handle_message(now + every / 2, &v2(&Frame::Ping { nonce: i }));
+        now += every;
+        t.handle_timeout(now);
+        sent += pings(&transmits(&mut t));
+    }
+    assert_eq!(sent, 8);
+}
