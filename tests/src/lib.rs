@@ -1491,6 +1491,18 @@ pub fn metric_sum(text: &str, name: &str, label: Option<&str>) -> f64 {
         .sum()
 }
 
+/// CPU seconds (user + system) a process has used so far, from
+/// `/proc/<pid>/stat` (in USER_HZ, 100 per second on Linux).
+pub fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15; `rest` starts at field 3.
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
 /// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`, ...); 0 when
 /// the process or the field is gone.
 pub fn proc_status_kib(pid: u32, field: &str) -> u64 {

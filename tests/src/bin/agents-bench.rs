@@ -112,15 +112,6 @@ fn unix_ms() -> f64 {
         * 1000.0
 }
 
-/// User + system CPU seconds of a process (`/proc/<pid>/stat`, 100 ticks/s).
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    (ticks(11) + ticks(12)) as f64 / 100.0
-}
-
 /// The soft open-file limit of a running process (`/proc/<pid>/limits`).
 fn nofile_of(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/limits"))

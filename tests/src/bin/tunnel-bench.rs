@@ -51,8 +51,8 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use nowconnect_tests::pki::Ca;
 use nowconnect_tests::{
-    AgentProc, Env, HubProc, Proc, RedisProc, Runtime, bulk_throughput, delay_proxy, echo_once,
-    echo_server, eventually, free_port, meshed_pair_with, pair_ready, wait_port,
+    AgentProc, Env, HubProc, Proc, RedisProc, Runtime, bulk_throughput, cpu_secs, delay_proxy,
+    echo_once, echo_server, eventually, free_port, meshed_pair_with, pair_ready, wait_port,
 };
 
 /// 1 KiB echo latency of each address over one connection each, one round
@@ -79,18 +79,6 @@ fn echo_latencies(addrs: &[SocketAddr], n: usize) -> Vec<Histogram<u64>> {
         }
     }
     conns.into_iter().map(|(_, h)| h).collect()
-}
-
-/// CPU seconds (user + system) a process has used so far, from
-/// `/proc/<pid>/stat` (in USER_HZ, 100 per second on Linux).
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    // utime and stime are fields 14 and 15; `rest` starts at field 3.
-    (ticks(11) + ticks(12)) as f64 / 100.0
 }
 
 /// One measured transfer of `bytes` to `addr`: its throughput (bytes/s)
