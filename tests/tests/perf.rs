@@ -245,3 +245,65 @@ fn perf_tcp_reports_throughput_latency_and_connection_rate_against_direct() {
     let md = std::fs::read_to_string(&md).unwrap();
     assert!(md.contains("Through / direct: one flow"), "{md}");
 }
+
+/// `nowconnect perf agents` holds N real agent tunnels with distinct ids
+/// and tokens on a real hub: every one is attached (the hub's own count),
+/// a client reaches the connector through them, and the report says all
+/// connected, names each agent once and finds no redial faster than the
+/// backoff. The hub refuses agents past its `limits.max_agents`, and the
+/// tool reports the ones it could not hold rather than claiming them.
+#[test]
+fn perf_agents_holds_distinct_agents_on_a_hub_and_reports_them() {
+    let env = Env::new();
+    let echo = echo_server();
+    let n = 40usize;
+    let hub = HubProc::start(
+        env.path(),
+        "hub",
+        &env.hub_yaml(
+            &[("perf", "perf")],
+            &format!("limits:\n  max_agents: {}\n", n - 5),
+        ),
+    );
+    let report = env.path().join("agents.json");
+    let mut run = Command::new(bin())
+        .args(["perf", "agents", "--hub"])
+        .arg(format!("ws://{}/tunnel", hub.http))
+        .args(["--count", &n.to_string(), "--target", &echo.to_string()])
+        .arg("--jwt-key")
+        .arg(&env.secret_file)
+        .args(["--ramp", "200", "--duration", "4s", "--json"])
+        .arg(&report)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nowconnect perf agents");
+    assert!(
+        hub.agents_attached((n - 5) as f64, Duration::from_secs(15)),
+        "the hub never held {} agents",
+        n - 5
+    );
+    assert!(echo_once(hub.listener("perf"), b"through a perf agent"));
+    let out = run.wait_with_output().unwrap();
+    let text = text(&out);
+    assert!(out.status.success(), "{text}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(r["count"], n as u64, "{text}");
+    assert_eq!(r["max_connected"], (n - 5) as u64, "{text}");
+    assert!(r["all_connected_ms"].is_null(), "5 were refused: {text}");
+    let ids: std::collections::BTreeSet<&str> = r["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), n, "{text}");
+    assert_eq!(r["backoff"]["below_floor"], 0, "{text}");
+    assert!(text.contains(&format!("perf-agents: count={n} ")), "{text}");
+    // The refused agents were refused for the limit, and kept dialing at
+    // their backoff, not faster.
+    assert!(
+        r["dial_failures"].as_u64().unwrap() + r["tunnels_ended"].as_u64().unwrap() >= 5,
+        "{text}"
+    );
+}
