@@ -266,7 +266,7 @@ fn perf_agents_holds_distinct_agents_on_a_hub_and_reports_them() {
         ),
     );
     let report = env.path().join("agents.json");
-    let mut run = Command::new(bin())
+    let run = Command::new(bin())
         .args(["perf", "agents", "--hub"])
         .arg(format!("ws://{}/tunnel", hub.http))
         .args(["--count", &n.to_string(), "--target", &echo.to_string()])
