@@ -106,7 +106,7 @@ impl AgentRt for TokioAgent {
 impl TokioAgent {
     /// The runtime side of the agent of `cfg`: its TLS trust for `wss://`
     /// hubs and its largest message.
-    pub(crate) fn new(cfg: &AgentConfig) -> Result<Self, String> {
+    pub(crate) fn for_config(cfg: &AgentConfig) -> Result<Self, String> {
         let connector = match &cfg.raw.tls {
             Some(tls) => Some(Connector::Rustls(Arc::new(crate::tls::client_config(
                 &tls.ca_bundle,
@@ -122,7 +122,7 @@ impl TokioAgent {
 
 impl AgentRuntime {
     pub fn new(cfg: AgentConfig) -> Result<Self, String> {
-        let rt = TokioAgent::new(&cfg)?;
+        let rt = TokioAgent::for_config(&cfg)?;
         Ok(AgentRuntime(AgentProcess::new(rt, cfg)))
     }
 

@@ -89,11 +89,14 @@ impl futures_util::io::AsyncWrite for TokioWriter {
     }
 }
 
-/// Waits until the socket is readable, then reads with `try_read_buf` into
-/// uninitialised capacity: an idle flow holds no buffer at all, a busy one
-/// reads up to [`ReadSize`] at a time (at most `READ_CHUNK`) without
-/// zeroing memory first, behind [`HEADROOM`] bytes left free for the
-/// frame's header.
+/// Waits until the socket is readable, then reads into uninitialised
+/// capacity: an idle flow holds no buffer at all, a busy one reads up to
+/// [`ReadSize`] at a time (at most `READ_CHUNK`) without zeroing memory
+/// first, behind [`HEADROOM`] bytes left free for the frame's header. The
+/// read goes through `AsyncRead` (`read_buf`), which clears the socket's
+/// readiness after a short read: `try_read_buf` left it set, so every chunk
+/// cost a second read that failed with `EAGAIN` and a buffer allocated for
+/// it.
 struct TokioReader(OwnedReadHalf, ReadSize);
 
 impl TokioReader {
@@ -104,18 +107,14 @@ impl TokioReader {
 
 impl ChunkReader for TokioReader {
     async fn read_chunk(&mut self) -> std::io::Result<Option<Payload>> {
-        loop {
-            self.0.readable().await?;
-            let mut buf = BytesMut::with_capacity(HEADROOM + self.1.get());
-            buf.put_bytes(0, HEADROOM);
-            match self.0.try_read_buf(&mut buf) {
-                Ok(0) => return Ok(None),
-                Ok(n) => {
-                    self.1.update(n);
-                    return Ok(Some(Payload::with_room(buf, HEADROOM)));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+        self.0.readable().await?;
+        let mut buf = BytesMut::with_capacity(HEADROOM + self.1.get());
+        buf.put_bytes(0, HEADROOM);
+        match tokio::io::AsyncReadExt::read_buf(&mut self.0, &mut buf).await? {
+            0 => Ok(None),
+            n => {
+                self.1.update(n);
+                Ok(Some(Payload::with_room(buf, HEADROOM)))
             }
         }
     }

@@ -543,7 +543,7 @@ pub async fn perf_agents(a: &AgentsArgs) -> Result<AgentsReport, String> {
             events: Mutex::new(Vec::new()),
         });
         let rt = Probed {
-            inner: TokioAgent::new(&cfg)?,
+            inner: TokioAgent::for_config(&cfg)?,
             probe: probe.clone(),
         };
         let agent = AgentProcess::new(rt, cfg);
