@@ -6,11 +6,11 @@
 //!    connection per replica, as each hub has) and announcing K connectors,
 //!    in a fresh server: `used_memory` over the empty server (scripts
 //!    loaded, replicas announced) and `DBSIZE`.
-//! 2. Steady state at the largest N: every agent's renewal (renew +
-//!    add_connectors, what a hub sends per slot every
-//!    `ha.renew_interval_sec`) paced evenly over one interval, with the
-//!    latency of each call and the server's CPU; then all of them at once (a
-//!    burst, as when timers line up after a mass reconnect); `list_agents`
+//! 2. Steady state at the largest N: every agent's renewal as the hubs send
+//!    it every `ha.renew_interval_sec` (each replica's slots in `renew_many`
+//!    calls of up to 256, at its tick), the replicas' ticks spread over one
+//!    interval, with the latency of each call and the server's CPU; then
+//!    all of them at once (a burst); `list_agents`
 //!    of a connector all N agents serve (one per cross-replica connection).
 //! 3. Eviction: the same registry in a server that runs out of memory, once
 //!    with `allkeys-lru` (what an eviction does to ownership and listings)
@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use nowconnect_core::Epoch;
-use nowconnect_core::registry::{RegistryOp, RegistryReply};
+use nowconnect_core::hub::RENEW_BATCH;
+use nowconnect_core::registry::{RegistryOp, RegistryReply, SlotLease};
 use nowconnect_tests::{Env, RedisProc, redis_cli};
 use nowconnect_tokio::registry::RedisRegistry;
 
@@ -169,9 +170,10 @@ impl Cluster {
         epochs
     }
 
-    /// Each slot's renewal (renew + add_connectors, as a hub's renew timer
-    /// sends them), spread evenly over `pace` (all at once when `None`):
-    /// the latency of every call, in µs.
+    /// Every slot's renewal as the hubs send it: each replica renews the
+    /// slots it owns in `renew_many` calls of up to `RENEW_BATCH`, all at
+    /// its tick; the replicas' ticks spread evenly over `pace` (all at once
+    /// when `None`): the latency of every call, in µs.
     async fn renew_all(
         &self,
         shape: Shape,
@@ -179,47 +181,45 @@ impl Cluster {
         epochs: &[Epoch],
         pace: Option<Duration>,
     ) -> Histogram<u64> {
-        let total = epochs.len();
-        let start = tokio::time::Instant::now();
-        let mut set = tokio::task::JoinSet::new();
+        let replicas = self.regs.len();
+        let mut per_replica: Vec<Vec<SlotLease>> = vec![Vec::new(); replicas];
         for (i, &epoch) in epochs.iter().enumerate() {
             let a = first + i / shape.slots as usize;
             let slot = (i % shape.slots as usize) as u8;
-            let (r, reg) = self.owner_of(a, slot);
-            let connectors = shape.connectors_of(a);
-            let at = pace.map(|p| start + p.mul_f64(i as f64 / total as f64));
-            set.spawn(async move {
-                if let Some(at) = at {
-                    tokio::time::sleep_until(at).await;
-                }
-                let agent_id = format!("agent-{a}");
-                let renew = RegistryOp::Renew {
-                    agent_id: agent_id.clone(),
-                    slot,
-                    replica_id: format!("hub-{r}"),
-                    epoch,
-                    lease: LEASE,
-                };
-                let add = RegistryOp::AddConnectors {
-                    agent_id,
-                    connectors,
-                    lease: LEASE,
-                };
-                let t = Instant::now();
-                let renewed = reg.apply(&renew).await;
-                let t_renew = t.elapsed();
-                let t = Instant::now();
-                reg.apply(&add).await.unwrap();
-                let t_add = t.elapsed();
-                assert_eq!(renewed, Ok(RegistryReply::Renewed));
-                [t_renew, t_add]
+            let (r, _) = self.owner_of(a, slot);
+            per_replica[r].push(SlotLease {
+                agent_id: format!("agent-{a}"),
+                slot,
+                epoch,
+                connectors: shape.connectors_of(a),
             });
+        }
+        let start = tokio::time::Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for (r, slots) in per_replica.into_iter().enumerate() {
+            let at = pace.map(|p| start + p.mul_f64(r as f64 / replicas as f64));
+            for batch in slots.chunks(RENEW_BATCH) {
+                let reg = self.regs[r].clone();
+                let op = RegistryOp::RenewMany {
+                    replica_id: format!("hub-{r}"),
+                    lease: LEASE,
+                    slots: batch.to_vec(),
+                };
+                set.spawn(async move {
+                    if let Some(at) = at {
+                        tokio::time::sleep_until(at).await;
+                    }
+                    let t = Instant::now();
+                    let renewed = reg.apply(&op).await;
+                    let took = t.elapsed();
+                    assert_eq!(renewed, Ok(RegistryReply::RenewedMany { lost: Vec::new() }));
+                    took
+                });
+            }
         }
         let mut h = Histogram::<u64>::new(3).unwrap();
         while let Some(r) = set.join_next().await {
-            for t in r.unwrap() {
-                h.record(t.as_micros() as u64).unwrap();
-            }
+            h.record(r.unwrap().as_micros() as u64).unwrap();
         }
         h
     }
@@ -359,7 +359,7 @@ async fn main() {
     let cpu = (redis_cpu(&c.url()) - cpu0) / secs;
     latency_row(
         &format!(
-            "every slot's renewal paced over one renew interval ({} s): renew + add_connectors",
+            "every hub's batched renewal (renew_many, {RENEW_BATCH} slots a call), the hubs' ticks spread over one renew interval ({} s)",
             RENEW.as_secs()
         ),
         h.len(),
