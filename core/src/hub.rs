@@ -611,9 +611,6 @@ impl Hub {
         true
     }
 
-    /// The agent limit holds, and it holds because every agent counted is
-    /// owned by a tunnel held here that claimed that very agent: an entry
-    /// pointing anywhere else could never be removed by a close.
     /// The tunnels of `agent_id` here, in any state.
     fn tunnels_of<'a>(&'a self, agent_id: &str) -> impl Iterator<Item = &'a TunnelId> + 'a {
         self.tunnels_of_agent.get(agent_id).into_iter().flatten()
@@ -655,6 +652,10 @@ impl Hub {
         Some(a)
     }
 
+    /// The agent limit holds, and it holds because every agent counted is
+    /// owned by a tunnel held here that claimed that very agent: an entry
+    /// pointing anywhere else could never be removed by a close.
+    /// The agent and connector indexes match the tunnels too.
     fn check_agent_bound(&self) {
         debug_assert!(
             self.tunnels_of_agent
@@ -1436,35 +1437,35 @@ impl Hub {
     /// Every owned tunnel not renewed on its own (`Timer::Renew`, while
     /// draining) is renewed, in calls of at most [`RENEW_BATCH`] slots.
     fn renew_all(&mut self, now: Instant) {
-        let mut slots = Vec::new();
-        let mut tunnels = Vec::new();
-        for (&tunnel, a) in &self.agents {
-            let AgentState::Owned { epoch } = a.state else {
-                continue;
-            };
-            if self.timers.get(Timer::Renew(tunnel)).is_some() {
-                continue;
+        let due: Vec<(SlotLease, (TunnelId, OpId, Epoch))> = self
+            .agents
+            .iter()
+            .filter(|(t, _)| self.timers.get(Timer::Renew(**t)).is_none())
+            .filter_map(|(&tunnel, a)| {
+                let AgentState::Owned { epoch } = a.state else {
+                    return None;
+                };
+                let slot = SlotLease {
+                    agent_id: a.agent_id.clone(),
+                    slot: a.slot,
+                    epoch,
+                    connectors: a.connectors.clone(),
+                };
+                Some((slot, (tunnel, a.hello, epoch)))
+            })
+            .collect();
+        let mut due = due.into_iter();
+        loop {
+            let (slots, tunnels): (Vec<_>, Vec<_>) = due.by_ref().take(RENEW_BATCH).unzip();
+            if slots.is_empty() {
+                break;
             }
-            slots.push(SlotLease {
-                agent_id: a.agent_id.clone(),
-                slot: a.slot,
-                epoch,
-                connectors: a.connectors.clone(),
-            });
-            tunnels.push((tunnel, a.hello, epoch));
-        }
-        while !slots.is_empty() {
-            let rest = slots.split_off(slots.len().min(RENEW_BATCH));
-            let rest_tunnels = tunnels.split_off(slots.len());
             let call = RegistryOp::RenewMany {
                 replica_id: self.cfg.replica_id.clone(),
                 lease: self.cfg.lease,
-                slots: std::mem::replace(&mut slots, rest),
+                slots,
             };
-            let pending = Pending::RenewMany {
-                tunnels: std::mem::replace(&mut tunnels, rest_tunnels),
-            };
-            self.op(now, call, pending);
+            self.op(now, call, Pending::RenewMany { tunnels });
         }
     }
 
