@@ -66,12 +66,7 @@ impl HubRt for AsyncStdRt {
     }
 
     async fn bind(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
-        use socket2::{Domain, Protocol, Socket, Type};
-        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-        socket.set_reuse_address(true)?;
-        socket.bind(&addr.into())?;
-        socket.listen(nowconnect_shared::rt::LISTEN_BACKLOG as i32)?;
-        Ok(TcpListener::from(std::net::TcpListener::from(socket)))
+        Ok(TcpListener::from(nowconnect_shared::rt::listen(addr)?))
     }
 
     fn local_addr(l: &TcpListener) -> std::io::Result<SocketAddr> {

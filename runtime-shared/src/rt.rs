@@ -18,15 +18,28 @@ use crate::driver::{FlowBytes, FlowEnd, InlineWriter, Outgoing};
 use crate::mesh::MeshWs;
 use crate::metrics::Metrics;
 
-/// What a hub needs from its async runtime. Everything else is shared.
 /// The accept backlog of a hub's listeners (`/tunnel`, the client
 /// listeners, the mesh). The runtimes' default is 128: when a hub dies, the
 /// agents it held redial the survivors within a few hundred milliseconds,
 /// and connections past the backlog are dropped and retried by TCP only
 /// after a second. The kernel caps it at `net.core.somaxconn` (4096 on
 /// current kernels).
-pub const LISTEN_BACKLOG: u32 = 4096;
+pub const LISTEN_BACKLOG: i32 = 4096;
 
+/// A hub's listening socket on `addr`: `SO_REUSEADDR` (as the runtimes' own
+/// `bind`), a backlog of [`LISTEN_BACKLOG`], non-blocking, for the runtime
+/// to wrap in its listener type. Both runtimes' [`HubRt::bind`] use it.
+pub fn listen(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// What a hub needs from its async runtime. Everything else is shared.
 pub trait HubRt: Send + Sync + Sized + 'static {
     /// A spawned task; dropping it does not stop it.
     type Task: Send + 'static;

@@ -69,14 +69,7 @@ impl HubRt for TokioRt {
     }
 
     async fn bind(&self, addr: SocketAddr) -> std::io::Result<TcpListener> {
-        let socket = if addr.is_ipv4() {
-            tokio::net::TcpSocket::new_v4()?
-        } else {
-            tokio::net::TcpSocket::new_v6()?
-        };
-        socket.set_reuseaddr(true)?;
-        socket.bind(addr)?;
-        socket.listen(nowconnect_shared::rt::LISTEN_BACKLOG)
+        TcpListener::from_std(nowconnect_shared::rt::listen(addr)?)
     }
 
     fn local_addr(l: &TcpListener) -> std::io::Result<SocketAddr> {
