@@ -1053,6 +1053,24 @@ pub fn redis_cli(url: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// `INFO section` of a plain `redis://` server as field → value (the
+/// numeric fields).
+pub fn redis_info(url: &str, section: &str) -> std::collections::BTreeMap<String, f64> {
+    redis_cli(url, &["INFO", section])
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.trim().split_once(':')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The Redis server's CPU seconds (user + system) so far.
+pub fn redis_cpu(url: &str) -> f64 {
+    let i = redis_info(url, "cpu");
+    i["used_cpu_user"] + i["used_cpu_sys"]
+}
+
 impl RedisProc {
     pub fn start(dir: &Path) -> RedisProc {
         Self::start_on(dir, free_port())

@@ -138,17 +138,6 @@ fn listen_drops() -> (f64, f64) {
     (m["ListenOverflows"], m["ListenDrops"])
 }
 
-/// `INFO section` as field → value (numbers only).
-fn redis_info(url: &str, section: &str) -> BTreeMap<String, f64> {
-    redis_cli(url, &["INFO", section])
-        .lines()
-        .filter_map(|l| {
-            let (k, v) = l.trim().split_once(':')?;
-            Some((k.to_string(), v.parse().ok()?))
-        })
-        .collect()
-}
-
 /// `INFO commandstats` as command → calls.
 fn command_calls(url: &str) -> BTreeMap<String, f64> {
     redis_cli(url, &["INFO", "commandstats"])
@@ -159,11 +148,6 @@ fn command_calls(url: &str) -> BTreeMap<String, f64> {
             Some((name.to_string(), calls.parse().ok()?))
         })
         .collect()
-}
-
-fn redis_cpu(url: &str) -> f64 {
-    let i = redis_info(url, "cpu");
-    i.get("used_cpu_user").copied().unwrap_or(0.0) + i.get("used_cpu_sys").copied().unwrap_or(0.0)
 }
 
 /// A hub of the benchmark: HA `active` against `redis` with the product's

@@ -25,7 +25,7 @@ use hdrhistogram::Histogram;
 use nowconnect_core::Epoch;
 use nowconnect_core::hub::RENEW_BATCH;
 use nowconnect_core::registry::{RegistryOp, RegistryReply, SlotLease};
-use nowconnect_tests::{Env, RedisProc, redis_cli};
+use nowconnect_tests::{Env, RedisProc, redis_cli, redis_cpu};
 use nowconnect_tokio::registry::RedisRegistry;
 
 const PREFIX: &str = "nowconnect:";
@@ -238,11 +238,6 @@ fn latency_row(what: &str, calls: u64, secs: f64, h: &Histogram<u64>, cpu: Optio
         ms(h.max()),
         cpu.map_or("–".into(), |c| format!("{:.0} %", c * 100.0))
     );
-}
-
-/// The server's CPU seconds (user + system) so far.
-fn redis_cpu(url: &str) -> f64 {
-    info(url, "cpu", "used_cpu_user") + info(url, "cpu", "used_cpu_sys")
 }
 
 fn list<T: std::str::FromStr>(s: &str) -> Vec<T> {
