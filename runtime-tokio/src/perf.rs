@@ -949,13 +949,23 @@ async fn open_one(
     mut answered: oneshot::Receiver<Duration>,
     target: SocketAddr,
 ) -> Result<Duration, String> {
-    let mut s = TcpStream::connect(addr)
-        .await
-        .map_err(|e| format!("connect {addr}: {e}"))?;
+    let refused = |e: std::io::Error| {
+        format!(
+            "{addr}: {e} before the id reached the open target {target} \
+             (does the connector's target point there?)"
+        )
+    };
+    let mut s = TcpStream::connect(addr).await.map_err(|e| {
+        // The listener took the connection and reset it before the
+        // connect returned here: the flow behind it failed that fast.
+        if e.kind() == std::io::ErrorKind::ConnectionReset {
+            refused(e)
+        } else {
+            format!("connect {addr}: {e}")
+        }
+    })?;
     let _ = s.set_nodelay(true);
-    s.write_all(&id.to_be_bytes())
-        .await
-        .map_err(|e| format!("write {addr}: {e}"))?;
+    s.write_all(&id.to_be_bytes()).await.map_err(refused)?;
     let mut buf = [0u8; 64];
     tokio::select! {
         biased;
@@ -974,10 +984,7 @@ async fn open_one(
                 Ok(_) => format!(
                     "{addr}: bytes came back: the connector's target is not the open target {target}"
                 ),
-                Err(e) => format!(
-                    "{addr}: {e} before the id reached the open target {target} \
-                     (does the connector's target point there?)"
-                ),
+                Err(e) => refused(e),
             })
         }
     }
@@ -1038,8 +1045,9 @@ pub async fn perf_tcp(a: &TcpArgs) -> Result<TcpReport, String> {
     };
     let through_open = target.as_ref().zip(a.open.as_ref().map(|o| o.through));
     let through = run_tcp(a.through, a, through_open).await?;
+    // No figure from a side whose every open failed.
     let added_open_p99_us = match (&through.open, direct.as_ref().and_then(|d| d.open.as_ref())) {
-        (Some(t), Some(d)) => Some(t.p99_us as i64 - d.p99_us as i64),
+        (Some(t), Some(d)) if t.count > 0 && d.count > 0 => Some(t.p99_us as i64 - d.p99_us as i64),
         _ => None,
     };
     let ratio = |f: fn(&TcpRun) -> f64| direct.as_ref().map(|d| f(&through) / f(d).max(1e-9));
