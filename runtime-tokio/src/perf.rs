@@ -1033,8 +1033,8 @@ async fn run_tcp(
 /// `nowconnect perf tcp`: the direct target first, then the listener, in one
 /// run.
 pub async fn perf_tcp(a: &TcpArgs) -> Result<TcpReport, String> {
-    // Listening before any measurement: the agent may dial the open target
-    // only once the opens start, but nothing else may hold its port.
+    // Bound before any measurement: a port already taken fails the run at
+    // once, not after the echo measurements.
     let target = match &a.open {
         Some(o) => Some(OpenTarget::bind(o.target, o.timeout).await?),
         None => None,
