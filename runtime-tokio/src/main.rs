@@ -127,7 +127,8 @@ enum PerfCmd {
     },
     /// Throughput (one flow and N flows), echo latency and connection rate
     /// through a listener in front of an echo service, and the same against
-    /// the echo service directly in the same run.
+    /// the echo service directly in the same run; with --open-target, open
+    /// latency (a client's connect to its first byte at the target).
     Tcp {
         /// The listener under test.
         #[arg(long)]
@@ -150,6 +151,25 @@ enum PerfCmd {
         conn_rate: f64,
         #[arg(long, default_value = "5s")]
         conn_duration: humantime::Duration,
+        /// Also measure open latency: perf listens here itself and is the
+        /// target. A connector's target must point at this address, and
+        /// --open-through be the listener in front of that connector (not
+        /// --through: its connector's target is the echo service). Each
+        /// open connects to --open-through and sends an 8-byte id; its
+        /// latency runs from just before the connect to the id read here.
+        /// With --direct, the same opens straight to this address are the
+        /// baseline.
+        #[arg(long, requires = "open_through")]
+        open_target: Option<std::net::SocketAddr>,
+        /// The listener whose connector's target is --open-target.
+        #[arg(long, requires = "open_target")]
+        open_through: Option<std::net::SocketAddr>,
+        /// Opens per side (through, and direct with --direct).
+        #[arg(long, default_value_t = 1000)]
+        opens: u64,
+        /// Opens per second (open loop: each open starts when due).
+        #[arg(long, default_value_t = 200.0)]
+        open_rate: f64,
         #[arg(long)]
         json: Option<PathBuf>,
         #[arg(long)]
@@ -316,6 +336,10 @@ async fn perf(cmd: PerfCmd) -> Result<ExitCode, String> {
             echo_size,
             conn_rate,
             conn_duration,
+            open_target,
+            open_through,
+            opens,
+            open_rate,
             json,
             markdown,
             svg,
@@ -323,6 +347,18 @@ async fn perf(cmd: PerfCmd) -> Result<ExitCode, String> {
             if flows == 0 || echo_size == 0 || bytes == 0 {
                 return Err("--flows, --echo-size and --bytes must be at least 1".into());
             }
+            if opens == 0 || open_rate.is_nan() || open_rate <= 0.0 {
+                return Err("--opens must be at least 1 and --open-rate above 0".into());
+            }
+            let open = open_target
+                .zip(open_through)
+                .map(|(target, through)| perf::OpenArgs {
+                    target,
+                    through,
+                    opens,
+                    rate: open_rate,
+                    timeout: Duration::from_secs(10),
+                });
             let args = perf::TcpArgs {
                 through,
                 direct,
@@ -332,6 +368,7 @@ async fn perf(cmd: PerfCmd) -> Result<ExitCode, String> {
                 echo_size,
                 conn_rate,
                 conn_duration: conn_duration.into(),
+                open,
                 json,
                 markdown,
                 svg,
@@ -370,12 +407,44 @@ async fn perf(cmd: PerfCmd) -> Result<ExitCode, String> {
                     r.added_echo_p99_us.unwrap_or(0)
                 );
             }
+            for (side, x) in r
+                .direct
+                .iter()
+                .map(|d| ("direct", d))
+                .chain([("through", t)])
+            {
+                if let (Some(addr), Some(l), Some(errors)) = (&x.open_addr, &x.open, x.open_errors)
+                {
+                    println!(
+                        "{side} {addr}: open p50 {} µs p99 {} µs max {} µs, {} opens answered, {errors} errors",
+                        l.p50_us, l.p99_us, l.max_us, l.count
+                    );
+                }
+            }
+            if let Some(p) = r.added_open_p99_us {
+                println!("through/direct: added open p99 {p} µs");
+            }
+            if let (Some(n), Some(at)) = (r.open_strays, &r.open_target) {
+                println!("open target {at}: {n} stray connections");
+            }
             let failed_conns = t.conn_errors > 0;
-            Ok(if failed_conns {
+            let failed_opens = t.open_errors.unwrap_or(0) > 0;
+            if failed_conns {
                 eprintln!(
                     "error: {} connections failed through {}",
                     t.conn_errors, t.addr
                 );
+            }
+            if failed_opens {
+                eprintln!(
+                    "error: {} of {} opens failed through {}: {}",
+                    t.open_errors.unwrap_or(0),
+                    r.opens.unwrap_or(0),
+                    t.open_addr.as_deref().unwrap_or("?"),
+                    t.open_error_samples.join("; ")
+                );
+            }
+            Ok(if failed_conns || failed_opens {
                 ExitCode::from(perf::EXIT_ASSERTION)
             } else {
                 ExitCode::SUCCESS

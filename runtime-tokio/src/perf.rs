@@ -8,18 +8,22 @@
 //!   (hdrhistogram), throughput, errors; `--p99-max` and `--error-budget`
 //!   set the exit code; JSON, Markdown and an SVG latency plot.
 //! - `perf tcp`: against an echo service: one-flow and N-flow throughput,
-//!   echo latency, and a connection rate.
+//!   echo latency, and a connection rate; with `--open-target`, open
+//!   latency (a client's connect to the first byte at the target), perf
+//!   itself being the target.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::oneshot;
 
 /// Exit code when an assertion (`--p99-max`, `--error-budget`) fails.
 pub const EXIT_ASSERTION: u8 = 3;
@@ -574,9 +578,25 @@ pub struct TcpArgs {
     pub echo_size: usize,
     pub conn_rate: f64,
     pub conn_duration: Duration,
+    /// Open latency, when `--open-target` is given.
+    pub open: Option<OpenArgs>,
     pub json: Option<PathBuf>,
     pub markdown: Option<PathBuf>,
     pub svg: Option<PathBuf>,
+}
+
+/// Open latency: perf listens on `target` itself, and a connector's target
+/// must point there; each open connects to `through` (the listener in front
+/// of that connector) and is timed until its first bytes arrive at `target`.
+#[derive(Clone, Debug)]
+pub struct OpenArgs {
+    pub target: SocketAddr,
+    pub through: SocketAddr,
+    pub opens: u64,
+    /// Opens per second (open loop).
+    pub rate: f64,
+    /// An open whose first bytes are not at the target by then fails.
+    pub timeout: Duration,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -591,6 +611,19 @@ pub struct TcpRun {
     pub conn_rate_achieved: f64,
     pub conn_errors: u64,
     pub conn_latency: Latency,
+    /// The address each open connected to (the open target itself on the
+    /// direct side).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_addr: Option<String>,
+    /// From just before the client's connect to its first 8 bytes read at
+    /// the open target.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open: Option<Latency>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_errors: Option<u64>,
+    /// The first few distinct open errors.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub open_error_samples: Vec<String>,
     #[serde(skip)]
     pub curve: Vec<(f64, u64)>,
 }
@@ -608,6 +641,20 @@ pub struct TcpReport {
     pub n_flows_ratio: Option<f64>,
     pub added_echo_p50_us: Option<i64>,
     pub added_echo_p99_us: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_target: Option<String>,
+    /// Opens per side.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub opens: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_rate: Option<f64>,
+    /// Connections to the open target that sent fewer than 8 bytes, or an
+    /// id no open of this run was waiting for (a late open's included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub open_strays: Option<u64>,
+    /// through open p99 − direct open p99, µs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub added_open_p99_us: Option<i64>,
 }
 
 /// Send `n` bytes on one connection while reading the echo back.
@@ -720,7 +767,236 @@ async fn conn_rate(addr: SocketAddr, rate: f64, duration: Duration) -> (f64, u64
     (achieved, errors, h)
 }
 
-async fn run_tcp(addr: SocketAddr, a: &TcpArgs) -> Result<TcpRun, String> {
+/// Opens waiting for their first bytes at the open target: id → (t0, where
+/// to send t1 − t0). Bounded by the opens in flight: each open removes its
+/// entry when it ends, answered or not.
+type Pending = Arc<Mutex<HashMap<u64, (Instant, oneshot::Sender<Duration>)>>>;
+
+/// Connections the open target reads at once; past this a new one is a
+/// stray, dropped unread (opens arrive with their id and are read at once,
+/// so only idle strays pile up).
+const OPEN_READERS_MAX: usize = 4096;
+
+/// perf's own listener at the open target: it reads the 8-byte id of each
+/// connection and answers the open waiting for it, in this process, so t0
+/// and t1 are read off the same clock.
+struct OpenTarget {
+    addr: SocketAddr,
+    pending: Pending,
+    next_id: AtomicU64,
+    strays: Arc<AtomicU64>,
+    acceptor: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for OpenTarget {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+    }
+}
+
+impl OpenTarget {
+    async fn bind(addr: SocketAddr, timeout: Duration) -> Result<OpenTarget, String> {
+        let err = |what: &str, e: std::io::Error| format!("open target {addr}: {what}: {e}");
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(|e| err("socket", e))?;
+        // A previous run's connections in TIME_WAIT must not keep this one
+        // from binding the same port.
+        socket
+            .set_reuseaddr(true)
+            .map_err(|e| err("reuseaddr", e))?;
+        socket.bind(addr).map_err(|e| err("bind", e))?;
+        // A burst of opens must not overflow the accept queue: that would
+        // time the kernel's SYN retry, not the tunnel.
+        let listener = socket.listen(1024).map_err(|e| err("listen", e))?;
+        let pending: Pending = Arc::default();
+        let strays = Arc::new(AtomicU64::new(0));
+        let readers = Arc::new(AtomicUsize::new(0));
+        let acceptor = {
+            let (pending, strays) = (pending.clone(), strays.clone());
+            tokio::spawn(async move {
+                loop {
+                    let s = match listener.accept().await {
+                        Ok((s, _)) => s,
+                        Err(_) => {
+                            // Out of descriptors or the like: keep serving.
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    };
+                    if readers.fetch_add(1, Ordering::Relaxed) >= OPEN_READERS_MAX {
+                        readers.fetch_sub(1, Ordering::Relaxed);
+                        strays.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let (pending, strays, readers) =
+                        (pending.clone(), strays.clone(), readers.clone());
+                    tokio::spawn(async move {
+                        if !read_open(s, &pending, timeout).await {
+                            strays.fetch_add(1, Ordering::Relaxed);
+                        }
+                        readers.fetch_sub(1, Ordering::Relaxed);
+                    });
+                }
+            })
+        };
+        Ok(OpenTarget {
+            addr,
+            pending,
+            next_id: AtomicU64::new(0),
+            strays,
+            acceptor,
+        })
+    }
+
+    fn strays(&self) -> u64 {
+        self.strays.load(Ordering::Relaxed)
+    }
+}
+
+/// Read the id of one connection at the open target and answer its open;
+/// false for a stray (fewer than 8 bytes within `timeout`, or an id no open
+/// is waiting for). The connection is closed on return.
+async fn read_open(mut s: TcpStream, pending: &Pending, timeout: Duration) -> bool {
+    let _ = s.set_nodelay(true);
+    let mut id = [0u8; 8];
+    match tokio::time::timeout(timeout, s.read_exact(&mut id)).await {
+        Ok(Ok(_)) => {
+            let t1 = Instant::now();
+            let waiting = lock(pending).remove(&u64::from_be_bytes(id));
+            match waiting {
+                Some((t0, answer)) => {
+                    // The open may have given up just now: then this is
+                    // not a sample, and not a stray either.
+                    let _ = answer.send(t1 - t0);
+                    true
+                }
+                None => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing panics while holding it; a poisoned table is still whole.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Open `n` connections to `addr` at `rate` per second (open loop), each
+/// sending a fresh id for the open target to read; returns (errors, their
+/// first few distinct messages, latency).
+async fn open_latency(
+    target: &OpenTarget,
+    addr: SocketAddr,
+    n: u64,
+    rate: f64,
+    timeout: Duration,
+) -> (u64, Vec<String>, Histogram<u64>) {
+    let start = Instant::now();
+    let mut tasks = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let due = start + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        let id = target.next_id.fetch_add(1, Ordering::Relaxed);
+        let (pending, at) = (target.pending.clone(), target.addr);
+        tasks.push(tokio::spawn(async move {
+            let (answer, answered) = oneshot::channel();
+            let t0 = Instant::now();
+            lock(&pending).insert(id, (t0, answer));
+            let res = tokio::time::timeout(timeout, open_one(addr, id, answered, at)).await;
+            lock(&pending).remove(&id);
+            match res {
+                Ok(r) => r,
+                Err(_) => Err(format!(
+                    "{addr}: no id reached the open target {at} within {timeout:?}"
+                )),
+            }
+        }));
+    }
+    let mut h = histogram();
+    let mut errors = 0;
+    let mut samples: Vec<String> = Vec::new();
+    for t in tasks {
+        match t
+            .await
+            .map_err(|e| format!("open task: {e}"))
+            .and_then(|r| r)
+        {
+            Ok(d) => {
+                let _ = h.record(us(d));
+            }
+            Err(e) => {
+                errors += 1;
+                if samples.len() < 5 && !samples.contains(&e) {
+                    samples.push(e);
+                }
+            }
+        }
+    }
+    (errors, samples, h)
+}
+
+/// One open: connect, send the id, wait for the open target's answer. A
+/// connection the far side closes or answers on first is an error at once,
+/// not at the timeout: its connector's target is not perf's.
+async fn open_one(
+    addr: SocketAddr,
+    id: u64,
+    mut answered: oneshot::Receiver<Duration>,
+    target: SocketAddr,
+) -> Result<Duration, String> {
+    let refused = |e: std::io::Error| {
+        format!(
+            "{addr}: {e} before the id reached the open target {target} \
+             (does the connector's target point there?)"
+        )
+    };
+    let mut s = TcpStream::connect(addr).await.map_err(|e| {
+        // The listener took the connection and reset it before the
+        // connect returned here: the flow behind it failed that fast.
+        if e.kind() == std::io::ErrorKind::ConnectionReset {
+            refused(e)
+        } else {
+            format!("connect {addr}: {e}")
+        }
+    })?;
+    let _ = s.set_nodelay(true);
+    s.write_all(&id.to_be_bytes()).await.map_err(refused)?;
+    let mut buf = [0u8; 64];
+    tokio::select! {
+        biased;
+        d = &mut answered => d.map_err(|_| "the open target stopped".to_string()),
+        r = s.read(&mut buf) => {
+            // The open target answers before it closes: an end seen here
+            // after a successful read of the id has its answer waiting.
+            if let Ok(d) = answered.try_recv() {
+                return Ok(d);
+            }
+            Err(match r {
+                Ok(0) => format!(
+                    "{addr}: closed before the id reached the open target {target} \
+                     (does the connector's target point there?)"
+                ),
+                Ok(_) => format!(
+                    "{addr}: bytes came back: the connector's target is not the open target {target}"
+                ),
+                Err(e) => refused(e),
+            })
+        }
+    }
+}
+
+/// One side's measurements against the echo service at `addr`, then, with
+/// an open target, its opens to `open_addr`.
+async fn run_tcp(
+    addr: SocketAddr,
+    a: &TcpArgs,
+    open: Option<(&OpenTarget, SocketAddr)>,
+) -> Result<TcpRun, String> {
     let one = throughput(addr, a.bytes, 1).await?;
     let many = throughput(addr, a.bytes, a.flows.max(1)).await?;
     let echo = echo_latency(addr, a.echoes, a.echo_size).await?;
@@ -728,6 +1004,13 @@ async fn run_tcp(addr: SocketAddr, a: &TcpArgs) -> Result<TcpRun, String> {
         conn_rate(addr, a.conn_rate, a.conn_duration).await
     } else {
         (0.0, 0, histogram())
+    };
+    let opened = match (open, &a.open) {
+        (Some((target, to)), Some(o)) => Some((
+            to,
+            open_latency(target, to, o.opens, o.rate, o.timeout).await,
+        )),
+        _ => None,
     };
     Ok(TcpRun {
         addr: addr.to_string(),
@@ -737,6 +1020,12 @@ async fn run_tcp(addr: SocketAddr, a: &TcpArgs) -> Result<TcpRun, String> {
         conn_rate_achieved: rate,
         conn_errors,
         conn_latency: Latency::of(&ch),
+        open_addr: opened.as_ref().map(|(to, _)| to.to_string()),
+        open: opened.as_ref().map(|(_, (_, _, h))| Latency::of(h)),
+        open_errors: opened.as_ref().map(|(_, (errors, _, _))| *errors),
+        open_error_samples: opened
+            .map(|(_, (_, samples, _))| samples)
+            .unwrap_or_default(),
         curve: curve(&echo),
     })
 }
@@ -744,11 +1033,23 @@ async fn run_tcp(addr: SocketAddr, a: &TcpArgs) -> Result<TcpRun, String> {
 /// `nowconnect perf tcp`: the direct target first, then the listener, in one
 /// run.
 pub async fn perf_tcp(a: &TcpArgs) -> Result<TcpReport, String> {
-    let direct = match a.direct {
-        Some(d) => Some(run_tcp(d, a).await?),
+    // Bound before any measurement: a port already taken fails the run at
+    // once, not after the echo measurements.
+    let target = match &a.open {
+        Some(o) => Some(OpenTarget::bind(o.target, o.timeout).await?),
         None => None,
     };
-    let through = run_tcp(a.through, a).await?;
+    let direct = match a.direct {
+        Some(d) => Some(run_tcp(d, a, target.as_ref().map(|t| (t, t.addr))).await?),
+        None => None,
+    };
+    let through_open = target.as_ref().zip(a.open.as_ref().map(|o| o.through));
+    let through = run_tcp(a.through, a, through_open).await?;
+    // No figure from a side whose every open failed.
+    let added_open_p99_us = match (&through.open, direct.as_ref().and_then(|d| d.open.as_ref())) {
+        (Some(t), Some(d)) if t.count > 0 && d.count > 0 => Some(t.p99_us as i64 - d.p99_us as i64),
+        _ => None,
+    };
     let ratio = |f: fn(&TcpRun) -> f64| direct.as_ref().map(|d| f(&through) / f(d).max(1e-9));
     let added = |f: fn(&Latency) -> u64| {
         direct
@@ -765,6 +1066,11 @@ pub async fn perf_tcp(a: &TcpArgs) -> Result<TcpReport, String> {
         n_flows_ratio: ratio(|r| r.n_flows_mib_s),
         added_echo_p50_us: added(|l| l.p50_us),
         added_echo_p99_us: added(|l| l.p99_us),
+        open_target: a.open.as_ref().map(|o| o.target.to_string()),
+        opens: a.open.as_ref().map(|o| o.opens),
+        open_rate: a.open.as_ref().map(|o| o.rate),
+        open_strays: target.as_ref().map(OpenTarget::strays),
+        added_open_p99_us,
         through,
         direct,
     };
@@ -821,6 +1127,42 @@ fn tcp_markdown(r: &TcpReport, svg: Option<&str>) -> String {
             r.added_echo_p50_us.unwrap_or(0),
             r.added_echo_p99_us.unwrap_or(0)
         );
+    }
+    if let (Some(target), Some(opens), Some(rate)) = (&r.open_target, r.opens, r.open_rate) {
+        s += &format!(
+            "\nOpen latency ({opens} opens at {rate}/s; connect to the first 8 bytes read at the open target `{target}`):\n\n\
+             | target | opens | errors | p50 | p99 | max |\n|---|---|---|---|---|---|\n"
+        );
+        let row = |name: &str, x: &TcpRun| match (&x.open_addr, &x.open, x.open_errors) {
+            (Some(addr), Some(l), Some(errors)) => format!(
+                "| {name} `{addr}` | {} | {errors} | {} | {} | {} |\n",
+                l.count,
+                fmt_us(l.p50_us),
+                fmt_us(l.p99_us),
+                fmt_us(l.max_us)
+            ),
+            _ => String::new(),
+        };
+        s += &row("through", &r.through);
+        if let Some(d) = &r.direct {
+            s += &row("direct", d);
+        }
+        s += "\n";
+        if let Some(p) = r.added_open_p99_us {
+            s += &format!("Added open p99: **{p} µs**. ");
+        }
+        s += &format!(
+            "Stray connections to the open target: {}.\n",
+            r.open_strays.unwrap_or(0)
+        );
+        for e in r
+            .direct
+            .iter()
+            .chain([&r.through])
+            .flat_map(|x| &x.open_error_samples)
+        {
+            s += &format!("\nopen error: `{e}`\n");
+        }
     }
     if let Some(svg) = svg {
         s += &format!("\n![echo latency distribution]({svg})\n");

@@ -11,16 +11,22 @@ use nowconnect_tests::ldap::{ADMIN_DN, ADMIN_PW, SUFFIX, Slapd};
 use nowconnect_tests::*;
 
 fn cluster(env: &Env, connector: &str, target: SocketAddr) -> (HubProc, AgentProc) {
-    let hub = HubProc::start(
-        env.path(),
-        "hub",
-        &env.hub_yaml(&[(connector, connector)], ""),
-    );
+    cluster_of(env, &[(connector, target)])
+}
+
+/// A hub with a listener per connector (named after it) and an agent
+/// serving each connector at its target.
+fn cluster_of(env: &Env, connectors: &[(&str, SocketAddr)]) -> (HubProc, AgentProc) {
+    let listeners: Vec<(&str, &str)> = connectors.iter().map(|(c, _)| (*c, *c)).collect();
+    let hub = HubProc::start(env.path(), "hub", &env.hub_yaml(&listeners, ""));
     let agent = AgentProc::start(
         env.path(),
         "agent",
-        &env.agent_yaml("agent-1", &[hub.http], &[(connector, target)], ""),
-        &env.token("agent-1", None),
+        &env.agent_yaml("agent-1", &[hub.http], connectors, ""),
+        &env.token(
+            "agent-1",
+            Some(connectors.iter().map(|(c, _)| c.to_string()).collect()),
+        ),
     );
     assert!(hub.agents_attached(1.0, Duration::from_secs(15)));
     (hub, agent)
@@ -32,6 +38,68 @@ fn perf(args: &[&str]) -> Output {
         .args(args)
         .output()
         .expect("run nowconnect perf")
+}
+
+/// `nowconnect perf` started in the background, its output piped.
+fn perf_spawn(args: &[&str]) -> std::process::Child {
+    Command::new(bin())
+        .arg("perf")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nowconnect perf")
+}
+
+/// Wait for `child` to exit within `within`; killed and failed otherwise.
+fn finished_within(mut child: std::process::Child, within: Duration) -> Output {
+    let end = std::time::Instant::now() + within;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > end {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("perf still running after {within:?}: {}", text(&out));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// The `perf tcp` arguments of the open-latency tests: the echo
+/// measurements kept small, then `opens` opens at 200/s per side.
+fn open_args(
+    echo_listener: &str,
+    echo: &str,
+    open_target: &str,
+    open_listener: &str,
+    opens: &str,
+    json: &std::path::Path,
+) -> Vec<String> {
+    [
+        "tcp",
+        "--through",
+        echo_listener,
+        "--direct",
+        echo,
+        "--bytes",
+        "1048576",
+        "--flows",
+        "1",
+        "--echoes",
+        "20",
+        "--open-target",
+        open_target,
+        "--open-through",
+        open_listener,
+        "--opens",
+        opens,
+        "--open-rate",
+        "200",
+        "--json",
+        json.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 fn text(o: &Output) -> String {
@@ -244,6 +312,126 @@ fn perf_tcp_reports_throughput_latency_and_connection_rate_against_direct() {
     assert!(r["added_echo_p50_us"].is_i64(), "{r}");
     let md = std::fs::read_to_string(&md).unwrap();
     assert!(md.contains("Through / direct: one flow"), "{md}");
+}
+
+/// Open latency through a hub: perf is the open target (the `open`
+/// connector's target), every open is answered on both sides, and the
+/// report has the direct baseline. Connections to the open target that
+/// are not opens of this run (a probe that sends nothing, 3 bytes and a
+/// close, an id no open waits for, 3 bytes held open) are counted as
+/// strays and take nothing from the run.
+#[test]
+fn perf_tcp_open_latency_through_a_hub_against_direct_and_strays_do_not_disturb_it() {
+    let env = Env::new();
+    let echo = echo_server();
+    let open_target: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (hub, _agent) = cluster_of(&env, &[("echo", echo), ("open", open_target)]);
+    let json = env.path().join("open.json");
+    let md = env.path().join("open.md");
+    let mut args = open_args(
+        &hub.listener("echo").to_string(),
+        &echo.to_string(),
+        &open_target.to_string(),
+        &hub.listener("open").to_string(),
+        "200",
+        &json,
+    );
+    args.extend(["--markdown".to_string(), md.to_str().unwrap().to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let run = perf_spawn(&args);
+    // The probe itself is a stray: it connects and sends nothing.
+    assert!(wait_port(open_target, Duration::from_secs(10)));
+    {
+        use std::io::Write;
+        let mut short = std::net::TcpStream::connect(open_target).unwrap();
+        short.write_all(b"abc").unwrap();
+        drop(short);
+        let mut unknown = std::net::TcpStream::connect(open_target).unwrap();
+        unknown
+            .write_all(&0xdead_beef_0000_0001u64.to_be_bytes())
+            .unwrap();
+        drop(unknown);
+    }
+    let mut held = std::net::TcpStream::connect(open_target).unwrap();
+    std::io::Write::write_all(&mut held, b"xyz").unwrap();
+    let out = finished_within(run, Duration::from_secs(60));
+    drop(held);
+    assert!(out.status.success(), "{}", text(&out));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    for side in ["through", "direct"] {
+        let open = &r[side]["open"];
+        assert_eq!(open["count"], 200, "{side}: {r}");
+        assert_eq!(r[side]["open_errors"], 0, "{side}: {r}");
+        let (p50, p99) = (
+            open["p50_us"].as_u64().unwrap(),
+            open["p99_us"].as_u64().unwrap(),
+        );
+        assert!(p50 > 0 && p99 >= p50, "{side}: {r}");
+        // The echo measurements ran as before, against the echo listener.
+        assert_eq!(r[side]["echo"]["count"], 20, "{side}: {r}");
+    }
+    assert_eq!(
+        r["through"]["open_addr"],
+        hub.listener("open").to_string(),
+        "{r}"
+    );
+    assert_eq!(r["direct"]["open_addr"], open_target.to_string(), "{r}");
+    assert_eq!(r["open_target"], open_target.to_string(), "{r}");
+    assert!(r["added_open_p99_us"].is_i64(), "{r}");
+    // The probe, the 3 bytes closed and the unknown id; the held one is
+    // not read to its end before the run does.
+    assert!(r["open_strays"].as_u64().unwrap() >= 3, "{r}");
+    let md = std::fs::read_to_string(&md).unwrap();
+    assert!(
+        md.contains("Open latency (200 opens at 200/s")
+            && md.contains(&format!("| through `{}` | 200 | 0 |", hub.listener("open"))),
+        "{md}"
+    );
+    assert!(text(&out).contains("added open p99"), "{}", text(&out));
+}
+
+/// When the connector behind `--open-through` does not lead to perf's open
+/// target (here its target is a closed port), every open fails at once with
+/// a message that says so, the direct baseline is untouched, and perf exits
+/// 3 well before the opens' 10-s timeout.
+#[test]
+fn perf_tcp_open_latency_fails_fast_and_clearly_when_the_connector_points_elsewhere() {
+    let env = Env::new();
+    let echo = echo_server();
+    let closed: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let open_target: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let (hub, _agent) = cluster_of(&env, &[("echo", echo), ("open", closed)]);
+    let json = env.path().join("open.json");
+    let args = open_args(
+        &hub.listener("echo").to_string(),
+        &echo.to_string(),
+        &open_target.to_string(),
+        &hub.listener("open").to_string(),
+        "50",
+        &json,
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let started = std::time::Instant::now();
+    let out = finished_within(perf_spawn(&args), Duration::from_secs(30));
+    let took = started.elapsed();
+    let t = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{t}");
+    assert!(t.contains("error: 50 of 50 opens failed through"), "{t}");
+    assert!(t.contains("before the id reached the open target"), "{t}");
+    assert!(took < Duration::from_secs(9), "took {took:?}: {t}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(r["through"]["open_errors"], 50, "{r}");
+    assert_eq!(r["through"]["open"]["count"], 0, "{r}");
+    let samples = r["through"]["open_error_samples"].as_array().unwrap();
+    assert!(
+        !samples.is_empty()
+            && samples
+                .iter()
+                .all(|s| s.as_str().unwrap().contains(&open_target.to_string())),
+        "{r}"
+    );
+    assert_eq!(r["direct"]["open"]["count"], 50, "{r}");
+    assert_eq!(r["direct"]["open_errors"], 0, "{r}");
 }
 
 /// `nowconnect perf agents` holds N real agent tunnels with distinct ids

@@ -4,15 +4,17 @@
 //! runtime), runs `nowconnect perf ldap` and `nowconnect perf
 //! tcp` on the local route (the agent's own hub), the cross-replica route
 //! (the other hub, through the mesh) and the direct baseline in the same
-//! run, reads the mesh RTT from the hubs' metrics, and writes the section
-//! between the `perf-report` markers of the Markdown file given.
+//! run, open latency included (the agent's `open` connector targets the
+//! address `perf tcp --open-target` listens on), reads the mesh RTT from
+//! the hubs' metrics, and writes the section between the `perf-report`
+//! markers of the Markdown file given.
 //!
 //!   NOWCONNECT_BIN=target/e2e/release/nowconnect \
 //!   NOWCONNECT_ASYNC_STD_BIN=target/e2e/release/nowconnect-async-std \
 //!   cargo run --release -p nowconnect-tests --bin perf-report -- \
 //!       [--runtimes tokio,async-std] [--out docs/performance.md] [--ldap-secs 60] [--clients 64] \
 //!       [--conn-rate 1000] [--conn-secs 30] [--bytes 268435456] [--idle-secs 30] \
-//!       [--worker-threads 0]
+//!       [--opens 1000] [--open-rate 200] [--worker-threads 0]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,6 +40,9 @@ struct Opts {
     conn_secs: u64,
     bytes: u64,
     idle_secs: u64,
+    /// Opens per side and route for open latency, and their rate.
+    opens: u64,
+    open_rate: u64,
     runtimes: Vec<Runtime>,
     /// `worker_threads` of every hub and agent (0: the runtime's default).
     worker_threads: usize,
@@ -52,6 +57,8 @@ fn opts() -> Opts {
         conn_secs: 30,
         bytes: 256 << 20,
         idle_secs: 30,
+        opens: 1000,
+        open_rate: 200,
         worker_threads: 0,
         runtimes: vec![Runtime::Tokio, Runtime::AsyncStd],
     };
@@ -71,6 +78,8 @@ fn opts() -> Opts {
             "--conn-secs" => o.conn_secs = n(),
             "--bytes" => o.bytes = n(),
             "--idle-secs" => o.idle_secs = n(),
+            "--opens" => o.opens = n(),
+            "--open-rate" => o.open_rate = n(),
             "--runtimes" => o.runtimes = Runtime::parse_list(&v),
             "--worker-threads" => o.worker_threads = n() as usize,
             other => panic!("unknown argument {other}"),
@@ -254,6 +263,25 @@ fn sample_p95(sorted: &[Duration]) -> Option<(Duration, usize)> {
     sorted.get(rank.max(1) - 1).map(|d| (*d, n))
 }
 
+/// Open latency of a `perf tcp` report against its p99 target (µs): p50,
+/// p99, the direct p99 and the errors.
+fn open_cell(v: &serde_json::Value, p99_max: u64) -> String {
+    let (t, d) = (&v["through"], &v["direct"]);
+    match (t["open"]["p99_us"].as_u64(), t["open_errors"].as_u64()) {
+        (Some(p99), Some(errors)) => format!(
+            "p50 {} µs, p99 {p99} µs (direct p99 {} µs), {errors} errors: {}",
+            t["open"]["p50_us"],
+            d["open"]["p99_us"],
+            if p99 <= p99_max && errors == 0 && t["open"]["count"].as_u64() > Some(0) {
+                "met"
+            } else {
+                "**not met**"
+            }
+        ),
+        _ => "not measured".into(),
+    }
+}
+
 fn fmt_rtt(r: Option<(f64, u64)>) -> String {
     r.map_or("no samples".to_string(), |(le, n)| {
         format!("≤ {:.2} ms ({n} pings)", le * 1000.0)
@@ -289,13 +317,20 @@ fn run_on(
     let redis = RedisProc::start(dir);
     let ca = Ca::new("bench mesh CA");
     let (pa, pb) = (free_port(), free_port());
+    // perf tcp listens here during its open-latency runs: the `open`
+    // connector's target.
+    let open_target: std::net::SocketAddr = format!("127.0.0.1:{}", free_port())
+        .parse()
+        .expect("loopback address");
     let threads = format!("worker_threads: {}\n", o.worker_threads);
     let with_echo = |y: String| {
         y.replacen(
             "listeners:\n",
-            // Every client of the connection-rate load comes from one
-            // address: it may open as many a second as the listener takes.
-            "listeners:\n  - { name: echo, bind: '127.0.0.1:0', connector: echo, max_new_connections_per_sec_per_client: 2000 }\n",
+            // Every client of the connection-rate load and of the opens
+            // comes from one address: it may open as many a second as the
+            // listener takes.
+            "listeners:\n  - { name: echo, bind: '127.0.0.1:0', connector: echo, max_new_connections_per_sec_per_client: 2000 }\n  \
+             - { name: open, bind: '127.0.0.1:0', connector: open, max_new_connections_per_sec_per_client: 2000 }\n",
             1,
         ) + &threads
     };
@@ -334,10 +369,13 @@ fn run_on(
         &env.agent_yaml(
             "agent-1",
             &[a.http],
-            &[("ldap", slapd.addr), ("echo", echo)],
+            &[("ldap", slapd.addr), ("echo", echo), ("open", open_target)],
             &threads,
         ),
-        &env.token("agent-1", None),
+        &env.token(
+            "agent-1",
+            Some(["ldap", "echo", "open"].map(String::from).to_vec()),
+        ),
     );
     assert!(
         eventually(Duration::from_secs(20), || pair_ready(&a, &b)),
@@ -387,7 +425,7 @@ fn run_on(
             ],
         )
     };
-    let tcp = |name: &str, listener: std::net::SocketAddr| {
+    let tcp = |name: &str, listener: std::net::SocketAddr, open: std::net::SocketAddr| {
         perf(
             dir,
             name,
@@ -407,13 +445,21 @@ fn run_on(
                 o.conn_rate.to_string(),
                 "--conn-duration".into(),
                 format!("{}s", o.conn_secs),
+                "--open-target".into(),
+                open_target.to_string(),
+                "--open-through".into(),
+                open.to_string(),
+                "--opens".into(),
+                o.opens.to_string(),
+                "--open-rate".into(),
+                o.open_rate.to_string(),
             ],
         )
     };
     let ldap_local = ldap("ldap-local", a.listener("ldap"));
     let ldap_mesh = ldap("ldap-cross-replica", b.listener("ldap"));
-    let tcp_local = tcp("tcp-local", a.listener("echo"));
-    let tcp_mesh = tcp("tcp-cross-replica", b.listener("echo"));
+    let tcp_local = tcp("tcp-local", a.listener("echo"), a.listener("open"));
+    let tcp_mesh = tcp("tcp-cross-replica", b.listener("echo"), b.listener("open"));
     let loaded_rtt = quantile(&mesh_rtt_window(&[&a, &b], &loaded_from), 0.95);
     RunResult {
         rt,
@@ -454,7 +500,7 @@ fn main() {
          cargo build --release -p nowconnect-async-std --bin nowconnect-async-std --target-dir target/e2e\n\
          NOWCONNECT_BIN=target/e2e/release/nowconnect NOWCONNECT_ASYNC_STD_BIN=target/e2e/release/nowconnect-async-std \\\n  \
          cargo run --release -p nowconnect-tests --bin perf-report -- --runtimes {} --ldap-secs {} --clients {} \
-         --conn-rate {} --conn-secs {} --bytes {} --idle-secs {} --worker-threads {}\n```\n\n\
+         --conn-rate {} --conn-secs {} --bytes {} --idle-secs {} --opens {} --open-rate {} --worker-threads {}\n```\n\n\
          Hardware: {}. Everything (clients, hubs, agent, slapd, echo) shares these cores, so the \
          ratios, measured in one run, are what to compare.\n\n",
         names.join(", "),
@@ -465,6 +511,8 @@ fn main() {
         o.conn_secs,
         o.bytes,
         o.idle_secs,
+        o.opens,
+        o.open_rate,
         o.worker_threads,
         hardware(),
     );
@@ -539,6 +587,17 @@ fn main() {
                     target(ok)
                 )
             }),
+        ),
+        (
+            format!(
+                "open latency p99 ≤ 1 ms local ({} opens at {}/s; connect to first byte at the target)",
+                o.opens, o.open_rate
+            ),
+            Box::new(|r: &RunResult| open_cell(&r.tcp_local.0, 1000)),
+        ),
+        (
+            "open latency p99 ≤ 2 ms cross-replica".into(),
+            Box::new(|r: &RunResult| open_cell(&r.tcp_mesh.0, 2000)),
         ),
         (
             format!("mesh RTT p95 ≤ 1 ms, idle cluster ({} s)", o.idle_secs),
