@@ -418,12 +418,6 @@ impl Flow {
         Ok(())
     }
 
-    /// Consumed bytes that build up before a grant is due: a quarter of the
-    /// window. The window never shrinks, so neither does this.
-    pub fn grant_threshold(&self) -> u64 {
-        (u64::from(self.local_window) / 4).max(1)
-    }
-
     /// The local consumer drained `n` delivered bytes. Returns a grant to send
     /// to the peer once enough has built up (a quarter of the window), so a
     /// busy flow sends one CREDIT per several DATA frames, not one each.
@@ -432,7 +426,8 @@ impl Flow {
             return None;
         }
         self.recv_ungranted += n as u64;
-        if self.recv_ungranted >= self.grant_threshold() {
+        let threshold = (u64::from(self.local_window) / 4).max(1);
+        if self.recv_ungranted >= threshold {
             let grant = self
                 .recv_ungranted
                 .min(MAX_WINDOW - self.recv_window.min(MAX_WINDOW));

@@ -931,9 +931,6 @@ impl crate::mux::FlowLink for MeshLink {
     fn consumed(&mut self, cid: Cid, n: usize) {
         MeshLink::consumed(self, cid, n)
     }
-    fn consumed_batch(&self, cid: Cid) -> usize {
-        self.mux.consumed_batch(cid)
-    }
     fn note_blocked(&mut self, cid: Cid) {
         // Only a link cap needs remembering: a flow without credit is woken
         // by the peer's M_CREDIT anyway.

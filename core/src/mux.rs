@@ -58,12 +58,6 @@ pub trait FlowLink {
     fn reset_flow(&mut self, cid: Cid, code: ErrorCode, reason: &str);
     /// The consumer of `cid` drained `n` delivered bytes.
     fn consumed(&mut self, cid: Cid, n: usize);
-    /// How many consumed bytes of `cid` a consumer may gather before it
-    /// reports them with [`Self::consumed`] (at least 1): see
-    /// [`FlowMux::consumed_batch`].
-    fn consumed_batch(&self, _cid: Cid) -> usize {
-        1
-    }
     /// The runtime has data for `cid` but `send_credit` is 0: ask for a
     /// `Writable` event when it may send again. Flow credit always produces
     /// one when a grant arrives; links with caps of their own (the mesh)
@@ -370,23 +364,6 @@ impl FlowMux {
         if let Some(flow) = self.remove_flow(cid) {
             self.closed.record(cid, flow.received_frames());
         }
-    }
-
-    /// How many consumed bytes of `cid` its consumer may gather before it
-    /// reports them with [`Self::consumed`]: the flow's grant threshold now
-    /// (a quarter of its window; 1 for an unknown flow). Reports in batches
-    /// of at least this size, the last one short, grant the same credit as
-    /// reports chunk by chunk, only later by less than one batch: the
-    /// window never shrinks, so the threshold never does, and once the
-    /// consumer has drained a whole window at most one batch less than it
-    /// has been reported, which is at least the threshold (a quarter), so
-    /// the peer is never left waiting for credit. A consumer that writes
-    /// small chunks (an echo, a request and its answer) then wakes its link
-    /// once per batch instead of once per chunk.
-    pub fn consumed_batch(&self, cid: Cid) -> usize {
-        self.flows.get(&cid).map_or(1, |f| {
-            usize::try_from(f.grant_threshold()).unwrap_or(usize::MAX)
-        })
     }
 
     /// The consumer drained `n` bytes of `cid`; grant credit back when due.

@@ -850,7 +850,4 @@ impl crate::mux::FlowLink for Tunnel {
     fn consumed(&mut self, cid: Cid, n: usize) {
         Tunnel::consumed(self, cid, n)
     }
-    fn consumed_batch(&self, cid: Cid) -> usize {
-        self.mux.consumed_batch(cid)
-    }
 }

@@ -39,10 +39,6 @@ enum Reader {
     Stuck,
     /// Drains at most this many bytes per flow every period.
     Paced(usize, Duration),
-    /// Drains every byte as it arrives, and reports it as a flow socket
-    /// does: in batches of at least the flow's `consumed_batch` as it was
-    /// when the flow opened (`runtime-shared`'s `Consumption`).
-    Batched,
 }
 
 struct Wan {
@@ -63,12 +59,6 @@ struct Wan {
     /// Bytes delivered and not yet drained, per flow (a paced reader's).
     backlog: Vec<usize>,
     next_read: Option<Instant>,
-    /// The sender's largest DATA payload.
-    chunk: usize,
-    /// A batching reader's bytes drained and not yet reported, per flow,
-    /// and its batch.
-    unreported: Vec<usize>,
-    batch: Vec<usize>,
 }
 
 impl Wan {
@@ -86,14 +76,10 @@ impl Wan {
             next_tick: None,
             backlog: vec![0; flows as usize + 1],
             next_read: None,
-            chunk: CHUNK,
-            unreported: vec![0; flows as usize + 1],
-            batch: vec![1; flows as usize + 1],
         };
         for &cid in &w.cids {
             w.sender.open(cid).unwrap();
             w.receiver.open(cid).unwrap();
-            w.batch[cid.0 as usize] = w.receiver.consumed_batch(cid);
         }
         // What the link's pings measure.
         w.receiver.set_path_rtt(2 * delay);
@@ -127,7 +113,7 @@ impl Wan {
             let mut budget = self.pace.map_or(usize::MAX, |(n, _)| n);
             loop {
                 let n = (self.sender.send_credit(cid) as usize)
-                    .min(self.chunk)
+                    .min(CHUNK)
                     .min(budget);
                 if n == 0 {
                     break;
@@ -200,14 +186,6 @@ impl Wan {
                             self.arrivals.push((self.now, payload.len()));
                             match self.reader {
                                 Reader::Fast => self.receiver.consumed(cid, payload.len()),
-                                Reader::Batched => {
-                                    let i = cid.0 as usize;
-                                    self.unreported[i] += payload.len();
-                                    if self.unreported[i] >= self.batch[i] {
-                                        let n = std::mem::take(&mut self.unreported[i]);
-                                        self.receiver.consumed(cid, n);
-                                    }
-                                }
                                 Reader::Paced(..) => self.backlog[cid.0 as usize] += payload.len(),
                                 Reader::Stuck => {}
                             }
@@ -456,43 +434,4 @@ fn a_reader_that_drains_slowly_does_not_grow_the_window() {
         w.window(Cid(1)) > 256 * KIB,
         "a 50 MiB/s reader held to one window per round trip"
     );
-}
-
-/// A consumer that reports what it drained in batches of the flow's
-/// `consumed_batch` (a flow socket writing small chunks) moves a flow as
-/// fast as one that reports every chunk, grows its window the same way,
-/// and never leaves its peer without credit: on a long path, on a short
-/// one, and with chunks that do not divide the batch. (Batches larger than
-/// the window would stall the flow; this model has no bandwidth limit, so
-/// it shows stalls, not the cost of later grants.)
-#[test]
-fn a_consumer_reporting_in_batches_of_the_grant_threshold_moves_a_flow_as_fast() {
-    for (delay, chunk) in [
-        (Duration::from_millis(10), 1000),
-        (Duration::from_millis(10), 3 * KIB as usize),
-        (Duration::from_micros(200), 1000),
-        (Duration::from_micros(200), 100 * KIB as usize + 7),
-    ] {
-        let run = |reader| {
-            let mut w = Wan::new(delay, 256 * KIB, 4 * MIB, 2, reader);
-            w.chunk = chunk;
-            w.run(3.0);
-            let rate = w.rate_over_last(1.0);
-            assert_eq!(w.receiver.stats.protocol_violations, 0);
-            assert_eq!(w.sender.stats.protocol_violations, 0);
-            (rate, w.window(Cid(1)), w.batch[1])
-        };
-        let (fast, fast_window, _) = run(Reader::Fast);
-        let (batched, batched_window, batch) = run(Reader::Batched);
-        assert_eq!(batch, 64 * KIB as usize, "a quarter of the window");
-        assert!(fast > 0.0);
-        assert!(
-            batched >= 0.97 * fast,
-            "delay {delay:?}, chunks of {chunk}: batched {batched:.0} B/s against {fast:.0} B/s"
-        );
-        assert_eq!(
-            batched_window, fast_window,
-            "delay {delay:?}, chunks of {chunk}"
-        );
-    }
 }

@@ -24,9 +24,6 @@ pub struct FlowEnd {
     pub permits: Permits,
     /// Where the socket's flow commands go.
     pub cmd: FlowTx,
-    /// Written bytes the socket gathers before it reports them as
-    /// [`PeerMsg::Consumed`] ([`FlowLink::consumed_batch`](nowconnect_core::mux::FlowLink::consumed_batch)).
-    pub consumed_batch: usize,
 }
 
 /// A flow on another link task, of kind `K`: the owner hub joins a mesh
@@ -151,7 +148,6 @@ impl<K: LinkKind> FlowPipes<K> {
             },
         );
         self.count_open(connector);
-        let consumed_batch = link.consumed_batch(cid);
         self.carry_out(link);
         FlowEnd {
             cid,
@@ -159,7 +155,6 @@ impl<K: LinkKind> FlowPipes<K> {
             rx,
             permits,
             cmd: K::flow_tx(self.cmd_tx.clone()),
-            consumed_batch,
         }
     }
 

@@ -40,12 +40,10 @@ where
         rx,
         permits,
         cmd,
-        consumed_batch,
     } = end;
     let reset = {
         let reader = std::pin::pin!(read_half(rd, cid, permits, cmd.clone(), bytes.read));
-        let report = Consumption::new(cid, cmd, consumed_batch);
-        let writer = std::pin::pin!(write_half(&mut wr, rx, report, bytes.written));
+        let writer = std::pin::pin!(write_half(&mut wr, cid, rx, cmd, bytes.written));
         match select(reader, writer).await {
             // Reader done (EOF sent as FIN, or error): the other direction goes on.
             Either::Left(((), writer)) => writer.await,
@@ -246,70 +244,32 @@ impl ReadSize {
     }
 }
 
-/// What a flow socket wrote, reported to its link in batches of at least
-/// `batch` bytes ([`FlowLink::consumed_batch`](nowconnect_core::mux::FlowLink::consumed_batch)):
-/// below that the link would grant no credit anyway, and a report wakes the
-/// link task, so a flow of small writes (an echo, LDAP requests and their
-/// answers) would wake it once more per chunk for nothing.
-struct Consumption {
-    cid: Cid,
-    cmd: FlowTx,
-    batch: usize,
-    unreported: usize,
-}
-
-impl Consumption {
-    fn new(cid: Cid, cmd: FlowTx, batch: usize) -> Self {
-        Consumption {
-            cid,
-            cmd,
-            batch: batch.max(1),
-            unreported: 0,
-        }
-    }
-
-    /// `n` more bytes written.
-    fn written(&mut self, n: usize) {
-        self.unreported += n;
-        if self.unreported >= self.batch {
-            let _ = self.cmd.send(
-                self.cid,
-                PeerMsg::Consumed(std::mem::take(&mut self.unreported)),
-            );
-        }
-    }
-
-    fn reset(&self, reason: String) {
-        let _ = self.cmd.send(
-            self.cid,
-            PeerMsg::Reset {
-                code: ErrorCode::ConnectionReset,
-                reason,
-            },
-        );
-    }
-}
-
 /// Write what the flow delivers to the socket; `true` when the flow was
 /// reset (or the socket failed), so the socket is to be reset as well.
 async fn write_half<W: AsyncWrite + Unpin>(
     wr: &mut W,
+    cid: Cid,
     rx: Receiver<Delivery>,
-    mut report: Consumption,
+    cmd: FlowTx,
     bytes_written: Counter,
 ) -> bool {
-    let cid = report.cid;
     let mut fin = false;
     while let Ok(msg) = rx.recv().await {
         match msg {
             Delivery::Data(b) => {
                 let n = b.len();
                 if let Err(e) = wr.write_all(&b).await {
-                    report.reset(format!("write error: {e}"));
+                    let _ = cmd.send(
+                        cid,
+                        PeerMsg::Reset {
+                            code: ErrorCode::ConnectionReset,
+                            reason: format!("write error: {e}"),
+                        },
+                    );
                     return true;
                 }
                 bytes_written.inc_by(n as u64);
-                report.written(n);
+                let _ = cmd.send(cid, PeerMsg::Consumed(n));
             }
             Delivery::Fin => {
                 fin = true;
