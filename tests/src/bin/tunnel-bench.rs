@@ -11,7 +11,10 @@
 //! [min–max]; ratios are taken per round, then their median.
 //!
 //! With `--mesh`, each runtime then also gets Redis, two meshed hubs and an
-//! agent on hub-a, and one flow into hub-b is measured across the mesh.
+//! agent on hub-a, and one flow into hub-b is measured across the mesh,
+//! then the 1 KiB echo across the mesh (against the echo service directly
+//! and, with `--reference`, through mesh-shaped relays in front of it), one
+//! path at a time.
 //!
 //! With `--delay-ms D`, each agent reaches its hub through a proxy that holds
 //! every chunk D ms in each direction (a round trip of 2D, as across a WAN,
@@ -1464,6 +1467,14 @@ fn main() {
         if let Some(chain) = &ref_mesh {
             bulk_throughput(chain[0].addr, bytes / 8);
         }
+        // The same shape in front of the echo service, for echo across the
+        // mesh against relays (#24: p99 at most the relays' + 100 µs).
+        let ref_mesh_echo = reference.then(|| {
+            let dir = env.path().join("reference-echo");
+            std::fs::create_dir_all(&dir).unwrap();
+            mesh_shaped_chain(echo, thread_count, &dir)
+        });
+        let mut mesh_echo_lines = Vec::new();
         println!(
             "## One flow across the mesh ({} MiB per transfer, median of {rounds} rounds)",
             bytes >> 20
@@ -1479,7 +1490,14 @@ fn main() {
                 "active",
                 &redis,
                 &Ca::new("bench mesh CA"),
-                &|y| y.replace("tunnel:\n", &format!("tunnel:\n{}", windows("  "))) + &threads,
+                &|y| {
+                    y.replace("tunnel:\n", &format!("tunnel:\n{}", windows("  ")))
+                        .replace(
+                            "listeners:\n",
+                            "listeners:\n  - { name: echo, bind: '127.0.0.1:0', connector: echo }\n",
+                        )
+                        + &threads
+                },
             );
             let id = format!("mesh-{}", rt.name());
             let agent = AgentProc::start_on(
@@ -1489,7 +1507,7 @@ fn main() {
                 &(env.agent_yaml(
                     &id,
                     &[dial(a.http)],
-                    &[("ldap", sink.addr)],
+                    &[("ldap", sink.addr), ("echo", echo)],
                     "log:\n  level: warn\n",
                 ) + &windows("")
                     + &threads),
@@ -1549,6 +1567,77 @@ fn main() {
                 cpu[1],
                 cpu[2]
             );
+            mesh_echo_lines.extend(mesh_echo(
+                rt.name(),
+                b.listener("echo"),
+                echo,
+                ref_mesh_echo.as_ref().map(|c| c[0].addr),
+                echoes,
+                rounds,
+            ));
+        }
+        println!();
+        println!(
+            "## 1 KiB echo across the mesh ({echoes} round trips per path per round, one path at a time, µs; median of {rounds} rounds [min–max])"
+        );
+        println!();
+        for l in mesh_echo_lines {
+            println!("{l}");
         }
     }
+}
+
+/// Echo across the mesh (into hub-b, agent on hub-a) against the echo
+/// service directly and, when given, through the mesh-shaped bare relays:
+/// one path at a time, the order rotated each round. The table's rows, then
+/// #24's target on the added p99.
+fn mesh_echo(
+    rt: &str,
+    via: SocketAddr,
+    echo: SocketAddr,
+    relays: Option<SocketAddr>,
+    echoes: usize,
+    rounds: usize,
+) -> Vec<String> {
+    let mut paths: Vec<(String, SocketAddr)> = vec![
+        ("direct".into(), echo),
+        (format!("NowConnect {rt} across the mesh"), via),
+    ];
+    if let Some(r) = relays {
+        paths.push(("3 bare relays (TLS between the first two)".into(), r));
+    }
+    let (mut p50, mut p99) = (vec![Vec::new(); paths.len()], vec![Vec::new(); paths.len()]);
+    for round in 0..rounds {
+        for k in 0..paths.len() {
+            let i = (k + round) % paths.len();
+            let h = &echo_latencies(&[paths[i].1], echoes)[0];
+            p50[i].push(us(h.value_at_quantile(0.5)));
+            p99[i].push(us(h.value_at_quantile(0.99)));
+        }
+    }
+    let mut lines = vec![
+        "| path | p50 | p99 | added p99 over direct |".to_string(),
+        "|---|---|---|---|".to_string(),
+    ];
+    let less = |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x - y).collect() };
+    for (i, (name, _)) in paths.iter().enumerate() {
+        lines.push(format!(
+            "| {name} | {} | {} | {} |",
+            spread(&p50[i], 1.0, 1),
+            spread(&p99[i], 1.0, 1),
+            spread(&less(&p99[i], &p99[0]), 1.0, 1)
+        ));
+    }
+    if relays.is_some() {
+        let over = less(&p99[1], &p99[2]);
+        let m = median(&over);
+        lines.push(String::new());
+        lines.push(format!(
+            "NowConnect {rt} p99 minus the relays' p99, per round: {} µs (#24: ≤ 100 µs): {}",
+            spread(&over, 1.0, 1),
+            if m <= 100.0 { "met" } else { "not met" }
+        ));
+    }
+    lines.push(String::new());
+    lines
 }
