@@ -26,7 +26,7 @@
 //!   cargo build --release -p nowconnect-tokio --bin nowconnect
 //!   cargo build --release -p nowconnect-tests --bin agents-bench
 //!   NOWCONNECT_BIN=target/release/nowconnect target/release/agents-bench idle --count 10000 \
-//!     [--idle-secs 60] [--settle-secs 15] [--ramp 500] [--json F] [--markdown F]
+//!     [--idle-secs 60] [--settle-secs 15] [--ramp 500] [--hub-worker-threads N] [--json F] [--markdown F]
 //!   NOWCONNECT_BIN=target/release/nowconnect target/release/agents-bench failover --count 5000 \
 //!     [--ramp 500] [--stable-secs 12] [--after-secs 10] [--json F] [--markdown F]
 //!
@@ -57,6 +57,8 @@ struct Opts {
     after_secs: u64,
     json: Option<String>,
     markdown: Option<String>,
+    /// The hubs' `worker_threads` (their default, one per CPU, when not given).
+    hub_threads: Option<usize>,
 }
 
 fn parse_opts() -> Opts {
@@ -76,6 +78,7 @@ fn parse_opts() -> Opts {
         after_secs: 10,
         json: None,
         markdown: None,
+        hub_threads: None,
     };
     let mut i = 1;
     while i < args.len() {
@@ -93,6 +96,7 @@ fn parse_opts() -> Opts {
             "--after-secs" => o.after_secs = num("--after-secs"),
             "--json" => o.json = Some(v),
             "--markdown" => o.markdown = Some(v),
+            "--hub-worker-threads" => o.hub_threads = Some(num("--hub-worker-threads") as usize),
             other => panic!("unknown option {other}"),
         }
         i += 2;
@@ -181,6 +185,11 @@ fn hub_yaml(
         );
     }
     y
+}
+
+/// The hubs' `worker_threads` line, when one was asked for.
+fn threads_yaml(threads: Option<usize>) -> String {
+    threads.map_or_else(String::new, |n| format!("worker_threads: {n}\n"))
 }
 
 fn start_hub(env: &Env, name: &str, yaml: &str) -> HubProc {
@@ -328,7 +337,11 @@ fn idle(o: &Opts) {
     let env = Env::new();
     let redis = RedisProc::start(env.path());
     let url = redis.url();
-    let hub = start_hub(&env, "hub", &hub_yaml(&env, "hub", &redis, o.count, None));
+    let hub = start_hub(
+        &env,
+        "hub",
+        &(hub_yaml(&env, "hub", &redis, o.count, None) + &threads_yaml(o.hub_threads)),
+    );
     let echo = echo_server();
     std::thread::sleep(Duration::from_secs(2));
     let rss_before = proc_status_kib(hub.proc.pid(), "VmRSS");
@@ -420,8 +433,10 @@ fn idle(o: &Opts) {
         .collect();
     let mut md = String::new();
     md += &format!(
-        "### {} idle agents on one hub (tokio, HA active, lease 15 s, renewal 5 s)\n\n",
-        o.count
+        "### {} idle agents on one hub (tokio, HA active, lease 15 s, renewal 5 s, worker threads {})\n\n",
+        o.count,
+        o.hub_threads
+            .map_or_else(|| "one per CPU".to_string(), |n| n.to_string())
     );
     md += "| figure | value | target |\n|---|---|---|\n";
     md += &format!(
@@ -480,6 +495,7 @@ fn idle(o: &Opts) {
         "ramp_per_sec": o.ramp,
         "idle_secs": secs,
         "settle_secs": o.settle_secs,
+        "hub_worker_threads": o.hub_threads,
         "hub_rss_kib": {"before": rss_before, "settled": rss_settled, "after": rss_after, "peak": hwm},
         "hub_kib_per_agent": kib_per_agent,
         "redis_commands_per_sec": cmds_per_sec,
@@ -572,7 +588,8 @@ fn failover(o: &Opts) {
         .map(|(i, name)| {
             let peers: Vec<u16> = (0..3).filter(|j| *j != i).map(|j| ports[j]).collect();
             let leaf = ca.issue(env.path(), name);
-            let yaml = hub_yaml(&env, name, &redis, o.count, Some((ports[i], &peers, &leaf)));
+            let yaml = hub_yaml(&env, name, &redis, o.count, Some((ports[i], &peers, &leaf)))
+                + &threads_yaml(o.hub_threads);
             start_hub(&env, name, &yaml)
         })
         .collect();
