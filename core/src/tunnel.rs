@@ -68,8 +68,17 @@ pub const FIRST_PING: Duration = Duration::from_secs(1);
 /// keepalive both ways, and the hub's PING is then only for its round-trip
 /// figure (the flows' window growth keeps the shortest round trip seen, so
 /// the first one counts most). A hub holding thousands of idle agents
-/// handles a third fewer frames for it. The first PING always goes.
+/// handles a third fewer frames for it. The first PING always goes, on its
+/// timer; later ones go with every this-many-th PING of the agent's, and the
+/// timer only comes due when the agent has not pinged for
+/// [`HUB_PING_SLACK`] intervals.
 pub const HUB_PING_EVERY_WHILE_PINGED: u32 = 4;
+
+/// How many of its ping intervals a hub waits after the agent's last PING
+/// before it pings on its own timer: more than one, so that an agent
+/// pinging at the same interval (a little late, as timers are) keeps moving
+/// the timer and it never fires.
+pub const HUB_PING_SLACK: f64 = 1.5;
 
 /// Default [`TunnelConfig::max_control_backlog`]: 1 MiB (some 50,000
 /// PONGs).
@@ -198,9 +207,7 @@ pub struct Tunnel {
     /// index) for the fair share (see [`Tunnel::open_flow`]).
     peer_connectors: Vec<String>,
     last_rtt: Option<Duration>,
-    /// When the peer's last PING came.
-    peer_ping_at: Option<Instant>,
-    /// Hub: ping intervals since its last own PING.
+    /// Hub: the agent's PINGs since its last own PING.
     pings_skipped: u32,
     pub stats: TunnelStats,
 }
@@ -239,7 +246,6 @@ impl Tunnel {
             peer_codecs: Vec::new(),
             peer_connectors: Vec::new(),
             last_rtt: None,
-            peer_ping_at: None,
             pings_skipped: 0,
             stats: TunnelStats::default(),
         }
@@ -449,8 +455,10 @@ impl Tunnel {
                 self.mux.on_frame(FlowFrame::Credit { cid, bytes }, now)
             }
             Frame::Ping { nonce } => {
-                self.peer_ping_at = Some(now);
-                self.send_frame(&Frame::Pong { nonce })
+                self.send_frame(&Frame::Pong { nonce });
+                if self.role == Role::Hub && self.last_rtt.is_some() {
+                    self.on_agent_ping(now);
+                }
             }
             // A repeated DRAIN changes nothing.
             Frame::Drain if self.role == Role::Agent => {
@@ -695,28 +703,40 @@ impl Tunnel {
                     ErrorCode::IdleTimeout,
                     &format!("no frame from the peer for {:?}", self.cfg.idle_timeout),
                 ),
+                // Due: an agent, or a hub whose agent has been quiet for
+                // longer than its interval (or that has no round trip yet).
                 TunnelTimer::Ping => {
                     self.timers
                         .set(TunnelTimer::Ping, now + self.cfg.ping_interval);
-                    // A hub whose agent pinged within the interval, once it
-                    // has a round trip, pings only every few intervals.
-                    let pinged = self.role == Role::Hub
-                        && self.last_rtt.is_some()
-                        && self.peer_ping_at.is_some_and(|t| {
-                            now.saturating_duration_since(t) < self.cfg.ping_interval
-                        });
-                    if pinged && self.pings_skipped + 1 < HUB_PING_EVERY_WHILE_PINGED {
-                        self.pings_skipped += 1;
-                        continue;
-                    }
                     self.pings_skipped = 0;
-                    self.ping_nonce += 1;
-                    self.ping_outstanding = Some((self.ping_nonce, now));
-                    self.send_frame(&Frame::Ping {
-                        nonce: self.ping_nonce,
-                    });
+                    self.send_ping(now);
                 }
             }
+        }
+    }
+
+    fn send_ping(&mut self, now: Instant) {
+        self.ping_nonce += 1;
+        self.ping_outstanding = Some((self.ping_nonce, now));
+        self.send_frame(&Frame::Ping {
+            nonce: self.ping_nonce,
+        });
+    }
+
+    /// Hub, with a round trip measured: the agent's PING (answered) carries
+    /// the keepalive both ways, so the hub's own PING timer moves past the
+    /// agent's next one ([`HUB_PING_SLACK`]) and comes due only if the
+    /// agent goes quiet; the hub pings for its round trip with every
+    /// [`HUB_PING_EVERY_WHILE_PINGED`]-th of the agent's PINGs, in the
+    /// same wake-up. An idle tunnel then wakes its hub once per agent PING.
+    fn on_agent_ping(&mut self, now: Instant) {
+        let quiet = self.cfg.ping_interval.mul_f64(HUB_PING_SLACK);
+        self.timers.set(TunnelTimer::Ping, now + quiet);
+        if self.pings_skipped + 1 < HUB_PING_EVERY_WHILE_PINGED {
+            self.pings_skipped += 1;
+        } else {
+            self.pings_skipped = 0;
+            self.send_ping(now);
         }
     }
 

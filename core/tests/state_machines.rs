@@ -1931,7 +1931,17 @@ fn a_hub_pings_an_agent_that_pings_it_only_every_few_intervals() {
             // The agent's PING lands a little before the hub's timer.
             if agent_pings {
                 nonce += 1;
-                t.handle_message(now + every / 2, &v2(&Frame::Ping { nonce }));
+                let at = now + every / 2;
+                t.handle_message(at, &v2(&Frame::Ping { nonce }));
+                // Nothing comes due before the agent's next PING: an idle
+                // tunnel wakes its hub once per agent PING, not again for
+                // the hub's own timer.
+                let (due, _) = t.poll_timeout().expect("timers armed");
+                assert!(
+                    due > at + every,
+                    "a timer due {:?} after the agent's PING",
+                    due - at
+                );
             }
             now += every;
             t.handle_timeout(now);
