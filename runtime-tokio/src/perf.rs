@@ -730,14 +730,28 @@ async fn echo_latency(addr: SocketAddr, n: u64, size: usize) -> Result<Histogram
 /// Open connections at `rate` per second for `duration` (open loop), each
 /// a connect, a 16-byte echo and a close; returns (achieved rate, errors,
 /// latency).
+/// Start `n` tasks at `rate` per second (open loop: each starts when due,
+/// whatever the earlier ones do); `start(due)` spawns one.
+async fn spawn_paced<T>(
+    n: u64,
+    rate: f64,
+    mut start: impl FnMut(Instant) -> tokio::task::JoinHandle<T>,
+) -> Vec<tokio::task::JoinHandle<T>> {
+    let origin = Instant::now();
+    let mut tasks = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let due = origin + Duration::from_secs_f64(i as f64 / rate);
+        tokio::time::sleep_until(due.into()).await;
+        tasks.push(start(due));
+    }
+    tasks
+}
+
 async fn conn_rate(addr: SocketAddr, rate: f64, duration: Duration) -> (f64, u64, Histogram<u64>) {
     let start = Instant::now();
     let n = (rate * duration.as_secs_f64()).ceil() as u64;
-    let mut tasks = Vec::with_capacity(n as usize);
-    for i in 0..n {
-        let due = start + Duration::from_secs_f64(i as f64 / rate);
-        tokio::time::sleep_until(due.into()).await;
-        tasks.push(tokio::spawn(async move {
+    let tasks = spawn_paced(n, rate, |due| {
+        tokio::spawn(async move {
             let one = async {
                 let mut s = TcpStream::connect(addr).await?;
                 let _ = s.set_nodelay(true);
@@ -751,8 +765,9 @@ async fn conn_rate(addr: SocketAddr, rate: f64, duration: Duration) -> (f64, u64
                 Ok(Ok(())) => Ok(us(due.elapsed())),
                 _ => Err(()),
             }
-        }));
-    }
+        })
+    })
+    .await;
     let mut h = histogram();
     let mut errors = 0;
     for t in tasks {
@@ -896,14 +911,10 @@ async fn open_latency(
     rate: f64,
     timeout: Duration,
 ) -> (u64, Vec<String>, Histogram<u64>) {
-    let start = Instant::now();
-    let mut tasks = Vec::with_capacity(n as usize);
-    for i in 0..n {
-        let due = start + Duration::from_secs_f64(i as f64 / rate);
-        tokio::time::sleep_until(due.into()).await;
+    let tasks = spawn_paced(n, rate, |_| {
         let id = target.next_id.fetch_add(1, Ordering::Relaxed);
         let (pending, at) = (target.pending.clone(), target.addr);
-        tasks.push(tokio::spawn(async move {
+        tokio::spawn(async move {
             let (answer, answered) = oneshot::channel();
             let t0 = Instant::now();
             lock(&pending).insert(id, (t0, answer));
@@ -915,8 +926,9 @@ async fn open_latency(
                     "{addr}: no id reached the open target {at} within {timeout:?}"
                 )),
             }
-        }));
-    }
+        })
+    })
+    .await;
     let mut h = histogram();
     let mut errors = 0;
     let mut samples: Vec<String> = Vec::new();
