@@ -156,15 +156,20 @@ fn command_calls(url: &str) -> BTreeMap<String, f64> {
 
 /// A hub of the benchmark: HA `active` against `redis` with the product's
 /// lease, renewal and registry timeout, one listener for the agents'
-/// connector, room for `count` agents; meshed over mTLS when `mesh` is set.
+/// connector, room for `count` agents; meshed over mTLS when `mesh` is set;
+/// `threads` worker threads when given (the default: one per CPU).
 fn hub_yaml(
     env: &Env,
     replica: &str,
     redis: &RedisProc,
     count: usize,
     mesh: Option<(u16, &[u16], &Leaf)>,
+    threads: Option<usize>,
 ) -> String {
     let mut y = env.hub_yaml(&[(CONNECTOR, CONNECTOR)], "");
+    if let Some(n) = threads {
+        y += &format!("worker_threads: {n}\n");
+    }
     // Above N: the default (1024) refuses the rest with `limit_exceeded`.
     y += &format!("limits:\n  max_agents: {}\n", count + 1024);
     y += &format!(
@@ -185,11 +190,6 @@ fn hub_yaml(
         );
     }
     y
-}
-
-/// The hubs' `worker_threads` line, when one was asked for.
-fn threads_yaml(threads: Option<usize>) -> String {
-    threads.map_or_else(String::new, |n| format!("worker_threads: {n}\n"))
 }
 
 fn start_hub(env: &Env, name: &str, yaml: &str) -> HubProc {
@@ -340,7 +340,7 @@ fn idle(o: &Opts) {
     let hub = start_hub(
         &env,
         "hub",
-        &(hub_yaml(&env, "hub", &redis, o.count, None) + &threads_yaml(o.hub_threads)),
+        &hub_yaml(&env, "hub", &redis, o.count, None, o.hub_threads),
     );
     let echo = echo_server();
     std::thread::sleep(Duration::from_secs(2));
@@ -588,8 +588,8 @@ fn failover(o: &Opts) {
         .map(|(i, name)| {
             let peers: Vec<u16> = (0..3).filter(|j| *j != i).map(|j| ports[j]).collect();
             let leaf = ca.issue(env.path(), name);
-            let yaml = hub_yaml(&env, name, &redis, o.count, Some((ports[i], &peers, &leaf)))
-                + &threads_yaml(o.hub_threads);
+            let mesh = Some((ports[i], &peers[..], &leaf));
+            let yaml = hub_yaml(&env, name, &redis, o.count, mesh, o.hub_threads);
             start_hub(&env, name, &yaml)
         })
         .collect();

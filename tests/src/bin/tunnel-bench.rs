@@ -742,6 +742,11 @@ fn per_round(a: &[f64], b: &[f64]) -> Vec<f64> {
     a.iter().zip(b).map(|(x, y)| x / y).collect()
 }
 
+/// `a` minus `b`, round by round.
+fn per_round_minus(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(x, y)| x - y).collect()
+}
+
 /// Per-process CPU s/GiB, the median over rounds of each.
 fn cpu_medians(rounds: &[Vec<f64>], roles: &[(String, u32)]) -> String {
     roles
@@ -1239,16 +1244,14 @@ fn main() {
     line(String::new());
     line("| path | p50 | p99 | added p50 | added p99 |".into());
     line("|---|---|---|---|---|".into());
-    let added =
-        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x - y).collect() };
     for p in &paths {
         line(format!(
             "| {} | {} | {} | {} | {} |",
             p.name,
             spread(&p.p50, 1.0, 1),
             spread(&p.p99, 1.0, 1),
-            spread(&added(&p.p50, &paths[d].p50), 1.0, 1),
-            spread(&added(&p.p99, &paths[d].p99), 1.0, 1)
+            spread(&per_round_minus(&p.p50, &paths[d].p50), 1.0, 1),
+            spread(&per_round_minus(&p.p99, &paths[d].p99), 1.0, 1)
         ));
     }
     line(String::new());
@@ -1619,17 +1622,16 @@ fn mesh_echo(
         "| path | p50 | p99 | added p99 over direct |".to_string(),
         "|---|---|---|---|".to_string(),
     ];
-    let less = |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(x, y)| x - y).collect() };
     for (i, (name, _)) in paths.iter().enumerate() {
         lines.push(format!(
             "| {name} | {} | {} | {} |",
             spread(&p50[i], 1.0, 1),
             spread(&p99[i], 1.0, 1),
-            spread(&less(&p99[i], &p99[0]), 1.0, 1)
+            spread(&per_round_minus(&p99[i], &p99[0]), 1.0, 1)
         ));
     }
     if relays.is_some() {
-        let over = less(&p99[1], &p99[2]);
+        let over = per_round_minus(&p99[1], &p99[2]);
         let m = median(&over);
         lines.push(String::new());
         lines.push(format!(
