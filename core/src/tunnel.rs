@@ -63,15 +63,14 @@ pub struct TunnelConfig {
 /// `ping_interval`).
 pub const FIRST_PING: Duration = Duration::from_secs(1);
 
-/// A hub sends its own PING only every this many ping intervals while the
-/// agent pings it: the agent's PINGs and the hub's PONGs already carry the
-/// keepalive both ways, and the hub's PING is then only for its round-trip
-/// figure (the flows' window growth keeps the shortest round trip seen, so
-/// the first one counts most). A hub holding thousands of idle agents
-/// handles a third fewer frames for it. The first PING always goes, on its
-/// timer; later ones go with every this-many-th PING of the agent's, and the
-/// timer only comes due when the agent has not pinged for
-/// [`HUB_PING_SLACK`] intervals.
+/// While the agent pings it, a hub sends its own PING only with every this
+/// many PINGs of the agent's: the agent's PINGs and the hub's PONGs already
+/// carry the keepalive both ways, and the hub's PING is then only for its
+/// round-trip figure (the flows' window growth keeps the shortest round
+/// trip seen, so the first one counts most). A hub holding thousands of
+/// idle agents handles a third fewer frames for it. The first PING always
+/// goes, on its timer; after it the timer only comes due when the agent has
+/// not pinged for [`HUB_PING_SLACK`] intervals.
 pub const HUB_PING_EVERY_WHILE_PINGED: u32 = 4;
 
 /// How many of its ping intervals a hub waits after the agent's last PING
@@ -703,8 +702,9 @@ impl Tunnel {
                     ErrorCode::IdleTimeout,
                     &format!("no frame from the peer for {:?}", self.cfg.idle_timeout),
                 ),
-                // Due: an agent, or a hub whose agent has been quiet for
-                // longer than its interval (or that has no round trip yet).
+                // Due: an agent's, or a hub's before its first round trip
+                // or once its agent has been quiet for `HUB_PING_SLACK`
+                // intervals.
                 TunnelTimer::Ping => {
                     self.timers
                         .set(TunnelTimer::Ping, now + self.cfg.ping_interval);

@@ -59,6 +59,27 @@ fn hub_tunnel(codecs: &[&str], flows: usize) -> (Tunnel, Vec<Cid>) {
     (t, cids)
 }
 
+/// An agent tunnel of `cfg` after its hub's WELCOME (v2, epoch 1), with
+/// nothing left to send or report.
+fn welcomed_agent(cfg: TunnelConfig) -> Tunnel {
+    let now = origin();
+    let mut t = Tunnel::agent(now, cfg, "a1", &["ldap".into()]);
+    transmits(&mut t);
+    t.handle_message(
+        now,
+        &v1(&Frame::Welcome {
+            replica_id: String::new(),
+            epoch: Epoch(1),
+            codec: "v2".into(),
+            window: 0,
+            max_frame: 0,
+        }),
+    );
+    events(&mut t);
+    transmits(&mut t);
+    t
+}
+
 #[test]
 fn v1_only_agent_gets_v1() {
     let (mut t, cids) = hub_tunnel(&[], 1);
@@ -331,18 +352,7 @@ fn agent_flow_limit_refuses_opens_with_a_reason() {
         max_flows: 2,
         ..TunnelConfig::default()
     };
-    let mut t = Tunnel::agent(now, cfg, "a1", &["ldap".into()]);
-    transmits(&mut t);
-    t.handle_message(
-        now,
-        &v1(&Frame::Welcome {
-            replica_id: String::new(),
-            epoch: Epoch(1),
-            codec: "v2".into(),
-            window: 0,
-            max_frame: 0,
-        }),
-    );
+    let mut t = welcomed_agent(cfg);
     for cid in (1..=3).map(Cid) {
         t.handle_message(
             now,
@@ -1898,12 +1908,12 @@ fn pings(frames: &[Frame]) -> usize {
         .count()
 }
 
-/// A hub whose agent pings it every interval sends its own PING only every
-/// `HUB_PING_EVERY_WHILE_PINGED` intervals (the first one always, so it has
-/// a round trip for its flows' windows at once); a silent agent is pinged
-/// every interval; an agent keeps pinging every interval whatever the hub
-/// does. At 10,000 idle agents this is a third of the hub's keepalive
-/// frames.
+/// A hub whose agent pings it every interval sends its own PING only with
+/// every `HUB_PING_EVERY_WHILE_PINGED`-th of the agent's (the first one
+/// always, on its timer, so it has a round trip for its flows' windows at
+/// once), and no timer of its comes due between the agent's PINGs; a silent
+/// agent is pinged every interval. At 10,000 idle agents this is a third of
+/// the hub's keepalive frames and half of its wake-ups.
 #[test]
 fn a_hub_pings_an_agent_that_pings_it_only_every_few_intervals() {
     use nowconnect_core::tunnel::{FIRST_PING, HUB_PING_EVERY_WHILE_PINGED};
@@ -1978,20 +1988,7 @@ fn a_hub_pings_an_agent_that_pings_it_only_every_few_intervals() {
 #[test]
 fn an_agent_pings_every_interval_even_when_its_hub_pings_it() {
     let now0 = origin();
-    let mut t = Tunnel::agent(now0, TunnelConfig::default(), "a1", &["ldap".into()]);
-    transmits(&mut t);
-    t.handle_message(
-        now0,
-        &v1(&Frame::Welcome {
-            epoch: Epoch(1),
-            codec: "v2".into(),
-            replica_id: "hub-a".into(),
-            window: 0,
-            max_frame: 0,
-        }),
-    );
-    events(&mut t);
-    transmits(&mut t);
+    let mut t = welcomed_agent(TunnelConfig::default());
     let every = TunnelConfig::default().ping_interval;
     let mut now = now0 + nowconnect_core::tunnel::FIRST_PING;
     t.handle_timeout(now);
